@@ -1,0 +1,14 @@
+"""diffkit: a typed component library for diffusion models in PyTorch."""
+
+from diffkit import config as config
+from diffkit import typing as typing
+from diffkit.protocols import Conditioning as Conditioning
+from diffkit.protocols import Denoiser as Denoiser
+from diffkit.protocols import Encoder as Encoder
+from diffkit.protocols import NoiseSchedule as NoiseSchedule
+from diffkit.protocols import Patchifier as Patchifier
+from diffkit.protocols import Sampler as Sampler
+from diffkit.protocols import TextConditioner as TextConditioner
+from diffkit.typing import ShapeError as ShapeError
+
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""Strict pydantic configs and the ``kind`` -> class registries every component uses.
+
+Each component has one config class: a frozen pydantic model that forbids unknown
+fields, with a short ``kind: Literal[...]`` discriminator. A
+[`Registry`][diffkit.config.Registry] per component group (schedules, denoisers,
+samplers, ...) maps each ``kind`` to its config class and to the function that
+builds the component from it. User code registers its own components the same way.
+"""
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+__all__ = ["Config", "Registry", "ValidationError", "REGISTRIES"]
+
+
+class Config(BaseModel):
+    """Base of every diffkit config: immutable, and unknown fields are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    kind: str
+    group: ClassVar[str] = ""
+
+    def to_json(self) -> str:
+        """Serialise to JSON (``kind`` included), the inverse of ``Registry.parse``."""
+        return self.model_dump_json(indent=2)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise to plain Python data (``kind`` included)."""
+        return self.model_dump(mode="json")
+
+
+C = TypeVar("C", bound=Config)
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps ``kind`` to a config class and to a builder ``config -> component``."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self._configs: dict[str, type[Config]] = {}
+        self._builders: dict[str, Callable[[Any], T]] = {}
+        REGISTRIES[group] = self
+
+    def register(
+        self, config_cls: type[C], builder: Callable[[C], T], *, replace: bool = False
+    ) -> type[C]:
+        """Register ``config_cls`` (its ``kind`` default names it) with its builder."""
+        field = config_cls.model_fields.get("kind")
+        kind = None if field is None else field.default
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(
+                f"{config_cls.__name__}: a registered config needs a default 'kind' string"
+            )
+        if kind in self._configs and not replace and self._configs[kind] is not config_cls:
+            raise ValueError(
+                f"{self.group}: kind '{kind}' is already registered to "
+                f"{self._configs[kind].__name__}; pass replace=True to override"
+            )
+        self._configs[kind] = config_cls
+        self._builders[kind] = builder
+        return config_cls
+
+    @property
+    def kinds(self) -> list[str]:
+        """The registered kinds, in registration order."""
+        return list(self._configs)
+
+    def config_class(self, kind: str) -> type[Config]:
+        """The config class registered for ``kind``."""
+        try:
+            return self._configs[kind]
+        except KeyError:
+            raise ValueError(
+                f"unknown {self.group} kind '{kind}'; known kinds: {', '.join(self.kinds)}"
+            ) from None
+
+    def parse(self, data: "Config | Mapping[str, Any] | str") -> Config:
+        """Validate a dict / JSON string / config into the config class its ``kind`` names."""
+        if isinstance(data, Config):
+            if self._configs.get(data.kind) is not type(data):
+                self.config_class(data.kind)  # raises for unknown kinds
+            return data
+        if isinstance(data, str):
+            data = json.loads(data)
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a {self.group} config must be a mapping with a 'kind' field")
+        kind = data.get("kind")
+        if not isinstance(kind, str):
+            raise ValueError(f"a {self.group} config needs a 'kind' field (one of {self.kinds})")
+        return self.config_class(kind).model_validate(dict(data))
+
+    def build(self, config: "Config | Mapping[str, Any]") -> T:
+        """Build the component a config describes."""
+        parsed = self.parse(config)
+        return self._builders[parsed.kind](parsed)
+
+
+REGISTRIES: dict[str, Registry[Any]] = {}
+"""Every component group's registry, by group name ("schedule", "sampler", ...)."""

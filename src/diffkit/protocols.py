@@ -1,0 +1,238 @@
+"""The six interfaces every diffkit component satisfies, and the `Conditioning` container.
+
+They are structural (`typing.Protocol`): any object with the right attributes and
+methods plugs in, no inheritance needed. Shapes use the names of
+[`diffkit.typing`][diffkit.typing]; one time axis, ``t`` in [0, 1] (0 data, 1 noise).
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from diffkit.typing import Prediction, Sample, ShapeError, Time
+
+__all__ = [
+    "Conditioning",
+    "Denoiser",
+    "Encoder",
+    "NoiseSchedule",
+    "Patchifier",
+    "Sampler",
+    "StepCallback",
+    "TextConditioner",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """What a denoiser is conditioned on; every field is optional and batch-first.
+
+    - ``tokens``: a sequence for cross-attention, ``(batch, tokens, dim)``.
+    - ``pooled``: one vector per item, ``(batch, dim)``.
+    - ``mask``: ``True`` where a token is real, ``(batch, tokens)``.
+    - ``labels``: integer class labels, ``(batch,)``.
+    """
+
+    tokens: Float[Tensor, "batch tokens dim"] | None = None
+    pooled: Float[Tensor, "batch pooled_dim"] | None = None
+    mask: Bool[Tensor, "batch tokens"] | None = None
+    labels: Int[Tensor, " batch"] | None = None
+
+    def __post_init__(self) -> None:
+        sizes = {name: t.shape[0] for name, t in self._fields() if t is not None}
+        if len(set(sizes.values())) > 1:
+            raise ShapeError(f"Conditioning: fields disagree on the batch size: {sizes}")
+        if self.tokens is not None and self.tokens.ndim != 3:
+            raise ShapeError(
+                f"Conditioning: 'tokens' must be (batch, tokens, dim), got {tuple(self.tokens.shape)}"
+            )
+        if self.pooled is not None and self.pooled.ndim != 2:
+            raise ShapeError(
+                f"Conditioning: 'pooled' must be (batch, dim), got {tuple(self.pooled.shape)}"
+            )
+        if self.mask is not None:
+            if self.tokens is None:
+                raise ShapeError("Conditioning: 'mask' given without 'tokens'")
+            if tuple(self.mask.shape) != tuple(self.tokens.shape[:2]):
+                raise ShapeError(
+                    f"Conditioning: 'mask' shape {tuple(self.mask.shape)} must equal the first "
+                    f"two dimensions of 'tokens' {tuple(self.tokens.shape[:2])}"
+                )
+        if self.labels is not None and self.labels.ndim != 1:
+            raise ShapeError(
+                f"Conditioning: 'labels' must be (batch,), got {tuple(self.labels.shape)}"
+            )
+
+    def _fields(self) -> list[tuple[str, Tensor | None]]:
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size, or ``None`` when every field is empty."""
+        for _, t in self._fields():
+            if t is not None:
+                return int(t.shape[0])
+        return None
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "Conditioning":
+        """Apply ``fn`` to every tensor field (e.g. ``lambda t: t.to(device)``)."""
+        return Conditioning(**{n: (fn(t) if t is not None else None) for n, t in self._fields()})
+
+    def expand(self, batch: int) -> "Conditioning":
+        """Repeat a batch-1 conditioning to ``batch`` items (a no-op when it already has them)."""
+        size = self.batch_size
+        if size is None or size == batch:
+            return self
+        if size != 1:
+            raise ShapeError(f"Conditioning: cannot expand batch {size} to {batch}")
+        return self.map(lambda t: t.expand(batch, *t.shape[1:]))
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        """Concatenate two conditionings along the batch (used for classifier-free guidance)."""
+        out: dict[str, Tensor | None] = {}
+        for (name, a), (_, b) in zip(self._fields(), other._fields(), strict=True):
+            if (a is None) != (b is None):
+                raise ShapeError(f"Conditioning.cat: '{name}' is set on one side only")
+            out[name] = None if a is None or b is None else torch.cat([a, b])
+        return Conditioning(**out)
+
+    def where(self, keep: Bool[Tensor, " batch"], other: "Conditioning") -> "Conditioning":
+        """Per item: this conditioning where ``keep`` is true, else ``other`` (broadcast)."""
+        out: dict[str, Tensor | None] = {}
+        for (name, a), (_, b) in zip(self._fields(), other._fields(), strict=True):
+            if a is None:
+                out[name] = None
+                continue
+            fill = torch.zeros_like(a) if b is None else b.to(a.dtype).expand_as(a)
+            k = keep.reshape(keep.shape + (1,) * (a.ndim - 1))
+            out[name] = torch.where(k, a, fill)
+        return Conditioning(**out)
+
+
+StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
+"""``callback(step, t, x_t, x0_hat)`` called after each sampler step (previews, progress)."""
+
+
+@runtime_checkable
+class NoiseSchedule(Protocol):
+    """The forward process ``x_t = alpha(t) * x0 + sigma(t) * eps`` on continuous ``t``.
+
+    ``log_snr(t) = log(alpha(t)**2 / sigma(t)**2)`` is strictly decreasing in ``t``
+    and ``t_of_log_snr`` is its inverse. All methods take and return ``(batch,)``.
+    """
+
+    def alpha(self, t: Time) -> Time:
+        """Signal scale ``alpha(t)``, ``(batch,) -> (batch,)``."""
+        ...
+
+    def sigma(self, t: Time) -> Time:
+        """Noise scale ``sigma(t)``, ``(batch,) -> (batch,)``."""
+        ...
+
+    def log_snr(self, t: Time) -> Time:
+        """Log signal-to-noise ratio ``lambda(t) = 2 log(alpha / sigma)``, decreasing in ``t``."""
+        ...
+
+    def t_of_log_snr(self, log_snr: Time) -> Time:
+        """The time at which ``log_snr(t)`` equals the given value (inverse of ``log_snr``)."""
+        ...
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """A network ``(x_t, t, cond) -> prediction`` of the kind named by ``prediction``."""
+
+    prediction: Prediction
+
+    def __call__(self, x_t: Sample, t: Time, cond: Conditioning | None = None) -> Sample:
+        """Predict from ``x_t`` ``(batch, *shape)`` at times ``t`` ``(batch,)``; same shape out."""
+        ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """The reverse process: turns standard normal ``noise`` into data in ``steps`` steps.
+
+    Stateless: nothing survives between calls, so one object can serve many threads.
+    """
+
+    def sample(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        noise: Sample,
+        *,
+        steps: int,
+        cond: Conditioning | None = None,
+        guidance: float = 1.0,
+        uncond: Conditioning | None = None,
+        generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
+    ) -> Sample:
+        """Sample ``x0`` ``(batch, *shape)`` starting from ``noise ~ N(0, I)`` of that shape."""
+        ...
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """A latent space: ``encode`` maps data to latents, ``decode`` maps them back.
+
+    Latents are already multiplied by ``scaling_factor`` so that they have roughly unit
+    variance. Videos ``(batch, frames, channels, height, width)`` are coded frame by frame.
+    """
+
+    latent_channels: int
+    scaling_factor: float
+
+    def latent_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The latent shape (without batch) for a data shape (without batch)."""
+        ...
+
+    def encode(self, x: Sample) -> Sample:
+        """Data ``(batch, [frames,] channels, height, width)`` to scaled latents."""
+        ...
+
+    def decode(self, z: Sample) -> Sample:
+        """Scaled latents back to data; ``decode(encode(x))`` approximates ``x``."""
+        ...
+
+
+@runtime_checkable
+class TextConditioner(Protocol):
+    """Texts to a [`Conditioning`][diffkit.protocols.Conditioning] (tokens, pooled, mask)."""
+
+    token_dim: int
+    pooled_dim: int
+    context_length: int
+
+    def condition(self, texts: Sequence[str]) -> Conditioning:
+        """Encode ``len(texts)`` strings; tokens ``(batch, context_length, token_dim)``."""
+        ...
+
+
+@runtime_checkable
+class Patchifier(Protocol):
+    """Cuts data into non-overlapping patches and puts them back, exactly.
+
+    ``unpatchify(patchify(x), x.shape[1:]) == x`` bit for bit.
+    """
+
+    patch_size: tuple[int, ...]
+
+    def patchify(self, x: Sample) -> Float[Tensor, "batch tokens patch_dim"]:
+        """Data ``(batch, *shape)`` to tokens ``(batch, tokens, patch_dim)``."""
+        ...
+
+    def unpatchify(
+        self, tokens: Float[Tensor, "batch tokens patch_dim"], shape: Sequence[int]
+    ) -> Sample:
+        """Tokens back to data of ``shape`` (without batch)."""
+        ...
+
+    def grid(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The token grid (e.g. ``(frames', height', width')``) for a data shape without batch."""
+        ...

@@ -1,0 +1,184 @@
+"""Shape aliases and the runtime shape checker used at every public boundary.
+
+Every tensor that crosses a public interface is annotated with a jaxtyping shape
+from this module, and every public function or method that takes tensors is
+decorated with [`checked`][diffkit.typing.checked]. A call with a wrong shape or
+dtype raises [`ShapeError`][diffkit.typing.ShapeError], which names the argument
+and the dimension that disagrees.
+
+Checks cost a few microseconds per call. They are on by default; set the
+environment variable ``DIFFKIT_SHAPE_CHECKS=0`` *before* importing diffkit to
+turn them off (read once, at import). ``benchmarks/shape_check_overhead.py``
+measures both ways.
+"""
+
+import functools
+import os
+import re
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, cast
+
+import torch
+from jaxtyping import Bool, Float, Int, TypeCheckError, jaxtyped
+from torch import Tensor
+
+__all__ = [
+    "CHECKS_ENABLED",
+    "Image",
+    "Latent",
+    "Mask",
+    "Pooled",
+    "Prediction",
+    "Sample",
+    "ShapeError",
+    "Time",
+    "TokenIds",
+    "Tokens",
+    "Video",
+    "checked",
+]
+
+Prediction = Literal["epsilon", "x0", "v", "flow"]
+"""What a denoiser predicts: the noise, the clean data, the velocity
+``v = alpha * eps - sigma * x0``, or the rectified-flow velocity ``eps - x0``."""
+
+# Shape aliases. A 1-D shape has a leading space (jaxtyping's convention).
+Time = Float[Tensor, " batch"]
+"""Continuous diffusion time ``t`` in [0, 1], one per batch item (t=0 data, t=1 noise)."""
+Sample = Float[Tensor, "batch *shape"]
+"""Any batch of data: vectors, images or videos."""
+Image = Float[Tensor, "batch channels height width"]
+Latent = Float[Tensor, "batch latent_channels latent_height latent_width"]
+Video = Float[Tensor, "batch frames channels height width"]
+Tokens = Float[Tensor, "batch tokens dim"]
+Pooled = Float[Tensor, "batch dim"]
+Mask = Bool[Tensor, "batch tokens"]
+TokenIds = Int[Tensor, "batch context"]
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in {"0", "false", "off", "no"}
+
+
+CHECKS_ENABLED: bool = _env_flag("DIFFKIT_SHAPE_CHECKS", True)
+"""Whether public functions check shapes at run time (``DIFFKIT_SHAPE_CHECKS``, read once)."""
+
+
+class ShapeError(TypeError, ValueError):
+    """A tensor's shape or dtype does not match the annotation at a public boundary."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_PARAM_RE = re.compile(r"typechecking parameter '([^']+)'")
+_RETURN_RE = re.compile(r"checking the return value")
+_BINDING_RE = re.compile(r"^(\w+)=(.+)$", re.MULTILINE)
+
+
+def _dims_of(annotation: Any) -> list[str] | None:
+    """The dimension names of a jaxtyping annotation (``None`` if it has none)."""
+    dim_str = getattr(annotation, "dim_str", None)
+    if not isinstance(dim_str, str):
+        return None
+    return dim_str.split()
+
+
+def _explain(
+    fn: Callable[..., Any], err: TypeCheckError, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
+    """Turn jaxtyping's message into one line naming the argument and the dimension."""
+    import inspect
+
+    text = str(err)
+    name = getattr(fn, "__qualname__", repr(fn))
+    match = _PARAM_RE.search(text)
+    bindings = dict(_BINDING_RE.findall(text.split("jaxtyping axis annotation are as follows.")[-1]))
+    if match is None:
+        if _RETURN_RE.search(text):
+            return f"{name}: the return value has the wrong shape or dtype"
+        return f"{name}: a shape or dtype check failed"
+    param = match.group(1)
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        value = bound.arguments.get(param)
+        annotation = fn.__annotations__.get(param)
+    except TypeError:
+        value, annotation = None, None
+    if not isinstance(value, Tensor):
+        kind = type(value).__name__
+        return f"{name}: argument '{param}' must be a tensor matching {annotation}, got {kind}"
+    dims = _dims_of(annotation)
+    shape = tuple(value.shape)
+    dtype = getattr(annotation, "dtypes", None)
+    if dtype is not None and not any(str(value.dtype).removeprefix("torch.") in d for d in dtype):
+        return (
+            f"{name}: argument '{param}' has dtype {value.dtype}, expected one of "
+            f"{sorted(set(dtype))}"
+        )
+    if dims is None:
+        return f"{name}: argument '{param}' has the wrong shape {shape}"
+    fixed = [d for d in dims if not d.startswith("*") and not d.startswith("...")]
+    if not any(d.startswith("*") or d == "..." for d in dims) and len(dims) != len(shape):
+        return (
+            f"{name}: argument '{param}' has {len(shape)} dimensions {shape}, expected "
+            f"{len(dims)} ({' '.join(dims)})"
+        )
+    if len(shape) < len(fixed):
+        return (
+            f"{name}: argument '{param}' has {len(shape)} dimensions {shape}, expected at "
+            f"least {len(fixed)} ({' '.join(dims)})"
+        )
+    # Leading named dimensions (before any variadic one) are compared with what earlier
+    # arguments bound; this is where nearly every real mismatch is ('batch', 'channels').
+    for index, dim in enumerate(dims):
+        if dim.startswith("*") or dim == "...":
+            break
+        clean = dim.lstrip("#_")
+        if clean.isdigit() and int(clean) != shape[index]:
+            return f"{name}: argument '{param}' dimension {index} is {shape[index]}, expected {clean}"
+        if clean in bindings and bindings[clean].strip() != str(shape[index]):
+            return (
+                f"{name}: argument '{param}' dimension '{clean}' is {shape[index]}, but "
+                f"'{clean}' is {bindings[clean].strip()} from the other arguments "
+                f"(shape {shape}, expected ({' '.join(dims)}))"
+            )
+    return f"{name}: argument '{param}' of shape {shape} does not match ({' '.join(dims)})"
+
+
+def checked(fn: F) -> F:
+    """Check the jaxtyping annotations of ``fn`` on every call, unless checks are off.
+
+    Raises ``ShapeError`` naming the argument and the mismatched dimension.
+    """
+    if not CHECKS_ENABLED:
+        return fn
+    inner = jaxtyped(typechecker=_beartype())(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return inner(*args, **kwargs)
+        except TypeCheckError as err:
+            raise ShapeError(_explain(fn, err, args, kwargs) + "\n\n" + str(err)) from None
+
+    return cast(F, wrapper)
+
+
+@functools.cache
+def _beartype() -> Callable[..., Any]:
+    from beartype import beartype
+
+    return beartype
+
+
+def broadcast_to_sample(per_item: Float[Tensor, " batch"], like: Tensor) -> Tensor:
+    """Reshape a per-item scalar ``(batch,)`` so it broadcasts against ``like`` ``(batch, ...)``."""
+    return per_item.reshape(per_item.shape + (1,) * (like.ndim - 1))
+
+
+def is_finite(x: Tensor) -> Tensor:
+    """A 0-d boolean tensor: whether every element of ``x`` is finite (no host sync)."""
+    return torch.isfinite(x).all()
