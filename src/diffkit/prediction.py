@@ -1,0 +1,101 @@
+"""Conversions between what a denoiser predicts: epsilon, x0, v and flow (pure functions).
+
+With ``x_t = alpha * x0 + sigma * eps``:
+
+- ``epsilon``: the noise ``eps``;
+- ``x0``: the clean data;
+- ``v``: ``alpha * eps - sigma * x0`` (Salimans & Ho, 2022);
+- ``flow``: ``eps - x0``, the rectified-flow velocity ``d x_t / d t`` when
+  ``alpha = 1 - t`` and ``sigma = t``; defined by that formula for every schedule.
+
+Every conversion goes through ``(x0, eps)``, which both determine ``x_t``. ``alpha``
+and ``sigma`` are per-item ``(batch,)`` tensors; arithmetic happens in their dtype
+(samplers pass float32 or float64) and the result is cast back to ``x_t``'s dtype.
+"""
+
+from typing import get_args
+
+from jaxtyping import Float
+from torch import Tensor
+
+from diffkit.typing import Prediction, Sample, broadcast_to_sample, checked
+
+__all__ = ["PREDICTIONS", "convert", "from_x0_eps", "to_x0_eps"]
+
+PREDICTIONS: tuple[Prediction, ...] = get_args(Prediction)
+
+
+def _validate(kind: str, argument: str) -> None:
+    if kind not in PREDICTIONS:
+        raise ValueError(f"{argument} must be one of {PREDICTIONS}, got {kind!r}")
+
+
+@checked
+def to_x0_eps(
+    prediction: Sample,
+    kind: Prediction,
+    x_t: Sample,
+    alpha: Float[Tensor, " batch"],
+    sigma: Float[Tensor, " batch"],
+) -> tuple[Sample, Sample]:
+    """``(x0, eps)`` implied by a prediction of type ``kind`` at ``x_t``."""
+    _validate(kind, "kind")
+    dtype = alpha.dtype if alpha.dtype.itemsize >= x_t.dtype.itemsize else x_t.dtype
+    a = broadcast_to_sample(alpha, x_t).to(dtype)
+    s = broadcast_to_sample(sigma, x_t).to(dtype)
+    x, p = x_t.to(dtype), prediction.to(dtype)
+    if kind == "epsilon":
+        eps = p
+        x0 = (x - s * eps) / a
+    elif kind == "x0":
+        x0 = p
+        eps = (x - a * x0) / s
+    elif kind == "v":
+        # x_t = a x0 + s eps and v = a eps - s x0  =>  (a^2 + s^2) x0 = a x_t - s v.
+        norm = a * a + s * s
+        x0 = (a * x - s * p) / norm
+        eps = (s * x + a * p) / norm
+    else:
+        # flow f = eps - x0  =>  x_t = (a + s) x0 + s f.
+        x0 = (x - s * p) / (a + s)
+        eps = p + x0
+    return x0, eps
+
+
+@checked
+def from_x0_eps(
+    x0: Sample,
+    eps: Sample,
+    kind: Prediction,
+    alpha: Float[Tensor, " batch"],
+    sigma: Float[Tensor, " batch"],
+) -> Sample:
+    """The prediction of type ``kind`` that corresponds to ``(x0, eps)``."""
+    _validate(kind, "kind")
+    a = broadcast_to_sample(alpha, x0).to(x0.dtype)
+    s = broadcast_to_sample(sigma, x0).to(x0.dtype)
+    if kind == "epsilon":
+        return eps
+    if kind == "x0":
+        return x0
+    if kind == "v":
+        return a * eps - s * x0
+    return eps - x0
+
+
+@checked
+def convert(
+    prediction: Sample,
+    source: Prediction,
+    target: Prediction,
+    x_t: Sample,
+    alpha: Float[Tensor, " batch"],
+    sigma: Float[Tensor, " batch"],
+) -> Sample:
+    """Convert a ``source``-type prediction at ``x_t`` into a ``target``-type one."""
+    _validate(source, "source")
+    _validate(target, "target")
+    if source == target:
+        return prediction
+    x0, eps = to_x0_eps(prediction, source, x_t, alpha, sigma)
+    return from_x0_eps(x0, eps, target, alpha, sigma).to(x_t.dtype)
