@@ -1,7 +1,10 @@
 """diffkit: a typed component library for diffusion models in PyTorch."""
 
 from diffkit import config as config
+from diffkit import patches as patches
 from diffkit import typing as typing
+from diffkit.patches import SpatialPatches as SpatialPatches
+from diffkit.patches import TubeletPatches as TubeletPatches
 from diffkit.protocols import Conditioning as Conditioning
 from diffkit.protocols import Denoiser as Denoiser
 from diffkit.protocols import Encoder as Encoder
