@@ -95,7 +95,9 @@ def _explain(
     text = str(err)
     name = getattr(fn, "__qualname__", repr(fn))
     match = _PARAM_RE.search(text)
-    bindings = dict(_BINDING_RE.findall(text.split("jaxtyping axis annotation are as follows.")[-1]))
+    bindings = dict(
+        _BINDING_RE.findall(text.split("jaxtyping axis annotation are as follows.")[-1])
+    )
     if match is None:
         if _RETURN_RE.search(text):
             return f"{name}: the return value has the wrong shape or dtype"
@@ -138,7 +140,9 @@ def _explain(
             break
         clean = dim.lstrip("#_")
         if clean.isdigit() and int(clean) != shape[index]:
-            return f"{name}: argument '{param}' dimension {index} is {shape[index]}, expected {clean}"
+            return (
+                f"{name}: argument '{param}' dimension {index} is {shape[index]}, expected {clean}"
+            )
         if clean in bindings and bindings[clean].strip() != str(shape[index]):
             return (
                 f"{name}: argument '{param}' dimension '{clean}' is {shape[index]}, but "

@@ -1,0 +1,500 @@
+"""Noise schedules on one continuous time ``t`` in [0, 1] (seed §6.1, the forward process).
+
+Every schedule gives ``alpha(t)``, ``sigma(t)``, ``log_snr(t) = 2 log(alpha / sigma)`` and
+its inverse ``t_of_log_snr``. ``t = 0`` is data and ``t = 1`` is (nearly) pure noise;
+``log_snr`` is strictly decreasing. Arithmetic is done in float64 and returned in the
+dtype of ``t``, so schedules are exact whatever precision the model runs in.
+
+Beta-schedule names, which other libraries use inconsistently:
+
+| diffkit | betas | diffusers | LDM / sgm |
+| --- | --- | --- | --- |
+| [`LinearBeta`][diffkit.schedules.LinearBeta] | ``linspace(b0, b1)`` | ``"linear"`` | — (DDPM) |
+| [`SqrtLinearBeta`][diffkit.schedules.SqrtLinearBeta] | ``linspace(√b0, √b1)²`` | ``"scaled_linear"`` | ``"linear"`` |
+
+Both are the continuous-time limits of their ``num_steps``-step discrete schedules;
+[`Discrete`][diffkit.schedules.Discrete] serves the exact discrete ones of a trained model.
+"""
+
+import math
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from diffkit.config import Config, Registry
+from diffkit.protocols import NoiseSchedule
+from diffkit.typing import Time, checked
+
+__all__ = [
+    "EDM",
+    "SCHEDULES",
+    "Cosine",
+    "CosineConfig",
+    "Discrete",
+    "DiscreteConfig",
+    "EDMConfig",
+    "LinearBeta",
+    "LinearBetaConfig",
+    "RectifiedFlow",
+    "RectifiedFlowConfig",
+    "ScheduleBase",
+    "SqrtLinearBeta",
+    "SqrtLinearBetaConfig",
+    "ZeroTerminalSNR",
+    "discrete_betas",
+    "rescale_zero_terminal_snr",
+]
+
+SCHEDULES: Registry[NoiseSchedule] = Registry("schedule")
+"""``kind`` -> schedule config and builder."""
+
+_F64 = torch.float64
+
+
+def _logit(p: Tensor) -> Tensor:
+    return torch.log(p) - torch.log1p(-p)
+
+
+class ScheduleBase:
+    """Shared plumbing: subclasses give ``_log_snr`` and ``_t_of_log_snr`` in float64.
+
+    ``alpha`` and ``sigma`` follow from ``log_snr`` for variance-preserving schedules
+    (``alpha² + sigma² = 1``); other families override ``_alpha_sigma``.
+    """
+
+    def _log_snr(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        lam = self._log_snr(t)
+        return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+    @checked
+    def alpha(self, t: Time) -> Time:
+        """Signal scale ``alpha(t)``."""
+        return self._alpha_sigma(t.to(_F64))[0].to(t.dtype)
+
+    @checked
+    def sigma(self, t: Time) -> Time:
+        """Noise scale ``sigma(t)``."""
+        return self._alpha_sigma(t.to(_F64))[1].to(t.dtype)
+
+    @checked
+    def alpha_sigma(self, t: Time) -> tuple[Time, Time]:
+        """``(alpha(t), sigma(t))`` in one call."""
+        a, s = self._alpha_sigma(t.to(_F64))
+        return a.to(t.dtype), s.to(t.dtype)
+
+    @checked
+    def log_snr(self, t: Time) -> Time:
+        """``lambda(t) = log(alpha² / sigma²)``, strictly decreasing in ``t``."""
+        return self._log_snr(t.to(_F64)).to(t.dtype)
+
+    @checked
+    def t_of_log_snr(self, log_snr: Time) -> Time:
+        """Inverse of ``log_snr``: the time at which the log-SNR takes the given value."""
+        return self._t_of_log_snr(log_snr.to(_F64)).clamp(0.0, 1.0).to(log_snr.dtype)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+# --------------------------------------------------------------------------------------
+# Variance-preserving schedules defined by an integrated beta: alpha² = exp(-B(t)).
+# log_snr = -log(expm1(B)), so B = softplus(-log_snr).
+# --------------------------------------------------------------------------------------
+
+
+class LinearBetaConfig(Config):
+    """DDPM's linear betas ``linspace(beta_start, beta_end, num_steps)`` in continuous time."""
+
+    kind: Literal["linear_beta"] = "linear_beta"
+    beta_start: float = Field(1e-4, gt=0, lt=1, description="beta of the first discrete step")
+    beta_end: float = Field(0.02, gt=0, lt=1, description="beta of the last discrete step")
+    num_steps: int = Field(1000, ge=2, description="number of discrete steps the betas describe")
+
+    @model_validator(mode="after")
+    def _increasing(self) -> "LinearBetaConfig":
+        if self.beta_end <= self.beta_start:
+            raise ValueError("beta_end must be larger than beta_start")
+        return self
+
+
+class LinearBeta(ScheduleBase):
+    """VP schedule with ``beta(t) = N (b0 + t (b1 - b0))`` (DDPM; diffusers ``"linear"``).
+
+    ``alpha(t)² = exp(-∫₀ᵗ beta)``; with the defaults ``beta`` runs from 0.1 to 20 (Song et al.).
+    """
+
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000):
+        self.beta_start, self.beta_end, self.num_steps = beta_start, beta_end, num_steps
+        self._b0 = num_steps * beta_start
+        self._db = num_steps * (beta_end - beta_start)
+
+    @classmethod
+    def from_config(cls, config: LinearBetaConfig) -> "LinearBeta":
+        """Build from its config."""
+        return cls(config.beta_start, config.beta_end, config.num_steps)
+
+    def _log_snr(self, t: Tensor) -> Tensor:
+        integral = self._b0 * t + 0.5 * self._db * t * t
+        return -torch.log(torch.expm1(integral))
+
+    def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        integral = torch.nn.functional.softplus(-log_snr)
+        # 0.5 db t² + b0 t - B = 0, the positive root written to avoid cancellation.
+        return 2 * integral / (self._b0 + torch.sqrt(self._b0**2 + 2 * self._db * integral))
+
+
+class SqrtLinearBetaConfig(Config):
+    """Betas ``linspace(√beta_start, √beta_end, num_steps)²`` (Stable Diffusion) in continuous time."""
+
+    kind: Literal["sqrt_linear_beta"] = "sqrt_linear_beta"
+    beta_start: float = Field(0.00085, gt=0, lt=1, description="beta of the first discrete step")
+    beta_end: float = Field(0.012, gt=0, lt=1, description="beta of the last discrete step")
+    num_steps: int = Field(1000, ge=2, description="number of discrete steps the betas describe")
+
+    @model_validator(mode="after")
+    def _increasing(self) -> "SqrtLinearBetaConfig":
+        if self.beta_end <= self.beta_start:
+            raise ValueError("beta_end must be larger than beta_start")
+        return self
+
+
+class SqrtLinearBeta(ScheduleBase):
+    """VP schedule with ``√beta`` linear in ``t`` (diffusers ``"scaled_linear"``, LDM ``"linear"``)."""
+
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_steps: int = 1000):
+        self.beta_start, self.beta_end, self.num_steps = beta_start, beta_end, num_steps
+        self._r0 = math.sqrt(beta_start)
+        self._dr = math.sqrt(beta_end) - self._r0
+
+    @classmethod
+    def from_config(cls, config: SqrtLinearBetaConfig) -> "SqrtLinearBeta":
+        """Build from its config."""
+        return cls(config.beta_start, config.beta_end, config.num_steps)
+
+    def _log_snr(self, t: Tensor) -> Tensor:
+        # ∫ N (r0 + s dr)² ds = N ((r0 + t dr)³ - r0³) / (3 dr)
+        r = self._r0 + t * self._dr
+        integral = self.num_steps * (r**3 - self._r0**3) / (3 * self._dr)
+        return -torch.log(torch.expm1(integral))
+
+    def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        integral = torch.nn.functional.softplus(-log_snr)
+        r = torch.pow(self._r0**3 + 3 * self._dr * integral / self.num_steps, 1.0 / 3.0)
+        return (r - self._r0) / self._dr
+
+
+class CosineConfig(Config):
+    """Nichol & Dhariwal's cosine schedule."""
+
+    kind: Literal["cosine"] = "cosine"
+    offset: float = Field(0.008, ge=0, lt=1, description="the small offset s near t = 0")
+    min_log_snr: float = Field(-20.0, description="log-SNR at t = 1 is clamped to at least this")
+
+
+class Cosine(ScheduleBase):
+    """``alpha(t)² = cos²(π/2 (t+s)/(1+s)) / cos²(π/2 s/(1+s))`` with the end log-SNR clamped.
+
+    The clamp keeps ``t = 1`` at a finite log-SNR (``min_log_snr``), so every sampler starts
+    from a proper Gaussian; the betas of the discrete version are likewise clipped at 0.999.
+    """
+
+    def __init__(self, offset: float = 0.008, min_log_snr: float = -20.0):
+        self.offset, self.min_log_snr = offset, min_log_snr
+        self._u0 = math.pi / 2 * offset / (1 + offset)
+        self._log_c0 = 2 * math.log(math.cos(self._u0))
+
+    @classmethod
+    def from_config(cls, config: CosineConfig) -> "Cosine":
+        """Build from its config."""
+        return cls(config.offset, config.min_log_snr)
+
+    def _log_snr(self, t: Tensor) -> Tensor:
+        u = math.pi / 2 * (t + self.offset) / (1 + self.offset)
+        log_a2 = (2 * torch.log(torch.cos(u).clamp_min(1e-300)) - self._log_c0).clamp(max=0.0)
+        lam = log_a2 - torch.log(-torch.expm1(log_a2))
+        return torch.clamp(lam, min=self.min_log_snr)
+
+    def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        log_a2 = torch.nn.functional.logsigmoid(log_snr)
+        u = torch.acos(torch.exp(0.5 * (log_a2 + self._log_c0)).clamp(max=1.0))
+        t = u * 2 / math.pi * (1 + self.offset) - self.offset
+        return torch.where(log_snr <= self.min_log_snr, torch.ones_like(t), t)
+
+
+class EDMConfig(Config):
+    """Karras et al. (EDM) variance-exploding schedule with rho-spaced sigmas."""
+
+    kind: Literal["edm"] = "edm"
+    sigma_min: float = Field(0.002, gt=0, description="noise level at t = 0")
+    sigma_max: float = Field(80.0, gt=0, description="noise level at t = 1")
+    rho: float = Field(7.0, gt=0, description="Karras' rho: larger puts more time at low noise")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "EDMConfig":
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError("sigma_max must be larger than sigma_min")
+        return self
+
+
+class EDM(ScheduleBase):
+    """``alpha = 1``, ``sigma(t) = (σmin^(1/ρ) + t (σmax^(1/ρ) - σmin^(1/ρ)))^ρ`` (EDM).
+
+    Uniform ``t`` gives exactly the Karras sigmas; ``t = 0`` is ``sigma_min``, not 0, so
+    samplers finish with a final denoising step.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+        self._lo = sigma_min ** (1 / rho)
+        self._hi = sigma_max ** (1 / rho)
+
+    @classmethod
+    def from_config(cls, config: EDMConfig) -> "EDM":
+        """Build from its config."""
+        return cls(config.sigma_min, config.sigma_max, config.rho)
+
+    def _sigma_of_t(self, t: Tensor) -> Tensor:
+        return (self._lo + t * (self._hi - self._lo)) ** self.rho
+
+    def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ones_like(t), self._sigma_of_t(t)
+
+    def _log_snr(self, t: Tensor) -> Tensor:
+        return -2 * torch.log(self._sigma_of_t(t))
+
+    def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        sigma = torch.exp(-0.5 * log_snr)
+        return (sigma ** (1 / self.rho) - self._lo) / (self._hi - self._lo)
+
+
+class RectifiedFlowConfig(Config):
+    """Rectified flow / flow matching: straight line from data to noise."""
+
+    kind: Literal["rectified_flow"] = "rectified_flow"
+    shift: float = Field(
+        1.0, gt=0, description="SD3 time shift: t' = shift t / (1 + (shift - 1) t); 1 is none"
+    )
+
+
+class RectifiedFlow(ScheduleBase):
+    """``alpha = 1 - t'``, ``sigma = t'`` with ``t' = shift·t / (1 + (shift-1)·t)``.
+
+    ``log_snr`` is ``+inf`` at ``t = 0`` and ``-inf`` at ``t = 1`` (pure noise).
+    """
+
+    def __init__(self, shift: float = 1.0):
+        self.shift = shift
+
+    @classmethod
+    def from_config(cls, config: RectifiedFlowConfig) -> "RectifiedFlow":
+        """Build from its config."""
+        return cls(config.shift)
+
+    def _shifted(self, t: Tensor) -> Tensor:
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        s = self._shifted(t)
+        return 1 - s, s
+
+    def _log_snr(self, t: Tensor) -> Tensor:
+        s = self._shifted(t)
+        return 2 * (torch.log1p(-s) - torch.log(s))
+
+    def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        s = torch.sigmoid(-0.5 * log_snr)
+        return s / (self.shift - (self.shift - 1) * s)
+
+
+# --------------------------------------------------------------------------------------
+# Discrete schedules of trained models.
+# --------------------------------------------------------------------------------------
+
+BetaSchedule = Literal["linear_beta", "sqrt_linear_beta", "cosine"]
+
+
+def discrete_betas(
+    kind: BetaSchedule, num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> Float[Tensor, " steps"]:
+    """The ``num_steps`` betas of a named discrete schedule, in float64.
+
+    ``"linear_beta"`` is diffusers' ``"linear"``; ``"sqrt_linear_beta"`` is diffusers'
+    ``"scaled_linear"`` and LDM's ``"linear"``; ``"cosine"`` is diffusers'
+    ``"squaredcos_cap_v2"`` (betas clipped at 0.999).
+    """
+    if kind == "linear_beta":
+        return torch.linspace(beta_start, beta_end, num_steps, dtype=_F64)
+    if kind == "sqrt_linear_beta":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=_F64) ** 2
+    if kind == "cosine":
+        steps = torch.arange(num_steps + 1, dtype=_F64) / num_steps
+        f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown beta schedule {kind!r}; use one of {BetaSchedule.__args__}")
+
+
+def rescale_zero_terminal_snr(
+    alphas_cumprod: Float[Tensor, " steps"],
+) -> Float[Tensor, " steps"]:
+    """Lin et al. (2023): shift and scale ``√ᾱ`` so the last step has zero SNR, the first kept."""
+    root = alphas_cumprod.to(_F64).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return root**2
+
+
+class DiscreteConfig(Config):
+    """The discrete schedule of a model trained on ``num_steps`` steps."""
+
+    kind: Literal["discrete"] = "discrete"
+    beta_schedule: BetaSchedule = Field(
+        "linear_beta",
+        description="'linear_beta' (diffusers 'linear'), 'sqrt_linear_beta' (diffusers "
+        "'scaled_linear', LDM 'linear') or 'cosine' (diffusers 'squaredcos_cap_v2')",
+    )
+    num_steps: int = Field(1000, ge=2, description="number of training steps N")
+    beta_start: float = Field(1e-4, gt=0, lt=1, description="first beta (linear kinds)")
+    beta_end: float = Field(0.02, gt=0, lt=1, description="last beta (linear kinds)")
+    zero_terminal_snr: bool = Field(False, description="apply Lin et al.'s zero-terminal-SNR fix")
+
+
+class Discrete(ScheduleBase):
+    """A trained model's ``alphas_cumprod`` served on continuous ``t``.
+
+    Training step index ``i`` (0-based, ``i = N-1`` the noisiest) sits at
+    ``t = (i + 1) / N``; ``t = 0`` is clean data. Between steps the log-SNR is
+    interpolated linearly in the index; below the first step ``alpha²`` goes linearly
+    to 1 at ``t = 0``.
+    """
+
+    def __init__(self, alphas_cumprod: Float[Tensor, " steps"]):
+        ac = torch.as_tensor(alphas_cumprod, dtype=_F64).detach().cpu()
+        if ac.ndim != 1 or ac.numel() < 2:
+            raise ValueError(
+                f"alphas_cumprod must be 1-D with ≥2 steps, got shape {tuple(ac.shape)}"
+            )
+        if not bool(((ac >= 0) & (ac < 1)).all()):
+            raise ValueError("alphas_cumprod must lie in [0, 1)")
+        if not bool((ac[1:] < ac[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        self.alphas_cumprod = ac
+        self.num_steps = int(ac.numel())
+        self._table = _logit(ac)  # log-SNR per index, strictly decreasing (may end at -inf)
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    @classmethod
+    def from_betas(
+        cls, betas: Float[Tensor, " steps"], *, zero_terminal_snr: bool = False
+    ) -> "Discrete":
+        """From the per-step betas: ``alphas_cumprod = cumprod(1 - betas)``."""
+        betas = torch.as_tensor(betas, dtype=_F64)
+        ac = torch.cumprod(1 - betas, dim=0)
+        return cls(rescale_zero_terminal_snr(ac) if zero_terminal_snr else ac)
+
+    @classmethod
+    def from_alphas_cumprod(
+        cls, alphas_cumprod: Float[Tensor, " steps"], *, zero_terminal_snr: bool = False
+    ) -> "Discrete":
+        """From the cumulative products ``ᾱ_i`` (``alpha(t_i)² = ᾱ_i``)."""
+        ac = torch.as_tensor(alphas_cumprod, dtype=_F64)
+        return cls(rescale_zero_terminal_snr(ac) if zero_terminal_snr else ac)
+
+    @classmethod
+    def from_config(cls, config: DiscreteConfig) -> "Discrete":
+        """Build from its config."""
+        betas = discrete_betas(
+            config.beta_schedule, config.num_steps, config.beta_start, config.beta_end
+        )
+        return cls.from_betas(betas, zero_terminal_snr=config.zero_terminal_snr)
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        # Cached per device so sampling loops never copy the table host -> device.
+        if device not in self._tables:
+            self._tables[device] = (self._table.to(device), self.alphas_cumprod.to(device))
+        return self._tables[device]
+
+    @checked
+    def t_from_index(self, index: Float[Tensor, " batch"] | Tensor | int) -> Time:
+        """Continuous ``t = (i + 1) / N`` of training step index ``i`` (float64)."""
+        i = torch.as_tensor(index, dtype=_F64)
+        return ((i + 1) / self.num_steps).reshape(-1)
+
+    @checked
+    def index_from_t(self, t: Time) -> Time:
+        """Fractional training step index ``N t - 1`` of time ``t`` (same dtype as ``t``)."""
+        return t * self.num_steps - 1
+
+    def _log_snr(self, t: Tensor) -> Tensor:
+        table, ac = self._on(t.device)
+        u = (t * self.num_steps - 1).clamp(-1.0, self.num_steps - 1.0)
+        lo = u.floor().clamp(0, self.num_steps - 2).long()
+        frac = (u - lo).clamp(0.0, 1.0)
+        lerp = table[lo] + frac * (table[lo + 1] - table[lo])
+        # Exact at integer steps even when the next table entry is -inf (zero terminal SNR).
+        at_lo = table[lo]
+        inside = torch.where(frac == 0, at_lo, torch.where(frac == 1, table[lo + 1], lerp))
+        # Below the first step: alpha² linear from 1 (t = 0) to ᾱ_0 (t = 1/N).
+        a2 = 1 + (u + 1).clamp(0, 1) * (ac[0] - 1)
+        below = _logit(a2)
+        return torch.where(u < 0, below, inside)
+
+    def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        table, ac = self._on(log_snr.device)
+        neg = -table  # increasing
+        hi = torch.searchsorted(neg, -log_snr).clamp(1, self.num_steps - 1)
+        lo = hi - 1
+        span = table[hi] - table[lo]
+        frac = ((log_snr - table[lo]) / span).clamp(0.0, 1.0)
+        frac = torch.where(torch.isfinite(span), frac, torch.zeros_like(frac))
+        frac = torch.where(torch.isneginf(log_snr) & torch.isneginf(table[hi]), 1.0, frac)
+        u_inside = lo + frac
+        a2 = torch.sigmoid(log_snr)
+        u_below = (1 - a2) / (1 - ac[0]) - 1
+        u = torch.where(log_snr >= table[0], u_below, u_inside)
+        return (u + 1) / self.num_steps
+
+
+class ZeroTerminalSNR(ScheduleBase):
+    """Wrap a variance-preserving schedule so that ``alpha(1) = 0`` (Lin et al., 2023).
+
+    ``alpha'(t) = (alpha(t) - alpha(1)) · alpha(0) / (alpha(0) - alpha(1))`` and
+    ``sigma' = √(1 - alpha'²)``. For a trained discrete schedule use
+    ``Discrete.from_betas(betas, zero_terminal_snr=True)``, which rescales the table as
+    diffusers does.
+    """
+
+    def __init__(self, base: ScheduleBase):
+        self.base = base
+        ends = torch.tensor([0.0, 1.0], dtype=_F64)
+        a = base._alpha_sigma(ends)[0]
+        self._a0, self._a1 = float(a[0]), float(a[1])
+
+    def _scale(self) -> float:
+        return self._a0 / (self._a0 - self._a1)
+
+    def _log_snr(self, t: Tensor) -> Tensor:
+        a = (self.base._alpha_sigma(t)[0] - self._a1) * self._scale()
+        return _logit((a * a).clamp(0.0, 1.0))
+
+    def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        a = torch.sigmoid(log_snr).sqrt()
+        base_alpha = a / self._scale() + self._a1
+        return self.base._t_of_log_snr(_logit((base_alpha**2).clamp(0.0, 1.0)))
+
+
+SCHEDULES.register(LinearBetaConfig, LinearBeta.from_config)
+SCHEDULES.register(SqrtLinearBetaConfig, SqrtLinearBeta.from_config)
+SCHEDULES.register(CosineConfig, Cosine.from_config)
+SCHEDULES.register(EDMConfig, EDM.from_config)
+SCHEDULES.register(RectifiedFlowConfig, RectifiedFlow.from_config)
+SCHEDULES.register(DiscreteConfig, Discrete.from_config)
