@@ -1,6 +1,8 @@
 """diffkit: a typed component library for diffusion models in PyTorch."""
 
 from diffkit import config as config
+from diffkit import prediction as prediction
+from diffkit import schedules as schedules
 from diffkit import patches as patches
 from diffkit import typing as typing
 from diffkit.patches import SpatialPatches as SpatialPatches
