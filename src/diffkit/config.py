@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Config", "Registry", "ValidationError", "REGISTRIES"]
+__all__ = ["REGISTRIES", "Config", "Registry", "ValidationError", "kind_of"]
 
 
 class Config(BaseModel):
@@ -21,7 +21,8 @@ class Config(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
-    kind: str
+    # Subclasses declare ``kind: Literal["name"] = "name"``; the base leaves it undeclared
+    # so that each subclass can narrow it.
     group: ClassVar[str] = ""
 
     def to_json(self) -> str:
@@ -34,6 +35,14 @@ class Config(BaseModel):
 
 
 C = TypeVar("C", bound=Config)
+
+
+def kind_of(config: Config) -> str:
+    """The ``kind`` discriminator of a config (every registered config declares one)."""
+    kind = getattr(config, "kind", None)
+    if not isinstance(kind, str):
+        raise ValueError(f"{type(config).__name__} has no 'kind' field")
+    return kind
 T = TypeVar("T")
 
 
@@ -82,8 +91,11 @@ class Registry(Generic[T]):
     def parse(self, data: "Config | Mapping[str, Any] | str") -> Config:
         """Validate a dict / JSON string / config into the config class its ``kind`` names."""
         if isinstance(data, Config):
-            if self._configs.get(data.kind) is not type(data):
-                self.config_class(data.kind)  # raises for unknown kinds
+            if self._configs.get(kind_of(data)) is not type(data):
+                raise ValueError(
+                    f"{type(data).__name__} is not a registered {self.group} config "
+                    f"(known kinds: {', '.join(self.kinds)})"
+                )
             return data
         if isinstance(data, str):
             data = json.loads(data)
@@ -97,7 +109,7 @@ class Registry(Generic[T]):
     def build(self, config: "Config | Mapping[str, Any]") -> T:
         """Build the component a config describes."""
         parsed = self.parse(config)
-        return self._builders[parsed.kind](parsed)
+        return self._builders[kind_of(parsed)](parsed)
 
 
 REGISTRIES: dict[str, Registry[Any]] = {}

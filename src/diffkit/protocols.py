@@ -48,7 +48,8 @@ class Conditioning:
             raise ShapeError(f"Conditioning: fields disagree on the batch size: {sizes}")
         if self.tokens is not None and self.tokens.ndim != 3:
             raise ShapeError(
-                f"Conditioning: 'tokens' must be (batch, tokens, dim), got {tuple(self.tokens.shape)}"
+                "Conditioning: 'tokens' must be (batch, tokens, dim), "
+                f"got {tuple(self.tokens.shape)}"
             )
         if self.pooled is not None and self.pooled.ndim != 2:
             raise ShapeError(

@@ -9,8 +9,8 @@ Beta-schedule names, which other libraries use inconsistently:
 
 | diffkit | betas | diffusers | LDM / sgm |
 | --- | --- | --- | --- |
-| [`LinearBeta`][diffkit.schedules.LinearBeta] | ``linspace(b0, b1)`` | ``"linear"`` | — (DDPM) |
-| [`SqrtLinearBeta`][diffkit.schedules.SqrtLinearBeta] | ``linspace(√b0, √b1)²`` | ``"scaled_linear"`` | ``"linear"`` |
+| `LinearBeta` | ``linspace(b0, b1)`` | ``"linear"`` | — (DDPM) |
+| `SqrtLinearBeta` | ``linspace(√b0, √b1)²`` | ``"scaled_linear"`` | ``"linear"`` |
 
 Both are the continuous-time limits of their ``num_steps``-step discrete schedules;
 [`Discrete`][diffkit.schedules.Discrete] serves the exact discrete ones of a trained model.
@@ -154,7 +154,7 @@ class LinearBeta(ScheduleBase):
 
 
 class SqrtLinearBetaConfig(Config):
-    """Betas ``linspace(√beta_start, √beta_end, num_steps)²`` (Stable Diffusion) in continuous time."""
+    """Betas ``linspace(√beta_start, √beta_end, num_steps)²`` (Stable Diffusion), continuous."""
 
     kind: Literal["sqrt_linear_beta"] = "sqrt_linear_beta"
     beta_start: float = Field(0.00085, gt=0, lt=1, description="beta of the first discrete step")
@@ -169,7 +169,7 @@ class SqrtLinearBetaConfig(Config):
 
 
 class SqrtLinearBeta(ScheduleBase):
-    """VP schedule with ``√beta`` linear in ``t`` (diffusers ``"scaled_linear"``, LDM ``"linear"``)."""
+    """VP schedule with ``√beta`` linear in ``t`` (diffusers "scaled_linear", LDM "linear")."""
 
     def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_steps: int = 1000):
         self.beta_start, self.beta_end, self.num_steps = beta_start, beta_end, num_steps
