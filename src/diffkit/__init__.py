@@ -1,6 +1,8 @@
 """diffkit: a typed component library for diffusion models in PyTorch."""
 
 from diffkit import config as config
+from diffkit import forward as forward
+from diffkit import losses as losses
 from diffkit import prediction as prediction
 from diffkit import schedules as schedules
 from diffkit import patches as patches
@@ -14,6 +16,7 @@ from diffkit.protocols import NoiseSchedule as NoiseSchedule
 from diffkit.protocols import Patchifier as Patchifier
 from diffkit.protocols import Sampler as Sampler
 from diffkit.protocols import TextConditioner as TextConditioner
+from diffkit.losses import DiffusionLoss as DiffusionLoss
 from diffkit.typing import ShapeError as ShapeError
 
 __version__ = "0.1.0"
