@@ -41,21 +41,30 @@ class LossConfig(Config):
 
     kind: Literal["diffusion"] = "diffusion"
     target: Prediction | None = Field(
-        None, description="space the error is measured in; None: the denoiser's own prediction"
+        default=None,
+        description="space the error is measured in; None: the denoiser's own prediction",
     )
-    weighting: Weighting = Field("simple", description="per-time weight, see the module table")
-    min_snr_gamma: float = Field(5.0, gt=0, description="gamma of min-SNR weighting")
-    sigma_data: float = Field(0.5, gt=0, description="data standard deviation for EDM weighting")
-    time_sampling: TimeSampling = Field("uniform", description="how training times are drawn")
-    t_min: float = Field(1e-3, ge=0, lt=1, description="smallest t for uniform sampling")
-    t_max: float = Field(1.0, gt=0, le=1, description="largest t for uniform sampling")
-    log_normal_mean: float = Field(-1.2, description="EDM P_mean: mean of log sigma")
-    log_normal_std: float = Field(1.2, gt=0, description="EDM P_std: std of log sigma")
-    logit_normal_mean: float = Field(0.0, description="mean of logit(t) (SD3)")
-    logit_normal_std: float = Field(1.0, gt=0, description="std of logit(t) (SD3)")
-    num_steps: int = Field(1000, ge=1, description="steps N for 'discrete': t = (i + 1) / N")
+    weighting: Weighting = Field(
+        default="simple", description="per-time weight, see the module table"
+    )
+    min_snr_gamma: float = Field(default=5.0, gt=0, description="gamma of min-SNR weighting")
+    sigma_data: float = Field(
+        default=0.5, gt=0, description="data standard deviation for EDM weighting"
+    )
+    time_sampling: TimeSampling = Field(
+        default="uniform", description="how training times are drawn"
+    )
+    t_min: float = Field(default=1e-3, ge=0, lt=1, description="smallest t for uniform sampling")
+    t_max: float = Field(default=1.0, gt=0, le=1, description="largest t for uniform sampling")
+    log_normal_mean: float = Field(default=-1.2, description="EDM P_mean: mean of log sigma")
+    log_normal_std: float = Field(default=1.2, gt=0, description="EDM P_std: std of log sigma")
+    logit_normal_mean: float = Field(default=0.0, description="mean of logit(t) (SD3)")
+    logit_normal_std: float = Field(default=1.0, gt=0, description="std of logit(t) (SD3)")
+    num_steps: int = Field(
+        default=1000, ge=1, description="steps N for 'discrete': t = (i + 1) / N"
+    )
     cond_dropout: float = Field(
-        0.0, ge=0, lt=1, description="probability of dropping the condition (for CFG)"
+        default=0.0, ge=0, lt=1, description="probability of dropping the condition (for CFG)"
     )
 
 

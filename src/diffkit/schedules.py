@@ -116,9 +116,13 @@ class LinearBetaConfig(Config):
     """DDPM's linear betas ``linspace(beta_start, beta_end, num_steps)`` in continuous time."""
 
     kind: Literal["linear_beta"] = "linear_beta"
-    beta_start: float = Field(1e-4, gt=0, lt=1, description="beta of the first discrete step")
-    beta_end: float = Field(0.02, gt=0, lt=1, description="beta of the last discrete step")
-    num_steps: int = Field(1000, ge=2, description="number of discrete steps the betas describe")
+    beta_start: float = Field(
+        default=1e-4, gt=0, lt=1, description="beta of the first discrete step"
+    )
+    beta_end: float = Field(default=0.02, gt=0, lt=1, description="beta of the last discrete step")
+    num_steps: int = Field(
+        default=1000, ge=2, description="number of discrete steps the betas describe"
+    )
 
     @model_validator(mode="after")
     def _increasing(self) -> "LinearBetaConfig":
@@ -157,9 +161,13 @@ class SqrtLinearBetaConfig(Config):
     """Betas ``linspace(√beta_start, √beta_end, num_steps)²`` (Stable Diffusion), continuous."""
 
     kind: Literal["sqrt_linear_beta"] = "sqrt_linear_beta"
-    beta_start: float = Field(0.00085, gt=0, lt=1, description="beta of the first discrete step")
-    beta_end: float = Field(0.012, gt=0, lt=1, description="beta of the last discrete step")
-    num_steps: int = Field(1000, ge=2, description="number of discrete steps the betas describe")
+    beta_start: float = Field(
+        default=0.00085, gt=0, lt=1, description="beta of the first discrete step"
+    )
+    beta_end: float = Field(default=0.012, gt=0, lt=1, description="beta of the last discrete step")
+    num_steps: int = Field(
+        default=1000, ge=2, description="number of discrete steps the betas describe"
+    )
 
     @model_validator(mode="after")
     def _increasing(self) -> "SqrtLinearBetaConfig":
@@ -197,8 +205,10 @@ class CosineConfig(Config):
     """Nichol & Dhariwal's cosine schedule."""
 
     kind: Literal["cosine"] = "cosine"
-    offset: float = Field(0.008, ge=0, lt=1, description="the small offset s near t = 0")
-    min_log_snr: float = Field(-20.0, description="log-SNR at t = 1 is clamped to at least this")
+    offset: float = Field(default=0.008, ge=0, lt=1, description="the small offset s near t = 0")
+    min_log_snr: float = Field(
+        default=-20.0, description="log-SNR at t = 1 is clamped to at least this"
+    )
 
 
 class Cosine(ScheduleBase):
@@ -235,9 +245,11 @@ class EDMConfig(Config):
     """Karras et al. (EDM) variance-exploding schedule with rho-spaced sigmas."""
 
     kind: Literal["edm"] = "edm"
-    sigma_min: float = Field(0.002, gt=0, description="noise level at t = 0")
-    sigma_max: float = Field(80.0, gt=0, description="noise level at t = 1")
-    rho: float = Field(7.0, gt=0, description="Karras' rho: larger puts more time at low noise")
+    sigma_min: float = Field(default=0.002, gt=0, description="noise level at t = 0")
+    sigma_max: float = Field(default=80.0, gt=0, description="noise level at t = 1")
+    rho: float = Field(
+        default=7.0, gt=0, description="Karras' rho: larger puts more time at low noise"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> "EDMConfig":
@@ -282,7 +294,9 @@ class RectifiedFlowConfig(Config):
 
     kind: Literal["rectified_flow"] = "rectified_flow"
     shift: float = Field(
-        1.0, gt=0, description="SD3 time shift: t' = shift t / (1 + (shift - 1) t); 1 is none"
+        default=1.0,
+        gt=0,
+        description="SD3 time shift: t' = shift t / (1 + (shift - 1) t); 1 is none",
     )
 
 
@@ -358,14 +372,16 @@ class DiscreteConfig(Config):
 
     kind: Literal["discrete"] = "discrete"
     beta_schedule: BetaSchedule = Field(
-        "linear_beta",
+        default="linear_beta",
         description="'linear_beta' (diffusers 'linear'), 'sqrt_linear_beta' (diffusers "
         "'scaled_linear', LDM 'linear') or 'cosine' (diffusers 'squaredcos_cap_v2')",
     )
-    num_steps: int = Field(1000, ge=2, description="number of training steps N")
-    beta_start: float = Field(1e-4, gt=0, lt=1, description="first beta (linear kinds)")
-    beta_end: float = Field(0.02, gt=0, lt=1, description="last beta (linear kinds)")
-    zero_terminal_snr: bool = Field(False, description="apply Lin et al.'s zero-terminal-SNR fix")
+    num_steps: int = Field(default=1000, ge=2, description="number of training steps N")
+    beta_start: float = Field(default=1e-4, gt=0, lt=1, description="first beta (linear kinds)")
+    beta_end: float = Field(default=0.02, gt=0, lt=1, description="last beta (linear kinds)")
+    zero_terminal_snr: bool = Field(
+        default=False, description="apply Lin et al.'s zero-terminal-SNR fix"
+    )
 
 
 class Discrete(ScheduleBase):
