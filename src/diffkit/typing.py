@@ -149,6 +149,19 @@ def _explain(
                 f"'{clean}' is {bindings[clean].strip()} from the other arguments "
                 f"(shape {shape}, expected ({' '.join(dims)}))"
             )
+    variadic = [d for d in dims if d.startswith("*")]
+    if len(variadic) == 1:
+        star = dims.index(variadic[0])
+        var_name = variadic[0].lstrip("*#_")
+        tail = len(dims) - star - 1
+        got = shape[star : len(shape) - tail]
+        bound = bindings.get(var_name, "").strip()
+        if bound:
+            return (
+                f"{name}: argument '{param}' dimensions '*{var_name}' are {got}, but "
+                f"'*{var_name}' is {bound.removeprefix('torch.Size(').rstrip(')')} from the "
+                f"other arguments (shape {shape}, expected ({' '.join(dims)}))"
+            )
     return f"{name}: argument '{param}' of shape {shape} does not match ({' '.join(dims)})"
 
 

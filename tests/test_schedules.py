@@ -1,0 +1,183 @@
+"""Properties of every noise schedule: end points, monotonicity, inverses, Discrete tables."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+import diffkit as dk
+from diffkit.schedules import (
+    EDM,
+    SCHEDULES,
+    Cosine,
+    Discrete,
+    DiscreteConfig,
+    LinearBeta,
+    RectifiedFlow,
+    SqrtLinearBeta,
+    ZeroTerminalSNR,
+    discrete_betas,
+    rescale_zero_terminal_snr,
+)
+
+F64 = torch.float64
+
+ALL = {
+    "linear_beta": LinearBeta(),
+    "sqrt_linear_beta": SqrtLinearBeta(),
+    "cosine": Cosine(),
+    "edm": EDM(),
+    "rectified_flow": RectifiedFlow(),
+    "rectified_flow_shift3": RectifiedFlow(shift=3.0),
+    "discrete": Discrete.from_betas(discrete_betas("linear_beta", 1000)),
+    "discrete_sd": Discrete.from_betas(discrete_betas("sqrt_linear_beta", 1000, 0.00085, 0.012)),
+    "discrete_zsnr": Discrete.from_betas(
+        discrete_betas("sqrt_linear_beta", 1000, 0.00085, 0.012), zero_terminal_snr=True
+    ),
+    "zero_terminal_snr": ZeroTerminalSNR(LinearBeta()),
+}
+VP = [k for k in ALL if k not in {"edm", "rectified_flow", "rectified_flow_shift3"}]
+ZERO_TERMINAL = {"rectified_flow", "rectified_flow_shift3", "discrete_zsnr", "zero_terminal_snr"}
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_every_schedule_satisfies_the_protocol(name: str) -> None:
+    assert isinstance(ALL[name], dk.NoiseSchedule)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_log_snr_strictly_decreasing_and_alpha_sigma_monotone(name: str) -> None:
+    s = ALL[name]
+    t = torch.linspace(0.0, 1.0, 2001, dtype=F64)[1:-1]
+    lam = s.log_snr(t)
+    assert bool((lam[1:] < lam[:-1]).all())
+    a, sig = s.alpha(t), s.sigma(t)
+    assert bool((a[1:] <= a[:-1]).all()) and bool((sig[1:] >= sig[:-1]).all())
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_documented_end_points(name: str) -> None:
+    s = ALL[name]
+    ends = torch.tensor([0.0, 1.0], dtype=F64)
+    lam = s.log_snr(ends)
+    if name == "edm":
+        assert s.sigma(ends).tolist() == pytest.approx([0.002, 80.0])
+        assert s.alpha(ends).tolist() == [1.0, 1.0]
+        return
+    assert math.isinf(lam[0]) and lam[0] > 0, "t = 0 is clean data"
+    assert s.alpha(ends)[0].item() == pytest.approx(1.0)
+    assert s.sigma(ends)[0].item() == pytest.approx(0.0, abs=1e-12)
+    if name in ZERO_TERMINAL:
+        assert s.alpha(ends)[1].item() == pytest.approx(0.0, abs=1e-12)
+        assert math.isinf(lam[1]) and lam[1] < 0
+    else:
+        assert s.alpha(ends)[1].item() < 0.07  # nearly pure noise
+    if name in VP:
+        t = torch.linspace(0, 1, 101, dtype=F64)
+        total = s.alpha(t) ** 2 + s.sigma(t) ** 2
+        torch.testing.assert_close(total, torch.ones_like(total))
+
+
+@pytest.mark.parametrize("name", list(ALL))
+@given(t=st.floats(0.002, 0.998))
+def test_t_of_log_snr_inverts_log_snr(name: str, t: float) -> None:
+    s = ALL[name]
+    tt = torch.tensor([t], dtype=F64)
+    back = s.t_of_log_snr(s.log_snr(tt))
+    assert back.item() == pytest.approx(t, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+@given(lam=st.floats(-8.0, 8.0))
+def test_log_snr_inverts_t_of_log_snr(name: str, lam: float) -> None:
+    s = ALL[name]
+    ll = torch.tensor([lam], dtype=F64)
+    t = s.t_of_log_snr(ll)
+    lo, hi = s.log_snr(torch.tensor([1.0, 0.0], dtype=F64)).tolist()
+    if not lo < lam < hi:
+        return  # outside the schedule's range: clamped to an end point
+    assert s.log_snr(t).item() == pytest.approx(lam, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_float32_inputs_give_float32_outputs_close_to_float64(name: str) -> None:
+    s = ALL[name]
+    t64 = torch.linspace(0.01, 0.99, 50, dtype=F64)
+    for fn in (s.alpha, s.sigma, s.log_snr):
+        out = fn(t64.float())
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), fn(t64), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear_beta", "sqrt_linear_beta", "cosine"])
+@given(zero_snr=st.booleans(), n=st.integers(2, 1000))
+def test_discrete_reproduces_alphas_cumprod_at_integer_steps(
+    kind: str, zero_snr: bool, n: int
+) -> None:
+    betas = discrete_betas(kind, n, 0.00085, 0.012)  # type: ignore[arg-type]
+    s = Discrete.from_betas(betas, zero_terminal_snr=zero_snr)
+    expected = torch.cumprod(1 - betas, 0)
+    if zero_snr:
+        expected = rescale_zero_terminal_snr(expected)
+    t = s.t_from_index(torch.arange(n))
+    torch.testing.assert_close(s.alpha(t) ** 2, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s.index_from_t(t), torch.arange(n, dtype=F64))
+
+
+def test_discrete_from_alphas_cumprod_equals_from_betas() -> None:
+    betas = discrete_betas("linear_beta", 100)
+    a = Discrete.from_betas(betas)
+    b = Discrete.from_alphas_cumprod(torch.cumprod(1 - betas, 0))
+    t = torch.linspace(0, 1, 77, dtype=F64)
+    torch.testing.assert_close(a.log_snr(t), b.log_snr(t))
+
+
+def test_discrete_fractional_t_interpolates_log_snr_linearly_between_steps() -> None:
+    s = Discrete.from_betas(discrete_betas("linear_beta", 10))
+    table = s.log_snr(s.t_from_index(torch.arange(10)))
+    mid = s.log_snr(s.t_from_index(torch.tensor([3.25])))
+    assert mid.item() == pytest.approx((0.75 * table[3] + 0.25 * table[4]).item())
+
+
+def test_continuous_linear_beta_is_the_limit_of_the_discrete_schedule() -> None:
+    disc = Discrete.from_betas(discrete_betas("linear_beta", 1000))
+    t = disc.t_from_index(torch.arange(0, 1000, 37))
+    torch.testing.assert_close(LinearBeta().alpha(t), disc.alpha(t), atol=2e-3, rtol=0)
+    disc_sd = Discrete.from_betas(discrete_betas("sqrt_linear_beta", 1000, 0.00085, 0.012))
+    torch.testing.assert_close(SqrtLinearBeta().alpha(t), disc_sd.alpha(t), atol=2e-3, rtol=0)
+
+
+def test_discrete_rejects_bad_tables() -> None:
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        Discrete.from_alphas_cumprod(torch.tensor([0.5, 0.6]))
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Discrete.from_alphas_cumprod(torch.tensor([1.5, 0.6]))
+
+
+@pytest.mark.parametrize("kind", SCHEDULES.kinds)
+def test_schedule_configs_round_trip_through_json_and_build(kind: str) -> None:
+    config = SCHEDULES.config_class(kind)()
+    again = SCHEDULES.parse(config.to_json())
+    assert again == config
+    assert isinstance(SCHEDULES.build(again), dk.NoiseSchedule)
+
+
+def test_invalid_schedule_config_names_the_field() -> None:
+    with pytest.raises(ValidationError, match="num_steps"):
+        DiscreteConfig(num_steps=1)
+    with pytest.raises(ValidationError, match="beta_schedule"):
+        SCHEDULES.parse({"kind": "discrete", "beta_schedule": "linear"})
+    with pytest.raises(ValidationError, match="extra_field"):
+        SCHEDULES.parse({"kind": "cosine", "extra_field": 1})
+    with pytest.raises(ValueError, match="unknown schedule kind 'nope'"):
+        SCHEDULES.parse({"kind": "nope"})
+
+
+def test_wrong_shaped_time_names_the_argument_and_dimension() -> None:
+    with pytest.raises(dk.ShapeError, match=r"argument 't' has 2 dimensions"):
+        LinearBeta().alpha(torch.zeros(2, 3))
+    with pytest.raises(dk.ShapeError, match=r"argument 'log_snr'.*dtype"):
+        Cosine().t_of_log_snr(torch.zeros(3, dtype=torch.long))
