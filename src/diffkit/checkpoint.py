@@ -1,0 +1,405 @@
+"""Safe, atomic checkpoints: safetensors only, never pickle.
+
+Every file is written to a temporary name in the target folder and moved into place
+with ``os.replace``, so a process killed at any moment leaves either the old file or
+the new one, never half of one. Tensors go into safetensors; everything that is not a
+tensor (optimizer hyper-parameters, the step, RNG states of Python's ``random``) goes
+into the safetensors header as JSON. Nothing is ever unpickled, so loading a file from
+an untrusted source cannot run code.
+
+A training checkpoint (``checkpoint-00000100.safetensors``) holds, under key prefixes:
+
+- ``model.*``: the denoiser's ``state_dict``;
+- ``ema.*``: the exponential moving average of its weights;
+- ``optimizer.*``: the optimizer's state tensors (``exp_avg``, ``step``, ...), with the
+  nesting of ``optimizer.state_dict()`` kept in the header;
+- ``rng.*``: torch CPU (and CUDA) generator states as ``uint8`` tensors and NumPy's
+  global state; Python's ``random`` state is in the header.
+
+A file that does not parse, or whose keys or shapes do not match the model, raises
+[`CheckpointError`][diffkit.checkpoint.CheckpointError] listing the missing,
+unexpected and mis-shaped keys.
+"""
+
+import contextlib
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError",
+    "TrainingState",
+    "atomic_write",
+    "check_state_dict",
+    "flatten_state",
+    "get_rng_state",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_state_dict",
+    "load_tensors",
+    "load_training_checkpoint",
+    "save_tensors",
+    "save_training_checkpoint",
+    "set_rng_state",
+    "unflatten_state",
+]
+
+FORMAT = "diffkit-training-checkpoint"
+VERSION = "1"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable or does not match what it is loaded into."""
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success move it onto ``path`` atomically.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable on POSIX; directories cannot be opened on Windows.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _storable(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached, contiguous CPU tensors that share no memory (safetensors' requirements)."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"'{name}' is a {type(tensor).__name__}, not a tensor")
+        t = tensor.detach().cpu()
+        storage = t.untyped_storage()
+        whole = storage.nbytes() == t.numel() * t.element_size() and t.is_contiguous()
+        if storage.data_ptr() in seen or not whole:
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def save_tensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``tensors`` (and string ``metadata``) to a safetensors file, atomically."""
+    data = _storable(tensors)
+    with atomic_write(path) as tmp:
+        save_file(data, str(tmp), metadata=dict(metadata) if metadata else None)
+
+
+def load_tensors(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a safetensors file as ``(tensors, metadata)``; damage raises ``CheckpointError``."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint file at {file}")
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except CheckpointError:
+        raise
+    except Exception as err:  # safetensors raises its own error type and OSError
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from None
+    return tensors, metadata
+
+
+# --------------------------------------------------------------------------- key checks
+
+
+def _describe(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_dict(
+    expected: Mapping[str, Tensor], found: Mapping[str, Tensor], *, what: str = "checkpoint"
+) -> None:
+    """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys, if any."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(
+        f"{k} (expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)})"
+        for k in set(expected) & set(found)
+        if tuple(expected[k].shape) != tuple(found[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys: {_describe(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{what} does not match the model; " + "; ".join(problems))
+
+
+def load_state_dict(
+    module: nn.Module, tensors: Mapping[str, Tensor], *, what: str = "checkpoint"
+) -> None:
+    """Load ``tensors`` into ``module`` after checking keys and shapes (dtype is converted)."""
+    expected = module.state_dict()
+    check_state_dict(expected, tensors, what=what)
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def _take(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------- nested states
+
+_TENSOR = "__tensor__"
+_TUPLE = "__tuple__"
+_ITEMS = "__items__"
+_FLOAT = "__float__"
+
+
+def flatten_state(obj: Any, prefix: str) -> tuple[Any, dict[str, Tensor]]:
+    """Split a nested state (dicts, lists, tensors, numbers) into JSON-able data + tensors.
+
+    Each tensor is replaced by ``{"__tensor__": key}`` and returned under that key
+    (``prefix`` + its path); the inverse is [`unflatten_state`][diffkit.checkpoint.unflatten_state].
+    """
+    tensors: dict[str, Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, Tensor):
+            tensors[path] = value
+            return {_TENSOR: path}
+        if isinstance(value, Mapping):
+            if all(isinstance(k, str) and not k.startswith("__") for k in value):
+                return {k: walk(v, f"{path}.{k}") for k, v in value.items()}
+            for k in value:
+                if not isinstance(k, str | int | float | bool) and k is not None:
+                    raise TypeError(f"cannot store a dict key of type {type(k).__name__}")
+            return {_ITEMS: [[k, walk(v, f"{path}.{k}")] for k, v in value.items()]}
+        if isinstance(value, tuple):
+            return {_TUPLE: [walk(v, f"{path}.{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(value)]
+        if isinstance(value, float) and not np.isfinite(value):
+            return {_FLOAT: repr(value)}
+        if value is None or isinstance(value, str | int | float | bool):
+            return value
+        raise TypeError(f"cannot store a value of type {type(value).__name__} at '{path}'")
+
+    return walk(obj, prefix), tensors
+
+
+def unflatten_state(structure: Any, tensors: Mapping[str, Tensor]) -> Any:
+    """Rebuild the nested state that [`flatten_state`][diffkit.checkpoint.flatten_state] split."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            if _TENSOR in value:
+                key = value[_TENSOR]
+                if key not in tensors:
+                    raise CheckpointError(f"checkpoint is missing the tensor '{key}'")
+                return tensors[key]
+            if _TUPLE in value:
+                return tuple(walk(v) for v in value[_TUPLE])
+            if _ITEMS in value:
+                return {k: walk(v) for k, v in value[_ITEMS]}
+            if _FLOAT in value:
+                return float(value[_FLOAT])
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(structure)
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def get_rng_state() -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The global RNG states (torch CPU/CUDA, NumPy, Python): ``(json_part, tensors)``."""
+    tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss = random.getstate()
+    info = {
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
+    return info, tensors
+
+
+def set_rng_state(info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
+    """Restore what [`get_rng_state`][diffkit.checkpoint.get_rng_state] captured."""
+    torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
+    cuda = sorted(
+        (int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng.cuda.")
+    )
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [v.to(torch.uint8) for _, v in cuda[: torch.cuda.device_count()]]
+        )
+    if "numpy" in info and "rng.numpy" in tensors:
+        kind, pos, has_gauss, cached = info["numpy"]
+        keys = tensors["rng.numpy"].numpy().astype(np.uint32)
+        np.random.set_state((kind, keys, int(pos), int(has_gauss), float(cached)))  # noqa: NPY002
+    if "python" in info:
+        version, internal, gauss = info["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
+# --------------------------------------------------------------------------- training checkpoints
+
+
+class TrainingState:
+    """What a training checkpoint restores besides the weights: the step and free-form extras."""
+
+    def __init__(self, step: int, extra: dict[str, Any]) -> None:
+        self.step = step
+        self.extra = extra
+
+    def __repr__(self) -> str:
+        return f"TrainingState(step={self.step}, extra={self.extra})"
+
+
+def save_training_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    ema: nn.Module | None = None,
+    scaler: Any | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write model, EMA, optimizer, step, RNG states (and ``extra``) to one file, atomically."""
+    tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
+    header: dict[str, Any] = {"step": int(step), "extra": dict(extra or {})}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    if optimizer is not None:
+        structure, opt_tensors = flatten_state(optimizer.state_dict(), "optimizer")
+        header["optimizer"] = structure
+        tensors.update(opt_tensors)
+    if scaler is not None:
+        structure, scaler_tensors = flatten_state(scaler.state_dict(), "scaler")
+        header["scaler"] = structure
+        tensors.update(scaler_tensors)
+    rng_info, rng_tensors = get_rng_state()
+    header["rng"] = rng_info
+    tensors.update(rng_tensors)
+    metadata = {"format": FORMAT, "version": VERSION, "state": json.dumps(header)}
+    save_tensors(path, tensors, metadata)
+    return Path(path)
+
+
+def load_training_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    ema: nn.Module | None = None,
+    scaler: Any | None = None,
+    restore_rng: bool = True,
+) -> TrainingState:
+    """Restore model, EMA, optimizer, scaler and RNG states from a training checkpoint."""
+    tensors, metadata = load_tensors(path)
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a diffkit training checkpoint (format={metadata.get('format')!r})"
+        )
+    try:
+        header = json.loads(metadata["state"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: the checkpoint header is damaged: {err}") from None
+    load_state_dict(model, _take(tensors, "model."), what=f"{path} (model)")
+    if ema is not None:
+        ema_tensors = _take(tensors, "ema.")
+        if not ema_tensors:
+            raise CheckpointError(f"{path} holds no EMA weights")
+        load_state_dict(ema, ema_tensors, what=f"{path} (ema)")
+    if optimizer is not None:
+        if "optimizer" not in header:
+            raise CheckpointError(f"{path} holds no optimizer state")
+        state = unflatten_state(header["optimizer"], tensors)
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: optimizer state does not fit: {err}") from None
+    if scaler is not None and "scaler" in header:
+        scaler.load_state_dict(unflatten_state(header["scaler"], tensors))
+    if restore_rng:
+        set_rng_state(header.get("rng", {}), tensors)
+    return TrainingState(step=int(header["step"]), extra=dict(header.get("extra", {})))
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint written after ``step`` optimizer steps."""
+    return f"checkpoint-{step:08d}.safetensors"
+
+
+def list_checkpoints(folder: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``folder`` as ``(step, path)``, oldest first."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _CHECKPOINT_RE.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint in ``folder`` (temporary files are never matched)."""
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None

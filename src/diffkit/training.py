@@ -1,0 +1,555 @@
+"""The training loop, as a library function: ``train(denoiser, schedule, dataset, config)``.
+
+One optimizer step draws a *global batch* of ``batch_size`` items. It is cut into
+``batch_size / micro_batch_size`` *shards*; each shard has its own slice of the epoch
+(a ``DistributedSampler`` over shards, reshuffled by ``set_epoch``) and its own random
+generator for times, noise and condition dropout, seeded from ``(seed, step, shard)``.
+The processes of a ``torchrun`` job share the shards out (``world_size`` must divide
+their number) and run the rest as gradient accumulation, so a run's numbers depend on
+its config, not on how many processes run it: two processes reproduce one process's
+loss trajectory up to floating-point summation order.
+
+Each step: [`DiffusionLoss`][diffkit.losses.DiffusionLoss] (with condition dropout for
+classifier-free guidance), AdamW, gradient clipping, an [`EMA`][diffkit.ema.EMA] of
+the weights, optional mixed precision (bf16 autocast, or fp16 with a gradient scaler on
+CUDA). Rank 0 shows a progress bar (loss, samples/s), appends to ``log.jsonl`` (and
+TensorBoard when it is installed), saves sample grids, and writes checkpoints
+atomically with optimizer, EMA, step and RNG states; ``resume=True`` continues from the
+newest one and gives the same losses as a run that was never interrupted.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+from diffkit.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from diffkit.config import Config
+from diffkit.data import Batch, collate, save_grid, shard_batches
+from diffkit.ema import EMA
+from diffkit.losses import DiffusionLoss, LossConfig
+from diffkit.protocols import Conditioning, NoiseSchedule
+from diffkit.typing import Prediction
+
+__all__ = [
+    "DistributedInfo",
+    "TrainConfig",
+    "TrainResult",
+    "init_distributed",
+    "learning_rate",
+    "step_generator",
+    "train",
+]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class TrainConfig(Config):
+    """How to train: batch, optimizer, EMA, precision, checkpoints, logging and samples."""
+
+    kind: Literal["train"] = "train"
+    steps: int = Field(1000, ge=1, description="total optimizer steps")
+    batch_size: int = Field(64, ge=1, description="global batch size (items per optimizer step)")
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "items per forward/backward pass; batch_size / micro_batch_size shards are shared "
+            "out over the processes and accumulated. None: batch_size / world_size. Fix it to "
+            "make runs identical across process counts"
+        ),
+    )
+    lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant, or cosine decay to min_lr"
+    )
+    min_lr: float = Field(0.0, ge=0, description="final learning rate of the cosine schedule")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), in [0, 1)")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="clip the global gradient norm to this; None: no clipping"
+    )
+    ema_decay: float | None = Field(
+        0.999, ge=0, le=1, description="EMA decay per step (with warm-up); None: no EMA"
+    )
+    precision: Precision = Field(
+        "fp32", description="fp32; bf16 autocast (CPU or CUDA); fp16 autocast + scaler (CUDA)"
+    )
+    seed: int = Field(0, ge=0, description="seeds data order, times, noise and dropout")
+    loss: LossConfig = Field(default_factory=LossConfig, description="the diffusion loss")
+    output_dir: str | None = Field(
+        None, description="folder for checkpoints, logs and samples; None: write nothing"
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="write a checkpoint every this many steps (and at the end)"
+    )
+    keep_checkpoints: int = Field(3, ge=1, description="how many recent checkpoints to keep")
+    resume: bool = Field(True, description="continue from the newest checkpoint in output_dir")
+    log_every: int = Field(10, ge=1, description="log every this many steps")
+    sample_every: int | None = Field(
+        None, ge=1, description="save a sample grid every this many steps (needs a sample fn)"
+    )
+    progress: bool = Field(True, description="show a progress bar (rank 0 only)")
+    tensorboard: bool = Field(True, description="also log to TensorBoard when it is installed")
+    device: str | None = Field(
+        None, description="'cpu', 'cuda', 'cuda:1', ...; None: this rank's GPU, else the CPU"
+    )
+    find_unused_parameters: bool = Field(
+        False, description="DDP: allow parameters that get no gradient in a step"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedInfo:
+    """Where this process stands in a ``torch.distributed`` job (1 process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0 (the one that logs and writes checkpoints)."""
+        return self.rank == 0
+
+
+def init_distributed(backend: str | None = None) -> DistributedInfo:
+    """Join the ``torchrun`` job described by the environment (``RANK``, ``WORLD_SIZE``, ...).
+
+    Uses ``nccl`` when CUDA is available, else ``gloo``. Without those variables (a plain
+    ``python`` run) nothing is initialised and rank 0 of 1 is returned.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return _current_distributed()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return DistributedInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, init_method="env://")
+    return _current_distributed()
+
+
+def _current_distributed() -> DistributedInfo:
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistributedInfo()
+    return DistributedInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", str(dist.get_rank()))),
+    )
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): warm-up, then the schedule."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def step_generator(
+    seed: int, step: int, shard: int, device: str | torch.device = "cpu"
+) -> torch.Generator:
+    """The generator for one shard of one step, a pure function of ``(seed, step, shard)``."""
+    words = np.random.SeedSequence([seed, step, shard]).generate_state(2, dtype=np.uint32)
+    value = (int(words[0]) << 31) ^ int(words[1])
+    return torch.Generator(device=device).manual_seed(value)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` returns: the per-step losses of this call and the final state."""
+
+    losses: list[float]
+    """Global mean loss of every step run by this call (after a resume: the new steps)."""
+    start_step: int
+    step: int
+    ema: EMA | None
+    checkpoints: list[Path]
+    output_dir: Path | None
+
+
+class _DenoiserView:
+    """Presents a (DDP-wrapped) module as a Denoiser: its ``prediction`` plus ``__call__``."""
+
+    prediction: Prediction
+
+    def __init__(self, module: nn.Module, prediction: Prediction) -> None:
+        self.module = module
+        self.prediction = prediction
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        return self.module(x_t, t, cond)
+
+
+LossFn = Callable[..., Tensor]
+ConditionFn = Callable[[Batch], Conditioning | None]
+SampleFn = Callable[[nn.Module, torch.Generator], Tensor]
+
+
+def _resolve_device(config: TrainConfig, info: DistributedInfo) -> torch.device:
+    if config.device is not None:
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def _autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Logger:
+    """Rank-0 logging to ``log.jsonl`` and, when installed, TensorBoard."""
+
+    def __init__(self, folder: Path | None, tensorboard: bool) -> None:
+        self.file = None
+        self.writer: Any = None
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                return
+            self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _EpochBatches:
+    """Index batches of this process's shards, cut per epoch and cached for the current one."""
+
+    def __init__(
+        self, size: int, micro: int, shards: Sequence[int], num_shards: int, seed: int
+    ) -> None:
+        self.size, self.micro, self.shards, self.num_shards, self.seed = (
+            size,
+            micro,
+            list(shards),
+            num_shards,
+            seed,
+        )
+        self.steps_per_epoch = (size // num_shards) // micro
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the dataset ({size} items) is smaller than one global batch "
+                f"({num_shards} x {micro}); lower batch_size"
+            )
+        self._epoch = -1
+        self._batches: dict[int, list[list[int]]] = {}
+
+    def at(self, step: int) -> Iterator[tuple[int, list[int]]]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = {
+                s: shard_batches(
+                    self.size,
+                    batch_size=self.micro,
+                    epoch=epoch,
+                    seed=self.seed,
+                    shard=s,
+                    num_shards=self.num_shards,
+                )
+                for s in self.shards
+            }
+        for s in self.shards:
+            yield s, self._batches[s][position]
+
+
+def train(
+    denoiser: nn.Module,
+    schedule: NoiseSchedule,
+    dataset: Dataset[Any],
+    config: TrainConfig,
+    *,
+    loss: LossFn | None = None,
+    condition: ConditionFn | None = None,
+    uncond: Conditioning | None = None,
+    encode: Callable[[Tensor], Tensor] | None = None,
+    sample: SampleFn | None = None,
+    prediction: Prediction | None = None,
+) -> TrainResult:
+    """Train ``denoiser`` on ``dataset`` in place and return the losses and the EMA.
+
+    - ``loss(denoiser, schedule, x0, cond=, uncond=, generator=) -> scalar``; default
+      ``DiffusionLoss(config.loss)``.
+    - ``condition(batch) -> Conditioning | None`` builds each micro-batch's condition
+      (e.g. a text conditioner on ``batch.captions``); ``uncond`` is the null condition
+      substituted by condition dropout.
+    - ``encode(x) -> z`` maps data to latents (a frozen encoder) before noising.
+    - ``sample(model, generator) -> samples in [-1, 1]`` makes the periodic sample grid
+      (with the EMA weights when there are any).
+    - ``prediction`` overrides ``denoiser.prediction`` (for modules that lack it).
+
+    Runs under ``torchrun`` too: ``init_distributed()`` (called here) joins the job,
+    the denoiser is wrapped in ``DistributedDataParallel`` and rank 0 writes files.
+    """
+    info = init_distributed()
+    device = _resolve_device(config, info)
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
+    found_kind = prediction or getattr(denoiser, "prediction", None)
+    if found_kind not in ("epsilon", "x0", "v", "flow"):
+        raise ValueError(
+            "the denoiser needs a 'prediction' attribute ('epsilon', 'x0', 'v' or 'flow'), "
+            "or pass prediction="
+        )
+    kind = cast(Prediction, found_kind)
+    micro = config.micro_batch_size or config.batch_size // info.world_size
+    if micro < 1 or config.batch_size % micro:
+        raise ValueError(
+            f"batch_size {config.batch_size} cannot be split over {info.world_size} processes"
+        )
+    num_shards = config.batch_size // micro
+    if num_shards % info.world_size:
+        raise ValueError(
+            f"{num_shards} shards (batch_size / micro_batch_size) cannot be shared evenly "
+            f"by {info.world_size} processes"
+        )
+    accum = num_shards // info.world_size
+    shards = [info.rank * accum + j for j in range(accum)]
+    if config.sample_every is not None and sample is None:
+        raise ValueError("sample_every is set but no sample function was given")
+
+    denoiser.to(device)
+    loss_fn: LossFn = loss if loss is not None else DiffusionLoss(config.loss)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+    ema = EMA(denoiser, config.ema_decay) if config.ema_decay is not None else None
+
+    out = Path(config.output_dir) if config.output_dir is not None else None
+    ckpt_dir = out / "checkpoints" if out is not None else None
+    start = 0
+    if ckpt_dir is not None and config.resume:
+        found = latest_checkpoint(ckpt_dir)
+        if found is not None:
+            state = load_training_checkpoint(
+                found, model=denoiser, optimizer=optimizer, ema=ema, scaler=scaler
+            )
+            start = state.step
+    if start == 0:
+        # Dropout and other global-RNG users differ per rank, reproducibly.
+        torch.manual_seed(
+            int(np.random.SeedSequence([config.seed, info.rank]).generate_state(1)[0])
+        )
+    if ema is not None:
+        ema.to(device)
+
+    model: nn.Module = denoiser
+    ddp: DistributedDataParallel | None = None
+    if info.world_size > 1:
+        ddp = DistributedDataParallel(
+            denoiser,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.find_unused_parameters,
+        )
+        model = ddp
+    view = _DenoiserView(model, kind)
+    batches = _EpochBatches(len(dataset), micro, shards, num_shards, config.seed)  # type: ignore[arg-type]
+    if uncond is not None:
+        uncond = uncond.map(lambda t: t.to(device))
+
+    main = info.is_main
+    logger = _Logger(out, config.tensorboard) if main else _Logger(None, False)
+    bar = None
+    if main and config.progress and start < config.steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    losses: list[float] = []
+    written: list[Path] = []
+    window_start, window_items = time.perf_counter(), 0
+    started = time.perf_counter()
+    try:
+        for step in range(start, config.steps):
+            lr = learning_rate(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            denoiser.train()
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device, dtype=torch.float32)
+            for j, (shard, indices) in enumerate(batches.at(step)):
+                batch = collate([dataset[i] for i in indices])
+                x = batch.x.to(device)
+                if encode is not None:
+                    with torch.no_grad():
+                        x = encode(x)
+                cond = condition(batch) if condition is not None else None
+                if cond is not None:
+                    cond = cond.map(lambda t: t.to(device))
+                generator = step_generator(config.seed, step, shard, device)
+                sync = ddp is None or j == accum - 1
+                with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
+                    with _autocast(config.precision, device):
+                        value = loss_fn(
+                            view, schedule, x, cond=cond, uncond=uncond, generator=generator
+                        )
+                    scaled = value.float() / accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                total += value.detach().float()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if config.grad_clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in params if p.grad is not None]
+                )
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if ema is not None:
+                ema.update(denoiser)
+
+            mean = total / accum
+            if ddp is not None:
+                dist.all_reduce(mean, op=dist.ReduceOp.SUM)
+                mean = mean / info.world_size
+            value_f = float(mean.item())
+            if not math.isfinite(value_f):
+                raise FloatingPointError(f"the loss is {value_f} at step {step + 1}")
+            losses.append(value_f)
+            done = step + 1
+            window_items += config.batch_size
+
+            if main:
+                now = time.perf_counter()
+                throughput = window_items / max(now - window_start, 1e-9)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{value_f:.4f}", samples_s=f"{throughput:.1f}")
+                    bar.update(1)
+                if done % config.log_every == 0 or done == config.steps:
+                    logger.log(
+                        {
+                            "step": done,
+                            "loss": value_f,
+                            "lr": lr,
+                            "grad_norm": float(grad_norm),
+                            "samples_per_s": throughput,
+                            "elapsed_s": now - started,
+                        }
+                    )
+                    window_start, window_items = now, 0
+                if (
+                    out is not None
+                    and sample is not None
+                    and config.sample_every is not None
+                    and (done % config.sample_every == 0 or done == config.steps)
+                ):
+                    _save_samples(sample, ema, denoiser, config.seed, done, out)
+            if ckpt_dir is not None and (
+                done == config.steps
+                or (config.checkpoint_every is not None and done % config.checkpoint_every == 0)
+            ):
+                if main:
+                    written.append(
+                        save_training_checkpoint(
+                            ckpt_dir / checkpoint_name(done),
+                            model=denoiser,
+                            step=done,
+                            optimizer=optimizer,
+                            ema=ema,
+                            scaler=scaler,
+                            extra={"world_size": info.world_size, "config": config.to_dict()},
+                        )
+                    )
+                    for _, old in list_checkpoints(ckpt_dir)[: -config.keep_checkpoints]:
+                        old.unlink(missing_ok=True)
+                if ddp is not None:
+                    dist.barrier()
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    return TrainResult(
+        losses=losses,
+        start_step=start,
+        step=max(start, config.steps),
+        ema=ema,
+        checkpoints=written,
+        output_dir=out,
+    )
+
+
+def _save_samples(
+    sample: SampleFn, ema: EMA | None, denoiser: nn.Module, seed: int, step: int, out: Path
+) -> Path:
+    model = ema.averaged() if ema is not None else denoiser
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            images = sample(model, torch.Generator().manual_seed(seed))
+    finally:
+        model.train(was_training)
+    return save_grid(images.float().cpu(), out / "samples" / f"step-{step:08d}.png")
