@@ -1,0 +1,480 @@
+"""CLIP: a text tower and an image tower trained to agree (Radford et al. 2021).
+
+A batch of N (image, caption) pairs gives N² candidate pairings. Both towers map into
+one ``embed_dim``-dimensional space, embeddings are L2-normalised, and the symmetric
+InfoNCE loss asks every image to pick its own caption among the N captions and every
+caption its own image, at a learned temperature::
+
+    logits = exp(s) * normalize(f_img(images)) @ normalize(f_txt(texts)).T   # (N, N)
+    loss   = (CE(logits, arange(N)) + CE(logits.T, arange(N))) / 2
+
+with the log-scale ``s`` clamped to ``[0, ln 100]`` as in CLIP.
+
+- [`TextTower`][diffkit.nn.clip.TextTower]: token + position embeddings, a pre-LayerNorm
+  transformer with a causal mask, a final LayerNorm; pooled at the end-of-text token
+  (the largest id of the row, CLIP's rule, or the first ``eos_token_id``).
+- [`VisionTower`][diffkit.nn.clip.VisionTower]: a ViT over
+  [`SpatialPatches`][diffkit.patches.SpatialPatches] with a class token, pooled at it.
+- [`CLIP`][diffkit.nn.clip.CLIP], [`contrastive_loss`][diffkit.nn.clip.contrastive_loss],
+  [`ZeroShotClassifier`][diffkit.nn.clip.ZeroShotClassifier] (prompt templates averaged
+  per class).
+
+The layout matches open_clip's ``CLIP`` and transformers' ``CLIPTextModel`` so their
+weights load exactly (see ``diffkit.interop``).
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Float, Int
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from diffkit.config import Config, Registry
+from diffkit.patches import SpatialPatches
+from diffkit.tokenizers import Tokenizer
+from diffkit.typing import Image, ShapeError, TokenIds, checked
+
+__all__ = [
+    "CLIP",
+    "CLIP_MODELS",
+    "CLIPConfig",
+    "ResidualAttentionBlock",
+    "TextTower",
+    "TextTowerConfig",
+    "VisionTower",
+    "VisionTowerConfig",
+    "ZeroShotClassifier",
+    "contrastive_loss",
+]
+
+Activation = Literal["gelu", "quick_gelu"]
+Hidden = Float[Tensor, "batch tokens dim"]
+Embedding = Float[Tensor, "batch embed"]
+
+MAX_LOGIT_SCALE = math.log(100.0)
+"""CLIP clamps the log of its logit scale to ``[0, ln 100]`` (temperature >= 0.01)."""
+
+
+class TextTowerConfig(Config):
+    """A CLIP text transformer (defaults: ViT-B/32's text tower)."""
+
+    kind: Literal["clip_text_tower"] = "clip_text_tower"
+    vocab_size: int = Field(default=49408, gt=0, description="number of token ids")
+    context_length: int = Field(default=77, ge=2, description="longest token sequence (positions)")
+    width: int = Field(default=512, gt=0, description="hidden size of every token")
+    layers: int = Field(default=12, ge=0, description="number of transformer blocks")
+    heads: int = Field(default=8, gt=0, description="attention heads; must divide width")
+    mlp_width: int | None = Field(
+        default=None, gt=0, description="MLP hidden size; None: 4 * width"
+    )
+    activation: Activation = Field(
+        default="gelu", description="MLP activation (OpenAI CLIP: quick_gelu)"
+    )
+    layer_norm_eps: float = Field(default=1e-5, gt=0, description="LayerNorm epsilon")
+    eos_token_id: int | None = Field(
+        default=None,
+        ge=0,
+        description="pool at the first position of this id; None: at the largest id",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TextTowerConfig":
+        if self.width % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+        return self
+
+
+class VisionTowerConfig(Config):
+    """A CLIP ViT image tower (defaults: ViT-B/16)."""
+
+    kind: Literal["clip_vit"] = "clip_vit"
+    image_size: int = Field(
+        default=224, gt=0, description="height and width of the (square) images"
+    )
+    patch_size: int = Field(
+        default=16, gt=0, description="side of the square patches; divides image_size"
+    )
+    channels: int = Field(default=3, gt=0, description="image channels")
+    width: int = Field(default=768, gt=0, description="hidden size of every token")
+    layers: int = Field(default=12, ge=0, description="number of transformer blocks")
+    heads: int = Field(default=12, gt=0, description="attention heads; must divide width")
+    mlp_width: int | None = Field(
+        default=None, gt=0, description="MLP hidden size; None: 4 * width"
+    )
+    activation: Activation = Field(
+        default="gelu", description="MLP activation (OpenAI CLIP: quick_gelu)"
+    )
+    layer_norm_eps: float = Field(default=1e-5, gt=0, description="LayerNorm epsilon")
+
+    @model_validator(mode="after")
+    def _check(self) -> "VisionTowerConfig":
+        if self.width % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"patch_size ({self.patch_size}) must divide image_size ({self.image_size})"
+            )
+        return self
+
+
+class CLIPConfig(Config):
+    """A CLIP model: both towers, the shared embedding size and the initial temperature."""
+
+    kind: Literal["clip"] = "clip"
+    embed_dim: int = Field(default=512, gt=0, description="size of the shared text-image embedding")
+    text: TextTowerConfig = Field(
+        default_factory=lambda: TextTowerConfig(), description="text tower"
+    )
+    vision: VisionTowerConfig = Field(
+        default_factory=lambda: VisionTowerConfig(), description="image tower"
+    )
+    init_logit_scale: float = Field(
+        default=math.log(1 / 0.07),
+        ge=0,
+        le=MAX_LOGIT_SCALE,
+        description="initial log of the logit scale",
+    )
+
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``, the GELU approximation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _activation(name: Activation) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_width: int | None = None,
+        activation: Activation = "gelu",
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        mlp_width = mlp_width or 4 * width
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.qkv = nn.Linear(width, 3 * width)  # rows: [q; k; v], heads contiguous in each
+        self.out = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.fc = nn.Linear(width, mlp_width)
+        self.act = _activation(activation)
+        self.proj = nn.Linear(mlp_width, width)
+
+    @checked
+    def forward(self, x: Hidden, causal: bool = False) -> Hidden:
+        """Tokens ``(batch, tokens, width)``; ``causal``: token i attends to tokens <= i."""
+        q, k, v = rearrange(
+            self.qkv(self.ln_1(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads
+        )
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        x = x + self.out(rearrange(attended, "b h n d -> b n (h d)"))
+        return x + self.proj(self.act(self.fc(self.ln_2(x))))
+
+
+def _init_blocks(blocks: nn.ModuleList, width: int) -> None:
+    """CLIP's initialisation: attention ~ width^-1/2, residual outputs shrunk with depth."""
+    proj_std = width**-0.5 * (2 * max(len(blocks), 1)) ** -0.5
+    for block in blocks:
+        assert isinstance(block, ResidualAttentionBlock)
+        nn.init.normal_(block.qkv.weight, std=width**-0.5)
+        nn.init.zeros_(block.qkv.bias)
+        nn.init.normal_(block.out.weight, std=proj_std)
+        nn.init.zeros_(block.out.bias)
+        nn.init.normal_(block.fc.weight, std=(2 * width) ** -0.5)
+        nn.init.normal_(block.proj.weight, std=proj_std)
+
+
+class TextTower(nn.Module):
+    """Token ids ``(batch, n)`` to hidden states and the pooled end-of-text state.
+
+    ``forward`` returns ``(tokens, pooled)``: the final-LayerNorm hidden states
+    ``(batch, n, width)`` and the state at the end token ``(batch, width)``, both
+    before any projection (transformers' ``last_hidden_state`` / ``pooler_output``).
+    ``encode`` returns the pooled state through ``projection`` (CLIP's text embedding).
+    """
+
+    def __init__(self, config: TextTowerConfig, proj_dim: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.width = config.width
+        self.context_length = config.context_length
+        self.output_dim = proj_dim or config.width
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(
+                config.width,
+                config.heads,
+                config.mlp_width,
+                config.activation,
+                config.layer_norm_eps,
+            )
+            for _ in range(config.layers)
+        )
+        self.ln_final = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.projection = (
+            nn.Linear(config.width, proj_dim, bias=False) if proj_dim is not None else None
+        )
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        _init_blocks(self.blocks, config.width)
+        if self.projection is not None:
+            nn.init.normal_(self.projection.weight, std=config.width**-0.5)
+
+    def end_positions(self, token_ids: Tensor) -> Tensor:
+        """Index ``(batch,)`` of each row's end-of-text token (the pooling position)."""
+        if self.config.eos_token_id is None:
+            return token_ids.argmax(dim=-1)
+        return (token_ids == self.config.eos_token_id).int().argmax(dim=-1)
+
+    @checked
+    def forward(
+        self, token_ids: TokenIds
+    ) -> tuple[Float[Tensor, "batch context dim"], Float[Tensor, "batch dim"]]:
+        """Ids ``(batch, n)``, ``n <= context_length`` -> (hidden states, pooled state)."""
+        n = token_ids.shape[1]
+        if n > self.context_length:
+            raise ShapeError(
+                f"TextTower: token_ids has {n} positions, more than context_length "
+                f"{self.context_length}"
+            )
+        x = self.token_embedding(token_ids) + self.positional_embedding[:n]
+        for block in self.blocks:
+            x = block(x, causal=True)
+        x = self.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), self.end_positions(token_ids)]
+        return x, pooled
+
+    @checked
+    def encode(self, token_ids: TokenIds) -> Embedding:
+        """Ids ``(batch, n)`` to the projected (not normalised) text embedding."""
+        _, pooled = self(token_ids)
+        return pooled if self.projection is None else self.projection(pooled)
+
+
+class VisionTower(nn.Module):
+    """Images ``(batch, channels, size, size)`` to patch states and the pooled class token.
+
+    Patches are cut by [`SpatialPatches`][diffkit.patches.SpatialPatches] and embedded
+    linearly (no bias: a strided convolution in the original), a class token is
+    prepended, learned positions are added, then LayerNorm, the blocks, LayerNorm.
+    """
+
+    def __init__(self, config: VisionTowerConfig, proj_dim: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.width = config.width
+        self.output_dim = proj_dim or config.width
+        self.patches = SpatialPatches(config.patch_size)
+        grid = config.image_size // config.patch_size
+        scale = config.width**-0.5
+        self.patch_embedding = nn.Linear(
+            self.patches.patch_dim(config.channels), config.width, bias=False
+        )
+        self.class_embedding = nn.Parameter(scale * torch.randn(config.width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, config.width))
+        self.ln_pre = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(
+                config.width,
+                config.heads,
+                config.mlp_width,
+                config.activation,
+                config.layer_norm_eps,
+            )
+            for _ in range(config.layers)
+        )
+        self.ln_post = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.projection = (
+            nn.Linear(config.width, proj_dim, bias=False) if proj_dim is not None else None
+        )
+        _init_blocks(self.blocks, config.width)
+        if self.projection is not None:
+            nn.init.normal_(self.projection.weight, std=scale)
+
+    def _check_images(self, images: Tensor) -> None:
+        c, size = self.config.channels, self.config.image_size
+        if tuple(images.shape[1:]) != (c, size, size):
+            raise ShapeError(
+                f"VisionTower: images must be (batch, {c}, {size}, {size}), got "
+                f"{tuple(images.shape)}"
+            )
+
+    @checked
+    def forward(
+        self, images: Image
+    ) -> tuple[Float[Tensor, "batch tokens dim"], Float[Tensor, "batch dim"]]:
+        """Images -> (states of class + patch tokens ``(batch, 1 + patches, width)``, pooled)."""
+        self._check_images(images)
+        x = self.patch_embedding(self.patches.patchify(images))
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_post(x)
+        return x, x[:, 0]
+
+    @checked
+    def encode(self, images: Image) -> Embedding:
+        """Images to the projected (not normalised) image embedding."""
+        _, pooled = self(images)
+        return pooled if self.projection is None else self.projection(pooled)
+
+
+@checked
+def contrastive_loss(
+    image_embeddings: Float[Tensor, "batch embed"],
+    text_embeddings: Float[Tensor, "batch embed"],
+    logit_scale: Float[Tensor, ""] | float,
+) -> Float[Tensor, ""]:
+    """Symmetric InfoNCE over the batch: row i of each side is the positive for row i.
+
+    Embeddings are expected L2-normalised; ``logit_scale`` is the multiplier ``exp(s)``
+    (inverse temperature). Returns the mean of image->text and text->image cross-entropies.
+    """
+    logits = logit_scale * image_embeddings @ text_embeddings.T
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class CLIP(nn.Module):
+    """Text and image towers with projections into one space and a learned logit scale.
+
+    ``encode_image`` / ``encode_text`` return the projected embeddings, L2-normalised when
+    ``normalize=True`` (open_clip's signature and default). ``forward`` returns the
+    image-text logits and ``loss`` the symmetric InfoNCE loss; both use the clamped scale.
+    """
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.embed_dim
+        self.text = TextTower(config.text, proj_dim=config.embed_dim)
+        self.vision = VisionTower(config.vision, proj_dim=config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+
+    @classmethod
+    def from_config(cls, config: CLIPConfig) -> "CLIP":
+        """Build (randomly initialised) from its config."""
+        return cls(config)
+
+    @property
+    def context_length(self) -> int:
+        """Token positions of the text tower."""
+        return self.text.context_length
+
+    def scale(self) -> Tensor:
+        """The logit multiplier ``exp(clamp(s, 0, ln 100))``, in ``[1, 100]``."""
+        return self.logit_scale.clamp(0.0, MAX_LOGIT_SCALE).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the stored log-scale in place to ``[0, ln 100]`` (call after optimiser steps)."""
+        self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
+    @checked
+    def encode_image(self, images: Image, normalize: bool = False) -> Embedding:
+        """Images ``(batch, channels, size, size)`` to embeddings ``(batch, embed_dim)``."""
+        z = self.vision.encode(images)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    @checked
+    def encode_text(self, token_ids: TokenIds, normalize: bool = False) -> Embedding:
+        """Token ids ``(batch, n)`` to embeddings ``(batch, embed_dim)``."""
+        z = self.text.encode(token_ids)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    @checked
+    def forward(
+        self,
+        images: Float[Tensor, "batch_images channels height width"],
+        token_ids: Int[Tensor, "batch_texts context"],
+    ) -> Float[Tensor, "batch_images batch_texts"]:
+        """Logits ``scale * cos(image_i, text_j)`` for every image-text pair."""
+        image = self.encode_image(images, normalize=True)
+        text = self.encode_text(token_ids, normalize=True)
+        return self.scale() * image @ text.T
+
+    @checked
+    def loss(self, images: Image, token_ids: TokenIds) -> Float[Tensor, ""]:
+        """Symmetric InfoNCE loss of ``batch`` matching (image, text) pairs."""
+        if images.shape[0] != token_ids.shape[0]:
+            raise ShapeError(
+                f"CLIP.loss: {images.shape[0]} images but {token_ids.shape[0]} texts; "
+                "pairs must match one to one"
+            )
+        image = self.encode_image(images, normalize=True)
+        text = self.encode_text(token_ids, normalize=True)
+        return contrastive_loss(image, text, self.scale())
+
+
+Template = str | Callable[[str], str]
+
+
+class ZeroShotClassifier(nn.Module):
+    """Classifies images by cosine similarity to one text embedding per class.
+
+    Each class embedding is the normalised mean of the normalised embeddings of its
+    prompts (``template.format(classname)`` for every template), as in CLIP.
+    """
+
+    def __init__(self, model: CLIP, class_embeddings: Float[Tensor, "classes embed"]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("class_embeddings", class_embeddings)
+
+    @classmethod
+    @torch.no_grad()
+    def from_prompts(
+        cls,
+        model: CLIP,
+        tokenizer: Tokenizer,
+        classnames: Sequence[str],
+        templates: Sequence[Template],
+    ) -> "ZeroShotClassifier":
+        """Embed ``len(classnames) * len(templates)`` prompts and average them per class."""
+        if not classnames:
+            raise ValueError("ZeroShotClassifier: classnames is empty")
+        if not templates:
+            raise ValueError("ZeroShotClassifier: templates is empty")
+        prompts = [
+            t.format(name) if isinstance(t, str) else t(name)
+            for name in classnames
+            for t in templates
+        ]
+        device = model.logit_scale.device
+        per_prompt = model.encode_text(tokenizer(prompts).to(device), normalize=True)
+        per_class = rearrange(per_prompt, "(c t) e -> c t e", t=len(templates)).mean(dim=1)
+        return cls(model, F.normalize(per_class, dim=-1))
+
+    @checked
+    def forward(self, images: Image) -> Float[Tensor, "batch classes"]:
+        """Logits ``scale * cos(image, class)`` ``(batch, classes)``."""
+        image = self.model.encode_image(images, normalize=True)
+        weights: Tensor = self.class_embeddings  # type: ignore[assignment]
+        return self.model.scale() * image @ weights.T
+
+    @torch.no_grad()
+    def predict(self, images: Image) -> Tensor:
+        """The most similar class index per image ``(batch,)``."""
+        return self(images).argmax(dim=-1)
+
+
+CLIP_MODELS: Registry[nn.Module] = Registry("clip")
+"""CLIP models by config ``kind``."""
+CLIP_MODELS.register(CLIPConfig, CLIP.from_config)
