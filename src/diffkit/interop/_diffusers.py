@@ -1,0 +1,366 @@
+"""Conversions between diffusers models and diffkit networks (weights and configs).
+
+``from_diffusers(module)`` reads a diffusers ``UNet2DModel``, ``UNet2DConditionModel`` or
+``AutoencoderKL`` *instance* (no downloads here: load it with diffusers first) and returns the
+equivalent diffkit module with the same weights:
+
+- a U-Net becomes a [`UNet`][diffkit.nn.unet.UNet] with ``time_input="index"``: called with
+  ``t = Discrete.t_from_index(timestep)`` of the model's ``N = num_train_timesteps`` step
+  schedule (``t = (timestep + 1) / N``) and ``Conditioning(tokens=encoder_hidden_states,
+  mask=encoder_attention_mask.bool(), labels=class_labels)`` it returns what diffusers returns
+  for ``timestep``. diffusers does not store what a U-Net predicts (its scheduler does), so
+  pass ``prediction=`` (default ``"epsilon"``).
+- an ``AutoencoderKL`` becomes a [`KLAutoencoder`][diffkit.nn.vae.KLAutoencoder] whose
+  ``encode(x)`` is ``(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor`` and
+  whose ``decode(z)`` is ``vae.decode(z / scaling_factor + shift_factor).sample``
+  (``shift_factor`` is 0 unless the diffusers config sets it).
+
+``to_diffusers_state_dict(module)`` is the inverse for the weights: it loads with
+``strict=True`` into a diffusers model built with the matching config.
+
+Only the common block types convert (``DownBlock2D`` / ``AttnDownBlock2D`` /
+``CrossAttnDownBlock2D`` and their up counterparts, positional time embeddings, SiLU); any
+other option raises ``ValueError`` naming it, rather than converting to a different network.
+"""
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from diffkit.nn.unet import UNet, UNetConfig
+from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
+from diffkit.typing import Prediction
+
+__all__ = ["from_diffusers", "to_diffusers_state_dict"]
+
+_TO_DIFFKIT: list[tuple[str, str]] = [
+    (r"(^|\.)down_blocks\.", r"\1down."),
+    (r"(^|\.)up_blocks\.", r"\1up."),
+    (r"(^|\.)mid_block\.", r"\1mid."),
+    (r"\.resnets\.", ".res."),
+    (r"\.attentions\.", ".attn."),
+    (r"\.downsamplers\.0\.conv\.", ".downsample.conv."),
+    (r"\.upsamplers\.0\.conv\.", ".upsample.conv."),
+    (r"\.time_emb_proj\.", ".emb_proj."),
+    (r"\.conv_shortcut\.", ".skip."),
+    (r"\.group_norm\.", ".norm."),
+    (r"\.transformer_blocks\.", ".blocks."),
+    (r"\.to_out\.0\.", ".out."),
+    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),
+    (r"\.ff\.net\.2\.", ".ff.proj_out."),
+    (r"(^|\.)conv_norm_out\.", r"\1norm_out."),
+    (r"^time_embedding\.", "time_embed."),
+    (r"^class_embedding\.weight$", "label_embed.weight"),
+    (r"^class_embedding\.linear_", "pooled_embed.linear_"),
+]
+
+_TO_DIFFUSERS: list[tuple[str, str]] = [
+    (r"(^|\.)down\.", r"\1down_blocks."),
+    (r"(^|\.)up\.", r"\1up_blocks."),
+    (r"(^|\.)mid\.", r"\1mid_block."),
+    (r"\.res\.", ".resnets."),
+    (r"\.attn\.", ".attentions."),
+    (r"\.downsample\.conv\.", ".downsamplers.0.conv."),
+    (r"\.upsample\.conv\.", ".upsamplers.0.conv."),
+    (r"\.emb_proj\.", ".time_emb_proj."),
+    (r"\.skip\.", ".conv_shortcut."),
+    (r"\.blocks\.", ".transformer_blocks."),
+    (r"\.out\.", ".to_out.0."),
+    (r"\.ff\.proj_in\.", ".ff.net.0.proj."),
+    (r"\.ff\.proj_out\.", ".ff.net.2."),
+    (r"(^|\.)norm_out\.", r"\1conv_norm_out."),
+    (r"^time_embed\.", "time_embedding."),
+    (r"^label_embed\.weight$", "class_embedding.weight"),
+    (r"^pooled_embed\.linear_", "class_embedding.linear_"),
+]
+
+_PROJ = re.compile(r"^(.*)\.to_([qkv])\.(weight|bias)$")
+
+
+def _rename(key: str, rules: Iterable[tuple[str, str]]) -> str:
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _state_dict_to_diffkit(source: Mapping[str, Tensor], target: nn.Module) -> dict[str, Tensor]:
+    """diffusers parameter names and layout -> diffkit's (fusing q, k, v projections)."""
+    wanted = set(target.state_dict())
+    out: dict[str, Tensor] = {}
+    projections: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for key, value in source.items():
+        name = _rename(key, _TO_DIFFKIT)
+        match = _PROJ.match(name)
+        if match is None:
+            out[name] = value
+            continue
+        prefix, which, param = match.groups()
+        projections.setdefault((prefix, param), {})[which] = value
+    for (prefix, param), parts in projections.items():
+        if f"{prefix}.qkv.{param}" in wanted:
+            out[f"{prefix}.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        else:
+            out[f"{prefix}.q.{param}"] = parts["q"]
+            out[f"{prefix}.kv.{param}"] = torch.cat([parts["k"], parts["v"]])
+    return out
+
+
+def _state_dict_to_diffusers(source: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """diffkit parameter names and layout -> diffusers' (splitting fused projections)."""
+    out: dict[str, Tensor] = {}
+    for key, value in source.items():
+        prefix, _, param = key.rpartition(".")
+        owner, _, leaf = prefix.rpartition(".")
+        if (
+            leaf == "norm"
+            and f"{owner}.qkv.weight" in source
+            and f"{owner}.proj_in.weight" not in source
+        ):
+            key = f"{owner}.group_norm.{param}"  # pixel self-attention's GroupNorm
+        if leaf in ("qkv", "kv", "q") and f"{owner}.out.weight" in source:
+            names = {"qkv": "qkv", "kv": "kv", "q": "q"}[leaf]
+            chunks = value.chunk(len(names))
+            for letter, chunk in zip(names, chunks, strict=True):
+                out[_rename(f"{owner}.to_{letter}.{param}", _TO_DIFFUSERS)] = chunk.clone()
+            continue
+        out[_rename(key, _TO_DIFFUSERS)] = value.clone()
+    return out
+
+
+def _config(module: nn.Module) -> Mapping[str, Any]:
+    config = getattr(module, "config", None)
+    if config is None:
+        raise TypeError(f"{type(module).__name__} has no diffusers config")
+    return config
+
+
+def _uniform(value: Any, name: str) -> Any:
+    if isinstance(value, list | tuple):
+        if len(set(value)) != 1:
+            raise ValueError(f"from_diffusers: per-level {name}={tuple(value)} is not supported")
+        return value[0]
+    return value
+
+
+def _require(config: Mapping[str, Any], name: str, allowed: Iterable[Any]) -> None:
+    value = config.get(name)
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(
+            f"from_diffusers: {name}={value!r} is not supported (supported: {allowed})"
+        )
+
+
+_DOWN = {"DownBlock2D": "none", "AttnDownBlock2D": "self", "CrossAttnDownBlock2D": "cross"}
+_UP = {"UpBlock2D": "none", "AttnUpBlock2D": "self", "CrossAttnUpBlock2D": "cross"}
+
+
+def _unet_config(
+    module: nn.Module, prediction: Prediction, num_train_timesteps: int | None
+) -> UNetConfig:
+    cfg = _config(module)
+    conditional = type(module).__name__ == "UNet2DConditionModel"
+    _require(cfg, "act_fn", ["silu", "swish"])
+    _require(cfg, "time_embedding_type", ["positional"])
+    _require(cfg, "resnet_time_scale_shift", ["default", "scale_shift"])
+    if conditional:
+        for name in (
+            "encoder_hid_dim_type",
+            "addition_embed_type",
+            "time_cond_proj_dim",
+            "time_embedding_act_fn",
+            "timestep_post_act",
+        ):
+            _require(cfg, name, [None])
+        for name in ("dual_cross_attention", "class_embeddings_concat", "resnet_skip_time_act"):
+            _require(cfg, name, [False])
+        _require(cfg, "only_cross_attention", [False, (False,) * len(cfg["down_block_types"])])
+        _require(cfg, "mid_block_only_cross_attention", [None, False])
+        _require(cfg, "conv_in_kernel", [3])
+        _require(cfg, "conv_out_kernel", [3])
+        _require(cfg, "attention_type", ["default"])
+        _require(cfg, "resnet_out_scale_factor", [1.0])
+        _require(cfg, "class_embed_type", [None, "projection"])
+        _require(cfg, "mid_block_type", ["UNetMidBlock2DCrossAttn", "UNetMidBlock2D"])
+        _require(cfg, "reverse_transformer_layers_per_block", [None])
+    else:
+        _require(cfg, "class_embed_type", [None])
+        _require(cfg, "downsample_type", ["conv"])
+        _require(cfg, "upsample_type", ["conv"])
+        _require(cfg, "mid_block_type", ["UNetMidBlock2D"])
+        attn_groups = cfg.get("attn_norm_num_groups")
+        if attn_groups not in (None, cfg["norm_num_groups"]) or (
+            attn_groups is None and cfg["resnet_time_scale_shift"] != "default"
+        ):
+            raise ValueError(
+                "from_diffusers: a mid-block attention GroupNorm other than norm_num_groups "
+                "(attn_norm_num_groups) is not supported"
+            )
+    if cfg.get("norm_num_groups") is None:
+        raise ValueError("from_diffusers: norm_num_groups=None is not supported")
+
+    down_kinds = []
+    for name in cfg["down_block_types"]:
+        if name not in _DOWN:
+            raise ValueError(f"from_diffusers: down block {name} is not supported ({list(_DOWN)})")
+        down_kinds.append(_DOWN[name])
+    up_kinds = []
+    for name in reversed(cfg["up_block_types"]):
+        if name not in _UP:
+            raise ValueError(f"from_diffusers: up block {name} is not supported ({list(_UP)})")
+        up_kinds.append(_UP[name])
+    if down_kinds != up_kinds:
+        raise ValueError(
+            "from_diffusers: the up blocks must mirror the down blocks, got "
+            f"{cfg['down_block_types']} / {cfg['up_block_types']}"
+        )
+    mid_block = module.mid_block
+    mid_cross = type(mid_block).__name__ == "UNetMidBlock2DCrossAttn"
+    kinds = {k for k in down_kinds if k != "none"} | ({"cross"} if mid_cross else set())
+    mid_attention = bool(mid_cross or getattr(mid_block, "add_attention", True))
+    if not mid_cross and mid_attention:
+        kinds.add("self")
+    if len(kinds) > 1:
+        raise ValueError("from_diffusers: mixing self-attention and cross-attention blocks")
+
+    # heads: read them off the modules (diffusers' attention_head_dim means different things)
+    heads: list[tuple[int, int]] = []
+    blocks = [*cast(nn.ModuleList, module.down_blocks), mid_block]
+    for block in blocks:
+        for attn in getattr(block, "attentions", []):
+            if attn is None:
+                continue
+            if hasattr(attn, "transformer_blocks"):
+                inner = attn.transformer_blocks[0].attn1
+                heads.append((inner.heads, inner.inner_dim // inner.heads))
+            else:
+                heads.append((attn.heads, attn.inner_dim // attn.heads))
+    head_dims = {d for _, d in heads}
+    head_counts = {h for h, _ in heads}
+    attention_head_dim, num_heads = 32, None
+    if len(head_dims) == 1:
+        attention_head_dim = head_dims.pop()
+    elif len(head_counts) == 1:
+        num_heads = head_counts.pop()
+    elif heads:
+        raise ValueError(f"from_diffusers: per-level heads {heads} are not supported")
+
+    widths = list(cfg["block_out_channels"])
+    base = math.gcd(*widths)
+    class_embedding = getattr(module, "class_embedding", None)
+    num_classes = pooled_dim = None
+    if isinstance(class_embedding, nn.Embedding):
+        num_classes = class_embedding.num_embeddings
+    elif class_embedding is not None:
+        pooled_dim = cfg["projection_class_embeddings_input_dim"]
+    context_dim = None
+    if "cross" in kinds:
+        context_dim = _uniform(cfg["cross_attention_dim"], "cross_attention_dim")
+    n_train = num_train_timesteps or cfg.get("num_train_timesteps") or 1000
+    return UNetConfig(
+        in_channels=cfg["in_channels"],
+        out_channels=cfg["out_channels"],
+        base_channels=base,
+        channel_mult=tuple(w // base for w in widths),
+        blocks_per_level=_uniform(cfg["layers_per_block"], "layers_per_block"),
+        attention_resolutions=tuple(2**i for i, k in enumerate(down_kinds) if k != "none"),
+        attention_head_dim=attention_head_dim,
+        num_heads=num_heads,
+        mid_attention=mid_attention,
+        context_dim=context_dim,
+        transformer_depth=_uniform(
+            cfg.get("transformer_layers_per_block", 1), "transformer_layers_per_block"
+        ),
+        linear_projection=bool(cfg.get("use_linear_projection", False)),
+        num_classes=num_classes,
+        pooled_dim=pooled_dim,
+        norm_groups=cfg["norm_num_groups"],
+        norm_eps=cfg["norm_eps"],
+        scale_shift=cfg["resnet_time_scale_shift"] == "scale_shift",
+        dropout=cfg.get("dropout", 0.0),
+        time_embed_dim=cfg.get("time_embedding_dim") or widths[0] * 4,
+        flip_sin_to_cos=cfg["flip_sin_to_cos"],
+        freq_shift=cfg["freq_shift"],
+        mid_scale=cfg["mid_block_scale_factor"],
+        downsample_padding=cfg["downsample_padding"],
+        center_input=cfg["center_input_sample"],
+        prediction=prediction,
+        time_input="index",
+        num_train_timesteps=int(n_train),
+    )
+
+
+def _vae_config(module: nn.Module) -> KLAutoencoderConfig:
+    cfg = _config(module)
+    _require(cfg, "act_fn", ["silu", "swish"])
+    for name in cfg["down_block_types"]:
+        if name != "DownEncoderBlock2D":
+            raise ValueError(f"from_diffusers: encoder block {name} is not supported")
+    for name in cfg["up_block_types"]:
+        if name != "UpDecoderBlock2D":
+            raise ValueError(f"from_diffusers: decoder block {name} is not supported")
+    if cfg.get("latents_mean") is not None or cfg.get("latents_std") is not None:
+        raise ValueError("from_diffusers: per-channel latents_mean / latents_std not supported")
+    widths = list(cfg["block_out_channels"])
+    base = math.gcd(*widths)
+    return KLAutoencoderConfig(
+        in_channels=cfg["in_channels"],
+        out_channels=cfg["out_channels"],
+        base_channels=base,
+        channel_mult=tuple(w // base for w in widths),
+        blocks_per_level=cfg["layers_per_block"],
+        latent_channels=cfg["latent_channels"],
+        norm_groups=cfg["norm_num_groups"],
+        mid_attention=cfg.get("mid_block_add_attention", True),
+        quant_conv=cfg.get("use_quant_conv", True),
+        post_quant_conv=cfg.get("use_post_quant_conv", True),
+        scaling_factor=cfg["scaling_factor"],
+        shift_factor=cfg.get("shift_factor") or 0.0,
+    )
+
+
+def from_diffusers(
+    module: nn.Module,
+    *,
+    prediction: Prediction = "epsilon",
+    num_train_timesteps: int | None = None,
+) -> nn.Module:
+    """The diffkit equivalent (same weights) of a diffusers U-Net or ``AutoencoderKL``.
+
+    ``prediction`` and ``num_train_timesteps`` (default: the model's config, else 1000)
+    describe the U-Net's training, which diffusers keeps in the scheduler.
+    """
+    name = type(module).__name__
+    converted: nn.Module
+    if name in ("UNet2DModel", "UNet2DConditionModel"):
+        converted = UNet(_unet_config(module, prediction, num_train_timesteps))
+    elif name == "AutoencoderKL":
+        converted = KLAutoencoder(_vae_config(module))
+    else:
+        raise TypeError(
+            f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
+            "UNet2DConditionModel, AutoencoderKL"
+        )
+    state = _state_dict_to_diffkit(module.state_dict(), converted)
+    converted.load_state_dict(state, strict=True)
+    parameter = next(module.parameters(), None)
+    if parameter is not None:
+        converted.to(device=parameter.device, dtype=parameter.dtype)
+    return converted.train(module.training)
+
+
+def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The weights of a diffkit ``UNet`` / ``KLAutoencoder`` under diffusers' names and layout.
+
+    Loads with ``strict=True`` into the diffusers model of the matching config.
+    """
+    if not isinstance(module, UNet | KLAutoencoder):
+        raise TypeError(
+            f"to_diffusers_state_dict: cannot export {type(module).__name__}; "
+            "supported: UNet, KLAutoencoder"
+        )
+    return _state_dict_to_diffusers(module.state_dict())

@@ -1,0 +1,340 @@
+"""The U-Net denoiser: an encoder/decoder of residual blocks with skip connections.
+
+Level ``i`` works at ``1 / 2**i`` of the input resolution with ``base_channels *
+channel_mult[i]`` channels and ``blocks_per_level`` residual blocks (the decoder has one
+more per level, to consume the extra skip). Attention sits at the levels whose
+downsampling factor is in ``attention_resolutions``: pixel self-attention, or — when
+``context_dim`` is set — transformer blocks with cross-attention to ``Conditioning.tokens``
+(latent diffusion). A time embedding conditions every residual block; class labels and
+pooled embeddings, when configured, are added to it.
+
+Weights of diffusers' ``UNet2DModel`` / ``UNet2DConditionModel`` load with
+``diffkit.interop.from_diffusers``.
+"""
+
+from collections.abc import Iterable
+from typing import Literal, cast
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from diffkit.config import Config
+from diffkit.nn._registry import DENOISERS
+from diffkit.nn.layers import (
+    Downsample,
+    ResBlock,
+    SpatialSelfAttention,
+    SpatialTransformer,
+    TimeEmbedding,
+    Upsample,
+    network_timestep,
+    timestep_embedding,
+)
+from diffkit.protocols import Conditioning
+from diffkit.typing import Image, Prediction, ShapeError, Time, checked
+
+__all__ = ["UNet", "UNetConfig"]
+
+
+class UNetConfig(Config):
+    """Architecture of a [`UNet`][diffkit.nn.unet.UNet]."""
+
+    kind: Literal["unet"] = "unet"
+    in_channels: int = Field(default=3, gt=0, description="channels of x_t")
+    out_channels: int | None = Field(
+        default=None, gt=0, description="output channels (default: in)"
+    )
+    base_channels: int = Field(default=64, gt=0, description="channels of the first level")
+    channel_mult: tuple[int, ...] = Field(
+        default=(1, 2, 2, 2), min_length=1, description="channel multiplier of each level"
+    )
+    blocks_per_level: int = Field(default=2, gt=0, description="residual blocks per encoder level")
+    attention_resolutions: tuple[int, ...] = Field(
+        default=(2, 4),
+        description="downsampling factors (1, 2, 4, ...) of the levels with attention",
+    )
+    attention_head_dim: int = Field(default=32, gt=0, description="channels per attention head")
+    num_heads: int | None = Field(
+        default=None,
+        gt=0,
+        description="fixed number of heads per level (overrides attention_head_dim)",
+    )
+    mid_attention: bool = Field(default=True, description="attention in the middle block")
+    context_dim: int | None = Field(
+        default=None, gt=0, description="dim of Conditioning.tokens; set for cross-attention levels"
+    )
+    transformer_depth: int = Field(default=1, gt=0, description="transformer blocks per attention")
+    linear_projection: bool = Field(
+        default=False, description="linear (not 1x1 conv) projections around transformer blocks"
+    )
+    num_classes: int | None = Field(default=None, gt=0, description="class-label conditioning")
+    pooled_dim: int | None = Field(default=None, gt=0, description="dim of Conditioning.pooled")
+    norm_groups: int = Field(default=32, gt=0, description="GroupNorm groups")
+    norm_eps: float = Field(default=1e-5, gt=0, description="GroupNorm epsilon")
+    scale_shift: bool = Field(
+        default=False, description="time embedding as scale-shift of the norm"
+    )
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout inside residual blocks")
+    time_embed_dim: int | None = Field(default=None, gt=0, description="default: 4 * base_channels")
+    flip_sin_to_cos: bool = Field(default=True, description="sinusoid order [cos, sin]")
+    freq_shift: float = Field(
+        default=0.0, description="frequency shift of the sinusoidal embedding"
+    )
+    mid_scale: float = Field(default=1.0, gt=0, description="output divisor of the middle block")
+    downsample_padding: int = Field(default=1, ge=0, le=1, description="padding of strided convs")
+    center_input: bool = Field(default=False, description="map x_t from [0, 1] to [-1, 1] first")
+    prediction: Prediction = Field(default="epsilon", description="what the network predicts")
+    time_input: Literal["t", "index"] = Field(
+        default="t", description="embed time_scale * t, or the discrete index N t - 1"
+    )
+    time_scale: float = Field(
+        default=1000.0, gt=0, description="multiplier of t when time_input='t'"
+    )
+    num_train_timesteps: int = Field(default=1000, gt=1, description="N when time_input='index'")
+
+    @model_validator(mode="after")
+    def _check(self) -> "UNetConfig":
+        for i, mult in enumerate(self.channel_mult):
+            channels = self.base_channels * mult
+            if channels % self.norm_groups != 0:
+                raise ValueError(
+                    f"level {i} has {channels} channels, not divisible into "
+                    f"norm_groups={self.norm_groups}"
+                )
+            if self._has_attention(i):
+                self.heads_at(channels)
+        levels = len(self.channel_mult)
+        allowed = {2**i for i in range(levels)}
+        if not set(self.attention_resolutions) <= allowed:
+            raise ValueError(
+                f"attention_resolutions {self.attention_resolutions} must be among the "
+                f"downsampling factors of the {levels} levels: {sorted(allowed)}"
+            )
+        return self
+
+    def _has_attention(self, level: int) -> bool:
+        return 2**level in self.attention_resolutions
+
+    def heads_at(self, channels: int) -> tuple[int, int]:
+        """``(heads, head_dim)`` of an attention layer with ``channels`` channels."""
+        if self.num_heads is not None:
+            if channels % self.num_heads != 0:
+                raise ValueError(f"{channels} channels are not divisible by {self.num_heads} heads")
+            return self.num_heads, channels // self.num_heads
+        if channels % self.attention_head_dim != 0:
+            raise ValueError(
+                f"{channels} channels are not divisible by attention_head_dim "
+                f"{self.attention_head_dim}"
+            )
+        return channels // self.attention_head_dim, self.attention_head_dim
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Height and width must be multiples of this (``2 ** (levels - 1)``)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+class UNetLevel(nn.Module):
+    """One resolution of the U-Net: residual blocks, each optionally followed by attention."""
+
+    res: nn.ModuleList
+    attn: nn.ModuleList
+    downsample: Downsample | None
+    upsample: Upsample | None
+
+    def __init__(
+        self,
+        res: list[ResBlock],
+        attn: list[nn.Module],
+        downsample: Downsample | None = None,
+        upsample: Upsample | None = None,
+    ) -> None:
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)
+        self.downsample = downsample
+        self.upsample = upsample
+
+
+class UNet(nn.Module):
+    """U-Net denoiser ``(x_t, t, cond) -> prediction`` on images ``(batch, channels, h, w)``."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.prediction: Prediction = config.prediction
+        c = config
+        widths = [c.base_channels * m for m in c.channel_mult]
+        emb_dim = c.time_embed_dim or 4 * c.base_channels
+        levels = len(widths)
+
+        def res(cin: int, cout: int, scale: float = 1.0) -> ResBlock:
+            return ResBlock(
+                cin,
+                cout,
+                emb_dim,
+                groups=c.norm_groups,
+                eps=c.norm_eps,
+                scale_shift=c.scale_shift,
+                dropout=c.dropout,
+                output_scale=scale,
+            )
+
+        def attn(channels: int, scale: float = 1.0) -> nn.Module:
+            heads, head_dim = c.heads_at(channels)
+            if c.context_dim is None:
+                return SpatialSelfAttention(
+                    channels, head_dim, groups=c.norm_groups, eps=c.norm_eps, output_scale=scale
+                )
+            return SpatialTransformer(
+                channels,
+                heads,
+                head_dim,
+                context_dim=c.context_dim,
+                depth=c.transformer_depth,
+                groups=c.norm_groups,
+                linear_projection=c.linear_projection,
+            )
+
+        self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
+        self.time_embed = TimeEmbedding(c.base_channels, emb_dim)
+        self.label_embed = nn.Embedding(c.num_classes, emb_dim) if c.num_classes else None
+        self.pooled_embed = TimeEmbedding(c.pooled_dim, emb_dim) if c.pooled_dim else None
+
+        self.down = nn.ModuleList()
+        skip_channels = [widths[0]]
+        cin = widths[0]
+        for i, width in enumerate(widths):
+            blocks, attns = [], []
+            for _ in range(c.blocks_per_level):
+                blocks.append(res(cin, width))
+                if c._has_attention(i):
+                    attns.append(attn(width))
+                cin = width
+                skip_channels.append(width)
+            down = Downsample(width, c.downsample_padding) if i < levels - 1 else None
+            if down is not None:
+                skip_channels.append(width)
+            self.down.append(UNetLevel(blocks, attns, downsample=down))
+
+        mid_scale = c.mid_scale
+        mid_attn = [attn(cin, mid_scale)] if c.mid_attention else []
+        self.mid: UNetLevel = UNetLevel(
+            [res(cin, cin, mid_scale), res(cin, cin, mid_scale)], mid_attn
+        )
+
+        self.up = nn.ModuleList()
+        for i, width in reversed(list(enumerate(widths))):
+            blocks, attns = [], []
+            for _ in range(c.blocks_per_level + 1):
+                blocks.append(res(cin + skip_channels.pop(), width))
+                if c._has_attention(i):
+                    attns.append(attn(width))
+                cin = width
+            up = Upsample(width) if i > 0 else None
+            self.up.append(UNetLevel(blocks, attns, upsample=up))
+
+        self.norm_out = nn.GroupNorm(c.norm_groups, widths[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], c.out_channels or c.in_channels, 3, padding=1)
+
+    @classmethod
+    def from_config(cls, config: UNetConfig) -> "UNet":
+        """Build a freshly initialised U-Net."""
+        return cls(config)
+
+    def _validate(self, x: Tensor, cond: Conditioning | None) -> None:
+        c = self.config
+        if x.shape[1] != c.in_channels:
+            raise ShapeError(f"UNet: x_t has {x.shape[1]} channels, expected {c.in_channels}")
+        factor = c.downsampling_factor
+        for name, size in (("height", x.shape[2]), ("width", x.shape[3])):
+            if size % factor != 0:
+                raise ShapeError(
+                    f"UNet: {name} {size} is not a multiple of {factor} (the U-Net downsamples "
+                    f"{len(c.channel_mult) - 1} times); pad or resize to "
+                    f"{-(-size // factor) * factor}"
+                )
+        tokens = cond.tokens if cond is not None else None
+        if c.context_dim is not None:
+            if tokens is None:
+                raise ValueError("UNet: cross-attention needs Conditioning(tokens=...)")
+            if tokens.shape[-1] != c.context_dim:
+                raise ShapeError(
+                    f"UNet: Conditioning.tokens has dim {tokens.shape[-1]}, expected "
+                    f"context_dim={c.context_dim}"
+                )
+        if c.num_classes is not None and (cond is None or cond.labels is None):
+            raise ValueError(
+                "UNet: class-conditioned (num_classes set); pass Conditioning(labels=)"
+            )
+        if c.pooled_dim is not None:
+            if cond is None or cond.pooled is None:
+                raise ValueError("UNet: pooled-conditioned; pass Conditioning(pooled=...)")
+            if cond.pooled.shape[-1] != c.pooled_dim:
+                raise ShapeError(
+                    f"UNet: Conditioning.pooled has dim {cond.pooled.shape[-1]}, expected "
+                    f"pooled_dim={c.pooled_dim}"
+                )
+        if cond is not None and cond.batch_size not in (None, x.shape[0]):
+            raise ShapeError(
+                f"UNet: Conditioning has batch {cond.batch_size}, x_t has {x.shape[0]}"
+            )
+
+    def embed_time(self, t: Tensor, cond: Conditioning | None) -> Tensor:
+        """The conditioning embedding ``(batch, emb_dim)``: time, plus labels and pooled."""
+        c = self.config
+        steps = network_timestep(t, c.time_input, c.num_train_timesteps, c.time_scale)
+        emb = timestep_embedding(
+            steps, c.base_channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift
+        )
+        emb = self.time_embed(emb.to(self.conv_in.weight.dtype))
+        if cond is not None:
+            if self.label_embed is not None and cond.labels is not None:
+                emb = emb + self.label_embed(cond.labels)
+            if self.pooled_embed is not None and cond.pooled is not None:
+                emb = emb + self.pooled_embed(cond.pooled)
+        return emb
+
+    @checked
+    def forward(self, x_t: Image, t: Time, cond: Conditioning | None = None) -> Image:
+        """Predict ``self.prediction`` for ``x_t`` ``(b, c, h, w)`` at times ``t`` ``(b,)``."""
+        self._validate(x_t, cond)
+        emb = self.embed_time(t, cond)
+        context = cond.tokens if cond is not None else None
+        mask = cond.mask if cond is not None else None
+        if context is not None and self.config.context_dim is None:
+            context = mask = None  # an unconditional U-Net ignores tokens
+        if self.config.center_input:
+            x_t = 2 * x_t - 1.0
+
+        h = self.conv_in(x_t)
+        skips = [h]
+        for level in cast("Iterable[UNetLevel]", self.down):
+            for j, block in enumerate(level.res):
+                h = block(h, emb)
+                if len(level.attn):
+                    h = level.attn[j](h, context, mask)
+                skips.append(h)
+            if level.downsample is not None:
+                h = level.downsample(h)
+                skips.append(h)
+
+        h = self.mid.res[0](h, emb)
+        for attn in self.mid.attn:
+            h = attn(h, context, mask)
+        h = self.mid.res[1](h, emb)
+
+        for level in cast("Iterable[UNetLevel]", self.up):
+            for j, block in enumerate(level.res):
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+                if len(level.attn):
+                    h = level.attn[j](h, context, mask)
+            if level.upsample is not None:
+                h = level.upsample(h)
+
+        h = torch.nn.functional.silu(self.norm_out(h))
+        return self.conv_out(h)
+
+
+DENOISERS.register(UNetConfig, UNet.from_config)
