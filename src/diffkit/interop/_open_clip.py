@@ -90,7 +90,7 @@ def from_open_clip(model: nn.Module) -> CLIP:
         )
     m: Any = model
     visual: Any = m.visual
-    if not isinstance(visual, VisionTransformer):
+    if not isinstance(m.visual, VisionTransformer):
         raise NotImplementedError(
             f"from_open_clip: image tower {type(visual).__name__} is not supported (ViT only)"
         )
