@@ -1,0 +1,216 @@
+"""Checkpoints: atomic writes, safetensors only, exact state round trips, clear errors."""
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import diffkit.checkpoint as ckpt
+from diffkit.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    flatten_state,
+    latest_checkpoint,
+    load_tensors,
+    load_training_checkpoint,
+    save_tensors,
+    save_training_checkpoint,
+    unflatten_state,
+)
+from diffkit.ema import EMA
+
+
+def _model(width: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, width), nn.GroupNorm(2, width), nn.Linear(width, 3))
+
+
+def _trained(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, EMA]:
+    torch.manual_seed(seed)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ema = EMA(model, 0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+        ema.update(model)
+    return model, opt, ema
+
+
+def test_save_tensors_round_trips_bits_and_metadata(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.arange(6, dtype=torch.int64).reshape(2, 3).t(),  # non-contiguous view
+        "c": torch.randn(2, dtype=torch.bfloat16),
+    }
+    tensors["d"] = tensors["a"]  # shared storage must still be storable
+    save_tensors(tmp_path / "x.safetensors", tensors, {"note": "hello"})
+    loaded, meta = load_tensors(tmp_path / "x.safetensors")
+    assert meta == {"note": "hello"}
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype
+        assert torch.equal(loaded[key], value)
+
+
+def test_failed_write_leaves_previous_file_intact_and_no_temp_files(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    save_tensors(path, {"w": torch.ones(3)})
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial garbage")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_tensors(path, {"w": torch.zeros(3)})
+    loaded, _ = load_tensors(path)
+    assert torch.equal(loaded["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_truncated_file_raises_checkpoint_error_naming_the_file(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    save_tensors(path, {"w": torch.randn(64, 64)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"broken\.safetensors.*truncated or corrupt"):
+        load_tensors(path)
+    path.write_bytes(b"\x00" * 7)
+    with pytest.raises(CheckpointError):
+        load_tensors(path)
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        load_tensors(tmp_path / "missing.safetensors")
+
+
+def test_mismatched_state_lists_missing_unexpected_and_misshaped_keys():
+    expected = {"a": torch.zeros(2), "b": torch.zeros(3, 3), "c": torch.zeros(1)}
+    found = {"a": torch.zeros(2), "b": torch.zeros(3, 4), "z": torch.zeros(1)}
+    with pytest.raises(CheckpointError) as info:
+        check_state_dict(expected, found, what="weights")
+    message = str(info.value)
+    assert "missing keys: c" in message
+    assert "unexpected keys: z" in message
+    assert "mis-shaped keys: b (expected (3, 3), found (3, 4))" in message
+    check_state_dict(expected, dict(expected))
+
+
+nested = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5)
+    | st.builds(lambda n: torch.arange(n, dtype=torch.float32), st.integers(0, 4)),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text("abc", min_size=1, max_size=3), children, max_size=3)
+        | st.dictionaries(st.integers(0, 5), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(b) is dict and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+@given(nested)
+def test_flatten_then_unflatten_restores_any_nested_state(state):
+    import json
+
+    structure, tensors = flatten_state(state, "s")
+    structure = json.loads(json.dumps(structure))  # what the header stores
+    assert _same(unflatten_state(structure, tensors), state)
+
+
+def test_training_checkpoint_restores_optimizer_ema_and_next_step_exactly(tmp_path):
+    model, opt, ema = _trained(0)
+    path = save_training_checkpoint(
+        tmp_path / "c.safetensors", model=model, step=3, optimizer=opt, ema=ema, extra={"k": 1}
+    )
+    fresh, fresh_opt, fresh_ema = _trained(1)  # different weights and moments
+    state = load_training_checkpoint(path, model=fresh, optimizer=fresh_opt, ema=fresh_ema)
+    assert state.step == 3 and state.extra == {"k": 1}
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ema.state_dict().values(), fresh_ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(9))
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        o.zero_grad()
+        m(x).pow(2).mean().backward()
+        o.step()
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_training_checkpoint_restores_torch_numpy_and_python_rngs(tmp_path):
+    model = _model()
+    torch.manual_seed(5)
+    np.random.seed(5)  # noqa: NPY002
+    random.seed(5)
+    path = save_training_checkpoint(tmp_path / "c.safetensors", model=model, step=0)
+    expected = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    torch.manual_seed(0)
+    np.random.seed(0)  # noqa: NPY002
+    random.seed(0)
+    load_training_checkpoint(path, model=model)
+    got = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
+    assert torch.equal(expected[0], got[0])
+    assert np.array_equal(expected[1], got[1])
+    assert expected[2] == got[2]
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    model, opt, _ = _trained(0)
+    path = save_training_checkpoint(tmp_path / "c.safetensors", model=model, step=1, optimizer=opt)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unpickling is forbidden")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    load_training_checkpoint(
+        path, model=_model(), optimizer=torch.optim.AdamW(_model().parameters())
+    )
+
+
+def test_loading_into_a_different_architecture_names_the_bad_keys(tmp_path):
+    model, _, _ = _trained(0)
+    path = save_training_checkpoint(tmp_path / "c.safetensors", model=model, step=1)
+    with pytest.raises(
+        CheckpointError, match=r"mis-shaped keys: .*0.weight \(expected \(16, 4\), found \(8, 4\)\)"
+    ):
+        load_training_checkpoint(path, model=_model(width=16))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: 2\.bias, 2\.weight"):
+        load_training_checkpoint(path, model=nn.Sequential(nn.Linear(4, 8), nn.GroupNorm(2, 8)))
+    with pytest.raises(CheckpointError, match="no EMA"):
+        load_training_checkpoint(path, model=_model(), ema=EMA(_model()))
+    plain = tmp_path / "plain.safetensors"
+    save_tensors(plain, {"w": torch.ones(1)})
+    with pytest.raises(CheckpointError, match="not a diffkit training checkpoint"):
+        load_training_checkpoint(plain, model=model)
+
+
+def test_latest_checkpoint_ignores_temporary_and_foreign_files(tmp_path):
+    assert latest_checkpoint(tmp_path / "nothing") is None
+    model = _model()
+    for step in (2, 10, 7):
+        save_training_checkpoint(tmp_path / ckpt.checkpoint_name(step), model=model, step=step)
+    (tmp_path / ".checkpoint-00000099.safetensors.abc.tmp").write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("x")
+    assert latest_checkpoint(tmp_path) == tmp_path / ckpt.checkpoint_name(10)

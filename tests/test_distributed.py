@@ -1,0 +1,126 @@
+"""DDP under torchrun: 2 CPU processes on gloo reproduce the 1-process loss trajectory."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from diffkit.checkpoint import latest_checkpoint, load_tensors
+
+WORKER = textwrap.dedent(
+    '''
+    """Trains a tiny label-conditioned MLP on 8x8 digits; rank 0 writes the losses."""
+    import json
+    import sys
+
+    import torch
+    from einops import rearrange
+    from torch import nn
+
+    from diffkit.data import DigitsDataset
+    from diffkit.losses import LossConfig
+    from diffkit.protocols import Conditioning
+    from diffkit.schedules import Cosine
+    from diffkit.training import TrainConfig, init_distributed, train
+
+
+    class TinyDenoiser(nn.Module):
+        prediction = "v"
+
+        def __init__(self):
+            super().__init__()
+            self.label = nn.Embedding(11, 8)
+            self.net = nn.Sequential(nn.Linear(73, 64), nn.SiLU(), nn.Linear(64, 64))
+
+        def forward(self, x, t, cond=None):
+            labels = torch.full((x.shape[0],), 10) if cond is None else cond.labels
+            h = torch.cat([rearrange(x, "b c h w -> b (c h w)"), t[:, None], self.label(labels)], 1)
+            return rearrange(self.net(h), "b (c h w) -> b c h w", c=1, h=8)
+
+
+    def run(output_dir):
+        torch.set_num_threads(1)
+        info = init_distributed()
+        torch.manual_seed(0)
+        config = TrainConfig(
+            steps=8,
+            batch_size=16,
+            micro_batch_size=4,  # 4 shards: 2 per process, or 4 accumulated in one
+            lr=3e-3,
+            grad_clip=0.5,
+            ema_decay=0.9,
+            loss=LossConfig(cond_dropout=0.2),
+            output_dir=output_dir,
+            checkpoint_every=4,
+            progress=False,
+            log_every=1,
+        )
+        result = train(
+            TinyDenoiser(),
+            Cosine(),
+            DigitsDataset(8),
+            config,
+            condition=lambda batch: Conditioning(labels=batch.labels),
+            uncond=Conditioning(labels=torch.tensor([10])),
+        )
+        return info, result
+
+
+    if __name__ == "__main__":
+        info, result = run(sys.argv[1])
+        with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as fh:
+            json.dump({"world_size": info.world_size, "losses": result.losses}, fh)
+    '''
+)
+
+
+def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    ddp_dir.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        str(script),
+        str(ddp_dir),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    before = torch.get_num_threads()
+    try:
+        _, single = runpy.run_path(str(script), run_name="worker")["run"](str(single_dir))
+    finally:
+        torch.set_num_threads(before)
+
+    rank0 = json.loads((ddp_dir / "rank0.json").read_text())
+    rank1 = json.loads((ddp_dir / "rank1.json").read_text())
+    assert rank0["world_size"] == 2
+    assert rank0["losses"] == rank1["losses"]  # the logged loss is the global mean
+    assert len(single.losses) == 8
+    assert rank0["losses"] == pytest.approx(single.losses, rel=1e-5, abs=1e-6)
+
+    # Only rank 0 wrote files, and its final weights match the 1-process run.
+    assert sorted(p.name for p in (ddp_dir / "checkpoints").iterdir()) == [
+        "checkpoint-00000004.safetensors",
+        "checkpoint-00000008.safetensors",
+    ]
+    assert len((ddp_dir / "log.jsonl").read_text().splitlines()) == 8
+    ddp_weights, _ = load_tensors(latest_checkpoint(ddp_dir / "checkpoints"))
+    one_weights, _ = load_tensors(latest_checkpoint(single_dir / "checkpoints"))
+    assert ddp_weights.keys() == one_weights.keys()
+    for key, value in one_weights.items():
+        if key.startswith(("model.", "ema.")):
+            torch.testing.assert_close(ddp_weights[key], value, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,241 @@
+"""The training loop: it learns, resumes exactly, logs, checkpoints, and validates its config."""
+
+import itertools
+import json
+import statistics
+
+import pytest
+import torch
+import yaml
+from einops import rearrange
+from torch import nn
+
+from diffkit.checkpoint import latest_checkpoint, list_checkpoints, load_tensors
+from diffkit.config import ValidationError
+from diffkit.data import DigitsDataset
+from diffkit.losses import DiffusionLoss, LossConfig
+from diffkit.protocols import Conditioning
+from diffkit.schedules import Cosine
+from diffkit.training import TrainConfig, learning_rate, step_generator, train
+
+
+class TinyDenoiser(nn.Module):
+    """An MLP epsilon-predictor for 8x8 digits, label-conditioned (label 10 = no label)."""
+
+    prediction = "epsilon"
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.label = nn.Embedding(11, 8)
+        self.net = nn.Sequential(
+            nn.Linear(64 + 1 + 8, width), nn.SiLU(), nn.Dropout(0.1), nn.Linear(width, 64)
+        )
+
+    def forward(self, x, t, cond=None):
+        labels = torch.full((x.shape[0],), 10, device=x.device)
+        if cond is not None and cond.labels is not None:
+            labels = cond.labels
+        h = torch.cat([rearrange(x, "b c h w -> b (c h w)"), t[:, None], self.label(labels)], 1)
+        return rearrange(self.net(h), "b (c h w) -> b c h w", c=1, h=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models run fastest on one thread, and the CI machine's cores are shared.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return DigitsDataset(8)
+
+
+def _labels(batch):
+    return Conditioning(labels=batch.labels)
+
+
+NULL = Conditioning(labels=torch.tensor([10]))
+
+
+def _config(tmp_path=None, **overrides):
+    base = dict(
+        steps=6,
+        batch_size=8,
+        micro_batch_size=4,
+        lr=3e-3,
+        lr_schedule="cosine",
+        warmup_steps=2,
+        grad_clip=0.5,
+        ema_decay=0.9,
+        loss=LossConfig(cond_dropout=0.3, weighting="min_snr"),
+        progress=False,
+        output_dir=None if tmp_path is None else str(tmp_path),
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _fresh(seed: int) -> TinyDenoiser:
+    torch.manual_seed(seed)
+    return TinyDenoiser()
+
+
+def test_training_lowers_the_loss_on_digits(digits):
+    config = TrainConfig(steps=120, batch_size=32, lr=3e-3, ema_decay=None, progress=False)
+    result = train(_fresh(0), Cosine(), digits, config)
+    assert len(result.losses) == 120
+    assert statistics.mean(result.losses[-30:]) < 0.7 * statistics.mean(result.losses[:10])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_the_same_next_losses_exactly(tmp_path, digits):
+    schedule = Cosine()
+    full = train(
+        _fresh(0), schedule, digits, _config(), condition=_labels, uncond=NULL
+    )  # never interrupted, writes nothing
+    assert len(full.losses) == 6
+
+    calls = 0
+
+    def dies_in_step_five(batch):
+        nonlocal calls
+        calls += 1
+        if calls > 8:  # two micro-batches per step: the 9th call is in step 5
+            raise Interrupted
+        return _labels(batch)
+
+    model = _fresh(0)
+    with pytest.raises(Interrupted):
+        train(
+            model,
+            schedule,
+            digits,
+            _config(tmp_path, checkpoint_every=3),
+            condition=dies_in_step_five,
+            uncond=NULL,
+        )
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [3]
+
+    torch.manual_seed(123)  # disturb the global RNG: the checkpoint must restore it
+    resumed_model = _fresh(7)  # different initial weights: the checkpoint overrides them
+    resumed = train(
+        resumed_model,
+        schedule,
+        digits,
+        _config(tmp_path, checkpoint_every=3),
+        condition=_labels,
+        uncond=NULL,
+    )
+    assert resumed.start_step == 3
+    assert resumed.losses == full.losses[3:]  # bit-for-bit
+    uninterrupted = _fresh(0)
+    again = train(uninterrupted, schedule, digits, _config(), condition=_labels, uncond=NULL)
+    assert again.losses == full.losses
+    for a, b in zip(resumed_model.state_dict().values(), uninterrupted.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.ema is not None and again.ema is not None
+    for a, b in zip(resumed.ema.state_dict().values(), again.ema.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoints_logs_and_sample_grids_are_written(tmp_path, digits):
+    def sample(model, generator):
+        return torch.randn(4, 1, 8, 8, generator=generator).clamp(-1, 1)
+
+    config = _config(
+        tmp_path, steps=5, checkpoint_every=2, keep_checkpoints=2, log_every=2, sample_every=2
+    )
+    result = train(
+        _fresh(0), Cosine(), digits, config, condition=_labels, uncond=NULL, sample=sample
+    )
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [4, 5]
+    assert [p.name for p in result.checkpoints][-1] == "checkpoint-00000005.safetensors"
+    tensors, meta = load_tensors(latest_checkpoint(tmp_path / "checkpoints"))
+    assert any(k.startswith("ema.") for k in tensors)
+    assert any(k.startswith("optimizer.") for k in tensors)
+    assert "rng.torch" in tensors and tensors["rng.torch"].dtype == torch.uint8
+    assert json.loads(meta["state"])["step"] == 5
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5]
+    assert {"loss", "lr", "grad_norm", "samples_per_s"} <= set(records[0])
+    assert records[-1]["loss"] == pytest.approx(result.losses[-1])
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == ["step-00000002.png", "step-00000004.png", "step-00000005.png"]
+    # A finished run resumes to a no-op.
+    done = train(_fresh(0), Cosine(), digits, config, condition=_labels, uncond=NULL, sample=sample)
+    assert done.losses == [] and done.start_step == 5
+
+
+def test_bf16_autocast_on_cpu_trains_with_finite_losses(digits):
+    result = train(_fresh(0), Cosine(), digits, _config(precision="bf16", steps=3))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_fp16_on_cpu_is_refused(digits):
+    with pytest.raises(ValueError, match="fp16"):
+        train(_fresh(0), Cosine(), digits, _config(precision="fp16", device="cpu"))
+
+
+def test_a_custom_loss_function_is_used(digits):
+    seen = []
+
+    def loss(denoiser, schedule, x0, *, cond=None, uncond=None, generator=None):
+        seen.append(x0.shape[0])
+        return DiffusionLoss()(denoiser, schedule, x0, generator=generator)
+
+    train(_fresh(0), Cosine(), digits, _config(steps=2), loss=loss)
+    assert seen == [4, 4, 4, 4]
+
+
+def test_each_shard_of_each_step_gets_its_own_reproducible_generator():
+    draws = {
+        (s, k): torch.rand(3, generator=step_generator(0, s, k)) for s in range(3) for k in range(3)
+    }
+    values = [tuple(v.tolist()) for v in draws.values()]
+    assert len(set(values)) == len(values)
+    assert torch.equal(torch.rand(3, generator=step_generator(0, 2, 1)), draws[(2, 1)])
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    config = TrainConfig(steps=10, lr=1.0, warmup_steps=2, lr_schedule="cosine", min_lr=0.1)
+    lrs = [learning_rate(config, s) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0]
+    assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))
+    assert lrs[-1] == pytest.approx(
+        0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * 7 / 8)).item())
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"batch_size": 10, "micro_batch_size": 4}, "micro_batch_size"),
+        ({"lr": 0}, "lr"),
+        ({"betas": (0.9, 1.5)}, "betas"),
+        ({"precision": "fp8"}, "precision"),
+        ({"steps": 0}, "steps"),
+        ({"unknown": 1}, "unknown"),
+        ({"loss": {"cond_dropout": 1.5}}, "cond_dropout"),
+    ],
+)
+def test_invalid_train_configs_name_the_field(fields, name):
+    with pytest.raises(ValidationError, match=name):
+        TrainConfig(**fields)
+
+
+def test_train_config_round_trips_through_json_and_yaml():
+    config = _config(output_dir="runs/x", sample_every=5)
+    assert TrainConfig.model_validate_json(config.to_json()) == config
+    assert TrainConfig.model_validate(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+
+
+def test_dataset_smaller_than_a_batch_is_refused(digits):
+    small = torch.utils.data.Subset(digits, range(6))
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        train(_fresh(0), Cosine(), small, _config())
