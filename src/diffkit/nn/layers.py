@@ -14,7 +14,8 @@ from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from diffkit.typing import checked
+from diffkit.protocols import Conditioning
+from diffkit.typing import ShapeError, checked
 
 __all__ = [
     "Attention",
@@ -31,6 +32,7 @@ __all__ = [
     "modulate",
     "network_timestep",
     "timestep_embedding",
+    "validate_conditioning",
 ]
 
 ImageLike = Float[Tensor, "batch channels height width"]
@@ -409,3 +411,39 @@ def network_timestep(
     nearest = index.round()
     snap = (index - nearest).abs() <= 4e-6 * num_train_timesteps
     return torch.where(snap, nearest, index)
+
+
+def validate_conditioning(
+    owner: str,
+    batch: int,
+    cond: Conditioning | None,
+    *,
+    context_dim: int | None,
+    pooled_dim: int | None,
+    num_classes: int | None,
+) -> None:
+    """Raise before any compute when ``cond`` lacks what a network was configured to use."""
+    if cond is not None and cond.batch_size not in (None, batch):
+        raise ShapeError(f"{owner}: Conditioning has batch {cond.batch_size}, x_t has {batch}")
+    tokens = cond.tokens if cond is not None else None
+    if context_dim is not None:
+        if tokens is None:
+            raise ValueError(f"{owner}: cross-attention needs Conditioning(tokens=...)")
+        if tokens.shape[-1] != context_dim:
+            raise ShapeError(
+                f"{owner}: Conditioning.tokens has dim {tokens.shape[-1]}, expected "
+                f"context_dim={context_dim}"
+            )
+    if num_classes is not None and (cond is None or cond.labels is None):
+        raise ValueError(
+            f"{owner}: class-conditioned (num_classes set); pass Conditioning(labels=)"
+        )
+    if pooled_dim is not None:
+        pooled = cond.pooled if cond is not None else None
+        if pooled is None:
+            raise ValueError(f"{owner}: pooled-conditioned; pass Conditioning(pooled=...)")
+        if pooled.shape[-1] != pooled_dim:
+            raise ShapeError(
+                f"{owner}: Conditioning.pooled has dim {pooled.shape[-1]}, expected "
+                f"pooled_dim={pooled_dim}"
+            )

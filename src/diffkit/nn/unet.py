@@ -30,6 +30,7 @@ from diffkit.nn.layers import (
     Upsample,
     network_timestep,
     timestep_embedding,
+    validate_conditioning,
 )
 from diffkit.protocols import Conditioning
 from diffkit.typing import Image, Prediction, ShapeError, Time, checked
@@ -255,31 +256,14 @@ class UNet(nn.Module):
                     f"{len(c.channel_mult) - 1} times); pad or resize to "
                     f"{-(-size // factor) * factor}"
                 )
-        tokens = cond.tokens if cond is not None else None
-        if c.context_dim is not None:
-            if tokens is None:
-                raise ValueError("UNet: cross-attention needs Conditioning(tokens=...)")
-            if tokens.shape[-1] != c.context_dim:
-                raise ShapeError(
-                    f"UNet: Conditioning.tokens has dim {tokens.shape[-1]}, expected "
-                    f"context_dim={c.context_dim}"
-                )
-        if c.num_classes is not None and (cond is None or cond.labels is None):
-            raise ValueError(
-                "UNet: class-conditioned (num_classes set); pass Conditioning(labels=)"
-            )
-        if c.pooled_dim is not None:
-            if cond is None or cond.pooled is None:
-                raise ValueError("UNet: pooled-conditioned; pass Conditioning(pooled=...)")
-            if cond.pooled.shape[-1] != c.pooled_dim:
-                raise ShapeError(
-                    f"UNet: Conditioning.pooled has dim {cond.pooled.shape[-1]}, expected "
-                    f"pooled_dim={c.pooled_dim}"
-                )
-        if cond is not None and cond.batch_size not in (None, x.shape[0]):
-            raise ShapeError(
-                f"UNet: Conditioning has batch {cond.batch_size}, x_t has {x.shape[0]}"
-            )
+        validate_conditioning(
+            "UNet",
+            x.shape[0],
+            cond,
+            context_dim=c.context_dim,
+            pooled_dim=c.pooled_dim,
+            num_classes=c.num_classes,
+        )
 
     def embed_time(self, t: Tensor, cond: Conditioning | None) -> Tensor:
         """The conditioning embedding ``(batch, emb_dim)``: time, plus labels and pooled."""
