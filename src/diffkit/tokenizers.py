@@ -32,7 +32,13 @@ from torch import Tensor
 
 from diffkit.typing import TokenIds
 
-__all__ = ["ByteTokenizer", "CLIPTokenizer", "Tokenizer", "find_open_clip_vocab"]
+__all__ = [
+    "ByteTokenizer",
+    "CLIPTokenizer",
+    "Tokenizer",
+    "find_open_clip_vocab",
+    "padding_mask",
+]
 
 
 @runtime_checkable
@@ -95,9 +101,18 @@ class _FixedLength:
 
     def padding_mask(self, ids: TokenIds) -> Tensor:
         """``True`` for the start token, the text and the end token; ``False`` on padding."""
-        first_end = (ids == self.eot_token_id).int().argmax(dim=-1, keepdim=True)
-        positions = torch.arange(ids.shape[-1], device=ids.device)
-        return positions <= first_end
+        return padding_mask(ids, self.eot_token_id)
+
+
+def padding_mask(ids: TokenIds, eot_token_id: int) -> Tensor:
+    """Boolean ``(batch, context)``: ``True`` up to and including each row's first end token.
+
+    A row without an end token (cut by a foreign tokenizer) is all ``True``.
+    """
+    is_end = ids == eot_token_id
+    first_end = torch.where(is_end.any(dim=-1), is_end.int().argmax(dim=-1), ids.shape[-1] - 1)
+    positions = torch.arange(ids.shape[-1], device=ids.device)
+    return positions <= first_end[:, None]
 
 
 def _strip_specials(ids: Sequence[int], tokenizer: _FixedLength) -> list[int]:
@@ -239,14 +254,20 @@ def find_open_clip_vocab() -> str:
 class CLIPTokenizer(_FixedLength):
     """CLIP's lower-cased byte-level BPE (49408 ids) from its merges file; open_clip's ids.
 
-    Padding is 0, start ``<start_of_text>`` is 49406, end ``<end_of_text>`` is 49407.
-    ``decode`` returns the cleaned text with a space after every word.
+    Start ``<start_of_text>`` is 49406, end ``<end_of_text>`` is 49407. Padding is 0 as in
+    open_clip; transformers' OpenAI tokenizers (Stable Diffusion 1.x) pad with the end
+    token instead: ``pad_token_id=49407``. ``decode`` returns the cleaned text with a
+    space after every word.
     """
 
-    pad_token_id: int = 0
-
-    def __init__(self, vocab_path: str | os.PathLike[str], context_length: int = 77) -> None:
+    def __init__(
+        self,
+        vocab_path: str | os.PathLike[str],
+        context_length: int = 77,
+        pad_token_id: int = 0,
+    ) -> None:
         self.context_length = _check_context(context_length)
+        self.pad_token_id = int(pad_token_id)
         self.vocab_path = str(vocab_path)
         with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -272,9 +293,9 @@ class CLIPTokenizer(_FixedLength):
         return f"CLIPTokenizer({self.vocab_path!r}, context_length={self.context_length})"
 
     @classmethod
-    def from_open_clip(cls, context_length: int = 77) -> "CLIPTokenizer":
+    def from_open_clip(cls, context_length: int = 77, pad_token_id: int = 0) -> "CLIPTokenizer":
         """The tokenizer over the merges file that the installed open_clip ships."""
-        return cls(find_open_clip_vocab(), context_length=context_length)
+        return cls(find_open_clip_vocab(), context_length, pad_token_id)
 
     def _bpe(self, word: str) -> list[int]:
         """Merge the byte characters of one word by rank until no known pair is left."""
