@@ -7,6 +7,9 @@ from diffkit import prediction as prediction
 from diffkit import schedules as schedules
 from diffkit import patches as patches
 from diffkit import typing as typing
+from diffkit import tokenizers as tokenizers
+from diffkit import text as text
+from diffkit import interop as interop
 from diffkit.patches import SpatialPatches as SpatialPatches
 from diffkit.patches import TubeletPatches as TubeletPatches
 from diffkit.protocols import Conditioning as Conditioning
