@@ -1,0 +1,427 @@
+"""``Pipeline``: a schedule, a denoiser and their helpers, composed for sampling.
+
+A pipeline holds a [`NoiseSchedule`][diffkit.protocols.NoiseSchedule], a
+[`Denoiser`][diffkit.protocols.Denoiser], and optionally an
+[`Encoder`][diffkit.protocols.Encoder] (latent diffusion), a
+[`TextConditioner`][diffkit.protocols.TextConditioner] (prompts), a default
+[`Sampler`][diffkit.protocols.Sampler] and a [`Patchifier`][diffkit.protocols.Patchifier].
+Any objects satisfying those protocols work, registered or not; ``diffkit.build(config)``
+assembles one from a [`PipelineConfig`][diffkit.builder.PipelineConfig].
+
+- ``generate(prompts | cond, steps=, guidance=, sampler=, generator=)`` samples images
+  or videos (text-to-image, text-to-video, class-conditional, unconditional);
+- ``img2img(x, prompts, strength=t0)`` noises ``x`` to time ``t0 < 1`` and denoises
+  from there;
+- ``encode`` / ``decode`` go to and from the latent space;
+- ``save(dir)`` writes ``config.json``, ``model.safetensors`` (and tokenizer files);
+  ``Pipeline.load(dir)`` rebuilds it exactly, reading only safetensors.
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from diffkit.checkpoint import CheckpointError, atomic_write, load_state_dict, load_tensors
+from diffkit.checkpoint import save_tensors as _save_tensors
+from diffkit.config import Config
+from diffkit.forward import add_noise
+from diffkit.protocols import (
+    Conditioning,
+    Denoiser,
+    Encoder,
+    NoiseSchedule,
+    Patchifier,
+    Sampler,
+    StepCallback,
+    TextConditioner,
+)
+from diffkit.typing import Prediction, Sample, Time, checked
+
+__all__ = ["Pipeline"]
+
+Data = Float[Tensor, "batch *data"]
+"""Images ``(batch, c, h, w)`` or videos ``(batch, frames, c, h, w)`` in data space."""
+Latents = Float[Tensor, "batch *latent"]
+"""The same in the encoder's latent space (equal to ``Data`` in pixel space)."""
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = "diffkit-pipeline"
+
+
+def _default_sampler() -> Sampler:
+    from diffkit.samplers import REGISTRY
+
+    return REGISTRY["dpmpp_2m"]()
+
+
+def _sampler_by_name(name: str) -> Sampler:
+    from diffkit.samplers import REGISTRY
+
+    try:
+        return REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"unknown sampler '{name}'; known: {', '.join(REGISTRY)}") from None
+
+
+class _Truncated:
+    """The schedule on ``[0, t_end]`` stretched to ``[0, 1]``: ``alpha'(u) = alpha(t_end u)``."""
+
+    def __init__(self, schedule: NoiseSchedule, t_end: float) -> None:
+        self.schedule, self.t_end = schedule, t_end
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self.schedule.alpha(t * self.t_end)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.schedule.sigma(t * self.t_end)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        return self.schedule.log_snr(t * self.t_end)
+
+    def t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        return (self.schedule.t_of_log_snr(log_snr) / self.t_end).clamp(0.0, 1.0)
+
+
+class _TimeScaled:
+    """A denoiser seen on the stretched time axis of ``_Truncated``."""
+
+    def __init__(self, denoiser: Denoiser, t_end: float) -> None:
+        self.denoiser, self.t_end = denoiser, t_end
+        self.prediction: Prediction = denoiser.prediction
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        return self.denoiser(x_t, t * self.t_end, cond)
+
+
+class Pipeline(nn.Module):
+    """Schedule + denoiser (+ encoder, text conditioner, sampler, patchifier) for sampling.
+
+    The parts that are ``nn.Module``s are submodules (``denoiser``, ``encoder``,
+    ``text``), so ``pipeline.to(device)`` and ``pipeline.state_dict()`` cover them.
+    ``data_shape`` is one sample without batch: ``(c, h, w)`` or ``(frames, c, h, w)``.
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        denoiser: Denoiser,
+        *,
+        encoder: Encoder | None = None,
+        text: TextConditioner | None = None,
+        sampler: Sampler | None = None,
+        patchifier: Patchifier | None = None,
+        data_shape: Sequence[int] | None = None,
+        config: Config | None = None,
+    ) -> None:
+        super().__init__()
+        if getattr(denoiser, "prediction", None) not in ("epsilon", "x0", "v", "flow"):
+            raise TypeError(
+                "Pipeline: the denoiser needs a 'prediction' attribute: 'epsilon', 'x0', 'v' "
+                "or 'flow'"
+            )
+        self.schedule = schedule
+        self.denoiser = denoiser
+        self.encoder = encoder
+        self.text = text
+        self.sampler = sampler
+        self.patchifier = patchifier
+        self.data_shape = tuple(int(s) for s in data_shape) if data_shape is not None else None
+        self.config = config
+
+    def __repr__(self) -> str:
+        parts = [f"schedule={type(self.schedule).__name__}"]
+        for name in ("denoiser", "encoder", "text", "sampler", "patchifier"):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{name}={type(value).__name__}")
+        return f"Pipeline({', '.join(parts)}, data_shape={self.data_shape})"
+
+    # ------------------------------------------------------------------ placement
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter or buffer (CPU when there are none)."""
+        for tensor in [*self.parameters(), *self.buffers()]:
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the denoiser's first floating-point parameter (float32 if none)."""
+        module = self.denoiser if isinstance(self.denoiser, nn.Module) else self
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape (without batch) the denoiser works on: the encoder's latent shape."""
+        if self.data_shape is None:
+            raise ValueError("Pipeline: data_shape is not set; pass data_shape= or noise=")
+        if self.encoder is None:
+            return self.data_shape
+        return tuple(self.encoder.latent_shape(self.data_shape))
+
+    # ------------------------------------------------------------------ latent space
+
+    @checked
+    def encode(self, x: Data) -> Latents:
+        """Data ``(b, [f,] c, h, w)`` to (scaled) latents; the identity in pixel space."""
+        return x if self.encoder is None else self.encoder.encode(x)
+
+    @checked
+    def decode(self, z: Latents) -> Data:
+        """Latents back to data; the identity in pixel space."""
+        return z if self.encoder is None else self.encoder.decode(z)
+
+    # ------------------------------------------------------------------ conditioning
+
+    def condition(self, prompts: Sequence[str]) -> Conditioning:
+        """The text conditioner's [`Conditioning`][diffkit.protocols.Conditioning] for prompts."""
+        if self.text is None:
+            raise ValueError("Pipeline: prompts need a text conditioner; pass cond= instead")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.text.condition(list(prompts))
+
+    def _conditions(
+        self,
+        prompts: Sequence[str] | str | None,
+        cond: Conditioning | None,
+        uncond: Conditioning | None,
+        negative_prompts: Sequence[str] | str | None,
+        batch: int | None,
+        guidance: float,
+    ) -> tuple[int, Conditioning | None, Conditioning | None]:
+        if prompts is not None and cond is not None:
+            raise ValueError("Pipeline: pass prompts or cond, not both")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if prompts is not None:
+            cond = self.condition(prompts)
+        size = cond.batch_size if cond is not None else None
+        if batch is None:
+            batch = size if size is not None else 1
+        elif size not in (None, 1, batch):
+            raise ValueError(f"Pipeline: num_samples={batch} but the condition has batch {size}")
+        if cond is not None:
+            cond = cond.expand(batch)
+        if guidance != 1.0 and uncond is None:
+            if negative_prompts is None and self.text is None:
+                raise ValueError(
+                    "Pipeline: guidance != 1 needs an unconditional condition: pass uncond= "
+                    "(or use a text conditioner)"
+                )
+            if isinstance(negative_prompts, str) or negative_prompts is None:
+                negative_prompts = [negative_prompts or ""]
+            uncond = self.condition(negative_prompts)
+        if uncond is not None:
+            uncond = uncond.expand(batch)
+        return batch, cond, uncond
+
+    def _sampler(self, sampler: Sampler | str | None) -> Sampler:
+        if isinstance(sampler, str):
+            return _sampler_by_name(sampler)
+        if sampler is not None:
+            return sampler
+        return self.sampler if self.sampler is not None else _default_sampler()
+
+    def _defaults(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
+        config: Any = self.config
+        if steps is None:
+            steps = int(getattr(config, "steps", 30))
+        if guidance is None:
+            guidance = float(getattr(config, "guidance", 1.0))
+        return steps, guidance
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str] | str | None = None,
+        *,
+        cond: Conditioning | None = None,
+        uncond: Conditioning | None = None,
+        negative_prompts: Sequence[str] | str | None = None,
+        num_samples: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        sampler: Sampler | str | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        denoiser: Denoiser | None = None,
+        decode: bool = True,
+        callback: StepCallback | None = None,
+    ) -> Sample:
+        """Sample ``(batch, *data_shape)`` (or latents with ``decode=False``).
+
+        Conditioned on ``prompts`` (through the text conditioner) or on ``cond``; with
+        neither, unconditional. ``guidance != 1`` uses classifier-free guidance against
+        ``uncond`` (default: the empty prompt, or ``negative_prompts``). ``sampler`` is
+        a Sampler, a name in ``diffkit.samplers.REGISTRY``, or the pipeline's default.
+        ``noise`` (standard normal, latent shape) replaces the draw from ``generator``;
+        ``denoiser`` replaces the pipeline's (e.g. EMA weights).
+        """
+        steps, guidance = self._defaults(steps, guidance)
+        if noise is not None and num_samples is None:
+            num_samples = int(noise.shape[0])
+        batch, cond, uncond = self._conditions(
+            prompts, cond, uncond, negative_prompts, num_samples, guidance
+        )
+        if noise is None:
+            noise = self._noise(batch, generator)
+        else:
+            noise = noise.to(self.device, self.dtype)
+        z = self._sampler(sampler).sample(
+            denoiser if denoiser is not None else self.denoiser,
+            self.schedule,
+            noise,
+            steps=steps,
+            cond=cond,
+            guidance=guidance,
+            uncond=uncond,
+            generator=generator,
+            callback=callback,
+        )
+        return self.decode(z) if decode else z
+
+    def _noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
+        shape = (batch, *self.latent_shape())
+        device = generator.device if generator is not None else self.device
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        return noise.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def img2img(
+        self,
+        x: Sample,
+        prompts: Sequence[str] | str | None = None,
+        *,
+        strength: float = 0.6,
+        cond: Conditioning | None = None,
+        uncond: Conditioning | None = None,
+        negative_prompts: Sequence[str] | str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        sampler: Sampler | str | None = None,
+        generator: torch.Generator | None = None,
+        denoiser: Denoiser | None = None,
+        decode: bool = True,
+    ) -> Sample:
+        """Noise data ``x`` to time ``t0 = strength`` and denoise from there in ``steps`` steps.
+
+        ``x_t0 = alpha(t0) encode(x) + sigma(t0) eps``; ``strength = 1`` starts from (almost)
+        pure noise, small strengths keep more of ``x``. Works with every sampler: the
+        schedule and the denoiser are seen on ``[0, t0]`` stretched to ``[0, 1]``.
+        """
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength (the start time t0) must be in (0, 1], got {strength}")
+        steps, guidance = self._defaults(steps, guidance)
+        x = x.to(self.device, self.dtype)
+        batch, cond, uncond = self._conditions(
+            prompts, cond, uncond, negative_prompts, int(x.shape[0]), guidance
+        )
+        z0 = self.encode(x)
+        device = generator.device if generator is not None else z0.device
+        eps = torch.randn(z0.shape, generator=generator, device=device, dtype=torch.float32)
+        eps = eps.to(z0.device, z0.dtype)
+        t0 = torch.full((batch,), float(strength), dtype=torch.float64, device=z0.device)
+        z_t = add_noise(self.schedule, z0, eps, t0.to(z0.dtype))
+        sigma0 = self.schedule.sigma(t0).to(z0.dtype)
+        start = z_t / sigma0.reshape(-1, *([1] * (z_t.ndim - 1)))  # the sampler scales by sigma
+        z = self._sampler(sampler).sample(
+            _TimeScaled(denoiser if denoiser is not None else self.denoiser, float(strength)),
+            _Truncated(self.schedule, float(strength)),
+            start,
+            steps=steps,
+            cond=cond,
+            guidance=guidance,
+            uncond=uncond,
+            generator=generator,
+        )
+        return self.decode(z) if decode else z
+
+    @checked
+    def add_noise(self, x0: Sample, t: Time, generator: torch.Generator | None = None) -> Sample:
+        """``x_t = alpha(t) x0 + sigma(t) eps`` with ``eps`` drawn from ``generator``."""
+        device = generator.device if generator is not None else x0.device
+        eps = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
+        return add_noise(self.schedule, x0, eps.to(x0.device, x0.dtype), t)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json``, ``model.safetensors`` (and tokenizer files) to ``directory``."""
+        if self.config is None:
+            raise ValueError(
+                "Pipeline.save: this pipeline was composed from parts without a config; build "
+                "it with diffkit.build(config) to save it, or save the denoiser's state_dict "
+                "with diffkit.checkpoint.save_tensors"
+            )
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self._config_with_tokenizer_files(folder)
+        _save_tensors(folder / WEIGHTS_FILE, self.state_dict(), {"format": FORMAT})
+        with atomic_write(folder / CONFIG_FILE) as tmp:
+            tmp.write_text(config.to_json() + "\n", encoding="utf-8")
+        return folder
+
+    def _config_with_tokenizer_files(self, folder: Path) -> Config:
+        config: Any = self.config
+        text_config = getattr(config, "text", None)
+        vocab = getattr(getattr(self.text, "tokenizer", None), "vocab_path", None)
+        if (
+            text_config is None
+            or vocab is None
+            or "vocab_path" not in type(text_config).model_fields
+        ):
+            return config
+        source = Path(vocab)
+        target = folder / TOKENIZER_DIR / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.resolve() != target.resolve():
+            with atomic_write(target) as tmp:
+                shutil.copyfile(source, tmp)
+        relative = f"{TOKENIZER_DIR}/{source.name}"
+        return config.model_copy(
+            update={"text": text_config.model_copy(update={"vocab_path": relative})}
+        )
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike[str], *, device: str | torch.device | None = None
+    ) -> "Pipeline":
+        """Rebuild a saved pipeline: its config, then its weights (checked, never unpickled)."""
+        from diffkit.builder import build, parse_config
+
+        folder = Path(directory)
+        config_path = folder / CONFIG_FILE
+        if not config_path.is_file():
+            raise CheckpointError(f"{folder} holds no {CONFIG_FILE}; is it a saved pipeline?")
+        try:
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
+        text = data.get("text") if isinstance(data, dict) else None
+        if isinstance(text, dict) and isinstance(text.get("vocab_path"), str):
+            vocab = Path(text["vocab_path"])
+            if not vocab.is_absolute():
+                data["text"] = {**text, "vocab_path": str(folder / vocab)}
+        pipeline = build(parse_config(data))
+        tensors, metadata = load_tensors(folder / WEIGHTS_FILE)
+        if metadata.get("format") not in (FORMAT, None):
+            raise CheckpointError(f"{folder / WEIGHTS_FILE} is not a diffkit pipeline file")
+        load_state_dict(pipeline, tensors, what=str(folder / WEIGHTS_FILE))
+        if device is not None:
+            pipeline.to(device)
+        return pipeline.eval()
