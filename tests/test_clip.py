@@ -1,0 +1,235 @@
+"""CLIP towers, contrastive loss, logit-scale clamp, zero-shot classifier (tiny configs)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from diffkit.nn.clip import (
+    CLIP,
+    CLIP_MODELS,
+    MAX_LOGIT_SCALE,
+    CLIPConfig,
+    TextTowerConfig,
+    VisionTowerConfig,
+    ZeroShotClassifier,
+    contrastive_loss,
+)
+from diffkit.tokenizers import ByteTokenizer
+from diffkit.typing import ShapeError
+
+CONTEXT = 16
+MAX_F32 = float(torch.tensor(MAX_LOGIT_SCALE))  # ln 100 rounded to float32, as stored
+
+
+def tiny_config() -> CLIPConfig:
+    return CLIPConfig(
+        embed_dim=16,
+        text=TextTowerConfig(vocab_size=259, context_length=CONTEXT, width=32, layers=2, heads=4),
+        vision=VisionTowerConfig(
+            image_size=8, patch_size=4, channels=1, width=32, layers=2, heads=4
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> CLIP:
+    torch.manual_seed(0)
+    return CLIP(tiny_config()).eval()
+
+
+def inputs(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 1, 8, 8, generator=g)
+    texts = ["".join(chr(97 + int(i)) for i in torch.randint(0, 26, (5,), generator=g))]
+    ids = ByteTokenizer(CONTEXT)(texts * batch)
+    ids[:, 1:6] = torch.randint(1, 257, (batch, 5), generator=g)
+    return images, ids
+
+
+@given(batch=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_normalized_embeddings_have_unit_norm(model: CLIP, batch: int, seed: int) -> None:
+    images, ids = inputs(batch, seed)
+    with torch.no_grad():
+        for z in (model.encode_image(images, normalize=True), model.encode_text(ids, True)):
+            assert z.shape == (batch, 16)
+            torch.testing.assert_close(z.norm(dim=-1), torch.ones(batch))
+
+
+@given(batch=st.integers(2, 6), seed=st.integers(0, 2**16), data=st.data())
+def test_loss_is_invariant_to_permuting_the_batch_consistently(
+    model: CLIP, batch: int, seed: int, data: st.DataObject
+) -> None:
+    perm = torch.tensor(data.draw(st.permutations(range(batch))))
+    images, ids = inputs(batch, seed)
+    with torch.no_grad():
+        torch.testing.assert_close(model.loss(images[perm], ids[perm]), model.loss(images, ids))
+
+
+@given(batch=st.integers(2, 8), dim=st.integers(8, 16), seed=st.integers(0, 2**16))
+def test_loss_is_near_zero_at_high_temperature_when_embeddings_coincide(
+    batch: int, dim: int, seed: int
+) -> None:
+    # Orthonormal rows: each image's own caption is the only one it is similar to.
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    z = q[:batch].float()
+    at_coincidence = contrastive_loss(z, z, torch.tensor(100.0))
+    assert at_coincidence < 1e-6
+    mismatched = contrastive_loss(z, z.roll(1, dims=0), torch.tensor(100.0))
+    assert mismatched > at_coincidence + 1.0
+
+
+@given(batch=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_loss_is_log_batch_when_all_embeddings_are_equal(batch: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(1, 8, generator=g), dim=-1).expand(batch, 8)
+    loss = contrastive_loss(z, z, torch.tensor(30.0))
+    torch.testing.assert_close(loss, torch.tensor(math.log(batch)))
+
+
+def test_loss_is_symmetric_in_images_and_texts() -> None:
+    g = torch.Generator().manual_seed(1)
+    a = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    b = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    torch.testing.assert_close(contrastive_loss(a, b, 10.0), contrastive_loss(b, a, 10.0))
+
+
+@given(raw=st.floats(-50, 50))
+def test_logit_scale_stays_within_its_clamp(raw: float) -> None:
+    torch.manual_seed(0)
+    clip = CLIP(tiny_config())
+    with torch.no_grad():
+        clip.logit_scale.fill_(raw)
+    assert 1.0 <= float(clip.scale().detach()) <= 100.0 * (1 + 1e-6)  # float32 rounding
+    clip.clamp_logit_scale_()
+    assert 0.0 <= float(clip.logit_scale) <= MAX_F32
+
+
+def test_logit_scale_stays_clamped_through_training_steps() -> None:
+    torch.manual_seed(0)
+    clip = CLIP(tiny_config())
+    opt = torch.optim.SGD([clip.logit_scale], lr=50.0)
+    for _ in range(3):
+        opt.zero_grad()
+        (-clip.scale()).backward()  # pushes the scale up, far past ln 100
+        opt.step()
+        clip.clamp_logit_scale_()
+        assert 0.0 <= float(clip.logit_scale) <= MAX_F32
+    assert float(clip.logit_scale) == pytest.approx(MAX_LOGIT_SCALE)
+
+
+def test_initial_logit_scale_is_clips_temperature(model: CLIP) -> None:
+    assert float(model.scale()) == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_wrong_shaped_images_give_a_clear_error(model: CLIP) -> None:
+    with pytest.raises(ShapeError, match=r"images must be \(batch, 1, 8, 8\)"):
+        model.encode_image(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ShapeError, match=r"images must be \(batch, 1, 8, 8\)"):
+        model.encode_image(torch.randn(2, 1, 12, 12))
+    with pytest.raises(ShapeError, match="images"):
+        model.encode_image(torch.randn(1, 8, 8))
+
+
+def test_too_many_token_positions_give_a_clear_error(model: CLIP) -> None:
+    with pytest.raises(ShapeError, match="more than context_length 16"):
+        model.encode_text(torch.zeros(1, CONTEXT + 1, dtype=torch.long))
+
+
+def test_loss_needs_as_many_images_as_texts(model: CLIP) -> None:
+    images, ids = inputs(3, 0)
+    with pytest.raises(ShapeError, match="batch"):
+        model.loss(images, ids[:2])
+    assert model(images, ids[:2]).shape == (3, 2)  # logits allow any pairing
+
+
+def test_text_tower_is_causal_and_pools_at_the_end_token(model: CLIP) -> None:
+    tok = ByteTokenizer(CONTEXT)
+    ids = tok(["seven", "a 7"])
+    with torch.no_grad():
+        hidden, pooled = model.text(ids)
+        end = (ids == tok.eot_token_id).int().argmax(dim=1)
+        torch.testing.assert_close(pooled, hidden[torch.arange(2), end])
+        # what follows the end token cannot change anything up to it
+        changed = ids.clone()
+        changed[0, end[0] + 1 :] = 42
+        hidden2, pooled2 = model.text(changed)
+    torch.testing.assert_close(pooled2, pooled)
+    torch.testing.assert_close(hidden2[0, : end[0] + 1], hidden[0, : end[0] + 1])
+    assert not torch.allclose(hidden2[0, end[0] + 1 :], hidden[0, end[0] + 1 :])
+
+
+def test_eos_pooling_uses_the_first_eos_id() -> None:
+    torch.manual_seed(0)
+    tower_cfg = TextTowerConfig(
+        vocab_size=20, context_length=6, width=16, layers=1, heads=2, eos_token_id=3
+    )
+    from diffkit.nn.clip import TextTower
+
+    tower = TextTower(tower_cfg).eval()
+    ids = torch.tensor([[1, 5, 3, 19, 3, 0]])
+    hidden, pooled = tower(ids)
+    torch.testing.assert_close(pooled, hidden[:, 2])
+
+
+def test_patch_embedding_is_a_strided_convolution(model: CLIP) -> None:
+    images, _ = inputs(2, 3)
+    vision = model.vision
+    weight = vision.patch_embedding.weight.reshape(32, 1, 4, 4)
+    conv = F.conv2d(images, weight, stride=4).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(vision.patch_embedding(vision.patches.patchify(images)), conv)
+
+
+def test_zero_shot_classifier_averages_normalized_prompts_per_class(model: CLIP) -> None:
+    tok = ByteTokenizer(CONTEXT)
+    templates = ["a {}", "the digit {}", lambda c: f"{c}!"]
+    clf = ZeroShotClassifier.from_prompts(model, tok, ["one", "two"], templates)
+    with torch.no_grad():
+        for k, name in enumerate(["one", "two"]):
+            prompts = [t.format(name) if isinstance(t, str) else t(name) for t in templates]
+            z = model.encode_text(tok(prompts), normalize=True).mean(dim=0)
+            torch.testing.assert_close(clf.class_embeddings[k], F.normalize(z, dim=0))
+        images, _ = inputs(3, 0)
+        logits = clf(images)
+    assert logits.shape == (3, 2)
+    assert clf.predict(images).shape == (3,)
+    with pytest.raises(ValueError, match="classnames is empty"):
+        ZeroShotClassifier.from_prompts(model, tok, [], templates)
+    with pytest.raises(ValueError, match="templates is empty"):
+        ZeroShotClassifier.from_prompts(model, tok, ["one"], [])
+
+
+def test_clip_overfits_a_few_pairs() -> None:
+    torch.manual_seed(0)
+    clip = CLIP(tiny_config())
+    images, _ = inputs(4, 0)
+    ids = ByteTokenizer(CONTEXT)(["zero", "one", "two", "three"])
+    opt = torch.optim.Adam(clip.parameters(), lr=3e-3)
+    first = float(clip.loss(images, ids))
+    for _ in range(40):
+        opt.zero_grad()
+        loss = clip.loss(images, ids)
+        loss.backward()
+        opt.step()
+        clip.clamp_logit_scale_()
+    assert float(loss) < 0.1 < first
+    assert (clip(images, ids).argmax(dim=1) == torch.arange(4)).all()
+
+
+def test_config_round_trips_and_builds_through_the_registry() -> None:
+    config = tiny_config()
+    parsed = CLIP_MODELS.parse(config.to_json())
+    assert parsed == config
+    built = CLIP_MODELS.build(config.to_dict())
+    assert isinstance(built, CLIP)
+    assert sum(p.numel() for p in built.parameters()) == sum(
+        p.numel() for p in CLIP(config).parameters()
+    )
+    with pytest.raises(ValueError, match="must divide"):
+        VisionTowerConfig(image_size=10, patch_size=4)
+    with pytest.raises(ValueError, match="must divide"):
+        TextTowerConfig(width=30, heads=4)
