@@ -15,12 +15,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-import diffkit as dk  # noqa: E402
-from diffkit import schedules  # noqa: E402
+import diffkit as dk
+from diffkit import schedules
 
 
 def _schedules() -> dict[str, dk.NoiseSchedule]:
