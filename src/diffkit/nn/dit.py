@@ -148,7 +148,9 @@ class DiT(nn.Module):
         return c
 
     @checked
-    def forward(self, x_t: Image, t: Time, cond: Conditioning | None = None) -> Image:
+    def forward(
+        self, x_t: Image, t: Time, cond: Conditioning | None = None
+    ) -> Float[Tensor, "batch out_channels height width"]:
         """Predict ``self.prediction`` for ``x_t`` ``(b, c, h, w)`` at times ``t`` ``(b,)``."""
         cfg = self.config
         if x_t.shape[1] != cfg.in_channels:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Literal, cast
 
 import torch
+from jaxtyping import Float
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
@@ -36,6 +37,8 @@ from diffkit.protocols import Conditioning
 from diffkit.typing import Image, Prediction, ShapeError, Time, checked
 
 __all__ = ["UNet", "UNetConfig"]
+
+ImageOut = Float[Tensor, "batch out_channels height width"]
 
 
 class UNetConfig(Config):
@@ -103,7 +106,7 @@ class UNetConfig(Config):
                     f"level {i} has {channels} channels, not divisible into "
                     f"norm_groups={self.norm_groups}"
                 )
-            if self._has_attention(i):
+            if self._has_attention(i) or (self.mid_attention and i == len(self.channel_mult) - 1):
                 self.heads_at(channels)
         levels = len(self.channel_mult)
         allowed = {2**i for i in range(levels)}
@@ -281,7 +284,7 @@ class UNet(nn.Module):
         return emb
 
     @checked
-    def forward(self, x_t: Image, t: Time, cond: Conditioning | None = None) -> Image:
+    def forward(self, x_t: Image, t: Time, cond: Conditioning | None = None) -> ImageOut:
         """Predict ``self.prediction`` for ``x_t`` ``(b, c, h, w)`` at times ``t`` ``(b,)``."""
         self._validate(x_t, cond)
         emb = self.embed_time(t, cond)

@@ -192,7 +192,9 @@ class VideoDiT(nn.Module):
         return c
 
     @checked
-    def forward(self, x_t: Video, t: Time, cond: Conditioning | None = None) -> Video:
+    def forward(
+        self, x_t: Video, t: Time, cond: Conditioning | None = None
+    ) -> Float[Tensor, "batch frames out_channels height width"]:
         """Predict ``self.prediction`` for ``x_t`` ``(b, f, c, h, w)`` at times ``t`` ``(b,)``."""
         cfg = self.config
         if x_t.shape[2] != cfg.in_channels:

@@ -1,0 +1,201 @@
+"""Tests for diffkit.nn.unet: shapes for random configs, input errors, batch independence."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import diffkit as dk
+from diffkit.nn import DENOISERS, UNet, UNetConfig
+from diffkit.protocols import Conditioning
+from diffkit.typing import ShapeError
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random non-zero weights everywhere (zero-initialised layers would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+@st.composite
+def unet_setups(draw, max_blocks: int = 2):
+    levels = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([4, 8]))
+    mult = tuple(draw(st.sampled_from([1, 2])) for _ in range(levels))
+    attention = tuple(f for f in (1, 2, 4)[:levels] if draw(st.booleans()))
+    cross = draw(st.booleans())
+    config = UNetConfig(
+        in_channels=draw(st.integers(1, 4)),
+        out_channels=draw(st.none() | st.integers(1, 3)),
+        base_channels=groups * draw(st.sampled_from([1, 2])),
+        channel_mult=mult,
+        blocks_per_level=draw(st.integers(1, max_blocks)),
+        attention_resolutions=attention,
+        attention_head_dim=4,
+        mid_attention=draw(st.booleans()),
+        context_dim=6 if cross else None,
+        transformer_depth=draw(st.integers(1, max_blocks)),
+        linear_projection=draw(st.booleans()),
+        num_classes=draw(st.none() | st.just(3)),
+        pooled_dim=draw(st.none() | st.just(5)),
+        norm_groups=groups,
+        scale_shift=draw(st.booleans()),
+        prediction=draw(st.sampled_from(["epsilon", "x0", "v", "flow"])),
+    )
+    factor = config.downsampling_factor
+    # at least 2x2 pixels at the coarsest level (GroupNorm needs 2 values per group)
+    height = factor * draw(st.integers(2, 3))
+    width = factor * draw(st.integers(2, 3))
+    return config, height, width
+
+
+def _cond(config: UNetConfig, batch: int) -> Conditioning | None:
+    tokens = torch.randn(batch, 3, config.context_dim) if config.context_dim else None
+    labels = torch.arange(batch) % 3 if config.num_classes else None
+    pooled = torch.randn(batch, config.pooled_dim) if config.pooled_dim else None
+    if tokens is None and labels is None and pooled is None:
+        return None
+    return Conditioning(tokens=tokens, labels=labels, pooled=pooled)
+
+
+@settings(max_examples=8)
+@given(setup=unet_setups(), batch=st.integers(1, 3))
+def test_unet_maps_batch_shape_to_the_same_shape(setup, batch):
+    config, height, width = setup
+    model = UNet(config).eval()
+    x = torch.randn(batch, config.in_channels, height, width)
+    with torch.no_grad():
+        out = model(x, torch.rand(batch), _cond(config, batch))
+    out_channels = config.out_channels or config.in_channels
+    assert out.shape == (batch, out_channels, height, width)
+    assert torch.isfinite(out).all()
+    assert model.prediction == config.prediction
+    assert isinstance(model, dk.Denoiser)
+
+
+@settings(max_examples=4)
+@given(setup=unet_setups(max_blocks=1))
+def test_unet_output_for_one_item_does_not_depend_on_another(setup):
+    config, height, width = setup
+    model = _randomize(UNet(config))
+    x = torch.randn(3, config.in_channels, height, width)
+    t = torch.rand(3)
+    cond = _cond(config, 3)
+    with torch.no_grad():
+        before = model(x, t, cond)
+        x2 = x.clone()
+        x2[1] = torch.randn_like(x2[1])
+        t2 = t.clone()
+        t2[1] = 0.5 * t[1]
+        after = model(x2, t2, cond)
+    assert torch.allclose(before[[0, 2]], after[[0, 2]], atol=1e-5)
+    assert not torch.allclose(before[1], after[1], atol=1e-5)
+
+
+def test_unet_rejects_sizes_it_cannot_downsample_before_computing():
+    config = UNetConfig(
+        in_channels=1,
+        base_channels=8,
+        channel_mult=(1, 1, 1, 1),
+        attention_resolutions=(),
+        norm_groups=4,
+        blocks_per_level=1,
+        mid_attention=False,
+    )
+    model = UNet(config)
+    with pytest.raises(ShapeError, match="height 28 is not a multiple of 8"):
+        model(torch.randn(1, 1, 28, 32), torch.rand(1))
+    with pytest.raises(ShapeError, match="width 20 is not a multiple of 8"):
+        model(torch.randn(1, 1, 32, 20), torch.rand(1))
+    with pytest.raises(ShapeError, match="3 channels, expected 1"):
+        model(torch.randn(1, 3, 32, 32), torch.rand(1))
+    with pytest.raises(ShapeError, match="'t'"):
+        model(torch.randn(2, 1, 32, 32), torch.rand(3))
+
+
+def test_unet_says_which_conditioning_is_missing():
+    config = UNetConfig(
+        in_channels=1,
+        base_channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(2,),
+        norm_groups=4,
+        attention_head_dim=4,
+        context_dim=6,
+        num_classes=2,
+        blocks_per_level=1,
+    )
+    model = UNet(config)
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    with pytest.raises(ValueError, match="tokens"):
+        model(x, t)
+    with pytest.raises(ShapeError, match="context_dim=6"):
+        model(x, t, Conditioning(tokens=torch.randn(2, 3, 5), labels=torch.zeros(2).long()))
+    with pytest.raises(ValueError, match="labels"):
+        model(x, t, Conditioning(tokens=torch.randn(2, 3, 6)))
+
+
+def test_unet_cross_attention_follows_the_tokens_and_respects_the_mask():
+    config = UNetConfig(
+        in_channels=2,
+        base_channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(1, 2),
+        norm_groups=4,
+        attention_head_dim=4,
+        context_dim=6,
+        blocks_per_level=1,
+    )
+    model = _randomize(UNet(config))
+    x, t = torch.randn(1, 2, 8, 8), torch.rand(1)
+    tokens = torch.randn(1, 4, 6)
+    mask = torch.tensor([[True, True, False, False]])
+    with torch.no_grad():
+        a = model(x, t, Conditioning(tokens=tokens, mask=mask))
+        tokens2 = tokens.clone()
+        tokens2[0, 3] += 5.0
+        b = model(x, t, Conditioning(tokens=tokens2, mask=mask))
+        c = model(x, t, Conditioning(tokens=tokens2))
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(a, c, atol=1e-4)
+
+
+def test_unet_config_validates_and_builds_from_the_registry():
+    with pytest.raises(ValueError, match="norm_groups"):
+        UNetConfig(base_channels=12, norm_groups=8)
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        UNetConfig(channel_mult=(1, 2), attention_resolutions=(4,))
+    data = {
+        "kind": "unet",
+        "in_channels": 1,
+        "base_channels": 8,
+        "channel_mult": [1, 2],
+        "attention_resolutions": [2],
+        "norm_groups": 4,
+        "attention_head_dim": 4,
+        "prediction": "v",
+    }
+    model = DENOISERS.build(data)
+    assert isinstance(model, UNet) and model.prediction == "v"
+    assert DENOISERS.parse(model.config.to_json()) == model.config
+
+
+def test_unet_trains_a_step():
+    config = UNetConfig(
+        in_channels=1,
+        base_channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(2,),
+        norm_groups=4,
+        attention_head_dim=4,
+        blocks_per_level=1,
+    )
+    model = UNet(config)
+    x = torch.randn(4, 1, 8, 8)
+    loss = model(x, torch.rand(4)).pow(2).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
