@@ -296,7 +296,7 @@ def compatibility_problems(config: PipelineConfig) -> list[str]:
                 problems.append(
                     f"the latent {name} {size} is not a multiple of {owner}.patch_size {p}"
                 )
-    if video and den.kind == "unet":
+    if video and getattr(den, "kind", None) == "unet":
         problems.append(f"data_shape {shape} is a video but denoiser.kind 'unet' takes images")
 
     # text -> cross-attention

@@ -25,17 +25,22 @@ import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float, Int
 from PIL import Image as PILImage
+from pydantic import Field
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
+from diffkit.config import Config, Registry
 from diffkit.typing import Sample, ShapeError, checked
 
 __all__ = [
+    "DATASETS",
     "DIGIT_NAMES",
     "IMAGE_TEMPLATES",
     "VIDEO_TEMPLATES",
     "Batch",
+    "DigitsConfig",
     "DigitsDataset",
+    "MovingDigitsConfig",
     "MovingDigitsDataset",
     "collate",
     "image_grid",
@@ -352,3 +357,35 @@ def save_grid(samples: Sample, path: str | Path, nrow: int = 8) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     picture.save(target)
     return target
+
+
+class DigitsConfig(Config):
+    """The still [`DigitsDataset`][diffkit.data.DigitsDataset]."""
+
+    kind: Literal["digits"] = "digits"
+    size: int = Field(16, ge=8, description="image side in pixels (8x8 digits upscaled)")
+    seed: int = Field(0, ge=0, description="seeds the captions and the train/test split")
+    split: Split = Field("all", description="all digits, or a seeded train / test part")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share of the test split")
+
+
+class MovingDigitsConfig(Config):
+    """The video [`MovingDigitsDataset`][diffkit.data.MovingDigitsDataset]."""
+
+    kind: Literal["moving_digits"] = "moving_digits"
+    num_videos: int = Field(512, ge=1, description="number of videos")
+    frames: int = Field(8, ge=1, description="frames per video")
+    size: int = Field(32, ge=8, description="canvas side in pixels")
+    digit_size: int = Field(16, ge=8, description="digit side in pixels")
+    max_speed: int = Field(3, ge=1, description="largest speed in pixels per frame")
+    seed: int = Field(0, ge=0, description="seeds digits, paths, captions and the split")
+    split: Split = Field("all", description="which digits: all, or a seeded train / test part")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share of the test split")
+
+
+DATASETS: Registry[Dataset[Any]] = Registry("dataset")
+"""Datasets by config ``kind`` (``"digits"``, ``"moving_digits"``)."""
+DATASETS.register(DigitsConfig, lambda c: DigitsDataset(**c.model_dump(exclude={"kind"})))
+DATASETS.register(
+    MovingDigitsConfig, lambda c: MovingDigitsDataset(**c.model_dump(exclude={"kind"}))
+)

@@ -26,16 +26,17 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import Field, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
+from diffkit.builder import PipelineConfig
 from diffkit.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -50,14 +51,20 @@ from diffkit.losses import DiffusionLoss, LossConfig
 from diffkit.protocols import Conditioning, NoiseSchedule
 from diffkit.typing import Prediction
 
+if TYPE_CHECKING:
+    from diffkit.pipeline import Pipeline
+
 __all__ = [
     "DistributedInfo",
     "TrainConfig",
     "TrainResult",
+    "TrainRunConfig",
     "init_distributed",
     "learning_rate",
+    "main",
     "step_generator",
     "train",
+    "train_pipeline",
 ]
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -553,3 +560,177 @@ def _save_samples(
     finally:
         model.train(was_training)
     return save_grid(images.float().cpu(), out / "samples" / f"step-{step:08d}.png")
+
+
+ConditionMode = Literal["auto", "text", "labels", "none"]
+
+
+def train_pipeline(
+    pipeline: "Pipeline",
+    dataset: Dataset[Any],
+    config: TrainConfig,
+    *,
+    condition: ConditionMode = "auto",
+    null_label: int | None = None,
+    sample_prompts: Sequence[str] | None = None,
+    sample_steps: int = 20,
+) -> TrainResult:
+    """Train a pipeline's denoiser on ``dataset``; the encoder and text conditioner stay frozen.
+
+    ``condition``: ``"text"`` conditions on ``batch.captions`` through the pipeline's text
+    conditioner (dropped to the empty prompt by ``config.loss.cond_dropout``);
+    ``"labels"`` on ``batch.labels`` (dropped to ``null_label``); ``"none"``
+    unconditional; ``"auto"``: text when the pipeline has a text conditioner, else none.
+    Sample grids (``config.sample_every``) use ``sample_prompts`` (or 8 unconditional
+    samples) with the EMA weights.
+    """
+    info = init_distributed()
+    device = _resolve_device(config, info)
+    pipeline.to(device)
+    for part in (pipeline.encoder, pipeline.text):
+        if isinstance(part, nn.Module):
+            part.eval().requires_grad_(False)
+    if not isinstance(pipeline.denoiser, nn.Module):
+        raise TypeError("train_pipeline: the pipeline's denoiser must be an nn.Module")
+    if pipeline.data_shape is not None and len(dataset) > 0:  # type: ignore[arg-type]
+        first = collate([dataset[0]]).x.shape[1:]
+        if tuple(first) != pipeline.data_shape:
+            raise ValueError(
+                f"train_pipeline: the dataset's samples have shape {tuple(first)} but the "
+                f"pipeline's data_shape is {pipeline.data_shape}"
+            )
+    mode = condition
+    if mode == "auto":
+        mode = "text" if pipeline.text is not None else "none"
+
+    condition_fn: ConditionFn | None = None
+    uncond: Conditioning | None = None
+    if mode == "text":
+        text = pipeline.text
+        if text is None:
+            raise ValueError("train_pipeline: condition='text' needs a text conditioner")
+
+        def text_condition(batch: Batch) -> Conditioning:
+            if batch.captions is None:
+                raise ValueError("train_pipeline: condition='text' needs captions in the data")
+            with torch.no_grad():
+                return text.condition(batch.captions)
+
+        condition_fn = text_condition
+        with torch.no_grad():
+            uncond = text.condition([""])
+    elif mode == "labels":
+        if config.loss.cond_dropout > 0 and null_label is None:
+            raise ValueError("train_pipeline: label dropout (cond_dropout > 0) needs null_label")
+
+        def label_condition(batch: Batch) -> Conditioning:
+            if batch.labels is None:
+                raise ValueError("train_pipeline: condition='labels' needs labels in the data")
+            return Conditioning(labels=batch.labels)
+
+        condition_fn = label_condition
+        if null_label is not None:
+            uncond = Conditioning(labels=torch.tensor([null_label]))
+
+    encode = pipeline.encode if pipeline.encoder is not None else None
+
+    prompts: list[str] | None = None
+    if mode == "text":
+        prompts = list(sample_prompts or [])
+        if not prompts:  # the captions of the first items
+            first = collate([dataset[i] for i in range(min(8, len(dataset)))])  # type: ignore[arg-type]
+            prompts = first.captions or [""]
+    labels = torch.arange(8) % 10 if mode == "labels" else None
+
+    def sample(model: nn.Module, generator: torch.Generator) -> Tensor:
+        return pipeline.generate(
+            prompts,
+            cond=Conditioning(labels=labels.to(device)) if labels is not None else None,
+            num_samples=8 if prompts is None and labels is None else None,
+            steps=sample_steps,
+            guidance=1.0,
+            generator=generator,
+            denoiser=_DenoiserView(model, pipeline.denoiser.prediction),
+        )
+
+    return train(
+        pipeline.denoiser,
+        pipeline.schedule,
+        dataset,
+        config,
+        condition=condition_fn,
+        uncond=uncond,
+        encode=encode,
+        sample=sample if config.sample_every is not None else None,
+    )
+
+
+class TrainRunConfig(Config):
+    """Everything a command-line training run needs: pipeline, data and training configs."""
+
+    kind: Literal["train_run"] = "train_run"
+    pipeline: PipelineConfig = Field(description="the pipeline to build and train")
+    data: SerializeAsAny[Config] = Field(description="the dataset (group 'dataset')")
+    train: TrainConfig = Field(description="how to train")
+    condition: ConditionMode = Field("auto", description="what the denoiser is conditioned on")
+    null_label: int | None = Field(None, ge=0, description="the 'no label' class for CFG")
+    sample_prompts: list[str] | None = Field(None, description="prompts of the sample grids")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _parse_data(cls, value: Any) -> Any:
+        from diffkit.data import DATASETS
+
+        return DATASETS.parse(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffkit.training run.yaml`` (or under ``torchrun``): build, train, save.
+
+    Rank 0 saves the pipeline with the EMA weights to ``<output_dir>/pipeline``.
+    """
+    import argparse
+
+    import yaml
+
+    from diffkit.builder import build
+    from diffkit.data import DATASETS
+
+    parser = argparse.ArgumentParser(prog="diffkit-train", description=main.__doc__)
+    parser.add_argument("config", help="a YAML or JSON TrainRunConfig file")
+    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--output-dir", help="override train.output_dir")
+    args = parser.parse_args(argv)
+    with open(args.config, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    overrides = {
+        k: v for k, v in (("steps", args.steps), ("output_dir", args.output_dir)) if v is not None
+    }
+    if overrides:
+        data = {**data, "train": {**data.get("train", {}), **overrides}}
+    run = TrainRunConfig.model_validate(data)
+    started = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed()
+    try:
+        pipeline = build(run.pipeline)
+        dataset = DATASETS.build(run.data)
+        result = train_pipeline(
+            pipeline,
+            dataset,
+            run.train,
+            condition=run.condition,
+            null_label=run.null_label,
+            sample_prompts=run.sample_prompts,
+        )
+        if info.is_main and result.output_dir is not None:
+            if result.ema is not None:
+                result.ema.copy_to(cast(nn.Module, pipeline.denoiser))
+            pipeline.save(result.output_dir / "pipeline")
+    finally:
+        if started and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
