@@ -1,0 +1,53 @@
+"""DDIM (Song et al., 2021) with ``eta``, and DDPM ancestral sampling (Ho et al., 2020).
+
+With ``D`` the denoised estimate and ``E = (x_i - alpha_i D) / sigma_i`` the implied noise,
+
+    x_{i+1} = alpha_{i+1} D + sqrt(sigma_{i+1}² - c²) E + c z,
+    c = eta · sigma_{i+1} · sqrt(1 - exp(-2 h)),   h = lambda_{i+1} - lambda_i.
+
+``eta = 0`` is the deterministic DDIM ODE step (the first-order DPM-Solver++ step);
+``eta = 1`` draws from the DDPM posterior ``q(x_{i+1} | x_i, x0 = D)``, which is DDPM's
+ancestral sampler on any subsequence of times.
+"""
+
+import dataclasses
+import math
+
+from diffkit.samplers._base import Grid, SamplerBase, Step
+from diffkit.samplers.spacing import Spacing, UniformTime
+
+__all__ = ["DDIM", "DDPM"]
+
+
+def _ddim_plan(grid: Grid, eta: float) -> list[Step]:
+    plan = []
+    for i in range(grid.steps):
+        a0, s0 = grid.alpha[i], grid.sigma[i]
+        a1, s1 = grid.alpha[i + 1], grid.sigma[i + 1]
+        c = eta * s1 * math.sqrt(-math.expm1(-2 * grid.h(i)))
+        keep = math.sqrt(max(s1 * s1 - c * c, 0.0)) / s0  # coefficient of E, times 1/sigma_i
+        plan.append(Step(keep=keep, data=(a1 - keep * a0,), noise=c))
+    return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIM(SamplerBase):
+    """DDIM: ``eta = 0`` deterministic (1 NFE/step), ``eta > 0`` adds posterior noise."""
+
+    eta: float = 0.0
+    spacing: Spacing = dataclasses.field(default_factory=UniformTime)
+
+    def plan(self, grid: Grid) -> list[Step]:
+        """DDIM coefficients on ``grid``."""
+        return _ddim_plan(grid, self.eta)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPM(SamplerBase):
+    """DDPM ancestral sampling: each step draws from the posterior given ``x0 = D``."""
+
+    spacing: Spacing = dataclasses.field(default_factory=UniformTime)
+
+    def plan(self, grid: Grid) -> list[Step]:
+        """DDPM (DDIM with ``eta = 1``) coefficients on ``grid``."""
+        return _ddim_plan(grid, 1.0)

@@ -1,0 +1,243 @@
+"""Time discretisation: where a sampler evaluates the denoiser (its time grid).
+
+A spacing turns a schedule and a number of steps ``N`` into ``N + 1`` decreasing times
+``t_0 = t_max > ... > t_{N-1} = t_min > t_N = 0``: the sampler evaluates the denoiser at
+the first ``N`` and its last step lands on the data (``t = 0``, ``sigma = 0``).
+
+Spacings are defined on the schedule's own scale, so the same spacing means the same
+thing for every schedule: uniform in ``t``, uniform in log-SNR, Karras et al.'s ``rho``
+ramp in ``sigma / alpha``, or an explicit list of times. Endpoints whose log-SNR is
+infinite (``t = 1`` of rectified flow or a zero-terminal-SNR schedule) are kept as the
+first time; the other points are then spread from the next uniform-in-t time.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from diffkit.config import Config, Registry
+from diffkit.protocols import NoiseSchedule
+
+__all__ = [
+    "SPACINGS",
+    "Explicit",
+    "ExplicitConfig",
+    "Karras",
+    "KarrasConfig",
+    "LogSNR",
+    "LogSNRConfig",
+    "Spacing",
+    "SpacingConfig",
+    "UniformTime",
+    "UniformTimeConfig",
+]
+
+_F64 = torch.float64
+
+
+@runtime_checkable
+class Spacing(Protocol):
+    """``(schedule, steps) -> times``: ``steps + 1`` decreasing times ending at ``t = 0``."""
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        ...
+
+
+def _log_snr_at(schedule: NoiseSchedule, t: Sequence[float], device: torch.device | None) -> Tensor:
+    values = schedule.log_snr(torch.tensor(list(t), dtype=_schedule_dtype(device), device=device))
+    return values.to("cpu", _F64)
+
+
+def _t_at(schedule: NoiseSchedule, log_snr: Tensor, device: torch.device | None) -> Tensor:
+    t = schedule.t_of_log_snr(log_snr.to(device=device, dtype=_schedule_dtype(device)))
+    return t.to("cpu", _F64)
+
+
+def _schedule_dtype(device: torch.device | None) -> torch.dtype:
+    # MPS has no float64; everywhere else the grid is computed in double precision.
+    return torch.float32 if device is not None and device.type == "mps" else _F64
+
+
+def _finish(t: Tensor, t_max: float, t_min: float) -> Tensor:
+    """Pin the endpoints exactly, enforce monotonicity and append ``t = 0`` (data)."""
+    t = t.clone()
+    t[-1] = t_min
+    t[0] = t_max  # with one step, the only evaluation is at t_max
+    t = torch.minimum(t, torch.cummin(t, 0).values)
+    return torch.cat([t, t.new_zeros(1)])
+
+
+def _check(steps: int) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+
+
+def _spread(
+    schedule: NoiseSchedule,
+    steps: int,
+    device: torch.device | None,
+    t_max: float,
+    t_min: float,
+    ramp: Callable[[float, float, int], Tensor],
+) -> Tensor:
+    """``steps`` log-SNR values from ``ramp(lo, hi, n)`` mapped to times, plus ``t = 0``.
+
+    An infinite log-SNR at ``t_max`` (pure noise) keeps ``t_max`` as the first time and
+    spreads the other ``steps - 1`` from the next evenly spaced time.
+    """
+    hi, lo = _log_snr_at(schedule, [t_min, t_max], device).tolist()
+    if math.isfinite(lo) or steps == 1:
+        lo = lo if math.isfinite(lo) else hi - 1.0
+        return _finish(_t_at(schedule, ramp(lo, hi, steps), device), t_max, t_min)
+    t_next = t_max - (t_max - t_min) / (steps - 1)
+    lo = _log_snr_at(schedule, [t_next], device).item()
+    rest = _t_at(schedule, ramp(lo, hi, steps - 1), device)
+    return _finish(torch.cat([rest.new_full((1,), t_max), rest]), t_max, t_min)
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformTime:
+    """Evenly spaced times from ``t_max`` to ``t_min`` (diffusers' ``"linspace"``)."""
+
+    t_max: float = 1.0
+    t_min: float = 1e-3
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+        t = torch.linspace(self.t_max, self.t_min, steps, dtype=_F64)
+        return _finish(t, self.t_max, self.t_min)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSNR:
+    """Evenly spaced log-SNR from ``t_max`` to ``t_min`` (DPM-Solver's ``"logSNR"``).
+
+    ``power != 1`` warps the ramp, ``u -> u ** power`` on ``[0, 1]``: above 1 it puts more
+    of the steps at high noise (a polynomial in log-sigma, k-diffusion's
+    ``polyexponential``).
+    """
+
+    t_max: float = 1.0
+    t_min: float = 1e-3
+    power: float = 1.0
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+
+        def ramp(lo: float, hi: float, n: int) -> Tensor:
+            return lo + torch.linspace(0.0, 1.0, n, dtype=_F64) ** self.power * (hi - lo)
+
+        return _spread(schedule, steps, device, self.t_max, self.t_min, ramp)
+
+
+@dataclasses.dataclass(frozen=True)
+class Karras:
+    """Karras et al. (2022): ``(sigma/alpha) ** (1/rho)`` evenly spaced, ``rho = 7``."""
+
+    rho: float = 7.0
+    t_max: float = 1.0
+    t_min: float = 1e-3
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+
+        def ramp(lo: float, hi: float, n: int) -> Tensor:
+            # sigma / alpha = exp(-log_snr / 2), spaced evenly in its 1/rho-th power
+            s_max, s_min = math.exp(-lo / (2 * self.rho)), math.exp(-hi / (2 * self.rho))
+            u = torch.linspace(0.0, 1.0, n, dtype=_F64)
+            return -2 * self.rho * torch.log(s_max + u * (s_min - s_max))
+
+        return _spread(schedule, steps, device, self.t_max, self.t_min, ramp)
+
+
+@dataclasses.dataclass(frozen=True)
+class Explicit:
+    """A fixed list of decreasing evaluation times (e.g. a model's trained timesteps)."""
+
+    times: tuple[float, ...]
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        if steps != len(self.times):
+            raise ValueError(f"Explicit spacing has {len(self.times)} times, asked for {steps}")
+        t = torch.tensor(self.times, dtype=_F64)
+        if not bool((t[1:] < t[:-1]).all()) or not bool((t > 0).all() & (t <= 1).all()):
+            raise ValueError("Explicit times must be strictly decreasing and in (0, 1]")
+        return torch.cat([t, t.new_zeros(1)])
+
+
+# --------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------
+
+_T_MAX = Field(default=1.0, gt=0, le=1, description="first (noisiest) evaluation time")
+_T_MIN = Field(default=1e-3, gt=0, lt=1, description="last evaluation time before the data")
+
+
+class _Ends(Config):
+    t_max: float = _T_MAX
+    t_min: float = _T_MIN
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "_Ends":
+        if self.t_min >= self.t_max:
+            raise ValueError("t_min (last evaluation time) must be below t_max (first)")
+        return self
+
+
+class UniformTimeConfig(_Ends):
+    """Evenly spaced times."""
+
+    kind: Literal["uniform"] = "uniform"
+
+
+class LogSNRConfig(_Ends):
+    """Evenly spaced log-SNR (optionally warped by ``power``)."""
+
+    kind: Literal["logsnr"] = "logsnr"
+    power: float = Field(default=1.0, gt=0, description="ramp exponent; >1 favours high noise")
+
+
+class KarrasConfig(_Ends):
+    """Karras et al.'s ``rho`` ramp in ``sigma / alpha``."""
+
+    kind: Literal["karras"] = "karras"
+    rho: float = Field(default=7.0, gt=0, description="ramp exponent (7 in Karras et al.)")
+
+
+class ExplicitConfig(Config):
+    """An explicit list of decreasing evaluation times in (0, 1]."""
+
+    kind: Literal["explicit"] = "explicit"
+    times: tuple[float, ...] = Field(description="decreasing evaluation times; t=0 is appended")
+
+
+SpacingConfig = UniformTimeConfig | LogSNRConfig | KarrasConfig | ExplicitConfig
+"""Any spacing config (a union discriminated by ``kind``)."""
+
+SPACINGS: Registry[Spacing] = Registry("spacing")
+"""``kind`` -> spacing config and builder."""
+
+SPACINGS.register(UniformTimeConfig, lambda c: UniformTime(c.t_max, c.t_min))
+SPACINGS.register(LogSNRConfig, lambda c: LogSNR(c.t_max, c.t_min, c.power))
+SPACINGS.register(KarrasConfig, lambda c: Karras(c.rho, c.t_max, c.t_min))
+SPACINGS.register(ExplicitConfig, lambda c: Explicit(tuple(c.times)))

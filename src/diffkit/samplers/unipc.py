@@ -1,0 +1,96 @@
+"""UniPC (Zhao et al., 2023): the unified predictor-corrector, data-prediction form.
+
+Step ``i`` in ``lambda = log(alpha / sigma)``, ``h = lambda_{i+1} - lambda_i``:
+
+- predictor UniP-p: ``x_{i+1} = (sigma_{i+1}/sigma_i) x_i + alpha_{i+1} (1 - e^{-h}) D_i
+  - alpha_{i+1} B(h) sum_k rho_k (D_{i-k} - D_i) / r_k`` with ``r_k = (lambda_{i-k} -
+  lambda_i) / h`` and ``rho`` solving the order conditions ``R rho = b`` (Vandermonde
+  in ``r``, ``b`` from the phi-functions of ``h``);
+- corrector UniC-p: evaluate ``D_{i+1}`` at the prediction and redo the step with it as
+  one more point (``r = 1``). The corrected sample is kept, the evaluation reused, so the
+  corrector raises the order by one at no extra NFE.
+
+``B(h) = e^{h} - 1`` ("bh2", the default) or ``h`` ("bh1"). The step onto the data is a
+first-order predictor with no corrector.
+"""
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+
+from diffkit.samplers._base import Grid, SamplerBase, Step
+from diffkit.samplers.dpmsolver import multistep_order
+from diffkit.samplers.spacing import LogSNR, Spacing
+
+__all__ = ["UniPC"]
+
+
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
+    a = torch.tensor(matrix, dtype=torch.float64)
+    b = torch.tensor(rhs, dtype=torch.float64)
+    return torch.linalg.solve(a, b).tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class UniPC(SamplerBase):
+    """UniPC multistep predictor-corrector of ``order`` 1-3 (1 NFE per step)."""
+
+    order: Literal[1, 2, 3] = 2
+    variant: Literal["bh1", "bh2"] = "bh2"
+    corrector: bool = True
+    spacing: Spacing = dataclasses.field(default_factory=LogSNR)
+
+    def plan(self, grid: Grid) -> list[Step]:
+        """UniPC coefficients on ``grid``."""
+        plan = []
+        n = grid.steps
+        for i in range(n):
+            h = grid.h(i)
+            a1 = grid.alpha[i + 1]
+            keep = grid.sigma[i + 1] / grid.sigma[i]
+            p = min(multistep_order(grid, i, self.order, False), n - i)
+            hh = -h
+            phi_1 = math.expm1(hh)  # e^{-h} - 1
+            if p == 1 and not math.isfinite(h):
+                plan.append(Step(keep=keep, data=(-a1 * phi_1,)))
+                continue
+            b_h = phi_1 if self.variant == "bh2" else hh
+            rks = [(grid.lam[i - k] - grid.lam[i]) / h for k in range(1, p)] + [1.0]
+            rows, b = [], []
+            phi_k, factorial = phi_1 / hh - 1, 1
+            for j in range(1, p + 1):
+                rows.append([r ** (j - 1) for r in rks])
+                b.append(phi_k * factorial / b_h)
+                factorial *= j + 1
+                phi_k = phi_k / hh - 1 / factorial
+            # Predictor: D_i and the differences (D_{i-k} - D_i) / r_k, k = 1..p-1.
+            if p == 1:
+                rho_p: list[float] = []
+            elif p == 2:
+                rho_p = [0.5]
+            else:
+                rho_p = _solve([row[:-1] for row in rows[:-1]], b[:-1])
+            data = self._combination(a1, phi_1, b_h, rks, rho_p)
+            correct = None
+            if self.corrector and i < n - 1:
+                rho_c = [0.5] if p == 1 else _solve(rows, b)
+                hist = self._combination(a1, phi_1, b_h, rks, rho_c[:-1])
+                new = -a1 * b_h * rho_c[-1]
+                correct = (new, hist[0] - new, *hist[1:])
+            plan.append(Step(keep=keep, data=tuple(data), correct=correct))
+        return plan
+
+    @staticmethod
+    def _combination(
+        a1: float, phi_1: float, b_h: float, rks: list[float], rhos: list[float]
+    ) -> list[float]:
+        """Coefficients of ``D_i, D_{i-1}, ...`` in ``-a1 phi_1 D_i - a1 B(h) sum rho_k
+        (D_{i-k} - D_i) / r_k``."""
+        coefs = [-a1 * phi_1] + [0.0] * len(rhos)
+        for k, rho in enumerate(rhos):
+            w = -a1 * b_h * rho / rks[k]
+            coefs[k + 1] += w
+            coefs[0] -= w
+        return coefs
