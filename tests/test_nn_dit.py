@@ -1,0 +1,159 @@
+"""Tests for diffkit.nn.dit and diffkit.nn.video: shapes, batch independence, adaLN-Zero."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import diffkit as dk
+from diffkit.nn import DENOISERS, DiT, DiTConfig, VideoDiT, VideoDiTConfig
+from diffkit.protocols import Conditioning
+from diffkit.typing import ShapeError
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random non-zero weights everywhere (adaLN-Zero layers start at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def _cond(config: DiTConfig | VideoDiTConfig, batch: int) -> Conditioning | None:
+    tokens = torch.randn(batch, 3, config.context_dim) if config.context_dim else None
+    labels = torch.arange(batch) % 3 if config.num_classes else None
+    pooled = torch.randn(batch, config.pooled_dim) if config.pooled_dim else None
+    if tokens is None and labels is None and pooled is None:
+        return None
+    return Conditioning(tokens=tokens, labels=labels, pooled=pooled)
+
+
+def _common(draw) -> dict:
+    return {
+        "in_channels": draw(st.integers(1, 3)),
+        "out_channels": draw(st.none() | st.integers(1, 3)),
+        "dim": 16,
+        "depth": draw(st.integers(1, 2)),
+        "num_heads": draw(st.sampled_from([1, 2, 4])),
+        "context_dim": draw(st.none() | st.just(6)),
+        "pooled_dim": draw(st.none() | st.just(5)),
+        "num_classes": draw(st.none() | st.just(3)),
+        "freq_dim": 8,
+        "prediction": draw(st.sampled_from(["epsilon", "x0", "v", "flow"])),
+    }
+
+
+@st.composite
+def dit_setups(draw):
+    p = draw(st.integers(1, 3))
+    config = DiTConfig(patch_size=p, **_common(draw))
+    shape = (config.in_channels, p * draw(st.integers(1, 3)), p * draw(st.integers(1, 3)))
+    return config, shape
+
+
+@st.composite
+def video_setups(draw):
+    patch = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    attention = draw(st.sampled_from(["factorised", "full"]))
+    config = VideoDiTConfig(patch_size=patch, attention=attention, **_common(draw))
+    frames = patch[0] * draw(st.integers(1, 3))
+    shape = (
+        frames,
+        config.in_channels,
+        patch[1] * draw(st.integers(1, 3)),
+        patch[2] * draw(st.integers(1, 3)),
+    )
+    return config, shape
+
+
+def _build(config):
+    return DiT(config) if isinstance(config, DiTConfig) else VideoDiT(config)
+
+
+def _out_shape(config, shape):
+    out = config.out_channels or config.in_channels
+    if isinstance(config, DiTConfig):
+        return (out, *shape[1:])
+    return (shape[0], out, *shape[2:])
+
+
+@settings(max_examples=10)
+@given(setup=dit_setups() | video_setups(), batch=st.integers(1, 3))
+def test_transformer_denoisers_map_batch_shape_to_the_same_shape(setup, batch):
+    config, shape = setup
+    model = _randomize(_build(config))
+    with torch.no_grad():
+        out = model(torch.randn(batch, *shape), torch.rand(batch), _cond(config, batch))
+    assert out.shape == (batch, *_out_shape(config, shape))
+    assert torch.isfinite(out).all()
+    assert model.prediction == config.prediction
+    assert isinstance(model, dk.Denoiser)
+
+
+@settings(max_examples=6)
+@given(setup=dit_setups() | video_setups())
+def test_transformer_denoisers_do_not_leak_across_batch_items(setup):
+    config, shape = setup
+    model = _randomize(_build(config))
+    x, t, cond = torch.randn(3, *shape), torch.rand(3), _cond(config, 3)
+    with torch.no_grad():
+        before = model(x, t, cond)
+        x2 = x.clone()
+        x2[1] = torch.randn_like(x2[1])
+        after = model(x2, t, cond)
+    assert torch.allclose(before[[0, 2]], after[[0, 2]], atol=1e-5)
+    assert not torch.allclose(before[1], after[1], atol=1e-5)
+
+
+def test_adaln_zero_starts_as_zero_output_and_trains():
+    config = DiTConfig(in_channels=2, patch_size=2, dim=16, depth=2, num_heads=2, freq_dim=8)
+    model = DiT(config)
+    x = torch.randn(2, 2, 4, 4)
+    assert torch.equal(model(x, torch.rand(2)), torch.zeros_like(x))
+    model(x, torch.rand(2)).sub(x).pow(2).mean().backward()
+    assert model.proj_out.weight.grad is not None and model.proj_out.weight.grad.abs().sum() > 0
+
+
+def test_factorised_video_attention_mixes_frames_but_keeps_items_apart():
+    config = VideoDiTConfig(
+        in_channels=1, patch_size=(1, 2, 2), dim=16, depth=1, num_heads=2, freq_dim=8
+    )
+    model = _randomize(VideoDiT(config))
+    x, t = torch.randn(1, 3, 1, 4, 4), torch.rand(1)
+    with torch.no_grad():
+        before = model(x, t)
+        x2 = x.clone()
+        x2[:, 0] += 1.0
+        after = model(x2, t)
+    # changing frame 0 changes the prediction for frame 2 (temporal attention)
+    assert not torch.allclose(before[:, 2], after[:, 2], atol=1e-5)
+
+
+def test_factorised_and_full_attention_differ_only_in_the_attention():
+    base = {"in_channels": 1, "patch_size": (1, 2, 2), "dim": 16, "depth": 1, "num_heads": 2}
+    factorised = VideoDiT(VideoDiTConfig(attention="factorised", **base))
+    full = VideoDiT(VideoDiTConfig(attention="full", **base))
+    assert factorised.blocks[0].attn_time is not None
+    assert full.blocks[0].attn_time is None
+
+
+def test_patch_transformers_reject_indivisible_sizes_naming_the_dimension():
+    dit = DiT(DiTConfig(in_channels=1, patch_size=2, dim=16, depth=1, num_heads=2))
+    with pytest.raises(ShapeError, match="width 5 is not a multiple of the patch size 2"):
+        dit(torch.randn(1, 1, 4, 5), torch.rand(1))
+    with pytest.raises(ShapeError, match="channels"):
+        dit(torch.randn(1, 3, 4, 4), torch.rand(1))
+    video = VideoDiT(
+        VideoDiTConfig(in_channels=1, patch_size=(2, 2, 2), dim=16, depth=1, num_heads=2)
+    )
+    with pytest.raises(ShapeError, match="frames 3 is not a multiple"):
+        video(torch.randn(1, 3, 1, 4, 4), torch.rand(1))
+
+
+def test_transformer_configs_build_from_the_registry():
+    dit = DENOISERS.build({"kind": "dit", "dim": 16, "depth": 1, "num_heads": 2})
+    video = DENOISERS.build({"kind": "video_dit", "dim": 16, "depth": 1, "num_heads": 2})
+    assert isinstance(dit, DiT) and isinstance(video, VideoDiT)
+    with pytest.raises(ValueError, match="num_heads"):
+        DiTConfig(dim=18, num_heads=4)
