@@ -239,3 +239,99 @@ def test_dataset_smaller_than_a_batch_is_refused(digits):
     small = torch.utils.data.Subset(digits, range(6))
     with pytest.raises(ValueError, match="smaller than one global batch"):
         train(_fresh(0), Cosine(), small, _config())
+
+
+RUN_YAML = """
+pipeline:
+  data_shape: [1, 8, 8]
+  schedule: {kind: cosine}
+  denoiser:
+    kind: unet
+    in_channels: 1
+    base_channels: 8
+    channel_mult: [1, 2]
+    attention_resolutions: [2]
+    attention_head_dim: 8
+    norm_groups: 4
+    blocks_per_level: 1
+    context_dim: 16
+  text:
+    kind: clip_text
+    tokenizer: byte
+    text:
+      {kind: clip_text_tower, vocab_size: 260, context_length: 8, width: 16, layers: 1, heads: 2}
+  sampler: {kind: ddim}
+data: {kind: digits, size: 8}
+train:
+  steps: 3
+  batch_size: 8
+  lr: 0.001
+  sample_every: 2
+  log_every: 1
+  progress: false
+  loss: {cond_dropout: 0.2}
+sample_prompts: [a handwritten 3, the number 7]
+"""
+
+
+def test_command_line_run_trains_a_text_pipeline_and_saves_it(tmp_path):
+    from diffkit.pipeline import Pipeline
+    from diffkit.training import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(RUN_YAML)
+    assert main([str(config), "--output-dir", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step-00000002.png",
+        "step-00000003.png",
+    ]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-00000003.safetensors"]
+    pipeline = Pipeline.load(out / "pipeline")
+    images = pipeline.generate(["a 5"], steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 1, 8, 8)
+    # resuming the finished run from the command line is a no-op that still saves
+    assert main([str(config), "--output-dir", str(out)]) == 0
+
+
+def test_train_pipeline_on_labels_in_a_latent_space(digits):
+    from diffkit.builder import PipelineConfig, build
+    from diffkit.training import train_pipeline
+
+    pipeline = build(
+        PipelineConfig(
+            data_shape=(1, 8, 8),
+            schedule={"kind": "cosine"},
+            denoiser={
+                "kind": "dit",
+                "in_channels": 2,
+                "patch_size": 2,
+                "dim": 16,
+                "depth": 1,
+                "num_heads": 2,
+                "freq_dim": 16,
+                "num_classes": 11,
+            },
+            encoder={
+                "kind": "kl_autoencoder",
+                "in_channels": 1,
+                "base_channels": 8,
+                "channel_mult": [1, 2],
+                "blocks_per_level": 1,
+                "latent_channels": 2,
+                "norm_groups": 4,
+                "mid_attention": False,
+            },
+        )
+    )
+    encoder_before = {k: v.clone() for k, v in pipeline.encoder.state_dict().items()}
+    config = _config(steps=3)
+    result = train_pipeline(pipeline, digits, config, condition="labels", null_label=10)
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    for k, v in pipeline.encoder.state_dict().items():  # the encoder stays frozen
+        assert torch.equal(v, encoder_before[k])
+    with pytest.raises(ValueError, match="needs null_label"):
+        train_pipeline(pipeline, digits, config, condition="labels")
+    with pytest.raises(ValueError, match="data_shape"):
+        train_pipeline(pipeline, DigitsDataset(16), config, condition="labels", null_label=10)

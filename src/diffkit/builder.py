@@ -325,7 +325,28 @@ def compatibility_problems(config: PipelineConfig) -> list[str]:
         problems.append(
             f"denoiser.prediction '{prediction}' is not one the loss knows: {PREDICTIONS}"
         )
+    t_max = _get(_get(config.sampler, "spacing"), "t_max")
+    if prediction == "epsilon" and (t_max is None or t_max >= 1.0):
+        alpha_end = _alpha_at_one(config.schedule)
+        if alpha_end == 0.0:
+            problems.append(
+                f"denoiser.prediction 'epsilon' cannot recover the data at t = 1, where "
+                f"schedule.kind '{getattr(config.schedule, 'kind', '?')}' has alpha = 0 "
+                "(zero terminal SNR); use prediction 'v', 'x0' or 'flow', or a sampler "
+                "spacing with t_max < 1"
+            )
     return problems
+
+
+def _alpha_at_one(schedule: Config) -> float | None:
+    """``alpha(1)`` of a schedule config (schedules hold no weights, so building is cheap)."""
+    import torch
+
+    try:
+        built = registry("schedule").build(schedule)
+        return float(built.alpha(torch.ones(1, dtype=torch.float64))[0])
+    except Exception:  # a user schedule that cannot be evaluated here is checked when used
+        return None
 
 
 def _name(config: Config | None, *names: str) -> str:

@@ -1,0 +1,277 @@
+"""Pipeline: generation, img2img, save/load round trips and plain-Python composition."""
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from diffkit.builder import PipelineConfig, build
+from diffkit.checkpoint import CheckpointError
+from diffkit.forward import add_noise
+from diffkit.pipeline import Pipeline
+from diffkit.protocols import Conditioning
+from diffkit.samplers import REGISTRY
+from diffkit.schedules import Cosine
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _text_latent_config(tokenizer: str = "byte", **text_extra) -> PipelineConfig:
+    return PipelineConfig(
+        data_shape=(1, 16, 16),
+        schedule={"kind": "cosine"},
+        denoiser={
+            "kind": "unet",
+            "in_channels": 4,
+            "base_channels": 8,
+            "channel_mult": [1, 2],
+            "blocks_per_level": 1,
+            "attention_resolutions": [2],
+            "attention_head_dim": 8,
+            "norm_groups": 4,
+            "context_dim": 16,
+        },
+        encoder={
+            "kind": "kl_autoencoder",
+            "in_channels": 1,
+            "base_channels": 8,
+            "channel_mult": [1, 2],
+            "blocks_per_level": 1,
+            "latent_channels": 4,
+            "norm_groups": 4,
+        },
+        text={
+            "kind": "clip_text",
+            "tokenizer": tokenizer,
+            "text": {
+                "kind": "clip_text_tower",
+                "vocab_size": 49408 if tokenizer == "clip_bpe" else 260,
+                "context_length": 8,
+                "width": 16,
+                "layers": 1,
+                "heads": 2,
+            },
+            **text_extra,
+        },
+        sampler={"kind": "dpmpp"},
+        steps=3,
+        guidance=3.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def text_pipeline():
+    torch.manual_seed(0)
+    return build(_text_latent_config())
+
+
+def test_save_load_generate_gives_identical_samples(tmp_path, text_pipeline):
+    prompts = ["a handwritten 3", "the number 7"]
+    before = text_pipeline.generate(prompts, generator=torch.Generator().manual_seed(1))
+    assert before.shape == (2, 1, 16, 16)
+    text_pipeline.save(tmp_path / "p")
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    loaded = Pipeline.load(tmp_path / "p")
+    assert loaded.config == text_pipeline.config
+    after = loaded.generate(prompts, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(before, after)
+    for (k, a), (j, b) in zip(
+        text_pipeline.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert k == j and torch.equal(a, b)
+
+
+def test_generation_is_reproducible_per_seed_and_guidance_changes_it(text_pipeline):
+    def run(seed, guidance=None, sampler=None):
+        gen = torch.Generator().manual_seed(seed)
+        return text_pipeline.generate(["a 1"], generator=gen, guidance=guidance, sampler=sampler)
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+    assert not torch.equal(run(0), run(0, guidance=1.0))
+    assert not torch.equal(run(0), run(0, sampler="ddim"))
+    negative = text_pipeline.generate(
+        ["a 1"], negative_prompts="a 2", generator=torch.Generator().manual_seed(0)
+    )
+    assert not torch.equal(run(0), negative)
+
+
+def test_latents_and_encode_decode(text_pipeline):
+    z = text_pipeline.generate(["x"], decode=False, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (1, 4, 8, 8)
+    assert text_pipeline.decode(z).shape == (1, 1, 16, 16)
+    assert text_pipeline.encode(torch.zeros(2, 1, 16, 16)).shape == (2, 4, 8, 8)
+
+
+def test_load_detects_mismatched_and_corrupt_files_and_names_keys(tmp_path, text_pipeline):
+    folder = tmp_path / "p"
+    text_pipeline.save(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["denoiser"]["base_channels"] = 16  # a different architecture for the same weights
+    config["denoiser"]["norm_groups"] = 8
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys: .*denoiser\.conv_in\.weight"):
+        Pipeline.load(folder)
+
+    text_pipeline.save(folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        Pipeline.load(folder)
+
+    text_pipeline.save(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["encoder"] = None
+    config["denoiser"]["in_channels"] = 1
+    config["denoiser"]["out_channels"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: encoder\."):
+        Pipeline.load(folder)
+
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        Pipeline.load(folder)
+
+
+def test_load_never_unpickles(tmp_path, text_pipeline, monkeypatch):
+    text_pipeline.save(tmp_path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unpickling is forbidden")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    Pipeline.load(tmp_path)
+
+
+def test_tokenizer_files_travel_with_the_saved_pipeline(tmp_path):
+    pytest.importorskip("open_clip")  # ships the CLIP BPE merges file
+    torch.manual_seed(0)
+    pipeline = build(_text_latent_config("clip_bpe"))
+    pipeline.save(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    vocab = config["text"]["vocab_path"]
+    assert vocab.startswith("tokenizer/") and (tmp_path / "a" / vocab).is_file()
+    shutil.move(tmp_path / "a", tmp_path / "b")  # the folder is self-contained
+    loaded = Pipeline.load(tmp_path / "b")
+    prompts = ["a drawing of a seven"]
+    assert torch.equal(
+        pipeline.generate(prompts, generator=torch.Generator().manual_seed(3)),
+        loaded.generate(prompts, generator=torch.Generator().manual_seed(3)),
+    )
+
+
+def test_unconditional_video_pipeline_generates_videos(tmp_path):
+    config = PipelineConfig(
+        data_shape=(4, 1, 8, 8),
+        schedule={"kind": "rectified_flow"},
+        denoiser={
+            "kind": "video_dit",
+            "in_channels": 1,
+            "patch_size": [2, 2, 2],
+            "dim": 16,
+            "depth": 1,
+            "num_heads": 2,
+            "freq_dim": 16,
+            "prediction": "flow",
+        },
+        patchifier={"kind": "tubelet_patches", "patch_size": [2, 2, 2]},
+        sampler={"kind": "euler"},
+    )
+    pipeline = build(config)
+    videos = pipeline.generate(num_samples=2, steps=2, generator=torch.Generator().manual_seed(0))
+    assert videos.shape == (2, 4, 1, 8, 8)
+    assert pipeline.patchifier is not None
+    assert pipeline.patchifier.patchify(videos).shape == (2, 2 * 4 * 4, 8)
+    pipeline.save(tmp_path)
+    again = Pipeline.load(tmp_path).generate(
+        num_samples=2, steps=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(videos, again)
+
+
+def test_class_conditional_generation_with_guidance():
+    config = PipelineConfig(
+        data_shape=(1, 8, 8),
+        schedule={"kind": "cosine"},
+        denoiser={
+            "kind": "dit",
+            "in_channels": 1,
+            "patch_size": 2,
+            "dim": 16,
+            "depth": 1,
+            "num_heads": 2,
+            "freq_dim": 16,
+            "num_classes": 11,
+            "prediction": "v",
+        },
+    )
+    pipeline = build(config)
+    cond = Conditioning(labels=torch.tensor([3, 7]))
+    null = Conditioning(labels=torch.tensor([10]))
+    out = pipeline.generate(cond=cond, uncond=null, guidance=2.0, steps=2, sampler="ddim")
+    assert out.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="guidance != 1 needs an unconditional"):
+        pipeline.generate(cond=cond, guidance=2.0, steps=2)
+    with pytest.raises(ValueError, match="prompts need a text conditioner"):
+        pipeline.generate(["a"], steps=2)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipeline.generate(cond=cond, steps=2, sampler="nope")
+
+
+class RecordingDenoiser:
+    """A plain class (no nn.Module, not registered) that satisfies the Denoiser protocol."""
+
+    prediction = "x0"
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target = target
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x_t, t, cond=None):
+        self.calls.append((x_t.clone(), t.clone()))
+        return self.target.expand_as(x_t).to(x_t.dtype)
+
+
+def test_img2img_starts_from_the_noised_input_at_strength():
+    target = torch.full((1, 1, 4, 4), 0.25)
+    denoiser = RecordingDenoiser(target)
+    schedule = Cosine()
+    pipeline = Pipeline(schedule, denoiser, sampler=REGISTRY["ddim"](), data_shape=(1, 4, 4))
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = pipeline.img2img(x, strength=0.4, steps=4, generator=torch.Generator().manual_seed(5))
+    eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    expected_start = add_noise(schedule, x, eps, torch.full((2,), 0.4))
+    first_x, first_t = denoiser.calls[0]
+    torch.testing.assert_close(first_x, expected_start, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(first_t, torch.full((2,), 0.4))
+    assert all(float(t.max()) <= 0.4 + 1e-6 for _, t in denoiser.calls)
+    assert len(denoiser.calls) == 4
+    # a perfect x0-predictor of a single point lands on it
+    torch.testing.assert_close(out, target.expand(2, 1, 4, 4), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="strength"):
+        pipeline.img2img(x, strength=0.0)
+
+
+def test_plain_python_components_compose_without_registration():
+    denoiser = RecordingDenoiser(torch.zeros(1, 2, 3, 3))
+    pipeline = Pipeline(Cosine(), denoiser, data_shape=(2, 3, 3))
+    out = pipeline.generate(num_samples=3, steps=2, sampler=REGISTRY["euler"]())
+    assert out.shape == (3, 2, 3, 3)
+    assert len(denoiser.calls) >= 2
+    with pytest.raises(ValueError, match="without a config"):
+        pipeline.save("unused")
+    with pytest.raises(TypeError, match="prediction"):
+        Pipeline(Cosine(), object())  # type: ignore[arg-type]
