@@ -10,6 +10,14 @@ from diffkit import typing as typing
 from diffkit import tokenizers as tokenizers
 from diffkit import text as text
 from diffkit import interop as interop
+from diffkit import builder as builder
+from diffkit import checkpoint as checkpoint
+from diffkit import data as data
+from diffkit import ema as ema
+from diffkit import training as training
+from diffkit.builder import PipelineConfig as PipelineConfig
+from diffkit.builder import build as build
+from diffkit.pipeline import Pipeline as Pipeline
 from diffkit.patches import SpatialPatches as SpatialPatches
 from diffkit.patches import TubeletPatches as TubeletPatches
 from diffkit.protocols import Conditioning as Conditioning
