@@ -1,0 +1,265 @@
+"""diffkit's networks reproduce diffusers' UNet2DModel, UNet2DConditionModel and AutoencoderKL.
+
+Small randomly initialised diffusers models are converted with ``dk.interop.from_diffusers``;
+the converted denoiser, called at ``t = Discrete.t_from_index(timestep)``, must return what
+diffusers returns for ``timestep`` (float32, CPU, <= 1e-5). Weights exported with
+``to_diffusers_state_dict`` load into a fresh diffusers model with ``strict=True``.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import diffkit as dk
+from diffkit.nn import KLAutoencoder, UNet
+
+pytestmark = pytest.mark.parity
+diffusers = pytest.importorskip("diffusers")
+
+N_TRAIN = 1000
+SCHEDULE = dk.schedules.Discrete.from_betas(torch.linspace(1e-4, 0.02, N_TRAIN))
+TOL = 1e-5
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights everywhere, including layers diffusers initialises to zero / one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def _build(cls, config: dict, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _perturbed(cls(**config), seed)
+
+
+UNET2D_CONFIGS = {
+    "plain_and_attention": {
+        "sample_size": 16,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+    },
+    "three_levels_scale_shift_classes": {
+        "sample_size": 16,
+        "in_channels": 2,
+        "out_channels": 1,
+        "block_out_channels": (8, 16, 24),
+        "layers_per_block": 2,
+        "down_block_types": ("AttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "AttnUpBlock2D"),
+        "norm_num_groups": 4,
+        "attention_head_dim": None,
+        "attn_norm_num_groups": 4,
+        "resnet_time_scale_shift": "scale_shift",
+        "num_class_embeds": 5,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "center_input_sample": True,
+        "mid_block_scale_factor": 1.414,
+    },
+    "no_mid_attention": {
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (8, 8),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "add_attention": False,
+        "downsample_padding": 0,
+    },
+}
+
+UNET_COND_CONFIGS = {
+    "cross_attention": {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "norm_num_groups": 8,
+        "cross_attention_dim": 12,
+        "attention_head_dim": 2,
+    },
+    "linear_projection_depth_two_pooled": {
+        "sample_size": 8,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (8, 16, 16),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3,
+        "up_block_types": ("CrossAttnUpBlock2D",) * 3,
+        "norm_num_groups": 4,
+        "cross_attention_dim": 6,
+        "attention_head_dim": (2, 4, 4),
+        "use_linear_projection": True,
+        "transformer_layers_per_block": 2,
+        "class_embed_type": "projection",
+        "projection_class_embeddings_input_dim": 5,
+        "time_embedding_dim": 40,
+    },
+    "class_labels_no_mid_block_attention_levels": {
+        "sample_size": 8,
+        "in_channels": 2,
+        "out_channels": 2,
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "cross_attention_dim": 8,
+        "attention_head_dim": 4,
+        "num_class_embeds": 3,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(UNET2D_CONFIGS))
+def test_unet2d_matches_diffusers_at_the_same_training_step(name):
+    config = UNET2D_CONFIGS[name]
+    reference = _build(diffusers.UNet2DModel, config)
+    model = dk.interop.from_diffusers(reference)
+    assert isinstance(model, UNet) and model.config.time_input == "index"
+    g = torch.Generator().manual_seed(1)
+    size = config["sample_size"]
+    x = torch.randn(3, config["in_channels"], size, size, generator=g)
+    timestep = torch.tensor([0, 417, 999])
+    labels = torch.tensor([0, 4, 2]) if "num_class_embeds" in config else None
+    with torch.no_grad():
+        expected = reference(x, timestep, class_labels=labels).sample
+        for t in (SCHEDULE.t_from_index(timestep), SCHEDULE.t_from_index(timestep).float()):
+            got = model(x, t, dk.Conditioning(labels=labels) if labels is not None else None)
+            assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", list(UNET_COND_CONFIGS))
+def test_unet2d_condition_matches_diffusers_with_tokens_and_mask(name):
+    config = UNET_COND_CONFIGS[name]
+    reference = _build(diffusers.UNet2DConditionModel, config)
+    model = dk.interop.from_diffusers(reference, prediction="v")
+    assert model.prediction == "v"
+    g = torch.Generator().manual_seed(2)
+    size = config["sample_size"]
+    x = torch.randn(2, config["in_channels"], size, size, generator=g)
+    tokens = torch.randn(2, 5, config["cross_attention_dim"], generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    timestep = torch.tensor([3, 871])
+    kwargs, cond = {}, {}
+    if config.get("num_class_embeds"):
+        kwargs["class_labels"] = cond["labels"] = torch.tensor([2, 0])
+    if config.get("class_embed_type") == "projection":
+        kwargs["class_labels"] = cond["pooled"] = torch.randn(2, 5, generator=g)
+    with torch.no_grad():
+        expected = reference(
+            x, timestep, encoder_hidden_states=tokens, encoder_attention_mask=mask, **kwargs
+        ).sample
+        got = model(
+            x,
+            SCHEDULE.t_from_index(timestep),
+            dk.Conditioning(tokens=tokens, mask=mask.bool(), **cond),
+        )
+    assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize(
+    ("cls", "config"),
+    [(diffusers.UNet2DModel, c) for c in UNET2D_CONFIGS.values()]
+    + [(diffusers.UNet2DConditionModel, c) for c in UNET_COND_CONFIGS.values()],
+)
+def test_exported_unet_weights_load_strictly_into_diffusers(cls, config):
+    reference = _build(cls, config, seed=0)
+    model = dk.interop.from_diffusers(reference)
+    fresh = _build(cls, config, seed=1)
+    fresh.load_state_dict(dk.interop.to_diffusers_state_dict(model), strict=True)
+    x = torch.randn(2, config["in_channels"], config["sample_size"], config["sample_size"])
+    kwargs = {}
+    if cls is diffusers.UNet2DConditionModel:
+        kwargs["encoder_hidden_states"] = torch.randn(2, 3, config["cross_attention_dim"])
+    if config.get("num_class_embeds"):
+        kwargs["class_labels"] = torch.tensor([1, 0])
+    if config.get("class_embed_type") == "projection":
+        kwargs["class_labels"] = torch.randn(2, 5)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, 10, **kwargs).sample, reference(x, 10, **kwargs).sample)
+
+
+VAE_CONFIGS = {
+    "two_levels": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+    },
+    "three_levels_no_quant_conv_no_mid_attention_shift": {
+        "in_channels": 1,
+        "out_channels": 2,
+        "down_block_types": ("DownEncoderBlock2D",) * 3,
+        "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "block_out_channels": (8, 16, 16),
+        "layers_per_block": 1,
+        "latent_channels": 3,
+        "norm_num_groups": 4,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": False,
+        "scaling_factor": 0.5,
+        "shift_factor": 0.25,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(VAE_CONFIGS))
+def test_autoencoder_kl_encode_and_decode_match_diffusers(name):
+    config = VAE_CONFIGS[name]
+    reference = _build(diffusers.AutoencoderKL, config)
+    model = dk.interop.from_diffusers(reference)
+    assert isinstance(model, KLAutoencoder)
+    scale = reference.config.scaling_factor
+    shift = reference.config.shift_factor or 0.0
+    x = torch.randn(2, config["in_channels"], 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dist = reference.encode(x).latent_dist
+        z = model.encode(x)
+        assert (z - (dist.mean - shift) * scale).abs().max() <= TOL
+        posterior = model.posterior(x)
+        assert (posterior.logvar - dist.logvar).abs().max() <= TOL
+        assert (posterior.kl() - dist.kl()).abs().max() <= 1e-4 * dist.kl().abs().max()
+        expected = reference.decode(z / scale + shift).sample
+        assert (model.decode(z) - expected).abs().max() <= TOL
+    fresh = _build(diffusers.AutoencoderKL, config, seed=5)
+    fresh.load_state_dict(dk.interop.to_diffusers_state_dict(model), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh.encode(x).latent_dist.mean, dist.mean)
+
+
+def test_unsupported_diffusers_options_are_refused_by_name():
+    config = dict(UNET2D_CONFIGS["plain_and_attention"], time_embedding_type="fourier")
+    with pytest.raises(ValueError, match="time_embedding_type"):
+        dk.interop.from_diffusers(_build(diffusers.UNet2DModel, config))
+    config = dict(
+        UNET2D_CONFIGS["plain_and_attention"],
+        down_block_types=("DownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "UpBlock2D"),
+    )
+    with pytest.raises(ValueError, match="SkipDownBlock2D"):
+        dk.interop.from_diffusers(_build(diffusers.UNet2DModel, config))
+    with pytest.raises(TypeError, match="cannot convert"):
+        dk.interop.from_diffusers(torch.nn.Linear(2, 2))
