@@ -1,7 +1,7 @@
 """The documentation's code runs as written.
 
 Every ``python`` code block of ``docs/tutorials/*.md``, and of any other page (or the
-README) that contains the marker ``<!-- docs-test: run -->``, is executed in order in
+README) that has the line ``<!-- docs-test: run -->``, is executed in order in
 one namespace per page, in a temporary working directory. A block opts out with an
 attribute on its fence (```` ```python title="train.py" ````, for code meant to be saved
 and run elsewhere) or with ``<!-- docs-test: skip -->`` on the line before it.
@@ -62,11 +62,15 @@ def code_blocks(text: str) -> list[Block]:
     return blocks
 
 
+def _has_run_marker(text: str) -> bool:
+    return any(line.strip() == RUN_MARKER for line in text.splitlines())
+
+
 def pages() -> list[Path]:
     """Tutorials, plus every page (and the README) carrying the run marker."""
     found = set(DOCS.glob("tutorials/*.md"))
     candidates = [*DOCS.rglob("*.md"), ROOT / "README.md"]
-    found.update(p for p in candidates if p.is_file() and RUN_MARKER in p.read_text())
+    found.update(p for p in candidates if p.is_file() and _has_run_marker(p.read_text()))
     return sorted(found)
 
 
