@@ -1,0 +1,423 @@
+"""The ``diffkit`` command line: ``demo``, ``train``, ``sample`` and ``info``.
+
+- ``diffkit demo [--task image|video] [--fast] [--out DIR]`` trains the offline
+  text -> image (or text -> video) recipe of [`diffkit.demo`][diffkit.demo] on the
+  bundled digits and writes samples, a summary and the saved pipeline to ``DIR``;
+- ``diffkit train CONFIG.yaml [--out DIR]`` runs a recipe from a YAML file (copy one
+  from ``configs/``);
+- ``diffkit sample RUN_DIR --prompt TEXT ...`` loads a saved pipeline and samples;
+- ``diffkit info RUN_DIR`` prints the component graph with shapes and parameter counts.
+
+Mistakes a user can make (a missing file, a bad config, a prompt too long, an unknown
+sampler) print one line ``diffkit: error: ...`` and exit with status 2, no traceback.
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["UserError", "main"]
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; reported as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _console(quiet: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=False, quiet=quiet, highlight=False)
+
+
+def _validation_message(err: Any) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e.get("loc", ())) or "(top level)"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def _load_recipe(path: str) -> Any:
+    """A demo recipe from a YAML file, with every failure turned into a ``UserError``."""
+    import yaml
+    from pydantic import ValidationError
+
+    from diffkit.demo import parse_demo_config
+
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"config file not found: {path}")
+    if not file.is_file():
+        raise UserError(f"config path is not a file: {path}")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"{path} is not valid YAML{where}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file") from None
+    try:
+        return parse_demo_config(data)
+    except ValidationError as err:
+        raise UserError(f"bad config {path}: {_validation_message(err)}") from None
+    except ValueError as err:
+        raise UserError(f"bad config {path}: {err}") from None
+
+
+def _pipeline_dir(run_dir: str) -> Path:
+    from diffkit.demo import PIPELINE_DIR
+
+    folder = Path(run_dir)
+    if not folder.exists():
+        raise UserError(f"run directory not found: {run_dir}")
+    for candidate in (folder, folder / PIPELINE_DIR):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(
+        f"{run_dir} holds no saved pipeline (no config.json in it or in {PIPELINE_DIR}/)"
+    )
+
+
+def _load_pipeline(run_dir: str) -> Any:
+    from pydantic import ValidationError
+
+    from diffkit.checkpoint import CheckpointError
+    from diffkit.pipeline import Pipeline
+
+    folder = _pipeline_dir(run_dir)
+    try:
+        return Pipeline.load(folder)
+    except CheckpointError as err:
+        raise UserError(f"cannot load the pipeline in {folder}: {_one_line(err)}") from None
+    except ValidationError as err:
+        raise UserError(f"bad pipeline config in {folder}: {_validation_message(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _threads(value: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(value or os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------
+
+
+def _run_recipe(config: Any, args: argparse.Namespace) -> int:
+    from diffkit.demo import fast_config, run_demo
+
+    update: dict[str, Any] = {}
+    if args.seed is not None:
+        update["seed"] = args.seed
+    if args.threads is not None:
+        update["threads"] = args.threads
+    if update:
+        config = type(config).model_validate({**config.to_dict(), **update})
+    if args.fast:
+        config = fast_config(config)
+    console = _console(args.quiet)
+    task = "image" if config.kind == "demo_image" else "video"
+    out = Path(args.out) if args.out else Path(f"diffkit-demo-{task}")
+    console.print(
+        f"[bold]diffkit {task} demo[/] → {out}"
+        + (" [yellow](--fast smoke run: quality is not the point)[/]" if args.fast else "")
+    )
+    result = run_demo(
+        config, out, progress=not args.no_progress and not args.quiet, console=console
+    )
+    _print_summary(console, result)
+    return 0
+
+
+def _print_summary(console: Any, result: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"diffkit demo ({result.task}) — summary", show_lines=False)
+    table.add_column("stage / metric")
+    table.add_column("value", justify="right")
+    for name, seconds in result.times.items():
+        loss = result.losses.get(name)
+        extra = f"   final loss {loss:.4f}" if loss is not None else ""
+        table.add_row(f"time: {name}", f"{seconds:.1f} s{extra}")
+    table.add_row("time: total", f"{sum(result.times.values()):.1f} s")
+    labels = {
+        "judge_test_accuracy": "judge accuracy on held-out real digits",
+        "clip_zero_shot_accuracy": "CLIP zero-shot accuracy (held-out digits)",
+        "autoencoder_test_mse": "autoencoder reconstruction MSE (held-out)",
+        "prompt_accuracy": "prompt accuracy of the samples (judge)",
+        "check_on_real_clips": "video check on real held-out clips",
+        "digit_accuracy": "samples: digit right",
+        "direction_accuracy": "samples: direction right",
+        "accuracy": "samples: digit and direction right",
+    }
+    for key, label in labels.items():
+        if key in result.metrics:
+            value = result.metrics[key]
+            text = f"{value:.4f}" if "mse" in key else f"{100 * value:.1f} %"
+            table.add_row(label, text)
+    console.print(table)
+    for name, path in result.files.items():
+        console.print(f"  {name}: {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``diffkit demo``: the built-in recipe (or ``--config``)."""
+    from diffkit.demo import default_config
+
+    config = _load_recipe(args.config) if args.config else default_config(args.task)
+    if args.config and config.kind != f"demo_{args.task}" and args.task_given:
+        raise UserError(f"--task {args.task} but {args.config} is a {config.kind} recipe")
+    return _run_recipe(config, args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``diffkit train CONFIG``: run a recipe from a YAML file."""
+    config = _load_recipe(args.config)
+    if not args.out:
+        args.out = str(Path("runs") / Path(args.config).stem)
+    return _run_recipe(config, args)
+
+
+def _check_prompts(pipeline: Any, prompts: Sequence[str]) -> None:
+    text = getattr(pipeline, "text", None)
+    if text is None:
+        raise UserError("this pipeline has no text conditioner; it cannot take --prompt")
+    tokenizer = getattr(text, "tokenizer", None)
+    limit = int(getattr(text, "context_length", 0))
+    for prompt in prompts:
+        if not prompt.strip():
+            raise UserError("empty --prompt; give some text")
+        if tokenizer is not None and limit:
+            n = len(tokenizer.encode(prompt)) + 2  # start and end tokens
+            if n > limit:
+                raise UserError(
+                    f"prompt too long: {n} tokens with start/end, the text encoder takes at "
+                    f"most {limit}: {prompt!r}"
+                )
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """``diffkit sample RUN_DIR --prompt ...``: sample a saved pipeline."""
+    import numpy as np
+    import torch
+
+    from diffkit.data import save_grid
+    from diffkit.demo import save_gif
+    from diffkit.samplers import REGISTRY
+
+    if args.sampler is not None and args.sampler not in REGISTRY:
+        raise UserError(f"unknown sampler '{args.sampler}'; known: {', '.join(REGISTRY)}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance is not None and args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.num < 1:
+        raise UserError(f"--num must be at least 1, got {args.num}")
+    if not args.prompt:
+        raise UserError("give at least one --prompt")
+    _threads(args.threads)
+    pipeline = _load_pipeline(args.run_dir)
+    _check_prompts(pipeline, args.prompt)
+    prompts = [p for p in args.prompt for _ in range(args.num)]
+    generator = torch.Generator().manual_seed(args.seed)
+    samples = pipeline.generate(
+        prompts,
+        steps=args.steps,
+        guidance=args.guidance,
+        sampler=args.sampler,
+        generator=generator,
+    ).float()
+    out = Path(args.out) if args.out else _pipeline_dir(args.run_dir).parent / "sample.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    console = _console(args.quiet)
+    video = samples.ndim == 5
+    if video:
+        save_grid(samples, out)
+        for i, prompt in enumerate(args.prompt):
+            gif = out.with_name(f"{out.stem}-{i}.gif")
+            save_gif(samples[i * args.num : (i + 1) * args.num], gif)
+            console.print(f"{prompt!r} → {gif}")
+    else:
+        save_grid(samples, out, nrow=args.num)
+    unit = ((samples.clamp(-1, 1) + 1) / 2).numpy()
+    array = unit[:, :, 0] if video else unit[:, 0]
+    np.savez(out.with_suffix(".npz"), images=array, prompts=np.asarray(prompts))
+    console.print(f"{len(prompts)} samples → {out} (and {out.with_suffix('.npz').name})")
+    return 0
+
+
+def _params(module: Any) -> int:
+    from torch import nn
+
+    if not isinstance(module, nn.Module):
+        return 0
+    return sum(p.numel() for p in module.parameters())
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``diffkit info RUN_DIR``: the component graph with shapes and parameter counts."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from diffkit.config import kind_of
+
+    pipeline = _load_pipeline(args.run_dir)
+    config = pipeline.config
+    console = _console(False)
+    data_shape = tuple(pipeline.data_shape or ())
+    latent = tuple(pipeline.latent_shape()) if pipeline.data_shape else ()
+
+    def kind(part: str) -> str:
+        sub = getattr(config, part, None)
+        return escape(f"[{kind_of(sub)}]") if sub is not None else ""
+
+    def fmt(shape: Sequence[int]) -> str:
+        return "(" + ", ".join(str(s) for s in shape) + ")"
+
+    table = Table(title=f"pipeline {_pipeline_dir(args.run_dir)}")
+    for column in ("component", "class [kind]", "input → output", "parameters"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
+    text = pipeline.text
+    if text is not None:
+        tokens = f"(context {text.context_length}, {text.token_dim})"
+        table.add_row(
+            "text",
+            f"{type(text).__name__} {kind('text')}",
+            f"prompts → tokens {tokens}, pooled ({text.pooled_dim})",
+            f"{_params(text):,}",
+        )
+    denoiser = pipeline.denoiser
+    table.add_row(
+        "denoiser",
+        f"{type(denoiser).__name__} {kind('denoiser')}",
+        f"x_t {fmt(latent)}, t, cond → {denoiser.prediction} {fmt(latent)}",
+        f"{_params(denoiser):,}",
+    )
+    if pipeline.encoder is not None:
+        encoder = pipeline.encoder
+        table.add_row(
+            "encoder",
+            f"{type(encoder).__name__} {kind('encoder')}",
+            f"data {fmt(data_shape)} ⇄ latent {fmt(latent)} (scale {encoder.scaling_factor:.4g})",
+            f"{_params(encoder):,}",
+        )
+    table.add_row(
+        "schedule", f"{type(pipeline.schedule).__name__} {kind('schedule')}", "t → α, σ", "0"
+    )
+    sampler = pipeline.sampler
+    sampler_name = type(sampler).__name__ if sampler is not None else "DPMSolverPP (default)"
+    table.add_row(
+        "sampler",
+        f"{sampler_name} {kind('sampler')}",
+        f"{getattr(config, 'steps', '?')} steps, guidance {getattr(config, 'guidance', '?')}",
+        "0",
+    )
+    table.add_row("total", "", "", f"{_params(pipeline):,}")
+    console.print(table)
+    flow = "prompts ─▶ text ─▶ cond ─┐\n"
+    flow += f"noise {fmt(latent)} ─▶ sampler ⟲ denoiser ─▶ latent {fmt(latent)}"
+    if pipeline.encoder is not None:
+        flow += f" ─▶ encoder.decode ─▶ {fmt(data_shape)}"
+    console.print(flow)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit status 2 (its own convention)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"diffkit: error: {message}\n")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="output folder (samples, summary.json, pipeline/)")
+    p.add_argument("--fast", action="store_true", help="≤ 1 minute smoke run (tests, CI)")
+    p.add_argument("--seed", type=int, help="override the recipe's seed")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``diffkit`` argument parser."""
+    parser = _Parser(
+        prog="diffkit",
+        description="diffkit: typed diffusion components. Start with `diffkit demo`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo", help="train the offline text→image (or video) demo on the bundled digits"
+    )
+    demo.add_argument("--task", choices=("image", "video"), default=None, help="default: image")
+    demo.add_argument("--config", help="a recipe YAML to run instead of the built-in one")
+    _add_run_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    trainer = sub.add_parser("train", help="run a recipe from a YAML config (see configs/)")
+    trainer.add_argument("config", help="recipe YAML (kind: demo_image or demo_video)")
+    _add_run_options(trainer)
+    trainer.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="sample a saved pipeline")
+    sample.add_argument("run_dir", help="a demo/train output folder or a saved pipeline")
+    sample.add_argument("--prompt", action="append", default=[], help="text (repeatable)")
+    sample.add_argument("--num", type=int, default=4, help="samples per prompt")
+    sample.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's)")
+    sample.add_argument("--sampler", help="name in diffkit.samplers.REGISTRY, e.g. dpmpp_2m")
+    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    sample.add_argument("--seed", type=int, default=0, help="random seed")
+    sample.add_argument("--out", help="PNG path (default: RUN_DIR/sample.png)")
+    sample.add_argument("--threads", type=int, help="torch CPU threads")
+    sample.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    sample.set_defaults(func=cmd_sample)
+
+    info = sub.add_parser("info", help="component graph, shapes and parameter counts")
+    info.add_argument("run_dir", help="a demo/train output folder or a saved pipeline")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``diffkit`` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        args.task_given = args.task is not None
+        args.task = args.task or "image"
+        if args.config and not args.task_given:
+            args.task = "image"
+    try:
+        return int(args.func(args))
+    except UserError as err:
+        print(f"diffkit: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("diffkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""`diffkit` command line: user mistakes give one line on stderr and exit status 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffkit.builder import build
+from diffkit.cli import main
+from diffkit.demo import default_config
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("diffkit: error: ")
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's pipeline with fresh (untrained) weights, saved: enough for the CLI's checks."""
+    folder = tmp_path_factory.mktemp("run")
+    build(default_config("image").pipeline).save(folder / "pipeline")
+    return folder
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    line = _error(capsys, ["train", str(tmp_path / "nope.yaml")])
+    assert "config file not found" in line
+
+
+def test_config_that_is_not_yaml(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("kind: demo_image\nseed: [1, 2\n")
+    assert "not valid YAML" in _error(capsys, ["train", str(path)])
+
+
+def test_config_with_bad_field_names_the_field(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    text = (Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml").read_text()
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace("seed: 0", "seed: -3"))
+    line = _error(capsys, ["train", str(path)])
+    assert "bad config" in line and "seed" in line
+    path.write_text(text.replace("  in_channels: 2\n", "  in_channels: 3\n", 1))
+    line = _error(capsys, ["train", str(path)])
+    assert "in_channels" in line
+
+
+def test_config_of_unknown_kind(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "other.yaml"
+    path.write_text("kind: demo_audio\n")
+    assert "unknown demo kind" in _error(capsys, ["train", str(path)])
+    path.write_text("- 1\n- 2\n")
+    assert "mapping" in _error(capsys, ["train", str(path)])
+
+
+def test_run_dir_missing_or_without_pipeline(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert "not found" in _error(capsys, ["info", str(tmp_path / "absent")])
+    assert "no saved pipeline" in _error(capsys, ["sample", str(tmp_path), "--prompt", "a one"])
+
+
+def test_corrupt_pipeline_weights(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    folder = tmp_path / "run" / "pipeline"
+    build(default_config("image").pipeline).save(folder)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert "cannot load the pipeline" in _error(capsys, ["info", str(tmp_path / "run")])
+
+
+def test_prompt_too_long(capsys: pytest.CaptureFixture[str], saved_pipeline: Path) -> None:
+    line = _error(capsys, ["sample", str(saved_pipeline), "--prompt", "seven " * 20])
+    assert "prompt too long" in line and "at most 40" in line
+
+
+def test_sample_argument_mistakes(capsys: pytest.CaptureFixture[str], saved_pipeline: Path) -> None:
+    run = str(saved_pipeline)
+    assert "unknown sampler" in _error(capsys, ["sample", run, "--prompt", "a", "--sampler", "x"])
+    assert "--steps" in _error(capsys, ["sample", run, "--prompt", "a", "--steps", "0"])
+    assert "--prompt" in _error(capsys, ["sample", run])
+    assert "empty --prompt" in _error(capsys, ["sample", run, "--prompt", " "])
+
+
+def test_argparse_mistakes_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--task", "audio"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("diffkit: error:")
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+
+
+def test_info_prints_the_component_graph(
+    capsys: pytest.CaptureFixture[str], saved_pipeline: Path
+) -> None:
+    assert main(["info", str(saved_pipeline)]) == 0
+    out = capsys.readouterr().out
+    assert "denoiser" in out and "UNet" in out and "total" in out
+    assert "(2, 8, 8)" in out and "(1, 16, 16)" in out
+
+
+def test_module_entry_point_reports_errors_in_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "diffkit.cli", "train", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"diffkit: error: config file not found: {tmp_path}/missing.yaml"

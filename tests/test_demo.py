@@ -1,0 +1,150 @@
+"""The offline demos: `diffkit demo --fast` end to end (image and video), judges, recipes."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from diffkit.cli import main
+from diffkit.demo import (
+    PIPELINE_DIR,
+    DigitJudge,
+    ImageDemoConfig,
+    VideoDemoConfig,
+    VideoJudge,
+    _video_data,
+    default_config,
+    fast_config,
+    generate_samples,
+    load_demo_config,
+)
+from diffkit.pipeline import Pipeline
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo_image")
+    code = main(["demo", "--fast", "--out", str(out), "--threads", "1", "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_image_demo_fast_writes_every_output(image_run: Path) -> None:
+    for name in ("samples.png", "samples.npz", "summary.json"):
+        assert (image_run / name).is_file(), name
+    with PILImage.open(image_run / "samples.png") as picture:
+        picture.load()
+        assert picture.size[0] > 0 and picture.size[1] > 0
+    data = np.load(image_run / "samples.npz")
+    images, labels = data["images"], data["labels"]
+    assert images.ndim == 3 and images.shape[1:] == (16, 16)
+    assert images.dtype == np.float32
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert labels.shape == (images.shape[0],)
+    assert sorted(set(labels.tolist())) == list(range(10))
+    summary = json.loads((image_run / "summary.json").read_text())
+    assert set(summary["times_s"]) == {"data", "clip", "autoencoder", "denoiser", "sample"}
+    assert 0.0 <= summary["metrics"]["prompt_accuracy"] <= 1.0
+    assert summary["metrics"]["judge_test_accuracy"] > 0.9
+
+
+def test_image_demo_pipeline_reloads_and_regenerates_identical_samples(image_run: Path) -> None:
+    data = np.load(image_run / "samples.npz")
+    pipeline = Pipeline.load(image_run / PIPELINE_DIR)
+    prompts = [str(p) for p in data["prompts"]]
+    seed = json.loads((image_run / "summary.json").read_text())["config"]["seed"]
+    again = generate_samples(pipeline, prompts, seed)
+    unit = ((again.clamp(-1, 1) + 1) / 2)[:, 0].numpy().astype(np.float32)
+    np.testing.assert_array_equal(unit, data["images"])
+    other = generate_samples(pipeline, prompts, seed + 1)
+    assert not torch.equal(other, again)
+
+
+def test_cli_sample_and_info_on_the_demo_run(
+    image_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "seven.png"
+    args = ["sample", str(image_run), "--prompt", "a handwritten digit seven", "--num", "3"]
+    assert main([*args, "--steps", "3", "--sampler", "ddim", "--seed", "1", "--out", str(out)]) == 0
+    with PILImage.open(out) as picture:
+        assert picture.size == (3 * 16, 16)
+    assert np.load(out.with_suffix(".npz"))["images"].shape == (3, 16, 16)
+    assert main(["info", str(image_run)]) == 0
+    text = capsys.readouterr().out
+    for part in ("UNet", "KLAutoencoder", "CLIPTextConditioner", "(2, 8, 8)", "(1, 16, 16)"):
+        assert part in text
+
+
+def test_video_demo_fast_writes_gifs_and_frame_grid(tmp_path: Path) -> None:
+    out = tmp_path / "video"
+    code = main(
+        [
+            "demo",
+            "--task",
+            "video",
+            "--fast",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--no-progress",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    config = fast_config(default_config("video"))
+    assert isinstance(config, VideoDemoConfig)
+    frames = config.pipeline.data_shape[0]
+    gifs = sorted((out / "gifs").glob("*.gif"))
+    assert len(gifs) == len(config.prompt_digits) * len(config.directions)
+    with PILImage.open(gifs[0]) as gif:
+        assert gif.n_frames == frames
+    with PILImage.open(out / "frames.png") as grid:
+        grid.load()
+    videos = np.load(out / "samples.npz")["videos"]
+    assert videos.shape[1:] == (frames, 16, 16)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["check_on_real_clips"] > 0.9
+    assert (out / PIPELINE_DIR / "model.safetensors").is_file()
+
+
+def test_digit_judge_classifies_held_out_real_digits() -> None:
+    judge = DigitJudge(16)
+    assert judge.test_accuracy > 0.95
+    with pytest.raises(ValueError, match="images must be"):
+        judge.predict(torch.zeros(2, 1, 8, 8))
+
+
+def test_video_judge_accepts_real_clips_and_rejects_wrong_captions() -> None:
+    config = default_config("video")
+    assert isinstance(config, VideoDemoConfig)
+    videos, labels, _, directions = _video_data(config, "test", 60)
+    judge = VideoJudge(config.digit_size, config.pipeline.data_shape[2])
+    right = judge.score(videos, labels.tolist(), directions)
+    assert right["accuracy"] > 0.9
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    wrong = judge.score(videos, ((labels + 1) % 10).tolist(), [opposite[d] for d in directions])
+    assert wrong["digit_accuracy"] < 0.2 and wrong["direction_accuracy"] < 0.1
+
+
+@pytest.mark.parametrize("task", ["image", "video"])
+def test_configs_folder_holds_the_builtin_recipes(task: str) -> None:
+    from typing import Literal, cast
+
+    loaded = load_demo_config(CONFIGS / f"demo_{task}.yaml")
+    assert loaded == default_config(cast(Literal["image", "video"], task))
+
+
+def test_fast_config_shrinks_every_stage() -> None:
+    full = default_config("image")
+    fast = fast_config(full)
+    assert isinstance(full, ImageDemoConfig) and isinstance(fast, ImageDemoConfig)
+    assert fast.train.steps < full.train.steps
+    assert fast.clip_train.steps < full.clip_train.steps
+    assert fast.autoencoder_train.steps < full.autoencoder_train.steps
+    assert fast.pipeline.denoiser == full.pipeline.denoiser
