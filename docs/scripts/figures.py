@@ -88,6 +88,56 @@ def forward_strip() -> bytes:
     return _png(fig)
 
 
+class EmpiricalDenoiser(torch.nn.Module):
+    """The exact ``E[x0 | x_t]`` when the data is uniform over a finite set of images."""
+
+    prediction = "x0"
+
+    def __init__(self, data: torch.Tensor, schedule: dk.NoiseSchedule):
+        super().__init__()
+        self.data, self.schedule = data.flatten(1).to(torch.float64), schedule
+
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: dk.Conditioning | None = None
+    ) -> torch.Tensor:
+        t64 = t.to(torch.float64)
+        alpha = self.schedule.alpha(t64)[:, None]
+        sigma = self.schedule.sigma(t64)[:, None].clamp_min(1e-4)
+        x, y = x_t.flatten(1).to(torch.float64), self.data
+        logits = (alpha * (x @ y.T) - 0.5 * alpha**2 * (y**2).sum(1)) / sigma**2
+        return (torch.softmax(logits, dim=1) @ y).reshape(x_t.shape).to(x_t.dtype)
+
+
+def reverse_strip() -> bytes:
+    """The reverse process: x_t and the denoiser's x0 estimate at each step of a sampler."""
+    from sklearn.datasets import load_digits
+
+    from diffkit import samplers
+
+    data = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    schedule = schedules.Cosine()
+    denoiser = EmpiricalDenoiser(data, schedule)
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    frames: list[tuple[float, np.ndarray, np.ndarray]] = []
+
+    def record(step: int, t: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        frames.append((float(t[0]), np.asarray(x_t[0, 0]), np.asarray(x0[0, 0])))
+
+    with torch.no_grad():
+        samplers.REGISTRY["ddim"]().sample(denoiser, schedule, noise, steps=10, callback=record)
+    fig, axes = plt.subplots(2, len(frames), figsize=(1.0 * len(frames), 2.4))
+    for col, (t, x_t, x0) in enumerate(frames):
+        for row, image in enumerate((x_t, x0)):
+            ax = axes[row, col]
+            ax.imshow(image, cmap="gray", vmin=-1.5, vmax=1.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(f"t={t:.3g}", fontsize=8)
+    axes[0, 0].set_ylabel("$x_t$", fontsize=9)
+    axes[1, 0].set_ylabel(r"$\hat x_0$", fontsize=9)
+    return _png(fig)
+
+
 class MixtureDenoiser(torch.nn.Module):
     """The exact ``E[x0 | x_t]`` for an equal-weight mixture of isotropic Gaussians."""
 
@@ -161,6 +211,7 @@ def sampler_accuracy() -> bytes:
 
 
 FIGURES: dict[str, Callable[[], bytes]] = {
+    "figures/reverse-strip.png": reverse_strip,
     "figures/sampler-accuracy.png": sampler_accuracy,
     "figures/schedules.png": schedule_curves,
     "figures/forward-strip.png": forward_strip,
