@@ -13,6 +13,8 @@ from diffkit.nn.clip import (
     CLIP_MODELS,
     MAX_LOGIT_SCALE,
     CLIPConfig,
+    ResNetTower,
+    ResNetTowerConfig,
     TextTowerConfig,
     VisionTowerConfig,
     ZeroShotClassifier,
@@ -25,13 +27,18 @@ CONTEXT = 16
 MAX_F32 = float(torch.tensor(MAX_LOGIT_SCALE))  # ln 100 rounded to float32, as stored
 
 
-def tiny_config() -> CLIPConfig:
+def tiny_config(vision: str = "vit") -> CLIPConfig:
+    tower = (
+        VisionTowerConfig(image_size=8, patch_size=4, channels=1, width=32, layers=2, heads=4)
+        if vision == "vit"
+        else ResNetTowerConfig(
+            image_size=8, channels=1, widths=(8, 16), blocks=(1, 1), norm_groups=4
+        )
+    )
     return CLIPConfig(
         embed_dim=16,
         text=TextTowerConfig(vocab_size=259, context_length=CONTEXT, width=32, layers=2, heads=4),
-        vision=VisionTowerConfig(
-            image_size=8, patch_size=4, channels=1, width=32, layers=2, heads=4
-        ),
+        vision=tower,
     )
 
 
@@ -126,7 +133,9 @@ def test_initial_logit_scale_is_clips_temperature(model: CLIP) -> None:
     assert float(model.scale().detach()) == pytest.approx(1 / 0.07, rel=1e-5)
 
 
-def test_wrong_shaped_images_give_a_clear_error(model: CLIP) -> None:
+@pytest.mark.parametrize("vision", ["vit", "resnet"])
+def test_wrong_shaped_images_give_a_clear_error(vision: str) -> None:
+    model = CLIP(tiny_config(vision))
     with pytest.raises(ShapeError, match=r"images must be \(batch, 1, 8, 8\)"):
         model.encode_image(torch.randn(2, 3, 8, 8))
     with pytest.raises(ShapeError, match=r"images must be \(batch, 1, 8, 8\)"):
@@ -203,20 +212,21 @@ def test_zero_shot_classifier_averages_normalized_prompts_per_class(model: CLIP)
         ZeroShotClassifier.from_prompts(model, tok, ["one"], [])
 
 
-def test_clip_overfits_a_few_pairs() -> None:
+@pytest.mark.parametrize("vision", ["vit", "resnet"])
+def test_clip_overfits_a_few_pairs(vision: str) -> None:
     torch.manual_seed(0)
-    clip = CLIP(tiny_config())
+    clip = CLIP(tiny_config(vision))
     images, _ = inputs(4, 0)
     ids = ByteTokenizer(CONTEXT)(["zero", "one", "two", "three"])
     opt = torch.optim.Adam(clip.parameters(), lr=3e-3)
-    first = float(clip.loss(images, ids))
+    first = clip.loss(images, ids).item()
     for _ in range(40):
         opt.zero_grad()
         loss = clip.loss(images, ids)
         loss.backward()
         opt.step()
         clip.clamp_logit_scale_()
-    assert float(loss) < 0.1 < first
+    assert loss.item() < 0.1 < first
     assert (clip(images, ids).argmax(dim=1) == torch.arange(4)).all()
 
 
@@ -233,3 +243,21 @@ def test_config_round_trips_and_builds_through_the_registry() -> None:
         VisionTowerConfig(image_size=10, patch_size=4)
     with pytest.raises(ValueError, match="must divide"):
         TextTowerConfig(width=30, heads=4)
+
+
+def test_resnet_tower_builds_from_a_dict_and_gives_unit_embeddings() -> None:
+    data = tiny_config("resnet").to_dict()
+    assert data["vision"]["kind"] == "clip_resnet"
+    clip = CLIP_MODELS.build(data)
+    assert isinstance(clip, CLIP) and isinstance(clip.vision, ResNetTower)
+    images, _ = inputs(3, 0)
+    with torch.no_grad():
+        tokens, pooled = clip.vision(images)
+        z = clip.encode_image(images, normalize=True)
+    assert tokens.shape == (3, 16, 16)  # 8x8 halved once: 4x4 positions of 16 channels
+    assert pooled.shape == (3, 16)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(3))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        ResNetTowerConfig(widths=(8, 16), blocks=(1,))
+    with pytest.raises(ValueError, match="must divide every width"):
+        ResNetTowerConfig(widths=(8, 12), blocks=(1, 1), norm_groups=8)

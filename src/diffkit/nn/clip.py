@@ -15,6 +15,8 @@ with the log-scale ``s`` clamped to ``[0, ln 100]`` as in CLIP.
   (the largest id of the row, CLIP's rule, or the first ``eos_token_id``).
 - [`VisionTower`][diffkit.nn.clip.VisionTower]: a ViT over
   [`SpatialPatches`][diffkit.patches.SpatialPatches] with a class token, pooled at it.
+- [`ResNetTower`][diffkit.nn.clip.ResNetTower]: a small GroupNorm ResNet, average-pooled
+  (an alternative image tower for training from scratch).
 - [`CLIP`][diffkit.nn.clip.CLIP], [`contrastive_loss`][diffkit.nn.clip.contrastive_loss],
   [`ZeroShotClassifier`][diffkit.nn.clip.ZeroShotClassifier] (prompt templates averaged
   per class).
@@ -43,6 +45,8 @@ __all__ = [
     "CLIP",
     "CLIP_MODELS",
     "CLIPConfig",
+    "ResNetTower",
+    "ResNetTowerConfig",
     "ResidualAttentionBlock",
     "TextTower",
     "TextTowerConfig",
@@ -122,6 +126,33 @@ class VisionTowerConfig(Config):
         return self
 
 
+class ResNetTowerConfig(Config):
+    """A small ResNet image tower (GroupNorm, average pooling) for training from scratch."""
+
+    kind: Literal["clip_resnet"] = "clip_resnet"
+    image_size: int = Field(default=224, gt=0, description="height and width of the images")
+    channels: int = Field(default=3, gt=0, description="image channels")
+    widths: tuple[int, ...] = Field(
+        default=(64, 128, 256, 512), min_length=1, description="channels of each stage"
+    )
+    blocks: tuple[int, ...] = Field(
+        default=(2, 2, 2, 2), min_length=1, description="residual blocks per stage"
+    )
+    norm_groups: int = Field(default=8, gt=0, description="GroupNorm groups; divides every width")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResNetTowerConfig":
+        if len(self.widths) != len(self.blocks):
+            raise ValueError(
+                f"widths {self.widths} and blocks {self.blocks} must have one entry per stage"
+            )
+        if any(w % self.norm_groups for w in self.widths):
+            raise ValueError(f"norm_groups ({self.norm_groups}) must divide every width")
+        if any(b < 1 for b in self.blocks) or any(w < 1 for w in self.widths):
+            raise ValueError("every stage needs a positive width and at least one block")
+        return self
+
+
 class CLIPConfig(Config):
     """A CLIP model: both towers, the shared embedding size and the initial temperature."""
 
@@ -130,8 +161,10 @@ class CLIPConfig(Config):
     text: TextTowerConfig = Field(
         default_factory=lambda: TextTowerConfig(), description="text tower"
     )
-    vision: VisionTowerConfig = Field(
-        default_factory=lambda: VisionTowerConfig(), description="image tower"
+    vision: VisionTowerConfig | ResNetTowerConfig = Field(
+        default_factory=lambda: VisionTowerConfig(),
+        discriminator="kind",
+        description="image tower: a ViT (clip_vit) or a small ResNet (clip_resnet)",
     )
     init_logit_scale: float = Field(
         default=math.log(1 / 0.07),
@@ -266,6 +299,14 @@ class TextTower(nn.Module):
         return pooled if self.projection is None else self.projection(pooled)
 
 
+def _check_images(images: Tensor, channels: int, size: int, owner: str) -> None:
+    if tuple(images.shape[1:]) != (channels, size, size):
+        raise ShapeError(
+            f"{owner}: images must be (batch, {channels}, {size}, {size}), got "
+            f"{tuple(images.shape)}"
+        )
+
+
 class VisionTower(nn.Module):
     """Images ``(batch, channels, size, size)`` to patch states and the pooled class token.
 
@@ -306,20 +347,12 @@ class VisionTower(nn.Module):
         if self.projection is not None:
             nn.init.normal_(self.projection.weight, std=scale)
 
-    def _check_images(self, images: Tensor) -> None:
-        c, size = self.config.channels, self.config.image_size
-        if tuple(images.shape[1:]) != (c, size, size):
-            raise ShapeError(
-                f"VisionTower: images must be (batch, {c}, {size}, {size}), got "
-                f"{tuple(images.shape)}"
-            )
-
     @checked
     def forward(
         self, images: Image
     ) -> tuple[Float[Tensor, "batch tokens dim"], Float[Tensor, "batch dim"]]:
         """Images -> (states of class + patch tokens ``(batch, 1 + patches, width)``, pooled)."""
-        self._check_images(images)
+        _check_images(images, self.config.channels, self.config.image_size, "VisionTower")
         x = self.patch_embedding(self.patches.patchify(images))
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding
@@ -328,6 +361,78 @@ class VisionTower(nn.Module):
             x = block(x)
         x = self.ln_post(x)
         return x, x[:, 0]
+
+    @checked
+    def encode(self, images: Image) -> Embedding:
+        """Images to the projected (not normalised) image embedding."""
+        _, pooled = self(images)
+        return pooled if self.projection is None else self.projection(pooled)
+
+
+class _ResidualBlock(nn.Module):
+    """``relu(x + norm(conv(relu(norm(conv(x))))))``, with a strided 1x1 shortcut if needed."""
+
+    def __init__(self, cin: int, cout: int, stride: int, groups: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        nn.init.zeros_(self.norm2.weight)  # each block starts as the identity
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.GroupNorm(groups, cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.shortcut(x) + self.norm2(self.conv2(h)))
+
+
+class ResNetTower(nn.Module):
+    """Images to a feature map and its average: a 3x3 stem, then stages that halve the size.
+
+    ``forward`` returns the final feature map as tokens ``(batch, h*w, width)`` and their
+    mean ``(batch, width)`` (after a LayerNorm); ``encode`` projects the mean. A simpler
+    tower than OpenAI's ModifiedResNet (no attention pooling), for small images.
+    """
+
+    def __init__(self, config: ResNetTowerConfig, proj_dim: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.width = config.widths[-1]
+        self.output_dim = proj_dim or self.width
+        g = config.norm_groups
+        self.stem = nn.Sequential(
+            nn.Conv2d(config.channels, config.widths[0], 3, padding=1, bias=False),
+            nn.GroupNorm(g, config.widths[0]),
+            nn.ReLU(),
+        )
+        layers: list[nn.Module] = []
+        cin = config.widths[0]
+        for stage, (width, count) in enumerate(zip(config.widths, config.blocks)):
+            for i in range(count):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(_ResidualBlock(cin, width, stride, g))
+                cin = width
+        self.stages = nn.Sequential(*layers)
+        self.ln_post = nn.LayerNorm(self.width)
+        self.projection = (
+            nn.Linear(self.width, proj_dim, bias=False) if proj_dim is not None else None
+        )
+        if self.projection is not None:
+            nn.init.normal_(self.projection.weight, std=self.width**-0.5)
+
+    @checked
+    def forward(
+        self, images: Image
+    ) -> tuple[Float[Tensor, "batch tokens dim"], Float[Tensor, "batch dim"]]:
+        """Images -> (final feature map as tokens, their normalised mean)."""
+        _check_images(images, self.config.channels, self.config.image_size, "ResNetTower")
+        features = self.stages(self.stem(images))
+        tokens = rearrange(features, "b c h w -> b (h w) c")
+        return tokens, self.ln_post(tokens.mean(dim=1))
 
     @checked
     def encode(self, images: Image) -> Embedding:
@@ -365,7 +470,11 @@ class CLIP(nn.Module):
         self.config = config
         self.embed_dim = config.embed_dim
         self.text = TextTower(config.text, proj_dim=config.embed_dim)
-        self.vision = VisionTower(config.vision, proj_dim=config.embed_dim)
+        self.vision: VisionTower | ResNetTower = (
+            VisionTower(config.vision, proj_dim=config.embed_dim)
+            if isinstance(config.vision, VisionTowerConfig)
+            else ResNetTower(config.vision, proj_dim=config.embed_dim)
+        )
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
 
     @classmethod
