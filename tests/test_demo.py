@@ -70,7 +70,24 @@ def test_cli_sample_and_info_on_the_demo_run(
 ) -> None:
     out = tmp_path / "seven.png"
     args = ["sample", str(image_run), "--prompt", "a handwritten digit seven", "--num", "3"]
-    assert main([*args, "--steps", "3", "--sampler", "ddim", "--seed", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "--steps",
+                "3",
+                "--sampler",
+                "ddim",
+                "--seed",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with PILImage.open(out) as picture:
         assert picture.size == (3 * 16, 16)
     assert np.load(out.with_suffix(".npz"))["images"].shape == (3, 16, 16)

@@ -151,11 +151,23 @@ def _print_summary(console: Any, result: Any) -> None:
     table = Table(title=f"diffkit demo ({result.task}) — summary", show_lines=False)
     table.add_column("stage / metric")
     table.add_column("value", justify="right")
+    table.add_column("CPU time", justify="right")
+    table.add_column("final loss", justify="right")
     for name, seconds in result.times.items():
         loss = result.losses.get(name)
-        extra = f"   final loss {loss:.4f}" if loss is not None else ""
-        table.add_row(f"time: {name}", f"{seconds:.1f} s{extra}")
-    table.add_row("time: total", f"{sum(result.times.values()):.1f} s")
+        cpu = result.cpu_times.get(name)
+        table.add_row(
+            f"time: {name}",
+            f"{seconds:.1f} s",
+            f"{cpu:.1f} s" if cpu is not None else "",
+            f"{loss:.4f}" if loss is not None else "",
+        )
+    table.add_row(
+        "time: total",
+        f"{sum(result.times.values()):.1f} s",
+        f"{sum(result.cpu_times.values()):.1f} s",
+        "",
+    )
     labels = {
         "judge_test_accuracy": "judge accuracy on held-out real digits",
         "clip_zero_shot_accuracy": "CLIP zero-shot accuracy (held-out digits)",

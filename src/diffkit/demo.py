@@ -563,6 +563,10 @@ class DemoResult:
     task: str
     out: Path
     times: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Wall-clock seconds per stage."""
+    cpu_times: dict[str, float] = dataclasses.field(default_factory=dict)
+    """CPU seconds per stage (all threads of this process; on a busy machine this is what
+    the stage would take alone on one core)."""
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     files: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -574,6 +578,8 @@ class DemoResult:
             "out": str(self.out),
             "times_s": self.times,
             "total_s": sum(self.times.values()),
+            "cpu_s": self.cpu_times,
+            "total_cpu_s": sum(self.cpu_times.values()),
             "final_losses": self.losses,
             "metrics": self.metrics,
             "files": self.files,
@@ -590,12 +596,16 @@ class _Reporter:
     def stage(self, name: str, description: str) -> Iterator[None]:
         if self.console is not None:
             self.console.print(f"[bold cyan]▶ {name}[/]: {description}")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         yield
         elapsed = time.perf_counter() - start
         self.result.times[name] = elapsed
+        self.result.cpu_times[name] = time.process_time() - cpu_start
         if self.console is not None:
-            self.console.print(f"  [green]✓[/] {name} done in {elapsed:.1f} s")
+            self.console.print(
+                f"  [green]✓[/] {name} done in {elapsed:.1f} s "
+                f"(CPU {self.result.cpu_times[name]:.1f} s)"
+            )
 
     def note(self, text: str) -> None:
         """A line under the current stage (a loss, an accuracy)."""
