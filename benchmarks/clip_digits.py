@@ -14,6 +14,7 @@ the same CLIP BPE tokenizer, optimiser and schedule. Reported on the held-out im
 
     python benchmarks/clip_digits.py            # ~ a few minutes on 2 CPU threads
     python benchmarks/clip_digits.py --steps 200 --libraries diffkit
+    python benchmarks/clip_digits.py --libraries diffkit --vision resnet
 """
 
 import argparse
@@ -32,6 +33,7 @@ from diffkit.data import DIGIT_NAMES, IMAGE_TEMPLATES, load_digits
 from diffkit.nn.clip import (
     CLIP,
     CLIPConfig,
+    ResNetTowerConfig,
     TextTowerConfig,
     VisionTowerConfig,
     contrastive_loss,
@@ -71,7 +73,19 @@ class Encoders:
         self.log_scale, self.loss = log_scale, loss
 
 
-def build_diffkit(sizes: Sizes, vocab: int) -> Encoders:
+def build_diffkit(sizes: Sizes, vocab: int, vision: str = "vit") -> Encoders:
+    tower: VisionTowerConfig | ResNetTowerConfig = VisionTowerConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=sizes.patch,
+        channels=1,
+        width=sizes.width,
+        layers=sizes.vision_layers,
+        heads=sizes.heads,
+    )
+    if vision == "resnet":
+        tower = ResNetTowerConfig(
+            image_size=IMAGE_SIZE, channels=1, widths=(32, 64), blocks=(1, 1), norm_groups=8
+        )
     config = CLIPConfig(
         embed_dim=sizes.embed,
         text=TextTowerConfig(
@@ -81,14 +95,7 @@ def build_diffkit(sizes: Sizes, vocab: int) -> Encoders:
             layers=sizes.text_layers,
             heads=sizes.heads,
         ),
-        vision=VisionTowerConfig(
-            image_size=IMAGE_SIZE,
-            patch_size=sizes.patch,
-            channels=1,
-            width=sizes.width,
-            layers=sizes.vision_layers,
-            heads=sizes.heads,
-        ),
+        vision=tower,
     )
     model = CLIP(config)
     return Encoders(
@@ -100,7 +107,7 @@ def build_diffkit(sizes: Sizes, vocab: int) -> Encoders:
     )
 
 
-def build_open_clip(sizes: Sizes, vocab: int) -> Encoders:
+def build_open_clip(sizes: Sizes, vocab: int, vision: str = "vit") -> Encoders:
     import open_clip
     from open_clip.loss import ClipLoss
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
@@ -211,6 +218,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
     parser.add_argument(
+        "--vision",
+        choices=["vit", "resnet"],
+        default="vit",
+        help="diffkit's image tower; resnet (diffkit only) is a small GroupNorm ResNet",
+    )
+    parser.add_argument(
         "--libraries", nargs="+", choices=["diffkit", "open_clip"], default=["diffkit", "open_clip"]
     )
     args = parser.parse_args()
@@ -229,13 +242,16 @@ def main() -> None:
     print(
         f"digits {IMAGE_SIZE}x{IMAGE_SIZE}: {len(train_idx)} train / {n_test} held-out images, "
         f"{len(IMAGE_TEMPLATES)} caption templates, {args.tokenizer} tokenizer "
-        f"(context {sizes.context}); {args.steps} steps x batch {args.batch}"
+        f"(context {sizes.context}); {args.vision} image tower; "
+        f"{args.steps} steps x batch {args.batch}"
     )
     builders = {"diffkit": build_diffkit, "open_clip": build_open_clip}
     rows: dict[str, dict[str, float]] = {}
+    if args.vision == "resnet" and "open_clip" in args.libraries:
+        parser.error("--vision resnet has no open_clip peer; pass --libraries diffkit")
     for name in args.libraries:
         torch.manual_seed(args.seed)
-        enc = builders[name](sizes, tokenizer.vocab_size)
+        enc = builders[name](sizes, tokenizer.vocab_size, args.vision)
         params = sum(p.numel() for p in enc.model.parameters())
         print(f"  {name}: {params / 1e6:.2f}M parameters")
         start = time.perf_counter()
