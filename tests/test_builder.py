@@ -284,3 +284,40 @@ def test_user_registered_components_are_built_and_checked_like_builtins(tmp_path
 def test_unknown_registry_group_is_a_clear_error():
     with pytest.raises(ValueError, match="no component registry named 'nonsense'"):
         registry("nonsense")
+
+
+def _leaves(data, path=()):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key != "kind":
+                yield from _leaves(value, (*path, key))
+    else:
+        yield path
+
+
+def _replace(data, path, value):
+    if not path:
+        return value
+    return {**data, path[0]: _replace(data[path[0]], path[1:], value)}
+
+
+GOOD_LEAVES = sorted(_leaves(_good()))
+garbage = st.one_of(
+    st.integers(-3, 40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(-1, 5), max_size=4),
+)
+
+
+@settings(max_examples=80)
+@given(st.sampled_from(GOOD_LEAVES), garbage)
+def test_any_field_value_gives_a_valid_config_or_a_validation_error_never_a_crash(path, value):
+    data = _replace(_good(), path, value)
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError:
+        return
+    assert compatibility_problems(config) == []

@@ -335,3 +335,20 @@ def test_train_pipeline_on_labels_in_a_latent_space(digits):
         train_pipeline(pipeline, digits, config, condition="labels")
     with pytest.raises(ValueError, match="data_shape"):
         train_pipeline(pipeline, DigitsDataset(16), config, condition="labels", null_label=10)
+
+
+def test_run_config_round_trips_through_yaml_and_names_bad_fields():
+    from diffkit.training import TrainRunConfig
+
+    run = TrainRunConfig.model_validate(yaml.safe_load(RUN_YAML))
+    again = TrainRunConfig.model_validate(yaml.safe_load(yaml.safe_dump(run.to_dict())))
+    assert again == run
+    assert TrainRunConfig.model_validate_json(run.to_json()) == run
+    broken = yaml.safe_load(RUN_YAML)
+    broken["data"]["size"] = 4
+    with pytest.raises(ValidationError, match="size"):
+        TrainRunConfig.model_validate(broken)
+    broken = yaml.safe_load(RUN_YAML)
+    broken["pipeline"]["denoiser"]["context_dim"] = 24
+    with pytest.raises(ValidationError, match=r"denoiser\.context_dim is 24"):
+        TrainRunConfig.model_validate(broken)
