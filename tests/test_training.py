@@ -352,3 +352,16 @@ def test_run_config_round_trips_through_yaml_and_names_bad_fields():
     broken["pipeline"]["denoiser"]["context_dim"] = 24
     with pytest.raises(ValidationError, match=r"denoiser\.context_dim is 24"):
         TrainRunConfig.model_validate(broken)
+
+
+def test_dataloader_workers_feed_the_same_batches(digits):
+    inline = train(_fresh(0), Cosine(), digits, _config(steps=3), condition=_labels, uncond=NULL)
+    workers = train(
+        _fresh(0),
+        Cosine(),
+        digits,
+        _config(steps=3, num_workers=2),
+        condition=_labels,
+        uncond=NULL,
+    )
+    assert workers.losses == inline.losses

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from diffkit.builder import PipelineConfig
 from diffkit.checkpoint import (
@@ -116,6 +116,9 @@ class TrainConfig(Config):
     log_every: int = Field(10, ge=1, description="log every this many steps")
     sample_every: int | None = Field(
         None, ge=1, description="save a sample grid every this many steps (needs a sample fn)"
+    )
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes; 0: load in the training process"
     )
     progress: bool = Field(True, description="show a progress bar (rank 0 only)")
     tensorboard: bool = Field(True, description="also log to TensorBoard when it is installed")
@@ -236,7 +239,10 @@ SampleFn = Callable[[nn.Module, torch.Generator], Tensor]
 
 def _resolve_device(config: TrainConfig, info: DistributedInfo) -> torch.device:
     if config.device is not None:
-        return torch.device(config.device)
+        device = torch.device(config.device)
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", info.local_rank)  # each rank its own GPU
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
@@ -321,6 +327,33 @@ class _EpochBatches:
             }
         for s in self.shards:
             yield s, self._batches[s][position]
+
+    def stream(
+        self, dataset: Dataset[Any], start: int, stop: int, num_workers: int, pin: bool
+    ) -> Iterator[list[tuple[int, Batch]]]:
+        """For each step from ``start`` to ``stop``: this process's ``(shard, batch)`` pairs."""
+        step = start
+        while step < stop:
+            epoch = step // self.steps_per_epoch
+            last = min(stop, (epoch + 1) * self.steps_per_epoch)
+            if num_workers == 0:
+                for k in range(step, last):
+                    yield [(s, collate([dataset[i] for i in idx])) for s, idx in self.at(k)]
+            else:
+                order = [idx for k in range(step, last) for _, idx in self.at(k)]
+                loader = DataLoader(
+                    dataset,
+                    batch_sampler=order,
+                    collate_fn=collate,
+                    num_workers=num_workers,
+                    pin_memory=pin,
+                    # its own generator: worker seeding must not draw from the global RNG
+                    generator=torch.Generator().manual_seed(self.seed + epoch),
+                )
+                items = iter(loader)
+                for _ in range(step, last):
+                    yield [(s, next(items)) for s in self.shards]
+            step = last
 
 
 def train(
@@ -420,6 +453,9 @@ def train(
         model = ddp
     view = _DenoiserView(model, kind)
     batches = _EpochBatches(len(dataset), micro, shards, num_shards, config.seed)  # type: ignore[arg-type]
+    stream = batches.stream(
+        dataset, start, config.steps, config.num_workers, pin=device.type == "cuda"
+    )
     if uncond is not None:
         uncond = uncond.map(lambda t: t.to(device))
 
@@ -443,9 +479,8 @@ def train(
             denoiser.train()
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device, dtype=torch.float32)
-            for j, (shard, indices) in enumerate(batches.at(step)):
-                batch = collate([dataset[i] for i in indices])
-                x = batch.x.to(device)
+            for j, (shard, batch) in enumerate(next(stream)):
+                x = batch.x.to(device, non_blocking=True)
                 if encode is not None:
                     with torch.no_grad():
                         x = encode(x)
