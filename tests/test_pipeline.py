@@ -275,3 +275,11 @@ def test_plain_python_components_compose_without_registration():
         pipeline.save("unused")
     with pytest.raises(TypeError, match="prediction"):
         Pipeline(Cosine(), object())  # type: ignore[arg-type]
+
+
+def test_unconditional_generation_from_a_text_pipeline_uses_the_empty_prompt(text_pipeline):
+    gen = torch.Generator
+    free = text_pipeline.generate(num_samples=2, generator=gen().manual_seed(4))
+    empty = text_pipeline.generate(["", ""], guidance=1.0, generator=gen().manual_seed(4))
+    assert free.shape == (2, 1, 16, 16)
+    assert torch.equal(free, empty)

@@ -201,11 +201,17 @@ class Pipeline(nn.Module):
         negative_prompts: Sequence[str] | str | None,
         batch: int | None,
         guidance: float,
-    ) -> tuple[int, Conditioning | None, Conditioning | None]:
+    ) -> tuple[int, Conditioning | None, Conditioning | None, float]:
         if prompts is not None and cond is not None:
             raise ValueError("Pipeline: pass prompts or cond, not both")
         if isinstance(prompts, str):
             prompts = [prompts]
+        if prompts is None and cond is None:
+            # Unconditional: nothing to guide towards; a text model's unconditional
+            # branch is the empty prompt (what condition dropout trained it on).
+            guidance, uncond = 1.0, None
+            if self.text is not None:
+                prompts = [""]
         if prompts is not None:
             cond = self.condition(prompts)
         size = cond.batch_size if cond is not None else None
@@ -226,7 +232,7 @@ class Pipeline(nn.Module):
             uncond = self.condition(negative_prompts)
         if uncond is not None:
             uncond = uncond.expand(batch)
-        return batch, cond, uncond
+        return batch, cond, uncond, guidance
 
     def _sampler(self, sampler: Sampler | str | None) -> Sampler:
         if isinstance(sampler, str):
@@ -266,7 +272,8 @@ class Pipeline(nn.Module):
         """Sample ``(batch, *data_shape)`` (or latents with ``decode=False``).
 
         Conditioned on ``prompts`` (through the text conditioner) or on ``cond``; with
-        neither, unconditional. ``guidance != 1`` uses classifier-free guidance against
+        neither, unconditional (a text pipeline then uses the empty prompt, without
+        guidance). ``guidance != 1`` uses classifier-free guidance against
         ``uncond`` (default: the empty prompt, or ``negative_prompts``). ``sampler`` is
         a Sampler, a name in ``diffkit.samplers.REGISTRY``, or the pipeline's default.
         ``noise`` (standard normal, latent shape) replaces the draw from ``generator``;
@@ -275,7 +282,7 @@ class Pipeline(nn.Module):
         steps, guidance = self._defaults(steps, guidance)
         if noise is not None and num_samples is None:
             num_samples = int(noise.shape[0])
-        batch, cond, uncond = self._conditions(
+        batch, cond, uncond, guidance = self._conditions(
             prompts, cond, uncond, negative_prompts, num_samples, guidance
         )
         if noise is None:
@@ -328,7 +335,7 @@ class Pipeline(nn.Module):
             raise ValueError(f"strength (the start time t0) must be in (0, 1], got {strength}")
         steps, guidance = self._defaults(steps, guidance)
         x = x.to(self.device, self.dtype)
-        batch, cond, uncond = self._conditions(
+        batch, cond, uncond, guidance = self._conditions(
             prompts, cond, uncond, negative_prompts, int(x.shape[0]), guidance
         )
         z0 = self.encode(x)
