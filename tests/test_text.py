@@ -109,3 +109,14 @@ def test_clip_bpe_conditioner_from_config_uses_open_clips_vocabulary() -> None:
     assert built.tokenizer.vocab_size == 49408
     cond = built.condition(["a photo of a cat"])
     assert cond.mask is not None and int(cond.mask.sum()) == 7  # start, 5 words, end
+
+
+def test_a_shorter_tokenizer_context_uses_the_first_positions() -> None:
+    torch.manual_seed(0)
+    tower = TextTower(tower_config()).eval()
+    short = CLIPTextConditioner(tower, ByteTokenizer(8))
+    with torch.no_grad():
+        cond = short.condition(["seven"])
+        _, pooled = tower(ByteTokenizer(12)(["seven"]))
+    assert cond.tokens is not None and cond.tokens.shape == (1, 8, 16)
+    torch.testing.assert_close(cond.pooled, pooled)  # causal: later padding changes nothing

@@ -7,7 +7,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffkit.tokenizers import ByteTokenizer, CLIPTokenizer, Tokenizer, find_open_clip_vocab
+from diffkit.tokenizers import (
+    ByteTokenizer,
+    CLIPTokenizer,
+    Tokenizer,
+    find_open_clip_vocab,
+    padding_mask,
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +117,16 @@ def test_clip_tokenizer_rejects_a_file_that_is_not_clip_merges(tmp_path) -> None
         f.write("#version\na b\n")
     with pytest.raises(ValueError, match="not a CLIP merges file"):
         CLIPTokenizer(path)
+
+
+def test_padding_mask_of_a_row_without_end_token_is_all_true() -> None:
+    ids = torch.tensor([[257, 5, 6, 7], [257, 258, 258, 258]])
+    assert padding_mask(ids, 258).tolist() == [[True] * 4, [True, True, False, False]]
+
+
+def test_clip_tokenizer_can_pad_with_the_end_token(clip_tokenizer: CLIPTokenizer) -> None:
+    tok = CLIPTokenizer(clip_tokenizer.vocab_path, context_length=8, pad_token_id=49407)
+    ids = tok(["a cat"])[0].tolist()
+    assert ids == [49406, *clip_tokenizer.encode("a cat"), *[49407] * 5]
+    assert tok.padding_mask(tok(["a cat"])).tolist() == [[True] * 4 + [False] * 4]
+    assert tok.decode(ids) == "a cat "
