@@ -3,6 +3,7 @@
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from diffkit.checkpoint import latest_checkpoint, load_tensors
+from diffkit.checkpoint import load_tensors
 
 WORKER = textwrap.dedent(
     '''
@@ -43,12 +44,12 @@ WORKER = textwrap.dedent(
             return rearrange(self.net(h), "b (c h w) -> b c h w", c=1, h=8)
 
 
-    def run(output_dir):
+    def run(output_dir, steps=8):
         torch.set_num_threads(1)
         info = init_distributed()
         torch.manual_seed(0)
         config = TrainConfig(
-            steps=8,
+            steps=steps,
             batch_size=16,
             micro_batch_size=4,  # 4 shards: 2 per process, or 4 accumulated in one
             lr=3e-3,
@@ -101,7 +102,14 @@ def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path)
 
     before = torch.get_num_threads()
     try:
-        _, single = runpy.run_path(str(script), run_name="worker")["run"](str(single_dir))
+        run = runpy.run_path(str(script), run_name="worker")["run"]
+        _, single = run(str(single_dir))
+        # Continue both runs in one process: from the 1-process checkpoint and from the
+        # one the 2 processes wrote. The shards, not the processes, define the run.
+        resumed_dir = tmp_path / "resumed"
+        shutil.copytree(ddp_dir, resumed_dir)
+        _, continued = run(str(single_dir), steps=11)
+        _, continued_from_ddp = run(str(resumed_dir), steps=11)
     finally:
         torch.set_num_threads(before)
 
@@ -118,9 +126,12 @@ def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path)
         "checkpoint-00000008.safetensors",
     ]
     assert len((ddp_dir / "log.jsonl").read_text().splitlines()) == 8
-    ddp_weights, _ = load_tensors(latest_checkpoint(ddp_dir / "checkpoints"))
-    one_weights, _ = load_tensors(latest_checkpoint(single_dir / "checkpoints"))
+    name = "checkpoints/checkpoint-00000008.safetensors"
+    ddp_weights, _ = load_tensors(ddp_dir / name)
+    one_weights, _ = load_tensors(single_dir / name)
     assert ddp_weights.keys() == one_weights.keys()
     for key, value in one_weights.items():
         if key.startswith(("model.", "ema.")):
             torch.testing.assert_close(ddp_weights[key], value, rtol=1e-4, atol=1e-5)
+    assert continued.start_step == continued_from_ddp.start_step == 8
+    assert continued_from_ddp.losses == pytest.approx(continued.losses, rel=1e-4, abs=1e-6)
