@@ -276,21 +276,37 @@ class TextTower(nn.Module):
 
     @checked
     def forward(
-        self, token_ids: TokenIds
+        self, token_ids: TokenIds, skip_last_layers: int = 0, final_norm: bool = True
     ) -> tuple[Float[Tensor, "batch context dim"], Float[Tensor, "batch dim"]]:
-        """Ids ``(batch, n)``, ``n <= context_length`` -> (hidden states, pooled state)."""
+        """Ids ``(batch, n)``, ``n <= context_length`` -> (hidden states, pooled state).
+
+        The hidden states are taken ``skip_last_layers`` blocks before the end ("CLIP
+        skip": Stable Diffusion 2.x and SDXL use 1), through the final LayerNorm when
+        ``final_norm`` (SD 1.x / 2.x: yes; SDXL: no). The pooled state always comes from
+        the full tower and its final LayerNorm.
+        """
         n = token_ids.shape[1]
         if n > self.context_length:
             raise ShapeError(
                 f"TextTower: token_ids has {n} positions, more than context_length "
                 f"{self.context_length}"
             )
+        if not 0 <= skip_last_layers <= len(self.blocks):
+            raise ValueError(
+                f"TextTower: skip_last_layers must be in [0, {len(self.blocks)}], "
+                f"got {skip_last_layers}"
+            )
         x = self.token_embedding(token_ids) + self.positional_embedding[:n]
-        for block in self.blocks:
+        hidden = x
+        for i, block in enumerate(self.blocks):
             x = block(x, causal=True)
-        x = self.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), self.end_positions(token_ids)]
-        return x, pooled
+            if i == len(self.blocks) - 1 - skip_last_layers:
+                hidden = x
+        out = self.ln_final(x)
+        pooled = out[torch.arange(x.shape[0], device=x.device), self.end_positions(token_ids)]
+        if skip_last_layers == 0 and final_norm:
+            return out, pooled
+        return (self.ln_final(hidden) if final_norm else hidden), pooled
 
     @checked
     def encode(self, token_ids: TokenIds) -> Embedding:

@@ -31,6 +31,7 @@ __all__ = [
     "group_norm",
     "modulate",
     "network_timestep",
+    "pointwise",
     "timestep_embedding",
     "validate_conditioning",
 ]
@@ -144,9 +145,21 @@ class ResBlock(nn.Module):
         else:
             h = self.norm2(h)
         h = self.conv2(self.dropout(F.silu(h)))
-        skip = x if self.skip is None else self.skip(x)
+        skip = x if self.skip is None else pointwise(self.skip, x)
         out = skip + h
         return out if self.output_scale == 1.0 else out / self.output_scale
+
+
+def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution computed as one matrix product over channels, in x's memory layout."""
+    weight = conv.weight.flatten(1)
+    if x.is_contiguous():  # (b, c, h, w): weight @ (b, c, h*w)
+        h = torch.matmul(weight, x.flatten(2))
+        if conv.bias is not None:
+            h = h + conv.bias[:, None]
+        return h.view(x.shape[0], -1, *x.shape[2:])
+    h = F.linear(rearrange(x, "b c y x -> b y x c"), weight, conv.bias)
+    return rearrange(h, "b y x c -> b c y x")
 
 
 class Downsample(nn.Module):
@@ -361,8 +374,8 @@ class SpatialTransformer(nn.Module):
         self.linear_projection = linear_projection
         self.norm = group_norm(channels, groups, 1e-6, "SpatialTransformer")
         if linear_projection:
-            self.proj_in: nn.Module = nn.Linear(channels, inner)
-            self.proj_out: nn.Module = nn.Linear(inner, channels)
+            self.proj_in: nn.Linear | nn.Conv2d = nn.Linear(channels, inner)
+            self.proj_out: nn.Linear | nn.Conv2d = nn.Linear(inner, channels)
         else:
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, channels, 1)
@@ -376,18 +389,14 @@ class SpatialTransformer(nn.Module):
     ) -> ImageLike:
         """``(b, c, h, w) -> (b, c, h, w)``, attending to ``context`` ``(b, m, context_dim)``."""
         height = x.shape[2]
-        h = self.norm(x)
-        if self.linear_projection:
-            h = self.proj_in(rearrange(h, "b c y x -> b (y x) c"))
-        else:
-            h = rearrange(self.proj_in(h), "b c y x -> b (y x) c")
+        # A 1x1 convolution is a linear map over channels: with channels-last activations
+        # both projection kinds are one matrix product on a free (b, pixels, c) view.
+        h = rearrange(self.norm(x), "b c y x -> b (y x) c")
+        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.blocks:
             h = block(h, context, mask)
-        if self.linear_projection:
-            h = rearrange(self.proj_out(h), "b (y x) c -> b c y x", y=height)
-        else:
-            h = self.proj_out(rearrange(h, "b (y x) c -> b c y x", y=height))
-        return x + h
+        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + rearrange(h, "b (y x) c -> b c y x", y=height)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -295,7 +295,10 @@ class UNet(nn.Module):
         if self.config.center_input:
             x_t = 2 * x_t - 1.0
 
-        h = self.conv_in(x_t)
+        # Activations run channels-last (NHWC): oneDNN convolutions and GroupNorm take it
+        # natively, and pixels-as-tokens for attention become a free view instead of a copy.
+        # (Weights stay contiguous, so state dicts save as they are.)
+        h = self.conv_in(x_t.contiguous(memory_format=torch.channels_last))
         skips = [h]
         for level in cast("Iterable[UNetLevel]", self.down):
             for j, block in enumerate(level.res):
@@ -321,7 +324,7 @@ class UNet(nn.Module):
                 h = level.upsample(h)
 
         h = torch.nn.functional.silu(self.norm_out(h))
-        return self.conv_out(h)
+        return self.conv_out(h).contiguous()
 
 
 DENOISERS.register(UNetConfig, UNet.from_config)

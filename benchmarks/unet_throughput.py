@@ -1,0 +1,212 @@
+"""Train-step throughput and peak memory: diffkit's U-Net vs diffusers' UNet2DModel.
+
+Both networks have the same architecture and the same weights (diffkit's is made with
+``dk.interop.from_diffusers`` from the diffusers one, and their outputs are checked equal
+first), see the same batch, run on the same number of threads, in the same run: the timed
+steps alternate between the two libraries round by round, and the table reports medians.
+A train step is forward + MSE loss + backward + AdamW step.
+
+Two clocks are reported: ``cpu`` is the process CPU time (with the default single thread, the
+compute actually done, which stays stable on a shared, overloaded machine) and ``wall`` is the
+elapsed time (what a user waits; noisy when other processes compete for the cores).
+
+Shape checks (``DIFFKIT_SHAPE_CHECKS``) are read once at import, so each setting runs in its
+own subprocess; peak memory is measured in a fresh subprocess per library (peak RSS during one
+train step minus the RSS before it, with model, optimizer state and gradients already allocated).
+
+    python benchmarks/unet_throughput.py                 # width 32, batch 8, 32x32, 1 thread
+    python benchmarks/unet_throughput.py --width 64 --batch 16 --threads 2 --rounds 9
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+
+def _diffusers_unet(size: int, width: int = 64, seed: int = 0):
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(width, 2 * width, 2 * width),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=32,
+    )
+
+
+def _models(size: int, width: int = 64):
+    import diffkit as dk
+
+    reference = _diffusers_unet(size, width)
+    return reference, dk.interop.from_diffusers(reference)
+
+
+def _batch(args):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    target = torch.randn(x.shape, generator=g)
+    index = torch.randint(0, 1000, (args.batch,), generator=g)
+    return x, target, index
+
+
+def _steppers(args):
+    """One train-step closure per library, on identical weights and data."""
+    import torch
+
+    import diffkit as dk
+
+    reference, model = _models(args.size, args.width)
+    x, target, index = _batch(args)
+    t = dk.schedules.Discrete.from_betas(torch.linspace(1e-4, 0.02, 1000)).t_from_index(index)
+    t = t.float()
+    with torch.no_grad():
+        diff = (reference(x, index).sample - model(x, t)).abs().max().item()
+
+    def make(net, call):
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(call(net), target)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    steps = {
+        "diffusers": make(reference, lambda net: net(x, index).sample),
+        "diffkit": make(model, lambda net: net(x, t)),
+    }
+    return steps, diff
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker_time(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    steps, diff = _steppers(args)
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                steps[name]()
+            wall[name].append((time.perf_counter() - start) / args.steps)
+            cpu[name].append((time.process_time() - start_cpu) / args.steps)
+    print(
+        json.dumps(
+            {
+                "wall_s": {name: statistics.median(ts) for name, ts in wall.items()},
+                "cpu_s": {name: statistics.median(ts) for name, ts in cpu.items()},
+                "max_abs_diff": diff,
+            }
+        )
+    )
+
+
+def worker_memory(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    steps, _ = _steppers(args)
+    step = steps[args.library]
+    step()  # allocates optimizer state and gradients once
+    before = _rss_mib()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mib": peak - before}))
+
+
+def _run(args, extra: list[str], checks: str) -> dict:
+    env = dict(os.environ, DIFFKIT_SHAPE_CHECKS=checks, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, __file__, *extra, *_forward(args)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _forward(args) -> list[str]:
+    return [
+        f"--batch={args.batch}",
+        f"--width={args.width}",
+        f"--size={args.size}",
+        f"--threads={args.threads}",
+        f"--rounds={args.rounds}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--width", type=int, default=32, help="channels (w, 2w, 2w)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--worker", choices=["time", "memory"])
+    parser.add_argument("--library", choices=["diffkit", "diffusers"])
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.worker == "time":
+        return worker_time(args)
+    if args.worker == "memory":
+        return worker_memory(args)
+
+    import torch
+
+    print(
+        f"U-Net train step (fwd + MSE + bwd + AdamW): channels ({args.width}, {2 * args.width}, "
+        f"{2 * args.width}), batch {args.batch}, {args.size}x{args.size}x3, threads "
+        f"{args.threads}, torch {torch.__version__}; {args.rounds} alternating rounds x "
+        f"{args.steps} steps, medians"
+    )
+    rows = []
+    for checks in ("1", "0"):
+        rows.append((checks, _run(args, ["--worker=time"], checks)))
+    memory = {
+        lib: _run(args, ["--worker=memory", f"--library={lib}"], "0")["peak_mib"]
+        for lib in ("diffusers", "diffkit")
+    }
+    header = ("shape checks", "clock", "diffusers img/s", "diffkit img/s", "ratio", "max|diff|")
+    print("{:<13}{:<6}{:>16}{:>15}{:>8}{:>11}".format(*header))
+    for checks, res in rows:
+        for clock, key in (("cpu", "cpu_s"), ("wall", "wall_s")):
+            t_ref, t_dk = res[key]["diffusers"], res[key]["diffkit"]
+            print(
+                f"{'on' if checks == '1' else 'off':<13}{clock:<6}{args.batch / t_ref:>16.1f}"
+                f"{args.batch / t_dk:>15.1f}{t_ref / t_dk:>7.2f}x{res['max_abs_diff']:>11.1e}"
+            )
+    ratio = memory["diffkit"] / memory["diffusers"]
+    print(f"{'peak MiB':<19}{memory['diffusers']:>16.1f}{memory['diffkit']:>15.1f}{ratio:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
