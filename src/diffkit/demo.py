@@ -263,7 +263,7 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                     "heads": 4,
                 },
                 "clip_train": {"steps": 300, "batch_size": 128, "lr": 2e-3},
-                "autoencoder_train": {"steps": 400, "batch_size": 64, "lr": 2e-3},
+                "autoencoder_train": {"steps": 300, "batch_size": 64, "lr": 2e-3},
                 "pipeline": {
                     "data_shape": (1, 16, 16),
                     "schedule": {"kind": "cosine"},
@@ -298,8 +298,8 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                     "guidance": 3.0,
                 },
                 "train": {
-                    "steps": 1500,
-                    "batch_size": 128,
+                    "steps": 1000,
+                    "batch_size": 64,
                     "lr": 1e-3,
                     "warmup_steps": 50,
                     "lr_schedule": "cosine",
