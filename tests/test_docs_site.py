@@ -149,6 +149,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevTools]:
     except ImportError:
         _missing("the 'websockets' package is not installed (dev extra)")
     profile = tmp_path_factory.mktemp("chromium-profile")
+    # stderr to a file, not a pipe: an unread pipe that fills up would stall the browser.
+    log_path = tmp_path_factory.mktemp("chromium-log") / "stderr.txt"
+    log = log_path.open("wb")
     process = subprocess.Popen(
         [
             CHROMIUM,
@@ -167,13 +170,14 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevTools]:
             "about:blank",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
     port_file = profile / "DevToolsActivePort"
     deadline = time.monotonic() + 60
     while not (port_file.is_file() and len(port_file.read_text().splitlines()) >= 2):
         if process.poll() is not None:
-            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            log.close()
+            err = log_path.read_text(errors="replace")
             pytest.fail(f"chromium exited with {process.returncode}:\n{err[-3000:]}")
         if time.monotonic() > deadline:
             process.kill()
@@ -191,8 +195,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevTools]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stderr:
-            process.stderr.close()
+        log.close()
         shutil.rmtree(profile, ignore_errors=True)
 
 
