@@ -120,3 +120,28 @@ def test_a_shorter_tokenizer_context_uses_the_first_positions() -> None:
         _, pooled = tower(ByteTokenizer(12)(["seven"]))
     assert cond.tokens is not None and cond.tokens.shape == (1, 8, 16)
     torch.testing.assert_close(cond.pooled, pooled)  # causal: later padding changes nothing
+
+
+def test_skip_last_layers_takes_tokens_earlier_and_keeps_the_pooled_state() -> None:
+    torch.manual_seed(0)
+    tower = TextTower(tower_config(layers=2)).eval()
+    tok = ByteTokenizer(12)
+    ids = tok(["seven"])
+    with torch.no_grad():
+        _, full_pooled = tower(ids)
+        x = tower.token_embedding(ids) + tower.positional_embedding
+        after_first = tower.blocks[0](x, causal=True)
+        for skip, final_norm, expected in [
+            (1, True, tower.ln_final(after_first)),
+            (1, False, after_first),
+            (2, False, x),
+        ]:
+            cond = CLIPTextConditioner(
+                tower, tok, skip_last_layers=skip, final_norm=final_norm
+            ).condition(["seven"])
+            torch.testing.assert_close(cond.tokens, expected)
+            torch.testing.assert_close(cond.pooled, full_pooled)
+    with pytest.raises(ValueError, match=r"skip_last_layers must be in \[0, 2\]"):
+        CLIPTextConditioner(tower, tok, skip_last_layers=3)
+    with pytest.raises(ValueError, match=r"exceeds text\.layers"):
+        CLIPTextConditionerConfig(text=tower_config(layers=2), tokenizer="byte", skip_last_layers=3)

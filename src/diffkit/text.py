@@ -5,7 +5,9 @@ Every class here satisfies [`TextConditioner`][diffkit.protocols.TextConditioner
 and returns
 
 - ``tokens``: the text tower's last hidden states (after its final LayerNorm),
-  ``(batch, context_length, token_dim)``, for cross-attention;
+  ``(batch, context_length, token_dim)``, for cross-attention. ``skip_last_layers=1``
+  takes them one block earlier ("CLIP skip"; Stable Diffusion 2.x with
+  ``final_norm=True``, SDXL with ``final_norm=False``);
 - ``pooled``: the hidden state at the end-of-text token, ``(batch, pooled_dim)``. By
   default it is *not* projected (transformers' ``pooler_output``; what Stable Diffusion
   1.x / 2.x would use). With ``project_pooled=True`` it goes through the tower's text
@@ -53,6 +55,14 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _check_skip(skip_last_layers: int, layers: int, owner: str) -> None:
+    if not 0 <= skip_last_layers <= layers:
+        raise ValueError(
+            f"{owner}: skip_last_layers must be in [0, {layers}] (the tower has {layers} "
+            f"layers), got {skip_last_layers}"
+        )
+
+
 def _tokenize(tokenizer: Tokenizer, texts: Sequence[str], owner: str) -> Tensor:
     if isinstance(texts, str):
         raise TypeError(f"{owner}: expected a list of texts, got a single string; wrap it: [text]")
@@ -65,9 +75,16 @@ class CLIPTextConditioner(nn.Module):
     """diffkit's CLIP [`TextTower`][diffkit.nn.clip.TextTower] with its tokenizer."""
 
     def __init__(
-        self, tower: TextTower, tokenizer: Tokenizer, *, project_pooled: bool = False
+        self,
+        tower: TextTower,
+        tokenizer: Tokenizer,
+        *,
+        project_pooled: bool = False,
+        skip_last_layers: int = 0,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
+        _check_skip(skip_last_layers, tower.config.layers, type(self).__name__)
         if tokenizer.context_length > tower.context_length:
             raise ValueError(
                 f"CLIPTextConditioner: the tokenizer's context_length {tokenizer.context_length} "
@@ -83,6 +100,8 @@ class CLIPTextConditioner(nn.Module):
         self.tower = tower
         self.tokenizer = tokenizer
         self.project_pooled = project_pooled
+        self.skip_last_layers = skip_last_layers
+        self.final_norm = final_norm
         self.token_dim: int = tower.width
         self.pooled_dim: int = tower.output_dim if project_pooled else tower.width
         self.context_length: int = tokenizer.context_length
@@ -97,7 +116,13 @@ class CLIPTextConditioner(nn.Module):
         else:
             tokenizer = CLIPTokenizer(config.vocab_path or find_open_clip_vocab(), context)
         tower = TextTower(config.text, proj_dim=config.projection_dim)
-        return cls(tower, tokenizer, project_pooled=config.project_pooled)
+        return cls(
+            tower,
+            tokenizer,
+            project_pooled=config.project_pooled,
+            skip_last_layers=config.skip_last_layers,
+            final_norm=config.final_norm,
+        )
 
     def forward(self, texts: Sequence[str]) -> Conditioning:
         """Same as [`condition`][diffkit.text.CLIPTextConditioner.condition]."""
@@ -106,7 +131,7 @@ class CLIPTextConditioner(nn.Module):
     def condition(self, texts: Sequence[str]) -> Conditioning:
         """``len(texts)`` strings to tokens ``(b, context, token_dim)``, pooled and mask."""
         ids = _tokenize(self.tokenizer, texts, type(self).__name__).to(_device(self))
-        tokens, pooled = self.tower(ids)
+        tokens, pooled = self.tower(ids, self.skip_last_layers, self.final_norm)
         if self.project_pooled and self.tower.projection is not None:
             pooled = self.tower.projection(pooled)
         return Conditioning(
@@ -124,7 +149,13 @@ class TransformersTextConditioner(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer: Tokenizer, *, project_pooled: bool = False
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        project_pooled: bool = False,
+        skip_last_layers: int = 0,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -140,9 +171,19 @@ class TransformersTextConditioner(nn.Module):
                 "CLIPTextModelWithProjection"
             )
         cfg: Any = model.config
+        _check_skip(skip_last_layers, cfg.num_hidden_layers, type(self).__name__)
         self.model = model
         self.tokenizer = tokenizer
         self.project_pooled = project_pooled
+        self.skip_last_layers = skip_last_layers
+        self.final_norm = final_norm
+        # transformers 4.x nests the layers in `text_model`; 5.x puts them on CLIPTextModel
+        core: Any = model.text_model if isinstance(model, CLIPTextModelWithProjection) else model
+        self._final_layer_norm: nn.Module = (
+            core.final_layer_norm
+            if hasattr(core, "final_layer_norm")
+            else core.text_model.final_layer_norm
+        )
         self._with_projection = isinstance(model, CLIPTextModelWithProjection)
         self._eos_token_id = int(cfg.eos_token_id)
         self.token_dim: int = cfg.hidden_size
@@ -156,15 +197,22 @@ class TransformersTextConditioner(nn.Module):
     def condition(self, texts: Sequence[str]) -> Conditioning:
         """``len(texts)`` strings to tokens ``(b, context, token_dim)``, pooled and mask."""
         ids = _tokenize(self.tokenizer, texts, type(self).__name__).to(_device(self))
-        out: Any = self.model(input_ids=ids)
-        tokens: Tensor = out.last_hidden_state
+        default_layer = self.skip_last_layers == 0 and self.final_norm
+        out: Any = self.model(input_ids=ids, output_hidden_states=not default_layer)
+        last: Tensor = out.last_hidden_state
         if self.project_pooled:
             pooled: Tensor = out.text_embeds
         elif self._with_projection:  # CLIPTextModelWithProjection returns no pooler_output
             end = _end_positions(ids, self._eos_token_id)
-            pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), end]
+            pooled = last[torch.arange(last.shape[0], device=last.device), end]
         else:
             pooled = out.pooler_output
+        tokens = last
+        if not default_layer:
+            # hidden_states: the embeddings, then every layer's output (before the final LN)
+            tokens = out.hidden_states[-1 - self.skip_last_layers]
+            if self.final_norm:
+                tokens = self._final_layer_norm(tokens)
         return Conditioning(
             tokens=tokens, pooled=pooled, mask=padding_mask(ids, self.tokenizer.eot_token_id)
         )
@@ -185,7 +233,13 @@ class OpenCLIPTextConditioner(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer: Tokenizer, *, project_pooled: bool = False
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        project_pooled: bool = False,
+        skip_last_layers: int = 0,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
         import open_clip
@@ -195,9 +249,12 @@ class OpenCLIPTextConditioner(nn.Module):
                 f"OpenCLIPTextConditioner: expected an open_clip.CLIP, got {type(model).__name__}"
             )
         m: Any = model
+        _check_skip(skip_last_layers, len(m.transformer.resblocks), type(self).__name__)
         self.model = model
         self.tokenizer = tokenizer
         self.project_pooled = project_pooled
+        self.skip_last_layers = skip_last_layers
+        self.final_norm = final_norm
         width = int(m.token_embedding.embedding_dim)
         self.token_dim: int = width
         self.pooled_dim: int = int(m.text_projection.shape[-1]) if project_pooled else width
@@ -216,13 +273,20 @@ class OpenCLIPTextConditioner(nn.Module):
         n = ids.shape[1]
         x = m.token_embedding(ids) + m.positional_embedding[:n]
         mask = m.attn_mask[:n, :n] if m.attn_mask is not None else None
-        x = m.ln_final(m.transformer(x, attn_mask=mask))
+        blocks = m.transformer.resblocks
+        hidden = x
+        for i, block in enumerate(blocks):
+            x = block(x, attn_mask=mask)
+            if i == len(blocks) - 1 - self.skip_last_layers:
+                hidden = x
+        x = m.ln_final(x)
+        tokens = m.ln_final(hidden) if self.final_norm else hidden
         pooled = text_global_pool(x, ids, m.text_pool_type, eos_token_id=m.text_eos_id)
         if self.project_pooled:
             proj = m.text_projection
             pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
         return Conditioning(
-            tokens=x, pooled=pooled, mask=padding_mask(ids, self.tokenizer.eot_token_id)
+            tokens=tokens, pooled=pooled, mask=padding_mask(ids, self.tokenizer.eot_token_id)
         )
 
 
@@ -243,6 +307,12 @@ class CLIPTextConditionerConfig(Config):
     project_pooled: bool = Field(
         default=False, description="return the projected pooled embedding (needs projection_dim)"
     )
+    skip_last_layers: int = Field(
+        default=0, ge=0, description="take the tokens this many blocks before the end (CLIP skip)"
+    )
+    final_norm: bool = Field(
+        default=True, description="pass the tokens through the tower's final LayerNorm"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "CLIPTextConditionerConfig":
@@ -254,6 +324,10 @@ class CLIPTextConditionerConfig(Config):
             )
         if self.project_pooled and self.projection_dim is None:
             raise ValueError("project_pooled=True needs projection_dim")
+        if self.skip_last_layers > self.text.layers:
+            raise ValueError(
+                f"skip_last_layers {self.skip_last_layers} exceeds text.layers {self.text.layers}"
+            )
         return self
 
 

@@ -104,10 +104,14 @@ def test_logits_and_loss_match_open_clip(tokenizer: CLIPTokenizer) -> None:
         torch.testing.assert_close(ours.loss(images, ids), ClipLoss()(image, text, scale))
 
 
-def test_open_clip_text_conditioner_matches_the_converted_tower(tokenizer: CLIPTokenizer) -> None:
+@pytest.mark.parametrize(("skip_last_layers", "final_norm"), [(0, True), (1, True), (2, False)])
+def test_open_clip_text_conditioner_matches_the_converted_tower(
+    tokenizer: CLIPTokenizer, skip_last_layers: int, final_norm: bool
+) -> None:
     ref = random_open_clip(True)
-    ours = CLIPTextConditioner(dk.interop.from_open_clip(ref).text, tokenizer, project_pooled=True)
-    wrapped = OpenCLIPTextConditioner(ref, tokenizer, project_pooled=True)
+    options = dict(project_pooled=True, skip_last_layers=skip_last_layers, final_norm=final_norm)
+    ours = CLIPTextConditioner(dk.interop.from_open_clip(ref).text, tokenizer, **options)
+    wrapped = OpenCLIPTextConditioner(ref, tokenizer, **options)
     with torch.no_grad():
         a, b = wrapped.condition(TEXTS), ours.condition(TEXTS)
         assert a.tokens is not None and b.tokens is not None

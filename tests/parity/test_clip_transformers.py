@@ -90,15 +90,17 @@ def test_from_transformers_keeps_the_projection_of_a_with_projection_model() -> 
         (CLIPTextModelWithProjection, True),
     ],
 )
+@pytest.mark.parametrize(("skip_last_layers", "final_norm"), [(0, True), (1, True), (1, False)])
 def test_transformers_conditioner_matches_the_converted_tower(
-    cls: type, project_pooled: bool
+    cls: type, project_pooled: bool, skip_last_layers: int, final_norm: bool
 ) -> None:
     ref = randomize(cls(random_config("gelu", ByteTokenizer.eot_token_id)))
     tok = ByteTokenizer(CONTEXT)
-    wrapped = TransformersTextConditioner(ref, tok, project_pooled=project_pooled)
-    ours = CLIPTextConditioner(
-        dk.interop.from_transformers(ref), tok, project_pooled=project_pooled
+    options = dict(
+        project_pooled=project_pooled, skip_last_layers=skip_last_layers, final_norm=final_norm
     )
+    wrapped = TransformersTextConditioner(ref, tok, **options)
+    ours = CLIPTextConditioner(dk.interop.from_transformers(ref), tok, **options)
     texts = ["seven", "the number 7", "a handwritten digit seven"]
     with torch.no_grad():
         a, b = wrapped.condition(texts), ours.condition(texts)
@@ -114,3 +116,15 @@ def test_non_clip_models_are_refused() -> None:
         dk.interop.from_transformers(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="CLIPTextModel"):
         TransformersTextConditioner(torch.nn.Linear(2, 2), ByteTokenizer())
+
+
+def test_skipping_a_layer_without_final_norm_gives_the_penultimate_hidden_state() -> None:
+    # SDXL's text conditioning: hidden_states[-2] of CLIPTextModel, no final LayerNorm
+    ref = randomize(CLIPTextModel(random_config("quick_gelu", 2)))
+    tower = dk.interop.from_transformers(ref)
+    ids = token_ids()
+    with torch.no_grad():
+        out = ref(input_ids=ids, output_hidden_states=True)
+        tokens, pooled = tower(ids, skip_last_layers=1, final_norm=False)
+    torch.testing.assert_close(tokens, out.hidden_states[-2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, out.pooler_output, atol=1e-5, rtol=0)
