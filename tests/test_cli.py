@@ -118,3 +118,9 @@ def test_module_entry_point_reports_errors_in_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip() == f"diffkit: error: config file not found: {tmp_path}/missing.yaml"
+
+
+def test_demo_task_that_contradicts_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml")
+    line = _error(capsys, ["demo", "--task", "video", "--config", config])
+    assert "--task video" in line and "demo_image" in line

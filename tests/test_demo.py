@@ -97,13 +97,12 @@ def test_cli_sample_and_info_on_the_demo_run(
         assert part in text
 
 
-def test_video_demo_fast_writes_gifs_and_frame_grid(tmp_path: Path) -> None:
+def test_video_recipe_fast_via_train_writes_gifs_and_frame_grid(tmp_path: Path) -> None:
     out = tmp_path / "video"
     code = main(
         [
-            "demo",
-            "--task",
-            "video",
+            "train",
+            str(CONFIGS / "demo_video.yaml"),
             "--fast",
             "--out",
             str(out),

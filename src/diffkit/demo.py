@@ -321,14 +321,14 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                 "layers": 2,
                 "heads": 4,
             },
-            "clip_train": {"steps": 300, "batch_size": 128, "lr": 2e-3},
+            "clip_train": {"steps": 200, "batch_size": 128, "lr": 2e-3},
             "pipeline": {
                 "data_shape": (8, 1, 16, 16),
                 "schedule": {"kind": "cosine"},
                 "denoiser": {
                     "kind": "video_dit",
                     "in_channels": 1,
-                    "patch_size": (2, 4, 4),
+                    "patch_size": (4, 4, 4),
                     "dim": 96,
                     "depth": 4,
                     "num_heads": 4,
@@ -344,8 +344,8 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                 "guidance": 3.0,
             },
             "train": {
-                "steps": 1500,
-                "batch_size": 64,
+                "steps": 800,
+                "batch_size": 32,
                 "lr": 1e-3,
                 "warmup_steps": 50,
                 "lr_schedule": "cosine",
