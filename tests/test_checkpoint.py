@@ -214,3 +214,83 @@ def test_latest_checkpoint_ignores_temporary_and_foreign_files(tmp_path):
     (tmp_path / ".checkpoint-00000099.safetensors.abc.tmp").write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("x")
     assert latest_checkpoint(tmp_path) == tmp_path / ckpt.checkpoint_name(10)
+
+
+FLAT_MODEL = """
+import torch
+from torch import nn
+
+
+class Flat(nn.Module):
+    prediction = "epsilon"
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.SiLU(), nn.Linear(256, 64))
+
+    def forward(self, x, t, cond=None):
+        return self.net(x).reshape(x.shape)
+"""
+
+KILLED_WORKER = (
+    FLAT_MODEL
+    + """
+import sys
+
+from diffkit.data import DigitsDataset
+from diffkit.schedules import Cosine
+from diffkit.training import TrainConfig, train
+
+torch.set_num_threads(1)
+config = TrainConfig(
+    steps=100_000, batch_size=8, checkpoint_every=1, keep_checkpoints=2,
+    output_dir=sys.argv[1], progress=False,
+)
+train(Flat(), Cosine(), DigitsDataset(8), config)
+"""
+)
+
+
+def test_sigkill_mid_training_leaves_only_complete_checkpoints(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "worker.py"
+    script.write_text(KILLED_WORKER)
+    folder = tmp_path / "checkpoints"
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(folder.glob("checkpoint-*"))) < 2 or ckpt.latest_checkpoint(folder) is None:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no checkpoints appeared"
+            time.sleep(0.05)
+        time.sleep(0.2)  # now almost surely in the middle of writing one
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    steps = [step for step, _ in ckpt.list_checkpoints(folder)]
+    assert steps, "the kill left no complete checkpoint"
+    for _, path in ckpt.list_checkpoints(folder):
+        tensors, meta = load_tensors(path)  # every file that has a checkpoint name is whole
+        assert meta["format"] == "diffkit-training-checkpoint"
+        assert "model.net.1.weight" in tensors
+    # and training picks up from the newest one
+    namespace: dict = {}
+    exec(FLAT_MODEL, namespace)
+    from diffkit.data import DigitsDataset
+    from diffkit.schedules import Cosine
+    from diffkit.training import TrainConfig, train
+
+    config = TrainConfig(
+        steps=steps[-1] + 1, batch_size=8, output_dir=str(tmp_path), progress=False
+    )
+    result = train(namespace["Flat"](), Cosine(), DigitsDataset(8), config)
+    assert result.start_step == steps[-1] and len(result.losses) == 1
