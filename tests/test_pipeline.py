@@ -283,3 +283,35 @@ def test_unconditional_generation_from_a_text_pipeline_uses_the_empty_prompt(tex
     empty = text_pipeline.generate(["", ""], guidance=1.0, generator=gen().manual_seed(4))
     assert free.shape == (2, 1, 16, 16)
     assert torch.equal(free, empty)
+
+
+class HalfResolution:
+    """A plain-Python Encoder: 2x2 average pooling down, nearest-neighbour up."""
+
+    latent_channels = 1
+    scaling_factor = 1.0
+
+    def latent_shape(self, shape):
+        c, h, w = shape
+        return (c, h // 2, w // 2)
+
+    def encode(self, x):
+        return torch.nn.functional.avg_pool2d(x, 2)
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(z, scale_factor=2.0, mode="nearest")
+
+
+def test_a_plain_python_encoder_makes_a_latent_pipeline():
+    denoiser = RecordingDenoiser(torch.zeros(1, 1, 4, 4))
+    pipeline = Pipeline(
+        Cosine(),
+        denoiser,
+        encoder=HalfResolution(),
+        data_shape=(1, 8, 8),
+        sampler=REGISTRY["ddim"](),
+    )
+    out = pipeline.generate(num_samples=2, steps=2)
+    assert out.shape == (2, 1, 8, 8)
+    assert denoiser.calls[0][0].shape == (2, 1, 4, 4)  # the denoiser works on latents
+    assert pipeline.img2img(out, strength=0.5, steps=2).shape == (2, 1, 8, 8)
