@@ -25,6 +25,14 @@ from diffkit.checkpoint import (
 from diffkit.ema import EMA
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _model(width: int = 8) -> nn.Module:
     return nn.Sequential(nn.Linear(4, width), nn.GroupNorm(2, width), nn.Linear(width, 3))
 
