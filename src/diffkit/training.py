@@ -16,6 +16,12 @@ CUDA). Rank 0 shows a progress bar (loss, samples/s), appends to ``log.jsonl`` (
 TensorBoard when it is installed), saves sample grids, and writes checkpoints
 atomically with optimizer, EMA, step and RNG states; ``resume=True`` continues from the
 newest one and gives the same losses as a run that was never interrupted.
+
+[`train_pipeline`][diffkit.training.train_pipeline] trains a built
+[`Pipeline`][diffkit.pipeline.Pipeline] (captions through its text conditioner, data
+through its frozen encoder), and ``python -m diffkit.training run.yaml`` (a
+[`TrainRunConfig`][diffkit.training.TrainRunConfig]) does the same from the command line,
+alone or under ``torchrun``.
 """
 
 import contextlib
@@ -383,6 +389,8 @@ def train(
 
     Runs under ``torchrun`` too: ``init_distributed()`` (called here) joins the job,
     the denoiser is wrapped in ``DistributedDataParallel`` and rank 0 writes files.
+    A fresh run seeds the global torch RNG from ``(seed, rank)`` (for dropout); a
+    resumed run restores it from the checkpoint.
     """
     info = init_distributed()
     device = _resolve_device(config, info)
