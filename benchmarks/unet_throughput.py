@@ -1,4 +1,4 @@
-"""Train-step throughput and peak memory: diffkit's U-Net vs diffusers' UNet2DModel.
+"""Train-step throughput and activation memory: diffkit's U-Net vs diffusers' UNet2DModel.
 
 Both networks have the same architecture and the same weights (diffkit's is made with
 ``dk.interop.from_diffusers`` from the diffusers one, and their outputs are checked equal
@@ -11,8 +11,9 @@ compute actually done, which stays stable on a shared, overloaded machine) and `
 elapsed time (what a user waits; noisy when other processes compete for the cores).
 
 Shape checks (``DIFFKIT_SHAPE_CHECKS``) are read once at import, so each setting runs in its
-own subprocess; peak memory is measured in a fresh subprocess per library (peak RSS during one
-train step minus the RSS before it, with model, optimizer state and gradients already allocated).
+own subprocess. Memory is measured in a fresh subprocess per library as the activation memory
+of a train step: the bytes of the tensors autograd saves for backward (weights, gradients and
+optimizer state are identical for the two, and process RSS is blurred by allocator caching).
 
     python benchmarks/unet_throughput.py                 # width 32, batch 8, 32x32, 1 thread
     python benchmarks/unet_throughput.py --width 64 --batch 16 --threads 2 --rounds 9
@@ -21,7 +22,6 @@ train step minus the RSS before it, with model, optimizer state and gradients al
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,12 +92,18 @@ def _steppers(args):
         "diffusers": make(reference, lambda net: net(x, index).sample),
         "diffkit": make(model, lambda net: net(x, t)),
     }
+    _PARAMS["diffusers"], _PARAMS["diffkit"] = (
+        list(reference.parameters()),
+        list(model.parameters()),
+    )
     return steps, diff
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+_PARAMS: dict = {}
+
+
+def _params(steps, library: str) -> list:
+    return _PARAMS[library]
 
 
 def worker_time(args) -> None:
@@ -137,10 +143,22 @@ def worker_memory(args) -> None:
     steps, _ = _steppers(args)
     step = steps[args.library]
     step()  # allocates optimizer state and gradients once
-    before = _rss_mib()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mib": peak - before}))
+    # Activation memory: bytes of the distinct non-parameter storages the forward pass keeps
+    # for backward. It is what grows a train step's peak beyond weights, gradients and
+    # optimizer state (which are the same for both libraries), and unlike process RSS it is
+    # exact and does not depend on the allocator's caching.
+    params = {p.untyped_storage().data_ptr() for p in _params(steps, args.library)}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    print(json.dumps({"saved_mib": sum(saved.values()) / 2**20}))
 
 
 def _run(args, extra: list[str], checks: str) -> dict:
@@ -192,7 +210,7 @@ def main() -> None:
     for checks in ("1", "0"):
         rows.append((checks, _run(args, ["--worker=time"], checks)))
     memory = {
-        lib: _run(args, ["--worker=memory", f"--library={lib}"], "0")["peak_mib"]
+        lib: _run(args, ["--worker=memory", f"--library={lib}"], "0")
         for lib in ("diffusers", "diffkit")
     }
     header = ("shape checks", "clock", "diffusers img/s", "diffkit img/s", "ratio", "max|diff|")
@@ -204,8 +222,8 @@ def main() -> None:
                 f"{'on' if checks == '1' else 'off':<13}{clock:<6}{args.batch / t_ref:>16.1f}"
                 f"{args.batch / t_dk:>15.1f}{t_ref / t_dk:>7.2f}x{res['max_abs_diff']:>11.1e}"
             )
-    ratio = memory["diffkit"] / memory["diffusers"]
-    print(f"{'peak MiB':<19}{memory['diffusers']:>16.1f}{memory['diffkit']:>15.1f}{ratio:>7.2f}x")
+    ref, dk_ = memory["diffusers"]["saved_mib"], memory["diffkit"]["saved_mib"]
+    print(f"{'activations MiB':<19}{ref:>16.1f}{dk_:>15.1f}{dk_ / ref:>7.2f}x")
 
 
 if __name__ == "__main__":
