@@ -4,6 +4,7 @@ Each network has a pydantic config registered in [`DENOISERS`][diffkit.nn.DENOIS
 [`ENCODERS`][diffkit.nn.ENCODERS], so ``DENOISERS.build({"kind": "unet", ...})`` builds it.
 """
 
+from diffkit.nn import clip as clip
 from diffkit.nn import layers as layers
 from diffkit.nn._registry import DENOISERS as DENOISERS
 from diffkit.nn._registry import ENCODERS as ENCODERS
