@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import diffkit as dk
-from diffkit.nn import KLAutoencoder, UNet
+from diffkit.nn import KLAutoencoder, KLAutoencoderConfig, UNet, UNetConfig
 
 pytestmark = pytest.mark.parity
 diffusers = pytest.importorskip("diffusers")
@@ -263,3 +263,65 @@ def test_unsupported_diffusers_options_are_refused_by_name():
         dk.interop.from_diffusers(_build(diffusers.UNet2DModel, config))
     with pytest.raises(TypeError, match="cannot convert"):
         dk.interop.from_diffusers(torch.nn.Linear(2, 2))
+
+
+NATIVE_UNETS = {
+    "self_attention": UNetConfig(
+        in_channels=2,
+        base_channels=8,
+        channel_mult=(1, 2),
+        blocks_per_level=1,
+        attention_resolutions=(2,),
+        attention_head_dim=4,
+        norm_groups=4,
+        num_classes=3,
+        scale_shift=True,
+        time_input="index",
+    ),
+    "cross_attention_pooled": UNetConfig(
+        in_channels=3,
+        base_channels=8,
+        channel_mult=(1, 2, 2),
+        blocks_per_level=1,
+        attention_resolutions=(1, 4),
+        attention_head_dim=4,
+        norm_groups=4,
+        context_dim=6,
+        pooled_dim=5,
+        linear_projection=True,
+        time_input="index",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NATIVE_UNETS))
+def test_native_unet_exports_to_an_equivalent_diffusers_model(name):
+    config = NATIVE_UNETS[name]
+    model = _perturbed(UNet(config), seed=4)
+    exported = dk.interop.to_diffusers(model).eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, config.in_channels, 8, 8, generator=g)
+    timestep = torch.tensor([5, 640])
+    kwargs, cond = {}, {}
+    if config.num_classes:
+        kwargs["class_labels"] = cond["labels"] = torch.tensor([2, 1])
+    if config.pooled_dim:
+        kwargs["class_labels"] = cond["pooled"] = torch.randn(2, 5, generator=g)
+    if config.context_dim:
+        kwargs["encoder_hidden_states"] = cond["tokens"] = torch.randn(2, 3, 6, generator=g)
+    with torch.no_grad():
+        expected = exported(x, timestep, **kwargs).sample
+        got = model(x, SCHEDULE.t_from_index(timestep), dk.Conditioning(**cond))
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_native_autoencoder_exports_to_an_equivalent_diffusers_model():
+    config = KLAutoencoderConfig(
+        in_channels=1, base_channels=8, channel_mult=(1, 2), blocks_per_level=1, norm_groups=4
+    )
+    model = _perturbed(KLAutoencoder(config), seed=6)
+    exported = dk.interop.to_diffusers(model).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        mean = exported.encode(x).latent_dist.mean
+        assert (model.encode(x) - mean * config.scaling_factor).abs().max() <= TOL

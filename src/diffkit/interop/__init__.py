@@ -4,6 +4,7 @@ Reference libraries are imported lazily by the caller: these functions take mode
 """
 
 from diffkit.interop._diffusers import from_diffusers as from_diffusers
+from diffkit.interop._diffusers import to_diffusers as to_diffusers
 from diffkit.interop._diffusers import to_diffusers_state_dict as to_diffusers_state_dict
 from diffkit.interop._open_clip import from_open_clip as from_open_clip
 from diffkit.interop._transformers import from_transformers as from_transformers

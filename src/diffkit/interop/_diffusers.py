@@ -16,7 +16,9 @@ equivalent diffkit module with the same weights:
   (``shift_factor`` is 0 unless the diffusers config sets it).
 
 ``to_diffusers_state_dict(module)`` is the inverse for the weights: it loads with
-``strict=True`` into a diffusers model built with the matching config.
+``strict=True`` into a diffusers model built with the matching config, and
+``to_diffusers(module)`` builds that model (``UNet2DModel`` without cross-attention,
+``UNet2DConditionModel`` with it, ``AutoencoderKL``) with the weights loaded.
 
 Only the common block types convert (``DownBlock2D`` / ``AttnDownBlock2D`` /
 ``CrossAttnDownBlock2D`` and their up counterparts, positional time embeddings, SiLU); any
@@ -35,7 +37,7 @@ from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.typing import Prediction
 
-__all__ = ["from_diffusers", "to_diffusers_state_dict"]
+__all__ = ["from_diffusers", "to_diffusers", "to_diffusers_state_dict"]
 
 _TO_DIFFKIT: list[tuple[str, str]] = [
     (r"(^|\.)down_blocks\.", r"\1down."),
@@ -364,3 +366,116 @@ def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
             "supported: UNet, KLAutoencoder"
         )
     return _state_dict_to_diffusers(module.state_dict())
+
+
+def _diffusers_unet_kwargs(config: UNetConfig) -> tuple[str, dict[str, Any]]:
+    c = config
+    widths = [c.base_channels * m for m in c.channel_mult]
+    attention = [2**i in c.attention_resolutions for i in range(len(widths))]
+    common: dict[str, Any] = {
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels or c.in_channels,
+        "center_input_sample": c.center_input,
+        "flip_sin_to_cos": c.flip_sin_to_cos,
+        "freq_shift": c.freq_shift,
+        "block_out_channels": tuple(widths),
+        "layers_per_block": c.blocks_per_level,
+        "downsample_padding": c.downsample_padding,
+        "mid_block_scale_factor": c.mid_scale,
+        "dropout": c.dropout,
+        "act_fn": "silu",
+        "norm_num_groups": c.norm_groups,
+        "norm_eps": c.norm_eps,
+        "resnet_time_scale_shift": "scale_shift" if c.scale_shift else "default",
+        "time_embedding_dim": c.time_embed_dim or 4 * c.base_channels,
+        "num_class_embeds": c.num_classes,
+    }
+    if c.context_dim is None:
+        if c.pooled_dim is not None:
+            raise ValueError("to_diffusers: UNet2DModel has no pooled-embedding conditioning")
+        head_dims = {c.heads_at(w)[1] for w, a in zip(widths, attention, strict=True) if a}
+        if c.mid_attention:
+            head_dims.add(c.heads_at(widths[-1])[1])
+        if c.num_heads not in (None, 1) and len(head_dims) > 1:
+            raise ValueError("to_diffusers: UNet2DModel needs one attention head size")
+        head_dim = None if c.num_heads == 1 else (head_dims.pop() if head_dims else None)
+        return "UNet2DModel", {
+            **common,
+            "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+            "up_block_types": tuple(
+                "AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
+            ),
+            "attention_head_dim": head_dim,
+            "attn_norm_num_groups": c.norm_groups,
+            "add_attention": c.mid_attention,
+        }
+    if not c.mid_attention:
+        raise ValueError("to_diffusers: UNet2DConditionModel's middle block has cross-attention")
+    extra: dict[str, Any] = {}
+    if c.pooled_dim is not None:
+        extra = {
+            "class_embed_type": "projection",
+            "projection_class_embeddings_input_dim": c.pooled_dim,
+        }
+    return "UNet2DConditionModel", {
+        **common,
+        **extra,
+        "down_block_types": tuple(
+            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention
+        ),
+        "up_block_types": tuple(
+            "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
+        ),
+        # diffusers' UNet2DConditionModel reads ``attention_head_dim`` as heads per level
+        "attention_head_dim": tuple(
+            c.heads_at(w)[0] if a or i == len(widths) - 1 else 1
+            for i, (w, a) in enumerate(zip(widths, attention, strict=True))
+        ),
+        "cross_attention_dim": c.context_dim,
+        "transformer_layers_per_block": c.transformer_depth,
+        "use_linear_projection": c.linear_projection,
+    }
+
+
+def _diffusers_vae_kwargs(config: KLAutoencoderConfig) -> dict[str, Any]:
+    c = config
+    levels = len(c.channel_mult)
+    return {
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels or c.in_channels,
+        "down_block_types": ("DownEncoderBlock2D",) * levels,
+        "up_block_types": ("UpDecoderBlock2D",) * levels,
+        "block_out_channels": tuple(c.base_channels * m for m in c.channel_mult),
+        "layers_per_block": c.blocks_per_level,
+        "latent_channels": c.latent_channels,
+        "norm_num_groups": c.norm_groups,
+        "scaling_factor": c.scaling_factor,
+        "shift_factor": c.shift_factor or None,
+        "use_quant_conv": c.quant_conv,
+        "use_post_quant_conv": c.post_quant_conv,
+        "mid_block_add_attention": c.mid_attention,
+    }
+
+
+def to_diffusers(module: nn.Module) -> nn.Module:
+    """The diffusers model (config and weights) equivalent to a diffkit UNet / KLAutoencoder.
+
+    A U-Net then takes ``timestep = network_timestep(t)``: the training index ``N t - 1`` for
+    ``time_input="index"``, or ``time_scale * t``.
+    """
+    import diffusers
+
+    if isinstance(module, UNet):
+        name, kwargs = _diffusers_unet_kwargs(module.config)
+    elif isinstance(module, KLAutoencoder):
+        name, kwargs = "AutoencoderKL", _diffusers_vae_kwargs(module.config)
+    else:
+        raise TypeError(
+            f"to_diffusers: cannot export {type(module).__name__}; supported: UNet, KLAutoencoder"
+        )
+    model = getattr(diffusers, name)(**kwargs)
+    model.load_state_dict(to_diffusers_state_dict(module), strict=True)
+    parameter = next(module.parameters(), None)
+    if parameter is not None:
+        model.to(device=parameter.device, dtype=parameter.dtype)
+    return model.train(module.training)
