@@ -29,7 +29,7 @@ def _tiny(**overrides) -> KLAutoencoder:
     return KLAutoencoder(KLAutoencoderConfig(**config)).eval()
 
 
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(
     levels=st.integers(1, 3),
     latent=st.integers(1, 4),
