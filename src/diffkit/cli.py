@@ -315,10 +315,22 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"{_params(text):,}",
         )
     denoiser = pipeline.denoiser
+    patch = getattr(getattr(config, "denoiser", None), "patch_size", None)
+    patches = ""
+    if patch is not None and latent:
+        sizes = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if len(sizes) == 3:  # tubelets over (frames, height, width); channels sit between
+            grid = [latent[0] // sizes[0], latent[-2] // sizes[1], latent[-1] // sizes[2]]
+        else:
+            grid = [latent[-2] // sizes[0], latent[-1] // sizes[1]]
+        count = 1
+        for g in grid:
+            count *= g
+        patches = f"; patches {fmt(sizes)} → {count} tokens"
     table.add_row(
         "denoiser",
         f"{type(denoiser).__name__} {kind('denoiser')}",
-        f"x_t {fmt(latent)}, t, cond → {denoiser.prediction} {fmt(latent)}",
+        f"x_t {fmt(latent)}, t, cond → {denoiser.prediction} {fmt(latent)}{patches}",
         f"{_params(denoiser):,}",
     )
     if pipeline.encoder is not None:
@@ -343,7 +355,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     table.add_row("total", "", "", f"{_params(pipeline):,}")
     console.print(table)
     flow = "prompts ─▶ text ─▶ cond ─┐\n"
-    flow += f"noise {fmt(latent)} ─▶ sampler ⟲ denoiser ─▶ latent {fmt(latent)}"
+    space = "latent" if pipeline.encoder is not None else "sample"
+    flow += f"noise {fmt(latent)} ─▶ sampler ⟲ denoiser ─▶ {space} {fmt(latent)}"
     if pipeline.encoder is not None:
         flow += f" ─▶ encoder.decode ─▶ {fmt(data_shape)}"
     console.print(flow)
