@@ -34,7 +34,15 @@ from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallbac
 from diffkit.samplers.spacing import Spacing
 from diffkit.typing import Sample, checked
 
-__all__ = ["Grid", "NonFiniteError", "SamplerBase", "Step", "make_grid", "work_dtype"]
+__all__ = [
+    "Grid",
+    "NonFiniteError",
+    "SamplerBase",
+    "Step",
+    "final_step",
+    "make_grid",
+    "work_dtype",
+]
 
 _F64 = torch.float64
 
@@ -122,6 +130,21 @@ class Step:
         values = [self.keep, *self.data, self.noise, *(self.correct or ())]
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"non-finite sampler coefficient in {self}")
+
+
+def final_step(grid: Grid, final: str) -> tuple[float, ...]:
+    """Coefficients of ``D_{N-1}, D_{N-2}`` for the step onto the data.
+
+    ``"denoised"`` lands on the last estimate ``D_{N-1}``. ``"extrapolated"`` uses that,
+    along the ODE trajectory, ``D = x0 + O(s²)`` in ``s = sigma / alpha`` (Tweedie: the
+    correction is ``s² grad log p``), and extrapolates the last two estimates to ``s = 0``
+    (Richardson): ``(D_{N-1} - q D_{N-2}) / (1 - q)`` with ``q = (s_{N-1} / s_{N-2})²``.
+    """
+    n = grid.steps
+    if final == "denoised" or n < 2 or not math.isfinite(grid.lam[n - 2]):
+        return (1.0,)
+    q = math.exp(-2 * grid.h(n - 2))
+    return (1 / (1 - q), -q / (1 - q))
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -99,6 +99,10 @@ class DPMSolverPPConfig(Config):
     kind: Literal["dpmpp"] = "dpmpp"
     order: Literal[1, 2, 3] = Field(default=2, description="multistep order")
     eta: float = Field(default=0.0, ge=0, description="SDE noise scale; 0 is the ODE solver")
+    final: Literal["denoised", "extrapolated"] = Field(
+        default="denoised",
+        description="last step: the last denoised estimate, or two extrapolated to sigma=0",
+    )
     spacing: SpacingConfig = Field(
         default_factory=LogSNRConfig, discriminator="kind", description=_SPACING
     )
@@ -111,6 +115,10 @@ class UniPCConfig(Config):
     order: Literal[1, 2, 3] = Field(default=2, description="predictor order")
     variant: Literal["bh1", "bh2"] = Field(default="bh2", description="B(h): h or e^h - 1")
     corrector: bool = Field(default=True, description="apply the UniC corrector")
+    final: Literal["denoised", "extrapolated"] = Field(
+        default="denoised",
+        description="last step: the last denoised estimate, or two extrapolated to sigma=0",
+    )
     spacing: SpacingConfig = Field(
         default_factory=LogSNRConfig, discriminator="kind", description=_SPACING
     )
@@ -121,9 +129,12 @@ SAMPLERS.register(DDPMConfig, lambda c: DDPM(_spacing(c.spacing)))
 SAMPLERS.register(EulerConfig, lambda c: Euler(_spacing(c.spacing)))
 SAMPLERS.register(EulerAncestralConfig, lambda c: EulerAncestral(c.eta, _spacing(c.spacing)))
 SAMPLERS.register(HeunConfig, lambda c: Heun(_spacing(c.spacing)))
-SAMPLERS.register(DPMSolverPPConfig, lambda c: DPMSolverPP(c.order, c.eta, _spacing(c.spacing)))
 SAMPLERS.register(
-    UniPCConfig, lambda c: UniPC(c.order, c.variant, c.corrector, _spacing(c.spacing))
+    DPMSolverPPConfig, lambda c: DPMSolverPP(c.order, c.eta, _spacing(c.spacing), c.final)
+)
+SAMPLERS.register(
+    UniPCConfig,
+    lambda c: UniPC(c.order, c.variant, c.corrector, _spacing(c.spacing), c.final),
 )
 
 REGISTRY: dict[str, Callable[[], SamplerBase]] = {
@@ -137,10 +148,13 @@ REGISTRY: dict[str, Callable[[], SamplerBase]] = {
     "dpmpp_2m_logsnr": lambda: DPMSolverPP(order=2, spacing=LogSNR()),
     "dpmpp_3m": lambda: DPMSolverPP(order=3, spacing=Karras()),
     "dpmpp_3m_logsnr": lambda: DPMSolverPP(order=3, spacing=LogSNR()),
-    "dpmpp_sde": lambda: DPMSolverPP(order=2, eta=1.0, spacing=Karras()),
-    "dpmpp_3m_sde": lambda: DPMSolverPP(order=3, eta=1.0, spacing=Karras()),
+    "dpmpp_sde": lambda: DPMSolverPP(order=2, eta=1.0, spacing=LogSNR()),
+    "dpmpp_3m_sde": lambda: DPMSolverPP(order=3, eta=1.0, spacing=LogSNR()),
     "unipc": lambda: UniPC(order=2, spacing=LogSNR()),
     "unipc_3": lambda: UniPC(order=3, spacing=LogSNR()),
-    "uniform_ddim": lambda: DDIM(spacing=UniformTime()),
+    # Recommended at low NFE (<= 10): see benchmarks/RESULTS.md.
+    "unipc_3_trailing": lambda: UniPC(
+        order=3, spacing=UniformTime(trailing=True), final="extrapolated"
+    ),
 }
 """Short name -> zero-argument factory of a recommended sampler configuration."""

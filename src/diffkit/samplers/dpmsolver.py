@@ -21,7 +21,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from diffkit.samplers._base import Grid, SamplerBase, Step
+from diffkit.samplers._base import Grid, SamplerBase, Step, final_step
 from diffkit.samplers.spacing import LogSNR, Spacing
 
 __all__ = ["DPMSolverPP", "multistep_order"]
@@ -50,6 +50,7 @@ class DPMSolverPP(SamplerBase):
     order: Literal[1, 2, 3] = 2
     eta: float = 0.0
     spacing: Spacing = dataclasses.field(default_factory=LogSNR)
+    final: Literal["denoised", "extrapolated"] = "denoised"
 
     def plan(self, grid: Grid) -> list[Step]:
         """DPM-Solver++ coefficients on ``grid``."""
@@ -79,5 +80,7 @@ class DPMSolverPP(SamplerBase):
                 data = [
                     first + phi_2 * u - phi_3 * v for first, u, v in zip([phi_1, 0.0, 0.0], d1, d2)
                 ]
+            if i == grid.steps - 1:
+                data = list(final_step(grid, self.final))
             plan.append(Step(keep=keep, data=tuple(a1 * c for c in data), noise=noise))
         return plan

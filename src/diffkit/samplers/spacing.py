@@ -105,18 +105,25 @@ def _spread(
 
 @dataclasses.dataclass(frozen=True)
 class UniformTime:
-    """Evenly spaced times from ``t_max`` to ``t_min`` (diffusers' ``"linspace"``)."""
+    """Evenly spaced times from ``t_max`` to ``t_min`` (diffusers' ``"linspace"``).
+
+    ``trailing=True`` ends at ``t_min = t_max / steps`` instead, so the steps are
+    ``t_max / steps`` apart all the way to the data (diffusers' ``"trailing"``): at low
+    NFE no evaluation is spent at the lowest noise levels.
+    """
 
     t_max: float = 1.0
     t_min: float = 1e-3
+    trailing: bool = False
 
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
     ) -> Tensor:
         """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
         _check(steps)
-        t = torch.linspace(self.t_max, self.t_min, steps, dtype=_F64)
-        return _finish(t, self.t_max, self.t_min)
+        t_min = self.t_max / steps if self.trailing else self.t_min
+        t = torch.linspace(self.t_max, t_min, steps, dtype=_F64)
+        return _finish(t, self.t_max, t_min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +215,7 @@ class UniformTimeConfig(_Ends):
     """Evenly spaced times."""
 
     kind: Literal["uniform"] = "uniform"
+    trailing: bool = Field(default=False, description="end at t_max / steps, not t_min")
 
 
 class LogSNRConfig(_Ends):
@@ -237,7 +245,7 @@ SpacingConfig = UniformTimeConfig | LogSNRConfig | KarrasConfig | ExplicitConfig
 SPACINGS: Registry[Spacing] = Registry("spacing")
 """``kind`` -> spacing config and builder."""
 
-SPACINGS.register(UniformTimeConfig, lambda c: UniformTime(c.t_max, c.t_min))
+SPACINGS.register(UniformTimeConfig, lambda c: UniformTime(c.t_max, c.t_min, c.trailing))
 SPACINGS.register(LogSNRConfig, lambda c: LogSNR(c.t_max, c.t_min, c.power))
 SPACINGS.register(KarrasConfig, lambda c: Karras(c.rho, c.t_max, c.t_min))
 SPACINGS.register(ExplicitConfig, lambda c: Explicit(tuple(c.times)))

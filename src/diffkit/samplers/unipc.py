@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from diffkit.samplers._base import Grid, SamplerBase, Step
+from diffkit.samplers._base import Grid, SamplerBase, Step, final_step
 from diffkit.samplers.dpmsolver import multistep_order
 from diffkit.samplers.spacing import LogSNR, Spacing
 
@@ -41,6 +41,7 @@ class UniPC(SamplerBase):
     variant: Literal["bh1", "bh2"] = "bh2"
     corrector: bool = True
     spacing: Spacing = dataclasses.field(default_factory=LogSNR)
+    final: Literal["denoised", "extrapolated"] = "denoised"
 
     def plan(self, grid: Grid) -> list[Step]:
         """UniPC coefficients on ``grid``."""
@@ -53,8 +54,9 @@ class UniPC(SamplerBase):
             p = min(multistep_order(grid, i, self.order, False), n - i)
             hh = -h
             phi_1 = math.expm1(hh)  # e^{-h} - 1
-            if p == 1 and not math.isfinite(h):
-                plan.append(Step(keep=keep, data=(-a1 * phi_1,)))
+            if not math.isfinite(h):  # onto the data, or from pure noise: first order
+                data = final_step(grid, self.final) if i == n - 1 else (-a1 * phi_1,)
+                plan.append(Step(keep=keep, data=data))
                 continue
             b_h = phi_1 if self.variant == "bh2" else hh
             rks = [(grid.lam[i - k] - grid.lam[i]) / h for k in range(1, p)] + [1.0]

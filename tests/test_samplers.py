@@ -1,0 +1,450 @@
+"""Properties of every sampler in ``diffkit.samplers.REGISTRY``.
+
+A new sampler is tested by adding it to the registry. The data are Gaussian, so the
+exact denoiser and the exact probability-flow map are closed form.
+"""
+
+import math
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
+
+import diffkit as dk
+from diffkit import samplers
+from diffkit.prediction import from_x0_eps
+from diffkit.schedules import EDM, Cosine, Discrete, RectifiedFlow, discrete_betas
+
+F64 = torch.float64
+DIM = 4
+NAMES = sorted(samplers.REGISTRY)
+STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_sde", "dpmpp_3m_sde"}
+FIRST_ORDER = {"ddpm", "ddim", "ddim_logsnr", "euler", "euler_ancestral"}
+DETERMINISTIC = [n for n in NAMES if n not in STOCHASTIC]
+DISCRETE = Discrete.from_betas(discrete_betas("linear_beta", 1000))
+
+
+def _nfe_per_step(sampler: samplers.SamplerBase) -> int:
+    return 2 if isinstance(sampler, samplers.Heun) else 1
+
+
+class Gaussian:
+    """Exact denoiser of N(mean, diag(std²)) data, predicting ``prediction``."""
+
+    def __init__(self, schedule, mean, std, prediction="epsilon", dtype=None):
+        self.schedule, self.mean, self.std = schedule, mean, std
+        self.prediction = prediction
+        self.dtype = dtype
+        self.calls = 0
+
+    def x0(self, x, t):
+        a = self.schedule.alpha(t.to(F64))[:, None]
+        s = self.schedule.sigma(t.to(F64))[:, None]
+        w2 = self.std**2
+        return self.mean + a * w2 / (a * a * w2 + s * s) * (x.to(F64) - a * self.mean), a, s
+
+    def __call__(self, x, t, cond=None):
+        self.calls += 1
+        if self.dtype is not None:
+            assert x.dtype == self.dtype, f"model called with {x.dtype}"
+        x0, a, s = self.x0(x, t)
+        eps = (x.to(F64) - a * x0) / s
+        return from_x0_eps(x0, eps, self.prediction, a[:, 0], s[:, 0]).to(x.dtype)
+
+    def flow_map(self, noise, grid: samplers.Grid):
+        """The exact ODE solution from ``sigma_0 * noise`` to ``t_min``, then denoised."""
+        a0, s0 = grid.alpha[0], grid.sigma[0]
+        a, s = grid.alpha[-2], grid.sigma[-2]
+        w2 = self.std**2
+        z = (s0 * noise.to(F64) - a0 * self.mean) / torch.sqrt(a0 * a0 * w2 + s0 * s0)
+        return self.mean + a * w2 * z / torch.sqrt(a * a * w2 + s * s)
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(DIM, generator=g, dtype=F64)
+    std = torch.tensor([0.1, 0.3, 1.0, 2.0], dtype=F64)
+    return mean, std
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_registry_entry_satisfies_the_sampler_protocol(name: str) -> None:
+    sampler = samplers.REGISTRY[name]()
+    assert isinstance(sampler, dk.Sampler)
+    assert sampler == samplers.REGISTRY[name]()  # plain data, no hidden state
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_samplers_converge_to_the_exact_flow_map(name: str) -> None:
+    mean, std = _data()
+    den = Gaussian(DISCRETE, mean, std)
+    noise = torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
+    sampler = samplers.REGISTRY[name]()
+    errors = []
+    for steps in (8, 64):
+        x = sampler.sample(den, DISCRETE, noise, steps=steps)
+        exact = den.flow_map(noise, sampler.grid(DISCRETE, steps))
+        errors.append(float((x - exact).abs().max()))
+    assert errors[1] < 0.3, errors
+    assert errors[1] < errors[0] / 4, errors
+
+
+# Global order in steps of each deterministic method (UniPC's corrector adds one).
+ORDER = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 3}
+
+
+@pytest.mark.parametrize("name", sorted(ORDER))
+def test_error_falls_with_the_order_of_the_sampler(name: str) -> None:
+    mean, std = _data()
+    den = Gaussian(DISCRETE, mean, std)
+    noise = torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
+    base = samplers.REGISTRY[name]()
+    sampler = type(base)(**{**base.__dict__, "spacing": samplers.LogSNR()})
+    errors = []
+    steps = (24, 48)
+    for n in steps:
+        x = sampler.sample(den, DISCRETE, noise, steps=n)
+        errors.append(float((x - den.flow_map(noise, sampler.grid(DISCRETE, n))).abs().max()))
+    slope = math.log(errors[0] / errors[1]) / math.log(steps[1] / steps[0])
+    assert slope > ORDER[name] - 0.75, (errors, slope)
+
+
+@settings(max_examples=10)
+@given(
+    seed=st.integers(0, 2**16),
+    scale=st.floats(0.2, 3.0),
+    name=st.sampled_from(DETERMINISTIC),
+    prediction=st.sampled_from(["epsilon", "x0", "v", "flow"]),
+)
+def test_samples_match_the_gaussian_mean_and_covariance(seed, scale, name, prediction) -> None:
+    mean, std = _data(seed)
+    std = std * scale
+    den = Gaussian(DISCRETE, mean, std, prediction)
+    noise = torch.randn(2000, DIM, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    steps = 150 if name in FIRST_ORDER else 40
+    x = samplers.REGISTRY[name]().sample(den, DISCRETE, noise, steps=steps)
+    tol = 4 * std / math.sqrt(2000) + 0.06 * std + 1e-3
+    assert ((x.mean(0) - mean).abs() < tol).all()
+    assert ((x.std(0) - std).abs() < 2 * tol).all()
+
+
+SCHEDULES = {
+    "discrete": DISCRETE,
+    "cosine": Cosine(),
+    "edm": EDM(),
+    "rectified_flow": RectifiedFlow(),
+    "discrete_zsnr": Discrete.from_betas(
+        discrete_betas("sqrt_linear_beta", 1000, 0.00085, 0.012), zero_terminal_snr=True
+    ),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("name", NAMES)
+def test_every_sampler_works_on_every_schedule(name: str, schedule: str) -> None:
+    sched = SCHEDULES[schedule]
+    mean, std = _data()[0], torch.tensor([0.3, 0.6, 1.0, 2.0], dtype=F64)
+    # epsilon cannot give x0 where alpha = 0 (pure-noise start); v and flow can.
+    pred = "v" if schedule in {"rectified_flow", "discrete_zsnr"} else "epsilon"
+    den = Gaussian(sched, mean, std, pred)
+    noise = torch.randn(1000, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    steps = 100 if name in FIRST_ORDER else 30
+    x = samplers.REGISTRY[name]().sample(
+        den, sched, noise, steps=steps, generator=torch.Generator().manual_seed(0)
+    )
+    # a smoke test of every pairing, with loose tolerances
+    assert torch.isfinite(x).all()
+    assert ((x.mean(0) - mean).abs() < 0.3 * std + 0.05).all()
+    assert ((x.std(0) / std - 1).abs() < 0.35).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_generator_seed_gives_identical_samples(name: str) -> None:
+    mean, std = _data()
+    den = Gaussian(DISCRETE, mean, std)
+    noise = torch.randn(8, DIM, generator=torch.Generator().manual_seed(0))
+    sampler = samplers.REGISTRY[name]()
+    a = sampler.sample(den, DISCRETE, noise, steps=6, generator=torch.Generator().manual_seed(5))
+    b = sampler.sample(den, DISCRETE, noise, steps=6, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    if name in STOCHASTIC:
+        c = sampler.sample(
+            den, DISCRETE, noise, steps=6, generator=torch.Generator().manual_seed(6)
+        )
+        assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_sampler_shared_by_threads_matches_sequential_calls(name: str) -> None:
+    mean, std = _data()
+    sampler = samplers.REGISTRY[name]()
+    noises = [torch.randn(16, DIM, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    steps = [5, 7, 9, 11]
+
+    def run(i: int) -> torch.Tensor:
+        den = Gaussian(DISCRETE, mean, std)
+        g = torch.Generator().manual_seed(i)
+        return sampler.sample(den, DISCRETE, noises[i], steps=steps[i], generator=g)
+
+    sequential = [run(i) for i in range(4)]
+    results: list[torch.Tensor | None] = [None] * 4
+
+    def worker(i: int) -> None:
+        for _ in range(3):
+            results[i] = run(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for seq, par in zip(sequential, results):
+        assert par is not None and torch.equal(seq, par)
+
+
+_SYNCING = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.nonzero,
+    torch.nonzero,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+    torch.Tensor.any,
+    torch.Tensor.all,
+}
+
+
+class _RecordSyncs(TorchFunctionMode):
+    """Records host-syncing tensor calls made between the first and last denoiser call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_loop = False
+        self.syncs: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.in_loop and func in _SYNCING:
+            self.syncs.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sampling_loop_makes_no_host_sync(name: str) -> None:
+    mean, std = _data()
+    inner = Gaussian(DISCRETE, mean, std)
+    recorder = _RecordSyncs()
+    sampler = samplers.REGISTRY[name]()
+    steps = 6
+    expected_calls = steps * _nfe_per_step(sampler) - (_nfe_per_step(sampler) - 1)
+    calls = 0
+
+    def denoiser(x, t, cond=None):
+        # the exact model itself is not under test: evaluate it with the recorder paused
+        nonlocal calls
+        calls += 1
+        recorder.in_loop = False
+        out = inner(x, t, cond)
+        recorder.in_loop = calls < expected_calls
+        return out
+
+    denoiser.prediction = "epsilon"  # type: ignore[attr-defined]
+    noise = torch.randn(4, DIM)
+    with recorder:
+        sampler.sample(
+            denoiser, DISCRETE, noise, steps=steps, generator=torch.Generator().manual_seed(0)
+        )
+    assert calls == expected_calls
+    assert recorder.syncs == []
+
+
+def test_sync_recorder_catches_item() -> None:
+    recorder = _RecordSyncs()
+    with recorder:
+        recorder.in_loop = True
+        torch.ones(2).sum().item()
+    assert recorder.syncs == ["item"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_from_the_denoiser_raises_naming_the_step(name: str) -> None:
+    mean, std = _data()
+    inner = Gaussian(DISCRETE, mean, std)
+    calls = 0
+
+    def denoiser(x, t, cond=None):
+        nonlocal calls
+        calls += 1
+        out = inner(x, t, cond)
+        return out * float("nan") if calls == 3 else out
+
+    denoiser.prediction = "epsilon"  # type: ignore[attr-defined]
+    sampler = samplers.REGISTRY[name]()
+    with pytest.raises(samplers.NonFiniteError, match=r"step \d+ of 6") as info:
+        sampler.sample(denoiser, DISCRETE, torch.randn(2, DIM), steps=6)
+    step = 1 if isinstance(sampler, samplers.Heun) else 2  # Heun: 2 evaluations per step
+    assert f"step {step} of 6" in str(info.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_denoiser_works_and_sampler_integrates_in_float32(name: str) -> None:
+    mean, std = _data()
+    den = Gaussian(DISCRETE, mean, std, dtype=torch.bfloat16)
+    noise = torch.randn(500, DIM, generator=torch.Generator().manual_seed(0)).bfloat16()
+    x = samplers.REGISTRY[name]().sample(
+        den, DISCRETE, noise, steps=20, generator=torch.Generator().manual_seed(0)
+    )
+    assert x.dtype == torch.bfloat16 and torch.isfinite(x).all()
+    assert ((x.float().mean(0) - mean.float()).abs() < 0.2 * std.float() + 0.05).all()
+
+
+class _Conditional:
+    """Gaussian data whose mean moves with the label: the conditional model."""
+
+    prediction = "epsilon"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, x, t, cond=None):
+        self.calls.append(x.shape[0])
+        shift = torch.zeros(x.shape[0], 1) if cond is None else cond.pooled[:, :1]
+        den = Gaussian(DISCRETE, torch.zeros(DIM, dtype=F64), torch.ones(DIM, dtype=F64))
+        return den(x - shift * DISCRETE.alpha(t)[:, None].float(), t)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_guidance_one_equals_the_conditional_model(name: str) -> None:
+    model = _Conditional()
+    cond = dk.Conditioning(pooled=torch.full((1, 3), 2.0))
+    uncond = dk.Conditioning(pooled=torch.zeros(1, 3))
+    noise = torch.randn(5, DIM, generator=torch.Generator().manual_seed(0))
+    sampler = samplers.REGISTRY[name]()
+
+    def run(**kw):
+        return sampler.sample(
+            model, DISCRETE, noise, steps=5, generator=torch.Generator().manual_seed(0), **kw
+        )
+
+    plain = run(cond=cond)
+    assert set(model.calls) == {5}
+    model.calls.clear()
+    guided = run(cond=cond, uncond=uncond, guidance=1.0)
+    torch.testing.assert_close(plain, guided)
+    strong = run(cond=cond, uncond=uncond, guidance=3.0)
+    assert set(model.calls) == {5, 10}  # one batched call on cond and uncond together
+    assert not torch.allclose(plain, strong)
+
+
+def test_guidance_needs_uncond() -> None:
+    model = _Conditional()
+    cond = dk.Conditioning(pooled=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="uncond"):
+        samplers.DDIM().sample(model, DISCRETE, torch.randn(2, DIM), steps=3, cond=cond, guidance=2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_callback_sees_every_step(name: str) -> None:
+    mean, std = _data()
+    den = Gaussian(DISCRETE, mean, std)
+    seen: list[tuple[int, float, tuple[int, ...]]] = []
+
+    def callback(i, t, x, x0):
+        assert t.shape == (3,) and x0.shape == x.shape
+        seen.append((i, float(t[0]), tuple(x.shape)))
+
+    out = samplers.REGISTRY[name]().sample(
+        den,
+        DISCRETE,
+        torch.randn(3, DIM),
+        steps=4,
+        callback=callback,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert [s[0] for s in seen] == [0, 1, 2, 3]
+    assert seen[-1][1] == 0.0 and all(s[2] == tuple(out.shape) for s in seen)
+    assert [s[1] for s in seen] == sorted((s[1] for s in seen), reverse=True)
+
+
+def test_euler_is_ddim_in_the_edm_variables() -> None:
+    mean, std = _data()
+    den = Gaussian(DISCRETE, mean, std)
+    noise = torch.randn(10, DIM, dtype=F64)
+    sp = samplers.Karras()
+    a = samplers.Euler(spacing=sp).sample(den, DISCRETE, noise, steps=7)
+    b = samplers.DDIM(spacing=sp).sample(den, DISCRETE, noise, steps=7)
+    torch.testing.assert_close(a, b)
+
+
+@settings(max_examples=5)
+@given(seed=st.integers(0, 1000), steps=st.integers(30, 50))
+def test_ddim_inversion_then_sampling_returns_x0(seed: int, steps: int) -> None:
+    mean, std = _data(seed)
+    den = Gaussian(DISCRETE, mean, std)
+    g = torch.Generator().manual_seed(seed)
+    x0 = mean + std * torch.randn(16, DIM, generator=g, dtype=F64)
+    spacing = samplers.LogSNR()
+    noise = samplers.DDIMInversion(spacing, refine=8).invert(den, DISCRETE, x0, steps=steps)
+    back = samplers.DDIM(spacing=spacing).sample(den, DISCRETE, noise, steps=steps)
+    torch.testing.assert_close(back, x0, atol=1e-3 * (1 + float(x0.abs().max())), rtol=0)
+
+
+def test_inversion_refinement_reduces_round_trip_error() -> None:
+    mean, std = _data()
+    den = Gaussian(DISCRETE, mean, std)
+    x0 = mean + std * torch.randn(16, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    errors = []
+    spacing = samplers.LogSNR()
+    for refine in (0, 2, 8):
+        inv = samplers.DDIMInversion(spacing, refine=refine)
+        noise = inv.invert(den, DISCRETE, x0, steps=50)
+        back = samplers.DDIM(spacing=spacing).sample(den, DISCRETE, noise, steps=50)
+        errors.append(float((back - x0).abs().max()))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-5
+
+
+def test_inversion_from_pure_noise_schedule() -> None:
+    mean, std = _data()
+    sched = RectifiedFlow()
+    den = Gaussian(sched, mean, std, "flow")
+    x0 = mean + std * torch.randn(8, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    noise = samplers.DDIMInversion(samplers.UniformTime(), refine=8).invert(
+        den, sched, x0, steps=30
+    )
+    back = samplers.DDIM().sample(den, sched, noise, steps=30)
+    torch.testing.assert_close(back, x0, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kind", samplers.SAMPLERS.kinds)
+def test_every_config_builds_a_sampler(kind: str) -> None:
+    config = samplers.SAMPLERS.config_class(kind)()
+    sampler = samplers.SAMPLERS.build(config)
+    assert isinstance(sampler, dk.Sampler)
+    again = samplers.SAMPLERS.build(samplers.SAMPLERS.parse(config.to_json()))
+    assert again == sampler
+
+
+def test_config_rejects_unknown_fields_and_bad_values() -> None:
+    with pytest.raises(ValueError):
+        samplers.SAMPLERS.parse({"kind": "ddim", "eta": -1})
+    with pytest.raises(ValueError):
+        samplers.SAMPLERS.parse({"kind": "dpmpp", "order": 4})
+    with pytest.raises(ValueError):
+        samplers.SAMPLERS.parse({"kind": "unipc", "spacing": {"kind": "nope"}})
+    cfg = samplers.SAMPLERS.parse({"kind": "dpmpp", "order": 3, "spacing": {"kind": "karras"}})
+    assert samplers.SAMPLERS.build(cfg) == samplers.DPMSolverPP(order=3, spacing=samplers.Karras())
+
+
+def test_wrong_noise_shape_or_steps_is_an_error() -> None:
+    den = Gaussian(DISCRETE, *_data())
+    with pytest.raises(ValueError):
+        samplers.DDIM().sample(den, DISCRETE, torch.randn(2, DIM), steps=0)
+    with pytest.raises(dk.ShapeError):
+        samplers.DDIM().sample(den, DISCRETE, torch.randn(()), steps=2)  # type: ignore[arg-type]
