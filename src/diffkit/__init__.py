@@ -6,6 +6,7 @@ from diffkit import config as config
 from diffkit import data as data
 from diffkit import ema as ema
 from diffkit import forward as forward
+from diffkit import guidance as guidance
 from diffkit import interop as interop
 from diffkit import losses as losses
 from diffkit import nn as nn
