@@ -76,11 +76,11 @@ UNET2D_CONFIGS = {
         "center_input_sample": True,
         "mid_block_scale_factor": 1.414,
     },
-    "no_mid_attention": {
+    "no_mid_attention_first_width_not_the_unit": {
         "sample_size": 8,
         "in_channels": 1,
         "out_channels": 1,
-        "block_out_channels": (8, 8),
+        "block_out_channels": (12, 16),
         "layers_per_block": 1,
         "down_block_types": ("DownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "UpBlock2D"),

@@ -387,7 +387,7 @@ def _diffusers_unet_kwargs(config: UNetConfig) -> tuple[str, dict[str, Any]]:
         "norm_num_groups": c.norm_groups,
         "norm_eps": c.norm_eps,
         "resnet_time_scale_shift": "scale_shift" if c.scale_shift else "default",
-        "time_embedding_dim": c.time_embed_dim or 4 * c.base_channels,
+        "time_embedding_dim": c.time_embed_dim or 4 * widths[0],
         "num_class_embeds": c.num_classes,
     }
     if c.context_dim is None:

@@ -49,7 +49,9 @@ class UNetConfig(Config):
     out_channels: int | None = Field(
         default=None, gt=0, description="output channels (default: in)"
     )
-    base_channels: int = Field(default=64, gt=0, description="channels of the first level")
+    base_channels: int = Field(
+        default=64, gt=0, description="channel unit: level i has base_channels * channel_mult[i]"
+    )
     channel_mult: tuple[int, ...] = Field(
         default=(1, 2, 2, 2), min_length=1, description="channel multiplier of each level"
     )
@@ -80,7 +82,9 @@ class UNetConfig(Config):
         default=False, description="time embedding as scale-shift of the norm"
     )
     dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout inside residual blocks")
-    time_embed_dim: int | None = Field(default=None, gt=0, description="default: 4 * base_channels")
+    time_embed_dim: int | None = Field(
+        default=None, gt=0, description="default: 4x the first level's channels"
+    )
     flip_sin_to_cos: bool = Field(default=True, description="sinusoid order [cos, sin]")
     freq_shift: float = Field(
         default=0.0, description="frequency shift of the sinusoidal embedding"
@@ -170,7 +174,7 @@ class UNet(nn.Module):
         self.prediction: Prediction = config.prediction
         c = config
         widths = [c.base_channels * m for m in c.channel_mult]
-        emb_dim = c.time_embed_dim or 4 * c.base_channels
+        emb_dim = c.time_embed_dim or 4 * widths[0]
         levels = len(widths)
 
         def res(cin: int, cout: int, scale: float = 1.0) -> ResBlock:
@@ -202,7 +206,7 @@ class UNet(nn.Module):
             )
 
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
-        self.time_embed = TimeEmbedding(c.base_channels, emb_dim)
+        self.time_embed = TimeEmbedding(widths[0], emb_dim)  # sinusoid of widths[0] features
         self.label_embed = nn.Embedding(c.num_classes, emb_dim) if c.num_classes else None
         self.pooled_embed = TimeEmbedding(c.pooled_dim, emb_dim) if c.pooled_dim else None
 
@@ -273,7 +277,10 @@ class UNet(nn.Module):
         c = self.config
         steps = network_timestep(t, c.time_input, c.num_train_timesteps, c.time_scale)
         emb = timestep_embedding(
-            steps, c.base_channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift
+            steps,
+            c.base_channels * c.channel_mult[0],
+            flip_sin_to_cos=c.flip_sin_to_cos,
+            freq_shift=c.freq_shift,
         )
         emb = self.time_embed(emb.to(self.conv_in.weight.dtype))
         if cond is not None:
