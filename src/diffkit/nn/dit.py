@@ -42,7 +42,7 @@ class DiTConfig(Config):
     out_channels: int | None = Field(default=None, gt=0, description="default: in_channels")
     patch_size: int = Field(default=2, gt=0, description="side of the square patches")
     dim: int = Field(default=384, gt=0, description="token width")
-    depth: int = Field(default=12, gt=0, description="number of transformer blocks")
+    depth: int = Field(default=12, gt=0, le=256, description="number of transformer blocks")
     num_heads: int = Field(default=6, gt=0, description="attention heads")
     mlp_ratio: float = Field(default=4.0, gt=0, description="MLP hidden width / dim")
     context_dim: int | None = Field(

@@ -17,7 +17,7 @@ from typing import Literal, cast
 
 import torch
 from jaxtyping import Float
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from diffkit.config import Config
@@ -52,10 +52,12 @@ class UNetConfig(Config):
     base_channels: int = Field(
         default=64, gt=0, description="channel unit: level i has base_channels * channel_mult[i]"
     )
-    channel_mult: tuple[int, ...] = Field(
+    channel_mult: tuple[PositiveInt, ...] = Field(
         default=(1, 2, 2, 2), min_length=1, description="channel multiplier of each level"
     )
-    blocks_per_level: int = Field(default=2, gt=0, description="residual blocks per encoder level")
+    blocks_per_level: int = Field(
+        default=2, gt=0, le=64, description="residual blocks per encoder level"
+    )
     attention_resolutions: tuple[int, ...] = Field(
         default=(2, 4),
         description="downsampling factors (1, 2, 4, ...) of the levels with attention",

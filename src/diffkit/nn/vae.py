@@ -18,7 +18,7 @@ from typing import Literal, cast
 import torch
 from einops import rearrange
 from jaxtyping import Float
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from diffkit.config import Config
@@ -76,10 +76,12 @@ class KLAutoencoderConfig(Config):
         default=None, gt=0, description="decoded channels (default: in)"
     )
     base_channels: int = Field(default=64, gt=0, description="channels of the first level")
-    channel_mult: tuple[int, ...] = Field(
+    channel_mult: tuple[PositiveInt, ...] = Field(
         default=(1, 2, 4, 4), min_length=1, description="per level"
     )
-    blocks_per_level: int = Field(default=2, gt=0, description="residual blocks per encoder level")
+    blocks_per_level: int = Field(
+        default=2, gt=0, le=64, description="residual blocks per encoder level"
+    )
     latent_channels: int = Field(default=4, gt=0, description="channels of the latent")
     norm_groups: int = Field(default=32, gt=0, description="GroupNorm groups")
     mid_attention: bool = Field(default=True, description="self-attention in the middle blocks")

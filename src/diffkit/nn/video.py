@@ -48,7 +48,7 @@ class VideoDiTConfig(Config):
         default=(1, 2, 2), description="tubelet size (frames, height, width)"
     )
     dim: int = Field(default=384, gt=0, description="token width")
-    depth: int = Field(default=12, gt=0, description="number of blocks")
+    depth: int = Field(default=12, gt=0, le=256, description="number of blocks")
     num_heads: int = Field(default=6, gt=0, description="attention heads")
     mlp_ratio: float = Field(default=4.0, gt=0, description="MLP hidden width / dim")
     attention: Literal["factorised", "full"] = Field(
