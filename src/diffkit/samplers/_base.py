@@ -183,8 +183,8 @@ class _Model:
         n = grid.steps
         t = torch.tensor(grid.t, dtype=self.dtype, device=device)
         calls = 2 * batch if self.guided else batch
-        self.times = [t[i].expand(calls) for i in range(n + 1)]
-        self.callback_times = [t[i].expand(batch) for i in range(n + 1)]
+        self.times = t[:, None].expand(n + 1, calls).unbind(0)
+        self.callback_times = t[:, None].expand(n + 1, batch).unbind(0)
         # Every prediction kind is affine in (x_t, prediction): x0 = cx * x_t + cp * pred.
         # The coefficients come from diffkit.prediction itself, evaluated once on the grid.
         a = torch.tensor(grid.alpha[:n], dtype=_F64)
@@ -256,14 +256,19 @@ def run_plan(
     """Integrate ``x`` (at grid point 0) through ``plan``; returns the sample at the last point."""
     device, dtype = x.device, x.dtype
 
-    def scalars(values: Sequence[float]) -> list[Tensor]:
-        return list(torch.tensor(list(values), dtype=dtype, device=device).unbind(0))
-
+    # Every coefficient as a 0-d tensor on the device, made in one host -> device copy.
+    flat = [v for s in plan for v in (s.keep, s.noise, *s.data, *(s.correct or ()))]
+    values = torch.tensor(flat, dtype=dtype, device=device).unbind(0)
+    keep_t, noise_t, data_t, corr_t = [], [], [], []
+    at = 0
+    for s in plan:
+        n_data, n_corr = len(s.data), len(s.correct or ())
+        keep_t.append(values[at])
+        noise_t.append(values[at + 1])
+        data_t.append(values[at + 2 : at + 2 + n_data])
+        corr_t.append(values[at + 2 + n_data : at + 2 + n_data + n_corr])
+        at += 2 + n_data + n_corr
     depth = max(max(len(s.data), len(s.correct or ()) - 1) for s in plan)
-    keep_t = scalars([s.keep for s in plan])
-    noise_t = scalars([s.noise for s in plan])
-    data_t = [scalars(s.data) if s.data else [] for s in plan]
-    corr_t = [scalars(s.correct) if s.correct else [] for s in plan]
 
     history = [model(x, 0)]
     last = len(plan) - 1
