@@ -43,6 +43,8 @@ def kind_of(config: Config) -> str:
     if not isinstance(kind, str):
         raise ValueError(f"{type(config).__name__} has no 'kind' field")
     return kind
+
+
 T = TypeVar("T")
 
 
