@@ -14,10 +14,12 @@ the noise level the peer's step assumes (no timestep rounding), its most favoura
 
     python benchmarks/sampler_accuracy.py            # full table (n = 10000, a few minutes)
     python benchmarks/sampler_accuracy.py --quick    # n = 4000, NFE 5 / 10 / 20
+    python benchmarks/sampler_accuracy.py --only 'unipc|DPM'   # a subset of the rows
 """
 
 import argparse
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -248,6 +250,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--no-peers", action="store_true", help="diffkit only")
     parser.add_argument("--progress", action="store_true", help="print rows as they finish")
+    parser.add_argument(
+        "--only", default=None, help="regex: run only the rows ('lib:name') it matches"
+    )
     args = parser.parse_args()
     n = args.samples or (4000 if args.quick else 10000)
     nfes = (5, 10, 20) if args.quick else NFES
@@ -268,6 +273,8 @@ def main() -> None:
     start = time.perf_counter()
 
     def score(lib: str, name: str, fn: Callable[[int], Tensor]) -> None:
+        if args.only is not None and not re.search(args.only, f"{lib}:{name}"):
+            return
         row = {}
         for nfe in nfes:
             x = fn(nfe)
@@ -314,7 +321,7 @@ def main() -> None:
         out = {}
         for k in nfes:
             cands = [(row[k], name) for name, row in rows.items() if name.startswith(prefix)]
-            out[k] = min(cands) if cands else (math.nan, "-")
+            out[k] = min(cands) if cands else (math.inf, "-")
         return out
 
     ours = best("diffkit:")
