@@ -192,25 +192,33 @@ class _Model:
         ones, zeros = torch.ones(n, 1, dtype=_F64), torch.zeros(n, 1, dtype=_F64)
         cx = to_x0_eps(zeros, denoiser.prediction, ones, a, s)[0].reshape(n)
         cp = to_x0_eps(ones, denoiser.prediction, zeros, a, s)[0].reshape(n)
+        self.cx_float, self.cp_float = cx.tolist(), cp.tolist()
         self.cx = cx.to(device, self.dtype).unbind(0)
         self.cp = cp.to(device, self.dtype).unbind(0)
         self.sums: list[Tensor] = []
         self.points: list[int] = []
         self.grid = grid
 
-    def __call__(self, x: Tensor, i: int) -> Tensor:
+    def predict(self, x: Tensor, i: int) -> Tensor:
+        """The (guided) raw prediction at ``x``, grid point ``i``, in the working dtype."""
         x_in = x.to(self.model_dtype)
         if self.guided:
             out = self.denoiser(torch.cat([x_in, x_in]), self.times[i], self.cond)
             with_cond, without = out.to(self.dtype).chunk(2)
-            pred = torch.lerp(without, with_cond, self.guidance)
-        else:
-            pred = self.denoiser(x_in, self.times[i], self.cond).to(self.dtype)
-        d = torch.addcmul(x * self.cx[i], pred, self.cp[i])
-        # A sum is finite iff every element is (barring float overflow): one reduction,
-        # kept on the device and checked after the loop.
-        self.sums.append(d.sum())
+            return torch.lerp(without, with_cond, self.guidance)
+        return self.denoiser(x_in, self.times[i], self.cond).to(self.dtype)
+
+    def record(self, value: Tensor, i: int) -> None:
+        """Keep a finiteness witness of evaluation ``i`` on the device (checked after the loop).
+
+        A sum is finite iff every element is (barring float overflow): one reduction.
+        """
+        self.sums.append(value.sum())
         self.points.append(i)
+
+    def __call__(self, x: Tensor, i: int) -> Tensor:
+        d = torch.addcmul(x * self.cx[i], self.predict(x, i), self.cp[i])
+        self.record(d, i)
         return d
 
     def raise_if_nonfinite(self) -> None:
@@ -254,6 +262,10 @@ def run_plan(
     callback: StepCallback | None,
 ) -> Tensor:
     """Integrate ``x`` (at grid point 0) through ``plan``; returns the sample at the last point."""
+    if callback is None and all(len(s.data) == 1 and s.correct is None for s in plan):
+        fused = _fused_first_order(plan, model)
+        if fused is not None:
+            return _run_first_order(fused, plan, model, x, generator)
     device, dtype = x.device, x.dtype
 
     # Every coefficient as a 0-d tensor on the device, made in one host -> device copy.
@@ -293,6 +305,45 @@ def run_plan(
         x = x_next
         if callback is not None:
             callback(i, model.callback_times[i + 1], x, x if i == last else history[0])
+    return x
+
+
+def _fused_first_order(plan: Sequence[Step], model: _Model) -> list[tuple[float, float]] | None:
+    """For one-step plans, ``keep x + c D`` with ``D = cx x + cp pred`` as ``A x + B pred``.
+
+    Saves the explicit ``x0`` per step; ``None`` when a coefficient is not finite (e.g. an
+    epsilon model at ``alpha = 0``), where the general path reports the bad step.
+    """
+    out = []
+    for i, step in enumerate(plan):
+        c = step.data[0]
+        a, b = step.keep + c * model.cx_float[i], c * model.cp_float[i]
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return None
+        out.append((a, b))
+    return out
+
+
+def _run_first_order(
+    fused: list[tuple[float, float]],
+    plan: Sequence[Step],
+    model: _Model,
+    x: Tensor,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The loop of first-order plans: ``x_{i+1} = A_i x_i + B_i pred_i + noise_i z``."""
+    device, dtype = x.device, x.dtype
+    flat = [v for (a, b), s in zip(fused, plan) for v in (a, b, s.noise)]
+    values = torch.tensor(flat, dtype=dtype, device=device).unbind(0)
+    for i, step in enumerate(plan):
+        pred = model.predict(x, i)
+        model.record(pred, i)
+        a, b = values[3 * i], values[3 * i + 1]
+        x_next = torch.addcmul(x * a, pred, b) if fused[i][0] != 0.0 else pred * b
+        if step.noise != 0.0:
+            z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
+            x_next = torch.addcmul(x_next, z, values[3 * i + 2])
+        x = x_next
     return x
 
 
