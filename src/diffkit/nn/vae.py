@@ -63,7 +63,8 @@ class DiagonalGaussian:
 
     def kl(self) -> Tensor:
         """``KL(self || N(0, I))`` summed over all but the batch dimension, ``(batch,)``."""
-        terms = self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar
+        # expm1(v) - v >= 0 in floating point too (exp(v) - 1 - v rounds below 0 near v = 0).
+        terms = self.mean.pow(2) + (torch.expm1(self.logvar) - self.logvar).clamp_min(0.0)
         return 0.5 * terms.flatten(1).sum(dim=1)
 
 
