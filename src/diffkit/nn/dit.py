@@ -108,6 +108,23 @@ class DiTBlock(nn.Module):
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
+def adaln_condition(
+    time_features: Tensor,
+    cond: Conditioning | None,
+    time_embed: nn.Module,
+    label_embed: nn.Module | None,
+    pooled_embed: nn.Module | None,
+) -> Tensor:
+    """The adaLN input ``c`` ``(batch, dim)``: time embedding plus label and pooled embeddings."""
+    c = time_embed(time_features)
+    if cond is not None:
+        if label_embed is not None and cond.labels is not None:
+            c = c + label_embed(cond.labels)
+        if pooled_embed is not None and cond.pooled is not None:
+            c = c + pooled_embed(cond.pooled)
+    return c
+
+
 class DiT(nn.Module):
     """Diffusion transformer ``(x_t, t, cond) -> prediction`` on images ``(b, c, h, w)``."""
 
@@ -139,13 +156,8 @@ class DiT(nn.Module):
         """``c`` ``(batch, dim)``: time embedding plus label and pooled embeddings."""
         cfg = self.config
         steps = network_timestep(t, cfg.time_input, cfg.num_train_timesteps, cfg.time_scale)
-        c = self.time_embed(timestep_embedding(steps, cfg.freq_dim).to(self.embed.weight.dtype))
-        if cond is not None:
-            if self.label_embed is not None and cond.labels is not None:
-                c = c + self.label_embed(cond.labels)
-            if self.pooled_embed is not None and cond.pooled is not None:
-                c = c + self.pooled_embed(cond.pooled)
-        return c
+        features = timestep_embedding(steps, cfg.freq_dim).to(self.embed.weight.dtype)
+        return adaln_condition(features, cond, self.time_embed, self.label_embed, self.pooled_embed)
 
     @checked
     def forward(

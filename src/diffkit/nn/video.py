@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from diffkit.config import Config
 from diffkit.nn._registry import DENOISERS
+from diffkit.nn.dit import adaln_condition
 from diffkit.nn.layers import (
     Attention,
     FeedForward,
@@ -183,13 +184,8 @@ class VideoDiT(nn.Module):
         """``c`` ``(batch, dim)``: time embedding plus label and pooled embeddings."""
         cfg = self.config
         steps = network_timestep(t, cfg.time_input, cfg.num_train_timesteps, cfg.time_scale)
-        c = self.time_embed(timestep_embedding(steps, cfg.freq_dim).to(self.embed.weight.dtype))
-        if cond is not None:
-            if self.label_embed is not None and cond.labels is not None:
-                c = c + self.label_embed(cond.labels)
-            if self.pooled_embed is not None and cond.pooled is not None:
-                c = c + self.pooled_embed(cond.pooled)
-        return c
+        features = timestep_embedding(steps, cfg.freq_dim).to(self.embed.weight.dtype)
+        return adaln_condition(features, cond, self.time_embed, self.label_embed, self.pooled_embed)
 
     @checked
     def forward(
