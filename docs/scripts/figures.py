@@ -210,7 +210,47 @@ def sampler_accuracy() -> bytes:
     return _png(fig)
 
 
+def demo_samples() -> bytes:
+    """The README's main job, `diffkit demo`, trained from scratch: one row per prompt.
+
+    Runs the default image recipe (about 3 minutes on 2 CPU cores) in a temporary folder
+    and draws its ``samples.npz`` with each sample's prompt and the independent judge's
+    verdict, so the figure always shows what the current code produces.
+    """
+    import tempfile
+
+    from diffkit.demo import default_config, run_image_demo
+
+    with tempfile.TemporaryDirectory() as folder:
+        result = run_image_demo(default_config("image"), folder, progress=False)
+        data = np.load(Path(folder) / "samples.npz")
+        images, labels, predicted = data["images"], data["labels"], data["predicted"]
+    accuracy = result.metrics.get("prompt_accuracy")
+    columns = int(np.bincount(labels).max())
+    fig, axes = plt.subplots(10, columns, figsize=(columns * 0.62, 10 * 0.66))
+    for digit in range(10):
+        rows = np.flatnonzero(labels == digit)
+        for k, ax in enumerate(axes[digit]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k >= len(rows):
+                ax.axis("off")
+                continue
+            ax.imshow(images[rows[k]], cmap="gray", vmin=0, vmax=1)
+            if predicted[rows[k]] != digit:
+                for spine in ax.spines.values():
+                    spine.set_color("red")
+                    spine.set_linewidth(2)
+        axes[digit][0].set_ylabel(str(digit), rotation=0, labelpad=10, fontsize=9)
+    title = '"a handwritten digit {zero … nine}", one row per prompt'
+    if isinstance(accuracy, float):
+        title += f"; judged correct: {accuracy:.0%}"
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
 FIGURES: dict[str, Callable[[], bytes]] = {
+    "figures/demo-samples.png": demo_samples,
     "figures/reverse-strip.png": reverse_strip,
     "figures/sampler-accuracy.png": sampler_accuracy,
     "figures/schedules.png": schedule_curves,
