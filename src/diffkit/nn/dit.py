@@ -26,6 +26,7 @@ from diffkit.nn.layers import (
     network_timestep,
     timestep_embedding,
     validate_conditioning,
+    zero_linear,
 )
 from diffkit.patches import SpatialPatches, sincos_pos_embed_2d
 from diffkit.protocols import Conditioning
@@ -67,13 +68,6 @@ class DiTConfig(Config):
         return self
 
 
-def _zero_linear(dim_in: int, dim_out: int) -> nn.Linear:
-    layer = nn.Linear(dim_in, dim_out)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
 class DiTBlock(nn.Module):
     """adaLN-Zero block: gated self-attention, optional cross-attention, gated MLP."""
 
@@ -90,7 +84,7 @@ class DiTBlock(nn.Module):
             self.norm_cross = self.cross = None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = FeedForward(dim, mlp_ratio, kind="gelu_tanh")
-        self.ada = _zero_linear(dim, 6 * dim)
+        self.ada = zero_linear(dim, 6 * dim)
 
     @checked
     def forward(
@@ -143,8 +137,8 @@ class DiT(nn.Module):
             DiTBlock(c.dim, c.num_heads, c.mlp_ratio, c.context_dim) for _ in range(c.depth)
         )
         self.norm_out = nn.LayerNorm(c.dim, elementwise_affine=False, eps=1e-6)
-        self.ada_out = _zero_linear(c.dim, 2 * c.dim)
-        self.proj_out = _zero_linear(c.dim, self.patches.patch_dim(out_channels))
+        self.ada_out = zero_linear(c.dim, 2 * c.dim)
+        self.proj_out = zero_linear(c.dim, self.patches.patch_dim(out_channels))
         self._out_channels = out_channels
 
     @classmethod

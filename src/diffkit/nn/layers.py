@@ -399,6 +399,14 @@ class SpatialTransformer(nn.Module):
         return x + rearrange(h, "b (y x) c -> b c y x", y=height)
 
 
+def zero_linear(dim_in: int, dim_out: int) -> nn.Linear:
+    """A ``Linear`` whose weight and bias start at zero (adaLN-Zero gates and output heads)."""
+    layer = nn.Linear(dim_in, dim_out)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation ``x * (1 + scale) + shift``: ``x`` ``(b, n, d)``, shift/scale ``(b, d)``."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)

@@ -31,6 +31,7 @@ from diffkit.nn.layers import (
     network_timestep,
     timestep_embedding,
     validate_conditioning,
+    zero_linear,
 )
 from diffkit.patches import TubeletPatches, sincos_pos_embed_3d
 from diffkit.protocols import Conditioning
@@ -79,13 +80,6 @@ class VideoDiTConfig(Config):
         return self
 
 
-def _zero_linear(dim_in: int, dim_out: int) -> nn.Linear:
-    layer = nn.Linear(dim_in, dim_out)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
 class VideoBlock(nn.Module):
     """adaLN-Zero block over frame-major tokens with factorised or full self-attention."""
 
@@ -114,7 +108,7 @@ class VideoBlock(nn.Module):
             self.norm_cross = self.cross = None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = FeedForward(dim, mlp_ratio, kind="gelu_tanh")
-        self.ada = _zero_linear(dim, (9 if self.factorised else 6) * dim)
+        self.ada = zero_linear(dim, (9 if self.factorised else 6) * dim)
 
     @checked
     def forward(
@@ -172,8 +166,8 @@ class VideoDiT(nn.Module):
             for _ in range(c.depth)
         )
         self.norm_out = nn.LayerNorm(c.dim, elementwise_affine=False, eps=1e-6)
-        self.ada_out = _zero_linear(c.dim, 2 * c.dim)
-        self.proj_out = _zero_linear(c.dim, self.patches.patch_dim(self._out_channels))
+        self.ada_out = zero_linear(c.dim, 2 * c.dim)
+        self.proj_out = zero_linear(c.dim, self.patches.patch_dim(self._out_channels))
 
     @classmethod
     def from_config(cls, config: VideoDiTConfig) -> "VideoDiT":
