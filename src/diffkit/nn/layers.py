@@ -34,6 +34,7 @@ __all__ = [
     "pointwise",
     "timestep_embedding",
     "validate_conditioning",
+    "zero_linear",
 ]
 
 ImageLike = Float[Tensor, "batch channels height width"]
