@@ -3,17 +3,76 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
 import diffkit as dk
-from diffkit.typing import CHECKS_ENABLED, checked
+from diffkit.typing import CHECKS_ENABLED, checked, checked_layer
 
 
 @checked
 def _f(x: dk.typing.Image, t: dk.typing.Time) -> dk.typing.Image:
     return x
+
+
+@checked_layer
+def _layer(x: dk.typing.Image) -> dk.typing.Image:
+    return x[:, :, :1]  # returns the wrong shape: only a check of the return value sees it
+
+
+@checked
+def _model(x: dk.typing.Image, t: dk.typing.Time) -> dk.typing.Pooled:
+    return _layer(x).flatten(1)
+
+
+needs_checks = pytest.mark.skipif(not CHECKS_ENABLED, reason="shape checks are off")
+
+
+@needs_checks
+def test_layer_checks_on_its_own_but_not_inside_a_checked_call() -> None:
+    x = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(dk.ShapeError, match="_layer: the return value"):
+        _layer(x)
+    # Inside a checked call the layer runs unchecked: the model's boundary already checked.
+    assert _model(x, torch.zeros(2)).shape == (2, 4)
+    # The model's own arguments are still checked, and the depth is restored after an error.
+    with pytest.raises(dk.ShapeError, match="'batch' is 3"):
+        _model(x, torch.zeros(3))
+    with pytest.raises(dk.ShapeError, match="_layer: the return value"):
+        _layer(x)
+
+
+@needs_checks
+def test_nesting_depth_is_per_thread() -> None:
+    errors: list[BaseException] = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    @checked
+    def _hold(x: dk.typing.Image) -> dk.typing.Image:
+        inside.set()
+        release.wait(10)
+        return x
+
+    holder = threading.Thread(target=_hold, args=(torch.zeros(1, 1, 2, 2),))
+    holder.start()
+    inside.wait(10)
+
+    def _other() -> None:
+        try:
+            _layer(torch.zeros(1, 1, 4, 4))
+        except BaseException as err:
+            errors.append(err)
+
+    other = threading.Thread(target=_other)
+    other.start()
+    other.join(10)
+    release.set()
+    holder.join(10)
+    # Another thread being inside a checked call must not switch this thread's checks off.
+    assert len(errors) == 1 and isinstance(errors[0], dk.ShapeError)
 
 
 def test_checks_are_on_by_default() -> None:

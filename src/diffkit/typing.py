@@ -15,6 +15,7 @@ measures both ways.
 import functools
 import os
 import re
+import threading
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, cast
 
@@ -36,6 +37,7 @@ __all__ = [
     "Tokens",
     "Video",
     "checked",
+    "checked_layer",
 ]
 
 Prediction = Literal["epsilon", "x0", "v", "flow"]
@@ -165,6 +167,34 @@ def _explain(
     return f"{name}: argument '{param}' of shape {shape} does not match ({' '.join(dims)})"
 
 
+class _Depth(threading.local):
+    """How many checked calls are on this thread's stack (per thread, so threads don't mix)."""
+
+    value: int = 0
+
+
+_DEPTH = _Depth()
+
+
+def _checking_wrapper(fn: F, *, skip_when_nested: bool) -> F:
+    inner = jaxtyped(typechecker=_beartype())(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        depth = _DEPTH.value
+        if skip_when_nested and depth:
+            return fn(*args, **kwargs)
+        _DEPTH.value = depth + 1
+        try:
+            return inner(*args, **kwargs)
+        except TypeCheckError as err:
+            raise ShapeError(_explain(fn, err, args, kwargs) + "\n\n" + str(err)) from None
+        finally:
+            _DEPTH.value = depth
+
+    return cast(F, wrapper)
+
+
 def checked(fn: F) -> F:
     """Check the jaxtyping annotations of ``fn`` on every call, unless checks are off.
 
@@ -172,16 +202,21 @@ def checked(fn: F) -> F:
     """
     if not CHECKS_ENABLED:
         return fn
-    inner = jaxtyped(typechecker=_beartype())(fn)
+    return _checking_wrapper(fn, skip_when_nested=False)
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return inner(*args, **kwargs)
-        except TypeCheckError as err:
-            raise ShapeError(_explain(fn, err, args, kwargs) + "\n\n" + str(err)) from None
 
-    return cast(F, wrapper)
+def checked_layer(fn: F) -> F:
+    """Like [`checked`][diffkit.typing.checked], but skipped inside another checked call.
+
+    For the building blocks of a network (residual blocks, attention, ...): called on
+    their own they check their arguments like any public function; called from a
+    checked model whose boundary already validated the input, the shapes they see are
+    fixed by construction, and re-checking them on every layer of every step would
+    only cost time.
+    """
+    if not CHECKS_ENABLED:
+        return fn
+    return _checking_wrapper(fn, skip_when_nested=True)
 
 
 @functools.cache
