@@ -35,7 +35,7 @@ from diffkit.nn.layers import (
 )
 from diffkit.patches import TubeletPatches, sincos_pos_embed_3d
 from diffkit.protocols import Conditioning
-from diffkit.typing import Prediction, ShapeError, Time, Video, checked
+from diffkit.typing import Prediction, ShapeError, Time, Video, checked, checked_layer
 
 __all__ = ["VideoBlock", "VideoDiT", "VideoDiTConfig"]
 
@@ -110,7 +110,7 @@ class VideoBlock(nn.Module):
         self.mlp = FeedForward(dim, mlp_ratio, kind="gelu_tanh")
         self.ada = zero_linear(dim, (9 if self.factorised else 6) * dim)
 
-    @checked
+    @checked_layer
     def forward(
         self,
         x: Float[Tensor, "batch tokens dim"],
