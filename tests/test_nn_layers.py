@@ -5,14 +5,17 @@ import math
 import pytest
 import torch
 
+import diffkit as dk
 from diffkit.nn.layers import (
     Attention,
+    Downsample,
     ResBlock,
     SpatialSelfAttention,
     SpatialTransformer,
     network_timestep,
     timestep_embedding,
 )
+from diffkit.typing import CHECKS_ENABLED
 
 
 def test_timestep_embedding_matches_the_ddpm_formula():
@@ -92,3 +95,17 @@ def test_spatial_attention_layers_keep_shape_and_are_residual():
     assert torch.equal(self_attn(x), x)
     block = SpatialTransformer(16, 2, 8, context_dim=6, groups=4)
     assert block(x, torch.randn(2, 3, 6)).shape == x.shape
+
+
+@pytest.mark.skipif(not CHECKS_ENABLED, reason="shape checks are off")
+def test_building_blocks_check_shapes_when_called_on_their_own():
+    # Inside a model they run unchecked (checked_layer); called directly they still check.
+    block = ResBlock(8, 16, 12, groups=4)
+    with pytest.raises(dk.ShapeError, match=r"ResBlock.forward: argument 'emb'"):
+        block(torch.randn(2, 8, 4, 4), torch.randn(3, 12))
+    with pytest.raises(dk.ShapeError, match=r"argument 'x' has 3 dimensions"):
+        SpatialSelfAttention(16, 8, groups=4)(torch.randn(2, 16, 16))
+    with pytest.raises(dk.ShapeError, match=r"argument 'x' has 4 dimensions"):
+        Attention(16, 2)(torch.randn(2, 16, 4, 4))
+    with pytest.raises(dk.ShapeError, match=r"argument 'x' has 3 dimensions"):
+        Downsample(8)(torch.randn(8, 4, 4))

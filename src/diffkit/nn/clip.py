@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from diffkit.config import Config, Registry
 from diffkit.patches import SpatialPatches
 from diffkit.tokenizers import Tokenizer
-from diffkit.typing import Image, ShapeError, TokenIds, checked
+from diffkit.typing import Image, ShapeError, TokenIds, checked, checked_layer
 
 __all__ = [
     "CLIP",
@@ -207,7 +207,7 @@ class ResidualAttentionBlock(nn.Module):
         self.act = _activation(activation)
         self.proj = nn.Linear(mlp_width, width)
 
-    @checked
+    @checked_layer
     def forward(self, x: Hidden, causal: bool = False) -> Hidden:
         """Tokens ``(batch, tokens, width)``; ``causal``: token i attends to tokens <= i."""
         q, k, v = rearrange(
@@ -274,7 +274,7 @@ class TextTower(nn.Module):
             return token_ids.argmax(dim=-1)
         return (token_ids == self.config.eos_token_id).int().argmax(dim=-1)
 
-    @checked
+    @checked_layer
     def forward(
         self, token_ids: TokenIds, skip_last_layers: int = 0, final_norm: bool = True
     ) -> tuple[Float[Tensor, "batch context dim"], Float[Tensor, "batch dim"]]:
@@ -308,7 +308,7 @@ class TextTower(nn.Module):
             return out, pooled
         return (self.ln_final(hidden) if final_norm else hidden), pooled
 
-    @checked
+    @checked_layer
     def encode(self, token_ids: TokenIds) -> Embedding:
         """Ids ``(batch, n)`` to the projected (not normalised) text embedding."""
         _, pooled = self(token_ids)
@@ -363,7 +363,7 @@ class VisionTower(nn.Module):
         if self.projection is not None:
             nn.init.normal_(self.projection.weight, std=scale)
 
-    @checked
+    @checked_layer
     def forward(
         self, images: Image
     ) -> tuple[Float[Tensor, "batch tokens dim"], Float[Tensor, "batch dim"]]:
@@ -378,7 +378,7 @@ class VisionTower(nn.Module):
         x = self.ln_post(x)
         return x, x[:, 0]
 
-    @checked
+    @checked_layer
     def encode(self, images: Image) -> Embedding:
         """Images to the projected (not normalised) image embedding."""
         _, pooled = self(images)
@@ -440,7 +440,7 @@ class ResNetTower(nn.Module):
         if self.projection is not None:
             nn.init.normal_(self.projection.weight, std=self.width**-0.5)
 
-    @checked
+    @checked_layer
     def forward(
         self, images: Image
     ) -> tuple[Float[Tensor, "batch tokens dim"], Float[Tensor, "batch dim"]]:
@@ -450,7 +450,7 @@ class ResNetTower(nn.Module):
         tokens = rearrange(features, "b c h w -> b (h w) c")
         return tokens, self.ln_post(tokens.mean(dim=1))
 
-    @checked
+    @checked_layer
     def encode(self, images: Image) -> Embedding:
         """Images to the projected (not normalised) image embedding."""
         _, pooled = self(images)

@@ -30,7 +30,7 @@ from diffkit.nn.layers import (
 )
 from diffkit.patches import SpatialPatches, sincos_pos_embed_2d
 from diffkit.protocols import Conditioning
-from diffkit.typing import Image, Prediction, ShapeError, Time, checked
+from diffkit.typing import Image, Prediction, ShapeError, Time, checked, checked_layer
 
 __all__ = ["DiT", "DiTBlock", "DiTConfig"]
 
@@ -86,7 +86,7 @@ class DiTBlock(nn.Module):
         self.mlp = FeedForward(dim, mlp_ratio, kind="gelu_tanh")
         self.ada = zero_linear(dim, 6 * dim)
 
-    @checked
+    @checked_layer
     def forward(
         self,
         x: Float[Tensor, "batch tokens dim"],

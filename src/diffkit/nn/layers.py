@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from diffkit.protocols import Conditioning
-from diffkit.typing import ShapeError, checked
+from diffkit.typing import ShapeError, checked_layer
 
 __all__ = [
     "Attention",
@@ -80,7 +80,7 @@ class TimeEmbedding(nn.Module):
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, out_dim or dim)
 
-    @checked
+    @checked_layer
     def forward(self, x: Float[Tensor, "batch in_dim"]) -> Float[Tensor, "batch out_dim"]:
         """``(batch, in_dim) -> (batch, out_dim)``."""
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -130,7 +130,7 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    @checked
+    @checked_layer
     def forward(self, x: ImageLike, emb: Embedding | None = None) -> Float[Tensor, "batch c h w"]:
         """``(batch, in_channels, h, w) -> (batch, out_channels, h, w)``."""
         h = self.conv1(F.silu(self.norm1(x)))
@@ -175,7 +175,7 @@ class Downsample(nn.Module):
         self.padding = padding
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
-    @checked
+    @checked_layer
     def forward(self, x: ImageLike) -> Float[Tensor, "batch channels h w"]:
         """``(b, c, 2h, 2w) -> (b, c, h, w)``."""
         if self.padding == 0:
@@ -190,7 +190,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    @checked
+    @checked_layer
     def forward(self, x: ImageLike) -> Float[Tensor, "batch channels h w"]:
         """``(b, c, h, w) -> (b, c, 2h, 2w)``."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -238,7 +238,7 @@ class Attention(nn.Module):
             self.kv = nn.Linear(context_dim, 2 * inner, bias=qkv_bias)
         self.out = nn.Linear(inner, dim, bias=out_bias)
 
-    @checked
+    @checked_layer
     def forward(
         self,
         x: TokensLike,
@@ -286,7 +286,7 @@ class SpatialSelfAttention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.out = nn.Linear(channels, channels)
 
-    @checked
+    @checked_layer
     def forward(
         self, x: ImageLike, context: Context | None = None, mask: ContextMask | None = None
     ) -> ImageLike:
@@ -314,7 +314,7 @@ class FeedForward(nn.Module):
         self.proj_in = nn.Linear(dim, inner * 2 if kind == "geglu" else inner)
         self.proj_out = nn.Linear(inner, dim)
 
-    @checked
+    @checked_layer
     def forward(self, x: TokensLike) -> TokensLike:
         """``(b, n, dim) -> (b, n, dim)``."""
         h = self.proj_in(x)
@@ -341,7 +341,7 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    @checked
+    @checked_layer
     def forward(
         self, x: TokensLike, context: Context | None = None, mask: ContextMask | None = None
     ) -> TokensLike:
@@ -384,7 +384,7 @@ class SpatialTransformer(nn.Module):
             TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)
         )
 
-    @checked
+    @checked_layer
     def forward(
         self, x: ImageLike, context: Context | None = None, mask: ContextMask | None = None
     ) -> ImageLike:
