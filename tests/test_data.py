@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -146,10 +147,19 @@ def test_collate_stacks_items_labels_and_captions():
 
 def test_grids_tile_images_and_videos(tmp_path):
     images = torch.linspace(-1, 1, 5 * 3 * 4 * 6).reshape(5, 3, 4, 6)
-    grid = image_grid(images, nrow=2)
+    grid = image_grid(images, nrow=2, padding=0)
     assert grid.size == (2 * 6, 3 * 4) and grid.mode == "RGB"
+    padded = np.asarray(image_grid(images, nrow=2, padding=2))
+    assert padded.shape == (3 * (4 + 2) + 2, 2 * (6 + 2) + 2, 3)
+    # image 3 is row 1, column 1: its tile starts after two borders on each axis
+    tile = padded[2 + 6 : 2 + 6 + 4, 2 + 8 : 2 + 8 + 6]
+    expected = ((images[3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    np.testing.assert_array_equal(tile, expected.permute(1, 2, 0).numpy())
+    assert (padded[:2] == 0).all() and (padded[:, 8:10] == 0).all()  # borders are black
     videos = torch.zeros(2, 7, 1, 4, 4)
-    assert video_grid(videos).size == (7 * 4, 2 * 4)
+    assert video_grid(videos).size == (7 * 5 + 1, 2 * 5 + 1)
+    with pytest.raises(ValueError, match="padding"):
+        image_grid(images, padding=-1)
     path = save_grid(videos, tmp_path / "g" / "v.png")
     assert path.is_file()
     with pytest.raises(ShapeError):

@@ -321,27 +321,42 @@ def _to_uint8(x: Tensor) -> np.ndarray:
 
 @checked
 def image_grid(
-    images: Float[Tensor, "batch channels height width"], nrow: int = 8
+    images: Float[Tensor, "batch channels height width"], nrow: int = 8, padding: int = 1
 ) -> PILImage.Image:
-    """Tile images in ``[-1, 1]`` (1 or 3 channels) into one PIL image, ``nrow`` per row."""
+    """Tile images in ``[-1, 1]`` (1 or 3 channels) into one PIL image, ``nrow`` per row.
+
+    Tiles are separated, and framed, by ``padding`` pixels of the background value ``-1``
+    (black), so an ``r x k`` grid of ``h x w`` images is ``k (w + p) + p`` pixels wide and
+    ``r (h + p) + p`` high.
+    """
     b, c = images.shape[:2]
     if c not in (1, 3):
         raise ShapeError(f"image_grid: images need 1 or 3 channels, got {c}")
+    if nrow < 1:
+        raise ValueError(f"image_grid: nrow must be >= 1, got {nrow}")
+    if padding < 0:
+        raise ValueError(f"image_grid: padding must be >= 0, got {padding}")
     ncol = min(nrow, b)
     rows = -(-b // ncol)
     pad = rows * ncol - b
     if pad:
         images = torch.cat([images, images.new_full((pad, *images.shape[1:]), -1.0)])
-    grid = rearrange(images, "(r k) c h w -> (r h) (k w) c", k=ncol)
-    array = _to_uint8(grid)
+    # each tile takes a border on its top and left; the grid then gets one bottom and right
+    tiles = F.pad(images, (padding, 0, padding, 0), value=-1.0)
+    grid = rearrange(tiles, "(r k) c h w -> c (r h) (k w)", k=ncol)
+    grid = F.pad(grid, (0, padding, 0, padding), value=-1.0)
+    array = _to_uint8(rearrange(grid, "c h w -> h w c"))
     return PILImage.fromarray(array[..., 0] if c == 1 else array)
 
 
 @checked
-def video_grid(videos: Float[Tensor, "batch frames channels height width"]) -> PILImage.Image:
+def video_grid(
+    videos: Float[Tensor, "batch frames channels height width"], padding: int = 1
+) -> PILImage.Image:
     """One row per video, one column per frame, values in ``[-1, 1]``."""
     frames = videos.shape[1]
-    return image_grid(rearrange(videos, "b f c h w -> (b f) c h w"), nrow=frames)
+    flat = rearrange(videos, "b f c h w -> (b f) c h w")
+    return image_grid(flat, nrow=frames, padding=padding)
 
 
 @checked
