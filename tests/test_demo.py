@@ -89,7 +89,7 @@ def test_cli_sample_and_info_on_the_demo_run(
         == 0
     )
     with PILImage.open(out) as picture:
-        assert picture.size == (3 * 16, 16)
+        assert picture.size == (3 * (16 + 1) + 1, 16 + 2)  # 1-pixel borders
     assert np.load(out.with_suffix(".npz"))["images"].shape == (3, 16, 16)
     assert main(["info", str(image_run)]) == 0
     text = capsys.readouterr().out
