@@ -29,6 +29,7 @@ from diffkit.nn.layers import (
     SpatialTransformer,
     TimeEmbedding,
     Upsample,
+    group_norm_silu,
     network_timestep,
     timestep_embedding,
     validate_conditioning,
@@ -332,7 +333,7 @@ class UNet(nn.Module):
             if level.upsample is not None:
                 h = level.upsample(h)
 
-        h = torch.nn.functional.silu(self.norm_out(h))
+        h = group_norm_silu(self.norm_out, h)
         return self.conv_out(h).contiguous()
 
 
