@@ -12,7 +12,6 @@ from diffkit.nn.layers import (
     ResBlock,
     SpatialSelfAttention,
     SpatialTransformer,
-    group_norm_silu,
     network_timestep,
     timestep_embedding,
 )
@@ -110,44 +109,3 @@ def test_building_blocks_check_shapes_when_called_on_their_own():
         Attention(16, 2)(torch.randn(2, 16, 4, 4))
     with pytest.raises(dk.ShapeError, match=r"argument 'x' has 3 dimensions"):
         Downsample(8)(torch.randn(8, 4, 4))
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_group_norm_silu_matches_the_unfused_layers_and_keeps_less(channels_last):
-    torch.manual_seed(0)
-    norm = torch.nn.GroupNorm(4, 8).double()
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-1.0, 1.0)
-    x = torch.randn(2, 8, 6, 5, dtype=torch.float64) * 2 + 0.5
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    grad = torch.randn(x.shape, dtype=torch.float64)
-    fused = group_norm_silu(norm, x)
-    plain = torch.nn.functional.silu(norm(x))
-    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
-    for a, b in zip(
-        torch.autograd.grad(fused, (x, norm.weight, norm.bias), grad),
-        torch.autograd.grad(plain, (x, norm.weight, norm.bias), grad),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(
-        lambda a, w, b: group_norm_silu(norm, a), (x, norm.weight, norm.bias), fast_mode=True
-    )
-
-    def saved_bytes(fn) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(x)
-        return sum(seen.values())
-
-    assert saved_bytes(lambda a: group_norm_silu(norm, a)) < saved_bytes(
-        lambda a: torch.nn.functional.silu(norm(a))
-    )

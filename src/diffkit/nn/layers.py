@@ -6,14 +6,13 @@ width)``; token layers take ``(batch, tokens, dim)``. Attention runs on
 """
 
 import math
-from typing import Any, Literal, cast
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from diffkit.protocols import Conditioning
 from diffkit.typing import ShapeError, checked_layer
@@ -30,7 +29,6 @@ __all__ = [
     "Upsample",
     "attention_bias",
     "group_norm",
-    "group_norm_silu",
     "modulate",
     "network_timestep",
     "pointwise",
@@ -99,65 +97,6 @@ def group_norm(channels: int, groups: int, eps: float, where: str = "") -> nn.Gr
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
-class _GroupNormSiLU(torch.autograd.Function):
-    """``silu(group_norm(x))`` that keeps only ``x`` for backward (the norm is recomputed)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float
-    ) -> Tensor:
-        b, c = x.shape[:2]
-        z, mean, rstd = torch.ops.aten.native_group_norm(
-            x, weight, bias, b, c, math.prod(x.shape[2:]), groups, eps
-        )
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.groups = groups
-        return F.silu(z, inplace=True)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        groups = ctx.groups
-        b, c = x.shape[:2]
-        spatial = (1,) * (x.dim() - 2)
-        # z = x * scale + shift, the norm's output, recomputed from the saved statistics.
-        w, r = weight.view(1, groups, -1), rstd.view(b, groups, 1)
-        scale = (r * w).view(b, c, *spatial)
-        shift = torch.addcmul(bias.view(1, groups, -1), mean.view(b, groups, 1) * r, w, value=-1)
-        z = torch.addcmul(shift.view(b, c, *spatial), x, scale)
-        grad_z = torch.ops.aten.silu_backward(grad, z)
-        del z
-        needs = ctx.needs_input_grad
-        dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            grad_z, x, mean, rstd, weight, b, c, math.prod(x.shape[2:]), groups, list(needs[:3])
-        )
-        return (
-            dx if needs[0] else None,
-            dw if needs[1] else None,
-            db if needs[2] else None,
-            None,
-            None,
-        )
-
-
-def group_norm_silu(
-    norm: nn.GroupNorm, x: ImageLike
-) -> Float[Tensor, "batch channels height width"]:
-    """``silu(norm(x))`` in one autograd node that saves only ``x`` (not the norm's output).
-
-    The same values as ``F.silu(norm(x))``; backward recomputes the normalised tensor from
-    the saved per-group statistics, which keeps one activation less per GroupNorm + SiLU
-    pair.
-    """
-    if norm.weight is None or norm.bias is None or not torch.is_grad_enabled():
-        return F.silu(norm(x), inplace=True)  # the norm's output is needed by nothing else
-    if not (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad):
-        return F.silu(norm(x), inplace=True)
-    out = _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
-    return cast(Tensor, out)
-
-
 class ResBlock(nn.Module):
     """Residual block ``x + conv(act(norm(conv(act(norm(x))) + emb)))`` with time conditioning.
 
@@ -194,22 +133,21 @@ class ResBlock(nn.Module):
     @checked_layer
     def forward(self, x: ImageLike, emb: Embedding | None = None) -> Float[Tensor, "batch c h w"]:
         """``(batch, in_channels, h, w) -> (batch, out_channels, h, w)``."""
-        h = self.conv1(group_norm_silu(self.norm1, x))
+        h = self.conv1(F.silu(self.norm1(x)))
         if self.emb_proj is not None:
             if emb is None:
                 raise ValueError("ResBlock: this block is time-conditioned but got no embedding")
             e = rearrange(self.emb_proj(F.silu(emb)), "b c -> b c 1 1")
             if self.scale_shift:
                 scale, shift = e.chunk(2, dim=1)
-                h = F.silu(self.norm2(h) * (1 + scale) + shift)
+                h = self.norm2(h) * (1 + scale) + shift
             else:
-                # conv1's output is not saved for its backward, so the add can be in place.
-                h = group_norm_silu(self.norm2, h.add_(e))
+                h = self.norm2(h + e)
         else:
-            h = group_norm_silu(self.norm2, h)
-        h = self.conv2(self.dropout(h))
+            h = self.norm2(h)
+        h = self.conv2(self.dropout(F.silu(h)))
         skip = x if self.skip is None else pointwise(self.skip, x)
-        out = h.add_(skip)  # conv2's output, likewise not saved
+        out = skip + h
         return out if self.output_scale == 1.0 else out / self.output_scale
 
 

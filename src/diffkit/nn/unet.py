@@ -29,7 +29,6 @@ from diffkit.nn.layers import (
     SpatialTransformer,
     TimeEmbedding,
     Upsample,
-    group_norm_silu,
     network_timestep,
     timestep_embedding,
     validate_conditioning,
@@ -333,7 +332,7 @@ class UNet(nn.Module):
             if level.upsample is not None:
                 h = level.upsample(h)
 
-        h = group_norm_silu(self.norm_out, h)
+        h = torch.nn.functional.silu(self.norm_out(h))
         return self.conv_out(h).contiguous()
 
 
