@@ -3,7 +3,9 @@
 Both networks have the same architecture and the same weights (diffkit's is made with
 ``dk.interop.from_diffusers`` from the diffusers one, and their outputs are checked equal
 first), see the same batch, run on the same number of threads, in the same run: the timed
-steps alternate between the two libraries round by round, and the table reports medians.
+steps alternate between the two libraries round by round, and the table reports medians
+(images/s from the median step time; the ratio is the median, with quartiles, of the
+per-round ratios, each from the two libraries timed back to back).
 A train step is forward + MSE loss + backward + AdamW step.
 
 Two clocks are reported: ``cpu`` is the process CPU time (with the default single thread, the
@@ -15,8 +17,16 @@ own subprocess. Memory is measured in a fresh subprocess per library as the acti
 of a train step: the bytes of the tensors autograd saves for backward (weights, gradients and
 optimizer state are identical for the two, and process RSS is blurred by allocator caching).
 
+``--profile`` prints instead where the CPU time of a step goes: the thread CPU time of every
+ATen op (forward, backward and optimizer step separately, both libraries side by side,
+alternating, medians). Thread CPU time, unlike the wall-clock spans of ``torch.profiler``,
+is not inflated when other processes preempt this one. ``--diffusers-channels-last`` runs
+the diffusers model and input in channels-last memory format (a one-line user option) to
+check that the default layout is not the slower one for it.
+
     python benchmarks/unet_throughput.py                 # width 32, batch 8, 32x32, 1 thread
     python benchmarks/unet_throughput.py --width 64 --batch 16 --threads 2 --rounds 9
+    python benchmarks/unet_throughput.py --profile --rounds 5
 """
 
 import argparse
@@ -72,24 +82,31 @@ def _steppers(args):
 
     reference, model = _models(args.size, args.width)
     x, target, index = _batch(args)
+    x_ref = x
+    if args.diffusers_channels_last:
+        reference = reference.to(memory_format=torch.channels_last)
+        x_ref = x.contiguous(memory_format=torch.channels_last)
     t = dk.schedules.Discrete.from_betas(torch.linspace(1e-4, 0.02, 1000)).t_from_index(index)
     t = t.float()
     with torch.no_grad():
-        diff = (reference(x, index).sample - model(x, t)).abs().max().item()
+        diff = (reference(x_ref, index).sample - model(x, t)).abs().max().item()
 
     def make(net, call):
         opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
 
-        def step():
+        def step(phase=lambda name: None):
             opt.zero_grad(set_to_none=True)
+            phase("forward")
             loss = torch.nn.functional.mse_loss(call(net), target)
+            phase("backward")
             loss.backward()
+            phase("optimizer")
             opt.step()
 
         return step
 
     steps = {
-        "diffusers": make(reference, lambda net: net(x, index).sample),
+        "diffusers": make(reference, lambda net: net(x_ref, index).sample),
         "diffkit": make(model, lambda net: net(x, t)),
     }
     _PARAMS["diffusers"], _PARAMS["diffkit"] = (
@@ -125,15 +142,83 @@ def worker_time(args) -> None:
                 steps[name]()
             wall[name].append((time.perf_counter() - start) / args.steps)
             cpu[name].append((time.process_time() - start_cpu) / args.steps)
+
+    # Each round times both libraries back to back, so the per-round ratio cancels load
+    # that drifts more slowly than a round; its median and quartiles are the ratio reported.
+    def paired(clock: dict[str, list[float]]) -> list[float]:
+        return sorted(r / d for r, d in zip(clock["diffusers"], clock["diffkit"], strict=True))
+
     print(
         json.dumps(
             {
                 "wall_s": {name: statistics.median(ts) for name, ts in wall.items()},
                 "cpu_s": {name: statistics.median(ts) for name, ts in cpu.items()},
+                "ratio_wall": paired(wall),
+                "ratio_cpu": paired(cpu),
                 "max_abs_diff": diff,
             }
         )
     )
+
+
+def worker_profile(args) -> None:
+    """Median thread CPU time per ATen op and phase, the libraries alternating."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpTimes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ms: collections.Counter = collections.Counter()
+            self.phase = "forward"
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.thread_time_ns()
+            out = func(*args, **(kwargs or {}))
+            self.ms[(self.phase, func.overloadpacket.__name__)] += (
+                time.thread_time_ns() - start
+            ) / 1e6
+            return out
+
+        def set_phase(self, name: str) -> None:
+            self.phase = name
+
+    torch.set_num_threads(args.threads)
+    steps, diff = _steppers(args)
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    samples: dict[str, list] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            mode = OpTimes()
+            with mode:
+                steps[name](mode.set_phase)
+            samples[name].append(mode.ms)
+    keys = {key for runs in samples.values() for run in runs for key in run}
+    table = {
+        name: {key: statistics.median(run.get(key, 0.0) for run in runs) for key in keys}
+        for name, runs in samples.items()
+    }
+    print(f"max|diff| {diff:.1e}; thread CPU ms per step (medians of {args.rounds})")
+    print(f"{'phase':<10}{'op':<56}{'diffusers':>10}{'diffkit':>9}{'delta':>8}")
+    for phase in ("forward", "backward", "optimizer"):
+        rows = sorted(
+            (key for key in keys if key[0] == phase),
+            key=lambda key: -max(table["diffusers"][key], table["diffkit"][key]),
+        )
+        totals = [sum(table[name][key] for key in rows) for name in ("diffusers", "diffkit")]
+        print(
+            f"{phase:<10}{'(all ops)':<56}{totals[0]:>10.2f}{totals[1]:>9.2f}"
+            f"{totals[1] - totals[0]:>8.2f}"
+        )
+        for key in rows:
+            ref, dk_ = table["diffusers"][key], table["diffkit"][key]
+            if max(ref, dk_) >= args.profile_min_ms:
+                print(f"{'':<10}{key[1][:55]:<56}{ref:>10.2f}{dk_:>9.2f}{dk_ - ref:>8.2f}")
 
 
 def worker_memory(args) -> None:
@@ -177,6 +262,7 @@ def _forward(args) -> list[str]:
         f"--rounds={args.rounds}",
         f"--steps={args.steps}",
         f"--warmup={args.warmup}",
+        *(["--diffusers-channels-last"] if args.diffusers_channels_last else []),
     ]
 
 
@@ -189,7 +275,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--worker", choices=["time", "memory"])
+    parser.add_argument("--diffusers-channels-last", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="per-op CPU time instead")
+    parser.add_argument("--profile-min-ms", type=float, default=0.2)
+    parser.add_argument("--worker", choices=["time", "memory", "profile"])
     parser.add_argument("--library", choices=["diffkit", "diffusers"])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -197,6 +286,14 @@ def main() -> None:
         return worker_time(args)
     if args.worker == "memory":
         return worker_memory(args)
+    if args.worker == "profile":
+        return worker_profile(args)
+    if args.profile:  # shape checks off: only the library's own ops
+        env = dict(os.environ, DIFFKIT_SHAPE_CHECKS="0", PYTHONWARNINGS="ignore")
+        extra = [f"--profile-min-ms={args.profile_min_ms}"]
+        cmd = [sys.executable, __file__, "--worker=profile", *extra, *_forward(args)]
+        subprocess.run(cmd, env=env, check=True)
+        return None
 
     import torch
 
@@ -205,6 +302,7 @@ def main() -> None:
         f"{2 * args.width}), batch {args.batch}, {args.size}x{args.size}x3, threads "
         f"{args.threads}, torch {torch.__version__}; {args.rounds} alternating rounds x "
         f"{args.steps} steps, medians"
+        + (" (diffusers in channels-last)" if args.diffusers_channels_last else "")
     )
     rows = []
     for checks in ("1", "0"):
@@ -213,14 +311,20 @@ def main() -> None:
         lib: _run(args, ["--worker=memory", f"--library={lib}"], "0")
         for lib in ("diffusers", "diffkit")
     }
-    header = ("shape checks", "clock", "diffusers img/s", "diffkit img/s", "ratio", "max|diff|")
-    print("{:<13}{:<6}{:>16}{:>15}{:>8}{:>11}".format(*header))
+    header = (
+        "shape checks", "clock", "diffusers img/s", "diffkit img/s", "ratio", "quartiles",
+        "max|diff|",
+    )  # fmt: skip
+    print("{:<13}{:<6}{:>16}{:>15}{:>8}{:>13}{:>11}".format(*header))
     for checks, res in rows:
-        for clock, key in (("cpu", "cpu_s"), ("wall", "wall_s")):
-            t_ref, t_dk = res[key]["diffusers"], res[key]["diffkit"]
+        for clock in ("cpu", "wall"):
+            t_ref, t_dk = res[f"{clock}_s"]["diffusers"], res[f"{clock}_s"]["diffkit"]
+            ratios = res[f"ratio_{clock}"]
+            q1, mid, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
             print(
                 f"{'on' if checks == '1' else 'off':<13}{clock:<6}{args.batch / t_ref:>16.1f}"
-                f"{args.batch / t_dk:>15.1f}{t_ref / t_dk:>7.2f}x{res['max_abs_diff']:>11.1e}"
+                f"{args.batch / t_dk:>15.1f}{mid:>7.2f}x{f'{q1:.2f}-{q3:.2f}':>13}"
+                f"{res['max_abs_diff']:>11.1e}"
             )
     ref, dk_ = memory["diffusers"]["saved_mib"], memory["diffkit"]["saved_mib"]
     print(f"{'activations MiB':<19}{ref:>16.1f}{dk_:>15.1f}{dk_ / ref:>7.2f}x")
