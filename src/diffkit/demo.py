@@ -1074,7 +1074,7 @@ def run_video_demo(
     progress: bool = True,
     console: Any = None,
 ) -> DemoResult:
-    """Train CLIP on clips and a video transformer over tubelets; sample GIFs and judge them."""
+    """Train CLIP, the frame autoencoder and a latent video transformer; sample GIFs, judge."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     result = DemoResult(task="video", out=folder)
