@@ -21,6 +21,7 @@ from diffkit.demo import (
     generate_samples,
     load_demo_config,
 )
+from diffkit.nn.vae import KLAutoencoder
 from diffkit.pipeline import Pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -97,36 +98,67 @@ def test_cli_sample_and_info_on_the_demo_run(
         assert part in text
 
 
-def test_video_recipe_fast_via_train_writes_gifs_and_frame_grid(tmp_path: Path) -> None:
-    out = tmp_path / "video"
-    code = main(
-        [
-            "train",
-            str(CONFIGS / "demo_video.yaml"),
-            "--fast",
-            "--out",
-            str(out),
-            "--threads",
-            "1",
-            "--no-progress",
-            "--quiet",
-        ]
-    )
-    assert code == 0
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo_video")
+    args = ["train", str(CONFIGS / "demo_video.yaml"), "--fast", "--out", str(out)]
+    assert main([*args, "--threads", "1", "--no-progress", "--quiet"]) == 0
+    return out
+
+
+def test_video_recipe_fast_via_train_writes_gifs_and_frame_grid(video_run: Path) -> None:
     config = fast_config(default_config("video"))
     assert isinstance(config, VideoDemoConfig)
     frames = config.pipeline.data_shape[0]
-    gifs = sorted((out / "gifs").glob("*.gif"))
+    gifs = sorted((video_run / "gifs").glob("*.gif"))
     assert len(gifs) == len(config.prompt_digits) * len(config.directions)
     with PILImage.open(gifs[0]) as gif:
         assert gif.n_frames == frames
-    with PILImage.open(out / "frames.png") as grid:
+        gif.seek(frames - 1)
+        gif.load()
+    with PILImage.open(video_run / "frames.png") as grid:
         grid.load()
-    videos = np.load(out / "samples.npz")["videos"]
-    assert videos.shape[1:] == (frames, 16, 16)
-    summary = json.loads((out / "summary.json").read_text())
+        assert grid.size[0] > 0 and grid.size[1] > 0
+    data = np.load(video_run / "samples.npz")
+    videos = data["videos"]
+    assert videos.shape[1:] == (frames, 16, 16) and videos.dtype == np.float32
+    assert videos.min() >= 0.0 and videos.max() <= 1.0
+    assert len(data["labels"]) == len(data["directions"]) == len(data["prompts"]) == len(videos)
+    summary = json.loads((video_run / "summary.json").read_text())
+    assert set(summary["times_s"]) == {"data", "clip", "autoencoder", "denoiser", "sample"}
     assert summary["metrics"]["check_on_real_clips"] > 0.9
-    assert (out / PIPELINE_DIR / "model.safetensors").is_file()
+    for name in ("digit_accuracy", "direction_accuracy", "accuracy"):
+        assert 0.0 <= summary["metrics"][name] <= 1.0
+    assert (video_run / PIPELINE_DIR / "model.safetensors").is_file()
+
+
+def test_video_demo_pipeline_is_latent_reloads_and_regenerates_identical_samples(
+    video_run: Path,
+) -> None:
+    data = np.load(video_run / "samples.npz")
+    pipeline = Pipeline.load(video_run / PIPELINE_DIR)
+    assert isinstance(pipeline.encoder, KLAutoencoder)
+    assert pipeline.encoder.scaling_factor != 1.0  # rescaled to unit std by the demo
+    assert pipeline.latent_shape() == (8, 2, 8, 8)
+    prompts = [str(p) for p in data["prompts"]]
+    seed = json.loads((video_run / "summary.json").read_text())["config"]["seed"]
+    again = generate_samples(pipeline, prompts, seed)
+    assert again.shape == (len(prompts), 8, 1, 16, 16)
+    unit = ((again.clamp(-1, 1) + 1) / 2)[:, :, 0].numpy().astype(np.float32)
+    np.testing.assert_array_equal(unit, data["videos"])
+    other = generate_samples(pipeline, prompts, seed + 1)
+    assert not torch.equal(other, again)
+
+
+def test_video_config_accepts_pixel_space_and_rejects_a_bad_encoder() -> None:
+    data = default_config("video").to_dict()
+    pixel = {**data["pipeline"], "encoder": None}
+    pixel["denoiser"] = {**pixel["denoiser"], "in_channels": 1}
+    assert VideoDemoConfig.model_validate({**data, "pipeline": pixel}).pipeline.encoder is None
+    identity = {**data["pipeline"], "encoder": {"kind": "identity", "channels": 1}}
+    identity["denoiser"] = pixel["denoiser"]
+    with pytest.raises(ValueError, match="must be a 'kl_autoencoder'"):
+        VideoDemoConfig.model_validate({**data, "pipeline": identity})
 
 
 def test_digit_judge_classifies_held_out_real_digits() -> None:
@@ -163,4 +195,15 @@ def test_fast_config_shrinks_every_stage() -> None:
     assert fast.train.steps < full.train.steps
     assert fast.clip_train.steps < full.clip_train.steps
     assert fast.autoencoder_train.steps < full.autoencoder_train.steps
+    assert fast.pipeline.denoiser == full.pipeline.denoiser
+
+
+def test_fast_config_shrinks_the_video_recipe_and_keeps_it_latent() -> None:
+    full = default_config("video")
+    fast = fast_config(full)
+    assert isinstance(full, VideoDemoConfig) and isinstance(fast, VideoDemoConfig)
+    assert fast.autoencoder_train.steps < full.autoencoder_train.steps
+    assert fast.train.steps < full.train.steps and fast.num_videos < full.num_videos
+    assert full.pipeline.encoder is not None
+    assert fast.pipeline.encoder == full.pipeline.encoder
     assert fast.pipeline.denoiser == full.pipeline.denoiser

@@ -15,11 +15,18 @@ download), on the CPU, in minutes:
    on the real digits ([`DigitJudge`][diffkit.demo.DigitJudge]),
 6. ``samples.png``, ``samples.npz`` and the saved [`Pipeline`][diffkit.pipeline.Pipeline].
 
-**Video** ([`run_video_demo`][diffkit.demo.run_video_demo]): moving-digit clips captioned
-with the digit and its direction, CLIP with a frame-stacked image tower, a video
-transformer over spatio-temporal patches, one GIF per prompt and a frame grid; an
-independent check (per-frame digit classifier + centre-of-mass motion,
-[`VideoJudge`][diffkit.demo.VideoJudge]) scores digit and direction.
+**Video** ([`run_video_demo`][diffkit.demo.run_video_demo]):
+
+1. moving-digit clips (an 8x8 digit sliding over a 16x16 canvas for 8 frames) captioned
+   with the digit and its direction,
+2. CLIP with a frame-stacked image tower (the frames as channels),
+3. the same KL autoencoder as the image demo, trained on single frames; it codes every
+   clip frame by frame into a latent video ``(8, 2, 8, 8)``,
+4. a video transformer over latent spatio-temporal patches (tubelets), factorised
+   space / time attention, cross-attending to the CLIP text tokens,
+5. one GIF per prompt and a frame grid, scored by an independent check (per-frame digit
+   classifier + centre-of-mass motion, [`VideoJudge`][diffkit.demo.VideoJudge]) for
+   digit and direction.
 
 Each recipe is a config ([`ImageDemoConfig`][diffkit.demo.ImageDemoConfig],
 [`VideoDemoConfig`][diffkit.demo.VideoDemoConfig]); ``configs/*.yaml`` hold copies that
@@ -172,9 +179,21 @@ class ImageDemoConfig(_DemoBase):
 
 
 class VideoDemoConfig(_DemoBase):
-    """The text -> video demo: moving digits, a video transformer over tubelets (pixel space)."""
+    """The text -> video demo: moving digits, a video transformer over latent tubelets.
+
+    With ``pipeline.encoder`` set (a KL autoencoder, the default) the autoencoder is trained
+    on single frames and codes every clip frame by frame; the transformer then denoises
+    tubelets of the latent video. With ``encoder: null`` it works on pixel tubelets.
+    """
 
     kind: Literal["demo_video"] = "demo_video"
+    autoencoder_train: StageTrainConfig = Field(
+        default_factory=lambda: StageTrainConfig(),
+        description="autoencoder training (on single frames); unused in pixel space",
+    )
+    kl_weight: float = Field(
+        default=1e-3, ge=0, description="weight of the KL term per latent element"
+    )
     num_videos: int = Field(default=4096, ge=16, description="training clips generated")
     digit_size: int = Field(default=8, ge=8, description="side of the moving digit in pixels")
     max_speed: int = Field(default=1, ge=1, description="largest speed in pixels per frame")
@@ -199,8 +218,13 @@ class VideoDemoConfig(_DemoBase):
         unknown = [d for d in self.directions if d not in DIRECTIONS]
         if unknown:
             raise ValueError(f"unknown directions {unknown}; known: {list(DIRECTIONS)}")
-        if self.pipeline.encoder is not None:
-            raise ValueError("the video demo runs in pixel space: leave pipeline.encoder unset")
+        # (the pipeline config already checks encoder.in_channels against data_shape)
+        encoder = self.pipeline.encoder
+        if encoder is not None and not isinstance(encoder, KLAutoencoderConfig):
+            raise ValueError(
+                "pipeline.encoder must be a 'kl_autoencoder' (trained by the demo) or null "
+                "(pixel space)"
+            )
         frames = shape[0]
         if self.clip_vision.channels != frames or self.clip_vision.image_size != shape[2]:
             raise ValueError(
@@ -249,6 +273,21 @@ def _text_config(context: int, width: int, layers: int, embed: int) -> dict[str,
     }
 
 
+def _autoencoder_config() -> dict[str, Any]:
+    """The KL autoencoder of both recipes: 16x16x1 images (or frames) -> 8x8x2 latents."""
+    return {
+        "kind": "kl_autoencoder",
+        "in_channels": 1,
+        "base_channels": 16,
+        "channel_mult": (1, 2),
+        "blocks_per_level": 1,
+        "latent_channels": 2,
+        "norm_groups": 8,
+        "mid_attention": False,
+        "scaling_factor": 1.0,
+    }
+
+
 def _builtin(task: Literal["image", "video"]) -> DemoConfig:
     """The recipes in Python (the YAML files in ``configs/`` are dumps of these)."""
     if task == "image":
@@ -267,17 +306,7 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                 "pipeline": {
                     "data_shape": (1, 16, 16),
                     "schedule": {"kind": "cosine"},
-                    "encoder": {
-                        "kind": "kl_autoencoder",
-                        "in_channels": 1,
-                        "base_channels": 16,
-                        "channel_mult": (1, 2),
-                        "blocks_per_level": 1,
-                        "latent_channels": 2,
-                        "norm_groups": 8,
-                        "mid_attention": False,
-                        "scaling_factor": 1.0,
-                    },
+                    "encoder": _autoencoder_config(),
                     "denoiser": {
                         "kind": "unet",
                         "in_channels": 2,
@@ -321,14 +350,16 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                 "layers": 2,
                 "heads": 4,
             },
-            "clip_train": {"steps": 200, "batch_size": 128, "lr": 2e-3},
+            "clip_train": {"steps": 400, "batch_size": 128, "lr": 2e-3},
+            "autoencoder_train": {"steps": 300, "batch_size": 64, "lr": 2e-3},
             "pipeline": {
                 "data_shape": (8, 1, 16, 16),
                 "schedule": {"kind": "cosine"},
+                "encoder": _autoencoder_config(),
                 "denoiser": {
                     "kind": "video_dit",
-                    "in_channels": 1,
-                    "patch_size": (4, 4, 4),
+                    "in_channels": 2,
+                    "patch_size": (2, 2, 2),
                     "dim": 96,
                     "depth": 4,
                     "num_heads": 4,
@@ -344,7 +375,7 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                 "guidance": 3.0,
             },
             "train": {
-                "steps": 800,
+                "steps": 3000,
                 "batch_size": 32,
                 "lr": 1e-3,
                 "warmup_steps": 50,
@@ -352,7 +383,7 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                 "ema_decay": 0.995,
                 "log_every": 50,
                 "tensorboard": False,
-                "loss": {"cond_dropout": 0.1},
+                "loss": {"cond_dropout": 0.1, "weighting": "min_snr"},
             },
             "samples_per_prompt": 4,
         }
@@ -372,10 +403,9 @@ def fast_config(config: DemoConfig) -> DemoConfig:
         ),
         "samples_per_prompt": 1,
         "pipeline": config.pipeline.model_copy(update={"steps": 4}),
+        "autoencoder_train": stage(config.autoencoder_train),
     }
-    if isinstance(config, ImageDemoConfig):
-        update["autoencoder_train"] = stage(config.autoencoder_train)
-    else:
+    if isinstance(config, VideoDemoConfig):
         update["num_videos"] = 64
         update["prompt_digits"] = config.prompt_digits[:2]
     return type(config).model_validate({**config.to_dict(), **_dump(update)})
@@ -943,7 +973,10 @@ def _zero_shot(config: _DemoBase, clip: CLIP, test_set: DigitsDataset) -> float:
 
 
 def _train_autoencoder(
-    config: ImageDemoConfig, ae: KLAutoencoder, images: Tensor, reporter: _Reporter
+    config: ImageDemoConfig | VideoDemoConfig,
+    ae: KLAutoencoder,
+    images: Tensor,
+    reporter: _Reporter,
 ) -> list[float]:
     def loss_of(index: Tensor, gen: torch.Generator) -> Tensor:
         x = images[index]
@@ -1041,7 +1074,7 @@ def run_video_demo(
     progress: bool = True,
     console: Any = None,
 ) -> DemoResult:
-    """Train CLIP on clips and a video transformer over tubelets; sample GIFs and judge them."""
+    """Train CLIP, the frame autoencoder and a latent video transformer; sample GIFs, judge."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     result = DemoResult(task="video", out=folder)
@@ -1067,15 +1100,23 @@ def run_video_demo(
         clip, clip_losses = _train_clip(config, x[:, :, 0], captions, report)
         result.losses["clip"] = _tail_mean(clip_losses)
 
+    pipeline_config, ae, data = config.pipeline, None, x
+    if isinstance(config.pipeline.encoder, KLAutoencoderConfig):
+        with report.stage("autoencoder", "KL autoencoder on single frames (latent video)"):
+            ae, pipeline_config, data = _video_autoencoder(
+                config, x, tx, tlabels, tdirections, judge, result, report
+            )
+
     text = _text_conditioner(config, clip)
-    with report.stage("denoiser", "text-conditioned video transformer over tubelets"):
+    space = "pixel" if ae is None else "latent"
+    with report.stage("denoiser", f"text-conditioned video transformer over {space} tubelets"):
         denoiser, den_losses = _train_denoiser(
-            config, config.pipeline, x, labels, captions, text, report
+            config, pipeline_config, data, labels, captions, text, report
         )
         result.losses["denoiser"] = _tail_mean(den_losses)
 
     with report.stage("sample", "one GIF per prompt and a frame grid, checked"):
-        pipeline = _assemble(config.pipeline, denoiser=denoiser, encoder=None, text=text)
+        pipeline = _assemble(pipeline_config, denoiser=denoiser, encoder=ae, text=text)
         pipeline.save(folder / PIPELINE_DIR)
         prompts, digits, directions = _video_prompts(config)
         k = config.samples_per_prompt
@@ -1105,6 +1146,50 @@ def run_video_demo(
     }
     _write_summary(result, config)
     return result
+
+
+def _video_autoencoder(
+    config: VideoDemoConfig,
+    x: Tensor,
+    tx: Tensor,
+    tlabels: Tensor,
+    tdirections: Sequence[str],
+    judge: "VideoJudge",
+    result: DemoResult,
+    report: _Reporter,
+) -> tuple[KLAutoencoder, PipelineConfig, Tensor]:
+    """Train the autoencoder on the clips' frames; return it, the pipeline config with its
+    latent scale, and the training clips as latent videos."""
+    encoder_config = config.pipeline.encoder
+    assert isinstance(encoder_config, KLAutoencoderConfig)
+    torch.manual_seed(config.seed + 21)
+    ae = KLAutoencoder(encoder_config)
+    frames = x.flatten(0, 1)  # (clips * frames, 1, h, w)
+    losses = _train_autoencoder(config, ae, frames, report)
+    result.losses["autoencoder"] = _tail_mean(losses)
+    with torch.no_grad():
+        raw = torch.cat([ae.posterior(chunk).mean for chunk in x.split(256)])
+        scale = 1.0 / float(raw.std().clamp_min(1e-3))
+        shift = float(raw.mean())
+        encoder_config = encoder_config.model_copy(
+            update={"scaling_factor": scale, "shift_factor": shift}
+        )
+        ae.scaling_factor, ae.shift_factor = scale, shift
+        ae.config = encoder_config
+        latents = (raw - shift) * scale  # = ae.encode(x), without encoding twice
+        recon = ae.decode(ae.encode(tx))
+    result.metrics["autoencoder_test_mse"] = float(F.mse_loss(recon, tx))
+    coded = judge.score(recon, tlabels.tolist(), tdirections)
+    result.metrics["check_on_autoencoded_clips"] = coded["accuracy"]
+    report.note(
+        f"final loss {result.losses['autoencoder']:.4f}, held-out reconstruction MSE "
+        f"{result.metrics['autoencoder_test_mse']:.4f}, check on coded real clips "
+        f"{100 * coded['accuracy']:.1f} %, latent clips {tuple(latents.shape[1:])}"
+    )
+    pipeline_config = PipelineConfig.model_validate(
+        {**config.pipeline.to_dict(), "encoder": encoder_config.to_dict()}
+    )
+    return ae, pipeline_config, latents
 
 
 def _slug(text: str) -> str:
