@@ -508,3 +508,24 @@ def test_denoiser_output_of_another_shape_is_a_shape_error(name: str, guidance: 
             guidance=guidance,
             generator=torch.Generator().manual_seed(0),
         )
+
+
+def test_schedule_returning_another_shape_is_a_shape_error() -> None:
+    class Scalar:
+        """A user schedule (not a diffkit one) whose alpha ignores the shape of t."""
+
+        def alpha(self, t):
+            return DISCRETE.alpha(t)[:1]
+
+        def sigma(self, t):
+            return DISCRETE.sigma(t)
+
+        def log_snr(self, t):
+            return DISCRETE.log_snr(t)
+
+        def t_of_log_snr(self, log_snr):
+            return DISCRETE.t_of_log_snr(log_snr)
+
+    den = Gaussian(DISCRETE, *_data())
+    with pytest.raises(dk.ShapeError, match=r"schedule.alpha returned \(1,\) for times of shape"):
+        samplers.DDIM().sample(den, Scalar(), torch.randn(2, DIM), steps=4)

@@ -41,7 +41,7 @@ from diffkit.prediction import to_x0_eps
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallback
 from diffkit.samplers.spacing import Spacing
 from diffkit.schedules import ScheduleBase
-from diffkit.typing import Sample, ShapeError, checked
+from diffkit.typing import Sample, ShapeError, checked, trusted
 
 __all__ = [
     "Grid",
@@ -91,16 +91,25 @@ class Grid:
 def make_grid(
     schedule: NoiseSchedule, spacing: Spacing, steps: int, device: torch.device | None = None
 ) -> Grid:
-    """Evaluate ``spacing`` on ``schedule`` and tabulate ``alpha``, ``sigma``, ``lam``."""
-    t = spacing(schedule, steps, device).to(_F64)
-    if t.ndim != 1 or t.numel() != steps + 1:
-        raise ValueError(f"spacing returned shape {tuple(t.shape)}, expected ({steps + 1},)")
-    dtype = torch.float32 if device is not None and device.type == "mps" else _F64
-    inner = t[:-1].to(device=device, dtype=dtype)
-    if isinstance(schedule, ScheduleBase):  # both in one (shape-checked) call
-        alpha_t, sigma_t = schedule.alpha_sigma(inner)
-    else:
-        alpha_t, sigma_t = schedule.alpha(inner), schedule.sigma(inner)
+    """Evaluate ``spacing`` on ``schedule`` and tabulate ``alpha``, ``sigma``, ``lam``.
+
+    The schedule is evaluated on tensors built here, so its shape checks are skipped
+    ([`trusted`][diffkit.typing.trusted]); what it returns is checked here instead.
+    """
+    with trusted():
+        t = spacing(schedule, steps, device).to(_F64)
+        if t.ndim != 1 or t.numel() != steps + 1:
+            raise ValueError(f"spacing returned shape {tuple(t.shape)}, expected ({steps + 1},)")
+        dtype = torch.float32 if device is not None and device.type == "mps" else _F64
+        inner = t[:-1].to(device=device, dtype=dtype)
+        if isinstance(schedule, ScheduleBase):  # both in one call
+            alpha_t, sigma_t = schedule.alpha_sigma(inner)
+        else:
+            alpha_t, sigma_t = schedule.alpha(inner), schedule.sigma(inner)
+    for name, value in (("alpha", alpha_t), ("sigma", sigma_t)):
+        if not isinstance(value, Tensor) or value.shape != inner.shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ShapeError(f"schedule.{name} returned {got} for times of shape ({steps},)")
     alpha = alpha_t.to("cpu", _F64).tolist()
     sigma = sigma_t.to("cpu", _F64).tolist()
     lam = [_half_log_snr(a, s) for a, s in zip(alpha, sigma)]
@@ -202,11 +211,12 @@ class _Model:
         # Every prediction kind is affine in (x_t, prediction): x0 = cx * x_t + cp * pred.
         # The coefficients come from diffkit.prediction itself, evaluated once on the grid
         # (in one call: unit predictions at x_t = 0, then unit x_t with zero predictions).
-        a = torch.tensor(grid.alpha[:n], dtype=_F64).repeat(2)
-        s = torch.tensor(grid.sigma[:n], dtype=_F64).repeat(2)
-        unit = torch.ones(2 * n, 1, dtype=_F64)
-        unit[n:] = 0.0
-        self._cp_cx = to_x0_eps(unit, denoiser.prediction, 1 - unit, a, s)[0].reshape(2 * n)
+        alpha, sigma = grid.alpha[:n], grid.sigma[:n]
+        table = [[*alpha, *alpha], [*sigma, *sigma], [1.0] * n + [0.0] * n]
+        a, s, unit = torch.tensor(table, dtype=_F64).unbind(0)
+        with trusted():  # shapes built right here
+            x0 = to_x0_eps(unit[:, None], denoiser.prediction, 1 - unit[:, None], a, s)[0]
+        self._cp_cx = x0.reshape(2 * n)
         self.cp_float, self.cx_float = self._cp_cx[:n].tolist(), self._cp_cx[n:].tolist()
         self.sums: list[Tensor] = []
         self.points: list[int] = []
@@ -353,19 +363,32 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
                 None if corrector is None else [*corrector, (_Z, s.noise)],
             )
         )
-    flat = [c for pair in layout for combo in pair if combo for _, c in combo if c != 0.0]
+    # One host -> device copy of every coefficient; the first value is an exact 0, for a
+    # combination left with no terms.
+    flat = [0.0]
+    slots: list[int] = []
+    for pair in layout:
+        for combo in pair:
+            for j, c in combo or ():
+                if c != 0.0:
+                    flat.append(c)
+                    slots.append(j)
     if fused and not all(map(math.isfinite, flat)):
         return None
-    # The first value is an exact 0, for a combination left with no terms.
-    values = iter(torch.tensor([0.0, *flat], dtype=model.dtype, device=model.device).unbind(0))
-    zero = next(values)
+    values = torch.tensor(flat, dtype=model.dtype, device=model.device).unbind(0)
+    terms = list(zip(slots, values[1:]))
+    at = 0
 
     def bind(combo: list[tuple[int, float]]) -> _Terms:
-        terms = [(j, next(values)) for j, c in combo if c != 0.0]
-        return (terms[0][0], terms[0][1], tuple(terms[1:])) if terms else (_X, zero, ())
+        nonlocal at
+        k = sum(c != 0.0 for _, c in combo)
+        found, at = terms[at : at + k], at + k
+        return (found[0][0], found[0][1], tuple(found[1:])) if found else (_X, values[0], ())
 
-    bound = [(bind(p), None if c is None else bind(c)) for p, c in layout]
-    return [(p, c, s.reevaluate, s.noise != 0.0) for (p, c), s in zip(bound, plan, strict=True)]
+    return [
+        (bind(p), None if c is None else bind(c), s.reevaluate, s.noise != 0.0)
+        for (p, c), s in zip(layout, plan, strict=True)
+    ]
 
 
 def run_plan(
@@ -389,13 +412,16 @@ def run_plan(
     # Fused steps see the raw prediction (slots _PRED, _PREDP), the others D (_HIST, _DP).
     evaluate, here, there = (model.raw, _PRED, _PREDP) if fused else (model, _HIST, _DP)
     depth = max(max(len(s.data), len(s.correct or ()) - 1) for s in plan)
-    shape, dtype, device = x.shape, x.dtype, x.device
     ops: list[Any] = [None] * (_HIST + depth)
+    # The loop's own noise buffer, refilled in place (the same draws as torch.randn): it
+    # is only ever an operand, never handed to the model or the caller.
+    noisy_plan = any(step[3] for step in program)
+    z = ops[_Z] = torch.empty(x.shape, dtype=x.dtype, device=x.device) if noisy_plan else None
     ops[_X], ops[here] = x, evaluate(x, 0)
     last = len(program) - 1
     for i, (predictor, corrector, reevaluate, noisy) in enumerate(program):
         if noisy:
-            ops[_Z] = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            z.normal_(generator=generator)  # type: ignore[union-attr]
         x = _combination(predictor, ops)
         if i < last:
             value = evaluate(x, i + 1)
