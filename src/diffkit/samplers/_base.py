@@ -336,59 +336,50 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
     """
     cx, cp = model.cx_float, model.cp_float
     last = len(plan) - 1
-    layout: list[tuple[list[tuple[int, float]], list[tuple[int, float]] | None]] = []
+    combos: list[list[tuple[int, float]]] = []  # each step's predictor, then its corrector
     for i, s in enumerate(plan):
+        keep, noise, data = s.keep, s.noise, s.data
         correct = s.correct if i < last else None
         if fused:
-            c = s.data[0]
-            predictor = [(_X, s.keep + c * cx[i]), (_PRED, c * cp[i])]
-            corrector = None
+            c = data[0]
+            combos.append([(_X, keep + c * cx[i]), (_PRED, c * cp[i]), (_Z, noise)])
             if correct is not None:
                 new, old = correct
-                corrector = [
-                    (_X, s.keep + old * cx[i]),
-                    (_PRED, old * cp[i]),
-                    (_XP, new * cx[i + 1]),
-                    (_PREDP, new * cp[i + 1]),
-                ]
+                combos.append(
+                    [
+                        (_X, keep + old * cx[i]),
+                        (_PRED, old * cp[i]),
+                        (_XP, new * cx[i + 1]),
+                        (_PREDP, new * cp[i + 1]),
+                        (_Z, noise),
+                    ]
+                )
         else:
-            predictor = [(_X, s.keep), *zip(range(_HIST, _HIST + len(s.data)), s.data)]
-            corrector = None
+            combos.append([(_X, keep), *zip(itertools.count(_HIST), data), (_Z, noise)])
             if correct is not None:
-                older = zip(range(_HIST, _HIST + len(correct) - 1), correct[1:])
-                corrector = [(_X, s.keep), *older, (_DP, correct[0])]
-        layout.append(
-            (
-                [*predictor, (_Z, s.noise)],
-                None if corrector is None else [*corrector, (_Z, s.noise)],
-            )
-        )
-    # One host -> device copy of every coefficient; the first value is an exact 0, for a
-    # combination left with no terms.
-    flat = [0.0]
-    slots: list[int] = []
-    for pair in layout:
-        for combo in pair:
-            for j, c in combo or ():
-                if c != 0.0:
-                    flat.append(c)
-                    slots.append(j)
+                older = zip(itertools.count(_HIST), correct[1:])
+                combos.append([(_X, keep), *older, (_DP, correct[0]), (_Z, noise)])
+    kept = [[term for term in combo if term[1] != 0.0] for combo in combos]
+    flat = [c for combo in kept for _, c in combo]
     if fused and not all(map(math.isfinite, flat)):
         return None
-    values = torch.tensor(flat, dtype=model.dtype, device=model.device).unbind(0)
-    terms = list(zip(slots, values[1:]))
-    at = 0
-
-    def bind(combo: list[tuple[int, float]]) -> _Terms:
-        nonlocal at
-        k = sum(c != 0.0 for _, c in combo)
-        found, at = terms[at : at + k], at + k
-        return (found[0][0], found[0][1], tuple(found[1:])) if found else (_X, values[0], ())
-
-    return [
-        (bind(p), None if c is None else bind(c), s.reevaluate, s.noise != 0.0)
-        for (p, c), s in zip(layout, plan, strict=True)
-    ]
+    # One host -> device copy, led by an exact 0 for a combination left with no terms.
+    zero, *values = torch.tensor([0.0, *flat], dtype=model.dtype, device=model.device).unbind(0)
+    at = iter(values)
+    bound = iter(
+        [
+            (combo[0][0], next(at), tuple([(j, next(at)) for j, _ in combo[1:]]))
+            if combo
+            else (_X, zero, ())
+            for combo in kept
+        ]
+    )
+    steps: list[_Compiled] = []
+    for i, s in enumerate(plan):
+        predictor = next(bound)
+        corrector = next(bound) if s.correct is not None and i < last else None
+        steps.append((predictor, corrector, s.reevaluate, s.noise != 0.0))
+    return steps
 
 
 def run_plan(
