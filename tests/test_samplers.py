@@ -529,3 +529,24 @@ def test_schedule_returning_another_shape_is_a_shape_error() -> None:
     den = Gaussian(DISCRETE, *_data())
     with pytest.raises(dk.ShapeError, match=r"schedule.alpha returned \(1,\) for times of shape"):
         samplers.DDIM().sample(den, Scalar(), torch.randn(2, DIM), steps=4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_denoiser_answering_in_another_dtype_is_cast_to_the_working_dtype(name: str) -> None:
+    inner = Gaussian(DISCRETE, *_data())
+
+    def wide(x, t, cond=None):  # float64 values that float32 cannot hold exactly
+        return inner(x.double(), t, cond)
+
+    def cast(x, t, cond=None):
+        return inner(x.double(), t, cond).float()
+
+    wide.prediction = cast.prediction = "epsilon"  # type: ignore[attr-defined]
+    noise = torch.randn(3, DIM, generator=torch.Generator().manual_seed(0))
+
+    def run(denoiser):
+        g = torch.Generator().manual_seed(1)
+        return samplers.REGISTRY[name]().sample(denoiser, DISCRETE, noise, steps=5, generator=g)
+
+    x = run(wide)
+    assert x.dtype == torch.float32 and torch.equal(x, run(cast))

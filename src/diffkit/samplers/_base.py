@@ -245,7 +245,7 @@ class _Model:
         out = self.denoiser(x_in, self.times[i], self.cond)
         if not isinstance(out, Tensor) or out.shape != x_in.shape:
             self._wrong_output(out, x_in, i)
-        if self.cast:
+        if out.dtype != self.dtype:
             out = out.to(self.dtype)
         if self.guided:
             with_cond, without = out.chunk(2)
