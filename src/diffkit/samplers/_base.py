@@ -297,10 +297,10 @@ class _Model:
 
 
 # The operands of a step's linear combinations, as slots of the loop's operand list: the
-# current point ``x`` and the raw prediction there, the predictor's point, the prediction
-# and the estimate D there (for correctors), the step's noise, and from ``_HIST`` on the
+# current point ``x`` and the raw prediction there, the prediction and the estimate D at
+# the predictor's point (for correctors), the step's noise, and from ``_HIST`` on the
 # estimates ``D_i, D_{i-1}, ...``.
-_X, _PRED, _XP, _PREDP, _DP, _Z, _HIST = range(7)
+_X, _PRED, _PREDP, _DP, _Z, _HIST = range(6)
 
 # A linear combination: its first (operand, 0-d coefficient) term and the others.
 _Terms = tuple[int, Tensor, tuple[tuple[int, Tensor], ...]]
@@ -330,9 +330,11 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
 
     ``fused`` (plans that pass ``_fusable``: DDIM, Euler, Heun, ...) writes
     ``D = cx x + cp pred`` into the terms, so a step is ``A x_i + B pred_i`` and no ``D``
-    is formed; ``None`` when such a coefficient is not finite (e.g. an epsilon model at
-    ``alpha = 0``), where the general form reports the bad step. Otherwise the terms
-    combine ``x_i`` and the estimates ``D``. All coefficients reach the device in one copy.
+    is formed; a re-evaluated corrector, linear in ``x_i``, ``pred_i`` and the prediction
+    ``pred'`` at ``x' = A x_i + B pred_i``, becomes three terms in them. ``None`` when such
+    a coefficient is not finite (e.g. an epsilon model at ``alpha = 0``), where the
+    general form reports the bad step. Otherwise the terms combine ``x_i`` and the
+    estimates ``D``. All coefficients reach the device in one copy.
     """
     cx, cp = model.cx_float, model.cp_float
     last = len(plan) - 1
@@ -344,12 +346,13 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
             c = data[0]
             combos.append([(_X, keep + c * cx[i]), (_PRED, c * cp[i]), (_Z, noise)])
             if correct is not None:
+                # keep x + old D_i + new D', D' = cx' xp + cp' pred', xp = A x + B pred
                 new, old = correct
+                a, b, at_xp = keep + c * cx[i], c * cp[i], new * cx[i + 1]
                 combos.append(
                     [
-                        (_X, keep + old * cx[i]),
-                        (_PRED, old * cp[i]),
-                        (_XP, new * cx[i + 1]),
+                        (_X, keep + old * cx[i] + at_xp * a),
+                        (_PRED, old * cp[i] + at_xp * b),
                         (_PREDP, new * cp[i + 1]),
                         (_Z, noise),
                     ]
@@ -417,7 +420,7 @@ def run_plan(
         if i < last:
             value = evaluate(x, i + 1)
             if corrector is not None:
-                ops[_XP], ops[there] = x, value
+                ops[there] = value
                 x = _combination(corrector, ops)
                 if reevaluate:
                     value = evaluate(x, i + 1)
