@@ -3,11 +3,22 @@
 The denoiser costs nothing (it returns its input as the epsilon prediction), the latent
 is (1, 4, 64, 64) and each call samples 50 steps; what is timed is everything else: the
 time grid, the coefficients, the loop and the tensor arithmetic. diffkit runs with shape
-checks on (the default). diffusers is timed over ``set_timesteps`` plus its
-``scale_model_input`` / ``step`` loop, diffkit over one ``sample`` call. Medians of
-``--repeats`` runs, in microseconds per step (Heun: per Heun step, 2 evaluations).
+checks on (the default; ``DIFFKIT_SHAPE_CHECKS=0`` before the run turns them off).
 
-    python benchmarks/sampler_overhead.py
+- diffkit: one ``sample`` call (time grid, plan, loop and the after-loop NaN check).
+- diffusers: ``set_timesteps`` plus its ``scale_model_input`` / model / ``step`` loop,
+  with the same zero-cost model, on a scheduler built beforehand (as diffkit's schedule
+  and sampler are). Where diffusers offers diffkit's default spacing it is used (Karras
+  sigmas for Euler, Heun and DPM++ 2M/3M; uniform log-SNR, ``use_lu_lambdas``, for the
+  DPM++ SDE); ``--peer-defaults`` keeps diffusers' own default spacing instead.
+
+Each round times every sampler and its peer once, back to back, in alternating order, so
+a burst of load on a shared machine hits both sides; CPU time (``time.process_time``)
+is used, which is steadier than wall time under load. Reported: the medians of
+``--repeats`` rounds in µs per step (Heun: per Heun step, 2 evaluations) and the median
+of the per-round ratios (with its quartiles).
+
+    python benchmarks/sampler_overhead.py --repeats 41
 """
 
 import argparse
@@ -38,32 +49,36 @@ class Free:
         return x
 
 
-def pairs() -> dict[str, tuple[Callable[[], samplers.SamplerBase], Callable[[], object]]]:
+def pairs(
+    peer_defaults: bool,
+) -> dict[str, tuple[Callable[[], samplers.SamplerBase], Callable[[], object]]]:
     import diffusers
 
     common = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+    karras = {} if peer_defaults else {"use_karras_sigmas": True}
+    log_snr = {} if peer_defaults else {"use_lu_lambdas": True}
     reg = samplers.REGISTRY
     return {
         "ddim": (reg["ddim"], lambda: diffusers.DDIMScheduler(**common, clip_sample=False)),
         "ddpm": (reg["ddpm"], lambda: diffusers.DDPMScheduler(**common, clip_sample=False)),
-        "euler": (reg["euler"], lambda: diffusers.EulerDiscreteScheduler(**common)),
+        "euler": (reg["euler"], lambda: diffusers.EulerDiscreteScheduler(**common, **karras)),
         "euler_ancestral": (
             reg["euler_ancestral"],
             lambda: diffusers.EulerAncestralDiscreteScheduler(**common),
         ),
-        "heun": (reg["heun"], lambda: diffusers.HeunDiscreteScheduler(**common)),
+        "heun": (reg["heun"], lambda: diffusers.HeunDiscreteScheduler(**common, **karras)),
         "dpmpp_2m": (
             reg["dpmpp_2m"],
-            lambda: diffusers.DPMSolverMultistepScheduler(**common, solver_order=2),
+            lambda: diffusers.DPMSolverMultistepScheduler(**common, solver_order=2, **karras),
         ),
         "dpmpp_3m": (
             reg["dpmpp_3m"],
-            lambda: diffusers.DPMSolverMultistepScheduler(**common, solver_order=3),
+            lambda: diffusers.DPMSolverMultistepScheduler(**common, solver_order=3, **karras),
         ),
         "dpmpp_sde": (
             reg["dpmpp_sde"],
             lambda: diffusers.DPMSolverMultistepScheduler(
-                **common, solver_order=2, algorithm_type="sde-dpmsolver++"
+                **common, solver_order=2, algorithm_type="sde-dpmsolver++", **log_snr
             ),
         ),
         "unipc": (
@@ -78,48 +93,68 @@ def pairs() -> dict[str, tuple[Callable[[], samplers.SamplerBase], Callable[[], 
 
 
 def time_diffkit(sampler: samplers.SamplerBase, schedule, noise: torch.Tensor) -> float:
+    model = Free()
     g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    sampler.sample(Free(), schedule, noise, steps=STEPS, generator=g)
-    return time.perf_counter() - start
+    start = time.process_time()
+    sampler.sample(model, schedule, noise, steps=STEPS, generator=g)
+    return time.process_time() - start
 
 
 def time_diffusers(scheduler, noise: torch.Tensor) -> float:
+    model = Free()
     g = torch.Generator().manual_seed(0)
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     kwargs = {"generator": g} if takes_generator else {}
-    start = time.perf_counter()
+    start = time.process_time()
     scheduler.set_timesteps(STEPS)
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(x, t)
-        x = scheduler.step(inp, t, x, **kwargs).prev_sample
-    return time.perf_counter() - start
+        x = scheduler.step(model(inp, t), t, x, **kwargs).prev_sample
+    return time.process_time() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=21, help="timed rounds (after 2 warm-up)")
+    parser.add_argument("--only", nargs="*", help="sampler names to run (default: all)")
+    parser.add_argument("--peer-defaults", action="store_true", help="diffusers' default spacings")
     args = parser.parse_args()
     torch.set_num_threads(1)
     schedule = dk.schedules.Discrete.from_betas(BETAS)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    cases = {k: v for k, v in pairs(args.peer_defaults).items() if not args.only or k in args.only}
+    ours: dict[str, list[float]] = {name: [] for name in cases}
+    theirs: dict[str, list[float]] = {name: [] for name in cases}
+    made = {name: make_ours() for name, (make_ours, _) in cases.items()}
+    for round_ in range(args.repeats + 2):  # the first two rounds warm up
+        for name, (_, make_theirs) in cases.items():
+            scheduler = make_theirs()
+            if round_ % 2:
+                b = time_diffusers(scheduler, noise)
+                a = time_diffkit(made[name], schedule, noise)
+            else:
+                a = time_diffkit(made[name], schedule, noise)
+                b = time_diffusers(scheduler, noise)
+            if round_ >= 2:
+                ours[name].append(a)
+                theirs[name].append(b)
     print(
         f"latent {SHAPE}, {STEPS} steps, zero-cost denoiser, shape checks "
-        f"{'on' if dk.typing.CHECKS_ENABLED else 'off'}; median of {args.repeats}; µs per step"
+        f"{'on' if dk.typing.CHECKS_ENABLED else 'off'}; diffusers "
+        f"{'default' if args.peer_defaults else 'matched'} spacings; CPU time, median of "
+        f"{args.repeats} interleaved rounds; µs per step"
     )
-    print(f"{'sampler':<18}{'diffkit':>10}{'diffusers':>12}{'ratio':>8}")
+    print(f"{'sampler':<18}{'diffkit':>10}{'diffusers':>12}{'ratio':>8}{'ratio q1-q3':>14}")
     ratios = []
-    for name, (make_ours, make_theirs) in pairs().items():
-        ours, theirs = [], []
-        sampler = make_ours()
-        for _ in range(args.repeats + 1):  # first round warms up
-            ours.append(time_diffkit(sampler, schedule, noise))
-            theirs.append(time_diffusers(make_theirs(), noise))
-        a = statistics.median(ours[1:]) / STEPS * 1e6
-        b = statistics.median(theirs[1:]) / STEPS * 1e6
-        ratios.append(a / b)
-        print(f"{name:<18}{a:>10.1f}{b:>12.1f}{a / b:>8.2f}")
+    for name in cases:
+        a = statistics.median(ours[name]) / STEPS * 1e6
+        b = statistics.median(theirs[name]) / STEPS * 1e6
+        per_round = [x / y for x, y in zip(ours[name], theirs[name])]
+        ratio = statistics.median(per_round)
+        ratios.append(ratio)
+        q1, _, q3 = statistics.quantiles(per_round, n=4)
+        print(f"{name:<18}{a:>10.1f}{b:>12.1f}{ratio:>8.2f}{q1:>9.2f}-{q3:.2f}")
     print(f"{'geometric mean':<18}{'':>22}{statistics.geometric_mean(ratios):>8.2f}")
 
 

@@ -465,9 +465,12 @@ def test_wrong_noise_shape_or_steps_is_an_error() -> None:
         samplers.DDIM().sample(den, DISCRETE, torch.randn(()), steps=2)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_ancestral", "ddim_logsnr"])
-def test_first_order_fast_path_matches_the_general_loop(name: str) -> None:
-    # Without a callback, one-step plans fold the x0 conversion into the update.
+@pytest.mark.parametrize(
+    "name", ["ddim", "ddpm", "euler", "euler_ancestral", "ddim_logsnr", "heun"]
+)
+def test_fused_path_matches_the_general_loop(name: str) -> None:
+    # Without a callback, plans that only combine x_i with D_i (and Heun's re-evaluated
+    # D_{i+1}) fold the x0 conversion into their coefficients and never form D.
     den = Gaussian(DISCRETE, *_data())
     noise = torch.randn(6, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
     sampler = samplers.REGISTRY[name]()
@@ -477,3 +480,73 @@ def test_first_order_fast_path_matches_the_general_loop(name: str) -> None:
         return sampler.sample(den, DISCRETE, noise, steps=7, generator=g, callback=callback)
 
     torch.testing.assert_close(run(None), run(lambda *args: None), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_denoiser_output_of_another_shape_is_a_shape_error(name: str, guidance: float) -> None:
+    # (1, DIM) would broadcast against a batch of 3 and silently give wrong samples.
+    inner = Gaussian(DISCRETE, *_data())
+
+    def denoiser(x, t, cond=None):
+        return inner(x, t, cond)[:1]
+
+    denoiser.prediction = "epsilon"  # type: ignore[attr-defined]
+    cond = dk.Conditioning(pooled=torch.ones(1, 3))
+    uncond = dk.Conditioning(pooled=torch.zeros(1, 3))
+    batch = "6" if guidance != 1.0 else "3"
+    with pytest.raises(
+        dk.ShapeError, match=rf"denoiser output is \(1, 4\) at step 0 .*\({batch}, 4\)"
+    ):
+        samplers.REGISTRY[name]().sample(
+            denoiser,
+            DISCRETE,
+            torch.randn(3, DIM),
+            steps=4,
+            cond=cond,
+            uncond=uncond,
+            guidance=guidance,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+
+def test_schedule_returning_another_shape_is_a_shape_error() -> None:
+    class Scalar:
+        """A user schedule (not a diffkit one) whose alpha ignores the shape of t."""
+
+        def alpha(self, t):
+            return DISCRETE.alpha(t)[:1]
+
+        def sigma(self, t):
+            return DISCRETE.sigma(t)
+
+        def log_snr(self, t):
+            return DISCRETE.log_snr(t)
+
+        def t_of_log_snr(self, log_snr):
+            return DISCRETE.t_of_log_snr(log_snr)
+
+    den = Gaussian(DISCRETE, *_data())
+    with pytest.raises(dk.ShapeError, match=r"schedule.alpha returned \(1,\) for times of shape"):
+        samplers.DDIM().sample(den, Scalar(), torch.randn(2, DIM), steps=4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_denoiser_answering_in_another_dtype_is_cast_to_the_working_dtype(name: str) -> None:
+    inner = Gaussian(DISCRETE, *_data())
+
+    def wide(x, t, cond=None):  # float64 values that float32 cannot hold exactly
+        return inner(x.double(), t, cond)
+
+    def cast(x, t, cond=None):
+        return inner(x.double(), t, cond).float()
+
+    wide.prediction = cast.prediction = "epsilon"  # type: ignore[attr-defined]
+    noise = torch.randn(3, DIM, generator=torch.Generator().manual_seed(0))
+
+    def run(denoiser):
+        g = torch.Generator().manual_seed(1)
+        return samplers.REGISTRY[name]().sample(denoiser, DISCRETE, noise, steps=5, generator=g)
+
+    x = run(wide)
+    assert x.dtype == torch.float32 and torch.equal(x, run(cast))

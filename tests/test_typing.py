@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diffkit as dk
-from diffkit.typing import CHECKS_ENABLED, checked, checked_layer
+from diffkit.typing import CHECKS_ENABLED, checked, checked_layer, trusted
 
 
 @checked
@@ -73,6 +73,31 @@ def test_nesting_depth_is_per_thread() -> None:
     holder.join(10)
     # Another thread being inside a checked call must not switch this thread's checks off.
     assert len(errors) == 1 and isinstance(errors[0], dk.ShapeError)
+
+
+@needs_checks
+def test_trusted_block_skips_checks_on_its_thread_only_and_ends_with_the_block() -> None:
+    bad = torch.zeros(2, 1, 4, 4), torch.zeros(3)  # 'batch' 2 vs 3
+    seen_by_other: list[BaseException] = []
+
+    def _other() -> None:
+        try:
+            _f(*bad)
+        except BaseException as err:
+            seen_by_other.append(err)
+
+    with trusted():
+        assert _f(*bad) is bad[0]
+        other = threading.Thread(target=_other)
+        other.start()
+        other.join(10)
+    assert len(seen_by_other) == 1 and isinstance(seen_by_other[0], dk.ShapeError)
+    with pytest.raises(dk.ShapeError, match="'batch' is 3"):
+        _f(*bad)
+    with pytest.raises(RuntimeError), trusted():  # the block ends even on an error
+        raise RuntimeError
+    with pytest.raises(dk.ShapeError):
+        _f(*bad)
 
 
 def test_checks_are_on_by_default() -> None:

@@ -12,11 +12,12 @@ turn them off (read once, at import). ``benchmarks/shape_check_overhead.py``
 measures both ways.
 """
 
+import contextlib
 import functools
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, TypeVar, cast
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "Video",
     "checked",
     "checked_layer",
+    "trusted",
 ]
 
 Prediction = Literal["epsilon", "x0", "v", "flow"]
@@ -168,12 +170,31 @@ def _explain(
 
 
 class _Depth(threading.local):
-    """How many checked calls are on this thread's stack (per thread, so threads don't mix)."""
+    """How many checked calls are on this thread's stack (per thread, so threads don't mix).
+
+    ``trusted``: how many [`trusted`][diffkit.typing.trusted] blocks this thread is in.
+    """
 
     value: int = 0
+    trusted: int = 0
 
 
 _DEPTH = _Depth()
+
+
+@contextlib.contextmanager
+def trusted() -> Iterator[None]:
+    """Skip every shape check on this thread inside the block.
+
+    For a library's internal calls on tensors it built itself, whose shapes are right by
+    construction (e.g. a sampler evaluating its schedule on its own time grid): a check
+    there costs tens of microseconds and can never fail. Public boundaries stay checked.
+    """
+    _DEPTH.trusted += 1
+    try:
+        yield
+    finally:
+        _DEPTH.trusted -= 1
 
 
 def _checking_wrapper(fn: F, *, skip_when_nested: bool) -> F:
@@ -182,7 +203,7 @@ def _checking_wrapper(fn: F, *, skip_when_nested: bool) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         depth = _DEPTH.value
-        if skip_when_nested and depth:
+        if _DEPTH.trusted or (skip_when_nested and depth):
             return fn(*args, **kwargs)
         _DEPTH.value = depth + 1
         try:

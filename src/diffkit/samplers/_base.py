@@ -11,9 +11,15 @@ runs the plan:
 
 - the grid and every coefficient are computed once, before the loop;
 - the denoiser is called through one helper that batches cond/uncond for
-  classifier-free guidance, converts whatever it predicts to ``x0`` with
-  [`diffkit.prediction`][diffkit.prediction] in float32/64 and passes the model its own
-  dtype;
+  classifier-free guidance, checks that its output has its input's shape (a tuple
+  comparison: ``sample`` checks its own arguments once, at the boundary), converts
+  whatever it predicts to ``x0`` with [`diffkit.prediction`][diffkit.prediction] in
+  float32/64 and passes the model its own dtype;
+- one loop runs every plan, on linear combinations compiled before it: coefficients as
+  0-d tensors on the device, zero terms dropped, each combination accumulated in place
+  into one fresh tensor. Plans that only ever combine ``x_i`` with ``D_i`` (and a
+  re-evaluated ``D_{i+1}``: DDIM, Euler, Heun) fold the affine ``x0`` conversion into
+  their coefficients and never form ``D``, unless a callback wants to see it;
 - the loop has no host-device synchronisation: no ``.item()``, no ``nonzero()``, no
   Python branching on tensor values; non-finite outputs are recorded as tensors and
   reported, naming the first bad step, after the loop;
@@ -22,9 +28,11 @@ runs the plan:
 
 import abc
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -32,7 +40,8 @@ from torch import Tensor
 from diffkit.prediction import to_x0_eps
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallback
 from diffkit.samplers.spacing import Spacing
-from diffkit.typing import Sample, checked
+from diffkit.schedules import ScheduleBase
+from diffkit.typing import Sample, ShapeError, checked, trusted
 
 __all__ = [
     "Grid",
@@ -82,14 +91,27 @@ class Grid:
 def make_grid(
     schedule: NoiseSchedule, spacing: Spacing, steps: int, device: torch.device | None = None
 ) -> Grid:
-    """Evaluate ``spacing`` on ``schedule`` and tabulate ``alpha``, ``sigma``, ``lam``."""
-    t = spacing(schedule, steps, device).to(_F64)
-    if t.ndim != 1 or t.numel() != steps + 1:
-        raise ValueError(f"spacing returned shape {tuple(t.shape)}, expected ({steps + 1},)")
-    dtype = torch.float32 if device is not None and device.type == "mps" else _F64
-    inner = t[:-1].to(device=device, dtype=dtype)
-    alpha = schedule.alpha(inner).to("cpu", _F64).tolist()
-    sigma = schedule.sigma(inner).to("cpu", _F64).tolist()
+    """Evaluate ``spacing`` on ``schedule`` and tabulate ``alpha``, ``sigma``, ``lam``.
+
+    The schedule is evaluated on tensors built here, so its shape checks are skipped
+    ([`trusted`][diffkit.typing.trusted]); what it returns is checked here instead.
+    """
+    with trusted():
+        t = spacing(schedule, steps, device).to(_F64)
+        if t.ndim != 1 or t.numel() != steps + 1:
+            raise ValueError(f"spacing returned shape {tuple(t.shape)}, expected ({steps + 1},)")
+        dtype = torch.float32 if device is not None and device.type == "mps" else _F64
+        inner = t[:-1].to(device=device, dtype=dtype)
+        if isinstance(schedule, ScheduleBase):  # both in one call
+            alpha_t, sigma_t = schedule.alpha_sigma(inner)
+        else:
+            alpha_t, sigma_t = schedule.alpha(inner), schedule.sigma(inner)
+    for name, value in (("alpha", alpha_t), ("sigma", sigma_t)):
+        if not isinstance(value, Tensor) or value.shape != inner.shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ShapeError(f"schedule.{name} returned {got} for times of shape ({steps},)")
+    alpha = alpha_t.to("cpu", _F64).tolist()
+    sigma = sigma_t.to("cpu", _F64).tolist()
     lam = [_half_log_snr(a, s) for a, s in zip(alpha, sigma)]
     if any(b <= a for a, b in itertools.pairwise(lam)):
         raise ValueError("the time grid must run from noise to data (log-SNR increasing)")
@@ -127,9 +149,9 @@ class Step:
     reevaluate: bool = False
 
     def __post_init__(self) -> None:
-        values = [self.keep, *self.data, self.noise, *(self.correct or ())]
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"non-finite sampler coefficient in {self}")
+        for value in (self.keep, self.noise, *self.data, *(self.correct or ())):
+            if not math.isfinite(value):
+                raise ValueError(f"non-finite sampler coefficient in {self}")
 
 
 def final_step(grid: Grid, final: str) -> tuple[float, ...]:
@@ -171,6 +193,7 @@ class _Model:
         batch, device = like.shape[0], like.device
         self.denoiser, self.guidance = denoiser, float(guidance)
         self.model_dtype, self.dtype = like.dtype, work_dtype(like.dtype)
+        self.cast = self.model_dtype != self.dtype
         self.guided = self.guidance != 1.0
         if self.guided and (cond is None or uncond is None):
             raise ValueError("classifier-free guidance (guidance != 1) needs cond and uncond")
@@ -181,44 +204,80 @@ class _Model:
             cond = cond.cat(uncond)
         self.cond = cond
         n = grid.steps
-        t = torch.tensor(grid.t, dtype=self.dtype, device=device)
+        self.batch, self.device, self.grid = batch, device, grid
+        self._t = torch.tensor(grid.t, dtype=self.dtype, device=device)
         calls = 2 * batch if self.guided else batch
-        self.times = t[:, None].expand(n + 1, calls).unbind(0)
-        self.callback_times = t[:, None].expand(n + 1, batch).unbind(0)
+        self.times = self._t[:, None].expand(n + 1, calls).unbind(0)
         # Every prediction kind is affine in (x_t, prediction): x0 = cx * x_t + cp * pred.
-        # The coefficients come from diffkit.prediction itself, evaluated once on the grid.
-        a = torch.tensor(grid.alpha[:n], dtype=_F64)
-        s = torch.tensor(grid.sigma[:n], dtype=_F64)
-        ones, zeros = torch.ones(n, 1, dtype=_F64), torch.zeros(n, 1, dtype=_F64)
-        cx = to_x0_eps(zeros, denoiser.prediction, ones, a, s)[0].reshape(n)
-        cp = to_x0_eps(ones, denoiser.prediction, zeros, a, s)[0].reshape(n)
-        self.cx_float, self.cp_float = cx.tolist(), cp.tolist()
-        self.cx = cx.to(device, self.dtype).unbind(0)
-        self.cp = cp.to(device, self.dtype).unbind(0)
+        # The coefficients come from diffkit.prediction itself, evaluated once on the grid
+        # (in one call: unit predictions at x_t = 0, then unit x_t with zero predictions).
+        alpha, sigma = grid.alpha[:n], grid.sigma[:n]
+        table = [[*alpha, *alpha], [*sigma, *sigma], [1.0] * n + [0.0] * n]
+        a, s, unit = torch.tensor(table, dtype=_F64).unbind(0)
+        with trusted():  # shapes built right here
+            x0 = to_x0_eps(unit[:, None], denoiser.prediction, 1 - unit[:, None], a, s)[0]
+        self._cp_cx = x0.reshape(2 * n)
+        self.cp_float, self.cx_float = self._cp_cx[:n].tolist(), self._cp_cx[n:].tolist()
         self.sums: list[Tensor] = []
         self.points: list[int] = []
-        self.grid = grid
+
+    @functools.cached_property
+    def callback_times(self) -> tuple[Tensor, ...]:
+        """The grid times as ``(batch,)`` tensors, for callbacks."""
+        return self._t[:, None].expand(self.grid.steps + 1, self.batch).unbind(0)
+
+    @functools.cached_property
+    def _coefficients(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``cx`` and ``cp`` per grid point as 0-d tensors on the device (one copy)."""
+        values = self._cp_cx.to(self.device, self.dtype).unbind(0)
+        n = self.grid.steps
+        return values[n:], values[:n]
 
     def predict(self, x: Tensor, i: int) -> Tensor:
-        """The (guided) raw prediction at ``x``, grid point ``i``, in the working dtype."""
-        x_in = x.to(self.model_dtype)
-        if self.guided:
-            out = self.denoiser(torch.cat([x_in, x_in]), self.times[i], self.cond)
-            with_cond, without = out.to(self.dtype).chunk(2)
-            return torch.lerp(without, with_cond, self.guidance)
-        return self.denoiser(x_in, self.times[i], self.cond).to(self.dtype)
+        """The (guided) raw prediction at ``x``, grid point ``i``, in the working dtype.
 
-    def record(self, value: Tensor, i: int) -> None:
-        """Keep a finiteness witness of evaluation ``i`` on the device (checked after the loop).
-
-        A sum is finite iff every element is (barring float overflow): one reduction.
+        The denoiser's output must have the shape of its input, checked on every call as a
+        plain shape comparison (``sample`` checked its own arguments once).
         """
-        self.sums.append(value.sum())
+        x_in = x.to(self.model_dtype) if self.cast else x
+        if self.guided:
+            x_in = torch.cat([x_in, x_in])
+        out = self.denoiser(x_in, self.times[i], self.cond)
+        if not isinstance(out, Tensor) or out.shape != x_in.shape:
+            self._wrong_output(out, x_in, i)
+        if out.dtype != self.dtype:
+            out = out.to(self.dtype)
+        if self.guided:
+            with_cond, without = out.chunk(2)
+            return torch.lerp(without, with_cond, self.guidance)
+        return out
+
+    def _wrong_output(self, out: object, x_in: Tensor, i: int) -> NoReturn:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        guided = " (cond and uncond in one batch, for guidance)" if self.guided else ""
+        raise ShapeError(
+            f"the denoiser output is {got} at step {i} of {self.grid.steps}, expected the "
+            f"shape of its input x_t, {tuple(x_in.shape)}{guided}"
+        )
+
+    def raw(self, x: Tensor, i: int) -> Tensor:
+        """The raw prediction at ``x``, grid point ``i``, recorded.
+
+        Every evaluation leaves a finiteness witness on the device, checked after the loop:
+        a sum is finite iff every element is (barring float overflow), one reduction.
+        """
+        pred = self.predict(x, i)
+        self.sums.append(pred.sum())
         self.points.append(i)
+        return pred
 
     def __call__(self, x: Tensor, i: int) -> Tensor:
-        d = torch.addcmul(x * self.cx[i], self.predict(x, i), self.cp[i])
-        self.record(d, i)
+        """The denoised estimate ``D = cx x + cp pred`` at ``x``, grid point ``i`` (recorded)."""
+        cx, cp = self._coefficients
+        d = x * cx[i]
+        d.addcmul_(self.predict(x, i), cp[i])
+        self.sums.append(d.sum())
+        self.points.append(i)
         return d
 
     def raise_if_nonfinite(self) -> None:
@@ -237,21 +296,93 @@ class _Model:
         )
 
 
-def _combine(
-    keep: float,
-    keep_t: Tensor,
-    x: Tensor,
-    coefs: Sequence[float],
-    coefs_t: Sequence[Tensor],
-    history: Sequence[Tensor],
-) -> Tensor:
-    """``keep * x + sum_k coefs[k] * history[k]``, skipping terms whose coefficient is 0."""
-    out = x * keep_t if keep != 0.0 else None
-    for c, c_t, d in zip(coefs, coefs_t, history):
-        if c == 0.0:
-            continue
-        out = d * c_t if out is None else torch.addcmul(out, d, c_t)
-    return out if out is not None else torch.zeros_like(x)
+# The operands of a step's linear combinations, as slots of the loop's operand list: the
+# current point ``x`` and the raw prediction there, the prediction and the estimate D at
+# the predictor's point (for correctors), the step's noise, and from ``_HIST`` on the
+# estimates ``D_i, D_{i-1}, ...``.
+_X, _PRED, _PREDP, _DP, _Z, _HIST = range(6)
+
+# A linear combination: its first (operand, 0-d coefficient) term and the others.
+_Terms = tuple[int, Tensor, tuple[tuple[int, Tensor], ...]]
+# A step: predictor, corrector (None: none), re-evaluate after correcting, draws noise.
+_Compiled = tuple[_Terms, _Terms | None, bool, bool]
+
+
+def _combination(terms: _Terms, ops: list[Any]) -> Tensor:
+    """``sum_k c_k * ops[j_k]`` in one fresh tensor (the operands are never written to)."""
+    j, c, rest = terms
+    out = ops[j] * c
+    for j, c in rest:
+        out.addcmul_(ops[j], c)
+    return out
+
+
+def _fusable(plan: Sequence[Step]) -> bool:
+    """Whether every step uses ``D_i`` alone, plus at most a re-evaluated ``D_{i+1}``."""
+    return all(
+        len(s.data) == 1 and (s.correct is None or (s.reevaluate and len(s.correct) == 2))
+        for s in plan
+    )
+
+
+def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled] | None:
+    """Each step as ``(predictor, corrector, reevaluate, noisy)``, zero terms dropped.
+
+    ``fused`` (plans that pass ``_fusable``: DDIM, Euler, Heun, ...) writes
+    ``D = cx x + cp pred`` into the terms, so a step is ``A x_i + B pred_i`` and no ``D``
+    is formed; a re-evaluated corrector, linear in ``x_i``, ``pred_i`` and the prediction
+    ``pred'`` at ``x' = A x_i + B pred_i``, becomes three terms in them. ``None`` when such
+    a coefficient is not finite (e.g. an epsilon model at ``alpha = 0``), where the
+    general form reports the bad step. Otherwise the terms combine ``x_i`` and the
+    estimates ``D``. All coefficients reach the device in one copy.
+    """
+    cx, cp = model.cx_float, model.cp_float
+    last = len(plan) - 1
+    combos: list[list[tuple[int, float]]] = []  # each step's predictor, then its corrector
+    for i, s in enumerate(plan):
+        keep, noise, data = s.keep, s.noise, s.data
+        correct = s.correct if i < last else None
+        if fused:
+            c = data[0]
+            combos.append([(_X, keep + c * cx[i]), (_PRED, c * cp[i]), (_Z, noise)])
+            if correct is not None:
+                # keep x + old D_i + new D', D' = cx' xp + cp' pred', xp = A x + B pred
+                new, old = correct
+                a, b, at_xp = keep + c * cx[i], c * cp[i], new * cx[i + 1]
+                combos.append(
+                    [
+                        (_X, keep + old * cx[i] + at_xp * a),
+                        (_PRED, old * cp[i] + at_xp * b),
+                        (_PREDP, new * cp[i + 1]),
+                        (_Z, noise),
+                    ]
+                )
+        else:
+            combos.append([(_X, keep), *zip(itertools.count(_HIST), data), (_Z, noise)])
+            if correct is not None:
+                older = zip(itertools.count(_HIST), correct[1:])
+                combos.append([(_X, keep), *older, (_DP, correct[0]), (_Z, noise)])
+    kept = [[term for term in combo if term[1] != 0.0] for combo in combos]
+    flat = [c for combo in kept for _, c in combo]
+    if fused and not all(map(math.isfinite, flat)):
+        return None
+    # One host -> device copy, led by an exact 0 for a combination left with no terms.
+    zero, *values = torch.tensor([0.0, *flat], dtype=model.dtype, device=model.device).unbind(0)
+    at = iter(values)
+    bound = iter(
+        [
+            (combo[0][0], next(at), tuple([(j, next(at)) for j, _ in combo[1:]]))
+            if combo
+            else (_X, zero, ())
+            for combo in kept
+        ]
+    )
+    steps: list[_Compiled] = []
+    for i, s in enumerate(plan):
+        predictor = next(bound)
+        corrector = next(bound) if s.correct is not None and i < last else None
+        steps.append((predictor, corrector, s.reevaluate, s.noise != 0.0))
+    return steps
 
 
 def run_plan(
@@ -261,89 +392,44 @@ def run_plan(
     generator: torch.Generator | None,
     callback: StepCallback | None,
 ) -> Tensor:
-    """Integrate ``x`` (at grid point 0) through ``plan``; returns the sample at the last point."""
-    if callback is None and all(len(s.data) == 1 and s.correct is None for s in plan):
-        fused = _fused_first_order(plan, model)
-        if fused is not None:
-            return _run_first_order(fused, plan, model, x, generator)
-    device, dtype = x.device, x.dtype
+    """Integrate ``x`` (at grid point 0) through ``plan``; returns the sample at the last point.
 
-    # Every coefficient as a 0-d tensor on the device, made in one host -> device copy.
-    flat = [v for s in plan for v in (s.keep, s.noise, *s.data, *(s.correct or ()))]
-    values = torch.tensor(flat, dtype=dtype, device=device).unbind(0)
-    keep_t, noise_t, data_t, corr_t = [], [], [], []
-    at = 0
-    for s in plan:
-        n_data, n_corr = len(s.data), len(s.correct or ())
-        keep_t.append(values[at])
-        noise_t.append(values[at + 1])
-        data_t.append(values[at + 2 : at + 2 + n_data])
-        corr_t.append(values[at + 2 + n_data : at + 2 + n_data + n_corr])
-        at += 2 + n_data + n_corr
-    depth = max(max(len(s.data), len(s.correct or ()) - 1) for s in plan)
-
-    history = [model(x, 0)]
-    last = len(plan) - 1
-    for i, step in enumerate(plan):
-        z = None
-        if step.noise != 0.0:
-            z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
-        x_next = _combine(step.keep, keep_t[i], x, step.data, data_t[i], history)
-        if z is not None:
-            x_next = torch.addcmul(x_next, z, noise_t[i])
-        if i < last:
-            d_next = model(x_next, i + 1)
-            if step.correct is not None:
-                c, c_t = step.correct, corr_t[i]
-                x_next = _combine(step.keep, keep_t[i], x, c[1:], c_t[1:], history)
-                x_next = torch.addcmul(x_next, d_next, c_t[0])
-                if z is not None:
-                    x_next = torch.addcmul(x_next, z, noise_t[i])
-                if step.reevaluate:
-                    d_next = model(x_next, i + 1)
-            history = [d_next, *history[: depth - 1]]
-        x = x_next
-        if callback is not None:
-            callback(i, model.callback_times[i + 1], x, x if i == last else history[0])
-    return x
-
-
-def _fused_first_order(plan: Sequence[Step], model: _Model) -> list[tuple[float, float]] | None:
-    """For one-step plans, ``keep x + c D`` with ``D = cx x + cp pred`` as ``A x + B pred``.
-
-    Saves the explicit ``x0`` per step; ``None`` when a coefficient is not finite (e.g. an
-    epsilon model at ``alpha = 0``), where the general path reports the bad step.
+    One loop for every plan. Without a callback (which is shown ``D``), plans that allow it
+    run fused on the raw predictions (see ``_compile``); the others on the estimates ``D``,
+    keeping as many as their steps combine.
     """
-    out = []
-    for i, step in enumerate(plan):
-        c = step.data[0]
-        a, b = step.keep + c * model.cx_float[i], c * model.cp_float[i]
-        if not (math.isfinite(a) and math.isfinite(b)):
-            return None
-        out.append((a, b))
-    return out
-
-
-def _run_first_order(
-    fused: list[tuple[float, float]],
-    plan: Sequence[Step],
-    model: _Model,
-    x: Tensor,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """The loop of first-order plans: ``x_{i+1} = A_i x_i + B_i pred_i + noise_i z``."""
-    device, dtype = x.device, x.dtype
-    flat = [v for (a, b), s in zip(fused, plan) for v in (a, b, s.noise)]
-    values = torch.tensor(flat, dtype=dtype, device=device).unbind(0)
-    for i, step in enumerate(plan):
-        pred = model.predict(x, i)
-        model.record(pred, i)
-        a, b = values[3 * i], values[3 * i + 1]
-        x_next = torch.addcmul(x * a, pred, b) if fused[i][0] != 0.0 else pred * b
-        if step.noise != 0.0:
-            z = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
-            x_next = torch.addcmul(x_next, z, values[3 * i + 2])
-        x = x_next
+    fused = callback is None and _fusable(plan)
+    program = _compile(plan, model, fused) if fused else None
+    if program is None:
+        fused, program = False, _compile(plan, model, False)
+        assert program is not None
+    # Fused steps see the raw prediction (slots _PRED, _PREDP), the others D (_HIST, _DP).
+    evaluate, here, there = (model.raw, _PRED, _PREDP) if fused else (model, _HIST, _DP)
+    depth = max(max(len(s.data), len(s.correct or ()) - 1) for s in plan)
+    ops: list[Any] = [None] * (_HIST + depth)
+    # The loop's own noise buffer, refilled in place (the same draws as torch.randn): it
+    # is only ever an operand, never handed to the model or the caller.
+    noisy_plan = any(step[3] for step in program)
+    z = ops[_Z] = torch.empty(x.shape, dtype=x.dtype, device=x.device) if noisy_plan else None
+    ops[_X], ops[here] = x, evaluate(x, 0)
+    last = len(program) - 1
+    for i, (predictor, corrector, reevaluate, noisy) in enumerate(program):
+        if noisy:
+            z.normal_(generator=generator)  # type: ignore[union-attr]
+        x = _combination(predictor, ops)
+        if i < last:
+            value = evaluate(x, i + 1)
+            if corrector is not None:
+                ops[there] = value
+                x = _combination(corrector, ops)
+                if reevaluate:
+                    value = evaluate(x, i + 1)
+            if depth > 1:
+                ops[_HIST + 1 : _HIST + depth] = ops[_HIST : _HIST + depth - 1]
+            ops[here] = value
+        ops[_X] = x
+        if callback is not None:
+            callback(i, model.callback_times[i + 1], x, x if i == last else ops[_HIST])
     return x
 
 

@@ -18,8 +18,6 @@ import dataclasses
 import math
 from typing import Literal
 
-import torch
-
 from diffkit.samplers._base import Grid, SamplerBase, Step, final_step
 from diffkit.samplers.dpmsolver import multistep_order
 from diffkit.samplers.spacing import LogSNR, Spacing
@@ -28,9 +26,25 @@ __all__ = ["UniPC"]
 
 
 def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
-    a = torch.tensor(matrix, dtype=torch.float64)
-    b = torch.tensor(rhs, dtype=torch.float64)
-    return torch.linalg.solve(a, b).tolist()
+    """``matrix @ x = rhs`` for the small (<= 3x3) order-condition systems, in float64.
+
+    Gaussian elimination with partial pivoting on Python floats: a tensor round trip per
+    step would cost more than the whole system.
+    """
+    n = len(rhs)
+    rows = [[*row, b] for row, b in zip(matrix, rhs)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(rows[r][col]))
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        if rows[col][col] == 0.0:
+            raise ValueError("singular order-condition system (repeated log-SNR points?)")
+        for r in range(col + 1, n):
+            f = rows[r][col] / rows[col][col]
+            rows[r] = [u - f * v for u, v in zip(rows[r], rows[col])]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (rows[r][n] - sum(rows[r][k] * x[k] for k in range(r + 1, n))) / rows[r][r]
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
