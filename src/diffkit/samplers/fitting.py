@@ -9,11 +9,12 @@ from the denoiser alone, with no training data, once per model:
    a fine ``teacher_steps``-step UniPC-2 run on the log-SNR grid records the ODE states
    ``x(t_j)`` at every fine time and the endpoint (``teacher_steps`` NFE per sample).
 2. **Grid.** The ``steps`` evaluation times are chosen among the teacher's times
-   (``t_0 = t_max`` always) by coordinate search: each time moves by 16, 8, 4, 2, 1 fine
-   points while the mean squared distance of the student's endpoint to the teacher's
-   falls (searching on the teacher's trajectories, as GITS does: Chen et al. 2024, "On
-   the trajectory regularity of ODE-based diffusion sampling"). Each trial costs
-   ``steps`` NFE per sample.
+   (``t_0 = t_max`` always) by coordinate search: from the best of the log-SNR-uniform,
+   uniform and trailing grids, each time moves by 16, 8, 4, 2, 1 fine points while the
+   mean squared distance of the student's endpoint to the teacher's falls (a search on
+   the teacher's trajectories, as in GITS: Chen et al. 2024, "On the trajectory
+   regularity of ODE-based diffusion sampling"). Each trial costs ``steps`` NFE per
+   sample.
 3. **Coefficients** ([`fit_solver`][diffkit.samplers.fit_solver]). On each trial grid the
    steps are fitted greedily, by least squares against the teacher's state at the next
    time: ``x_{i+1} = (sigma_{i+1}/sigma_i) x_i + sum_k c_k D_{i-k}`` with the linear part
@@ -114,7 +115,8 @@ class FittedSolver(SamplerBase):
                 f"{n} sigma entries; got {len(self.data)}, {len(self.correct)}, "
                 f"{len(self.alpha)}, {len(self.sigma)}"
             )
-        object.__setattr__(self, "spacing", Explicit(tuple(self.times)))
+        spacing = FittedGrid(self.times, self.teacher_nfe, self.search_nfe, self.loss)
+        object.__setattr__(self, "spacing", spacing)
 
     @property
     def steps(self) -> int:
@@ -219,14 +221,33 @@ def _teacher(
     return _Teacher(grid, model, states[:teacher_steps], end.to(model.dtype), nfe)
 
 
-def _search(points: int, steps: int, loss: Callable[[tuple[int, ...]], float]) -> tuple[int, ...]:
-    """Coordinate search over ``steps`` increasing indices in ``[0, points)``, first fixed at 0.
+def _starts(times: Sequence[float], steps: int) -> list[tuple[int, ...]]:
+    """The usual grids on the teacher's points: log-SNR uniform, uniform t, trailing t."""
+    points = len(times)
+    fine = torch.tensor(times, dtype=_F64)
+    t_max, t_min = times[0], times[-1]
+    starts = [tuple(round(i * (points - 1) / steps) for i in range(steps))]
+    for last in (t_min, t_max / steps):
+        wanted = torch.linspace(t_max, last, steps, dtype=_F64)
+        index = [int((fine - t).abs().argmin()) for t in wanted.tolist()]
+        for i in range(1, steps):  # strictly increasing, inside the fine grid
+            index[i] = max(index[i], index[i - 1] + 1)
+        if index[-1] < points:
+            starts.append(tuple(index))
+    return list(dict.fromkeys(starts))
 
-    Starts evenly spread (the log-SNR-uniform grid) and moves one index at a time by
-    halving strides while ``loss`` falls; every index set is evaluated at most once.
+
+def _search(
+    points: int, starts: Sequence[tuple[int, ...]], loss: Callable[[tuple[int, ...]], float]
+) -> tuple[int, ...]:
+    """Coordinate search over increasing indices in ``[0, points)``, the first fixed at 0.
+
+    Starts from the best of ``starts`` and moves one index at a time by halving strides
+    while ``loss`` falls; every index set is evaluated at most once.
     """
-    best = tuple(round(i * (points - 1) / steps) for i in range(steps))
-    seen = {best: loss(best)}
+    seen = {start: loss(start) for start in starts}
+    best = min(seen, key=lambda k: seen[k])
+    steps = len(best)
     stride = 1 << max(0, int(math.log2(max(points / 8, 1))))
     while stride >= 1:
         improved = True
@@ -357,7 +378,7 @@ def fit_solver(
         fits[index] = _fit_steps(teacher, index, history)
         return fits[index].loss
 
-    best = _search(teacher_steps, steps, loss)
+    best = _search(teacher_steps, _starts(teacher.grid.t[:-1], steps), loss)
     teacher.model.raise_if_nonfinite()
     fit, grid = fits[best], teacher.grid
     return FittedSolver(
@@ -412,7 +433,7 @@ def fit_grid(
         losses[index] = _mse(x, teacher.end)
         return losses[index]
 
-    best = _search(teacher_steps, steps, loss)
+    best = _search(teacher_steps, _starts(teacher.grid.t[:-1], steps), loss)
     return FittedGrid(
         times=tuple(teacher.grid.t[j] for j in best),
         teacher_nfe=teacher.nfe,
