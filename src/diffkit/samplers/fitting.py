@@ -9,9 +9,10 @@ from the denoiser alone, with no training data, once per model:
    a fine ``teacher_steps``-step UniPC-2 run on the log-SNR grid records the ODE states
    ``x(t_j)`` at every fine time and the endpoint (``teacher_steps`` NFE per sample).
 2. **Grid.** The ``steps`` evaluation times are chosen among the teacher's times
-   (``t_0 = t_max`` always) by coordinate search: from the best of the log-SNR-uniform,
+   (``t_0 = t_max`` always) by coordinate search: from each of the log-SNR-uniform,
    uniform and trailing grids, each time moves by 16, 8, 4, 2, 1 fine points while the
-   mean squared distance of the student's endpoint to the teacher's falls (a search on
+   mean squared distance of the student's endpoint to the teacher's falls, and the
+   lowest of the three ends wins (a search on
    the teacher's trajectories, as in GITS: Chen et al. 2024, "On the trajectory
    regularity of ODE-based diffusion sampling"). Each trial costs ``steps`` NFE per
    sample.
@@ -242,32 +243,39 @@ def _search(
 ) -> tuple[int, ...]:
     """Coordinate search over increasing indices in ``[0, points)``, the first fixed at 0.
 
-    Starts from the best of ``starts`` and moves one index at a time by halving strides
-    while ``loss`` falls; every index set is evaluated at most once.
+    From each of ``starts`` it moves one index at a time by halving strides while
+    ``loss`` falls; the lowest loss over all starts wins. Every index set is evaluated at
+    most once.
     """
-    seen = {start: loss(start) for start in starts}
-    best = min(seen, key=lambda k: seen[k])
-    steps = len(best)
-    stride = 1 << max(0, int(math.log2(max(points / 8, 1))))
-    while stride >= 1:
-        improved = True
-        while improved:
-            improved = False
-            for j in range(1, steps):
-                for move in (-stride, stride):
-                    cand = list(best)
-                    cand[j] += move
-                    trial = tuple(cand)
-                    if not 0 < trial[j] < points or any(
-                        b <= a for a, b in itertools.pairwise(trial)
-                    ):
-                        continue
-                    if trial not in seen:
-                        seen[trial] = loss(trial)
-                    if seen[trial] < seen[best]:
-                        best, improved = trial, True
-        stride //= 2
-    return best
+    seen: dict[tuple[int, ...], float] = {}
+
+    def value(index: tuple[int, ...]) -> float:
+        if index not in seen:
+            seen[index] = loss(index)
+        return seen[index]
+
+    ends = []
+    for best in starts:
+        steps = len(best)
+        stride = 1 << max(0, int(math.log2(max(points / 8, 1))))
+        while stride >= 1:
+            improved = True
+            while improved:
+                improved = False
+                for j in range(1, steps):
+                    for move in (-stride, stride):
+                        cand = list(best)
+                        cand[j] += move
+                        trial = tuple(cand)
+                        if not 0 < trial[j] < points or any(
+                            b <= a for a, b in itertools.pairwise(trial)
+                        ):
+                            continue
+                        if value(trial) < value(best):
+                            best, improved = trial, True
+            stride //= 2
+        ends.append(best)
+    return min(ends, key=value)
 
 
 def _mse(x: Tensor, y: Tensor) -> float:
