@@ -15,6 +15,12 @@ the noise level the peer's step assumes (no timestep rounding), its most favoura
     python benchmarks/sampler_accuracy.py            # full table (n = 10000, a few minutes)
     python benchmarks/sampler_accuracy.py --quick    # n = 4000, NFE 5 / 10 / 20
     python benchmarks/sampler_accuracy.py --only 'unipc|DPM'   # a subset of the rows
+    python benchmarks/sampler_accuracy.py --nfe 5,8,10          # some NFEs only
+
+The ``fit_solver`` and ``unipc_3/fit_grid`` rows are fitted to the denoiser
+(``diffkit.samplers.fit_solver`` / ``fit_grid``) on calibration noise with its own seed,
+independent of the evaluation noise, and never see a true sample; the fit's cost in NFE
+per calibration sample is printed after the table.
 """
 
 import argparse
@@ -103,16 +109,44 @@ class MixtureDenoiser:
         return ((x.to(F64) - a[:, None] * x0) / s[:, None]).to(x.dtype)
 
 
-def diffkit_runners() -> dict[str, Callable[[int], samplers.SamplerBase]]:
-    """name -> (NFE -> sampler): every REGISTRY entry plus spacing variants."""
-    out: dict[str, Callable[[int], samplers.SamplerBase]] = {
-        name: (lambda nfe, name=name: samplers.REGISTRY[name]()) for name in samplers.REGISTRY
+Maker = Callable[[int, MixtureDenoiser, dk.NoiseSchedule], samplers.SamplerBase]
+FIT_COSTS: dict[tuple[str, int], tuple[int, int, float]] = {}
+"""(row, NFE) -> (teacher NFE, search NFE per calibration sample, CPU seconds of the fit)."""
+
+
+def diffkit_runners(calibration: Tensor) -> dict[str, Maker]:
+    """name -> ((NFE, denoiser, schedule) -> sampler): REGISTRY, spacing variants, fits.
+
+    The fitted rows are fitted on ``calibration`` noise, drawn independently of the
+    evaluation noise, with the denoiser alone (no true samples).
+    """
+    out: dict[str, Maker] = {
+        name: (lambda nfe, den, sched, name=name: samplers.REGISTRY[name]())
+        for name in samplers.REGISTRY
     }
     trailing = samplers.UniformTime(trailing=True)
-    out["unipc_3/trailing/denoised"] = lambda nfe: samplers.UniPC(order=3, spacing=trailing)
-    out["dpmpp_3m/trailing"] = lambda nfe: samplers.DPMSolverPP(order=3, spacing=trailing)
-    out["unipc_3/uniform"] = lambda nfe: samplers.UniPC(order=3, spacing=samplers.UniformTime())
-    out["unipc_3/karras"] = lambda nfe: samplers.UniPC(order=3, spacing=samplers.Karras())
+    out["unipc_3/trailing/denoised"] = lambda *_: samplers.UniPC(order=3, spacing=trailing)
+    out["dpmpp_3m/trailing"] = lambda *_: samplers.DPMSolverPP(order=3, spacing=trailing)
+    out["unipc_3/uniform"] = lambda *_: samplers.UniPC(order=3, spacing=samplers.UniformTime())
+    out["unipc_3/karras"] = lambda *_: samplers.UniPC(order=3, spacing=samplers.Karras())
+
+    def fitted_solver(nfe: int, den: MixtureDenoiser, sched: dk.NoiseSchedule):
+        start = time.process_time()
+        solver = samplers.fit_solver(den, sched, calibration, nfe)
+        cost = (solver.teacher_nfe, solver.search_nfe, time.process_time() - start)
+        FIT_COSTS["diffkit:fit_solver", nfe] = cost
+        return solver
+
+    def fitted_grid(nfe: int, den: MixtureDenoiser, sched: dk.NoiseSchedule):
+        start = time.process_time()
+        sampler = samplers.UniPC(order=3, final="extrapolated")
+        grid = samplers.fit_grid(den, sched, calibration, nfe, sampler=sampler)
+        cost = (grid.teacher_nfe, grid.search_nfe, time.process_time() - start)
+        FIT_COSTS["diffkit:unipc_3/fit_grid", nfe] = cost
+        return samplers.UniPC(order=3, final="extrapolated", spacing=grid)
+
+    out["fit_solver"] = fitted_solver
+    out["unipc_3/fit_grid"] = fitted_grid
     return out
 
 
@@ -121,10 +155,10 @@ def steps_for(sampler: samplers.SamplerBase, nfe: int) -> int:
     return (nfe + 1) // 2 if isinstance(sampler, samplers.Heun) else nfe
 
 
-def run_diffkit(mixture: Mixture, noise: Tensor, nfe: int, make) -> Tensor:
+def run_diffkit(mixture: Mixture, noise: Tensor, nfe: int, make: Maker) -> Tensor:
     schedule = dk.schedules.Discrete.from_betas(BETAS)
-    sampler = make(nfe)
     den = MixtureDenoiser(mixture, schedule)
+    sampler = make(nfe, den, schedule)
     g = torch.Generator().manual_seed(123)
     return sampler.sample(den, schedule, noise, steps=steps_for(sampler, nfe), generator=g)
 
@@ -253,10 +287,17 @@ def main() -> None:
     parser.add_argument(
         "--only", default=None, help="regex: run only the rows ('lib:name') it matches"
     )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--nfe", default=None, help="comma-separated NFEs (default: all)")
+    parser.add_argument(
+        "--calibration", type=int, default=1000, help="calibration samples for the fitted rows"
+    )
     args = parser.parse_args()
     n = args.samples or (4000 if args.quick else 10000)
     nfes = (5, 10, 20) if args.quick else NFES
-    torch.set_num_threads(2)
+    if args.nfe is not None:
+        nfes = tuple(int(k) for k in args.nfe.split(","))
+    torch.set_num_threads(args.threads)
     if args.quick:
         global KD_SPACINGS
         KD_SPACINGS = ("karras", "exponential")
@@ -268,6 +309,10 @@ def main() -> None:
     reference = mixture.sample(n, g)
     floor = sliced_w2(mixture.sample(n, g), reference, directions)
     noise = torch.randn(n, DIM, generator=g, dtype=torch.float32)
+    # Calibration noise for the fitted rows: its own seed, independent of ``noise``.
+    calibration = torch.randn(
+        args.calibration, DIM, generator=torch.Generator().manual_seed(2), dtype=torch.float32
+    )
 
     rows: dict[str, dict[int, float]] = {}
     start = time.perf_counter()
@@ -284,7 +329,7 @@ def main() -> None:
             line = "".join(f"{row[k]:>10.4f}" for k in nfes)
             print(f"{lib + ':' + name:<40}{line}", flush=True)
 
-    for name, make in diffkit_runners().items():
+    for name, make in diffkit_runners(calibration).items():
         score("diffkit", name, lambda nfe, make=make: run_diffkit(mixture, noise, nfe, make))
     if not args.no_peers:
         for name, make in diffusers_runners().items():
@@ -337,6 +382,16 @@ def main() -> None:
     for k in nfes:
         peer = "" if args.no_peers else f"; best peer {peers[k][1]}"
         print(f"NFE {k:>2}: best diffkit {ours[k][1]}{peer}")
+    if FIT_COSTS:
+        print(
+            f"fitted rows: {args.calibration} calibration samples (seed 2, independent of the "
+            "evaluation noise); fit cost per calibration sample, paid once per model and NFE:"
+        )
+        for (name, k), (teacher, search, cpu) in FIT_COSTS.items():
+            print(
+                f"  {name} NFE {k}: {teacher} teacher + {search} search = "
+                f"{teacher + search} NFE, {cpu:.1f} s CPU"
+            )
     print(f"({len(rows)} samplers, {elapsed:.0f} s)")
 
 

@@ -437,9 +437,15 @@ def test_inversion_from_pure_noise_schedule() -> None:
     torch.testing.assert_close(back, x0, atol=1e-3, rtol=0)
 
 
+# Configs whose fields have no defaults (a fitted solver is data): an example instance.
+CONFIG_EXAMPLES = {
+    "fitted": {"times": (1.0,), "data": ((1.0,),), "correct": (), "alpha": (0.1,), "sigma": (1.0,)}
+}
+
+
 @pytest.mark.parametrize("kind", samplers.SAMPLERS.kinds)
 def test_every_config_builds_a_sampler(kind: str) -> None:
-    config = samplers.SAMPLERS.config_class(kind)()
+    config = samplers.SAMPLERS.config_class(kind)(**CONFIG_EXAMPLES.get(kind, {}))
     sampler = samplers.SAMPLERS.build(config)
     assert isinstance(sampler, dk.Sampler)
     again = samplers.SAMPLERS.build(samplers.SAMPLERS.parse(config.to_json()))

@@ -5,6 +5,7 @@ Every sampler satisfies [`Sampler`][diffkit.protocols.Sampler]:
 uncond=..., generator=..., callback=...) -> x0``, works with every schedule and every
 prediction type, and keeps no state between calls. ``REGISTRY`` maps short names
 (``"dpmpp_2m"``, ``"unipc"``, ...) to zero-argument factories of recommended settings.
+``fit_solver`` / ``fit_grid`` fit a sampler's grid (and coefficients) to a given model.
 """
 
 from diffkit.samplers._base import Grid as Grid
@@ -27,6 +28,11 @@ from diffkit.samplers.dpmsolver import DPMSolverPP as DPMSolverPP
 from diffkit.samplers.euler import Euler as Euler
 from diffkit.samplers.euler import EulerAncestral as EulerAncestral
 from diffkit.samplers.euler import Heun as Heun
+from diffkit.samplers.fitting import FittedGrid as FittedGrid
+from diffkit.samplers.fitting import FittedSolver as FittedSolver
+from diffkit.samplers.fitting import FittedSolverConfig as FittedSolverConfig
+from diffkit.samplers.fitting import fit_grid as fit_grid
+from diffkit.samplers.fitting import fit_solver as fit_solver
 from diffkit.samplers.inversion import DDIMInversion as DDIMInversion
 from diffkit.samplers.spacing import SPACINGS as SPACINGS
 from diffkit.samplers.spacing import Explicit as Explicit
@@ -52,6 +58,9 @@ __all__ = [
     "EulerAncestralConfig",
     "EulerConfig",
     "Explicit",
+    "FittedGrid",
+    "FittedSolver",
+    "FittedSolverConfig",
     "Grid",
     "Heun",
     "HeunConfig",
@@ -64,5 +73,7 @@ __all__ = [
     "UniPC",
     "UniPCConfig",
     "UniformTime",
+    "fit_grid",
+    "fit_solver",
     "make_grid",
 ]

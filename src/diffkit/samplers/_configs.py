@@ -11,6 +11,7 @@ from diffkit.samplers._base import SamplerBase
 from diffkit.samplers.ddim import DDIM, DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP
 from diffkit.samplers.euler import Euler, EulerAncestral, Heun
+from diffkit.samplers.fitting import FittedSolver, FittedSolverConfig
 from diffkit.samplers.spacing import (
     SPACINGS,
     Karras,
@@ -135,6 +136,11 @@ SAMPLERS.register(
 SAMPLERS.register(
     UniPCConfig,
     lambda c: UniPC(c.order, c.variant, c.corrector, _spacing(c.spacing), c.final),
+)
+
+SAMPLERS.register(
+    FittedSolverConfig,
+    lambda c: FittedSolver(c.times, c.data, c.correct, c.alpha, c.sigma),
 )
 
 REGISTRY: dict[str, Callable[[], SamplerBase]] = {
