@@ -174,6 +174,7 @@ def _print_summary(console: Any, result: Any) -> None:
         "autoencoder_test_mse": "autoencoder reconstruction MSE (held-out)",
         "prompt_accuracy": "prompt accuracy of the samples (judge)",
         "check_on_real_clips": "video check on real held-out clips",
+        "check_on_autoencoded_clips": "video check on those clips after the autoencoder",
         "digit_accuracy": "samples: digit right",
         "direction_accuracy": "samples: direction right",
         "accuracy": "samples: digit and direction right",
