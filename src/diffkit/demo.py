@@ -897,16 +897,9 @@ def run_image_demo(
         ae_losses = _train_autoencoder(config, ae, train_set.images, report)
         result.losses["autoencoder"] = _tail_mean(ae_losses)
         with torch.no_grad():
-            raw = ae.posterior(train_set.images).mean
-            scale = 1.0 / float(raw.std().clamp_min(1e-3))
-            shift = float(raw.mean())
             recon = ae.decode(ae.encode(test_set.images))
+            encoder_config = _rescale_latents(ae, ae.posterior(train_set.images).mean)
         result.metrics["autoencoder_test_mse"] = float(F.mse_loss(recon, test_set.images))
-        encoder_config = encoder_config.model_copy(
-            update={"scaling_factor": scale, "shift_factor": shift}
-        )
-        ae.scaling_factor, ae.shift_factor = scale, shift
-        ae.config = encoder_config
         with torch.no_grad():
             latents = ae.encode(train_set.images)
         result.metrics["latent_std"] = float(latents.std())
@@ -970,6 +963,19 @@ def _zero_shot(config: _DemoBase, clip: CLIP, test_set: DigitsDataset) -> float:
     with torch.no_grad():
         predicted = classifier.predict(test_set.images)
     return float((predicted == test_set.labels).float().mean())
+
+
+def _rescale_latents(ae: KLAutoencoder, raw: Tensor) -> KLAutoencoderConfig:
+    """Set ``ae``'s shift and scale so the posterior means ``raw`` have zero mean, unit std.
+
+    Returns (and installs on ``ae``) its config with the two factors, as saved with the
+    pipeline.
+    """
+    scale = 1.0 / float(raw.std().clamp_min(1e-3))
+    shift = float(raw.mean())
+    config = ae.config.model_copy(update={"scaling_factor": scale, "shift_factor": shift})
+    ae.scaling_factor, ae.shift_factor, ae.config = scale, shift, config
+    return config
 
 
 def _train_autoencoder(
@@ -1169,14 +1175,8 @@ def _video_autoencoder(
     result.losses["autoencoder"] = _tail_mean(losses)
     with torch.no_grad():
         raw = torch.cat([ae.posterior(chunk).mean for chunk in x.split(256)])
-        scale = 1.0 / float(raw.std().clamp_min(1e-3))
-        shift = float(raw.mean())
-        encoder_config = encoder_config.model_copy(
-            update={"scaling_factor": scale, "shift_factor": shift}
-        )
-        ae.scaling_factor, ae.shift_factor = scale, shift
-        ae.config = encoder_config
-        latents = (raw - shift) * scale  # = ae.encode(x), without encoding twice
+        encoder_config = _rescale_latents(ae, raw)
+        latents = (raw - ae.shift_factor) * ae.scaling_factor  # = ae.encode(x), encoded once
         recon = ae.decode(ae.encode(tx))
     result.metrics["autoencoder_test_mse"] = float(F.mse_loss(recon, tx))
     coded = judge.score(recon, tlabels.tolist(), tdirections)
