@@ -48,7 +48,7 @@ from torch import Tensor
 from diffkit.config import Config
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule
 from diffkit.samplers._base import Grid, SamplerBase, Step, _Model, make_grid
-from diffkit.samplers.spacing import Explicit, LogSNR, Spacing
+from diffkit.samplers.spacing import Explicit, LogSNR, Spacing, _check
 from diffkit.samplers.unipc import UniPC
 from diffkit.typing import Prediction, Sample, Time
 
@@ -341,8 +341,7 @@ def _fit_steps(teacher: _Teacher, index: tuple[int, ...], history: int) -> _Fit:
 
 
 def _check_args(steps: int, teacher_steps: int, noise: Tensor) -> None:
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    _check(steps)
     if teacher_steps <= steps:
         raise ValueError(f"teacher_steps ({teacher_steps}) must exceed steps ({steps})")
     if not noise.is_floating_point() or noise.ndim < 2:
