@@ -6,6 +6,7 @@ exact denoiser and the exact probability-flow map are closed form.
 
 import math
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 import diffkit as dk
 from diffkit import samplers
 from diffkit.prediction import from_x0_eps
+from diffkit.samplers import _base
 from diffkit.schedules import EDM, Cosine, Discrete, RectifiedFlow, discrete_betas
 
 F64 = torch.float64
@@ -475,17 +477,46 @@ def test_wrong_noise_shape_or_steps_is_an_error() -> None:
     "name", ["ddim", "ddpm", "euler", "euler_ancestral", "ddim_logsnr", "heun"]
 )
 def test_fused_path_matches_the_general_loop(name: str) -> None:
-    # Without a callback, plans that only combine x_i with D_i (and Heun's re-evaluated
-    # D_{i+1}) fold the x0 conversion into their coefficients and never form D.
+    # Plans that only combine x_i with D_i (and Heun's re-evaluated D_{i+1}) fold the x0
+    # conversion into their coefficients and never form D; the general loop forms D.
     den = Gaussian(DISCRETE, *_data())
     noise = torch.randn(6, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
     sampler = samplers.REGISTRY[name]()
+    grid = sampler.grid(DISCRETE, 7)
+    plan = sampler.plan(grid)
+    assert _base._fusable(plan)
+
+    def run(fused: bool) -> torch.Tensor:
+        model = _base._Model(den, grid, noise, None, 1.0, None)
+        with mock.patch.object(_base, "_fusable", lambda plan: fused):
+            x = noise * grid.sigma[0]
+            return _base.run_plan(plan, model, x, torch.Generator().manual_seed(3), None)
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_callback_does_not_change_the_samples(name: str) -> None:
+    # A progress bar must not change what is sampled: the same path runs with or without
+    # a callback, bit for bit, in float32 (where two paths would differ at rounding level).
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(6, DIM, generator=torch.Generator().manual_seed(0))
+    sampler = samplers.REGISTRY[name]()
+    shown: list[torch.Tensor] = []
 
     def run(callback):
         g = torch.Generator().manual_seed(3)
         return sampler.sample(den, DISCRETE, noise, steps=7, generator=g, callback=callback)
 
-    torch.testing.assert_close(run(None), run(lambda *args: None), rtol=1e-10, atol=1e-10)
+    quiet = run(None)
+    watched = run(lambda i, t, x, x0: shown.append(x0))
+    assert torch.equal(quiet, watched)
+    assert len(shown) == 7 and torch.equal(shown[-1], watched)
+    # On a fused path the D shown is formed for the callback: it is the general loop's D.
+    general: list[torch.Tensor] = []
+    with mock.patch.object(_base, "_fusable", lambda plan: False):
+        run(lambda i, t, x, x0: general.append(x0))
+    torch.testing.assert_close(torch.stack(shown), torch.stack(general), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -273,11 +273,16 @@ class _Model:
 
     def __call__(self, x: Tensor, i: int) -> Tensor:
         """The denoised estimate ``D = cx x + cp pred`` at ``x``, grid point ``i`` (recorded)."""
-        cx, cp = self._coefficients
-        d = x * cx[i]
-        d.addcmul_(self.predict(x, i), cp[i])
+        d = self.estimate(x, self.predict(x, i), i)
         self.sums.append(d.sum())
         self.points.append(i)
+        return d
+
+    def estimate(self, x: Tensor, pred: Tensor, i: int) -> Tensor:
+        """``D = cx x + cp pred`` from the raw prediction ``pred`` at ``x``, grid point ``i``."""
+        cx, cp = self._coefficients
+        d = x * cx[i]
+        d.addcmul_(pred, cp[i])
         return d
 
     def raise_if_nonfinite(self) -> None:
@@ -394,11 +399,12 @@ def run_plan(
 ) -> Tensor:
     """Integrate ``x`` (at grid point 0) through ``plan``; returns the sample at the last point.
 
-    One loop for every plan. Without a callback (which is shown ``D``), plans that allow it
-    run fused on the raw predictions (see ``_compile``); the others on the estimates ``D``,
-    keeping as many as their steps combine.
+    One loop for every plan. Plans that allow it run fused on the raw predictions (see
+    ``_compile``); the others on the estimates ``D``, keeping as many as their steps
+    combine. A callback does not change the path (so nor the result): on a fused path the
+    ``D`` it is shown is formed for it alone.
     """
-    fused = callback is None and _fusable(plan)
+    fused = _fusable(plan)
     program = _compile(plan, model, fused) if fused else None
     if program is None:
         fused, program = False, _compile(plan, model, False)
@@ -429,8 +435,15 @@ def run_plan(
             ops[here] = value
         ops[_X] = x
         if callback is not None:
-            callback(i, model.callback_times[i + 1], x, x if i == last else ops[_HIST])
+            callback(i, model.callback_times[i + 1], x, _shown(model, ops, x, i, last, fused))
     return x
+
+
+def _shown(model: _Model, ops: list[Any], x: Tensor, i: int, last: int, fused: bool) -> Tensor:
+    """The estimate ``D`` at the end of step ``i`` for a callback (the sample after the last)."""
+    if i == last:
+        return x
+    return model.estimate(x, ops[_PRED], i + 1) if fused else ops[_HIST]
 
 
 class SamplerBase(abc.ABC):
