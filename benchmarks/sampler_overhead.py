@@ -10,7 +10,11 @@ checks on (the default; ``DIFFKIT_SHAPE_CHECKS=0`` before the run turns them off
   with the same zero-cost model, on a scheduler built beforehand (as diffkit's schedule
   and sampler are). Where diffusers offers diffkit's default spacing it is used (Karras
   sigmas for Euler, Heun and DPM++ 2M/3M; uniform log-SNR, ``use_lu_lambdas``, for the
-  DPM++ SDE); ``--peer-defaults`` keeps diffusers' own default spacing instead.
+  DPM++ SDE). Where diffusers has no such option the grids are matched the other way:
+  diffkit's Euler-ancestral runs on diffusers' default uniform grid (``UniformTime``,
+  diffusers' ``"linspace"``), and the row ``euler_anc_karras`` is diffkit's default
+  (Karras) against the same diffusers scheduler. ``--peer-defaults`` keeps diffusers'
+  own default spacings and diffkit's defaults instead.
 
 Each round times every sampler and its peer once, back to back, in alternating order, so
 a burst of load on a shared machine hits both sides; CPU time (``time.process_time``)
@@ -62,9 +66,24 @@ def pairs(
         "ddim": (reg["ddim"], lambda: diffusers.DDIMScheduler(**common, clip_sample=False)),
         "ddpm": (reg["ddpm"], lambda: diffusers.DDPMScheduler(**common, clip_sample=False)),
         "euler": (reg["euler"], lambda: diffusers.EulerDiscreteScheduler(**common, **karras)),
+        # diffusers' Euler-ancestral has no Karras option: matched, diffkit's runs on
+        # diffusers' default grid ("linspace", diffkit's UniformTime); its own default
+        # (Karras) is the row below.
         "euler_ancestral": (
-            reg["euler_ancestral"],
+            reg["euler_ancestral"]
+            if peer_defaults
+            else lambda: samplers.EulerAncestral(spacing=samplers.UniformTime()),
             lambda: diffusers.EulerAncestralDiscreteScheduler(**common),
+        ),
+        **(
+            {}
+            if peer_defaults
+            else {
+                "euler_anc_karras": (
+                    reg["euler_ancestral"],
+                    lambda: diffusers.EulerAncestralDiscreteScheduler(**common),
+                )
+            }
         ),
         "heun": (reg["heun"], lambda: diffusers.HeunDiscreteScheduler(**common, **karras)),
         "dpmpp_2m": (
