@@ -4,6 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import diffkit as dk
 from diffkit.nn.layers import (
@@ -12,6 +15,7 @@ from diffkit.nn.layers import (
     ResBlock,
     SpatialSelfAttention,
     SpatialTransformer,
+    Upsample,
     network_timestep,
     timestep_embedding,
 )
@@ -109,3 +113,43 @@ def test_building_blocks_check_shapes_when_called_on_their_own():
         Attention(16, 2)(torch.randn(2, 16, 4, 4))
     with pytest.raises(dk.ShapeError, match=r"argument 'x' has 3 dimensions"):
         Downsample(8)(torch.randn(8, 4, 4))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c_in=st.integers(1, 5),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    channels_last=st.booleans(),
+)
+def test_upsample_is_nearest_x2_then_the_3x3_convolution(
+    n: int, c_in: int, h: int, w: int, channels_last: bool
+) -> None:
+    # Computed per output phase without the upsampled map; values and gradients must be
+    # those of interpolate-then-convolve, and the output keeps the input's memory format.
+    torch.manual_seed(n * 100 + c_in * 10 + h + w)
+    up = Upsample(c_in).double()
+    x = torch.randn(n, c_in, h, w, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    ours = up(x)
+    reference = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    assert ours.shape == (n, c_in, 2 * h, 2 * w)
+    if channels_last and c_in > 1 and h * w > 1:
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert ours.is_contiguous() or ours.is_contiguous(memory_format=torch.channels_last)
+    probe = torch.randn_like(reference)
+    grads = torch.autograd.grad((ours * probe).sum(), (x, up.conv.weight, up.conv.bias))
+    expected = torch.autograd.grad((reference * probe).sum(), (x, up.conv.weight, up.conv.bias))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_upsample_state_dict_is_the_convolution_only() -> None:
+    # The phase taps are a constant, not a weight: checkpoints and diffusers interop see
+    # only conv.weight / conv.bias.
+    assert sorted(Upsample(4).state_dict()) == ["conv.bias", "conv.weight"]

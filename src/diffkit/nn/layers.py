@@ -183,17 +183,47 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+# Nearest x2 upsampling then a 3x3 convolution, per output phase: output row 2i + a reads
+# input rows {i - 1, i} (a = 0) or {i, i + 1} (a = 1), with the kernel's rows summed
+# onto those two taps. _PHASE_TAPS[a, tap, kernel row]; the same for columns.
+_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution."""
+    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution.
+
+    Computed without forming the upsampled map: each of the four output phases is a 2x2
+    convolution of the input with the 3x3 kernel's rows and columns summed onto two taps
+    (equal to upsample-then-convolve up to float rounding, with 4/9 of its multiply-adds).
+    The parameters are the 3x3 convolution's (``conv``), as in diffusers' checkpoints.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.register_buffer("taps", torch.tensor(_PHASE_TAPS), persistent=False)
 
     @checked_layer
     def forward(self, x: ImageLike) -> Float[Tensor, "batch channels h w"]:
-        """``(b, c, h, w) -> (b, c, 2h, 2w)``."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        """``(b, c, h, w) -> (b, c, 2h, 2w)``, in the memory format of ``x``."""
+        taps = self.taps.to(self.conv.weight.dtype)
+        kernels = torch.einsum("apr,bqs,oirs->aboipq", taps, taps, self.conv.weight)
+        n, _, h, w = x.shape
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        layout = "n h a w b c" if channels_last else "n c h a w b"
+        out = x.new_empty(
+            (n, h, 2, w, 2, self.conv.out_channels)
+            if channels_last
+            else (n, self.conv.out_channels, h, 2, w, 2)
+        )
+        for a in (0, 1):
+            for b in (0, 1):
+                phase = F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), kernels[a, b], self.conv.bias)
+                if channels_last:
+                    out[:, :, a, :, b] = rearrange(phase, "n c h w -> n h w c")
+                else:
+                    out[:, :, :, a, :, b] = phase
+        return rearrange(out, f"{layout} -> n c (h a) (w b)")
 
 
 def attention_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
