@@ -115,7 +115,10 @@ class Conditioning:
 
 
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
-"""``callback(step, t, x_t, x0_hat)`` called after each sampler step (previews, progress)."""
+"""``callback(step, t, x_t, x0_hat)`` called after each sampler step (previews, progress).
+
+diffkit's samplers return the same samples, bit for bit, with or without a callback.
+"""
 
 
 @runtime_checkable
