@@ -27,7 +27,7 @@ WORKER = textwrap.dedent(
     from diffkit.losses import LossConfig
     from diffkit.protocols import Conditioning
     from diffkit.schedules import Cosine
-    from diffkit.training import TrainConfig, init_distributed, train
+    from diffkit.training import TrainConfig, distributed, train
 
 
     class TinyDenoiser(nn.Module):
@@ -46,7 +46,11 @@ WORKER = textwrap.dedent(
 
     def run(output_dir, steps=8):
         torch.set_num_threads(1)
-        info = init_distributed()
+        with distributed() as info:
+            return info, _train(output_dir, steps)
+
+
+    def _train(output_dir, steps):
         torch.manual_seed(0)
         config = TrainConfig(
             steps=steps,
@@ -69,7 +73,7 @@ WORKER = textwrap.dedent(
             condition=lambda batch: Conditioning(labels=batch.labels),
             uncond=Conditioning(labels=torch.tensor([10])),
         )
-        return info, result
+        return result
 
 
     if __name__ == "__main__":
@@ -135,3 +139,46 @@ def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path)
             torch.testing.assert_close(ddp_weights[key], value, rtol=1e-4, atol=1e-5)
     assert continued.start_step == continued_from_ddp.start_step == 8
     assert continued_from_ddp.losses == pytest.approx(continued.losses, rel=1e-4, abs=1e-6)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _one_process_group() -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+
+
+def test_distributed_leaves_the_group_it_created_and_keeps_one_it_found(monkeypatch):
+    # A process that exits with its group alive can abort in gloo's destructors after
+    # its work is done ("terminate called without an active exception"): the block that
+    # joins the job leaves it, but never tears down a group someone else owns.
+    import torch.distributed as dist
+
+    from diffkit import training
+
+    def joins():
+        _one_process_group()
+        return training._current_distributed()
+
+    monkeypatch.setattr(training, "init_distributed", lambda backend=None: joins())
+    with training.distributed() as info:
+        assert dist.is_initialized() and info.world_size == 1
+    assert not dist.is_initialized()
+
+    monkeypatch.undo()  # the real init_distributed: it joins the group that exists
+    _one_process_group()
+    try:
+        with training.distributed() as info:
+            assert info.rank == 0
+        assert dist.is_initialized()  # not ours to destroy
+    finally:
+        dist.destroy_process_group()

@@ -26,13 +26,14 @@ alone or under ``torchrun``.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainRunConfig",
+    "distributed",
     "init_distributed",
     "learning_rate",
     "main",
@@ -180,6 +182,39 @@ def init_distributed(backend: str | None = None) -> DistributedInfo:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, init_method="env://")
     return _current_distributed()
+
+
+@contextlib.contextmanager
+def distributed(backend: str | None = None) -> Iterator[DistributedInfo]:
+    """``with distributed() as info:``: join the ``torchrun`` job and leave it on exit.
+
+    The process group is destroyed on exit when this block created it (a group that
+    already existed is left to its owner). A process that exits with its group still
+    alive can abort in gloo's or NCCL's destructors after its work is done, so a
+    ``torchrun`` script should train inside this block (or call
+    ``torch.distributed.destroy_process_group()`` itself).
+    """
+    created = not (dist.is_available() and dist.is_initialized())
+    try:
+        yield init_distributed(backend)
+    finally:
+        if created and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _leaves_what_it_joins(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` inside [`distributed`][diffkit.training.distributed]."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with distributed():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _current_distributed() -> DistributedInfo:
@@ -362,6 +397,7 @@ class _EpochBatches:
             step = last
 
 
+@_leaves_what_it_joins
 def train(
     denoiser: nn.Module,
     schedule: NoiseSchedule,
@@ -388,7 +424,8 @@ def train(
     - ``prediction`` overrides ``denoiser.prediction`` (for modules that lack it).
 
     Runs under ``torchrun`` too: ``init_distributed()`` (called here) joins the job,
-    the denoiser is wrapped in ``DistributedDataParallel`` and rank 0 writes files.
+    the denoiser is wrapped in ``DistributedDataParallel`` and rank 0 writes files; a
+    process group this call created is destroyed when it returns.
     A fresh run seeds the global torch RNG from ``(seed, rank)`` (for dropout); a
     resumed run restores it from the checkpoint.
     """
@@ -608,6 +645,7 @@ def _save_samples(
 ConditionMode = Literal["auto", "text", "labels", "none"]
 
 
+@_leaves_what_it_joins
 def train_pipeline(
     pipeline: "Pipeline",
     dataset: Dataset[Any],
@@ -752,9 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides:
         data = {**data, "train": {**data.get("train", {}), **overrides}}
     run = TrainRunConfig.model_validate(data)
-    started = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed()
-    try:
+    with distributed() as info:
         pipeline = build(run.pipeline)
         dataset = DATASETS.build(run.data)
         result = train_pipeline(
@@ -769,9 +805,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if result.ema is not None:
                 result.ema.copy_to(cast(nn.Module, pipeline.denoiser))
             pipeline.save(result.output_dir / "pipeline")
-    finally:
-        if started and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 
