@@ -60,7 +60,9 @@ def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
         text=True,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-        timeout=600,
+        # Without the figure cache the build draws the figures, one of them a full
+        # `diffkit demo` run (~2.5 min on 2 free cores; over 10 min seen on a loaded one).
+        timeout=1800,
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr[-4000:]}"
     return out
