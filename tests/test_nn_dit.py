@@ -177,7 +177,7 @@ def test_local_mlp_mixes_only_spatial_neighbours_of_the_same_frame():
         mlp(torch.randn(1, 17, 8), grid)
 
 
-def test_local_mlp_video_dit_runs_and_differs_from_the_plain_one():
+def test_local_mlp_video_dit_keeps_the_video_shape():
     base = {"in_channels": 1, "patch_size": (2, 2, 2), "dim": 16, "depth": 1, "num_heads": 2}
     local = VideoDiT(VideoDiTConfig(local_mlp=True, **base))
     assert isinstance(local.blocks[0].mlp, LocalFeedForward)
