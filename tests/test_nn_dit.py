@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import diffkit as dk
 from diffkit.nn import DENOISERS, DiT, DiTConfig, VideoDiT, VideoDiTConfig
+from diffkit.nn.video import LocalFeedForward
 from diffkit.protocols import Conditioning
 from diffkit.typing import ShapeError
 
@@ -157,3 +158,28 @@ def test_transformer_configs_build_from_the_registry():
     assert isinstance(dit, DiT) and isinstance(video, VideoDiT)
     with pytest.raises(ValueError, match="num_heads"):
         DiTConfig(dim=18, num_heads=4)
+
+
+def test_local_mlp_mixes_only_spatial_neighbours_of_the_same_frame():
+    mlp = _randomize(LocalFeedForward(8, 2.0))
+    assert isinstance(mlp, LocalFeedForward)
+    grid = (2, 3, 3)  # tokens frame-major: (f h w)
+    x = torch.randn(1, 18, 8)
+    with torch.no_grad():
+        before = mlp(x, grid)
+        x2 = x.clone()
+        x2[0, 0] = torch.randn(8)  # frame 0, row 0, column 0
+        changed = (mlp(x2, grid) - before).abs().sum(-1)[0].reshape(grid) > 1e-6
+    expected = torch.zeros(grid, dtype=torch.bool)
+    expected[0, :2, :2] = True
+    assert torch.equal(changed, expected)
+    with pytest.raises(ShapeError, match="grid"):
+        mlp(torch.randn(1, 17, 8), grid)
+
+
+def test_local_mlp_video_dit_keeps_the_video_shape():
+    base = {"in_channels": 1, "patch_size": (2, 2, 2), "dim": 16, "depth": 1, "num_heads": 2}
+    local = VideoDiT(VideoDiTConfig(local_mlp=True, **base))
+    assert isinstance(local.blocks[0].mlp, LocalFeedForward)
+    x = torch.randn(2, 4, 1, 4, 6)
+    assert local(x, torch.rand(2)).shape == x.shape

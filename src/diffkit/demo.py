@@ -22,8 +22,8 @@ download), on the CPU, in minutes:
 2. CLIP with a frame-stacked image tower (the frames as channels),
 3. the same KL autoencoder as the image demo, trained on single frames; it codes every
    clip frame by frame into a latent video ``(8, 2, 8, 8)``,
-4. a video transformer over latent spatio-temporal patches (tubelets), factorised
-   space / time attention, cross-attending to the CLIP text tokens,
+4. a video transformer over latent spatio-temporal patches (tubelets), full attention,
+   a per-frame depthwise convolution in each MLP, cross-attending to the CLIP text tokens,
 5. one GIF per prompt and a frame grid, scored by an independent check (per-frame digit
    classifier + centre-of-mass motion, [`VideoJudge`][diffkit.demo.VideoJudge]) for
    digit and direction.
@@ -364,6 +364,7 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                     "depth": 4,
                     "num_heads": 4,
                     "attention": "full",
+                    "local_mlp": True,
                     "context_dim": 64,
                     "pooled_dim": 64,
                     "freq_dim": 64,
@@ -377,7 +378,7 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
             "train": {
                 "steps": 3000,
                 "batch_size": 32,
-                "lr": 1e-3,
+                "lr": 3e-3,
                 "warmup_steps": 50,
                 "lr_schedule": "cosine",
                 "ema_decay": 0.995,

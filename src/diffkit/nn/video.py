@@ -10,11 +10,16 @@ positions; tokens are frame-major, ``(b, f' * h' * w', dim)``. Each block attend
 
 followed by optional cross-attention to ``Conditioning.tokens`` and an MLP, every branch
 modulated and gated from the conditioning vector (adaLN-Zero), as in
-[`DiT`][diffkit.nn.dit.DiT]. Same interface as the image denoisers.
+[`DiT`][diffkit.nn.dit.DiT]. With ``local_mlp`` each MLP also mixes neighbouring tokens
+of the same temporal slot by a depthwise 3x3 convolution between its two linear layers
+([`LocalFeedForward`][diffkit.nn.video.LocalFeedForward], SegFormer's Mix-FFN, applied
+per frame slot): a spatial locality bias that a small transformer otherwise has to learn
+from data (time is mixed by the attention only). Same interface as the image denoisers.
 """
 
 from typing import Literal
 
+import torch
 from einops import rearrange
 from jaxtyping import Bool, Float
 from pydantic import Field, model_validator
@@ -37,7 +42,7 @@ from diffkit.patches import TubeletPatches, sincos_pos_embed_3d
 from diffkit.protocols import Conditioning
 from diffkit.typing import Prediction, ShapeError, Time, Video, checked, checked_layer
 
-__all__ = ["VideoBlock", "VideoDiT", "VideoDiTConfig"]
+__all__ = ["LocalFeedForward", "VideoBlock", "VideoDiT", "VideoDiTConfig"]
 
 
 class VideoDiTConfig(Config):
@@ -53,6 +58,11 @@ class VideoDiTConfig(Config):
     depth: int = Field(default=12, gt=0, le=256, description="number of blocks")
     num_heads: int = Field(default=6, gt=0, description="attention heads")
     mlp_ratio: float = Field(default=4.0, gt=0, description="MLP hidden width / dim")
+    local_mlp: bool = Field(
+        default=False,
+        description="a depthwise 3x3 convolution over each temporal slot's token grid "
+        "inside each MLP (a per-frame spatial bias)",
+    )
     attention: Literal["factorised", "full"] = Field(
         default="factorised", description="space-then-time attention, or full 3-D attention"
     )
@@ -80,6 +90,35 @@ class VideoDiTConfig(Config):
         return self
 
 
+class LocalFeedForward(nn.Module):
+    """MLP ``proj_out(gelu(h + dwconv(h)))``, ``h = proj_in(x)``, with a depthwise 3x3
+    convolution over each temporal slot's ``(height, width)`` token grid (zero-padded)."""
+
+    def __init__(self, dim: int, mult: float = 4.0) -> None:
+        super().__init__()
+        inner = int(dim * mult)
+        self.proj_in = nn.Linear(dim, inner)
+        self.conv = nn.Conv2d(inner, inner, 3, padding=1, groups=inner)
+        self.proj_out = nn.Linear(inner, dim)
+
+    @checked_layer
+    def forward(
+        self, x: Float[Tensor, "batch tokens dim"], grid: tuple[int, int, int]
+    ) -> Float[Tensor, "batch tokens dim"]:
+        """Frame-major tokens ``(b, f * h * w, dim)`` on the grid ``(f, h, w)``."""
+        f, h, w = grid
+        if x.shape[1] != f * h * w:
+            raise ShapeError(
+                f"LocalFeedForward: {x.shape[1]} tokens do not fill the grid {grid} "
+                f"({f * h * w} tokens)"
+            )
+        hidden = self.proj_in(x)
+        maps = rearrange(hidden, "b (f h w) d -> (b f) d h w", f=f, h=h, w=w)
+        maps = self.conv(maps.contiguous(memory_format=torch.channels_last))
+        hidden = hidden + rearrange(maps, "(b f) d h w -> b (f h w) d", f=f)
+        return self.proj_out(nn.functional.gelu(hidden, approximate="tanh"))
+
+
 class VideoBlock(nn.Module):
     """adaLN-Zero block over frame-major tokens with factorised or full self-attention."""
 
@@ -91,6 +130,7 @@ class VideoBlock(nn.Module):
         attention: Literal["factorised", "full"] = "factorised",
         mlp_ratio: float = 4.0,
         context_dim: int | None = None,
+        local_mlp: bool = False,
     ) -> None:
         super().__init__()
         self.factorised = attention == "factorised"
@@ -107,7 +147,11 @@ class VideoBlock(nn.Module):
         else:
             self.norm_cross = self.cross = None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = FeedForward(dim, mlp_ratio, kind="gelu_tanh")
+        self.mlp: nn.Module = (
+            LocalFeedForward(dim, mlp_ratio)
+            if local_mlp
+            else FeedForward(dim, mlp_ratio, kind="gelu_tanh")
+        )
         self.ada = zero_linear(dim, (9 if self.factorised else 6) * dim)
 
     @checked_layer
@@ -118,8 +162,10 @@ class VideoBlock(nn.Module):
         frames: int,
         context: Float[Tensor, "batch context context_dim"] | None = None,
         mask: Bool[Tensor, "batch context"] | None = None,
+        grid: tuple[int, int, int] | None = None,
     ) -> Float[Tensor, "batch tokens dim"]:
-        """Tokens ``(b, frames * s, dim)`` conditioned on ``c`` ``(b, dim)``."""
+        """Tokens ``(b, frames * s, dim)`` conditioned on ``c`` ``(b, dim)``; ``grid``
+        ``(frames, h, w)`` is needed by a local MLP."""
         mods = self.ada(nn.functional.silu(c)).chunk(9 if self.factorised else 6, dim=1)
         shift, scale, gate = mods[0:3]
         h = modulate(self.norm1(x), shift, scale)
@@ -138,7 +184,14 @@ class VideoBlock(nn.Module):
         if self.cross is not None and self.norm_cross is not None:
             x = x + self.cross(self.norm_cross(x), context, mask)
         shift, scale, gate = mods[3:6]
-        return x + gate.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift, scale))
+        h = modulate(self.norm2(x), shift, scale)
+        if isinstance(self.mlp, LocalFeedForward):
+            if grid is None:
+                raise ValueError("VideoBlock: a local MLP needs the token grid (frames, h, w)")
+            h = self.mlp(h, grid)
+        else:
+            h = self.mlp(h)
+        return x + gate.unsqueeze(1) * h
 
 
 class VideoDiT(nn.Module):
@@ -162,6 +215,7 @@ class VideoDiT(nn.Module):
                 attention=c.attention,
                 mlp_ratio=c.mlp_ratio,
                 context_dim=c.context_dim,
+                local_mlp=c.local_mlp,
             )
             for _ in range(c.depth)
         )
@@ -207,7 +261,7 @@ class VideoDiT(nn.Module):
         h = self.embed(self.patches.patchify(x_t)) + pos
         c = self.condition_vector(t, cond)
         for block in self.blocks:
-            h = block(h, c, frames, context, mask)
+            h = block(h, c, frames, context, mask, (frames, grid_h, grid_w))
         shift, scale = self.ada_out(nn.functional.silu(c)).chunk(2, dim=1)
         h = self.proj_out(modulate(self.norm_out(h), shift, scale))
         out_shape = (x_t.shape[1], self._out_channels, *x_t.shape[3:])
