@@ -62,6 +62,13 @@ def pairs(
     karras = {} if peer_defaults else {"use_karras_sigmas": True}
     log_snr = {} if peer_defaults else {"use_lu_lambdas": True}
     reg = samplers.REGISTRY
+
+    def ancestral() -> object:
+        return diffusers.EulerAncestralDiscreteScheduler(**common)
+
+    def uniform_ancestral() -> samplers.SamplerBase:
+        return samplers.EulerAncestral(spacing=samplers.UniformTime())
+
     return {
         "ddim": (reg["ddim"], lambda: diffusers.DDIMScheduler(**common, clip_sample=False)),
         "ddpm": (reg["ddpm"], lambda: diffusers.DDPMScheduler(**common, clip_sample=False)),
@@ -70,21 +77,10 @@ def pairs(
         # diffusers' default grid ("linspace", diffkit's UniformTime); its own default
         # (Karras) is the row below.
         "euler_ancestral": (
-            reg["euler_ancestral"]
-            if peer_defaults
-            else lambda: samplers.EulerAncestral(spacing=samplers.UniformTime()),
-            lambda: diffusers.EulerAncestralDiscreteScheduler(**common),
+            reg["euler_ancestral"] if peer_defaults else uniform_ancestral,
+            ancestral,
         ),
-        **(
-            {}
-            if peer_defaults
-            else {
-                "euler_anc_karras": (
-                    reg["euler_ancestral"],
-                    lambda: diffusers.EulerAncestralDiscreteScheduler(**common),
-                )
-            }
-        ),
+        **({} if peer_defaults else {"euler_anc_karras": (reg["euler_ancestral"], ancestral)}),
         "heun": (reg["heun"], lambda: diffusers.HeunDiscreteScheduler(**common, **karras)),
         "dpmpp_2m": (
             reg["dpmpp_2m"],
