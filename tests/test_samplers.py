@@ -495,6 +495,30 @@ def test_fused_path_matches_the_general_loop(name: str) -> None:
     torch.testing.assert_close(run(True), run(False), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("batch", [2, 8])  # 8 rows: torch's vectorised normal_ (>= 16 values)
+def test_euler_ancestral_is_k_diffusions_algorithm_with_the_generators_draws(batch: int) -> None:
+    # Karras et al.'s Euler-ancestral written out in the EDM variables x~ = x / alpha,
+    # s = sigma / alpha, with z_i = torch.randn from the same generator: the sampler's
+    # noise, drawn straight into each step's output, is the same draws.
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(batch, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sampler = samplers.EulerAncestral()
+    grid = sampler.grid(DISCRETE, 7)
+    ours = sampler.sample(den, DISCRETE, noise, steps=7, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    s = [sig / a for sig, a in zip(grid.sigma, grid.alpha)]
+    xt = noise * grid.sigma[0] / grid.alpha[0]
+    for i in range(grid.steps):
+        t = torch.full((batch,), grid.t[i], dtype=F64)
+        d = den.x0(xt * grid.alpha[i], t)[0]
+        s_up = min(s[i + 1], math.sqrt(s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2))
+        s_down = math.sqrt(s[i + 1] ** 2 - s_up**2)
+        xt = xt + (xt - d) / s[i] * (s_down - s[i])
+        if s[i + 1] > 0:
+            xt = xt + torch.randn(xt.shape, generator=g, dtype=F64) * s_up
+    torch.testing.assert_close(ours, xt, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_callback_does_not_change_the_samples(name: str) -> None:
     # A progress bar must not change what is sampled: the same path runs with or without

@@ -16,10 +16,12 @@ runs the plan:
   whatever it predicts to ``x0`` with [`diffkit.prediction`][diffkit.prediction] in
   float32/64 and passes the model its own dtype;
 - one loop runs every plan, on linear combinations compiled before it: coefficients as
-  0-d tensors on the device, zero terms dropped, each combination accumulated in place
-  into one fresh tensor. Plans that only ever combine ``x_i`` with ``D_i`` (and a
-  re-evaluated ``D_{i+1}``: DDIM, Euler, Heun) fold the affine ``x0`` conversion into
-  their coefficients and never form ``D``, unless a callback wants to see it;
+  Python floats (kernel scalar arguments: nothing to copy to the device, nothing to wait
+  for), zero terms dropped, each combination accumulated in place into one fresh tensor,
+  which fresh noise is drawn straight into when the step adds some. Plans that only
+  ever combine ``x_i`` with ``D_i`` (and a re-evaluated ``D_{i+1}``: DDIM, Euler, Heun)
+  fold the affine ``x0`` conversion into their coefficients and never form ``D``,
+  unless a callback wants to see it;
 - the loop has no host-device synchronisation: no ``.item()``, no ``nonzero()``, no
   Python branching on tensor values; non-finite outputs are recorded as tensors and
   reported, naming the first bad step, after the loop;
@@ -32,7 +34,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 from torch import Tensor
@@ -216,8 +218,8 @@ class _Model:
         a, s, unit = torch.tensor(table, dtype=_F64).unbind(0)
         with trusted():  # shapes built right here
             x0 = to_x0_eps(unit[:, None], denoiser.prediction, 1 - unit[:, None], a, s)[0]
-        self._cp_cx = x0.reshape(2 * n)
-        self.cp_float, self.cx_float = self._cp_cx[:n].tolist(), self._cp_cx[n:].tolist()
+        cp_cx = x0.reshape(2 * n).tolist()
+        self.cp_float, self.cx_float = cp_cx[:n], cp_cx[n:]
         self.sums: list[Tensor] = []
         self.points: list[int] = []
 
@@ -225,13 +227,6 @@ class _Model:
     def callback_times(self) -> tuple[Tensor, ...]:
         """The grid times as ``(batch,)`` tensors, for callbacks."""
         return self._t[:, None].expand(self.grid.steps + 1, self.batch).unbind(0)
-
-    @functools.cached_property
-    def _coefficients(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """``cx`` and ``cp`` per grid point as 0-d tensors on the device (one copy)."""
-        values = self._cp_cx.to(self.device, self.dtype).unbind(0)
-        n = self.grid.steps
-        return values[n:], values[:n]
 
     def predict(self, x: Tensor, i: int) -> Tensor:
         """The (guided) raw prediction at ``x``, grid point ``i``, in the working dtype.
@@ -280,9 +275,8 @@ class _Model:
 
     def estimate(self, x: Tensor, pred: Tensor, i: int) -> Tensor:
         """``D = cx x + cp pred`` from the raw prediction ``pred`` at ``x``, grid point ``i``."""
-        cx, cp = self._coefficients
-        d = x * cx[i]
-        d.addcmul_(pred, cp[i])
+        d = x * self.cx_float[i]
+        d.add_(pred, alpha=self.cp_float[i])
         return d
 
     def raise_if_nonfinite(self) -> None:
@@ -307,18 +301,48 @@ class _Model:
 # estimates ``D_i, D_{i-1}, ...``.
 _X, _PRED, _PREDP, _DP, _Z, _HIST = range(6)
 
-# A linear combination: its first (operand, 0-d coefficient) term and the others.
-_Terms = tuple[int, Tensor, tuple[tuple[int, Tensor], ...]]
-# A step: predictor, corrector (None: none), re-evaluate after correcting, draws noise.
-_Compiled = tuple[_Terms, _Terms | None, bool, bool]
+# A linear combination: its (operand, coefficient) terms. The coefficients are Python
+# floats, passed to the kernels as scalar arguments: no tensor to build, no copy to the
+# device, nothing the host waits for.
+_Terms = tuple[tuple[int, float], ...]
+
+
+class _Compiled(NamedTuple):
+    """One step of a compiled plan.
+
+    ``fresh``: the standard deviation of the noise the predictor starts from, drawn
+    straight into its output tensor (0: none). A step whose corrector reuses the same
+    ``z`` draws it into the loop's buffer instead (``buffered``), where both combinations
+    have it as a term.
+    """
+
+    predictor: _Terms
+    corrector: _Terms | None
+    reevaluate: bool
+    fresh: float
+    buffered: bool
 
 
 def _combination(terms: _Terms, ops: list[Any]) -> Tensor:
     """``sum_k c_k * ops[j_k]`` in one fresh tensor (the operands are never written to)."""
-    j, c, rest = terms
+    j, c = terms[0]
     out = ops[j] * c
-    for j, c in rest:
-        out.addcmul_(ops[j], c)
+    for j, c in terms[1:]:
+        out.add_(ops[j], alpha=c)
+    return out
+
+
+def _noisy_combination(
+    terms: _Terms, ops: list[Any], std: float, generator: torch.Generator | None
+) -> Tensor:
+    """``std * z + sum_k c_k * ops[j_k]`` with ``z ~ N(0, I)`` drawn into the fresh output.
+
+    The same draws as ``torch.randn_like(ops[_X])``, one elementwise pass fewer than
+    drawing ``z`` and adding it.
+    """
+    out = torch.empty_like(ops[_X]).normal_(0.0, std, generator=generator)
+    for j, c in terms:
+        out.add_(ops[j], alpha=c)
     return out
 
 
@@ -331,7 +355,7 @@ def _fusable(plan: Sequence[Step]) -> bool:
 
 
 def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled] | None:
-    """Each step as ``(predictor, corrector, reevaluate, noisy)``, zero terms dropped.
+    """Each step's combinations as Python-float terms, zero terms dropped.
 
     ``fused`` (plans that pass ``_fusable``: DDIM, Euler, Heun, ...) writes
     ``D = cx x + cp pred`` into the terms, so a step is ``A x_i + B pred_i`` and no ``D``
@@ -339,54 +363,49 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
     ``pred'`` at ``x' = A x_i + B pred_i``, becomes three terms in them. ``None`` when such
     a coefficient is not finite (e.g. an epsilon model at ``alpha = 0``), where the
     general form reports the bad step. Otherwise the terms combine ``x_i`` and the
-    estimates ``D``. All coefficients reach the device in one copy.
+    estimates ``D``.
     """
     cx, cp = model.cx_float, model.cp_float
     last = len(plan) - 1
-    combos: list[list[tuple[int, float]]] = []  # each step's predictor, then its corrector
+    steps: list[_Compiled] = []
     for i, s in enumerate(plan):
         keep, noise, data = s.keep, s.noise, s.data
         correct = s.correct if i < last else None
+        second: list[tuple[int, float]] = []
         if fused:
             c = data[0]
-            combos.append([(_X, keep + c * cx[i]), (_PRED, c * cp[i]), (_Z, noise)])
+            a, b = keep + c * cx[i], c * cp[i]
+            first = [(_X, a), (_PRED, b)]
             if correct is not None:
                 # keep x + old D_i + new D', D' = cx' xp + cp' pred', xp = A x + B pred
                 new, old = correct
-                a, b, at_xp = keep + c * cx[i], c * cp[i], new * cx[i + 1]
-                combos.append(
-                    [
-                        (_X, keep + old * cx[i] + at_xp * a),
-                        (_PRED, old * cp[i] + at_xp * b),
-                        (_PREDP, new * cp[i + 1]),
-                        (_Z, noise),
-                    ]
-                )
+                at_xp = new * cx[i + 1]
+                second = [
+                    (_X, keep + old * cx[i] + at_xp * a),
+                    (_PRED, old * cp[i] + at_xp * b),
+                    (_PREDP, new * cp[i + 1]),
+                ]
         else:
-            combos.append([(_X, keep), *zip(itertools.count(_HIST), data), (_Z, noise)])
+            first = [(_X, keep), *zip(itertools.count(_HIST), data)]
             if correct is not None:
                 older = zip(itertools.count(_HIST), correct[1:])
-                combos.append([(_X, keep), *older, (_DP, correct[0]), (_Z, noise)])
-    kept = [[term for term in combo if term[1] != 0.0] for combo in combos]
-    flat = [c for combo in kept for _, c in combo]
-    if fused and not all(map(math.isfinite, flat)):
-        return None
-    # One host -> device copy, led by an exact 0 for a combination left with no terms.
-    zero, *values = torch.tensor([0.0, *flat], dtype=model.dtype, device=model.device).unbind(0)
-    at = iter(values)
-    bound = iter(
-        [
-            (combo[0][0], next(at), tuple([(j, next(at)) for j, _ in combo[1:]]))
-            if combo
-            else (_X, zero, ())
-            for combo in kept
-        ]
-    )
-    steps: list[_Compiled] = []
-    for i, s in enumerate(plan):
-        predictor = next(bound)
-        corrector = next(bound) if s.correct is not None and i < last else None
-        steps.append((predictor, corrector, s.reevaluate, s.noise != 0.0))
+                second = [(_X, keep), *older, (_DP, correct[0])]
+        buffered = correct is not None and noise != 0.0
+        if buffered:  # predictor and corrector add the same z: the loop's buffer
+            first.append((_Z, noise))
+            second.append((_Z, noise))
+        predictor = tuple(term for term in first if term[1] != 0.0)
+        corrector = None if correct is None else tuple(t for t in second if t[1] != 0.0)
+        flat = [c for _, c in predictor + (corrector or ())]
+        if fused and not all(map(math.isfinite, flat)):
+            return None
+        fresh = 0.0 if buffered else noise
+        # A combination left with no terms is an exact zero (unless it is all noise).
+        if not predictor and not fresh:
+            predictor = ((_X, 0.0),)
+        if corrector == ():
+            corrector = ((_X, 0.0),)
+        steps.append(_Compiled(predictor, corrector, s.reevaluate, fresh, buffered))
     return steps
 
 
@@ -413,16 +432,19 @@ def run_plan(
     evaluate, here, there = (model.raw, _PRED, _PREDP) if fused else (model, _HIST, _DP)
     depth = max(max(len(s.data), len(s.correct or ()) - 1) for s in plan)
     ops: list[Any] = [None] * (_HIST + depth)
-    # The loop's own noise buffer, refilled in place (the same draws as torch.randn): it
-    # is only ever an operand, never handed to the model or the caller.
-    noisy_plan = any(step[3] for step in program)
-    z = ops[_Z] = torch.empty(x.shape, dtype=x.dtype, device=x.device) if noisy_plan else None
+    # Noise shared by a predictor and its corrector goes into the loop's own buffer,
+    # refilled in place: it is only ever an operand, never handed to the model or caller.
+    if any(step.buffered for step in program):
+        ops[_Z] = torch.empty_like(x)
     ops[_X], ops[here] = x, evaluate(x, 0)
     last = len(program) - 1
-    for i, (predictor, corrector, reevaluate, noisy) in enumerate(program):
-        if noisy:
-            z.normal_(generator=generator)  # type: ignore[union-attr]
-        x = _combination(predictor, ops)
+    for i, (predictor, corrector, reevaluate, fresh, buffered) in enumerate(program):
+        if buffered:
+            ops[_Z].normal_(generator=generator)
+        if fresh:
+            x = _noisy_combination(predictor, ops, fresh, generator)
+        else:
+            x = _combination(predictor, ops)
         if i < last:
             value = evaluate(x, i + 1)
             if corrector is not None:
