@@ -19,7 +19,8 @@ download), on the CPU, in minutes:
 
 1. moving-digit clips (an 8x8 digit sliding over a 16x16 canvas for 8 frames) captioned
    with the digit and its direction,
-2. CLIP with a frame-stacked image tower (the frames as channels),
+2. CLIP with a frame-stacked image tower (the frames as channels; a small ResNet, whose
+   convolutions find the digit wherever it has moved),
 3. the same KL autoencoder as the image demo, trained on single frames; it codes every
    clip frame by frame into a latent video ``(8, 2, 8, 8)``,
 4. a video transformer over latent spatio-temporal patches (tubelets), full attention,
@@ -61,7 +62,13 @@ from diffkit.data import (
     image_grid,
     video_grid,
 )
-from diffkit.nn.clip import CLIP, CLIPConfig, VisionTowerConfig, ZeroShotClassifier
+from diffkit.nn.clip import (
+    CLIP,
+    CLIPConfig,
+    ResNetTowerConfig,
+    VisionTowerConfig,
+    ZeroShotClassifier,
+)
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.pipeline import Pipeline
 from diffkit.protocols import Conditioning
@@ -113,7 +120,10 @@ class _DemoBase(Config):
     test_fraction: float = Field(
         default=0.1, gt=0, lt=1, description="share of the digits held out for evaluation"
     )
-    clip_vision: VisionTowerConfig = Field(description="CLIP image tower (text tower: pipeline)")
+    clip_vision: VisionTowerConfig | ResNetTowerConfig = Field(
+        description="CLIP image tower, a ViT (clip_vit) or a small ResNet (clip_resnet); the "
+        "text tower is pipeline.text",
+    )
     clip_train: StageTrainConfig = Field(
         default_factory=lambda: StageTrainConfig(), description="CLIP training"
     )
@@ -342,13 +352,15 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
         )
     return VideoDemoConfig.model_validate(
         {
+            # A ResNet, not a ViT: its convolutions follow the moving digit wherever it is
+            # (zero-shot digit on held-out clips ~70 % vs ~40 %; benchmarks/RESULTS.md).
             "clip_vision": {
+                "kind": "clip_resnet",
                 "image_size": 16,
-                "patch_size": 4,
                 "channels": 8,
-                "width": 64,
-                "layers": 2,
-                "heads": 4,
+                "widths": (32, 64),
+                "blocks": (1, 1),
+                "norm_groups": 8,
             },
             "clip_train": {"steps": 400, "batch_size": 128, "lr": 2e-3},
             "autoencoder_train": {"steps": 300, "batch_size": 64, "lr": 2e-3},
