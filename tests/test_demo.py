@@ -184,6 +184,11 @@ def test_video_config_takes_either_clip_image_tower_and_checks_its_channels() ->
         assert config.clip_config().vision == config.clip_vision
         with pytest.raises(ValueError, match="frames stacked as channels"):
             VideoDemoConfig.model_validate({**data, "clip_vision": {**tower, "channels": 1}})
+    untagged = {k: v for k, v in vit.items() if k != "kind"}  # a recipe from before ResNets
+    config = VideoDemoConfig.model_validate({**data, "clip_vision": untagged})
+    assert config.clip_vision.kind == "clip_vit"
+    with pytest.raises(ValueError, match="clip_vit', 'clip_resnet"):
+        VideoDemoConfig.model_validate({**data, "clip_vision": {**resnet, "kind": "clip_vgg"}})
 
 
 def test_digit_judge_classifies_held_out_real_digits() -> None:

@@ -42,13 +42,13 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 from torch import Tensor, nn
 
 from diffkit.builder import PipelineConfig, build
@@ -112,6 +112,20 @@ class StageTrainConfig(Config):
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay")
 
 
+def _tower_kind(value: Any) -> str:
+    """The image tower's ``kind``; a recipe without one (written before ResNets) means a ViT."""
+    kind = value.get("kind", "clip_vit") if isinstance(value, dict) else value.kind
+    return str(kind)
+
+
+_ImageTowerConfig = Annotated[
+    Annotated[VisionTowerConfig, Tag("clip_vit")]
+    | Annotated[ResNetTowerConfig, Tag("clip_resnet")],
+    Discriminator(_tower_kind),
+]
+"""A CLIP image tower config of either kind (``clip_vit`` or ``clip_resnet``)."""
+
+
 class _DemoBase(Config):
     seed: int = Field(default=0, ge=0, description="seeds data, initialisation, training, noise")
     threads: int | None = Field(
@@ -120,7 +134,7 @@ class _DemoBase(Config):
     test_fraction: float = Field(
         default=0.1, gt=0, lt=1, description="share of the digits held out for evaluation"
     )
-    clip_vision: VisionTowerConfig | ResNetTowerConfig = Field(
+    clip_vision: _ImageTowerConfig = Field(
         description="CLIP image tower, a ViT (clip_vit) or a small ResNet (clip_resnet); the "
         "text tower is pipeline.text",
     )
