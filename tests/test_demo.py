@@ -161,6 +161,36 @@ def test_video_config_accepts_pixel_space_and_rejects_a_bad_encoder() -> None:
         VideoDemoConfig.model_validate({**data, "pipeline": identity})
 
 
+def test_video_config_takes_either_clip_image_tower_and_checks_its_channels() -> None:
+    data = default_config("video").to_dict()
+    vit = {
+        "kind": "clip_vit",
+        "image_size": 16,
+        "patch_size": 4,
+        "channels": 8,
+        "width": 32,
+        "heads": 4,
+    }
+    resnet = {
+        "kind": "clip_resnet",
+        "image_size": 16,
+        "channels": 8,
+        "widths": (16, 32),
+        "blocks": (1, 1),
+    }
+    for tower, kind in [(vit, "clip_vit"), (resnet, "clip_resnet")]:
+        config = VideoDemoConfig.model_validate({**data, "clip_vision": tower})
+        assert config.clip_vision.kind == kind
+        assert config.clip_config().vision == config.clip_vision
+        with pytest.raises(ValueError, match="frames stacked as channels"):
+            VideoDemoConfig.model_validate({**data, "clip_vision": {**tower, "channels": 1}})
+    untagged = {k: v for k, v in vit.items() if k != "kind"}  # a recipe from before ResNets
+    config = VideoDemoConfig.model_validate({**data, "clip_vision": untagged})
+    assert config.clip_vision.kind == "clip_vit"
+    with pytest.raises(ValueError, match="clip_vit', 'clip_resnet"):
+        VideoDemoConfig.model_validate({**data, "clip_vision": {**resnet, "kind": "clip_vgg"}})
+
+
 def test_digit_judge_classifies_held_out_real_digits() -> None:
     judge = DigitJudge(16)
     assert judge.test_accuracy > 0.95
