@@ -397,8 +397,10 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                     "prediction": "v",
                 },
                 "text": _text_config(40, 64, 2, 64),
-                "sampler": {"kind": "dpmpp", "order": 2},
-                "steps": 20,
+                # Stochastic: the re-drawn noise corrects the model's errors along the way
+                # (both right 32.9 -> 44.2 % over 3 seeds vs DPM++(2M) 20 steps, RESULTS).
+                "sampler": {"kind": "euler_ancestral"},
+                "steps": 100,
                 "guidance": 3.0,
             },
             "train": {
