@@ -367,7 +367,7 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
     return VideoDemoConfig.model_validate(
         {
             # A ResNet, not a ViT: its convolutions follow the moving digit wherever it is
-            # (zero-shot digit on held-out clips ~70 % vs ~40 %; benchmarks/RESULTS.md).
+            # (zero-shot digit on held-out clips 57-65 % vs 36 %; benchmarks/RESULTS.md).
             "clip_vision": {
                 "kind": "clip_resnet",
                 "image_size": 16,
