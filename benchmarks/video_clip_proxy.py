@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from diffkit import demo as D
 from diffkit.data import DIGIT_NAMES, VIDEO_TEMPLATES
-from diffkit.nn.clip import CLIP, ResNetTowerConfig, VisionTowerConfig
+from diffkit.nn.clip import CLIP, ResNetTowerConfig, VisionTowerConfig, ZeroShotClassifier
 
 torch.set_num_threads(1)
 
@@ -85,12 +85,11 @@ images = x[:, :, 0]
 
 
 def loss_of(index: torch.Tensor, _g: torch.Generator) -> torch.Tensor:
+    if a.loss == "standard":
+        return clip.loss(images[index], ids[index])
     img = clip.encode_image(images[index], normalize=True)
     txt = clip.encode_text(ids[index], normalize=True)
     logits = clip.scale() * img @ txt.T
-    if a.loss == "standard":
-        lab = torch.arange(len(index))
-        return (F.cross_entropy(logits, lab) + F.cross_entropy(logits.T, lab)) / 2
     g = cap_id[index] if a.loss == "caption" else cls_id[index]
     pos = (g[:, None] == g[None, :]).float()
     tgt = pos / pos.sum(1, keepdim=True)
@@ -122,25 +121,26 @@ with torch.no_grad():
         ("test", tx, tlabels, tdir_id),
         ("train", x[:400], labels[:400], dir_id[:400]),
     ]:
-        img = clip.encode_image(xx[:, :, 0], normalize=True)
         tlabels_, tdir_ = ll, kk
         for name, temps in (
             [("all3", VIDEO_TEMPLATES), ("numeral", VIDEO_TEMPLATES[:1])]
             if split == "test"
             else [("all3", VIDEO_TEMPLATES)]
         ):
-            prompts = [
-                t.format(digit=d, name=DIGIT_NAMES[d], direction=k)
-                for d in range(10)
-                for k in directions
+            # one class per (digit, direction), named "d k", its prompts averaged
+            classes = [f"{d} {k}" for d in range(10) for k in directions]
+            prompt_of = [
+                (
+                    lambda c, t=t: t.format(
+                        digit=c.split()[0],
+                        direction=c.split()[1],
+                        name=DIGIT_NAMES[int(c.split()[0])],
+                    )
+                )
                 for t in temps
             ]
-            e = (
-                clip.encode_text(tok(prompts), normalize=True)
-                .view(10 * len(directions), len(temps), -1)
-                .mean(1)
-            )
-            pred = (img @ F.normalize(e, dim=-1).T).argmax(1)
+            classifier = ZeroShotClassifier.from_prompts(clip, tok, classes, prompt_of)
+            pred = classifier.predict(xx[:, :, 0])
             pd, pk = pred // len(directions), pred % len(directions)
             res[f"zs_{split}_{name}"] = [
                 round(float((pd == tlabels_).float().mean()) * 100, 1),

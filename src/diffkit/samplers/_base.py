@@ -396,8 +396,7 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
             second.append((_Z, noise))
         predictor = tuple(term for term in first if term[1] != 0.0)
         corrector = None if correct is None else tuple(t for t in second if t[1] != 0.0)
-        flat = [c for _, c in predictor + (corrector or ())]
-        if fused and not all(map(math.isfinite, flat)):
+        if fused and not all(math.isfinite(c) for _, c in predictor + (corrector or ())):
             return None
         fresh = 0.0 if buffered else noise
         # A combination left with no terms is an exact zero (unless it is all noise).
