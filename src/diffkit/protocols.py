@@ -1,17 +1,18 @@
 """The six interfaces every diffkit component satisfies, and the `Conditioning` container.
 
-They are structural (`typing.Protocol`): any object with the right attributes and
+They are structural (`typing.Protocol`, from `typing_extensions` for its fast
+runtime checks): any object with the right attributes and
 methods plugs in, no inheritance needed. Shapes use the names of
 [`diffkit.typing`][diffkit.typing]; one time axis, ``t`` in [0, 1] (0 data, 1 noise).
 """
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from typing_extensions import Protocol, runtime_checkable
 
 from diffkit.typing import Prediction, Sample, ShapeError, Time
 

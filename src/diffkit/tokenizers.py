@@ -25,10 +25,10 @@ import itertools
 import os
 import unicodedata
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from typing_extensions import Protocol, runtime_checkable
 
 from diffkit.typing import TokenIds
 

@@ -14,11 +14,12 @@ first time; the other points are then spread from the next uniform-in-t time.
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
+from typing_extensions import Protocol, runtime_checkable
 
 from diffkit.config import Config, Registry
 from diffkit.protocols import NoiseSchedule
