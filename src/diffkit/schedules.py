@@ -406,7 +406,13 @@ class Discrete(ScheduleBase):
         self.alphas_cumprod = ac
         self.num_steps = int(ac.numel())
         self._table = _logit(ac)  # log-SNR per index, strictly decreasing (may end at -inf)
-        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        # For the interpolation: the step from each entry to the next (0 after the last,
+        # -inf onto a zero-terminal-SNR end), and 1 - ᾱ_0 for the stretch below the first.
+        self._step = torch.cat([self._table[1:] - self._table[:-1], self._table.new_zeros(1)])
+        self._ends_at_zero_snr = bool(torch.isneginf(self._table[-1]))
+        self._one_minus_ac0 = 1.0 - float(ac[0])
+        self._first = float(self._table[0])
+        self._tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     @classmethod
     def from_betas(
@@ -433,10 +439,11 @@ class Discrete(ScheduleBase):
         )
         return cls.from_betas(betas, zero_terminal_snr=config.zero_terminal_snr)
 
-    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        # Cached per device so sampling loops never copy the table host -> device.
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        # Cached per device so sampling loops never copy the tables host -> device.
         if device not in self._tables:
-            self._tables[device] = (self._table.to(device), self.alphas_cumprod.to(device))
+            table, step, neg = (x.to(device) for x in (self._table, self._step, -self._table))
+            self._tables[device] = (table, step, neg)
         return self._tables[device]
 
     @checked
@@ -451,33 +458,42 @@ class Discrete(ScheduleBase):
         return t * self.num_steps - 1
 
     def _log_snr(self, t: Tensor) -> Tensor:
-        table, ac = self._on(t.device)
-        u = (t * self.num_steps - 1).clamp(-1.0, self.num_steps - 1.0)
-        lo = u.floor().clamp(0, self.num_steps - 2).long()
-        frac = (u - lo).clamp(0.0, 1.0)
-        lerp = table[lo] + frac * (table[lo + 1] - table[lo])
-        # Exact at integer steps even when the next table entry is -inf (zero terminal SNR).
-        at_lo = table[lo]
-        inside = torch.where(frac == 0, at_lo, torch.where(frac == 1, table[lo + 1], lerp))
-        # Below the first step: alpha² linear from 1 (t = 0) to ᾱ_0 (t = 1/N).
-        a2 = 1 + (u + 1).clamp(0, 1) * (ac[0] - 1)
-        below = _logit(a2)
-        return torch.where(u < 0, below, inside)
+        # Few, fused operations: a sampler evaluates this on a small grid every call,
+        # where each tensor operation costs microseconds whatever its size.
+        table, step, _ = self._on(t.device)
+        scaled = t * self.num_steps  # the fractional index plus one
+        index = scaled - 1
+        lo = index.floor().clamp_(0, self.num_steps - 1)
+        frac = (index - lo).clamp_(0.0, 1.0)
+        lo_index = lo.long()
+        at_lo = table[lo_index]
+        # table[lo] + frac * (table[lo + 1] - table[lo]): exactly table[lo] at integer steps
+        # (from the last one the step is 0), -inf between the last two of a zero-SNR end.
+        inside = torch.addcmul(at_lo, frac, step[lo_index])
+        if self._ends_at_zero_snr:  # 0 * -inf at the step before the end
+            inside = torch.where(frac == 0, at_lo, inside)
+        # Below the first step: alpha² linear from 1 (t = 0) to ᾱ_0 (t = 1/N), i.e.
+        # 1 - alpha² = scaled (1 - ᾱ_0), and the log-SNR is log(alpha²) - log(1 - alpha²).
+        rest = scaled.clamp(max=1.0).mul_(self._one_minus_ac0)
+        below = torch.rsub(rest, 1.0).log_().sub_(rest.log_())
+        return torch.where(index < 0, below, inside)
 
     def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
-        table, ac = self._on(log_snr.device)
-        neg = -table  # increasing
-        hi = torch.searchsorted(neg, -log_snr).clamp(1, self.num_steps - 1)
+        table, step, neg_table = self._on(log_snr.device)
+        n = self.num_steps
+        neg = -log_snr
+        # The entry at or below log_snr: index ``hi`` = lo + 1, interpolated from lo.
+        hi = torch.searchsorted(neg_table, neg).clamp_(1, n - 1)
         lo = hi - 1
-        span = table[hi] - table[lo]
-        frac = ((log_snr - table[lo]) / span).clamp(0.0, 1.0)
-        frac = torch.where(torch.isfinite(span), frac, torch.zeros_like(frac))
-        frac = torch.where(torch.isneginf(log_snr) & torch.isneginf(table[hi]), 1.0, frac)
-        u_inside = lo + frac
-        a2 = torch.sigmoid(log_snr)
-        u_below = (1 - a2) / (1 - ac[0]) - 1
-        u = torch.where(log_snr >= table[0], u_below, u_inside)
-        return (u + 1) / self.num_steps
+        at_lo = table[lo]
+        # An infinite step (onto a zero-SNR end) gives 0 here, as the step's start does.
+        frac = (log_snr - at_lo).div_(step[lo]).clamp_(0.0, 1.0)
+        if self._ends_at_zero_snr:  # -inf / -inf: the end itself
+            frac = torch.where(torch.isneginf(log_snr), 1.0, frac)
+        inside = (hi + frac).div_(n)
+        # Below the first step: t = (1 - alpha²) / (N (1 - ᾱ_0)), 1 - alpha² = sigmoid(-λ).
+        below = torch.sigmoid(neg).div_(n * self._one_minus_ac0)
+        return torch.where(log_snr > self._first, below, inside)
 
 
 class ZeroTerminalSNR(ScheduleBase):

@@ -12,6 +12,7 @@ first time; the other points are then spread from the next uniform-in-t time.
 """
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -68,12 +69,15 @@ def _schedule_dtype(device: torch.device | None) -> torch.dtype:
 
 
 def _finish(t: Tensor, t_max: float, t_min: float) -> Tensor:
-    """Pin the endpoints exactly, enforce monotonicity and append ``t = 0`` (data)."""
-    t = t.clone()
-    t[-1] = t_min
-    t[0] = t_max  # with one step, the only evaluation is at t_max
-    t = torch.minimum(t, torch.cummin(t, 0).values)
-    return torch.cat([t, t.new_zeros(1)])
+    """Pin the endpoints exactly, enforce monotonicity and append ``t = 0`` (data).
+
+    On the grid's Python floats: a handful of tensor operations on a few dozen numbers
+    would cost more than the arithmetic.
+    """
+    times = t.tolist()
+    times[-1] = t_min
+    times[0] = t_max  # with one step, the only evaluation is at t_max
+    return torch.tensor([*itertools.accumulate(times, min), 0.0], dtype=_F64)
 
 
 def _check(steps: int) -> None:
