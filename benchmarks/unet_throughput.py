@@ -24,9 +24,19 @@ is not inflated when other processes preempt this one. ``--diffusers-channels-la
 the diffusers model and input in channels-last memory format (a one-line user option) to
 check that the default layout is not the slower one for it.
 
+``--compile diffkit|diffusers|both`` wraps that model in ``torch.compile(model, dynamic=False,
+mode=--compile-mode)`` (TorchInductor; forward and backward are compiled through AOTAutograd,
+the loss and the AdamW step stay eager). The first train step of each compiled model is
+the compile and is reported (wall seconds), then excluded like every warm-up step; the
+loss and the ``conv_in`` / ``conv_out`` weight gradients of that first step are compared
+across the libraries (both start from the same weights and batch). Activation memory is
+always measured eagerly. Compiling is slow on this machine's single thread (minutes per
+model); ``TORCHINDUCTOR_COMPILE_THREADS`` sets inductor's parallel C++ compile workers.
+
     python benchmarks/unet_throughput.py                 # width 32, batch 8, 32x32, 1 thread
     python benchmarks/unet_throughput.py --width 64 --batch 16 --threads 2 --rounds 9
     python benchmarks/unet_throughput.py --profile --rounds 5
+    python benchmarks/unet_throughput.py --compile both --rounds 15
 """
 
 import argparse
@@ -91,8 +101,10 @@ def _steppers(args):
     with torch.no_grad():
         diff = (reference(x_ref, index).sample - model(x, t)).abs().max().item()
 
-    def make(net, call):
+    def make(net, call, library):
         opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
+        if getattr(args, "compile", None) in (library, "both"):
+            net = torch.compile(net, dynamic=False, mode=args.compile_mode)
 
         def step(phase=lambda name: None):
             opt.zero_grad(set_to_none=True)
@@ -102,13 +114,15 @@ def _steppers(args):
             loss.backward()
             phase("optimizer")
             opt.step()
+            return loss.detach()
 
         return step
 
     steps = {
-        "diffusers": make(reference, lambda net: net(x_ref, index).sample),
-        "diffkit": make(model, lambda net: net(x, t)),
+        "diffusers": make(reference, lambda net: net(x_ref, index).sample, "diffusers"),
+        "diffkit": make(model, lambda net: net(x, t), "diffkit"),
     }
+    _MODULES["diffusers"], _MODULES["diffkit"] = reference, model
     _PARAMS["diffusers"], _PARAMS["diffkit"] = (
         list(reference.parameters()),
         list(model.parameters()),
@@ -117,6 +131,7 @@ def _steppers(args):
 
 
 _PARAMS: dict = {}
+_MODULES: dict = {}
 
 
 def _params(steps, library: str) -> list:
@@ -128,9 +143,25 @@ def worker_time(args) -> None:
 
     torch.set_num_threads(args.threads)
     steps, diff = _steppers(args)
-    for step in steps.values():
-        for _ in range(args.warmup):
+    # The first step of a compiled model is its compile: timed, and its loss and gradients
+    # (same weights, same batch for both libraries) compared before the optimizer moves on.
+    first_s, losses, grads = {}, {}, {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        losses[name] = step()
+        first_s[name] = time.perf_counter() - start
+        grads[name] = [
+            getattr(_MODULES[name], layer).weight.grad.clone() for layer in ("conv_in", "conv_out")
+        ]
+        for _ in range(args.warmup - 1):
             step()
+    step_diff = max(
+        [(losses["diffusers"] - losses["diffkit"]).abs().item()]
+        + [
+            ((a - b).abs().max() / a.abs().max()).item()
+            for a, b in zip(grads["diffusers"], grads["diffkit"], strict=True)
+        ]
+    )
     wall: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
@@ -156,6 +187,8 @@ def worker_time(args) -> None:
                 "ratio_wall": paired(wall),
                 "ratio_cpu": paired(cpu),
                 "max_abs_diff": diff,
+                "first_step_s": first_s,
+                "first_step_diff": step_diff,
             }
         )
     )
@@ -225,6 +258,7 @@ def worker_memory(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    args.compile = None  # activation memory of the eager models (a compile takes minutes)
     steps, _ = _steppers(args)
     step = steps[args.library]
     step()  # allocates optimizer state and gradients once
@@ -263,6 +297,8 @@ def _forward(args) -> list[str]:
         f"--steps={args.steps}",
         f"--warmup={args.warmup}",
         *(["--diffusers-channels-last"] if args.diffusers_channels_last else []),
+        *([f"--compile={args.compile}"] if args.compile else []),
+        *([f"--compile-mode={args.compile_mode}"] if args.compile_mode else []),
     ]
 
 
@@ -276,6 +312,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--diffusers-channels-last", action="store_true")
+    parser.add_argument(
+        "--compile",
+        choices=["diffkit", "diffusers", "both"],
+        help="torch.compile these models (forward + backward; loss and AdamW stay eager)",
+    )
+    parser.add_argument("--compile-mode", help="e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--profile", action="store_true", help="per-op CPU time instead")
     parser.add_argument("--profile-min-ms", type=float, default=0.2)
     parser.add_argument("--worker", choices=["time", "memory", "profile"])
@@ -303,6 +345,7 @@ def main() -> None:
         f"{args.threads}, torch {torch.__version__}; {args.rounds} alternating rounds x "
         f"{args.steps} steps, medians"
         + (" (diffusers in channels-last)" if args.diffusers_channels_last else "")
+        + (f"; torch.compile({args.compile}, mode={args.compile_mode})" if args.compile else "")
     )
     rows = []
     for checks in ("1", "0"):
@@ -327,7 +370,15 @@ def main() -> None:
                 f"{res['max_abs_diff']:>11.1e}"
             )
     ref, dk_ = memory["diffusers"]["saved_mib"], memory["diffkit"]["saved_mib"]
-    print(f"{'activations MiB':<19}{ref:>16.1f}{dk_:>15.1f}{dk_ / ref:>7.2f}x")
+    print(f"{'activations MiB':<19}{ref:>16.1f}{dk_:>15.1f}{dk_ / ref:>7.2f}x  (eager)")
+    if args.compile:
+        for checks, res in rows:
+            first = res["first_step_s"]
+            print(
+                f"first step s, checks {'on' if checks == '1' else 'off':<4}"
+                f"{first['diffusers']:>12.1f}{first['diffkit']:>15.1f}"
+                f"   (the compile; loss/grad diff {res['first_step_diff']:.1e})"
+            )
 
 
 if __name__ == "__main__":
