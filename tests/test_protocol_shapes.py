@@ -122,3 +122,58 @@ def test_text_conditioner_rejects_empty_and_non_text_input() -> None:
         conditioner.condition([])
     out = conditioner.condition(["a seven", "a one"])
     assert out.tokens is not None and out.tokens.shape == (2, 8, 16)
+
+
+class _Forwarding:
+    """Forwards every attribute to the wrapped object, as EMA / DDP-style wrappers do."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._inner(*args, **kwargs)
+
+
+def test_protocol_checks_accept_objects_that_forward_their_attributes() -> None:
+    net = _unet()
+    # torch.compile's wrapper forwards `prediction` through __getattr__ (nothing compiles yet)
+    assert isinstance(torch.compile(net), dk.Denoiser)
+    assert isinstance(_Forwarding(net), dk.Denoiser)
+    assert isinstance(_Forwarding(Cosine()), dk.NoiseSchedule)
+    assert isinstance(_Forwarding(_vae()), dk.Encoder)
+    sampler = dk.samplers.REGISTRY["ddim"]()
+    noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        direct = sampler.sample(net, Cosine(), noise, steps=3)
+        wrapped = sampler.sample(_Forwarding(net), _Forwarding(Cosine()), noise, steps=3)
+    torch.testing.assert_close(wrapped, direct, rtol=0, atol=0)
+
+
+def test_protocol_checks_name_the_missing_members() -> None:
+    sampler = dk.samplers.REGISTRY["ddim"]()
+
+    def bare(x: torch.Tensor, t: torch.Tensor, cond: object = None) -> torch.Tensor:
+        return x
+
+    match = r"argument 'denoiser' must be Denoiser, got function \(missing: prediction\)"
+    _raises(sampler.sample, bare, Cosine(), torch.zeros(2, 3), steps=2, match=match)
+    match = r"argument 'schedule' must be NoiseSchedule, got UNet \(missing: alpha, log_snr,"
+    _raises(sampler.sample, _unet(), _unet(), torch.zeros(2, 3), steps=2, match=match)
+    assert not isinstance(object(), dk.Denoiser)
+
+
+def test_protocol_checks_keep_typing_semantics() -> None:
+    class OptedOut(Cosine):
+        alpha = None  # a method set to None opts out of the protocol, as in typing
+
+    assert not isinstance(OptedOut(), dk.NoiseSchedule)
+
+    class Nominal(dk.NoiseSchedule):  # a subclass of a protocol is an ordinary class
+        pass
+
+    assert not isinstance(Cosine(), Nominal)
+    assert isinstance(Nominal(), Nominal)
+    assert isinstance(Nominal(), dk.NoiseSchedule)

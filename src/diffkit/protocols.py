@@ -1,13 +1,14 @@
 """The six interfaces every diffkit component satisfies, and the `Conditioning` container.
 
-They are structural (`typing.Protocol`, from `typing_extensions` for its fast
-runtime checks): any object with the right attributes and
-methods plugs in, no inheritance needed. Shapes use the names of
+They are structural (`typing.Protocol`): any object with the right attributes and methods
+plugs in, no inheritance needed, including objects that forward them (``torch.compile``'s
+wrapper). Shapes use the names of
 [`diffkit.typing`][diffkit.typing]; one time axis, ``t`` in [0, 1] (0 data, 1 noise).
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -26,6 +27,39 @@ __all__ = [
     "StepCallback",
     "TextConditioner",
 ]
+
+
+_BaseProtocolMeta: Any = type(Protocol)
+
+
+class _ProtocolMeta(_BaseProtocolMeta):
+    """Runtime protocol checks by ``hasattr`` on the protocol's members, cached per protocol.
+
+    What Python 3.11's ``typing`` does, without recomputing the member list on every
+    check (9-14 µs a check there; ~1 µs here). Unlike Python 3.12's
+    ``inspect.getattr_static`` lookup it also accepts objects that forward attributes
+    through ``__getattr__``: ``torch.compile``'s ``OptimizedModule``, EMA or DDP-style
+    wrappers, ``nn.Module`` buffers.
+    """
+
+    def __instancecheck__(cls, instance: object) -> bool:  # pyright: ignore[reportSelfClsParameterName]
+        members = cls.__dict__.get("_diffkit_members")
+        if members is None:
+            runtime = cls.__dict__.get("_is_runtime_protocol", False)
+            if not (getattr(cls, "_is_protocol", False) and runtime):
+                return super().__instancecheck__(instance)  # a nominal subclass, or an error
+            names: Iterable[str] = cls.__protocol_attrs__
+            members = tuple((name, callable(getattr(cls, name, None))) for name in sorted(names))
+            cls._diffkit_members = members
+        for name, method in members:
+            value = getattr(instance, name, _MISSING)
+            # A method set to None opts out of the protocol, as in typing.
+            if value is _MISSING or (method and value is None):
+                return False
+        return True
+
+
+_MISSING = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +157,7 @@ diffkit's samplers return the same samples, bit for bit, with or without a callb
 
 
 @runtime_checkable
-class NoiseSchedule(Protocol):
+class NoiseSchedule(Protocol, metaclass=_ProtocolMeta):
     """The forward process ``x_t = alpha(t) * x0 + sigma(t) * eps`` on continuous ``t``.
 
     ``log_snr(t) = log(alpha(t)**2 / sigma(t)**2)`` is strictly decreasing in ``t``
@@ -148,7 +182,7 @@ class NoiseSchedule(Protocol):
 
 
 @runtime_checkable
-class Denoiser(Protocol):
+class Denoiser(Protocol, metaclass=_ProtocolMeta):
     """A network ``(x_t, t, cond) -> prediction`` of the kind named by ``prediction``."""
 
     prediction: Prediction
@@ -159,7 +193,7 @@ class Denoiser(Protocol):
 
 
 @runtime_checkable
-class Sampler(Protocol):
+class Sampler(Protocol, metaclass=_ProtocolMeta):
     """The reverse process: turns standard normal ``noise`` into data in ``steps`` steps.
 
     Stateless: nothing survives between calls, so one object can serve many threads.
@@ -183,7 +217,7 @@ class Sampler(Protocol):
 
 
 @runtime_checkable
-class Encoder(Protocol):
+class Encoder(Protocol, metaclass=_ProtocolMeta):
     """A latent space: ``encode`` maps data to latents, ``decode`` maps them back.
 
     Latents are already multiplied by ``scaling_factor`` so that they have roughly unit
@@ -207,7 +241,7 @@ class Encoder(Protocol):
 
 
 @runtime_checkable
-class TextConditioner(Protocol):
+class TextConditioner(Protocol, metaclass=_ProtocolMeta):
     """Texts to a [`Conditioning`][diffkit.protocols.Conditioning] (tokens, pooled, mask)."""
 
     token_dim: int
@@ -220,7 +254,7 @@ class TextConditioner(Protocol):
 
 
 @runtime_checkable
-class Patchifier(Protocol):
+class Patchifier(Protocol, metaclass=_ProtocolMeta):
     """Cuts data into non-overlapping patches and puts them back, exactly.
 
     ``unpatchify(patchify(x), x.shape[1:]) == x`` bit for bit.

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from typing_extensions import Protocol, runtime_checkable
 
+from diffkit.protocols import _ProtocolMeta
 from diffkit.typing import TokenIds
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
 
 
 @runtime_checkable
-class Tokenizer(Protocol):
+class Tokenizer(Protocol, metaclass=_ProtocolMeta):
     """Texts to ``(batch, context_length)`` integer ids with start / end / padding tokens."""
 
     vocab_size: int

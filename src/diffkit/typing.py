@@ -90,6 +90,22 @@ def _dims_of(annotation: Any) -> list[str] | None:
     return dim_str.split()
 
 
+def _describe(annotation: Any) -> str:
+    """``Denoiser``, ``Conditioning | None``: an annotation as a reader writes it."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return re.sub(r"\b[\w.]+\.(\w+)", r"\1", str(annotation)).replace("NoneType", "None")
+
+
+def _missing_members(annotation: Any, value: object) -> str:
+    """``" (missing: prediction)"`` when ``annotation`` is a protocol ``value`` falls short of."""
+    members = getattr(annotation, "__protocol_attrs__", None)
+    if not isinstance(annotation, type) or not members:
+        return ""
+    missing = sorted(m for m in members if not hasattr(value, m))
+    return f" (missing: {', '.join(missing)})" if missing else ""
+
+
 def _explain(
     fn: Callable[..., Any], err: TypeCheckError, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str:
@@ -115,6 +131,11 @@ def _explain(
         value, annotation = None, None
     if not isinstance(value, Tensor):
         kind = type(value).__name__
+        if _dims_of(annotation) is None:  # not a tensor annotation: a protocol, a union, ...
+            return (
+                f"{name}: argument '{param}' must be {_describe(annotation)}, got {kind}"
+                f"{_missing_members(annotation, value)}"
+            )
         return f"{name}: argument '{param}' must be a tensor matching {annotation}, got {kind}"
     dims = _dims_of(annotation)
     shape = tuple(value.shape)

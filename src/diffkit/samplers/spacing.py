@@ -23,7 +23,7 @@ from torch import Tensor
 from typing_extensions import Protocol, runtime_checkable
 
 from diffkit.config import Config, Registry
-from diffkit.protocols import NoiseSchedule
+from diffkit.protocols import NoiseSchedule, _ProtocolMeta
 
 __all__ = [
     "SPACINGS",
@@ -43,7 +43,7 @@ _F64 = torch.float64
 
 
 @runtime_checkable
-class Spacing(Protocol):
+class Spacing(Protocol, metaclass=_ProtocolMeta):
     """``(schedule, steps) -> times``: ``steps + 1`` decreasing times ending at ``t = 0``."""
 
     def __call__(
