@@ -127,6 +127,19 @@ def test_discrete_reproduces_alphas_cumprod_at_integer_steps(
     torch.testing.assert_close(s.index_from_t(t), torch.arange(n, dtype=F64))
 
 
+@given(t=st.floats(1e-12, 9.9e-4), zero_snr=st.booleans())
+def test_discrete_is_accurate_below_its_first_training_step(t: float, zero_snr: bool) -> None:
+    # Below t = 1/N alpha² runs linearly to 1; near t = 0, 1 - alpha² is tiny and must not
+    # be formed by cancellation (relative accuracy of the time, not just absolute).
+    s = Discrete.from_betas(discrete_betas("linear_beta", 1000), zero_terminal_snr=zero_snr)
+    tt = torch.tensor([t], dtype=F64)
+    one_minus_a2 = float(s.sigma(tt)) ** 2
+    assert one_minus_a2 == pytest.approx(
+        t * 1000 * (1 - float(s.alphas_cumprod[0])), rel=1e-12, abs=0
+    )
+    assert s.t_of_log_snr(s.log_snr(tt)).item() == pytest.approx(t, rel=1e-9, abs=0)
+
+
 def test_discrete_from_alphas_cumprod_equals_from_betas() -> None:
     betas = discrete_betas("linear_beta", 100)
     a = Discrete.from_betas(betas)
