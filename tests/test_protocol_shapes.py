@@ -1,6 +1,6 @@
 """Every protocol method rejects a wrong shape or dtype with an error naming the argument."""
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pytest
 import torch
@@ -177,3 +177,21 @@ def test_protocol_checks_keep_typing_semantics() -> None:
     assert not isinstance(Cosine(), Nominal)
     assert isinstance(Nominal(), Nominal)
     assert isinstance(Nominal(), dk.NoiseSchedule)
+
+
+def test_a_subprotocol_defined_after_a_check_has_only_its_declared_members() -> None:
+    assert isinstance(_unet(), dk.Denoiser)  # the check caches Denoiser's members
+
+    @runtime_checkable
+    class Named(dk.Denoiser, Protocol):
+        name: str
+
+    class Model:
+        prediction = "epsilon"
+        name = "m"
+
+        def __call__(self, x: Any, t: Any, cond: Any = None) -> Any:
+            return x
+
+    assert isinstance(Model(), Named)
+    assert not isinstance(_unet(), Named)

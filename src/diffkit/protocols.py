@@ -43,14 +43,15 @@ class _ProtocolMeta(_BaseProtocolMeta):
     """
 
     def __instancecheck__(cls, instance: object) -> bool:  # pyright: ignore[reportSelfClsParameterName]
-        members = cls.__dict__.get("_diffkit_members")
+        members = _MEMBERS.get(cls)
         if members is None:
             runtime = cls.__dict__.get("_is_runtime_protocol", False)
             if not (getattr(cls, "_is_protocol", False) and runtime):
                 return super().__instancecheck__(instance)  # a nominal subclass, or an error
             names: Iterable[str] = cls.__protocol_attrs__
             members = tuple((name, callable(getattr(cls, name, None))) for name in sorted(names))
-            cls._diffkit_members = members
+            # Kept off the class: an attribute there would become a member of subprotocols.
+            _MEMBERS[cls] = members
         for name, method in members:
             value = getattr(instance, name, _MISSING)
             # A method set to None opts out of the protocol, as in typing.
@@ -60,6 +61,7 @@ class _ProtocolMeta(_BaseProtocolMeta):
 
 
 _MISSING = object()
+_MEMBERS: dict[type, tuple[tuple[str, bool], ...]] = {}
 
 
 @dataclasses.dataclass(frozen=True)

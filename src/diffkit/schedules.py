@@ -474,7 +474,7 @@ class Discrete(ScheduleBase):
             inside = torch.where(frac == 0, at_lo, inside)
         # Below the first step: alpha² linear from 1 (t = 0) to ᾱ_0 (t = 1/N), i.e.
         # 1 - alpha² = scaled (1 - ᾱ_0), and the log-SNR is log(alpha²) - log(1 - alpha²).
-        rest = scaled.clamp(max=1.0).mul_(self._one_minus_ac0)
+        rest = scaled.clamp(0.0, 1.0).mul_(self._one_minus_ac0)
         below = torch.rsub(rest, 1.0).log_().sub_(rest.log_())
         return torch.where(index < 0, below, inside)
 
