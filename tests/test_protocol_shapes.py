@@ -178,6 +178,12 @@ def test_protocol_checks_keep_typing_semantics() -> None:
     assert isinstance(Nominal(), Nominal)
     assert isinstance(Nominal(), dk.NoiseSchedule)
 
+    class Declared(dk.Denoiser):  # subclassed explicitly, `prediction` not set (yet)
+        def __call__(self, x_t: Any, t: Any, cond: Any = None) -> Any:
+            return x_t
+
+    assert isinstance(Declared(), dk.Denoiser)  # as typing answers
+
 
 def test_a_subprotocol_defined_after_a_check_has_only_its_declared_members() -> None:
     assert isinstance(_unet(), dk.Denoiser)  # the check caches Denoiser's members

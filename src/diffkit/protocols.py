@@ -56,7 +56,7 @@ class _ProtocolMeta(_BaseProtocolMeta):
             value = getattr(instance, name, _MISSING)
             # A method set to None opts out of the protocol, as in typing.
             if value is _MISSING or (method and value is None):
-                return False
+                return cls in type(instance).__mro__  # an explicit subclass still is one
         return True
 
 
