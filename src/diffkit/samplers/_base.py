@@ -323,25 +323,20 @@ class _Compiled(NamedTuple):
     buffered: bool
 
 
-def _combination(terms: _Terms, ops: list[Any]) -> Tensor:
-    """``sum_k c_k * ops[j_k]`` in one fresh tensor (the operands are never written to)."""
-    j, c = terms[0]
-    out = ops[j] * c
-    for j, c in terms[1:]:
-        out.add_(ops[j], alpha=c)
-    return out
-
-
-def _noisy_combination(
-    terms: _Terms, ops: list[Any], std: float, generator: torch.Generator | None
+def _combination(
+    terms: _Terms, ops: list[Any], noise: float = 0.0, generator: torch.Generator | None = None
 ) -> Tensor:
-    """``std * z + sum_k c_k * ops[j_k]`` with ``z ~ N(0, I)`` drawn into the fresh output.
+    """``sum_k c_k * ops[j_k]`` (+ ``noise * z``, ``z ~ N(0, I)``) in one fresh tensor.
 
-    The same draws as ``torch.randn_like(ops[_X])``, one elementwise pass fewer than
-    drawing ``z`` and adding it.
+    The operands are never written to. Noise is drawn straight into the output (the same
+    draws as ``torch.randn_like(ops[_X])``), one elementwise pass fewer than adding it.
     """
-    out = torch.empty_like(ops[_X]).normal_(0.0, std, generator=generator)
-    for j, c in terms:
+    if noise:
+        out, rest = torch.empty_like(ops[_X]).normal_(0.0, noise, generator=generator), terms
+    else:
+        (j, c), rest = terms[0], terms[1:]
+        out = ops[j] * c
+    for j, c in rest:
         out.add_(ops[j], alpha=c)
     return out
 
@@ -440,10 +435,7 @@ def run_plan(
     for i, (predictor, corrector, reevaluate, fresh, buffered) in enumerate(program):
         if buffered:
             ops[_Z].normal_(generator=generator)
-        if fresh:
-            x = _noisy_combination(predictor, ops, fresh, generator)
-        else:
-            x = _combination(predictor, ops)
+        x = _combination(predictor, ops, fresh, generator)
         if i < last:
             value = evaluate(x, i + 1)
             if corrector is not None:
