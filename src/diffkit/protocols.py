@@ -7,7 +7,7 @@ wrapper). Shapes use the names of
 """
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,21 +43,35 @@ class _ProtocolMeta(_BaseProtocolMeta):
     """
 
     def __instancecheck__(cls, instance: object) -> bool:  # pyright: ignore[reportSelfClsParameterName]
-        members = _MEMBERS.get(cls)
+        members = _MEMBERS.get(cls) or cls._members()
         if members is None:
-            runtime = cls.__dict__.get("_is_runtime_protocol", False)
-            if not (getattr(cls, "_is_protocol", False) and runtime):
-                return super().__instancecheck__(instance)  # a nominal subclass, or an error
-            names: Iterable[str] = cls.__protocol_attrs__
-            members = tuple((name, callable(getattr(cls, name, None))) for name in sorted(names))
-            # Kept off the class: an attribute there would become a member of subprotocols.
-            _MEMBERS[cls] = members
-        for name, method in members:
-            value = getattr(instance, name, _MISSING)
-            # A method set to None opts out of the protocol, as in typing.
-            if value is _MISSING or (method and value is None):
-                return cls in type(instance).__mro__  # an explicit subclass still is one
-        return True
+            return super().__instancecheck__(instance)  # a nominal subclass, or an error
+        if next(_lacking(members, instance), None) is None:
+            return True
+        return cls in type(instance).__mro__  # an explicit subclass still is one
+
+    def _members(cls) -> tuple[tuple[str, bool], ...] | None:  # pyright: ignore[reportSelfClsParameterName]
+        """``(name, is_method)`` of each member, cached; ``None`` if the class is no protocol."""
+        runtime = cls.__dict__.get("_is_runtime_protocol", False)
+        if not (getattr(cls, "_is_protocol", False) and runtime):
+            return None
+        names: Iterable[str] = cls.__protocol_attrs__
+        members = tuple((name, callable(getattr(cls, name, None))) for name in sorted(names))
+        # Kept off the class: an attribute there would become a member of subprotocols.
+        _MEMBERS[cls] = members
+        return members
+
+    def missing_members(cls, instance: object) -> list[str]:  # pyright: ignore[reportSelfClsParameterName]
+        """The protocol's members ``instance`` lacks (a method set to None counts, as in typing)."""
+        return list(_lacking(cls._members() or (), instance))
+
+
+def _lacking(members: tuple[tuple[str, bool], ...], instance: object) -> Iterator[str]:
+    for name, method in members:
+        value = getattr(instance, name, _MISSING)
+        # A method set to None opts out of the protocol, as in typing.
+        if value is _MISSING or (method and value is None):
+            yield name
 
 
 _MISSING = object()

@@ -98,11 +98,11 @@ def _describe(annotation: Any) -> str:
 
 
 def _missing_members(annotation: Any, value: object) -> str:
-    """``" (missing: prediction)"`` when ``annotation`` is a protocol ``value`` falls short of."""
-    members = getattr(annotation, "__protocol_attrs__", None)
-    if not isinstance(annotation, type) or not members:
+    """``" (missing: prediction)"`` when ``annotation`` is a diffkit protocol ``value`` fails."""
+    missing_members = getattr(annotation, "missing_members", None)  # diffkit.protocols'
+    missing = missing_members(value) if callable(missing_members) else []
+    if not isinstance(missing, list):
         return ""
-    missing = sorted(m for m in members if not hasattr(value, m))
     return f" (missing: {', '.join(missing)})" if missing else ""
 
 
