@@ -61,7 +61,7 @@ class _ProtocolMeta(_BaseProtocolMeta):
         _MEMBERS[cls] = members
         return members
 
-    def missing_members(cls, instance: object) -> list[str]:  # pyright: ignore[reportSelfClsParameterName]
+    def _missing(cls, instance: object) -> list[str]:  # pyright: ignore[reportSelfClsParameterName]
         """The protocol's members ``instance`` lacks (a method set to None counts, as in typing)."""
         return list(_lacking(cls._members() or (), instance))
 

@@ -99,7 +99,7 @@ def _describe(annotation: Any) -> str:
 
 def _missing_members(annotation: Any, value: object) -> str:
     """``" (missing: prediction)"`` when ``annotation`` is a diffkit protocol ``value`` fails."""
-    missing_members = getattr(annotation, "missing_members", None)  # diffkit.protocols'
+    missing_members = getattr(annotation, "_missing", None)  # diffkit.protocols' metaclass
     missing = missing_members(value) if callable(missing_members) else []
     if not isinstance(missing, list):
         return ""
