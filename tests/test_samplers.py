@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 import diffkit as dk
 from diffkit import samplers
-from diffkit.prediction import from_x0_eps
+from diffkit.prediction import from_x0_eps, to_x0_eps
 from diffkit.samplers import _base
 from diffkit.schedules import EDM, Cosine, Discrete, RectifiedFlow, discrete_betas
 
@@ -611,3 +611,41 @@ def test_denoiser_answering_in_another_dtype_is_cast_to_the_working_dtype(name: 
 
     x = run(wide)
     assert x.dtype == torch.float32 and torch.equal(x, run(cast))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v", "flow"])
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_prediction_coefficients_are_diffkit_predictions_own(prediction: str, seed: int) -> None:
+    # The loop's x0 = cx x_t + cp pred is prediction.to_x0_eps, evaluated once on the grid.
+    sampler = samplers.REGISTRY["ddim"]()
+    grid = sampler.grid(DISCRETE, 9)
+    g = torch.Generator().manual_seed(seed)
+    x, pred = torch.randn(2, 9, DIM, generator=g, dtype=F64)
+    den = Gaussian(DISCRETE, *_data(), prediction=prediction)
+    model = _base._Model(den, grid, x[:1], None, 1.0, None)
+    alpha = torch.tensor(grid.alpha[:-1], dtype=F64)
+    sigma = torch.tensor(grid.sigma[:-1], dtype=F64)
+    x0 = to_x0_eps(pred, prediction, x, alpha, sigma)[0]  # type: ignore[arg-type]
+    cx = torch.tensor(model.cx_float, dtype=F64)[:, None]
+    cp = torch.tensor(model.cp_float, dtype=F64)[:, None]
+    torch.testing.assert_close(cx * x + cp * pred, x0, rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_prediction_type_is_named() -> None:
+    den = Gaussian(DISCRETE, *_data(), prediction="eps")
+    with pytest.raises(ValueError, match=r"denoiser.prediction must be one of .* got 'eps'"):
+        samplers.DDIM().sample(den, DISCRETE, torch.randn(2, DIM), steps=3)
+
+
+def test_a_plan_with_a_non_finite_coefficient_is_rejected_naming_the_step() -> None:
+    class Broken(samplers.SamplerBase):
+        spacing = samplers.UniformTime()
+
+        def plan(self, grid: samplers.Grid) -> list[samplers.Step]:
+            good = samplers.DDIM().plan(grid)
+            return [*good[:2], good[2]._replace(noise=math.nan), *good[3:]]
+
+    den = Gaussian(DISCRETE, *_data())
+    with pytest.raises(ValueError, match=r"step 2 of the sampler's plan has a non-finite"):
+        Broken().sample(den, DISCRETE, torch.randn(2, DIM), steps=5)

@@ -13,8 +13,9 @@ and ``sigma`` are per-item ``(batch,)`` tensors; arithmetic happens in their dty
 (samplers pass float32 or float64) and the result is cast back to ``x_t``'s dtype.
 """
 
-from typing import get_args
+from typing import Any, get_args, overload
 
+import numpy as np
 from jaxtyping import Float
 from torch import Tensor
 
@@ -28,6 +29,27 @@ PREDICTIONS: tuple[Prediction, ...] = get_args(Prediction)
 def _validate(kind: str, argument: str) -> None:
     if kind not in PREDICTIONS:
         raise ValueError(f"{argument} must be one of {PREDICTIONS}, got {kind!r}")
+
+
+@overload
+def _x0_of(kind: str, x: Tensor, p: Tensor, a: Tensor, s: Tensor) -> Tensor: ...
+@overload
+def _x0_of(kind: str, x: np.ndarray, p: np.ndarray, a: np.ndarray, s: np.ndarray) -> np.ndarray: ...
+def _x0_of(kind: str, x: Any, p: Any, a: Any, s: Any) -> Any:
+    """``x0`` implied by a ``kind`` prediction ``p`` at ``x_t = x``, operands already broadcast.
+
+    Plain arithmetic, so it serves tensors and NumPy arrays alike (the samplers
+    evaluate it once on the whole time grid for the coefficients of ``x0 = cx x + cp p``).
+    """
+    if kind == "epsilon":
+        return (x - s * p) / a
+    if kind == "x0":
+        return p
+    if kind == "v":
+        # x_t = a x0 + s eps and v = a eps - s x0  =>  (a^2 + s^2) x0 = a x_t - s v.
+        return (a * x - s * p) / (a * a + s * s)
+    # flow f = eps - x0  =>  x_t = (a + s) x0 + s f.
+    return (x - s * p) / (a + s)
 
 
 @checked
@@ -44,20 +66,14 @@ def to_x0_eps(
     a = broadcast_to_sample(alpha, x_t).to(dtype)
     s = broadcast_to_sample(sigma, x_t).to(dtype)
     x, p = x_t.to(dtype), prediction.to(dtype)
+    x0 = _x0_of(kind, x, p, a, s)
     if kind == "epsilon":
         eps = p
-        x0 = (x - s * eps) / a
     elif kind == "x0":
-        x0 = p
         eps = (x - a * x0) / s
     elif kind == "v":
-        # x_t = a x0 + s eps and v = a eps - s x0  =>  (a^2 + s^2) x0 = a x_t - s v.
-        norm = a * a + s * s
-        x0 = (a * x - s * p) / norm
-        eps = (s * x + a * p) / norm
+        eps = (s * x + a * p) / (a * a + s * s)
     else:
-        # flow f = eps - x0  =>  x_t = (a + s) x0 + s f.
-        x0 = (x - s * p) / (a + s)
         eps = p + x0
     return x0, eps
 

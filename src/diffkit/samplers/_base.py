@@ -36,10 +36,11 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple, NoReturn
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from diffkit.prediction import to_x0_eps
+from diffkit.prediction import _validate, _x0_of
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallback
 from diffkit.samplers.spacing import Spacing
 from diffkit.schedules import ScheduleBase
@@ -133,8 +134,7 @@ def _half_log_snr(alpha: float, sigma: float) -> float:
     return math.log(alpha) - math.log(sigma)
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """Step ``i -> i + 1`` as a linear combination (all coefficients float64 scalars).
 
     ``x_{i+1} = keep * x_i + sum_k data[k] * D_{i-k} + noise * z`` with ``z ~ N(0, I)``.
@@ -142,6 +142,9 @@ class Step:
     redone as ``keep * x_i + correct[0] * D_{i+1} + sum_k correct[k+1] * D_{i-k} +
     noise * z`` (same ``z``); ``reevaluate`` evaluates ``D_{i+1}`` again at the corrected
     point (PECE, e.g. Heun) instead of reusing the predictor's (PEC, e.g. UniPC).
+
+    A named tuple (a plan is rebuilt on every ``sample`` call); the loop checks that
+    every coefficient is finite before it starts, naming the step.
     """
 
     keep: float
@@ -149,11 +152,6 @@ class Step:
     noise: float = 0.0
     correct: tuple[float, ...] | None = None
     reevaluate: bool = False
-
-    def __post_init__(self) -> None:
-        for value in (self.keep, self.noise, *self.data, *(self.correct or ())):
-            if not math.isfinite(value):
-                raise ValueError(f"non-finite sampler coefficient in {self}")
 
 
 def final_step(grid: Grid, final: str) -> tuple[float, ...]:
@@ -211,15 +209,15 @@ class _Model:
         calls = 2 * batch if self.guided else batch
         self.times = self._t[:, None].expand(n + 1, calls).unbind(0)
         # Every prediction kind is affine in (x_t, prediction): x0 = cx * x_t + cp * pred.
-        # The coefficients come from diffkit.prediction itself, evaluated once on the grid
-        # (in one call: unit predictions at x_t = 0, then unit x_t with zero predictions).
-        alpha, sigma = grid.alpha[:n], grid.sigma[:n]
-        table = [[*alpha, *alpha], [*sigma, *sigma], [1.0] * n + [0.0] * n]
-        a, s, unit = torch.tensor(table, dtype=_F64).unbind(0)
-        with trusted():  # shapes built right here
-            x0 = to_x0_eps(unit[:, None], denoiser.prediction, 1 - unit[:, None], a, s)[0]
-        cp_cx = x0.reshape(2 * n).tolist()
-        self.cp_float, self.cx_float = cp_cx[:n], cp_cx[n:]
+        # The coefficients come from diffkit.prediction's own formula, evaluated once on
+        # the grid's float64 values: unit predictions at x_t = 0, unit x_t with zero
+        # predictions (IEEE semantics: an epsilon model at alpha = 0 gets inf).
+        _validate(denoiser.prediction, "denoiser.prediction")
+        alpha, sigma = np.array(grid.alpha[:n]), np.array(grid.sigma[:n])
+        one, zero = np.ones(n), np.zeros(n)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.cp_float = _x0_of(denoiser.prediction, zero, one, alpha, sigma).tolist()
+            self.cx_float = _x0_of(denoiser.prediction, one, zero, alpha, sigma).tolist()
         self.sums: list[Tensor] = []
         self.points: list[int] = []
 
@@ -364,8 +362,11 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
     last = len(plan) - 1
     steps: list[_Compiled] = []
     for i, s in enumerate(plan):
-        keep, noise, data = s.keep, s.noise, s.data
-        correct = s.correct if i < last else None
+        keep, data, noise, correct, reevaluate = s
+        if not all(map(math.isfinite, (keep, noise, *data, *(correct or ())))):
+            raise ValueError(f"step {i} of the sampler's plan has a non-finite coefficient: {s}")
+        if i == last:
+            correct = None
         second: list[tuple[int, float]] = []
         if fused:
             c = data[0]
@@ -380,6 +381,10 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
                     (_PRED, old * cp[i] + at_xp * b),
                     (_PREDP, new * cp[i + 1]),
                 ]
+                if not all(map(math.isfinite, (a, b, *[c for _, c in second]))):
+                    return None
+            elif not (math.isfinite(a) and math.isfinite(b)):
+                return None
         else:
             first = [(_X, keep), *zip(itertools.count(_HIST), data)]
             if correct is not None:
@@ -389,17 +394,16 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
         if buffered:  # predictor and corrector add the same z: the loop's buffer
             first.append((_Z, noise))
             second.append((_Z, noise))
-        predictor = tuple(term for term in first if term[1] != 0.0)
-        corrector = None if correct is None else tuple(t for t in second if t[1] != 0.0)
-        if fused and not all(math.isfinite(c) for _, c in predictor + (corrector or ())):
-            return None
+        # Zero terms dropped; a combination left with none is an exact zero (unless the
+        # predictor is all fresh noise).
+        predictor = tuple([term for term in first if term[1]])
         fresh = 0.0 if buffered else noise
-        # A combination left with no terms is an exact zero (unless it is all noise).
         if not predictor and not fresh:
             predictor = ((_X, 0.0),)
-        if corrector == ():
-            corrector = ((_X, 0.0),)
-        steps.append(_Compiled(predictor, corrector, s.reevaluate, fresh, buffered))
+        corrector = None
+        if correct is not None:
+            corrector = tuple([term for term in second if term[1]]) or ((_X, 0.0),)
+        steps.append(_Compiled(predictor, corrector, reevaluate, fresh, buffered))
     return steps
 
 
