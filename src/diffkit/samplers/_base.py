@@ -381,7 +381,7 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
                     (_PRED, old * cp[i] + at_xp * b),
                     (_PREDP, new * cp[i + 1]),
                 ]
-                if not all(map(math.isfinite, (a, b, *[c for _, c in second]))):
+                if not all(map(math.isfinite, (a, b, *[v for _, v in second]))):
                     return None
             elif not (math.isfinite(a) and math.isfinite(b)):
                 return None
