@@ -23,6 +23,15 @@ is used, which is steadier than wall time under load. Reported: the medians of
 of the per-round ratios (with its quartiles).
 
     python benchmarks/sampler_overhead.py --repeats 41
+
+``--breakdown`` splits each diffkit call into its phases instead (time grid, plan, model
+wrapper, loop with its plan compilation, after-loop NaN check; the boundary argument
+check is the full call minus the phases, timed in separate calls of the same round), and
+times the call once more with the grid and plan built before the rounds: the share of
+the per-call setup in the ratio. Every diffkit measurement follows a diffusers run, as in
+the main table, so caches are as cold as there.
+
+    python benchmarks/sampler_overhead.py --breakdown --only euler_ancestral --repeats 41
 """
 
 import argparse
@@ -36,6 +45,7 @@ import torch
 
 import diffkit as dk
 from diffkit import samplers
+from diffkit.samplers import _base
 
 warnings.filterwarnings("ignore")
 
@@ -129,16 +139,85 @@ def time_diffusers(scheduler, noise: torch.Tensor) -> float:
     return time.process_time() - start
 
 
+def phases(sampler: samplers.SamplerBase, schedule, noise: torch.Tensor) -> dict[str, float]:
+    """One diffkit call without its boundary check, each phase timed (CPU seconds)."""
+    g = torch.Generator().manual_seed(0)
+    clock = time.process_time
+    t0 = clock()
+    grid = sampler.grid(schedule, STEPS, noise.device)
+    t1 = clock()
+    plan = sampler.plan(grid)
+    t2 = clock()
+    model = _base._Model(Free(), grid, noise, None, 1.0, None)
+    t3 = clock()
+    x = _base.run_plan(plan, model, noise.to(model.dtype) * grid.sigma[0], g, None)
+    t4 = clock()
+    model.raise_if_nonfinite()
+    x.to(noise.dtype)
+    t5 = clock()
+    return {"grid": t1 - t0, "plan": t2 - t1, "model": t3 - t2, "loop": t4 - t3, "check": t5 - t4}
+
+
+def prebuilt(sampler_grid: _base.Grid, plan: list, noise: torch.Tensor) -> float:
+    """A call with the grid and plan built beforehand: model wrapper, loop, NaN check."""
+    g = torch.Generator().manual_seed(0)
+    start = time.process_time()
+    model = _base._Model(Free(), sampler_grid, noise, None, 1.0, None)
+    x = _base.run_plan(plan, model, noise.to(model.dtype) * sampler_grid.sigma[0], g, None)
+    model.raise_if_nonfinite()
+    x.to(noise.dtype)
+    return time.process_time() - start
+
+
+def breakdown(cases, schedule, noise: torch.Tensor, repeats: int) -> None:
+    """Per-phase medians of each diffkit call and the ratio without the per-call setup."""
+    print(
+        f"latent {SHAPE}, {STEPS} steps, zero-cost denoiser, shape checks "
+        f"{'on' if dk.typing.CHECKS_ENABLED else 'off'}; CPU time, medians of {repeats} "
+        "rounds, each diffkit measurement right after a diffusers run; µs per call"
+    )
+    names = ["grid", "plan", "model", "loop", "check", "boundary"]
+    print(f"{'sampler':<18}" + "".join(f"{n:>9}" for n in names) + f"{'ratio':>8}{'prebuilt':>10}")
+    for name, (make_ours, make_theirs) in cases.items():
+        sampler = make_ours()
+        grid = sampler.grid(schedule, STEPS, noise.device)
+        plan = sampler.plan(grid)
+        rows: dict[str, list[float]] = {n: [] for n in [*names, "ratio", "prebuilt"]}
+        for round_ in range(repeats + 2):
+            peer = [time_diffusers(make_theirs(), noise) for _ in range(3)]
+            full = time_diffkit(sampler, schedule, noise)
+            time_diffusers(make_theirs(), noise)
+            parts = phases(sampler, schedule, noise)
+            time_diffusers(make_theirs(), noise)
+            ready = prebuilt(grid, plan, noise)
+            if round_ < 2:
+                continue
+            ref = statistics.median(peer)
+            for key, value in parts.items():
+                rows[key].append(value)
+            rows["boundary"].append(full - sum(parts.values()))
+            rows["ratio"].append(full / ref)
+            rows["prebuilt"].append(ready / ref)
+        cells = "".join(f"{statistics.median(rows[n]) * 1e6:>9.0f}" for n in names)
+        ratio, ready = statistics.median(rows["ratio"]), statistics.median(rows["prebuilt"])
+        print(f"{name:<18}{cells}{ratio:>8.3f}{ready:>10.3f}")
+    print("(loop includes compiling the plan; boundary = full call - phases, so it is noisy)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=21, help="timed rounds (after 2 warm-up)")
     parser.add_argument("--only", nargs="*", help="sampler names to run (default: all)")
     parser.add_argument("--peer-defaults", action="store_true", help="diffusers' default spacings")
+    parser.add_argument("--breakdown", action="store_true", help="diffkit's call phase by phase")
     args = parser.parse_args()
     torch.set_num_threads(1)
     schedule = dk.schedules.Discrete.from_betas(BETAS)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     cases = {k: v for k, v in pairs(args.peer_defaults).items() if not args.only or k in args.only}
+    if args.breakdown:
+        breakdown(cases, schedule, noise, args.repeats)
+        return
     ours: dict[str, list[float]] = {name: [] for name in cases}
     theirs: dict[str, list[float]] = {name: [] for name in cases}
     made = {name: make_ours() for name, (make_ours, _) in cases.items()}
