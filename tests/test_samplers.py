@@ -649,3 +649,17 @@ def test_a_plan_with_a_non_finite_coefficient_is_rejected_naming_the_step() -> N
     den = Gaussian(DISCRETE, *_data())
     with pytest.raises(ValueError, match=r"step 2 of the sampler's plan has a non-finite"):
         Broken().sample(den, DISCRETE, torch.randn(2, DIM), steps=5)
+
+
+def test_finite_outputs_whose_witnesses_overflow_together_are_not_an_error() -> None:
+    # The after-loop check first adds up every evaluation's sum; when only that total
+    # overflows (each sum is finite), nothing was NaN or inf and nothing is raised.
+    class Huge:
+        prediction = "x0"
+
+        def __call__(self, x, t, cond=None):
+            return torch.full_like(x, 1.5e38)
+
+    noise = torch.randn(1, 2, generator=torch.Generator().manual_seed(0))
+    x = samplers.DDIM().sample(Huge(), DISCRETE, noise, steps=4)
+    assert torch.isfinite(x).all() and float(x.sum()) > 2e38

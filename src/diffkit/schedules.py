@@ -473,9 +473,9 @@ class Discrete(ScheduleBase):
         if self._ends_at_zero_snr:  # 0 * -inf at the step before the end
             inside = torch.where(frac == 0, at_lo, inside)
         # Below the first step: alpha² linear from 1 (t = 0) to ᾱ_0 (t = 1/N), i.e.
-        # 1 - alpha² = scaled (1 - ᾱ_0), and the log-SNR is log(alpha²) - log(1 - alpha²).
-        rest = scaled.clamp(0.0, 1.0).mul_(self._one_minus_ac0)
-        below = torch.rsub(rest, 1.0).log_().sub_(rest.log_())
+        # 1 - alpha² = scaled (1 - ᾱ_0), and the log-SNR is log(alpha² / (1 - alpha²)),
+        # i.e. -logit(1 - alpha²), computed from the small 1 - alpha² (no cancellation).
+        below = scaled.clamp(0.0, 1.0).mul_(self._one_minus_ac0).logit_().neg_()
         return torch.where(index < 0, below, inside)
 
     def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:

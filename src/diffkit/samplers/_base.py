@@ -281,8 +281,11 @@ class _Model:
         """Raise NonFiniteError naming the first evaluation that was not finite (one sync)."""
         if not self.sums:
             return
-        ok = torch.isfinite(torch.stack(self.sums)).cpu()
-        if bool(ok.all()):
+        sums = torch.stack(self.sums)
+        if math.isfinite(float(sums.sum())):  # the usual case: one reduction, one sync
+            return
+        ok = torch.isfinite(sums).cpu()
+        if bool(ok.all()):  # only the total overflowed
             return
         first = int((~ok).nonzero()[0, 0])
         i = self.points[first]
