@@ -100,10 +100,8 @@ def _describe(annotation: Any) -> str:
 def _missing_members(annotation: Any, value: object) -> str:
     """``" (missing: prediction)"`` when ``annotation`` is a diffkit protocol ``value`` fails."""
     missing_members = getattr(annotation, "_missing", None)  # diffkit.protocols' metaclass
-    missing = missing_members(value) if callable(missing_members) else []
-    if not isinstance(missing, list):
-        return ""
-    return f" (missing: {', '.join(missing)})" if missing else ""
+    missing = missing_members(value) if callable(missing_members) else None
+    return f" (missing: {', '.join(missing)})" if isinstance(missing, list) and missing else ""
 
 
 def _explain(

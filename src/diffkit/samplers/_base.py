@@ -384,9 +384,7 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
                     (_PRED, old * cp[i] + at_xp * b),
                     (_PREDP, new * cp[i + 1]),
                 ]
-                if not all(map(math.isfinite, (a, b, *[v for _, v in second]))):
-                    return None
-            elif not (math.isfinite(a) and math.isfinite(b)):
+            if not all(map(math.isfinite, (a, b, *[v for _, v in second]))):
                 return None
         else:
             first = [(_X, keep), *zip(itertools.count(_HIST), data)]
