@@ -139,14 +139,22 @@ def time_diffusers(scheduler, noise: torch.Tensor) -> float:
     return time.process_time() - start
 
 
-def phases(sampler: samplers.SamplerBase, schedule, noise: torch.Tensor) -> dict[str, float]:
-    """One diffkit call without its boundary check, each phase timed (CPU seconds)."""
+def phases(
+    sampler: samplers.SamplerBase,
+    schedule,
+    noise: torch.Tensor,
+    built: tuple[_base.Grid, list[_base.Step]] | None = None,
+) -> dict[str, float]:
+    """One diffkit call without its boundary check, each phase timed (CPU seconds).
+
+    With ``built`` (a grid and its plan made beforehand) those two phases are skipped.
+    """
     g = torch.Generator().manual_seed(0)
     clock = time.process_time
     t0 = clock()
-    grid = sampler.grid(schedule, STEPS, noise.device)
+    grid = sampler.grid(schedule, STEPS, noise.device) if built is None else built[0]
     t1 = clock()
-    plan = sampler.plan(grid)
+    plan = sampler.plan(grid) if built is None else built[1]
     t2 = clock()
     model = _base._Model(Free(), grid, noise, None, 1.0, None)
     t3 = clock()
@@ -156,17 +164,6 @@ def phases(sampler: samplers.SamplerBase, schedule, noise: torch.Tensor) -> dict
     x.to(noise.dtype)
     t5 = clock()
     return {"grid": t1 - t0, "plan": t2 - t1, "model": t3 - t2, "loop": t4 - t3, "check": t5 - t4}
-
-
-def prebuilt(sampler_grid: _base.Grid, plan: list, noise: torch.Tensor) -> float:
-    """A call with the grid and plan built beforehand: model wrapper, loop, NaN check."""
-    g = torch.Generator().manual_seed(0)
-    start = time.process_time()
-    model = _base._Model(Free(), sampler_grid, noise, None, 1.0, None)
-    x = _base.run_plan(plan, model, noise.to(model.dtype) * sampler_grid.sigma[0], g, None)
-    model.raise_if_nonfinite()
-    x.to(noise.dtype)
-    return time.process_time() - start
 
 
 def breakdown(cases, schedule, noise: torch.Tensor, repeats: int) -> None:
@@ -181,7 +178,7 @@ def breakdown(cases, schedule, noise: torch.Tensor, repeats: int) -> None:
     for name, (make_ours, make_theirs) in cases.items():
         sampler = make_ours()
         grid = sampler.grid(schedule, STEPS, noise.device)
-        plan = sampler.plan(grid)
+        built = (grid, sampler.plan(grid))
         rows: dict[str, list[float]] = {n: [] for n in [*names, "ratio", "prebuilt"]}
         for round_ in range(repeats + 2):
             peer = [time_diffusers(make_theirs(), noise) for _ in range(3)]
@@ -189,7 +186,7 @@ def breakdown(cases, schedule, noise: torch.Tensor, repeats: int) -> None:
             time_diffusers(make_theirs(), noise)
             parts = phases(sampler, schedule, noise)
             time_diffusers(make_theirs(), noise)
-            ready = prebuilt(grid, plan, noise)
+            ready = sum(phases(sampler, schedule, noise, built).values())
             if round_ < 2:
                 continue
             ref = statistics.median(peer)
