@@ -1,9 +1,10 @@
 """Per-step overhead of diffkit's samplers vs the matching diffusers schedulers.
 
 The denoiser costs nothing (it returns its input as the epsilon prediction), the latent
-is (1, 4, 64, 64) and each call samples 50 steps; what is timed is everything else: the
-time grid, the coefficients, the loop and the tensor arithmetic. diffkit runs with shape
-checks on (the default; ``DIFFKIT_SHAPE_CHECKS=0`` before the run turns them off).
+is (1, 4, 64, 64) and each call samples 50 steps (``--steps``); what is timed is
+everything else: the time grid, the coefficients, the loop and the tensor arithmetic.
+diffkit runs with shape checks on (the default; ``DIFFKIT_SHAPE_CHECKS=0`` before the
+run turns them off).
 
 - diffkit: one ``sample`` call (time grid, plan, loop and the after-loop NaN check).
 - diffusers: ``set_timesteps`` plus its ``scale_model_input`` / model / ``step`` loop,
@@ -49,7 +50,7 @@ from diffkit.samplers import _base
 
 warnings.filterwarnings("ignore")
 
-STEPS = 50
+STEPS = 50  # the default of --steps
 SHAPE = (1, 4, 64, 64)
 BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
 
@@ -117,21 +118,23 @@ def pairs(
     }
 
 
-def time_diffkit(sampler: samplers.SamplerBase, schedule, noise: torch.Tensor) -> float:
+def time_diffkit(
+    sampler: samplers.SamplerBase, schedule, noise: torch.Tensor, steps: int = STEPS
+) -> float:
     model = Free()
     g = torch.Generator().manual_seed(0)
     start = time.process_time()
-    sampler.sample(model, schedule, noise, steps=STEPS, generator=g)
+    sampler.sample(model, schedule, noise, steps=steps, generator=g)
     return time.process_time() - start
 
 
-def time_diffusers(scheduler, noise: torch.Tensor) -> float:
+def time_diffusers(scheduler, noise: torch.Tensor, steps: int = STEPS) -> float:
     model = Free()
     g = torch.Generator().manual_seed(0)
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     kwargs = {"generator": g} if takes_generator else {}
     start = time.process_time()
-    scheduler.set_timesteps(STEPS)
+    scheduler.set_timesteps(steps)
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(x, t)
@@ -144,6 +147,7 @@ def phases(
     schedule,
     noise: torch.Tensor,
     built: tuple[_base.Grid, list[_base.Step]] | None = None,
+    steps: int = STEPS,
 ) -> dict[str, float]:
     """One diffkit call without its boundary check, each phase timed (CPU seconds).
 
@@ -152,7 +156,7 @@ def phases(
     g = torch.Generator().manual_seed(0)
     clock = time.process_time
     t0 = clock()
-    grid = sampler.grid(schedule, STEPS, noise.device) if built is None else built[0]
+    grid = sampler.grid(schedule, steps, noise.device) if built is None else built[0]
     t1 = clock()
     plan = sampler.plan(grid) if built is None else built[1]
     t2 = clock()
@@ -166,10 +170,10 @@ def phases(
     return {"grid": t1 - t0, "plan": t2 - t1, "model": t3 - t2, "loop": t4 - t3, "check": t5 - t4}
 
 
-def breakdown(cases, schedule, noise: torch.Tensor, repeats: int) -> None:
+def breakdown(cases, schedule, noise: torch.Tensor, repeats: int, steps: int = STEPS) -> None:
     """Per-phase medians of each diffkit call and the ratio without the per-call setup."""
     print(
-        f"latent {SHAPE}, {STEPS} steps, zero-cost denoiser, shape checks "
+        f"latent {SHAPE}, {steps} steps, zero-cost denoiser, shape checks "
         f"{'on' if dk.typing.CHECKS_ENABLED else 'off'}; CPU time, medians of {repeats} "
         "rounds, each diffkit measurement right after a diffusers run; µs per call"
     )
@@ -177,16 +181,16 @@ def breakdown(cases, schedule, noise: torch.Tensor, repeats: int) -> None:
     print(f"{'sampler':<18}" + "".join(f"{n:>9}" for n in names) + f"{'ratio':>8}{'prebuilt':>10}")
     for name, (make_ours, make_theirs) in cases.items():
         sampler = make_ours()
-        grid = sampler.grid(schedule, STEPS, noise.device)
+        grid = sampler.grid(schedule, steps, noise.device)
         built = (grid, sampler.plan(grid))
         rows: dict[str, list[float]] = {n: [] for n in [*names, "ratio", "prebuilt"]}
         for round_ in range(repeats + 2):
-            peer = [time_diffusers(make_theirs(), noise) for _ in range(3)]
-            full = time_diffkit(sampler, schedule, noise)
-            time_diffusers(make_theirs(), noise)
-            parts = phases(sampler, schedule, noise)
-            time_diffusers(make_theirs(), noise)
-            ready = sum(phases(sampler, schedule, noise, built).values())
+            peer = [time_diffusers(make_theirs(), noise, steps) for _ in range(3)]
+            full = time_diffkit(sampler, schedule, noise, steps)
+            time_diffusers(make_theirs(), noise, steps)
+            parts = phases(sampler, schedule, noise, steps=steps)
+            time_diffusers(make_theirs(), noise, steps)
+            ready = sum(phases(sampler, schedule, noise, built, steps).values())
             if round_ < 2:
                 continue
             ref = statistics.median(peer)
@@ -206,6 +210,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21, help="timed rounds (after 2 warm-up)")
     parser.add_argument("--only", nargs="*", help="sampler names to run (default: all)")
     parser.add_argument("--peer-defaults", action="store_true", help="diffusers' default spacings")
+    parser.add_argument("--steps", type=int, default=STEPS, help="steps per sampling call")
     parser.add_argument("--breakdown", action="store_true", help="diffkit's call phase by phase")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -213,7 +218,7 @@ def main() -> None:
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     cases = {k: v for k, v in pairs(args.peer_defaults).items() if not args.only or k in args.only}
     if args.breakdown:
-        breakdown(cases, schedule, noise, args.repeats)
+        breakdown(cases, schedule, noise, args.repeats, args.steps)
         return
     ours: dict[str, list[float]] = {name: [] for name in cases}
     theirs: dict[str, list[float]] = {name: [] for name in cases}
@@ -222,16 +227,16 @@ def main() -> None:
         for name, (_, make_theirs) in cases.items():
             scheduler = make_theirs()
             if round_ % 2:
-                b = time_diffusers(scheduler, noise)
-                a = time_diffkit(made[name], schedule, noise)
+                b = time_diffusers(scheduler, noise, args.steps)
+                a = time_diffkit(made[name], schedule, noise, args.steps)
             else:
-                a = time_diffkit(made[name], schedule, noise)
-                b = time_diffusers(scheduler, noise)
+                a = time_diffkit(made[name], schedule, noise, args.steps)
+                b = time_diffusers(scheduler, noise, args.steps)
             if round_ >= 2:
                 ours[name].append(a)
                 theirs[name].append(b)
     print(
-        f"latent {SHAPE}, {STEPS} steps, zero-cost denoiser, shape checks "
+        f"latent {SHAPE}, {args.steps} steps, zero-cost denoiser, shape checks "
         f"{'on' if dk.typing.CHECKS_ENABLED else 'off'}; diffusers "
         f"{'default' if args.peer_defaults else 'matched'} spacings; CPU time, median of "
         f"{args.repeats} interleaved rounds; µs per step"
@@ -239,8 +244,8 @@ def main() -> None:
     print(f"{'sampler':<18}{'diffkit':>10}{'diffusers':>12}{'ratio':>8}{'ratio q1-q3':>14}")
     ratios = []
     for name in cases:
-        a = statistics.median(ours[name]) / STEPS * 1e6
-        b = statistics.median(theirs[name]) / STEPS * 1e6
+        a = statistics.median(ours[name]) / args.steps * 1e6
+        b = statistics.median(theirs[name]) / args.steps * 1e6
         per_round = [x / y for x, y in zip(ours[name], theirs[name])]
         ratio = statistics.median(per_round)
         ratios.append(ratio)
