@@ -124,6 +124,25 @@ def test_text_conditioner_rejects_empty_and_non_text_input() -> None:
     assert out.tokens is not None and out.tokens.shape == (2, 8, 16)
 
 
+def test_conditioning_rejects_a_non_bool_mask_and_non_integer_labels() -> None:
+    tokens = torch.zeros(2, 3, 4)
+    # a tokenizer's 0/1 int64 attention_mask is the common mistake
+    for mask in (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3)):
+        with pytest.raises(
+            dk.ShapeError, match=r"'mask'.*dtype torch\.(int64|float32).*mask\.bool\(\)"
+        ):
+            dk.Conditioning(tokens=tokens, mask=mask)
+    for labels in (torch.tensor([0.0, 1.0]), torch.tensor([True, False])):
+        with pytest.raises(
+            dk.ShapeError, match=r"'labels'.*dtype torch\.(float32|bool).*labels\.long\(\)"
+        ):
+            dk.Conditioning(labels=labels)
+    ok = dk.Conditioning(tokens=tokens, mask=torch.ones(2, 3, dtype=torch.bool))
+    assert ok.mask is not None and ok.mask.dtype == torch.bool
+    for dtype in (torch.int64, torch.int32):
+        assert dk.Conditioning(labels=torch.tensor([0, 2], dtype=dtype)).batch_size == 2
+
+
 class _Forwarding:
     """Forwards every attribute to the wrapped object, as EMA / DDP-style wrappers do."""
 
