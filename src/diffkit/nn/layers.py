@@ -158,7 +158,7 @@ def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
         h = torch.matmul(weight, x.flatten(2))
         if conv.bias is not None:
             h = h + conv.bias[:, None]
-        return h.view(x.shape[0], -1, *x.shape[2:])
+        return h.view(x.shape[0], conv.out_channels, *x.shape[2:])  # not -1: batch may be 0
     h = F.linear(rearrange(x, "b c y x -> b y x c"), weight, conv.bias)
     return rearrange(h, "b y x c -> b c y x")
 

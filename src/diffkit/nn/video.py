@@ -178,8 +178,9 @@ class VideoBlock(nn.Module):
         if self.attn_time is not None and self.norm_time is not None:
             shift, scale, gate = mods[6:9]
             h = modulate(self.norm_time(x), shift, scale)
+            spatial = x.shape[1] // frames  # s, not b: an empty batch leaves b undetermined
             h = rearrange(h, "b (f s) d -> (b s) f d", f=frames)
-            h = rearrange(self.attn_time(h), "(b s) f d -> b (f s) d", b=x.shape[0])
+            h = rearrange(self.attn_time(h), "(b s) f d -> b (f s) d", s=spatial)
             x = x + gate.unsqueeze(1) * h
         if self.cross is not None and self.norm_cross is not None:
             x = x + self.cross(self.norm_cross(x), context, mask)
