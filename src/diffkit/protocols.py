@@ -126,8 +126,8 @@ class Conditioning:
                 )
             if self.labels.dtype not in (torch.int64, torch.int32):
                 raise ShapeError(
-                    f"Conditioning: 'labels' must be integer class indices (int64), got dtype "
-                    f"{self.labels.dtype}; pass labels.long()"
+                    f"Conditioning: 'labels' must be integer class indices (int64 or int32), got "
+                    f"dtype {self.labels.dtype}; pass labels.long()"
                 )
 
     def _fields(self) -> list[tuple[str, Tensor | None]]:
