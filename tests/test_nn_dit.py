@@ -160,6 +160,18 @@ def test_transformer_configs_build_from_the_registry():
         DiTConfig(dim=18, num_heads=4)
 
 
+def test_transformer_configs_reject_sizes_that_lose_time_or_position():
+    # freq_dim 1 makes the time features all zero: the network would ignore time
+    for config in (DiTConfig, VideoDiTConfig):
+        with pytest.raises(ValueError, match="freq_dim"):
+            config(dim=16, num_heads=2, freq_dim=1)
+        assert config(dim=16, num_heads=2, freq_dim=2).freq_dim == 2
+    # dim 4 leaves the 3-D sin-cos positions no feature for the position within a frame
+    with pytest.raises(ValueError, match=r"dim 4 must be .*at least 8"):
+        VideoDiTConfig(dim=4, num_heads=1)
+    assert VideoDiTConfig(dim=8, num_heads=1).dim == 8
+
+
 def test_local_mlp_mixes_only_spatial_neighbours_of_the_same_frame():
     mlp = _randomize(LocalFeedForward(8, 2.0))
     assert isinstance(mlp, LocalFeedForward)

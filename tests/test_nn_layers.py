@@ -18,6 +18,7 @@ from diffkit.nn.layers import (
     Upsample,
     network_timestep,
     timestep_embedding,
+    validate_conditioning,
 )
 from diffkit.typing import CHECKS_ENABLED
 
@@ -89,6 +90,51 @@ def test_cross_attention_with_every_token_masked_is_finite():
 def test_cross_attention_without_context_says_so():
     with pytest.raises(ValueError, match="needs a context"):
         Attention(16, 2, context_dim=8)(torch.randn(1, 4, 16))
+
+
+def test_networks_reject_labels_out_of_range_naming_num_classes():
+    nets = [
+        dk.nn.UNet(
+            dk.nn.UNetConfig(
+                base_channels=4,
+                channel_mult=(1,),
+                norm_groups=4,
+                attention_resolutions=(),
+                mid_attention=False,
+                num_classes=3,
+            )
+        ),
+        dk.nn.DiT(
+            dk.nn.DiTConfig(in_channels=3, dim=8, depth=1, num_heads=2, freq_dim=8, num_classes=3)
+        ),
+        dk.nn.VideoDiT(
+            dk.nn.VideoDiTConfig(
+                in_channels=3, dim=8, depth=1, num_heads=2, freq_dim=8, num_classes=3
+            )
+        ),
+    ]
+    for net in nets:
+        shape = (2, 2, 3, 4, 4) if isinstance(net, dk.nn.VideoDiT) else (2, 3, 4, 4)
+        x, t = torch.randn(shape), torch.rand(2)
+        for bad in ([0, 3], [-1, 2]):
+            cond = dk.Conditioning(labels=torch.tensor(bad))
+            with pytest.raises(ValueError, match=r"Conditioning\.labels.*num_classes=3"):
+                net(x, t, cond)
+        assert net(x, t, dk.Conditioning(labels=torch.tensor([0, 2]))).shape == shape
+
+
+def test_label_range_is_not_read_back_from_an_accelerator():
+    # Reading labels off a device would be a host sync per denoiser call: only CPU is checked
+    # (a meta tensor has no values, so any read-back would raise here).
+    labels = torch.tensor([7], device="meta")
+    validate_conditioning(
+        "Net",
+        1,
+        dk.Conditioning(labels=labels),
+        context_dim=None,
+        pooled_dim=None,
+        num_classes=3,
+    )
 
 
 def test_spatial_attention_layers_keep_shape_and_are_residual():

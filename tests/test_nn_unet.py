@@ -183,6 +183,19 @@ def test_unet_config_validates_and_builds_from_the_registry():
     assert DENOISERS.parse(model.config.to_json()) == model.config
 
 
+def test_unet_config_rejects_time_features_that_ignore_time_or_are_nan():
+    small = {"channel_mult": (1,), "norm_groups": 1, "attention_resolutions": ()}
+    # the first level's width is the size of the sinusoidal time features
+    with pytest.raises(ValueError, match=r"base_channels \* channel_mult\[0\] = 1 .* at least 2"):
+        UNetConfig(base_channels=1, mid_attention=False, **small)
+    with pytest.raises(ValueError, match=r"freq_shift 1\.0 equals half the 2"):
+        UNetConfig(base_channels=2, freq_shift=1.0, mid_attention=False, **small)
+    model = _randomize(UNet(UNetConfig(base_channels=2, mid_attention=False, **small)))
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, torch.tensor([0.1])), model(x, torch.tensor([0.9])))
+
+
 def test_unet_trains_a_step():
     config = UNetConfig(
         in_channels=1,

@@ -134,3 +134,12 @@ def test_sincos_rejects_dims_that_do_not_split():
         sincos_pos_embed_2d(2, 2, 6)
     with pytest.raises(ValueError):
         sincos_pos_embed_3d(2, 2, 2, 6)
+
+
+def test_sincos_3d_rejects_dims_that_leave_a_part_empty():
+    # dim 4 would give 0 spatial features: every token of a frame at the same position
+    for dim in (0, 4):
+        with pytest.raises(ValueError, match=f"dim {dim} leaves 0 features for the 2-D position"):
+            sincos_pos_embed_3d(2, 3, 3, dim)
+    emb = sincos_pos_embed_3d(1, 3, 3, 8)
+    assert torch.unique(emb, dim=0).shape[0] == 9

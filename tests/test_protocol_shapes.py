@@ -124,6 +124,73 @@ def test_text_conditioner_rejects_empty_and_non_text_input() -> None:
     assert out.tokens is not None and out.tokens.shape == (2, 8, 16)
 
 
+def test_conditioning_rejects_a_non_bool_mask_and_non_integer_labels() -> None:
+    tokens = torch.zeros(2, 3, 4)
+    # a tokenizer's 0/1 int64 attention_mask is the common mistake
+    for mask in (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3)):
+        with pytest.raises(
+            dk.ShapeError, match=r"'mask'.*dtype torch\.(int64|float32).*mask\.bool\(\)"
+        ):
+            dk.Conditioning(tokens=tokens, mask=mask)
+    for labels in (torch.tensor([0.0, 1.0]), torch.tensor([True, False])):
+        with pytest.raises(
+            dk.ShapeError, match=r"'labels'.*dtype torch\.(float32|bool).*labels\.long\(\)"
+        ):
+            dk.Conditioning(labels=labels)
+    ok = dk.Conditioning(tokens=tokens, mask=torch.ones(2, 3, dtype=torch.bool))
+    assert ok.mask is not None and ok.mask.dtype == torch.bool
+    for dtype in (torch.int64, torch.int32):
+        assert dk.Conditioning(labels=torch.tensor([0, 2], dtype=dtype)).batch_size == 2
+
+
+def _conditioned_denoisers() -> list[tuple[torch.nn.Module, tuple[int, ...], tuple[int, ...]]]:
+    """(denoiser, input shape, output shape) with every conditioning, attention and MLP kind."""
+    cond = {"context_dim": 6, "pooled_dim": 5, "num_classes": 3}
+    unet = {
+        "in_channels": 2,
+        "out_channels": 1,
+        "base_channels": 8,
+        "channel_mult": (1, 2),
+        "blocks_per_level": 1,
+        "attention_resolutions": (1, 2),
+        "norm_groups": 4,
+        "attention_head_dim": 4,
+    }
+    dit = DiTConfig(in_channels=2, out_channels=1, dim=16, depth=1, num_heads=2, freq_dim=8, **cond)
+    video = {"in_channels": 2, "out_channels": 1, "dim": 16, "depth": 1, "num_heads": 2}
+    video |= {"freq_dim": 8, **cond}
+    image, video_shape = (2, 8, 8), (2, 2, 8, 8)
+    return [
+        (UNet(UNetConfig(**unet, **cond)), image, (1, 8, 8)),  # cross-attention
+        (UNet(UNetConfig(**unet, **{**cond, "context_dim": None})), image, (1, 8, 8)),
+        (DiT(dit), image, (1, 8, 8)),
+        *(
+            (VideoDiT(VideoDiTConfig(**video, **u)), video_shape, (2, 1, 8, 8))
+            for u in ({}, {"attention": "full"}, {"local_mlp": True})
+        ),
+    ]
+
+
+def test_every_network_maps_an_empty_batch_to_an_empty_output() -> None:
+    # as torch's own layers (and DiT) do: batch 0 in, batch 0 out, nothing inferred from it
+    cond = dk.Conditioning(
+        tokens=torch.zeros(0, 3, 6),
+        mask=torch.zeros(0, 3, dtype=torch.bool),
+        pooled=torch.zeros(0, 5),
+        labels=torch.zeros(0, dtype=torch.long),
+    )
+    for model, shape, out_shape in _conditioned_denoisers():
+        with torch.no_grad():
+            out = model(torch.zeros(0, *shape), torch.zeros(0), cond)
+        assert out.shape == (0, *out_shape), type(model).__name__
+    vae = _vae()
+    for shape in ((1, 8, 8), (3, 1, 8, 8)):  # images and videos
+        with torch.no_grad():
+            z = vae.encode(torch.zeros(0, *shape))
+            assert z.shape == (0, *vae.latent_shape(shape))
+            assert vae.decode(z).shape == (0, *shape)
+
+
 class _Forwarding:
     """Forwards every attribute to the wrapped object, as EMA / DDP-style wrappers do."""
 

@@ -193,11 +193,16 @@ def sincos_pos_embed_3d(
     """Fixed 3-D sin-cos embedding ``(frames*grid_h*grid_w, dim)``, frame-major like tubelets.
 
     About three quarters of the features encode the 2-D position (rows, columns), the rest
-    the frame; ``dim % 4 == 0``.
+    the frame; ``dim % 4 == 0`` and ``dim >= 8``.
     """
     if dim % 4 != 0:
         raise ValueError(f"dim must be a multiple of 4 for a 3-D sin-cos embedding, got {dim}")
     space_dim = (3 * dim // 4) // 4 * 4
+    if space_dim == 0 or dim - space_dim == 0:
+        raise ValueError(
+            f"dim {dim} leaves {space_dim} features for the 2-D position and {dim - space_dim} "
+            "for the frame; a 3-D sin-cos embedding needs dim >= 8"
+        )
     space = sincos_pos_embed_2d(grid_h, grid_w, space_dim)
     time = sincos_pos_embed_1d(torch.arange(frames), dim - space_dim)
     space = space.unsqueeze(0).expand(frames, -1, -1)

@@ -84,8 +84,8 @@ class Conditioning:
 
     - ``tokens``: a sequence for cross-attention, ``(batch, tokens, dim)``.
     - ``pooled``: one vector per item, ``(batch, dim)``.
-    - ``mask``: ``True`` where a token is real, ``(batch, tokens)``.
-    - ``labels``: integer class labels, ``(batch,)``.
+    - ``mask``: bool, ``True`` where a token is real, ``(batch, tokens)``.
+    - ``labels``: integer (int64 or int32) class labels, ``(batch,)``.
     """
 
     tokens: Float[Tensor, "batch tokens dim"] | None = None
@@ -114,10 +114,21 @@ class Conditioning:
                     f"Conditioning: 'mask' shape {tuple(self.mask.shape)} must equal the first "
                     f"two dimensions of 'tokens' {tuple(self.tokens.shape[:2])}"
                 )
-        if self.labels is not None and self.labels.ndim != 1:
-            raise ShapeError(
-                f"Conditioning: 'labels' must be (batch,), got {tuple(self.labels.shape)}"
-            )
+            if self.mask.dtype != torch.bool:
+                raise ShapeError(
+                    f"Conditioning: 'mask' must be a bool keep-mask, got dtype {self.mask.dtype} "
+                    "(a tokenizer's 0/1 attention_mask?); pass mask.bool()"
+                )
+        if self.labels is not None:
+            if self.labels.ndim != 1:
+                raise ShapeError(
+                    f"Conditioning: 'labels' must be (batch,), got {tuple(self.labels.shape)}"
+                )
+            if self.labels.dtype not in (torch.int64, torch.int32):
+                raise ShapeError(
+                    f"Conditioning: 'labels' must be integer class indices (int64 or int32), got "
+                    f"dtype {self.labels.dtype}; pass labels.long()"
+                )
 
     def _fields(self) -> list[tuple[str, Tensor | None]]:
         return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]

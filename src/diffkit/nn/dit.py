@@ -51,7 +51,9 @@ class DiTConfig(Config):
     )
     pooled_dim: int | None = Field(default=None, gt=0, description="dim of Conditioning.pooled")
     num_classes: int | None = Field(default=None, gt=0, description="class-label conditioning")
-    freq_dim: int = Field(default=256, gt=0, description="size of the sinusoidal time features")
+    freq_dim: int = Field(
+        default=256, ge=2, description="size of the sinusoidal time features (1 would be all zero)"
+    )
     prediction: Prediction = Field(default="epsilon", description="what the network predicts")
     time_input: Literal["t", "index"] = Field(
         default="t", description="embed time_scale * t, or the discrete index N t - 1"

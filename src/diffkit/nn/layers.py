@@ -158,7 +158,7 @@ def pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
         h = torch.matmul(weight, x.flatten(2))
         if conv.bias is not None:
             h = h + conv.bias[:, None]
-        return h.view(x.shape[0], -1, *x.shape[2:])
+        return h.view(x.shape[0], conv.out_channels, *x.shape[2:])  # not -1: batch may be 0
     h = F.linear(rearrange(x, "b c y x -> b y x c"), weight, conv.bias)
     return rearrange(h, "b y x c -> b c y x")
 
@@ -482,10 +482,23 @@ def validate_conditioning(
                 f"{owner}: Conditioning.tokens has dim {tokens.shape[-1]}, expected "
                 f"context_dim={context_dim}"
             )
-    if num_classes is not None and (cond is None or cond.labels is None):
-        raise ValueError(
-            f"{owner}: class-conditioned (num_classes set); pass Conditioning(labels=)"
-        )
+    if num_classes is not None:
+        labels = cond.labels if cond is not None else None
+        if labels is None:
+            raise ValueError(
+                f"{owner}: class-conditioned (num_classes set); pass Conditioning(labels=)"
+            )
+        # The range is checked for CPU labels only: on an accelerator reading them back is a
+        # host-device sync on every denoiser call of every sampling step (the samplers' loop
+        # is sync-free); there a bad label fails inside the embedding instead.
+        if labels.device.type == "cpu" and labels.numel() > 0:
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= num_classes:
+                raise ValueError(
+                    f"{owner}: Conditioning.labels must be in [0, num_classes={num_classes}) "
+                    f"(a null label for guidance counts among the classes), got labels from "
+                    f"{low} to {high}"
+                )
     if pooled_dim is not None:
         pooled = cond.pooled if cond is not None else None
         if pooled is None:

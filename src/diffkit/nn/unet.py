@@ -105,6 +105,18 @@ class UNetConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> "UNetConfig":
+        features = self.base_channels * self.channel_mult[0]  # the sinusoidal time features
+        if features < 2:
+            raise ValueError(
+                f"base_channels * channel_mult[0] = {features} is also the size of the "
+                "sinusoidal time features and must be at least 2 (with 1 they are all zero: "
+                "the network would ignore time)"
+            )
+        if features // 2 == self.freq_shift:
+            raise ValueError(
+                f"freq_shift {self.freq_shift} equals half the {features} sinusoidal time "
+                "features (base_channels * channel_mult[0]): the frequencies would be NaN"
+            )
         for i, mult in enumerate(self.channel_mult):
             channels = self.base_channels * mult
             if channels % self.norm_groups != 0:

@@ -71,7 +71,9 @@ class VideoDiTConfig(Config):
     )
     pooled_dim: int | None = Field(default=None, gt=0, description="dim of Conditioning.pooled")
     num_classes: int | None = Field(default=None, gt=0, description="class-label conditioning")
-    freq_dim: int = Field(default=256, gt=0, description="size of the sinusoidal time features")
+    freq_dim: int = Field(
+        default=256, ge=2, description="size of the sinusoidal time features (1 would be all zero)"
+    )
     prediction: Prediction = Field(default="epsilon", description="what the network predicts")
     time_input: Literal["t", "index"] = Field(
         default="t", description="embed time_scale * t, or the discrete index N t - 1"
@@ -83,8 +85,11 @@ class VideoDiTConfig(Config):
     def _check(self) -> "VideoDiTConfig":
         if self.dim % self.num_heads != 0:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        if self.dim % 4 != 0:
-            raise ValueError(f"dim {self.dim} must be a multiple of 4 (3-D sin-cos positions)")
+        if self.dim % 4 != 0 or self.dim < 8:
+            raise ValueError(
+                f"dim {self.dim} must be a multiple of 4 and at least 8 (3-D sin-cos positions; "
+                "with 4 no feature encodes the position within a frame)"
+            )
         if any(p < 1 for p in self.patch_size):
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
         return self
@@ -178,8 +183,9 @@ class VideoBlock(nn.Module):
         if self.attn_time is not None and self.norm_time is not None:
             shift, scale, gate = mods[6:9]
             h = modulate(self.norm_time(x), shift, scale)
+            spatial = x.shape[1] // frames  # s, not b: an empty batch leaves b undetermined
             h = rearrange(h, "b (f s) d -> (b s) f d", f=frames)
-            h = rearrange(self.attn_time(h), "(b s) f d -> b (f s) d", b=x.shape[0])
+            h = rearrange(self.attn_time(h), "(b s) f d -> b (f s) d", s=spatial)
             x = x + gate.unsqueeze(1) * h
         if self.cross is not None and self.norm_cross is not None:
             x = x + self.cross(self.norm_cross(x), context, mask)
