@@ -221,6 +221,20 @@ def test_invalid_configs_raise_validation_errors_naming_the_fields(name):
         assert phrase in message, (name, message)
 
 
+def test_an_encoder_decoding_to_other_channels_than_the_data_is_rejected():
+    # The decoder's out_channels, not only the encoder's in_channels, must match data_shape.
+    data = {**_good(), "encoder": {**_kl(1, 4), "out_channels": 3}}
+    with pytest.raises(ValidationError) as info:
+        PipelineConfig.model_validate(data)
+    assert "data_shape has 1 channels but encoder.out_channels is 3" in str(info.value)
+    assert (
+        compatibility_problems(
+            PipelineConfig.model_validate({**_good(), "encoder": {**_kl(1, 4), "out_channels": 1}})
+        )
+        == []
+    )
+
+
 def test_compatibility_is_checked_before_any_weight_is_allocated(monkeypatch):
     built = []
     monkeypatch.setattr(
