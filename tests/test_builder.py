@@ -235,6 +235,12 @@ def test_an_encoder_decoding_to_other_channels_than_the_data_is_rejected():
     )
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_guidance_is_rejected(value):
+    with pytest.raises(ValidationError, match=r"(?s)guidance.*finite number"):
+        PipelineConfig.model_validate({**_good(), "guidance": value})
+
+
 def test_compatibility_is_checked_before_any_weight_is_allocated(monkeypatch):
     built = []
     monkeypatch.setattr(

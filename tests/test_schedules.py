@@ -189,6 +189,23 @@ def test_invalid_schedule_config_names_the_field() -> None:
         SCHEDULES.parse({"kind": "nope"})
 
 
+FLOAT_FIELDS = [
+    (kind, field)
+    for kind in SCHEDULES.kinds
+    for field, info in SCHEDULES.config_class(kind).model_fields.items()
+    if info.annotation is float
+]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(("kind", "field"), FLOAT_FIELDS)
+def test_non_finite_schedule_parameters_are_rejected_naming_the_field(
+    kind: str, field: str, value: float
+) -> None:
+    with pytest.raises(ValidationError, match=f"(?s){field}.*finite number"):
+        SCHEDULES.parse({"kind": kind, field: value})
+
+
 def test_wrong_shaped_time_names_the_argument_and_dimension() -> None:
     with pytest.raises(dk.ShapeError, match=r"argument 't' has 2 dimensions"):
         LinearBeta().alpha(torch.zeros(2, 3))
