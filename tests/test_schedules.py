@@ -81,6 +81,23 @@ def test_documented_end_points(name: str) -> None:
         torch.testing.assert_close(total, torch.ones_like(total))
 
 
+ENDS_OF_EVERY_KIND = {
+    **ALL,
+    "cosine_discrete": Discrete.from_config(DiscreteConfig(beta_schedule="cosine")),
+    "zero_terminal_snr_sqrt": ZeroTerminalSNR(SqrtLinearBeta()),
+    "zero_terminal_snr_cosine": ZeroTerminalSNR(Cosine()),
+    **{kind: SCHEDULES.build({"kind": kind}) for kind in SCHEDULES.kinds if kind not in ALL},
+}
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("name", list(ENDS_OF_EVERY_KIND))
+def test_t_of_log_snr_of_infinite_log_snr_is_exactly_an_end(name: str, dtype: torch.dtype) -> None:
+    s = ENDS_OF_EVERY_KIND[name]
+    t = s.t_of_log_snr(torch.tensor([math.inf, -math.inf], dtype=dtype))
+    assert t.tolist() == [0.0, 1.0]
+
+
 @pytest.mark.parametrize("name", list(ALL))
 @given(t=st.floats(0.002, 0.998))
 def test_t_of_log_snr_inverts_log_snr(name: str, t: float) -> None:

@@ -99,7 +99,10 @@ class ScheduleBase:
     @checked
     def t_of_log_snr(self, log_snr: Time) -> Time:
         """Inverse of ``log_snr``: the time at which the log-SNR takes the given value."""
-        return self._t_of_log_snr(log_snr.to(_F64)).clamp(0.0, 1.0).to(log_snr.dtype)
+        lam = log_snr.to(_F64)
+        # The ends exactly (a formula may give inf / inf there): +inf is data, -inf noise.
+        t = torch.where(torch.isinf(lam), (lam < 0).to(_F64), self._t_of_log_snr(lam))
+        return t.clamp(0.0, 1.0).to(log_snr.dtype)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
