@@ -206,6 +206,14 @@ def test_invalid_schedule_config_names_the_field() -> None:
         SCHEDULES.parse({"kind": "nope"})
 
 
+@pytest.mark.parametrize("base", [RectifiedFlow(), RectifiedFlow(shift=3.0), EDM()])
+def test_zero_terminal_snr_rejects_a_base_that_is_not_variance_preserving(base) -> None:
+    with pytest.raises(
+        ValueError, match=f"base must be a variance-preserving.*{type(base).__name__}"
+    ):
+        ZeroTerminalSNR(base)
+
+
 FLOAT_FIELDS = [
     (kind, field)
     for kind in SCHEDULES.kinds

@@ -509,6 +509,14 @@ class ZeroTerminalSNR(ScheduleBase):
     """
 
     def __init__(self, base: ScheduleBase):
+        if not isinstance(base, ScheduleBase) or type(base)._alpha_sigma is not (
+            ScheduleBase._alpha_sigma
+        ):
+            raise ValueError(
+                f"ZeroTerminalSNR: base must be a variance-preserving schedule (alpha² + "
+                f"sigma² = 1, e.g. LinearBeta, SqrtLinearBeta, Cosine, Discrete), got "
+                f"{type(base).__name__}"
+            )
         self.base = base
         ends = torch.tensor([0.0, 1.0], dtype=_F64)
         a = base._alpha_sigma(ends)[0]
