@@ -301,6 +301,12 @@ def test_user_registered_components_are_built_and_checked_like_builtins(tmp_path
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("value", [1, None, ["data_shape"]])
+def test_parse_config_of_a_non_mapping_is_a_clear_error(value):
+    with pytest.raises(TypeError, match="a pipeline config must be a PipelineConfig, a mapping"):
+        parse_config(value)
+
+
 def test_unknown_registry_group_is_a_clear_error():
     with pytest.raises(ValueError, match="no component registry named 'nonsense'"):
         registry("nonsense")

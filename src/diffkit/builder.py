@@ -404,6 +404,11 @@ def parse_config(config: PipelineConfig | Mapping[str, Any] | str) -> PipelineCo
 
         data = yaml.safe_load(config)  # YAML is a superset of JSON
         return PipelineConfig.model_validate(data)
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            "a pipeline config must be a PipelineConfig, a mapping or JSON / YAML text, got "
+            f"{type(config).__name__}"
+        )
     return PipelineConfig.model_validate(dict(config))
 
 

@@ -451,7 +451,12 @@ class Pipeline(nn.Module):
             data = json.loads(config_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
-        text = data.get("text") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise CheckpointError(
+                f"{config_path} must hold a JSON object (the pipeline config), got "
+                f"{type(data).__name__}"
+            )
+        text = data.get("text")
         if isinstance(text, dict) and isinstance(text.get("vocab_path"), str):
             vocab = Path(text["vocab_path"])
             if not vocab.is_absolute():
