@@ -301,6 +301,15 @@ def test_user_registered_components_are_built_and_checked_like_builtins(tmp_path
         assert torch.equal(a, b)
 
 
+def test_a_schedule_given_as_a_bare_kind_name_names_the_field_and_the_fix():
+    text = yaml.safe_dump({**_good(), "schedule": "cosine"})
+    with pytest.raises(ValidationError) as info:
+        parse_config(text)
+    message = str(info.value)
+    assert "schedule\n" in message and "e.g. {kind: cosine}" in message, message
+    assert "Expecting value" not in message
+
+
 @pytest.mark.parametrize("value", [1, None, ["data_shape"]])
 def test_parse_config_of_a_non_mapping_is_a_clear_error(value):
     with pytest.raises(TypeError, match="a pipeline config must be a PipelineConfig, a mapping"):

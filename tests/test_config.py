@@ -83,3 +83,10 @@ def test_duplicate_kinds_and_unknown_kinds_are_errors() -> None:
         registry.parse({"width": 3})
     with pytest.raises(ValueError, match="not a registered"):
         registry.parse(_OtherConfig())
+
+
+def test_a_bare_kind_string_says_a_mapping_is_expected() -> None:
+    with pytest.raises(ValueError, match=r"mapping with a 'kind' field, e\.g\. \{kind: toy\}"):
+        _registry().parse("toy")
+    with pytest.raises(ValueError, match=r"e\.g\. \{kind: toy\}.*got the string 'not json'"):
+        _registry().parse("not json")

@@ -104,7 +104,14 @@ class Registry(Generic[T]):
                 )
             return data
         if isinstance(data, str):
-            data = json.loads(data)
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError:
+                example = data if data in self._configs else (self.kinds or ["..."])[0]
+                raise ValueError(
+                    f"a {self.group} config must be a mapping with a 'kind' field, e.g. "
+                    f"{{kind: {example}}}, or its JSON text; got the string {data!r}"
+                ) from None
         if not isinstance(data, Mapping):
             raise ValueError(f"a {self.group} config must be a mapping with a 'kind' field")
         kind = data.get("kind")
