@@ -221,6 +221,26 @@ def test_invalid_configs_raise_validation_errors_naming_the_fields(name):
         assert phrase in message, (name, message)
 
 
+def test_an_encoder_decoding_to_other_channels_than_the_data_is_rejected():
+    # The decoder's out_channels, not only the encoder's in_channels, must match data_shape.
+    data = {**_good(), "encoder": {**_kl(1, 4), "out_channels": 3}}
+    with pytest.raises(ValidationError) as info:
+        PipelineConfig.model_validate(data)
+    assert "data_shape has 1 channels but encoder.out_channels is 3" in str(info.value)
+    assert (
+        compatibility_problems(
+            PipelineConfig.model_validate({**_good(), "encoder": {**_kl(1, 4), "out_channels": 1}})
+        )
+        == []
+    )
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_guidance_is_rejected(value):
+    with pytest.raises(ValidationError, match=r"(?s)guidance.*finite number"):
+        PipelineConfig.model_validate({**_good(), "guidance": value})
+
+
 def test_compatibility_is_checked_before_any_weight_is_allocated(monkeypatch):
     built = []
     monkeypatch.setattr(
@@ -279,6 +299,21 @@ def test_user_registered_components_are_built_and_checked_like_builtins(tmp_path
     again = Pipeline.load(tmp_path)
     for a, b in zip(pipeline.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_schedule_given_as_a_bare_kind_name_names_the_field_and_the_fix():
+    text = yaml.safe_dump({**_good(), "schedule": "cosine"})
+    with pytest.raises(ValidationError) as info:
+        parse_config(text)
+    message = str(info.value)
+    assert "schedule\n" in message and "e.g. {kind: cosine}" in message, message
+    assert "Expecting value" not in message
+
+
+@pytest.mark.parametrize("value", [1, None, ["data_shape"]])
+def test_parse_config_of_a_non_mapping_is_a_clear_error(value):
+    with pytest.raises(TypeError, match="a pipeline config must be a PipelineConfig, a mapping"):
+        parse_config(value)
 
 
 def test_unknown_registry_group_is_a_clear_error():

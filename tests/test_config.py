@@ -1,5 +1,6 @@
 """The config base and registries: strict, frozen, JSON round-trip, user kinds."""
 
+import math
 from typing import Literal
 
 import pytest
@@ -11,6 +12,12 @@ from diffkit.config import REGISTRIES, Config, Registry, kind_of
 class _ToyConfig(Config):
     kind: Literal["toy"] = "toy"
     width: int = Field(default=4, gt=0, description="width")
+
+
+class _FloatConfig(Config):
+    kind: Literal["floaty"] = "floaty"
+    scale: float = Field(default=1.0, description="any finite number")
+    limit: float | None = Field(default=None, description="optional")
 
 
 class _OtherConfig(Config):
@@ -34,6 +41,14 @@ def test_configs_are_frozen_and_forbid_unknown_fields() -> None:
 def test_invalid_value_names_the_field() -> None:
     with pytest.raises(ValidationError, match="width"):
         _registry().parse({"kind": "toy", "width": -1})
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("field", ["scale", "limit"])
+def test_float_fields_must_be_finite(field: str, value: float) -> None:
+    with pytest.raises(ValidationError, match=f"(?s){field}.*finite number"):
+        _FloatConfig.model_validate({field: value})
+    assert getattr(_FloatConfig.model_validate({field: -1e300}), field) == -1e300
 
 
 def test_round_trip_through_json_and_dict() -> None:
@@ -68,3 +83,10 @@ def test_duplicate_kinds_and_unknown_kinds_are_errors() -> None:
         registry.parse({"width": 3})
     with pytest.raises(ValueError, match="not a registered"):
         registry.parse(_OtherConfig())
+
+
+def test_a_bare_kind_string_says_a_mapping_is_expected() -> None:
+    with pytest.raises(ValueError, match=r"mapping with a 'kind' field, e\.g\. \{kind: toy\}"):
+        _registry().parse("toy")
+    with pytest.raises(ValueError, match=r"e\.g\. \{kind: toy\}.*got the string 'not json'"):
+        _registry().parse("not json")

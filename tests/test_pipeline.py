@@ -114,6 +114,40 @@ def test_latents_and_encode_decode(text_pipeline):
     assert text_pipeline.encode(torch.zeros(2, 1, 16, 16)).shape == (2, 4, 8, 8)
 
 
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda p: p.img2img(torch.zeros(1, 1, 16, 16), ["a", "b"]),
+            "x's batch is 1 but got 2 prompts; pass 1$",
+        ),
+        (
+            lambda p: p.generate("a", num_samples=3, noise=torch.zeros(2, 4, 8, 8)),
+            "noise has batch 2 but num_samples is 3$",
+        ),
+        (
+            lambda p: p.generate(["a", "b"], noise=torch.zeros(3, 4, 8, 8)),
+            "noise's batch is 3 but got 2 prompts; pass 1 or 3$",
+        ),
+        (
+            lambda p: p.generate(["a", "b"], num_samples=3),
+            "num_samples is 3 but got 2 prompts; pass 1 or 3$",
+        ),
+        (
+            lambda p: p.generate(["a", "b", "c"], negative_prompts=["x", "y"]),
+            "the batch is 3 but got 2 negative_prompts; pass 1 or 3$",
+        ),
+        (
+            lambda p: p.generate(["a", "b", "c"], uncond=p.condition(["x", "y"]), guidance=2.0),
+            "the batch is 3 but got uncond of batch 2; pass 1 or 3$",
+        ),
+    ],
+)
+def test_batch_mismatches_name_the_arguments(text_pipeline, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(text_pipeline)
+
+
 def test_load_detects_mismatched_and_corrupt_files_and_names_keys(tmp_path, text_pipeline):
     folder = tmp_path / "p"
     text_pipeline.save(folder)
@@ -142,6 +176,14 @@ def test_load_detects_mismatched_and_corrupt_files_and_names_keys(tmp_path, text
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         Pipeline.load(folder)
+
+
+@pytest.mark.parametrize("content", ["1", "null", "[]", '"cosine"'])
+def test_a_config_json_that_is_not_an_object_names_the_file(tmp_path, text_pipeline, content):
+    text_pipeline.save(tmp_path)
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=r"config\.json must hold a JSON object"):
+        Pipeline.load(tmp_path)
 
 
 def test_load_never_unpickles(tmp_path, text_pipeline, monkeypatch):

@@ -81,6 +81,23 @@ def test_documented_end_points(name: str) -> None:
         torch.testing.assert_close(total, torch.ones_like(total))
 
 
+ENDS_OF_EVERY_KIND = {
+    **ALL,
+    "cosine_discrete": Discrete.from_config(DiscreteConfig(beta_schedule="cosine")),
+    "zero_terminal_snr_sqrt": ZeroTerminalSNR(SqrtLinearBeta()),
+    "zero_terminal_snr_cosine": ZeroTerminalSNR(Cosine()),
+    **{kind: SCHEDULES.build({"kind": kind}) for kind in SCHEDULES.kinds if kind not in ALL},
+}
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("name", list(ENDS_OF_EVERY_KIND))
+def test_t_of_log_snr_of_infinite_log_snr_is_exactly_an_end(name: str, dtype: torch.dtype) -> None:
+    s = ENDS_OF_EVERY_KIND[name]
+    t = s.t_of_log_snr(torch.tensor([math.inf, -math.inf], dtype=dtype))
+    assert t.tolist() == [0.0, 1.0]
+
+
 @pytest.mark.parametrize("name", list(ALL))
 @given(t=st.floats(0.002, 0.998))
 def test_t_of_log_snr_inverts_log_snr(name: str, t: float) -> None:
@@ -187,6 +204,31 @@ def test_invalid_schedule_config_names_the_field() -> None:
         SCHEDULES.parse({"kind": "cosine", "extra_field": 1})
     with pytest.raises(ValueError, match="unknown schedule kind 'nope'"):
         SCHEDULES.parse({"kind": "nope"})
+
+
+@pytest.mark.parametrize("base", [RectifiedFlow(), RectifiedFlow(shift=3.0), EDM()])
+def test_zero_terminal_snr_rejects_a_base_that_is_not_variance_preserving(base) -> None:
+    with pytest.raises(
+        ValueError, match=f"base must be a variance-preserving.*{type(base).__name__}"
+    ):
+        ZeroTerminalSNR(base)
+
+
+FLOAT_FIELDS = [
+    (kind, field)
+    for kind in SCHEDULES.kinds
+    for field, info in SCHEDULES.config_class(kind).model_fields.items()
+    if info.annotation is float
+]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(("kind", "field"), FLOAT_FIELDS)
+def test_non_finite_schedule_parameters_are_rejected_naming_the_field(
+    kind: str, field: str, value: float
+) -> None:
+    with pytest.raises(ValidationError, match=f"(?s){field}.*finite number"):
+        SCHEDULES.parse({"kind": kind, field: value})
 
 
 def test_wrong_shaped_time_names_the_argument_and_dimension() -> None:

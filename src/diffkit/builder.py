@@ -10,7 +10,7 @@ part is parsed through the registry of its group in ``diffkit.config.REGISTRIES`
 Validating a ``PipelineConfig`` checks that the parts fit together, before any weight
 exists, and names the fields that disagree:
 
-- the data channels are the encoder's input channels;
+- the data channels are the encoder's input and output channels;
 - the encoder's latent channels are the denoiser's input (and output) channels;
 - the data height and width are multiples of the encoder's downsampling factor, and
   the latent grid a multiple of the denoiser's downsampling factor and patch sizes;
@@ -244,6 +244,12 @@ def compatibility_problems(config: PipelineConfig) -> list[str]:
             f"data_shape has {channels} channels but "
             f"encoder.{_name(enc, 'in_channels', 'channels')} is {enc_in}"
         )
+    enc_out = _get(enc, "out_channels")
+    if enc_out is not None and enc_out != channels:
+        problems.append(
+            f"data_shape has {channels} channels but encoder.out_channels is {enc_out} (the "
+            "decoder would give samples of another shape)"
+        )
     latent_channels = _get(enc, "latent_channels", "channels") if enc is not None else channels
     factor = int(_get(enc, "downsampling_factor") or 1)
     for name, size in (("height", height), ("width", width)):
@@ -398,6 +404,11 @@ def parse_config(config: PipelineConfig | Mapping[str, Any] | str) -> PipelineCo
 
         data = yaml.safe_load(config)  # YAML is a superset of JSON
         return PipelineConfig.model_validate(data)
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            "a pipeline config must be a PipelineConfig, a mapping or JSON / YAML text, got "
+            f"{type(config).__name__}"
+        )
     return PipelineConfig.model_validate(dict(config))
 
 

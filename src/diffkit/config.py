@@ -17,9 +17,13 @@ __all__ = ["REGISTRIES", "Config", "Registry", "ValidationError", "kind_of"]
 
 
 class Config(BaseModel):
-    """Base of every diffkit config: immutable, and unknown fields are errors."""
+    """Base of every diffkit config: immutable, unknown fields are errors, floats finite."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # NaN and inf are refused in every float field: no component takes them, and JSON
+    # would write them as null, so a saved config would not load again.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False
+    )
 
     # Subclasses declare ``kind: Literal["name"] = "name"``; the base leaves it undeclared
     # so that each subclass can narrow it.
@@ -100,7 +104,14 @@ class Registry(Generic[T]):
                 )
             return data
         if isinstance(data, str):
-            data = json.loads(data)
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError:
+                example = data if data in self._configs else (self.kinds or ["..."])[0]
+                raise ValueError(
+                    f"a {self.group} config must be a mapping with a 'kind' field, e.g. "
+                    f"{{kind: {example}}}, or its JSON text; got the string {data!r}"
+                ) from None
         if not isinstance(data, Mapping):
             raise ValueError(f"a {self.group} config must be a mapping with a 'kind' field")
         kind = data.get("kind")

@@ -72,6 +72,14 @@ def _sampler_by_name(name: str) -> Sampler:
         raise ValueError(f"unknown sampler '{name}'; known: {', '.join(REGISTRY)}") from None
 
 
+def _batch_error(batch_from: str, batch: int, given: str, size: int | None) -> ValueError:
+    """A condition whose batch is neither 1 nor the sampling batch, named as it was given."""
+    if given in ("cond", "uncond"):
+        given = f"{given} of batch {size}"
+    fits = "1" if batch == 1 else f"1 or {batch}"
+    return ValueError(f"Pipeline: {batch_from} is {batch} but got {given}; pass {fits}")
+
+
 class _Truncated:
     """The schedule on ``[0, t_end]`` stretched to ``[0, 1]``: ``alpha'(u) = alpha(t_end u)``."""
 
@@ -201,7 +209,9 @@ class Pipeline(nn.Module):
         negative_prompts: Sequence[str] | str | None,
         batch: int | None,
         guidance: float,
+        batch_from: str = "num_samples",
     ) -> tuple[int, Conditioning | None, Conditioning | None, float]:
+        """The batch and the expanded conditions; ``batch_from`` names what set ``batch``."""
         if prompts is not None and cond is not None:
             raise ValueError("Pipeline: pass prompts or cond, not both")
         if isinstance(prompts, str):
@@ -212,13 +222,14 @@ class Pipeline(nn.Module):
             guidance, uncond = 1.0, None
             if self.text is not None:
                 prompts = [""]
+        given = f"{len(prompts)} prompts" if prompts is not None else "cond"
         if prompts is not None:
             cond = self.condition(prompts)
         size = cond.batch_size if cond is not None else None
         if batch is None:
             batch = size if size is not None else 1
         elif size not in (None, 1, batch):
-            raise ValueError(f"Pipeline: num_samples={batch} but the condition has batch {size}")
+            raise _batch_error(batch_from, batch, given, size)
         if cond is not None:
             cond = cond.expand(batch)
         if guidance != 1.0 and uncond is None:
@@ -230,6 +241,12 @@ class Pipeline(nn.Module):
             if isinstance(negative_prompts, str) or negative_prompts is None:
                 negative_prompts = [negative_prompts or ""]
             uncond = self.condition(negative_prompts)
+            given = f"{len(negative_prompts)} negative_prompts"
+        else:
+            given = "uncond"
+        size = uncond.batch_size if uncond is not None else None
+        if uncond is not None and size not in (None, 1, batch):
+            raise _batch_error("the batch", batch, given, size)
         if uncond is not None:
             uncond = uncond.expand(batch)
         return batch, cond, uncond, guidance
@@ -280,10 +297,13 @@ class Pipeline(nn.Module):
         ``denoiser`` replaces the pipeline's (e.g. EMA weights).
         """
         steps, guidance = self._defaults(steps, guidance)
-        if noise is not None and num_samples is None:
-            num_samples = int(noise.shape[0])
+        batch_from = "num_samples"
+        if noise is not None:
+            self._check_noise(noise, num_samples)
+            if num_samples is None:
+                num_samples, batch_from = int(noise.shape[0]), "noise's batch"
         batch, cond, uncond, guidance = self._conditions(
-            prompts, cond, uncond, negative_prompts, num_samples, guidance
+            prompts, cond, uncond, negative_prompts, num_samples, guidance, batch_from
         )
         if noise is None:
             noise = self._noise(batch, generator)
@@ -301,6 +321,18 @@ class Pipeline(nn.Module):
             callback=callback,
         )
         return self.decode(z) if decode else z
+
+    def _check_noise(self, noise: Tensor, num_samples: int | None) -> None:
+        """``noise`` must be a batch, of ``num_samples`` items when that is given."""
+        if noise.ndim < 2:
+            raise ValueError(
+                f"Pipeline.generate: noise must be (batch, *latent), got {noise.shape}"
+            )
+        if num_samples is not None and noise.shape[0] != num_samples:
+            raise ValueError(
+                f"Pipeline.generate: noise has batch {noise.shape[0]} but num_samples is "
+                f"{num_samples}"
+            )
 
     def _noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
         shape = (batch, *self.latent_shape())
@@ -336,7 +368,7 @@ class Pipeline(nn.Module):
         steps, guidance = self._defaults(steps, guidance)
         x = x.to(self.device, self.dtype)
         batch, cond, uncond, guidance = self._conditions(
-            prompts, cond, uncond, negative_prompts, int(x.shape[0]), guidance
+            prompts, cond, uncond, negative_prompts, int(x.shape[0]), guidance, "x's batch"
         )
         z0 = self.encode(x)
         device = generator.device if generator is not None else z0.device
@@ -419,7 +451,12 @@ class Pipeline(nn.Module):
             data = json.loads(config_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
-        text = data.get("text") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise CheckpointError(
+                f"{config_path} must hold a JSON object (the pipeline config), got "
+                f"{type(data).__name__}"
+            )
+        text = data.get("text")
         if isinstance(text, dict) and isinstance(text.get("vocab_path"), str):
             vocab = Path(text["vocab_path"])
             if not vocab.is_absolute():

@@ -99,7 +99,10 @@ class ScheduleBase:
     @checked
     def t_of_log_snr(self, log_snr: Time) -> Time:
         """Inverse of ``log_snr``: the time at which the log-SNR takes the given value."""
-        return self._t_of_log_snr(log_snr.to(_F64)).clamp(0.0, 1.0).to(log_snr.dtype)
+        lam = log_snr.to(_F64)
+        # The ends exactly (a formula may give inf / inf there): +inf is data, -inf noise.
+        t = torch.where(torch.isinf(lam), (lam < 0).to(_F64), self._t_of_log_snr(lam))
+        return t.clamp(0.0, 1.0).to(log_snr.dtype)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -506,6 +509,14 @@ class ZeroTerminalSNR(ScheduleBase):
     """
 
     def __init__(self, base: ScheduleBase):
+        if not isinstance(base, ScheduleBase) or type(base)._alpha_sigma is not (
+            ScheduleBase._alpha_sigma
+        ):
+            raise ValueError(
+                f"ZeroTerminalSNR: base must be a variance-preserving schedule (alpha² + "
+                f"sigma² = 1, e.g. LinearBeta, SqrtLinearBeta, Cosine, Discrete), got "
+                f"{type(base).__name__}"
+            )
         self.base = base
         ends = torch.tensor([0.0, 1.0], dtype=_F64)
         a = base._alpha_sigma(ends)[0]
