@@ -346,6 +346,32 @@ def test_nan_from_the_denoiser_raises_naming_the_step(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_an_epsilon_model_at_pure_noise_is_refused_before_any_call(name: str) -> None:
+    # x0 = (x - sigma eps) / alpha is undefined where alpha = 0 (rectified flow's t = 1):
+    # the error says so before the loop instead of blaming the (finite) model output.
+    calls = []
+    inner = Gaussian(RectifiedFlow(), *_data(), "epsilon")
+
+    def denoiser(x, t, cond=None):
+        calls.append(t)
+        return inner(x, t, cond)
+
+    denoiser.prediction = "epsilon"  # type: ignore[attr-defined]
+    sampler = samplers.REGISTRY[name]()
+    with pytest.raises(ValueError, match=r"'epsilon' does not determine x0 at step 0 of 4"):
+        sampler.sample(denoiser, RectifiedFlow(), torch.randn(2, DIM), steps=4)
+    assert calls == []
+
+
+def test_inversion_in_one_step_from_pure_noise_is_refused() -> None:
+    den = Gaussian(RectifiedFlow(), *_data(), "flow")
+    with pytest.raises(ValueError, match="needs steps >= 2"):
+        samplers.DDIMInversion(samplers.UniformTime()).invert(
+            den, RectifiedFlow(), torch.randn(2, DIM, dtype=F64), steps=1
+        )
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_bf16_denoiser_works_and_sampler_integrates_in_float32(name: str) -> None:
     mean, std = _data()
     den = Gaussian(DISCRETE, mean, std, dtype=torch.bfloat16)

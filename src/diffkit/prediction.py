@@ -9,8 +9,10 @@ With ``x_t = alpha * x0 + sigma * eps``:
   ``alpha = 1 - t`` and ``sigma = t``; defined by that formula for every schedule.
 
 Every conversion goes through ``(x0, eps)``, which both determine ``x_t``. ``alpha``
-and ``sigma`` are per-item ``(batch,)`` tensors; arithmetic happens in their dtype
-(samplers pass float32 or float64) and the result is cast back to ``x_t``'s dtype.
+and ``sigma`` are per-item ``(batch,)`` tensors; arithmetic happens in the wider of their
+dtype and ``x_t``'s (samplers pass float32 or float64). ``to_x0_eps`` returns ``(x0, eps)``
+in that dtype (a float16 model's prediction gives float32); ``convert`` casts its result
+back to ``x_t``'s dtype.
 """
 
 from typing import Any, get_args, overload

@@ -216,10 +216,22 @@ class _Model:
         alpha, sigma = np.array(grid.alpha[:n]), np.array(grid.sigma[:n])
         one, zero = np.ones(n), np.zeros(n)
         with np.errstate(divide="ignore", invalid="ignore"):
-            self.cp_float = _x0_of(denoiser.prediction, zero, one, alpha, sigma).tolist()
-            self.cx_float = _x0_of(denoiser.prediction, one, zero, alpha, sigma).tolist()
+            cp = _x0_of(denoiser.prediction, zero, one, alpha, sigma)
+            cx = _x0_of(denoiser.prediction, one, zero, alpha, sigma)
+        if not (np.isfinite(cp).all() and np.isfinite(cx).all()):
+            self._no_x0(np.flatnonzero(~(np.isfinite(cp) & np.isfinite(cx)))[0])
+        self.cp_float, self.cx_float = cp.tolist(), cx.tolist()
         self.sums: list[Tensor] = []
         self.points: list[int] = []
+
+    def _no_x0(self, i: int) -> NoReturn:
+        grid, prediction = self.grid, self.denoiser.prediction
+        raise ValueError(
+            f"prediction '{prediction}' does not determine x0 at step {i} of {grid.steps} "
+            f"(t = {grid.t[i]:.6g}, alpha = {grid.alpha[i]:.3g}, sigma = {grid.sigma[i]:.3g}): "
+            "x_t there is pure noise; start the spacing below it (t_max < 1) or use a model "
+            "that predicts v, flow or x0"
+        )
 
     @functools.cached_property
     def callback_times(self) -> tuple[Tensor, ...]:
@@ -357,7 +369,7 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
     ``D = cx x + cp pred`` into the terms, so a step is ``A x_i + B pred_i`` and no ``D``
     is formed; a re-evaluated corrector, linear in ``x_i``, ``pred_i`` and the prediction
     ``pred'`` at ``x' = A x_i + B pred_i``, becomes three terms in them. ``None`` when such
-    a coefficient is not finite (e.g. an epsilon model at ``alpha = 0``), where the
+    a coefficient is not finite (a product of finite ones that overflows), where the
     general form reports the bad step. Otherwise the terms combine ``x_i`` and the
     estimates ``D``.
     """

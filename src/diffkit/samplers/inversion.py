@@ -43,8 +43,14 @@ class DDIMInversion:
         if steps < 1 or self.refine < 0:
             raise ValueError("steps must be >= 1 and refine >= 0")
         grid = make_grid(schedule, self.spacing, steps, x0.device)
-        model = _Model(denoiser, grid, x0, cond, guidance, uncond)
         a, s = grid.alpha, grid.sigma
+        if steps == 1 and a[0] <= 0:
+            raise ValueError(
+                "DDIM inversion from pure noise (alpha = 0 at the first time) needs steps >= 2: "
+                "one step lands on the denoised estimate E[x0 | x_T] whatever x_T, so x_T "
+                "cannot be recovered"
+            )
+        model = _Model(denoiser, grid, x0, cond, guidance, uncond)
         y = x0.to(model.dtype)
         for j in range(steps - 1, -1, -1):  # from the data (point steps) to the noise (0)
             x = y
