@@ -218,9 +218,11 @@ class _Model:
         with np.errstate(divide="ignore", invalid="ignore"):
             cp = _x0_of(denoiser.prediction, zero, one, alpha, sigma)
             cx = _x0_of(denoiser.prediction, one, zero, alpha, sigma)
-        if not (np.isfinite(cp).all() and np.isfinite(cx).all()):
-            self._no_x0(np.flatnonzero(~(np.isfinite(cp) & np.isfinite(cx)))[0])
         self.cp_float, self.cx_float = cp.tolist(), cx.tolist()
+        if not math.isfinite(sum(self.cp_float) + sum(self.cx_float)):  # one test, usually
+            for i, pair in enumerate(zip(self.cp_float, self.cx_float)):
+                if not all(map(math.isfinite, pair)):
+                    self._no_x0(i)
         self.sums: list[Tensor] = []
         self.points: list[int] = []
 
