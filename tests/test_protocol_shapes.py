@@ -141,6 +141,11 @@ def test_conditioning_rejects_a_non_bool_mask_and_non_integer_labels() -> None:
     assert ok.mask is not None and ok.mask.dtype == torch.bool
     for dtype in (torch.int64, torch.int32):
         assert dk.Conditioning(labels=torch.tensor([0, 2], dtype=dtype)).batch_size == 2
+    # token ids are not embeddings
+    with pytest.raises(dk.ShapeError, match=r"'tokens' must be floating-point.*torch\.int64"):
+        dk.Conditioning(tokens=torch.zeros(2, 3, 4, dtype=torch.long))
+    with pytest.raises(dk.ShapeError, match=r"'pooled' must be floating-point.*torch\.int32"):
+        dk.Conditioning(pooled=torch.zeros(2, 4, dtype=torch.int32))
 
 
 def _conditioned_denoisers() -> list[tuple[torch.nn.Module, tuple[int, ...], tuple[int, ...]]]:

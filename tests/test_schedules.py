@@ -236,3 +236,10 @@ def test_wrong_shaped_time_names_the_argument_and_dimension() -> None:
         LinearBeta().alpha(torch.zeros(2, 3))
     with pytest.raises(dk.ShapeError, match=r"argument 'log_snr'.*dtype"):
         Cosine().t_of_log_snr(torch.zeros(3, dtype=torch.long))
+
+
+def test_discrete_config_rejects_decreasing_linear_betas() -> None:
+    with pytest.raises(ValidationError, match=r"beta_end .* must not be below beta_start"):
+        DiscreteConfig(beta_start=0.02, beta_end=1e-4)
+    DiscreteConfig(beta_schedule="cosine", beta_start=0.02, beta_end=1e-4)  # unused there
+    DiscreteConfig(beta_start=0.01, beta_end=0.01)  # constant betas are a valid schedule

@@ -106,6 +106,12 @@ class Conditioning:
             raise ShapeError(
                 f"Conditioning: 'pooled' must be (batch, dim), got {tuple(self.pooled.shape)}"
             )
+        for name, value in (("tokens", self.tokens), ("pooled", self.pooled)):
+            if value is not None and not value.is_floating_point():
+                raise ShapeError(
+                    f"Conditioning: '{name}' must be floating-point embeddings, got dtype "
+                    f"{value.dtype} (token ids go through a TextConditioner first)"
+                )
         if self.mask is not None:
             if self.tokens is None:
                 raise ShapeError("Conditioning: 'mask' given without 'tokens'")

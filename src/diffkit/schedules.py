@@ -386,6 +386,15 @@ class DiscreteConfig(Config):
         default=False, description="apply Lin et al.'s zero-terminal-SNR fix"
     )
 
+    @model_validator(mode="after")
+    def _ordered(self) -> "DiscreteConfig":
+        if self.beta_schedule != "cosine" and self.beta_end < self.beta_start:
+            raise ValueError(
+                f"beta_end ({self.beta_end}) must not be below beta_start ({self.beta_start}) "
+                f"for beta_schedule '{self.beta_schedule}'"
+            )
+        return self
+
 
 class Discrete(ScheduleBase):
     """A trained model's ``alphas_cumprod`` served on continuous ``t``.
