@@ -22,6 +22,15 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     return lines[0]
 
 
+def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("diffkit: error: "), lines
+    return lines[0]
+
+
 @pytest.fixture(scope="module")
 def saved_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's pipeline with fresh (untrained) weights, saved: enough for the CLI's checks."""
@@ -124,3 +133,18 @@ def test_demo_task_that_contradicts_the_config(capsys: pytest.CaptureFixture[str
     config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml")
     line = _error(capsys, ["demo", "--task", "video", "--config", config])
     assert "--task video" in line and "demo_image" in line
+
+
+@pytest.mark.parametrize("command", [["demo"], ["train", "x.yaml"], ["sample", "run"]])
+def test_threads_must_be_positive(capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    for value in ("0", "-1", "two"):
+        line = _usage_error(capsys, [*command, "--threads", value])
+        assert "--threads" in line and ">= 1" in line
+
+
+@pytest.mark.parametrize("command", [["demo"], ["train", "x.yaml"], ["sample", "run"]])
+def test_seed_must_be_in_range(capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    for value in ("-3", str(2**63), "99999999999999999999999", "x"):
+        line = _usage_error(capsys, [*command, "--seed", value])
+        assert "--seed" in line
+    assert "2**63 - 1" in _usage_error(capsys, [*command, "--seed", str(2**63)])

@@ -22,6 +22,9 @@ from typing import Any
 __all__ = ["UserError", "main"]
 
 EXIT_USAGE = 2
+# Seeds: torch's generators take -2**63 .. 2**64 - 1 and the recipes take >= 0 and add
+# small offsets (seed + 31, seed + epoch), so a seed is 0 .. 2**63 - 1.
+SEED_MAX = 2**63 - 1
 
 
 class UserError(Exception):
@@ -376,11 +379,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"diffkit: error: {message}\n")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """An argparse ``type``: a seed, an integer from 0 to ``SEED_MAX``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {value}")
+    return value
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (samples, summary.json, pipeline/)")
     p.add_argument("--fast", action="store_true", help="≤ 1 minute smoke run (tests, CI)")
-    p.add_argument("--seed", type=int, help="override the recipe's seed")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--seed", type=_seed, help="override the recipe's seed")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -414,9 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's)")
     sample.add_argument("--sampler", help="name in diffkit.samplers.REGISTRY, e.g. dpmpp_2m")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    sample.add_argument("--seed", type=int, default=0, help="random seed")
+    sample.add_argument("--seed", type=_seed, default=0, help="random seed")
     sample.add_argument("--out", help="PNG path (default: RUN_DIR/sample.png)")
-    sample.add_argument("--threads", type=int, help="torch CPU threads")
+    sample.add_argument(
+        "--threads", type=_positive_int, help="torch CPU threads (default: all cores)"
+    )
     sample.add_argument("--quiet", action="store_true", help="print nothing but errors")
     sample.set_defaults(func=cmd_sample)
 
