@@ -148,3 +148,19 @@ def test_seed_must_be_in_range(capsys: pytest.CaptureFixture[str], command: list
         line = _usage_error(capsys, [*command, "--seed", value])
         assert "--seed" in line
     assert "2**63 - 1" in _usage_error(capsys, [*command, "--seed", str(2**63)])
+
+
+def test_recipe_that_fast_cannot_shrink(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml").read_text()
+    path = tmp_path / "micro.yaml"
+    path.write_text(text.replace("micro_batch_size: null", "micro_batch_size: 32"))
+    line = _error(capsys, ["train", str(path), "--fast", "--threads", "1", "--quiet"])
+    assert "--fast" in line and "micro_batch_size (32)" in line
+
+
+def test_recipe_seed_out_of_range(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml").read_text()
+    path = tmp_path / "seed.yaml"
+    path.write_text(text.replace("seed: 0", f"seed: {2**64}"))
+    line = _error(capsys, ["train", str(path), "--threads", "1", "--quiet"])
+    assert "seed" in line and "2**63 - 1" in line

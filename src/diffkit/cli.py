@@ -123,6 +123,8 @@ def _threads(value: int | None) -> None:
 
 
 def _run_recipe(config: Any, args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from diffkit.demo import fast_config, run_demo
 
     update: dict[str, Any] = {}
@@ -132,8 +134,14 @@ def _run_recipe(config: Any, args: argparse.Namespace) -> int:
         update["threads"] = args.threads
     if update:
         config = type(config).model_validate({**config.to_dict(), **update})
+    if config.seed > SEED_MAX:
+        raise UserError(f"seed must be from 0 to 2**63 - 1, got {config.seed}")
     if args.fast:
-        config = fast_config(config)
+        try:
+            config = fast_config(config)
+        except ValidationError as err:
+            message = _validation_message(err)
+            raise UserError(f"--fast does not fit this recipe: {message}") from None
     console = _console(args.quiet)
     task = "image" if config.kind == "demo_image" else "video"
     out = Path(args.out) if args.out else Path(f"diffkit-demo-{task}")
