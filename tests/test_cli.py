@@ -164,3 +164,12 @@ def test_recipe_seed_out_of_range(capsys: pytest.CaptureFixture[str], tmp_path: 
     path.write_text(text.replace("seed: 0", f"seed: {2**64}"))
     line = _error(capsys, ["train", str(path), "--threads", "1", "--quiet"])
     assert "seed" in line and "2**63 - 1" in line
+
+
+def test_sample_guidance_must_be_finite(
+    capsys: pytest.CaptureFixture[str], saved_pipeline: Path
+) -> None:
+    run = [str(saved_pipeline), "--prompt", "a one", "--num", "1", "--steps", "1"]
+    for value in ("nan", "inf", "-1"):
+        line = _error(capsys, ["sample", *run, "--guidance", value, "--threads", "1"])
+        assert "--guidance must be a finite number >= 0" in line

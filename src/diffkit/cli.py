@@ -13,6 +13,7 @@ sampler) print one line ``diffkit: error: ...`` and exit with status 2, no trace
 """
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -249,8 +250,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"unknown sampler '{args.sampler}'; known: {', '.join(REGISTRY)}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance < math.inf:
+        raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
     if not args.prompt:
