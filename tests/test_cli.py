@@ -173,3 +173,20 @@ def test_sample_guidance_must_be_finite(
     for value in ("nan", "inf", "-1"):
         line = _error(capsys, ["sample", *run, "--guidance", value, "--threads", "1"])
         assert "--guidance must be a finite number >= 0" in line
+
+
+def test_sample_out_must_be_a_writable_image_path(
+    capsys: pytest.CaptureFixture[str], saved_pipeline: Path, tmp_path: Path
+) -> None:
+    run = ["sample", str(saved_pipeline), "--prompt", "a one", "--num", "1", "--steps", "1"]
+    run += ["--threads", "1"]
+    for out in ("x.txt", "samples"):
+        line = _error(capsys, [*run, "--out", str(tmp_path / out)])
+        assert "unknown image extension" in line and ".png" in line
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "file").write_text("")
+    line = _error(capsys, [*run, "--out", str(tmp_path / "file" / "x.png")])
+    assert "cannot create the folder" in line
+    (tmp_path / "folder.png").mkdir()
+    line = _error(capsys, [*run, "--out", str(tmp_path / "folder.png")])
+    assert "cannot write" in line and "folder.png" in line

@@ -26,6 +26,8 @@ EXIT_USAGE = 2
 # Seeds: torch's generators take -2**63 .. 2**64 - 1 and the recipes take >= 0 and add
 # small offsets (seed + 31, seed + epoch), so a seed is 0 .. 2**63 - 1.
 SEED_MAX = 2**63 - 1
+# What ``diffkit sample --out`` can write (PIL picks the format from the extension).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class UserError(Exception):
@@ -110,6 +112,14 @@ def _load_pipeline(run_dir: str) -> Any:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+def _make_folder(folder: Path) -> None:
+    """Create ``folder`` and its parents, or say in one line why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the folder {folder}: {err.strerror or err}") from None
 
 
 def _threads(value: int | None) -> None:
@@ -256,9 +266,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--num must be at least 1, got {args.num}")
     if not args.prompt:
         raise UserError("give at least one --prompt")
+    if args.out and Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(
+            f"--out {args.out}: unknown image extension {Path(args.out).suffix or '(none)'}; "
+            f"use one of {', '.join(IMAGE_SUFFIXES)}"
+        )
     _threads(args.threads)
     pipeline = _load_pipeline(args.run_dir)
     _check_prompts(pipeline, args.prompt)
+    out = Path(args.out) if args.out else _pipeline_dir(args.run_dir).parent / "sample.png"
+    _make_folder(out.parent)
     prompts = [p for p in args.prompt for _ in range(args.num)]
     generator = torch.Generator().manual_seed(args.seed)
     samples = pipeline.generate(
@@ -268,21 +285,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         generator=generator,
     ).float()
-    out = Path(args.out) if args.out else _pipeline_dir(args.run_dir).parent / "sample.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
     console = _console(args.quiet)
     video = samples.ndim == 5
-    if video:
-        save_grid(samples, out)
-        for i, prompt in enumerate(args.prompt):
-            gif = out.with_name(f"{out.stem}-{i}.gif")
-            save_gif(samples[i * args.num : (i + 1) * args.num], gif)
-            console.print(f"{prompt!r} → {gif}")
-    else:
-        save_grid(samples, out, nrow=args.num)
     unit = ((samples.clamp(-1, 1) + 1) / 2).numpy()
     array = unit[:, :, 0] if video else unit[:, 0]
-    np.savez(out.with_suffix(".npz"), images=array, prompts=np.asarray(prompts))
+    try:
+        if video:
+            save_grid(samples, out)
+            for i, prompt in enumerate(args.prompt):
+                gif = out.with_name(f"{out.stem}-{i}.gif")
+                save_gif(samples[i * args.num : (i + 1) * args.num], gif)
+                console.print(f"{prompt!r} → {gif}")
+        else:
+            save_grid(samples, out, nrow=args.num)
+        np.savez(out.with_suffix(".npz"), images=array, prompts=np.asarray(prompts))
+    except OSError as err:
+        raise UserError(f"cannot write {err.filename or out}: {err.strerror or err}") from None
     console.print(f"{len(prompts)} samples → {out} (and {out.with_suffix('.npz').name})")
     return 0
 
