@@ -190,3 +190,11 @@ def test_sample_out_must_be_a_writable_image_path(
     (tmp_path / "folder.png").mkdir()
     line = _error(capsys, [*run, "--out", str(tmp_path / "folder.png")])
     assert "cannot write" in line and "folder.png" in line
+
+
+def test_recipe_out_that_is_a_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml")
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        line = _error(capsys, ["train", config, "--out", str(out), "--threads", "1", "--quiet"])
+        assert "cannot create the folder" in line and str(out) in line

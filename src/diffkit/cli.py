@@ -156,6 +156,7 @@ def _run_recipe(config: Any, args: argparse.Namespace) -> int:
     console = _console(args.quiet)
     task = "image" if config.kind == "demo_image" else "video"
     out = Path(args.out) if args.out else Path(f"diffkit-demo-{task}")
+    _make_folder(out)
     console.print(
         f"[bold]diffkit {task} demo[/] → {out}"
         + (" [yellow](--fast smoke run: quality is not the point)[/]" if args.fast else "")
