@@ -198,3 +198,19 @@ def test_recipe_out_that_is_a_file(capsys: pytest.CaptureFixture[str], tmp_path:
     for out in (tmp_path / "file", tmp_path / "file" / "run"):
         line = _error(capsys, ["train", config, "--out", str(out), "--threads", "1", "--quiet"])
         assert "cannot create the folder" in line and str(out) in line
+
+
+def test_pipeline_config_that_is_not_an_object(
+    capsys: pytest.CaptureFixture[str], saved_pipeline: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    weights = (saved_pipeline / "pipeline" / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights)
+    for text in ("1", "null", "[1]", '"pipeline"'):
+        (folder / "config.json").write_text(text)
+        assert "does not hold a JSON object" in _error(capsys, ["info", str(tmp_path)])
+    (folder / "config.json").write_bytes(b"\xff\xfe\x00")
+    assert "is not a text file" in _error(capsys, ["info", str(tmp_path)])
+    (folder / "config.json").write_text("{")
+    assert "is not valid JSON" in _error(capsys, ["info", str(tmp_path)])
