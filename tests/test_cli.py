@@ -22,6 +22,15 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     return lines[0]
 
 
+def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("diffkit: error: "), lines
+    return lines[0]
+
+
 @pytest.fixture(scope="module")
 def saved_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's pipeline with fresh (untrained) weights, saved: enough for the CLI's checks."""
@@ -124,3 +133,84 @@ def test_demo_task_that_contradicts_the_config(capsys: pytest.CaptureFixture[str
     config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml")
     line = _error(capsys, ["demo", "--task", "video", "--config", config])
     assert "--task video" in line and "demo_image" in line
+
+
+@pytest.mark.parametrize("command", [["demo"], ["train", "x.yaml"], ["sample", "run"]])
+def test_threads_must_be_positive(capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    for value in ("0", "-1", "two"):
+        line = _usage_error(capsys, [*command, "--threads", value])
+        assert "--threads" in line and ">= 1" in line
+
+
+@pytest.mark.parametrize("command", [["demo"], ["train", "x.yaml"], ["sample", "run"]])
+def test_seed_must_be_in_range(capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    for value in ("-3", str(2**63), "99999999999999999999999", "x"):
+        line = _usage_error(capsys, [*command, "--seed", value])
+        assert "--seed" in line
+    assert "2**63 - 1" in _usage_error(capsys, [*command, "--seed", str(2**63)])
+
+
+def test_recipe_that_fast_cannot_shrink(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml").read_text()
+    path = tmp_path / "micro.yaml"
+    path.write_text(text.replace("micro_batch_size: null", "micro_batch_size: 32"))
+    line = _error(capsys, ["train", str(path), "--fast", "--threads", "1", "--quiet"])
+    assert "--fast" in line and "micro_batch_size (32)" in line
+
+
+def test_recipe_seed_out_of_range(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml").read_text()
+    path = tmp_path / "seed.yaml"
+    path.write_text(text.replace("seed: 0", f"seed: {2**64}"))
+    line = _error(capsys, ["train", str(path), "--threads", "1", "--quiet"])
+    assert "seed" in line and "2**63 - 1" in line
+
+
+def test_sample_guidance_must_be_finite(
+    capsys: pytest.CaptureFixture[str], saved_pipeline: Path
+) -> None:
+    run = [str(saved_pipeline), "--prompt", "a one", "--num", "1", "--steps", "1"]
+    for value in ("nan", "inf", "-1"):
+        line = _error(capsys, ["sample", *run, "--guidance", value, "--threads", "1"])
+        assert "--guidance must be a finite number >= 0" in line
+
+
+def test_sample_out_must_be_a_writable_image_path(
+    capsys: pytest.CaptureFixture[str], saved_pipeline: Path, tmp_path: Path
+) -> None:
+    run = ["sample", str(saved_pipeline), "--prompt", "a one", "--num", "1", "--steps", "1"]
+    run += ["--threads", "1"]
+    for out in ("x.txt", "samples"):
+        line = _error(capsys, [*run, "--out", str(tmp_path / out)])
+        assert "unknown image extension" in line and ".png" in line
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "file").write_text("")
+    line = _error(capsys, [*run, "--out", str(tmp_path / "file" / "x.png")])
+    assert "cannot create the folder" in line
+    (tmp_path / "folder.png").mkdir()
+    line = _error(capsys, [*run, "--out", str(tmp_path / "folder.png")])
+    assert "cannot write" in line and "folder.png" in line
+
+
+def test_recipe_out_that_is_a_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml")
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        line = _error(capsys, ["train", config, "--out", str(out), "--threads", "1", "--quiet"])
+        assert "cannot create the folder" in line and str(out) in line
+
+
+def test_pipeline_config_that_is_not_an_object(
+    capsys: pytest.CaptureFixture[str], saved_pipeline: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    weights = (saved_pipeline / "pipeline" / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights)
+    for text in ("1", "null", "[1]", '"pipeline"'):
+        (folder / "config.json").write_text(text)
+        assert "does not hold a JSON object" in _error(capsys, ["info", str(tmp_path)])
+    (folder / "config.json").write_bytes(b"\xff\xfe\x00")
+    assert "is not a text file" in _error(capsys, ["info", str(tmp_path)])
+    (folder / "config.json").write_text("{")
+    assert "is not valid JSON" in _error(capsys, ["info", str(tmp_path)])

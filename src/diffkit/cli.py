@@ -13,6 +13,8 @@ sampler) print one line ``diffkit: error: ...`` and exit with status 2, no trace
 """
 
 import argparse
+import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +24,11 @@ from typing import Any
 __all__ = ["UserError", "main"]
 
 EXIT_USAGE = 2
+# Seeds: torch's generators take -2**63 .. 2**64 - 1 and the recipes take >= 0 and add
+# small offsets (seed + 31, seed + epoch), so a seed is 0 .. 2**63 - 1.
+SEED_MAX = 2**63 - 1
+# What ``diffkit sample --out`` can write (PIL picks the format from the extension).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class UserError(Exception):
@@ -93,9 +100,10 @@ def _load_pipeline(run_dir: str) -> Any:
     from pydantic import ValidationError
 
     from diffkit.checkpoint import CheckpointError
-    from diffkit.pipeline import Pipeline
+    from diffkit.pipeline import CONFIG_FILE, Pipeline
 
     folder = _pipeline_dir(run_dir)
+    _check_config_file(folder / CONFIG_FILE)
     try:
         return Pipeline.load(folder)
     except CheckpointError as err:
@@ -104,8 +112,28 @@ def _load_pipeline(run_dir: str) -> Any:
         raise UserError(f"bad pipeline config in {folder}: {_validation_message(err)}") from None
 
 
+def _check_config_file(path: Path) -> None:
+    """Fail in one line unless a saved pipeline's config file holds a JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object (a pipeline config)")
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+def _make_folder(folder: Path) -> None:
+    """Create ``folder`` and its parents, or say in one line why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the folder {folder}: {err.strerror or err}") from None
 
 
 def _threads(value: int | None) -> None:
@@ -120,6 +148,8 @@ def _threads(value: int | None) -> None:
 
 
 def _run_recipe(config: Any, args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from diffkit.demo import fast_config, run_demo
 
     update: dict[str, Any] = {}
@@ -129,11 +159,18 @@ def _run_recipe(config: Any, args: argparse.Namespace) -> int:
         update["threads"] = args.threads
     if update:
         config = type(config).model_validate({**config.to_dict(), **update})
+    if config.seed > SEED_MAX:
+        raise UserError(f"seed must be from 0 to 2**63 - 1, got {config.seed}")
     if args.fast:
-        config = fast_config(config)
+        try:
+            config = fast_config(config)
+        except ValidationError as err:
+            message = _validation_message(err)
+            raise UserError(f"--fast does not fit this recipe: {message}") from None
     console = _console(args.quiet)
     task = "image" if config.kind == "demo_image" else "video"
     out = Path(args.out) if args.out else Path(f"diffkit-demo-{task}")
+    _make_folder(out)
     console.print(
         f"[bold]diffkit {task} demo[/] → {out}"
         + (" [yellow](--fast smoke run: quality is not the point)[/]" if args.fast else "")
@@ -238,15 +275,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"unknown sampler '{args.sampler}'; known: {', '.join(REGISTRY)}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance < math.inf:
+        raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
     if not args.prompt:
         raise UserError("give at least one --prompt")
+    if args.out and Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(
+            f"--out {args.out}: unknown image extension {Path(args.out).suffix or '(none)'}; "
+            f"use one of {', '.join(IMAGE_SUFFIXES)}"
+        )
     _threads(args.threads)
     pipeline = _load_pipeline(args.run_dir)
     _check_prompts(pipeline, args.prompt)
+    out = Path(args.out) if args.out else _pipeline_dir(args.run_dir).parent / "sample.png"
+    _make_folder(out.parent)
     prompts = [p for p in args.prompt for _ in range(args.num)]
     generator = torch.Generator().manual_seed(args.seed)
     samples = pipeline.generate(
@@ -256,21 +300,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         generator=generator,
     ).float()
-    out = Path(args.out) if args.out else _pipeline_dir(args.run_dir).parent / "sample.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
     console = _console(args.quiet)
     video = samples.ndim == 5
-    if video:
-        save_grid(samples, out)
-        for i, prompt in enumerate(args.prompt):
-            gif = out.with_name(f"{out.stem}-{i}.gif")
-            save_gif(samples[i * args.num : (i + 1) * args.num], gif)
-            console.print(f"{prompt!r} → {gif}")
-    else:
-        save_grid(samples, out, nrow=args.num)
     unit = ((samples.clamp(-1, 1) + 1) / 2).numpy()
     array = unit[:, :, 0] if video else unit[:, 0]
-    np.savez(out.with_suffix(".npz"), images=array, prompts=np.asarray(prompts))
+    try:
+        if video:
+            save_grid(samples, out)
+            for i, prompt in enumerate(args.prompt):
+                gif = out.with_name(f"{out.stem}-{i}.gif")
+                save_gif(samples[i * args.num : (i + 1) * args.num], gif)
+                console.print(f"{prompt!r} → {gif}")
+        else:
+            save_grid(samples, out, nrow=args.num)
+        np.savez(out.with_suffix(".npz"), images=array, prompts=np.asarray(prompts))
+    except OSError as err:
+        raise UserError(f"cannot write {err.filename or out}: {err.strerror or err}") from None
     console.print(f"{len(prompts)} samples → {out} (and {out.with_suffix('.npz').name})")
     return 0
 
@@ -376,11 +421,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"diffkit: error: {message}\n")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """An argparse ``type``: a seed, an integer from 0 to ``SEED_MAX``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {value}")
+    return value
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (samples, summary.json, pipeline/)")
     p.add_argument("--fast", action="store_true", help="≤ 1 minute smoke run (tests, CI)")
-    p.add_argument("--seed", type=int, help="override the recipe's seed")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--seed", type=_seed, help="override the recipe's seed")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -414,9 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's)")
     sample.add_argument("--sampler", help="name in diffkit.samplers.REGISTRY, e.g. dpmpp_2m")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    sample.add_argument("--seed", type=int, default=0, help="random seed")
+    sample.add_argument("--seed", type=_seed, default=0, help="random seed")
     sample.add_argument("--out", help="PNG path (default: RUN_DIR/sample.png)")
-    sample.add_argument("--threads", type=int, help="torch CPU threads")
+    sample.add_argument(
+        "--threads", type=_positive_int, help="torch CPU threads (default: all cores)"
+    )
     sample.add_argument("--quiet", action="store_true", help="print nothing but errors")
     sample.set_defaults(func=cmd_sample)
 
