@@ -7,11 +7,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from diffkit.data import (
     DIGIT_NAMES,
     DIRECTIONS,
+    DigitsConfig,
     DigitsDataset,
+    MovingDigitsConfig,
     MovingDigitsDataset,
     collate,
     image_grid,
@@ -164,3 +167,10 @@ def test_grids_tile_images_and_videos(tmp_path):
     assert path.is_file()
     with pytest.raises(ShapeError):
         image_grid(torch.zeros(2, 2, 4, 4))
+
+
+@pytest.mark.parametrize("config", [DigitsConfig, MovingDigitsConfig])
+def test_data_seeds_fit_torch_generators(config: type) -> None:
+    config(seed=2**63 - 1)
+    with pytest.raises(ValidationError, match="seed"):
+        config(seed=2**63)  # torch.Generator.manual_seed would overflow later

@@ -127,7 +127,9 @@ _ImageTowerConfig = Annotated[
 
 
 class _DemoBase(Config):
-    seed: int = Field(default=0, ge=0, description="seeds data, initialisation, training, noise")
+    seed: int = Field(
+        default=0, ge=0, le=2**63 - 1, description="seeds data, initialisation, training, noise"
+    )
     threads: int | None = Field(
         default=None, ge=1, description="torch CPU threads; None: all cores (os.cpu_count())"
     )
