@@ -172,6 +172,31 @@ def test_checkpoints_logs_and_sample_grids_are_written(tmp_path, digits):
     assert done.losses == [] and done.start_step == 5
 
 
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path, digits):
+    config = _config(tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=2)
+    train(_fresh(0), Cosine(), digits, config, condition=_labels, uncond=NULL)
+    before = {p.name: p.read_bytes() for _, p in list_checkpoints(tmp_path / "checkpoints")}
+    assert sorted(before) == ["checkpoint-00000002.safetensors", "checkpoint-00000004.safetensors"]
+    calls = 0
+
+    def counts(batch):
+        nonlocal calls
+        calls += 1
+        return _labels(batch)
+
+    fresh = config.model_copy(update={"steps": 2, "resume": False})
+    with pytest.raises(FileExistsError, match="resume=True") as caught:
+        train(_fresh(1), Cosine(), digits, fresh, condition=counts, uncond=NULL)
+    assert str(tmp_path / "checkpoints") in str(caught.value)
+    assert "steps 2, 4" in str(caught.value) and "another output_dir" in str(caught.value)
+    assert calls == 0  # refused before any training
+    after = {p.name: p.read_bytes() for _, p in list_checkpoints(tmp_path / "checkpoints")}
+    assert after == before  # the earlier run is untouched
+    # A fresh run into an empty folder is fine, and so is resume=True here.
+    train(_fresh(1), Cosine(), digits, _config(tmp_path / "new", steps=1, resume=False))
+    assert train(_fresh(1), Cosine(), digits, config).start_step == 4
+
+
 def test_bf16_autocast_on_cpu_trains_with_finite_losses(digits):
     result = train(_fresh(0), Cosine(), digits, _config(precision="bf16", steps=3))
     assert all(torch.isfinite(torch.tensor(result.losses)))

@@ -120,7 +120,13 @@ class TrainConfig(Config):
         None, ge=1, description="write a checkpoint every this many steps (and at the end)"
     )
     keep_checkpoints: int = Field(3, ge=1, description="how many recent checkpoints to keep")
-    resume: bool = Field(True, description="continue from the newest checkpoint in output_dir")
+    resume: bool = Field(
+        True,
+        description=(
+            "continue from the newest checkpoint in output_dir; False: start afresh, and "
+            "refuse an output_dir that already holds checkpoints"
+        ),
+    )
     log_every: int = Field(10, ge=1, description="log every this many steps")
     sample_every: int | None = Field(
         None, ge=1, description="save a sample grid every this many steps (needs a sample fn)"
@@ -455,6 +461,10 @@ def train(
     shards = [info.rank * accum + j for j in range(accum)]
     if config.sample_every is not None and sample is None:
         raise ValueError("sample_every is set but no sample function was given")
+    out = Path(config.output_dir) if config.output_dir is not None else None
+    ckpt_dir = out / "checkpoints" if out is not None else None
+    if ckpt_dir is not None and not config.resume:
+        _refuse_earlier_run(ckpt_dir)
 
     denoiser.to(device)
     loss_fn: LossFn = loss if loss is not None else DiffusionLoss(config.loss)
@@ -469,8 +479,6 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     ema = EMA(denoiser, config.ema_decay) if config.ema_decay is not None else None
 
-    out = Path(config.output_dir) if config.output_dir is not None else None
-    ckpt_dir = out / "checkpoints" if out is not None else None
     start = 0
     if ckpt_dir is not None and config.resume:
         found = latest_checkpoint(ckpt_dir)
@@ -626,6 +634,18 @@ def train(
         checkpoints=written,
         output_dir=out,
     )
+
+
+def _refuse_earlier_run(ckpt_dir: Path) -> None:
+    """A fresh run must not mix its checkpoints (and pruning) with an earlier run's."""
+    found = list_checkpoints(ckpt_dir)
+    if found:
+        steps = ", ".join(str(step) for step, _ in found)
+        raise FileExistsError(
+            f"resume=False, but {ckpt_dir} already holds {len(found)} checkpoint(s) of an "
+            f"earlier run (steps {steps}); pass resume=True to continue that run, or choose "
+            "another output_dir (a fresh run never deletes an earlier run's checkpoints)"
+        )
 
 
 def _save_samples(
