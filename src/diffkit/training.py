@@ -263,6 +263,7 @@ class TrainResult:
     step: int
     ema: EMA | None
     checkpoints: list[Path]
+    """The checkpoints this call wrote that are still kept (``keep_checkpoints``), oldest first."""
     output_dir: Path | None
 
 
@@ -620,6 +621,8 @@ def train(
                     )
                     for _, old in list_checkpoints(ckpt_dir)[: -config.keep_checkpoints]:
                         old.unlink(missing_ok=True)
+                        if old in written:
+                            written.remove(old)
                 if ddp is not None:
                     dist.barrier()
     finally:
