@@ -182,6 +182,23 @@ def test_training_checkpoint_restores_torch_numpy_and_python_rngs(tmp_path):
     assert expected[2] == got[2]
 
 
+def test_every_ranks_rng_states_round_trip_stacked_by_rank(tmp_path):
+    states = []
+    for rank in range(3):
+        torch.manual_seed(rank)
+        states.append(torch.get_rng_state())
+    rank_rng = {"torch": torch.stack(states)}
+    path = save_training_checkpoint(
+        tmp_path / "c.safetensors", model=_model(), step=2, rank_rng=rank_rng
+    )
+    assert load_tensors(path)[0]["rng.rank.torch"].shape == (3, states[0].numel())
+    state = load_training_checkpoint(path, model=_model())
+    assert state.rank_rng.keys() == {"torch"}
+    assert torch.equal(state.rank_rng["torch"], rank_rng["torch"])
+    plain = save_training_checkpoint(tmp_path / "d.safetensors", model=_model(), step=2)
+    assert load_training_checkpoint(plain, model=_model()).rank_rng == {}
+
+
 def test_loading_never_unpickles(tmp_path, monkeypatch):
     model, opt, _ = _trained(0)
     path = save_training_checkpoint(tmp_path / "c.safetensors", model=model, step=1, optimizer=opt)

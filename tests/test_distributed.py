@@ -33,10 +33,12 @@ WORKER = textwrap.dedent(
     class TinyDenoiser(nn.Module):
         prediction = "v"
 
-        def __init__(self):
+        def __init__(self, dropout=0.0):
             super().__init__()
             self.label = nn.Embedding(11, 8)
-            self.net = nn.Sequential(nn.Linear(73, 64), nn.SiLU(), nn.Linear(64, 64))
+            self.net = nn.Sequential(
+                nn.Linear(73, 64), nn.SiLU(), nn.Dropout(dropout), nn.Linear(64, 64)
+            )
 
         def forward(self, x, t, cond=None):
             labels = torch.full((x.shape[0],), 10) if cond is None else cond.labels
@@ -50,7 +52,7 @@ WORKER = textwrap.dedent(
             return info, _train(output_dir, steps)
 
 
-    def _train(output_dir, steps):
+    def _train(output_dir, steps, dropout=0.0):
         torch.manual_seed(0)
         config = TrainConfig(
             steps=steps,
@@ -66,7 +68,7 @@ WORKER = textwrap.dedent(
             log_every=1,
         )
         result = train(
-            TinyDenoiser(),
+            TinyDenoiser(dropout),
             Cosine(),
             DigitsDataset(8),
             config,
@@ -76,19 +78,29 @@ WORKER = textwrap.dedent(
         return result
 
 
+    def run_dropout(root):
+        """With dropout: 8 steps uninterrupted, and 4 steps then a resume to 8."""
+        torch.set_num_threads(1)
+        with distributed() as info:
+            whole = _train(f"{root}/whole", 8, dropout=0.5)
+            _train(f"{root}/parts", 4, dropout=0.5)
+            resumed = _train(f"{root}/parts", 8, dropout=0.5)
+        return info, {"whole": whole.losses, "resumed": resumed.losses, "start": resumed.start_step}
+
+
     if __name__ == "__main__":
-        info, result = run(sys.argv[1])
+        if sys.argv[2:] == ["dropout"]:
+            info, record = run_dropout(sys.argv[1])
+        else:
+            info, result = run(sys.argv[1])
+            record = {"world_size": info.world_size, "losses": result.losses}
         with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as fh:
-            json.dump({"world_size": info.world_size, "losses": result.losses}, fh)
+            json.dump(record, fh)
     '''
 )
 
 
-def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
-    ddp_dir.mkdir()
+def _torchrun(script, *args) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     command = [
@@ -99,10 +111,18 @@ def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path)
         "--nnodes=1",
         "--nproc_per_node=2",
         str(script),
-        str(ddp_dir),
+        *map(str, args),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    ddp_dir.mkdir()
+    _torchrun(script, ddp_dir)
 
     before = torch.get_num_threads()
     try:
@@ -113,7 +133,9 @@ def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path)
         resumed_dir = tmp_path / "resumed"
         shutil.copytree(ddp_dir, resumed_dir)
         _, continued = run(str(single_dir), steps=11)
-        _, continued_from_ddp = run(str(resumed_dir), steps=11)
+        # Each of the 2 processes had its own dropout RNG: 1 process cannot continue both.
+        with pytest.warns(UserWarning, match="RNG states of 2 process"):
+            _, continued_from_ddp = run(str(resumed_dir), steps=11)
     finally:
         torch.set_num_threads(before)
 
@@ -139,6 +161,21 @@ def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path)
             torch.testing.assert_close(ddp_weights[key], value, rtol=1e-4, atol=1e-5)
     assert continued.start_step == continued_from_ddp.start_step == 8
     assert continued_from_ddp.losses == pytest.approx(continued.losses, rel=1e-4, abs=1e-6)
+
+
+def test_two_gloo_processes_with_dropout_resume_to_the_uninterrupted_losses(tmp_path):
+    # Only rank 0 writes the checkpoint, so it must hold every rank's RNG state: with
+    # rank 0's alone, both ranks would draw the same dropout masks after a resume.
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    _torchrun(script, tmp_path, "dropout")
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert rank0["start"] == 4 and len(rank0["resumed"]) == 4
+    assert rank0["resumed"] == rank0["whole"][4:]
+    tensors, _ = load_tensors(tmp_path / "parts/checkpoints/checkpoint-00000004.safetensors")
+    states = tensors["rng.rank.torch"]
+    assert states.shape[0] == 2 and not torch.equal(states[0], states[1])
+    assert torch.equal(states[0], tensors["rng.torch"])
 
 
 def _free_port() -> int:

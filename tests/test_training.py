@@ -155,7 +155,7 @@ def test_checkpoints_logs_and_sample_grids_are_written(tmp_path, digits):
         _fresh(0), Cosine(), digits, config, condition=_labels, uncond=NULL, sample=sample
     )
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [4, 5]
-    assert [p.name for p in result.checkpoints][-1] == "checkpoint-00000005.safetensors"
+    assert [p for _, p in list_checkpoints(tmp_path / "checkpoints")] == result.checkpoints
     tensors, meta = load_tensors(latest_checkpoint(tmp_path / "checkpoints"))
     assert any(k.startswith("ema.") for k in tensors)
     assert any(k.startswith("optimizer.") for k in tensors)
@@ -170,6 +170,31 @@ def test_checkpoints_logs_and_sample_grids_are_written(tmp_path, digits):
     # A finished run resumes to a no-op.
     done = train(_fresh(0), Cosine(), digits, config, condition=_labels, uncond=NULL, sample=sample)
     assert done.losses == [] and done.start_step == 5
+
+
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path, digits):
+    config = _config(tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=2)
+    train(_fresh(0), Cosine(), digits, config, condition=_labels, uncond=NULL)
+    before = {p.name: p.read_bytes() for _, p in list_checkpoints(tmp_path / "checkpoints")}
+    assert sorted(before) == ["checkpoint-00000002.safetensors", "checkpoint-00000004.safetensors"]
+    calls = 0
+
+    def counts(batch):
+        nonlocal calls
+        calls += 1
+        return _labels(batch)
+
+    fresh = config.model_copy(update={"steps": 2, "resume": False})
+    with pytest.raises(FileExistsError, match="resume=True") as caught:
+        train(_fresh(1), Cosine(), digits, fresh, condition=counts, uncond=NULL)
+    assert str(tmp_path / "checkpoints") in str(caught.value)
+    assert "steps 2, 4" in str(caught.value) and "another output_dir" in str(caught.value)
+    assert calls == 0  # refused before any training
+    after = {p.name: p.read_bytes() for _, p in list_checkpoints(tmp_path / "checkpoints")}
+    assert after == before  # the earlier run is untouched
+    # A fresh run into an empty folder is fine, and so is resume=True here.
+    train(_fresh(1), Cosine(), digits, _config(tmp_path / "new", steps=1, resume=False))
+    assert train(_fresh(1), Cosine(), digits, config).start_step == 4
 
 
 def test_bf16_autocast_on_cpu_trains_with_finite_losses(digits):

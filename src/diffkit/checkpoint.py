@@ -14,7 +14,9 @@ A training checkpoint (``checkpoint-00000100.safetensors``) holds, under key pre
 - ``optimizer.*``: the optimizer's state tensors (``exp_avg``, ``step``, ...), with the
   nesting of ``optimizer.state_dict()`` kept in the header;
 - ``rng.*``: torch CPU (and CUDA) generator states as ``uint8`` tensors and NumPy's
-  global state; Python's ``random`` state is in the header.
+  global state; Python's ``random`` state is in the header;
+- ``rng.rank.*``: in a training run, every process's torch CPU (and CUDA) generator
+  state, stacked by rank (``rng.rank.torch`` has shape ``(world_size, n)``).
 
 A file that does not parse, or whose keys or shapes do not match the model, raises
 [`CheckpointError`][diffkit.checkpoint.CheckpointError] listing the missing,
@@ -57,6 +59,7 @@ __all__ = [
 
 FORMAT = "diffkit-training-checkpoint"
 VERSION = "1"
+_RANK_RNG = "rng.rank."
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 
 
@@ -302,9 +305,13 @@ def set_rng_state(info: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> Non
 class TrainingState:
     """What a training checkpoint restores besides the weights: the step and free-form extras."""
 
-    def __init__(self, step: int, extra: dict[str, Any]) -> None:
+    def __init__(
+        self, step: int, extra: dict[str, Any], rank_rng: dict[str, Tensor] | None = None
+    ) -> None:
         self.step = step
         self.extra = extra
+        self.rank_rng = rank_rng or {}
+        """Every process's RNG states as saved (``rank_rng=``), e.g. ``{"torch": (W, n)}``."""
 
     def __repr__(self) -> str:
         return f"TrainingState(step={self.step}, extra={self.extra})"
@@ -319,8 +326,14 @@ def save_training_checkpoint(
     ema: nn.Module | None = None,
     scaler: Any | None = None,
     extra: Mapping[str, Any] | None = None,
+    rank_rng: Mapping[str, Tensor] | None = None,
 ) -> Path:
-    """Write model, EMA, optimizer, step, RNG states (and ``extra``) to one file, atomically."""
+    """Write model, EMA, optimizer, step, RNG states (and ``extra``) to one file, atomically.
+
+    ``rank_rng``: RNG states of every process of a multi-process run, each stacked by
+    rank (``{"torch": (world_size, n) uint8}``); stored under ``rng.rank.*`` and given
+    back by ``load_training_checkpoint`` as ``TrainingState.rank_rng``.
+    """
     tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     header: dict[str, Any] = {"step": int(step), "extra": dict(extra or {})}
     if ema is not None:
@@ -336,6 +349,7 @@ def save_training_checkpoint(
     rng_info, rng_tensors = get_rng_state()
     header["rng"] = rng_info
     tensors.update(rng_tensors)
+    tensors.update({f"{_RANK_RNG}{k}": v for k, v in (rank_rng or {}).items()})
     metadata = {"format": FORMAT, "version": VERSION, "state": json.dumps(header)}
     save_tensors(path, tensors, metadata)
     return Path(path)
@@ -378,7 +392,11 @@ def load_training_checkpoint(
         scaler.load_state_dict(unflatten_state(header["scaler"], tensors))
     if restore_rng:
         set_rng_state(header.get("rng", {}), tensors)
-    return TrainingState(step=int(header["step"]), extra=dict(header.get("extra", {})))
+    return TrainingState(
+        step=int(header["step"]),
+        extra=dict(header.get("extra", {})),
+        rank_rng=_take(tensors, _RANK_RNG),
+    )
 
 
 def checkpoint_name(step: int) -> str:

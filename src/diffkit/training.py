@@ -14,8 +14,9 @@ classifier-free guidance), AdamW, gradient clipping, an [`EMA`][diffkit.ema.EMA]
 the weights, optional mixed precision (bf16 autocast, or fp16 with a gradient scaler on
 CUDA). Rank 0 shows a progress bar (loss, samples/s), appends to ``log.jsonl`` (and
 TensorBoard when it is installed), saves sample grids, and writes checkpoints
-atomically with optimizer, EMA, step and RNG states; ``resume=True`` continues from the
-newest one and gives the same losses as a run that was never interrupted.
+atomically with optimizer, EMA, step and RNG states (every rank's torch RNG, gathered to
+rank 0); ``resume=True`` continues from the newest one and gives the same losses as a
+run that was never interrupted on the same number of processes.
 
 [`train_pipeline`][diffkit.training.train_pipeline] trains a built
 [`Pipeline`][diffkit.pipeline.Pipeline] (captions through its text conditioner, data
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
@@ -120,7 +122,13 @@ class TrainConfig(Config):
         None, ge=1, description="write a checkpoint every this many steps (and at the end)"
     )
     keep_checkpoints: int = Field(3, ge=1, description="how many recent checkpoints to keep")
-    resume: bool = Field(True, description="continue from the newest checkpoint in output_dir")
+    resume: bool = Field(
+        True,
+        description=(
+            "continue from the newest checkpoint in output_dir; False: start afresh, and "
+            "refuse an output_dir that already holds checkpoints"
+        ),
+    )
     log_every: int = Field(10, ge=1, description="log every this many steps")
     sample_every: int | None = Field(
         None, ge=1, description="save a sample grid every this many steps (needs a sample fn)"
@@ -257,6 +265,7 @@ class TrainResult:
     step: int
     ema: EMA | None
     checkpoints: list[Path]
+    """The checkpoints this call wrote that are still kept (``keep_checkpoints``), oldest first."""
     output_dir: Path | None
 
 
@@ -427,7 +436,8 @@ def train(
     the denoiser is wrapped in ``DistributedDataParallel`` and rank 0 writes files; a
     process group this call created is destroyed when it returns.
     A fresh run seeds the global torch RNG from ``(seed, rank)`` (for dropout); a
-    resumed run restores it from the checkpoint.
+    resumed run restores each rank's own state from the checkpoint (on a different
+    number of processes it warns and reseeds each rank from ``(seed, rank, step)``).
     """
     info = init_distributed()
     device = _resolve_device(config, info)
@@ -455,6 +465,10 @@ def train(
     shards = [info.rank * accum + j for j in range(accum)]
     if config.sample_every is not None and sample is None:
         raise ValueError("sample_every is set but no sample function was given")
+    out = Path(config.output_dir) if config.output_dir is not None else None
+    ckpt_dir = out / "checkpoints" if out is not None else None
+    if ckpt_dir is not None and not config.resume:
+        _refuse_earlier_run(ckpt_dir)
 
     denoiser.to(device)
     loss_fn: LossFn = loss if loss is not None else DiffusionLoss(config.loss)
@@ -469,8 +483,6 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     ema = EMA(denoiser, config.ema_decay) if config.ema_decay is not None else None
 
-    out = Path(config.output_dir) if config.output_dir is not None else None
-    ckpt_dir = out / "checkpoints" if out is not None else None
     start = 0
     if ckpt_dir is not None and config.resume:
         found = latest_checkpoint(ckpt_dir)
@@ -479,6 +491,7 @@ def train(
                 found, model=denoiser, optimizer=optimizer, ema=ema, scaler=scaler
             )
             start = state.step
+            _restore_rank_rng(state.rank_rng, found, info, device, config.seed, start)
     if start == 0:
         # Dropout and other global-RNG users differ per rank, reproducibly.
         torch.manual_seed(
@@ -598,6 +611,7 @@ def train(
                 done == config.steps
                 or (config.checkpoint_every is not None and done % config.checkpoint_every == 0)
             ):
+                rank_rng = _gather_rank_rng(info, device)
                 if main:
                     written.append(
                         save_training_checkpoint(
@@ -608,10 +622,13 @@ def train(
                             ema=ema,
                             scaler=scaler,
                             extra={"world_size": info.world_size, "config": config.to_dict()},
+                            rank_rng=rank_rng,
                         )
                     )
                     for _, old in list_checkpoints(ckpt_dir)[: -config.keep_checkpoints]:
                         old.unlink(missing_ok=True)
+                        if old in written:
+                            written.remove(old)
                 if ddp is not None:
                     dist.barrier()
     finally:
@@ -626,6 +643,62 @@ def train(
         checkpoints=written,
         output_dir=out,
     )
+
+
+def _gather_rank_rng(info: DistributedInfo, device: torch.device) -> dict[str, Tensor]:
+    """Every rank's torch CPU (and CUDA) RNG state, stacked by rank on rank 0 ({} elsewhere)."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    if info.world_size == 1:
+        return {k: v[None] for k, v in states.items()}
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    stacked: dict[str, Tensor] = {}
+    for key, state in states.items():
+        state = state.to(on)
+        parts = [torch.empty_like(state) for _ in range(info.world_size)] if info.is_main else None
+        dist.gather(state, parts, dst=0)
+        if parts is not None:
+            stacked[key] = torch.stack(parts).cpu()
+    return stacked
+
+
+def _restore_rank_rng(
+    rank_rng: dict[str, Tensor],
+    path: Path,
+    info: DistributedInfo,
+    device: torch.device,
+    seed: int,
+    step: int,
+) -> None:
+    """Give each rank back its own RNG state; reseed per rank when the world size changed."""
+    saved = rank_rng["torch"].shape[0] if "torch" in rank_rng else 1  # older files: rank 0's
+    if saved != info.world_size:
+        warnings.warn(
+            f"{path} holds the RNG states of {saved} process(es) but this run has "
+            f"{info.world_size}: each process's global torch RNG is reseeded from "
+            f"(seed, rank, step), so its draws (dropout) differ from an uninterrupted run's",
+            stacklevel=4,
+        )
+        torch.manual_seed(int(np.random.SeedSequence([seed, info.rank, step]).generate_state(1)[0]))
+        return
+    # clone(): a row of the stacked states is a view, and set_rng_state reads its storage
+    if "torch" in rank_rng:
+        torch.set_rng_state(rank_rng["torch"][info.rank].to(torch.uint8).clone())
+    if "cuda" in rank_rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rank_rng["cuda"][info.rank].to(torch.uint8).clone(), device)
+
+
+def _refuse_earlier_run(ckpt_dir: Path) -> None:
+    """A fresh run must not mix its checkpoints (and pruning) with an earlier run's."""
+    found = list_checkpoints(ckpt_dir)
+    if found:
+        steps = ", ".join(str(step) for step, _ in found)
+        raise FileExistsError(
+            f"resume=False, but {ckpt_dir} already holds {len(found)} checkpoint(s) of an "
+            f"earlier run (steps {steps}); pass resume=True to continue that run, or choose "
+            "another output_dir (a fresh run never deletes an earlier run's checkpoints)"
+        )
 
 
 def _save_samples(

@@ -88,6 +88,19 @@ UNET2D_CONFIGS = {
         "add_attention": False,
         "downsample_padding": 0,
     },
+    "scale_shift_no_mid_attention": {
+        "sample_size": 8,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+        "resnet_time_scale_shift": "scale_shift",
+        "add_attention": False,  # no mid-block attention, so no attn_norm_num_groups needed
+    },
 }
 
 UNET_COND_CONFIGS = {
@@ -263,6 +276,14 @@ def test_unsupported_diffusers_options_are_refused_by_name():
         dk.interop.from_diffusers(_build(diffusers.UNet2DModel, config))
     with pytest.raises(TypeError, match="cannot convert"):
         dk.interop.from_diffusers(torch.nn.Linear(2, 2))
+    # diffusers builds this mid block with one resnet: diffkit's has two
+    config = dict(UNET_COND_CONFIGS["cross_attention"], mid_block_type="UNetMidBlock2D")
+    with pytest.raises(ValueError, match="mid_block_type='UNetMidBlock2D'"):
+        dk.interop.from_diffusers(_build(diffusers.UNet2DConditionModel, config))
+    # with scale_shift, the mid-block attention's GroupNorm needs attn_norm_num_groups
+    config = dict(UNET2D_CONFIGS["plain_and_attention"], resnet_time_scale_shift="scale_shift")
+    with pytest.raises(ValueError, match="attn_norm_num_groups"):
+        dk.interop.from_diffusers(_build(diffusers.UNet2DModel, config))
 
 
 NATIVE_UNETS = {

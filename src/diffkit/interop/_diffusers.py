@@ -187,16 +187,25 @@ def _unet_config(
         _require(cfg, "attention_type", ["default"])
         _require(cfg, "resnet_out_scale_factor", [1.0])
         _require(cfg, "class_embed_type", [None, "projection"])
-        _require(cfg, "mid_block_type", ["UNetMidBlock2DCrossAttn", "UNetMidBlock2D"])
+        if cfg.get("mid_block_type") == "UNetMidBlock2D":
+            raise ValueError(
+                "from_diffusers: mid_block_type='UNetMidBlock2D' is not supported in a "
+                "UNet2DConditionModel (diffusers builds it with one resnet and no attention; "
+                "diffkit's middle block has two resnets); use 'UNetMidBlock2DCrossAttn'"
+            )
+        _require(cfg, "mid_block_type", ["UNetMidBlock2DCrossAttn"])
         _require(cfg, "reverse_transformer_layers_per_block", [None])
     else:
         _require(cfg, "class_embed_type", [None])
         _require(cfg, "downsample_type", ["conv"])
         _require(cfg, "upsample_type", ["conv"])
         _require(cfg, "mid_block_type", ["UNetMidBlock2D"])
+        # diffusers' mid-block attention has no GroupNorm with scale_shift unless
+        # attn_norm_num_groups is given; without that attention (add_attention=False) it is moot
         attn_groups = cfg.get("attn_norm_num_groups")
-        if attn_groups not in (None, cfg["norm_num_groups"]) or (
-            attn_groups is None and cfg["resnet_time_scale_shift"] != "default"
+        if cfg.get("add_attention", True) and (
+            attn_groups not in (None, cfg["norm_num_groups"])
+            or (attn_groups is None and cfg["resnet_time_scale_shift"] != "default")
         ):
             raise ValueError(
                 "from_diffusers: a mid-block attention GroupNorm other than norm_num_groups "
