@@ -95,8 +95,9 @@ def test_deterministic_samplers_converge_to_the_exact_flow_map(name: str) -> Non
     assert errors[1] < errors[0] / 4, errors
 
 
-# Global order in steps of each deterministic method (UniPC's corrector adds one).
-ORDER = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 3}
+# Global order in steps of each deterministic method (UniPC's corrector adds one; 3M has
+# the reference weights of diffusers and k-diffusion, which make it second order).
+ORDER = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_3m": 2, "unipc": 3}
 
 
 @pytest.mark.parametrize("name", sorted(ORDER))
@@ -118,10 +119,12 @@ def test_error_falls_with_the_order_of_the_sampler(name: str) -> None:
 # Multistep plans in data prediction are exponential integrators: a step of order p
 # integrates exactly a denoised estimate D(lambda) that is a polynomial of degree < p.
 # (DPM-Solver++ 2M and UniPC's order-2 predictor use the midpoint weight 1/2 of diffusers
-# and k-diffusion: second order globally, but not exact for a linear D, so not listed.)
+# and k-diffusion: second order globally, but not exact for a linear D, so not listed.
+# 3M weights its second difference D2 ~ h² D''/2 by -phi_3 as the references do, half
+# its Taylor weight: exact for a linear D only, see diffkit.samplers.dpmsolver.)
 EXACT_DEGREE = {
-    "dpmpp_3m": (samplers.DPMSolverPP(order=3), 2),
-    "dpmpp_3m_sde": (samplers.DPMSolverPP(order=3, eta=1.0), 2),
+    "dpmpp_3m": (samplers.DPMSolverPP(order=3), 1),
+    "dpmpp_3m_sde": (samplers.DPMSolverPP(order=3, eta=1.0), 1),
     "unipc_3_predictor": (samplers.UniPC(order=3, corrector=False), 2),
     "unipc_3_bh1_predictor": (samplers.UniPC(order=3, variant="bh1", corrector=False), 2),
 }

@@ -1,13 +1,10 @@
 """diffkit's samplers reproduce diffusers' schedulers step for step on a Discrete schedule."""
 
-import math
-
 import pytest
 import torch
 
 import diffkit as dk
 from diffkit import samplers
-from diffkit.samplers.dpmsolver import multistep_order
 
 pytestmark = pytest.mark.parity
 diffusers = pytest.importorskip("diffusers")
@@ -51,31 +48,6 @@ def _run_diffusers(
     return samples, denoised
 
 
-class DiffusersThirdOrder(samplers.DPMSolverPP):
-    """diffkit's 3M with diffusers' weight on the second divided difference ``D2``.
-
-    ``D2 = (D1_0 - D1_1) / (r0 + r1)`` estimates ``h² D'' / 2``, whose Taylor weight is
-    ``-2 phi_3``; diffusers (like k-diffusion and the DPM-Solver reference code) takes
-    ``-phi_3``, which leaves its 3M second order (``tests/test_samplers.py`` checks that
-    diffkit's step integrates a quadratic ``D`` exactly). Putting diffusers' weight back
-    checks that every other coefficient of the plan matches diffusers step for step.
-    """
-
-    def plan(self, grid: samplers.Grid) -> list[samplers.Step]:
-        """diffkit's plan plus ``phi_3 D2`` wherever a step is third order."""
-        plan = super().plan(grid)
-        for i, step in enumerate(plan):
-            if i == grid.steps - 1 or multistep_order(grid, i, 3, grid.steps < 15) < 3:
-                continue
-            h = grid.h(i)
-            r0, r1 = grid.h(i - 1) / h, grid.h(i - 2) / h
-            d2 = (1 / r0, -1 / r0 - 1 / r1, 1 / r1)
-            phi_3 = (math.expm1(-h) / h + 1) / h - 0.5
-            extra = [grid.alpha[i + 1] * phi_3 * w / (r0 + r1) for w in d2]
-            plan[i] = step._replace(data=tuple(c + e for c, e in zip(step.data, extra)))
-        return plan
-
-
 # name: (diffusers scheduler, diffkit sampler on given times, x scaled as x / alpha,
 #        compare intermediate samples (False for UniPC: diffusers returns the predictor,
 #        the corrector is applied on its next call; the denoised estimates are compared))
@@ -96,7 +68,7 @@ CASES = {
     ),
     "dpmpp_3m": (
         lambda: diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", solver_order=3),
-        lambda sp: DiffusersThirdOrder(order=3, spacing=sp),
+        lambda sp: samplers.DPMSolverPP(order=3, spacing=sp),
         False,
         True,
     ),

@@ -9,13 +9,15 @@ In the half log-SNR ``lambda = log(alpha / sigma)`` and data prediction ``D``, w
 
 Second order (2M, the midpoint form of diffusers and k-diffusion):
 ``+ alpha_{i+1} phi_1 / (2 r) (D_i - D_{i-1})`` with ``r = h_{i-1} / h``.
-Third order (3M): ``+ alpha_{i+1} (phi_2 D1 - 2 phi_3 D2)`` with the divided differences
-``D1 ~ h D'`` and ``D2 ~ h² D'' / 2`` of the last three estimates (``D'`` in ``lambda``),
-``phi_2 = (exp(-h_eta) - 1)/h_eta + 1`` and ``phi_3 = phi_2 / h_eta - 1/2``: the Taylor
-terms of the exact step, so a 3M step integrates a quadratic ``D`` exactly. diffusers,
-k-diffusion and the DPM-Solver reference code weight ``D2`` by ``-phi_3``, half its
-Taylor weight, which leaves their 3M second order; diffkit's differs from theirs from
-the first third-order step on. ``eta = 0`` is the ODE solver; ``eta = 1`` the
+3M: ``+ alpha_{i+1} (phi_2 D1 - phi_3 D2)`` with the divided differences ``D1 ~ h D'``
+and ``D2 ~ h² D'' / 2`` of the last three estimates (``D'`` in ``lambda``),
+``phi_2 = (exp(-h_eta) - 1)/h_eta + 1`` and ``phi_3 = phi_2 / h_eta - 1/2``: the weights
+of the DPM-Solver reference code, diffusers and k-diffusion, kept for parity with them.
+The Taylor weight of ``D2`` is ``-2 phi_3``, so this 3M integrates a linear ``D`` exactly
+but not a quadratic one and is second order (global rate 2.0 where ``-2 phi_3`` gives 4.1,
+on Gaussian data); with ``-2 phi_3`` it was less accurate on the sampler-accuracy
+benchmark at 5-20 NFE (``benchmarks/RESULTS.md``), so the reference weights stay.
+``eta = 0`` is the ODE solver; ``eta = 1`` the
 DPM-Solver++(2M/3M) SDE. The first steps use lower orders while history builds up, the
 step onto the data (``h = inf``) is first order, and with fewer than 15 steps the one
 before it is at most second order (diffusers' ``lower_order_final``).
@@ -82,8 +84,7 @@ class DPMSolverPP(SamplerBase):
                 phi_2 = math.expm1(-h_eta) / h_eta + 1
                 phi_3 = phi_2 / h_eta - 0.5
                 data = [
-                    first + phi_2 * u - 2 * phi_3 * v
-                    for first, u, v in zip([phi_1, 0.0, 0.0], d1, d2)
+                    first + phi_2 * u - phi_3 * v for first, u, v in zip([phi_1, 0.0, 0.0], d1, d2)
                 ]
             if i == grid.steps - 1:
                 data = list(final_step(grid, self.final))
