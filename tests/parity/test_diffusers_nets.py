@@ -88,19 +88,12 @@ UNET2D_CONFIGS = {
         "add_attention": False,
         "downsample_padding": 0,
     },
-    "scale_shift_no_mid_attention": {
-        "sample_size": 8,
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": (16, 32),
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 8,
-        "attention_head_dim": 8,
-        "resnet_time_scale_shift": "scale_shift",
-        "add_attention": False,  # no mid-block attention, so no attn_norm_num_groups needed
-    },
+}
+UNET2D_CONFIGS["scale_shift_no_mid_attention"] = {
+    **UNET2D_CONFIGS["plain_and_attention"],
+    "sample_size": 8,
+    "resnet_time_scale_shift": "scale_shift",
+    "add_attention": False,  # no mid-block attention, so no attn_norm_num_groups needed
 }
 
 UNET_COND_CONFIGS = {
