@@ -182,7 +182,7 @@ def test_load_detects_mismatched_and_corrupt_files_and_names_keys(tmp_path, text
 def test_a_config_json_that_is_not_an_object_names_the_file(tmp_path, text_pipeline, content):
     text_pipeline.save(tmp_path)
     (tmp_path / "config.json").write_text(content)
-    with pytest.raises(CheckpointError, match=r"config\.json must hold a JSON object"):
+    with pytest.raises(CheckpointError, match=r"config\.json does not hold a JSON object"):
         Pipeline.load(tmp_path)
 
 

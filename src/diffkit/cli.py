@@ -13,7 +13,6 @@ sampler) print one line ``diffkit: error: ...`` and exit with status 2, no trace
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -100,28 +99,15 @@ def _load_pipeline(run_dir: str) -> Any:
     from pydantic import ValidationError
 
     from diffkit.checkpoint import CheckpointError
-    from diffkit.pipeline import CONFIG_FILE, Pipeline
+    from diffkit.pipeline import Pipeline
 
     folder = _pipeline_dir(run_dir)
-    _check_config_file(folder / CONFIG_FILE)
     try:
         return Pipeline.load(folder)
     except CheckpointError as err:
         raise UserError(f"cannot load the pipeline in {folder}: {_one_line(err)}") from None
     except ValidationError as err:
         raise UserError(f"bad pipeline config in {folder}: {_validation_message(err)}") from None
-
-
-def _check_config_file(path: Path) -> None:
-    """Fail in one line unless a saved pipeline's config file holds a JSON object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a text file") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object (a pipeline config)")
 
 
 def _one_line(err: BaseException) -> str:

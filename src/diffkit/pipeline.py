@@ -449,11 +449,13 @@ class Pipeline(nn.Module):
             raise CheckpointError(f"{folder} holds no {CONFIG_FILE}; is it a saved pipeline?")
         try:
             data = json.loads(config_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{config_path} is not a text file (UTF-8 JSON)") from None
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise CheckpointError(
-                f"{config_path} must hold a JSON object (the pipeline config), got "
+                f"{config_path} does not hold a JSON object (the pipeline config), got "
                 f"{type(data).__name__}"
             )
         text = data.get("text")
