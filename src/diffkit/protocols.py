@@ -193,8 +193,9 @@ diffkit's samplers return the same samples, bit for bit, with or without a callb
 class NoiseSchedule(Protocol, metaclass=_ProtocolMeta):
     """The forward process ``x_t = alpha(t) * x0 + sigma(t) * eps`` on continuous ``t``.
 
-    ``log_snr(t) = log(alpha(t)**2 / sigma(t)**2)`` is strictly decreasing in ``t``
-    and ``t_of_log_snr`` is its inverse. All methods take and return ``(batch,)``.
+    ``log_snr(t) = log(alpha(t)**2 / sigma(t)**2)`` decreases in ``t`` (strictly, but
+    for a clamp such as ``Cosine``'s ``min_log_snr`` near ``t = 1``) and
+    ``t_of_log_snr`` is its inverse. All methods take and return ``(batch,)``.
     """
 
     def alpha(self, t: Time) -> Time:

@@ -2,7 +2,9 @@
 
 Every schedule gives ``alpha(t)``, ``sigma(t)``, ``log_snr(t) = 2 log(alpha / sigma)`` and
 its inverse ``t_of_log_snr``. ``t = 0`` is data and ``t = 1`` is (nearly) pure noise;
-``log_snr`` is strictly decreasing. Arithmetic is done in float64 and returned in the
+``log_snr`` is strictly decreasing (``Cosine`` holds it at ``min_log_snr`` on the last
+stretch before ``t = 1``, where ``t_of_log_snr`` gives 1). Arithmetic is done in float64
+and returned in the
 dtype of ``t``, so schedules are exact whatever precision the model runs in.
 
 Beta-schedule names, which other libraries use inconsistently:

@@ -6,7 +6,8 @@ decorated with [`checked`][diffkit.typing.checked]. A call with a wrong shape or
 dtype raises [`ShapeError`][diffkit.typing.ShapeError], which names the argument
 and the dimension that disagrees.
 
-Checks cost a few microseconds per call. They are on by default; set the
+Checks cost tens of microseconds per checked call (``benchmarks/RESULTS.md``), paid at
+public boundaries, not inside networks or sampling loops. They are on by default; set the
 environment variable ``DIFFKIT_SHAPE_CHECKS=0`` *before* importing diffkit to
 turn them off (read once, at import). ``benchmarks/shape_check_overhead.py``
 measures both ways.
