@@ -137,6 +137,51 @@ def test_label_range_is_not_read_back_from_an_accelerator():
     )
 
 
+def test_networks_reject_a_conditioning_they_would_ignore_entirely():
+    nets = [
+        dk.nn.UNet(
+            dk.nn.UNetConfig(
+                base_channels=4,
+                channel_mult=(1,),
+                norm_groups=4,
+                attention_resolutions=(),
+                mid_attention=False,
+            )
+        ),
+        dk.nn.DiT(dk.nn.DiTConfig(in_channels=3, dim=8, depth=1, num_heads=2, freq_dim=8)),
+        dk.nn.VideoDiT(
+            dk.nn.VideoDiTConfig(in_channels=3, dim=8, depth=1, num_heads=2, freq_dim=8)
+        ),
+    ]
+    given = dk.Conditioning(
+        tokens=torch.randn(2, 5, 8), pooled=torch.randn(2, 7), labels=torch.tensor([0, 1])
+    )
+    for net in nets:
+        name = type(net).__name__
+        shape = (2, 2, 3, 4, 4) if isinstance(net, dk.nn.VideoDiT) else (2, 3, 4, 4)
+        x, t = torch.randn(shape), torch.rand(2)
+        with pytest.raises(
+            ValueError,
+            match=rf"^{name}: got Conditioning with tokens, pooled, labels but the network "
+            r"uses none of them .*context_dim=\.\.\. or pass cond=None",
+        ):
+            net(x, t, given)
+        with pytest.raises(ValueError, match=r"with labels but .*num_classes=\.\.\."):
+            net(x, t, dk.Conditioning(labels=torch.tensor([0, 1])))
+        # Nothing given is not misuse: an empty Conditioning is the same as cond=None.
+        assert net(x, t, dk.Conditioning()).shape == shape
+        assert net(x, t).shape == shape
+
+
+def test_a_network_may_use_only_some_of_the_fields_it_is_given():
+    # A CLIP text conditioner gives tokens and pooled; a cross-attention-only network uses the
+    # tokens and ignores the pooled vector.
+    cond = dk.Conditioning(tokens=torch.randn(1, 4, 8), pooled=torch.randn(1, 6))
+    validate_conditioning("Net", 1, cond, context_dim=8, pooled_dim=None, num_classes=None)
+    labelled = dk.Conditioning(tokens=torch.randn(1, 4, 8), labels=torch.tensor([1]))
+    validate_conditioning("Net", 1, labelled, context_dim=None, pooled_dim=None, num_classes=3)
+
+
 def test_spatial_attention_layers_keep_shape_and_are_residual():
     x = torch.randn(2, 16, 4, 4)
     self_attn = SpatialSelfAttention(16, 8, groups=4)

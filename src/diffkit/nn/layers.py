@@ -508,3 +508,20 @@ def validate_conditioning(
                 f"{owner}: Conditioning.pooled has dim {pooled.shape[-1]}, expected "
                 f"pooled_dim={pooled_dim}"
             )
+    if cond is not None:
+        # A field the network has no input for is ignored; that is fine while it uses another
+        # (a CLIP conditioner gives tokens and pooled to a cross-attention-only U-Net), but a
+        # Conditioning it ignores entirely would silently make conditional sampling unconditional.
+        options = {
+            "tokens": ("context_dim", context_dim),
+            "pooled": ("pooled_dim", pooled_dim),
+            "labels": ("num_classes", num_classes),
+        }
+        given = [name for name in options if getattr(cond, name) is not None]
+        if given and all(options[name][1] is None for name in given):
+            missing = ", ".join(options[name][0] for name in given)
+            raise ValueError(
+                f"{owner}: got Conditioning with {', '.join(given)} but the network uses none "
+                f"of them (built without {missing}); build it with "
+                f"{options[given[0]][0]}=... or pass cond=None"
+            )
