@@ -266,6 +266,17 @@ def test_dataset_smaller_than_a_batch_is_refused(digits):
         train(_fresh(0), Cosine(), small, _config())
 
 
+def test_a_prediction_that_contradicts_the_denoisers_own_is_refused(digits):
+    config = _config(steps=1, loss=LossConfig())
+    with pytest.raises(ValueError, match=r"prediction='v' conflicts .* own prediction 'epsilon'"):
+        train(_fresh(0), Cosine(), digits, config, prediction="v")
+    # Agreeing is fine, and so is naming the prediction of a module that has none.
+    assert len(train(_fresh(0), Cosine(), digits, config, prediction="epsilon").losses) == 1
+    bare = _fresh(0)
+    bare.prediction = None  # type: ignore[assignment]
+    assert len(train(bare, Cosine(), digits, config, prediction="v").losses) == 1
+
+
 RUN_YAML = """
 pipeline:
   data_shape: [1, 8, 8]

@@ -430,7 +430,8 @@ def train(
     - ``encode(x) -> z`` maps data to latents (a frozen encoder) before noising.
     - ``sample(model, generator) -> samples in [-1, 1]`` makes the periodic sample grid
       (with the EMA weights when there are any).
-    - ``prediction`` overrides ``denoiser.prediction`` (for modules that lack it).
+    - ``prediction`` names what a module without a ``prediction`` attribute predicts (one
+      that has it must agree).
 
     Runs under ``torchrun`` too: ``init_distributed()`` (called here) joins the job,
     the denoiser is wrapped in ``DistributedDataParallel`` and rank 0 writes files; a
@@ -443,7 +444,15 @@ def train(
     device = _resolve_device(config, info)
     if config.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
-    found_kind = prediction or getattr(denoiser, "prediction", None)
+    own_kind = getattr(denoiser, "prediction", None)
+    if prediction is not None and own_kind is not None and prediction != own_kind:
+        raise ValueError(
+            f"train: prediction={prediction!r} conflicts with the denoiser's own prediction "
+            f"{own_kind!r}; it would learn to predict {prediction!r} while samplers read its "
+            f"output as {own_kind!r}. Build the denoiser with prediction={prediction!r} "
+            "(e.g. in its config) or drop prediction="
+        )
+    found_kind = prediction or own_kind
     if found_kind not in ("epsilon", "x0", "v", "flow"):
         raise ValueError(
             "the denoiser needs a 'prediction' attribute ('epsilon', 'x0', 'v' or 'flow'), "
