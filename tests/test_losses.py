@@ -132,6 +132,55 @@ def test_cond_dropout_without_uncond_zeroes_the_dropped_items() -> None:
     assert 0.4 < zero_rows < 0.6
 
 
+def test_cond_dropout_without_uncond_nulls_the_mask_and_pooled_too() -> None:
+    model = Recorder()
+    cond = dk.Conditioning(
+        tokens=torch.ones(500, 2, 3),
+        mask=torch.ones(500, 2, dtype=torch.bool),
+        pooled=torch.ones(500, 4),
+    )
+    DiffusionLoss(LossConfig(cond_dropout=0.5))(
+        model,
+        LinearBeta(),
+        torch.randn(500, 2),
+        cond=cond,
+        generator=torch.Generator().manual_seed(0),
+    )
+    seen = model.seen[-1]
+    assert seen is not None and seen.tokens is not None
+    assert seen.mask is not None and seen.pooled is not None
+    dropped = seen.tokens.abs().sum(dim=(1, 2)) == 0
+    assert 0.4 < dropped.float().mean().item() < 0.6
+    assert torch.equal(seen.mask.any(dim=1), ~dropped)
+    assert torch.equal(seen.pooled.abs().sum(dim=1) == 0, dropped)
+
+
+def test_cond_dropout_on_labels_needs_an_uncond_null_label() -> None:
+    # Without uncond a dropped label would become class 0, a real class.
+    cond = dk.Conditioning(labels=torch.full((8,), 2), pooled=torch.ones(8, 3))
+    loss = DiffusionLoss(LossConfig(cond_dropout=0.5))
+    for uncond in (None, dk.Conditioning(pooled=torch.zeros(1, 3))):
+        model = Recorder()
+        with pytest.raises(ValueError, match=r"cond_dropout=0\.5 on labels needs uncond="):
+            loss(model, LinearBeta(), torch.randn(8, 2), cond=cond, uncond=uncond)
+        assert model.seen == []
+    model = Recorder()
+    null = dk.Conditioning(labels=torch.tensor([10]), pooled=torch.zeros(1, 3))
+    loss(
+        model,
+        LinearBeta(),
+        torch.randn(8, 2),
+        cond=cond,
+        uncond=null,
+        generator=torch.Generator().manual_seed(0),
+    )
+    seen = model.seen[-1]
+    assert seen is not None and seen.labels is not None
+    assert set(seen.labels.tolist()) == {2, 10}
+    # Labels without dropout need no null label.
+    DiffusionLoss()(Recorder(), LinearBeta(), torch.randn(8, 2), cond=cond)
+
+
 def test_explicit_time_overrides_sampling() -> None:
     model = Recorder()
     t = torch.full((3,), 0.42, dtype=torch.float64)
@@ -146,3 +195,6 @@ def test_loss_config_round_trips_and_validates() -> None:
         LossConfig(cond_dropout=1.5)
     with pytest.raises(Exception, match="weighting"):
         LossConfig(weighting="snr")  # type: ignore[arg-type]
+    with pytest.raises(Exception, match=r"t_min \(0\.9\) must not exceed t_max \(0\.1\)"):
+        LossConfig(t_min=0.9, t_max=0.1)
+    assert LossConfig(t_min=0.5, t_max=0.5).t_min == 0.5

@@ -21,7 +21,7 @@ denoiser's own prediction is converted when they differ). Weightings are defined
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from diffkit.config import Config, Registry
@@ -66,6 +66,12 @@ class LossConfig(Config):
     cond_dropout: float = Field(
         default=0.0, ge=0, lt=1, description="probability of dropping the condition (for CFG)"
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossConfig":
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        return self
 
 
 LOSSES: Registry["DiffusionLoss"] = Registry("loss")
@@ -150,6 +156,15 @@ class DiffusionLoss:
         eps = _randn(tuple(x0.shape), generator, x0)
         x_t = add_noise(schedule, x0, eps, times)
         if cond is not None and self.config.cond_dropout > 0:
+            if cond.labels is not None and (uncond is None or uncond.labels is None):
+                # Dropped tokens and pooled vectors become zeros (and a mask all-False), a null
+                # input; a dropped label would become class 0, a real class.
+                raise ValueError(
+                    f"DiffusionLoss: cond_dropout={self.config.cond_dropout} on labels needs "
+                    "uncond=Conditioning(labels=torch.tensor([null_label])) with a 'no label' "
+                    "class (num_classes one more than the data's classes); without it the "
+                    "dropped labels would become class 0"
+                )
             keep = _rand((batch,), generator, x0) >= self.config.cond_dropout
             null = uncond.expand(batch) if uncond is not None else Conditioning()
             cond = cond.where(keep, null)
