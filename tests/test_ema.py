@@ -60,3 +60,40 @@ def test_invalid_decay_and_mismatched_model_are_rejected():
     ema = EMA(_model())
     with pytest.raises(ValueError, match="do not match"):
         ema.update(nn.Linear(3, 4))
+
+
+def test_a_parameter_added_after_the_ema_was_created_is_refused_by_name():
+    model = _model()
+    ema = EMA(model)
+    model.register_parameter("extra", nn.Parameter(torch.ones(3)))
+    with pytest.raises(ValueError, match=r"do not match.*parameters \['extra'\].*added after"):
+        ema.update(model)
+
+
+def test_a_parameter_whose_shape_changed_is_refused_even_when_it_broadcasts():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    ema = EMA(model)
+    model[1] = nn.Linear(4, 1)  # weight (1, 4) would broadcast onto the averaged (2, 4)
+    with pytest.raises(
+        ValueError, match=r"parameter '1.weight' has shape \(1, 4\) in the model but \(2, 4\)"
+    ):
+        ema.update(model)
+    assert int(ema.num_updates) == 0
+
+
+class _Buffers(nn.Module):
+    def __init__(self, order: tuple[str, ...], size: int = 3) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        for name in order:
+            self.register_buffer(name, torch.full((size,), float(ord(name) - ord("a") + 1)))
+
+
+def test_buffers_are_matched_by_name_and_shape_not_by_order():
+    ema = EMA(_Buffers(("a", "b")))
+    ema.update(_Buffers(("b", "a")))
+    assert ema.module.a.tolist() == [1.0] * 3 and ema.module.b.tolist() == [2.0] * 3
+    with pytest.raises(ValueError, match=r"buffer 'a' has shape \(4,\) in the model but \(3,\)"):
+        ema.update(_Buffers(("a", "b"), size=4))
+    with pytest.raises(ValueError, match=r"buffers do not match.*lacks buffers \['b'\]"):
+        ema.update(_Buffers(("a",)))

@@ -37,19 +37,16 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """Move the averaged weights towards ``model``'s current weights."""
         decay = self.current_decay()
-        shadow = dict(self.module.named_parameters())
-        pairs = [(shadow[n], p.detach()) for n, p in model.named_parameters() if n in shadow]
-        if len(pairs) != len(shadow):
-            raise ValueError("EMA.update: the model's parameters do not match the averaged copy")
-        floats = [(s, p) for s, p in pairs if s.is_floating_point()]
+        pairs = _match(
+            "parameter", list(self.module.named_parameters()), list(model.named_parameters())
+        )
+        floats = [(s, p.detach()) for s, p in pairs if s.is_floating_point()]
         if floats:
             targets = [p.to(s.dtype) for s, p in floats]
             torch._foreach_lerp_([s for s, _ in floats], targets, 1.0 - decay)
-        for (name, buf), (_, src) in zip(
-            self.module.named_buffers(), model.named_buffers(), strict=True
+        for buf, src in _match(
+            "buffer", list(self.module.named_buffers()), list(model.named_buffers())
         ):
-            if buf.shape != src.shape:
-                raise ValueError(f"EMA.update: buffer '{name}' changed shape")
             buf.copy_(src)
         self.num_updates += 1
 
@@ -61,3 +58,33 @@ class EMA(nn.Module):
     def averaged(self) -> nn.Module:
         """The averaged model (in eval mode, no gradients)."""
         return cast(nn.Module, self.module)
+
+
+def _match(
+    kind: str, shadow: list[tuple[str, Tensor]], current: list[tuple[str, Tensor]]
+) -> list[tuple[Tensor, Tensor]]:
+    """Pair the averaged copy's tensors with the model's by name; raise on any mismatch."""
+    # The fast path: the same names with the same shapes in the same order.
+    if [(n, t.shape) for n, t in shadow] == [(n, t.shape) for n, t in current]:
+        return [(s, c) for (_, s), (_, c) in zip(shadow, current, strict=True)]
+    mine, theirs = dict(shadow), dict(current)
+    missing = [n for n in mine if n not in theirs]
+    extra = [n for n in theirs if n not in mine]
+    if missing or extra:
+        found = [f"the model lacks {kind}s {missing}"] if missing else []
+        if extra:
+            hint = " (added after the EMA was created? create it once the model is complete)"
+            found.append(
+                f"the model has {kind}s {extra} that the averaged copy lacks"
+                + ("" if missing else hint)
+            )
+        raise ValueError(
+            f"EMA.update: the model's {kind}s do not match the averaged copy: {'; '.join(found)}"
+        )
+    for name, tensor in mine.items():
+        if tensor.shape != theirs[name].shape:
+            raise ValueError(
+                f"EMA.update: {kind} '{name}' has shape {tuple(theirs[name].shape)} in the "
+                f"model but {tuple(tensor.shape)} in the averaged copy"
+            )
+    return [(tensor, theirs[name]) for name, tensor in mine.items()]
