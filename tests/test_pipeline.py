@@ -14,6 +14,7 @@ from diffkit.pipeline import Pipeline
 from diffkit.protocols import Conditioning
 from diffkit.samplers import REGISTRY
 from diffkit.schedules import Cosine
+from diffkit.typing import ShapeError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -357,3 +358,63 @@ def test_a_plain_python_encoder_makes_a_latent_pipeline():
     assert out.shape == (2, 1, 8, 8)
     assert denoiser.calls[0][0].shape == (2, 1, 4, 4)  # the denoiser works on latents
     assert pipeline.img2img(out, strength=0.5, steps=2).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda p: p.generate("a", num_samples=0), ValueError, "num_samples must be at least 1"),
+        (lambda p: p.generate("a", num_samples=-1), ValueError, "num_samples must be at least 1"),
+        (lambda p: p.generate("a", num_samples=2.0), TypeError, "num_samples must be an int"),
+        (lambda p: p.generate("a", num_samples=True), TypeError, "num_samples must be an int"),
+        (lambda p: p.generate({"a", "b"}), TypeError, "prompts must be a str or a list .* set"),
+        (
+            lambda p: p.generate(s for s in ["a", "b"]),
+            TypeError,
+            "prompts must be a str or a list of str, got generator; pass a list",
+        ),
+        (lambda p: p.generate(["a", None]), TypeError, r"prompts\[1\] is NoneType"),
+        (
+            lambda p: p.generate(["a"], negative_prompts={"x"}),
+            TypeError,
+            "negative_prompts must be a str or a list of str, got set",
+        ),
+        (lambda p: p.condition({"a"}), TypeError, "prompts must be a str or a list"),
+        (
+            lambda p: p.generate("a", noise=torch.zeros(1, 4, 8, 8, dtype=torch.uint8)),
+            ShapeError,
+            "Pipeline.generate: argument 'noise' has dtype torch.uint8, expected one of",
+        ),
+        (
+            lambda p: p.img2img(torch.full((1, 1, 16, 16), 255, dtype=torch.uint8), "a"),
+            ShapeError,
+            "Pipeline.img2img: argument 'x' has dtype torch.uint8, expected one of",
+        ),
+    ],
+)
+def test_bad_arguments_are_named_before_any_compute(
+    text_pipeline, monkeypatch, call, error, message
+):
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the denoiser ran")
+
+    monkeypatch.setattr(text_pipeline.denoiser, "forward", no_compute)
+    with pytest.raises(error, match=message):
+        call(text_pipeline)
+
+
+def test_img2img_rejects_uint8_like_encode(text_pipeline):
+    image = torch.zeros(1, 1, 16, 16, dtype=torch.uint8)
+    with pytest.raises(ShapeError) as from_encode:
+        text_pipeline.encode(image)
+    with pytest.raises(ShapeError) as from_img2img:
+        text_pipeline.img2img(image, "a")
+    encode_line = str(from_encode.value).splitlines()[0]
+    assert str(from_img2img.value) == encode_line.replace("Pipeline.encode", "Pipeline.img2img")
+
+
+def test_prompts_as_a_tuple_and_noise_at_another_resolution_still_work(text_pipeline):
+    out = text_pipeline.generate(("a", "b"), generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 1, 16, 16)
+    z = text_pipeline.generate("a", noise=torch.randn(1, 4, 4, 4), decode=False)
+    assert z.shape == (1, 4, 4, 4)

@@ -1,5 +1,6 @@
 """Every protocol method rejects a wrong shape or dtype with an error naming the argument."""
 
+import re
 from typing import Any, Protocol, runtime_checkable
 
 import pytest
@@ -146,6 +147,17 @@ def test_conditioning_rejects_a_non_bool_mask_and_non_integer_labels() -> None:
         dk.Conditioning(tokens=torch.zeros(2, 3, 4, dtype=torch.long))
     with pytest.raises(dk.ShapeError, match=r"'pooled' must be floating-point.*torch\.int32"):
         dk.Conditioning(pooled=torch.zeros(2, 4, dtype=torch.int32))
+
+
+def test_conditioning_cat_names_the_field_and_both_shapes() -> None:
+    cond = dk.Conditioning(tokens=torch.zeros(2, 5, 8))
+    for other in ((2, 7, 8), (2, 5, 4)):
+        uncond = dk.Conditioning(tokens=torch.zeros(*other))
+        shapes = rf"\(2, 5, 8\) on one side and {re.escape(str(other))}"
+        with pytest.raises(dk.ShapeError, match=rf"'tokens' has shape {shapes}.*context length"):
+            cond.cat(uncond)
+    both = cond.cat(dk.Conditioning(tokens=torch.ones(1, 5, 8)))
+    assert both.tokens is not None and both.tokens.shape == (3, 5, 8)
 
 
 def _conditioned_denoisers() -> list[tuple[torch.nn.Module, tuple[int, ...], tuple[int, ...]]]:

@@ -538,6 +538,26 @@ def test_wrong_noise_shape_or_steps_is_an_error() -> None:
         samplers.DDIM().sample(den, DISCRETE, torch.randn(()), steps=2)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_true_and_non_finite_guidance_are_named_before_any_step(name: str) -> None:
+    calls: list[int] = []
+
+    def den(x, t, cond=None):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    den.prediction = "epsilon"  # type: ignore[attr-defined]
+    sampler = samplers.REGISTRY[name]()
+    noise = torch.randn(2, DIM)
+    with pytest.raises(TypeError, match="steps must be an int, got bool"):
+        sampler.sample(den, DISCRETE, noise, steps=True)
+    c = dk.Conditioning(pooled=torch.ones(1, 3))
+    for guidance in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="guidance must be finite"):
+            sampler.sample(den, DISCRETE, noise, steps=2, cond=c, uncond=c, guidance=guidance)
+    assert not calls
+
+
 @pytest.mark.parametrize(
     "name", ["ddim", "ddpm", "euler", "euler_ancestral", "ddim_logsnr", "heun"]
 )

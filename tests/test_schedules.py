@@ -243,3 +243,36 @@ def test_discrete_config_rejects_decreasing_linear_betas() -> None:
         DiscreteConfig(beta_start=0.02, beta_end=1e-4)
     DiscreteConfig(beta_schedule="cosine", beta_start=0.02, beta_end=1e-4)  # unused there
     DiscreteConfig(beta_start=0.01, beta_end=0.01)  # constant betas are a valid schedule
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: EDM(80.0, 0.002), r"EDM: sigma_max must be larger than sigma_min .*sigma_min=80"),
+        (lambda: LinearBeta(0.02, 1e-4), "LinearBeta: beta_end must be larger than beta_start"),
+        (lambda: SqrtLinearBeta(0.012, 0.00085), "SqrtLinearBeta: beta_end must be larger"),
+        (lambda: RectifiedFlow(shift=-1), r"RectifiedFlow: argument 'shift'.*greater than 0"),
+        (lambda: Cosine(offset=1.5), r"Cosine: argument 'offset'.*less than 1 \(got 1\.5\)"),
+        (lambda: LinearBeta(num_steps=1), r"argument 'num_steps'.*greater than or equal to 2"),
+        (lambda: EDM(rho=math.nan), r"EDM: argument 'rho'.*finite"),
+    ],
+)
+def test_constructors_check_what_their_configs_check(build, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_discrete_t_from_index_rejects_indices_outside_the_table() -> None:
+    schedule = ALL["discrete"]
+    assert isinstance(schedule, Discrete)
+    assert schedule.t_from_index(999).tolist() == [1.0]
+    assert schedule.t_from_index(torch.tensor([0, 999])).tolist() == [0.001, 1.0]
+    for index in (
+        1000,
+        -1,
+        torch.tensor([3, 1000]),
+        torch.tensor([-0.5]),
+        torch.tensor([math.nan]),
+    ):
+        with pytest.raises(ValueError, match=r"Discrete.t_from_index: .* outside \[0, 999\]"):
+            schedule.t_from_index(index)

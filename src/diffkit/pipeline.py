@@ -42,7 +42,7 @@ from diffkit.protocols import (
     StepCallback,
     TextConditioner,
 )
-from diffkit.typing import Prediction, Sample, Time, checked
+from diffkit.typing import Prediction, Sample, ShapeError, Time, checked
 
 __all__ = ["Pipeline"]
 
@@ -78,6 +78,29 @@ def _batch_error(batch_from: str, batch: int, given: str, size: int | None) -> V
         given = f"{given} of batch {size}"
     fits = "1" if batch == 1 else f"1 or {batch}"
     return ValueError(f"Pipeline: {batch_from} is {batch} but got {given}; pass {fits}")
+
+
+def _check_floating(where: str, name: str, x: Tensor) -> None:
+    """``x`` must be floating-point, said as ``checked`` says it (before any cast hides it)."""
+    if not x.is_floating_point():
+        dtypes = sorted(set(getattr(Data, "dtypes", ())))
+        raise ShapeError(
+            f"{where}: argument '{name}' has dtype {x.dtype}, expected one of {dtypes}"
+        )
+
+
+def _check_prompts(name: str, prompts: object) -> None:
+    """``prompts`` must be ``None``, a str or a sequence of str (ordered, with a length)."""
+    if prompts is None or isinstance(prompts, str):
+        return
+    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes | bytearray):
+        raise TypeError(
+            f"Pipeline: {name} must be a str or a list of str, got {type(prompts).__name__}; "
+            "pass a list (a set has no order, an iterator no length)"
+        )
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"Pipeline: {name}[{i}] is {type(prompt).__name__}, expected str")
 
 
 class _Truncated:
@@ -197,6 +220,7 @@ class Pipeline(nn.Module):
         """The text conditioner's [`Conditioning`][diffkit.protocols.Conditioning] for prompts."""
         if self.text is None:
             raise ValueError("Pipeline: prompts need a text conditioner; pass cond= instead")
+        _check_prompts("prompts", prompts)
         if isinstance(prompts, str):
             prompts = [prompts]
         return self.text.condition(list(prompts))
@@ -212,6 +236,8 @@ class Pipeline(nn.Module):
         batch_from: str = "num_samples",
     ) -> tuple[int, Conditioning | None, Conditioning | None, float]:
         """The batch and the expanded conditions; ``batch_from`` names what set ``batch``."""
+        _check_prompts("prompts", prompts)
+        _check_prompts("negative_prompts", negative_prompts)
         if prompts is not None and cond is not None:
             raise ValueError("Pipeline: pass prompts or cond, not both")
         if isinstance(prompts, str):
@@ -296,6 +322,16 @@ class Pipeline(nn.Module):
         ``noise`` (standard normal, latent shape) replaces the draw from ``generator``;
         ``denoiser`` replaces the pipeline's (e.g. EMA weights).
         """
+        if num_samples is not None:
+            if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+                raise TypeError(
+                    f"Pipeline.generate: num_samples must be an int, got "
+                    f"{type(num_samples).__name__} {num_samples!r}"
+                )
+            if num_samples < 1:
+                raise ValueError(
+                    f"Pipeline.generate: num_samples must be at least 1, got {num_samples}"
+                )
         steps, guidance = self._defaults(steps, guidance)
         batch_from = "num_samples"
         if noise is not None:
@@ -323,7 +359,12 @@ class Pipeline(nn.Module):
         return self.decode(z) if decode else z
 
     def _check_noise(self, noise: Tensor, num_samples: int | None) -> None:
-        """``noise`` must be a batch, of ``num_samples`` items when that is given."""
+        """``noise`` must be a floating-point batch, of ``num_samples`` items when given.
+
+        Its other dimensions are not checked: a convolutional denoiser can deliberately
+        sample at another resolution than ``data_shape``.
+        """
+        _check_floating("Pipeline.generate", "noise", noise)
         if noise.ndim < 2:
             raise ValueError(
                 f"Pipeline.generate: noise must be (batch, *latent), got {noise.shape}"
@@ -366,6 +407,7 @@ class Pipeline(nn.Module):
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength (the start time t0) must be in (0, 1], got {strength}")
         steps, guidance = self._defaults(steps, guidance)
+        _check_floating("Pipeline.img2img", "x", x)  # uint8 in [0, 255] must not pass as floats
         x = x.to(self.device, self.dtype)
         batch, cond, uncond, guidance = self._conditions(
             prompts, cond, uncond, negative_prompts, int(x.shape[0]), guidance, "x's batch"

@@ -166,6 +166,12 @@ class Conditioning:
         for (name, a), (_, b) in zip(self._fields(), other._fields(), strict=True):
             if (a is None) != (b is None):
                 raise ShapeError(f"Conditioning.cat: '{name}' is set on one side only")
+            if a is not None and b is not None and a.shape[1:] != b.shape[1:]:
+                raise ShapeError(
+                    f"Conditioning.cat: '{name}' has shape {tuple(a.shape)} on one side and "
+                    f"{tuple(b.shape)} on the other; all but the batch dimension must match "
+                    "(e.g. pad cond's and uncond's prompts to the same context length)"
+                )
             out[name] = None if a is None or b is None else torch.cat([a, b])
         return Conditioning(**out)
 

@@ -19,11 +19,11 @@ Both are the continuous-time limits of their ``num_steps``-step discrete schedul
 """
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from torch import Tensor
 
 from diffkit.config import Config, Registry
@@ -54,6 +54,23 @@ SCHEDULES: Registry[NoiseSchedule] = Registry("schedule")
 """``kind`` -> schedule config and builder."""
 
 _F64 = torch.float64
+
+
+def _check_args(owner: str, config_cls: type[Config], **args: Any) -> None:
+    """Constructor arguments must pass the schedule's config: a ValueError naming them."""
+    try:
+        config_cls(**args)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if error["loc"]:
+                name = ".".join(map(str, error["loc"]))
+                problems.append(f"argument '{name}': {message} (got {error['input']!r})")
+            else:  # a check across arguments (an order), said in its own words
+                given = ", ".join(f"{k}={v!r}" for k, v in args.items())
+                problems.append(f"{message} (got {given})")
+        raise ValueError(f"{owner}: {'; '.join(problems)}") from None
 
 
 def _logit(p: Tensor) -> Tensor:
@@ -143,6 +160,13 @@ class LinearBeta(ScheduleBase):
     """
 
     def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000):
+        _check_args(
+            "LinearBeta",
+            LinearBetaConfig,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            num_steps=num_steps,
+        )
         self.beta_start, self.beta_end, self.num_steps = beta_start, beta_end, num_steps
         self._b0 = num_steps * beta_start
         self._db = num_steps * (beta_end - beta_start)
@@ -185,6 +209,13 @@ class SqrtLinearBeta(ScheduleBase):
     """VP schedule with ``√beta`` linear in ``t`` (diffusers "scaled_linear", LDM "linear")."""
 
     def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_steps: int = 1000):
+        _check_args(
+            "SqrtLinearBeta",
+            SqrtLinearBetaConfig,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            num_steps=num_steps,
+        )
         self.beta_start, self.beta_end, self.num_steps = beta_start, beta_end, num_steps
         self._r0 = math.sqrt(beta_start)
         self._dr = math.sqrt(beta_end) - self._r0
@@ -224,6 +255,7 @@ class Cosine(ScheduleBase):
     """
 
     def __init__(self, offset: float = 0.008, min_log_snr: float = -20.0):
+        _check_args("Cosine", CosineConfig, offset=offset, min_log_snr=min_log_snr)
         self.offset, self.min_log_snr = offset, min_log_snr
         self._u0 = math.pi / 2 * offset / (1 + offset)
         self._log_c0 = 2 * math.log(math.cos(self._u0))
@@ -271,6 +303,7 @@ class EDM(ScheduleBase):
     """
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+        _check_args("EDM", EDMConfig, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self._lo = sigma_min ** (1 / rho)
         self._hi = sigma_max ** (1 / rho)
@@ -312,6 +345,7 @@ class RectifiedFlow(ScheduleBase):
     """
 
     def __init__(self, shift: float = 1.0):
+        _check_args("RectifiedFlow", RectifiedFlowConfig, shift=shift)
         self.shift = shift
 
     @classmethod
@@ -463,7 +497,18 @@ class Discrete(ScheduleBase):
     @checked
     def t_from_index(self, index: Float[Tensor, " batch"] | Tensor | int) -> Time:
         """Continuous ``t = (i + 1) / N`` of training step index ``i`` (float64)."""
+        last = self.num_steps - 1
+        if isinstance(index, int) and not 0 <= index <= last:
+            raise ValueError(f"Discrete.t_from_index: index {index} is outside [0, {last}]")
         i = torch.as_tensor(index, dtype=_F64)
+        # Only a CPU tensor's values are checked: reading an accelerator's would copy them
+        # to the host and synchronise the device, which this cheap conversion must not do.
+        if isinstance(index, Tensor) and i.device.type == "cpu" and i.numel():
+            lo, hi = float(i.min()), float(i.max())
+            if lo < 0 or hi > last or math.isnan(lo + hi):
+                raise ValueError(
+                    f"Discrete.t_from_index: indices in [{lo:g}, {hi:g}] are outside [0, {last}]"
+                )
         return ((i + 1) / self.num_steps).reshape(-1)
 
     @checked

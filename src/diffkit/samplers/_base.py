@@ -510,8 +510,14 @@ class SamplerBase(abc.ABC):
         ``noise`` is scaled to ``sigma(t_max)``; the model is called in ``noise.dtype``
         while the sampler integrates in float32 (float64 if ``noise`` is float64).
         """
+        # Plain Python checks (no tensor op, no device sync): bool passes as an int, and a
+        # NaN guidance would only surface after the whole loop, as a NonFiniteError.
+        if isinstance(steps, bool):
+            raise TypeError(f"steps must be an int, got bool {steps}")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be finite, got {guidance}")
         if not noise.is_floating_point():
             raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
         grid = self.grid(schedule, steps, noise.device)
