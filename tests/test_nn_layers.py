@@ -92,28 +92,19 @@ def test_cross_attention_without_context_says_so():
         Attention(16, 2, context_dim=8)(torch.randn(1, 4, 16))
 
 
-def test_networks_reject_labels_out_of_range_naming_num_classes():
-    nets = [
-        dk.nn.UNet(
-            dk.nn.UNetConfig(
-                base_channels=4,
-                channel_mult=(1,),
-                norm_groups=4,
-                attention_resolutions=(),
-                mid_attention=False,
-                num_classes=3,
-            )
-        ),
-        dk.nn.DiT(
-            dk.nn.DiTConfig(in_channels=3, dim=8, depth=1, num_heads=2, freq_dim=8, num_classes=3)
-        ),
-        dk.nn.VideoDiT(
-            dk.nn.VideoDiTConfig(
-                in_channels=3, dim=8, depth=1, num_heads=2, freq_dim=8, num_classes=3
-            )
-        ),
+def _small_nets(**cond: int) -> list[torch.nn.Module]:
+    """A tiny U-Net, DiT and VideoDiT on 3-channel 4x4 inputs, with conditioning ``cond``."""
+    transformer = {"in_channels": 3, "dim": 8, "depth": 1, "num_heads": 2, "freq_dim": 8}
+    unet = {"base_channels": 4, "channel_mult": (1,), "norm_groups": 4}
+    return [
+        dk.nn.UNet(dk.nn.UNetConfig(**unet, attention_resolutions=(), mid_attention=False, **cond)),
+        dk.nn.DiT(dk.nn.DiTConfig(**transformer, **cond)),
+        dk.nn.VideoDiT(dk.nn.VideoDiTConfig(**transformer, **cond)),
     ]
-    for net in nets:
+
+
+def test_networks_reject_labels_out_of_range_naming_num_classes():
+    for net in _small_nets(num_classes=3):
         shape = (2, 2, 3, 4, 4) if isinstance(net, dk.nn.VideoDiT) else (2, 3, 4, 4)
         x, t = torch.randn(shape), torch.rand(2)
         for bad in ([0, 3], [-1, 2]):
@@ -138,21 +129,7 @@ def test_label_range_is_not_read_back_from_an_accelerator():
 
 
 def test_networks_reject_a_conditioning_they_would_ignore_entirely():
-    nets = [
-        dk.nn.UNet(
-            dk.nn.UNetConfig(
-                base_channels=4,
-                channel_mult=(1,),
-                norm_groups=4,
-                attention_resolutions=(),
-                mid_attention=False,
-            )
-        ),
-        dk.nn.DiT(dk.nn.DiTConfig(in_channels=3, dim=8, depth=1, num_heads=2, freq_dim=8)),
-        dk.nn.VideoDiT(
-            dk.nn.VideoDiTConfig(in_channels=3, dim=8, depth=1, num_heads=2, freq_dim=8)
-        ),
-    ]
+    nets = _small_nets()
     given = dk.Conditioning(
         tokens=torch.randn(2, 5, 8), pooled=torch.randn(2, 7), labels=torch.tensor([0, 1])
     )
