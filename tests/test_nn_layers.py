@@ -221,3 +221,14 @@ def test_upsample_state_dict_is_the_convolution_only() -> None:
     # The phase taps are a constant, not a weight: checkpoints and diffusers interop see
     # only conv.weight / conv.bias.
     assert sorted(Upsample(4).state_dict()) == ["conv.bias", "conv.weight"]
+
+
+def test_networks_refuse_times_outside_zero_one() -> None:
+    # the diffusers habit: integer-valued timesteps 0..999 passed as continuous t
+    for net in _small_nets():
+        shape = (2, 2, 3, 4, 4) if isinstance(net, dk.nn.VideoDiT) else (2, 3, 4, 4)
+        x = torch.randn(shape)
+        for bad in ([0.5, 500.0], [-0.1, 0.5], [float("nan"), 0.5]):
+            with pytest.raises(ValueError, match=r"t must be continuous times in \[0, 1\]"):
+                net(x, torch.tensor(bad))
+        assert net(x, torch.tensor([0.0, 1.0])).shape == shape

@@ -452,7 +452,16 @@ def network_timestep(
     - ``"index"``: the discrete training index ``N t - 1`` of a model trained on ``N`` steps
       (``Discrete.index_from_t``), computed in float64 and snapped to the nearest integer when
       within float32 rounding of it, so ``t = Discrete.t_from_index(i)`` gives exactly ``i``.
+
+    Times outside ``[0, 1]`` (or NaN) are refused when ``t`` is on the CPU, where looking
+    costs no device sync: the usual slip is a diffusers timestep (0-999) given as ``t``.
     """
+    if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+        raise ValueError(
+            f"t must be continuous times in [0, 1], got values from {float(t.min()):g} to "
+            f"{float(t.max()):g} (or NaN); a trained model's step index i is "
+            "Discrete.t_from_index(i)"
+        )
     if time_input == "t":
         return t * time_scale
     index = t.double() * num_train_timesteps - 1
