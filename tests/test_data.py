@@ -174,3 +174,12 @@ def test_data_seeds_fit_torch_generators(config: type) -> None:
     config(seed=2**63 - 1)
     with pytest.raises(ValidationError, match="seed"):
         config(seed=2**63)  # torch.Generator.manual_seed would overflow later
+
+
+def test_a_misspelled_split_and_a_bad_batch_size_are_refused() -> None:
+    for split in ("val", "TEST"):
+        with pytest.raises(ValueError, match="split must be one of"):
+            DigitsDataset(8, split=split)  # type: ignore[arg-type]
+    for batch_size in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            shard_batches(10, batch_size=batch_size, epoch=0, seed=0)  # type: ignore[arg-type]

@@ -237,3 +237,12 @@ def test_fast_config_shrinks_the_video_recipe_and_keeps_it_latent() -> None:
     assert full.pipeline.encoder is not None
     assert fast.pipeline.encoder == full.pipeline.encoder
     assert fast.pipeline.denoiser == full.pipeline.denoiser
+
+
+def test_a_prompt_template_with_an_unknown_placeholder_is_refused_before_training() -> None:
+    image, video = default_config("image").to_dict(), default_config("video").to_dict()
+    with pytest.raises(ValueError, match=r"prompt_template .*'nam'.*\{name\}, \{digit\}"):
+        ImageDemoConfig.model_validate({**image, "prompt_template": "a digit {nam}"})
+    with pytest.raises(ValueError, match=r"\{direction\}"):
+        VideoDemoConfig.model_validate({**video, "prompt_template": "the digit {digit} {way}"})
+    ImageDemoConfig.model_validate({**image, "prompt_template": "digit {digit}, {name}"})

@@ -145,3 +145,17 @@ def test_skip_last_layers_takes_tokens_earlier_and_keeps_the_pooled_state() -> N
         CLIPTextConditioner(tower, tok, skip_last_layers=3)
     with pytest.raises(ValueError, match=r"exceeds text\.layers"):
         CLIPTextConditionerConfig(text=tower_config(layers=2), tokenizer="byte", skip_last_layers=3)
+
+
+def test_the_tower_must_pool_at_the_tokenizers_end_token() -> None:
+    # a pooled vector read at a pad (or the start token) would condition on nothing
+    with pytest.raises(ValueError, match=r"eos_token_id 5 but .* eot_token_id 258"):
+        CLIPTextConditioner(TextTower(tower_config(eos_token_id=5)), ByteTokenizer(12))
+    wide = TextTower(tower_config(vocab_size=300))  # argmax rule, but 258 is not the largest id
+    tokenizer = ByteTokenizer(12)
+    tokenizer.vocab_size = 300  # type: ignore[misc]  # a tokenizer with ids above its end token
+    with pytest.raises(ValueError, match="end token 258 is not its largest id"):
+        CLIPTextConditioner(wide, tokenizer)
+    CLIPTextConditioner(TextTower(tower_config(eos_token_id=258)), ByteTokenizer(12))
+    with pytest.raises(ValueError, match=r"eos_token_id .* below vocab_size"):
+        tower_config(eos_token_id=10**6)

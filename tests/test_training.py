@@ -401,3 +401,12 @@ def test_dataloader_workers_feed_the_same_batches(digits):
         uncond=NULL,
     )
     assert workers.losses == inline.losses
+
+
+def test_train_config_refuses_settings_that_would_be_ignored() -> None:
+    with pytest.raises(ValidationError, match="lr_schedule='constant' it would be ignored"):
+        TrainConfig(steps=10, lr=1e-3, min_lr=1e-4)
+    for decay in (0.0, 1.0):  # 1: only the warm-up formula; 0: a plain copy
+        with pytest.raises(ValidationError, match="ema_decay"):
+            TrainConfig(steps=10, ema_decay=decay)
+    TrainConfig(steps=10, lr=1e-3, min_lr=1e-4, lr_schedule="cosine")

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -106,6 +106,8 @@ def load_digits(size: int = 16) -> tuple[Float[Tensor, "n 1 size size"], Int[Ten
 
 
 def _split_indices(n: int, split: Split, test_fraction: float, seed: int) -> Tensor:
+    if split not in get_args(Split):
+        raise ValueError(f"split must be one of {get_args(Split)}, got {split!r}")
     if split == "all":
         return torch.arange(n)
     if not 0.0 < test_fraction < 1.0:
@@ -294,6 +296,8 @@ def shard_batches(
     """
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     per_shard = dataset_size // num_shards
     if per_shard < batch_size:
         raise ValueError(

@@ -118,6 +118,17 @@ def _tower_kind(value: Any) -> str:
     return str(kind)
 
 
+def _check_template(template: str, keys: tuple[str, ...]) -> None:
+    """``prompt_template`` may only use ``keys`` as placeholders (checked before any training)."""
+    try:
+        template.format_map({key: key for key in keys})
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(
+            f"prompt_template {template!r}: {type(err).__name__} {err}; its placeholders are "
+            + ", ".join("{" + key + "}" for key in keys)
+        ) from None
+
+
 _ImageTowerConfig = Annotated[
     Annotated[VisionTowerConfig, Tag("clip_vit")]
     | Annotated[ResNetTowerConfig, Tag("clip_resnet")],
@@ -191,6 +202,7 @@ class ImageDemoConfig(_DemoBase):
 
     @model_validator(mode="after")
     def _image(self) -> "ImageDemoConfig":
+        _check_template(self.prompt_template, ("name", "digit"))
         shape = self.pipeline.data_shape
         if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
             raise ValueError(f"pipeline.data_shape must be (1, size, size), got {shape}")
@@ -236,6 +248,7 @@ class VideoDemoConfig(_DemoBase):
 
     @model_validator(mode="after")
     def _video(self) -> "VideoDemoConfig":
+        _check_template(self.prompt_template, ("name", "digit", "direction"))
         shape = self.pipeline.data_shape
         if len(shape) != 4 or shape[1] != 1 or shape[2] != shape[3]:
             raise ValueError(f"pipeline.data_shape must be (frames, 1, size, size), got {shape}")

@@ -71,6 +71,22 @@ def _tokenize(tokenizer: Tokenizer, texts: Sequence[str], owner: str) -> Tensor:
     return tokenizer(texts)
 
 
+def _check_end_token(tower: TextTower, tokenizer: Tokenizer) -> None:
+    """The tower must pool where the tokenizer puts its end token, or pooled is a pad's state."""
+    eos, eot = tower.config.eos_token_id, tokenizer.eot_token_id
+    if eos is not None and eos != eot:
+        raise ValueError(
+            f"CLIPTextConditioner: the tower pools at eos_token_id {eos} but the tokenizer ends "
+            f"texts with eot_token_id {eot}; set the tower's eos_token_id to {eot}"
+        )
+    if eos is None and eot != tokenizer.vocab_size - 1:
+        raise ValueError(
+            f"CLIPTextConditioner: the tower pools at the largest id of each row (CLIP's rule, "
+            f"eos_token_id None) but the tokenizer's end token {eot} is not its largest id "
+            f"({tokenizer.vocab_size - 1}); set the tower's eos_token_id to {eot}"
+        )
+
+
 class CLIPTextConditioner(nn.Module):
     """diffkit's CLIP [`TextTower`][diffkit.nn.clip.TextTower] with its tokenizer."""
 
@@ -95,6 +111,7 @@ class CLIPTextConditioner(nn.Module):
                 f"CLIPTextConditioner: the tokenizer has {tokenizer.vocab_size} ids but the "
                 f"tower embeds only {tower.config.vocab_size}"
             )
+        _check_end_token(tower, tokenizer)
         if project_pooled and tower.projection is None:
             raise ValueError("CLIPTextConditioner: project_pooled=True needs a tower projection")
         self.tower = tower

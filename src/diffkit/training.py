@@ -108,7 +108,7 @@ class TrainConfig(Config):
         1.0, gt=0, description="clip the global gradient norm to this; None: no clipping"
     )
     ema_decay: float | None = Field(
-        0.999, ge=0, le=1, description="EMA decay per step (with warm-up); None: no EMA"
+        0.999, gt=0, lt=1, description="EMA decay per step (with warm-up); None: no EMA"
     )
     precision: Precision = Field(
         "fp32", description="fp32; bf16 autocast (CPU or CUDA); fp16 autocast + scaler (CUDA)"
@@ -156,6 +156,11 @@ class TrainConfig(Config):
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.min_lr > 0 and self.lr_schedule == "constant":
+            raise ValueError(
+                f"min_lr ({self.min_lr}) is the end of the cosine schedule; with "
+                "lr_schedule='constant' it would be ignored (set lr_schedule: cosine)"
+            )
         return self
 
 

@@ -90,6 +90,11 @@ class TextTowerConfig(Config):
     def _heads_divide_width(self) -> "TextTowerConfig":
         if self.width % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+        if self.eos_token_id is not None and self.eos_token_id >= self.vocab_size:
+            raise ValueError(
+                f"eos_token_id ({self.eos_token_id}) must be a token id, below vocab_size "
+                f"({self.vocab_size})"
+            )
         return self
 
 
