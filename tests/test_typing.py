@@ -1,5 +1,6 @@
 """Runtime shape checks: readable errors naming argument and dimension; the off switch."""
 
+import math
 import os
 import subprocess
 import sys
@@ -150,3 +151,11 @@ def test_conditioning_validates_its_fields() -> None:
     assert c.cat(c).batch_size == 2
     with pytest.raises(dk.ShapeError, match="one side only"):
         c.cat(dk.Conditioning(pooled=torch.ones(1, 2)))
+
+
+def test_host_range_reads_cpu_tensors_only() -> None:
+    assert dk.typing.host_range(torch.tensor([3, -1, 2])) == (-1.0, 3.0)
+    low, high = dk.typing.host_range(torch.tensor([0.5, float("nan")]))  # type: ignore[misc]
+    assert math.isnan(low) and math.isnan(high)
+    assert dk.typing.host_range(torch.empty(0)) is None
+    assert dk.typing.host_range(torch.zeros(2, device="meta")) is None  # no read-back

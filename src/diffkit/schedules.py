@@ -28,7 +28,7 @@ from torch import Tensor
 
 from diffkit.config import Config, Registry
 from diffkit.protocols import NoiseSchedule
-from diffkit.typing import Time, checked
+from diffkit.typing import Time, checked, host_range
 
 __all__ = [
     "EDM",
@@ -501,14 +501,12 @@ class Discrete(ScheduleBase):
         if isinstance(index, int) and not 0 <= index <= last:
             raise ValueError(f"Discrete.t_from_index: index {index} is outside [0, {last}]")
         i = torch.as_tensor(index, dtype=_F64)
-        # Only a CPU tensor's values are checked: reading an accelerator's would copy them
-        # to the host and synchronise the device, which this cheap conversion must not do.
-        if isinstance(index, Tensor) and i.device.type == "cpu" and i.numel():
-            lo, hi = float(i.min()), float(i.max())
-            if lo < 0 or hi > last or math.isnan(lo + hi):
-                raise ValueError(
-                    f"Discrete.t_from_index: indices in [{lo:g}, {hi:g}] are outside [0, {last}]"
-                )
+        ends = host_range(i) if isinstance(index, Tensor) else None  # CPU tensors only
+        if ends is not None and not 0 <= ends[0] <= ends[1] <= last:
+            raise ValueError(
+                f"Discrete.t_from_index: indices in [{ends[0]:g}, {ends[1]:g}] are outside "
+                f"[0, {last}]"
+            )
         return ((i + 1) / self.num_steps).reshape(-1)
 
     @checked

@@ -40,6 +40,7 @@ __all__ = [
     "Video",
     "checked",
     "checked_layer",
+    "host_range",
     "trusted",
 ]
 
@@ -270,6 +271,19 @@ def _beartype() -> Callable[..., Any]:
 def broadcast_to_sample(per_item: Float[Tensor, " batch"], like: Tensor) -> Tensor:
     """Reshape a per-item scalar ``(batch,)`` so it broadcasts against ``like`` ``(batch, ...)``."""
     return per_item.reshape(per_item.shape + (1,) * (like.ndim - 1))
+
+
+def host_range(x: Tensor) -> tuple[float, float] | None:
+    """``(min, max)`` of a non-empty CPU tensor in one reduction, else ``None``.
+
+    For value checks at a boundary (labels, times, indices): on an accelerator, reading
+    values back would be a host-device sync on every call, so they are not looked at
+    there. NaN anywhere makes both ends NaN, which fails every range comparison.
+    """
+    if x.device.type != "cpu" or x.numel() == 0:
+        return None
+    low, high = torch.aminmax(x)
+    return float(low), float(high)
 
 
 def is_finite(x: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from diffkit.protocols import Conditioning
-from diffkit.typing import ShapeError, checked_layer
+from diffkit.typing import ShapeError, checked_layer, host_range
 
 __all__ = [
     "Attention",
@@ -456,11 +456,11 @@ def network_timestep(
     Times outside ``[0, 1]`` (or NaN) are refused when ``t`` is on the CPU, where looking
     costs no device sync: the usual slip is a diffusers timestep (0-999) given as ``t``.
     """
-    if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+    ends = host_range(t)
+    if ends is not None and not 0.0 <= ends[0] <= ends[1] <= 1.0:
         raise ValueError(
-            f"t must be continuous times in [0, 1], got values from {float(t.min()):g} to "
-            f"{float(t.max()):g} (or NaN); a trained model's step index i is "
-            "Discrete.t_from_index(i)"
+            f"t must be continuous times in [0, 1], got values from {ends[0]:g} to "
+            f"{ends[1]:g} (or NaN); a trained model's step index i is Discrete.t_from_index(i)"
         )
     if time_input == "t":
         return t * time_scale
@@ -497,17 +497,15 @@ def validate_conditioning(
             raise ValueError(
                 f"{owner}: class-conditioned (num_classes set); pass Conditioning(labels=)"
             )
-        # The range is checked for CPU labels only: on an accelerator reading them back is a
-        # host-device sync on every denoiser call of every sampling step (the samplers' loop
-        # is sync-free); there a bad label fails inside the embedding instead.
-        if labels.device.type == "cpu" and labels.numel() > 0:
-            low, high = int(labels.min()), int(labels.max())
-            if low < 0 or high >= num_classes:
-                raise ValueError(
-                    f"{owner}: Conditioning.labels must be in [0, num_classes={num_classes}) "
-                    f"(a null label for guidance counts among the classes), got labels from "
-                    f"{low} to {high}"
-                )
+        # CPU labels only (host_range): on an accelerator a bad label fails inside the
+        # embedding instead, since reading them back would sync every sampling step.
+        ends = host_range(labels)
+        if ends is not None and not 0 <= ends[0] <= ends[1] < num_classes:
+            raise ValueError(
+                f"{owner}: Conditioning.labels must be in [0, num_classes={num_classes}) "
+                f"(a null label for guidance counts among the classes), got labels from "
+                f"{ends[0]:g} to {ends[1]:g}"
+            )
     if pooled_dim is not None:
         pooled = cond.pooled if cond is not None else None
         if pooled is None:
