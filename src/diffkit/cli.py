@@ -23,9 +23,6 @@ from typing import Any
 __all__ = ["UserError", "main"]
 
 EXIT_USAGE = 2
-# Seeds: torch's generators take -2**63 .. 2**64 - 1 and the recipes take >= 0 and add
-# small offsets (seed + 31, seed + epoch), so a seed is 0 .. 2**63 - 1.
-SEED_MAX = 2**63 - 1
 # What ``diffkit sample --out`` can write (PIL picks the format from the extension).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -417,7 +414,9 @@ def _positive_int(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    """An argparse ``type``: a seed, an integer from 0 to ``SEED_MAX``."""
+    """An argparse ``type``: a seed, an integer from 0 to ``diffkit.config.SEED_MAX``."""
+    from diffkit.config import SEED_MAX
+
     try:
         value = int(text)
     except ValueError:

@@ -13,7 +13,11 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["REGISTRIES", "Config", "Registry", "ValidationError", "kind_of"]
+__all__ = ["REGISTRIES", "SEED_MAX", "Config", "Registry", "ValidationError", "kind_of"]
+
+SEED_MAX = 2**63 - 1
+"""The largest seed a config takes: torch's generators take up to ``2**64 - 1`` and recipes
+add small offsets (``seed + 31``, ``seed + epoch``) to theirs."""
 
 
 class Config(BaseModel):

@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from diffkit.config import Config, Registry
+from diffkit.config import SEED_MAX, Config, Registry
 from diffkit.typing import Sample, ShapeError, checked
 
 __all__ = [
@@ -384,7 +384,7 @@ class DigitsConfig(Config):
     kind: Literal["digits"] = "digits"
     size: int = Field(16, ge=8, description="image side in pixels (8x8 digits upscaled)")
     seed: int = Field(
-        0, ge=0, le=2**63 - 1, description="seeds the captions and the train/test split"
+        0, ge=0, le=SEED_MAX, description="seeds the captions and the train/test split"
     )
     split: Split = Field("all", description="all digits, or a seeded train / test part")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="share of the test split")
@@ -400,7 +400,7 @@ class MovingDigitsConfig(Config):
     digit_size: int = Field(16, ge=8, description="digit side in pixels")
     max_speed: int = Field(3, ge=1, description="largest speed in pixels per frame")
     seed: int = Field(
-        0, ge=0, le=2**63 - 1, description="seeds digits, paths, captions and the split"
+        0, ge=0, le=SEED_MAX, description="seeds digits, paths, captions and the split"
     )
     split: Split = Field("all", description="which digits: all, or a seeded train / test part")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="share of the test split")

@@ -52,7 +52,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 from torch import Tensor, nn
 
 from diffkit.builder import PipelineConfig, build
-from diffkit.config import Config
+from diffkit.config import SEED_MAX, Config
 from diffkit.data import (
     DIGIT_NAMES,
     DIRECTIONS,
@@ -139,7 +139,7 @@ _ImageTowerConfig = Annotated[
 
 class _DemoBase(Config):
     seed: int = Field(
-        default=0, ge=0, le=2**63 - 1, description="seeds data, initialisation, training, noise"
+        default=0, ge=0, le=SEED_MAX, description="seeds data, initialisation, training, noise"
     )
     threads: int | None = Field(
         default=None, ge=1, description="torch CPU threads; None: all cores (os.cpu_count())"
