@@ -33,8 +33,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def typecheck(session: nox.Session) -> None:
-    """pyright over src/ (settings in pyproject.toml)."""
-    session.run(PY, "-m", "pyright", "src", *session.posargs)
+    """pyright over src/ and tests/static/ (settings in pyproject.toml)."""
+    session.run(PY, "-m", "pyright", "src", "tests/static", *session.posargs)
 
 
 @nox.session(python=False)

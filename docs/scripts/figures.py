@@ -91,7 +91,7 @@ def forward_strip() -> bytes:
 class EmpiricalDenoiser(torch.nn.Module):
     """The exact ``E[x0 | x_t]`` when the data is uniform over a finite set of images."""
 
-    prediction = "x0"
+    prediction: dk.typing.Prediction = "x0"
 
     def __init__(self, data: torch.Tensor, schedule: dk.NoiseSchedule):
         super().__init__()
@@ -141,7 +141,7 @@ def reverse_strip() -> bytes:
 class MixtureDenoiser(torch.nn.Module):
     """The exact ``E[x0 | x_t]`` for an equal-weight mixture of isotropic Gaussians."""
 
-    prediction = "x0"
+    prediction: dk.typing.Prediction = "x0"
 
     def __init__(self, means: torch.Tensor, std: float, schedule: dk.NoiseSchedule):
         super().__init__()

@@ -58,7 +58,9 @@ class SpatialPatchesConfig(Config):
     """2-D patches of images: [`SpatialPatches`][diffkit.patches.SpatialPatches]."""
 
     kind: Literal["spatial_patches"] = "spatial_patches"
-    patch_size: tuple[int, int] = Field((2, 2), description="patch (height, width) in pixels")
+    patch_size: tuple[int, int] = Field(
+        default=(2, 2), description="patch (height, width) in pixels"
+    )
 
     @field_validator("patch_size", mode="before")
     @classmethod
@@ -77,7 +79,7 @@ class TubeletPatchesConfig(Config):
 
     kind: Literal["tubelet_patches"] = "tubelet_patches"
     patch_size: tuple[int, int, int] = Field(
-        (1, 2, 2), description="tubelet (frames, height, width)"
+        default=(1, 2, 2), description="tubelet (frames, height, width)"
     )
 
     @model_validator(mode="after")
@@ -149,19 +151,19 @@ class PipelineConfig(Config):
     schedule: AnyConfig = Field(description="the noise schedule (group 'schedule')")
     denoiser: AnyConfig = Field(description="the denoiser network (group 'denoiser')")
     encoder: AnyConfig | None = Field(
-        None, description="latent encoder (group 'encoder'); None: diffusion in pixel space"
+        default=None, description="latent encoder (group 'encoder'); None: diffusion in pixel space"
     )
     text: AnyConfig | None = Field(
-        None, description="text conditioner (group 'text_conditioner'); None: no prompts"
+        default=None, description="text conditioner (group 'text_conditioner'); None: no prompts"
     )
     sampler: AnyConfig | None = Field(
-        None, description="default sampler (group 'sampler'); None: DPM-Solver++(2M)"
+        default=None, description="default sampler (group 'sampler'); None: DPM-Solver++(2M)"
     )
     patchifier: AnyConfig | None = Field(
-        None, description="patchifier (group 'patchifier') for token-level use of the data"
+        default=None, description="patchifier (group 'patchifier') for token-level use of the data"
     )
-    steps: int = Field(30, ge=1, description="default number of sampling steps")
-    guidance: float = Field(1.0, ge=0, description="default classifier-free guidance scale")
+    steps: int = Field(default=30, ge=1, description="default number of sampling steps")
+    guidance: float = Field(default=1.0, ge=0, description="default classifier-free guidance scale")
 
     @field_validator("schedule", "denoiser", mode="before")
     @classmethod

@@ -123,8 +123,8 @@ class Registry(Generic[T]):
             raise ValueError(f"a {self.group} config needs a 'kind' field (one of {self.kinds})")
         return self.config_class(kind).model_validate(dict(data))
 
-    def build(self, config: "Config | Mapping[str, Any]") -> T:
-        """Build the component a config describes."""
+    def build(self, config: "Config | Mapping[str, Any] | str") -> T:
+        """Build the component a config describes (a config, a dict or a JSON string)."""
         parsed = self.parse(config)
         return self._builders[kind_of(parsed)](parsed)
 

@@ -382,28 +382,30 @@ class DigitsConfig(Config):
     """The still [`DigitsDataset`][diffkit.data.DigitsDataset]."""
 
     kind: Literal["digits"] = "digits"
-    size: int = Field(16, ge=8, description="image side in pixels (8x8 digits upscaled)")
+    size: int = Field(default=16, ge=8, description="image side in pixels (8x8 digits upscaled)")
     seed: int = Field(
-        0, ge=0, le=SEED_MAX, description="seeds the captions and the train/test split"
+        default=0, ge=0, le=SEED_MAX, description="seeds the captions and the train/test split"
     )
-    split: Split = Field("all", description="all digits, or a seeded train / test part")
-    test_fraction: float = Field(0.1, gt=0, lt=1, description="share of the test split")
+    split: Split = Field(default="all", description="all digits, or a seeded train / test part")
+    test_fraction: float = Field(default=0.1, gt=0, lt=1, description="share of the test split")
 
 
 class MovingDigitsConfig(Config):
     """The video [`MovingDigitsDataset`][diffkit.data.MovingDigitsDataset]."""
 
     kind: Literal["moving_digits"] = "moving_digits"
-    num_videos: int = Field(512, ge=1, description="number of videos")
-    frames: int = Field(8, ge=1, description="frames per video")
-    size: int = Field(32, ge=8, description="canvas side in pixels")
-    digit_size: int = Field(16, ge=8, description="digit side in pixels")
-    max_speed: int = Field(3, ge=1, description="largest speed in pixels per frame")
+    num_videos: int = Field(default=512, ge=1, description="number of videos")
+    frames: int = Field(default=8, ge=1, description="frames per video")
+    size: int = Field(default=32, ge=8, description="canvas side in pixels")
+    digit_size: int = Field(default=16, ge=8, description="digit side in pixels")
+    max_speed: int = Field(default=3, ge=1, description="largest speed in pixels per frame")
     seed: int = Field(
-        0, ge=0, le=SEED_MAX, description="seeds digits, paths, captions and the split"
+        default=0, ge=0, le=SEED_MAX, description="seeds digits, paths, captions and the split"
     )
-    split: Split = Field("all", description="which digits: all, or a seeded train / test part")
-    test_fraction: float = Field(0.1, gt=0, lt=1, description="share of the test split")
+    split: Split = Field(
+        default="all", description="which digits: all, or a seeded train / test part"
+    )
+    test_fraction: float = Field(default=0.1, gt=0, lt=1, description="share of the test split")
 
 
 DATASETS: Registry[Dataset[Any]] = Registry("dataset")

@@ -225,7 +225,12 @@ class NoiseSchedule(Protocol, metaclass=_ProtocolMeta):
 class Denoiser(Protocol, metaclass=_ProtocolMeta):
     """A network ``(x_t, t, cond) -> prediction`` of the kind named by ``prediction``."""
 
-    prediction: Prediction
+    # Read-only for the type checker: a class attribute ``prediction: Prediction = "x0"``,
+    # a narrower ``Literal["x0"]`` or a property all satisfy it.
+    @property
+    def prediction(self) -> Prediction:
+        """What the network predicts: ``"epsilon"``, ``"x0"``, ``"v"`` or ``"flow"``."""
+        ...
 
     def __call__(self, x_t: Sample, t: Time, cond: Conditioning | None = None) -> Sample:
         """Predict from ``x_t`` ``(batch, *shape)`` at times ``t`` ``(batch,)``; same shape out."""

@@ -84,10 +84,12 @@ class TrainConfig(Config):
     """How to train: batch, optimizer, EMA, precision, checkpoints, logging and samples."""
 
     kind: Literal["train"] = "train"
-    steps: int = Field(1000, ge=1, description="total optimizer steps")
-    batch_size: int = Field(64, ge=1, description="global batch size (items per optimizer step)")
+    steps: int = Field(default=1000, ge=1, description="total optimizer steps")
+    batch_size: int = Field(
+        default=64, ge=1, description="global batch size (items per optimizer step)"
+    )
     micro_batch_size: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description=(
             "items per forward/backward pass; batch_size / micro_batch_size shards are shared "
@@ -95,54 +97,66 @@ class TrainConfig(Config):
             "make runs identical across process counts"
         ),
     )
-    lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
+    lr: float = Field(default=1e-4, gt=0, description="peak AdamW learning rate")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="after warm-up: constant, or cosine decay to min_lr"
+        default="constant", description="after warm-up: constant, or cosine decay to min_lr"
     )
-    min_lr: float = Field(0.0, ge=0, description="final learning rate of the cosine schedule")
-    warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2), in [0, 1)")
-    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    min_lr: float = Field(
+        default=0.0, ge=0, description="final learning rate of the cosine schedule"
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="steps of linear learning-rate warm-up")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay")
+    betas: tuple[float, float] = Field(
+        default=(0.9, 0.999), description="AdamW (beta1, beta2), in [0, 1)"
+    )
+    adam_eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float | None = Field(
-        1.0, gt=0, description="clip the global gradient norm to this; None: no clipping"
+        default=1.0, gt=0, description="clip the global gradient norm to this; None: no clipping"
     )
     ema_decay: float | None = Field(
-        0.999, gt=0, lt=1, description="EMA decay per step (with warm-up); None: no EMA"
+        default=0.999, gt=0, lt=1, description="EMA decay per step (with warm-up); None: no EMA"
     )
     precision: Precision = Field(
-        "fp32", description="fp32; bf16 autocast (CPU or CUDA); fp16 autocast + scaler (CUDA)"
+        default="fp32",
+        description="fp32; bf16 autocast (CPU or CUDA); fp16 autocast + scaler (CUDA)",
     )
-    seed: int = Field(0, ge=0, description="seeds data order, times, noise and dropout")
+    seed: int = Field(default=0, ge=0, description="seeds data order, times, noise and dropout")
     loss: LossConfig = Field(default_factory=LossConfig, description="the diffusion loss")
     output_dir: str | None = Field(
-        None, description="folder for checkpoints, logs and samples; None: write nothing"
+        default=None, description="folder for checkpoints, logs and samples; None: write nothing"
     )
     checkpoint_every: int | None = Field(
-        None, ge=1, description="write a checkpoint every this many steps (and at the end)"
+        default=None, ge=1, description="write a checkpoint every this many steps (and at the end)"
     )
-    keep_checkpoints: int = Field(3, ge=1, description="how many recent checkpoints to keep")
+    keep_checkpoints: int = Field(
+        default=3, ge=1, description="how many recent checkpoints to keep"
+    )
     resume: bool = Field(
-        True,
+        default=True,
         description=(
             "continue from the newest checkpoint in output_dir; False: start afresh, and "
             "refuse an output_dir that already holds checkpoints"
         ),
     )
-    log_every: int = Field(10, ge=1, description="log every this many steps")
+    log_every: int = Field(default=10, ge=1, description="log every this many steps")
     sample_every: int | None = Field(
-        None, ge=1, description="save a sample grid every this many steps (needs a sample fn)"
+        default=None,
+        ge=1,
+        description="save a sample grid every this many steps (needs a sample fn)",
     )
     num_workers: int = Field(
-        0, ge=0, description="DataLoader worker processes; 0: load in the training process"
+        default=0, ge=0, description="DataLoader worker processes; 0: load in the training process"
     )
-    progress: bool = Field(True, description="show a progress bar (rank 0 only)")
-    tensorboard: bool = Field(True, description="also log to TensorBoard when it is installed")
+    progress: bool = Field(default=True, description="show a progress bar (rank 0 only)")
+    tensorboard: bool = Field(
+        default=True, description="also log to TensorBoard when it is installed"
+    )
     device: str | None = Field(
-        None, description="'cpu', 'cuda', 'cuda:1', ...; None: this rank's GPU, else the CPU"
+        default=None,
+        description="'cpu', 'cuda', 'cuda:1', ...; None: this rank's GPU, else the CPU",
     )
     find_unused_parameters: bool = Field(
-        False, description="DDP: allow parameters that get no gradient in a step"
+        default=False, description="DDP: allow parameters that get no gradient in a step"
     )
 
     @model_validator(mode="after")
@@ -840,9 +854,13 @@ class TrainRunConfig(Config):
     pipeline: PipelineConfig = Field(description="the pipeline to build and train")
     data: SerializeAsAny[Config] = Field(description="the dataset (group 'dataset')")
     train: TrainConfig = Field(description="how to train")
-    condition: ConditionMode = Field("auto", description="what the denoiser is conditioned on")
-    null_label: int | None = Field(None, ge=0, description="the 'no label' class for CFG")
-    sample_prompts: list[str] | None = Field(None, description="prompts of the sample grids")
+    condition: ConditionMode = Field(
+        default="auto", description="what the denoiser is conditioned on"
+    )
+    null_label: int | None = Field(default=None, ge=0, description="the 'no label' class for CFG")
+    sample_prompts: list[str] | None = Field(
+        default=None, description="prompts of the sample grids"
+    )
 
     @field_validator("data", mode="before")
     @classmethod
