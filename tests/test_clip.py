@@ -149,6 +149,20 @@ def test_too_many_token_positions_give_a_clear_error(model: CLIP) -> None:
         model.encode_text(torch.zeros(1, CONTEXT + 1, dtype=torch.long))
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(model: CLIP) -> None:
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    ids[1, 2] = 259  # vocab_size 259: the largest id is 258
+    with pytest.raises(
+        ValueError, match=r"token_ids must be in \[0, vocab_size=259\), got ids from 0 to 259"
+    ):
+        model.text(ids)
+    ids[1, 2] = -1
+    with pytest.raises(ValueError, match=r"token_ids .* got ids from -1 to 0"):
+        model.encode_text(ids)
+    ids[1, 2] = 258
+    assert model.encode_text(ids).shape[0] == 2
+
+
 def test_loss_needs_as_many_images_as_texts(model: CLIP) -> None:
     images, ids = inputs(3, 0)
     with pytest.raises(ShapeError, match="batch"):

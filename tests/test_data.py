@@ -183,3 +183,36 @@ def test_a_misspelled_split_and_a_bad_batch_size_are_refused() -> None:
     for batch_size in (0, -2, 2.5):
         with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
             shard_batches(10, batch_size=batch_size, epoch=0, seed=0)  # type: ignore[arg-type]
+
+
+def test_grids_map_the_given_value_range(tmp_path):
+    unit = torch.tensor([0.0, 0.5, 1.0]).reshape(1, 1, 1, 3)
+    # [0, 1] images: black to white, not the default [-1, 1]'s grey to white
+    assert np.asarray(image_grid(unit, padding=0, value_range=(0, 1))).tolist() == [[0, 128, 255]]
+    assert np.asarray(image_grid(unit, padding=0)).tolist() == [[128, 191, 255]]
+    pixels = unit * 255
+    assert np.asarray(image_grid(pixels, padding=0, value_range=(0, 255))).tolist() == [
+        [0, 128, 255]
+    ]
+    # the border takes the range's low end (black)
+    framed = np.asarray(image_grid(unit, padding=1, value_range=(0, 1)))
+    assert framed[0].tolist() == [0] * 5
+    videos = torch.rand(2, 3, 1, 4, 4)
+    assert video_grid(videos, value_range=(0.0, 1.0)).size == (3 * 5 + 1, 2 * 5 + 1)
+    path = save_grid(videos, tmp_path / "v.png", value_range=(0, 1))
+    assert path.is_file()
+
+
+def test_grids_clamp_an_overshoot_but_refuse_another_scale(tmp_path):
+    overshoot = torch.tensor([-1.4, 0.0, 1.3]).reshape(1, 1, 1, 3)
+    assert np.asarray(image_grid(overshoot, padding=0)).tolist() == [[0, 128, 255]]
+    with pytest.raises(ValueError, match=r"values span \[0, 255\].*value_range=\(-1, 1\)"):
+        save_grid(torch.linspace(0, 255, 16).reshape(1, 1, 4, 4), tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"values span \[-4, 0\].*value_range=\(-1, 1\)"):
+        image_grid(torch.tensor([-4.0, 0.0]).reshape(1, 1, 1, 2))
+    with pytest.raises(ValueError, match="value_range"):
+        video_grid(torch.full((1, 2, 1, 2, 2), 3.5), value_range=(0, 1))
+    assert not (tmp_path / "x.png").exists()
+    for bad in [(1.0, 1.0), (1.0, 0.0), (0.0, float("inf")), (float("nan"), 1.0)]:
+        with pytest.raises(ValueError, match="value_range must be two finite numbers"):
+            save_grid(torch.zeros(1, 1, 2, 2), tmp_path / "y.png", value_range=bad)

@@ -10,6 +10,7 @@ import diffkit as dk
 from diffkit.patches import (
     SpatialPatches,
     TubeletPatches,
+    sincos_pos_embed_1d,
     sincos_pos_embed_2d,
     sincos_pos_embed_3d,
 )
@@ -134,6 +135,25 @@ def test_sincos_rejects_dims_that_do_not_split():
         sincos_pos_embed_2d(2, 2, 6)
     with pytest.raises(ValueError):
         sincos_pos_embed_3d(2, 2, 2, 6)
+
+
+@pytest.mark.parametrize("dim", [0, -2, 3])
+def test_sincos_1d_needs_a_positive_even_dim(dim):
+    # dim 0 used to give an empty (n, 0) embedding, a negative one a bare torch.arange error
+    with pytest.raises(ValueError, match=f"dim must be a positive multiple of 2 .*got {dim}"):
+        sincos_pos_embed_1d(torch.arange(3), dim)
+
+
+@pytest.mark.parametrize("dim", [0, -4, 6])
+def test_sincos_2d_needs_a_positive_multiple_of_4(dim):
+    with pytest.raises(ValueError, match=f"dim must be a positive multiple of 4 .*got {dim}"):
+        sincos_pos_embed_2d(2, 2, dim)
+
+
+@pytest.mark.parametrize("dim", [-16, -4, 6])
+def test_sincos_3d_refuses_negative_dims_by_name(dim):
+    with pytest.raises(ValueError, match=f"sincos_pos_embed_3d: dim .*{dim}"):
+        sincos_pos_embed_3d(2, 2, 2, dim)
 
 
 def test_sincos_3d_rejects_dims_that_leave_a_part_empty():

@@ -283,17 +283,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ).float()
     console = _console(args.quiet)
     video = samples.ndim == 5
-    unit = ((samples.clamp(-1, 1) + 1) / 2).numpy()
+    # a sampler can overshoot [-1, 1] far more than save_grid accepts: show it clamped
+    clamped = samples.clamp(-1, 1)
+    unit = ((clamped + 1) / 2).numpy()
     array = unit[:, :, 0] if video else unit[:, 0]
     try:
         if video:
-            save_grid(samples, out)
+            save_grid(clamped, out)
             for i, prompt in enumerate(args.prompt):
                 gif = out.with_name(f"{out.stem}-{i}.gif")
                 save_gif(samples[i * args.num : (i + 1) * args.num], gif)
                 console.print(f"{prompt!r} → {gif}")
         else:
-            save_grid(samples, out, nrow=args.num)
+            save_grid(clamped, out, nrow=args.num)
         np.savez(out.with_suffix(".npz"), images=array, prompts=np.asarray(prompts))
     except OSError as err:
         raise UserError(f"cannot write {err.filename or out}: {err.strerror or err}") from None

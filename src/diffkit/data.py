@@ -15,6 +15,7 @@ disjoint part of the epoch, so the data a run sees depends only on the seed.
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -318,21 +319,41 @@ def shard_batches(
     return [indices[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
-def _to_uint8(x: Tensor) -> np.ndarray:
-    scaled = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+def _check_values(owner: str, x: Tensor, value_range: tuple[float, float]) -> None:
+    """Refuse a bad ``value_range``, or data on another scale (more than a range-width off).
+
+    Values a little outside the range (a sampler's overshoot) are clamped later; data far
+    outside it (``[0, 255]`` pixels against the default ``[-1, 1]``) would only give a
+    saturated picture, so it is refused. Whether data in ``[0, 1]`` meant ``[-1, 1]`` is not
+    guessed: pass ``value_range=(0, 1)``.
+    """
+    low, high = value_range
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(
+            f"{owner}: value_range must be two finite numbers (low, high) with low < high, "
+            f"got {value_range}"
+        )
+    if x.numel() == 0:
+        return
+    seen_low, seen_high = (float(v) for v in torch.aminmax(x.detach().float()))
+    width = high - low
+    if seen_low < low - width or seen_high > high + width:
+        raise ValueError(
+            f"{owner}: values span [{seen_low:g}, {seen_high:g}], far outside "
+            f"value_range=({low:g}, {high:g}); pass the data's own scale as value_range "
+            "(e.g. (0, 1) or (0, 255)), or rescale it"
+        )
+
+
+def _to_uint8(x: Tensor, value_range: tuple[float, float]) -> np.ndarray:
+    low, high = value_range
+    scaled = ((x.detach().float().cpu().clamp(low, high) - low) * (255 / (high - low))).round()
     return scaled.to(torch.uint8).numpy()
 
 
-@checked
-def image_grid(
-    images: Float[Tensor, "batch channels height width"], nrow: int = 8, padding: int = 1
+def _grid(
+    images: Tensor, nrow: int, padding: int, value_range: tuple[float, float]
 ) -> PILImage.Image:
-    """Tile images in ``[-1, 1]`` (1 or 3 channels) into one PIL image, ``nrow`` per row.
-
-    Tiles are separated, and framed, by ``padding`` pixels of the background value ``-1``
-    (black), so an ``r x k`` grid of ``h x w`` images is ``k (w + p) + p`` pixels wide and
-    ``r (h + p) + p`` high.
-    """
     b, c = images.shape[:2]
     if c not in (1, 3):
         raise ShapeError(f"image_grid: images need 1 or 3 channels, got {c}")
@@ -340,38 +361,78 @@ def image_grid(
         raise ValueError(f"image_grid: nrow must be >= 1, got {nrow}")
     if padding < 0:
         raise ValueError(f"image_grid: padding must be >= 0, got {padding}")
+    background = value_range[0]
     ncol = min(nrow, b)
     rows = -(-b // ncol)
     pad = rows * ncol - b
     if pad:
-        images = torch.cat([images, images.new_full((pad, *images.shape[1:]), -1.0)])
+        images = torch.cat([images, images.new_full((pad, *images.shape[1:]), background)])
     # each tile takes a border on its top and left; the grid then gets one bottom and right
-    tiles = F.pad(images, (padding, 0, padding, 0), value=-1.0)
+    tiles = F.pad(images, (padding, 0, padding, 0), value=background)
     grid = rearrange(tiles, "(r k) c h w -> c (r h) (k w)", k=ncol)
-    grid = F.pad(grid, (0, padding, 0, padding), value=-1.0)
-    array = _to_uint8(rearrange(grid, "c h w -> h w c"))
+    grid = F.pad(grid, (0, padding, 0, padding), value=background)
+    array = _to_uint8(rearrange(grid, "c h w -> h w c"), value_range)
     return PILImage.fromarray(array[..., 0] if c == 1 else array)
 
 
 @checked
-def video_grid(
-    videos: Float[Tensor, "batch frames channels height width"], padding: int = 1
+def image_grid(
+    images: Float[Tensor, "batch channels height width"],
+    nrow: int = 8,
+    padding: int = 1,
+    *,
+    # float | int: the runtime check (beartype) does not take an int where a float is asked
+    value_range: tuple[float | int, float | int] = (-1.0, 1.0),
 ) -> PILImage.Image:
-    """One row per video, one column per frame, values in ``[-1, 1]``."""
-    frames = videos.shape[1]
-    flat = rearrange(videos, "b f c h w -> (b f) c h w")
-    return image_grid(flat, nrow=frames, padding=padding)
+    """Tile images in ``value_range`` (1 or 3 channels) into one PIL image, ``nrow`` per row.
+
+    ``value_range`` ``(low, high)`` maps to black and white (default ``[-1, 1]``, like
+    torchvision's ``make_grid``; ints such as ``(0, 255)`` are fine). Values slightly outside
+    it are clamped; values off by more than the range's width (data on another scale) are
+    refused. Tiles are separated, and framed, by ``padding`` pixels of the background value
+    ``low`` (black), so an ``r x k`` grid of ``h x w`` images is ``k (w + p) + p`` pixels wide
+    and ``r (h + p) + p`` high.
+    """
+    _check_values("image_grid", images, value_range)
+    return _grid(images, nrow, padding, value_range)
 
 
 @checked
-def save_grid(samples: Sample, path: str | Path, nrow: int = 8) -> Path:
-    """Save images ``(b, c, h, w)`` or videos ``(b, f, c, h, w)`` in ``[-1, 1]`` as a PNG grid."""
-    if samples.ndim == 4:
-        picture = image_grid(samples, nrow=nrow)
-    elif samples.ndim == 5:
-        picture = video_grid(samples)
-    else:
+def video_grid(
+    videos: Float[Tensor, "batch frames channels height width"],
+    padding: int = 1,
+    *,
+    value_range: tuple[float | int, float | int] = (-1.0, 1.0),
+) -> PILImage.Image:
+    """One row per video, one column per frame, values in ``value_range`` (as ``image_grid``)."""
+    _check_values("video_grid", videos, value_range)
+    frames = videos.shape[1]
+    flat = rearrange(videos, "b f c h w -> (b f) c h w")
+    return _grid(flat, frames, padding, value_range)
+
+
+@checked
+def save_grid(
+    samples: Sample,
+    path: str | Path,
+    nrow: int = 8,
+    *,
+    value_range: tuple[float | int, float | int] = (-1.0, 1.0),
+) -> Path:
+    """Save images ``(b, c, h, w)`` or videos ``(b, f, c, h, w)`` as a PNG grid.
+
+    Values are in ``value_range`` (default ``[-1, 1]``), as in
+    [`image_grid`][diffkit.data.image_grid]: a slight overshoot is clamped, data on
+    another scale refused.
+    """
+    if samples.ndim not in (4, 5):
         raise ShapeError(f"save_grid: expected images or videos, got shape {tuple(samples.shape)}")
+    _check_values("save_grid", samples, value_range)
+    if samples.ndim == 4:
+        picture = _grid(samples, nrow, 1, value_range)
+    else:  # one row per video, as video_grid
+        flat = rearrange(samples, "b f c h w -> (b f) c h w")
+        picture = _grid(flat, samples.shape[1], 1, value_range)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     picture.save(target)

@@ -986,7 +986,8 @@ def run_image_demo(
             predicted=predicted,
             prompts=np.asarray(prompts),
         )
-        image_grid(samples.float(), nrow=config.samples_per_prompt).save(folder / "samples.png")
+        grid = image_grid(samples.float().clamp(-1, 1), nrow=config.samples_per_prompt)
+        grid.save(folder / "samples.png")
     result.files = {
         "samples_png": str(folder / "samples.png"),
         "samples_npz": str(folder / "samples.npz"),
@@ -1180,7 +1181,7 @@ def run_video_demo(
         gif_dir.mkdir(exist_ok=True)
         for i, prompt in enumerate(prompts):
             save_gif(videos[i * k : (i + 1) * k], gif_dir / f"{i:02d}_{_slug(prompt)}.gif")
-        video_grid(videos.float()).save(folder / "frames.png")
+        video_grid(videos.float().clamp(-1, 1)).save(folder / "frames.png")
         np.savez(
             folder / "samples.npz",
             videos=_to_unit(videos)[:, :, 0].numpy().astype(np.float32),

@@ -166,8 +166,11 @@ class TubeletPatches:
 
 def sincos_pos_embed_1d(positions: Tensor, dim: int) -> Float[Tensor, "n dim"]:
     """Sin-cos embedding of ``(n,)``: ``[sin(p w_k), cos(p w_k)]``, ``w_k = 1e4^(-2k/dim)``."""
-    if dim % 2 != 0:
-        raise ValueError(f"dim must be even for a sin-cos embedding, got {dim}")
+    if dim <= 0 or dim % 2 != 0:
+        raise ValueError(
+            f"sincos_pos_embed_1d: dim must be a positive multiple of 2 (a sin and a cos "
+            f"feature per frequency), got {dim}"
+        )
     omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
     omega = 1.0 / 10000**omega
     angles = positions.to(torch.float64).reshape(-1, 1) * omega.reshape(1, -1)
@@ -179,8 +182,11 @@ def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int) -> Float[Tensor, "to
 
     Half the features encode the row, half the column (as in MAE / DiT); ``dim % 4 == 0``.
     """
-    if dim % 4 != 0:
-        raise ValueError(f"dim must be a multiple of 4 for a 2-D sin-cos embedding, got {dim}")
+    if dim <= 0 or dim % 4 != 0:
+        raise ValueError(
+            f"sincos_pos_embed_2d: dim must be a positive multiple of 4 (a sin-cos half for the "
+            f"rows and one for the columns), got {dim}"
+        )
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
     emb_h = sincos_pos_embed_1d(rows.reshape(-1), dim // 2)
     emb_w = sincos_pos_embed_1d(cols.reshape(-1), dim // 2)
@@ -195,13 +201,16 @@ def sincos_pos_embed_3d(
     About three quarters of the features encode the 2-D position (rows, columns), the rest
     the frame; ``dim % 4 == 0`` and ``dim >= 8``.
     """
-    if dim % 4 != 0:
-        raise ValueError(f"dim must be a multiple of 4 for a 3-D sin-cos embedding, got {dim}")
+    if dim < 0 or dim % 4 != 0:
+        raise ValueError(
+            f"sincos_pos_embed_3d: dim must be a multiple of 4, at least 8 (sin-cos features "
+            f"for the rows, columns and frames), got {dim}"
+        )
     space_dim = (3 * dim // 4) // 4 * 4
     if space_dim == 0 or dim - space_dim == 0:
         raise ValueError(
-            f"dim {dim} leaves {space_dim} features for the 2-D position and {dim - space_dim} "
-            "for the frame; a 3-D sin-cos embedding needs dim >= 8"
+            f"sincos_pos_embed_3d: dim {dim} leaves {space_dim} features for the 2-D position "
+            f"and {dim - space_dim} for the frame; a 3-D sin-cos embedding needs dim >= 8"
         )
     space = sincos_pos_embed_2d(grid_h, grid_w, space_dim)
     time = sincos_pos_embed_1d(torch.arange(frames), dim - space_dim)

@@ -740,7 +740,8 @@ def _save_samples(
             images = sample(model, torch.Generator().manual_seed(seed))
     finally:
         model.train(was_training)
-    return save_grid(images.float().cpu(), out / "samples" / f"step-{step:08d}.png")
+    # clamped: an early model's samples can overshoot [-1, 1] far more than save_grid accepts
+    return save_grid(images.float().cpu().clamp(-1, 1), out / "samples" / f"step-{step:08d}.png")
 
 
 ConditionMode = Literal["auto", "text", "labels", "none"]

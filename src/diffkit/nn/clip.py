@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from diffkit.config import Config, Registry
 from diffkit.patches import SpatialPatches
 from diffkit.tokenizers import Tokenizer
-from diffkit.typing import Image, ShapeError, TokenIds, checked, checked_layer
+from diffkit.typing import Image, ShapeError, TokenIds, checked, checked_layer, host_range
 
 __all__ = [
     "CLIP",
@@ -300,6 +300,15 @@ class TextTower(nn.Module):
             raise ValueError(
                 f"TextTower: skip_last_layers must be in [0, {len(self.blocks)}], "
                 f"got {skip_last_layers}"
+            )
+        # CPU ids only (host_range): on an accelerator a bad id fails inside the embedding
+        # instead, since reading the ids back would sync the device on every call.
+        ends = host_range(token_ids)
+        vocab = self.config.vocab_size
+        if ends is not None and not 0 <= ends[0] <= ends[1] < vocab:
+            raise ValueError(
+                f"TextTower: token_ids must be in [0, vocab_size={vocab}), got ids from "
+                f"{int(ends[0])} to {int(ends[1])} (a tokenizer with a larger vocabulary?)"
             )
         x = self.token_embedding(token_ids) + self.positional_embedding[:n]
         hidden = x
