@@ -183,7 +183,18 @@ BREAKS = {
         ["base_channels"],
     ),
     "unknown kind": (lambda d: {**d, "denoiser": {"kind": "nope"}}, ["unknown denoiser kind"]),
-    "extra field": (lambda d: {**d, "colour": "red"}, ["colour", "Extra inputs"]),
+    "extra field": (
+        lambda d: {**d, "colour": "red"},
+        ["colour", "unknown field 'colour' for PipelineConfig"],
+    ),
+    "misspelled field": (
+        lambda d: {**d, "denoser": d["denoiser"]},
+        ["unknown field 'denoser' for PipelineConfig; did you mean 'denoiser'?"],
+    ),
+    "misspelled nested field": (
+        lambda d: {**d, "schedule": {"kind": "cosine", "offst": 0.01}},
+        ["schedule.offst", "unknown field 'offst' for CosineConfig; did you mean 'offset'?"],
+    ),
     "bad prediction": (
         lambda d: {**d, "denoiser": {**_unet(4, levels=2, context=16), "prediction": "score"}},
         ["prediction"],

@@ -63,6 +63,25 @@ def test_config_with_bad_field_names_the_field(
     assert "in_channels" in line
 
 
+def test_misspelled_recipe_fields_suggest_the_field_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    text = (Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml").read_text()
+    path = tmp_path / "typo.yaml"
+    path.write_text(text.replace("\n  layers: 2\n", "\n  layer: 2\n", 1))
+    line = _error(capsys, ["train", str(path)])
+    assert line.endswith(
+        "clip_vision.clip_vit.layer: unknown field 'layer' for VisionTowerConfig; "
+        "did you mean 'layers'?"
+    )
+    path.write_text(text.replace("    base_channels: 32\n", "    base_channel: 32\n", 1))
+    line = _error(capsys, ["train", str(path)])
+    assert line.endswith(
+        "pipeline.denoiser.base_channel: unknown field 'base_channel' for UNetConfig; "
+        "did you mean 'base_channels'?"
+    )
+
+
 def test_config_of_unknown_kind(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "other.yaml"
     path.write_text("kind: demo_audio\n")

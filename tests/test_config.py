@@ -1,7 +1,8 @@
 """The config base and registries: strict, frozen, JSON round-trip, user kinds."""
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import Field, ValidationError
@@ -22,6 +23,14 @@ class _FloatConfig(Config):
 
 class _OtherConfig(Config):
     kind: Literal["other"] = "other"
+
+
+class _OuterConfig(Config):
+    kind: Literal["outer"] = "outer"
+    toy: _ToyConfig = Field(default_factory=_ToyConfig, description="a nested section")
+    part: Annotated[_ToyConfig | _OtherConfig, Field(discriminator="kind")] = Field(
+        default_factory=_OtherConfig, description="a discriminated union"
+    )
 
 
 def _registry() -> Registry[int]:
@@ -90,3 +99,92 @@ def test_a_bare_kind_string_says_a_mapping_is_expected() -> None:
         _registry().parse("toy")
     with pytest.raises(ValueError, match=r"e\.g\. \{kind: toy\}.*got the string 'not json'"):
         _registry().parse("not json")
+
+
+def _errors(make: Callable[[], object]) -> list[tuple[tuple[str | int, ...], str, str]]:
+    with pytest.raises(ValidationError) as info:
+        make()
+    return [(e["loc"], e["type"], e["msg"]) for e in info.value.errors()]
+
+
+def test_a_misspelled_field_suggests_the_closest_one() -> None:
+    from diffkit.training import TrainConfig
+
+    did_you_mean = "unknown field 'stpes' for TrainConfig; did you mean 'steps'?"
+    # pydantic's location and error type, with a message that says what was meant
+    assert _errors(lambda: TrainConfig(stpes=10)) == [(("stpes",), "extra_forbidden", did_you_mean)]  # type: ignore[call-arg]
+    with pytest.raises(ValidationError) as info:
+        TrainConfig.model_validate({"stpes": 10})
+    assert info.value.errors()[0].get("ctx") == {
+        "field": "stpes",
+        "model": "TrainConfig",
+        "suggestion": "steps",
+    }
+    assert _errors(lambda: TrainConfig.model_validate({"stpes": 10})) == _errors(
+        lambda: TrainConfig.model_validate_json('{"stpes": 10}')
+    )
+    assert _errors(lambda: _ToyConfig(widht=3, Width=4)) == [  # type: ignore[call-arg]
+        (
+            ("widht",),
+            "extra_forbidden",
+            "unknown field 'widht' for _ToyConfig; did you mean 'width'?",
+        ),
+        (
+            ("Width",),
+            "extra_forbidden",
+            "unknown field 'Width' for _ToyConfig; did you mean 'width'?",
+        ),
+    ]
+    ((loc, _, message),) = _errors(lambda: _registry().parse({"kind": "toy", "widht": 3}))
+    assert loc == ("widht",) and message.endswith("did you mean 'width'?")
+
+
+def test_a_misspelled_nested_field_keeps_its_path() -> None:
+    toy = "unknown field 'widht' for _ToyConfig; did you mean 'width'?"
+    assert _errors(lambda: _OuterConfig.model_validate({"toy": {"widht": 3}})) == [
+        (("toy", "widht"), "extra_forbidden", toy)
+    ]
+    # a discriminated union: the class the 'kind' names suggests, the tag is in the path
+    assert _errors(lambda: _OuterConfig.model_validate({"part": {"kind": "toy", "widht": 3}})) == [
+        (("part", "toy", "widht"), "extra_forbidden", toy)
+    ]
+    # a typo beside other mistakes in sibling sections: each is still reported
+    errors = _errors(lambda: _OuterConfig.model_validate({"toy": {"widht": 3}, "part": 1}))
+    assert [loc for loc, _, _ in errors] == [("toy", "widht"), ("part",)]
+
+
+def test_a_far_off_name_gets_no_wrong_suggestion() -> None:
+    from diffkit.training import TrainConfig
+
+    # few fields: they are listed; many: the message says where they are documented
+    assert _errors(lambda: _ToyConfig(colour="red")) == [  # type: ignore[call-arg]
+        (
+            ("colour",),
+            "extra_forbidden",
+            "unknown field 'colour' for _ToyConfig; its fields are kind, width",
+        )
+    ]
+    ((_, _, message),) = _errors(lambda: TrainConfig(zebra_count=1))  # type: ignore[call-arg]
+    assert "did you mean" not in message
+    assert message.startswith(
+        "unknown field 'zebra_count' for TrainConfig; see diffkit.training.TrainConfig for its "
+    )
+
+
+def test_valid_and_non_mapping_inputs_validate_as_before() -> None:
+    # valid input is untouched; instances and non-mappings get pydantic's own handling,
+    # and only the unknown field, not its valid neighbours, is named
+    config = _OuterConfig.model_validate({"toy": {"width": 3}, "part": {"kind": "toy"}})
+    assert config == _OuterConfig(toy=_ToyConfig(width=3), part=_ToyConfig())
+    assert _OuterConfig.model_validate(config) is config
+    assert _OuterConfig.model_validate({"toy": _ToyConfig(width=2)}).toy.width == 2
+    assert [kind for _, kind, _ in _errors(lambda: _ToyConfig.model_validate([1]))] == [
+        "model_type"
+    ]
+    assert _errors(lambda: _ToyConfig.model_validate({"width": 2, "widht": 2})) == [
+        (
+            ("widht",),
+            "extra_forbidden",
+            "unknown field 'widht' for _ToyConfig; did you mean 'width'?",
+        )
+    ]

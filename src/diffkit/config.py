@@ -1,17 +1,27 @@
 """Strict pydantic configs and the ``kind`` -> class registries every component uses.
 
 Each component has one config class: a frozen pydantic model that forbids unknown
-fields, with a short ``kind: Literal[...]`` discriminator. A
+fields (a misspelled one is a ``ValidationError`` that suggests the field meant), with a
+short ``kind: Literal[...]`` discriminator. A
 [`Registry`][diffkit.config.Registry] per component group (schedules, denoisers,
 samplers, ...) maps each ``kind`` to its config class and to the function that
 builds the component from it. User code registers its own components the same way.
 """
 
+import difflib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    AliasChoices,
+    AliasPath,
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = ["REGISTRIES", "SEED_MAX", "Config", "Registry", "ValidationError", "kind_of"]
 
@@ -19,9 +29,53 @@ SEED_MAX = 2**63 - 1
 """The largest seed a config takes: torch's generators take up to ``2**64 - 1`` and recipes
 add small offsets (``seed + 31``, ``seed + epoch``) to theirs."""
 
+_LIST_FIELDS_UP_TO = 10
+"""An unknown field with no close match lists the valid ones when there are at most this many."""
+
+
+def _field_keys(model: type[BaseModel]) -> list[str]:
+    """The keys a model's input may use: field names and their (validation) aliases."""
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        keys.append(name)
+        aliases = [field.alias, field.validation_alias]
+        if isinstance(field.validation_alias, AliasChoices):
+            aliases.extend(field.validation_alias.choices)
+        for alias in aliases:
+            if isinstance(alias, AliasPath):
+                alias = alias.path[0]
+            if isinstance(alias, str) and alias not in keys:
+                keys.append(alias)
+    return keys
+
+
+def _unknown_field_error(model: type[BaseModel], key: str, keys: list[str]) -> PydanticCustomError:
+    """``unknown field 'stpes' for TrainConfig; did you mean 'steps'?``, or where to look."""
+    close = difflib.get_close_matches(key, keys, n=1)
+    if not close and key.lower() != key:  # 'Steps', 'LR'
+        close = difflib.get_close_matches(key.lower(), keys, n=1)
+    # pydantic fills the {placeholders} of these literal templates from the context
+    context: dict[str, Any] = {"field": key, "model": model.__name__}
+    if close:
+        context["suggestion"] = close[0]
+        template = "unknown field '{field}' for {model}; did you mean '{suggestion}'?"
+    elif len(keys) <= _LIST_FIELDS_UP_TO:
+        context["fields"] = ", ".join(keys)
+        template = "unknown field '{field}' for {model}; its fields are {fields}"
+    else:
+        context["where"] = f"{model.__module__}.{model.__qualname__}"
+        context["count"] = len(keys)
+        template = "unknown field '{field}' for {model}; see {where} for its {count} fields"
+    return PydanticCustomError("extra_forbidden", template, context)
+
 
 class Config(BaseModel):
-    """Base of every diffkit config: immutable, unknown fields are errors, floats finite."""
+    """Base of every diffkit config: immutable, unknown fields are errors, floats finite.
+
+    An unknown field keeps pydantic's ``extra_forbidden`` error type and location, with a
+    message that suggests the closest field: ``unknown field 'stpes' for TrainConfig; did
+    you mean 'steps'?``. With no close one it lists the fields, or names the class to read.
+    """
 
     # NaN and inf are refused in every float field: no component takes them, and JSON
     # would write them as null, so a saved config would not load again.
@@ -32,6 +86,31 @@ class Config(BaseModel):
     # Subclasses declare ``kind: Literal["name"] = "name"``; the base leaves it undeclared
     # so that each subclass can narrow it.
     group: ClassVar[str] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_fields(cls, data: Any) -> Any:
+        """Each unknown key of a mapping is an error that suggests the closest field name."""
+        if not isinstance(data, dict | Mapping):
+            return data  # instances and non-mappings: pydantic's own checks
+        fields = cls.__pydantic_fields__  # what ``model_fields`` returns, without its overhead
+        if fields.keys() >= data.keys() or cls.model_config.get("extra") != "forbid":
+            return data  # the common case, one set comparison; or a config open to extras
+        unknown = [key for key in data if key not in fields]
+        keys = _field_keys(cls)
+        unknown = [key for key in unknown if key not in keys]
+        if not unknown or not all(isinstance(key, str) for key in unknown):
+            return data  # aliases only, or non-string keys (pydantic says "keys should be strings")
+        errors: list[InitErrorDetails] = [
+            {
+                # the type and location of pydantic's own error, with a more helpful message
+                "type": _unknown_field_error(cls, key, keys),
+                "loc": (key,),
+                "input": data[key],
+            }
+            for key in unknown
+        ]
+        raise ValidationError.from_exception_data(cls.__name__, errors)
 
     def to_json(self) -> str:
         """Serialise to JSON (``kind`` included), the inverse of ``Registry.parse``."""
