@@ -159,3 +159,12 @@ def test_host_range_reads_cpu_tensors_only() -> None:
     assert math.isnan(low) and math.isnan(high)
     assert dk.typing.host_range(torch.empty(0)) is None
     assert dk.typing.host_range(torch.zeros(2, device="meta")) is None  # no read-back
+
+
+def test_an_int_goes_where_a_float_is_annotated_but_not_a_str() -> None:
+    """PEP 484's numeric tower, as static checkers read it (``scale=3`` was a ShapeError)."""
+    cond, uncond = torch.randn(2, 3), torch.zeros(2, 3)
+    guided = dk.guidance.classifier_free(cond, uncond, scale=3)
+    assert torch.equal(guided, dk.guidance.classifier_free(cond, uncond, scale=3.0))
+    with pytest.raises(dk.ShapeError, match="'scale'"):
+        dk.guidance.classifier_free(cond, uncond, scale="3")  # pyright: ignore[reportArgumentType]

@@ -381,8 +381,7 @@ def image_grid(
     nrow: int = 8,
     padding: int = 1,
     *,
-    # float | int: the runtime check (beartype) does not take an int where a float is asked
-    value_range: tuple[float | int, float | int] = (-1.0, 1.0),
+    value_range: tuple[float, float] = (-1.0, 1.0),
 ) -> PILImage.Image:
     """Tile images in ``value_range`` (1 or 3 channels) into one PIL image, ``nrow`` per row.
 
@@ -402,7 +401,7 @@ def video_grid(
     videos: Float[Tensor, "batch frames channels height width"],
     padding: int = 1,
     *,
-    value_range: tuple[float | int, float | int] = (-1.0, 1.0),
+    value_range: tuple[float, float] = (-1.0, 1.0),
 ) -> PILImage.Image:
     """One row per video, one column per frame, values in ``value_range`` (as ``image_grid``)."""
     _check_values("video_grid", videos, value_range)
@@ -417,7 +416,7 @@ def save_grid(
     path: str | Path,
     nrow: int = 8,
     *,
-    value_range: tuple[float | int, float | int] = (-1.0, 1.0),
+    value_range: tuple[float, float] = (-1.0, 1.0),
 ) -> Path:
     """Save images ``(b, c, h, w)`` or videos ``(b, f, c, h, w)`` as a PNG grid.
 

@@ -263,9 +263,11 @@ def checked_layer(fn: F) -> F:
 
 @functools.cache
 def _beartype() -> Callable[..., Any]:
-    from beartype import beartype
+    from beartype import BeartypeConf, beartype
 
-    return beartype
+    # PEP 484's numeric tower, as static checkers read it: an ``int`` goes where a
+    # ``float`` is annotated (``classifier_free(..., scale=3)``, ``value_range=(0, 255)``).
+    return beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 
 def broadcast_to_sample(per_item: Float[Tensor, " batch"], like: Tensor) -> Tensor:
