@@ -73,7 +73,7 @@ from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.pipeline import Pipeline
 from diffkit.protocols import Conditioning
 from diffkit.text import CLIPTextConditioner, CLIPTextConditionerConfig
-from diffkit.training import TrainConfig, train
+from diffkit.training import TrainConfig, _progress_bar, train
 
 __all__ = [
     "DemoResult",
@@ -661,7 +661,7 @@ class DemoResult:
 
 
 class _Reporter:
-    """Stage headers, per-stage timing, progress bars (tqdm) on or off."""
+    """Stage headers, per-stage timing, progress bars on or off."""
 
     def __init__(self, result: DemoResult, progress: bool, console: Any) -> None:
         self.result, self.progress, self.console = result, progress, console
@@ -687,9 +687,8 @@ class _Reporter:
             self.console.print(f"    {text}")
 
     def bar(self, total: int, desc: str) -> Any:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="step", disable=not self.progress, leave=False)
+        """A stage's bar (``TrainConfig.progress`` says how it shows where)."""
+        return _progress_bar(total, desc, enabled=self.progress, leave=False)
 
 
 def _lr(stage: StageTrainConfig, step: int) -> float:
