@@ -233,3 +233,37 @@ def test_pipeline_config_that_is_not_an_object(
     assert "is not a text file" in _error(capsys, ["info", str(tmp_path)])
     (folder / "config.json").write_text("{")
     assert "is not valid JSON" in _error(capsys, ["info", str(tmp_path)])
+
+
+def test_recipe_fields_the_demo_owns_are_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    text = (Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml").read_text()
+    path = tmp_path / "resume.yaml"
+    for old, new, field in [
+        ("resume: false", "resume: true", "train.resume"),
+        ("output_dir: null", "output_dir: runs/x", "train.output_dir"),
+        ("  precision: fp32\n", "  precision: fp32\n  seed: 5\n", "train.seed (5)"),
+    ]:
+        assert old in text
+        path.write_text(text.replace(old, new))
+        out = tmp_path / "run"
+        line = _error(capsys, ["train", str(path), "--fast", "--out", str(out), "--quiet"])
+        assert "bad config" in line and field in line
+        assert not out.exists()
+
+
+def test_recipe_device_without_cuda_is_refused_before_training(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = (Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml").read_text()
+    path = tmp_path / "gpu.yaml"
+    path.write_text(text.replace("device: cpu", "device: cuda"))
+    out = tmp_path / "run"
+    argv = ["train", str(path), "--fast", "--seed", "3", "--out", str(out), "--quiet"]
+    line = _error(capsys, argv)
+    assert "train.device is 'cuda', but CUDA is not available" in line
+    assert not out.exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image as PILImage
 
 from diffkit.cli import main
@@ -20,9 +21,11 @@ from diffkit.demo import (
     fast_config,
     generate_samples,
     load_demo_config,
+    parse_demo_config,
 )
 from diffkit.nn.vae import KLAutoencoder
 from diffkit.pipeline import Pipeline
+from diffkit.training import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -246,3 +249,111 @@ def test_a_prompt_template_with_an_unknown_placeholder_is_refused_before_trainin
     with pytest.raises(ValueError, match=r"\{direction\}"):
         VideoDemoConfig.model_validate({**video, "prompt_template": "the digit {digit} {way}"})
     ImageDemoConfig.model_validate({**image, "prompt_template": "digit {digit}, {name}"})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("output_dir", "runs/denoiser", "its own output folder"),
+        ("resume", True, "cannot resume"),
+        ("checkpoint_every", 100, "no training checkpoints"),
+        ("sample_every", 100, "samples once, after training"),
+        ("tensorboard", True, "no training logs"),
+    ],
+)
+def test_train_fields_the_demo_owns_are_refused_not_overridden(
+    field: str, value: object, why: str
+) -> None:
+    for task in ("image", "video"):
+        data = default_config(task).to_dict()
+        train = {**data["train"], field: value}
+        with pytest.raises(ValueError, match=rf"train\.{field} is .*{why}"):
+            parse_demo_config({**data, "train": train})
+
+
+def test_train_seed_is_the_demos_seed() -> None:
+    data = default_config("image").to_dict()
+    assert data["train"]["seed"] == data["seed"] == 0
+    with pytest.raises(ValueError, match=r"train\.seed \(5\) differs from seed \(0\)"):
+        parse_demo_config({**data, "train": {**data["train"], "seed": 5}})
+    # left out (as configs/*.yaml do), train.seed follows seed; so do --seed and fast_config
+    train = {k: v for k, v in data["train"].items() if k != "seed"}
+    config = parse_demo_config({**data, "seed": 7, "train": train})
+    assert config.train.seed == 7 and fast_config(config).train.seed == 7
+    assert "seed" not in yaml.safe_load((CONFIGS / "demo_image.yaml").read_text())["train"]
+
+
+def test_omitted_train_fields_take_the_demo_values_and_device_is_the_recipes() -> None:
+    data = default_config("image").to_dict()
+    bare = {"steps": 5, "batch_size": 8}
+    config = parse_demo_config({**data, "seed": 3, "train": bare})
+    train = config.train
+    assert (train.seed, train.resume, train.tensorboard, train.device) == (3, False, False, "cpu")
+    assert train.output_dir is None and train.checkpoint_every is None
+    # a TrainConfig object: the fields it did not set are filled the same way
+    built = ImageDemoConfig.model_validate(
+        {**data, "train": TrainConfig(steps=5, batch_size=8, device="cuda:1")}
+    )
+    assert (built.train.resume, built.train.tensorboard, built.train.device) == (
+        False,
+        False,
+        "cuda:1",
+    )
+    for device in (None, "cuda", "mps", "cpu"):
+        chosen = parse_demo_config({**data, "train": {**bare, "device": device}})
+        assert chosen.train.device == device
+    with pytest.raises(ValueError, match=r"train\.device 'gpu' is not a torch device"):
+        parse_demo_config({**data, "train": {**bare, "device": "gpu"}})
+
+
+def test_the_denoiser_trains_as_the_recipe_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffkit.demo as demo
+    from diffkit.text import CLIPTextConditioner
+
+    seen: list[TrainConfig] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(*args: object, **kwargs: object) -> None:
+        seen.append(args[3])  # type: ignore[arg-type]
+        raise Stop
+
+    monkeypatch.setattr(demo, "train", fake_train)
+    base = default_config("image")
+    data = base.to_dict()
+    data["train"].pop("seed")  # (so that it follows seed)
+    text = CLIPTextConditioner.from_config(base.pipeline.text)  # type: ignore[arg-type]
+    x, labels, captions = torch.zeros(4, 2, 8, 8), torch.zeros(4, dtype=torch.long), ["a"] * 4
+    for recipe, run_progress, progress in [
+        ({"device": None, "progress": False}, True, False),
+        ({"device": "cpu", "progress": True}, True, True),
+        ({"device": "cpu", "progress": True}, False, False),
+    ]:
+        config = parse_demo_config({**data, "seed": 4, "train": {**data["train"], **recipe}})
+        reporter = demo._Reporter(demo.DemoResult("image", Path(".")), run_progress, None)
+        with pytest.raises(Stop):
+            demo._train_denoiser(config, base.pipeline, x, labels, captions, text, reporter)
+        used = seen.pop()
+        assert used.device == recipe["device"] and used.progress is progress
+        assert used.seed == 4 and used.output_dir is None and not used.resume
+
+
+def test_training_device_is_checked_before_any_stage(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from diffkit.demo import run_demo, training_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = default_config("image").to_dict()
+    assert training_device(default_config("image")) == torch.device("cpu")
+    gpu = parse_demo_config({**data, "train": {**data["train"], "device": "cuda"}})
+    with pytest.raises(ValueError, match=r"train\.device is 'cuda', but CUDA is not available"):
+        run_demo(gpu, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    half = parse_demo_config({**data, "train": {**data["train"], "precision": "fp16"}})
+    with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
+        training_device(half)
+    assert training_device(
+        parse_demo_config({**data, "train": {**data["train"], "device": None}})
+    ) == torch.device("cpu")

@@ -1,5 +1,6 @@
 """The training loop: it learns, resumes exactly, logs, checkpoints, and validates its config."""
 
+import io
 import itertools
 import json
 import statistics
@@ -10,6 +11,7 @@ import yaml
 from einops import rearrange
 from torch import nn
 
+from diffkit import training
 from diffkit.checkpoint import latest_checkpoint, list_checkpoints, load_tensors
 from diffkit.config import ValidationError
 from diffkit.data import DigitsDataset
@@ -410,3 +412,42 @@ def test_train_config_refuses_settings_that_would_be_ignored() -> None:
         with pytest.raises(ValidationError, match="ema_decay"):
             TrainConfig(steps=10, ema_decay=decay)
     TrainConfig(steps=10, lr=1e-3, min_lr=1e-4, lr_schedule="cosine")
+
+
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_off_a_terminal_writes_plain_lines_not_carriage_returns(
+    digits, capsys, monkeypatch
+):
+    # capsys' stderr is no terminal, like a CI log or `2> log.txt`
+    train(_fresh(0), Cosine(), digits, _config(steps=3, progress=True))
+    assert "\r" not in capsys.readouterr().err  # < 30 s: nothing at all
+    monkeypatch.setattr(training, "_PROGRESS_LINE_EVERY_S", 0.0)
+    train(_fresh(0), Cosine(), digits, _config(steps=3, progress=True))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [f"train: {k}/3 steps" for k in (1, 2, 3)]
+    assert "loss" in lines[-1] and "samples_s" in lines[-1]
+
+
+def test_progress_on_a_terminal_is_a_live_bar_and_disabled_writes_nothing() -> None:
+    terminal = _Terminal()
+    with training._progress_bar(4, "stage", file=terminal) as bar:
+        for _ in range(4):
+            bar.update(1)
+    assert "\r" in terminal.getvalue() and "stage" in terminal.getvalue()
+    quiet = _Terminal()
+    with training._progress_bar(4, "stage", enabled=False, file=quiet) as bar:
+        bar.update(4)
+    assert quiet.getvalue() == ""
+    log = io.StringIO()
+    lines = training._ProgressLines(10, "stage", 0, log, interval=3600.0)
+    lines.update(5)
+    lines.close()
+    assert log.getvalue() == ""  # fast: no line at all, not even on close

@@ -133,11 +133,13 @@ def _threads(value: int | None) -> None:
 def _run_recipe(config: Any, args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from diffkit.demo import fast_config, run_demo
+    from diffkit.demo import fast_config, run_demo, training_device
 
     update: dict[str, Any] = {}
     if args.seed is not None:
+        # the demo's training takes its seed (train.seed) from the recipe's seed
         update["seed"] = args.seed
+        update["train"] = {**config.train.to_dict(), "seed": args.seed}
     if args.threads is not None:
         update["threads"] = args.threads
     if update:
@@ -148,6 +150,10 @@ def _run_recipe(config: Any, args: argparse.Namespace) -> int:
         except ValidationError as err:
             message = _validation_message(err)
             raise UserError(f"--fast does not fit this recipe: {message}") from None
+    try:
+        training_device(config)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     console = _console(args.quiet)
     task = "image" if config.kind == "demo_image" else "video"
     out = Path(args.out) if args.out else Path(f"diffkit-demo-{task}")

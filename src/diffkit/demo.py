@@ -1,7 +1,8 @@
 """The offline demos behind ``diffkit demo``: text -> image and text -> video on real digits.
 
 Everything is trained from scratch on scikit-learn's bundled handwritten digits (no
-download), on the CPU, in minutes:
+download), on the CPU, in minutes (``train.device`` can move the denoiser's training to a
+GPU):
 
 **Image** ([`run_image_demo`][diffkit.demo.run_image_demo]):
 
@@ -73,7 +74,7 @@ from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.pipeline import Pipeline
 from diffkit.protocols import Conditioning
 from diffkit.text import CLIPTextConditioner, CLIPTextConditionerConfig
-from diffkit.training import TrainConfig, train
+from diffkit.training import TrainConfig, _progress_bar, train
 
 __all__ = [
     "DemoResult",
@@ -90,6 +91,7 @@ __all__ = [
     "run_demo",
     "run_image_demo",
     "run_video_demo",
+    "training_device",
 ]
 
 PIPELINE_DIR = "pipeline"
@@ -137,9 +139,32 @@ _ImageTowerConfig = Annotated[
 """A CLIP image tower config of either kind (``clip_vit`` or ``clip_resnet``)."""
 
 
+_DEMO_TRAIN: dict[str, Any] = {
+    "output_dir": None,
+    "checkpoint_every": None,
+    "sample_every": None,
+    "resume": False,
+    "tensorboard": False,
+}
+"""The train fields a demo recipe cannot change: the demo writes only to its own folder."""
+
+_DEMO_TRAIN_WHY = {
+    "output_dir": "the demo writes its results to its own output folder (--out, run_demo's "
+    "out) and keeps no training checkpoints or logs",
+    "checkpoint_every": "the demo keeps no training checkpoints",
+    "sample_every": "the demo samples once, after training, into its output folder",
+    "resume": "the demo cannot resume: it keeps no checkpoints and retrains CLIP and the "
+    "autoencoder on every run",
+    "tensorboard": "the demo writes no training logs (it has no train.output_dir)",
+}
+
+
 class _DemoBase(Config):
     seed: int = Field(
-        default=0, ge=0, le=SEED_MAX, description="seeds data, initialisation, training, noise"
+        default=0,
+        ge=0,
+        le=SEED_MAX,
+        description="seeds data, initialisation, training (train.seed is this), noise",
     )
     threads: int | None = Field(
         default=None, ge=1, description="torch CPU threads; None: all cores (os.cpu_count())"
@@ -158,8 +183,58 @@ class _DemoBase(Config):
         description="the pipeline that is trained and saved; pipeline.text is CLIP's text "
         "tower (with projection_dim = the CLIP embedding size)"
     )
-    train: TrainConfig = Field(description="denoiser training (diffkit.training.train)")
+    train: TrainConfig = Field(
+        description="denoiser training (diffkit.training.train) on train.device ('cpu' in "
+        "the recipes and when left out; null: a GPU if there is one; the other stages run "
+        "on the CPU), with its bar when train.progress and the run's progress are both on. "
+        "The demo writes only to its own output folder and uses one seed: train.seed must "
+        "equal seed (leave it out), output_dir, checkpoint_every and sample_every must be "
+        "null, resume and tensorboard false (left out, they are)"
+    )
     samples_per_prompt: int = Field(default=10, ge=1, description="samples drawn per prompt")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _demo_train_defaults(cls, data: Any) -> Any:
+        """Fill the train fields the demo owns (``_DEMO_TRAIN``) that a recipe leaves out."""
+        if not isinstance(data, dict) or "train" not in data:
+            return data
+        seed = data.get("seed", 0)
+        owned: dict[str, Any] = {**_DEMO_TRAIN, "device": "cpu"}
+        if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX:
+            owned["seed"] = seed  # (an invalid seed is reported by the seed field alone)
+        train = data["train"]
+        if isinstance(train, dict):
+            return {**data, "train": {**owned, **train}}
+        if isinstance(train, TrainConfig):
+            missing = {k: v for k, v in owned.items() if k not in train.model_fields_set}
+            return {**data, "train": train.model_copy(update=missing)}
+        return data
+
+    @model_validator(mode="after")
+    def _demo_owns_train_outputs(self) -> "_DemoBase":
+        train = self.train
+        if train.seed != self.seed:
+            raise ValueError(
+                f"train.seed ({train.seed}) differs from seed ({self.seed}): the demo seeds "
+                "every stage, the denoiser's training included, from seed; set seed (or "
+                "--seed) and leave train.seed out"
+            )
+        for name, value in _DEMO_TRAIN.items():
+            if getattr(train, name) != value:
+                raise ValueError(
+                    f"train.{name} is {getattr(train, name)!r}, but {_DEMO_TRAIN_WHY[name]}; "
+                    f"set it to {json.dumps(value)} or leave it out"
+                )
+        if train.device is not None:
+            try:
+                torch.device(train.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(
+                    f"train.device {train.device!r} is not a torch device ('cpu', 'cuda', "
+                    "'cuda:1', ...)"
+                ) from None
+        return self
 
     @model_validator(mode="after")
     def _text_is_clip(self) -> "_DemoBase":
@@ -289,9 +364,11 @@ def recipe_yaml(config: DemoConfig) -> str:
 
     header = (
         f"# diffkit {config.kind} recipe: run with `diffkit train THIS.yaml --out DIR`.\n"
-        "# Every field is documented in diffkit.demo (ImageDemoConfig / VideoDemoConfig).\n"
+        "# Every field is documented in diffkit.demo (ImageDemoConfig / VideoDemoConfig);\n"
+        "# train.seed is left out: the demo's training takes the seed above.\n"
     )
     data = config.to_dict()
+    data["train"].pop("seed")
     ordered = {"kind": data.pop("kind"), **data}
     return header + yaml.safe_dump(ordered, sort_keys=False)
 
@@ -373,7 +450,7 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                     "lr_schedule": "cosine",
                     "ema_decay": 0.995,
                     "log_every": 50,
-                    "tensorboard": False,
+                    "device": "cpu",
                     "loss": {"cond_dropout": 0.1},
                 },
                 "samples_per_prompt": 10,
@@ -426,7 +503,7 @@ def _builtin(task: Literal["image", "video"]) -> DemoConfig:
                 "lr_schedule": "cosine",
                 "ema_decay": 0.995,
                 "log_every": 50,
-                "tensorboard": False,
+                "device": "cpu",
                 "loss": {"cond_dropout": 0.1, "weighting": "min_snr"},
             },
             "samples_per_prompt": 4,
@@ -661,7 +738,7 @@ class DemoResult:
 
 
 class _Reporter:
-    """Stage headers, per-stage timing, progress bars (tqdm) on or off."""
+    """Stage headers, per-stage timing, progress bars on or off."""
 
     def __init__(self, result: DemoResult, progress: bool, console: Any) -> None:
         self.result, self.progress, self.console = result, progress, console
@@ -687,9 +764,8 @@ class _Reporter:
             self.console.print(f"    {text}")
 
     def bar(self, total: int, desc: str) -> Any:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="step", disable=not self.progress, leave=False)
+        """A stage's bar (``TrainConfig.progress`` says how it shows where)."""
+        return _progress_bar(total, desc, enabled=self.progress, leave=False)
 
 
 def _lr(stage: StageTrainConfig, step: int) -> float:
@@ -834,13 +910,10 @@ def _train_denoiser(
     denoiser: nn.Module = registry("denoiser").build(pipeline_config.denoiser)
     cache = _CaptionCache(text, captions)
     schedule = registry("schedule").build(pipeline_config.schedule)
+    # the recipe's train config as it stands (validation made its seed the demo's and
+    # left it nothing to write); only the run's progress switch can turn the bar off
     train_config = config.train.model_copy(
-        update={
-            "seed": config.seed,
-            "progress": reporter.progress,
-            "output_dir": None,
-            "device": "cpu",
-        }
+        update={"progress": reporter.progress and config.train.progress}
     )
     result = train(
         denoiser,
@@ -852,7 +925,23 @@ def _train_denoiser(
     )
     if result.ema is not None:
         result.ema.copy_to(denoiser)
-    return denoiser.eval(), result.losses
+    return denoiser.cpu().eval(), result.losses
+
+
+def training_device(config: DemoConfig) -> torch.device:
+    """Where the denoiser trains (``train.device``), checked before any stage runs."""
+    name = config.train.device
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r}, but CUDA is not available here")
+    if config.train.precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"train.precision 'fp16' needs a CUDA device, but the denoiser trains on "
+            f"{device}; use 'bf16' or 'fp32'"
+        )
+    return device
 
 
 def _set_threads(threads: int | None) -> int:
@@ -904,6 +993,7 @@ def run_image_demo(
     console: Any = None,
 ) -> DemoResult:
     """Train CLIP, the autoencoder and the latent denoiser; sample, judge and save to ``out``."""
+    device = training_device(config)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     result = DemoResult(task="image", out=folder)
@@ -957,6 +1047,8 @@ def run_image_demo(
     )
     text = _text_conditioner(config, clip)
     with report.stage("denoiser", "text-conditioned latent U-Net (CFG dropout, EMA)"):
+        if device.type != "cpu":
+            report.note(f"training on {device}")
         denoiser, den_losses = _train_denoiser(
             config,
             pipeline_config,
@@ -1126,6 +1218,7 @@ def run_video_demo(
     console: Any = None,
 ) -> DemoResult:
     """Train CLIP, the frame autoencoder and a latent video transformer; sample GIFs, judge."""
+    device = training_device(config)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     result = DemoResult(task="video", out=folder)
@@ -1161,6 +1254,8 @@ def run_video_demo(
     text = _text_conditioner(config, clip)
     space = "pixel" if ae is None else "latent"
     with report.stage("denoiser", f"text-conditioned video transformer over {space} tubelets"):
+        if device.type != "cpu":
+            report.note(f"training on {device}")
         denoiser, den_losses = _train_denoiser(
             config, pipeline_config, data, labels, captions, text, report
         )

@@ -12,11 +12,12 @@ loss trajectory up to floating-point summation order.
 Each step: [`DiffusionLoss`][diffkit.losses.DiffusionLoss] (with condition dropout for
 classifier-free guidance), AdamW, gradient clipping, an [`EMA`][diffkit.ema.EMA] of
 the weights, optional mixed precision (bf16 autocast, or fp16 with a gradient scaler on
-CUDA). Rank 0 shows a progress bar (loss, samples/s), appends to ``log.jsonl`` (and
-TensorBoard when it is installed), saves sample grids, and writes checkpoints
-atomically with optimizer, EMA, step and RNG states (every rank's torch RNG, gathered to
-rank 0); ``resume=True`` continues from the newest one and gives the same losses as a
-run that was never interrupted on the same number of processes.
+CUDA). Rank 0 shows a progress bar (loss, samples/s; in a log file or CI, a plain line
+every 30 s instead), appends to ``log.jsonl`` (and TensorBoard when it is installed),
+saves sample grids, and writes checkpoints atomically with optimizer, EMA, step and RNG
+states (every rank's torch RNG, gathered to rank 0); ``resume=True`` continues from the
+newest one and gives the same losses as a run that was never interrupted on the same
+number of processes.
 
 [`train_pipeline`][diffkit.training.train_pipeline] trains a built
 [`Pipeline`][diffkit.pipeline.Pipeline] (captions through its text conditioner, data
@@ -31,6 +32,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -147,7 +149,14 @@ class TrainConfig(Config):
     num_workers: int = Field(
         default=0, ge=0, description="DataLoader worker processes; 0: load in the training process"
     )
-    progress: bool = Field(default=True, description="show a progress bar (rank 0 only)")
+    progress: bool = Field(
+        default=True,
+        description=(
+            "show progress (rank 0 only): a live bar on a terminal or in a notebook; "
+            "written to anything else (a log file, CI, a pipe), a plain line every 30 s "
+            "instead of carriage-return redraws"
+        ),
+    )
     tensorboard: bool = Field(
         default=True, description="also log to TensorBoard when it is installed"
     )
@@ -322,6 +331,84 @@ def _autocast(precision: Precision, device: torch.device) -> contextlib.Abstract
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+_PROGRESS_LINE_EVERY_S = 30.0
+"""Seconds between the plain progress lines written where no live bar can be drawn."""
+
+
+class _ProgressLines:
+    """Progress for a log (not a terminal): a plain line every ``interval`` seconds.
+
+    Speaks the part of tqdm's interface that diffkit uses (``update``, ``set_postfix``,
+    ``close``, ``with``). A last line is written on close when earlier lines were.
+    """
+
+    def __init__(self, total: int, desc: str, initial: int, file: Any, interval: float) -> None:
+        self.total, self.desc, self.n = total, desc, initial
+        self.file, self.interval = file, interval
+        self.postfix = ""
+        self.started = self.last = time.monotonic()
+        self.written = -1  # the step count of the last line written
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._write(now)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{key} {value}" for key, value in values.items())
+
+    def close(self) -> None:
+        if self.written >= 0 and self.written != self.n:
+            self._write(time.monotonic())
+
+    def _write(self, now: float) -> None:
+        extra = f", {self.postfix}" if self.postfix else ""
+        self.file.write(
+            f"{self.desc}: {self.n}/{self.total} steps ({now - self.started:.0f} s{extra})\n"
+        )
+        self.file.flush()
+        self.written = self.n
+
+    def __enter__(self) -> "_ProgressLines":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _progress_bar(
+    total: int,
+    desc: str,
+    *,
+    enabled: bool = True,
+    initial: int = 0,
+    file: Any = None,
+    **tqdm_options: Any,
+) -> Any:
+    """A progress display as ``TrainConfig.progress`` describes it (``file``: stderr).
+
+    A notebook or a terminal gets a live tqdm bar; any other stream (a log file, a CI
+    log, a pipe) a ``_ProgressLines`` report, so that no carriage-return redraws pile
+    up in it. ``enabled=False``: a bar that shows nothing.
+    """
+    from tqdm import tqdm as terminal_tqdm
+    from tqdm.auto import tqdm as auto_tqdm  # (imports tqdm.autonotebook, warnings off)
+    from tqdm.autonotebook import tqdm as chosen_tqdm
+
+    options: dict[str, Any] = {"total": total, "desc": desc, "initial": initial, "unit": "step"}
+    if not enabled:
+        return terminal_tqdm(disable=True, **options)
+    if file is None and chosen_tqdm is not terminal_tqdm:  # a notebook: its widget
+        return auto_tqdm(**options, **tqdm_options)
+    stream = sys.stderr if file is None else file
+    isatty = getattr(stream, "isatty", None)
+    if callable(isatty) and isatty():
+        return terminal_tqdm(file=stream, **options, **tqdm_options)
+    return _ProgressLines(total, desc, initial, stream, _PROGRESS_LINE_EVERY_S)
 
 
 class _Logger:
@@ -549,9 +636,7 @@ def train(
     logger = _Logger(out, config.tensorboard) if main else _Logger(None, False)
     bar = None
     if main and config.progress and start < config.steps:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        bar = _progress_bar(config.steps, "train", initial=start, dynamic_ncols=True)
 
     losses: list[float] = []
     written: list[Path] = []
