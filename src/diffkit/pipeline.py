@@ -42,7 +42,7 @@ from diffkit.protocols import (
     StepCallback,
     TextConditioner,
 )
-from diffkit.typing import Prediction, Sample, ShapeError, Time, checked
+from diffkit.typing import Prediction, Sample, ShapeError, Time, checked, warn_at_caller
 
 __all__ = ["Pipeline"]
 
@@ -227,6 +227,7 @@ class Pipeline(nn.Module):
 
     def _conditions(
         self,
+        where: str,
         prompts: Sequence[str] | str | None,
         cond: Conditioning | None,
         uncond: Conditioning | None,
@@ -235,19 +236,51 @@ class Pipeline(nn.Module):
         guidance: float,
         batch_from: str = "num_samples",
     ) -> tuple[int, Conditioning | None, Conditioning | None, float]:
-        """The batch and the expanded conditions; ``batch_from`` names what set ``batch``."""
+        """The batch and the expanded conditions; ``batch_from`` names what set ``batch``.
+
+        ``uncond`` / ``negative_prompts`` that cannot take effect are refused (on an
+        unconditional call, both at once, negative prompts without a text conditioner);
+        with ``guidance == 1`` they are dropped with a ``UserWarning``.
+        """
         _check_prompts("prompts", prompts)
         _check_prompts("negative_prompts", negative_prompts)
         if prompts is not None and cond is not None:
-            raise ValueError("Pipeline: pass prompts or cond, not both")
+            raise ValueError(f"{where}: pass prompts or cond, not both")
+        if uncond is not None and negative_prompts is not None:
+            raise ValueError(
+                f"{where}: pass uncond or negative_prompts, not both (negative_prompts only "
+                "make an uncond)"
+            )
+        if negative_prompts is not None and self.text is None:
+            raise ValueError(
+                f"{where}: negative_prompts need a text conditioner; pass uncond= instead"
+            )
+        negative = "uncond" if uncond is not None else "negative_prompts"
         if isinstance(prompts, str):
             prompts = [prompts]
         if prompts is None and cond is None:
+            if uncond is not None or negative_prompts is not None:
+                fix = (
+                    "pass prompts= (prompts='' guides away from the negative prompts alone)"
+                    if self.text is not None
+                    else "pass cond="
+                )
+                raise ValueError(
+                    f"{where}: {negative} has no effect on an unconditional call (no prompts "
+                    f"or cond, so no guidance); {fix}, or leave {negative} out"
+                )
             # Unconditional: nothing to guide towards; a text model's unconditional
             # branch is the empty prompt (what condition dropout trained it on).
-            guidance, uncond = 1.0, None
+            guidance = 1.0
             if self.text is not None:
                 prompts = [""]
+        elif guidance == 1.0 and (uncond is not None or negative_prompts is not None):
+            warn_at_caller(
+                f"{where}: {negative} is unused with guidance 1 (classifier-free guidance at "
+                f"scale 1 is the conditional model alone); pass guidance other than 1 for "
+                f"{negative} to take effect, or leave {negative} out"
+            )
+            uncond = negative_prompts = None
         given = f"{len(prompts)} prompts" if prompts is not None else "cond"
         if prompts is not None:
             cond = self.condition(prompts)
@@ -261,7 +294,7 @@ class Pipeline(nn.Module):
         if guidance != 1.0 and uncond is None:
             if negative_prompts is None and self.text is None:
                 raise ValueError(
-                    "Pipeline: guidance != 1 needs an unconditional condition: pass uncond= "
+                    f"{where}: guidance != 1 needs an unconditional condition: pass uncond= "
                     "(or use a text conditioner)"
                 )
             if isinstance(negative_prompts, str) or negative_prompts is None:
@@ -317,10 +350,12 @@ class Pipeline(nn.Module):
         Conditioned on ``prompts`` (through the text conditioner) or on ``cond``; with
         neither, unconditional (a text pipeline then uses the empty prompt, without
         guidance). ``guidance != 1`` uses classifier-free guidance against
-        ``uncond`` (default: the empty prompt, or ``negative_prompts``). ``sampler`` is
-        a Sampler, a name in ``diffkit.samplers.REGISTRY``, or the pipeline's default.
-        ``noise`` (standard normal, latent shape) replaces the draw from ``generator``;
-        ``denoiser`` replaces the pipeline's (e.g. EMA weights).
+        ``uncond`` or ``negative_prompts`` (one of them; default: the empty prompt). With
+        ``guidance == 1`` they are unused, and a ``UserWarning`` says so; on an
+        unconditional call they are refused. ``sampler`` is a Sampler, a name in
+        ``diffkit.samplers.REGISTRY``, or the pipeline's default. ``noise`` (standard
+        normal, latent shape) replaces the draw from ``generator``; ``denoiser`` replaces
+        the pipeline's (e.g. EMA weights).
         """
         if num_samples is not None:
             if isinstance(num_samples, bool) or not isinstance(num_samples, int):
@@ -339,7 +374,14 @@ class Pipeline(nn.Module):
             if num_samples is None:
                 num_samples, batch_from = int(noise.shape[0]), "noise's batch"
         batch, cond, uncond, guidance = self._conditions(
-            prompts, cond, uncond, negative_prompts, num_samples, guidance, batch_from
+            "Pipeline.generate",
+            prompts,
+            cond,
+            uncond,
+            negative_prompts,
+            num_samples,
+            guidance,
+            batch_from,
         )
         if noise is None:
             noise = self._noise(batch, generator)
@@ -403,6 +445,7 @@ class Pipeline(nn.Module):
         ``x_t0 = alpha(t0) encode(x) + sigma(t0) eps``; ``strength = 1`` starts from (almost)
         pure noise, small strengths keep more of ``x``. Works with every sampler: the
         schedule and the denoiser are seen on ``[0, t0]`` stretched to ``[0, 1]``.
+        Conditions and guidance are as in ``generate``.
         """
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength (the start time t0) must be in (0, 1], got {strength}")
@@ -410,7 +453,14 @@ class Pipeline(nn.Module):
         _check_floating("Pipeline.img2img", "x", x)  # uint8 in [0, 255] must not pass as floats
         x = x.to(self.device, self.dtype)
         batch, cond, uncond, guidance = self._conditions(
-            prompts, cond, uncond, negative_prompts, int(x.shape[0]), guidance, "x's batch"
+            "Pipeline.img2img",
+            prompts,
+            cond,
+            uncond,
+            negative_prompts,
+            int(x.shape[0]),
+            guidance,
+            "x's batch",
         )
         z0 = self.encode(x)
         device = generator.device if generator is not None else z0.device
