@@ -391,6 +391,30 @@ def test_a_plain_python_encoder_makes_a_latent_pipeline():
             "Pipeline.img2img: argument 'x' has dtype torch.uint8, expected one of",
         ),
         (
+            lambda p: p.generate("a", noise=torch.randn(1, 3, 8, 8)),
+            ShapeError,
+            r"noise has 3 channels \(dimension 1 of \(1, 3, 8, 8\)\), expected 4: the "
+            r"encoder's latent channels \(shape \(4, 8, 8\)\); pass noise with 4 channels",
+        ),
+        (
+            lambda p: p.generate("a", noise=torch.randn(1, 2, 4, 8, 8)),
+            ShapeError,
+            r"noise has 5 dimensions \(1, 2, 4, 8, 8\), expected 4: .* pass noise of shape "
+            r"\(batch, 4, 8, 8\)",
+        ),
+        (
+            lambda p: p.img2img(torch.randn(1, 3, 16, 16), "a"),
+            ShapeError,
+            r"Pipeline.img2img: x has 3 channels \(dimension 1 of \(1, 3, 16, 16\)\), "
+            r"expected 1: data_shape's channels .* pass x with 1 channel ",
+        ),
+        (
+            lambda p: p.img2img(torch.randn(1, 16, 16), "a"),
+            ShapeError,
+            r"Pipeline.img2img: x has 3 dimensions \(1, 16, 16\), expected 4: .* pass x of "
+            r"shape \(batch, 1, 16, 16\)",
+        ),
+        (
             lambda p: p.generate(negative_prompts="x"),
             ValueError,
             "Pipeline.generate: negative_prompts has no effect on an unconditional call .* "
@@ -453,6 +477,8 @@ def test_negative_prompts_without_a_text_conditioner_are_refused():
         pipeline.generate(cond=cond, negative_prompts="x", guidance=2.0, steps=2)
     with pytest.raises(ValueError, match=r"uncond has no effect on an unconditional call .* cond="):
         pipeline.generate(uncond=cond, guidance=2.0, steps=2)
+    with pytest.raises(ShapeError, match=r"noise has 3 channels .* expected 2: data_shape's"):
+        pipeline.generate(noise=torch.zeros(1, 3, 4, 4), steps=2)
     assert not denoiser.calls
 
 

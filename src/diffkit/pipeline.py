@@ -89,6 +89,10 @@ def _check_floating(where: str, name: str, x: Tensor) -> None:
         )
 
 
+def _channels(n: int) -> str:
+    return f"{n} channel" if n == 1 else f"{n} channels"
+
+
 def _check_prompts(name: str, prompts: object) -> None:
     """``prompts`` must be ``None``, a str or a sequence of str (ordered, with a length)."""
     if prompts is None or isinstance(prompts, str):
@@ -354,8 +358,9 @@ class Pipeline(nn.Module):
         ``guidance == 1`` they are unused, and a ``UserWarning`` says so; on an
         unconditional call they are refused. ``sampler`` is a Sampler, a name in
         ``diffkit.samplers.REGISTRY``, or the pipeline's default. ``noise`` (standard
-        normal, latent shape) replaces the draw from ``generator``; ``denoiser`` replaces
-        the pipeline's (e.g. EMA weights).
+        normal, the latent shape's rank and channels; its height and width may differ)
+        replaces the draw from ``generator``; ``denoiser`` replaces the pipeline's (e.g.
+        EMA weights).
         """
         if num_samples is not None:
             if isinstance(num_samples, bool) or not isinstance(num_samples, int):
@@ -401,10 +406,12 @@ class Pipeline(nn.Module):
         return self.decode(z) if decode else z
 
     def _check_noise(self, noise: Tensor, num_samples: int | None) -> None:
-        """``noise`` must be a floating-point batch, of ``num_samples`` items when given.
+        """``noise`` must be a floating-point batch of latents, of ``num_samples`` when given.
 
-        Its other dimensions are not checked: a convolutional denoiser can deliberately
-        sample at another resolution than ``data_shape``.
+        Its rank and channels must be the latent shape's (every denoiser would fail on
+        others); its spatial size (and frames) is not checked: a convolutional denoiser
+        can deliberately sample at another resolution than ``data_shape``, and a
+        patch-based one names a size its patches do not divide.
         """
         _check_floating("Pipeline.generate", "noise", noise)
         if noise.ndim < 2:
@@ -415,6 +422,46 @@ class Pipeline(nn.Module):
             raise ValueError(
                 f"Pipeline.generate: noise has batch {noise.shape[0]} but num_samples is "
                 f"{num_samples}"
+            )
+        latent = self.latent_shape() if self.data_shape is not None else None
+        space = "the encoder's latent" if self.encoder is not None else "data_shape's"
+        if latent is not None and noise.ndim != 1 + len(latent):
+            raise ShapeError(
+                f"Pipeline.generate: noise has {noise.ndim} dimensions {tuple(noise.shape)}, "
+                f"expected {1 + len(latent)}: (batch, *{latent}), {space} shape; pass noise "
+                f"of shape (batch, {', '.join(map(str, latent))})"
+            )
+        if latent is not None and len(latent) >= 3:
+            channels: int | None = latent[-3]
+        elif latent is None and self.encoder is not None and noise.ndim >= 4:
+            channels = int(self.encoder.latent_channels)
+        else:
+            channels = None
+        if channels is not None and noise.shape[-3] != channels:
+            shape = f" (shape {latent})" if latent is not None else ""
+            raise ShapeError(
+                f"Pipeline.generate: noise has {_channels(noise.shape[-3])} (dimension "
+                f"{noise.ndim - 3} of {tuple(noise.shape)}), expected {channels}: {space} "
+                f"channels{shape}; pass noise with {_channels(channels)} (its height and "
+                "width may differ)"
+            )
+
+    def _check_data(self, x: Tensor) -> None:
+        """``x`` must have the rank and channels of ``data_shape`` (its spatial size may differ)."""
+        if self.data_shape is None:
+            return
+        shape = self.data_shape
+        if x.ndim != 1 + len(shape):
+            raise ShapeError(
+                f"Pipeline.img2img: x has {x.ndim} dimensions {tuple(x.shape)}, expected "
+                f"{1 + len(shape)}: (batch, *{shape}), data_shape; pass x of shape "
+                f"(batch, {', '.join(map(str, shape))})"
+            )
+        if len(shape) >= 3 and x.shape[-3] != shape[-3]:
+            raise ShapeError(
+                f"Pipeline.img2img: x has {_channels(x.shape[-3])} (dimension {x.ndim - 3} of "
+                f"{tuple(x.shape)}), expected {shape[-3]}: data_shape's channels (shape "
+                f"{shape}); pass x with {_channels(shape[-3])} (its height and width may differ)"
             )
 
     def _noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
@@ -444,13 +491,15 @@ class Pipeline(nn.Module):
 
         ``x_t0 = alpha(t0) encode(x) + sigma(t0) eps``; ``strength = 1`` starts from (almost)
         pure noise, small strengths keep more of ``x``. Works with every sampler: the
-        schedule and the denoiser are seen on ``[0, t0]`` stretched to ``[0, 1]``.
-        Conditions and guidance are as in ``generate``.
+        schedule and the denoiser are seen on ``[0, t0]`` stretched to ``[0, 1]``. ``x``
+        must have ``data_shape``'s rank and channels (its height and width may differ);
+        conditions and guidance are as in ``generate``.
         """
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength (the start time t0) must be in (0, 1], got {strength}")
         steps, guidance = self._defaults(steps, guidance)
         _check_floating("Pipeline.img2img", "x", x)  # uint8 in [0, 255] must not pass as floats
+        self._check_data(x)
         x = x.to(self.device, self.dtype)
         batch, cond, uncond, guidance = self._conditions(
             "Pipeline.img2img",
