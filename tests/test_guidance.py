@@ -1,11 +1,16 @@
 """Classifier-free guidance: the formula and the batched wrapper."""
 
+import warnings
+
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import diffkit as dk
-from diffkit.guidance import Guided, classifier_free
+from diffkit import samplers
+from diffkit.guidance import Guided, classifier_free, unused_uncond
+from diffkit.schedules import Cosine
 
 
 @given(scale=st.floats(-2, 10))
@@ -51,3 +56,53 @@ def test_guided_wrapper_makes_one_batched_call_matching_two_calls() -> None:
     assert model.batches == [8]
     expected = classifier_free(model(x, t, cond.expand(4)), model(x, t, uncond.expand(4)), 3.0)
     torch.testing.assert_close(out, expected)
+
+
+def test_guided_at_scale_one_warns_that_uncond_is_unused() -> None:
+    uncond = dk.Conditioning(pooled=torch.zeros(1, 3))
+    with pytest.warns(UserWarning, match="Guided: scale 1 is the conditional model alone") as seen:
+        Guided(_Model(), uncond, 1.0)
+    assert [w.filename for w in seen] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Guided(_Model(), uncond, 0.0)  # scale 0 is the unconditional model: uncond is used
+
+
+def test_an_uncond_with_guidance_one_is_dropped_with_a_warning_naming_the_call() -> None:
+    uncond = dk.Conditioning(pooled=torch.zeros(1, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert unused_uncond("f", 2.0, uncond) is uncond
+        assert unused_uncond("f", 1.0, None) is None
+    with pytest.warns(UserWarning, match="^f: uncond is unused with guidance 1 .* pass guidance"):
+        assert unused_uncond("f", 1.0, uncond) is None
+
+
+@pytest.mark.parametrize(
+    ("where", "call"),
+    [
+        (
+            "DDIMInversion.invert",
+            lambda den, x, **kw: samplers.DDIMInversion().invert(den, Cosine(), x, steps=2, **kw),
+        ),
+        (
+            "fit_solver",
+            lambda den, x, **kw: samplers.fit_solver(den, Cosine(), x, 2, teacher_steps=4, **kw),
+        ),
+        (
+            "fit_grid",
+            lambda den, x, **kw: samplers.fit_grid(den, Cosine(), x, 2, teacher_steps=4, **kw),
+        ),
+    ],
+)
+def test_inversion_and_fitting_warn_once_on_an_unused_uncond(where, call) -> None:
+    model = _Model()
+    cond = dk.Conditioning(pooled=torch.full((1, 3), 2.0))
+    uncond = dk.Conditioning(pooled=torch.zeros(1, 3))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        call(model, x, cond=cond, uncond=uncond, guidance=1.0)
+    assert [str(w.message).split(":")[0] for w in seen] == [where]
+    assert [w.filename for w in seen] == [__file__]
+    assert set(model.batches) == {4}  # never the doubled cond + uncond batch

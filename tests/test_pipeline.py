@@ -390,6 +390,46 @@ def test_a_plain_python_encoder_makes_a_latent_pipeline():
             ShapeError,
             "Pipeline.img2img: argument 'x' has dtype torch.uint8, expected one of",
         ),
+        (
+            lambda p: p.generate("a", noise=torch.randn(1, 3, 8, 8)),
+            ShapeError,
+            r"noise has 3 channels \(dimension 1 of \(1, 3, 8, 8\)\), expected 4: the "
+            r"encoder's latent channels \(shape \(4, 8, 8\)\); pass noise with 4 channels",
+        ),
+        (
+            lambda p: p.generate("a", noise=torch.randn(1, 2, 4, 8, 8)),
+            ShapeError,
+            r"noise has 5 dimensions \(1, 2, 4, 8, 8\), expected 4: .* pass noise of shape "
+            r"\(batch, 4, 8, 8\)",
+        ),
+        (
+            lambda p: p.img2img(torch.randn(1, 3, 16, 16), "a"),
+            ShapeError,
+            r"Pipeline.img2img: x has 3 channels \(dimension 1 of \(1, 3, 16, 16\)\), "
+            r"expected 1: data_shape's channels .* pass x with 1 channel ",
+        ),
+        (
+            lambda p: p.img2img(torch.randn(1, 16, 16), "a"),
+            ShapeError,
+            r"Pipeline.img2img: x has 3 dimensions \(1, 16, 16\), expected 4: .* pass x of "
+            r"shape \(batch, 1, 16, 16\)",
+        ),
+        (
+            lambda p: p.generate(negative_prompts="x"),
+            ValueError,
+            "Pipeline.generate: negative_prompts has no effect on an unconditional call .* "
+            "pass prompts= \\(prompts='' guides away from the negative prompts alone\\)",
+        ),
+        (
+            lambda p: p.img2img(torch.zeros(1, 1, 16, 16), uncond=p.condition(["x"])),
+            ValueError,
+            "Pipeline.img2img: uncond has no effect on an unconditional call",
+        ),
+        (
+            lambda p: p.generate("a", negative_prompts="x", uncond=p.condition(["y"])),
+            ValueError,
+            "Pipeline.generate: pass uncond or negative_prompts, not both",
+        ),
     ],
 )
 def test_bad_arguments_are_named_before_any_compute(
@@ -411,6 +451,35 @@ def test_img2img_rejects_uint8_like_encode(text_pipeline):
         text_pipeline.img2img(image, "a")
     encode_line = str(from_encode.value).splitlines()[0]
     assert str(from_img2img.value) == encode_line.replace("Pipeline.encode", "Pipeline.img2img")
+
+
+def test_an_unused_negative_prompt_or_uncond_at_guidance_one_warns(text_pipeline):
+    def run(guidance, **kw):
+        gen = torch.Generator().manual_seed(0)
+        return text_pipeline.generate("a 1", guidance=guidance, generator=gen, **kw)
+
+    with pytest.warns(UserWarning, match="^Pipeline.generate: negative_prompts is unused") as seen:
+        sweep = {g: run(g, negative_prompts="a 2") for g in (1.0, 3.0)}  # one warning, at 1
+    assert [w.filename for w in seen] == [__file__]  # it points at the user's call
+    assert "pass guidance other than 1 for negative_prompts to take effect" in str(seen[0].message)
+    assert torch.equal(sweep[1.0], run(1.0))
+    assert not torch.equal(sweep[3.0], run(3.0))
+    x = torch.zeros(1, 1, 16, 16)
+    with pytest.warns(UserWarning, match="^Pipeline.img2img: uncond is unused with guidance 1"):
+        text_pipeline.img2img(x, "a", uncond=text_pipeline.condition([""]), guidance=1.0)
+
+
+def test_negative_prompts_without_a_text_conditioner_are_refused():
+    denoiser = RecordingDenoiser(torch.zeros(1, 2, 4, 4))
+    pipeline = Pipeline(Cosine(), denoiser, data_shape=(2, 4, 4), sampler=REGISTRY["ddim"]())
+    cond = Conditioning(pooled=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="negative_prompts need a text conditioner; pass uncond="):
+        pipeline.generate(cond=cond, negative_prompts="x", guidance=2.0, steps=2)
+    with pytest.raises(ValueError, match=r"uncond has no effect on an unconditional call .* cond="):
+        pipeline.generate(uncond=cond, guidance=2.0, steps=2)
+    with pytest.raises(ShapeError, match=r"noise has 3 channels .* expected 2: data_shape's"):
+        pipeline.generate(noise=torch.zeros(1, 3, 4, 4), steps=2)
+    assert not denoiser.calls
 
 
 def test_prompts_as_a_tuple_and_noise_at_another_resolution_still_work(text_pipeline):

@@ -417,7 +417,12 @@ def test_guidance_one_equals_the_conditional_model(name: str) -> None:
     plain = run(cond=cond)
     assert set(model.calls) == {5}
     model.calls.clear()
-    guided = run(cond=cond, uncond=uncond, guidance=1.0)
+    with pytest.warns(
+        UserWarning, match=f"{type(sampler).__name__}.sample: uncond is unused"
+    ) as seen:
+        guided = run(cond=cond, uncond=uncond, guidance=1.0)
+    assert [w.filename for w in seen] == [__file__]  # the warning points at the caller
+    assert set(model.calls) == {5}  # the unused uncond is not evaluated
     torch.testing.assert_close(plain, guided)
     strong = run(cond=cond, uncond=uncond, guidance=3.0)
     assert set(model.calls) == {5, 10}  # one batched call on cond and uncond together
@@ -650,7 +655,7 @@ def test_denoiser_output_of_another_shape_is_a_shape_error(name: str, guidance: 
             torch.randn(3, DIM),
             steps=4,
             cond=cond,
-            uncond=uncond,
+            uncond=uncond if guidance != 1.0 else None,
             guidance=guidance,
             generator=torch.Generator().manual_seed(0),
         )

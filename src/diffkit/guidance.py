@@ -5,6 +5,9 @@ unconditional one. Samplers apply it inside their one denoiser helper, with the
 conditional and unconditional inputs concatenated into one batched call;
 [`Guided`][diffkit.guidance.Guided] wraps a denoiser the same way for code that wants a
 guided ``Denoiser`` object.
+
+An ``uncond`` given with scale 1 has no effect; samplers and ``Guided`` say so with a
+``UserWarning`` (a guidance sweep through 1 is legitimate, so it is not an error).
 """
 
 import dataclasses
@@ -13,9 +16,9 @@ import torch
 from torch import Tensor
 
 from diffkit.protocols import Conditioning, Denoiser
-from diffkit.typing import Prediction, Sample, Time, checked
+from diffkit.typing import Prediction, Sample, Time, checked, warn_at_caller
 
-__all__ = ["Guided", "classifier_free"]
+__all__ = ["Guided", "classifier_free", "unused_uncond"]
 
 
 @checked
@@ -25,6 +28,18 @@ def classifier_free(cond: Sample, uncond: Sample, scale: float) -> Sample:
     return torch.lerp(uncond.to(dtype), cond.to(dtype), scale).to(cond.dtype)
 
 
+def unused_uncond(where: str, guidance: float, uncond: Conditioning | None) -> Conditioning | None:
+    """``uncond``, or ``None`` with a ``UserWarning`` when ``guidance == 1`` leaves it unused."""
+    if uncond is None or guidance != 1.0:
+        return uncond
+    warn_at_caller(
+        f"{where}: uncond is unused with guidance 1 (classifier-free guidance at scale 1 is "
+        "the conditional model alone); pass guidance other than 1 for uncond to take effect, "
+        "or leave uncond out"
+    )
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Guided:
     """A denoiser with classifier-free guidance: one batched call on cond and uncond."""
@@ -32,6 +47,14 @@ class Guided:
     denoiser: Denoiser
     uncond: Conditioning
     scale: float
+
+    def __post_init__(self) -> None:
+        if self.scale == 1.0:
+            warn_at_caller(
+                "Guided: scale 1 is the conditional model alone: uncond is unused, yet every "
+                "call still evaluates it (twice the compute); call the denoiser itself for "
+                "scale 1, or pass a scale other than 1"
+            )
 
     @property
     def prediction(self) -> Prediction:

@@ -42,7 +42,7 @@ from diffkit.protocols import (
     StepCallback,
     TextConditioner,
 )
-from diffkit.typing import Prediction, Sample, ShapeError, Time, checked
+from diffkit.typing import Prediction, Sample, ShapeError, Time, checked, warn_at_caller
 
 __all__ = ["Pipeline"]
 
@@ -87,6 +87,10 @@ def _check_floating(where: str, name: str, x: Tensor) -> None:
         raise ShapeError(
             f"{where}: argument '{name}' has dtype {x.dtype}, expected one of {dtypes}"
         )
+
+
+def _channels(n: int) -> str:
+    return f"{n} channel" if n == 1 else f"{n} channels"
 
 
 def _check_prompts(name: str, prompts: object) -> None:
@@ -227,6 +231,7 @@ class Pipeline(nn.Module):
 
     def _conditions(
         self,
+        where: str,
         prompts: Sequence[str] | str | None,
         cond: Conditioning | None,
         uncond: Conditioning | None,
@@ -235,19 +240,51 @@ class Pipeline(nn.Module):
         guidance: float,
         batch_from: str = "num_samples",
     ) -> tuple[int, Conditioning | None, Conditioning | None, float]:
-        """The batch and the expanded conditions; ``batch_from`` names what set ``batch``."""
+        """The batch and the expanded conditions; ``batch_from`` names what set ``batch``.
+
+        ``uncond`` / ``negative_prompts`` that cannot take effect are refused (on an
+        unconditional call, both at once, negative prompts without a text conditioner);
+        with ``guidance == 1`` they are dropped with a ``UserWarning``.
+        """
         _check_prompts("prompts", prompts)
         _check_prompts("negative_prompts", negative_prompts)
         if prompts is not None and cond is not None:
-            raise ValueError("Pipeline: pass prompts or cond, not both")
+            raise ValueError(f"{where}: pass prompts or cond, not both")
+        if uncond is not None and negative_prompts is not None:
+            raise ValueError(
+                f"{where}: pass uncond or negative_prompts, not both (negative_prompts only "
+                "make an uncond)"
+            )
+        if negative_prompts is not None and self.text is None:
+            raise ValueError(
+                f"{where}: negative_prompts need a text conditioner; pass uncond= instead"
+            )
+        negative = "uncond" if uncond is not None else "negative_prompts"
         if isinstance(prompts, str):
             prompts = [prompts]
         if prompts is None and cond is None:
+            if uncond is not None or negative_prompts is not None:
+                fix = (
+                    "pass prompts= (prompts='' guides away from the negative prompts alone)"
+                    if self.text is not None
+                    else "pass cond="
+                )
+                raise ValueError(
+                    f"{where}: {negative} has no effect on an unconditional call (no prompts "
+                    f"or cond, so no guidance); {fix}, or leave {negative} out"
+                )
             # Unconditional: nothing to guide towards; a text model's unconditional
             # branch is the empty prompt (what condition dropout trained it on).
-            guidance, uncond = 1.0, None
+            guidance = 1.0
             if self.text is not None:
                 prompts = [""]
+        elif guidance == 1.0 and (uncond is not None or negative_prompts is not None):
+            warn_at_caller(
+                f"{where}: {negative} is unused with guidance 1 (classifier-free guidance at "
+                f"scale 1 is the conditional model alone); pass guidance other than 1 for "
+                f"{negative} to take effect, or leave {negative} out"
+            )
+            uncond = negative_prompts = None
         given = f"{len(prompts)} prompts" if prompts is not None else "cond"
         if prompts is not None:
             cond = self.condition(prompts)
@@ -261,7 +298,7 @@ class Pipeline(nn.Module):
         if guidance != 1.0 and uncond is None:
             if negative_prompts is None and self.text is None:
                 raise ValueError(
-                    "Pipeline: guidance != 1 needs an unconditional condition: pass uncond= "
+                    f"{where}: guidance != 1 needs an unconditional condition: pass uncond= "
                     "(or use a text conditioner)"
                 )
             if isinstance(negative_prompts, str) or negative_prompts is None:
@@ -317,10 +354,13 @@ class Pipeline(nn.Module):
         Conditioned on ``prompts`` (through the text conditioner) or on ``cond``; with
         neither, unconditional (a text pipeline then uses the empty prompt, without
         guidance). ``guidance != 1`` uses classifier-free guidance against
-        ``uncond`` (default: the empty prompt, or ``negative_prompts``). ``sampler`` is
-        a Sampler, a name in ``diffkit.samplers.REGISTRY``, or the pipeline's default.
-        ``noise`` (standard normal, latent shape) replaces the draw from ``generator``;
-        ``denoiser`` replaces the pipeline's (e.g. EMA weights).
+        ``uncond`` or ``negative_prompts`` (one of them; default: the empty prompt). With
+        ``guidance == 1`` they are unused, and a ``UserWarning`` says so; on an
+        unconditional call they are refused. ``sampler`` is a Sampler, a name in
+        ``diffkit.samplers.REGISTRY``, or the pipeline's default. ``noise`` (standard
+        normal, the latent shape's rank and channels; its height and width may differ)
+        replaces the draw from ``generator``; ``denoiser`` replaces the pipeline's (e.g.
+        EMA weights).
         """
         if num_samples is not None:
             if isinstance(num_samples, bool) or not isinstance(num_samples, int):
@@ -339,7 +379,14 @@ class Pipeline(nn.Module):
             if num_samples is None:
                 num_samples, batch_from = int(noise.shape[0]), "noise's batch"
         batch, cond, uncond, guidance = self._conditions(
-            prompts, cond, uncond, negative_prompts, num_samples, guidance, batch_from
+            "Pipeline.generate",
+            prompts,
+            cond,
+            uncond,
+            negative_prompts,
+            num_samples,
+            guidance,
+            batch_from,
         )
         if noise is None:
             noise = self._noise(batch, generator)
@@ -359,10 +406,12 @@ class Pipeline(nn.Module):
         return self.decode(z) if decode else z
 
     def _check_noise(self, noise: Tensor, num_samples: int | None) -> None:
-        """``noise`` must be a floating-point batch, of ``num_samples`` items when given.
+        """``noise`` must be a floating-point batch of latents, of ``num_samples`` when given.
 
-        Its other dimensions are not checked: a convolutional denoiser can deliberately
-        sample at another resolution than ``data_shape``.
+        Its rank and channels must be the latent shape's (every denoiser would fail on
+        others); its spatial size (and frames) is not checked: a convolutional denoiser
+        can deliberately sample at another resolution than ``data_shape``, and a
+        patch-based one names a size its patches do not divide.
         """
         _check_floating("Pipeline.generate", "noise", noise)
         if noise.ndim < 2:
@@ -373,6 +422,46 @@ class Pipeline(nn.Module):
             raise ValueError(
                 f"Pipeline.generate: noise has batch {noise.shape[0]} but num_samples is "
                 f"{num_samples}"
+            )
+        latent = self.latent_shape() if self.data_shape is not None else None
+        space = "the encoder's latent" if self.encoder is not None else "data_shape's"
+        if latent is not None and noise.ndim != 1 + len(latent):
+            raise ShapeError(
+                f"Pipeline.generate: noise has {noise.ndim} dimensions {tuple(noise.shape)}, "
+                f"expected {1 + len(latent)}: (batch, *{latent}), {space} shape; pass noise "
+                f"of shape (batch, {', '.join(map(str, latent))})"
+            )
+        if latent is not None and len(latent) >= 3:
+            channels: int | None = latent[-3]
+        elif latent is None and self.encoder is not None and noise.ndim >= 4:
+            channels = int(self.encoder.latent_channels)
+        else:
+            channels = None
+        if channels is not None and noise.shape[-3] != channels:
+            shape = f" (shape {latent})" if latent is not None else ""
+            raise ShapeError(
+                f"Pipeline.generate: noise has {_channels(noise.shape[-3])} (dimension "
+                f"{noise.ndim - 3} of {tuple(noise.shape)}), expected {channels}: {space} "
+                f"channels{shape}; pass noise with {_channels(channels)} (its height and "
+                "width may differ)"
+            )
+
+    def _check_data(self, x: Tensor) -> None:
+        """``x`` must have the rank and channels of ``data_shape`` (its spatial size may differ)."""
+        if self.data_shape is None:
+            return
+        shape = self.data_shape
+        if x.ndim != 1 + len(shape):
+            raise ShapeError(
+                f"Pipeline.img2img: x has {x.ndim} dimensions {tuple(x.shape)}, expected "
+                f"{1 + len(shape)}: (batch, *{shape}), data_shape; pass x of shape "
+                f"(batch, {', '.join(map(str, shape))})"
+            )
+        if len(shape) >= 3 and x.shape[-3] != shape[-3]:
+            raise ShapeError(
+                f"Pipeline.img2img: x has {_channels(x.shape[-3])} (dimension {x.ndim - 3} of "
+                f"{tuple(x.shape)}), expected {shape[-3]}: data_shape's channels (shape "
+                f"{shape}); pass x with {_channels(shape[-3])} (its height and width may differ)"
             )
 
     def _noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
@@ -402,15 +491,25 @@ class Pipeline(nn.Module):
 
         ``x_t0 = alpha(t0) encode(x) + sigma(t0) eps``; ``strength = 1`` starts from (almost)
         pure noise, small strengths keep more of ``x``. Works with every sampler: the
-        schedule and the denoiser are seen on ``[0, t0]`` stretched to ``[0, 1]``.
+        schedule and the denoiser are seen on ``[0, t0]`` stretched to ``[0, 1]``. ``x``
+        must have ``data_shape``'s rank and channels (its height and width may differ);
+        conditions and guidance are as in ``generate``.
         """
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength (the start time t0) must be in (0, 1], got {strength}")
         steps, guidance = self._defaults(steps, guidance)
         _check_floating("Pipeline.img2img", "x", x)  # uint8 in [0, 255] must not pass as floats
+        self._check_data(x)
         x = x.to(self.device, self.dtype)
         batch, cond, uncond, guidance = self._conditions(
-            prompts, cond, uncond, negative_prompts, int(x.shape[0]), guidance, "x's batch"
+            "Pipeline.img2img",
+            prompts,
+            cond,
+            uncond,
+            negative_prompts,
+            int(x.shape[0]),
+            guidance,
+            "x's batch",
         )
         z0 = self.encode(x)
         device = generator.device if generator is not None else z0.device

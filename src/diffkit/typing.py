@@ -17,7 +17,9 @@ import contextlib
 import functools
 import os
 import re
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, TypeVar, cast
 
@@ -42,6 +44,7 @@ __all__ = [
     "checked_layer",
     "host_range",
     "trusted",
+    "warn_at_caller",
 ]
 
 Prediction = Literal["epsilon", "x0", "v", "flow"]
@@ -268,6 +271,22 @@ def _beartype() -> Callable[..., Any]:
     # PEP 484's numeric tower, as static checkers read it: an ``int`` goes where a
     # ``float`` is annotated (``classifier_free(..., scale=3)``, ``value_range=(0, 255)``).
     return beartype(conf=BeartypeConf(is_pep484_tower=True))
+
+
+_WRAPPERS = ("jaxtyping", "beartype", "torch.utils._contextlib")
+"""Modules whose frames sit between diffkit's functions and their callers (decorators)."""
+
+
+def _internal(module: str) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in ("diffkit", *_WRAPPERS))
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointing at the first frame outside diffkit and its decorators."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and _internal(frame.f_globals.get("__name__", "")):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level + 1)
 
 
 def broadcast_to_sample(per_item: Float[Tensor, " batch"], like: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffkit.guidance import unused_uncond
 from diffkit.prediction import _validate, _x0_of
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallback
 from diffkit.samplers.spacing import Spacing
@@ -509,6 +510,8 @@ class SamplerBase(abc.ABC):
 
         ``noise`` is scaled to ``sigma(t_max)``; the model is called in ``noise.dtype``
         while the sampler integrates in float32 (float64 if ``noise`` is float64).
+        ``guidance != 1`` needs ``cond`` and ``uncond``; with ``guidance == 1`` an
+        ``uncond`` is unused, and a ``UserWarning`` says so.
         """
         # Plain Python checks (no tensor op, no device sync): bool passes as an int, and a
         # NaN guidance would only surface after the whole loop, as a NonFiniteError.
@@ -520,6 +523,7 @@ class SamplerBase(abc.ABC):
             raise ValueError(f"guidance must be finite, got {guidance}")
         if not noise.is_floating_point():
             raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
+        uncond = unused_uncond(f"{type(self).__name__}.sample", guidance, uncond)
         grid = self.grid(schedule, steps, noise.device)
         plan = self.plan(grid)
         model = _Model(denoiser, grid, noise, cond, guidance, uncond)

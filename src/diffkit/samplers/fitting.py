@@ -46,6 +46,7 @@ from pydantic import Field
 from torch import Tensor
 
 from diffkit.config import Config
+from diffkit.guidance import unused_uncond
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule
 from diffkit.samplers._base import Grid, SamplerBase, Step, _Model, make_grid
 from diffkit.samplers.spacing import Explicit, LogSNR, Spacing, _check
@@ -375,6 +376,7 @@ def fit_solver(
     each step combines.
     """
     _check_args(steps, teacher_steps, noise)
+    uncond = unused_uncond("fit_solver", guidance, uncond)
     if history < 1:
         raise ValueError(f"history must be at least 1, got {history}")
     counter = _Counter(denoiser)
@@ -420,6 +422,7 @@ def fit_grid(
     that sampler's ``spacing`` with the same ``steps``.
     """
     _check_args(steps, teacher_steps, noise)
+    uncond = unused_uncond("fit_grid", guidance, uncond)
     sampler = sampler if sampler is not None else UniPC(order=3, final="extrapolated")
     if not dataclasses.is_dataclass(sampler) or "spacing" not in {
         f.name for f in dataclasses.fields(sampler)

@@ -11,6 +11,7 @@ exactly (each refinement costs one more evaluation per step).
 
 import dataclasses
 
+from diffkit.guidance import unused_uncond
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallback
 from diffkit.samplers._base import _Model, make_grid
 from diffkit.samplers.spacing import Spacing, UniformTime
@@ -50,6 +51,7 @@ class DDIMInversion:
                 "one step lands on the denoised estimate E[x0 | x_T] whatever x_T, so x_T "
                 "cannot be recovered"
             )
+        uncond = unused_uncond(f"{type(self).__name__}.invert", guidance, uncond)
         model = _Model(denoiser, grid, x0, cond, guidance, uncond)
         y = x0.to(model.dtype)
         for j in range(steps - 1, -1, -1):  # from the data (point steps) to the noise (0)
