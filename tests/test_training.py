@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -144,6 +145,35 @@ def test_resume_after_interruption_gives_the_same_next_losses_exactly(tmp_path, 
     assert resumed.ema is not None and again.ema is not None
     for a, b in zip(resumed.ema.state_dict().values(), again.ema.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_resume_applies_changed_adamw_settings_and_names_them(tmp_path, digits, monkeypatch):
+    config = _config(tmp_path, steps=2, checkpoint_every=2, ema_decay=None)
+    train(_fresh(0), Cosine(), digits, config, condition=_labels, uncond=NULL)
+    seen: list[tuple[float, tuple[float, float], float]] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.extend((g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in self.param_groups)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    changed = config.model_copy(update={"steps": 4, "weight_decay": 0.5, "betas": (0.5, 0.9)})
+    changed = changed.model_copy(update={"adam_eps": 1e-3})
+    with pytest.warns(UserWarning, match="changed optimizer settings") as caught:
+        train(_fresh(0), Cosine(), digits, changed, condition=_labels, uncond=NULL)
+    message = str(caught[0].message)
+    assert "weight_decay 0.0 -> 0.5" in message
+    assert "betas (0.9, 0.999) -> (0.5, 0.9)" in message
+    assert "adam_eps 1e-08 -> 0.001" in message
+    assert seen and all(s == (0.5, (0.5, 0.9), 1e-3) for s in seen)
+    # The same settings again: nothing to warn about.
+    seen.clear()
+    same = changed.model_copy(update={"steps": 6})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(_fresh(0), Cosine(), digits, same, condition=_labels, uncond=NULL)
+    assert seen and all(s == (0.5, (0.5, 0.9), 1e-3) for s in seen)
 
 
 def test_checkpoints_logs_and_sample_grids_are_written(tmp_path, digits):

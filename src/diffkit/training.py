@@ -607,6 +607,7 @@ def train(
             )
             start = state.step
             _restore_rank_rng(state.rank_rng, found, info, device, config.seed, start)
+            _reapply_adam_hparams(optimizer, config, found)
     if start == 0:
         # Dropout and other global-RNG users differ per rank, reproducibly.
         torch.manual_seed(
@@ -833,6 +834,35 @@ ConditionMode = Literal["auto", "text", "labels", "none"]
 
 
 @_leaves_what_it_joins
+def _reapply_adam_hparams(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, found: Path
+) -> None:
+    """Set the config's AdamW hyperparameters on a restored optimizer, warning on changes."""
+    wanted: dict[str, Any] = {
+        "weight_decay": config.weight_decay,
+        "betas": tuple(config.betas),
+        "eps": config.adam_eps,
+    }
+    names = {"weight_decay": "weight_decay", "betas": "betas", "eps": "adam_eps"}
+    changed: dict[str, Any] = {}
+    for group in optimizer.param_groups:
+        for key, value in wanted.items():
+            old = group.get(key)
+            old_cmp = tuple(old) if isinstance(old, (list, tuple)) else old
+            if old_cmp != value and key not in changed:
+                changed[key] = old_cmp
+            group[key] = value
+    if changed:
+        listed = ", ".join(
+            f"{names[key]} {old!r} -> {wanted[key]!r}" for key, old in changed.items()
+        )
+        warnings.warn(
+            f"train: resuming from {found.name} with changed optimizer settings ({listed}); "
+            "the config's values are used from here on",
+            stacklevel=5,
+        )
+
+
 def train_pipeline(
     pipeline: "Pipeline",
     dataset: Dataset[Any],
