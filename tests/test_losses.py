@@ -116,27 +116,47 @@ def test_cond_dropout_replaces_the_condition_by_uncond_at_the_configured_rate() 
     assert set(seen.pooled[:, 0].tolist()) == {1.0, -1.0}
 
 
-def test_cond_dropout_without_uncond_zeroes_tokens_and_pooled_and_nulls_the_mask() -> None:
-    model = Recorder()
+def test_cond_dropout_on_tokens_and_pooled_needs_an_uncond_with_those_fields() -> None:
+    # Zero tokens and an all-False mask would be a null that sampling never guides against
+    # (Pipeline.generate guides against the empty prompt).
     cond = dk.Conditioning(
         tokens=torch.ones(500, 2, 3),
         mask=torch.ones(500, 2, dtype=torch.bool),
         pooled=torch.ones(500, 4),
     )
-    DiffusionLoss(LossConfig(cond_dropout=0.5))(
+    loss = DiffusionLoss(LossConfig(cond_dropout=0.5))
+    model = Recorder()
+    with pytest.raises(
+        ValueError, match=r"cond_dropout=0\.5 on tokens/pooled/mask needs an uncond"
+    ) as caught:
+        loss(model, LinearBeta(), torch.randn(500, 2), cond=cond)
+    assert 'text.condition([""])' in str(caught.value)
+    partial = dk.Conditioning(tokens=torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match=r"on pooled/mask needs an uncond.*uncond without pooled"):
+        loss(model, LinearBeta(), torch.randn(500, 2), cond=cond, uncond=partial)
+    assert model.seen == []
+    null = dk.Conditioning(
+        tokens=torch.full((1, 2, 3), -1.0),
+        mask=torch.tensor([[True, False]]),
+        pooled=torch.full((1, 4), -1.0),
+    )
+    loss(
         model,
         LinearBeta(),
         torch.randn(500, 2),
         cond=cond,
+        uncond=null,
         generator=torch.Generator().manual_seed(0),
     )
     seen = model.seen[-1]
     assert seen is not None and seen.tokens is not None
     assert seen.mask is not None and seen.pooled is not None
-    dropped = seen.tokens.abs().sum(dim=(1, 2)) == 0
+    dropped = seen.tokens[:, 0, 0] == -1
     assert 0.4 < dropped.float().mean().item() < 0.6
-    assert torch.equal(seen.mask.any(dim=1), ~dropped)
-    assert torch.equal(seen.pooled.abs().sum(dim=1) == 0, dropped)
+    assert torch.equal(seen.mask[:, 1], ~dropped)
+    assert torch.equal(seen.pooled[:, 0] == -1, dropped)
+    # Without dropout no null is needed.
+    DiffusionLoss()(Recorder(), LinearBeta(), torch.randn(500, 2), cond=cond)
 
 
 def test_cond_dropout_on_labels_needs_an_uncond_null_label() -> None:

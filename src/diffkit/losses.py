@@ -156,15 +156,7 @@ class DiffusionLoss:
         eps = _randn(tuple(x0.shape), generator, x0)
         x_t = add_noise(schedule, x0, eps, times)
         if cond is not None and self.config.cond_dropout > 0:
-            if cond.labels is not None and (uncond is None or uncond.labels is None):
-                # Dropped tokens and pooled vectors become zeros (and a mask all-False), a null
-                # input; a dropped label would become class 0, a real class.
-                raise ValueError(
-                    f"DiffusionLoss: cond_dropout={self.config.cond_dropout} on labels needs "
-                    "uncond=Conditioning(labels=torch.tensor([null_label])) with a 'no label' "
-                    "class (num_classes one more than the data's classes); without it the "
-                    "dropped labels would become class 0"
-                )
+            _check_null(self.config.cond_dropout, cond, uncond)
             keep = _rand((batch,), generator, x0) >= self.config.cond_dropout
             null = uncond.expand(batch) if uncond is not None else Conditioning()
             cond = cond.where(keep, null)
@@ -192,6 +184,34 @@ class DiffusionLoss:
         return self.per_sample(
             denoiser, schedule, x0, cond=cond, uncond=uncond, generator=generator, t=t
         ).mean()
+
+
+def _check_null(rate: float, cond: Conditioning, uncond: Conditioning | None) -> None:
+    """Refuse condition dropout whose null lacks a field of ``cond`` (it would be zeros)."""
+    if cond.labels is not None and (uncond is None or uncond.labels is None):
+        # A dropped label would become class 0, a real class.
+        raise ValueError(
+            f"DiffusionLoss: cond_dropout={rate} on labels needs "
+            "uncond=Conditioning(labels=torch.tensor([null_label])) with a 'no label' "
+            "class (num_classes one more than the data's classes); without it the "
+            "dropped labels would become class 0"
+        )
+    fields = ("tokens", "pooled", "mask")
+    missing = [
+        name
+        for name in fields
+        if getattr(cond, name) is not None and (uncond is None or getattr(uncond, name) is None)
+    ]
+    if missing:
+        # Zero tokens and an all-False mask are a null that sampling never guides against.
+        lacks = "no uncond" if uncond is None else f"uncond without {'/'.join(missing)}"
+        raise ValueError(
+            f"DiffusionLoss: cond_dropout={rate} on {'/'.join(missing)} needs an uncond "
+            "with the same fields: the null condition that guidance uses at sampling, for "
+            'text the conditioner\'s empty prompt, e.g. uncond=text.condition([""]) (what '
+            f"train_pipeline and Pipeline.generate use); with {lacks} the dropped items "
+            "would get zeros (and an all-False mask), a null the sampler never gives"
+        )
 
 
 def _error_factor(alpha: Tensor, sigma: Tensor, target: Prediction) -> Tensor:
