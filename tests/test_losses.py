@@ -192,6 +192,27 @@ def test_explicit_time_overrides_sampling() -> None:
     torch.testing.assert_close(model.times[-1], t.float())
 
 
+@pytest.mark.parametrize(
+    ("dtype", "time_dtype"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_the_denoiser_gets_the_noising_time_unrounded_as_samplers_pass_it(
+    dtype: torch.dtype, time_dtype: torch.dtype
+) -> None:
+    # A bf16 model told t rounded to bf16 (0.537 -> 0.5352) learns a shifted time;
+    # samplers pass float32 (float64 for float64 data).
+    model = Recorder()
+    t = torch.tensor([0.537, 0.913, 0.0123], dtype=torch.float64)
+    DiffusionLoss()(model, LinearBeta(), torch.randn(3, 2, dtype=dtype), t=t)
+    assert model.times[-1].dtype == time_dtype
+    torch.testing.assert_close(model.times[-1], t.to(time_dtype), rtol=0, atol=0)
+
+
 def test_loss_config_round_trips_and_validates() -> None:
     config = LossConfig(weighting="edm", time_sampling="log_normal", cond_dropout=0.1)
     assert LOSSES.parse(config.to_json()) == config

@@ -160,7 +160,8 @@ class DiffusionLoss:
             keep = _rand((batch,), generator, x0) >= self.config.cond_dropout
             null = uncond.expand(batch) if uncond is not None else Conditioning()
             cond = cond.where(keep, null)
-        model_t = times.to(x0.dtype)
+        # As the samplers do: float32 times (float64 for float64 data), never rounded to bf16.
+        model_t = times.to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
         out = denoiser(x_t, model_t, cond)
         alpha, sigma = schedule.alpha(times), schedule.sigma(times)
         target_kind: Prediction = self.config.target or denoiser.prediction
