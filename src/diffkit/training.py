@@ -34,7 +34,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
@@ -60,7 +59,7 @@ from diffkit.data import Batch, collate, save_grid, shard_batches
 from diffkit.ema import EMA
 from diffkit.losses import DiffusionLoss, LossConfig
 from diffkit.protocols import Conditioning, NoiseSchedule
-from diffkit.typing import Prediction
+from diffkit.typing import Prediction, warn_at_caller
 
 if TYPE_CHECKING:
     from diffkit.pipeline import Pipeline
@@ -788,11 +787,10 @@ def _restore_rank_rng(
     """Give each rank back its own RNG state; reseed per rank when the world size changed."""
     saved = rank_rng["torch"].shape[0] if "torch" in rank_rng else 1  # older files: rank 0's
     if saved != info.world_size:
-        warnings.warn(
+        warn_at_caller(
             f"{path} holds the RNG states of {saved} process(es) but this run has "
             f"{info.world_size}: each process's global torch RNG is reseeded from "
-            f"(seed, rank, step), so its draws (dropout) differ from an uninterrupted run's",
-            stacklevel=4,
+            f"(seed, rank, step), so its draws (dropout) differ from an uninterrupted run's"
         )
         torch.manual_seed(int(np.random.SeedSequence([seed, info.rank, step]).generate_state(1)[0]))
         return
@@ -856,10 +854,9 @@ def _reapply_adam_hparams(
         listed = ", ".join(
             f"{names[key]} {old!r} -> {wanted[key]!r}" for key, old in changed.items()
         )
-        warnings.warn(
+        warn_at_caller(
             f"train: resuming from {found.name} with changed optimizer settings ({listed}); "
-            "the config's values are used from here on",
-            stacklevel=5,
+            "the config's values are used from here on"
         )
 
 
