@@ -319,3 +319,119 @@ def test_sigkill_mid_training_leaves_only_complete_checkpoints(tmp_path):
     )
     result = train(namespace["Flat"](), Cosine(), DigitsDataset(8), config)
     assert result.start_step == steps[-1] and len(result.losses) == 1
+
+
+def _rewrite_header(path, edit) -> None:
+    """Apply ``edit`` to a checkpoint's JSON header in place (to fake old or odd files)."""
+    import json
+
+    tensors, metadata = load_tensors(path)
+    header = json.loads(metadata["state"])
+    edit(header)
+    save_tensors(path, tensors, {**metadata, "state": json.dumps(header)})
+
+
+def _snapshot(*modules: nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for m in modules for t in m.state_dict().values()]
+
+
+def _same_optimizer(opt: torch.optim.Optimizer, before: dict) -> bool:
+    after = opt.state_dict()
+    return _same(after["param_groups"], before["param_groups"]) and _same(
+        after["state"], before["state"]
+    )
+
+
+def _copy_opt_state(opt: torch.optim.Optimizer) -> dict:
+    import copy
+
+    return copy.deepcopy(opt.state_dict())
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    model(torch.randn(5, 4)).pow(2).mean().backward()
+    opt.step()
+
+
+def test_a_refused_checkpoint_leaves_model_ema_and_optimizer_untouched(tmp_path):
+    model, opt, ema = _trained(0)
+    path = save_training_checkpoint(tmp_path / "c.safetensors", model=model, step=3, optimizer=opt)
+    fresh, fresh_opt, fresh_ema = _trained(1)
+    before, opt_before = _snapshot(fresh, fresh_ema), _copy_opt_state(fresh_opt)
+    # The optimizer covers fewer parameters than the one saved: refused after the model fit.
+    few = torch.optim.AdamW(list(fresh.parameters())[:2])
+    with pytest.raises(CheckpointError) as info:
+        load_training_checkpoint(path, model=fresh, optimizer=few)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(fresh, fresh_ema), strict=True))
+    assert "group 0 holds 6 parameters in the checkpoint, 2 in the optimizer" in str(info.value)
+    # EMA asked for but not saved, and an EMA of another shape.
+    with pytest.raises(CheckpointError, match="no EMA"):
+        load_training_checkpoint(path, model=fresh, optimizer=fresh_opt, ema=fresh_ema)
+    with_ema = save_training_checkpoint(tmp_path / "e.safetensors", model=model, step=3, ema=ema)
+    with pytest.raises(CheckpointError, match=r"\(ema\) does not match"):
+        load_training_checkpoint(with_ema, model=fresh, ema=EMA(_model(width=16)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(fresh, fresh_ema), strict=True))
+    assert _same_optimizer(fresh_opt, opt_before)
+
+
+def test_an_optimizer_of_another_class_is_refused_naming_both(tmp_path):
+    model, adamw, _ = _trained(0)
+    from_adamw = save_training_checkpoint(
+        tmp_path / "a.safetensors", model=model, step=3, optimizer=adamw
+    )
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _step(model, sgd)
+    from_sgd = save_training_checkpoint(
+        tmp_path / "s.safetensors", model=model, step=1, optimizer=sgd
+    )
+    for path, target in ((from_adamw, sgd), (from_sgd, adamw)):
+        before = _copy_opt_state(target)
+        saved, into = ("AdamW", "SGD") if target is sgd else ("SGD", "AdamW")
+        with pytest.raises(CheckpointError, match=f"saved from {saved}, but .* into {into}"):
+            load_training_checkpoint(path, model=model, optimizer=target)
+        assert _same_optimizer(target, before)
+        _step(model, target)  # still usable
+
+
+def test_an_old_checkpoint_without_the_class_name_is_checked_by_its_hyper_parameters(tmp_path):
+    model, adamw, _ = _trained(0)
+    path = save_training_checkpoint(
+        tmp_path / "a.safetensors", model=model, step=3, optimizer=adamw
+    )
+    _rewrite_header(path, lambda h: h.pop("optimizer_class", None))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(CheckpointError, match=r"hyper-parameters \[.*'betas'.*\] that SGD"):
+        load_training_checkpoint(path, model=model, optimizer=sgd)
+    assert sgd.param_groups[0]["lr"] == 0.1 and "betas" not in sgd.param_groups[0]
+    fresh, fresh_opt, _ = _trained(1)
+    load_training_checkpoint(path, model=fresh, optimizer=fresh_opt)  # same class: loads
+    assert _same(fresh_opt.state_dict()["state"], adamw.state_dict()["state"])
+
+
+def test_optimizer_state_in_the_wrong_parameter_order_is_refused(tmp_path):
+    model, opt, _ = _trained(0)
+    path = save_training_checkpoint(tmp_path / "c.safetensors", model=model, step=3, optimizer=opt)
+    fresh = _model()
+    reversed_opt = torch.optim.AdamW(list(fresh.parameters())[::-1])
+    with pytest.raises(CheckpointError, match=r"mis-shaped: .*exp_avg \(parameter"):
+        load_training_checkpoint(path, model=fresh, optimizer=reversed_opt)
+    assert len(reversed_opt.state) == 0
+
+
+def test_an_optimizer_that_torch_refuses_is_rolled_back(tmp_path):
+    model, opt, _ = _trained(0)
+    path = save_training_checkpoint(tmp_path / "c.safetensors", model=model, step=3, optimizer=opt)
+
+    def drop_step(header):  # AdamW fails on a state without 'step', after rebinding its state
+        for _, param_state in header["optimizer"]["state"]["__items__"]:
+            param_state.pop("step")
+
+    _rewrite_header(path, drop_step)
+    fresh, fresh_opt, _ = _trained(1)
+    before, opt_before = _snapshot(fresh), _copy_opt_state(fresh_opt)
+    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
+        load_training_checkpoint(path, model=fresh, optimizer=fresh_opt)
+    assert _same_optimizer(fresh_opt, opt_before)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(fresh), strict=True))
+    _step(fresh, fresh_opt)

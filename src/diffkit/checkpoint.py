@@ -12,7 +12,7 @@ A training checkpoint (``checkpoint-00000100.safetensors``) holds, under key pre
 - ``model.*``: the denoiser's ``state_dict``;
 - ``ema.*``: the exponential moving average of its weights;
 - ``optimizer.*``: the optimizer's state tensors (``exp_avg``, ``step``, ...), with the
-  nesting of ``optimizer.state_dict()`` kept in the header;
+  nesting of ``optimizer.state_dict()`` and the optimizer's class name kept in the header;
 - ``rng.*``: torch CPU (and CUDA) generator states as ``uint8`` tensors and NumPy's
   global state; Python's ``random`` state is in the header;
 - ``rng.rank.*``: in a training run, every process's torch CPU (and CUDA) generator
@@ -20,7 +20,8 @@ A training checkpoint (``checkpoint-00000100.safetensors``) holds, under key pre
 
 A file that does not parse, or whose keys or shapes do not match the model, raises
 [`CheckpointError`][diffkit.checkpoint.CheckpointError] listing the missing,
-unexpected and mis-shaped keys.
+unexpected and mis-shaped keys. Loading checks everything (model, EMA, optimizer
+class and structure) before it loads anything, so a refused checkpoint changes nothing.
 """
 
 import contextlib
@@ -341,6 +342,7 @@ def save_training_checkpoint(
     if optimizer is not None:
         structure, opt_tensors = flatten_state(optimizer.state_dict(), "optimizer")
         header["optimizer"] = structure
+        header["optimizer_class"] = type(optimizer).__name__
         tensors.update(opt_tensors)
     if scaler is not None:
         structure, scaler_tensors = flatten_state(scaler.state_dict(), "scaler")
@@ -364,7 +366,11 @@ def load_training_checkpoint(
     scaler: Any | None = None,
     restore_rng: bool = True,
 ) -> TrainingState:
-    """Restore model, EMA, optimizer, scaler and RNG states from a training checkpoint."""
+    """Restore model, EMA, optimizer, scaler and RNG states from a training checkpoint.
+
+    Everything is checked before anything is loaded: a checkpoint that is refused
+    (``CheckpointError``) leaves the model, EMA, optimizer and scaler as they were.
+    """
     tensors, metadata = load_tensors(path)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(
@@ -372,31 +378,126 @@ def load_training_checkpoint(
         )
     try:
         header = json.loads(metadata["state"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: the checkpoint header is damaged: {err}") from None
-    load_state_dict(model, _take(tensors, "model."), what=f"{path} (model)")
+        step = int(header["step"])
+    except (KeyError, TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: the checkpoint header is damaged: {err!r}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the checkpoint header is damaged (not an object)")
+
+    # 1. Check everything; nothing is touched yet.
+    model_tensors = _take(tensors, "model.")
+    check_state_dict(model.state_dict(), model_tensors, what=f"{path} (model)")
+    ema_tensors: dict[str, Tensor] = {}
     if ema is not None:
         ema_tensors = _take(tensors, "ema.")
         if not ema_tensors:
             raise CheckpointError(f"{path} holds no EMA weights")
-        load_state_dict(ema, ema_tensors, what=f"{path} (ema)")
+        check_state_dict(ema.state_dict(), ema_tensors, what=f"{path} (ema)")
+    opt_state: Any = None
     if optimizer is not None:
         if "optimizer" not in header:
             raise CheckpointError(f"{path} holds no optimizer state")
-        state = unflatten_state(header["optimizer"], tensors)
-        try:
-            optimizer.load_state_dict(state)
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}: optimizer state does not fit: {err}") from None
+        opt_state = unflatten_state(header["optimizer"], tensors)
+        _check_optimizer_state(optimizer, opt_state, header.get("optimizer_class"), str(path))
+    scaler_state: Any = None
     if scaler is not None and "scaler" in header:
-        scaler.load_state_dict(unflatten_state(header["scaler"], tensors))
+        scaler_state = unflatten_state(header["scaler"], tensors)
+        if not isinstance(scaler_state, dict):
+            raise CheckpointError(f"{path}: the gradient scaler state is damaged")
+    if restore_rng and "rng.torch" not in tensors:
+        raise CheckpointError(f"{path} holds no RNG state (load it with restore_rng=False)")
+
+    # 2. Load. The optimizer goes first: torch may still refuse it, and it can be rolled back.
+    if optimizer is not None:
+        _load_optimizer(optimizer, opt_state, str(path))
+    load_state_dict(model, model_tensors, what=f"{path} (model)")
+    if ema is not None:
+        load_state_dict(ema, ema_tensors, what=f"{path} (ema)")
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
     if restore_rng:
         set_rng_state(header.get("rng", {}), tensors)
     return TrainingState(
-        step=int(header["step"]),
+        step=step,
         extra=dict(header.get("extra", {})),
         rank_rng=_take(tensors, _RANK_RNG),
     )
+
+
+# Per-parameter optimizer states that are shaped like the parameter itself.
+_ELEMENTWISE_STATE = frozenset(
+    {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta"}
+)
+
+
+def _check_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: Any, saved_class: Any, where: str
+) -> None:
+    """Raise ``CheckpointError`` unless ``state`` fits ``optimizer`` (class, groups, shapes)."""
+    mine = type(optimizer).__name__
+    if saved_class is not None and saved_class != mine:
+        raise CheckpointError(
+            f"{where}: the optimizer state was saved from {saved_class}, "
+            f"but is being loaded into {mine}"
+        )
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("state"), dict)
+        or not isinstance(state.get("param_groups"), list)
+    ):
+        raise CheckpointError(f"{where}: the optimizer state is damaged")
+    saved_groups: list[Any] = state["param_groups"]
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise CheckpointError(
+            f"{where}: the optimizer state has {len(saved_groups)} parameter group(s), "
+            f"the optimizer {len(groups)}"
+        )
+    params: dict[Any, Tensor] = {}
+    for i, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+            raise CheckpointError(f"{where}: the optimizer state is damaged (group {i})")
+        if len(saved["params"]) != len(group["params"]):
+            raise CheckpointError(
+                f"{where}: optimizer group {i} holds {len(saved['params'])} parameters in the "
+                f"checkpoint, {len(group['params'])} in the optimizer"
+            )
+        if saved_class is None:  # an older checkpoint: guess the class from the hyper-parameters
+            unknown = sorted(set(saved) - set(group) - {"params", "param_names"})
+            if unknown:
+                raise CheckpointError(
+                    f"{where}: the optimizer state has hyper-parameters {unknown} that {mine} "
+                    "does not have (saved from a different optimizer class?)"
+                )
+        params.update(zip(saved["params"], group["params"], strict=True))
+    misshaped = []
+    for index, param_state in state["state"].items():
+        param = params.get(index)
+        if param is None or not isinstance(param_state, dict):
+            continue
+        for key, value in param_state.items():
+            shaped = key in _ELEMENTWISE_STATE and isinstance(value, Tensor)
+            if shaped and tuple(value.shape) != tuple(param.shape):
+                misshaped.append(
+                    f"{index}.{key} (parameter {tuple(param.shape)}, found {tuple(value.shape)})"
+                )
+    if misshaped:
+        raise CheckpointError(
+            f"{where}: the optimizer state does not fit the parameters; mis-shaped: "
+            + _describe(misshaped)
+        )
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: str) -> None:
+    """``optimizer.load_state_dict(state)``; on failure restore the previous state and raise."""
+    # state_dict() references the current tensors (no copy); load_state_dict rebinds, it
+    # does not write into them, so this is enough to roll back.
+    previous = optimizer.state_dict()
+    try:
+        optimizer.load_state_dict(state)
+    except Exception as err:
+        optimizer.load_state_dict(previous)
+        raise CheckpointError(f"{where}: optimizer state does not fit: {err!r}") from None
 
 
 def checkpoint_name(step: int) -> str:
