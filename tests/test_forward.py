@@ -86,3 +86,37 @@ def test_add_noise_rejects_mismatched_noise_and_batch() -> None:
         add_noise(LinearBeta(), torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2))
     with pytest.raises(dk.ShapeError, match="'t'"):
         add_noise(LinearBeta(), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(5))
+
+
+@pytest.mark.parametrize("fn", ["transition", "posterior"])
+def test_s_later_than_t_is_refused_naming_both(fn: str) -> None:
+    """Swapped (t, t_prev) gave alpha_{t|s} > 1 and a zero variance; now a clear error."""
+    s, t = torch.tensor([0.2, 0.6]), torch.tensor([0.5, 0.3])
+    x = torch.zeros(2, 3)
+    expected = rf"{fn}: s must not be later than t.*s=0\.6 > t=0\.3 at item 1"
+    with pytest.raises(ValueError, match=expected):
+        if fn == "transition":
+            transition(Cosine(), s, t)
+        else:
+            posterior(Cosine(), x, x, s, t)
+    # off the CPU the values are not read (no host sync): meta tensors go through unchecked
+    meta_s, meta_t, meta_x = s.to("meta"), t.to("meta"), x.to("meta")
+    if fn == "transition":
+        assert transition(Cosine(), meta_s, meta_t)[0].shape == (2,)
+    else:
+        assert posterior(Cosine(), meta_x, meta_x, meta_s, meta_t)[0].shape == (2, 3)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("time", [0.0, 0.3, 1.0])
+def test_s_equal_t_is_the_identity_and_the_point_mass_at_x_t(
+    schedule: dk.NoiseSchedule, time: float
+) -> None:
+    """transition(s, s) = (1, 0); posterior(s == t) is the point mass at x_t, even at sigma 0."""
+    t = torch.tensor([time], dtype=F64)
+    a, sig = transition(schedule, t, t)
+    assert a.tolist() == [1.0] and sig.tolist() == [0.0]
+    g = torch.Generator().manual_seed(0)
+    x_t, x0 = torch.randn(2, 3, generator=g, dtype=F64).chunk(2)
+    mean, var = posterior(schedule, x_t, x0, t, t)
+    assert torch.equal(mean, x_t) and var.tolist() == [0.0]

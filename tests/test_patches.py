@@ -99,8 +99,30 @@ def test_patchifiers_satisfy_the_protocol():
 def test_bad_patch_sizes_are_rejected():
     with pytest.raises(ValueError):
         SpatialPatches(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"TubeletPatches: .*\(frames, height, width\).*2 sizes"):
         TubeletPatches((1, 2))  # type: ignore[arg-type]
+
+
+def test_non_integer_patch_sizes_are_refused_by_name():
+    """(2.7, 2) was silently truncated to (2, 2) and True became 1."""
+    for size, name in (((2.7, 2), "height"), ((2, 2.0), "width"), ((2, True), "width")):
+        with pytest.raises(
+            ValueError, match=rf"SpatialPatches: patch_size {name} must be a positive"
+        ):
+            SpatialPatches(size)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"SpatialPatches: .*one positive int, got True"):
+        SpatialPatches(True)
+    with pytest.raises(ValueError, match=r"TubeletPatches: patch_size frames .*got 1\.5"):
+        TubeletPatches((1.5, 2, 2))  # type: ignore[arg-type]
+    # integer types other than int are fine
+    assert SpatialPatches(torch.tensor(3)).patch_size == (3, 3)  # type: ignore[arg-type]
+    assert TubeletPatches([1, 2, 2]).patch_size == (1, 2, 2)  # type: ignore[arg-type]
+
+
+def test_tubelet_patches_refuse_a_single_int_with_both_readings():
+    """TubeletPatches(2) was a raw TypeError; an int is ambiguous (2x2x2, or 1x2x2 per frame)."""
+    with pytest.raises(ValueError, match=r"got the int 2; pass \(2, 2, 2\).*\(1, 2, 2\)"):
+        TubeletPatches(2)  # type: ignore[arg-type]
 
 
 def test_sincos_2d_separates_rows_and_columns():

@@ -160,6 +160,28 @@ def test_conditioning_cat_names_the_field_and_both_shapes() -> None:
     assert both.tokens is not None and both.tokens.shape == (3, 5, 8)
 
 
+def test_conditioning_where_names_the_field_and_both_context_lengths() -> None:
+    """A different (or 1-token) uncond context length was a raw expand error or broadcast."""
+    cond = dk.Conditioning(tokens=torch.zeros(4, 16, 8), mask=torch.ones(4, 16, dtype=torch.bool))
+    keep = torch.tensor([True, False, True, False])
+    for length in (8, 1):
+        uncond = dk.Conditioning(
+            tokens=torch.ones(1, length, 8), mask=torch.ones(1, length, dtype=torch.bool)
+        )
+        expected = rf"'tokens' has shape \(4, 16, 8\).*\(1, {length}, 8\).*lengths 16 and {length}"
+        with pytest.raises(dk.ShapeError, match=expected):
+            cond.where(keep, uncond)
+    with pytest.raises(dk.ShapeError, match=r"'tokens'.*batch must be 1 or 4"):
+        cond.where(keep, dk.Conditioning(tokens=torch.ones(2, 16, 8)))
+    with pytest.raises(dk.ShapeError, match=r"'tokens'.*\(1, 16, 4\)"):
+        cond.where(keep, dk.Conditioning(tokens=torch.ones(1, 16, 4)))
+    # batch 1 broadcasts; an unset field becomes zeros (an all-False mask)
+    out = cond.where(keep, dk.Conditioning(tokens=torch.ones(1, 16, 8)))
+    assert out.tokens is not None and out.mask is not None
+    assert out.tokens[:, 0, 0].tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert out.mask[:, 0].tolist() == keep.tolist()
+
+
 def _conditioned_denoisers() -> list[tuple[torch.nn.Module, tuple[int, ...], tuple[int, ...]]]:
     """(denoiser, input shape, output shape) with every conditioning, attention and MLP kind."""
     cond = {"context_dim": 6, "pooled_dim": 5, "num_classes": 3}

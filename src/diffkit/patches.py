@@ -15,7 +15,9 @@ inverse of ``patchify`` (a pure permutation of elements, so bit for bit).
 """
 
 import math
+import operator
 from collections.abc import Sequence
+from typing import SupportsIndex
 
 import torch
 from einops import rearrange
@@ -44,12 +46,38 @@ def _divide(size: int, patch: int, name: str, owner: str) -> int:
     return size // patch
 
 
-def _pair(patch_size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(patch_size, int):
-        patch_size = (patch_size, patch_size)
-    if len(patch_size) != 2 or any(int(p) < 1 for p in patch_size):
-        raise ValueError(f"patch_size must be a positive int or (height, width), got {patch_size}")
-    return int(patch_size[0]), int(patch_size[1])
+def _as_size(value: object) -> int | None:
+    """``value`` as an int when it is an integer (not a bool, not a float), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # e.g. a float tensor
+        return None
+
+
+def _patch_sizes(
+    owner: str, patch_size: object, names: tuple[str, ...], hint: str
+) -> tuple[int, ...]:
+    """Positive integer sizes, one per name, or a ``ValueError`` naming the bad one."""
+    form = f"({', '.join(names)})"
+    if isinstance(patch_size, str) or not isinstance(patch_size, Sequence):
+        raise ValueError(f"{owner}: patch_size must be {form}{hint}, got {patch_size!r}")
+    if len(patch_size) != len(names):
+        raise ValueError(
+            f"{owner}: patch_size must be {form}{hint}, got {len(patch_size)} sizes "
+            f"{tuple(patch_size)!r}"
+        )
+    sizes = []
+    for name, p in zip(names, patch_size, strict=True):
+        size = _as_size(p)
+        if size is None or size < 1:
+            raise ValueError(
+                f"{owner}: patch_size {name} must be a positive int, got {p!r} in "
+                f"{tuple(patch_size)!r}"
+            )
+        sizes.append(size)
+    return tuple(sizes)
 
 
 class SpatialPatches:
@@ -58,7 +86,12 @@ class SpatialPatches:
     patch_size: tuple[int, ...]
 
     def __init__(self, patch_size: int | tuple[int, int]) -> None:
-        self.patch_size = _pair(patch_size)
+        size = _as_size(patch_size)
+        if size is not None:
+            patch_size = (size, size)
+        self.patch_size = _patch_sizes(
+            "SpatialPatches", patch_size, ("height", "width"), " or one positive int"
+        )
 
     def __repr__(self) -> str:
         return f"SpatialPatches(patch_size={self.patch_size})"
@@ -105,11 +138,15 @@ class TubeletPatches:
     patch_size: tuple[int, ...]
 
     def __init__(self, patch_size: tuple[int, int, int]) -> None:
-        if len(patch_size) != 3 or any(int(p) < 1 for p in patch_size):
+        p = _as_size(patch_size)
+        if p is not None:
             raise ValueError(
-                f"patch_size must be positive (frames, height, width), got {patch_size}"
+                f"TubeletPatches: patch_size must be (frames, height, width), got the int {p}; "
+                f"pass ({p}, {p}, {p}) for cubic tubelets or (1, {p}, {p}) for per-frame patches"
             )
-        self.patch_size = tuple(int(p) for p in patch_size)
+        self.patch_size = _patch_sizes(
+            "TubeletPatches", patch_size, ("frames", "height", "width"), ""
+        )
 
     def __repr__(self) -> str:
         return f"TubeletPatches(patch_size={self.patch_size})"

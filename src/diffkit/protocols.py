@@ -176,12 +176,29 @@ class Conditioning:
         return Conditioning(**out)
 
     def where(self, keep: Bool[Tensor, " batch"], other: "Conditioning") -> "Conditioning":
-        """Per item: this conditioning where ``keep`` is true, else ``other`` (broadcast)."""
+        """Per item: this conditioning where ``keep`` is true, else ``other`` (batch 1 or same).
+
+        A field unset on ``other`` becomes zeros (an all-False mask); every other dimension
+        of a set field must match, e.g. cond's and uncond's context lengths.
+        """
         out: dict[str, Tensor | None] = {}
         for (name, a), (_, b) in zip(self._fields(), other._fields(), strict=True):
             if a is None:
                 out[name] = None
                 continue
+            if b is not None and (b.shape[1:] != a.shape[1:] or b.shape[0] not in (1, a.shape[0])):
+                context = name in ("tokens", "mask") and b.ndim == a.ndim
+                if context and b.shape[1] != a.shape[1]:
+                    hint = (
+                        f"context lengths {a.shape[1]} and {b.shape[1]} differ: pad cond's and "
+                        "uncond's prompts to the same context length"
+                    )
+                else:
+                    hint = f"other's batch must be 1 or {a.shape[0]} and the rest must match"
+                raise ShapeError(
+                    f"Conditioning.where: '{name}' has shape {tuple(a.shape)} in this (cond) and "
+                    f"{tuple(b.shape)} in other (uncond); {hint}"
+                )
             fill = torch.zeros_like(a) if b is None else b.to(a.dtype).expand_as(a)
             k = keep.reshape(keep.shape + (1,) * (a.ndim - 1))
             out[name] = torch.where(k, a, fill)
