@@ -6,6 +6,7 @@ diffusers returns for ``timestep`` (float32, CPU, <= 1e-5). Weights exported wit
 ``to_diffusers_state_dict`` load into a fresh diffusers model with ``strict=True``.
 """
 
+import logging
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 import diffkit as dk
 from diffkit.nn import KLAutoencoder, KLAutoencoderConfig, UNet, UNetConfig
+from diffkit.nn.layers import network_timestep
 
 pytestmark = pytest.mark.parity
 diffusers = pytest.importorskip("diffusers")
@@ -339,3 +341,105 @@ def test_native_autoencoder_exports_to_an_equivalent_diffusers_model():
     with torch.no_grad():
         mean = exported.encode(x).latent_dist.mean
         assert (model.encode(x) - mean * config.scaling_factor).abs().max() <= TOL
+
+
+ROUND_TRIP_UNETS = {
+    "continuous_time_self_attention_v": UNetConfig(
+        in_channels=3,
+        base_channels=8,
+        channel_mult=(1, 2),
+        blocks_per_level=1,
+        attention_resolutions=(2,),
+        attention_head_dim=4,
+        norm_groups=4,
+        prediction="v",
+    ),
+    "continuous_time_scale_one_cross_attention_x0": UNetConfig(
+        in_channels=4,
+        base_channels=8,
+        channel_mult=(1, 2),
+        blocks_per_level=1,
+        attention_resolutions=(1,),
+        attention_head_dim=4,
+        norm_groups=4,
+        context_dim=6,
+        time_scale=1.0,
+        prediction="x0",
+    ),
+    "index_500_steps_cross_attention_flow": UNetConfig(
+        in_channels=2,
+        base_channels=8,
+        channel_mult=(1, 2),
+        blocks_per_level=1,
+        attention_resolutions=(2,),
+        attention_head_dim=4,
+        norm_groups=4,
+        context_dim=6,
+        time_input="index",
+        num_train_timesteps=500,
+        prediction="flow",
+    ),
+}
+RECORDED = ("time_input", "time_scale", "num_train_timesteps", "prediction")
+
+
+@pytest.mark.parametrize("name", list(ROUND_TRIP_UNETS))
+def test_unet_round_trip_through_diffusers_is_exact(name, tmp_path):
+    config = ROUND_TRIP_UNETS[name]
+    model = _perturbed(UNet(config), seed=7)
+    exported = dk.interop.to_diffusers(model).eval()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, config.in_channels, 8, 8, generator=g)
+    t = torch.tensor([0.3, 0.8])
+    cond = dk.Conditioning(tokens=torch.randn(2, 3, 6, generator=g)) if config.context_dim else None
+    kwargs = {"encoder_hidden_states": cond.tokens} if cond is not None else {}
+    with torch.no_grad():
+        expected = model(x, t, cond)
+        # diffusers' forward takes network_timestep(t): time_scale * t or the index N t - 1
+        timestep = network_timestep(
+            t, config.time_input, config.num_train_timesteps, config.time_scale
+        )
+        assert (exported(x, timestep, **kwargs).sample - expected).abs().max() <= TOL
+    exported.save_pretrained(tmp_path)
+    reloaded = type(exported).from_pretrained(tmp_path).eval()
+    for source in (exported, reloaded):
+        back = dk.interop.from_diffusers(source)
+        assert isinstance(back, UNet)
+        for field in RECORDED:
+            assert getattr(back.config, field) == getattr(config, field), field
+        assert back.prediction == config.prediction
+        with torch.no_grad():
+            assert (back(x, t, cond) - expected).abs().max() <= 1e-6
+    # explicit arguments still win over what was recorded
+    back = dk.interop.from_diffusers(exported, prediction="epsilon", num_train_timesteps=250)
+    assert (back.prediction, back.config.num_train_timesteps) == ("epsilon", 250)
+    assert back.config.time_input == config.time_input
+
+
+class _Records(logging.Handler):
+    """Collects the log records of a logger that does not propagate (diffusers' does not)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_export_logs_and_prints_nothing(capfd):
+    model = _perturbed(UNet(NATIVE_UNETS["self_attention"]), seed=4)
+    records, logger = _Records(), logging.getLogger("diffusers")
+    logger.addHandler(records)
+    capfd.readouterr()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            exported = dk.interop.to_diffusers(model)
+            assert next(exported.parameters()).dtype == torch.float32
+            wide = dk.interop.to_diffusers(model.to(torch.float64))
+            assert next(wide.parameters()).dtype == torch.float64
+    finally:
+        logger.removeHandler(records)
+    assert records.messages == []
+    assert capfd.readouterr() == ("", "")

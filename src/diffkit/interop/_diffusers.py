@@ -10,6 +10,11 @@ equivalent diffkit module with the same weights:
   mask=encoder_attention_mask.bool(), labels=class_labels)`` it returns what diffusers returns
   for ``timestep``. diffusers does not store what a U-Net predicts (its scheduler does), so
   pass ``prediction=`` (default ``"epsilon"``).
+- a U-Net that ``to_diffusers`` exported carries diffkit's ``time_input``, ``time_scale``,
+  ``num_train_timesteps`` and ``prediction`` in a private ``_diffkit`` config entry (kept by
+  ``save_pretrained`` / ``from_pretrained`` / ``from_config``, ignored by diffusers); those
+  come back, so ``from_diffusers(to_diffusers(m))`` computes what ``m`` does. Explicit
+  ``prediction=`` / ``num_train_timesteps=`` arguments still win.
 - an ``AutoencoderKL`` becomes a [`KLAutoencoder`][diffkit.nn.vae.KLAutoencoder] whose
   ``encode(x)`` is ``(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor`` and
   whose ``decode(z)`` is ``vae.decode(z / scaling_factor + shift_factor).sample``
@@ -18,7 +23,11 @@ equivalent diffkit module with the same weights:
 ``to_diffusers_state_dict(module)`` is the inverse for the weights: it loads with
 ``strict=True`` into a diffusers model built with the matching config, and
 ``to_diffusers(module)`` builds that model (``UNet2DModel`` without cross-attention,
-``UNet2DConditionModel`` with it, ``AutoencoderKL``) with the weights loaded.
+``UNet2DConditionModel`` with it, ``AutoencoderKL``) with the weights loaded. The exported
+U-Net's ``forward(sample, timestep)`` takes ``timestep = network_timestep(t)``: the training
+index ``N t - 1`` for ``time_input="index"``, else the float ``time_scale * t``. A diffusers
+scheduler's integer timesteps ``i`` therefore mean ``t = (i + 1) / N`` for an index model, but
+``t = i / time_scale`` for a continuous-time one: pass ``time_scale * t`` yourself there.
 
 Only the common block types convert (``DownBlock2D`` / ``AttnDownBlock2D`` /
 ``CrossAttnDownBlock2D`` and their up counterparts, positional time embeddings, SiLU); any
@@ -161,10 +170,27 @@ _DOWN = {"DownBlock2D": "none", "AttnDownBlock2D": "self", "CrossAttnDownBlock2D
 _UP = {"UpBlock2D": "none", "AttnUpBlock2D": "self", "CrossAttnUpBlock2D": "cross"}
 
 
+_RECORD = "_diffkit"  # diffkit-only U-Net settings to_diffusers stores in the diffusers config
+_RECORDED = ("time_input", "time_scale", "num_train_timesteps", "prediction")
+
+
+def _recorded(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The diffkit settings ``to_diffusers`` recorded in a diffusers config (empty if none)."""
+    record = cfg.get(_RECORD)
+    if record is None:
+        return {}
+    if not isinstance(record, Mapping) or not set(record) <= set(_RECORDED):
+        raise ValueError(
+            f"from_diffusers: config entry {_RECORD}={record!r} is not a mapping of {_RECORDED}"
+        )
+    return dict(cast(Mapping[str, Any], record))
+
+
 def _unet_config(
-    module: nn.Module, prediction: Prediction, num_train_timesteps: int | None
+    module: nn.Module, prediction: Prediction | None, num_train_timesteps: int | None
 ) -> UNetConfig:
     cfg = _config(module)
+    record = _recorded(cfg)
     conditional = type(module).__name__ == "UNet2DConditionModel"
     _require(cfg, "act_fn", ["silu", "swish"])
     _require(cfg, "time_embedding_type", ["positional"])
@@ -271,7 +297,12 @@ def _unet_config(
     context_dim = None
     if "cross" in kinds:
         context_dim = _uniform(cfg["cross_attention_dim"], "cross_attention_dim")
-    n_train = num_train_timesteps or cfg.get("num_train_timesteps") or 1000
+    n_train = (
+        num_train_timesteps
+        or record.get("num_train_timesteps")
+        or cfg.get("num_train_timesteps")
+        or 1000
+    )
     return UNetConfig(
         in_channels=cfg["in_channels"],
         out_channels=cfg["out_channels"],
@@ -299,8 +330,9 @@ def _unet_config(
         mid_scale=cfg["mid_block_scale_factor"],
         downsample_padding=cfg["downsample_padding"],
         center_input=cfg["center_input_sample"],
-        prediction=prediction,
-        time_input="index",
+        prediction=prediction or record.get("prediction", "epsilon"),
+        time_input=record.get("time_input", "index"),
+        time_scale=record.get("time_scale", 1000.0),
         num_train_timesteps=int(n_train),
     )
 
@@ -337,13 +369,14 @@ def _vae_config(module: nn.Module) -> KLAutoencoderConfig:
 def from_diffusers(
     module: nn.Module,
     *,
-    prediction: Prediction = "epsilon",
+    prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
 ) -> nn.Module:
     """The diffkit equivalent (same weights) of a diffusers U-Net or ``AutoencoderKL``.
 
-    ``prediction`` and ``num_train_timesteps`` (default: the model's config, else 1000)
-    describe the U-Net's training, which diffusers keeps in the scheduler.
+    ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
+    config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
+    for a model ``to_diffusers`` exported, the defaults are the exported model's settings.
     """
     name = type(module).__name__
     converted: nn.Module
@@ -470,7 +503,9 @@ def to_diffusers(module: nn.Module) -> nn.Module:
     """The diffusers model (config and weights) equivalent to a diffkit UNet / KLAutoencoder.
 
     A U-Net then takes ``timestep = network_timestep(t)``: the training index ``N t - 1`` for
-    ``time_input="index"``, or ``time_scale * t``.
+    ``time_input="index"``, or ``time_scale * t``; its config's ``_diffkit`` entry records
+    ``time_input``, ``time_scale``, ``num_train_timesteps`` and ``prediction`` for
+    ``from_diffusers``.
     """
     import diffusers
 
@@ -483,8 +518,18 @@ def to_diffusers(module: nn.Module) -> nn.Module:
             f"to_diffusers: cannot export {type(module).__name__}; supported: UNet, KLAutoencoder"
         )
     model = getattr(diffusers, name)(**kwargs)
+    if isinstance(module, UNet):
+        c = module.config
+        model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in _RECORDED}})
     model.load_state_dict(to_diffusers_state_dict(module), strict=True)
     parameter = next(module.parameters(), None)
-    if parameter is not None:
-        model.to(device=parameter.device, dtype=parameter.dtype)
+    reference = next(model.parameters(), None)
+    if (
+        parameter is not None
+        and reference is not None
+        and (parameter.device, parameter.dtype) != (reference.device, reference.dtype)
+    ):
+        # torch's own cast: diffusers' ModelMixin.to logs a "should be kept in float32"
+        # warning on any dtype argument, moot for a freshly built model with one dtype
+        nn.Module.to(model, device=parameter.device, dtype=parameter.dtype)
     return model.train(module.training)
