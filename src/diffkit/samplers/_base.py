@@ -25,7 +25,9 @@ runs the plan:
 - the loop has no host-device synchronisation: no ``.item()``, no ``nonzero()``, no
   Python branching on tensor values; non-finite outputs are recorded as tensors and
   reported, naming the first bad step, after the loop;
-- nothing is stored on the sampler object, so one sampler serves many threads.
+- nothing is stored on the sampler object, so one sampler serves many threads;
+- sampling runs under ``torch.no_grad()`` (as k-diffusion's samplers do), whatever the
+  caller's grad mode: the result carries no autograd graph and the steps keep none alive.
 """
 
 import abc
@@ -480,7 +482,17 @@ def _shown(model: _Model, ops: list[Any], x: Tensor, i: int, last: int, fused: b
 
 
 class SamplerBase(abc.ABC):
-    """Shared ``sample``: a subclass provides ``spacing`` and ``plan(grid)``."""
+    """Shared ``sample``: a subclass provides ``spacing`` and ``plan(grid)``.
+
+    ``sample`` always runs under ``torch.no_grad()``, so it needs no wrapper: called bare in
+    a training script it records no autograd graph across the steps (whose memory would
+    grow with every step), and its result has ``requires_grad=False``. A
+    ``torch.enable_grad()`` around the call does not change that. A denoiser that needs
+    gradients itself (gradient guidance wrapped around the model) can turn them on inside
+    its own ``__call__`` with ``torch.enable_grad()`` and ``x_t.detach().requires_grad_()``.
+    To backpropagate through the sampling trajectory, run the steps yourself: ``plan(grid)``
+    gives each step's coefficients (see [`Step`][diffkit.samplers.Step]).
+    """
 
     spacing: Spacing
 
@@ -492,6 +504,7 @@ class SamplerBase(abc.ABC):
         """The time grid this sampler uses for ``steps`` steps on ``schedule``."""
         return make_grid(schedule, self.spacing, steps, device)
 
+    @torch.no_grad()
     @checked
     def sample(
         self,
@@ -511,7 +524,7 @@ class SamplerBase(abc.ABC):
         ``noise`` is scaled to ``sigma(t_max)``; the model is called in ``noise.dtype``
         while the sampler integrates in float32 (float64 if ``noise`` is float64).
         ``guidance != 1`` needs ``cond`` and ``uncond``; with ``guidance == 1`` an
-        ``uncond`` is unused, and a ``UserWarning`` says so.
+        ``uncond`` is unused, and a ``UserWarning`` says so. Runs under ``torch.no_grad()``.
         """
         # Plain Python checks (no tensor op, no device sync): bool passes as an int, and a
         # NaN guidance would only surface after the whole loop, as a NonFiniteError.
