@@ -450,6 +450,44 @@ def test_a_denoiser_can_enable_gradients_for_itself_during_sampling() -> None:
     assert x.grad_fn is None and torch.isfinite(x).all() and not torch.allclose(x, plain)
 
 
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_conditioning_embeddings_reach_the_model_in_the_noise_dtype(guidance: float) -> None:
+    seen: list[tuple[torch.dtype, ...]] = []
+
+    def model(x, t, cond=None):
+        seen.append((x.dtype, cond.tokens.dtype, cond.pooled.dtype, cond.mask.dtype))
+        seen.append((cond.labels.dtype,))
+        return torch.zeros_like(x)
+
+    model.prediction = "epsilon"  # type: ignore[attr-defined]
+
+    def cond(n: int) -> dk.Conditioning:  # a float32 text encoder's output, int32 labels
+        return dk.Conditioning(
+            tokens=torch.randn(n, 3, 2),
+            pooled=torch.randn(n, 2),
+            mask=torch.ones(n, 3, dtype=torch.bool),
+            labels=torch.zeros(n, dtype=torch.int32),
+        )
+
+    noise = torch.randn(2, DIM, dtype=torch.bfloat16)
+    kwargs = {"uncond": cond(1), "guidance": guidance} if guidance != 1.0 else {}
+    samplers.DDIM().sample(model, DISCRETE, noise, steps=2, cond=cond(2), **kwargs)
+    bf16 = torch.bfloat16
+    assert set(seen) == {(bf16, bf16, bf16, torch.bool), (torch.int32,)}
+
+
+def test_a_float32_text_encoder_conditions_a_bf16_dit_through_the_sampler() -> None:
+    from diffkit.nn.dit import DiT, DiTConfig
+
+    dit = DiT(DiTConfig(in_channels=1, dim=16, depth=1, num_heads=2, context_dim=6)).eval()
+    cond = dk.Conditioning(tokens=torch.randn(1, 3, 6))  # float32
+    noise = torch.randn(2, 1, 8, 8)
+    x = samplers.DDIM().sample(dit.bfloat16(), DISCRETE, noise.bfloat16(), steps=2, cond=cond)
+    assert x.dtype == torch.bfloat16 and torch.isfinite(x).all()
+    with pytest.raises(dk.typing.ShapeError, match=r"DiT: x_t is torch.float32 .* noise\.to\("):
+        samplers.DDIM().sample(dit, DISCRETE, noise, steps=2, cond=cond)
+
+
 class _Conditional:
     """Gaussian data whose mean moves with the label: the conditional model."""
 

@@ -14,7 +14,8 @@ runs the plan:
   classifier-free guidance, checks that its output has its input's shape (a tuple
   comparison: ``sample`` checks its own arguments once, at the boundary), converts
   whatever it predicts to ``x0`` with [`diffkit.prediction`][diffkit.prediction] in
-  float32/64 and passes the model its own dtype;
+  float32/64 and passes the model ``x`` and the conditioning's embeddings in the dtype
+  of the noise;
 - one loop runs every plan, on linear combinations compiled before it: coefficients as
   Python floats (kernel scalar arguments: nothing to copy to the device, nothing to wait
   for), zero terms dropped, each combination accumulated in place into one fresh tensor,
@@ -200,10 +201,17 @@ class _Model:
         self.guided = self.guidance != 1.0
         if self.guided and (cond is None or uncond is None):
             raise ValueError("classifier-free guidance (guidance != 1) needs cond and uncond")
+        # The conditioning's embeddings go to the model in x's dtype (a float32 text
+        # encoder's tokens with bf16 noise); the mask and labels keep theirs.
+        dtype = self.model_dtype
+
+        def place(v: Tensor) -> Tensor:
+            return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+
         if cond is not None:
-            cond = cond.map(lambda v: v.to(device)).expand(batch)
+            cond = cond.map(place).expand(batch)
         if self.guided and cond is not None and uncond is not None:
-            uncond = uncond.map(lambda v: v.to(device)).expand(batch)
+            uncond = uncond.map(place).expand(batch)
             cond = cond.cat(uncond)
         self.cond = cond
         n = grid.steps
@@ -521,8 +529,9 @@ class SamplerBase(abc.ABC):
     ) -> Sample:
         """Sample ``x0`` ``(batch, *shape)`` from standard normal ``noise`` in ``steps`` steps.
 
-        ``noise`` is scaled to ``sigma(t_max)``; the model is called in ``noise.dtype``
-        while the sampler integrates in float32 (float64 if ``noise`` is float64).
+        ``noise`` is scaled to ``sigma(t_max)``; the model is called in ``noise.dtype`` (so
+        pass noise in the model's dtype), with the floating fields of ``cond`` / ``uncond``
+        cast to it, while the sampler integrates in float32 (float64 if ``noise`` is).
         ``guidance != 1`` needs ``cond`` and ``uncond``; with ``guidance == 1`` an
         ``uncond`` is unused, and a ``UserWarning`` says so. Runs under ``torch.no_grad()``.
         """
