@@ -195,3 +195,50 @@ def test_local_mlp_video_dit_keeps_the_video_shape():
     assert isinstance(local.blocks[0].mlp, LocalFeedForward)
     x = torch.randn(2, 4, 1, 4, 6)
     assert local(x, torch.rand(2)).shape == x.shape
+
+
+def _dtype_models(dtype: torch.dtype) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
+    common = {"in_channels": 1, "dim": 16, "depth": 1, "num_heads": 2, "context_dim": 6}
+    dit = DiT(DiTConfig(**common, pooled_dim=5)).to(dtype)
+    video = VideoDiT(VideoDiTConfig(**common, pooled_dim=5)).to(dtype)
+    return [("DiT", dit, torch.randn(2, 1, 8, 8)), ("VideoDiT", video, torch.randn(2, 2, 1, 8, 8))]
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "x_dtype", "field"),
+    [
+        (torch.float32, torch.bfloat16, "x_t"),
+        (torch.float32, torch.float64, "x_t"),
+        (torch.float64, torch.float64, "tokens"),
+        (torch.float64, torch.float64, "pooled"),
+        (torch.bfloat16, torch.bfloat16, "tokens"),
+    ],
+)
+def test_transformers_refuse_inputs_in_another_dtype_before_computing(model_dtype, x_dtype, field):
+    for name, model, x in _dtype_models(model_dtype):
+        calls: list[int] = []
+        model.embed.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        tokens = torch.randn(2, 3, 6, dtype=model_dtype)
+        pooled = torch.randn(2, 5, dtype=model_dtype)
+        if field == "tokens":
+            tokens = tokens.float()
+        if field == "pooled":
+            pooled = pooled.float()
+        named = "x_t" if field == "x_t" else f"Conditioning.{field}"
+        wrong = x_dtype if field == "x_t" else torch.float32
+        match = rf"{name}: {named} is {wrong} but the model's parameters are {model_dtype}; "
+        with pytest.raises(ShapeError, match=match + r".*\.to\("):
+            model(x.to(x_dtype), torch.rand(2), Conditioning(tokens=tokens, pooled=pooled))
+        assert not calls, name
+
+
+def test_transformers_train_a_step_under_bf16_autocast():
+    """precision="bf16" training: float32 models and inputs inside torch.autocast."""
+    for name, model, x in _dtype_models(torch.float32):
+        cond = Conditioning(tokens=torch.randn(2, 3, 6), pooled=torch.randn(2, 5))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, torch.rand(2), cond)
+            also = model(x.bfloat16(), torch.rand(2), cond)
+        assert out.dtype == also.dtype == torch.bfloat16, name
+        out.float().pow(2).mean().backward()
+        assert model.embed.weight.grad is not None, name

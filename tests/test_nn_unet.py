@@ -212,3 +212,58 @@ def test_unet_trains_a_step():
     loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _small_conditioned_unet(dtype: torch.dtype = torch.float32) -> UNet:
+    config = UNetConfig(
+        in_channels=1,
+        base_channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(2,),
+        norm_groups=4,
+        attention_head_dim=4,
+        blocks_per_level=1,
+        context_dim=6,
+        pooled_dim=5,
+    )
+    return UNet(config).to(dtype)
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "x_dtype", "cond_dtype", "named"),
+    [
+        (torch.float32, torch.bfloat16, torch.float32, "x_t is torch.bfloat16"),
+        (torch.float32, torch.float64, torch.float32, "x_t is torch.float64"),
+        (torch.float64, torch.float64, torch.float32, "Conditioning.tokens is torch.float32"),
+        (torch.bfloat16, torch.bfloat16, torch.float32, "Conditioning.tokens is torch.float32"),
+    ],
+)
+def test_unet_refuses_inputs_in_another_dtype_before_computing(
+    model_dtype, x_dtype, cond_dtype, named
+):
+    model = _small_conditioned_unet(model_dtype)
+    calls = []
+    model.conv_in.register_forward_hook(lambda *args: calls.append(1))
+    tokens = torch.randn(2, 3, 6, dtype=cond_dtype)
+    cond = Conditioning(tokens=tokens, pooled=torch.randn(2, 5, dtype=model_dtype))
+    with pytest.raises(ShapeError, match=rf"UNet: {named} but the model's parameters are "):
+        model(torch.randn(2, 1, 8, 8, dtype=x_dtype), torch.rand(2), cond)
+    assert not calls
+    pooled = Conditioning(tokens=torch.randn(2, 3, 6, dtype=model_dtype), pooled=torch.randn(2, 5))
+    if model_dtype != torch.float32:
+        with pytest.raises(ShapeError, match=r"Conditioning.pooled is torch.float32.*\.to\("):
+            model(torch.randn(2, 1, 8, 8, dtype=model_dtype), torch.rand(2), pooled)
+
+
+def test_unet_trains_a_step_under_bf16_autocast():
+    """precision="bf16" training: float32 model and inputs inside torch.autocast."""
+    model = _small_conditioned_unet()
+    cond = Conditioning(tokens=torch.randn(2, 3, 6), pooled=torch.randn(2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 1, 8, 8), torch.rand(2), cond)
+        also = model(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16), torch.rand(2), cond)
+    assert out.dtype == also.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in model.conv_in.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ShapeError, match="float64"):
+        model(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.rand(2), cond)

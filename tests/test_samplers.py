@@ -6,6 +6,7 @@ exact denoiser and the exact probability-flow map are closed form.
 
 import math
 import threading
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -384,6 +385,107 @@ def test_bf16_denoiser_works_and_sampler_integrates_in_float32(name: str) -> Non
     )
     assert x.dtype == torch.bfloat16 and torch.isfinite(x).all()
     assert ((x.float().mean(0) - mean.float()).abs() < 0.2 * std.float() + 0.05).all()
+
+
+class _Learnable(torch.nn.Module):
+    """An epsilon model with a parameter (a graph would reach its output); logs grad mode."""
+
+    prediction = "epsilon"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+        self.grad_modes: list[bool] = []
+
+    def forward(self, x, t, cond=None):
+        self.grad_modes.append(torch.is_grad_enabled())
+        return x * self.scale
+
+
+def _assert_no_graph(x: torch.Tensor, model: _Learnable) -> None:
+    assert not x.requires_grad and x.grad_fn is None
+    assert model.grad_modes and not any(model.grad_modes), model.grad_modes
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_records_no_graph_whatever_the_callers_grad_mode(name: str) -> None:
+    model = _Learnable()
+    noise = torch.randn(3, DIM, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Converting a tensor with requires_grad=True"
+        x = samplers.REGISTRY[name]().sample(
+            model, DISCRETE, noise, steps=3, generator=torch.Generator().manual_seed(0)
+        )
+    _assert_no_graph(x, model)
+    assert torch.is_grad_enabled()  # the caller's mode is restored
+
+
+def test_inversion_and_fitting_record_no_graph() -> None:
+    noise = torch.randn(8, DIM, generator=torch.Generator().manual_seed(0))
+    model = _Learnable()
+    x = samplers.DDIMInversion(refine=1).invert(model, DISCRETE, noise, steps=3)
+    _assert_no_graph(x, model)
+    model = _Learnable()
+    fitted = samplers.fit_solver(model, DISCRETE, noise, 2, teacher_steps=6)
+    _assert_no_graph(fitted.sample(model, DISCRETE, noise, steps=2), model)
+    model = _Learnable()
+    grid = samplers.fit_grid(model, DISCRETE, noise, 2, teacher_steps=6)
+    _assert_no_graph(samplers.UniPC(spacing=grid).sample(model, DISCRETE, noise, steps=2), model)
+
+
+def test_a_denoiser_can_enable_gradients_for_itself_during_sampling() -> None:
+    """Gradient guidance: the denoiser turns gradients on locally, the sampler keeps none."""
+    base = Gaussian(DISCRETE, *_data())
+
+    def guided(x, t, cond=None):
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            (push,) = torch.autograd.grad(leaf.square().sum(), leaf)
+        return base(x, t) + 0.1 * push
+
+    guided.prediction = "epsilon"  # type: ignore[attr-defined]
+    noise = torch.randn(3, DIM, generator=torch.Generator().manual_seed(0))
+    x = samplers.DDIM().sample(guided, DISCRETE, noise, steps=4)
+    plain = samplers.DDIM().sample(base, DISCRETE, noise, steps=4)
+    assert x.grad_fn is None and torch.isfinite(x).all() and not torch.allclose(x, plain)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_conditioning_embeddings_reach_the_model_in_the_noise_dtype(guidance: float) -> None:
+    seen: list[tuple[torch.dtype, ...]] = []
+
+    def model(x, t, cond=None):
+        seen.append((x.dtype, cond.tokens.dtype, cond.pooled.dtype, cond.mask.dtype))
+        seen.append((cond.labels.dtype,))
+        return torch.zeros_like(x)
+
+    model.prediction = "epsilon"  # type: ignore[attr-defined]
+
+    def cond(n: int) -> dk.Conditioning:  # a float32 text encoder's output, int32 labels
+        return dk.Conditioning(
+            tokens=torch.randn(n, 3, 2),
+            pooled=torch.randn(n, 2),
+            mask=torch.ones(n, 3, dtype=torch.bool),
+            labels=torch.zeros(n, dtype=torch.int32),
+        )
+
+    noise = torch.randn(2, DIM, dtype=torch.bfloat16)
+    kwargs = {"uncond": cond(1), "guidance": guidance} if guidance != 1.0 else {}
+    samplers.DDIM().sample(model, DISCRETE, noise, steps=2, cond=cond(2), **kwargs)
+    bf16 = torch.bfloat16
+    assert set(seen) == {(bf16, bf16, bf16, torch.bool), (torch.int32,)}
+
+
+def test_a_float32_text_encoder_conditions_a_bf16_dit_through_the_sampler() -> None:
+    from diffkit.nn.dit import DiT, DiTConfig
+
+    dit = DiT(DiTConfig(in_channels=1, dim=16, depth=1, num_heads=2, context_dim=6)).eval()
+    cond = dk.Conditioning(tokens=torch.randn(1, 3, 6))  # float32
+    noise = torch.randn(2, 1, 8, 8)
+    x = samplers.DDIM().sample(dit.bfloat16(), DISCRETE, noise.bfloat16(), steps=2, cond=cond)
+    assert x.dtype == torch.bfloat16 and torch.isfinite(x).all()
+    with pytest.raises(dk.typing.ShapeError, match=r"DiT: x_t is torch.float32 .* noise\.to\("):
+        samplers.DDIM().sample(dit, DISCRETE, noise, steps=2, cond=cond)
 
 
 class _Conditional:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from diffkit.config import Config
 from diffkit.nn._registry import DENOISERS
+from diffkit.nn.dit import check_input_dtypes
 from diffkit.nn.layers import (
     Downsample,
     ResBlock,
@@ -284,6 +285,14 @@ class UNet(nn.Module):
             context_dim=c.context_dim,
             pooled_dim=c.pooled_dim,
             num_classes=c.num_classes,
+        )
+        check_input_dtypes(
+            "UNet",
+            self.conv_in.weight.dtype,
+            x,
+            cond,
+            tokens=c.context_dim is not None,
+            pooled=c.pooled_dim is not None,
         )
 
     def embed_time(self, t: Tensor, cond: Conditioning | None) -> Tensor:

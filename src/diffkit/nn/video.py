@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from diffkit.config import Config
 from diffkit.nn._registry import DENOISERS
-from diffkit.nn.dit import adaln_condition
+from diffkit.nn.dit import adaln_condition, check_input_dtypes
 from diffkit.nn.layers import (
     Attention,
     FeedForward,
@@ -259,6 +259,14 @@ class VideoDiT(nn.Module):
             context_dim=cfg.context_dim,
             pooled_dim=cfg.pooled_dim,
             num_classes=cfg.num_classes,
+        )
+        check_input_dtypes(
+            "VideoDiT",
+            self.embed.weight.dtype,
+            x_t,
+            cond,
+            tokens=cfg.context_dim is not None,
+            pooled=cfg.pooled_dim is not None,
         )
         context = cond.tokens if cond is not None and cfg.context_dim is not None else None
         mask = cond.mask if context is not None and cond is not None else None

@@ -14,7 +14,8 @@ runs the plan:
   classifier-free guidance, checks that its output has its input's shape (a tuple
   comparison: ``sample`` checks its own arguments once, at the boundary), converts
   whatever it predicts to ``x0`` with [`diffkit.prediction`][diffkit.prediction] in
-  float32/64 and passes the model its own dtype;
+  float32/64 and passes the model ``x`` and the conditioning's embeddings in the dtype
+  of the noise;
 - one loop runs every plan, on linear combinations compiled before it: coefficients as
   Python floats (kernel scalar arguments: nothing to copy to the device, nothing to wait
   for), zero terms dropped, each combination accumulated in place into one fresh tensor,
@@ -25,7 +26,9 @@ runs the plan:
 - the loop has no host-device synchronisation: no ``.item()``, no ``nonzero()``, no
   Python branching on tensor values; non-finite outputs are recorded as tensors and
   reported, naming the first bad step, after the loop;
-- nothing is stored on the sampler object, so one sampler serves many threads.
+- nothing is stored on the sampler object, so one sampler serves many threads;
+- sampling runs under ``torch.no_grad()`` (as k-diffusion's samplers do), whatever the
+  caller's grad mode: the result carries no autograd graph and the steps keep none alive.
 """
 
 import abc
@@ -198,10 +201,17 @@ class _Model:
         self.guided = self.guidance != 1.0
         if self.guided and (cond is None or uncond is None):
             raise ValueError("classifier-free guidance (guidance != 1) needs cond and uncond")
+        # The conditioning's embeddings go to the model in x's dtype (a float32 text
+        # encoder's tokens with bf16 noise); the mask and labels keep theirs.
+        dtype = self.model_dtype
+
+        def place(v: Tensor) -> Tensor:
+            return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+
         if cond is not None:
-            cond = cond.map(lambda v: v.to(device)).expand(batch)
+            cond = cond.map(place).expand(batch)
         if self.guided and cond is not None and uncond is not None:
-            uncond = uncond.map(lambda v: v.to(device)).expand(batch)
+            uncond = uncond.map(place).expand(batch)
             cond = cond.cat(uncond)
         self.cond = cond
         n = grid.steps
@@ -480,7 +490,17 @@ def _shown(model: _Model, ops: list[Any], x: Tensor, i: int, last: int, fused: b
 
 
 class SamplerBase(abc.ABC):
-    """Shared ``sample``: a subclass provides ``spacing`` and ``plan(grid)``."""
+    """Shared ``sample``: a subclass provides ``spacing`` and ``plan(grid)``.
+
+    ``sample`` always runs under ``torch.no_grad()``, so it needs no wrapper: called bare in
+    a training script it records no autograd graph across the steps (whose memory would
+    grow with every step), and its result has ``requires_grad=False``. A
+    ``torch.enable_grad()`` around the call does not change that. A denoiser that needs
+    gradients itself (gradient guidance wrapped around the model) can turn them on inside
+    its own ``__call__`` with ``torch.enable_grad()`` and ``x_t.detach().requires_grad_()``.
+    To backpropagate through the sampling trajectory, run the steps yourself: ``plan(grid)``
+    gives each step's coefficients (see [`Step`][diffkit.samplers.Step]).
+    """
 
     spacing: Spacing
 
@@ -492,6 +512,7 @@ class SamplerBase(abc.ABC):
         """The time grid this sampler uses for ``steps`` steps on ``schedule``."""
         return make_grid(schedule, self.spacing, steps, device)
 
+    @torch.no_grad()
     @checked
     def sample(
         self,
@@ -508,10 +529,11 @@ class SamplerBase(abc.ABC):
     ) -> Sample:
         """Sample ``x0`` ``(batch, *shape)`` from standard normal ``noise`` in ``steps`` steps.
 
-        ``noise`` is scaled to ``sigma(t_max)``; the model is called in ``noise.dtype``
-        while the sampler integrates in float32 (float64 if ``noise`` is float64).
+        ``noise`` is scaled to ``sigma(t_max)``; the model is called in ``noise.dtype`` (so
+        pass noise in the model's dtype), with the floating fields of ``cond`` / ``uncond``
+        cast to it, while the sampler integrates in float32 (float64 if ``noise`` is).
         ``guidance != 1`` needs ``cond`` and ``uncond``; with ``guidance == 1`` an
-        ``uncond`` is unused, and a ``UserWarning`` says so.
+        ``uncond`` is unused, and a ``UserWarning`` says so. Runs under ``torch.no_grad()``.
         """
         # Plain Python checks (no tensor op, no device sync): bool passes as an int, and a
         # NaN guidance would only surface after the whole loop, as a NonFiniteError.

@@ -32,7 +32,8 @@ field and returns a [`FittedGrid`][diffkit.samplers.FittedGrid] spacing;
 [`FittedSolver`][diffkit.samplers.FittedSolver]. Both are deterministic (no random
 draws: the same noise gives the same fit), and report what the fit cost in NFE per
 calibration sample. The result holds for the model, schedule, step count and
-conditioning it was fitted with; fit again for another.
+conditioning it was fitted with; fit again for another. Both run under
+``torch.no_grad()`` (the fit is least squares and a search, no gradients), as sampling does.
 """
 
 import dataclasses
@@ -355,6 +356,7 @@ def _check_args(steps: int, teacher_steps: int, noise: Tensor) -> None:
 # --------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def fit_solver(
     denoiser: Denoiser,
     schedule: NoiseSchedule,
@@ -402,6 +404,7 @@ def fit_solver(
     )
 
 
+@torch.no_grad()
 def fit_grid(
     denoiser: Denoiser,
     schedule: NoiseSchedule,

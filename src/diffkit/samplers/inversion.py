@@ -11,6 +11,8 @@ exactly (each refinement costs one more evaluation per step).
 
 import dataclasses
 
+import torch
+
 from diffkit.guidance import unused_uncond
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallback
 from diffkit.samplers._base import _Model, make_grid
@@ -27,6 +29,7 @@ class DDIMInversion:
     spacing: Spacing = dataclasses.field(default_factory=UniformTime)
     refine: int = 0
 
+    @torch.no_grad()
     @checked
     def invert(
         self,
@@ -40,7 +43,10 @@ class DDIMInversion:
         uncond: Conditioning | None = None,
         callback: StepCallback | None = None,
     ) -> Sample:
-        """The standard-normal-scale ``noise`` from which DDIM sampling returns ``x0``."""
+        """The standard-normal-scale ``noise`` from which DDIM sampling returns ``x0``.
+
+        Runs under ``torch.no_grad()``, as sampling does: the result carries no graph.
+        """
         if steps < 1 or self.refine < 0:
             raise ValueError("steps must be >= 1 and refine >= 0")
         grid = make_grid(schedule, self.spacing, steps, x0.device)
