@@ -259,6 +259,7 @@ class Sampler(Protocol, metaclass=_ProtocolMeta):
     """The reverse process: turns standard normal ``noise`` into data in ``steps`` steps.
 
     Stateless: nothing survives between calls, so one object can serve many threads.
+    diffkit's samplers run under ``torch.no_grad()`` (no autograd graph over the steps).
     """
 
     def sample(

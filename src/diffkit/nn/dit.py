@@ -12,7 +12,6 @@ A final adaLN layer maps tokens back to patches.
 
 from typing import Literal
 
-import torch
 from jaxtyping import Bool, Float
 from pydantic import Field, model_validator
 from torch import Tensor, nn
@@ -23,6 +22,7 @@ from diffkit.nn.layers import (
     Attention,
     FeedForward,
     TimeEmbedding,
+    check_input_dtypes,
     modulate,
     network_timestep,
     timestep_embedding,
@@ -103,48 +103,6 @@ class DiTBlock(nn.Module):
         if self.cross is not None and self.norm_cross is not None:
             x = x + self.cross(self.norm_cross(x), context, mask)
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
-
-
-def check_input_dtypes(
-    owner: str,
-    dtype: torch.dtype,
-    x_t: Tensor,
-    cond: Conditioning | None,
-    *,
-    tokens: bool,
-    pooled: bool,
-) -> None:
-    """Refuse, before any compute, ``x_t`` or used embeddings of ``cond`` not in ``dtype``.
-
-    ``dtype`` is the network's parameter dtype; ``tokens`` / ``pooled`` say which fields it
-    reads. Dtype comparisons only (no device sync). Under ``torch.autocast``, which casts
-    each op's inputs itself, float32 and the autocast dtype are let through.
-    """
-    if x_t.dtype != dtype:
-        _check_dtype(owner, "x_t", x_t, dtype)
-    if cond is None:
-        return
-    if tokens and cond.tokens is not None and cond.tokens.dtype != dtype:
-        _check_dtype(owner, "Conditioning.tokens", cond.tokens, dtype)
-    if pooled and cond.pooled is not None and cond.pooled.dtype != dtype:
-        _check_dtype(owner, "Conditioning.pooled", cond.pooled, dtype)
-
-
-def _check_dtype(owner: str, name: str, value: Tensor, dtype: torch.dtype) -> None:
-    device = value.device.type
-    if torch.is_autocast_enabled(device) and value.dtype in (
-        torch.float32,
-        torch.get_autocast_dtype(device),
-    ):
-        return
-    if name == "x_t":  # a sampler calls the model in the dtype of its noise
-        fix = f"pass x_t.to({dtype}) (to a sampler: noise.to({dtype}))"
-    else:
-        fix = f"pass it .to({dtype})"
-    raise ShapeError(
-        f"{owner}: {name} is {value.dtype} but the model's parameters are {dtype}; {fix}, "
-        f"or convert the model with .to({value.dtype})"
-    )
 
 
 def adaln_condition(

@@ -28,6 +28,7 @@ __all__ = [
     "TransformerBlock",
     "Upsample",
     "attention_bias",
+    "check_input_dtypes",
     "group_norm",
     "modulate",
     "network_timestep",
@@ -468,6 +469,48 @@ def network_timestep(
     nearest = index.round()
     snap = (index - nearest).abs() <= 4e-6 * num_train_timesteps
     return torch.where(snap, nearest, index)
+
+
+def check_input_dtypes(
+    owner: str,
+    dtype: torch.dtype,
+    x_t: Tensor,
+    cond: Conditioning | None,
+    *,
+    tokens: bool,
+    pooled: bool,
+) -> None:
+    """Refuse, before any compute, ``x_t`` or used embeddings of ``cond`` not in ``dtype``.
+
+    ``dtype`` is the network's parameter dtype; ``tokens`` / ``pooled`` say which fields it
+    reads. Dtype comparisons only (no device sync). Under ``torch.autocast``, which casts
+    each op's inputs itself, float32 and the autocast dtype are let through.
+    """
+    if x_t.dtype != dtype:
+        _check_dtype(owner, "x_t", x_t, dtype)
+    if cond is None:
+        return
+    if tokens and cond.tokens is not None and cond.tokens.dtype != dtype:
+        _check_dtype(owner, "Conditioning.tokens", cond.tokens, dtype)
+    if pooled and cond.pooled is not None and cond.pooled.dtype != dtype:
+        _check_dtype(owner, "Conditioning.pooled", cond.pooled, dtype)
+
+
+def _check_dtype(owner: str, name: str, value: Tensor, dtype: torch.dtype) -> None:
+    device = value.device.type
+    if torch.is_autocast_enabled(device) and value.dtype in (
+        torch.float32,
+        torch.get_autocast_dtype(device),
+    ):
+        return
+    if name == "x_t":  # a sampler calls the model in the dtype of its noise
+        fix = f"pass x_t.to({dtype}) (to a sampler: noise.to({dtype}))"
+    else:
+        fix = f"pass it .to({dtype})"
+    raise ShapeError(
+        f"{owner}: {name} is {value.dtype} but the model's parameters are {dtype}; {fix}, "
+        f"or convert the model with .to({value.dtype})"
+    )
 
 
 def validate_conditioning(

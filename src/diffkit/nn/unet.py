@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from diffkit.config import Config
 from diffkit.nn._registry import DENOISERS
-from diffkit.nn.dit import check_input_dtypes
 from diffkit.nn.layers import (
     Downsample,
     ResBlock,
@@ -30,6 +29,7 @@ from diffkit.nn.layers import (
     SpatialTransformer,
     TimeEmbedding,
     Upsample,
+    check_input_dtypes,
     network_timestep,
     timestep_embedding,
     validate_conditioning,

@@ -27,11 +27,12 @@ from torch import Tensor, nn
 
 from diffkit.config import Config
 from diffkit.nn._registry import DENOISERS
-from diffkit.nn.dit import adaln_condition, check_input_dtypes
+from diffkit.nn.dit import adaln_condition
 from diffkit.nn.layers import (
     Attention,
     FeedForward,
     TimeEmbedding,
+    check_input_dtypes,
     modulate,
     network_timestep,
     timestep_embedding,
