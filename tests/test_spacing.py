@@ -78,9 +78,9 @@ def test_infinite_log_snr_endpoint_keeps_pure_noise_first() -> None:
 def test_explicit_times_are_checked() -> None:
     sched = SCHEDULES["discrete"]
     assert Explicit((0.9, 0.5, 0.1))(sched, 3).tolist() == [0.9, 0.5, 0.1, 0.0]
-    with pytest.raises(ValueError):
-        Explicit((0.5, 0.9))(sched, 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="decreasing"):
+        Explicit((0.5, 0.9))
+    with pytest.raises(ValueError, match="2 times, asked for 3"):
         Explicit((0.9, 0.5))(sched, 3)
 
 
@@ -92,3 +92,48 @@ def test_spacing_configs_build_and_validate() -> None:
         SPACINGS.parse({"kind": "logsnr", "t_min": 0.5, "t_max": 0.4})
     with pytest.raises(ValueError):
         SPACINGS.parse({"kind": "karras", "rho": -1})
+
+
+@pytest.mark.parametrize(
+    ("make", "arg"),
+    [
+        (lambda: LogSNR(t_min=-0.1), "t_min"),
+        (lambda: LogSNR(t_min=float("nan")), "t_min"),
+        (lambda: Karras(t_min=0.0), "t_min"),
+        (lambda: UniformTime(t_max=2.0), "t_max"),
+        (lambda: UniformTime(t_max=0.0), "t_max"),
+        (lambda: UniformTime(t_min=0.5, t_max=0.4), "t_min"),
+        (lambda: LogSNR(power=0.0), "power"),
+        (lambda: Karras(rho=-1.0), "rho"),
+        (lambda: Explicit(()), "times"),
+        (lambda: Explicit((0.5, 0.9)), "times"),
+        (lambda: Explicit((1.5, 0.5)), "times"),
+        (lambda: Explicit((0.5, 0.0)), "times"),
+    ],
+)
+def test_spacings_built_directly_refuse_bad_arguments_by_name(make, arg: str) -> None:
+    # Same rules as the configs, checked at construction (before any denoiser call).
+    with pytest.raises(ValueError, match=arg):
+        make()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"kind": "logsnr", "t_min": -0.1},
+        {"kind": "karras", "t_min": 0.0},
+        {"kind": "uniform", "t_max": 2.0},
+        {"kind": "logsnr", "power": 0.0},
+        {"kind": "explicit", "times": [0.5, 0.9]},
+        {"kind": "explicit", "times": [1.5]},
+        {"kind": "explicit", "times": []},
+    ],
+)
+def test_spacing_configs_refuse_what_the_spacings_refuse(raw: dict) -> None:
+    name = next(k for k in raw if k != "kind")
+    with pytest.raises(ValueError, match=name):
+        SPACINGS.parse(raw)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k != "kind"}
+    cls = {"logsnr": LogSNR, "karras": Karras, "uniform": UniformTime, "explicit": Explicit}
+    with pytest.raises(ValueError, match=name):
+        cls[raw["kind"]](**fields)

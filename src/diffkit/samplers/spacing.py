@@ -85,6 +85,37 @@ def _check(steps: int) -> None:
         raise ValueError(f"steps must be at least 1, got {steps}")
 
 
+def _check_ends(owner: str, t_max: float, t_min: float) -> None:
+    """The endpoint rule of every ramp spacing and its config: ``0 < t_min < t_max <= 1``."""
+    if not 0 < t_max <= 1:  # also refuses NaN
+        raise ValueError(f"{owner}: t_max (first evaluation time) must be in (0, 1], got {t_max}")
+    if not 0 < t_min < 1:
+        raise ValueError(
+            f"{owner}: t_min (last evaluation time before the data) must be in (0, 1), got {t_min}"
+        )
+    if t_min >= t_max:
+        raise ValueError(
+            f"{owner}: t_min ({t_min}, the last evaluation time) must be below "
+            f"t_max ({t_max}, the first)"
+        )
+
+
+def _check_positive(owner: str, name: str, value: float) -> None:
+    """The rule for a ramp exponent (``rho``, ``power``) and its config field: ``> 0``."""
+    if not value > 0:  # also refuses NaN
+        raise ValueError(f"{owner}: {name} must be positive, got {value}")
+
+
+def _check_times(owner: str, times: Sequence[float]) -> None:
+    """The rule for explicit times and their config: non-empty, strictly decreasing, in (0, 1]."""
+    if not times:
+        raise ValueError(f"{owner}: times must hold at least one evaluation time")
+    if not all(0 < t <= 1 for t in times):
+        raise ValueError(f"{owner}: times must lie in (0, 1] (t = 0 is appended), got {times}")
+    if not all(a > b for a, b in itertools.pairwise(times)):
+        raise ValueError(f"{owner}: times must be strictly decreasing, got {times}")
+
+
 def _spread(
     schedule: NoiseSchedule,
     steps: int,
@@ -121,6 +152,9 @@ class UniformTime:
     t_min: float = 1e-3
     trailing: bool = False
 
+    def __post_init__(self) -> None:
+        _check_ends("UniformTime", self.t_max, self.t_min)
+
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
     ) -> Tensor:
@@ -144,6 +178,10 @@ class LogSNR:
     t_min: float = 1e-3
     power: float = 1.0
 
+    def __post_init__(self) -> None:
+        _check_ends("LogSNR", self.t_max, self.t_min)
+        _check_positive("LogSNR", "power", self.power)
+
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
     ) -> Tensor:
@@ -163,6 +201,10 @@ class Karras:
     rho: float = 7.0
     t_max: float = 1.0
     t_min: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check_ends("Karras", self.t_max, self.t_min)
+        _check_positive("Karras", "rho", self.rho)
 
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
@@ -185,24 +227,25 @@ class Explicit:
 
     times: tuple[float, ...]
 
+    def __post_init__(self) -> None:
+        _check_times("Explicit", self.times)
+
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
     ) -> Tensor:
         """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
         if steps != len(self.times):
             raise ValueError(f"Explicit spacing has {len(self.times)} times, asked for {steps}")
-        t = torch.tensor(self.times, dtype=_F64)
-        if not bool((t[1:] < t[:-1]).all()) or not bool((t > 0).all() & (t <= 1).all()):
-            raise ValueError("Explicit times must be strictly decreasing and in (0, 1]")
-        return torch.cat([t, t.new_zeros(1)])
+        return torch.tensor([*self.times, 0.0], dtype=_F64)
 
 
 # --------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------
 
-_T_MAX = Field(default=1.0, gt=0, le=1, description="first (noisiest) evaluation time")
-_T_MIN = Field(default=1e-3, gt=0, lt=1, description="last evaluation time before the data")
+# The rules live in the _check_* functions, shared with the dataclasses above.
+_T_MAX = Field(default=1.0, description="first (noisiest) evaluation time, in (0, 1]")
+_T_MIN = Field(default=1e-3, description="last evaluation time before the data, below t_max")
 
 
 class _Ends(Config):
@@ -210,9 +253,8 @@ class _Ends(Config):
     t_min: float = _T_MIN
 
     @model_validator(mode="after")
-    def _ordered(self) -> "_Ends":
-        if self.t_min >= self.t_max:
-            raise ValueError("t_min (last evaluation time) must be below t_max (first)")
+    def _valid_ends(self) -> "_Ends":
+        _check_ends(type(self).__name__, self.t_max, self.t_min)
         return self
 
 
@@ -227,14 +269,24 @@ class LogSNRConfig(_Ends):
     """Evenly spaced log-SNR (optionally warped by ``power``)."""
 
     kind: Literal["logsnr"] = "logsnr"
-    power: float = Field(default=1.0, gt=0, description="ramp exponent; >1 favours high noise")
+    power: float = Field(default=1.0, description="ramp exponent (> 0); >1 favours high noise")
+
+    @model_validator(mode="after")
+    def _valid_power(self) -> "LogSNRConfig":
+        _check_positive(type(self).__name__, "power", self.power)
+        return self
 
 
 class KarrasConfig(_Ends):
     """Karras et al.'s ``rho`` ramp in ``sigma / alpha``."""
 
     kind: Literal["karras"] = "karras"
-    rho: float = Field(default=7.0, gt=0, description="ramp exponent (7 in Karras et al.)")
+    rho: float = Field(default=7.0, description="ramp exponent (> 0; 7 in Karras et al.)")
+
+    @model_validator(mode="after")
+    def _valid_rho(self) -> "KarrasConfig":
+        _check_positive(type(self).__name__, "rho", self.rho)
+        return self
 
 
 class ExplicitConfig(Config):
@@ -242,6 +294,11 @@ class ExplicitConfig(Config):
 
     kind: Literal["explicit"] = "explicit"
     times: tuple[float, ...] = Field(description="decreasing evaluation times; t=0 is appended")
+
+    @model_validator(mode="after")
+    def _valid_times(self) -> "ExplicitConfig":
+        _check_times(type(self).__name__, self.times)
+        return self
 
 
 SpacingConfig = UniformTimeConfig | LogSNRConfig | KarrasConfig | ExplicitConfig
