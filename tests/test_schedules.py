@@ -141,7 +141,28 @@ def test_discrete_reproduces_alphas_cumprod_at_integer_steps(
         expected = rescale_zero_terminal_snr(expected)
     t = s.t_from_index(torch.arange(n))
     torch.testing.assert_close(s.alpha(t) ** 2, expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(s.index_from_t(t), torch.arange(n, dtype=F64))
+    assert torch.equal(s.index_from_t(t), torch.arange(n, dtype=F64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_discrete_index_from_t_is_exact_at_every_step_in_the_dtype_of_t(dtype) -> None:
+    # float32 t of step i is up to half an ulp off (i+1)/N: N t - 1 formed in float32 gave
+    # 249.99998 for i = 250 (and .long() 249); in float64 and snapped it is exactly i.
+    s = Discrete.from_config(DiscreteConfig())
+    i = torch.arange(1000)
+    index = s.index_from_t(s.t_from_index(i).to(dtype))
+    assert index.dtype == dtype
+    assert torch.equal(index, i.to(dtype))
+    assert torch.equal(index.long(), i)
+
+
+def test_discrete_index_from_t_is_continuous_between_steps_and_keeps_the_gradient() -> None:
+    s = Discrete.from_config(DiscreteConfig())
+    t = torch.tensor([0.2505, 0.25, 1 / 3], dtype=F64, requires_grad=True)
+    index = s.index_from_t(t)
+    torch.testing.assert_close(index, torch.tensor([249.5, 249.0, 1000 / 3 - 1], dtype=F64))
+    index.sum().backward()
+    assert t.grad is not None and torch.equal(t.grad, torch.full((3,), 1000.0, dtype=F64))
 
 
 @given(t=st.floats(1e-12, 9.9e-4), zero_snr=st.booleans())

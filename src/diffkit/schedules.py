@@ -511,8 +511,23 @@ class Discrete(ScheduleBase):
 
     @checked
     def index_from_t(self, t: Time) -> Time:
-        """Fractional training step index ``N t - 1`` of time ``t`` (same dtype as ``t``)."""
-        return t * self.num_steps - 1
+        """Fractional training step index ``N t - 1`` of ``t``, in ``t``'s dtype, exact at steps.
+
+        Computed in float64 (float32 on MPS); a value within the rounding error of ``t``'s
+        dtype of an integer is that integer, so ``index_from_t(t_from_index(i).to(dtype))``
+        is exactly ``i`` (for float32, every ``i`` below ``2**24``). Between steps it is the
+        continuous inverse of ``t_from_index``; for integer indices use ``.round().long()``
+        (``.long()`` alone truncates).
+        """
+        work = torch.float32 if t.device.type == "mps" else _F64
+        scaled = t.to(work) * self.num_steps  # index + 1
+        index = scaled - 1
+        nearest = index.round()
+        # |error of t| <= eps / 2 |t|, i.e. <= eps / 2 (index + 1) in the index: snap within 2x
+        snap = (index - nearest).abs() <= torch.finfo(t.dtype).eps * scaled.abs()
+        # index + (nearest - index) is exactly nearest, and keeps d index / d t = N
+        fix = torch.where(snap, nearest - index, 0.0).detach()
+        return (index + fix).to(t.dtype)
 
     def _log_snr(self, t: Tensor) -> Tensor:
         # Few, fused operations: a sampler evaluates this on a small grid every call,
