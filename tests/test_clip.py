@@ -129,6 +129,22 @@ def test_logit_scale_stays_clamped_through_training_steps() -> None:
     assert float(clip.logit_scale.detach()) == pytest.approx(MAX_LOGIT_SCALE)
 
 
+@pytest.mark.parametrize(("raw", "bound"), [(-3.0, 0.0), (9.0, MAX_F32)])
+def test_a_logit_scale_clamped_onto_a_bound_still_gets_a_gradient(raw: float, bound: float) -> None:
+    torch.manual_seed(0)
+    clip = CLIP(tiny_config())
+    with torch.no_grad():
+        clip.logit_scale.fill_(raw)
+    clip.scale().backward()  # strictly outside the range: flat
+    assert clip.logit_scale.grad is not None and float(clip.logit_scale.grad) == 0.0
+    clip.logit_scale.grad = None
+    clip.clamp_logit_scale_()
+    assert float(clip.logit_scale.detach()) == bound
+    clip.scale().backward()  # on the bound: d exp(s) / ds = exp(s), not torch clamp's 0
+    assert clip.logit_scale.grad is not None
+    assert float(clip.logit_scale.grad) == pytest.approx(math.exp(bound))
+
+
 def test_initial_logit_scale_is_clips_temperature(model: CLIP) -> None:
     assert float(model.scale().detach()) == pytest.approx(1 / 0.07, rel=1e-5)
 

@@ -519,7 +519,12 @@ class CLIP(nn.Module):
 
     def scale(self) -> Tensor:
         """The logit multiplier ``exp(clamp(s, 0, ln 100))``, in ``[1, 100]``."""
-        return self.logit_scale.clamp(0.0, MAX_LOGIT_SCALE).exp()
+        # torch's clamp has zero gradient *at* its bounds, so a log-scale clamped to
+        # exactly ln 100 (or 0) would never move again; the gradient flows on the closed
+        # interval and is zero only strictly outside it.
+        s = self.logit_scale
+        inside = (s >= 0.0) & (s <= MAX_LOGIT_SCALE)
+        return torch.where(inside, s, s.clamp(0.0, MAX_LOGIT_SCALE)).exp()
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
