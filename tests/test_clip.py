@@ -129,6 +129,76 @@ def test_logit_scale_stays_clamped_through_training_steps() -> None:
     assert float(clip.logit_scale.detach()) == pytest.approx(MAX_LOGIT_SCALE)
 
 
+@pytest.mark.parametrize(("raw", "bound"), [(-3.0, 0.0), (9.0, MAX_F32)])
+def test_a_logit_scale_clamped_onto_a_bound_still_gets_a_gradient(raw: float, bound: float) -> None:
+    torch.manual_seed(0)
+    clip = CLIP(tiny_config())
+    with torch.no_grad():
+        clip.logit_scale.fill_(raw)
+    clip.scale().backward()  # strictly outside the range: flat
+    assert clip.logit_scale.grad is not None and float(clip.logit_scale.grad) == 0.0
+    clip.logit_scale.grad = None
+    clip.clamp_logit_scale_()
+    assert float(clip.logit_scale.detach()) == bound
+    clip.scale().backward()  # on the bound: d exp(s) / ds = exp(s), not torch clamp's 0
+    assert clip.logit_scale.grad is not None
+    assert float(clip.logit_scale.grad) == pytest.approx(math.exp(bound))
+
+
+@pytest.mark.parametrize("call", ["loss", "forward"])
+def test_a_training_forward_unsticks_a_logit_scale_pushed_past_ln_100(call: str) -> None:
+    torch.manual_seed(0)
+    clip = CLIP(tiny_config()).train()
+    images, ids = inputs(4, 0)
+    opt = torch.optim.SGD([clip.logit_scale], lr=50.0)
+    opt.zero_grad()
+    (-clip.scale()).backward()
+    opt.step()  # overshoots, and no clamp_logit_scale_() afterwards
+    assert float(clip.logit_scale.detach()) > MAX_F32
+    for _ in range(2):
+        opt.zero_grad()
+        out = clip.loss(images, ids) if call == "loss" else clip(images, ids).square().mean()
+        assert float(clip.logit_scale.detach()) == MAX_F32  # clamped by the forward
+        out.backward()
+        assert clip.logit_scale.grad is not None and float(clip.logit_scale.grad) != 0.0
+    if call == "forward":  # squared logits want a lower scale: the temperature moves again
+        opt.param_groups[0]["lr"] = 1e-3
+        opt.step()
+        assert float(clip.logit_scale.detach()) < MAX_F32
+
+
+def test_eval_and_no_grad_forwards_leave_the_logit_scale_alone() -> None:
+    torch.manual_seed(0)
+    clip = CLIP(tiny_config())
+    images, ids = inputs(3, 0)
+    with torch.no_grad():
+        clip.logit_scale.fill_(9.0)
+    clip.eval()
+    clip.loss(images, ids)
+    clip(images, ids)
+    clip.train()
+    with torch.no_grad():
+        clip.loss(images, ids)
+    assert float(clip.logit_scale.detach()) == 9.0
+    assert float(clip(images, ids).detach().abs().max()) <= 100.0 * (1 + 1e-6)
+    assert float(clip.logit_scale.detach()) == MAX_F32
+
+
+def test_two_training_losses_can_share_one_backward() -> None:
+    torch.manual_seed(0)
+    clip = CLIP(tiny_config()).train()
+    (a, ids_a), (b, ids_b) = inputs(3, 0), inputs(3, 1)
+    with torch.no_grad():
+        clip.logit_scale.fill_(9.0)
+    (clip.loss(a, ids_a) + clip.loss(b, ids_b)).backward()  # the in-place clamp bumps no version
+    summed = clip.logit_scale.grad
+    assert summed is not None and float(summed) != 0.0
+    clip.zero_grad()
+    clip.loss(a, ids_a).backward()
+    clip.loss(b, ids_b).backward()
+    torch.testing.assert_close(clip.logit_scale.grad, summed)
+
+
 def test_initial_logit_scale_is_clips_temperature(model: CLIP) -> None:
     assert float(model.scale().detach()) == pytest.approx(1 / 0.07, rel=1e-5)
 

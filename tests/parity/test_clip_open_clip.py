@@ -138,6 +138,35 @@ def test_unsupported_open_clip_models_are_refused() -> None:
         dk.interop.from_open_clip(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("pool", ["first", "last"])
+def test_unsupported_text_pooling_is_named_as_such(pool: str) -> None:
+    model = open_clip.CLIP(
+        embed_dim=8,
+        vision_cfg=CLIPVisionCfg(layers=1, width=16, head_width=8, patch_size=4, image_size=8),
+        text_cfg=CLIPTextCfg(
+            context_length=8, vocab_size=50, width=16, heads=2, layers=1, pool_type=pool
+        ),
+    )
+    assert model.attn_mask is not None  # causal: only the pooling is unsupported
+    with pytest.raises(NotImplementedError, match=f"text pooling '{pool}' is not supported") as e:
+        dk.interop.from_open_clip(model)
+    assert "causal" not in str(e.value) and "'argmax'" in str(e.value)
+
+
+def test_a_text_tower_without_a_causal_mask_is_refused_as_such() -> None:
+    model = open_clip.CLIP(
+        embed_dim=8,
+        vision_cfg=CLIPVisionCfg(layers=1, width=16, head_width=8, patch_size=4, image_size=8),
+        text_cfg=CLIPTextCfg(
+            context_length=8, vocab_size=50, width=16, heads=2, layers=1, no_causal_mask=True
+        ),
+    )
+    assert model.text_pool_type == "argmax" and model.attn_mask is None
+    with pytest.raises(NotImplementedError, match="without a causal mask") as e:
+        dk.interop.from_open_clip(model)
+    assert "pooling" not in str(e.value)
+
+
 TRICKY = [
     "a photo of a cat",
     "Hello, World!!! ...",

@@ -102,10 +102,15 @@ def from_open_clip(model: nn.Module) -> CLIP:
         raise NotImplementedError("from_open_clip: image towers without ln_pre are not supported")
     if visual.conv1.bias is not None:
         raise NotImplementedError("from_open_clip: patch embedding with a bias is not supported")
-    if m.text_pool_type not in ("argmax", "eos") or m.attn_mask is None:
+    if m.text_pool_type not in ("argmax", "eos"):
         raise NotImplementedError(
-            f"from_open_clip: text pooling {m.text_pool_type!r} without a causal mask is not "
-            "supported (argmax or eos with a causal mask only)"
+            f"from_open_clip: text pooling {m.text_pool_type!r} is not supported (only "
+            "'argmax', at the largest id, or 'eos', at eos_id)"
+        )
+    if m.attn_mask is None:
+        raise NotImplementedError(
+            "from_open_clip: text towers without a causal mask (no_causal_mask=True) are "
+            "not supported"
         )
     if getattr(m, "logit_bias", None) is not None:
         raise NotImplementedError("from_open_clip: SigLIP-style logit_bias is not supported")

@@ -493,6 +493,9 @@ class CLIP(nn.Module):
     ``encode_image`` / ``encode_text`` return the projected embeddings, L2-normalised when
     ``normalize=True`` (open_clip's signature and default). ``forward`` returns the
     image-text logits and ``loss`` the symmetric InfoNCE loss; both use the clamped scale.
+    In training mode with gradients on, both first clamp ``logit_scale`` itself to
+    ``[0, ln 100]`` (so an optimiser step past ln 100 cannot freeze the temperature);
+    calling ``clamp_logit_scale_`` after each step, as open_clip does, is then optional.
     """
 
     def __init__(self, config: CLIPConfig) -> None:
@@ -519,12 +522,28 @@ class CLIP(nn.Module):
 
     def scale(self) -> Tensor:
         """The logit multiplier ``exp(clamp(s, 0, ln 100))``, in ``[1, 100]``."""
-        return self.logit_scale.clamp(0.0, MAX_LOGIT_SCALE).exp()
+        # torch's clamp has zero gradient *at* its bounds, so a log-scale clamped to
+        # exactly ln 100 (or 0) would never move again; the gradient flows on the closed
+        # interval and is zero only strictly outside it.
+        s = self.logit_scale
+        inside = (s >= 0.0) & (s <= MAX_LOGIT_SCALE)
+        return torch.where(inside, s, s.clamp(0.0, MAX_LOGIT_SCALE)).exp()
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
-        """Clamp the stored log-scale in place to ``[0, ln 100]`` (call after optimiser steps)."""
+        """Clamp the stored log-scale in place to ``[0, ln 100]`` (training forwards do too)."""
         self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
+    def _clamp_before_training_use(self) -> None:
+        """In a forward that will backpropagate, clamp the stored log-scale in place."""
+        # Outside [0, ln 100] scale() has zero gradient and the temperature would be stuck;
+        # clamping before use equals open_clip's clamp after every optimiser step. Through
+        # ``.data``, not a no_grad ``clamp_``: a version bump would break a graph already
+        # holding the (in-range, hence unchanged) parameter, e.g. two losses summed. No
+        # host sync; every DDP rank clamps its identical copy identically.
+        s = self.logit_scale
+        if self.training and s.requires_grad and torch.is_grad_enabled():
+            s.data.clamp_(0.0, MAX_LOGIT_SCALE)
 
     @checked
     def encode_image(self, images: Image, normalize: bool = False) -> Embedding:
@@ -545,6 +564,7 @@ class CLIP(nn.Module):
         token_ids: Int[Tensor, "batch_texts context"],
     ) -> Float[Tensor, "batch_images batch_texts"]:
         """Logits ``scale * cos(image_i, text_j)`` for every image-text pair."""
+        self._clamp_before_training_use()
         image = self.encode_image(images, normalize=True)
         text = self.encode_text(token_ids, normalize=True)
         return self.scale() * image @ text.T
@@ -557,6 +577,7 @@ class CLIP(nn.Module):
                 f"CLIP.loss: {images.shape[0]} images but {token_ids.shape[0]} texts; "
                 "pairs must match one to one"
             )
+        self._clamp_before_training_use()
         image = self.encode_image(images, normalize=True)
         text = self.encode_text(token_ids, normalize=True)
         return contrastive_loss(image, text, self.scale())
