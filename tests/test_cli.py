@@ -267,3 +267,14 @@ def test_recipe_device_without_cuda_is_refused_before_training(
     line = _error(capsys, argv)
     assert "train.device is 'cuda', but CUDA is not available" in line
     assert not out.exists()
+
+
+def test_python_dash_m_diffkit_runs_the_command_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "diffkit", "train", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"diffkit: error: config file not found: {tmp_path}/missing.yaml"
