@@ -90,6 +90,15 @@ def test_config_of_unknown_kind(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     assert "mapping" in _error(capsys, ["train", str(path)])
 
 
+def test_train_run_config_points_at_python_m_diffkit_training(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("kind: train_run\npipeline: {}\ndata: {kind: digits}\ntrain: {steps: 2}\n")
+    line = _error(capsys, ["train", str(path)])
+    assert f"python -m diffkit.training {path}" in line and "train_run" in line
+
+
 def test_run_dir_missing_or_without_pipeline(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -3,8 +3,8 @@
 - ``diffkit demo [--task image|video] [--fast] [--out DIR]`` trains the offline
   text -> image (or text -> video) recipe of [`diffkit.demo`][diffkit.demo] on the
   bundled digits and writes samples, a summary and the saved pipeline to ``DIR``;
-- ``diffkit train CONFIG.yaml [--out DIR]`` runs a recipe from a YAML file (copy one
-  from ``configs/``);
+- ``diffkit train CONFIG.yaml [--out DIR]`` runs a demo recipe from a YAML file (copy
+  one from ``configs/``); a ``train_run`` config is for ``python -m diffkit.training``;
 - ``diffkit sample RUN_DIR --prompt TEXT ...`` loads a saved pipeline and samples;
 - ``diffkit info RUN_DIR`` prints the component graph with shapes and parameter counts.
 
@@ -70,6 +70,11 @@ def _load_recipe(path: str) -> Any:
         raise UserError(f"{path} is not valid YAML{where}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file") from None
+    if isinstance(data, dict) and data.get("kind") == "train_run":
+        raise UserError(
+            f"{path} is a train_run config: run it with `python -m diffkit.training {path}`; "
+            "`diffkit train` runs demo recipes (kind demo_image or demo_video)"
+        )
     try:
         return parse_demo_config(data)
     except ValidationError as err:
@@ -461,7 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     trainer = sub.add_parser("train", help="run a recipe from a YAML config (see configs/)")
-    trainer.add_argument("config", help="recipe YAML (kind: demo_image or demo_video)")
+    trainer.add_argument(
+        "config",
+        help="recipe YAML (kind: demo_image or demo_video; a train_run config is for "
+        "`python -m diffkit.training`)",
+    )
     _add_run_options(trainer)
     trainer.set_defaults(func=cmd_train)
 
