@@ -287,3 +287,15 @@ def test_python_dash_m_diffkit_runs_the_command_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip() == f"diffkit: error: config file not found: {tmp_path}/missing.yaml"
+
+
+def test_sample_writes_into_run_dir_by_default_even_a_bare_pipeline_folder(
+    saved_pipeline: Path,
+) -> None:
+    for run_dir in (saved_pipeline, saved_pipeline / "pipeline"):
+        argv = ["sample", str(run_dir), "--prompt", "a one", "--num", "1", "--steps", "1"]
+        assert main([*argv, "--threads", "1", "--quiet"]) == 0
+        assert (run_dir / "sample.png").is_file() and (run_dir / "sample.npz").is_file()
+        (run_dir / "sample.png").unlink()
+        (run_dir / "sample.npz").unlink()
+    assert not (saved_pipeline.parent / "sample.png").exists()

@@ -281,7 +281,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _threads(args.threads)
     pipeline = _load_pipeline(args.run_dir)
     _check_prompts(pipeline, args.prompt)
-    out = Path(args.out) if args.out else _pipeline_dir(args.run_dir).parent / "sample.png"
+    out = Path(args.out) if args.out else Path(args.run_dir) / "sample.png"
     _make_folder(out.parent)
     prompts = [p for p in args.prompt for _ in range(args.num)]
     generator = torch.Generator().manual_seed(args.seed)
