@@ -299,3 +299,71 @@ def test_sample_writes_into_run_dir_by_default_even_a_bare_pipeline_folder(
         (run_dir / "sample.png").unlink()
         (run_dir / "sample.npz").unlink()
     assert not (saved_pipeline.parent / "sample.png").exists()
+
+
+_PIXEL_UNET = {
+    "kind": "unet",
+    "in_channels": 1,
+    "base_channels": 16,
+    "channel_mult": [1, 2],
+    "blocks_per_level": 1,
+    "attention_resolutions": [],
+    "norm_groups": 8,
+    "prediction": "v",
+}
+
+
+@pytest.fixture(scope="module")
+def small_pipelines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fresh tiny pipelines: ``uncond`` (no conditioning) and ``classes`` (10 labels)."""
+    root = tmp_path_factory.mktemp("pipes")
+    base = {"data_shape": [1, 16, 16], "schedule": {"kind": "cosine"}, "steps": 1}
+    build({**base, "denoiser": _PIXEL_UNET}).save(root / "uncond")
+    build({**base, "denoiser": {**_PIXEL_UNET, "num_classes": 10}}).save(root / "classes")
+    return root
+
+
+def test_sample_an_unconditional_pipeline_without_prompt(
+    capsys: pytest.CaptureFixture[str], small_pipelines: Path
+) -> None:
+    import numpy as np
+
+    run = small_pipelines / "uncond"
+    assert main(["sample", str(run), "--num", "3", "--threads", "1", "--quiet"]) == 0
+    data = np.load(run / "sample.npz")
+    assert data["images"].shape == (3, 16, 16) and "prompts" not in data
+    line = _error(capsys, ["sample", str(run), "--prompt", "a one"])
+    assert "no text conditioner" in line and "--num" in line
+    line = _error(capsys, ["sample", str(run), "--label", "1"])
+    assert "not class-conditioned" in line and "--label" in line
+    assert "unconditional" in _error(capsys, ["sample", str(run), "--guidance", "3"])
+
+
+def test_sample_a_class_conditioned_pipeline_with_labels(
+    capsys: pytest.CaptureFixture[str], small_pipelines: Path
+) -> None:
+    import numpy as np
+
+    run = str(small_pipelines / "classes")
+    argv = ["sample", run, "--label", "3,4", "--label", "7", "--num", "2", "--threads", "1"]
+    assert main([*argv, "--quiet"]) == 0
+    data = np.load(small_pipelines / "classes" / "sample.npz")
+    assert data["images"].shape == (6, 16, 16)
+    assert data["labels"].tolist() == [3, 3, 4, 4, 7, 7]
+    assert main([*argv, "--guidance", "2", "--null-label", "9", "--quiet"]) == 0
+    assert "give --label" in _error(capsys, ["sample", run])
+    assert "10 classes (0 to 9)" in _error(capsys, ["sample", run, "--label", "10"])
+    assert "--null-label" in _error(capsys, ["sample", run, "--label", "1", "--guidance", "2"])
+    assert "--label" in _error(capsys, ["sample", run, "--prompt", "a one"])
+    for bad in ("x", "-1", "1,,2"):
+        assert "--label" in _usage_error(capsys, ["sample", run, "--label", bad])
+
+
+def test_a_text_pipeline_refuses_labels_and_still_needs_a_prompt(
+    capsys: pytest.CaptureFixture[str], saved_pipeline: Path
+) -> None:
+    run = str(saved_pipeline)
+    assert "not class-conditioned" in _error(capsys, ["sample", run, "--label", "1"])
+    assert "give at least one --prompt" in _error(capsys, ["sample", run])
+    line = _error(capsys, ["sample", run, "--prompt", "a one", "--label", "1"])
+    assert "--prompt or --label" in line
