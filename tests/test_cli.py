@@ -320,6 +320,11 @@ def small_pipelines(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = {"data_shape": [1, 16, 16], "schedule": {"kind": "cosine"}, "steps": 1}
     build({**base, "denoiser": _PIXEL_UNET}).save(root / "uncond")
     build({**base, "denoiser": {**_PIXEL_UNET, "num_classes": 10}}).save(root / "classes")
+    rgb = {**base, "data_shape": [3, 16, 16], "denoiser": {**_PIXEL_UNET, "in_channels": 3}}
+    build(rgb).save(root / "rgb")
+    video = {"kind": "video_dit", "in_channels": 3, "patch_size": [2, 4, 4], "dim": 32}
+    video |= {"depth": 1, "num_heads": 2}
+    build({**base, "data_shape": [4, 3, 8, 8], "denoiser": video}).save(root / "rgb_video")
     return root
 
 
@@ -367,3 +372,40 @@ def test_a_text_pipeline_refuses_labels_and_still_needs_a_prompt(
     assert "give at least one --prompt" in _error(capsys, ["sample", run])
     line = _error(capsys, ["sample", run, "--prompt", "a one", "--label", "1"])
     assert "--prompt or --label" in line
+
+
+def test_sample_keeps_the_channels_of_rgb_images_and_videos(small_pipelines: Path) -> None:
+    import numpy as np
+    from PIL import Image as PILImage
+
+    run = small_pipelines / "rgb"
+    assert main(["sample", str(run), "--num", "2", "--threads", "1", "--quiet"]) == 0
+    images = np.load(run / "sample.npz")["images"]
+    assert images.shape == (2, 3, 16, 16) and images.dtype == np.float32
+    assert not np.array_equal(images[:, 0], images[:, 1])  # not one channel repeated
+    run = small_pipelines / "rgb_video"
+    assert main(["sample", str(run), "--num", "2", "--threads", "1", "--quiet"]) == 0
+    assert np.load(run / "sample.npz")["images"].shape == (2, 4, 3, 8, 8)
+    with PILImage.open(run / "sample-0.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (4 * 2 * (8 + 2), 4 * (8 + 2))
+
+
+def test_save_gif_writes_rgb_clips_in_colour_and_refuses_other_channel_counts(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from PIL import Image as PILImage
+
+    from diffkit.demo import save_gif
+
+    red = torch.full((1, 2, 3, 4, 4), -1.0)
+    red[:, :, 0] = 1.0
+    with PILImage.open(save_gif(red, tmp_path / "red.gif", scale=1)) as gif:
+        assert gif.convert("RGB").getpixel((2, 2)) == (255, 0, 0)
+        assert gif.convert("RGB").getpixel((0, 0)) == (128, 128, 128)  # the grey frame
+    grey = torch.linspace(-1, 1, 3).view(1, 3, 1, 1, 1).expand(2, 3, 1, 4, 4)  # frames differ
+    with PILImage.open(save_gif(grey, tmp_path / "grey.gif", scale=1)) as gif:
+        assert gif.n_frames == 3 and gif.size == (2 * 6, 6)
+    for shape in [(1, 2, 2, 4, 4), (1, 2, 4, 4, 4), (2, 1, 4, 4)]:
+        with pytest.raises(ValueError, match=r"1 \(grey\) or 3 \(RGB\) channels"):
+            save_gif(torch.zeros(shape), tmp_path / "bad.gif")

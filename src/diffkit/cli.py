@@ -7,7 +7,10 @@
   one from ``configs/``); a ``train_run`` config is for ``python -m diffkit.training``;
 - ``diffkit sample RUN_DIR [--prompt TEXT | --label N] ...`` loads a saved pipeline and
   samples: ``--prompt`` for a text pipeline, ``--label`` for a class-conditioned one,
-  neither (``--num`` samples) for an unconditional one;
+  neither (``--num`` samples) for an unconditional one. Next to the image it writes a
+  ``.npz``: ``images`` in [0, 1] shaped ``(n, h, w)`` for one channel and ``(n, c, h, w)``
+  for more (videos ``(n, frames, h, w)`` / ``(n, frames, c, h, w)``), and ``prompts`` or
+  ``labels`` per sample;
 - ``diffkit info RUN_DIR`` prints the component graph with shapes and parameter counts.
 
 Mistakes a user can make (a missing file, a bad config, a prompt too long, an unknown
@@ -27,6 +30,15 @@ __all__ = ["UserError", "main"]
 EXIT_USAGE = 2
 # What ``diffkit sample --out`` can write (PIL picks the format from the extension).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+# What ``diffkit sample`` writes next to the image (its --help and the module doc say it).
+SAMPLE_NPZ = (
+    "Next to the image it writes a .npz: 'images' in [0, 1], float32, shaped (n, h, w) for "
+    "one channel and (n, c, h, w) for more (videos: (n, frames, h, w) or "
+    "(n, frames, c, h, w)), in the order of the prompts / labels, --num each; 'prompts' or "
+    "'labels' per sample when given. Videos also get one GIF per prompt / label."
+)
 
 
 class UserError(Exception):
@@ -379,7 +391,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # a sampler can overshoot [-1, 1] far more than save_grid accepts: show it clamped
     clamped = samples.clamp(-1, 1)
     unit = ((clamped + 1) / 2).numpy()
-    array = unit[:, :, 0] if video else unit[:, 0]
+    channels = samples.shape[-3]
+    # SAMPLE_NPZ's layout: a single channel drops its axis, as in the demo's samples.npz
+    array = (unit[:, :, 0] if video else unit[:, 0]) if channels == 1 else unit
     extra: dict[str, Any] = {}
     if "prompts" in conditions:
         extra["prompts"] = np.asarray(conditions["prompts"])
@@ -580,7 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(trainer)
     trainer.set_defaults(func=cmd_train)
 
-    sample = sub.add_parser("sample", help="sample a saved pipeline")
+    sample = sub.add_parser(
+        "sample",
+        help="sample a saved pipeline",
+        description="Sample a saved pipeline: --prompt for a text pipeline, --label for a "
+        "class-conditioned one, neither for an unconditional one. " + SAMPLE_NPZ,
+    )
     sample.add_argument("run_dir", help="a demo/train output folder or a saved pipeline")
     sample.add_argument(
         "--prompt", action="append", default=[], help="text (repeatable); text pipelines"
