@@ -409,3 +409,16 @@ def test_save_gif_writes_rgb_clips_in_colour_and_refuses_other_channel_counts(
     for shape in [(1, 2, 2, 4, 4), (1, 2, 4, 4, 4), (2, 1, 4, 4)]:
         with pytest.raises(ValueError, match=r"1 \(grey\) or 3 \(RGB\) channels"):
             save_gif(torch.zeros(shape), tmp_path / "bad.gif")
+
+
+def test_info_draws_only_the_conditioning_a_pipeline_has(
+    capsys: pytest.CaptureFixture[str], small_pipelines: Path, saved_pipeline: Path
+) -> None:
+    assert main(["info", str(small_pipelines / "uncond")]) == 0
+    out = capsys.readouterr().out
+    assert "prompts" not in out and "cond ─┐" not in out and "noise (1, 16, 16)" in out
+    assert main(["info", str(small_pipelines / "classes")]) == 0
+    out = capsys.readouterr().out
+    assert "labels (10 classes) ─▶ cond ─┐" in out and "prompts" not in out
+    assert main(["info", str(saved_pipeline)]) == 0
+    assert "prompts ─▶ text ─▶ cond ─┐" in capsys.readouterr().out

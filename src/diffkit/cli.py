@@ -495,7 +495,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     table.add_row("total", "", "", f"{_params(pipeline):,}")
     console.print(table)
-    flow = "prompts ─▶ text ─▶ cond ─┐\n"
+    classes = _num_classes(pipeline)
+    sources = ["prompts ─▶ text"] if text is not None else []
+    sources += [f"labels ({classes} classes)"] if classes is not None else []
+    flow = f"{' + '.join(sources)} ─▶ cond ─┐\n" if sources else ""
     space = "latent" if pipeline.encoder is not None else "sample"
     flow += f"noise {fmt(latent)} ─▶ sampler ⟲ denoiser ─▶ {space} {fmt(latent)}"
     if pipeline.encoder is not None:
