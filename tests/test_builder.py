@@ -327,6 +327,33 @@ def test_parse_config_of_a_non_mapping_is_a_clear_error(value):
         parse_config(value)
 
 
+def test_a_pathlib_path_is_read_as_a_config_file(tmp_path):
+    config = parse_config(_good())
+    for name, text in (
+        ("pipe.yaml", yaml.safe_dump(config.to_dict())),
+        ("pipe.json", config.to_json()),
+    ):
+        (tmp_path / name).write_text(text)
+        assert parse_config(tmp_path / name) == config
+    assert isinstance(build(tmp_path / "pipe.yaml"), Pipeline)
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="is not a text"):
+        parse_config(tmp_path / "binary.yaml")
+
+
+def test_a_file_name_given_as_str_says_to_pass_a_path(tmp_path, monkeypatch):
+    (tmp_path / "pipe").write_text(yaml.safe_dump(_good()))
+    monkeypatch.chdir(tmp_path)
+    for name in ("pipe.yaml", "configs/pipe.yml", str(tmp_path / "pipe.json"), "pipe"):
+        with pytest.raises(ValueError, match="looks like a file path") as info:
+            build(name)
+        assert f"Path({name!r})" in str(info.value)
+    with pytest.raises(ValueError, match="the config text is empty"):
+        parse_config("")
+    with pytest.raises(ValidationError, match="valid dictionary"):
+        parse_config("cosine")  # a bare word that is no file stays pydantic's error
+
+
 def test_unknown_registry_group_is_a_clear_error():
     with pytest.raises(ValueError, match="no component registry named 'nonsense'"):
         registry("nonsense")

@@ -90,6 +90,15 @@ def test_config_of_unknown_kind(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     assert "mapping" in _error(capsys, ["train", str(path)])
 
 
+def test_train_run_config_points_at_python_m_diffkit_training(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("kind: train_run\npipeline: {}\ndata: {kind: digits}\ntrain: {steps: 2}\n")
+    line = _error(capsys, ["train", str(path)])
+    assert f"python -m diffkit.training {path}" in line and "train_run" in line
+
+
 def test_run_dir_missing_or_without_pipeline(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -267,3 +276,149 @@ def test_recipe_device_without_cuda_is_refused_before_training(
     line = _error(capsys, argv)
     assert "train.device is 'cuda', but CUDA is not available" in line
     assert not out.exists()
+
+
+def test_python_dash_m_diffkit_runs_the_command_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "diffkit", "train", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"diffkit: error: config file not found: {tmp_path}/missing.yaml"
+
+
+def test_sample_writes_into_run_dir_by_default_even_a_bare_pipeline_folder(
+    saved_pipeline: Path,
+) -> None:
+    for run_dir in (saved_pipeline, saved_pipeline / "pipeline"):
+        argv = ["sample", str(run_dir), "--prompt", "a one", "--num", "1", "--steps", "1"]
+        assert main([*argv, "--threads", "1", "--quiet"]) == 0
+        assert (run_dir / "sample.png").is_file() and (run_dir / "sample.npz").is_file()
+        (run_dir / "sample.png").unlink()
+        (run_dir / "sample.npz").unlink()
+    assert not (saved_pipeline.parent / "sample.png").exists()
+
+
+_PIXEL_UNET = {
+    "kind": "unet",
+    "in_channels": 1,
+    "base_channels": 16,
+    "channel_mult": [1, 2],
+    "blocks_per_level": 1,
+    "attention_resolutions": [],
+    "norm_groups": 8,
+    "prediction": "v",
+}
+
+
+@pytest.fixture(scope="module")
+def small_pipelines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fresh tiny pipelines: ``uncond`` (no conditioning) and ``classes`` (10 labels)."""
+    root = tmp_path_factory.mktemp("pipes")
+    base = {"data_shape": [1, 16, 16], "schedule": {"kind": "cosine"}, "steps": 1}
+    build({**base, "denoiser": _PIXEL_UNET}).save(root / "uncond")
+    build({**base, "denoiser": {**_PIXEL_UNET, "num_classes": 10}}).save(root / "classes")
+    rgb = {**base, "data_shape": [3, 16, 16], "denoiser": {**_PIXEL_UNET, "in_channels": 3}}
+    build(rgb).save(root / "rgb")
+    video = {"kind": "video_dit", "in_channels": 3, "patch_size": [2, 4, 4], "dim": 32}
+    video |= {"depth": 1, "num_heads": 2}
+    build({**base, "data_shape": [4, 3, 8, 8], "denoiser": video}).save(root / "rgb_video")
+    return root
+
+
+def test_sample_an_unconditional_pipeline_without_prompt(
+    capsys: pytest.CaptureFixture[str], small_pipelines: Path
+) -> None:
+    import numpy as np
+
+    run = small_pipelines / "uncond"
+    assert main(["sample", str(run), "--num", "3", "--threads", "1", "--quiet"]) == 0
+    data = np.load(run / "sample.npz")
+    assert data["images"].shape == (3, 16, 16) and "prompts" not in data
+    line = _error(capsys, ["sample", str(run), "--prompt", "a one"])
+    assert "no text conditioner" in line and "--num" in line
+    line = _error(capsys, ["sample", str(run), "--label", "1"])
+    assert "not class-conditioned" in line and "--label" in line
+    assert "unconditional" in _error(capsys, ["sample", str(run), "--guidance", "3"])
+
+
+def test_sample_a_class_conditioned_pipeline_with_labels(
+    capsys: pytest.CaptureFixture[str], small_pipelines: Path
+) -> None:
+    import numpy as np
+
+    run = str(small_pipelines / "classes")
+    argv = ["sample", run, "--label", "3,4", "--label", "7", "--num", "2", "--threads", "1"]
+    assert main([*argv, "--quiet"]) == 0
+    data = np.load(small_pipelines / "classes" / "sample.npz")
+    assert data["images"].shape == (6, 16, 16)
+    assert data["labels"].tolist() == [3, 3, 4, 4, 7, 7]
+    assert main([*argv, "--guidance", "2", "--null-label", "9", "--quiet"]) == 0
+    assert "give --label" in _error(capsys, ["sample", run])
+    assert "10 classes (0 to 9)" in _error(capsys, ["sample", run, "--label", "10"])
+    assert "--null-label" in _error(capsys, ["sample", run, "--label", "1", "--guidance", "2"])
+    assert "--label" in _error(capsys, ["sample", run, "--prompt", "a one"])
+    for bad in ("x", "-1", "1,,2"):
+        assert "--label" in _usage_error(capsys, ["sample", run, "--label", bad])
+
+
+def test_a_text_pipeline_refuses_labels_and_still_needs_a_prompt(
+    capsys: pytest.CaptureFixture[str], saved_pipeline: Path
+) -> None:
+    run = str(saved_pipeline)
+    assert "not class-conditioned" in _error(capsys, ["sample", run, "--label", "1"])
+    assert "give at least one --prompt" in _error(capsys, ["sample", run])
+    line = _error(capsys, ["sample", run, "--prompt", "a one", "--label", "1"])
+    assert "--prompt or --label" in line
+
+
+def test_sample_keeps_the_channels_of_rgb_images_and_videos(small_pipelines: Path) -> None:
+    import numpy as np
+    from PIL import Image as PILImage
+
+    run = small_pipelines / "rgb"
+    assert main(["sample", str(run), "--num", "2", "--threads", "1", "--quiet"]) == 0
+    images = np.load(run / "sample.npz")["images"]
+    assert images.shape == (2, 3, 16, 16) and images.dtype == np.float32
+    assert not np.array_equal(images[:, 0], images[:, 1])  # not one channel repeated
+    run = small_pipelines / "rgb_video"
+    assert main(["sample", str(run), "--num", "2", "--threads", "1", "--quiet"]) == 0
+    assert np.load(run / "sample.npz")["images"].shape == (2, 4, 3, 8, 8)
+    with PILImage.open(run / "sample-0.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (4 * 2 * (8 + 2), 4 * (8 + 2))
+
+
+def test_save_gif_writes_rgb_clips_in_colour_and_refuses_other_channel_counts(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from PIL import Image as PILImage
+
+    from diffkit.demo import save_gif
+
+    red = torch.full((1, 2, 3, 4, 4), -1.0)
+    red[:, :, 0] = 1.0
+    with PILImage.open(save_gif(red, tmp_path / "red.gif", scale=1)) as gif:
+        assert gif.convert("RGB").getpixel((2, 2)) == (255, 0, 0)
+        assert gif.convert("RGB").getpixel((0, 0)) == (128, 128, 128)  # the grey frame
+    grey = torch.linspace(-1, 1, 3).view(1, 3, 1, 1, 1).expand(2, 3, 1, 4, 4)  # frames differ
+    with PILImage.open(save_gif(grey, tmp_path / "grey.gif", scale=1)) as gif:
+        assert gif.n_frames == 3 and gif.size == (2 * 6, 6)
+    for shape in [(1, 2, 2, 4, 4), (1, 2, 4, 4, 4), (2, 1, 4, 4)]:
+        with pytest.raises(ValueError, match=r"1 \(grey\) or 3 \(RGB\) channels"):
+            save_gif(torch.zeros(shape), tmp_path / "bad.gif")
+
+
+def test_info_draws_only_the_conditioning_a_pipeline_has(
+    capsys: pytest.CaptureFixture[str], small_pipelines: Path, saved_pipeline: Path
+) -> None:
+    assert main(["info", str(small_pipelines / "uncond")]) == 0
+    out = capsys.readouterr().out
+    assert "prompts" not in out and "cond ─┐" not in out and "noise (1, 16, 16)" in out
+    assert main(["info", str(small_pipelines / "classes")]) == 0
+    out = capsys.readouterr().out
+    assert "labels (10 classes) ─▶ cond ─┐" in out and "prompts" not in out
+    assert main(["info", str(saved_pipeline)]) == 0
+    assert "prompts ─▶ text ─▶ cond ─┐" in capsys.readouterr().out

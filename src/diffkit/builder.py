@@ -24,7 +24,9 @@ Fields are read from the part configs by name (``in_channels``, ``latent_channel
 uses the same names is checked too; a check whose fields a config lacks is skipped.
 """
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
@@ -368,11 +370,12 @@ def _text_field(text: Config) -> str:
     return "token_dim" if getattr(text, "token_dim", None) is not None else "text.width"
 
 
-def build(config: PipelineConfig | Mapping[str, Any] | str) -> "Pipeline":
+def build(config: "PipelineConfig | Mapping[str, Any] | str | os.PathLike[str]") -> "Pipeline":
     """Build the [`Pipeline`][diffkit.pipeline.Pipeline] a config describes (fresh weights).
 
-    ``config`` may also be a mapping or a JSON / YAML string; it is validated (parts
-    checked against each other) before any component is built.
+    ``config`` may also be a mapping, JSON / YAML text, or a ``pathlib.Path`` to a JSON /
+    YAML file (a plain ``str`` is always text); it is validated (parts checked against
+    each other) before any component is built.
     """
     from diffkit.pipeline import Pipeline
 
@@ -397,21 +400,56 @@ def build(config: PipelineConfig | Mapping[str, Any] | str) -> "Pipeline":
     ).eval()
 
 
-def parse_config(config: PipelineConfig | Mapping[str, Any] | str) -> PipelineConfig:
-    """A validated ``PipelineConfig`` from a config, a mapping, or JSON / YAML text."""
+_CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def parse_config(
+    config: "PipelineConfig | Mapping[str, Any] | str | os.PathLike[str]",
+) -> PipelineConfig:
+    """A validated ``PipelineConfig`` from a config, a mapping, JSON / YAML text or a file.
+
+    A ``pathlib.Path`` (any ``os.PathLike``) is read as a JSON / YAML file; a ``str`` is
+    always the text itself, and one that reads as a file name is refused with the fix.
+    """
     if isinstance(config, PipelineConfig):
         return config
+    if isinstance(config, os.PathLike):
+        path = Path(config)
+        try:
+            return parse_config(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"parse_config: {path} is not a text (JSON / YAML) file") from None
     if isinstance(config, str):
         import yaml
 
         data = yaml.safe_load(config)  # YAML is a superset of JSON
+        if data is None:
+            raise ValueError("parse_config: the config text is empty (no YAML / JSON mapping)")
+        if isinstance(data, str) and _looks_like_a_path(config):
+            raise ValueError(
+                f"parse_config: {config!r} looks like a file path; a str is the config's "
+                f"YAML / JSON text: pass Path({config!r}) (or Path(...).read_text())"
+            )
         return PipelineConfig.model_validate(data)
     if not isinstance(config, Mapping):
         raise TypeError(
-            "a pipeline config must be a PipelineConfig, a mapping or JSON / YAML text, got "
-            f"{type(config).__name__}"
+            "a pipeline config must be a PipelineConfig, a mapping, JSON / YAML text or a "
+            f"pathlib.Path, got {type(config).__name__}"
         )
     return PipelineConfig.model_validate(dict(config))
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """Whether one-line config text is rather a file name (a config suffix, or a file)."""
+    name = text.strip()
+    if not name or "\n" in name:
+        return False
+    if name.lower().endswith(_CONFIG_FILE_SUFFIXES) or os.sep in name:
+        return True
+    try:
+        return Path(name).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def to_yaml(config: Config) -> str:

@@ -3,9 +3,14 @@
 - ``diffkit demo [--task image|video] [--fast] [--out DIR]`` trains the offline
   text -> image (or text -> video) recipe of [`diffkit.demo`][diffkit.demo] on the
   bundled digits and writes samples, a summary and the saved pipeline to ``DIR``;
-- ``diffkit train CONFIG.yaml [--out DIR]`` runs a recipe from a YAML file (copy one
-  from ``configs/``);
-- ``diffkit sample RUN_DIR --prompt TEXT ...`` loads a saved pipeline and samples;
+- ``diffkit train CONFIG.yaml [--out DIR]`` runs a demo recipe from a YAML file (copy
+  one from ``configs/``); a ``train_run`` config is for ``python -m diffkit.training``;
+- ``diffkit sample RUN_DIR [--prompt TEXT | --label N] ...`` loads a saved pipeline and
+  samples: ``--prompt`` for a text pipeline, ``--label`` for a class-conditioned one,
+  neither (``--num`` samples) for an unconditional one. Next to the image it writes a
+  ``.npz``: ``images`` in [0, 1] shaped ``(n, h, w)`` for one channel and ``(n, c, h, w)``
+  for more (videos ``(n, frames, h, w)`` / ``(n, frames, c, h, w)``), and ``prompts`` or
+  ``labels`` per sample;
 - ``diffkit info RUN_DIR`` prints the component graph with shapes and parameter counts.
 
 Mistakes a user can make (a missing file, a bad config, a prompt too long, an unknown
@@ -25,6 +30,15 @@ __all__ = ["UserError", "main"]
 EXIT_USAGE = 2
 # What ``diffkit sample --out`` can write (PIL picks the format from the extension).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+# What ``diffkit sample`` writes next to the image (its --help and the module doc say it).
+SAMPLE_NPZ = (
+    "Next to the image it writes a .npz: 'images' in [0, 1], float32, shaped (n, h, w) for "
+    "one channel and (n, c, h, w) for more (videos: (n, frames, h, w) or "
+    "(n, frames, c, h, w)), in the order of the prompts / labels, --num each; 'prompts' or "
+    "'labels' per sample when given. Videos also get one GIF per prompt / label."
+)
 
 
 class UserError(Exception):
@@ -70,6 +84,11 @@ def _load_recipe(path: str) -> Any:
         raise UserError(f"{path} is not valid YAML{where}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file") from None
+    if isinstance(data, dict) and data.get("kind") == "train_run":
+        raise UserError(
+            f"{path} is a train_run config: run it with `python -m diffkit.training {path}`; "
+            "`diffkit train` runs demo recipes (kind demo_image or demo_video)"
+        )
     try:
         return parse_demo_config(data)
     except ValidationError as err:
@@ -231,10 +250,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _run_recipe(config, args)
 
 
+def _num_classes(pipeline: Any) -> int | None:
+    """The denoiser's number of classes (its config's, else its label embedding's), or None."""
+    from torch import nn
+
+    classes = getattr(getattr(pipeline.config, "denoiser", None), "num_classes", None)
+    if classes is not None:
+        return int(classes)
+    embed = getattr(pipeline.denoiser, "label_embed", None)
+    return int(embed.num_embeddings) if isinstance(embed, nn.Embedding) else None
+
+
 def _check_prompts(pipeline: Any, prompts: Sequence[str]) -> None:
     text = getattr(pipeline, "text", None)
     if text is None:
-        raise UserError("this pipeline has no text conditioner; it cannot take --prompt")
+        can = "--label" if _num_classes(pipeline) is not None else "--num N unconditionally"
+        raise UserError(
+            f"this pipeline has no text conditioner; it cannot take --prompt (sample it with {can})"
+        )
     tokenizer = getattr(text, "tokenizer", None)
     limit = int(getattr(text, "context_length", 0))
     for prompt in prompts:
@@ -249,8 +282,77 @@ def _check_prompts(pipeline: Any, prompts: Sequence[str]) -> None:
                 )
 
 
+def _check_labels(pipeline: Any, labels: Sequence[int], null_label: int | None) -> int:
+    """Refuse ``--label`` / ``--null-label`` the pipeline cannot take; its class count."""
+    classes = _num_classes(pipeline)
+    if classes is None:
+        option = "--label" if labels else "--null-label"
+        raise UserError(
+            f"this pipeline is not class-conditioned (its denoiser has no num_classes); it "
+            f"cannot take {option}"
+        )
+    for option, values in (("--label", labels), ("--null-label", [null_label])):
+        for value in values:
+            if value is not None and not 0 <= value < classes:
+                raise UserError(
+                    f"{option} {value} is out of range: the denoiser has {classes} classes "
+                    f"(0 to {classes - 1})"
+                )
+    return classes
+
+
+def _conditions(args: argparse.Namespace, pipeline: Any) -> tuple[dict[str, Any], list[str]]:
+    """``Pipeline.generate`` keywords for the asked conditions, and one name per group."""
+    import torch
+
+    from diffkit.protocols import Conditioning
+
+    labels = [label for group in args.label for label in group]
+    classes = _num_classes(pipeline)
+    if pipeline.text is not None and classes is not None:
+        raise UserError(
+            "this pipeline is conditioned on both text and class labels; diffkit sample "
+            "takes one of them: use Pipeline.generate(cond=...) from Python"
+        )
+    if args.prompt and labels:
+        raise UserError("pass --prompt or --label, not both")
+    if args.prompt:
+        _check_prompts(pipeline, args.prompt)
+        if args.null_label is not None:
+            _check_labels(pipeline, [], args.null_label)
+        prompts = [p for p in args.prompt for _ in range(args.num)]
+        return {"prompts": prompts}, [repr(p) for p in args.prompt]
+    if labels or args.null_label is not None:
+        _check_labels(pipeline, labels, args.null_label)
+    if labels:
+        guidance = args.guidance if args.guidance is not None else pipeline.config.guidance
+        if guidance != 1 and args.null_label is None:
+            raise UserError(
+                f"guidance {guidance:g} on a class-conditioned pipeline needs --null-label "
+                "(the 'no label' class it was trained to drop labels to); or pass --guidance 1"
+            )
+        repeated = torch.tensor([c for c in labels for _ in range(args.num)], dtype=torch.long)
+        keywords: dict[str, Any] = {"cond": Conditioning(labels=repeated)}
+        if args.null_label is not None and guidance != 1:
+            keywords["uncond"] = Conditioning(labels=torch.tensor([args.null_label]))
+        return keywords, [f"label {c}" for c in labels]
+    if pipeline.text is not None:
+        raise UserError("give at least one --prompt (this pipeline is text-conditioned)")
+    if classes is not None:
+        raise UserError(
+            f"this pipeline is class-conditioned ({classes} classes); give --label, e.g. "
+            "--label 3 or --label 0,1,2"
+        )
+    if args.guidance is not None and args.guidance != 1:
+        raise UserError(
+            "this pipeline is unconditional (no text conditioner, no class labels): "
+            "--guidance has nothing to guide towards; leave it out"
+        )
+    return {"num_samples": args.num}, ["unconditional"]
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    """``diffkit sample RUN_DIR --prompt ...``: sample a saved pipeline."""
+    """``diffkit sample RUN_DIR [--prompt ... | --label ...]``: sample a saved pipeline."""
     import numpy as np
     import torch
 
@@ -266,8 +368,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.num < 1:
         raise UserError(f"--num must be at least 1, got {args.num}")
-    if not args.prompt:
-        raise UserError("give at least one --prompt")
     if args.out and Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(
             f"--out {args.out}: unknown image extension {Path(args.out).suffix or '(none)'}; "
@@ -275,13 +375,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     _threads(args.threads)
     pipeline = _load_pipeline(args.run_dir)
-    _check_prompts(pipeline, args.prompt)
-    out = Path(args.out) if args.out else _pipeline_dir(args.run_dir).parent / "sample.png"
+    conditions, groups = _conditions(args, pipeline)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "sample.png"
     _make_folder(out.parent)
-    prompts = [p for p in args.prompt for _ in range(args.num)]
     generator = torch.Generator().manual_seed(args.seed)
     samples = pipeline.generate(
-        prompts,
+        **conditions,
         steps=args.steps,
         guidance=args.guidance,
         sampler=args.sampler,
@@ -292,20 +391,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # a sampler can overshoot [-1, 1] far more than save_grid accepts: show it clamped
     clamped = samples.clamp(-1, 1)
     unit = ((clamped + 1) / 2).numpy()
-    array = unit[:, :, 0] if video else unit[:, 0]
+    channels = samples.shape[-3]
+    # SAMPLE_NPZ's layout: a single channel drops its axis, as in the demo's samples.npz
+    array = (unit[:, :, 0] if video else unit[:, 0]) if channels == 1 else unit
+    extra: dict[str, Any] = {}
+    if "prompts" in conditions:
+        extra["prompts"] = np.asarray(conditions["prompts"])
+    if "cond" in conditions:
+        extra["labels"] = conditions["cond"].labels.numpy()
     try:
         if video:
             save_grid(clamped, out)
-            for i, prompt in enumerate(args.prompt):
+            for i, group in enumerate(groups):
                 gif = out.with_name(f"{out.stem}-{i}.gif")
                 save_gif(samples[i * args.num : (i + 1) * args.num], gif)
-                console.print(f"{prompt!r} → {gif}")
+                console.print(f"{group} → {gif}")
         else:
             save_grid(clamped, out, nrow=args.num)
-        np.savez(out.with_suffix(".npz"), images=array, prompts=np.asarray(prompts))
+        np.savez(out.with_suffix(".npz"), images=array, **extra)
     except OSError as err:
         raise UserError(f"cannot write {err.filename or out}: {err.strerror or err}") from None
-    console.print(f"{len(prompts)} samples → {out} (and {out.with_suffix('.npz').name})")
+    console.print(f"{len(samples)} samples → {out} (and {out.with_suffix('.npz').name})")
     return 0
 
 
@@ -389,7 +495,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     table.add_row("total", "", "", f"{_params(pipeline):,}")
     console.print(table)
-    flow = "prompts ─▶ text ─▶ cond ─┐\n"
+    classes = _num_classes(pipeline)
+    sources = ["prompts ─▶ text"] if text is not None else []
+    sources += [f"labels ({classes} classes)"] if classes is not None else []
+    flow = f"{' + '.join(sources)} ─▶ cond ─┐\n" if sources else ""
     space = "latent" if pipeline.encoder is not None else "sample"
     flow += f"noise {fmt(latent)} ─▶ sampler ⟲ denoiser ─▶ {space} {fmt(latent)}"
     if pipeline.encoder is not None:
@@ -419,6 +528,25 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
+
+
+def _label(text: str) -> int:
+    """An argparse ``type``: a class label, an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _labels(text: str) -> list[int]:
+    """An argparse ``type``: class labels, comma-separated integers >= 0."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"must be integers >= 0 separated by commas, got {text!r}")
+    return [_label(part) for part in parts]
 
 
 def _seed(text: str) -> int:
@@ -461,14 +589,42 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     trainer = sub.add_parser("train", help="run a recipe from a YAML config (see configs/)")
-    trainer.add_argument("config", help="recipe YAML (kind: demo_image or demo_video)")
+    trainer.add_argument(
+        "config",
+        help="recipe YAML (kind: demo_image or demo_video; a train_run config is for "
+        "`python -m diffkit.training`)",
+    )
     _add_run_options(trainer)
     trainer.set_defaults(func=cmd_train)
 
-    sample = sub.add_parser("sample", help="sample a saved pipeline")
+    sample = sub.add_parser(
+        "sample",
+        help="sample a saved pipeline",
+        description="Sample a saved pipeline: --prompt for a text pipeline, --label for a "
+        "class-conditioned one, neither for an unconditional one. " + SAMPLE_NPZ,
+    )
     sample.add_argument("run_dir", help="a demo/train output folder or a saved pipeline")
-    sample.add_argument("--prompt", action="append", default=[], help="text (repeatable)")
-    sample.add_argument("--num", type=int, default=4, help="samples per prompt")
+    sample.add_argument(
+        "--prompt", action="append", default=[], help="text (repeatable); text pipelines"
+    )
+    sample.add_argument(
+        "--label",
+        action="append",
+        type=_labels,
+        default=[],
+        help="class labels, e.g. 3 or 0,1,2 (repeatable); class-conditioned pipelines",
+    )
+    sample.add_argument(
+        "--null-label",
+        type=_label,
+        help="the 'no label' class, for guidance != 1 with --label",
+    )
+    sample.add_argument(
+        "--num",
+        type=int,
+        default=4,
+        help="samples per prompt or label (an unconditional pipeline: samples)",
+    )
     sample.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's)")
     sample.add_argument("--sampler", help="name in diffkit.samplers.REGISTRY, e.g. dpmpp_2m")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")

@@ -1339,12 +1339,22 @@ def _slug(text: str) -> str:
 def save_gif(
     videos: Tensor, path: str | os.PathLike[str], *, scale: int = 4, duration_ms: int = 150
 ) -> Path:
-    """Animate clips ``(n, frames, 1, h, w)`` in [-1, 1] side by side as a looping GIF."""
+    """Animate clips ``(n, frames, c, h, w)``, c 1 (grey) or 3 (RGB), in [-1, 1] as a GIF.
+
+    The clips play side by side, each framed by a grey pixel, and loop.
+    """
     from PIL import Image as PILImage
 
-    unit = _to_unit(videos)[:, :, 0]  # (n, f, h, w)
+    if videos.ndim != 5 or videos.shape[2] not in (1, 3):
+        raise ValueError(
+            "save_gif: videos must be (n, frames, channels, h, w) with 1 (grey) or 3 (RGB) "
+            f"channels, got shape {tuple(videos.shape)}"
+        )
+    unit = _to_unit(videos)
     padded = F.pad(unit, (1, 1, 1, 1), value=0.5)
-    frames = rearrange(padded, "n f h w -> f h (n w)")
+    frames = rearrange(padded, "n f c h w -> f h (n w) c")
+    if frames.shape[-1] == 1:
+        frames = frames[..., 0]  # (f, h, n w): PIL's 8-bit grey
     pictures = []
     for frame in frames:
         array = (frame.numpy() * 255).round().astype(np.uint8)
