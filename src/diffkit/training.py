@@ -17,7 +17,8 @@ every 30 s instead), appends to ``log.jsonl`` (and TensorBoard when it is instal
 saves sample grids, and writes checkpoints atomically with optimizer, EMA, step and RNG
 states (every rank's torch RNG, gathered to rank 0); ``resume=True`` continues from the
 newest one and gives the same losses as a run that was never interrupted on the same
-number of processes.
+number of processes (and the same ``log.jsonl``: what the interrupted run logged after
+that checkpoint is cut first, and TensorBoard purges it).
 
 [`train_pipeline`][diffkit.training.train_pipeline] trains a built
 [`Pipeline`][diffkit.pipeline.Pipeline] (captions through its text conditioner, data
@@ -33,6 +34,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -411,21 +413,29 @@ def _progress_bar(
 
 
 class _Logger:
-    """Rank-0 logging to ``log.jsonl`` and, when installed, TensorBoard."""
+    """Rank-0 logging to ``log.jsonl`` and, when installed, TensorBoard.
 
-    def __init__(self, folder: Path | None, tensorboard: bool) -> None:
+    A run that starts at step ``start`` (a resume, or 0) first drops what an earlier,
+    interrupted run logged after that step, so that each step is logged once: the
+    records of ``log.jsonl`` past ``start`` are cut (the file is rewritten atomically)
+    and TensorBoard purges its events past ``start`` (``purge_step``).
+    """
+
+    def __init__(self, folder: Path | None, tensorboard: bool, start: int = 0) -> None:
         self.file = None
         self.writer: Any = None
         if folder is None:
             return
         folder.mkdir(parents=True, exist_ok=True)
+        _cut_log(folder / "log.jsonl", start)
         self.file = open(folder / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 return
-            self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
+            # records are logged at step start + 1 onwards: TensorBoard drops events >= it
+            self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"), purge_step=start + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.file is not None:
@@ -441,6 +451,42 @@ class _Logger:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _cut_log(path: Path, start: int) -> None:
+    """Keep only the records of ``path`` (a ``log.jsonl``) up to step ``start``, atomically.
+
+    The rest were logged by an interrupted run after the checkpoint this run resumes
+    from (or, at ``start`` 0, by a run that left no checkpoint); this run logs those
+    steps again. A line that is not a record (one cut short by a crash) is dropped too.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if (step := _record_step(line)) is not None and step <= start]
+    if len(kept) == len(lines) and (not lines or lines[-1].endswith("\n")):
+        return
+    fd, temp = tempfile.mkstemp(prefix=".log.jsonl.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(temp, path.stat().st_mode & 0o777)  # mkstemp's file is private (0600)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _record_step(line: str) -> int | None:
+    """The ``step`` of one ``log.jsonl`` line; None when it is not a record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 class _EpochBatches:
@@ -633,7 +679,7 @@ def train(
         uncond = uncond.map(lambda t: t.to(device))
 
     main = info.is_main
-    logger = _Logger(out, config.tensorboard) if main else _Logger(None, False)
+    logger = _Logger(out, config.tensorboard, start) if main else _Logger(None, False)
     bar = None
     if main and config.progress and start < config.steps:
         bar = _progress_bar(config.steps, "train", initial=start, dynamic_ncols=True)
