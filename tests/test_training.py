@@ -499,6 +499,19 @@ def test_dataloader_workers_feed_the_same_batches(digits):
     assert workers.losses == inline.losses
 
 
+def test_sample_every_without_an_output_dir_is_refused_naming_both(digits) -> None:
+    called = []
+
+    def sample(model, generator):
+        called.append(1)
+        return torch.zeros(4, 1, 8, 8)
+
+    config = _config(steps=2, sample_every=1)  # valid alone: a run file's output_dir may come later
+    with pytest.raises(ValueError, match=r"sample_every \(1\) saves .* output_dir is None"):
+        train(_fresh(0), Cosine(), digits, config, sample=sample)
+    assert called == []
+
+
 def test_train_config_refuses_settings_that_would_be_ignored() -> None:
     with pytest.raises(ValidationError, match="lr_schedule='constant' it would be ignored"):
         TrainConfig(steps=10, lr=1e-3, min_lr=1e-4)

@@ -145,7 +145,7 @@ class TrainConfig(Config):
     sample_every: int | None = Field(
         default=None,
         ge=1,
-        description="save a sample grid every this many steps (needs a sample fn)",
+        description="save a sample grid every this many steps (needs a sample fn and output_dir)",
     )
     num_workers: int = Field(
         default=0, ge=0, description="DataLoader worker processes; 0: load in the training process"
@@ -625,6 +625,13 @@ def train(
     shards = [info.rank * accum + j for j in range(accum)]
     if config.sample_every is not None and sample is None:
         raise ValueError("sample_every is set but no sample function was given")
+    if config.sample_every is not None and config.output_dir is None:
+        # (not refused by TrainConfig itself: a run file may get output_dir on the command line)
+        raise ValueError(
+            f"sample_every ({config.sample_every}) saves sample grids under "
+            "output_dir/samples, but output_dir is None, so none would be made; set "
+            "output_dir or leave sample_every out"
+        )
     out = Path(config.output_dir) if config.output_dir is not None else None
     ckpt_dir = out / "checkpoints" if out is not None else None
     if ckpt_dir is not None and not config.resume:
