@@ -3,6 +3,7 @@
 import io
 import itertools
 import json
+import os
 import statistics
 import sys
 import types
@@ -510,6 +511,50 @@ def test_sample_every_without_an_output_dir_is_refused_naming_both(digits) -> No
     with pytest.raises(ValueError, match=r"sample_every \(1\) saves .* output_dir is None"):
         train(_fresh(0), Cosine(), digits, config, sample=sample)
     assert called == []
+
+
+class _PidCaptions(torch.utils.data.Dataset):
+    """Digits whose captions name the process that loaded them."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {**self.items[i], "caption": str(os.getpid())}
+
+
+def test_dataloader_workers_start_once_and_resume_exactly(tmp_path, digits):
+    data = _PidCaptions(torch.utils.data.Subset(digits, range(16)))  # 2 steps per epoch
+    inline = train(_fresh(0), Cosine(), data, _config(), condition=_labels, uncond=NULL)
+    loaders: set[str] = set()
+
+    def labels_noting_loaders(batch):
+        loaders.update(batch.captions)
+        return _labels(batch)
+
+    config = _config(num_workers=2)
+    workers = train(_fresh(0), Cosine(), data, config, condition=labels_noting_loaders, uncond=NULL)
+    assert workers.losses == inline.losses
+    # 6 steps are 3 epochs: the 2 workers start once, not once per epoch (6 processes).
+    assert len(loaders) == 2 and str(os.getpid()) not in loaders
+
+    calls = 0
+
+    def dies_in_step_five(batch):
+        nonlocal calls
+        calls += 1
+        if calls > 8:
+            raise Interrupted
+        return _labels(batch)
+
+    config = _config(tmp_path, num_workers=2, checkpoint_every=3)  # resumes mid-epoch
+    with pytest.raises(Interrupted):
+        train(_fresh(0), Cosine(), data, config, condition=dies_in_step_five, uncond=NULL)
+    resumed = train(_fresh(7), Cosine(), data, config, condition=_labels, uncond=NULL)
+    assert resumed.start_step == 3 and resumed.losses == inline.losses[3:]
 
 
 def test_train_config_refuses_settings_that_would_be_ignored() -> None:

@@ -36,7 +36,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 
@@ -531,30 +531,46 @@ class _EpochBatches:
 
     def stream(
         self, dataset: Dataset[Any], start: int, stop: int, num_workers: int, pin: bool
-    ) -> Iterator[list[tuple[int, Batch]]]:
-        """For each step from ``start`` to ``stop``: this process's ``(shard, batch)`` pairs."""
-        step = start
-        while step < stop:
-            epoch = step // self.steps_per_epoch
-            last = min(stop, (epoch + 1) * self.steps_per_epoch)
-            if num_workers == 0:
-                for k in range(step, last):
-                    yield [(s, collate([dataset[i] for i in idx])) for s, idx in self.at(k)]
-            else:
-                order = [idx for k in range(step, last) for _, idx in self.at(k)]
-                loader = DataLoader(
-                    dataset,
-                    batch_sampler=order,
-                    collate_fn=collate,
-                    num_workers=num_workers,
-                    pin_memory=pin,
-                    # its own generator: worker seeding must not draw from the global RNG
-                    generator=torch.Generator().manual_seed(self.seed + epoch),
-                )
-                items = iter(loader)
-                for _ in range(step, last):
-                    yield [(s, next(items)) for s in self.shards]
-            step = last
+    ) -> Generator[list[tuple[int, Batch]], None, None]:
+        """For each step from ``start`` to ``stop``: this process's ``(shard, batch)`` pairs.
+
+        With workers, one ``DataLoader`` reads every step (its workers start once, not
+        once per epoch), in the same order as the inline path.
+        """
+        if num_workers == 0:
+            for k in range(start, stop):
+                yield [(s, collate([dataset[i] for i in idx])) for s, idx in self.at(k)]
+            return
+        loader = DataLoader(
+            dataset,
+            batch_sampler=_StepBatches(self, start, stop),
+            collate_fn=collate,
+            num_workers=num_workers,
+            pin_memory=pin,
+            # its own generator: worker seeding must not draw from the global RNG
+            generator=torch.Generator().manual_seed(self.seed + start // self.steps_per_epoch),
+        )
+        items = iter(loader)
+        try:
+            for _ in range(start, stop):
+                yield [(s, next(items)) for s in self.shards]
+        finally:
+            del items  # shuts the workers down now, not when the generator is collected
+
+
+class _StepBatches:
+    """A ``batch_sampler``: the index batches of steps ``start`` to ``stop``, shard by shard."""
+
+    def __init__(self, batches: _EpochBatches, start: int, stop: int) -> None:
+        self.batches, self.start, self.stop = batches, start, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in range(self.start, self.stop):
+            for _, idx in self.batches.at(k):
+                yield idx
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * len(self.batches.shards)
 
 
 @_leaves_what_it_joins
@@ -798,6 +814,7 @@ def train(
                 if ddp is not None:
                     dist.barrier()
     finally:
+        stream.close()  # stops any DataLoader workers
         if bar is not None:
             bar.close()
         logger.close()
