@@ -3,8 +3,12 @@
 import io
 import itertools
 import json
+import os
 import statistics
+import sys
+import types
 import warnings
+from typing import ClassVar
 
 import pytest
 import torch
@@ -145,6 +149,67 @@ def test_resume_after_interruption_gives_the_same_next_losses_exactly(tmp_path, 
     assert resumed.ema is not None and again.ema is not None
     for a, b in zip(resumed.ema.state_dict().values(), again.ema.state_dict().values()):
         assert torch.equal(a, b)
+
+
+class _RecordingSummaryWriter:
+    """Stands in for TensorBoard's SummaryWriter: records how it was opened and what it got."""
+
+    opened: ClassVar[list[dict]] = []
+
+    def __init__(self, **kwargs):
+        self.opened.append(kwargs)
+
+    def add_scalar(self, tag, value, step):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_resumed_run_logs_each_step_once_like_an_uninterrupted_run(tmp_path, digits, monkeypatch):
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _RecordingSummaryWriter  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    monkeypatch.setattr(_RecordingSummaryWriter, "opened", [])
+
+    def steps_and_losses(folder):
+        lines = (folder / "log.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+    config = dict(checkpoint_every=3, log_every=1, tensorboard=True)
+    whole = tmp_path / "whole"
+    train(_fresh(0), Cosine(), digits, _config(whole, **config), condition=_labels, uncond=NULL)
+
+    calls = 0
+
+    def dies_in_step_six(batch):
+        nonlocal calls
+        calls += 1
+        if calls > 10:  # two micro-batches per step: steps 1-5 are logged, the checkpoint is 3
+            raise Interrupted
+        return _labels(batch)
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        train(
+            _fresh(0),
+            Cosine(),
+            digits,
+            _config(cut, **config),
+            condition=dies_in_step_six,
+            uncond=NULL,
+        )
+    assert [s for s, _ in steps_and_losses(cut)] == [1, 2, 3, 4, 5]
+    (cut / "log.jsonl").open("a").write('{"step": 6, "lo')  # a record cut short by the crash
+    resumed = train(
+        _fresh(7), Cosine(), digits, _config(cut, **config), condition=_labels, uncond=NULL
+    )
+    assert resumed.start_step == 3
+    assert [s for s, _ in steps_and_losses(cut)] == [1, 2, 3, 4, 5, 6]
+    assert steps_and_losses(cut) == steps_and_losses(whole)  # the same losses, bit for bit
+    assert not [p for p in cut.iterdir() if p.name.endswith(".tmp")]
+    # TensorBoard drops its own events past the checkpoint: the resumed run logs from step 4.
+    assert [w["purge_step"] for w in _RecordingSummaryWriter.opened] == [1, 1, 4]
 
 
 def test_resume_applies_changed_adamw_settings_and_names_them(tmp_path, digits, monkeypatch):
@@ -433,6 +498,63 @@ def test_dataloader_workers_feed_the_same_batches(digits):
         uncond=NULL,
     )
     assert workers.losses == inline.losses
+
+
+def test_sample_every_without_an_output_dir_is_refused_naming_both(digits) -> None:
+    called = []
+
+    def sample(model, generator):
+        called.append(1)
+        return torch.zeros(4, 1, 8, 8)
+
+    config = _config(steps=2, sample_every=1)  # valid alone: a run file's output_dir may come later
+    with pytest.raises(ValueError, match=r"sample_every \(1\) saves .* output_dir is None"):
+        train(_fresh(0), Cosine(), digits, config, sample=sample)
+    assert called == []
+
+
+class _PidCaptions(torch.utils.data.Dataset):
+    """Digits whose captions name the process that loaded them."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {**self.items[i], "caption": str(os.getpid())}
+
+
+def test_dataloader_workers_start_once_and_resume_exactly(tmp_path, digits):
+    data = _PidCaptions(torch.utils.data.Subset(digits, range(16)))  # 2 steps per epoch
+    inline = train(_fresh(0), Cosine(), data, _config(), condition=_labels, uncond=NULL)
+    loaders: set[str] = set()
+
+    def labels_noting_loaders(batch):
+        loaders.update(batch.captions)
+        return _labels(batch)
+
+    config = _config(num_workers=2)
+    workers = train(_fresh(0), Cosine(), data, config, condition=labels_noting_loaders, uncond=NULL)
+    assert workers.losses == inline.losses
+    # 6 steps are 3 epochs: the 2 workers start once, not once per epoch (6 processes).
+    assert len(loaders) == 2 and str(os.getpid()) not in loaders
+
+    calls = 0
+
+    def dies_in_step_five(batch):
+        nonlocal calls
+        calls += 1
+        if calls > 8:
+            raise Interrupted
+        return _labels(batch)
+
+    config = _config(tmp_path, num_workers=2, checkpoint_every=3)  # resumes mid-epoch
+    with pytest.raises(Interrupted):
+        train(_fresh(0), Cosine(), data, config, condition=dies_in_step_five, uncond=NULL)
+    resumed = train(_fresh(7), Cosine(), data, config, condition=_labels, uncond=NULL)
+    assert resumed.start_step == 3 and resumed.losses == inline.losses[3:]
 
 
 def test_train_config_refuses_settings_that_would_be_ignored() -> None:

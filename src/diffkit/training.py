@@ -17,7 +17,8 @@ every 30 s instead), appends to ``log.jsonl`` (and TensorBoard when it is instal
 saves sample grids, and writes checkpoints atomically with optimizer, EMA, step and RNG
 states (every rank's torch RNG, gathered to rank 0); ``resume=True`` continues from the
 newest one and gives the same losses as a run that was never interrupted on the same
-number of processes.
+number of processes (and the same ``log.jsonl``: what the interrupted run logged after
+that checkpoint is cut first, and TensorBoard purges it).
 
 [`train_pipeline`][diffkit.training.train_pipeline] trains a built
 [`Pipeline`][diffkit.pipeline.Pipeline] (captions through its text conditioner, data
@@ -33,8 +34,9 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 
@@ -143,7 +145,7 @@ class TrainConfig(Config):
     sample_every: int | None = Field(
         default=None,
         ge=1,
-        description="save a sample grid every this many steps (needs a sample fn)",
+        description="save a sample grid every this many steps (needs a sample fn and output_dir)",
     )
     num_workers: int = Field(
         default=0, ge=0, description="DataLoader worker processes; 0: load in the training process"
@@ -411,21 +413,29 @@ def _progress_bar(
 
 
 class _Logger:
-    """Rank-0 logging to ``log.jsonl`` and, when installed, TensorBoard."""
+    """Rank-0 logging to ``log.jsonl`` and, when installed, TensorBoard.
 
-    def __init__(self, folder: Path | None, tensorboard: bool) -> None:
+    A run that starts at step ``start`` (a resume, or 0) first drops what an earlier,
+    interrupted run logged after that step, so that each step is logged once: the
+    records of ``log.jsonl`` past ``start`` are cut (the file is rewritten atomically)
+    and TensorBoard purges its events past ``start`` (``purge_step``).
+    """
+
+    def __init__(self, folder: Path | None, tensorboard: bool, start: int = 0) -> None:
         self.file = None
         self.writer: Any = None
         if folder is None:
             return
         folder.mkdir(parents=True, exist_ok=True)
+        _cut_log(folder / "log.jsonl", start)
         self.file = open(folder / "log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 return
-            self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
+            # records are logged at step start + 1 onwards: TensorBoard drops events >= it
+            self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"), purge_step=start + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.file is not None:
@@ -441,6 +451,42 @@ class _Logger:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _cut_log(path: Path, start: int) -> None:
+    """Keep only the records of ``path`` (a ``log.jsonl``) up to step ``start``, atomically.
+
+    The rest were logged by an interrupted run after the checkpoint this run resumes
+    from (or, at ``start`` 0, by a run that left no checkpoint); this run logs those
+    steps again. A line that is not a record (one cut short by a crash) is dropped too.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if (step := _record_step(line)) is not None and step <= start]
+    if len(kept) == len(lines) and (not lines or lines[-1].endswith("\n")):
+        return
+    fd, temp = tempfile.mkstemp(prefix=".log.jsonl.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(temp, path.stat().st_mode & 0o777)  # mkstemp's file is private (0600)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _record_step(line: str) -> int | None:
+    """The ``step`` of one ``log.jsonl`` line; None when it is not a record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 class _EpochBatches:
@@ -485,30 +531,46 @@ class _EpochBatches:
 
     def stream(
         self, dataset: Dataset[Any], start: int, stop: int, num_workers: int, pin: bool
-    ) -> Iterator[list[tuple[int, Batch]]]:
-        """For each step from ``start`` to ``stop``: this process's ``(shard, batch)`` pairs."""
-        step = start
-        while step < stop:
-            epoch = step // self.steps_per_epoch
-            last = min(stop, (epoch + 1) * self.steps_per_epoch)
-            if num_workers == 0:
-                for k in range(step, last):
-                    yield [(s, collate([dataset[i] for i in idx])) for s, idx in self.at(k)]
-            else:
-                order = [idx for k in range(step, last) for _, idx in self.at(k)]
-                loader = DataLoader(
-                    dataset,
-                    batch_sampler=order,
-                    collate_fn=collate,
-                    num_workers=num_workers,
-                    pin_memory=pin,
-                    # its own generator: worker seeding must not draw from the global RNG
-                    generator=torch.Generator().manual_seed(self.seed + epoch),
-                )
-                items = iter(loader)
-                for _ in range(step, last):
-                    yield [(s, next(items)) for s in self.shards]
-            step = last
+    ) -> Generator[list[tuple[int, Batch]], None, None]:
+        """For each step from ``start`` to ``stop``: this process's ``(shard, batch)`` pairs.
+
+        With workers, one ``DataLoader`` reads every step (its workers start once, not
+        once per epoch), in the same order as the inline path.
+        """
+        if num_workers == 0:
+            for k in range(start, stop):
+                yield [(s, collate([dataset[i] for i in idx])) for s, idx in self.at(k)]
+            return
+        loader = DataLoader(
+            dataset,
+            batch_sampler=_StepBatches(self, start, stop),
+            collate_fn=collate,
+            num_workers=num_workers,
+            pin_memory=pin,
+            # its own generator: worker seeding must not draw from the global RNG
+            generator=torch.Generator().manual_seed(self.seed + start // self.steps_per_epoch),
+        )
+        items = iter(loader)
+        try:
+            for _ in range(start, stop):
+                yield [(s, next(items)) for s in self.shards]
+        finally:
+            del items  # shuts the workers down now, not when the generator is collected
+
+
+class _StepBatches:
+    """A ``batch_sampler``: the index batches of steps ``start`` to ``stop``, shard by shard."""
+
+    def __init__(self, batches: _EpochBatches, start: int, stop: int) -> None:
+        self.batches, self.start, self.stop = batches, start, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in range(self.start, self.stop):
+            for _, idx in self.batches.at(k):
+                yield idx
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * len(self.batches.shards)
 
 
 @_leaves_what_it_joins
@@ -579,6 +641,13 @@ def train(
     shards = [info.rank * accum + j for j in range(accum)]
     if config.sample_every is not None and sample is None:
         raise ValueError("sample_every is set but no sample function was given")
+    if config.sample_every is not None and config.output_dir is None:
+        # (not refused by TrainConfig itself: a run file may get output_dir on the command line)
+        raise ValueError(
+            f"sample_every ({config.sample_every}) saves sample grids under "
+            "output_dir/samples, but output_dir is None, so none would be made; set "
+            "output_dir or leave sample_every out"
+        )
     out = Path(config.output_dir) if config.output_dir is not None else None
     ckpt_dir = out / "checkpoints" if out is not None else None
     if ckpt_dir is not None and not config.resume:
@@ -633,7 +702,7 @@ def train(
         uncond = uncond.map(lambda t: t.to(device))
 
     main = info.is_main
-    logger = _Logger(out, config.tensorboard) if main else _Logger(None, False)
+    logger = _Logger(out, config.tensorboard, start) if main else _Logger(None, False)
     bar = None
     if main and config.progress and start < config.steps:
         bar = _progress_bar(config.steps, "train", initial=start, dynamic_ncols=True)
@@ -745,6 +814,7 @@ def train(
                 if ddp is not None:
                     dist.barrier()
     finally:
+        stream.close()  # stops any DataLoader workers
         if bar is not None:
             bar.close()
         logger.close()
