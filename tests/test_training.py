@@ -470,6 +470,41 @@ def test_train_pipeline_on_labels_in_a_latent_space(digits):
         train_pipeline(pipeline, DigitsDataset(16), config, condition="labels", null_label=10)
 
 
+def test_training_gives_the_denoiser_back_in_the_mode_it_came_in(digits):
+    """A pipeline trained in-process samples deterministically afterwards (dropout off)."""
+    from diffkit.builder import PipelineConfig, build
+    from diffkit.training import train_pipeline
+
+    pipeline = build(
+        PipelineConfig(
+            data_shape=(1, 8, 8),
+            schedule={"kind": "cosine"},
+            denoiser={
+                "kind": "unet",
+                "in_channels": 1,
+                "base_channels": 8,
+                "channel_mult": [1],
+                "attention_resolutions": [],
+                "norm_groups": 4,
+                "attention_head_dim": 8,
+                "dropout": 0.3,
+            },
+            steps=3,
+        )
+    )
+    assert not pipeline.denoiser.training  # build gives eval mode
+    train_pipeline(pipeline, digits, _config(steps=2), condition="none")
+    assert not pipeline.denoiser.training
+    draws = [
+        pipeline.generate(num_samples=2, generator=torch.Generator().manual_seed(0))
+        for _ in range(2)
+    ]
+    assert torch.equal(draws[0], draws[1])
+    pipeline.denoiser.train()
+    train_pipeline(pipeline, digits, _config(steps=1), condition="none")
+    assert pipeline.denoiser.training  # and a module in train mode stays so
+
+
 def test_run_config_round_trips_through_yaml_and_names_bad_fields():
     from diffkit.training import TrainRunConfig
 

@@ -711,6 +711,7 @@ def train(
     written: list[Path] = []
     window_start, window_items = time.perf_counter(), 0
     started = time.perf_counter()
+    was_training = denoiser.training  # given back as it came (a pipeline samples in eval)
     try:
         for step in range(start, config.steps):
             lr = learning_rate(config, step)
@@ -814,6 +815,7 @@ def train(
                 if ddp is not None:
                     dist.barrier()
     finally:
+        denoiser.train(was_training)
         stream.close()  # stops any DataLoader workers
         if bar is not None:
             bar.close()
@@ -901,7 +903,6 @@ def _save_samples(
 ConditionMode = Literal["auto", "text", "labels", "none"]
 
 
-@_leaves_what_it_joins
 def _reapply_adam_hparams(
     optimizer: torch.optim.Optimizer, config: TrainConfig, found: Path
 ) -> None:
@@ -930,6 +931,7 @@ def _reapply_adam_hparams(
         )
 
 
+@_leaves_what_it_joins
 def train_pipeline(
     pipeline: "Pipeline",
     dataset: Dataset[Any],
