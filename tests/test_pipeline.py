@@ -487,3 +487,27 @@ def test_prompts_as_a_tuple_and_noise_at_another_resolution_still_work(text_pipe
     assert out.shape == (2, 1, 16, 16)
     z = text_pipeline.generate("a", noise=torch.randn(1, 4, 4, 4), decode=False)
     assert z.shape == (1, 4, 4, 4)
+
+
+def test_save_writes_the_live_encoder_factors_and_sampler(tmp_path):
+    torch.manual_seed(0)
+    pipeline = build(_text_latent_config())
+    pipeline.encoder.scaling_factor, pipeline.encoder.shift_factor = 1.7, 0.3
+    pipeline.sampler = REGISTRY["ddim"]()
+    loaded = Pipeline.load(pipeline.save(tmp_path / "p"))
+    assert (loaded.encoder.scaling_factor, loaded.encoder.shift_factor) == (1.7, 0.3)
+    assert loaded.sampler == pipeline.sampler
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pipeline.decode(z), loaded.decode(z))
+    a = pipeline.generate(["a 7"], generator=torch.Generator().manual_seed(1))
+    b = loaded.generate(["a 7"], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+    class Unregistered:
+        def sample(self, *args, **kwargs):
+            raise NotImplementedError
+
+    pipeline.sampler = Unregistered()
+    with pytest.raises(ValueError, match=r"Pipeline.save: sampler .*pipeline\.sampler"):
+        pipeline.save(tmp_path / "q")
+    assert not (tmp_path / "q" / "config.json").exists()

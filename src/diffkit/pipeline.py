@@ -17,6 +17,7 @@ assembles one from a [`PipelineConfig`][diffkit.builder.PipelineConfig].
   ``Pipeline.load(dir)`` rebuilds it exactly, reading only safetensors.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -107,6 +108,97 @@ def _check_prompts(name: str, prompts: object) -> None:
             raise TypeError(f"Pipeline: {name}[{i}] is {type(prompt).__name__}, expected str")
 
 
+def _equal(a: object, b: object) -> bool:
+    """``a == b`` for config values and tensors (False where ``==`` is not a bool)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. containers of tensors
+        return False
+
+
+def _same(built: object, live: object, names: Sequence[str]) -> bool:
+    """Whether ``built`` is ``live``'s class with equal ``names`` (all its state if none)."""
+    if type(built) is not type(live):
+        return False
+    if names:
+        return all(_equal(getattr(built, n, None), getattr(live, n, None)) for n in names)
+    if dataclasses.is_dataclass(live):
+        return _equal(built, live)
+    if not hasattr(live, "__dict__"):
+        return False
+    return _equal(vars(built), vars(live)) if vars(built).keys() == vars(live).keys() else False
+
+
+def _derive(group: str, live: object) -> Config | None:
+    """A config of ``group`` whose build equals ``live`` (read from its fields), if any."""
+    from diffkit.builder import registry
+
+    reg = registry(group)
+    for kind in reg.kinds:
+        cls = reg.config_class(kind)
+        names = [n for n in cls.model_fields if n != "kind"]
+        data: dict[str, Any] = {"kind": kind}
+        for name in names:
+            if not hasattr(live, name):
+                continue
+            value = getattr(live, name)
+            if name == "spacing" and not isinstance(value, Config):
+                value = _derive("spacing", value)
+                if value is None:
+                    break
+            data[name] = value
+        else:
+            try:
+                config = cls.model_validate(data)
+                built = reg.build(config)
+            except Exception:  # not this kind (missing or invalid fields)
+                continue
+            fields = [n for n in names if hasattr(live, n)] if group != "spacing" else []
+            if _same(built, live, fields if dataclasses.is_dataclass(live) else []):
+                return config
+    return None
+
+
+def _part_config(name: str, stored: Any, live: object, given: object) -> Any:
+    """The config to save for part ``name``: ``stored`` while it describes ``live``.
+
+    A part replaced since (``pipeline.sampler = DDIM()``) is saved as its own config,
+    read from its fields and checked by building it; one that has none is refused.
+    """
+    from diffkit.builder import registry
+
+    if live is None:
+        return None
+    if stored is not None:
+        names = [n for n in type(stored).model_fields if n != "kind"]
+        try:
+            built = registry(name).build(stored)
+        except Exception:
+            built = None
+        fields = [n for n in names if hasattr(live, n)] if dataclasses.is_dataclass(live) else []
+        if built is not None and _same(built, live, fields):
+            return stored
+    derived = _derive(name, live)
+    if derived is not None:
+        return derived
+    if stored is not None and live is given and not dataclasses.is_dataclass(live):
+        return stored  # a user part with no comparable state, as built from the config
+    raise ValueError(
+        f"Pipeline.save: {name} {live!r} ({type(live).__name__}) has no config that the "
+        f"'{name}' registry builds back into it, so the saved pipeline would load with "
+        f"another {name}; set pipeline.{name} to one a registered config builds (e.g. "
+        f"diffkit.builder.registry('{name}').build(config)), or register its config class"
+    )
+
+
 class _Truncated:
     """The schedule on ``[0, t_end]`` stretched to ``[0, 1]``: ``alpha'(u) = alpha(t_end u)``."""
 
@@ -171,6 +263,9 @@ class Pipeline(nn.Module):
         self.patchifier = patchifier
         self.data_shape = tuple(int(s) for s in data_shape) if data_shape is not None else None
         self.config = config
+        # The parts the config was given with: a user part without a config of its own is
+        # saved as the config's while it is still the one given (see ``_part_config``).
+        self._given: dict[str, object] = {"sampler": sampler, "schedule": schedule}
 
     def __repr__(self) -> str:
         parts = [f"schedule={type(self.schedule).__name__}"]
@@ -548,16 +643,51 @@ class Pipeline(nn.Module):
                 "it with diffkit.build(config) to save it, or save the denoiser's state_dict "
                 "with diffkit.checkpoint.save_tensors"
             )
+        live = self._live_config()  # refuses before anything is written
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        config = self._config_with_tokenizer_files(folder)
+        config = self._config_with_tokenizer_files(folder, live)
         _save_tensors(folder / WEIGHTS_FILE, self.state_dict(), {"format": FORMAT})
         with atomic_write(folder / CONFIG_FILE) as tmp:
             tmp.write_text(config.to_json() + "\n", encoding="utf-8")
         return folder
 
-    def _config_with_tokenizer_files(self, folder: Path) -> Config:
+    def _live_config(self) -> Config:
+        """The stored config updated to what the pipeline is now (encoder factors, sampler).
+
+        The encoder's ``scaling_factor`` / ``shift_factor`` are read from the live encoder
+        (when its config has those fields); the sampler and the schedule are saved as the
+        live objects' configs, or refused when a replaced one has none.
+        """
         config: Any = self.config
+        update: dict[str, Any] = {}
+        encoder_config = getattr(config, "encoder", None)
+        if encoder_config is not None and self.encoder is not None:
+            fields = type(encoder_config).model_fields
+            factors = {
+                name: float(value)
+                for name in ("scaling_factor", "shift_factor")
+                if name in fields
+                and isinstance(value := getattr(self.encoder, name, None), int | float)
+                and value != getattr(encoder_config, name)
+            }
+            if factors:
+                update["encoder"] = type(encoder_config).model_validate(
+                    {**encoder_config.model_dump(), **factors}
+                )
+        if "sampler" in type(config).model_fields:
+            sampler = _part_config("sampler", config.sampler, self.sampler, self._given["sampler"])
+            if sampler is not config.sampler:
+                update["sampler"] = sampler
+        if "schedule" in type(config).model_fields:
+            schedule = _part_config(
+                "schedule", config.schedule, self.schedule, self._given["schedule"]
+            )
+            if schedule is not config.schedule:
+                update["schedule"] = schedule
+        return config.model_copy(update=update) if update else config
+
+    def _config_with_tokenizer_files(self, folder: Path, config: Any) -> Config:
         text_config = getattr(config, "text", None)
         vocab = getattr(getattr(self.text, "tokenizer", None), "vocab_path", None)
         if (
