@@ -12,7 +12,7 @@ from diffkit.checkpoint import CheckpointError
 from diffkit.forward import add_noise
 from diffkit.pipeline import Pipeline
 from diffkit.protocols import Conditioning
-from diffkit.samplers import REGISTRY
+from diffkit.samplers import DDIM, REGISTRY, Explicit, LogSNR, UniformTime
 from diffkit.schedules import Cosine
 from diffkit.typing import ShapeError
 
@@ -511,3 +511,35 @@ def test_save_writes_the_live_encoder_factors_and_sampler(tmp_path):
     with pytest.raises(ValueError, match=r"Pipeline.save: sampler .*pipeline\.sampler"):
         pipeline.save(tmp_path / "q")
     assert not (tmp_path / "q" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "spacing",
+    [UniformTime(0.5), LogSNR(t_max=0.7), Explicit((0.4, 0.2, 0.1)), UniformTime(1.0)],
+    ids=["uniform-t_max-0.5", "logsnr-t_max-0.7", "explicit", "t_max-1"],
+)
+def test_img2img_noises_the_input_to_the_samplers_first_grid_time(spacing):
+    schedule = Cosine()
+    denoiser = RecordingDenoiser(torch.zeros(1, 1, 4, 4))
+    pipeline = Pipeline(schedule, denoiser, data_shape=(1, 4, 4))
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    strength = 0.8
+    pipeline.img2img(
+        x, strength=strength, steps=3, sampler=DDIM(spacing=spacing),
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    first_x, first_t = denoiser.calls[0]
+    t_first = strength * float(spacing(schedule, 3)[0])
+    torch.testing.assert_close(first_t, torch.full((2,), t_first))
+    t = torch.full((2,), t_first, dtype=torch.float64)
+    alpha, sigma = float(schedule.alpha(t)[0]), float(schedule.sigma(t)[0])
+    coefficient = float(((first_x - sigma * eps) * x).sum() / (x * x).sum())
+    assert coefficient == pytest.approx(alpha, abs=1e-5)
+    if spacing == UniformTime(1.0):  # starting at t0 itself: the start state, bit for bit
+        t0 = torch.full((2,), strength, dtype=torch.float64)
+        start = add_noise(schedule, x, eps, t0.float()) / schedule.sigma(t0).float().view(
+            -1, 1, 1, 1
+        )
+        truncated_sigma = float(schedule.sigma(torch.tensor([strength], dtype=torch.float64))[0])
+        assert torch.equal(first_x, start * truncated_sigma)

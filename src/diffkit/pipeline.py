@@ -199,6 +199,16 @@ def _part_config(name: str, stored: Any, live: object, given: object) -> Any:
     )
 
 
+def _first_time(
+    sampler: Sampler, schedule: NoiseSchedule, steps: int, device: torch.device
+) -> float:
+    """The first time of ``sampler``'s grid on ``schedule`` (1 for one without ``grid``)."""
+    grid = getattr(sampler, "grid", None)
+    if not callable(grid):
+        return 1.0
+    return float(grid(schedule, steps, device).t[0])
+
+
 class _Truncated:
     """The schedule on ``[0, t_end]`` stretched to ``[0, 1]``: ``alpha'(u) = alpha(t_end u)``."""
 
@@ -586,7 +596,9 @@ class Pipeline(nn.Module):
 
         ``x_t0 = alpha(t0) encode(x) + sigma(t0) eps``; ``strength = 1`` starts from (almost)
         pure noise, small strengths keep more of ``x``. Works with every sampler: the
-        schedule and the denoiser are seen on ``[0, t0]`` stretched to ``[0, 1]``. ``x``
+        schedule and the denoiser are seen on ``[0, t0]`` stretched to ``[0, 1]``, and ``x``
+        is noised to the first time of the sampler's grid there (``t0 * t_max`` for a
+        spacing with ``t_max < 1``, ``t0 * times[0]`` for explicit times). ``x``
         must have ``data_shape``'s rank and channels (its height and width may differ);
         conditions and guidance are as in ``generate``.
         """
@@ -610,13 +622,19 @@ class Pipeline(nn.Module):
         device = generator.device if generator is not None else z0.device
         eps = torch.randn(z0.shape, generator=generator, device=device, dtype=torch.float32)
         eps = eps.to(z0.device, z0.dtype)
-        t0 = torch.full((batch,), float(strength), dtype=torch.float64, device=z0.device)
+        chosen = self._sampler(sampler)
+        truncated = _Truncated(self.schedule, float(strength))
+        # The sampler starts at the first time of its grid on [0, strength] (strength *
+        # t_max, or an explicit spacing's first time), scaling its noise by sigma there:
+        # noise x to exactly that time.
+        t_first = float(strength) * _first_time(chosen, truncated, steps, z0.device)
+        t0 = torch.full((batch,), t_first, dtype=torch.float64, device=z0.device)
         z_t = add_noise(self.schedule, z0, eps, t0.to(z0.dtype))
         sigma0 = self.schedule.sigma(t0).to(z0.dtype)
         start = z_t / sigma0.reshape(-1, *([1] * (z_t.ndim - 1)))  # the sampler scales by sigma
-        z = self._sampler(sampler).sample(
+        z = chosen.sample(
             _TimeScaled(denoiser if denoiser is not None else self.denoiser, float(strength)),
-            _Truncated(self.schedule, float(strength)),
+            truncated,
             start,
             steps=steps,
             cond=cond,
