@@ -206,7 +206,8 @@ def _first_time(
     grid = getattr(sampler, "grid", None)
     if not callable(grid):
         return 1.0
-    return float(grid(schedule, steps, device).t[0])
+    times: Any = getattr(grid(schedule, steps, device), "t", None)
+    return float(times[0]) if times is not None else 1.0
 
 
 class _Truncated:
