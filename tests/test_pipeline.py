@@ -3,6 +3,7 @@
 import json
 import pickle
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -156,7 +157,8 @@ def test_load_detects_mismatched_and_corrupt_files_and_names_keys(tmp_path, text
     config["denoiser"]["base_channels"] = 16  # a different architecture for the same weights
     config["denoiser"]["norm_groups"] = 8
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"mis-shaped keys: .*denoiser\.conv_in\.weight"):
+    edited = pytest.warns(UserWarning, match=r"is not the config .*model\.safetensors was saved")
+    with edited, pytest.raises(CheckpointError, match=r"mis-shaped keys: .*denoiser\.conv_in"):
         Pipeline.load(folder)
 
     text_pipeline.save(folder)
@@ -171,7 +173,8 @@ def test_load_detects_mismatched_and_corrupt_files_and_names_keys(tmp_path, text
     config["denoiser"]["in_channels"] = 1
     config["denoiser"]["out_channels"] = 1
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"unexpected keys: encoder\."):
+    edited = pytest.warns(UserWarning, match=r"is not the config .*model\.safetensors was saved")
+    with edited, pytest.raises(CheckpointError, match=r"unexpected keys: encoder\."):
         Pipeline.load(folder)
 
     (folder / "config.json").unlink()
@@ -543,3 +546,38 @@ def test_img2img_noises_the_input_to_the_samplers_first_grid_time(spacing):
         )
         truncated_sigma = float(schedule.sigma(torch.tensor([strength], dtype=torch.float64))[0])
         assert torch.equal(first_x, start * truncated_sigma)
+
+
+def test_an_interrupted_save_leaves_the_pipeline_there_intact(tmp_path, monkeypatch):
+    import diffkit.pipeline as module
+
+    folder = tmp_path / "p"
+    old = build(_text_latent_config())
+    old.save(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    new = build(_text_latent_config().model_copy(update={"steps": 12}))
+    new.encoder.scaling_factor = 0.9
+    real = module._save_tensors
+
+    def write_then_fail(path, tensors, metadata):  # the weights written, then the disk fills
+        real(path, tensors, metadata)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "_save_tensors", write_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        new.save(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = Pipeline.load(folder)
+    assert loaded.config.steps == 3 and loaded.encoder.scaling_factor == old.encoder.scaling_factor
+    for key, value in old.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+    # torn between the moves into place: new weights beside the old config.json
+    new.save(tmp_path / "new")
+    shutil.copyfile(tmp_path / "new" / "model.safetensors", folder / "model.safetensors")
+    torn = r"p/config\.json is not the config .*p/model\.safetensors was saved with \(they "
+    with pytest.warns(UserWarning, match=torn + r"differ in encoder\.scaling_factor, steps\)"):
+        Pipeline.load(folder)

@@ -17,6 +17,7 @@ assembles one from a [`PipelineConfig`][diffkit.builder.PipelineConfig].
   ``Pipeline.load(dir)`` rebuilds it exactly, reading only safetensors.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -56,6 +57,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 FORMAT = "diffkit-pipeline"
+CONFIG_KEY = "config"
+"""The weights' metadata key that records the config saved with them."""
 
 
 def _default_sampler() -> Sampler:
@@ -208,6 +211,43 @@ def _first_time(
         return 1.0
     times: Any = getattr(grid(schedule, steps, device), "t", None)
     return float(times[0]) if times is not None else 1.0
+
+
+def _differences(saved: object, found: object, path: str = "") -> list[str]:
+    """The dotted paths at which two JSON values differ."""
+    if isinstance(saved, dict) and isinstance(found, dict):
+        out: list[str] = []
+        for key in [*saved, *(k for k in found if k not in saved)]:
+            where = f"{path}.{key}" if path else str(key)
+            out += _differences(saved.get(key), found.get(key), where)
+        return out
+    return [] if saved == found else [path or "(the whole config)"]
+
+
+def _check_saved_together(folder: Path, data: dict[str, Any], recorded: str | None) -> None:
+    """Warn when ``config.json`` is not the config the weights were saved with.
+
+    The weights file records its config (pipelines saved before it was recorded are not
+    checked). A different one is an interrupted save (new weights, old config) or an
+    edit; it loads as the config says, with a ``UserWarning`` naming both files and fields.
+    """
+    if recorded is None:
+        return
+    try:
+        saved = json.loads(recorded)
+    except json.JSONDecodeError:
+        return
+    fields = _differences(saved, data)
+    if fields:
+        shown = ", ".join(fields[:8]) + (
+            f", ... ({len(fields) - 8} more)" if len(fields) > 8 else ""
+        )
+        warn_at_caller(
+            f"Pipeline.load: {folder / CONFIG_FILE} is not the config {folder / WEIGHTS_FILE} "
+            f"was saved with (they differ in {shown}): an interrupted save (new weights, old "
+            f"config) or an edit of {CONFIG_FILE}; loading it as {CONFIG_FILE} says. If the "
+            "edit was deliberate, save the loaded pipeline again to record it"
+        )
 
 
 class _Truncated:
@@ -655,7 +695,13 @@ class Pipeline(nn.Module):
     # ------------------------------------------------------------------ files
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``config.json``, ``model.safetensors`` (and tokenizer files) to ``directory``."""
+        """Write ``config.json``, ``model.safetensors`` (and tokenizer files) to ``directory``.
+
+        Every file is written in full to a temporary file beside it first, and only then
+        are they all moved into place: a save that fails (disk full, Ctrl-C) leaves a
+        pipeline already there intact. The weights record the config they were saved with,
+        so that ``load`` notices a ``config.json`` that is not theirs.
+        """
         if self.config is None:
             raise ValueError(
                 "Pipeline.save: this pipeline was composed from parts without a config; build "
@@ -665,10 +711,17 @@ class Pipeline(nn.Module):
         live = self._live_config()  # refuses before anything is written
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        config = self._config_with_tokenizer_files(folder, live)
-        _save_tensors(folder / WEIGHTS_FILE, self.state_dict(), {"format": FORMAT})
-        with atomic_write(folder / CONFIG_FILE) as tmp:
-            tmp.write_text(config.to_json() + "\n", encoding="utf-8")
+        config, copies = self._config_with_tokenizer_files(folder, live)
+        text = config.to_json() + "\n"
+        metadata = {"format": FORMAT, CONFIG_KEY: text}
+        # Moved into place in the reverse order of entering: weights, tokenizer, config.
+        with contextlib.ExitStack() as stack:
+            config_tmp = stack.enter_context(atomic_write(folder / CONFIG_FILE))
+            for source, target in copies:
+                shutil.copyfile(source, stack.enter_context(atomic_write(target)))
+            weights_tmp = stack.enter_context(atomic_write(folder / WEIGHTS_FILE))
+            _save_tensors(weights_tmp, self.state_dict(), metadata)
+            config_tmp.write_text(text, encoding="utf-8")
         return folder
 
     def _live_config(self) -> Config:
@@ -706,7 +759,10 @@ class Pipeline(nn.Module):
                 update["schedule"] = schedule
         return config.model_copy(update=update) if update else config
 
-    def _config_with_tokenizer_files(self, folder: Path, config: Any) -> Config:
+    def _config_with_tokenizer_files(
+        self, folder: Path, config: Any
+    ) -> tuple[Config, list[tuple[Path, Path]]]:
+        """``config`` with the vocabulary path inside ``folder``, and the files to copy there."""
         text_config = getattr(config, "text", None)
         vocab = getattr(getattr(self.text, "tokenizer", None), "vocab_path", None)
         if (
@@ -714,17 +770,13 @@ class Pipeline(nn.Module):
             or vocab is None
             or "vocab_path" not in type(text_config).model_fields
         ):
-            return config
+            return config, []
         source = Path(vocab)
         target = folder / TOKENIZER_DIR / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.resolve() != target.resolve():
-            with atomic_write(target) as tmp:
-                shutil.copyfile(source, tmp)
+        copies = [] if source.resolve() == target.resolve() else [(source, target)]
         relative = f"{TOKENIZER_DIR}/{source.name}"
-        return config.model_copy(
-            update={"text": text_config.model_copy(update={"vocab_path": relative})}
-        )
+        text = text_config.model_copy(update={"vocab_path": relative})
+        return config.model_copy(update={"text": text}), copies
 
     @classmethod
     def load(
@@ -748,15 +800,16 @@ class Pipeline(nn.Module):
                 f"{config_path} does not hold a JSON object (the pipeline config), got "
                 f"{type(data).__name__}"
             )
+        tensors, metadata = load_tensors(folder / WEIGHTS_FILE)
+        if metadata.get("format") not in (FORMAT, None):
+            raise CheckpointError(f"{folder / WEIGHTS_FILE} is not a diffkit pipeline file")
+        _check_saved_together(folder, data, metadata.get(CONFIG_KEY))
         text = data.get("text")
         if isinstance(text, dict) and isinstance(text.get("vocab_path"), str):
             vocab = Path(text["vocab_path"])
             if not vocab.is_absolute():
                 data["text"] = {**text, "vocab_path": str(folder / vocab)}
         pipeline = build(parse_config(data))
-        tensors, metadata = load_tensors(folder / WEIGHTS_FILE)
-        if metadata.get("format") not in (FORMAT, None):
-            raise CheckpointError(f"{folder / WEIGHTS_FILE} is not a diffkit pipeline file")
         load_state_dict(pipeline, tensors, what=str(folder / WEIGHTS_FILE))
         if device is not None:
             pipeline.to(device)
