@@ -581,3 +581,25 @@ def test_an_interrupted_save_leaves_the_pipeline_there_intact(tmp_path, monkeypa
     torn = r"p/config\.json is not the config .*p/model\.safetensors was saved with \(they "
     with pytest.warns(UserWarning, match=torn + r"differ in encoder\.scaling_factor, steps\)"):
         Pipeline.load(folder)
+
+
+def test_a_pipeline_loads_back_in_the_dtypes_it_was_saved_in(tmp_path):
+    torch.manual_seed(0)
+    pipeline = build(_text_latent_config()).to(torch.bfloat16)
+    loaded = Pipeline.load(pipeline.save(tmp_path / "p"))
+    assert loaded.dtype == torch.bfloat16
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {
+        torch.bfloat16
+    }
+    a = pipeline.generate(["a 7"], generator=torch.Generator().manual_seed(1))
+    b = loaded.generate(["a 7"], generator=torch.Generator().manual_seed(1))
+    assert b.dtype == torch.bfloat16 and torch.equal(a, b)
+
+    pipeline.text.float()  # mixed: a float32 text encoder beside a bfloat16 denoiser
+    loaded = Pipeline.load(pipeline.save(tmp_path / "mixed"))
+    for key, value in pipeline.state_dict().items():
+        assert loaded.state_dict()[key].dtype == value.dtype, key
+
+    as_float = Pipeline.load(tmp_path / "p", dtype=torch.float32, device="cpu")
+    assert as_float.dtype == torch.float32
+

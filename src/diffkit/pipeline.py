@@ -250,6 +250,35 @@ def _check_saved_together(folder: Path, data: dict[str, Any], recorded: str | No
         )
 
 
+def _to_stored_dtypes(pipeline: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Cast the freshly built modules to the floating dtypes their saved tensors have.
+
+    A module whose saved floating tensors share one dtype is cast whole (its buffers that
+    are not saved too, as ``module.to(dtype)`` did before saving); in a mixed one each
+    saved parameter and buffer takes its own dtype.
+    """
+    for name, child in pipeline.named_children():
+        stored = {
+            v.dtype
+            for k, v in tensors.items()
+            if k.startswith(f"{name}.") and v.is_floating_point()
+        }
+        if len(stored) == 1:
+            child.to(stored.pop())
+    for prefix, module in pipeline.named_modules():
+        for group in (module._parameters, module._buffers):
+            for key, value in group.items():
+                saved = tensors.get(f"{prefix}.{key}" if prefix else key)
+                if (
+                    value is not None
+                    and saved is not None
+                    and value.is_floating_point()
+                    and saved.is_floating_point()
+                    and value.dtype != saved.dtype
+                ):
+                    value.data = value.data.to(saved.dtype)
+
+
 class _Truncated:
     """The schedule on ``[0, t_end]`` stretched to ``[0, 1]``: ``alpha'(u) = alpha(t_end u)``."""
 
@@ -780,9 +809,17 @@ class Pipeline(nn.Module):
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike[str], *, device: str | torch.device | None = None
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "Pipeline":
-        """Rebuild a saved pipeline: its config, then its weights (checked, never unpickled)."""
+        """Rebuild a saved pipeline: its config, then its weights (checked, never unpickled).
+
+        Each module comes back in the floating dtype it was saved in (a bfloat16 pipeline
+        loads as bfloat16); ``dtype=`` casts the loaded pipeline to another one.
+        """
         from diffkit.builder import build, parse_config
 
         folder = Path(directory)
@@ -810,7 +847,8 @@ class Pipeline(nn.Module):
             if not vocab.is_absolute():
                 data["text"] = {**text, "vocab_path": str(folder / vocab)}
         pipeline = build(parse_config(data))
+        _to_stored_dtypes(pipeline, tensors)
         load_state_dict(pipeline, tensors, what=str(folder / WEIGHTS_FILE))
-        if device is not None:
-            pipeline.to(device)
+        if device is not None or dtype is not None:
+            pipeline.to(device=device, dtype=dtype)
         return pipeline.eval()
