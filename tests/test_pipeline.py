@@ -4,6 +4,7 @@ import json
 import pickle
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -603,3 +604,18 @@ def test_a_pipeline_loads_back_in_the_dtypes_it_was_saved_in(tmp_path):
     as_float = Pipeline.load(tmp_path / "p", dtype=torch.float32, device="cpu")
     assert as_float.dtype == torch.float32
 
+
+def test_a_loaded_pipeline_saves_again_from_another_working_directory(tmp_path, monkeypatch):
+    pytest.importorskip("open_clip")  # ships the CLIP BPE merges file
+    torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    build(_text_latent_config("clip_bpe")).save("a")  # a relative folder
+    loaded = Pipeline.load("a")
+    assert Path(loaded.config.text.vocab_path).is_absolute()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    loaded.save("../b")
+    again = Pipeline.load(tmp_path / "b")
+    assert torch.equal(
+        loaded.text.tokenizer(["a red seven"]), again.text.tokenizer(["a red seven"])
+    )

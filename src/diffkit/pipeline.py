@@ -845,7 +845,7 @@ class Pipeline(nn.Module):
         if isinstance(text, dict) and isinstance(text.get("vocab_path"), str):
             vocab = Path(text["vocab_path"])
             if not vocab.is_absolute():
-                data["text"] = {**text, "vocab_path": str(folder / vocab)}
+                data["text"] = {**text, "vocab_path": str((folder / vocab).resolve())}
         pipeline = build(parse_config(data))
         _to_stored_dtypes(pipeline, tensors)
         load_state_dict(pipeline, tensors, what=str(folder / WEIGHTS_FILE))
