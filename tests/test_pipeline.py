@@ -512,9 +512,15 @@ def test_save_writes_the_live_encoder_factors_and_sampler(tmp_path):
             raise NotImplementedError
 
     pipeline.sampler = Unregistered()
-    with pytest.raises(ValueError, match=r"Pipeline.save: sampler .*pipeline\.sampler"):
+    with pytest.raises(ValueError, match=r"Pipeline.save: sampler Unregistered has no config"):
         pipeline.save(tmp_path / "q")
     assert not (tmp_path / "q" / "config.json").exists()
+
+    pipeline.sampler = None  # the default sampler, as generate uses it
+    pipeline.schedule = Cosine(offset=0.01)  # a replaced schedule saves as its own config
+    loaded = Pipeline.load(pipeline.save(tmp_path / "r"))
+    assert loaded.config.sampler is None and loaded.sampler is None
+    assert loaded.config.schedule.offset == 0.01
 
 
 @pytest.mark.parametrize(

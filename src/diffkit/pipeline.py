@@ -137,7 +137,8 @@ def _same(built: object, live: object, names: Sequence[str]) -> bool:
         return _equal(built, live)
     if not hasattr(live, "__dict__"):
         return False
-    return _equal(vars(built), vars(live)) if vars(built).keys() == vars(live).keys() else False
+    mine, theirs = vars(built), vars(live)
+    return mine.keys() == theirs.keys() and all(_equal(mine[k], theirs[k]) for k in mine)
 
 
 def _derive(group: str, live: object) -> Config | None:
@@ -195,7 +196,7 @@ def _part_config(name: str, stored: Any, live: object, given: object) -> Any:
     if stored is not None and live is given and not dataclasses.is_dataclass(live):
         return stored  # a user part with no comparable state, as built from the config
     raise ValueError(
-        f"Pipeline.save: {name} {live!r} ({type(live).__name__}) has no config that the "
+        f"Pipeline.save: {name} {type(live).__name__} has no config that the "
         f"'{name}' registry builds back into it, so the saved pipeline would load with "
         f"another {name}; set pipeline.{name} to one a registered config builds (e.g. "
         f"diffkit.builder.registry('{name}').build(config)), or register its config class"
