@@ -3,6 +3,8 @@
 import json
 import pickle
 import shutil
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from diffkit.checkpoint import CheckpointError
 from diffkit.forward import add_noise
 from diffkit.pipeline import Pipeline
 from diffkit.protocols import Conditioning
-from diffkit.samplers import REGISTRY
+from diffkit.samplers import DDIM, REGISTRY, Explicit, LogSNR, UniformTime
 from diffkit.schedules import Cosine
 from diffkit.typing import ShapeError
 
@@ -156,7 +158,8 @@ def test_load_detects_mismatched_and_corrupt_files_and_names_keys(tmp_path, text
     config["denoiser"]["base_channels"] = 16  # a different architecture for the same weights
     config["denoiser"]["norm_groups"] = 8
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"mis-shaped keys: .*denoiser\.conv_in\.weight"):
+    edited = pytest.warns(UserWarning, match=r"is not the config .*model\.safetensors was saved")
+    with edited, pytest.raises(CheckpointError, match=r"mis-shaped keys: .*denoiser\.conv_in"):
         Pipeline.load(folder)
 
     text_pipeline.save(folder)
@@ -171,7 +174,8 @@ def test_load_detects_mismatched_and_corrupt_files_and_names_keys(tmp_path, text
     config["denoiser"]["in_channels"] = 1
     config["denoiser"]["out_channels"] = 1
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"unexpected keys: encoder\."):
+    edited = pytest.warns(UserWarning, match=r"is not the config .*model\.safetensors was saved")
+    with edited, pytest.raises(CheckpointError, match=r"unexpected keys: encoder\."):
         Pipeline.load(folder)
 
     (folder / "config.json").unlink()
@@ -487,3 +491,137 @@ def test_prompts_as_a_tuple_and_noise_at_another_resolution_still_work(text_pipe
     assert out.shape == (2, 1, 16, 16)
     z = text_pipeline.generate("a", noise=torch.randn(1, 4, 4, 4), decode=False)
     assert z.shape == (1, 4, 4, 4)
+
+
+def test_save_writes_the_live_encoder_factors_and_sampler(tmp_path):
+    torch.manual_seed(0)
+    pipeline = build(_text_latent_config())
+    pipeline.encoder.scaling_factor, pipeline.encoder.shift_factor = 1.7, 0.3
+    pipeline.sampler = REGISTRY["ddim"]()
+    loaded = Pipeline.load(pipeline.save(tmp_path / "p"))
+    assert (loaded.encoder.scaling_factor, loaded.encoder.shift_factor) == (1.7, 0.3)
+    assert loaded.sampler == pipeline.sampler
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pipeline.decode(z), loaded.decode(z))
+    a = pipeline.generate(["a 7"], generator=torch.Generator().manual_seed(1))
+    b = loaded.generate(["a 7"], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+    class Unregistered:
+        def sample(self, *args, **kwargs):
+            raise NotImplementedError
+
+    pipeline.sampler = Unregistered()
+    with pytest.raises(ValueError, match=r"Pipeline.save: sampler Unregistered has no config"):
+        pipeline.save(tmp_path / "q")
+    assert not (tmp_path / "q" / "config.json").exists()
+
+    pipeline.sampler = None  # the default sampler, as generate uses it
+    pipeline.schedule = Cosine(offset=0.01)  # a replaced schedule saves as its own config
+    loaded = Pipeline.load(pipeline.save(tmp_path / "r"))
+    assert loaded.config.sampler is None and loaded.sampler is None
+    assert loaded.config.schedule.offset == 0.01
+
+
+@pytest.mark.parametrize(
+    "spacing",
+    [UniformTime(0.5), LogSNR(t_max=0.7), Explicit((0.4, 0.2, 0.1)), UniformTime(1.0)],
+    ids=["uniform-t_max-0.5", "logsnr-t_max-0.7", "explicit", "t_max-1"],
+)
+def test_img2img_noises_the_input_to_the_samplers_first_grid_time(spacing):
+    schedule = Cosine()
+    denoiser = RecordingDenoiser(torch.zeros(1, 1, 4, 4))
+    pipeline = Pipeline(schedule, denoiser, data_shape=(1, 4, 4))
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    strength = 0.8
+    pipeline.img2img(
+        x, strength=strength, steps=3, sampler=DDIM(spacing=spacing),
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    first_x, first_t = denoiser.calls[0]
+    t_first = strength * float(spacing(schedule, 3)[0])
+    torch.testing.assert_close(first_t, torch.full((2,), t_first))
+    t = torch.full((2,), t_first, dtype=torch.float64)
+    alpha, sigma = float(schedule.alpha(t)[0]), float(schedule.sigma(t)[0])
+    coefficient = float(((first_x - sigma * eps) * x).sum() / (x * x).sum())
+    assert coefficient == pytest.approx(alpha, abs=1e-5)
+    if spacing == UniformTime(1.0):  # starting at t0 itself: the start state, bit for bit
+        t0 = torch.full((2,), strength, dtype=torch.float64)
+        start = add_noise(schedule, x, eps, t0.float()) / schedule.sigma(t0).float().view(
+            -1, 1, 1, 1
+        )
+        truncated_sigma = float(schedule.sigma(torch.tensor([strength], dtype=torch.float64))[0])
+        assert torch.equal(first_x, start * truncated_sigma)
+
+
+def test_an_interrupted_save_leaves_the_pipeline_there_intact(tmp_path, monkeypatch):
+    import diffkit.pipeline as module
+
+    folder = tmp_path / "p"
+    old = build(_text_latent_config())
+    old.save(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    new = build(_text_latent_config().model_copy(update={"steps": 12}))
+    new.encoder.scaling_factor = 0.9
+    real = module._save_tensors
+
+    def write_then_fail(path, tensors, metadata):  # the weights written, then the disk fills
+        real(path, tensors, metadata)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "_save_tensors", write_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        new.save(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = Pipeline.load(folder)
+    assert loaded.config.steps == 3 and loaded.encoder.scaling_factor == old.encoder.scaling_factor
+    for key, value in old.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+    # torn between the moves into place: new weights beside the old config.json
+    new.save(tmp_path / "new")
+    shutil.copyfile(tmp_path / "new" / "model.safetensors", folder / "model.safetensors")
+    torn = r"p/config\.json is not the config .*p/model\.safetensors was saved with \(they "
+    with pytest.warns(UserWarning, match=torn + r"differ in encoder\.scaling_factor, steps\)"):
+        Pipeline.load(folder)
+
+
+def test_a_pipeline_loads_back_in_the_dtypes_it_was_saved_in(tmp_path):
+    torch.manual_seed(0)
+    pipeline = build(_text_latent_config()).to(torch.bfloat16)
+    loaded = Pipeline.load(pipeline.save(tmp_path / "p"))
+    assert loaded.dtype == torch.bfloat16
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {
+        torch.bfloat16
+    }
+    a = pipeline.generate(["a 7"], generator=torch.Generator().manual_seed(1))
+    b = loaded.generate(["a 7"], generator=torch.Generator().manual_seed(1))
+    assert b.dtype == torch.bfloat16 and torch.equal(a, b)
+
+    pipeline.text.float()  # mixed: a float32 text encoder beside a bfloat16 denoiser
+    loaded = Pipeline.load(pipeline.save(tmp_path / "mixed"))
+    for key, value in pipeline.state_dict().items():
+        assert loaded.state_dict()[key].dtype == value.dtype, key
+
+    as_float = Pipeline.load(tmp_path / "p", dtype=torch.float32, device="cpu")
+    assert as_float.dtype == torch.float32
+
+
+def test_a_loaded_pipeline_saves_again_from_another_working_directory(tmp_path, monkeypatch):
+    pytest.importorskip("open_clip")  # ships the CLIP BPE merges file
+    torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    build(_text_latent_config("clip_bpe")).save("a")  # a relative folder
+    loaded = Pipeline.load("a")
+    assert Path(loaded.config.text.vocab_path).is_absolute()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    loaded.save("../b")
+    again = Pipeline.load(tmp_path / "b")
+    assert torch.equal(
+        loaded.text.tokenizer(["a red seven"]), again.text.tokenizer(["a red seven"])
+    )

@@ -17,6 +17,8 @@ assembles one from a [`PipelineConfig`][diffkit.builder.PipelineConfig].
   ``Pipeline.load(dir)`` rebuilds it exactly, reading only safetensors.
 """
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -55,6 +57,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 FORMAT = "diffkit-pipeline"
+CONFIG_KEY = "config"
+"""The weights' metadata key that records the config saved with them."""
 
 
 def _default_sampler() -> Sampler:
@@ -105,6 +109,175 @@ def _check_prompts(name: str, prompts: object) -> None:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"Pipeline: {name}[{i}] is {type(prompt).__name__}, expected str")
+
+
+def _equal(a: object, b: object) -> bool:
+    """``a == b`` for config values and tensors (False where ``==`` is not a bool)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. containers of tensors
+        return False
+
+
+def _same(built: object, live: object, names: Sequence[str]) -> bool:
+    """Whether ``built`` is ``live``'s class with equal ``names`` (all its state if none)."""
+    if type(built) is not type(live):
+        return False
+    if names:
+        return all(_equal(getattr(built, n, None), getattr(live, n, None)) for n in names)
+    if dataclasses.is_dataclass(live):
+        return _equal(built, live)
+    if not hasattr(live, "__dict__"):
+        return False
+    mine, theirs = vars(built), vars(live)
+    return mine.keys() == theirs.keys() and all(_equal(mine[k], theirs[k]) for k in mine)
+
+
+def _derive(group: str, live: object) -> Config | None:
+    """A config of ``group`` whose build equals ``live`` (read from its fields), if any."""
+    from diffkit.builder import registry
+
+    reg = registry(group)
+    for kind in reg.kinds:
+        cls = reg.config_class(kind)
+        names = [n for n in cls.model_fields if n != "kind"]
+        data: dict[str, Any] = {"kind": kind}
+        for name in names:
+            if not hasattr(live, name):
+                continue
+            value = getattr(live, name)
+            if name == "spacing" and not isinstance(value, Config):
+                value = _derive("spacing", value)
+                if value is None:
+                    break
+            data[name] = value
+        else:
+            try:
+                config = cls.model_validate(data)
+                built = reg.build(config)
+            except Exception:  # not this kind (missing or invalid fields)
+                continue
+            fields = [n for n in names if hasattr(live, n)] if group != "spacing" else []
+            if _same(built, live, fields if dataclasses.is_dataclass(live) else []):
+                return config
+    return None
+
+
+def _part_config(name: str, stored: Any, live: object, given: object) -> Any:
+    """The config to save for part ``name``: ``stored`` while it describes ``live``.
+
+    A part replaced since (``pipeline.sampler = DDIM()``) is saved as its own config,
+    read from its fields and checked by building it; one that has none is refused.
+    """
+    from diffkit.builder import registry
+
+    if live is None:
+        return None
+    if stored is not None:
+        names = [n for n in type(stored).model_fields if n != "kind"]
+        try:
+            built = registry(name).build(stored)
+        except Exception:
+            built = None
+        fields = [n for n in names if hasattr(live, n)] if dataclasses.is_dataclass(live) else []
+        if built is not None and _same(built, live, fields):
+            return stored
+    derived = _derive(name, live)
+    if derived is not None:
+        return derived
+    if stored is not None and live is given and not dataclasses.is_dataclass(live):
+        return stored  # a user part with no comparable state, as built from the config
+    raise ValueError(
+        f"Pipeline.save: {name} {type(live).__name__} has no config that the "
+        f"'{name}' registry builds back into it, so the saved pipeline would load with "
+        f"another {name}; set pipeline.{name} to one a registered config builds (e.g. "
+        f"diffkit.builder.registry('{name}').build(config)), or register its config class"
+    )
+
+
+def _first_time(
+    sampler: Sampler, schedule: NoiseSchedule, steps: int, device: torch.device
+) -> float:
+    """The first time of ``sampler``'s grid on ``schedule`` (1 for one without ``grid``)."""
+    grid = getattr(sampler, "grid", None)
+    if not callable(grid):
+        return 1.0
+    times: Any = getattr(grid(schedule, steps, device), "t", None)
+    return float(times[0]) if times is not None else 1.0
+
+
+def _differences(saved: object, found: object, path: str = "") -> list[str]:
+    """The dotted paths at which two JSON values differ."""
+    if isinstance(saved, dict) and isinstance(found, dict):
+        out: list[str] = []
+        for key in [*saved, *(k for k in found if k not in saved)]:
+            where = f"{path}.{key}" if path else str(key)
+            out += _differences(saved.get(key), found.get(key), where)
+        return out
+    return [] if saved == found else [path or "(the whole config)"]
+
+
+def _check_saved_together(folder: Path, data: dict[str, Any], recorded: str | None) -> None:
+    """Warn when ``config.json`` is not the config the weights were saved with.
+
+    The weights file records its config (pipelines saved before it was recorded are not
+    checked). A different one is an interrupted save (new weights, old config) or an
+    edit; it loads as the config says, with a ``UserWarning`` naming both files and fields.
+    """
+    if recorded is None:
+        return
+    try:
+        saved = json.loads(recorded)
+    except json.JSONDecodeError:
+        return
+    fields = _differences(saved, data)
+    if fields:
+        shown = ", ".join(fields[:8]) + (
+            f", ... ({len(fields) - 8} more)" if len(fields) > 8 else ""
+        )
+        warn_at_caller(
+            f"Pipeline.load: {folder / CONFIG_FILE} is not the config {folder / WEIGHTS_FILE} "
+            f"was saved with (they differ in {shown}): an interrupted save (new weights, old "
+            f"config) or an edit of {CONFIG_FILE}; loading it as {CONFIG_FILE} says. If the "
+            "edit was deliberate, save the loaded pipeline again to record it"
+        )
+
+
+def _to_stored_dtypes(pipeline: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Cast the freshly built modules to the floating dtypes their saved tensors have.
+
+    A module whose saved floating tensors share one dtype is cast whole (its buffers that
+    are not saved too, as ``module.to(dtype)`` did before saving); in a mixed one each
+    saved parameter and buffer takes its own dtype.
+    """
+    for name, child in pipeline.named_children():
+        stored = {
+            v.dtype
+            for k, v in tensors.items()
+            if k.startswith(f"{name}.") and v.is_floating_point()
+        }
+        if len(stored) == 1:
+            child.to(stored.pop())
+    for prefix, module in pipeline.named_modules():
+        for group in (module._parameters, module._buffers):
+            for key, value in group.items():
+                saved = tensors.get(f"{prefix}.{key}" if prefix else key)
+                if (
+                    value is not None
+                    and saved is not None
+                    and value.is_floating_point()
+                    and saved.is_floating_point()
+                    and value.dtype != saved.dtype
+                ):
+                    value.data = value.data.to(saved.dtype)
 
 
 class _Truncated:
@@ -171,6 +344,9 @@ class Pipeline(nn.Module):
         self.patchifier = patchifier
         self.data_shape = tuple(int(s) for s in data_shape) if data_shape is not None else None
         self.config = config
+        # The parts the config was given with: a user part without a config of its own is
+        # saved as the config's while it is still the one given (see ``_part_config``).
+        self._given: dict[str, object] = {"sampler": sampler, "schedule": schedule}
 
     def __repr__(self) -> str:
         parts = [f"schedule={type(self.schedule).__name__}"]
@@ -491,7 +667,9 @@ class Pipeline(nn.Module):
 
         ``x_t0 = alpha(t0) encode(x) + sigma(t0) eps``; ``strength = 1`` starts from (almost)
         pure noise, small strengths keep more of ``x``. Works with every sampler: the
-        schedule and the denoiser are seen on ``[0, t0]`` stretched to ``[0, 1]``. ``x``
+        schedule and the denoiser are seen on ``[0, t0]`` stretched to ``[0, 1]``, and ``x``
+        is noised to the first time of the sampler's grid there (``t0 * t_max`` for a
+        spacing with ``t_max < 1``, ``t0 * times[0]`` for explicit times). ``x``
         must have ``data_shape``'s rank and channels (its height and width may differ);
         conditions and guidance are as in ``generate``.
         """
@@ -515,13 +693,19 @@ class Pipeline(nn.Module):
         device = generator.device if generator is not None else z0.device
         eps = torch.randn(z0.shape, generator=generator, device=device, dtype=torch.float32)
         eps = eps.to(z0.device, z0.dtype)
-        t0 = torch.full((batch,), float(strength), dtype=torch.float64, device=z0.device)
+        chosen = self._sampler(sampler)
+        truncated = _Truncated(self.schedule, float(strength))
+        # The sampler starts at the first time of its grid on [0, strength] (strength *
+        # t_max, or an explicit spacing's first time), scaling its noise by sigma there:
+        # noise x to exactly that time.
+        t_first = float(strength) * _first_time(chosen, truncated, steps, z0.device)
+        t0 = torch.full((batch,), t_first, dtype=torch.float64, device=z0.device)
         z_t = add_noise(self.schedule, z0, eps, t0.to(z0.dtype))
         sigma0 = self.schedule.sigma(t0).to(z0.dtype)
         start = z_t / sigma0.reshape(-1, *([1] * (z_t.ndim - 1)))  # the sampler scales by sigma
-        z = self._sampler(sampler).sample(
+        z = chosen.sample(
             _TimeScaled(denoiser if denoiser is not None else self.denoiser, float(strength)),
-            _Truncated(self.schedule, float(strength)),
+            truncated,
             start,
             steps=steps,
             cond=cond,
@@ -541,23 +725,74 @@ class Pipeline(nn.Module):
     # ------------------------------------------------------------------ files
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``config.json``, ``model.safetensors`` (and tokenizer files) to ``directory``."""
+        """Write ``config.json``, ``model.safetensors`` (and tokenizer files) to ``directory``.
+
+        Every file is written in full to a temporary file beside it first, and only then
+        are they all moved into place: a save that fails (disk full, Ctrl-C) leaves a
+        pipeline already there intact. The weights record the config they were saved with,
+        so that ``load`` notices a ``config.json`` that is not theirs.
+        """
         if self.config is None:
             raise ValueError(
                 "Pipeline.save: this pipeline was composed from parts without a config; build "
                 "it with diffkit.build(config) to save it, or save the denoiser's state_dict "
                 "with diffkit.checkpoint.save_tensors"
             )
+        live = self._live_config()  # refuses before anything is written
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        config = self._config_with_tokenizer_files(folder)
-        _save_tensors(folder / WEIGHTS_FILE, self.state_dict(), {"format": FORMAT})
-        with atomic_write(folder / CONFIG_FILE) as tmp:
-            tmp.write_text(config.to_json() + "\n", encoding="utf-8")
+        config, copies = self._config_with_tokenizer_files(folder, live)
+        text = config.to_json() + "\n"
+        metadata = {"format": FORMAT, CONFIG_KEY: text}
+        # Moved into place in the reverse order of entering: weights, tokenizer, config.
+        with contextlib.ExitStack() as stack:
+            config_tmp = stack.enter_context(atomic_write(folder / CONFIG_FILE))
+            for source, target in copies:
+                shutil.copyfile(source, stack.enter_context(atomic_write(target)))
+            weights_tmp = stack.enter_context(atomic_write(folder / WEIGHTS_FILE))
+            _save_tensors(weights_tmp, self.state_dict(), metadata)
+            config_tmp.write_text(text, encoding="utf-8")
         return folder
 
-    def _config_with_tokenizer_files(self, folder: Path) -> Config:
+    def _live_config(self) -> Config:
+        """The stored config updated to what the pipeline is now (encoder factors, sampler).
+
+        The encoder's ``scaling_factor`` / ``shift_factor`` are read from the live encoder
+        (when its config has those fields); the sampler and the schedule are saved as the
+        live objects' configs, or refused when a replaced one has none.
+        """
         config: Any = self.config
+        update: dict[str, Any] = {}
+        encoder_config = getattr(config, "encoder", None)
+        if encoder_config is not None and self.encoder is not None:
+            fields = type(encoder_config).model_fields
+            factors = {
+                name: float(value)
+                for name in ("scaling_factor", "shift_factor")
+                if name in fields
+                and isinstance(value := getattr(self.encoder, name, None), int | float)
+                and value != getattr(encoder_config, name)
+            }
+            if factors:
+                update["encoder"] = type(encoder_config).model_validate(
+                    {**encoder_config.model_dump(), **factors}
+                )
+        if "sampler" in type(config).model_fields:
+            sampler = _part_config("sampler", config.sampler, self.sampler, self._given["sampler"])
+            if sampler is not config.sampler:
+                update["sampler"] = sampler
+        if "schedule" in type(config).model_fields:
+            schedule = _part_config(
+                "schedule", config.schedule, self.schedule, self._given["schedule"]
+            )
+            if schedule is not config.schedule:
+                update["schedule"] = schedule
+        return config.model_copy(update=update) if update else config
+
+    def _config_with_tokenizer_files(
+        self, folder: Path, config: Any
+    ) -> tuple[Config, list[tuple[Path, Path]]]:
+        """``config`` with the vocabulary path inside ``folder``, and the files to copy there."""
         text_config = getattr(config, "text", None)
         vocab = getattr(getattr(self.text, "tokenizer", None), "vocab_path", None)
         if (
@@ -565,23 +800,27 @@ class Pipeline(nn.Module):
             or vocab is None
             or "vocab_path" not in type(text_config).model_fields
         ):
-            return config
+            return config, []
         source = Path(vocab)
         target = folder / TOKENIZER_DIR / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.resolve() != target.resolve():
-            with atomic_write(target) as tmp:
-                shutil.copyfile(source, tmp)
+        copies = [] if source.resolve() == target.resolve() else [(source, target)]
         relative = f"{TOKENIZER_DIR}/{source.name}"
-        return config.model_copy(
-            update={"text": text_config.model_copy(update={"vocab_path": relative})}
-        )
+        text = text_config.model_copy(update={"vocab_path": relative})
+        return config.model_copy(update={"text": text}), copies
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike[str], *, device: str | torch.device | None = None
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "Pipeline":
-        """Rebuild a saved pipeline: its config, then its weights (checked, never unpickled)."""
+        """Rebuild a saved pipeline: its config, then its weights (checked, never unpickled).
+
+        Each module comes back in the floating dtype it was saved in (a bfloat16 pipeline
+        loads as bfloat16); ``dtype=`` casts the loaded pipeline to another one.
+        """
         from diffkit.builder import build, parse_config
 
         folder = Path(directory)
@@ -599,16 +838,18 @@ class Pipeline(nn.Module):
                 f"{config_path} does not hold a JSON object (the pipeline config), got "
                 f"{type(data).__name__}"
             )
+        tensors, metadata = load_tensors(folder / WEIGHTS_FILE)
+        if metadata.get("format") not in (FORMAT, None):
+            raise CheckpointError(f"{folder / WEIGHTS_FILE} is not a diffkit pipeline file")
+        _check_saved_together(folder, data, metadata.get(CONFIG_KEY))
         text = data.get("text")
         if isinstance(text, dict) and isinstance(text.get("vocab_path"), str):
             vocab = Path(text["vocab_path"])
             if not vocab.is_absolute():
-                data["text"] = {**text, "vocab_path": str(folder / vocab)}
+                data["text"] = {**text, "vocab_path": str((folder / vocab).resolve())}
         pipeline = build(parse_config(data))
-        tensors, metadata = load_tensors(folder / WEIGHTS_FILE)
-        if metadata.get("format") not in (FORMAT, None):
-            raise CheckpointError(f"{folder / WEIGHTS_FILE} is not a diffkit pipeline file")
+        _to_stored_dtypes(pipeline, tensors)
         load_state_dict(pipeline, tensors, what=str(folder / WEIGHTS_FILE))
-        if device is not None:
-            pipeline.to(device)
+        if device is not None or dtype is not None:
+            pipeline.to(device=device, dtype=dtype)
         return pipeline.eval()
