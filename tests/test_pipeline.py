@@ -625,3 +625,37 @@ def test_a_loaded_pipeline_saves_again_from_another_working_directory(tmp_path, 
     assert torch.equal(
         loaded.text.tokenizer(["a red seven"]), again.text.tokenizer(["a red seven"])
     )
+
+
+def test_explicit_guidance_on_an_unconditional_call_is_refused_not_ignored():
+    """``generate(num_samples=2, guidance=5)`` with no prompts or cond cannot guide."""
+    import diffkit as dk
+
+    pipeline = dk.build(
+        {
+            "data_shape": (1, 8, 8),
+            "schedule": {"kind": "cosine"},
+            "denoiser": {
+                "kind": "unet",
+                "in_channels": 1,
+                "base_channels": 8,
+                "channel_mult": [1],
+                "attention_resolutions": [],
+                "norm_groups": 4,
+                "attention_head_dim": 8,
+            },
+            "steps": 2,
+            "guidance": 3.0,  # the config's default: not applied, and not an error
+        }
+    )
+    with pytest.raises(ValueError, match=r"guidance=5 has no effect on an unconditional call"):
+        pipeline.generate(num_samples=2, guidance=5.0)
+    x = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"Pipeline.img2img: guidance=2"):
+        pipeline.img2img(x, strength=0.5, guidance=2.0)
+    generator = torch.Generator().manual_seed(0)
+    default = pipeline.generate(num_samples=2, generator=generator)
+    same = pipeline.generate(
+        num_samples=2, guidance=1.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(default, same)

@@ -415,6 +415,7 @@ class Pipeline(nn.Module):
         batch: int | None,
         guidance: float,
         batch_from: str = "num_samples",
+        guidance_given: bool = False,
     ) -> tuple[int, Conditioning | None, Conditioning | None, float]:
         """The batch and the expanded conditions; ``batch_from`` names what set ``batch``.
 
@@ -448,6 +449,12 @@ class Pipeline(nn.Module):
                 raise ValueError(
                     f"{where}: {negative} has no effect on an unconditional call (no prompts "
                     f"or cond, so no guidance); {fix}, or leave {negative} out"
+                )
+            if guidance_given and guidance != 1.0:
+                raise ValueError(
+                    f"{where}: guidance={guidance:g} has no effect on an unconditional call "
+                    "(no prompts or cond, so nothing to guide towards); pass prompts= or "
+                    "cond=, or leave guidance out"
                 )
             # Unconditional: nothing to guide towards; a text model's unconditional
             # branch is the empty prompt (what condition dropout trained it on).
@@ -529,7 +536,8 @@ class Pipeline(nn.Module):
 
         Conditioned on ``prompts`` (through the text conditioner) or on ``cond``; with
         neither, unconditional (a text pipeline then uses the empty prompt, without
-        guidance). ``guidance != 1`` uses classifier-free guidance against
+        guidance: the config's default guidance is not applied, and an explicit
+        ``guidance != 1`` is refused). ``guidance != 1`` uses classifier-free guidance against
         ``uncond`` or ``negative_prompts`` (one of them; default: the empty prompt). With
         ``guidance == 1`` they are unused, and a ``UserWarning`` says so; on an
         unconditional call they are refused. ``sampler`` is a Sampler, a name in
@@ -548,6 +556,7 @@ class Pipeline(nn.Module):
                 raise ValueError(
                     f"Pipeline.generate: num_samples must be at least 1, got {num_samples}"
                 )
+        guidance_given = guidance is not None
         steps, guidance = self._defaults(steps, guidance)
         batch_from = "num_samples"
         if noise is not None:
@@ -563,6 +572,7 @@ class Pipeline(nn.Module):
             num_samples,
             guidance,
             batch_from,
+            guidance_given,
         )
         if noise is None:
             noise = self._noise(batch, generator)
@@ -675,6 +685,7 @@ class Pipeline(nn.Module):
         """
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength (the start time t0) must be in (0, 1], got {strength}")
+        guidance_given = guidance is not None
         steps, guidance = self._defaults(steps, guidance)
         _check_floating("Pipeline.img2img", "x", x)  # uint8 in [0, 255] must not pass as floats
         self._check_data(x)
@@ -688,6 +699,7 @@ class Pipeline(nn.Module):
             int(x.shape[0]),
             guidance,
             "x's batch",
+            guidance_given,
         )
         z0 = self.encode(x)
         device = generator.device if generator is not None else z0.device
