@@ -120,7 +120,7 @@ def test_label_range_is_not_read_back_from_an_accelerator():
     labels = torch.tensor([7], device="meta")
     validate_conditioning(
         "Net",
-        1,
+        torch.zeros(1),
         dk.Conditioning(labels=labels),
         context_dim=None,
         pooled_dim=None,
@@ -154,9 +154,13 @@ def test_a_network_may_use_only_some_of_the_fields_it_is_given():
     # A CLIP text conditioner gives tokens and pooled; a cross-attention-only network uses the
     # tokens and ignores the pooled vector.
     cond = dk.Conditioning(tokens=torch.randn(1, 4, 8), pooled=torch.randn(1, 6))
-    validate_conditioning("Net", 1, cond, context_dim=8, pooled_dim=None, num_classes=None)
+    validate_conditioning(
+        "Net", torch.zeros(1), cond, context_dim=8, pooled_dim=None, num_classes=None
+    )
     labelled = dk.Conditioning(tokens=torch.randn(1, 4, 8), labels=torch.tensor([1]))
-    validate_conditioning("Net", 1, labelled, context_dim=None, pooled_dim=None, num_classes=3)
+    validate_conditioning(
+        "Net", torch.zeros(1), labelled, context_dim=None, pooled_dim=None, num_classes=3
+    )
 
 
 def test_spatial_attention_layers_keep_shape_and_are_residual():

@@ -519,26 +519,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"diffkit: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    """An argparse ``type``: an integer >= 1."""
+def _int_at_least(text: str, minimum: int) -> int:
+    """An integer ``>= minimum`` from ``text``, or argparse's one-line error."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def _label(text: str) -> int:
     """An argparse ``type``: a class label, an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def _labels(text: str) -> list[int]:

@@ -515,14 +515,21 @@ def _check_dtype(owner: str, name: str, value: Tensor, dtype: torch.dtype) -> No
 
 def validate_conditioning(
     owner: str,
-    batch: int,
+    x_t: Tensor,
     cond: Conditioning | None,
     *,
     context_dim: int | None,
     pooled_dim: int | None,
     num_classes: int | None,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Raise before any compute when ``cond`` lacks what a network was configured to use."""
+    """Raise before any compute when ``cond`` lacks what a network was configured to use.
+
+    ``x_t`` ``(batch, ...)`` is the network's input; with ``dtype`` (the network's
+    parameter dtype) it and the embeddings the network reads must be in that dtype
+    ([`check_input_dtypes`][diffkit.nn.layers.check_input_dtypes]).
+    """
+    batch = x_t.shape[0]
     if cond is not None and cond.batch_size not in (None, batch):
         raise ShapeError(f"{owner}: Conditioning has batch {cond.batch_size}, x_t has {batch}")
     tokens = cond.tokens if cond is not None else None
@@ -575,3 +582,12 @@ def validate_conditioning(
                 f"of them (built without {missing}); build it with "
                 f"{options[given[0]][0]}=... or pass cond=None"
             )
+    if dtype is not None:
+        check_input_dtypes(
+            owner,
+            dtype,
+            x_t,
+            cond,
+            tokens=context_dim is not None,
+            pooled=pooled_dim is not None,
+        )

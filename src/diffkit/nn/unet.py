@@ -29,7 +29,6 @@ from diffkit.nn.layers import (
     SpatialTransformer,
     TimeEmbedding,
     Upsample,
-    check_input_dtypes,
     network_timestep,
     timestep_embedding,
     validate_conditioning,
@@ -280,19 +279,12 @@ class UNet(nn.Module):
                 )
         validate_conditioning(
             "UNet",
-            x.shape[0],
+            x,
             cond,
             context_dim=c.context_dim,
             pooled_dim=c.pooled_dim,
             num_classes=c.num_classes,
-        )
-        check_input_dtypes(
-            "UNet",
-            self.conv_in.weight.dtype,
-            x,
-            cond,
-            tokens=c.context_dim is not None,
-            pooled=c.pooled_dim is not None,
+            dtype=self.conv_in.weight.dtype,
         )
 
     def embed_time(self, t: Tensor, cond: Conditioning | None) -> Tensor:

@@ -32,7 +32,6 @@ from diffkit.nn.layers import (
     Attention,
     FeedForward,
     TimeEmbedding,
-    check_input_dtypes,
     modulate,
     network_timestep,
     timestep_embedding,
@@ -255,19 +254,12 @@ class VideoDiT(nn.Module):
         frames, grid_h, grid_w = self.patches.grid(x_t.shape[1:])
         validate_conditioning(
             "VideoDiT",
-            x_t.shape[0],
+            x_t,
             cond,
             context_dim=cfg.context_dim,
             pooled_dim=cfg.pooled_dim,
             num_classes=cfg.num_classes,
-        )
-        check_input_dtypes(
-            "VideoDiT",
-            self.embed.weight.dtype,
-            x_t,
-            cond,
-            tokens=cfg.context_dim is not None,
-            pooled=cfg.pooled_dim is not None,
+            dtype=self.embed.weight.dtype,
         )
         context = cond.tokens if cond is not None and cfg.context_dim is not None else None
         mask = cond.mask if context is not None and cond is not None else None
