@@ -200,7 +200,7 @@ def test_distributed_leaves_the_group_it_created_and_keeps_one_it_found(monkeypa
     # joins the job leaves it, but never tears down a group someone else owns.
     import torch.distributed as dist
 
-    from diffkit import training
+    from diffkit.training import _distributed as training
 
     def joins():
         _one_process_group()

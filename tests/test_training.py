@@ -23,7 +23,7 @@ from diffkit.data import DigitsDataset
 from diffkit.losses import DiffusionLoss, LossConfig
 from diffkit.protocols import Conditioning
 from diffkit.schedules import Cosine
-from diffkit.training import TrainConfig, learning_rate, step_generator, train
+from diffkit.training import TrainConfig, _reporting, learning_rate, step_generator, train
 
 
 class TinyDenoiser(nn.Module):
@@ -614,7 +614,7 @@ def test_progress_off_a_terminal_writes_plain_lines_not_carriage_returns(
     # capsys' stderr is no terminal, like a CI log or `2> log.txt`
     train(_fresh(0), Cosine(), digits, _config(steps=3, progress=True))
     assert "\r" not in capsys.readouterr().err  # < 30 s: nothing at all
-    monkeypatch.setattr(training, "_PROGRESS_LINE_EVERY_S", 0.0)
+    monkeypatch.setattr(_reporting, "_PROGRESS_LINE_EVERY_S", 0.0)
     train(_fresh(0), Cosine(), digits, _config(steps=3, progress=True))
     err = capsys.readouterr().err
     assert "\r" not in err
@@ -625,16 +625,16 @@ def test_progress_off_a_terminal_writes_plain_lines_not_carriage_returns(
 
 def test_progress_on_a_terminal_is_a_live_bar_and_disabled_writes_nothing() -> None:
     terminal = _Terminal()
-    with training._progress_bar(4, "stage", file=terminal) as bar:
+    with training.progress_bar(4, "stage", file=terminal) as bar:
         for _ in range(4):
             bar.update(1)
     assert "\r" in terminal.getvalue() and "stage" in terminal.getvalue()
     quiet = _Terminal()
-    with training._progress_bar(4, "stage", enabled=False, file=quiet) as bar:
+    with training.progress_bar(4, "stage", enabled=False, file=quiet) as bar:
         bar.update(4)
     assert quiet.getvalue() == ""
     log = io.StringIO()
-    lines = training._ProgressLines(10, "stage", 0, log, interval=3600.0)
+    lines = _reporting._ProgressLines(10, "stage", 0, log, interval=3600.0)
     lines.update(5)
     lines.close()
     assert log.getvalue() == ""  # fast: no line at all, not even on close
