@@ -234,7 +234,11 @@ def prepare(
     *,
     sample: SampleFn | None = None,
 ) -> LoopState:
-    """Set a run up: check it, build the optimizer and EMA, resume, wrap, open the stream."""
+    """Set a run up: check it, build the optimizer and EMA, resume, wrap, open the stream.
+
+    Joins the ``torchrun`` job when there is one; stepping a run by hand there, do it
+    inside [`distributed`][diffkit.training.distributed], which leaves the job again.
+    """
     info = init_distributed()
     device = resolve_device(config.device, info)
     _check_run(config, device, sample)
