@@ -7,6 +7,7 @@ first cuts what the interrupted run logged after the checkpoint it resumes from.
 """
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -85,20 +86,24 @@ def progress_bar(
 
     A notebook or a terminal gets a live tqdm bar; any other stream (a log file, a CI
     log, a pipe) a ``_ProgressLines`` report, so that no carriage-return redraws pile
-    up in it. ``enabled=False``: a bar that shows nothing.
+    up in it. ``enabled=False``: a display that shows nothing. tqdm is imported only for
+    a live bar (or, under a Jupyter kernel, to ask whether it runs in a notebook).
     """
-    from tqdm import tqdm as terminal_tqdm
-    from tqdm.auto import tqdm as auto_tqdm  # (imports tqdm.autonotebook, warnings off)
-    from tqdm.autonotebook import tqdm as chosen_tqdm
-
-    options: dict[str, Any] = {"total": total, "desc": desc, "initial": initial, "unit": "step"}
     if not enabled:
-        return terminal_tqdm(disable=True, **options)
-    if file is None and chosen_tqdm is not terminal_tqdm:  # a notebook: its widget
-        return auto_tqdm(**options, **tqdm_options)
+        return _ProgressLines(total, desc, initial, None, math.inf)
+    options: dict[str, Any] = {"total": total, "desc": desc, "initial": initial, "unit": "step"}
+    if file is None and "ipykernel" in sys.modules:
+        from tqdm import tqdm as terminal_tqdm
+        from tqdm.auto import tqdm as auto_tqdm  # (imports tqdm.autonotebook, warnings off)
+        from tqdm.autonotebook import tqdm as chosen_tqdm
+
+        if chosen_tqdm is not terminal_tqdm:  # a notebook: its widget
+            return auto_tqdm(**options, **tqdm_options)
     stream = sys.stderr if file is None else file
     isatty = getattr(stream, "isatty", None)
     if callable(isatty) and isatty():
+        from tqdm import tqdm as terminal_tqdm
+
         return terminal_tqdm(file=stream, **options, **tqdm_options)
     return _ProgressLines(total, desc, initial, stream, _PROGRESS_LINE_EVERY_S)
 
