@@ -8,7 +8,7 @@ import pytest
 
 from diffkit.builder import build
 from diffkit.cli import main
-from diffkit.demo import default_config
+from diffkit_demo.recipes import default_config
 
 
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -396,7 +396,7 @@ def test_save_gif_writes_rgb_clips_in_colour_and_refuses_other_channel_counts(
     import torch
     from PIL import Image as PILImage
 
-    from diffkit.demo import save_gif
+    from diffkit_demo.output import save_gif
 
     red = torch.full((1, 2, 3, 4, 4), -1.0)
     red[:, :, 0] = 1.0

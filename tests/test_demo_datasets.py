@@ -1,29 +1,21 @@
-"""Digits datasets, deterministic shard batching, collation and sample grids."""
+"""diffkit_demo.datasets: the captioned digits, still and moving, and their configs."""
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from diffkit.data import (
+from diffkit.data import DATASETS
+from diffkit_demo.datasets import (
     DIGIT_NAMES,
     DIRECTIONS,
     DigitsConfig,
     DigitsDataset,
     MovingDigitsConfig,
     MovingDigitsDataset,
-    collate,
-    image_grid,
     load_digits,
-    save_grid,
-    shard_batches,
-    video_grid,
 )
-from diffkit.typing import ShapeError
 
 
 @pytest.mark.parametrize("size", [16, 32])
@@ -103,70 +95,10 @@ def test_first_step_goes_in_the_captioned_direction_away_from_borders():
     assert checked > 20
 
 
-@given(
-    size=st.integers(20, 200),
-    batch=st.integers(1, 6),
-    shards=st.integers(1, 4),
-    epoch=st.integers(0, 3),
-)
-def test_shards_are_disjoint_equal_sized_and_deterministic(size, batch, shards, epoch):
-    if size // shards < batch:
-        with pytest.raises(ValueError, match="fewer than one batch"):
-            shard_batches(size, batch_size=batch, epoch=epoch, seed=0, num_shards=shards)
-        return
-    parts = [
-        shard_batches(size, batch_size=batch, epoch=epoch, seed=0, shard=s, num_shards=shards)
-        for s in range(shards)
-    ]
-    flat = [i for part in parts for b in part for i in b]
-    assert len(flat) == len(set(flat))
-    assert all(0 <= i < size for i in flat)
-    assert len({len(p) for p in parts}) == 1
-    assert all(len(b) == batch for p in parts for b in p)
-    again = shard_batches(size, batch_size=batch, epoch=epoch, seed=0, shard=0, num_shards=shards)
-    assert again == parts[0]
-
-
-def test_epochs_reshuffle_and_seeds_differ():
-    def first(epoch, seed):
-        return shard_batches(100, batch_size=10, epoch=epoch, seed=seed)[0]
-
-    assert first(0, 0) != first(1, 0)
-    assert first(0, 0) != first(0, 1)
-    assert first(2, 5) == first(2, 5)
-
-
-def test_collate_stacks_items_labels_and_captions():
-    ds = DigitsDataset(8)
-    batch = collate([ds[i] for i in range(5)])
-    assert batch.x.shape == (5, 1, 8, 8) and len(batch) == 5
-    assert batch.labels is not None and batch.labels.tolist() == ds.labels[:5].tolist()
-    assert batch.captions == ds.captions[:5]
-    bare = collate([torch.zeros(3), torch.ones(3)])
-    assert bare.x.shape == (2, 3) and bare.labels is None and bare.captions is None
-    with pytest.raises(TypeError):
-        collate([{"y": 1}])
-
-
-def test_grids_tile_images_and_videos(tmp_path):
-    images = torch.linspace(-1, 1, 5 * 3 * 4 * 6).reshape(5, 3, 4, 6)
-    grid = image_grid(images, nrow=2, padding=0)
-    assert grid.size == (2 * 6, 3 * 4) and grid.mode == "RGB"
-    padded = np.asarray(image_grid(images, nrow=2, padding=2))
-    assert padded.shape == (3 * (4 + 2) + 2, 2 * (6 + 2) + 2, 3)
-    # image 3 is row 1, column 1: its tile starts after two borders on each axis
-    tile = padded[2 + 6 : 2 + 6 + 4, 2 + 8 : 2 + 8 + 6]
-    expected = ((images[3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    np.testing.assert_array_equal(tile, expected.permute(1, 2, 0).numpy())
-    assert (padded[:2] == 0).all() and (padded[:, 8:10] == 0).all()  # borders are black
-    videos = torch.zeros(2, 7, 1, 4, 4)
-    assert video_grid(videos).size == (7 * 5 + 1, 2 * 5 + 1)
-    with pytest.raises(ValueError, match="padding"):
-        image_grid(images, padding=-1)
-    path = save_grid(videos, tmp_path / "g" / "v.png")
-    assert path.is_file()
-    with pytest.raises(ShapeError):
-        image_grid(torch.zeros(2, 2, 4, 4))
+def test_importing_the_datasets_registers_them_for_training_configs():
+    assert isinstance(DATASETS.build({"kind": "digits", "size": 8}), DigitsDataset)
+    moving = DATASETS.build({"kind": "moving_digits", "num_videos": 2})
+    assert isinstance(moving, MovingDigitsDataset) and len(moving) == 2
 
 
 @pytest.mark.parametrize("config", [DigitsConfig, MovingDigitsConfig])
@@ -176,43 +108,7 @@ def test_data_seeds_fit_torch_generators(config: type) -> None:
         config(seed=2**63)  # torch.Generator.manual_seed would overflow later
 
 
-def test_a_misspelled_split_and_a_bad_batch_size_are_refused() -> None:
+def test_a_misspelled_split_is_refused() -> None:
     for split in ("val", "TEST"):
         with pytest.raises(ValueError, match="split must be one of"):
             DigitsDataset(8, split=split)  # type: ignore[arg-type]
-    for batch_size in (0, -2, 2.5):
-        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
-            shard_batches(10, batch_size=batch_size, epoch=0, seed=0)  # type: ignore[arg-type]
-
-
-def test_grids_map_the_given_value_range(tmp_path):
-    unit = torch.tensor([0.0, 0.5, 1.0]).reshape(1, 1, 1, 3)
-    # [0, 1] images: black to white, not the default [-1, 1]'s grey to white
-    assert np.asarray(image_grid(unit, padding=0, value_range=(0, 1))).tolist() == [[0, 128, 255]]
-    assert np.asarray(image_grid(unit, padding=0)).tolist() == [[128, 191, 255]]
-    pixels = unit * 255
-    assert np.asarray(image_grid(pixels, padding=0, value_range=(0, 255))).tolist() == [
-        [0, 128, 255]
-    ]
-    # the border takes the range's low end (black)
-    framed = np.asarray(image_grid(unit, padding=1, value_range=(0, 1)))
-    assert framed[0].tolist() == [0] * 5
-    videos = torch.rand(2, 3, 1, 4, 4)
-    assert video_grid(videos, value_range=(0.0, 1.0)).size == (3 * 5 + 1, 2 * 5 + 1)
-    path = save_grid(videos, tmp_path / "v.png", value_range=(0, 1))
-    assert path.is_file()
-
-
-def test_grids_clamp_an_overshoot_but_refuse_another_scale(tmp_path):
-    overshoot = torch.tensor([-1.4, 0.0, 1.3]).reshape(1, 1, 1, 3)
-    assert np.asarray(image_grid(overshoot, padding=0)).tolist() == [[0, 128, 255]]
-    with pytest.raises(ValueError, match=r"values span \[0, 255\].*value_range=\(-1, 1\)"):
-        save_grid(torch.linspace(0, 255, 16).reshape(1, 1, 4, 4), tmp_path / "x.png")
-    with pytest.raises(ValueError, match=r"values span \[-4, 0\].*value_range=\(-1, 1\)"):
-        image_grid(torch.tensor([-4.0, 0.0]).reshape(1, 1, 1, 2))
-    with pytest.raises(ValueError, match="value_range"):
-        video_grid(torch.full((1, 2, 1, 2, 2), 3.5), value_range=(0, 1))
-    assert not (tmp_path / "x.png").exists()
-    for bad in [(1.0, 1.0), (1.0, 0.0), (0.0, float("inf")), (float("nan"), 1.0)]:
-        with pytest.raises(ValueError, match="value_range must be two finite numbers"):
-            save_grid(torch.zeros(1, 1, 2, 2), tmp_path / "y.png", value_range=bad)

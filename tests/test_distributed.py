@@ -23,7 +23,7 @@ WORKER = textwrap.dedent(
     from einops import rearrange
     from torch import nn
 
-    from diffkit.data import DigitsDataset
+    from diffkit_demo.datasets import DigitsDataset
     from diffkit.losses import LossConfig
     from diffkit.protocols import Conditioning
     from diffkit.schedules import Cosine

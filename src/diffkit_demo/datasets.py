@@ -1,54 +1,42 @@
-"""Small real datasets for examples and tests, deterministic batching, and sample grids.
+"""The demo's toy datasets: handwritten digits, still and moving, with captions.
 
 Both datasets are built from scikit-learn's bundled handwritten digits (1797 images of
-8x8 pixels, no download): [`DigitsDataset`][diffkit.data.DigitsDataset] upscales them
+8x8 pixels, no download): [`DigitsDataset`][diffkit_demo.datasets.DigitsDataset] upscales them
 to ``size x size`` images in ``[-1, 1]`` with a caption per image drawn from several
-templates, and [`MovingDigitsDataset`][diffkit.data.MovingDigitsDataset] slides a digit
+templates, and [`MovingDigitsDataset`][diffkit_demo.datasets.MovingDigitsDataset] slides a digit
 across a larger canvas, bouncing off the borders, for ``frames`` frames, captioned with
 the digit and its direction. Everything is a pure function of a seed.
 
-Batches are cut with [`shard_batches`][diffkit.data.shard_batches]: a
-``torch.utils.data.DistributedSampler`` shuffles each epoch (``set_epoch``) and hands
-every shard (one per process, or per gradient-accumulation micro-batch) its own
-disjoint part of the epoch, so the data a run sees depends only on the seed.
+Importing this module registers both in [`diffkit.data.DATASETS`][diffkit.data.DATASETS]
+(kinds ``"digits"`` and ``"moving_digits"``), so a training run config can name them.
+scikit-learn (the ``diffkit[demo]`` extra) provides the digits.
 """
 
-import dataclasses
 import functools
-import math
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from jaxtyping import Float, Int
-from PIL import Image as PILImage
 from pydantic import Field
 from torch import Tensor
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
-from diffkit.config import SEED_MAX, Config, Registry
-from diffkit.typing import Sample, ShapeError, checked
+from diffkit.config import SEED_MAX, Config
+from diffkit.data import DATASETS
 
 __all__ = [
-    "DATASETS",
     "DIGIT_NAMES",
+    "DIRECTIONS",
     "IMAGE_TEMPLATES",
     "VIDEO_TEMPLATES",
-    "Batch",
     "DigitsConfig",
     "DigitsDataset",
     "MovingDigitsConfig",
     "MovingDigitsDataset",
-    "collate",
-    "image_grid",
     "load_digits",
-    "save_grid",
-    "shard_batches",
-    "video_grid",
 ]
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -246,200 +234,8 @@ class MovingDigitsDataset(Dataset[dict[str, Any]]):
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """A collated batch: data ``x`` ``(batch, ...)``, optional labels and captions."""
-
-    x: Tensor
-    labels: Tensor | None = None
-    captions: list[str] | None = None
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-
-def collate(items: Sequence[Any]) -> Batch:
-    """Stack dataset items (``{"x", "label"?, "caption"?}`` mappings, or bare tensors)."""
-    if not items:
-        raise ValueError("collate: empty batch")
-    if isinstance(items[0], Tensor):
-        return Batch(x=torch.stack(list(items)))
-    if not all(isinstance(item, Mapping) and "x" in item for item in items):
-        raise TypeError("collate: items must be tensors or mappings with an 'x' entry")
-    x = torch.stack([item["x"] for item in items])
-    labels = (
-        torch.tensor([int(item["label"]) for item in items], dtype=torch.long)
-        if all("label" in item for item in items)
-        else None
-    )
-    captions = (
-        [str(item["caption"]) for item in items]
-        if all("caption" in item for item in items)
-        else None
-    )
-    return Batch(x=x, labels=labels, captions=captions)
-
-
-def shard_batches(
-    dataset_size: int,
-    *,
-    batch_size: int,
-    epoch: int,
-    seed: int,
-    shard: int = 0,
-    num_shards: int = 1,
-    shuffle: bool = True,
-) -> list[list[int]]:
-    """The index batches shard ``shard`` of ``num_shards`` reads in ``epoch``.
-
-    A ``DistributedSampler`` (with ``set_epoch``) shuffles and splits the epoch; shards
-    get disjoint indices and the same number of full batches (the rest is dropped).
-    """
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    per_shard = dataset_size // num_shards
-    if per_shard < batch_size:
-        raise ValueError(
-            f"a dataset of {dataset_size} items split into {num_shards} shards has "
-            f"{per_shard} per shard, fewer than one batch of {batch_size}"
-        )
-    sampler = DistributedSampler(
-        range(dataset_size),  # type: ignore[arg-type]  # only its length is used
-        num_replicas=num_shards,
-        rank=shard,
-        shuffle=shuffle,
-        seed=seed,
-        drop_last=True,
-    )
-    sampler.set_epoch(epoch)
-    indices = list(sampler)
-    steps = len(indices) // batch_size
-    return [indices[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
-
-
-def _check_values(owner: str, x: Tensor, value_range: tuple[float, float]) -> None:
-    """Refuse a bad ``value_range``, or data on another scale (more than a range-width off).
-
-    Values a little outside the range (a sampler's overshoot) are clamped later; data far
-    outside it (``[0, 255]`` pixels against the default ``[-1, 1]``) would only give a
-    saturated picture, so it is refused. Whether data in ``[0, 1]`` meant ``[-1, 1]`` is not
-    guessed: pass ``value_range=(0, 1)``.
-    """
-    low, high = value_range
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(
-            f"{owner}: value_range must be two finite numbers (low, high) with low < high, "
-            f"got {value_range}"
-        )
-    if x.numel() == 0:
-        return
-    seen_low, seen_high = (float(v) for v in torch.aminmax(x.detach().float()))
-    width = high - low
-    if seen_low < low - width or seen_high > high + width:
-        raise ValueError(
-            f"{owner}: values span [{seen_low:g}, {seen_high:g}], far outside "
-            f"value_range=({low:g}, {high:g}); pass the data's own scale as value_range "
-            "(e.g. (0, 1) or (0, 255)), or rescale it"
-        )
-
-
-def _to_uint8(x: Tensor, value_range: tuple[float, float]) -> np.ndarray:
-    low, high = value_range
-    scaled = ((x.detach().float().cpu().clamp(low, high) - low) * (255 / (high - low))).round()
-    return scaled.to(torch.uint8).numpy()
-
-
-def _grid(
-    images: Tensor, nrow: int, padding: int, value_range: tuple[float, float]
-) -> PILImage.Image:
-    b, c = images.shape[:2]
-    if c not in (1, 3):
-        raise ShapeError(f"image_grid: images need 1 or 3 channels, got {c}")
-    if nrow < 1:
-        raise ValueError(f"image_grid: nrow must be >= 1, got {nrow}")
-    if padding < 0:
-        raise ValueError(f"image_grid: padding must be >= 0, got {padding}")
-    background = value_range[0]
-    ncol = min(nrow, b)
-    rows = -(-b // ncol)
-    pad = rows * ncol - b
-    if pad:
-        images = torch.cat([images, images.new_full((pad, *images.shape[1:]), background)])
-    # each tile takes a border on its top and left; the grid then gets one bottom and right
-    tiles = F.pad(images, (padding, 0, padding, 0), value=background)
-    grid = rearrange(tiles, "(r k) c h w -> c (r h) (k w)", k=ncol)
-    grid = F.pad(grid, (0, padding, 0, padding), value=background)
-    array = _to_uint8(rearrange(grid, "c h w -> h w c"), value_range)
-    return PILImage.fromarray(array[..., 0] if c == 1 else array)
-
-
-@checked
-def image_grid(
-    images: Float[Tensor, "batch channels height width"],
-    nrow: int = 8,
-    padding: int = 1,
-    *,
-    value_range: tuple[float, float] = (-1.0, 1.0),
-) -> PILImage.Image:
-    """Tile images in ``value_range`` (1 or 3 channels) into one PIL image, ``nrow`` per row.
-
-    ``value_range`` ``(low, high)`` maps to black and white (default ``[-1, 1]``, like
-    torchvision's ``make_grid``; ints such as ``(0, 255)`` are fine). Values slightly outside
-    it are clamped; values off by more than the range's width (data on another scale) are
-    refused. Tiles are separated, and framed, by ``padding`` pixels of the background value
-    ``low`` (black), so an ``r x k`` grid of ``h x w`` images is ``k (w + p) + p`` pixels wide
-    and ``r (h + p) + p`` high.
-    """
-    _check_values("image_grid", images, value_range)
-    return _grid(images, nrow, padding, value_range)
-
-
-@checked
-def video_grid(
-    videos: Float[Tensor, "batch frames channels height width"],
-    padding: int = 1,
-    *,
-    value_range: tuple[float, float] = (-1.0, 1.0),
-) -> PILImage.Image:
-    """One row per video, one column per frame, values in ``value_range`` (as ``image_grid``)."""
-    _check_values("video_grid", videos, value_range)
-    frames = videos.shape[1]
-    flat = rearrange(videos, "b f c h w -> (b f) c h w")
-    return _grid(flat, frames, padding, value_range)
-
-
-@checked
-def save_grid(
-    samples: Sample,
-    path: str | Path,
-    nrow: int = 8,
-    *,
-    value_range: tuple[float, float] = (-1.0, 1.0),
-) -> Path:
-    """Save images ``(b, c, h, w)`` or videos ``(b, f, c, h, w)`` as a PNG grid.
-
-    Values are in ``value_range`` (default ``[-1, 1]``), as in
-    [`image_grid`][diffkit.data.image_grid]: a slight overshoot is clamped, data on
-    another scale refused.
-    """
-    if samples.ndim not in (4, 5):
-        raise ShapeError(f"save_grid: expected images or videos, got shape {tuple(samples.shape)}")
-    _check_values("save_grid", samples, value_range)
-    if samples.ndim == 4:
-        picture = _grid(samples, nrow, 1, value_range)
-    else:  # one row per video, as video_grid
-        flat = rearrange(samples, "b f c h w -> (b f) c h w")
-        picture = _grid(flat, samples.shape[1], 1, value_range)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(target)
-    return target
-
-
 class DigitsConfig(Config):
-    """The still [`DigitsDataset`][diffkit.data.DigitsDataset]."""
+    """The still [`DigitsDataset`][diffkit_demo.datasets.DigitsDataset]."""
 
     kind: Literal["digits"] = "digits"
     size: int = Field(default=16, ge=8, description="image side in pixels (8x8 digits upscaled)")
@@ -451,7 +247,7 @@ class DigitsConfig(Config):
 
 
 class MovingDigitsConfig(Config):
-    """The video [`MovingDigitsDataset`][diffkit.data.MovingDigitsDataset]."""
+    """The video [`MovingDigitsDataset`][diffkit_demo.datasets.MovingDigitsDataset]."""
 
     kind: Literal["moving_digits"] = "moving_digits"
     num_videos: int = Field(default=512, ge=1, description="number of videos")
@@ -468,8 +264,6 @@ class MovingDigitsConfig(Config):
     test_fraction: float = Field(default=0.1, gt=0, lt=1, description="share of the test split")
 
 
-DATASETS: Registry[Dataset[Any]] = Registry("dataset")
-"""Datasets by config ``kind`` (``"digits"``, ``"moving_digits"``)."""
 DATASETS.register(DigitsConfig, lambda c: DigitsDataset(**c.model_dump(exclude={"kind"})))
 DATASETS.register(
     MovingDigitsConfig, lambda c: MovingDigitsDataset(**c.model_dump(exclude={"kind"}))
