@@ -1,6 +1,10 @@
 """diffkit.data: deterministic shard batching, collation, sample grids and the PNG writer."""
 
+import subprocess
+import sys
 import zlib
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +12,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffkit.data import collate, grid_array, save_grid, shard_batches, write_png
+from diffkit.data import (
+    DATASETS,
+    ENTRY_POINT_GROUP,
+    collate,
+    grid_array,
+    save_grid,
+    shard_batches,
+    write_png,
+)
 from diffkit.typing import ShapeError
 
 
@@ -18,7 +30,9 @@ from diffkit.typing import ShapeError
     shards=st.integers(1, 4),
     epoch=st.integers(0, 3),
 )
-def test_shards_are_disjoint_equal_sized_and_deterministic(size, batch, shards, epoch):
+def test_shards_are_disjoint_equal_sized_and_deterministic(
+    size: int, batch: int, shards: int, epoch: int
+) -> None:
     if size // shards < batch:
         with pytest.raises(ValueError, match="fewer than one batch"):
             shard_batches(size, batch_size=batch, epoch=epoch, seed=0, num_shards=shards)
@@ -36,8 +50,8 @@ def test_shards_are_disjoint_equal_sized_and_deterministic(size, batch, shards, 
     assert again == parts[0]
 
 
-def test_epochs_reshuffle_and_seeds_differ():
-    def first(epoch, seed):
+def test_epochs_reshuffle_and_seeds_differ() -> None:
+    def first(epoch: int, seed: int) -> list[int]:
         return shard_batches(100, batch_size=10, epoch=epoch, seed=seed)[0]
 
     assert first(0, 0) != first(1, 0)
@@ -45,7 +59,7 @@ def test_epochs_reshuffle_and_seeds_differ():
     assert first(2, 5) == first(2, 5)
 
 
-def test_collate_stacks_items_labels_and_captions():
+def test_collate_stacks_items_labels_and_captions() -> None:
     items = [
         {"x": torch.full((1, 2, 2), float(i)), "label": i, "caption": f"c{i}"} for i in range(5)
     ]
@@ -89,7 +103,7 @@ def _read_png(data: bytes) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (4, 2, 3)])
-def test_write_png_round_trips_grey_and_rgb(tmp_path, shape):
+def test_write_png_round_trips_grey_and_rgb(tmp_path: Path, shape: tuple[int, ...]) -> None:
     array = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
     path = write_png(array, tmp_path / "a.png")
     np.testing.assert_array_equal(_read_png(path.read_bytes()), array)
@@ -99,7 +113,7 @@ def test_write_png_round_trips_grey_and_rgb(tmp_path, shape):
         write_png(array.astype(np.float32), tmp_path / "b.png")
 
 
-def test_save_grid_writes_the_grid_array_as_png_without_pillow(tmp_path):
+def test_save_grid_writes_the_grid_array_as_png_without_pillow(tmp_path: Path) -> None:
     images = torch.linspace(-1, 1, 5 * 3 * 4 * 6).reshape(5, 3, 4, 6)
     path = save_grid(images, tmp_path / "g" / "i.png", nrow=2)
     np.testing.assert_array_equal(_read_png(path.read_bytes()), grid_array(images, 2))
@@ -114,16 +128,67 @@ def test_save_grid_writes_the_grid_array_as_png_without_pillow(tmp_path):
         grid_array(images, padding=-1)
 
 
-def test_grid_array_maps_the_given_value_range():
+def test_grid_array_maps_the_given_value_range() -> None:
     unit = torch.tensor([0.0, 0.5, 1.0]).reshape(1, 1, 1, 3)
     assert grid_array(unit, padding=0, value_range=(0, 1)).tolist() == [[0, 128, 255]]
     assert grid_array(unit, padding=0).tolist() == [[128, 191, 255]]
 
 
-def test_save_grid_clamps_an_overshoot_but_refuses_another_scale(tmp_path):
+def test_save_grid_clamps_an_overshoot_but_refuses_another_scale(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"values span \[0, 255\].*value_range=\(-1, 1\)"):
         save_grid(torch.linspace(0, 255, 16).reshape(1, 1, 4, 4), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
     for bad in [(1.0, 1.0), (1.0, 0.0), (0.0, float("inf")), (float("nan"), 1.0)]:
         with pytest.raises(ValueError, match="value_range must be two finite numbers"):
             save_grid(torch.zeros(1, 1, 2, 2), tmp_path / "y.png", value_range=bad)
+
+
+PLUGIN = """
+from typing import Literal
+
+from diffkit.config import Config
+from diffkit.data import DATASETS
+
+
+class ToyConfig(Config):
+    kind: Literal["toy_plugin_data"] = "toy_plugin_data"
+    n: int = 3
+
+
+DATASETS.register(ToyConfig, lambda c: list(range(c.n)))
+"""
+
+
+def test_a_dataset_kind_is_found_through_its_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diffkit.data
+
+    (tmp_path / "toy_plugin_module.py").write_text(PLUGIN, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = EntryPoint("toy_plugin_data", "toy_plugin_module", ENTRY_POINT_GROUP)
+    asked: list[dict[str, str]] = []
+
+    def fake_entry_points(**select: str) -> list[EntryPoint]:
+        asked.append(select)
+        return [entry] if select.get("name") == entry.name else []
+
+    monkeypatch.setattr(diffkit.data, "entry_points", fake_entry_points)
+    assert DATASETS.build({"kind": "toy_plugin_data", "n": 2}) == [0, 1]
+    assert asked == [{"group": ENTRY_POINT_GROUP, "name": "toy_plugin_data"}]
+    with pytest.raises(ValueError, match="unknown dataset kind 'nothing'"):
+        DATASETS.parse({"kind": "nothing"})
+
+
+def test_an_installed_diffkit_finds_the_demo_datasets_in_a_fresh_process() -> None:
+    if not any(e.name == "digits" for e in entry_points(group=ENTRY_POINT_GROUP)):
+        pytest.skip("diffkit's entry points are not installed (pip install -e . again)")
+    code = (
+        "from diffkit.data import DATASETS; "
+        "print(type(DATASETS.build({'kind': 'digits', 'size': 8})).__name__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "DigitsDataset"

@@ -19,7 +19,7 @@ from diffkit_demo.datasets import (
 
 
 @pytest.mark.parametrize("size", [16, 32])
-def test_digits_are_upscaled_images_in_minus_one_one(size):
+def test_digits_are_upscaled_images_in_minus_one_one(size: int) -> None:
     ds = DigitsDataset(size)
     item = ds[0]
     assert len(ds) == 1797
@@ -29,7 +29,7 @@ def test_digits_are_upscaled_images_in_minus_one_one(size):
     assert set(ds.labels.tolist()) == set(range(10))
 
 
-def test_captions_name_the_digit_and_use_several_templates():
+def test_captions_name_the_digit_and_use_several_templates() -> None:
     ds = DigitsDataset(16, seed=3)
     for i in range(50):
         label = ds[i]["label"]
@@ -38,14 +38,14 @@ def test_captions_name_the_digit_and_use_several_templates():
     assert len({c.replace(str(d), "#") for c, d in zip(ds.captions, ds.labels.tolist())}) >= 3
 
 
-def test_datasets_are_a_function_of_the_seed():
+def test_datasets_are_a_function_of_the_seed() -> None:
     a, b, c = DigitsDataset(16, seed=1), DigitsDataset(16, seed=1), DigitsDataset(16, seed=2)
     assert a.captions == b.captions and a.captions != c.captions
     v1, v2 = MovingDigitsDataset(8, seed=4), MovingDigitsDataset(8, seed=4)
     assert torch.equal(v1[3]["x"], v2[3]["x"]) and v1.captions == v2.captions
 
 
-def test_train_and_test_splits_partition_the_digits():
+def test_train_and_test_splits_partition_the_digits() -> None:
     train, test = DigitsDataset(8, split="train"), DigitsDataset(8, split="test")
     assert len(train) + len(test) == 1797
     assert len(test) == round(1797 * 0.1)
@@ -54,7 +54,7 @@ def test_train_and_test_splits_partition_the_digits():
     assert overlap < 5  # only the few exact duplicate images of the raw data set
 
 
-def test_moving_digit_frames_show_the_digit_at_its_bouncing_trajectory():
+def test_moving_digit_frames_show_the_digit_at_its_bouncing_trajectory() -> None:
     ds = MovingDigitsDataset(24, frames=10, size=24, digit_size=12, max_speed=4, seed=0)
     images, _ = load_digits(12)
     span = 24 - 12
@@ -82,7 +82,7 @@ def test_moving_digit_frames_show_the_digit_at_its_bouncing_trajectory():
     assert all(moved)
 
 
-def test_first_step_goes_in_the_captioned_direction_away_from_borders():
+def test_first_step_goes_in_the_captioned_direction_away_from_borders() -> None:
     ds = MovingDigitsDataset(64, size=32, digit_size=8, max_speed=2, seed=1)
     checked = 0
     for i in range(len(ds)):
@@ -95,7 +95,7 @@ def test_first_step_goes_in_the_captioned_direction_away_from_borders():
     assert checked > 20
 
 
-def test_importing_the_datasets_registers_them_for_training_configs():
+def test_importing_the_datasets_registers_them_for_training_configs() -> None:
     assert isinstance(DATASETS.build({"kind": "digits", "size": 8}), DigitsDataset)
     moving = DATASETS.build({"kind": "moving_digits", "num_videos": 2})
     assert isinstance(moving, MovingDigitsDataset) and len(moving) == 2

@@ -8,8 +8,7 @@ disjoint part of the epoch, so the data a run sees depends only on the seed.
 [`save_grid`][diffkit.data.save_grid] writes samples as one PNG with the standard library
 alone (training's sample grids need no imaging package). Datasets are registered by config
 ``kind`` in [`DATASETS`][diffkit.data.DATASETS]; the toy digits datasets of the demo live in
-``diffkit_demo.datasets`` (the ``diffkit[demo]`` extra) and register themselves there when
-imported.
+``diffkit_demo.datasets`` (the ``diffkit[demo]`` extra), found through their entry points.
 """
 
 import dataclasses
@@ -17,6 +16,7 @@ import math
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,20 @@ from einops import rearrange
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from diffkit.config import Registry
+from diffkit.config import Config, Registry
 from diffkit.typing import Sample, ShapeError, checked
 
-__all__ = ["DATASETS", "Batch", "collate", "grid_array", "save_grid", "shard_batches", "write_png"]
+__all__ = [
+    "DATASETS",
+    "ENTRY_POINT_GROUP",
+    "Batch",
+    "DatasetRegistry",
+    "collate",
+    "grid_array",
+    "save_grid",
+    "shard_batches",
+    "write_png",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +267,26 @@ def save_grid(
     return target
 
 
-DATASETS: Registry[Dataset[Any]] = Registry("dataset")
-"""Datasets by config ``kind``. Importing ``diffkit_demo.datasets`` registers the toy
-``"digits"`` and ``"moving_digits"`` datasets; register your own with
+ENTRY_POINT_GROUP = "diffkit.datasets"
+"""Installed packages name the module that registers a dataset kind here, by kind."""
+
+
+class DatasetRegistry(Registry[Dataset[Any]]):
+    """A [`Registry`][diffkit.config.Registry] that finds a kind it does not know yet among
+    the installed ``diffkit.datasets`` entry points (``kind = "module"``) and imports that
+    module, which registers it. So a run config may name a dataset of another installed
+    package (``data: {kind: digits}``, from ``diffkit[demo]``) without importing it first.
+    """
+
+    def config_class(self, kind: str) -> type[Config]:
+        """The config class registered for ``kind``, imported from its entry point if need be."""
+        if kind not in self.kinds:
+            for entry in entry_points(group=ENTRY_POINT_GROUP, name=kind):
+                entry.load()
+        return super().config_class(kind)
+
+
+DATASETS: Registry[Dataset[Any]] = DatasetRegistry("dataset")
+"""Datasets by config ``kind``. The demo's ``"digits"`` and ``"moving_digits"``
+(``diffkit_demo.datasets``) are found through their entry points; register your own with
 ``DATASETS.register(MyConfig, builder)``."""
