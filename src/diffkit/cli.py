@@ -505,16 +505,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     table.add_row("total", "", "", f"{_params(pipeline):,}")
     console.print(table)
+    console.print(_flow(pipeline, fmt(latent), fmt(data_shape)))
+    return 0
+
+
+def _flow(pipeline: Any, latent: str, data_shape: str) -> str:
+    """The pipeline's data flow, from prompts / labels and noise to samples, as text."""
     classes = _num_classes(pipeline)
-    sources = ["prompts ─▶ text"] if text is not None else []
+    sources = ["prompts ─▶ text"] if pipeline.text is not None else []
     sources += [f"labels ({classes} classes)"] if classes is not None else []
     flow = f"{' + '.join(sources)} ─▶ cond ─┐\n" if sources else ""
     space = "latent" if pipeline.encoder is not None else "sample"
-    flow += f"noise {fmt(latent)} ─▶ sampler ⟲ denoiser ─▶ {space} {fmt(latent)}"
+    flow += f"noise {latent} ─▶ sampler ⟲ denoiser ─▶ {space} {latent}"
     if pipeline.encoder is not None:
-        flow += f" ─▶ encoder.decode ─▶ {fmt(data_shape)}"
-    console.print(flow)
-    return 0
+        flow += f" ─▶ encoder.decode ─▶ {data_shape}"
+    return flow
 
 
 # --------------------------------------------------------------------------------------

@@ -349,56 +349,62 @@ def _autoencoder_config() -> dict[str, Any]:
 
 def _builtin(task: Literal["image", "video"]) -> DemoConfig:
     """The recipes in Python (the YAML files in ``configs/`` are dumps of these)."""
-    if task == "image":
-        return ImageDemoConfig.model_validate(
-            {
-                "clip_vision": {
-                    "image_size": 16,
-                    "patch_size": 4,
-                    "channels": 1,
-                    "width": 64,
-                    "layers": 2,
-                    "heads": 4,
+    return _image_recipe() if task == "image" else _video_recipe()
+
+
+def _image_recipe() -> ImageDemoConfig:
+    return ImageDemoConfig.model_validate(
+        {
+            "clip_vision": {
+                "image_size": 16,
+                "patch_size": 4,
+                "channels": 1,
+                "width": 64,
+                "layers": 2,
+                "heads": 4,
+            },
+            "clip_train": {"steps": 300, "batch_size": 128, "lr": 2e-3},
+            "autoencoder_train": {"steps": 300, "batch_size": 64, "lr": 2e-3},
+            "pipeline": {
+                "data_shape": (1, 16, 16),
+                "schedule": {"kind": "cosine"},
+                "encoder": _autoencoder_config(),
+                "denoiser": {
+                    "kind": "unet",
+                    "in_channels": 2,
+                    "base_channels": 32,
+                    "channel_mult": (1, 2),
+                    "blocks_per_level": 1,
+                    "attention_resolutions": (2,),
+                    "attention_head_dim": 32,
+                    "mid_attention": True,
+                    "context_dim": 64,
+                    "pooled_dim": 64,
+                    "norm_groups": 8,
+                    "prediction": "v",
                 },
-                "clip_train": {"steps": 300, "batch_size": 128, "lr": 2e-3},
-                "autoencoder_train": {"steps": 300, "batch_size": 64, "lr": 2e-3},
-                "pipeline": {
-                    "data_shape": (1, 16, 16),
-                    "schedule": {"kind": "cosine"},
-                    "encoder": _autoencoder_config(),
-                    "denoiser": {
-                        "kind": "unet",
-                        "in_channels": 2,
-                        "base_channels": 32,
-                        "channel_mult": (1, 2),
-                        "blocks_per_level": 1,
-                        "attention_resolutions": (2,),
-                        "attention_head_dim": 32,
-                        "mid_attention": True,
-                        "context_dim": 64,
-                        "pooled_dim": 64,
-                        "norm_groups": 8,
-                        "prediction": "v",
-                    },
-                    "text": _text_config(40, 64, 2, 64),
-                    "sampler": {"kind": "dpmpp", "order": 2},
-                    "steps": 20,
-                    "guidance": 3.0,
-                },
-                "train": {
-                    "steps": 1000,
-                    "batch_size": 64,
-                    "lr": 1e-3,
-                    "warmup_steps": 50,
-                    "lr_schedule": "cosine",
-                    "ema_decay": 0.995,
-                    "log_every": 50,
-                    "device": "cpu",
-                    "loss": {"cond_dropout": 0.1},
-                },
-                "samples_per_prompt": 10,
-            }
-        )
+                "text": _text_config(40, 64, 2, 64),
+                "sampler": {"kind": "dpmpp", "order": 2},
+                "steps": 20,
+                "guidance": 3.0,
+            },
+            "train": {
+                "steps": 1000,
+                "batch_size": 64,
+                "lr": 1e-3,
+                "warmup_steps": 50,
+                "lr_schedule": "cosine",
+                "ema_decay": 0.995,
+                "log_every": 50,
+                "device": "cpu",
+                "loss": {"cond_dropout": 0.1},
+            },
+            "samples_per_prompt": 10,
+        }
+    )
+
+
+def _video_recipe() -> VideoDemoConfig:
     return VideoDemoConfig.model_validate(
         {
             # A ResNet, not a ViT: its convolutions follow the moving digit wherever it is

@@ -24,23 +24,9 @@ from diffkit.pipeline import Pipeline
 from diffkit_demo.datasets import DIGIT_NAMES, IMAGE_TEMPLATES, DigitsDataset
 from diffkit_demo.judges import DigitJudge
 from diffkit_demo.output import image_grid, to_unit
+from diffkit_demo.recipes import stages
 from diffkit_demo.recipes.config import ImageDemoConfig
-from diffkit_demo.recipes.stages import (
-    DemoResult,
-    Run,
-    byte_tokenizer,
-    denoiser_stage,
-    finish_run,
-    fit_autoencoder,
-    generate_samples,
-    rescale_latents,
-    save_pipeline,
-    start_run,
-    tail_mean,
-    text_conditioner,
-    train_clip,
-    with_encoder,
-)
+from diffkit_demo.recipes.stages import DemoResult, Run
 
 __all__ = ["run_image_demo"]
 
@@ -53,13 +39,13 @@ def run_image_demo(
     console: Any = None,
 ) -> DemoResult:
     """Train CLIP, the autoencoder and the latent denoiser; sample, judge and save to ``out``."""
-    run = start_run(config, "image", out, progress, console)
+    run = stages.start_run(config, "image", out, progress, console)
     train_set, test_set, judge = _data_stage(run, config)
     clip = _clip_stage(run, config, train_set, test_set)
     ae, latents = _autoencoder_stage(run, train_set, test_set)
-    pipeline_config = with_encoder(config, ae.config)
-    text = text_conditioner(config, clip)
-    denoiser = denoiser_stage(
+    pipeline_config = stages.with_encoder(config, ae.config)
+    text = stages.text_conditioner(config, clip)
+    denoiser = stages.denoiser_stage(
         run,
         pipeline_config,
         latents,
@@ -69,9 +55,11 @@ def run_image_demo(
         "text-conditioned latent U-Net (CFG dropout, EMA)",
     )
     with run.report.stage("sample", "grid for one prompt per digit, judged, saved"):
-        pipeline = save_pipeline(run, pipeline_config, denoiser=denoiser, encoder=ae, text=text)
+        pipeline = stages.save_pipeline(
+            run, pipeline_config, denoiser=denoiser, encoder=ae, text=text
+        )
         _sample(run, config, pipeline, judge)
-    return finish_run(
+    return stages.finish_run(
         run, {"samples_png": run.folder / "samples.png", "samples_npz": run.folder / "samples.npz"}
     )
 
@@ -96,8 +84,10 @@ def _clip_stage(
 ) -> CLIP:
     result = run.result
     with run.report.stage("clip", "contrastive text + image towers"):
-        clip, clip_losses = train_clip(config, train_set.images, train_set.captions, run.report)
-        result.losses["clip"] = tail_mean(clip_losses)
+        clip, clip_losses = stages.train_clip(
+            config, train_set.images, train_set.captions, run.report
+        )
+        result.losses["clip"] = stages.tail_mean(clip_losses)
         result.metrics["clip_zero_shot_accuracy"] = _zero_shot(config, clip, test_set)
         run.report.note(
             f"final loss {result.losses['clip']:.4f}, zero-shot accuracy on held-out digits "
@@ -112,10 +102,10 @@ def _autoencoder_stage(
     """Train the autoencoder, set its latent scale; it and the training images' latents."""
     result = run.result
     with run.report.stage("autoencoder", "KL autoencoder into the latent space"):
-        ae = fit_autoencoder(run, train_set.images)
+        ae = stages.fit_autoencoder(run, train_set.images)
         with torch.no_grad():
             recon = ae.decode(ae.encode(test_set.images))
-            rescale_latents(ae, ae.posterior(train_set.images).mean)
+            stages.rescale_latents(ae, ae.posterior(train_set.images).mean)
         result.metrics["autoencoder_test_mse"] = float(F.mse_loss(recon, test_set.images))
         with torch.no_grad():
             latents = ae.encode(train_set.images)
@@ -139,7 +129,7 @@ def _image_prompts(config: ImageDemoConfig) -> tuple[list[str], list[int]]:
 def _sample(run: Run, config: ImageDemoConfig, pipeline: Pipeline, judge: DigitJudge) -> None:
     """Draw the grid, judge it, write ``samples.npz`` and ``samples.png``."""
     prompts, labels = _image_prompts(config)
-    samples = generate_samples(pipeline, prompts, config.seed)
+    samples = stages.generate_samples(pipeline, prompts, config.seed)
     predicted = judge.predict(samples)
     run.result.metrics["prompt_accuracy"] = float((predicted == np.asarray(labels)).mean())
     run.report.note(
@@ -157,7 +147,7 @@ def _sample(run: Run, config: ImageDemoConfig, pipeline: Pipeline, judge: DigitJ
 
 
 def _zero_shot(config: ImageDemoConfig, clip: CLIP, test_set: DigitsDataset) -> float:
-    tokenizer = byte_tokenizer(config)
+    tokenizer = stages.byte_tokenizer(config)
     templates = [
         (lambda c, t=t: t.format(digit=c, name=DIGIT_NAMES[int(c)])) for t in IMAGE_TEMPLATES
     ]

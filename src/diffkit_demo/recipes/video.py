@@ -27,22 +27,9 @@ from diffkit.pipeline import Pipeline
 from diffkit_demo.datasets import DIGIT_NAMES, DIRECTIONS, MovingDigitsDataset
 from diffkit_demo.judges import VideoJudge
 from diffkit_demo.output import save_gif, to_unit, video_grid
+from diffkit_demo.recipes import stages
 from diffkit_demo.recipes.config import VideoDemoConfig
-from diffkit_demo.recipes.stages import (
-    DemoResult,
-    Run,
-    denoiser_stage,
-    finish_run,
-    fit_autoencoder,
-    generate_samples,
-    rescale_latents,
-    save_pipeline,
-    start_run,
-    tail_mean,
-    text_conditioner,
-    train_clip,
-    with_encoder,
-)
+from diffkit_demo.recipes.stages import DemoResult, Run
 
 __all__ = ["run_video_demo"]
 
@@ -55,7 +42,7 @@ def run_video_demo(
     console: Any = None,
 ) -> DemoResult:
     """Train CLIP, the frame autoencoder and a latent video transformer; sample GIFs, judge."""
-    run = start_run(config, "video", out, progress, console)
+    run = stages.start_run(config, "video", out, progress, console)
     with run.report.stage("data", "moving-digit clips with captions and the independent check"):
         x, labels, captions, _ = _video_data(config, "train", config.num_videos)
         test = _video_data(config, "test", 200)
@@ -63,17 +50,17 @@ def run_video_demo(
         run.result.metrics["train_clips"] = len(labels)
 
     with run.report.stage("clip", "contrastive text + frame-stacked image towers"):
-        clip, clip_losses = train_clip(config, x[:, :, 0], captions, run.report)
-        run.result.losses["clip"] = tail_mean(clip_losses)
+        clip, clip_losses = stages.train_clip(config, x[:, :, 0], captions, run.report)
+        run.result.losses["clip"] = stages.tail_mean(clip_losses)
 
     pipeline_config, ae, data = config.pipeline, None, x
     if isinstance(config.pipeline.encoder, KLAutoencoderConfig):
         with run.report.stage("autoencoder", "KL autoencoder on single frames (latent video)"):
             ae, pipeline_config, data = _video_autoencoder(run, x, test, judge)
 
-    text = text_conditioner(config, clip)
+    text = stages.text_conditioner(config, clip)
     space = "pixel" if ae is None else "latent"
-    denoiser = denoiser_stage(
+    denoiser = stages.denoiser_stage(
         run,
         pipeline_config,
         data,
@@ -83,14 +70,16 @@ def run_video_demo(
         f"text-conditioned video transformer over {space} tubelets",
     )
     with run.report.stage("sample", "one GIF per prompt and a frame grid, checked"):
-        pipeline = save_pipeline(run, pipeline_config, denoiser=denoiser, encoder=ae, text=text)
+        pipeline = stages.save_pipeline(
+            run, pipeline_config, denoiser=denoiser, encoder=ae, text=text
+        )
         _sample(run, config, pipeline, judge)
     files = {
         "frames_png": run.folder / "frames.png",
         "gifs": run.folder / "gifs",
         "samples_npz": run.folder / "samples.npz",
     }
-    return finish_run(run, files)
+    return stages.finish_run(run, files)
 
 
 _Clips = tuple[Tensor, Tensor, list[str], list[str]]
@@ -165,10 +154,10 @@ def _video_autoencoder(
     latent scale, and the training clips as latent videos."""
     tx, tlabels, _, tdirections = test
     result = run.result
-    ae = fit_autoencoder(run, x.flatten(0, 1))  # frames: (clips * frames, 1, h, w)
+    ae = stages.fit_autoencoder(run, x.flatten(0, 1))  # frames: (clips * frames, 1, h, w)
     with torch.no_grad():
         raw = torch.cat([ae.posterior(chunk).mean for chunk in x.split(256)])
-        encoder_config = rescale_latents(ae, raw)
+        encoder_config = stages.rescale_latents(ae, raw)
         latents = (raw - ae.shift_factor) * ae.scaling_factor  # = ae.encode(x), encoded once
         recon = ae.decode(ae.encode(tx))
     result.metrics["autoencoder_test_mse"] = float(F.mse_loss(recon, tx))
@@ -179,7 +168,7 @@ def _video_autoencoder(
         f"{result.metrics['autoencoder_test_mse']:.4f}, check on coded real clips "
         f"{100 * coded['accuracy']:.1f} %, latent clips {tuple(latents.shape[1:])}"
     )
-    return ae, with_encoder(run.config, encoder_config), latents
+    return ae, stages.with_encoder(run.config, encoder_config), latents
 
 
 def _sample(run: Run, config: VideoDemoConfig, pipeline: Pipeline, judge: VideoJudge) -> None:
@@ -189,7 +178,7 @@ def _sample(run: Run, config: VideoDemoConfig, pipeline: Pipeline, judge: VideoJ
     repeated = [p for p in prompts for _ in range(k)]
     digits_k = [d for d in digits for _ in range(k)]
     directions_k = [d for d in directions for _ in range(k)]
-    videos = generate_samples(pipeline, repeated, config.seed)
+    videos = stages.generate_samples(pipeline, repeated, config.seed)
     run.result.metrics.update(judge.score(videos, digits_k, directions_k))
     gif_dir = run.folder / "gifs"
     gif_dir.mkdir(exist_ok=True)
