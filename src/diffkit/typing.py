@@ -109,88 +109,118 @@ def _missing_members(annotation: Any, value: object) -> str:
     return f" (missing: {', '.join(missing)})" if isinstance(missing, list) and missing else ""
 
 
-def _explain(
-    fn: Callable[..., Any], err: TypeCheckError, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> str:
-    """Turn jaxtyping's message into one line naming the argument and the dimension."""
+def _argument(
+    fn: Callable[..., Any], param: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, Any]:
+    """The value passed for ``param`` and its annotation (``None, None`` if they don't bind)."""
     import inspect
 
-    text = str(err)
-    name = getattr(fn, "__qualname__", repr(fn))
-    match = _PARAM_RE.search(text)
-    bindings = dict(
-        _BINDING_RE.findall(text.split("jaxtyping axis annotation are as follows.")[-1])
-    )
-    if match is None:
-        if _RETURN_RE.search(text):
-            return f"{name}: the return value has the wrong shape or dtype"
-        return f"{name}: a shape or dtype check failed"
-    param = match.group(1)
     try:
         bound = inspect.signature(fn).bind(*args, **kwargs)
-        value = bound.arguments.get(param)
-        annotation = fn.__annotations__.get(param)
+        return bound.arguments.get(param), fn.__annotations__.get(param)
     except TypeError:
-        value, annotation = None, None
-    if not isinstance(value, Tensor):
-        kind = type(value).__name__
-        if _dims_of(annotation) is None:  # not a tensor annotation: a protocol, a union, ...
-            return (
-                f"{name}: argument '{param}' must be {_describe(annotation)}, got {kind}"
-                f"{_missing_members(annotation, value)}"
-            )
-        return f"{name}: argument '{param}' must be a tensor matching {annotation}, got {kind}"
-    dims = _dims_of(annotation)
-    shape = tuple(value.shape)
-    dtype = getattr(annotation, "dtypes", None)
-    if dtype is not None and not any(str(value.dtype).removeprefix("torch.") in d for d in dtype):
-        return (
-            f"{name}: argument '{param}' has dtype {value.dtype}, expected one of "
-            f"{sorted(set(dtype))}"
-        )
-    if dims is None:
-        return f"{name}: argument '{param}' has the wrong shape {shape}"
+        return None, None
+
+
+def _rank_problem(where: str, dims: list[str], shape: tuple[int, ...]) -> str | None:
+    """A wrong number of dimensions, said as ``where`` has ... expected ..."""
     fixed = [d for d in dims if not d.startswith("*") and not d.startswith("...")]
     if not any(d.startswith("*") or d == "..." for d in dims) and len(dims) != len(shape):
         return (
-            f"{name}: argument '{param}' has {len(shape)} dimensions {shape}, expected "
-            f"{len(dims)} ({' '.join(dims)})"
+            f"{where} has {len(shape)} dimensions {shape}, expected {len(dims)} ({' '.join(dims)})"
         )
     if len(shape) < len(fixed):
         return (
-            f"{name}: argument '{param}' has {len(shape)} dimensions {shape}, expected at "
-            f"least {len(fixed)} ({' '.join(dims)})"
+            f"{where} has {len(shape)} dimensions {shape}, expected at least {len(fixed)} "
+            f"({' '.join(dims)})"
         )
-    # Leading named dimensions (before any variadic one) are compared with what earlier
-    # arguments bound; this is where nearly every real mismatch is ('batch', 'channels').
+    return None
+
+
+def _leading_problem(
+    where: str, dims: list[str], shape: tuple[int, ...], bindings: dict[str, str]
+) -> str | None:
+    """A leading named dimension (before any variadic one) that disagrees with its binding.
+
+    This is where nearly every real mismatch is ('batch', 'channels').
+    """
     for index, dim in enumerate(dims):
         if dim.startswith("*") or dim == "...":
             break
         clean = dim.lstrip("#_")
         if clean.isdigit() and int(clean) != shape[index]:
-            return (
-                f"{name}: argument '{param}' dimension {index} is {shape[index]}, expected {clean}"
-            )
+            return f"{where} dimension {index} is {shape[index]}, expected {clean}"
         if clean in bindings and bindings[clean].strip() != str(shape[index]):
             return (
-                f"{name}: argument '{param}' dimension '{clean}' is {shape[index]}, but "
-                f"'{clean}' is {bindings[clean].strip()} from the other arguments "
-                f"(shape {shape}, expected ({' '.join(dims)}))"
+                f"{where} dimension '{clean}' is {shape[index]}, but '{clean}' is "
+                f"{bindings[clean].strip()} from the other arguments (shape {shape}, expected "
+                f"({' '.join(dims)}))"
             )
+    return None
+
+
+def _variadic_problem(
+    where: str, dims: list[str], shape: tuple[int, ...], bindings: dict[str, str]
+) -> str | None:
+    """The one ``*name`` group of dimensions disagreeing with what it was bound to."""
     variadic = [d for d in dims if d.startswith("*")]
-    if len(variadic) == 1:
-        star = dims.index(variadic[0])
-        var_name = variadic[0].lstrip("*#_")
-        tail = len(dims) - star - 1
-        got = shape[star : len(shape) - tail]
-        bound = bindings.get(var_name, "").strip()
-        if bound:
-            return (
-                f"{name}: argument '{param}' dimensions '*{var_name}' are {got}, but "
-                f"'*{var_name}' is {bound.removeprefix('torch.Size(').rstrip(')')} from the "
-                f"other arguments (shape {shape}, expected ({' '.join(dims)}))"
-            )
-    return f"{name}: argument '{param}' of shape {shape} does not match ({' '.join(dims)})"
+    if len(variadic) != 1:
+        return None
+    star = dims.index(variadic[0])
+    var_name = variadic[0].lstrip("*#_")
+    got = shape[star : len(shape) - (len(dims) - star - 1)]
+    bound = bindings.get(var_name, "").strip()
+    if not bound:
+        return None
+    return (
+        f"{where} dimensions '*{var_name}' are {got}, but '*{var_name}' is "
+        f"{bound.removeprefix('torch.Size(').rstrip(')')} from the other arguments "
+        f"(shape {shape}, expected ({' '.join(dims)}))"
+    )
+
+
+def _tensor_problem(where: str, value: Tensor, annotation: Any, bindings: dict[str, str]) -> str:
+    """Why the tensor ``value`` fails its jaxtyping ``annotation``: dtype, rank or a dimension."""
+    dims = _dims_of(annotation)
+    shape = tuple(value.shape)
+    dtype = getattr(annotation, "dtypes", None)
+    if dtype is not None and not any(str(value.dtype).removeprefix("torch.") in d for d in dtype):
+        return f"{where} has dtype {value.dtype}, expected one of {sorted(set(dtype))}"
+    if dims is None:
+        return f"{where} has the wrong shape {shape}"
+    return (
+        _rank_problem(where, dims, shape)
+        or _leading_problem(where, dims, shape, bindings)
+        or _variadic_problem(where, dims, shape, bindings)
+        or f"{where} of shape {shape} does not match ({' '.join(dims)})"
+    )
+
+
+def _explain(
+    fn: Callable[..., Any], err: TypeCheckError, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
+    """Turn jaxtyping's message into one line naming the argument and the dimension."""
+    text = str(err)
+    name = getattr(fn, "__qualname__", repr(fn))
+    match = _PARAM_RE.search(text)
+    if match is None:
+        if _RETURN_RE.search(text):
+            return f"{name}: the return value has the wrong shape or dtype"
+        return f"{name}: a shape or dtype check failed"
+    param = match.group(1)
+    value, annotation = _argument(fn, param, args, kwargs)
+    if isinstance(value, Tensor):
+        bindings = dict(
+            _BINDING_RE.findall(text.split("jaxtyping axis annotation are as follows.")[-1])
+        )
+        return _tensor_problem(f"{name}: argument '{param}'", value, annotation, bindings)
+    kind = type(value).__name__
+    if _dims_of(annotation) is None:  # not a tensor annotation: a protocol, a union, ...
+        return (
+            f"{name}: argument '{param}' must be {_describe(annotation)}, got {kind}"
+            f"{_missing_members(annotation, value)}"
+        )
+    return f"{name}: argument '{param}' must be a tensor matching {annotation}, got {kind}"
 
 
 class _Depth(threading.local):
