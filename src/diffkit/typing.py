@@ -32,6 +32,7 @@ __all__ = [
     "Image",
     "Latent",
     "Mask",
+    "PerItem",
     "Pooled",
     "Prediction",
     "Sample",
@@ -54,6 +55,8 @@ Prediction = Literal["epsilon", "x0", "v", "flow"]
 # Shape aliases. A 1-D shape has a leading space (jaxtyping's convention).
 Time = Float[Tensor, " batch"]
 """Continuous diffusion time ``t`` in [0, 1], one per batch item (t=0 data, t=1 noise)."""
+PerItem = Float[Tensor, " batch"]
+"""One number per batch item, such as ``alpha(t)`` and ``sigma(t)``."""
 Sample = Float[Tensor, "batch *shape"]
 """Any batch of data: vectors, images or videos."""
 Image = Float[Tensor, "batch channels height width"]
@@ -137,13 +140,15 @@ def _rank_problem(where: str, dims: list[str], shape: tuple[int, ...]) -> str | 
     return None
 
 
-def _leading_problem(
+def _binding_problem(
     where: str, dims: list[str], shape: tuple[int, ...], bindings: dict[str, str]
 ) -> str | None:
-    """A leading named dimension (before any variadic one) that disagrees with its binding.
+    """A dimension that disagrees with what the other arguments bound it to.
 
-    This is where nearly every real mismatch is ('batch', 'channels').
+    Leading named dimensions (before any variadic one) first: this is where nearly every
+    real mismatch is ('batch', 'channels'); then the one ``*name`` group, if there is one.
     """
+    expected = f"(shape {shape}, expected ({' '.join(dims)}))"
     for index, dim in enumerate(dims):
         if dim.startswith("*") or dim == "...":
             break
@@ -153,29 +158,20 @@ def _leading_problem(
         if clean in bindings and bindings[clean].strip() != str(shape[index]):
             return (
                 f"{where} dimension '{clean}' is {shape[index]}, but '{clean}' is "
-                f"{bindings[clean].strip()} from the other arguments (shape {shape}, expected "
-                f"({' '.join(dims)}))"
+                f"{bindings[clean].strip()} from the other arguments {expected}"
             )
-    return None
-
-
-def _variadic_problem(
-    where: str, dims: list[str], shape: tuple[int, ...], bindings: dict[str, str]
-) -> str | None:
-    """The one ``*name`` group of dimensions disagreeing with what it was bound to."""
     variadic = [d for d in dims if d.startswith("*")]
     if len(variadic) != 1:
         return None
     star = dims.index(variadic[0])
     var_name = variadic[0].lstrip("*#_")
-    got = shape[star : len(shape) - (len(dims) - star - 1)]
     bound = bindings.get(var_name, "").strip()
     if not bound:
         return None
+    got = shape[star : len(shape) - (len(dims) - star - 1)]
     return (
         f"{where} dimensions '*{var_name}' are {got}, but '*{var_name}' is "
-        f"{bound.removeprefix('torch.Size(').rstrip(')')} from the other arguments "
-        f"(shape {shape}, expected ({' '.join(dims)}))"
+        f"{bound.removeprefix('torch.Size(').rstrip(')')} from the other arguments {expected}"
     )
 
 
@@ -190,8 +186,7 @@ def _tensor_problem(where: str, value: Tensor, annotation: Any, bindings: dict[s
         return f"{where} has the wrong shape {shape}"
     return (
         _rank_problem(where, dims, shape)
-        or _leading_problem(where, dims, shape, bindings)
-        or _variadic_problem(where, dims, shape, bindings)
+        or _binding_problem(where, dims, shape, bindings)
         or f"{where} of shape {shape} does not match ({' '.join(dims)})"
     )
 
@@ -319,7 +314,7 @@ def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level + 1)
 
 
-def broadcast_to_sample(per_item: Float[Tensor, " batch"], like: Tensor) -> Tensor:
+def broadcast_to_sample(per_item: PerItem, like: Tensor) -> Tensor:
     """Reshape a per-item scalar ``(batch,)`` so it broadcasts against ``like`` ``(batch, ...)``."""
     return per_item.reshape(per_item.shape + (1,) * (like.ndim - 1))
 
