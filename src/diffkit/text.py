@@ -13,8 +13,9 @@ and returns
   1.x / 2.x would use). With ``project_pooled=True`` it goes through the tower's text
   projection (CLIP's text embedding, unnormalised; SDXL's ``text_embeds``);
 - ``mask``: ``True`` for the start token, the text and the end token, ``False`` on the
-  padding after it. The hidden states at padded positions are still meaningful inputs
-  (Stable Diffusion attends to all of them); a model may use the mask or ignore it.
+  padding after it. The hidden states at padded positions are still meaningful inputs:
+  Stable Diffusion attends to all of them, so its conditioners take ``mask_padding=False``
+  (no mask) and pad with the end token (``pad_token_id=49407``).
 
 [`CLIPTextConditioner`][diffkit.text.CLIPTextConditioner] runs diffkit's own
 [`TextTower`][diffkit.nn.clip.TextTower] (trained here, or loaded with
@@ -110,6 +111,7 @@ class _Conditioner(nn.Module, ABC):
         project_pooled: bool,
         skip_last_layers: int,
         final_norm: bool,
+        mask_padding: bool,
     ) -> None:
         super().__init__()
         _check_skip(skip_last_layers, dims.layers, type(self).__name__)
@@ -117,6 +119,7 @@ class _Conditioner(nn.Module, ABC):
         self.project_pooled = project_pooled
         self.skip_last_layers = skip_last_layers
         self.final_norm = final_norm
+        self.mask_padding = mask_padding
         self.token_dim: int = dims.token_dim
         self.pooled_dim: int = dims.pooled_dim
         self.context_length: int = tokenizer.context_length
@@ -126,12 +129,14 @@ class _Conditioner(nn.Module, ABC):
         return self.condition(texts)
 
     def condition(self, texts: Sequence[str]) -> Conditioning:
-        """``len(texts)`` strings to tokens ``(b, context, token_dim)``, pooled and mask."""
+        """``len(texts)`` strings to tokens ``(b, context, token_dim)``, pooled and mask.
+
+        The mask is ``None`` with ``mask_padding=False``: the model attends to every position.
+        """
         ids = _tokenize(self.tokenizer, texts, type(self).__name__).to(_device(self))
         tokens, pooled = self._encode(ids)
-        return Conditioning(
-            tokens=tokens, pooled=pooled, mask=padding_mask(ids, self.tokenizer.eot_token_id)
-        )
+        mask = padding_mask(ids, self.tokenizer.eot_token_id) if self.mask_padding else None
+        return Conditioning(tokens=tokens, pooled=pooled, mask=mask)
 
     @abstractmethod
     def _encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,6 +154,7 @@ class CLIPTextConditioner(_Conditioner):
         project_pooled: bool = False,
         skip_last_layers: int = 0,
         final_norm: bool = True,
+        mask_padding: bool = True,
     ) -> None:
         pooled_dim = tower.output_dim if project_pooled else tower.width
         super().__init__(
@@ -157,6 +163,7 @@ class CLIPTextConditioner(_Conditioner):
             project_pooled=project_pooled,
             skip_last_layers=skip_last_layers,
             final_norm=final_norm,
+            mask_padding=mask_padding,
         )
         if tokenizer.context_length > tower.context_length:
             raise ValueError(
@@ -181,7 +188,9 @@ class CLIPTextConditioner(_Conditioner):
         if config.tokenizer == "byte":
             tokenizer = ByteTokenizer(context)
         else:
-            tokenizer = CLIPTokenizer(config.vocab_path or find_open_clip_vocab(), context)
+            tokenizer = CLIPTokenizer(
+                config.vocab_path or find_open_clip_vocab(), context, config.pad_token_id
+            )
         tower = TextTower(config.text, proj_dim=config.projection_dim)
         return cls(
             tower,
@@ -189,6 +198,7 @@ class CLIPTextConditioner(_Conditioner):
             project_pooled=config.project_pooled,
             skip_last_layers=config.skip_last_layers,
             final_norm=config.final_norm,
+            mask_padding=config.mask_padding,
         )
 
     def _encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,6 +219,7 @@ class _WrappedModel(_Conditioner):
         project_pooled: bool = False,
         skip_last_layers: int = 0,
         final_norm: bool = True,
+        mask_padding: bool = True,
     ) -> None:
         super().__init__(
             tokenizer,
@@ -216,6 +227,7 @@ class _WrappedModel(_Conditioner):
             project_pooled=project_pooled,
             skip_last_layers=skip_last_layers,
             final_norm=final_norm,
+            mask_padding=mask_padding,
         )
         self.model = model
 
@@ -355,6 +367,14 @@ class CLIPTextConditionerConfig(Config):
     final_norm: bool = Field(
         default=True, description="pass the tokens through the tower's final LayerNorm"
     )
+    pad_token_id: int = Field(
+        default=0,
+        ge=0,
+        description="id the clip_bpe tokenizer pads with (Stable Diffusion 1.x: 49407)",
+    )
+    mask_padding: bool = Field(
+        default=True, description="give the padding mask (False: attend to all, as SD does)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "CLIPTextConditionerConfig":
@@ -366,6 +386,11 @@ class CLIPTextConditionerConfig(Config):
             )
         if self.project_pooled and self.projection_dim is None:
             raise ValueError("project_pooled=True needs projection_dim")
+        if self.pad_token_id >= needed or (self.tokenizer == "byte" and self.pad_token_id):
+            raise ValueError(
+                f"pad_token_id {self.pad_token_id} is not a padding id of the {self.tokenizer} "
+                f"tokenizer (byte: 0; clip_bpe: below {needed})"
+            )
         if self.skip_last_layers > self.text.layers:
             raise ValueError(
                 f"skip_last_layers {self.skip_last_layers} exceeds text.layers {self.text.layers}"

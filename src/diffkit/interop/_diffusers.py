@@ -9,7 +9,10 @@ equivalent diffkit module with the same weights:
   schedule (``t = (timestep + 1) / N``) and ``Conditioning(tokens=encoder_hidden_states,
   mask=encoder_attention_mask.bool(), labels=class_labels)`` it returns what diffusers returns
   for ``timestep``. diffusers does not store what a U-Net predicts (its scheduler does), so
-  pass ``prediction=`` (default ``"epsilon"``).
+  pass ``prediction=`` (default ``"epsilon"``). Stable Diffusion's pipelines pass no
+  ``encoder_attention_mask``: the U-Net attends to every token, padding included, so condition
+  it with a text conditioner built with ``mask_padding=False`` (and, for SD 1.x's tokenizer,
+  ``pad_token_id=49407``).
 - a U-Net that ``to_diffusers`` exported carries diffkit's ``time_input``, ``time_scale``,
   ``num_train_timesteps`` and ``prediction`` in a private ``_diffkit`` config entry (kept by
   ``save_pretrained`` / ``from_pretrained`` / ``from_config``, ignored by diffusers); those
