@@ -448,6 +448,60 @@ def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return _state_dict_to_diffusers(module.state_dict())
 
 
+def _block_types(attention: list[bool], kind: str) -> dict[str, tuple[str, ...]]:
+    """diffusers' block names per level: ``{kind}DownBlock2D`` where the level attends."""
+    return {
+        "down_block_types": tuple(f"{kind}DownBlock2D" if a else "DownBlock2D" for a in attention),
+        "up_block_types": tuple(
+            f"{kind}UpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
+        ),
+    }
+
+
+def _unet2d_kwargs(c: UNetConfig, widths: list[int], attention: list[bool]) -> dict[str, Any]:
+    """The ``UNet2DModel`` options of a U-Net with self-attention (or none)."""
+    if c.pooled_dim is not None:
+        raise ValueError("to_diffusers: UNet2DModel has no pooled-embedding conditioning")
+    head_dims = {c.heads_at(w)[1] for w, a in zip(widths, attention, strict=True) if a}
+    if c.mid_attention:
+        head_dims.add(c.heads_at(widths[-1])[1])
+    if c.num_heads not in (None, 1) and len(head_dims) > 1:
+        raise ValueError("to_diffusers: UNet2DModel needs one attention head size")
+    head_dim = None if c.num_heads == 1 else (head_dims.pop() if head_dims else None)
+    return {
+        **_block_types(attention, "Attn"),
+        "attention_head_dim": head_dim,
+        "attn_norm_num_groups": c.norm_groups,
+        "add_attention": c.mid_attention,
+    }
+
+
+def _unet2d_condition_kwargs(
+    c: UNetConfig, widths: list[int], attention: list[bool]
+) -> dict[str, Any]:
+    """The ``UNet2DConditionModel`` options of a U-Net with cross-attention."""
+    if not c.mid_attention:
+        raise ValueError("to_diffusers: UNet2DConditionModel's middle block has cross-attention")
+    extra: dict[str, Any] = {}
+    if c.pooled_dim is not None:
+        extra = {
+            "class_embed_type": "projection",
+            "projection_class_embeddings_input_dim": c.pooled_dim,
+        }
+    return {
+        **extra,
+        **_block_types(attention, "CrossAttn"),
+        # diffusers' UNet2DConditionModel reads ``attention_head_dim`` as heads per level
+        "attention_head_dim": tuple(
+            c.heads_at(w)[0] if a or i == len(widths) - 1 else 1
+            for i, (w, a) in enumerate(zip(widths, attention, strict=True))
+        ),
+        "cross_attention_dim": c.context_dim,
+        "transformer_layers_per_block": c.transformer_depth,
+        "use_linear_projection": c.linear_projection,
+    }
+
+
 def _diffusers_unet_kwargs(config: UNetConfig) -> tuple[str, dict[str, Any]]:
     c = config
     widths = [c.base_channels * m for m in c.channel_mult]
@@ -471,50 +525,8 @@ def _diffusers_unet_kwargs(config: UNetConfig) -> tuple[str, dict[str, Any]]:
         "num_class_embeds": c.num_classes,
     }
     if c.context_dim is None:
-        if c.pooled_dim is not None:
-            raise ValueError("to_diffusers: UNet2DModel has no pooled-embedding conditioning")
-        head_dims = {c.heads_at(w)[1] for w, a in zip(widths, attention, strict=True) if a}
-        if c.mid_attention:
-            head_dims.add(c.heads_at(widths[-1])[1])
-        if c.num_heads not in (None, 1) and len(head_dims) > 1:
-            raise ValueError("to_diffusers: UNet2DModel needs one attention head size")
-        head_dim = None if c.num_heads == 1 else (head_dims.pop() if head_dims else None)
-        return "UNet2DModel", {
-            **common,
-            "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-            "up_block_types": tuple(
-                "AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
-            ),
-            "attention_head_dim": head_dim,
-            "attn_norm_num_groups": c.norm_groups,
-            "add_attention": c.mid_attention,
-        }
-    if not c.mid_attention:
-        raise ValueError("to_diffusers: UNet2DConditionModel's middle block has cross-attention")
-    extra: dict[str, Any] = {}
-    if c.pooled_dim is not None:
-        extra = {
-            "class_embed_type": "projection",
-            "projection_class_embeddings_input_dim": c.pooled_dim,
-        }
-    return "UNet2DConditionModel", {
-        **common,
-        **extra,
-        "down_block_types": tuple(
-            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention
-        ),
-        "up_block_types": tuple(
-            "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
-        ),
-        # diffusers' UNet2DConditionModel reads ``attention_head_dim`` as heads per level
-        "attention_head_dim": tuple(
-            c.heads_at(w)[0] if a or i == len(widths) - 1 else 1
-            for i, (w, a) in enumerate(zip(widths, attention, strict=True))
-        ),
-        "cross_attention_dim": c.context_dim,
-        "transformer_layers_per_block": c.transformer_depth,
-        "use_linear_projection": c.linear_projection,
-    }
+        return "UNet2DModel", {**common, **_unet2d_kwargs(c, widths, attention)}
+    return "UNet2DConditionModel", {**common, **_unet2d_condition_kwargs(c, widths, attention)}
 
 
 def _diffusers_vae_kwargs(config: KLAutoencoderConfig) -> dict[str, Any]:
