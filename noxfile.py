@@ -2,7 +2,7 @@
 
 Every session runs in the *current* environment (``python=False``), with the
 interpreter nox was started from: run the ``nox`` of the virtual environment that has
-``diffkit[dev,docs,interop]`` installed (``.venv/bin/nox -s tests``, or activate it
+``diffkit[dev,docs,interop,demo]`` installed (``.venv/bin/nox -s tests``, or activate it
 first), so no session ever builds a second multi-gigabyte torch environment. Extra
 arguments after ``--`` go to the underlying tool, e.g. ``nox -s tests -- -k schedules``.
 """

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffkit.data import DIGIT_NAMES, IMAGE_TEMPLATES, load_digits
 from diffkit.nn.clip import (
     CLIP,
     CLIPConfig,
@@ -39,6 +38,7 @@ from diffkit.nn.clip import (
     contrastive_loss,
 )
 from diffkit.tokenizers import ByteTokenizer, CLIPTokenizer, Tokenizer
+from diffkit_demo.datasets import DIGIT_NAMES, IMAGE_TEMPLATES, load_digits
 
 IMAGE_SIZE = 16
 

@@ -18,9 +18,9 @@ def _cases() -> dict[str, tuple[Callable[[], object], int]]:
     import torch
 
     from diffkit.builder import PipelineConfig
-    from diffkit.demo import default_config
     from diffkit.schedules import CosineConfig
     from diffkit.training import TrainConfig
+    from diffkit_demo.recipes import default_config
 
     torch.set_num_threads(1)
     pipeline = default_config("image").pipeline.to_dict()

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from diffkit import demo as D
-from diffkit.data import DIGIT_NAMES, VIDEO_TEMPLATES
 from diffkit.nn.clip import CLIP, ResNetTowerConfig, VisionTowerConfig, ZeroShotClassifier
+from diffkit_demo.datasets import DIGIT_NAMES, VIDEO_TEMPLATES
 
 torch.set_num_threads(1)
 

@@ -262,7 +262,7 @@ KILLED_WORKER = (
     + """
 import sys
 
-from diffkit.data import DigitsDataset
+from diffkit_demo.datasets import DigitsDataset
 from diffkit.schedules import Cosine
 from diffkit.training import TrainConfig, train
 
@@ -310,9 +310,9 @@ def test_sigkill_mid_training_leaves_only_complete_checkpoints(tmp_path):
     # and training picks up from the newest one
     namespace: dict = {}
     exec(FLAT_MODEL, namespace)
-    from diffkit.data import DigitsDataset
     from diffkit.schedules import Cosine
     from diffkit.training import TrainConfig, train
+    from diffkit_demo.datasets import DigitsDataset
 
     config = TrainConfig(
         steps=steps[-1] + 1, batch_size=8, output_dir=str(tmp_path), progress=False

@@ -8,7 +8,7 @@ import pytest
 
 from diffkit.builder import build
 from diffkit.cli import main
-from diffkit.demo import default_config
+from diffkit_demo.recipes import default_config
 
 
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -387,7 +387,7 @@ def test_sample_keeps_the_channels_of_rgb_images_and_videos(small_pipelines: Pat
     assert main(["sample", str(run), "--num", "2", "--threads", "1", "--quiet"]) == 0
     assert np.load(run / "sample.npz")["images"].shape == (2, 4, 3, 8, 8)
     with PILImage.open(run / "sample-0.gif") as gif:
-        assert gif.n_frames == 4 and gif.size == (4 * 2 * (8 + 2), 4 * (8 + 2))
+        assert getattr(gif, "n_frames", 1) == 4 and gif.size == (4 * 2 * (8 + 2), 4 * (8 + 2))
 
 
 def test_save_gif_writes_rgb_clips_in_colour_and_refuses_other_channel_counts(
@@ -396,7 +396,7 @@ def test_save_gif_writes_rgb_clips_in_colour_and_refuses_other_channel_counts(
     import torch
     from PIL import Image as PILImage
 
-    from diffkit.demo import save_gif
+    from diffkit_demo.output import save_gif
 
     red = torch.full((1, 2, 3, 4, 4), -1.0)
     red[:, :, 0] = 1.0
@@ -405,7 +405,7 @@ def test_save_gif_writes_rgb_clips_in_colour_and_refuses_other_channel_counts(
         assert gif.convert("RGB").getpixel((0, 0)) == (128, 128, 128)  # the grey frame
     grey = torch.linspace(-1, 1, 3).view(1, 3, 1, 1, 1).expand(2, 3, 1, 4, 4)  # frames differ
     with PILImage.open(save_gif(grey, tmp_path / "grey.gif", scale=1)) as gif:
-        assert gif.n_frames == 3 and gif.size == (2 * 6, 6)
+        assert getattr(gif, "n_frames", 1) == 3 and gif.size == (2 * 6, 6)
     for shape in [(1, 2, 2, 4, 4), (1, 2, 4, 4, 4), (2, 1, 4, 4)]:
         with pytest.raises(ValueError, match=r"1 \(grey\) or 3 \(RGB\) channels"):
             save_gif(torch.zeros(shape), tmp_path / "bad.gif")
@@ -422,3 +422,66 @@ def test_info_draws_only_the_conditioning_a_pipeline_has(
     assert "labels (10 classes) ─▶ cond ─┐" in out and "prompts" not in out
     assert main(["info", str(saved_pipeline)]) == 0
     assert "prompts ─▶ text ─▶ cond ─┐" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing"),
+    [
+        (["demo", "--fast"], "diffkit_demo"),
+        (["demo", "--fast"], "sklearn"),
+        (["info", "RUN"], "rich"),
+    ],
+)
+def test_a_command_missing_the_demo_extra_names_it(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    saved_pipeline: Path,
+    argv: list[str],
+    missing: str,
+) -> None:
+    import diffkit.cli
+
+    def absent(*args: object, **kwargs: object) -> None:
+        raise ModuleNotFoundError(f"No module named '{missing}'", name=missing)
+
+    # the first lazy import each command makes: the demo's recipes, or rich's console
+    target = "_console" if missing == "rich" else "_run_recipe"
+    monkeypatch.setattr(diffkit.cli, target, absent)
+    argv = [str(saved_pipeline) if a == "RUN" else a for a in argv]
+    line = _error(capsys, argv)
+    assert f"needs the module '{missing}'" in line and "pip install 'diffkit[demo]'" in line
+
+
+def test_another_missing_module_is_not_blamed_on_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import diffkit.cli
+
+    def absent(*args: object, **kwargs: object) -> None:
+        raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
+
+    monkeypatch.setattr(diffkit.cli, "_run_recipe", absent)
+    with pytest.raises(ModuleNotFoundError, match="torchvision"):
+        main(["demo", "--fast"])
+
+
+def test_the_cli_and_the_demo_agree_on_the_pipeline_folder() -> None:
+    import diffkit.cli
+    import diffkit_demo
+
+    assert diffkit.cli.PIPELINE_DIR == diffkit_demo.PIPELINE_DIR
+
+
+def test_the_help_runs_without_importing_the_demo() -> None:
+    code = (
+        "import sys\n"
+        "from diffkit.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'diffkit_demo', 'rich', 'PIL', 'sklearn', 'yaml'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

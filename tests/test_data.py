@@ -1,106 +1,27 @@
-"""Digits datasets, deterministic shard batching, collation and sample grids."""
+"""diffkit.data: deterministic shard batching, collation, sample grids and the PNG writer."""
 
-import itertools
+import subprocess
+import sys
+import zlib
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
 from diffkit.data import (
-    DIGIT_NAMES,
-    DIRECTIONS,
-    DigitsConfig,
-    DigitsDataset,
-    MovingDigitsConfig,
-    MovingDigitsDataset,
+    DATASETS,
+    ENTRY_POINT_GROUP,
     collate,
-    image_grid,
-    load_digits,
+    grid_array,
     save_grid,
     shard_batches,
-    video_grid,
+    write_png,
 )
 from diffkit.typing import ShapeError
-
-
-@pytest.mark.parametrize("size", [16, 32])
-def test_digits_are_upscaled_images_in_minus_one_one(size):
-    ds = DigitsDataset(size)
-    item = ds[0]
-    assert len(ds) == 1797
-    assert item["x"].shape == (1, size, size)
-    assert ds.images.min() >= -1.0 and ds.images.max() <= 1.0
-    assert ds.images.min() == -1.0 and ds.images.max() > 0.9  # the full range is used
-    assert set(ds.labels.tolist()) == set(range(10))
-
-
-def test_captions_name_the_digit_and_use_several_templates():
-    ds = DigitsDataset(16, seed=3)
-    for i in range(50):
-        label = ds[i]["label"]
-        caption = ds[i]["caption"]
-        assert str(label) in caption or DIGIT_NAMES[label] in caption
-    assert len({c.replace(str(d), "#") for c, d in zip(ds.captions, ds.labels.tolist())}) >= 3
-
-
-def test_datasets_are_a_function_of_the_seed():
-    a, b, c = DigitsDataset(16, seed=1), DigitsDataset(16, seed=1), DigitsDataset(16, seed=2)
-    assert a.captions == b.captions and a.captions != c.captions
-    v1, v2 = MovingDigitsDataset(8, seed=4), MovingDigitsDataset(8, seed=4)
-    assert torch.equal(v1[3]["x"], v2[3]["x"]) and v1.captions == v2.captions
-
-
-def test_train_and_test_splits_partition_the_digits():
-    train, test = DigitsDataset(8, split="train"), DigitsDataset(8, split="test")
-    assert len(train) + len(test) == 1797
-    assert len(test) == round(1797 * 0.1)
-    rows = {tuple(x.flatten().tolist()) for x in train.images}
-    overlap = sum(tuple(x.flatten().tolist()) in rows for x in test.images)
-    assert overlap < 5  # only the few exact duplicate images of the raw data set
-
-
-def test_moving_digit_frames_show_the_digit_at_its_bouncing_trajectory():
-    ds = MovingDigitsDataset(24, frames=10, size=24, digit_size=12, max_speed=4, seed=0)
-    images, _ = load_digits(12)
-    span = 24 - 12
-    for i in range(len(ds)):
-        item = ds[i]
-        video = item["x"]
-        assert video.shape == (10, 1, 24, 24)
-        assert item["direction"] in item["caption"]
-        path = ds.trajectory(i)
-        dr, dc = DIRECTIONS[item["direction"]]
-        speed = int(ds.speed[i])
-        for (r0, c0), (r1, c1) in itertools.pairwise(path):
-            assert 0 <= r1 <= span and 0 <= c1 <= span
-            # each axis travels `speed` pixels: straight, or reflected off one border
-            for a, b, d in ((r0, r1, dr), (c0, c1, dc)):
-                travelled = {abs(b - a), a + b, 2 * span - a - b}
-                assert abs(d) * speed in travelled
-        r, c = path[0]
-        digit = images[int(ds.source[i])]
-        assert torch.equal(video[0, :, r : r + 12, c : c + 12], digit)
-        outside = video[0].clone()
-        outside[:, r : r + 12, c : c + 12] = -1.0
-        assert bool((outside == -1.0).all())
-    moved = [ds.trajectory(i)[1] != ds.trajectory(i)[0] for i in range(len(ds))]
-    assert all(moved)
-
-
-def test_first_step_goes_in_the_captioned_direction_away_from_borders():
-    ds = MovingDigitsDataset(64, size=32, digit_size=8, max_speed=2, seed=1)
-    checked = 0
-    for i in range(len(ds)):
-        (r0, c0), (r1, c1) = ds.trajectory(i)[:2]
-        dr, dc = DIRECTIONS[ds[i]["direction"]]
-        if 2 <= r0 <= 22 and 2 <= c0 <= 22:
-            assert (r1 - r0) * dr >= 0 and (c1 - c0) * dc >= 0
-            assert (r1 != r0) == (dr != 0) and (c1 != c0) == (dc != 0)
-            checked += 1
-    assert checked > 20
 
 
 @given(
@@ -109,7 +30,9 @@ def test_first_step_goes_in_the_captioned_direction_away_from_borders():
     shards=st.integers(1, 4),
     epoch=st.integers(0, 3),
 )
-def test_shards_are_disjoint_equal_sized_and_deterministic(size, batch, shards, epoch):
+def test_shards_are_disjoint_equal_sized_and_deterministic(
+    size: int, batch: int, shards: int, epoch: int
+) -> None:
     if size // shards < batch:
         with pytest.raises(ValueError, match="fewer than one batch"):
             shard_batches(size, batch_size=batch, epoch=epoch, seed=0, num_shards=shards)
@@ -127,8 +50,8 @@ def test_shards_are_disjoint_equal_sized_and_deterministic(size, batch, shards, 
     assert again == parts[0]
 
 
-def test_epochs_reshuffle_and_seeds_differ():
-    def first(epoch, seed):
+def test_epochs_reshuffle_and_seeds_differ() -> None:
+    def first(epoch: int, seed: int) -> list[int]:
         return shard_batches(100, batch_size=10, epoch=epoch, seed=seed)[0]
 
     assert first(0, 0) != first(1, 0)
@@ -136,83 +59,136 @@ def test_epochs_reshuffle_and_seeds_differ():
     assert first(2, 5) == first(2, 5)
 
 
-def test_collate_stacks_items_labels_and_captions():
-    ds = DigitsDataset(8)
-    batch = collate([ds[i] for i in range(5)])
-    assert batch.x.shape == (5, 1, 8, 8) and len(batch) == 5
-    assert batch.labels is not None and batch.labels.tolist() == ds.labels[:5].tolist()
-    assert batch.captions == ds.captions[:5]
+def test_collate_stacks_items_labels_and_captions() -> None:
+    items = [
+        {"x": torch.full((1, 2, 2), float(i)), "label": i, "caption": f"c{i}"} for i in range(5)
+    ]
+    batch = collate(items)
+    assert batch.x.shape == (5, 1, 2, 2) and len(batch) == 5
+    assert batch.labels is not None and batch.labels.tolist() == [0, 1, 2, 3, 4]
+    assert batch.captions == ["c0", "c1", "c2", "c3", "c4"]
     bare = collate([torch.zeros(3), torch.ones(3)])
     assert bare.x.shape == (2, 3) and bare.labels is None and bare.captions is None
     with pytest.raises(TypeError):
         collate([{"y": 1}])
 
 
-def test_grids_tile_images_and_videos(tmp_path):
-    images = torch.linspace(-1, 1, 5 * 3 * 4 * 6).reshape(5, 3, 4, 6)
-    grid = image_grid(images, nrow=2, padding=0)
-    assert grid.size == (2 * 6, 3 * 4) and grid.mode == "RGB"
-    padded = np.asarray(image_grid(images, nrow=2, padding=2))
-    assert padded.shape == (3 * (4 + 2) + 2, 2 * (6 + 2) + 2, 3)
-    # image 3 is row 1, column 1: its tile starts after two borders on each axis
-    tile = padded[2 + 6 : 2 + 6 + 4, 2 + 8 : 2 + 8 + 6]
-    expected = ((images[3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    np.testing.assert_array_equal(tile, expected.permute(1, 2, 0).numpy())
-    assert (padded[:2] == 0).all() and (padded[:, 8:10] == 0).all()  # borders are black
-    videos = torch.zeros(2, 7, 1, 4, 4)
-    assert video_grid(videos).size == (7 * 5 + 1, 2 * 5 + 1)
-    with pytest.raises(ValueError, match="padding"):
-        image_grid(images, padding=-1)
-    path = save_grid(videos, tmp_path / "g" / "v.png")
-    assert path.is_file()
-    with pytest.raises(ShapeError):
-        image_grid(torch.zeros(2, 2, 4, 4))
-
-
-@pytest.mark.parametrize("config", [DigitsConfig, MovingDigitsConfig])
-def test_data_seeds_fit_torch_generators(config: type) -> None:
-    config(seed=2**63 - 1)
-    with pytest.raises(ValidationError, match="seed"):
-        config(seed=2**63)  # torch.Generator.manual_seed would overflow later
-
-
-def test_a_misspelled_split_and_a_bad_batch_size_are_refused() -> None:
-    for split in ("val", "TEST"):
-        with pytest.raises(ValueError, match="split must be one of"):
-            DigitsDataset(8, split=split)  # type: ignore[arg-type]
+def test_a_bad_batch_size_is_refused() -> None:
     for batch_size in (0, -2, 2.5):
         with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
             shard_batches(10, batch_size=batch_size, epoch=0, seed=0)  # type: ignore[arg-type]
 
 
-def test_grids_map_the_given_value_range(tmp_path):
+def _read_png(data: bytes) -> np.ndarray:
+    """Decode the PNGs write_png makes (8-bit grey or RGB, filter 0), with zlib alone."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        crc = int.from_bytes(data[pos + 8 + length : pos + 12 + length], "big")
+        assert crc == zlib.crc32(tag + body)
+        chunks[tag] = chunks.get(tag, b"") + body
+        pos += 12 + length
+    width, height = (
+        int.from_bytes(chunks[b"IHDR"][:4], "big"),
+        int.from_bytes(chunks[b"IHDR"][4:8], "big"),
+    )
+    channels = {0: 1, 2: 3}[chunks[b"IHDR"][9]]
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8)
+    rows = raw.reshape(height, 1 + width * channels)
+    assert (rows[:, 0] == 0).all()
+    pixels = rows[:, 1:].reshape(height, width, channels)
+    return pixels[..., 0] if channels == 1 else pixels
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (4, 2, 3)])
+def test_write_png_round_trips_grey_and_rgb(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    array = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    path = write_png(array, tmp_path / "a.png")
+    np.testing.assert_array_equal(_read_png(path.read_bytes()), array)
+    pil = pytest.importorskip("PIL.Image")
+    np.testing.assert_array_equal(np.asarray(pil.open(path)), array)
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(array.astype(np.float32), tmp_path / "b.png")
+
+
+def test_save_grid_writes_the_grid_array_as_png_without_pillow(tmp_path: Path) -> None:
+    images = torch.linspace(-1, 1, 5 * 3 * 4 * 6).reshape(5, 3, 4, 6)
+    path = save_grid(images, tmp_path / "g" / "i.png", nrow=2)
+    np.testing.assert_array_equal(_read_png(path.read_bytes()), grid_array(images, 2))
+    assert grid_array(images, nrow=2, padding=0).shape == (3 * 4, 2 * 6, 3)
+    videos = torch.zeros(2, 7, 1, 4, 4)
+    assert grid_array(videos).shape == (2 * 5 + 1, 7 * 5 + 1)
+    path = save_grid(videos, tmp_path / "v.png")
+    assert _read_png(path.read_bytes()).shape == (2 * 5 + 1, 7 * 5 + 1)
+    with pytest.raises(ShapeError):
+        grid_array(torch.zeros(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="padding"):
+        grid_array(images, padding=-1)
+
+
+def test_grid_array_maps_the_given_value_range() -> None:
     unit = torch.tensor([0.0, 0.5, 1.0]).reshape(1, 1, 1, 3)
-    # [0, 1] images: black to white, not the default [-1, 1]'s grey to white
-    assert np.asarray(image_grid(unit, padding=0, value_range=(0, 1))).tolist() == [[0, 128, 255]]
-    assert np.asarray(image_grid(unit, padding=0)).tolist() == [[128, 191, 255]]
-    pixels = unit * 255
-    assert np.asarray(image_grid(pixels, padding=0, value_range=(0, 255))).tolist() == [
-        [0, 128, 255]
-    ]
-    # the border takes the range's low end (black)
-    framed = np.asarray(image_grid(unit, padding=1, value_range=(0, 1)))
-    assert framed[0].tolist() == [0] * 5
-    videos = torch.rand(2, 3, 1, 4, 4)
-    assert video_grid(videos, value_range=(0.0, 1.0)).size == (3 * 5 + 1, 2 * 5 + 1)
-    path = save_grid(videos, tmp_path / "v.png", value_range=(0, 1))
-    assert path.is_file()
+    assert grid_array(unit, padding=0, value_range=(0, 1)).tolist() == [[0, 128, 255]]
+    assert grid_array(unit, padding=0).tolist() == [[128, 191, 255]]
 
 
-def test_grids_clamp_an_overshoot_but_refuse_another_scale(tmp_path):
-    overshoot = torch.tensor([-1.4, 0.0, 1.3]).reshape(1, 1, 1, 3)
-    assert np.asarray(image_grid(overshoot, padding=0)).tolist() == [[0, 128, 255]]
+def test_save_grid_clamps_an_overshoot_but_refuses_another_scale(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"values span \[0, 255\].*value_range=\(-1, 1\)"):
         save_grid(torch.linspace(0, 255, 16).reshape(1, 1, 4, 4), tmp_path / "x.png")
-    with pytest.raises(ValueError, match=r"values span \[-4, 0\].*value_range=\(-1, 1\)"):
-        image_grid(torch.tensor([-4.0, 0.0]).reshape(1, 1, 1, 2))
-    with pytest.raises(ValueError, match="value_range"):
-        video_grid(torch.full((1, 2, 1, 2, 2), 3.5), value_range=(0, 1))
     assert not (tmp_path / "x.png").exists()
     for bad in [(1.0, 1.0), (1.0, 0.0), (0.0, float("inf")), (float("nan"), 1.0)]:
         with pytest.raises(ValueError, match="value_range must be two finite numbers"):
             save_grid(torch.zeros(1, 1, 2, 2), tmp_path / "y.png", value_range=bad)
+
+
+PLUGIN = """
+from typing import Literal
+
+from diffkit.config import Config
+from diffkit.data import DATASETS
+
+
+class ToyConfig(Config):
+    kind: Literal["toy_plugin_data"] = "toy_plugin_data"
+    n: int = 3
+
+
+DATASETS.register(ToyConfig, lambda c: list(range(c.n)))
+"""
+
+
+def test_a_dataset_kind_is_found_through_its_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diffkit.data
+
+    (tmp_path / "toy_plugin_module.py").write_text(PLUGIN, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = EntryPoint("toy_plugin_data", "toy_plugin_module", ENTRY_POINT_GROUP)
+    asked: list[dict[str, str]] = []
+
+    def fake_entry_points(**select: str) -> list[EntryPoint]:
+        asked.append(select)
+        return [entry] if select.get("name") == entry.name else []
+
+    monkeypatch.setattr(diffkit.data, "entry_points", fake_entry_points)
+    assert DATASETS.build({"kind": "toy_plugin_data", "n": 2}) == [0, 1]
+    assert asked == [{"group": ENTRY_POINT_GROUP, "name": "toy_plugin_data"}]
+    with pytest.raises(ValueError, match="unknown dataset kind 'nothing'"):
+        DATASETS.parse({"kind": "nothing"})
+
+
+def test_an_installed_diffkit_finds_the_demo_datasets_in_a_fresh_process() -> None:
+    if not any(e.name == "digits" for e in entry_points(group=ENTRY_POINT_GROUP)):
+        pytest.skip("diffkit's entry points are not installed (pip install -e . again)")
+    code = (
+        "from diffkit.data import DATASETS; "
+        "print(type(DATASETS.build({'kind': 'digits', 'size': 8})).__name__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "DigitsDataset"

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,22 +11,21 @@ import yaml
 from PIL import Image as PILImage
 
 from diffkit.cli import main
-from diffkit.demo import (
+from diffkit.nn.vae import KLAutoencoder
+from diffkit.pipeline import Pipeline
+from diffkit.training import TrainConfig
+from diffkit_demo.judges import DigitJudge, VideoJudge
+from diffkit_demo.recipes import (
     PIPELINE_DIR,
-    DigitJudge,
     ImageDemoConfig,
     VideoDemoConfig,
-    VideoJudge,
-    _video_data,
     default_config,
     fast_config,
     generate_samples,
     load_demo_config,
     parse_demo_config,
 )
-from diffkit.nn.vae import KLAutoencoder
-from diffkit.pipeline import Pipeline
-from diffkit.training import TrainConfig
+from diffkit_demo.recipes.video import _video_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -116,7 +116,7 @@ def test_video_recipe_fast_via_train_writes_gifs_and_frame_grid(video_run: Path)
     gifs = sorted((video_run / "gifs").glob("*.gif"))
     assert len(gifs) == len(config.prompt_digits) * len(config.directions)
     with PILImage.open(gifs[0]) as gif:
-        assert gif.n_frames == frames
+        assert getattr(gif, "n_frames", 1) == frames
         gif.seek(frames - 1)
         gif.load()
     with PILImage.open(video_run / "frames.png") as grid:
@@ -155,10 +155,11 @@ def test_video_demo_pipeline_is_latent_reloads_and_regenerates_identical_samples
 
 def test_video_config_accepts_pixel_space_and_rejects_a_bad_encoder() -> None:
     data = default_config("video").to_dict()
-    pixel = {**data["pipeline"], "encoder": None}
-    pixel["denoiser"] = {**pixel["denoiser"], "in_channels": 1}
+    pipeline: dict[str, Any] = data["pipeline"]
+    pixel: dict[str, Any] = {**pipeline, "encoder": None}
+    pixel["denoiser"] = {**pipeline["denoiser"], "in_channels": 1}
     assert VideoDemoConfig.model_validate({**data, "pipeline": pixel}).pipeline.encoder is None
-    identity = {**data["pipeline"], "encoder": {"kind": "identity", "channels": 1}}
+    identity = {**pipeline, "encoder": {"kind": "identity", "channels": 1}}
     identity["denoiser"] = pixel["denoiser"]
     with pytest.raises(ValueError, match="must be a 'kl_autoencoder'"):
         VideoDemoConfig.model_validate({**data, "pipeline": identity})
@@ -307,7 +308,7 @@ def test_omitted_train_fields_take_the_demo_values_and_device_is_the_recipes() -
 
 
 def test_the_denoiser_trains_as_the_recipe_says(monkeypatch: pytest.MonkeyPatch) -> None:
-    import diffkit.demo as demo
+    import diffkit_demo.recipes.stages as stages
     from diffkit.text import CLIPTextConditioner
 
     seen: list[TrainConfig] = []
@@ -319,7 +320,7 @@ def test_the_denoiser_trains_as_the_recipe_says(monkeypatch: pytest.MonkeyPatch)
         seen.append(args[3])  # type: ignore[arg-type]
         raise Stop
 
-    monkeypatch.setattr(demo, "train", fake_train)
+    monkeypatch.setattr(stages, "train", fake_train)
     base = default_config("image")
     data = base.to_dict()
     data["train"].pop("seed")  # (so that it follows seed)
@@ -331,9 +332,9 @@ def test_the_denoiser_trains_as_the_recipe_says(monkeypatch: pytest.MonkeyPatch)
         ({"device": "cpu", "progress": True}, False, False),
     ]:
         config = parse_demo_config({**data, "seed": 4, "train": {**data["train"], **recipe}})
-        reporter = demo._Reporter(demo.DemoResult("image", Path(".")), run_progress, None)
+        reporter = stages.Reporter(stages.DemoResult("image", Path(".")), run_progress, None)
         with pytest.raises(Stop):
-            demo._train_denoiser(config, base.pipeline, x, labels, captions, text, reporter)
+            stages.train_denoiser(config, base.pipeline, x, labels, captions, text, reporter)
         used = seen.pop()
         assert used.device == recipe["device"] and used.progress is progress
         assert used.seed == 4 and used.output_dir is None and not used.resume
@@ -342,7 +343,7 @@ def test_the_denoiser_trains_as_the_recipe_says(monkeypatch: pytest.MonkeyPatch)
 def test_training_device_is_checked_before_any_stage(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from diffkit.demo import run_demo, training_device
+    from diffkit_demo.recipes import run_demo, training_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     data = default_config("image").to_dict()

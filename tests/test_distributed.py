@@ -23,7 +23,7 @@ WORKER = textwrap.dedent(
     from einops import rearrange
     from torch import nn
 
-    from diffkit.data import DigitsDataset
+    from diffkit_demo.datasets import DigitsDataset
     from diffkit.losses import LossConfig
     from diffkit.protocols import Conditioning
     from diffkit.schedules import Cosine
@@ -229,7 +229,7 @@ AUX_WORKER = textwrap.dedent(
 
     import torch
 
-    from diffkit.data import DigitsDataset
+    from diffkit_demo.datasets import DigitsDataset
     from diffkit.nn.clip import CLIP, CLIPConfig, TextTowerConfig, VisionTowerConfig
     from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
     from diffkit.tokenizers import ByteTokenizer

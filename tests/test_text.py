@@ -159,3 +159,13 @@ def test_the_tower_must_pool_at_the_tokenizers_end_token() -> None:
     CLIPTextConditioner(TextTower(tower_config(eos_token_id=258)), ByteTokenizer(12))
     with pytest.raises(ValueError, match=r"eos_token_id .* below vocab_size"):
         tower_config(eos_token_id=10**6)
+
+
+def test_config_mask_padding_and_pad_token_id_reach_the_conditioner() -> None:
+    config = CLIPTextConditionerConfig(text=tower_config(), tokenizer="byte", mask_padding=False)
+    assert TEXT_CONDITIONERS.parse(config.to_dict()) == config
+    conditioner = CLIPTextConditioner.from_config(config)
+    with torch.no_grad():
+        assert conditioner.condition(["seven"]).mask is None
+    with pytest.raises(ValueError, match="pad_token_id"):
+        CLIPTextConditionerConfig(text=tower_config(), tokenizer="byte", pad_token_id=5)

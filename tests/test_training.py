@@ -20,11 +20,11 @@ from torch import nn
 from diffkit import training
 from diffkit.checkpoint import latest_checkpoint, list_checkpoints, load_tensors
 from diffkit.config import ValidationError
-from diffkit.data import DigitsDataset
 from diffkit.losses import DiffusionLoss, LossConfig
 from diffkit.protocols import Conditioning
 from diffkit.schedules import Cosine
 from diffkit.training import TrainConfig, _reporting, learning_rate, step_generator, train
+from diffkit_demo.datasets import DigitsDataset
 
 
 class TinyDenoiser(nn.Module):

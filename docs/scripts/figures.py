@@ -219,7 +219,7 @@ def demo_samples() -> bytes:
     """
     import tempfile
 
-    from diffkit.demo import default_config, run_image_demo
+    from diffkit_demo.recipes import default_config, run_image_demo
 
     with tempfile.TemporaryDirectory() as folder:
         result = run_image_demo(default_config("image"), folder, progress=False)

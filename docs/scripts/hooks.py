@@ -3,8 +3,8 @@
 The PNGs are added as generated files, so pages link to them like any other file
 (``![...](../figures/schedules.png)``) and ``mkdocs build --strict`` checks those links.
 They are cached in ``.cache/docs-figures/`` (git-ignored) under a hash of
-``figures.py`` and every file of ``src/diffkit``, so a rebuild redraws them only
-when the code they are drawn from has changed.
+``figures.py`` and every file of ``src/diffkit`` and ``src/diffkit_demo`` (one figure runs
+the demo), so a rebuild redraws them only when the code they are drawn from has changed.
 """
 
 import hashlib
@@ -33,7 +33,8 @@ def _figures_module() -> Any:
 
 def _fingerprint() -> str:
     digest = hashlib.sha256()
-    sources = [HERE / "figures.py", *sorted((ROOT / "src" / "diffkit").rglob("*.py"))]
+    packages = (ROOT / "src" / "diffkit", ROOT / "src" / "diffkit_demo")
+    sources = [HERE / "figures.py", *sorted(p for pkg in packages for p in pkg.rglob("*.py"))]
     for path in sources:
         digest.update(str(path.relative_to(ROOT)).encode())
         digest.update(path.read_bytes())

@@ -24,6 +24,7 @@ Fields are read from the part configs by name (``in_channels``, ``latent_channel
 uses the same names is checked too; a check whose fields a config lacks is skipped.
 """
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -420,9 +421,7 @@ def parse_config(
         except UnicodeDecodeError:
             raise ValueError(f"parse_config: {path} is not a text (JSON / YAML) file") from None
     if isinstance(config, str):
-        import yaml
-
-        data = yaml.safe_load(config)  # YAML is a superset of JSON
+        data = _load_yaml(config)
         if data is None:
             raise ValueError("parse_config: the config text is empty (no YAML / JSON mapping)")
         if isinstance(data, str) and _looks_like_a_path(config):
@@ -439,6 +438,24 @@ def parse_config(
     return PipelineConfig.model_validate(dict(config))
 
 
+_NO_YAML = (
+    "reading YAML needs PyYAML: pip install 'diffkit[demo]' (or pip install pyyaml); "
+    "JSON configs need nothing"
+)
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML (a superset of JSON) text as data; without PyYAML, JSON text only."""
+    try:
+        import yaml
+    except ImportError:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ImportError(f"parse_config: {_NO_YAML}") from None
+    return yaml.safe_load(text)
+
+
 def _looks_like_a_path(text: str) -> bool:
     """Whether one-line config text is rather a file name (a config suffix, or a file)."""
     name = text.strip()
@@ -453,7 +470,10 @@ def _looks_like_a_path(text: str) -> bool:
 
 
 def to_yaml(config: Config) -> str:
-    """A config as YAML text (the inverse of ``parse_config`` for pipelines)."""
-    import yaml
+    """A config as YAML text (the inverse of ``parse_config`` for pipelines); needs PyYAML."""
+    try:
+        import yaml
+    except ImportError:
+        raise ImportError(f"to_yaml: {_NO_YAML.replace('reading', 'writing')}") from None
 
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

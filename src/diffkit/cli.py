@@ -1,7 +1,7 @@
 """The ``diffkit`` command line: ``demo``, ``train``, ``sample`` and ``info``.
 
 - ``diffkit demo [--task image|video] [--fast] [--out DIR]`` trains the offline
-  text -> image (or text -> video) recipe of [`diffkit.demo`][diffkit.demo] on the
+  text -> image (or text -> video) recipe of the ``diffkit_demo`` package on the
   bundled digits and writes samples, a summary and the saved pipeline to ``DIR``;
 - ``diffkit train CONFIG.yaml [--out DIR]`` runs a demo recipe from a YAML file (copy
   one from ``configs/``); a ``train_run`` config is for ``python -m diffkit.training``;
@@ -15,6 +15,11 @@
 
 Mistakes a user can make (a missing file, a bad config, a prompt too long, an unknown
 sampler) print one line ``diffkit: error: ...`` and exit with status 2, no traceback.
+
+The command line needs the ``demo`` extra (``pip install 'diffkit[demo]'``: rich for its
+output, Pillow for images, scikit-learn and PyYAML for the recipes); each command imports
+what it uses when it runs, and a missing package is reported as one line naming the extra.
+``import diffkit`` does not import this module.
 """
 
 import argparse
@@ -28,6 +33,12 @@ from typing import Any
 __all__ = ["UserError", "main"]
 
 EXIT_USAGE = 2
+# The sub-folder of a demo run that holds its pipeline (diffkit_demo.PIPELINE_DIR; a test
+# checks they agree: ``diffkit sample`` and ``info`` need not import the demo for it).
+PIPELINE_DIR = "pipeline"
+# Top-level modules of the ``demo`` extra (and the demo package itself): a command that
+# misses one says which extra to install.
+DEMO_EXTRA_MODULES = frozenset({"diffkit_demo", "rich", "PIL", "sklearn", "yaml"})
 # What ``diffkit sample --out`` can write (PIL picks the format from the extension).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -69,7 +80,7 @@ def _load_recipe(path: str) -> Any:
     import yaml
     from pydantic import ValidationError
 
-    from diffkit.demo import parse_demo_config
+    from diffkit_demo.recipes import parse_demo_config
 
     file = Path(path)
     if not file.exists():
@@ -98,8 +109,6 @@ def _load_recipe(path: str) -> Any:
 
 
 def _pipeline_dir(run_dir: str) -> Path:
-    from diffkit.demo import PIPELINE_DIR
-
     folder = Path(run_dir)
     if not folder.exists():
         raise UserError(f"run directory not found: {run_dir}")
@@ -152,7 +161,7 @@ def _threads(value: int | None) -> None:
 def _run_recipe(config: Any, args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from diffkit.demo import fast_config, run_demo, training_device
+    from diffkit_demo.recipes import fast_config, run_demo, training_device
 
     update: dict[str, Any] = {}
     if args.seed is not None:
@@ -234,7 +243,7 @@ def _print_summary(console: Any, result: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``diffkit demo``: the built-in recipe (or ``--config``)."""
-    from diffkit.demo import default_config
+    from diffkit_demo.recipes import default_config
 
     config = _load_recipe(args.config) if args.config else default_config(args.task)
     if args.config and config.kind != f"demo_{args.task}" and args.task_given:
@@ -357,7 +366,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from diffkit.data import save_grid
-    from diffkit.demo import save_gif
     from diffkit.samplers import REGISTRY
 
     if args.sampler is not None and args.sampler not in REGISTRY:
@@ -401,6 +409,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         extra["labels"] = conditions["cond"].labels.numpy()
     try:
         if video:
+            from diffkit_demo.output import save_gif
+
             save_grid(clamped, out)
             for i, group in enumerate(groups):
                 gif = out.with_name(f"{out.stem}-{i}.gif")
@@ -495,16 +505,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     table.add_row("total", "", "", f"{_params(pipeline):,}")
     console.print(table)
+    console.print(_flow(pipeline, fmt(latent), fmt(data_shape)))
+    return 0
+
+
+def _flow(pipeline: Any, latent: str, data_shape: str) -> str:
+    """The pipeline's data flow, from prompts / labels and noise to samples, as text."""
     classes = _num_classes(pipeline)
-    sources = ["prompts ─▶ text"] if text is not None else []
+    sources = ["prompts ─▶ text"] if pipeline.text is not None else []
     sources += [f"labels ({classes} classes)"] if classes is not None else []
     flow = f"{' + '.join(sources)} ─▶ cond ─┐\n" if sources else ""
     space = "latent" if pipeline.encoder is not None else "sample"
-    flow += f"noise {fmt(latent)} ─▶ sampler ⟲ denoiser ─▶ {space} {fmt(latent)}"
+    flow += f"noise {latent} ─▶ sampler ⟲ denoiser ─▶ {space} {latent}"
     if pipeline.encoder is not None:
-        flow += f" ─▶ encoder.decode ─▶ {fmt(data_shape)}"
-    console.print(flow)
-    return 0
+        flow += f" ─▶ encoder.decode ─▶ {data_shape}"
+    return flow
 
 
 # --------------------------------------------------------------------------------------
@@ -654,6 +669,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except UserError as err:
         print(f"diffkit: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in DEMO_EXTRA_MODULES:
+            raise
+        print(
+            f"diffkit: error: `diffkit {args.command}` needs the module '{err.name}' of the "
+            "demo extra: pip install 'diffkit[demo]'",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("diffkit: interrupted", file=sys.stderr)

@@ -1,249 +1,46 @@
-"""Small real datasets for examples and tests, deterministic batching, and sample grids.
-
-Both datasets are built from scikit-learn's bundled handwritten digits (1797 images of
-8x8 pixels, no download): [`DigitsDataset`][diffkit.data.DigitsDataset] upscales them
-to ``size x size`` images in ``[-1, 1]`` with a caption per image drawn from several
-templates, and [`MovingDigitsDataset`][diffkit.data.MovingDigitsDataset] slides a digit
-across a larger canvas, bouncing off the borders, for ``frames`` frames, captioned with
-the digit and its direction. Everything is a pure function of a seed.
+"""Generic data helpers for training: collation, deterministic shard batching, sample grids.
 
 Batches are cut with [`shard_batches`][diffkit.data.shard_batches]: a
 ``torch.utils.data.DistributedSampler`` shuffles each epoch (``set_epoch``) and hands
 every shard (one per process, or per gradient-accumulation micro-batch) its own
 disjoint part of the epoch, so the data a run sees depends only on the seed.
+
+[`save_grid`][diffkit.data.save_grid] writes samples as one PNG with the standard library
+alone (training's sample grids need no imaging package). Datasets are registered by config
+``kind`` in [`DATASETS`][diffkit.data.DATASETS]; the toy digits datasets of the demo live in
+``diffkit_demo.datasets`` (the ``diffkit[demo]`` extra), found through their entry points.
 """
 
 import dataclasses
-import functools
 import math
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from jaxtyping import Float, Int
-from PIL import Image as PILImage
-from pydantic import Field
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from diffkit.config import SEED_MAX, Config, Registry
+from diffkit.config import Config, Registry
 from diffkit.typing import Sample, ShapeError, checked
 
 __all__ = [
     "DATASETS",
-    "DIGIT_NAMES",
-    "IMAGE_TEMPLATES",
-    "VIDEO_TEMPLATES",
+    "ENTRY_POINT_GROUP",
     "Batch",
-    "DigitsConfig",
-    "DigitsDataset",
-    "MovingDigitsConfig",
-    "MovingDigitsDataset",
+    "DatasetRegistry",
     "collate",
-    "image_grid",
-    "load_digits",
+    "grid_array",
     "save_grid",
     "shard_batches",
-    "video_grid",
+    "write_png",
 ]
-
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-IMAGE_TEMPLATES = (
-    "a handwritten digit {name}",
-    "the number {digit}",
-    "a picture of the digit {digit}",
-    "a small grey {name} written by hand",
-    "handwritten {digit}",
-)
-"""Caption templates for still digits (``{digit}`` is ``"3"``, ``{name}`` is ``"three"``)."""
-VIDEO_TEMPLATES = (
-    "the digit {digit} moving {direction}",
-    "a handwritten {name} sliding {direction}",
-    "{name} drifting {direction}",
-)
-"""Caption templates for moving digits; ``{direction}`` is the initial direction."""
-DIRECTIONS: dict[str, tuple[int, int]] = {
-    "left": (0, -1),
-    "right": (0, 1),
-    "up": (-1, 0),
-    "down": (1, 0),
-    "up and left": (-1, -1),
-    "up and right": (-1, 1),
-    "down and left": (1, -1),
-    "down and right": (1, 1),
-}
-"""Direction name -> (row step, column step); rows grow downwards."""
-
-Split = Literal["all", "train", "test"]
-
-
-@functools.cache
-def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    bunch: Any = sk_load_digits()
-    return np.asarray(bunch.images, dtype=np.float32), np.asarray(bunch.target, dtype=np.int64)
-
-
-@functools.cache
-def _digits_at(size: int) -> tuple[Tensor, Tensor]:
-    images, labels = _raw_digits()
-    x = torch.from_numpy(images)[:, None] / 8.0 - 1.0  # pixel values 0..16 -> [-1, 1]
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x.clamp(-1.0, 1.0).contiguous(), torch.from_numpy(labels)
-
-
-def load_digits(size: int = 16) -> tuple[Float[Tensor, "n 1 size size"], Int[Tensor, " n"]]:
-    """All 1797 scikit-learn digits as ``(n, 1, size, size)`` images in ``[-1, 1]`` and labels."""
-    if size < 8:
-        raise ValueError(f"size must be at least 8 (the digits are 8x8), got {size}")
-    x, y = _digits_at(size)
-    return x.clone(), y.clone()
-
-
-def _split_indices(n: int, split: Split, test_fraction: float, seed: int) -> Tensor:
-    if split not in get_args(Split):
-        raise ValueError(f"split must be one of {get_args(Split)}, got {split!r}")
-    if split == "all":
-        return torch.arange(n)
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_test = max(1, round(n * test_fraction))
-    return order[:n_test].sort().values if split == "test" else order[n_test:].sort().values
-
-
-class DigitsDataset(Dataset[dict[str, Any]]):
-    """Handwritten digits as ``(1, size, size)`` images in ``[-1, 1]`` with captions.
-
-    Items are ``{"x": image, "label": digit, "caption": text}``; each image's caption
-    template is fixed by ``seed``. ``split`` picks a seeded train/test partition.
-    """
-
-    def __init__(
-        self,
-        size: int = 16,
-        *,
-        seed: int = 0,
-        split: Split = "all",
-        test_fraction: float = 0.1,
-        templates: Sequence[str] = IMAGE_TEMPLATES,
-    ) -> None:
-        images, labels = load_digits(size)
-        keep = _split_indices(len(labels), split, test_fraction, seed)
-        self.images = images[keep]
-        self.labels = labels[keep]
-        self.size = size
-        self.templates = tuple(templates)
-        gen = torch.Generator().manual_seed(seed + 1)
-        choice = torch.randint(len(self.templates), (len(keep),), generator=gen)
-        self.captions = [
-            self.templates[int(c)].format(digit=int(d), name=DIGIT_NAMES[int(d)])
-            for c, d in zip(choice, self.labels, strict=True)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {
-            "x": self.images[index],
-            "label": int(self.labels[index]),
-            "caption": self.captions[index],
-        }
-
-
-def _bounce(start: int, velocity: int, steps: int, span: int) -> list[int]:
-    """Positions ``start + k * velocity`` reflected into ``[0, span]`` (a triangle wave)."""
-    if span == 0:
-        return [0] * steps
-    period = 2 * span
-    out = []
-    for k in range(steps):
-        p = (start + k * velocity) % period
-        out.append(p if p <= span else period - p)
-    return out
-
-
-class MovingDigitsDataset(Dataset[dict[str, Any]]):
-    """Videos ``(frames, 1, size, size)`` in ``[-1, 1]`` of a digit sliding over a canvas.
-
-    The digit (upscaled to ``digit_size``) starts at a random place and moves
-    ``speed`` pixels a frame in one of eight directions, bouncing off the borders.
-    Items are ``{"x": video, "label": digit, "caption": "the digit 3 moving left", ...}``.
-    """
-
-    def __init__(
-        self,
-        num_videos: int = 512,
-        *,
-        frames: int = 8,
-        size: int = 32,
-        digit_size: int = 16,
-        max_speed: int = 3,
-        seed: int = 0,
-        split: Split = "all",
-        test_fraction: float = 0.1,
-        directions: Sequence[str] = tuple(DIRECTIONS),
-        templates: Sequence[str] = VIDEO_TEMPLATES,
-    ) -> None:
-        if digit_size > size:
-            raise ValueError(f"digit_size {digit_size} must not exceed the canvas size {size}")
-        if frames < 1 or num_videos < 1 or max_speed < 1:
-            raise ValueError("frames, num_videos and max_speed must be positive")
-        unknown = [d for d in directions if d not in DIRECTIONS]
-        if unknown:
-            raise ValueError(f"unknown directions {unknown}; known: {list(DIRECTIONS)}")
-        self.digits, digit_labels = load_digits(digit_size)
-        pool = _split_indices(len(digit_labels), split, test_fraction, seed)
-        self.frames, self.size, self.digit_size = frames, size, digit_size
-        self.directions = tuple(directions)
-        self.templates = tuple(templates)
-        gen = torch.Generator().manual_seed(seed + 2)
-        span = size - digit_size
-        self.source = pool[torch.randint(len(pool), (num_videos,), generator=gen)]
-        self.start = torch.randint(span + 1, (num_videos, 2), generator=gen)
-        self.direction = torch.randint(len(self.directions), (num_videos,), generator=gen)
-        self.speed = torch.randint(1, max_speed + 1, (num_videos,), generator=gen)
-        template = torch.randint(len(self.templates), (num_videos,), generator=gen)
-        self.labels = digit_labels[self.source]
-        self.captions = [
-            self.templates[int(t)].format(
-                digit=int(d), name=DIGIT_NAMES[int(d)], direction=self.directions[int(k)]
-            )
-            for t, d, k in zip(template, self.labels, self.direction, strict=True)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def trajectory(self, index: int) -> list[tuple[int, int]]:
-        """The digit's top-left corner ``(row, column)`` in every frame."""
-        dr, dc = DIRECTIONS[self.directions[int(self.direction[index])]]
-        speed = int(self.speed[index])
-        span = self.size - self.digit_size
-        r0, c0 = (int(v) for v in self.start[index])
-        rows = _bounce(r0, dr * speed, self.frames, span)
-        cols = _bounce(c0, dc * speed, self.frames, span)
-        return list(zip(rows, cols, strict=True))
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        digit = self.digits[int(self.source[index])]
-        video = torch.full((self.frames, 1, self.size, self.size), -1.0)
-        d = self.digit_size
-        for f, (r, c) in enumerate(self.trajectory(index)):
-            video[f, :, r : r + d, c : c + d] = digit
-        return {
-            "x": video,
-            "label": int(self.labels[index]),
-            "caption": self.captions[index],
-            "direction": self.directions[int(self.direction[index])],
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,16 +148,16 @@ def _to_uint8(x: Tensor, value_range: tuple[float, float]) -> np.ndarray:
     return scaled.to(torch.uint8).numpy()
 
 
-def _grid(
-    images: Tensor, nrow: int, padding: int, value_range: tuple[float, float]
-) -> PILImage.Image:
+def _tile(
+    owner: str, images: Tensor, nrow: int, padding: int, value_range: tuple[float, float]
+) -> np.ndarray:
     b, c = images.shape[:2]
     if c not in (1, 3):
-        raise ShapeError(f"image_grid: images need 1 or 3 channels, got {c}")
+        raise ShapeError(f"{owner}: images need 1 or 3 channels, got {c}")
     if nrow < 1:
-        raise ValueError(f"image_grid: nrow must be >= 1, got {nrow}")
+        raise ValueError(f"{owner}: nrow must be >= 1, got {nrow}")
     if padding < 0:
-        raise ValueError(f"image_grid: padding must be >= 0, got {padding}")
+        raise ValueError(f"{owner}: padding must be >= 0, got {padding}")
     background = value_range[0]
     ncol = min(nrow, b)
     rows = -(-b // ncol)
@@ -372,42 +169,71 @@ def _grid(
     grid = rearrange(tiles, "(r k) c h w -> c (r h) (k w)", k=ncol)
     grid = F.pad(grid, (0, padding, 0, padding), value=background)
     array = _to_uint8(rearrange(grid, "c h w -> h w c"), value_range)
-    return PILImage.fromarray(array[..., 0] if c == 1 else array)
+    return array[..., 0] if c == 1 else array
 
 
 @checked
-def image_grid(
-    images: Float[Tensor, "batch channels height width"],
+def grid_array(
+    samples: Sample,
     nrow: int = 8,
     padding: int = 1,
     *,
     value_range: tuple[float, float] = (-1.0, 1.0),
-) -> PILImage.Image:
-    """Tile images in ``value_range`` (1 or 3 channels) into one PIL image, ``nrow`` per row.
+) -> np.ndarray:
+    """Tile images ``(b, c, h, w)`` (``nrow`` per row) or videos ``(b, f, c, h, w)`` (one row
+    per video, one column per frame) into one ``uint8`` array, ``(H, W)`` grey or ``(H, W, 3)``.
 
     ``value_range`` ``(low, high)`` maps to black and white (default ``[-1, 1]``, like
     torchvision's ``make_grid``; ints such as ``(0, 255)`` are fine). Values slightly outside
     it are clamped; values off by more than the range's width (data on another scale) are
     refused. Tiles are separated, and framed, by ``padding`` pixels of the background value
     ``low`` (black), so an ``r x k`` grid of ``h x w`` images is ``k (w + p) + p`` pixels wide
-    and ``r (h + p) + p`` high.
+    and ``r (h + p) + p`` high. Channels must be 1 or 3.
     """
-    _check_values("image_grid", images, value_range)
-    return _grid(images, nrow, padding, value_range)
+    return _tile_samples("grid_array", samples, nrow, padding, value_range)
 
 
-@checked
-def video_grid(
-    videos: Float[Tensor, "batch frames channels height width"],
-    padding: int = 1,
-    *,
-    value_range: tuple[float, float] = (-1.0, 1.0),
-) -> PILImage.Image:
-    """One row per video, one column per frame, values in ``value_range`` (as ``image_grid``)."""
-    _check_values("video_grid", videos, value_range)
-    frames = videos.shape[1]
-    flat = rearrange(videos, "b f c h w -> (b f) c h w")
-    return _grid(flat, frames, padding, value_range)
+def _tile_samples(
+    owner: str, samples: Tensor, nrow: int, padding: int, value_range: tuple[float, float]
+) -> np.ndarray:
+    """``grid_array``, with ``owner`` naming the caller in its errors."""
+    if samples.ndim not in (4, 5):
+        raise ShapeError(f"{owner}: expected images or videos, got shape {tuple(samples.shape)}")
+    _check_values(owner, samples, value_range)
+    if samples.ndim == 4:
+        return _tile(owner, samples, nrow, padding, value_range)
+    flat = rearrange(samples, "b f c h w -> (b f) c h w")
+    return _tile(owner, flat, samples.shape[1], padding, value_range)
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def write_png(array: np.ndarray, path: str | Path) -> Path:
+    """Write a ``uint8`` array ``(H, W)`` (grey) or ``(H, W, 3)`` (RGB) as a PNG file.
+
+    The standard library's ``zlib`` does the compression: no imaging package is needed.
+    """
+    grey_or_rgb = array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)
+    if array.dtype != np.uint8 or not grey_or_rgb:
+        raise ValueError(
+            f"write_png: need a uint8 array (H, W) or (H, W, 3), got {array.dtype} "
+            f"{tuple(array.shape)}"
+        )
+    height, width = array.shape[:2]
+    colour = 0 if array.ndim == 2 else 2  # PNG colour types: grey, RGB
+    rows = np.ascontiguousarray(array).reshape(height, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    target = Path(path)
+    target.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(raw, 6))
+        + _png_chunk(b"IEND", b"")
+    )
+    return target
 
 
 @checked
@@ -418,59 +244,49 @@ def save_grid(
     *,
     value_range: tuple[float, float] = (-1.0, 1.0),
 ) -> Path:
-    """Save images ``(b, c, h, w)`` or videos ``(b, f, c, h, w)`` as a PNG grid.
+    """Save images ``(b, c, h, w)`` or videos ``(b, f, c, h, w)`` as one picture (a grid).
 
     Values are in ``value_range`` (default ``[-1, 1]``), as in
-    [`image_grid`][diffkit.data.image_grid]: a slight overshoot is clamped, data on
-    another scale refused.
+    [`grid_array`][diffkit.data.grid_array]: a slight overshoot is clamped, data on
+    another scale refused. A ``.png`` path is written with the standard library; any other
+    extension (``.jpg``, ``.webp``, ...) needs Pillow (``pip install 'diffkit[demo]'``).
     """
-    if samples.ndim not in (4, 5):
-        raise ShapeError(f"save_grid: expected images or videos, got shape {tuple(samples.shape)}")
-    _check_values("save_grid", samples, value_range)
-    if samples.ndim == 4:
-        picture = _grid(samples, nrow, 1, value_range)
-    else:  # one row per video, as video_grid
-        flat = rearrange(samples, "b f c h w -> (b f) c h w")
-        picture = _grid(flat, samples.shape[1], 1, value_range)
+    array = _tile_samples("save_grid", samples, nrow, 1, value_range)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(target)
+    if target.suffix.lower() == ".png":
+        return write_png(array, target)
+    try:
+        from PIL import Image as PILImage
+    except ImportError:
+        raise ImportError(
+            f"save_grid: writing {target.suffix or 'a file without an extension'} needs Pillow "
+            "(pip install 'diffkit[demo]' or pip install pillow); .png needs nothing"
+        ) from None
+    PILImage.fromarray(array).save(target)
     return target
 
 
-class DigitsConfig(Config):
-    """The still [`DigitsDataset`][diffkit.data.DigitsDataset]."""
-
-    kind: Literal["digits"] = "digits"
-    size: int = Field(default=16, ge=8, description="image side in pixels (8x8 digits upscaled)")
-    seed: int = Field(
-        default=0, ge=0, le=SEED_MAX, description="seeds the captions and the train/test split"
-    )
-    split: Split = Field(default="all", description="all digits, or a seeded train / test part")
-    test_fraction: float = Field(default=0.1, gt=0, lt=1, description="share of the test split")
+ENTRY_POINT_GROUP = "diffkit.datasets"
+"""Installed packages name the module that registers a dataset kind here, by kind."""
 
 
-class MovingDigitsConfig(Config):
-    """The video [`MovingDigitsDataset`][diffkit.data.MovingDigitsDataset]."""
+class DatasetRegistry(Registry[Dataset[Any]]):
+    """A [`Registry`][diffkit.config.Registry] that finds a kind it does not know yet among
+    the installed ``diffkit.datasets`` entry points (``kind = "module"``) and imports that
+    module, which registers it. So a run config may name a dataset of another installed
+    package (``data: {kind: digits}``, from ``diffkit[demo]``) without importing it first.
+    """
 
-    kind: Literal["moving_digits"] = "moving_digits"
-    num_videos: int = Field(default=512, ge=1, description="number of videos")
-    frames: int = Field(default=8, ge=1, description="frames per video")
-    size: int = Field(default=32, ge=8, description="canvas side in pixels")
-    digit_size: int = Field(default=16, ge=8, description="digit side in pixels")
-    max_speed: int = Field(default=3, ge=1, description="largest speed in pixels per frame")
-    seed: int = Field(
-        default=0, ge=0, le=SEED_MAX, description="seeds digits, paths, captions and the split"
-    )
-    split: Split = Field(
-        default="all", description="which digits: all, or a seeded train / test part"
-    )
-    test_fraction: float = Field(default=0.1, gt=0, lt=1, description="share of the test split")
+    def config_class(self, kind: str) -> type[Config]:
+        """The config class registered for ``kind``, imported from its entry point if need be."""
+        if kind not in self.kinds:
+            for entry in entry_points(group=ENTRY_POINT_GROUP, name=kind):
+                entry.load()
+        return super().config_class(kind)
 
 
-DATASETS: Registry[Dataset[Any]] = Registry("dataset")
-"""Datasets by config ``kind`` (``"digits"``, ``"moving_digits"``)."""
-DATASETS.register(DigitsConfig, lambda c: DigitsDataset(**c.model_dump(exclude={"kind"})))
-DATASETS.register(
-    MovingDigitsConfig, lambda c: MovingDigitsDataset(**c.model_dump(exclude={"kind"}))
-)
+DATASETS: Registry[Dataset[Any]] = DatasetRegistry("dataset")
+"""Datasets by config ``kind``. The demo's ``"digits"`` and ``"moving_digits"``
+(``diffkit_demo.datasets``) are found through their entry points; register your own with
+``DATASETS.register(MyConfig, builder)``."""

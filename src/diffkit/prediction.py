@@ -18,10 +18,10 @@ back to ``x_t``'s dtype.
 from typing import Any, get_args, overload
 
 import numpy as np
-from jaxtyping import Float
+import torch
 from torch import Tensor
 
-from diffkit.typing import Prediction, Sample, broadcast_to_sample, checked
+from diffkit.typing import PerItem, Prediction, Sample, broadcast_to_sample, checked
 
 __all__ = ["PREDICTIONS", "convert", "from_x0_eps", "to_x0_eps"]
 
@@ -31,6 +31,13 @@ PREDICTIONS: tuple[Prediction, ...] = get_args(Prediction)
 def _validate(kind: str, argument: str) -> None:
     if kind not in PREDICTIONS:
         raise ValueError(f"{argument} must be one of {PREDICTIONS}, got {kind!r}")
+
+
+def _per_element(
+    alpha: Tensor, sigma: Tensor, like: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``alpha`` and ``sigma`` ``(batch,)`` broadcast against ``like``, in ``dtype``."""
+    return broadcast_to_sample(alpha, like).to(dtype), broadcast_to_sample(sigma, like).to(dtype)
 
 
 @overload
@@ -56,17 +63,12 @@ def _x0_of(kind: str, x: Any, p: Any, a: Any, s: Any) -> Any:
 
 @checked
 def to_x0_eps(
-    prediction: Sample,
-    kind: Prediction,
-    x_t: Sample,
-    alpha: Float[Tensor, " batch"],
-    sigma: Float[Tensor, " batch"],
+    prediction: Sample, kind: Prediction, x_t: Sample, alpha: PerItem, sigma: PerItem
 ) -> tuple[Sample, Sample]:
     """``(x0, eps)`` implied by a prediction of type ``kind`` at ``x_t``."""
     _validate(kind, "kind")
     dtype = alpha.dtype if alpha.dtype.itemsize >= x_t.dtype.itemsize else x_t.dtype
-    a = broadcast_to_sample(alpha, x_t).to(dtype)
-    s = broadcast_to_sample(sigma, x_t).to(dtype)
+    a, s = _per_element(alpha, sigma, x_t, dtype)
     x, p = x_t.to(dtype), prediction.to(dtype)
     x0 = _x0_of(kind, x, p, a, s)
     if kind == "epsilon":
@@ -82,16 +84,11 @@ def to_x0_eps(
 
 @checked
 def from_x0_eps(
-    x0: Sample,
-    eps: Sample,
-    kind: Prediction,
-    alpha: Float[Tensor, " batch"],
-    sigma: Float[Tensor, " batch"],
+    x0: Sample, eps: Sample, kind: Prediction, alpha: PerItem, sigma: PerItem
 ) -> Sample:
     """The prediction of type ``kind`` that corresponds to ``(x0, eps)``."""
     _validate(kind, "kind")
-    a = broadcast_to_sample(alpha, x0).to(x0.dtype)
-    s = broadcast_to_sample(sigma, x0).to(x0.dtype)
+    a, s = _per_element(alpha, sigma, x0, x0.dtype)
     if kind == "epsilon":
         return eps
     if kind == "x0":
@@ -107,8 +104,8 @@ def convert(
     source: Prediction,
     target: Prediction,
     x_t: Sample,
-    alpha: Float[Tensor, " batch"],
-    sigma: Float[Tensor, " batch"],
+    alpha: PerItem,
+    sigma: PerItem,
 ) -> Sample:
     """Convert a ``source``-type prediction at ``x_t`` into a ``target``-type one."""
     _validate(source, "source")

@@ -13,8 +13,9 @@ and returns
   1.x / 2.x would use). With ``project_pooled=True`` it goes through the tower's text
   projection (CLIP's text embedding, unnormalised; SDXL's ``text_embeds``);
 - ``mask``: ``True`` for the start token, the text and the end token, ``False`` on the
-  padding after it. The hidden states at padded positions are still meaningful inputs
-  (Stable Diffusion attends to all of them); a model may use the mask or ignore it.
+  padding after it. The hidden states at padded positions are still meaningful inputs:
+  Stable Diffusion attends to all of them, so its conditioners take ``mask_padding=False``
+  (no mask) and pad with the end token (``pad_token_id=49407``).
 
 [`CLIPTextConditioner`][diffkit.text.CLIPTextConditioner] runs diffkit's own
 [`TextTower`][diffkit.nn.clip.TextTower] (trained here, or loaded with
@@ -24,8 +25,9 @@ and returns
 models as they are.
 """
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from pydantic import Field, model_validator
@@ -87,7 +89,61 @@ def _check_end_token(tower: TextTower, tokenizer: Tokenizer) -> None:
         )
 
 
-class CLIPTextConditioner(nn.Module):
+class _Dims(NamedTuple):
+    """A text model's number of blocks and the widths of its tokens and pooled output."""
+
+    layers: int
+    token_dim: int
+    pooled_dim: int
+
+
+class _Conditioner(nn.Module, ABC):
+    """What the conditioners here share: the tokenizer, the layer options and ``condition``.
+
+    ``condition`` tokenizes, runs the model (``_encode``, per subclass), marks the padding.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        dims: _Dims,
+        *,
+        project_pooled: bool,
+        skip_last_layers: int,
+        final_norm: bool,
+        mask_padding: bool,
+    ) -> None:
+        super().__init__()
+        _check_skip(skip_last_layers, dims.layers, type(self).__name__)
+        self.tokenizer = tokenizer
+        self.project_pooled = project_pooled
+        self.skip_last_layers = skip_last_layers
+        self.final_norm = final_norm
+        self.mask_padding = mask_padding
+        self.token_dim: int = dims.token_dim
+        self.pooled_dim: int = dims.pooled_dim
+        self.context_length: int = tokenizer.context_length
+
+    def forward(self, texts: Sequence[str]) -> Conditioning:
+        """Same as ``condition``."""
+        return self.condition(texts)
+
+    def condition(self, texts: Sequence[str]) -> Conditioning:
+        """``len(texts)`` strings to tokens ``(b, context, token_dim)``, pooled and mask.
+
+        The mask is ``None`` with ``mask_padding=False``: the model attends to every position.
+        """
+        ids = _tokenize(self.tokenizer, texts, type(self).__name__).to(_device(self))
+        tokens, pooled = self._encode(ids)
+        mask = padding_mask(ids, self.tokenizer.eot_token_id) if self.mask_padding else None
+        return Conditioning(tokens=tokens, pooled=pooled, mask=mask)
+
+    @abstractmethod
+    def _encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids ``(b, context)`` to ``(tokens, pooled)`` as the options ask."""
+
+
+class CLIPTextConditioner(_Conditioner):
     """diffkit's CLIP [`TextTower`][diffkit.nn.clip.TextTower] with its tokenizer."""
 
     def __init__(
@@ -98,9 +154,17 @@ class CLIPTextConditioner(nn.Module):
         project_pooled: bool = False,
         skip_last_layers: int = 0,
         final_norm: bool = True,
+        mask_padding: bool = True,
     ) -> None:
-        super().__init__()
-        _check_skip(skip_last_layers, tower.config.layers, type(self).__name__)
+        pooled_dim = tower.output_dim if project_pooled else tower.width
+        super().__init__(
+            tokenizer,
+            _Dims(tower.config.layers, tower.width, pooled_dim),
+            project_pooled=project_pooled,
+            skip_last_layers=skip_last_layers,
+            final_norm=final_norm,
+            mask_padding=mask_padding,
+        )
         if tokenizer.context_length > tower.context_length:
             raise ValueError(
                 f"CLIPTextConditioner: the tokenizer's context_length {tokenizer.context_length} "
@@ -115,13 +179,6 @@ class CLIPTextConditioner(nn.Module):
         if project_pooled and tower.projection is None:
             raise ValueError("CLIPTextConditioner: project_pooled=True needs a tower projection")
         self.tower = tower
-        self.tokenizer = tokenizer
-        self.project_pooled = project_pooled
-        self.skip_last_layers = skip_last_layers
-        self.final_norm = final_norm
-        self.token_dim: int = tower.width
-        self.pooled_dim: int = tower.output_dim if project_pooled else tower.width
-        self.context_length: int = tokenizer.context_length
 
     @classmethod
     def from_config(cls, config: "CLIPTextConditionerConfig") -> "CLIPTextConditioner":
@@ -131,7 +188,9 @@ class CLIPTextConditioner(nn.Module):
         if config.tokenizer == "byte":
             tokenizer = ByteTokenizer(context)
         else:
-            tokenizer = CLIPTokenizer(config.vocab_path or find_open_clip_vocab(), context)
+            tokenizer = CLIPTokenizer(
+                config.vocab_path or find_open_clip_vocab(), context, config.pad_token_id
+            )
         tower = TextTower(config.text, proj_dim=config.projection_dim)
         return cls(
             tower,
@@ -139,31 +198,18 @@ class CLIPTextConditioner(nn.Module):
             project_pooled=config.project_pooled,
             skip_last_layers=config.skip_last_layers,
             final_norm=config.final_norm,
+            mask_padding=config.mask_padding,
         )
 
-    def forward(self, texts: Sequence[str]) -> Conditioning:
-        """Same as [`condition`][diffkit.text.CLIPTextConditioner.condition]."""
-        return self.condition(texts)
-
-    def condition(self, texts: Sequence[str]) -> Conditioning:
-        """``len(texts)`` strings to tokens ``(b, context, token_dim)``, pooled and mask."""
-        ids = _tokenize(self.tokenizer, texts, type(self).__name__).to(_device(self))
+    def _encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         tokens, pooled = self.tower(ids, self.skip_last_layers, self.final_norm)
         if self.project_pooled and self.tower.projection is not None:
             pooled = self.tower.projection(pooled)
-        return Conditioning(
-            tokens=tokens, pooled=pooled, mask=padding_mask(ids, self.tokenizer.eot_token_id)
-        )
+        return tokens, pooled
 
 
-class TransformersTextConditioner(nn.Module):
-    """A transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection``, run as it is.
-
-    ``tokens`` is ``last_hidden_state``; ``pooled`` is ``pooler_output``, or ``text_embeds``
-    of a ``CLIPTextModelWithProjection`` when ``project_pooled=True``. Use
-    ``CLIPTokenizer(path, pad_token_id=49407)`` for OpenAI checkpoints (Stable Diffusion 1.x
-    pads with the end token).
-    """
+class _WrappedModel(_Conditioner):
+    """A text model from another library, run as it is (``self.model``)."""
 
     def __init__(
         self,
@@ -173,8 +219,35 @@ class TransformersTextConditioner(nn.Module):
         project_pooled: bool = False,
         skip_last_layers: int = 0,
         final_norm: bool = True,
+        mask_padding: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            tokenizer,
+            self._check_model(model, project_pooled),
+            project_pooled=project_pooled,
+            skip_last_layers=skip_last_layers,
+            final_norm=final_norm,
+            mask_padding=mask_padding,
+        )
+        self.model = model
+
+    @staticmethod
+    @abstractmethod
+    def _check_model(model: nn.Module, project_pooled: bool) -> _Dims:
+        """Refuse a model of the wrong kind; else its dimensions."""
+
+
+class TransformersTextConditioner(_WrappedModel):
+    """A transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection``, run as it is.
+
+    ``tokens`` is ``last_hidden_state``; ``pooled`` is ``pooler_output``, or ``text_embeds``
+    of a ``CLIPTextModelWithProjection`` when ``project_pooled=True``. Use
+    ``CLIPTokenizer(path, pad_token_id=49407)`` for OpenAI checkpoints (Stable Diffusion 1.x
+    pads with the end token).
+    """
+
+    @staticmethod
+    def _check_model(model: nn.Module, project_pooled: bool) -> _Dims:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         if not isinstance(model, CLIPTextModel | CLIPTextModelWithProjection):
@@ -188,51 +261,38 @@ class TransformersTextConditioner(nn.Module):
                 "CLIPTextModelWithProjection"
             )
         cfg: Any = model.config
-        _check_skip(skip_last_layers, cfg.num_hidden_layers, type(self).__name__)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.project_pooled = project_pooled
-        self.skip_last_layers = skip_last_layers
-        self.final_norm = final_norm
-        # transformers 4.x nests the layers in `text_model`; 5.x puts them on CLIPTextModel
-        core: Any = model.text_model if isinstance(model, CLIPTextModelWithProjection) else model
-        self._final_layer_norm: nn.Module = (
-            core.final_layer_norm
-            if hasattr(core, "final_layer_norm")
-            else core.text_model.final_layer_norm
-        )
-        self._with_projection = isinstance(model, CLIPTextModelWithProjection)
-        self._eos_token_id = int(cfg.eos_token_id)
-        self.token_dim: int = cfg.hidden_size
-        self.pooled_dim: int = cfg.projection_dim if project_pooled else cfg.hidden_size
-        self.context_length: int = tokenizer.context_length
+        pooled_dim = cfg.projection_dim if project_pooled else cfg.hidden_size
+        return _Dims(cfg.num_hidden_layers, cfg.hidden_size, pooled_dim)
 
-    def forward(self, texts: Sequence[str]) -> Conditioning:
-        """Same as [`condition`][diffkit.text.TransformersTextConditioner.condition]."""
-        return self.condition(texts)
+    def _encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        from transformers import CLIPTextModelWithProjection
 
-    def condition(self, texts: Sequence[str]) -> Conditioning:
-        """``len(texts)`` strings to tokens ``(b, context, token_dim)``, pooled and mask."""
-        ids = _tokenize(self.tokenizer, texts, type(self).__name__).to(_device(self))
         default_layer = self.skip_last_layers == 0 and self.final_norm
         out: Any = self.model(input_ids=ids, output_hidden_states=not default_layer)
         last: Tensor = out.last_hidden_state
         if self.project_pooled:
             pooled: Tensor = out.text_embeds
-        elif self._with_projection:  # CLIPTextModelWithProjection returns no pooler_output
-            end = _end_positions(ids, self._eos_token_id)
+        elif isinstance(self.model, CLIPTextModelWithProjection):  # it has no pooler_output
+            end = _end_positions(ids, int(cast(Any, self.model).config.eos_token_id))
             pooled = last[torch.arange(last.shape[0], device=last.device), end]
         else:
             pooled = out.pooler_output
-        tokens = last
-        if not default_layer:
-            # hidden_states: the embeddings, then every layer's output (before the final LN)
-            tokens = out.hidden_states[-1 - self.skip_last_layers]
-            if self.final_norm:
-                tokens = self._final_layer_norm(tokens)
-        return Conditioning(
-            tokens=tokens, pooled=pooled, mask=padding_mask(ids, self.tokenizer.eot_token_id)
-        )
+        if default_layer:
+            return last, pooled
+        # hidden_states: the embeddings, then every layer's output (before the final LN)
+        tokens = out.hidden_states[-1 - self.skip_last_layers]
+        return (_final_layer_norm(self.model)(tokens) if self.final_norm else tokens), pooled
+
+
+def _final_layer_norm(model: Any) -> nn.Module:
+    """A transformers CLIP text model's final LayerNorm."""
+    from transformers import CLIPTextModelWithProjection
+
+    # transformers 4.x nests the layers in `text_model`; 5.x puts them on CLIPTextModel
+    core: Any = model.text_model if isinstance(model, CLIPTextModelWithProjection) else model
+    if hasattr(core, "final_layer_norm"):
+        return core.final_layer_norm
+    return core.text_model.final_layer_norm
 
 
 def _end_positions(ids: Tensor, eos_token_id: int) -> Tensor:
@@ -242,23 +302,15 @@ def _end_positions(ids: Tensor, eos_token_id: int) -> Tensor:
     return (ids == eos_token_id).int().argmax(dim=-1)
 
 
-class OpenCLIPTextConditioner(nn.Module):
+class OpenCLIPTextConditioner(_WrappedModel):
     """The text tower of an open_clip ``CLIP``, run with open_clip's own modules.
 
     ``pooled`` is unprojected by default; ``project_pooled=True`` gives what
     ``model.encode_text(ids)`` returns (unnormalised).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Tokenizer,
-        *,
-        project_pooled: bool = False,
-        skip_last_layers: int = 0,
-        final_norm: bool = True,
-    ) -> None:
-        super().__init__()
+    @staticmethod
+    def _check_model(model: nn.Module, project_pooled: bool) -> _Dims:
         import open_clip
 
         if not isinstance(model, open_clip.CLIP):
@@ -266,27 +318,14 @@ class OpenCLIPTextConditioner(nn.Module):
                 f"OpenCLIPTextConditioner: expected an open_clip.CLIP, got {type(model).__name__}"
             )
         m: Any = model
-        _check_skip(skip_last_layers, len(m.transformer.resblocks), type(self).__name__)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.project_pooled = project_pooled
-        self.skip_last_layers = skip_last_layers
-        self.final_norm = final_norm
         width = int(m.token_embedding.embedding_dim)
-        self.token_dim: int = width
-        self.pooled_dim: int = int(m.text_projection.shape[-1]) if project_pooled else width
-        self.context_length: int = tokenizer.context_length
+        pooled_dim = int(m.text_projection.shape[-1]) if project_pooled else width
+        return _Dims(len(m.transformer.resblocks), width, pooled_dim)
 
-    def forward(self, texts: Sequence[str]) -> Conditioning:
-        """Same as [`condition`][diffkit.text.OpenCLIPTextConditioner.condition]."""
-        return self.condition(texts)
-
-    def condition(self, texts: Sequence[str]) -> Conditioning:
-        """``len(texts)`` strings to tokens ``(b, context, token_dim)``, pooled and mask."""
+    def _encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         from open_clip.transformer import text_global_pool
 
         m: Any = self.model
-        ids = _tokenize(self.tokenizer, texts, type(self).__name__).to(_device(self))
         n = ids.shape[1]
         x = m.token_embedding(ids) + m.positional_embedding[:n]
         mask = m.attn_mask[:n, :n] if m.attn_mask is not None else None
@@ -302,9 +341,7 @@ class OpenCLIPTextConditioner(nn.Module):
         if self.project_pooled:
             proj = m.text_projection
             pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-        return Conditioning(
-            tokens=tokens, pooled=pooled, mask=padding_mask(ids, self.tokenizer.eot_token_id)
-        )
+        return tokens, pooled
 
 
 class CLIPTextConditionerConfig(Config):
@@ -330,6 +367,14 @@ class CLIPTextConditionerConfig(Config):
     final_norm: bool = Field(
         default=True, description="pass the tokens through the tower's final LayerNorm"
     )
+    pad_token_id: int = Field(
+        default=0,
+        ge=0,
+        description="id the clip_bpe tokenizer pads with (Stable Diffusion 1.x: 49407)",
+    )
+    mask_padding: bool = Field(
+        default=True, description="give the padding mask (False: attend to all, as SD does)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "CLIPTextConditionerConfig":
@@ -341,6 +386,11 @@ class CLIPTextConditionerConfig(Config):
             )
         if self.project_pooled and self.projection_dim is None:
             raise ValueError("project_pooled=True needs projection_dim")
+        if self.pad_token_id >= needed or (self.tokenizer == "byte" and self.pad_token_id):
+            raise ValueError(
+                f"pad_token_id {self.pad_token_id} is not a padding id of the {self.tokenizer} "
+                f"tokenizer (byte: 0; clip_bpe: below {needed})"
+            )
         if self.skip_last_layers > self.text.layers:
             raise ValueError(
                 f"skip_last_layers {self.skip_last_layers} exceeds text.layers {self.text.layers}"

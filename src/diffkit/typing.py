@@ -32,6 +32,7 @@ __all__ = [
     "Image",
     "Latent",
     "Mask",
+    "PerItem",
     "Pooled",
     "Prediction",
     "Sample",
@@ -54,6 +55,8 @@ Prediction = Literal["epsilon", "x0", "v", "flow"]
 # Shape aliases. A 1-D shape has a leading space (jaxtyping's convention).
 Time = Float[Tensor, " batch"]
 """Continuous diffusion time ``t`` in [0, 1], one per batch item (t=0 data, t=1 noise)."""
+PerItem = Float[Tensor, " batch"]
+"""One number per batch item, such as ``alpha(t)`` and ``sigma(t)``."""
 Sample = Float[Tensor, "batch *shape"]
 """Any batch of data: vectors, images or videos."""
 Image = Float[Tensor, "batch channels height width"]
@@ -109,88 +112,110 @@ def _missing_members(annotation: Any, value: object) -> str:
     return f" (missing: {', '.join(missing)})" if isinstance(missing, list) and missing else ""
 
 
-def _explain(
-    fn: Callable[..., Any], err: TypeCheckError, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> str:
-    """Turn jaxtyping's message into one line naming the argument and the dimension."""
+def _argument(
+    fn: Callable[..., Any], param: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, Any]:
+    """The value passed for ``param`` and its annotation (``None, None`` if they don't bind)."""
     import inspect
 
-    text = str(err)
-    name = getattr(fn, "__qualname__", repr(fn))
-    match = _PARAM_RE.search(text)
-    bindings = dict(
-        _BINDING_RE.findall(text.split("jaxtyping axis annotation are as follows.")[-1])
-    )
-    if match is None:
-        if _RETURN_RE.search(text):
-            return f"{name}: the return value has the wrong shape or dtype"
-        return f"{name}: a shape or dtype check failed"
-    param = match.group(1)
     try:
         bound = inspect.signature(fn).bind(*args, **kwargs)
-        value = bound.arguments.get(param)
-        annotation = fn.__annotations__.get(param)
+        return bound.arguments.get(param), fn.__annotations__.get(param)
     except TypeError:
-        value, annotation = None, None
-    if not isinstance(value, Tensor):
-        kind = type(value).__name__
-        if _dims_of(annotation) is None:  # not a tensor annotation: a protocol, a union, ...
-            return (
-                f"{name}: argument '{param}' must be {_describe(annotation)}, got {kind}"
-                f"{_missing_members(annotation, value)}"
-            )
-        return f"{name}: argument '{param}' must be a tensor matching {annotation}, got {kind}"
-    dims = _dims_of(annotation)
-    shape = tuple(value.shape)
-    dtype = getattr(annotation, "dtypes", None)
-    if dtype is not None and not any(str(value.dtype).removeprefix("torch.") in d for d in dtype):
-        return (
-            f"{name}: argument '{param}' has dtype {value.dtype}, expected one of "
-            f"{sorted(set(dtype))}"
-        )
-    if dims is None:
-        return f"{name}: argument '{param}' has the wrong shape {shape}"
+        return None, None
+
+
+def _rank_problem(where: str, dims: list[str], shape: tuple[int, ...]) -> str | None:
+    """A wrong number of dimensions, said as ``where`` has ... expected ..."""
     fixed = [d for d in dims if not d.startswith("*") and not d.startswith("...")]
     if not any(d.startswith("*") or d == "..." for d in dims) and len(dims) != len(shape):
         return (
-            f"{name}: argument '{param}' has {len(shape)} dimensions {shape}, expected "
-            f"{len(dims)} ({' '.join(dims)})"
+            f"{where} has {len(shape)} dimensions {shape}, expected {len(dims)} ({' '.join(dims)})"
         )
     if len(shape) < len(fixed):
         return (
-            f"{name}: argument '{param}' has {len(shape)} dimensions {shape}, expected at "
-            f"least {len(fixed)} ({' '.join(dims)})"
+            f"{where} has {len(shape)} dimensions {shape}, expected at least {len(fixed)} "
+            f"({' '.join(dims)})"
         )
-    # Leading named dimensions (before any variadic one) are compared with what earlier
-    # arguments bound; this is where nearly every real mismatch is ('batch', 'channels').
+    return None
+
+
+def _binding_problem(
+    where: str, dims: list[str], shape: tuple[int, ...], bindings: dict[str, str]
+) -> str | None:
+    """A dimension that disagrees with what the other arguments bound it to.
+
+    Leading named dimensions (before any variadic one) first: this is where nearly every
+    real mismatch is ('batch', 'channels'); then the one ``*name`` group, if there is one.
+    """
+    expected = f"(shape {shape}, expected ({' '.join(dims)}))"
     for index, dim in enumerate(dims):
         if dim.startswith("*") or dim == "...":
             break
         clean = dim.lstrip("#_")
         if clean.isdigit() and int(clean) != shape[index]:
-            return (
-                f"{name}: argument '{param}' dimension {index} is {shape[index]}, expected {clean}"
-            )
+            return f"{where} dimension {index} is {shape[index]}, expected {clean}"
         if clean in bindings and bindings[clean].strip() != str(shape[index]):
             return (
-                f"{name}: argument '{param}' dimension '{clean}' is {shape[index]}, but "
-                f"'{clean}' is {bindings[clean].strip()} from the other arguments "
-                f"(shape {shape}, expected ({' '.join(dims)}))"
+                f"{where} dimension '{clean}' is {shape[index]}, but '{clean}' is "
+                f"{bindings[clean].strip()} from the other arguments {expected}"
             )
     variadic = [d for d in dims if d.startswith("*")]
-    if len(variadic) == 1:
-        star = dims.index(variadic[0])
-        var_name = variadic[0].lstrip("*#_")
-        tail = len(dims) - star - 1
-        got = shape[star : len(shape) - tail]
-        bound = bindings.get(var_name, "").strip()
-        if bound:
-            return (
-                f"{name}: argument '{param}' dimensions '*{var_name}' are {got}, but "
-                f"'*{var_name}' is {bound.removeprefix('torch.Size(').rstrip(')')} from the "
-                f"other arguments (shape {shape}, expected ({' '.join(dims)}))"
-            )
-    return f"{name}: argument '{param}' of shape {shape} does not match ({' '.join(dims)})"
+    if len(variadic) != 1:
+        return None
+    star = dims.index(variadic[0])
+    var_name = variadic[0].lstrip("*#_")
+    bound = bindings.get(var_name, "").strip()
+    if not bound:
+        return None
+    got = shape[star : len(shape) - (len(dims) - star - 1)]
+    return (
+        f"{where} dimensions '*{var_name}' are {got}, but '*{var_name}' is "
+        f"{bound.removeprefix('torch.Size(').rstrip(')')} from the other arguments {expected}"
+    )
+
+
+def _tensor_problem(where: str, value: Tensor, annotation: Any, bindings: dict[str, str]) -> str:
+    """Why the tensor ``value`` fails its jaxtyping ``annotation``: dtype, rank or a dimension."""
+    dims = _dims_of(annotation)
+    shape = tuple(value.shape)
+    dtype = getattr(annotation, "dtypes", None)
+    if dtype is not None and not any(str(value.dtype).removeprefix("torch.") in d for d in dtype):
+        return f"{where} has dtype {value.dtype}, expected one of {sorted(set(dtype))}"
+    if dims is None:
+        return f"{where} has the wrong shape {shape}"
+    return (
+        _rank_problem(where, dims, shape)
+        or _binding_problem(where, dims, shape, bindings)
+        or f"{where} of shape {shape} does not match ({' '.join(dims)})"
+    )
+
+
+def _explain(
+    fn: Callable[..., Any], err: TypeCheckError, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
+    """Turn jaxtyping's message into one line naming the argument and the dimension."""
+    text = str(err)
+    name = getattr(fn, "__qualname__", repr(fn))
+    match = _PARAM_RE.search(text)
+    if match is None:
+        if _RETURN_RE.search(text):
+            return f"{name}: the return value has the wrong shape or dtype"
+        return f"{name}: a shape or dtype check failed"
+    param = match.group(1)
+    value, annotation = _argument(fn, param, args, kwargs)
+    if isinstance(value, Tensor):
+        bindings = dict(
+            _BINDING_RE.findall(text.split("jaxtyping axis annotation are as follows.")[-1])
+        )
+        return _tensor_problem(f"{name}: argument '{param}'", value, annotation, bindings)
+    kind = type(value).__name__
+    if _dims_of(annotation) is None:  # not a tensor annotation: a protocol, a union, ...
+        return (
+            f"{name}: argument '{param}' must be {_describe(annotation)}, got {kind}"
+            f"{_missing_members(annotation, value)}"
+        )
+    return f"{name}: argument '{param}' must be a tensor matching {annotation}, got {kind}"
 
 
 class _Depth(threading.local):
@@ -289,7 +314,7 @@ def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level + 1)
 
 
-def broadcast_to_sample(per_item: Float[Tensor, " batch"], like: Tensor) -> Tensor:
+def broadcast_to_sample(per_item: PerItem, like: Tensor) -> Tensor:
     """Reshape a per-item scalar ``(batch,)`` so it broadcasts against ``like`` ``(batch, ...)``."""
     return per_item.reshape(per_item.shape + (1,) * (like.ndim - 1))
 

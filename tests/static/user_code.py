@@ -15,7 +15,6 @@ from torch import Tensor
 import diffkit as dk
 from diffkit.builder import SpatialPatchesConfig, TubeletPatchesConfig
 from diffkit.config import Config
-from diffkit.data import DigitsConfig, MovingDigitsConfig
 from diffkit.losses import LossConfig
 from diffkit.nn.clip import CLIPConfig, ResNetTowerConfig, TextTowerConfig, VisionTowerConfig
 from diffkit.nn.dit import DiTConfig
@@ -35,6 +34,7 @@ from diffkit.schedules import (
 )
 from diffkit.training import TrainConfig, TrainRunConfig
 from diffkit.typing import Prediction
+from diffkit_demo.datasets import DigitsConfig, MovingDigitsConfig
 
 
 def default_configs() -> list[Config]:

@@ -9,7 +9,10 @@ equivalent diffkit module with the same weights:
   schedule (``t = (timestep + 1) / N``) and ``Conditioning(tokens=encoder_hidden_states,
   mask=encoder_attention_mask.bool(), labels=class_labels)`` it returns what diffusers returns
   for ``timestep``. diffusers does not store what a U-Net predicts (its scheduler does), so
-  pass ``prediction=`` (default ``"epsilon"``).
+  pass ``prediction=`` (default ``"epsilon"``). Stable Diffusion's pipelines pass no
+  ``encoder_attention_mask``: the U-Net attends to every token, padding included, so condition
+  it with a text conditioner built with ``mask_padding=False`` (and, for SD 1.x's tokenizer,
+  ``pad_token_id=49407``).
 - a U-Net that ``to_diffusers`` exported carries diffkit's ``time_input``, ``time_scale``,
   ``num_train_timesteps`` and ``prediction`` in a private ``_diffkit`` config entry (kept by
   ``save_pretrained`` / ``from_pretrained`` / ``from_config``, ignored by diffusers); those
@@ -48,46 +51,50 @@ from diffkit.typing import Prediction
 
 __all__ = ["from_diffusers", "to_diffusers", "to_diffusers_state_dict"]
 
-_TO_DIFFKIT: list[tuple[str, str]] = [
-    (r"(^|\.)down_blocks\.", r"\1down."),
-    (r"(^|\.)up_blocks\.", r"\1up."),
-    (r"(^|\.)mid_block\.", r"\1mid."),
-    (r"\.resnets\.", ".res."),
-    (r"\.attentions\.", ".attn."),
-    (r"\.downsamplers\.0\.conv\.", ".downsample.conv."),
-    (r"\.upsamplers\.0\.conv\.", ".upsample.conv."),
-    (r"\.time_emb_proj\.", ".emb_proj."),
-    (r"\.conv_shortcut\.", ".skip."),
-    (r"\.group_norm\.", ".norm."),
-    (r"\.transformer_blocks\.", ".blocks."),
-    (r"\.to_out\.0\.", ".out."),
-    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),
-    (r"\.ff\.net\.2\.", ".ff.proj_out."),
-    (r"(^|\.)conv_norm_out\.", r"\1norm_out."),
-    (r"^time_embedding\.", "time_embed."),
-    (r"^class_embedding\.weight$", "label_embed.weight"),
-    (r"^class_embedding\.linear_", "pooled_embed.linear_"),
+# One table for both directions: (where, diffusers name, diffkit name), in the order the
+# renames apply. ``where`` anchors a name in a dotted parameter key: "inner" between two
+# dots, "part" after a dot or at the key's start, "start" at the key's start, "key" the key.
+_NAMES: list[tuple[str, str, str]] = [
+    ("part", "down_blocks", "down"),
+    ("part", "up_blocks", "up"),
+    ("part", "mid_block", "mid"),
+    ("inner", "resnets", "res"),
+    ("inner", "attentions", "attn"),
+    ("inner", "downsamplers.0.conv", "downsample.conv"),
+    ("inner", "upsamplers.0.conv", "upsample.conv"),
+    ("inner", "time_emb_proj", "emb_proj"),
+    ("inner", "conv_shortcut", "skip"),
+    ("inner", "transformer_blocks", "blocks"),
+    ("inner", "to_out.0", "out"),
+    ("inner", "ff.net.0.proj", "ff.proj_in"),
+    ("inner", "ff.net.2", "ff.proj_out"),
+    ("part", "conv_norm_out", "norm_out"),
+    ("start", "time_embedding.", "time_embed."),
+    ("key", "class_embedding.weight", "label_embed.weight"),
+    ("start", "class_embedding.linear_", "pooled_embed.linear_"),
 ]
 
-_TO_DIFFUSERS: list[tuple[str, str]] = [
-    (r"(^|\.)down\.", r"\1down_blocks."),
-    (r"(^|\.)up\.", r"\1up_blocks."),
-    (r"(^|\.)mid\.", r"\1mid_block."),
-    (r"\.res\.", ".resnets."),
-    (r"\.attn\.", ".attentions."),
-    (r"\.downsample\.conv\.", ".downsamplers.0.conv."),
-    (r"\.upsample\.conv\.", ".upsamplers.0.conv."),
-    (r"\.emb_proj\.", ".time_emb_proj."),
-    (r"\.skip\.", ".conv_shortcut."),
-    (r"\.blocks\.", ".transformer_blocks."),
-    (r"\.out\.", ".to_out.0."),
-    (r"\.ff\.proj_in\.", ".ff.net.0.proj."),
-    (r"\.ff\.proj_out\.", ".ff.net.2."),
-    (r"(^|\.)norm_out\.", r"\1conv_norm_out."),
-    (r"^time_embed\.", "time_embedding."),
-    (r"^label_embed\.weight$", "class_embedding.weight"),
-    (r"^pooled_embed\.linear_", "class_embedding.linear_"),
-]
+_ANCHORS = {  # where -> (pattern around the escaped name, replacement around the new name)
+    "inner": (r"\.{}\.", ".{}."),
+    "part": (r"(^|\.){}\.", r"\1{}."),
+    "start": (r"^{}", "{}"),
+    "key": (r"^{}$", "{}"),
+}
+
+
+def _rules(to_diffkit: bool) -> list[tuple[str, str]]:
+    """``_NAMES`` as ``re.sub`` rules from diffusers to diffkit, or back."""
+    rules = []
+    for where, diffusers_name, diffkit_name in _NAMES:
+        old, new = (diffusers_name, diffkit_name) if to_diffkit else (diffkit_name, diffusers_name)
+        pattern, replacement = _ANCHORS[where]
+        rules.append((pattern.format(re.escape(old)), replacement.format(new)))
+    return rules
+
+
+# diffusers' pixel self-attention calls its GroupNorm ``group_norm``; back: _state_dict_to_diffusers
+_TO_DIFFKIT = [*_rules(to_diffkit=True), (r"\.group_norm\.", ".norm.")]
+_TO_DIFFUSERS = _rules(to_diffkit=False)
 
 _PROJ = re.compile(r"^(.*)\.to_([qkv])\.(weight|bias)$")
 
@@ -186,60 +193,69 @@ def _recorded(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return dict(cast(Mapping[str, Any], record))
 
 
-def _unet_config(
-    module: nn.Module, prediction: Prediction | None, num_train_timesteps: int | None
-) -> UNetConfig:
-    cfg = _config(module)
-    record = _recorded(cfg)
-    conditional = type(module).__name__ == "UNet2DConditionModel"
+def _check_conditional_options(cfg: Mapping[str, Any]) -> None:
+    """Refuse the UNet2DConditionModel options diffkit's U-Net does not have."""
+    for name in (
+        "encoder_hid_dim_type",
+        "addition_embed_type",
+        "time_cond_proj_dim",
+        "time_embedding_act_fn",
+        "timestep_post_act",
+    ):
+        _require(cfg, name, [None])
+    for name in ("dual_cross_attention", "class_embeddings_concat", "resnet_skip_time_act"):
+        _require(cfg, name, [False])
+    _require(cfg, "only_cross_attention", [False, (False,) * len(cfg["down_block_types"])])
+    _require(cfg, "mid_block_only_cross_attention", [None, False])
+    _require(cfg, "conv_in_kernel", [3])
+    _require(cfg, "conv_out_kernel", [3])
+    _require(cfg, "attention_type", ["default"])
+    _require(cfg, "resnet_out_scale_factor", [1.0])
+    _require(cfg, "class_embed_type", [None, "projection"])
+    if cfg.get("mid_block_type") == "UNetMidBlock2D":
+        raise ValueError(
+            "from_diffusers: mid_block_type='UNetMidBlock2D' is not supported in a "
+            "UNet2DConditionModel (diffusers builds it with one resnet and no attention; "
+            "diffkit's middle block has two resnets); use 'UNetMidBlock2DCrossAttn'"
+        )
+    _require(cfg, "mid_block_type", ["UNetMidBlock2DCrossAttn"])
+    _require(cfg, "reverse_transformer_layers_per_block", [None])
+
+
+def _check_unconditional_options(cfg: Mapping[str, Any]) -> None:
+    """Refuse the UNet2DModel options diffkit's U-Net does not have."""
+    _require(cfg, "class_embed_type", [None])
+    _require(cfg, "downsample_type", ["conv"])
+    _require(cfg, "upsample_type", ["conv"])
+    _require(cfg, "mid_block_type", ["UNetMidBlock2D"])
+    # diffusers' mid-block attention has no GroupNorm with scale_shift unless
+    # attn_norm_num_groups is given; without that attention (add_attention=False) it is moot
+    attn_groups = cfg.get("attn_norm_num_groups")
+    if cfg.get("add_attention", True) and (
+        attn_groups not in (None, cfg["norm_num_groups"])
+        or (attn_groups is None and cfg["resnet_time_scale_shift"] != "default")
+    ):
+        raise ValueError(
+            "from_diffusers: a mid-block attention GroupNorm other than norm_num_groups "
+            "(attn_norm_num_groups) is not supported"
+        )
+
+
+def _check_options(cfg: Mapping[str, Any], conditional: bool) -> None:
+    """Refuse any diffusers U-Net option that would convert to a different network."""
     _require(cfg, "act_fn", ["silu", "swish"])
     _require(cfg, "time_embedding_type", ["positional"])
     _require(cfg, "resnet_time_scale_shift", ["default", "scale_shift"])
     if conditional:
-        for name in (
-            "encoder_hid_dim_type",
-            "addition_embed_type",
-            "time_cond_proj_dim",
-            "time_embedding_act_fn",
-            "timestep_post_act",
-        ):
-            _require(cfg, name, [None])
-        for name in ("dual_cross_attention", "class_embeddings_concat", "resnet_skip_time_act"):
-            _require(cfg, name, [False])
-        _require(cfg, "only_cross_attention", [False, (False,) * len(cfg["down_block_types"])])
-        _require(cfg, "mid_block_only_cross_attention", [None, False])
-        _require(cfg, "conv_in_kernel", [3])
-        _require(cfg, "conv_out_kernel", [3])
-        _require(cfg, "attention_type", ["default"])
-        _require(cfg, "resnet_out_scale_factor", [1.0])
-        _require(cfg, "class_embed_type", [None, "projection"])
-        if cfg.get("mid_block_type") == "UNetMidBlock2D":
-            raise ValueError(
-                "from_diffusers: mid_block_type='UNetMidBlock2D' is not supported in a "
-                "UNet2DConditionModel (diffusers builds it with one resnet and no attention; "
-                "diffkit's middle block has two resnets); use 'UNetMidBlock2DCrossAttn'"
-            )
-        _require(cfg, "mid_block_type", ["UNetMidBlock2DCrossAttn"])
-        _require(cfg, "reverse_transformer_layers_per_block", [None])
+        _check_conditional_options(cfg)
     else:
-        _require(cfg, "class_embed_type", [None])
-        _require(cfg, "downsample_type", ["conv"])
-        _require(cfg, "upsample_type", ["conv"])
-        _require(cfg, "mid_block_type", ["UNetMidBlock2D"])
-        # diffusers' mid-block attention has no GroupNorm with scale_shift unless
-        # attn_norm_num_groups is given; without that attention (add_attention=False) it is moot
-        attn_groups = cfg.get("attn_norm_num_groups")
-        if cfg.get("add_attention", True) and (
-            attn_groups not in (None, cfg["norm_num_groups"])
-            or (attn_groups is None and cfg["resnet_time_scale_shift"] != "default")
-        ):
-            raise ValueError(
-                "from_diffusers: a mid-block attention GroupNorm other than norm_num_groups "
-                "(attn_norm_num_groups) is not supported"
-            )
+        _check_unconditional_options(cfg)
     if cfg.get("norm_num_groups") is None:
         raise ValueError("from_diffusers: norm_num_groups=None is not supported")
 
+
+def _level_kinds(cfg: Mapping[str, Any]) -> list[str]:
+    """Each level's attention ("none", "self" or "cross"), the up blocks mirroring the down."""
     down_kinds = []
     for name in cfg["down_block_types"]:
         if name not in _DOWN:
@@ -255,48 +271,70 @@ def _unet_config(
             "from_diffusers: the up blocks must mirror the down blocks, got "
             f"{cfg['down_block_types']} / {cfg['up_block_types']}"
         )
-    mid_block = module.mid_block
+    return down_kinds
+
+
+def _attention_kind(mid_block: Any, level_kinds: list[str]) -> tuple[str | None, bool]:
+    """The one attention kind of the network ("self", "cross" or None) and mid_attention."""
     mid_cross = type(mid_block).__name__ == "UNetMidBlock2DCrossAttn"
-    kinds = {k for k in down_kinds if k != "none"} | ({"cross"} if mid_cross else set())
+    kinds = {k for k in level_kinds if k != "none"} | ({"cross"} if mid_cross else set())
     mid_attention = bool(mid_cross or getattr(mid_block, "add_attention", True))
     if not mid_cross and mid_attention:
         kinds.add("self")
     if len(kinds) > 1:
         raise ValueError("from_diffusers: mixing self-attention and cross-attention blocks")
+    return (kinds.pop() if kinds else None), mid_attention
 
-    # heads: read them off the modules (diffusers' attention_head_dim means different things)
+
+def _heads(module: nn.Module) -> tuple[int, int | None]:
+    """``(attention_head_dim, num_heads)``, read off the attention modules themselves.
+
+    diffusers' ``attention_head_dim`` means different things in different models.
+    """
     heads: list[tuple[int, int]] = []
-    blocks = [*cast(nn.ModuleList, module.down_blocks), mid_block]
-    for block in blocks:
+    for block in [*cast(nn.ModuleList, module.down_blocks), module.mid_block]:
         for attn in getattr(block, "attentions", []):
             if attn is None:
                 continue
             if hasattr(attn, "transformer_blocks"):
-                inner = attn.transformer_blocks[0].attn1
-                heads.append((inner.heads, inner.inner_dim // inner.heads))
-            else:
-                heads.append((attn.heads, attn.inner_dim // attn.heads))
+                attn = attn.transformer_blocks[0].attn1
+            heads.append((attn.heads, attn.inner_dim // attn.heads))
     head_dims = {d for _, d in heads}
     head_counts = {h for h, _ in heads}
-    attention_head_dim, num_heads = 32, None
     if len(head_dims) == 1:
-        attention_head_dim = head_dims.pop()
-    elif len(head_counts) == 1:
-        num_heads = head_counts.pop()
-    elif heads:
+        return head_dims.pop(), None
+    if len(head_counts) == 1:
+        return 32, head_counts.pop()
+    if heads:
         raise ValueError(f"from_diffusers: per-level heads {heads} are not supported")
+    return 32, None
 
+
+def _embeddings(module: nn.Module, cfg: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """``(num_classes, pooled_dim)``: a class-label table or a pooled-vector projection."""
+    class_embedding = getattr(module, "class_embedding", None)
+    if isinstance(class_embedding, nn.Embedding):
+        return class_embedding.num_embeddings, None
+    if class_embedding is not None:
+        return None, cfg["projection_class_embeddings_input_dim"]
+    return None, None
+
+
+def _unet_config(
+    module: nn.Module, prediction: Prediction | None, num_train_timesteps: int | None
+) -> UNetConfig:
+    cfg = _config(module)
+    record = _recorded(cfg)
+    _check_options(cfg, conditional=type(module).__name__ == "UNet2DConditionModel")
+    level_kinds = _level_kinds(cfg)
+    attention, mid_attention = _attention_kind(module.mid_block, level_kinds)
+    attention_head_dim, num_heads = _heads(module)
+    num_classes, pooled_dim = _embeddings(module, cfg)
+    context_dim = None
+    if attention == "cross":
+        context_dim = _uniform(cfg["cross_attention_dim"], "cross_attention_dim")
     widths = list(cfg["block_out_channels"])
     base = math.gcd(*widths)
-    class_embedding = getattr(module, "class_embedding", None)
-    num_classes = pooled_dim = None
-    if isinstance(class_embedding, nn.Embedding):
-        num_classes = class_embedding.num_embeddings
-    elif class_embedding is not None:
-        pooled_dim = cfg["projection_class_embeddings_input_dim"]
-    context_dim = None
-    if "cross" in kinds:
-        context_dim = _uniform(cfg["cross_attention_dim"], "cross_attention_dim")
     n_train = (
         num_train_timesteps
         or record.get("num_train_timesteps")
@@ -309,7 +347,7 @@ def _unet_config(
         base_channels=base,
         channel_mult=tuple(w // base for w in widths),
         blocks_per_level=_uniform(cfg["layers_per_block"], "layers_per_block"),
-        attention_resolutions=tuple(2**i for i, k in enumerate(down_kinds) if k != "none"),
+        attention_resolutions=tuple(2**i for i, k in enumerate(level_kinds) if k != "none"),
         attention_head_dim=attention_head_dim,
         num_heads=num_heads,
         mid_attention=mid_attention,
@@ -410,6 +448,60 @@ def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return _state_dict_to_diffusers(module.state_dict())
 
 
+def _block_types(attention: list[bool], kind: str) -> dict[str, tuple[str, ...]]:
+    """diffusers' block names per level: ``{kind}DownBlock2D`` where the level attends."""
+    return {
+        "down_block_types": tuple(f"{kind}DownBlock2D" if a else "DownBlock2D" for a in attention),
+        "up_block_types": tuple(
+            f"{kind}UpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
+        ),
+    }
+
+
+def _unet2d_kwargs(c: UNetConfig, widths: list[int], attention: list[bool]) -> dict[str, Any]:
+    """The ``UNet2DModel`` options of a U-Net with self-attention (or none)."""
+    if c.pooled_dim is not None:
+        raise ValueError("to_diffusers: UNet2DModel has no pooled-embedding conditioning")
+    head_dims = {c.heads_at(w)[1] for w, a in zip(widths, attention, strict=True) if a}
+    if c.mid_attention:
+        head_dims.add(c.heads_at(widths[-1])[1])
+    if c.num_heads not in (None, 1) and len(head_dims) > 1:
+        raise ValueError("to_diffusers: UNet2DModel needs one attention head size")
+    head_dim = None if c.num_heads == 1 else (head_dims.pop() if head_dims else None)
+    return {
+        **_block_types(attention, "Attn"),
+        "attention_head_dim": head_dim,
+        "attn_norm_num_groups": c.norm_groups,
+        "add_attention": c.mid_attention,
+    }
+
+
+def _unet2d_condition_kwargs(
+    c: UNetConfig, widths: list[int], attention: list[bool]
+) -> dict[str, Any]:
+    """The ``UNet2DConditionModel`` options of a U-Net with cross-attention."""
+    if not c.mid_attention:
+        raise ValueError("to_diffusers: UNet2DConditionModel's middle block has cross-attention")
+    extra: dict[str, Any] = {}
+    if c.pooled_dim is not None:
+        extra = {
+            "class_embed_type": "projection",
+            "projection_class_embeddings_input_dim": c.pooled_dim,
+        }
+    return {
+        **extra,
+        **_block_types(attention, "CrossAttn"),
+        # diffusers' UNet2DConditionModel reads ``attention_head_dim`` as heads per level
+        "attention_head_dim": tuple(
+            c.heads_at(w)[0] if a or i == len(widths) - 1 else 1
+            for i, (w, a) in enumerate(zip(widths, attention, strict=True))
+        ),
+        "cross_attention_dim": c.context_dim,
+        "transformer_layers_per_block": c.transformer_depth,
+        "use_linear_projection": c.linear_projection,
+    }
+
+
 def _diffusers_unet_kwargs(config: UNetConfig) -> tuple[str, dict[str, Any]]:
     c = config
     widths = [c.base_channels * m for m in c.channel_mult]
@@ -433,50 +525,8 @@ def _diffusers_unet_kwargs(config: UNetConfig) -> tuple[str, dict[str, Any]]:
         "num_class_embeds": c.num_classes,
     }
     if c.context_dim is None:
-        if c.pooled_dim is not None:
-            raise ValueError("to_diffusers: UNet2DModel has no pooled-embedding conditioning")
-        head_dims = {c.heads_at(w)[1] for w, a in zip(widths, attention, strict=True) if a}
-        if c.mid_attention:
-            head_dims.add(c.heads_at(widths[-1])[1])
-        if c.num_heads not in (None, 1) and len(head_dims) > 1:
-            raise ValueError("to_diffusers: UNet2DModel needs one attention head size")
-        head_dim = None if c.num_heads == 1 else (head_dims.pop() if head_dims else None)
-        return "UNet2DModel", {
-            **common,
-            "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-            "up_block_types": tuple(
-                "AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
-            ),
-            "attention_head_dim": head_dim,
-            "attn_norm_num_groups": c.norm_groups,
-            "add_attention": c.mid_attention,
-        }
-    if not c.mid_attention:
-        raise ValueError("to_diffusers: UNet2DConditionModel's middle block has cross-attention")
-    extra: dict[str, Any] = {}
-    if c.pooled_dim is not None:
-        extra = {
-            "class_embed_type": "projection",
-            "projection_class_embeddings_input_dim": c.pooled_dim,
-        }
-    return "UNet2DConditionModel", {
-        **common,
-        **extra,
-        "down_block_types": tuple(
-            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention
-        ),
-        "up_block_types": tuple(
-            "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
-        ),
-        # diffusers' UNet2DConditionModel reads ``attention_head_dim`` as heads per level
-        "attention_head_dim": tuple(
-            c.heads_at(w)[0] if a or i == len(widths) - 1 else 1
-            for i, (w, a) in enumerate(zip(widths, attention, strict=True))
-        ),
-        "cross_attention_dim": c.context_dim,
-        "transformer_layers_per_block": c.transformer_depth,
-        "use_linear_projection": c.linear_projection,
-    }
+        return "UNet2DModel", {**common, **_unet2d_kwargs(c, widths, attention)}
+    return "UNet2DConditionModel", {**common, **_unet2d_condition_kwargs(c, widths, attention)}
 
 
 def _diffusers_vae_kwargs(config: KLAutoencoderConfig) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from diffkit.interop._clip import block_state, load_converted
 from diffkit.nn.clip import (
     CLIP,
     MAX_LOGIT_SCALE,
@@ -38,27 +38,34 @@ def _check_block(block: Any, where: str) -> None:
         raise NotImplementedError(f"from_open_clip: {where} has attention without biases")
 
 
-def _blocks(resblocks: Any, prefix: str) -> tuple[dict[str, Tensor], Any]:
-    """State-dict entries of diffkit blocks from open_clip's resblocks (and the first one)."""
+def _blocks(resblocks: Any, prefix: str) -> dict[str, Tensor]:
+    """State-dict entries of diffkit blocks from open_clip's resblocks."""
     out: dict[str, Tensor] = {}
     for i, r in enumerate(resblocks):
         _check_block(r, f"{prefix} block {i}")
-        p = f"{prefix}.blocks.{i}."
-        out |= {
-            p + "ln_1.weight": r.ln_1.weight,
-            p + "ln_1.bias": r.ln_1.bias,
-            p + "qkv.weight": r.attn.in_proj_weight,  # rows [q; k; v] like ours
-            p + "qkv.bias": r.attn.in_proj_bias,
-            p + "out.weight": r.attn.out_proj.weight,
-            p + "out.bias": r.attn.out_proj.bias,
-            p + "ln_2.weight": r.ln_2.weight,
-            p + "ln_2.bias": r.ln_2.bias,
-            p + "fc.weight": r.mlp.c_fc.weight,
-            p + "fc.bias": r.mlp.c_fc.bias,
-            p + "proj.weight": r.mlp.c_proj.weight,
-            p + "proj.bias": r.mlp.c_proj.bias,
-        }
-    return out, resblocks[0] if len(resblocks) else None
+        out |= block_state(
+            f"{prefix}.blocks.{i}.",
+            ln_1=r.ln_1,
+            qkv=(r.attn.in_proj_weight, r.attn.in_proj_bias),  # rows [q; k; v] like ours
+            out=r.attn.out_proj,
+            ln_2=r.ln_2,
+            fc=r.mlp.c_fc,
+            proj=r.mlp.c_proj,
+        )
+    return out
+
+
+def _block_fields(resblocks: Any, where: str) -> dict[str, Any]:
+    """A tower config's ``layers``, ``heads``, ``mlp_width`` and ``activation``, from its blocks."""
+    if not len(resblocks):
+        return {"layers": 0, "heads": 1, "mlp_width": None, "activation": "gelu"}
+    first = resblocks[0]
+    return {
+        "layers": len(resblocks),
+        "heads": first.attn.num_heads,
+        "mlp_width": first.mlp.c_fc.out_features,
+        "activation": _activation(first, where),
+    }
 
 
 def _projection(proj: Any, where: str) -> Tensor:
@@ -72,14 +79,8 @@ def _projection(proj: Any, where: str) -> Tensor:
     raise NotImplementedError(f"from_open_clip: the {where} tower has no projection")
 
 
-def from_open_clip(model: nn.Module) -> CLIP:
-    """A diffkit [`CLIP`][diffkit.nn.clip.CLIP] with the weights of an open_clip ``CLIP``.
-
-    Supports open_clip's standard ViT + transformer models (OpenAI and LAION ViT-B/L/H
-    style): learned or sin-cos positions, class-token pooling, GELU or QuickGELU, text
-    pooled at the largest id (``argmax``) or at ``eos_id``. ``encode_image`` and
-    ``encode_text`` of the result equal the original's (``normalize`` either way).
-    """
+def _check_model(model: nn.Module) -> None:
+    """Refuse what diffkit's CLIP cannot hold exactly (towers, pooling, masks, biases)."""
     import open_clip
     from open_clip.transformer import VisionTransformer
 
@@ -90,7 +91,7 @@ def from_open_clip(model: nn.Module) -> CLIP:
         )
     m: Any = model
     visual: Any = m.visual
-    if not isinstance(m.visual, VisionTransformer):
+    if not isinstance(visual, VisionTransformer):
         raise NotImplementedError(
             f"from_open_clip: image tower {type(visual).__name__} is not supported (ViT only)"
         )
@@ -114,39 +115,63 @@ def from_open_clip(model: nn.Module) -> CLIP:
         )
     if getattr(m, "logit_bias", None) is not None:
         raise NotImplementedError("from_open_clip: SigLIP-style logit_bias is not supported")
-
-    height, width = visual.image_size
-    patch_h, patch_w = visual.patch_size
+    (height, width), (patch_h, patch_w) = visual.image_size, visual.patch_size
     if height != width or patch_h != patch_w:
         raise NotImplementedError("from_open_clip: only square images and patches are supported")
 
-    vision_sd, v_block = _blocks(visual.transformer.resblocks, "vision")
-    text_sd, t_block = _blocks(m.transformer.resblocks, "text")
+
+def _text_state(m: Any, projection: Tensor) -> dict[str, Tensor]:
+    return {
+        "text.token_embedding.weight": m.token_embedding.weight,
+        "text.positional_embedding": m.positional_embedding,
+        "text.ln_final.weight": m.ln_final.weight,
+        "text.ln_final.bias": m.ln_final.bias,
+        "text.projection.weight": projection,
+    }
+
+
+def _vision_state(visual: Any, projection: Tensor) -> dict[str, Tensor]:
+    return {
+        "vision.patch_embedding.weight": visual.conv1.weight.reshape(visual.conv1.out_channels, -1),
+        "vision.class_embedding": visual.class_embedding,
+        "vision.positional_embedding": visual.positional_embedding,
+        "vision.ln_pre.weight": visual.ln_pre.weight,
+        "vision.ln_pre.bias": visual.ln_pre.bias,
+        "vision.ln_post.weight": visual.ln_post.weight,
+        "vision.ln_post.bias": visual.ln_post.bias,
+        "vision.projection.weight": projection,
+    }
+
+
+def from_open_clip(model: nn.Module) -> CLIP:
+    """A diffkit [`CLIP`][diffkit.nn.clip.CLIP] with the weights of an open_clip ``CLIP``.
+
+    Supports open_clip's standard ViT + transformer models (OpenAI and LAION ViT-B/L/H
+    style): learned or sin-cos positions, class-token pooling, GELU or QuickGELU, text
+    pooled at the largest id (``argmax``) or at ``eos_id``. ``encode_image`` and
+    ``encode_text`` of the result equal the original's (``normalize`` either way).
+    """
+    _check_model(model)
+    m: Any = model
+    visual: Any = m.visual
+    vision_blocks = _blocks(visual.transformer.resblocks, "vision")
+    text_blocks = _blocks(m.transformer.resblocks, "text")
     text_proj = _projection(m.text_projection, "text")
     vision_proj = _projection(visual.proj, "image")
-    v_width = visual.conv1.out_channels
-    t_width = m.token_embedding.embedding_dim
-
     text = TextTowerConfig(
         vocab_size=m.token_embedding.num_embeddings,
         context_length=m.positional_embedding.shape[0],
-        width=t_width,
-        layers=len(m.transformer.resblocks),
-        heads=t_block.attn.num_heads if t_block is not None else 1,
-        mlp_width=t_block.mlp.c_fc.out_features if t_block is not None else None,
-        activation=_activation(t_block, "text") if t_block is not None else "gelu",
+        width=m.token_embedding.embedding_dim,
+        **_block_fields(m.transformer.resblocks, "text"),
         layer_norm_eps=m.ln_final.eps,
         eos_token_id=None if m.text_pool_type == "argmax" else m.text_eos_id,
     )
     vision = VisionTowerConfig(
-        image_size=height,
-        patch_size=patch_h,
+        image_size=visual.image_size[0],
+        patch_size=visual.patch_size[0],
         channels=visual.conv1.in_channels,
-        width=v_width,
-        layers=len(visual.transformer.resblocks),
-        heads=v_block.attn.num_heads if v_block is not None else 1,
-        mlp_width=v_block.mlp.c_fc.out_features if v_block is not None else None,
-        activation=_activation(v_block, "image") if v_block is not None else "gelu",
+        width=visual.conv1.out_channels,
+        **_block_fields(visual.transformer.resblocks, "image"),
         layer_norm_eps=visual.ln_post.eps,
     )
     logit_scale = m.logit_scale.detach().reshape(())
@@ -156,27 +181,11 @@ def from_open_clip(model: nn.Module) -> CLIP:
         vision=vision,
         init_logit_scale=min(max(float(logit_scale), 0.0), MAX_LOGIT_SCALE),
     )
-    state: dict[str, Tensor] = {
+    state = {
         "logit_scale": logit_scale,
-        "text.token_embedding.weight": m.token_embedding.weight,
-        "text.positional_embedding": m.positional_embedding,
-        "text.ln_final.weight": m.ln_final.weight,
-        "text.ln_final.bias": m.ln_final.bias,
-        "text.projection.weight": text_proj,
-        "vision.patch_embedding.weight": visual.conv1.weight.reshape(v_width, -1),
-        "vision.class_embedding": visual.class_embedding,
-        "vision.positional_embedding": visual.positional_embedding,
-        "vision.ln_pre.weight": visual.ln_pre.weight,
-        "vision.ln_pre.bias": visual.ln_pre.bias,
-        "vision.ln_post.weight": visual.ln_post.weight,
-        "vision.ln_post.bias": visual.ln_post.bias,
-        "vision.projection.weight": vision_proj,
-        **text_sd,
-        **vision_sd,
+        **_text_state(m, text_proj),
+        **_vision_state(visual, vision_proj),
+        **text_blocks,
+        **vision_blocks,
     }
-    dtype = m.token_embedding.weight.dtype
-    device = m.token_embedding.weight.device
-    out = CLIP(config).to(device=device, dtype=dtype)
-    with torch.no_grad():
-        out.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
-    return out.train(model.training)
+    return load_converted(CLIP(config), state, m.token_embedding.weight, model.training)

@@ -223,6 +223,21 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.proj(self.act(self.fc(self.ln_2(x))))
 
 
+def _blocks(config: TextTowerConfig | VisionTowerConfig) -> nn.ModuleList:
+    """The tower's ``config.layers`` blocks (initialised afterwards by ``_init_blocks``)."""
+    return nn.ModuleList(
+        ResidualAttentionBlock(
+            config.width, config.heads, config.mlp_width, config.activation, config.layer_norm_eps
+        )
+        for _ in range(config.layers)
+    )
+
+
+def _projection(width: int, proj_dim: int | None) -> nn.Linear | None:
+    """The bias-free projection into the shared embedding space; ``None`` without ``proj_dim``."""
+    return nn.Linear(width, proj_dim, bias=False) if proj_dim is not None else None
+
+
 def _init_blocks(blocks: nn.ModuleList, width: int) -> None:
     """CLIP's initialisation: attention ~ width^-1/2, residual outputs shrunk with depth."""
     proj_std = width**-0.5 * (2 * max(len(blocks), 1)) ** -0.5
@@ -253,20 +268,9 @@ class TextTower(nn.Module):
         self.output_dim = proj_dim or config.width
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
-        self.blocks = nn.ModuleList(
-            ResidualAttentionBlock(
-                config.width,
-                config.heads,
-                config.mlp_width,
-                config.activation,
-                config.layer_norm_eps,
-            )
-            for _ in range(config.layers)
-        )
+        self.blocks = _blocks(config)
         self.ln_final = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.projection = (
-            nn.Linear(config.width, proj_dim, bias=False) if proj_dim is not None else None
-        )
+        self.projection = _projection(config.width, proj_dim)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         _init_blocks(self.blocks, config.width)
@@ -359,20 +363,9 @@ class VisionTower(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(config.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, config.width))
         self.ln_pre = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.blocks = nn.ModuleList(
-            ResidualAttentionBlock(
-                config.width,
-                config.heads,
-                config.mlp_width,
-                config.activation,
-                config.layer_norm_eps,
-            )
-            for _ in range(config.layers)
-        )
+        self.blocks = _blocks(config)
         self.ln_post = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.projection = (
-            nn.Linear(config.width, proj_dim, bias=False) if proj_dim is not None else None
-        )
+        self.projection = _projection(config.width, proj_dim)
         _init_blocks(self.blocks, config.width)
         if self.projection is not None:
             nn.init.normal_(self.projection.weight, std=scale)
@@ -448,9 +441,7 @@ class ResNetTower(nn.Module):
                 cin = width
         self.stages = nn.Sequential(*layers)
         self.ln_post = nn.LayerNorm(self.width)
-        self.projection = (
-            nn.Linear(self.width, proj_dim, bias=False) if proj_dim is not None else None
-        )
+        self.projection = _projection(self.width, proj_dim)
         if self.projection is not None:
             nn.init.normal_(self.projection.weight, std=self.width**-0.5)
 

@@ -62,8 +62,6 @@ from diffkit.training._reporting import progress_bar as progress_bar
 from diffkit.training._run import TrainRunConfig as TrainRunConfig
 from diffkit.training._run import main as main
 
-_progress_bar = progress_bar  # its name before it was public (the demo's import)
-
 # Configs name their public home in messages ("see diffkit.training.TrainConfig ...").
 for _config in (AutoencoderLoss, TrainConfig, TrainRunConfig):
     _config.__module__ = __name__
