@@ -47,7 +47,10 @@ PIPELINE_DIR = "pipeline"
 
 
 class StageTrainConfig(Config):
-    """Optimisation of one auxiliary stage (CLIP or the autoencoder): AdamW with warm-up."""
+    """Optimisation of one auxiliary stage (CLIP or the autoencoder), run by ``train()``.
+
+    AdamW, linear warm-up then cosine decay to 0, as ``TrainConfig`` (``train_config``).
+    """
 
     kind: Literal["stage"] = "stage"
     steps: int = Field(default=300, ge=1, description="optimizer steps")
