@@ -590,9 +590,7 @@ def test_ddim_inversion_then_sampling_returns_x0(seed: int, steps: int) -> None:
     g = torch.Generator().manual_seed(seed)
     x0 = mean + std * torch.randn(16, DIM, generator=g, dtype=F64)
     spacing = samplers.LogSNR()
-    noise = samplers.DDIMInversion(spacing=spacing, refine=8).invert(
-        den, DISCRETE, x0, steps=steps
-    )
+    noise = samplers.DDIMInversion(spacing=spacing, refine=8).invert(den, DISCRETE, x0, steps=steps)
     back = samplers.DDIM(spacing=spacing).sample(den, DISCRETE, noise, steps=steps)
     torch.testing.assert_close(back, x0, atol=1e-3 * (1 + float(x0.abs().max())), rtol=0)
 

@@ -32,8 +32,30 @@ def _kd_model(x, sigma, **_):
 
 
 CASES = {
-    "euler/karras": (ks.sample_euler, ks.get_sigmas_karras, samplers.Euler, samplers.Karras()),
-    "heun/karras": (ks.sample_heun, ks.get_sigmas_karras, samplers.Heun, samplers.Karras()),
+    "euler/karras": (
+        ks.sample_euler,
+        ks.get_sigmas_karras,
+        lambda spacing: samplers.Euler(spacing=spacing),
+        samplers.Karras(),
+    ),
+    "heun/karras": (
+        ks.sample_heun,
+        ks.get_sigmas_karras,
+        lambda spacing: samplers.Heun(spacing=spacing),
+        samplers.Karras(),
+    ),
+    "dpm_2/karras": (
+        ks.sample_dpm_2,
+        ks.get_sigmas_karras,
+        lambda spacing: samplers.DPMSolver2(spacing=spacing),
+        samplers.Karras(),
+    ),
+    "dpm_2/exponential": (
+        ks.sample_dpm_2,
+        ks.get_sigmas_exponential,
+        lambda spacing: samplers.DPMSolver2(spacing=spacing),
+        samplers.LogSNR(),
+    ),
     "dpmpp_2m/exponential": (
         ks.sample_dpmpp_2m,
         ks.get_sigmas_exponential,

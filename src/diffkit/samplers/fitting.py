@@ -30,10 +30,10 @@ from the denoiser alone, with no training data, once per model:
 [`FittedGrid`][diffkit.samplers.FittedGrid] spacing;
 [`fit_solver`][diffkit.samplers.fit_solver] does steps 2 and 3 together and returns a
 [`FittedSolver`][diffkit.samplers.FittedSolver] (whose ``spacing`` is the fitted grid).
-Both are configs: they save and load like every sampler and spacing. Both are deterministic (no random
-draws: the same noise gives the same fit), and report what the fit cost in NFE per
-calibration sample. The result holds for the model, schedule, step count and
-conditioning it was fitted with; fit again for another. Both run under
+Both are configs: they save and load like every sampler and spacing. Both are
+deterministic (no random draws: the same noise gives the same fit), and report what the
+fit cost in NFE per calibration sample (in the grid). The result holds for the model,
+schedule, step count and conditioning it was fitted with; fit again for another. Both run under
 ``torch.no_grad()`` (the fit is least squares and a search, no gradients), as sampling does.
 """
 
