@@ -525,7 +525,12 @@ def test_save_writes_the_live_encoder_factors_and_sampler(tmp_path):
 
 @pytest.mark.parametrize(
     "spacing",
-    [UniformTime(t_max=0.5), LogSNR(t_max=0.7), Explicit(times=(0.4, 0.2, 0.1)), UniformTime(t_max=1.0)],
+    [
+        UniformTime(t_max=0.5),
+        LogSNR(t_max=0.7),
+        Explicit(times=(0.4, 0.2, 0.1)),
+        UniformTime(t_max=1.0),
+    ],
     ids=["uniform-t_max-0.5", "logsnr-t_max-0.7", "explicit", "t_max-1"],
 )
 def test_img2img_noises_the_input_to_the_samplers_first_grid_time(spacing):

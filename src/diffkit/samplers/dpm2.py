@@ -17,13 +17,12 @@ past estimates, so it is written as a [`StepSampler`][diffkit.samplers.StepSampl
 import math
 from typing import Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
 from diffkit.samplers._base import SAMPLERS, Grid
 from diffkit.samplers.spacing import SPACING, AnySpacing, Karras
-from diffkit.samplers.stepping import StepModel, StepSampler
+from diffkit.samplers.stepping import History, Rng, StepModel, StepSampler
 
 __all__ = ["DPMSolver2"]
 
@@ -42,13 +41,7 @@ class DPMSolver2(StepSampler):
         return ((grid.lam[i] + grid.lam[i + 1]) / 2,)
 
     def step(
-        self,
-        model: StepModel,
-        x: Tensor,
-        i: int,
-        grid: Grid,
-        history: tuple[Tensor, ...],
-        generator: torch.Generator | None,
+        self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, generator: Rng
     ) -> Tensor:
         """The midpoint step from grid point ``i`` to ``i + 1``."""
         d = history[0]

@@ -41,7 +41,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -50,15 +50,7 @@ from torch import Tensor
 from diffkit.guidance import unused_uncond
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule
 from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step, _Model, make_grid
-from diffkit.samplers.spacing import (
-    SPACINGS,
-    AnySpacing,
-    Explicit,
-    LogSNR,
-    SpacingBase,
-    _check,
-    check_times,
-)
+from diffkit.samplers.spacing import SPACINGS, AnySpacing, Explicit, LogSNR, _check, _Listed
 from diffkit.samplers.unipc import UniPC
 from diffkit.typing import Prediction, Sample, Time
 
@@ -68,7 +60,7 @@ _F64 = torch.float64
 
 
 @SPACINGS.register
-class FittedGrid(SpacingBase):
+class FittedGrid(_Listed):
     """A time grid fitted to a model by [`fit_grid`][diffkit.samplers.fit_grid]: a spacing.
 
     ``times`` are the ``steps`` evaluation times (``t = 0`` is appended, as for
@@ -79,26 +71,10 @@ class FittedGrid(SpacingBase):
     """
 
     kind: Literal["fitted_grid"] = "fitted_grid"
-    times: tuple[float, ...] = Field(description="the fitted evaluation times, decreasing")
     teacher_nfe: int = Field(default=0, ge=0, description="teacher NFE per calibration sample")
     search_nfe: int = Field(default=0, ge=0, description="search NFE per calibration sample")
     loss: float | None = Field(default=None, description="endpoint MSE to the teacher's")
-
-    @model_validator(mode="after")
-    def _valid_times(self) -> "FittedGrid":
-        check_times(type(self).__name__, self.times)
-        return self
-
-    def __call__(
-        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
-    ) -> Tensor:
-        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
-        if steps != len(self.times):
-            raise ValueError(
-                f"this grid was fitted for steps={len(self.times)}, asked for steps={steps}; "
-                "fit one for that step count"
-            )
-        return torch.tensor([*self.times, 0.0], dtype=_F64)
+    _remedy: ClassVar[str] = " (it was fitted for that step count); fit one for this one"
 
 
 @SAMPLERS.register

@@ -15,7 +15,7 @@ import abc
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
@@ -149,6 +149,21 @@ class _Ends(SpacingBase):
         return self
 
 
+class _Ramp(_Ends):
+    """``steps`` log-SNR values from ``ramp``, mapped to times (see ``_spread``)."""
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+        return _spread(schedule, steps, device, self.t_max, self.t_min, self.ramp)
+
+    @abc.abstractmethod
+    def ramp(self, lo: float, hi: float, n: int) -> Tensor:
+        """``n`` increasing log-SNR values from ``lo`` to ``hi`` (float64)."""
+
+
 def _positive(owner: str, name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{owner}: {name} must be positive, got {value}")
@@ -175,7 +190,7 @@ class UniformTime(_Ends):
         return _finish(t, self.t_max, t_min)
 
 
-class LogSNR(_Ends):
+class LogSNR(_Ramp):
     """Evenly spaced log-SNR from ``t_max`` to ``t_min`` (DPM-Solver's ``"logSNR"``).
 
     ``power != 1`` warps the ramp, ``u -> u ** power`` on ``[0, 1]``: above 1 it puts more
@@ -191,19 +206,12 @@ class LogSNR(_Ends):
         _positive(type(self).__name__, "power", self.power)
         return self
 
-    def __call__(
-        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
-    ) -> Tensor:
-        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
-        _check(steps)
-
-        def ramp(lo: float, hi: float, n: int) -> Tensor:
-            return lo + torch.linspace(0.0, 1.0, n, dtype=_F64) ** self.power * (hi - lo)
-
-        return _spread(schedule, steps, device, self.t_max, self.t_min, ramp)
+    def ramp(self, lo: float, hi: float, n: int) -> Tensor:
+        """Evenly spaced in ``u``, warped as ``u ** power``."""
+        return lo + torch.linspace(0.0, 1.0, n, dtype=_F64) ** self.power * (hi - lo)
 
 
-class Karras(_Ends):
+class Karras(_Ramp):
     """Karras et al. (2022): ``(sigma/alpha) ** (1/rho)`` evenly spaced, ``rho = 7``."""
 
     kind: Literal["karras"] = "karras"
@@ -214,49 +222,47 @@ class Karras(_Ends):
         _positive(type(self).__name__, "rho", self.rho)
         return self
 
-    def __call__(
-        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
-    ) -> Tensor:
-        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
-        _check(steps)
-
-        def ramp(lo: float, hi: float, n: int) -> Tensor:
-            # sigma / alpha = exp(-log_snr / 2), spaced evenly in its 1/rho-th power
-            s_max, s_min = math.exp(-lo / (2 * self.rho)), math.exp(-hi / (2 * self.rho))
-            u = torch.linspace(0.0, 1.0, n, dtype=_F64)
-            return -2 * self.rho * torch.log(s_max + u * (s_min - s_max))
-
-        return _spread(schedule, steps, device, self.t_max, self.t_min, ramp)
+    def ramp(self, lo: float, hi: float, n: int) -> Tensor:
+        """``sigma / alpha = exp(-log_snr / 2)`` spaced evenly in its ``1/rho``-th power."""
+        s_max, s_min = math.exp(-lo / (2 * self.rho)), math.exp(-hi / (2 * self.rho))
+        u = torch.linspace(0.0, 1.0, n, dtype=_F64)
+        return -2 * self.rho * torch.log(s_max + u * (s_min - s_max))
 
 
-def check_times(owner: str, times: Sequence[float]) -> None:
-    """Explicit evaluation times: non-empty, strictly decreasing, in ``(0, 1]``."""
-    if not times:
-        raise ValueError(f"{owner}: times must hold at least one evaluation time")
-    if not all(0 < t <= 1 for t in times):
-        raise ValueError(f"{owner}: times must lie in (0, 1] (t = 0 is appended), got {times}")
-    if not all(a > b for a, b in itertools.pairwise(times)):
-        raise ValueError(f"{owner}: times must be strictly decreasing, got {times}")
+class _Listed(SpacingBase):
+    """Evaluation times given as a list: non-empty, strictly decreasing, in ``(0, 1]``."""
 
-
-class Explicit(SpacingBase):
-    """A fixed list of decreasing evaluation times (e.g. a model's trained timesteps)."""
-
-    kind: Literal["explicit"] = "explicit"
     times: tuple[float, ...] = Field(description="decreasing evaluation times; t=0 is appended")
+    _remedy: ClassVar[str] = ""
 
     @model_validator(mode="after")
-    def _valid_times(self) -> "Explicit":
-        check_times(type(self).__name__, self.times)
+    def _valid_times(self) -> "_Listed":
+        owner, times = type(self).__name__, self.times
+        if not times:
+            raise ValueError(f"{owner}: times must hold at least one evaluation time")
+        if not all(0 < t <= 1 for t in times):
+            raise ValueError(f"{owner}: times must lie in (0, 1] (t = 0 is appended), got {times}")
+        if not all(a > b for a, b in itertools.pairwise(times)):
+            raise ValueError(f"{owner}: times must be strictly decreasing, got {times}")
         return self
 
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
     ) -> Tensor:
         """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
-        if steps != len(self.times):
-            raise ValueError(f"Explicit spacing has {len(self.times)} times, asked for {steps}")
+        n = len(self.times)
+        if steps != n:
+            raise ValueError(
+                f"{type(self).__name__} has {n} times (steps={n}); asked for steps={steps}"
+                f"{self._remedy}"
+            )
         return torch.tensor([*self.times, 0.0], dtype=_F64)
+
+
+class Explicit(_Listed):
+    """A fixed list of decreasing evaluation times (e.g. a model's trained timesteps)."""
+
+    kind: Literal["explicit"] = "explicit"
 
 
 SPACINGS: Registry[SpacingBase] = Registry("spacing")

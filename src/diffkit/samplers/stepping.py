@@ -39,9 +39,14 @@ from diffkit.samplers._base import (
     alpha_sigma,
 )
 
-__all__ = ["StepModel", "StepSampler"]
+__all__ = ["History", "Rng", "StepModel", "StepSampler"]
 
 _F64 = torch.float64
+
+History = tuple[Tensor, ...]
+"""The last denoised estimates, newest first: ``(D_i, D_{i-1}, ...)``."""
+Rng = torch.Generator | None
+"""The random generator a step draws its noise from (``None``: torch's global one)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +104,7 @@ class StepSampler(SamplerBase):
 
     @abc.abstractmethod
     def step(
-        self,
-        model: StepModel,
-        x: Tensor,
-        i: int,
-        grid: Grid,
-        history: tuple[Tensor, ...],
-        generator: torch.Generator | None,
+        self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, generator: Rng
     ) -> Tensor:
         """The sample at grid point ``i + 1`` from ``x`` at point ``i``."""
 
@@ -136,7 +135,7 @@ class StepSampler(SamplerBase):
         """``x = step(model, x, i, grid, history)`` for every step; ``D`` at each new point."""
         grid, last, stepper = plan.grid, plan.grid.steps - 1, StepModel(model, plan.points)
         d = model(x, 0)
-        history: tuple[Tensor, ...] = ()
+        history: History = ()
         for i in range(grid.steps):
             history = (d, *history)[: self.memory]
             x = self.step(stepper, x, i, grid, history, generator)
