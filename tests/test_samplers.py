@@ -26,13 +26,17 @@ from diffkit.schedules import EDM, Cosine, Discrete, RectifiedFlow, discrete_bet
 F64 = torch.float64
 DIM = 4
 NAMES = sorted(samplers.REGISTRY)
-STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_sde", "dpmpp_3m_sde"}
+STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral"}
 FIRST_ORDER = {"ddpm", "ddim", "ddim_logsnr", "euler", "euler_ancestral"}
 DETERMINISTIC = [n for n in NAMES if n not in STOCHASTIC]
 DISCRETE = Discrete.from_betas(discrete_betas("linear_beta", 1000))
 
 
-TWO_STAGE = (samplers.Heun, samplers.DPMSolver2)  # 2 NFE per step, 1 onto the data
+TWO_STAGE = (
+    samplers.Heun,
+    samplers.DPMSolver2,
+    samplers.DPMSolverPP2SAncestral,
+)  # 2 NFE per step, 1 onto the data
 
 
 def _nfe_per_step(sampler: samplers.SamplerBase) -> int:

@@ -80,3 +80,26 @@ def test_sampler_matches_kdiffusion(name: str) -> None:
     torch.testing.assert_close(ours_ratios, sigmas, rtol=1e-5, atol=0)
     ours = sampler.sample(Model(), SCHEDULE, noise, steps=steps)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("batch", [4, 8])  # 8 x 5 values: torch's vectorised normal_
+def test_dpmpp_2s_ancestral_matches_kdiffusion_with_the_same_noise(eta: float, batch: int) -> None:
+    steps = 8
+    ac = SCHEDULE.alphas_cumprod
+    ratios = ((1 - ac) / ac).sqrt()
+    sigmas = ks.get_sigmas_karras(steps, float(ratios[0]), float(ratios[-1])).to(F64)
+    noise = torch.randn(batch, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    g = torch.Generator().manual_seed(5)
+
+    def draws(sigma, sigma_next):
+        return torch.empty_like(noise).normal_(generator=g)
+
+    reference = ks.sample_dpmpp_2s_ancestral(
+        _kd_model, noise * sigmas[0], sigmas, eta=eta, noise_sampler=draws, disable=True
+    )
+    sampler = samplers.DPMSolverPP2SAncestral(eta=eta, spacing=samplers.Karras())
+    ours = sampler.sample(
+        Model(), SCHEDULE, noise, steps=steps, generator=torch.Generator().manual_seed(5)
+    )
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)

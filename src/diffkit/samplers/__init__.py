@@ -24,7 +24,6 @@ from diffkit.samplers._base import Step as Step
 from diffkit.samplers._base import make_grid as make_grid
 from diffkit.samplers.ddim import DDIM as DDIM
 from diffkit.samplers.ddim import DDPM as DDPM
-from diffkit.samplers.dpm2 import DPMSolver2 as DPMSolver2
 from diffkit.samplers.dpmsolver import DPMSolverPP as DPMSolverPP
 from diffkit.samplers.euler import Euler as Euler
 from diffkit.samplers.euler import EulerAncestral as EulerAncestral
@@ -36,6 +35,8 @@ from diffkit.samplers.fitting import fit_solver as fit_solver
 from diffkit.samplers.inversion import DDIMInversion as DDIMInversion
 from diffkit.samplers.presets import PRESETS as PRESETS
 from diffkit.samplers.presets import REGISTRY as REGISTRY
+from diffkit.samplers.singlestep import DPMSolver2 as DPMSolver2
+from diffkit.samplers.singlestep import DPMSolverPP2SAncestral as DPMSolverPP2SAncestral
 from diffkit.samplers.spacing import SPACINGS as SPACINGS
 from diffkit.samplers.spacing import AnySpacing as AnySpacing
 from diffkit.samplers.spacing import Explicit as Explicit
@@ -59,6 +60,7 @@ __all__ = [
     "DDIMInversion",
     "DPMSolver2",
     "DPMSolverPP",
+    "DPMSolverPP2SAncestral",
     "Euler",
     "EulerAncestral",
     "Explicit",

@@ -169,8 +169,8 @@ class Step(NamedTuple):
     noise * z`` (same ``z``); ``reevaluate`` evaluates ``D_{i+1}`` again at the corrected
     point (PECE, e.g. Heun) instead of reusing the predictor's (PEC, e.g. UniPC).
 
-    A named tuple (a plan is rebuilt on every ``sample`` call); the loop checks that
-    every coefficient is finite before it starts, naming the step.
+    A named tuple (cheap to build: ``sample`` plans on every call unless given a plan);
+    the loop checks that every coefficient is finite before it starts, naming the step.
     """
 
     keep: float

@@ -4,9 +4,9 @@ from collections.abc import Callable
 
 from diffkit.samplers._base import SamplerBase
 from diffkit.samplers.ddim import DDIM, DDPM
-from diffkit.samplers.dpm2 import DPMSolver2
 from diffkit.samplers.dpmsolver import DPMSolverPP
 from diffkit.samplers.euler import Euler, EulerAncestral, Heun
+from diffkit.samplers.singlestep import DPMSolver2, DPMSolverPP2SAncestral
 from diffkit.samplers.spacing import Karras, LogSNR, UniformTime
 from diffkit.samplers.unipc import UniPC
 
@@ -20,6 +20,7 @@ PRESETS: dict[str, SamplerBase] = {
     "euler_ancestral": EulerAncestral(),
     "heun": Heun(),
     "dpm_2": DPMSolver2(),
+    "dpmpp_2s_ancestral": DPMSolverPP2SAncestral(),
     "dpmpp_2m": DPMSolverPP(order=2, spacing=Karras()),
     "dpmpp_2m_logsnr": DPMSolverPP(order=2, spacing=LogSNR()),
     "dpmpp_3m": DPMSolverPP(order=3, spacing=Karras()),
