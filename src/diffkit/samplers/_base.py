@@ -615,8 +615,8 @@ def _off_grid(plan: Plan) -> list[Point]:
 class SamplerBase(Config):
     """A sampler that is its own config: ``kind``, fields, ``spacing`` and ``plan(grid)``.
 
-    A subclass declares its ``kind``, its fields, a ``spacing`` field (the time grid,
-    [`AnySpacing`][diffkit.samplers.AnySpacing]) and writes ``plan(grid)``: the
+    A subclass declares its ``kind``, its fields, a ``spacing: AnySpacing`` field (the
+    time grid: any [`SpacingBase`][diffkit.samplers.SpacingBase]) and writes ``plan(grid)``: the
     coefficients of every step (see [`Step`][diffkit.samplers.Step]); the loop is shared.
     ``prepare(schedule, steps)`` makes the immutable [`Plan`][diffkit.samplers.Plan]
     (grid and coefficients) that ``sample`` computes on every call unless given one.
