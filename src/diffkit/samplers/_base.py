@@ -4,20 +4,21 @@ A sampler is a *plan*: for each step ``i -> i + 1`` of its time grid, the coeffi
 a linear combination of the current sample ``x_i``, the denoised estimates
 ``D_i, D_{i-1}, ...`` (``D = E[x0 | x_t]``, the data prediction), optionally a
 corrector that also uses ``D_{i+1}`` (UniPC, Heun), and fresh Gaussian noise
-(ancestral / SDE samplers). Every solver here is such a linear multistep or
-predictor-corrector method once written in data-prediction form, so each sampler only
-writes down its coefficients, in float64 and from the paper's formula, and this module
-runs the plan. ``run_reference`` runs it the way the paper writes it (about thirty
-lines: ``x = keep·x + Σ c·D + noise·z``, corrector included); ``run_plan`` is the fast
-path, tested equal to it:
+(ancestral / SDE samplers). The linear multistep and predictor-corrector methods are
+such plans once written in data-prediction form, so each of those samplers only writes
+down its coefficients, in float64 and from the paper's formula, and this module runs the
+plan (methods that are not linear in grid values are
+[`StepSampler`][diffkit.samplers.StepSampler]s, whose step is code). ``run_reference``
+runs a plan the way the paper writes it (about thirty lines: ``x = keep·x + Σ c·D +
+noise·z``, corrector included); ``run_plan`` is the fast path, tested equal to it:
 
 - the grid and every coefficient are computed once, before the loop;
 - the denoiser is called through one helper that batches cond/uncond for
-  classifier-free guidance, checks that its output has its input's shape (a tuple
-  comparison: ``sample`` checks its own arguments once, at the boundary), converts
-  whatever it predicts to ``x0`` with [`diffkit.prediction`][diffkit.prediction] in
-  float32/64 and passes the model ``x`` and the conditioning's embeddings in the dtype
-  of the noise;
+  classifier-free guidance ([`predict`][diffkit.guidance.predict]), checks that its
+  output has its input's shape (a tuple comparison: ``sample`` checks its own arguments
+  once, at the boundary), converts whatever it predicts to ``x0`` with
+  [`diffkit.prediction`][diffkit.prediction] in float32/64 and passes the model ``x`` and
+  the conditioning's embeddings in the dtype of the noise;
 - one loop runs every plan, on linear combinations compiled before it: coefficients as
   Python floats (kernel scalar arguments: nothing to copy to the device, nothing to wait
   for), zero terms dropped, each combination accumulated in place into one fresh tensor,
