@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from diffkit.config import Config
 from diffkit.nn._registry import DENOISERS
+from diffkit.nn.inputs import check_times, validate_conditioning
 from diffkit.nn.layers import (
     Downsample,
     ResBlock,
@@ -31,7 +32,6 @@ from diffkit.nn.layers import (
     Upsample,
     network_timestep,
     timestep_embedding,
-    validate_conditioning,
 )
 from diffkit.protocols import Conditioning
 from diffkit.typing import Image, Prediction, ShapeError, Time, checked
@@ -265,7 +265,7 @@ class UNet(nn.Module):
         """Build a freshly initialised U-Net."""
         return cls(config)
 
-    def _validate(self, x: Tensor, cond: Conditioning | None) -> None:
+    def _validate(self, x: Tensor, t: Tensor, cond: Conditioning | None) -> None:
         c = self.config
         if x.shape[1] != c.in_channels:
             raise ShapeError(f"UNet: x_t has {x.shape[1]} channels, expected {c.in_channels}")
@@ -286,6 +286,7 @@ class UNet(nn.Module):
             num_classes=c.num_classes,
             dtype=self.conv_in.weight.dtype,
         )
+        check_times(t)
 
     def embed_time(self, t: Tensor, cond: Conditioning | None) -> Tensor:
         """The conditioning embedding ``(batch, emb_dim)``: time, plus labels and pooled."""
@@ -308,7 +309,7 @@ class UNet(nn.Module):
     @checked
     def forward(self, x_t: Image, t: Time, cond: Conditioning | None = None) -> ImageOut:
         """Predict ``self.prediction`` for ``x_t`` ``(b, c, h, w)`` at times ``t`` ``(b,)``."""
-        self._validate(x_t, cond)
+        self._validate(x_t, t, cond)
         emb = self.embed_time(t, cond)
         context = cond.tokens if cond is not None else None
         mask = cond.mask if cond is not None else None
