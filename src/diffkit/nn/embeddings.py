@@ -16,9 +16,15 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from diffkit.protocols import Conditioning
 from diffkit.typing import checked_layer
 
-__all__ = ["TimeEmbedding", "network_timestep", "timestep_embedding"]
+__all__ = [
+    "TimeEmbedding",
+    "add_condition_embeddings",
+    "network_timestep",
+    "timestep_embedding",
+]
 
 
 def timestep_embedding(
@@ -82,3 +88,19 @@ def network_timestep(
     nearest = index.round()
     snap = (index - nearest).abs() <= 4e-6 * num_train_timesteps
     return torch.where(snap, nearest, index)
+
+
+def add_condition_embeddings(
+    emb: Float[Tensor, "batch dim"],
+    cond: Conditioning | None,
+    label_embed: nn.Embedding | None,
+    pooled_embed: TimeEmbedding | None,
+) -> Float[Tensor, "batch dim"]:
+    """The time embedding ``emb`` plus the embeddings of ``cond``'s class labels and pooled
+    vector, each when the network has that embedding and ``cond`` that field."""
+    if cond is not None:
+        if label_embed is not None and cond.labels is not None:
+            emb = emb + label_embed(cond.labels)
+        if pooled_embed is not None and cond.pooled is not None:
+            emb = emb + pooled_embed(cond.pooled)
+    return emb

@@ -26,8 +26,13 @@ from torch import Tensor, nn
 
 from diffkit.config import Config
 from diffkit.nn.attention import Attention, FeedForward, LocalFeedForward
-from diffkit.nn.embeddings import TimeEmbedding, network_timestep, timestep_embedding
-from diffkit.nn.inputs import check_times, validate_conditioning
+from diffkit.nn.embeddings import (
+    TimeEmbedding,
+    add_condition_embeddings,
+    network_timestep,
+    timestep_embedding,
+)
+from diffkit.nn.inputs import validate_inputs
 from diffkit.patches import SpatialPatches, TubeletPatches
 from diffkit.protocols import Conditioning
 from diffkit.typing import Prediction, ShapeError, Tokens, checked_layer
@@ -220,12 +225,7 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         cfg = self.config
         steps = network_timestep(t, cfg.time_input, cfg.num_train_timesteps, cfg.time_scale)
         c = self.time_embed(timestep_embedding(steps, cfg.freq_dim).to(self.embed.weight.dtype))
-        if cond is not None:
-            if self.label_embed is not None and cond.labels is not None:
-                c = c + self.label_embed(cond.labels)
-            if self.pooled_embed is not None and cond.pooled is not None:
-                c = c + self.pooled_embed(cond.pooled)
-        return c
+        return add_condition_embeddings(c, cond, self.label_embed, self.pooled_embed)
 
     def _check_inputs(
         self, x_t: Tensor, t: Tensor, cond: Conditioning | None, *, channels: int
@@ -235,16 +235,7 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         owner = type(self).__name__
         if channels != cfg.in_channels:
             raise ShapeError(f"{owner}: x_t has {channels} channels, expected {cfg.in_channels}")
-        validate_conditioning(
-            owner,
-            x_t,
-            cond,
-            context_dim=cfg.context_dim,
-            pooled_dim=cfg.pooled_dim,
-            num_classes=cfg.num_classes,
-            dtype=self.embed.weight.dtype,
-        )
-        check_times(t)
+        validate_inputs(owner, x_t, t, cond, cfg, self.embed.weight.dtype)
 
     def _transform(
         self,

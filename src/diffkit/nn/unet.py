@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from diffkit.config import Config
 from diffkit.nn._registry import DENOISERS
-from diffkit.nn.inputs import check_times, validate_conditioning
+from diffkit.nn.embeddings import add_condition_embeddings
+from diffkit.nn.inputs import validate_inputs
 from diffkit.nn.layers import (
     Downsample,
     ResBlock,
@@ -277,16 +278,7 @@ class UNet(nn.Module):
                     f"{len(c.channel_mult) - 1} times); pad or resize to "
                     f"{-(-size // factor) * factor}"
                 )
-        validate_conditioning(
-            "UNet",
-            x,
-            cond,
-            context_dim=c.context_dim,
-            pooled_dim=c.pooled_dim,
-            num_classes=c.num_classes,
-            dtype=self.conv_in.weight.dtype,
-        )
-        check_times(t)
+        validate_inputs("UNet", x, t, cond, c, self.conv_in.weight.dtype)
 
     def embed_time(self, t: Tensor, cond: Conditioning | None) -> Tensor:
         """The conditioning embedding ``(batch, emb_dim)``: time, plus labels and pooled."""
@@ -299,12 +291,7 @@ class UNet(nn.Module):
             freq_shift=c.freq_shift,
         )
         emb = self.time_embed(emb.to(self.conv_in.weight.dtype))
-        if cond is not None:
-            if self.label_embed is not None and cond.labels is not None:
-                emb = emb + self.label_embed(cond.labels)
-            if self.pooled_embed is not None and cond.pooled is not None:
-                emb = emb + self.pooled_embed(cond.pooled)
-        return emb
+        return add_condition_embeddings(emb, cond, self.label_embed, self.pooled_embed)
 
     @checked
     def forward(self, x_t: Image, t: Time, cond: Conditioning | None = None) -> ImageOut:
