@@ -272,3 +272,45 @@ def test_on_one_frame_every_attention_is_the_image_block(attention):
     h, c, context = torch.randn(2, 6, 16), torch.randn(2, 16), torch.randn(2, 3, 6)
     with torch.no_grad():
         torch.testing.assert_close(video(h, c, (1, 2, 3), context), image(h, c, (1, 2, 3), context))
+
+
+def test_saved_weights_keep_their_names():
+    # Checkpoints and saved pipelines load by these names: the shared core kept them.
+    config = {"dim": 16, "depth": 1, "num_heads": 2, "context_dim": 6, "num_classes": 3}
+    block = [
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.out.weight",
+        "attn.out.bias",
+        "norm_cross.weight",
+        "norm_cross.bias",
+        "cross.q.weight",
+        "cross.q.bias",
+        "cross.kv.weight",
+        "cross.kv.bias",
+        "cross.out.weight",
+        "cross.out.bias",
+        "mlp.proj_in.weight",
+        "mlp.proj_in.bias",
+        "mlp.proj_out.weight",
+        "mlp.proj_out.bias",
+        "ada.weight",
+        "ada.bias",
+    ]
+    time = [f"attn_time.{p}.{w}" for p in ("qkv", "out") for w in ("weight", "bias")]
+    head = [
+        f"{m}.{w}"
+        for m in ("embed", "time_embed.linear_1", "time_embed.linear_2")
+        for w in ("weight", "bias")
+    ] + ["label_embed.weight"]
+    tail = [f"{m}.{w}" for m in ("ada_out", "proj_out") for w in ("weight", "bias")]
+
+    def names(blocks: list[str]) -> list[str]:
+        return head + [f"blocks.0.{k}" for k in blocks] + tail
+
+    assert list(DiT(DiTConfig(**config)).state_dict()) == names(block)
+    full = VideoDiT(VideoDiTConfig(attention="full", **config))
+    assert list(full.state_dict()) == names(block)
+    factorised = VideoDiT(VideoDiTConfig(**config))
+    assert list(factorised.state_dict()) == names(block[:4] + time + block[4:])
+    assert factorised.blocks[0].ada.weight.shape == (9 * 16, 16)

@@ -1,4 +1,4 @@
-"""The patch-transformer core of [`DiT`][diffkit.nn.dit.DiT] and the video transformer.
+"""The patch-transformer core shared by DiT and VideoDiT (images and videos alike).
 
 Data is cut into patches (spatial patches of an image, tubelets of a video), each linearly
 embedded and given a fixed sin-cos position. Tokens are frame-major on a grid
