@@ -324,6 +324,83 @@ def sampler_grids() -> bytes:
     return _png(fig)
 
 
+RESULTS = "benchmarks/RESULTS.md"
+
+
+def _recorded(after: str, header: str) -> list[list[str]]:
+    """The rows of the first table in ``benchmarks/RESULTS.md`` after ``after`` whose
+    header line starts with ``header``, split on whitespace (up to the next blank line)."""
+    text = (Path(__file__).resolve().parents[2] / RESULTS).read_text(encoding="utf-8")
+    lines = text[text.index(after) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows: list[list[str]] = [lines[start].split()]
+    for line in lines[start + 1 :]:
+        if not line.strip() or line.startswith("```"):
+            break
+        if not line.startswith("---"):
+            rows.append(line.split())
+    return rows
+
+
+@figure("figures/bench-sampler-accuracy.png", deps=(RESULTS,), uses=(_recorded,))
+def bench_sampler_accuracy() -> bytes:
+    """The recorded sampler-accuracy benchmark: sliced W2 against NFE, diffkit and peers."""
+    rows = _recorded("The decisive run", "sampler ")
+    nfe = [int(v) for v in rows[0][2::2]]
+    fitted = {
+        r[0]: [float(v) for v in r[1:]] for r in _recorded("### Samplers fitted", "sampler ")[1:]
+    }
+    floor = float(_recorded("The decisive run", "sliced W2")[0][-1])
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    shown = {
+        "diffkit:unipc_3_trailing",
+        "diffkit:unipc",
+        "diffkit:dpmpp_2m_logsnr",
+        "diffusers:UniPC-3",
+        "diffusers:DPM++2M+lu_lambdas",
+        "diffusers:DPM++3M+karras",
+        "k-diffusion:dpmpp_3m/exponential",
+        "k-diffusion:lms/karras",
+    }
+    for name, *values in rows[1:]:
+        if name not in shown:
+            continue
+        style = "-" if name.startswith("diffkit") else "--"
+        ax.loglog(nfe, [float(v) for v in values], style, marker="o", markersize=3, label=name)
+    fit = fitted["diffkit:fit_solver"]
+    ax.loglog([5, 8, 10], fit, "k-", marker="s", markersize=4, label="diffkit:fit_solver")
+    ax.axhline(floor, color="grey", lw=1, ls=":", label=f"floor (two true sample sets) {floor}")
+    ax.set_xticks(nfe)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel("sliced W2 to true samples")
+    ax.set_title("64-D Gaussian mixture, exact denoiser, DDPM betas (recorded run)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+@figure("figures/bench-sampler-overhead.png", deps=(RESULTS,), uses=(_recorded,))
+def bench_sampler_overhead() -> bytes:
+    """The recorded per-step overhead of each sampler against its diffusers scheduler."""
+    rows = _recorded("**Latest (commit f7820b5", "sampler ")[1:]
+    rows = [r for r in rows if r[0] != "geometric"]
+    names = [r[0] for r in rows]
+    ours, theirs = [float(r[5]) for r in rows], [float(r[6]) for r in rows]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax.barh(y - 0.2, theirs, height=0.4, label="diffusers scheduler", color="#bbbbbb")
+    ax.barh(y + 0.2, ours, height=0.4, label="diffkit sampler", color="#673ab7")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("µs per step besides the network (CPU time, zero-cost denoiser)")
+    ax.set_title("latent (1, 4, 64, 64), 50 steps (recorded run)", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 # Every module a demo run goes through (data, CLIP, autoencoder, U-Net, training, sampling).
 DEMO_DEPS = (
     "src/diffkit_demo",
@@ -352,11 +429,10 @@ def _docs_recipe(config: "ImageDemoConfig") -> "ImageDemoConfig":
         "threads": 1,
         "samples_per_prompt": 4,
         "clip_train": config.clip_train.model_copy(update={"steps": 120}).to_dict(),
-        "autoencoder_train": config.autoencoder_train.model_copy(update={"steps": 150}).to_dict(),
-        "train": config.train.model_copy(update={"steps": 350}).to_dict(),
+        "autoencoder_train": config.autoencoder_train.model_copy(update={"steps": 120}).to_dict(),
+        "train": config.train.model_copy(update={"steps": 250}).to_dict(),
     }
     return type(config).model_validate({**config.to_dict(), **update})
-
 
 
 @figure("figures/demo-samples.png", deps=DEMO_DEPS, uses=(_docs_recipe,), env=(DEMO_ENV,))
@@ -399,7 +475,7 @@ def demo_samples() -> bytes:
                     spine.set_linewidth(2)
         axes[digit][0].set_ylabel(str(digit), rotation=0, labelpad=10, fontsize=9)
     recipe = "default recipe" if full else f"docs recipe ({config.train.steps} denoiser steps)"
-    title = f'"a handwritten digit {{zero … nine}}", one row per prompt; {recipe}'
+    title = f'"a handwritten digit {{zero … nine}}", one row per prompt\n{recipe}'
     if isinstance(accuracy, float):
         title += f"; judged correct: {accuracy:.0%}"
     fig.suptitle(title, fontsize=9)
