@@ -41,6 +41,14 @@ SAMPLING = (
     "src/diffkit/guidance.py",
     "src/diffkit/samplers",
 )
+# The networks the demo and the tutorials train (not the transformers).
+NETWORKS = (
+    "src/diffkit/nn/__init__.py",
+    "src/diffkit/nn/layers.py",
+    "src/diffkit/nn/unet.py",
+    "src/diffkit/nn/clip.py",
+    "src/diffkit/nn/vae.py",
+)
 # What every figure depends on: the package's core (configs, protocols, typing).
 CORE = ("src/diffkit/__init__.py", "src/diffkit/config.py", "src/diffkit/typing.py")
 
@@ -350,8 +358,11 @@ def _run_page(page: str) -> dict[str, object]:
     deps=(
         *SAMPLING,
         "docs/tutorials/train-on-digits.md",
-        "src/diffkit/nn",
+        *NETWORKS,
         "src/diffkit/losses.py",
+        "src/diffkit/forward.py",
+        "src/diffkit/ema.py",
+        "src/diffkit/data.py",
         "src/diffkit/training",
         "src/diffkit/training.py",
         "src/diffkit_demo/datasets.py",
@@ -457,7 +468,7 @@ DEMO_DEPS = (
     "src/diffkit/ema.py",
     "src/diffkit/forward.py",
     "src/diffkit/losses.py",
-    "src/diffkit/nn",
+    *NETWORKS,
     "src/diffkit/pipeline.py",
     "src/diffkit/protocols.py",
     "src/diffkit/text.py",
