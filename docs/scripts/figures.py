@@ -334,14 +334,15 @@ def sampler_grids() -> bytes:
 
 def _run_page(page: str) -> dict[str, object]:
     """Run the ``python`` blocks of a docs page in a temporary folder, as the docs test
-    does; returns the page's namespace (the printed output goes to the build log)."""
+    does (its printed output discarded); returns the page's namespace."""
     import contextlib
     import tempfile
 
     root = Path(__file__).resolve().parents[2]
     lines = (root / page).read_text(encoding="utf-8").splitlines()
     namespace: dict[str, object] = {"__name__": "__docs__"}
-    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):
+    quiet = contextlib.redirect_stdout(io.StringIO())  # its prints would go to the build log
+    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder), quiet:
         for i, line in enumerate(lines):
             if line != "```python":
                 continue
@@ -379,6 +380,42 @@ def tutorial_digits() -> bytes:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"label {label}", fontsize=8)
+    return _png(fig)
+
+
+@figure("figures/patches.png", deps=("src/diffkit/patches.py",))
+def patch_grids() -> bytes:
+    """A digit cut into 2x2 patches by ``SpatialPatches``, and the tokens it becomes."""
+    from sklearn.datasets import load_digits
+
+    from diffkit import patches
+
+    digit = torch.tensor(load_digits().images[3], dtype=torch.float32)[None, None] / 8.0
+    spatial = patches.SpatialPatches(2)
+    tokens = spatial.patchify(digit)[0]  # (16 tokens, 4 features)
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.0), width_ratios=(1, 1, 2.2))
+    axes[0].imshow(digit[0, 0], cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("image (1, 8, 8)", fontsize=9)
+    for k in range(1, 4):
+        axes[0].axhline(2 * k - 0.5, color="#ffb300", lw=1.5)
+        axes[0].axvline(2 * k - 0.5, color="#ffb300", lw=1.5)
+    grid = np.full((4 * 3 - 1, 4 * 3 - 1), np.nan)  # the patches pulled apart, in row-major order
+    for n, token in enumerate(tokens):
+        r, c = divmod(n, 4)
+        grid[3 * r : 3 * r + 2, 3 * c : 3 * c + 2] = np.asarray(token.reshape(2, 2))
+        axes[1].text(3 * c + 0.5, 3 * r - 0.7, str(n), ha="center", fontsize=6, color="#311b92")
+    gaps = matplotlib.colormaps["gray"].with_extremes(bad="#d1c4e9")  # between patches
+    axes[1].imshow(grid, cmap=gaps, vmin=0, vmax=1)
+    axes[1].set_title("16 patches of 2x2 (token order)", fontsize=9)
+    axes[2].imshow(np.asarray(tokens.T), cmap="gray", vmin=0, vmax=1, aspect="auto")
+    axes[2].set_title("patchify: (16 tokens, 4 features)", fontsize=9)
+    axes[2].set_xlabel("token")
+    axes[2].set_ylabel("feature")
+    for ax in axes[:2]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[2].set_xticks(range(16))
+    axes[2].set_yticks(range(4))
     return _png(fig)
 
 
