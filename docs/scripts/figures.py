@@ -419,6 +419,40 @@ def patch_grids() -> bytes:
     return _png(fig)
 
 
+@figure(
+    "figures/latent-reconstructions.png",
+    deps=(
+        "docs/concepts/latent-space.md",
+        "src/diffkit/nn/__init__.py",
+        "src/diffkit/nn/layers.py",
+        "src/diffkit/nn/vae.py",
+        "src/diffkit_demo/datasets.py",
+    ),
+    uses=(_run_page,),
+)
+def latent_reconstructions() -> bytes:
+    """The latent-space page's autoencoder: held-out digits, latents, reconstructions."""
+    page = _run_page("docs/concepts/latent-space.md")
+    x, z, y = (page[k] for k in ("held_out", "latents", "decoded"))
+    assert isinstance(x, torch.Tensor) and isinstance(z, torch.Tensor)
+    assert isinstance(y, torch.Tensor)
+    rows = {
+        "image (1, 16, 16)": (x[:, 0], (-1, 1)),
+        "latent channel 0 (8x8)": (z[:, 0], (-2.5, 2.5)),
+        "latent channel 1 (8x8)": (z[:, 1], (-2.5, 2.5)),
+        "decoded": (y[:, 0].clamp(-1, 1), (-1, 1)),
+    }
+    fig, axes = plt.subplots(len(rows), 8, figsize=(8 * 0.9, len(rows) * 1.0))
+    for r, (label, (images, (lo, hi))) in enumerate(rows.items()):
+        for c in range(8):
+            ax = axes[r, c]
+            ax.imshow(np.asarray(images[c]), cmap="gray", vmin=lo, vmax=hi)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    return _png(fig)
+
+
 RESULTS = "benchmarks/RESULTS.md"
 
 
