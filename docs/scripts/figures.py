@@ -453,6 +453,45 @@ def latent_reconstructions() -> bytes:
     return _png(fig)
 
 
+@figure(
+    "figures/clip-similarity.png",
+    deps=(
+        "docs/concepts/clip.md",
+        "src/diffkit/nn/clip.py",
+        "src/diffkit/tokenizers.py",
+        "src/diffkit_demo/datasets.py",
+    ),
+    uses=(_run_page,),
+)
+def clip_similarity() -> bytes:
+    """The CLIP page's model: cosine similarity of one held-out image per digit to the
+    ten prompts."""
+    page = _run_page("docs/concepts/clip.md")
+    similarity, test = page["similarity"], page["test"]
+    assert isinstance(similarity, torch.Tensor)
+    labels = torch.as_tensor(test.labels)  # type: ignore[attr-defined]
+    rows = [int(torch.nonzero(labels == d)[0]) for d in range(10)]
+    images = test.images[rows]  # type: ignore[attr-defined]
+    matrix = np.asarray(similarity[rows])
+    fig, ax = plt.subplots(figsize=(6.8, 6.0))
+    shown = ax.imshow(matrix, cmap="viridis")
+    for i in range(10):
+        for j in range(10):
+            colour = "black" if matrix[i, j] > matrix.mean() else "white"
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6, color=colour)
+        image = np.asarray(images[i][0])  # the row's held-out digit, left of the matrix
+        ax.imshow(image, cmap="gray", vmin=-1, vmax=1, extent=(-1.45, -0.55, i + 0.45, i - 0.45))
+    ax.set_xlim(-1.5, 9.5)
+    ax.set_ylim(9.5, -0.5)
+    prompts = page["prompts"]
+    assert isinstance(prompts, list)
+    ax.set_xticks(range(10), [p.rsplit(" ", 1)[-1] for p in prompts], rotation=60, fontsize=7)
+    ax.set_yticks([])
+    ax.set_title('cosine similarity: held-out image vs "a handwritten digit …"', fontsize=9)
+    fig.colorbar(shown, ax=ax, shrink=0.7)
+    return _png(fig)
+
+
 RESULTS = "benchmarks/RESULTS.md"
 
 

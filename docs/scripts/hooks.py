@@ -50,9 +50,8 @@ def _render() -> dict[str, bytes]:
             start = time.perf_counter()
             png = figure.draw()
             log.info("diffkit: drew %s in %.1fs", path, time.perf_counter() - start)
+            # Older versions stay: switching branches back finds them (delete .cache freely).
             cached.parent.mkdir(parents=True, exist_ok=True)
-            for stale in cached.parent.glob(f"{Path(path).stem}-{'?' * 16}.png"):
-                stale.unlink()
             cached.write_bytes(png)
             out[path] = png
     finally:
