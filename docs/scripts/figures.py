@@ -492,6 +492,32 @@ def clip_similarity() -> bytes:
     return _png(fig)
 
 
+@figure(
+    "figures/unet-shapes.png",
+    deps=("docs/concepts/unet.md", *NETWORKS),
+    uses=(_run_page,),
+)
+def unet_shapes() -> bytes:
+    """The U-Net page's recorded block outputs: resolution and channels in call order."""
+    page = _run_page("docs/concepts/unet.md")
+    shapes = page["shapes"]
+    assert isinstance(shapes, list)
+    names = [name for name, _ in shapes]
+    channels = [shape[0] for _, shape in shapes]
+    sides = [shape[1] for _, shape in shapes]
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    x = np.arange(len(shapes))
+    ax.bar(x, sides, color="#673ab7", width=0.6)
+    ax.set_ylabel("resolution (pixels per side)")
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
+    for i, c in enumerate(channels):
+        ax.text(i, sides[i] + 0.5, f"{c} ch", ha="center", fontsize=7)
+    ax.set_ylim(0, max(sides) * 1.15)
+    ax.set_title("x_t (4, 32, 32): each residual block's output, in call order", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
 RESULTS = "benchmarks/RESULTS.md"
 
 
