@@ -127,7 +127,8 @@ def _png(fig: "matplotlib.figure.Figure") -> bytes:
 def schedule_curves() -> bytes:
     """alpha(t), sigma(t) and log-SNR(t) for every built-in schedule, on one time axis."""
     t = torch.linspace(0.0, 1.0, 401, dtype=torch.float64)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    # Stacked, not side by side: one panel per screen width stays readable on a phone.
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8.4), sharex=True)
     for name, schedule in _schedules().items():
         axes[0].plot(t, schedule.alpha(t), label=name)
         axes[1].plot(t, schedule.sigma(t), label=name)
@@ -138,8 +139,8 @@ def schedule_curves() -> bytes:
     axes[1].set_yscale("log")
     axes[2].set_title(r"log-SNR $\lambda(t) = 2\log(\alpha/\sigma)$ (clipped to ±25)")
     for ax in axes:
-        ax.set_xlabel("t  (0 = data, 1 = noise)")
         ax.grid(alpha=0.3)
+    axes[2].set_xlabel("t  (0 = data, 1 = noise)")
     axes[2].legend(fontsize=8, loc="lower left")
     return _png(fig)
 
