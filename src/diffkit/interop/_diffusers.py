@@ -45,6 +45,13 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from diffkit.interop._diffusers_transformer import (
+    TRANSFORMERS,
+    dit_config,
+    dit_state_dict,
+    to_diffusers_transformer,
+)
+from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.typing import Prediction
@@ -410,7 +417,9 @@ def from_diffusers(
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
 ) -> nn.Module:
-    """The diffkit equivalent (same weights) of a diffusers U-Net or ``AutoencoderKL``.
+    """The diffkit equivalent (same weights) of a diffusers U-Net, ``AutoencoderKL``,
+    ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` (the last two: a
+    [`DiT`][diffkit.nn.dit.DiT]).
 
     ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
     config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
@@ -422,12 +431,18 @@ def from_diffusers(
         converted = UNet(_unet_config(module, prediction, num_train_timesteps))
     elif name == "AutoencoderKL":
         converted = KLAutoencoder(_vae_config(module))
+    elif name in TRANSFORMERS:
+        record = _recorded(_config(module))
+        converted = DiT(dit_config(module, prediction, num_train_timesteps, record))
     else:
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
-            "UNet2DConditionModel, AutoencoderKL"
+            f"UNet2DConditionModel, AutoencoderKL, {', '.join(TRANSFORMERS)}"
         )
-    state = _state_dict_to_diffkit(module.state_dict(), converted)
+    if isinstance(converted, DiT):
+        state = dit_state_dict(module.state_dict(), converted.config)
+    else:
+        state = _state_dict_to_diffkit(module.state_dict(), converted)
     converted.load_state_dict(state, strict=True)
     parameter = next(module.parameters(), None)
     if parameter is not None:
@@ -436,14 +451,17 @@ def from_diffusers(
 
 
 def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The weights of a diffkit ``UNet`` / ``KLAutoencoder`` under diffusers' names and layout.
+    """The weights of a diffkit ``UNet`` / ``KLAutoencoder`` / ``DiT`` under diffusers' names
+    and layout.
 
     Loads with ``strict=True`` into the diffusers model of the matching config.
     """
+    if isinstance(module, DiT):
+        return to_diffusers_transformer(module)[1]
     if not isinstance(module, UNet | KLAutoencoder):
         raise TypeError(
             f"to_diffusers_state_dict: cannot export {type(module).__name__}; "
-            "supported: UNet, KLAutoencoder"
+            "supported: UNet, KLAutoencoder, DiT"
         )
     return _state_dict_to_diffusers(module.state_dict())
 
@@ -550,7 +568,9 @@ def _diffusers_vae_kwargs(config: KLAutoencoderConfig) -> dict[str, Any]:
 
 
 def to_diffusers(module: nn.Module) -> nn.Module:
-    """The diffusers model (config and weights) equivalent to a diffkit UNet / KLAutoencoder.
+    """The diffusers model (config and weights) equivalent to a diffkit UNet / KLAutoencoder /
+    DiT (a ``DiTTransformer2DModel`` for adaLN-Zero, a ``PixArtTransformer2DModel`` for
+    adaLN-single; a DiT built in diffkit's own position layout is refused by name).
 
     A U-Net then takes ``timestep = network_timestep(t)``: the training index ``N t - 1`` for
     ``time_input="index"``, or ``time_scale * t``; its config's ``_diffkit`` entry records
@@ -559,19 +579,23 @@ def to_diffusers(module: nn.Module) -> nn.Module:
     """
     import diffusers
 
-    if isinstance(module, UNet):
-        name, kwargs = _diffusers_unet_kwargs(module.config)
-    elif isinstance(module, KLAutoencoder):
-        name, kwargs = "AutoencoderKL", _diffusers_vae_kwargs(module.config)
+    if isinstance(module, DiT):
+        model, state = to_diffusers_transformer(module)
     else:
-        raise TypeError(
-            f"to_diffusers: cannot export {type(module).__name__}; supported: UNet, KLAutoencoder"
-        )
-    model = getattr(diffusers, name)(**kwargs)
-    if isinstance(module, UNet):
+        if isinstance(module, UNet):
+            name, kwargs = _diffusers_unet_kwargs(module.config)
+        elif isinstance(module, KLAutoencoder):
+            name, kwargs = "AutoencoderKL", _diffusers_vae_kwargs(module.config)
+        else:
+            raise TypeError(
+                f"to_diffusers: cannot export {type(module).__name__}; "
+                "supported: UNet, KLAutoencoder, DiT"
+            )
+        model, state = getattr(diffusers, name)(**kwargs), to_diffusers_state_dict(module)
+    if isinstance(module, UNet | DiT):
         c = module.config
         model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in _RECORDED}})
-    model.load_state_dict(to_diffusers_state_dict(module), strict=True)
+    model.load_state_dict(state, strict=True)
     parameter = next(module.parameters(), None)
     reference = next(model.parameters(), None)
     if (

@@ -1,0 +1,163 @@
+"""Parity of diffusers' DiT and PixArt transformers with their diffkit conversions (DiT).
+
+Tiny randomly initialised diffusers models, no downloads: ``from_diffusers`` gives the same
+outputs for random inputs, timesteps, labels and captions, and ``to_diffusers`` /
+``from_diffusers`` round trips are exact.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import diffkit as dk
+from diffkit.nn import DiT
+from diffkit.protocols import Conditioning
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = 1e-5
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random non-zero weights everywhere (the zero-initialised gates and heads included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    return model.eval()
+
+
+def _tie_block_embeddings(model: Any) -> Any:
+    """One time / label embedding copied into every block, as in the published DiT weights."""
+    first = model.transformer_blocks[0].norm1.emb
+    with torch.no_grad():
+        for block in model.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(first.state_dict())
+    return model
+
+
+def _dit(**overrides: Any) -> Any:
+    options = {
+        "num_attention_heads": 2,
+        "attention_head_dim": 8,
+        "in_channels": 4,
+        "out_channels": 8,
+        "num_layers": 2,
+        "sample_size": 8,
+        "patch_size": 2,
+        "num_embeds_ada_norm": 10,
+    } | overrides
+    return _tie_block_embeddings(_randomize(diffusers.DiTTransformer2DModel(**options)))
+
+
+def _pixart(**overrides: Any) -> Any:
+    options = {
+        "num_attention_heads": 2,
+        "attention_head_dim": 8,
+        "in_channels": 4,
+        "out_channels": 8,
+        "num_layers": 2,
+        "sample_size": 8,
+        "patch_size": 2,
+        "cross_attention_dim": 16,
+        "caption_channels": 12,
+    } | overrides
+    return _randomize(diffusers.PixArtTransformer2DModel(**options))
+
+
+def _inputs(batch: int = 3, size: tuple[int, int] = (8, 8), seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, *size, generator=g)
+    steps = torch.randint(0, 1000, (batch,), generator=g)
+    return x, steps, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [(8, 8), (12, 12)])  # diffusers' DiT unpatchifies squares only
+@pytest.mark.parametrize("out_channels", [8, 4])
+def test_dit_matches_diffusers(
+    size: tuple[int, int], out_channels: int, dtype: torch.dtype
+) -> None:
+    ref = _dit(out_channels=out_channels).to(dtype)
+    model = dk.interop.from_diffusers(ref)
+    assert isinstance(model, DiT)
+    x, steps, _ = _inputs(size=size)
+    x = x.to(dtype)
+    labels = torch.tensor([0, 9, 10])  # 10: the null class of classifier-free guidance
+    with torch.no_grad():
+        want = ref(x, timestep=steps, class_labels=labels).sample
+        got = model.predict_all(x, (steps + 1) / 1000, Conditioning(labels=labels))
+        prediction = model(x, (steps + 1) / 1000, Conditioning(labels=labels))
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= (TOL if dtype == torch.float32 else 1e-12)
+    assert torch.equal(prediction, got[:, :4])
+    assert model.config.learned_sigma == (out_channels == 8)
+
+
+def test_dit_refuses_untied_block_embeddings() -> None:
+    ref = _randomize(diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8,
+        num_embeds_ada_norm=10,
+    ))  # fmt: skip
+    with pytest.raises(ValueError, match=r"norm1\.emb"):
+        dk.interop.from_diffusers(ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("caption", [12, None])
+@pytest.mark.parametrize("size", [(8, 8), (8, 12)])
+def test_pixart_matches_diffusers(
+    caption: int | None, size: tuple[int, int], dtype: torch.dtype
+) -> None:
+    # without a caption projection: PixArt-Σ-like options (interpolation scale 2, no sigma)
+    ref: Any = (
+        _pixart()
+        if caption
+        else _pixart(caption_channels=None, interpolation_scale=2, out_channels=4)
+    )
+    ref = ref.to(dtype)
+    model = dk.interop.from_diffusers(ref)
+    assert isinstance(model, DiT)
+    x, steps, g = _inputs(size=size)
+    x = x.to(dtype)
+    width = caption or 16
+    tokens = torch.randn(3, 5, width, generator=g, dtype=dtype)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]).bool()
+    with torch.no_grad():
+        want = ref(
+            x, encoder_hidden_states=tokens, timestep=steps, encoder_attention_mask=mask.long()
+        ).sample
+        got = model.predict_all(x, (steps + 1) / 1000, Conditioning(tokens=tokens, mask=mask))
+    assert (got - want).abs().max().item() <= (TOL if dtype == torch.float32 else 1e-12)
+
+
+def test_pixart_refuses_micro_conditions() -> None:
+    ref = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=6, num_layers=1, sample_size=8,
+        cross_attention_dim=12, caption_channels=8, use_additional_conditions=True,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="use_additional_conditions"):
+        dk.interop.from_diffusers(ref)
+
+
+@pytest.mark.parametrize("make", [_dit, _pixart])
+def test_round_trips_are_exact(make: Callable[..., Any]) -> None:
+    ref = make()
+    model = dk.interop.from_diffusers(ref, prediction="v")
+    back = dk.interop.to_diffusers(model)
+    assert type(back) is type(ref)
+    want, got = ref.state_dict(), back.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    again = dk.interop.from_diffusers(back)
+    assert again.config == model.config
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in again.state_dict().items())
+
+
+def test_native_dit_is_refused_by_name() -> None:
+    model = DiT(dk.nn.DiTConfig(dim=16, depth=1, num_heads=2, num_classes=3))
+    with pytest.raises(ValueError, match="pos_order"):
+        dk.interop.to_diffusers(model)
