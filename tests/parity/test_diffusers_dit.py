@@ -161,3 +161,52 @@ def test_native_dit_is_refused_by_name() -> None:
     model = DiT(dk.nn.DiTConfig(dim=16, depth=1, num_heads=2, num_classes=3))
     with pytest.raises(ValueError, match="pos_order"):
         dk.interop.to_diffusers(model)
+
+
+FULL_SIZE = {
+    "DiT-XL/2-256": ("DiTTransformer2DModel", {}),
+    "PixArt-α-512": (
+        "PixArtTransformer2DModel",
+        {"sample_size": 64, "caption_channels": 4096, "use_additional_conditions": False},
+    ),
+    "PixArt-Σ-1024": (
+        "PixArtTransformer2DModel",
+        {
+            "sample_size": 128,
+            "caption_channels": 4096,
+            "interpolation_scale": 2,
+            "use_additional_conditions": False,
+        },
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size_configs_map_every_tensor_on_meta(name: str) -> None:
+    """Built on the meta device (no memory): every diffusers tensor maps onto a diffkit one of
+    the same number of elements and back, none left over."""
+    from diffkit.interop._diffusers_transformer import (
+        diffusers_state_dict,
+        dit_config,
+        dit_state_dict,
+    )
+
+    cls, options = FULL_SIZE[name]
+    with torch.device("meta"):
+        ref = getattr(diffusers, cls)(**options)
+        config = dit_config(ref, None, None, {})
+        model = DiT(config)
+    assert all(p.is_meta for p in model.parameters())
+    want, mine = ref.state_dict(), model.state_dict()
+    converted = dit_state_dict(want, config)
+    assert converted.keys() == mine.keys()
+    assert all(converted[k].shape == mine[k].shape for k in mine)
+    back = diffusers_state_dict(mine, config)
+    assert back.keys() == want.keys()
+    assert all(back[k].shape == want[k].shape for k in want)
+    count = sum(p.numel() for p in model.parameters())
+    ref_count = sum(p.numel() for p in ref.parameters())
+    if config.modulation == "zero":  # diffusers keeps a copy of the embeddings per block
+        per_block = sum(p.numel() for p in ref.transformer_blocks[0].norm1.emb.parameters())
+        count += (config.depth - 1) * per_block
+    assert count == ref_count
