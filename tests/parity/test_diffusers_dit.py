@@ -14,6 +14,7 @@ import torch
 import diffkit as dk
 from diffkit.nn import DiT
 from diffkit.protocols import Conditioning
+from diffkit.typing import ShapeError
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -133,13 +134,29 @@ def test_pixart_matches_diffusers(
     assert (got - want).abs().max().item() <= (TOL if dtype == torch.float32 else 1e-12)
 
 
-def test_pixart_refuses_micro_conditions() -> None:
-    ref = diffusers.PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=6, num_layers=1, sample_size=8,
-        cross_attention_dim=12, caption_channels=8, use_additional_conditions=True,
-    )  # fmt: skip
-    with pytest.raises(ValueError, match="use_additional_conditions"):
-        dk.interop.from_diffusers(ref)
+def test_pixart_alpha_micro_conditions_match_diffusers() -> None:
+    ref = _pixart(attention_head_dim=6, cross_attention_dim=12, use_additional_conditions=True)
+    model = dk.interop.from_diffusers(ref)
+    assert isinstance(model, DiT) and model.config.size_conditions
+    x, steps, g = _inputs()
+    tokens = torch.randn(3, 5, 12, generator=g)
+    resolution = torch.tensor([[1024.0, 1024.0], [768.0, 1344.0], [512.0, 512.0]])
+    aspect = resolution[:, :1] / resolution[:, 1:]
+    with torch.no_grad():
+        want = ref(
+            x,
+            encoder_hidden_states=tokens,
+            timestep=steps,
+            added_cond_kwargs={"resolution": resolution, "aspect_ratio": aspect},
+        ).sample
+        cond = Conditioning(tokens=tokens, micro=torch.cat([resolution, aspect], dim=1))
+        got = model.predict_all(x, (steps + 1) / 1000, cond)
+        with pytest.raises(ShapeError, match="micro"):
+            model(x, (steps + 1) / 1000, Conditioning(tokens=tokens))
+    assert (got - want).abs().max().item() <= TOL
+    back: Any = dk.interop.to_diffusers(model)
+    assert back.config.use_additional_conditions
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in ref.state_dict().items())
 
 
 @pytest.mark.parametrize("make", [_dit, _pixart])
@@ -165,6 +182,7 @@ def test_native_dit_is_refused_by_name() -> None:
 
 FULL_SIZE = {
     "DiT-XL/2-256": ("DiTTransformer2DModel", {}),
+    "PixArt-α-1024": ("PixArtTransformer2DModel", {"caption_channels": 4096}),
     "PixArt-α-512": (
         "PixArtTransformer2DModel",
         {"sample_size": 64, "caption_channels": 4096, "use_additional_conditions": False},
@@ -177,7 +195,7 @@ FULL_SIZE = {
             "interpolation_scale": 2,
             "use_additional_conditions": False,
         },
-    ),  # fmt: skip
+    ),
 }
 
 

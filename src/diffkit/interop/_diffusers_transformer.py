@@ -9,7 +9,9 @@ Both are configurations of diffkit's patch-transformer core:
   checkpoints hold identical copies); diffkit has one, so a model whose copies differ is
   refused.
 - ``PixArtTransformer2DModel``: adaLN-single (``modulation="single"``), cross-attention to the
-  caption tokens without a LayerNorm, the caption projection (``context_projection``).
+  caption tokens without a LayerNorm, the caption projection (``context_projection``), and
+  PixArt-α's micro-conditions (``size_conditions``: ``Conditioning.micro`` is diffusers'
+  ``added_cond_kwargs`` ``(resolution height, width, aspect_ratio)``).
 
 The weights map one to one through ``_links``: one table read in both directions.
 """
@@ -51,14 +53,12 @@ def _check_options(name: str, cfg: Mapping[str, Any]) -> None:
     _require(cfg, "dropout", [0.0])
     if name.startswith("PixArt"):
         _require(cfg, "attention_type", ["default", None])
-        _require(cfg, "use_additional_conditions", [False, None])
-        if cfg.get("use_additional_conditions") is None and cfg["sample_size"] == 128:
+        dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        if cfg.get("caption_channels") is not None and cfg.get("cross_attention_dim") != dim:
             raise ValueError(
-                "from_diffusers: use_additional_conditions (implied by sample_size=128: "
-                "PixArt-α's resolution and aspect-ratio micro-conditions) is not supported"
+                f"from_diffusers: cross_attention_dim={cfg.get('cross_attention_dim')!r} with "
+                f"caption_channels: the caption projection gives the width {dim}"
             )
-        if cfg.get("caption_channels") is not None and cfg.get("cross_attention_dim") is None:
-            raise ValueError("from_diffusers: caption_channels without cross_attention_dim")
 
 
 def dit_config(
@@ -106,6 +106,7 @@ def dit_config(
         norm_eps=cfg["norm_eps"],
         mlp_norm_eps=cfg["norm_eps"],
         pos_interpolation_scale=float(scale),
+        size_conditions=bool(module.use_additional_conditions),
     )
 
 
@@ -156,6 +157,10 @@ def _links(config: DiTConfig) -> list[Link]:
     links += _pair("time_embed.linear_1", "adaln_single.emb.timestep_embedder.linear_1")
     links += _pair("time_embed.linear_2", "adaln_single.emb.timestep_embedder.linear_2")
     links += _pair("ada", "adaln_single.linear")
+    if config.size_conditions:
+        for dk, df in (("resolution_embed", "resolution"), ("aspect_embed", "aspect_ratio")):
+            for layer in ("linear_1", "linear_2"):
+                links += _pair(f"{dk}.{layer}", f"adaln_single.emb.{df}_embedder.{layer}")
     if config.context_projection:
         links += _pair("context_embed.linear_1", "caption_projection.linear_1")
         links += _pair("context_embed.linear_2", "caption_projection.linear_2")
@@ -226,7 +231,7 @@ def _diffusers_kwargs(c: DiTConfig) -> tuple[str, dict[str, Any]]:
         if value != wanted
     ]
     out = (c.out_channels or c.in_channels) * (2 if c.learned_sigma else 1)
-    common = {
+    common: dict[str, Any] = {
         "num_attention_heads": c.num_heads,
         "attention_head_dim": c.dim // c.num_heads,
         "in_channels": c.in_channels,
@@ -264,7 +269,7 @@ def _diffusers_kwargs(c: DiTConfig) -> tuple[str, dict[str, Any]]:
             "caption_channels": c.context_dim if c.context_projection else None,
             "norm_eps": c.norm_eps,
             "interpolation_scale": c.pos_interpolation_scale,
-            "use_additional_conditions": False,
+            "use_additional_conditions": c.size_conditions,
         }
     if problems:
         raise ValueError(f"to_diffusers: {name} cannot express {', '.join(problems)}")

@@ -234,6 +234,11 @@ class PatchTransformerConfig(Config):
     cross_norm: bool = Field(
         default=True, description="a LayerNorm before each cross-attention (PixArt: none)"
     )
+    size_conditions: bool = Field(
+        default=False,
+        description="add embeddings of Conditioning.micro = (height, width, aspect ratio) to "
+        "the conditioning (PixArt-α's micro-conditions; dim a multiple of 3)",
+    )
     norm_eps: float = Field(
         default=1e-6, gt=0, description="epsilon of the LayerNorms before the self-attentions"
     )
@@ -245,6 +250,8 @@ class PatchTransformerConfig(Config):
     def _check_heads(self) -> "PatchTransformerConfig":
         if self.dim % self.num_heads != 0:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.size_conditions and self.dim % 3 != 0:
+            raise ValueError(f"size_conditions: dim {self.dim} is not a multiple of 3")
         return self
 
 
@@ -274,6 +281,9 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         self.time_embed = TimeEmbedding(c.freq_dim, c.dim)
         self.label_embed = nn.Embedding(c.num_classes, c.dim) if c.num_classes else None
         self.pooled_embed = TimeEmbedding(c.pooled_dim, c.dim) if c.pooled_dim else None
+        # PixArt-α: height and width each get dim/3 features, the aspect ratio the last third
+        self.resolution_embed = TimeEmbedding(c.freq_dim, c.dim // 3) if c.size_conditions else None
+        self.aspect_embed = TimeEmbedding(c.freq_dim, c.dim // 3) if c.size_conditions else None
         self.context_embed = (
             TimeEmbedding(c.context_dim, c.dim, activation="gelu_tanh")
             if c.context_projection and c.context_dim
@@ -310,8 +320,17 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         """``c`` ``(batch, dim)``: time embedding plus label and pooled embeddings."""
         cfg = self.config
         steps = network_timestep(t, cfg.time_input, cfg.num_train_timesteps, cfg.time_scale)
+        dtype = self.embed.weight.dtype
         features = timestep_embedding(steps, cfg.freq_dim, freq_shift=cfg.freq_shift)
-        c = self.time_embed(features.to(self.embed.weight.dtype))
+        c = self.time_embed(features.to(dtype))
+        if self.resolution_embed is not None and self.aspect_embed is not None:
+            micro = cond.micro if cond is not None else None
+            if micro is None:  # _check_inputs refused it already
+                raise ValueError(f"{type(self).__name__}: size_conditions needs Conditioning.micro")
+            sizes = timestep_embedding(micro[:, :2].reshape(-1), cfg.freq_dim).to(dtype)
+            ratio = timestep_embedding(micro[:, 2], cfg.freq_dim).to(dtype)
+            sizes = rearrange(self.resolution_embed(sizes), "(b n) d -> b (n d)", n=2)
+            c = c + torch.cat([sizes, self.aspect_embed(ratio)], dim=1)
         return add_condition_embeddings(c, cond, self.label_embed, self.pooled_embed)
 
     def _check_inputs(
@@ -323,6 +342,13 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         if channels != cfg.in_channels:
             raise ShapeError(f"{owner}: x_t has {channels} channels, expected {cfg.in_channels}")
         validate_inputs(owner, x_t, t, cond, cfg, self.embed.weight.dtype)
+        if cfg.size_conditions:
+            micro = cond.micro if cond is not None else None
+            if micro is None or micro.shape[1] != 3:
+                raise ShapeError(
+                    f"{owner}: size_conditions needs Conditioning.micro = (height, width, "
+                    f"aspect ratio) per item, got {None if micro is None else tuple(micro.shape)}"
+                )
 
     def _transform(
         self,
