@@ -97,13 +97,26 @@ def test_dit_matches_diffusers(
     assert model.config.learned_sigma == (out_channels == 8)
 
 
-def test_dit_refuses_untied_block_embeddings() -> None:
-    ref = _randomize(diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8,
+def _untied_dit() -> Any:
+    return _randomize(diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, num_layers=3, sample_size=8,
         num_embeds_ada_norm=10,
     ))  # fmt: skip
-    with pytest.raises(ValueError, match=r"norm1\.emb"):
-        dk.interop.from_diffusers(ref)
+
+
+def test_dit_with_a_time_embedding_per_block_matches_diffusers() -> None:
+    """A DiT trained in diffusers: its blocks' copies of the embeddings differ."""
+    ref = _untied_dit()
+    model = dk.interop.from_diffusers(ref)
+    assert isinstance(model, DiT) and model.config.embeddings_per_block
+    tied = dk.interop.from_diffusers(_dit())  # the published layout: one embedding
+    assert isinstance(tied, DiT) and not tied.config.embeddings_per_block
+    x, steps, _ = _inputs()
+    labels = torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        want = ref(x, timestep=steps, class_labels=labels).sample
+        got = model.predict_all(x, (steps + 1) / 1000, Conditioning(labels=labels))
+    assert (got - want).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -159,7 +172,7 @@ def test_pixart_alpha_micro_conditions_match_diffusers() -> None:
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in ref.state_dict().items())
 
 
-@pytest.mark.parametrize("make", [_dit, _pixart])
+@pytest.mark.parametrize("make", [_dit, _untied_dit, _pixart])
 def test_round_trips_are_exact(make: Callable[..., Any]) -> None:
     ref = make()
     model = dk.interop.from_diffusers(ref, prediction="v")
@@ -215,6 +228,7 @@ def test_full_size_configs_map_every_tensor_on_meta(name: str) -> None:
         config = dit_config(ref, None, None, {})
         model = DiT(config)
     assert all(p.is_meta for p in model.parameters())
+    assert config.embeddings_per_block == (cls == "DiTTransformer2DModel")  # meta: not compared
     want, mine = ref.state_dict(), model.state_dict()
     converted = dit_state_dict(want, config)
     assert converted.keys() == mine.keys()
@@ -224,7 +238,7 @@ def test_full_size_configs_map_every_tensor_on_meta(name: str) -> None:
     assert all(back[k].shape == want[k].shape for k in want)
     count = sum(p.numel() for p in model.parameters())
     ref_count = sum(p.numel() for p in ref.parameters())
-    if config.modulation == "zero":  # diffusers keeps a copy of the embeddings per block
+    if config.modulation == "zero" and not config.embeddings_per_block:  # one copy per block
         per_block = sum(p.numel() for p in ref.transformer_blocks[0].norm1.emb.parameters())
         count += (config.depth - 1) * per_block
     assert count == ref_count

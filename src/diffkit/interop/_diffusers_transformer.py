@@ -5,9 +5,9 @@ Both are configurations of diffkit's patch-transformer core:
 - ``DiTTransformer2DModel``: adaLN-Zero, class labels (``num_embeds_ada_norm`` classes plus
   the null class of classifier-free guidance, the table's last row), the timestep sinusoid
   with ``freq_shift=1``, ``learned_sigma`` when ``out_channels == 2 * in_channels``.
-  diffusers gives every block its own copy of the time and label embeddings (the published
-  checkpoints hold identical copies); diffkit has one, so a model whose copies differ is
-  refused.
+  diffusers gives every block its own copy of the time and label embeddings: where the
+  copies are equal (the published checkpoints) the converted DiT keeps one, otherwise (a
+  model trained in diffusers) each block keeps its own (``embeddings_per_block``).
 - ``PixArtTransformer2DModel``: adaLN-single (``modulation="single"``), cross-attention to the
   caption tokens without a LayerNorm, the caption projection (``context_projection``), and
   PixArt-α's micro-conditions (``size_conditions``: ``Conditioning.micro`` is diffusers'
@@ -61,6 +61,18 @@ def _check_options(name: str, cfg: Mapping[str, Any]) -> None:
             )
 
 
+def _tied(module: Any) -> bool:
+    """Whether every block of a diffusers DiT holds the same time and label embedding (on the
+    meta device, with nothing to compare: no)."""
+    first = module.transformer_blocks[0].norm1.emb.state_dict()
+    if any(v.is_meta for v in first.values()):
+        return False
+    return all(
+        all(torch.equal(v, block.norm1.emb.state_dict()[k]) for k, v in first.items())
+        for block in module.transformer_blocks[1:]
+    )
+
+
 def dit_config(
     module: Any, prediction: Prediction | None, num_train_timesteps: int | None, record: dict
 ) -> DiTConfig:
@@ -94,6 +106,7 @@ def dit_config(
             num_classes=table.num_embeddings,
             freq_shift=1.0,
             mlp_norm_eps=cfg["norm_eps"],
+            embeddings_per_block=not _tied(module),
         )
     caption = cfg.get("caption_channels")
     scale = cfg.get("interpolation_scale") or max(cfg["sample_size"] // 64, 1)
@@ -140,20 +153,34 @@ def _block(i: int, config: DiTConfig) -> list[Link]:
     return [*links, (f"{dk}.ada_table", (f"{df}.scale_shift_table",), "same")]
 
 
+def _embeddings(config: DiTConfig) -> list[Link]:
+    """DiT's time and label embeddings: each block's own, or one diffusers copies per block."""
+    emb = [f"transformer_blocks.{i}.norm1.emb" for i in range(config.depth)]
+    owners = ["", *(f"blocks.{i}." for i in range(1, config.depth))]
+    links: list[Link] = []
+    for layer in ("linear_1", "linear_2"):
+        for p in ("weight", "bias"):
+            keys = tuple(f"{e}.timestep_embedder.{layer}.{p}" for e in emb)
+            if config.embeddings_per_block:
+                links += [
+                    (f"{o}time_embed.{layer}.{p}", (k,), "same") for o, k in zip(owners, keys)
+                ]
+            else:
+                links.append((f"time_embed.{layer}.{p}", keys, "tied"))
+    table = tuple(f"{e}.class_embedder.embedding_table.weight" for e in emb)
+    if config.embeddings_per_block:
+        return links + [(f"{o}label_embed.weight", (k,), "same") for o, k in zip(owners, table)]
+    return [*links, ("label_embed.weight", table, "tied")]
+
+
 def _links(config: DiTConfig) -> list[Link]:
     """Every diffkit parameter of a DiT / PixArt configuration and its diffusers source."""
     links = [*_pair("embed", "pos_embed.proj", "conv")]
     for i in range(config.depth):
         links += _block(i, config)
     if config.modulation == "zero":
-        emb = [f"transformer_blocks.{i}.norm1.emb" for i in range(config.depth)]
-        for layer in ("linear_1", "linear_2"):
-            for p in ("weight", "bias"):
-                keys = tuple(f"{e}.timestep_embedder.{layer}.{p}" for e in emb)
-                links.append((f"time_embed.{layer}.{p}", keys, "tied"))
-        table = tuple(f"{e}.class_embedder.embedding_table.weight" for e in emb)
-        links.append(("label_embed.weight", table, "tied"))
-        return [*links, *_pair("ada_out", "proj_out_1"), *_pair("proj_out", "proj_out_2", "head")]
+        return [*links, *_embeddings(config), *_pair("ada_out", "proj_out_1"),
+                *_pair("proj_out", "proj_out_2", "head")]  # fmt: skip
     links += _pair("time_embed.linear_1", "adaln_single.emb.timestep_embedder.linear_1")
     links += _pair("time_embed.linear_2", "adaln_single.emb.timestep_embedder.linear_2")
     links += _pair("ada", "adaln_single.linear")
@@ -247,6 +274,7 @@ def _diffusers_kwargs(c: DiTConfig) -> tuple[str, dict[str, Any]]:
             ("freq_shift", c.freq_shift, 1.0),
             ("norm_eps", c.norm_eps, 1e-6),
             ("pos_interpolation_scale", c.pos_interpolation_scale, 1.0),
+            ("size_conditions", c.size_conditions, False),
         ):
             if value != wanted:
                 problems.append(f"{name}={value!r}")

@@ -23,7 +23,7 @@ head for a predicted variance (DiT, PixArt-α); ``freq_shift``, ``norm_eps`` and
 ``mlp_norm_eps`` are the numerical conventions of the diffusers implementations.
 """
 
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,8 @@ class PatchTransformerBlock(nn.Module):
     the MLP, then the time attention (the order of the saved weights). With
     ``modulation="single"`` the block has no regression: it adds its table ``ada_table`` to
     the shared one it is given. ``cross_norm=False`` drops the LayerNorm before the
-    cross-attention (PixArt).
+    cross-attention (PixArt). With ``embeddings`` the block has its own ``time_embed`` and
+    ``label_embed`` (diffusers' DiT layout), from which its network computes its ``c``.
     """
 
     def __init__(
@@ -117,8 +118,14 @@ class PatchTransformerBlock(nn.Module):
         cross_norm: bool = True,
         norm_eps: float = 1e-6,
         mlp_norm_eps: float = 1e-6,
+        embeddings: tuple[int, int | None] | None = None,
     ) -> None:
         super().__init__()
+        # embeddings=(freq_dim, num_classes): this block's own time (and label) embedding
+        self.time_embed = TimeEmbedding(embeddings[0], dim) if embeddings else None
+        self.label_embed = (
+            nn.Embedding(embeddings[1], dim) if embeddings and embeddings[1] else None
+        )
         self.mixing: Mixing = "space" if attention == "factorised" else "full"
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.attn = Attention(dim, heads, qkv_bias=True)
@@ -165,7 +172,7 @@ class PatchTransformerBlock(nn.Module):
         mask: Bool[Tensor, "batch context"] | None = None,
     ) -> Float[Tensor, "batch tokens dim"]:
         """Frame-major tokens ``(b, f * h * w, dim)`` on the grid ``(f, h, w)``, conditioned
-        on ``c`` (see [`modulations`][diffkit.nn.transformer.PatchTransformerBlock.modulations]);
+        on ``c`` (see ``modulations``);
         context ``(b, m, context_dim)`` with keep-mask ``(b, m)``."""
         frames = grid[0]
         mods = self.modulations(c)
@@ -234,6 +241,12 @@ class PatchTransformerConfig(Config):
     cross_norm: bool = Field(
         default=True, description="a LayerNorm before each cross-attention (PixArt: none)"
     )
+    embeddings_per_block: bool = Field(
+        default=False,
+        description="every block but the first has its own time and label embeddings (a DiT "
+        "trained in diffusers, whose blocks each hold a copy); the first block and the output "
+        "read the network's",
+    )
     size_conditions: bool = Field(
         default=False,
         description="add embeddings of Conditioning.micro = (height, width, aspect ratio) to "
@@ -250,6 +263,13 @@ class PatchTransformerConfig(Config):
     def _check_heads(self) -> "PatchTransformerConfig":
         if self.dim % self.num_heads != 0:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.embeddings_per_block and (
+            self.modulation != "zero" or self.pooled_dim or self.size_conditions
+        ):
+            raise ValueError(
+                "embeddings_per_block needs modulation='zero' and conditioning by time and "
+                "labels only (no pooled_dim, no size_conditions)"
+            )
         if self.size_conditions and self.dim % 3 != 0:
             raise ValueError(f"size_conditions: dim {self.dim} is not a multiple of 3")
         return self
@@ -301,8 +321,9 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
                 cross_norm=c.cross_norm,
                 norm_eps=c.norm_eps,
                 mlp_norm_eps=c.mlp_norm_eps,
+                embeddings=(c.freq_dim, c.num_classes) if c.embeddings_per_block and i else None,
             )
-            for _ in range(c.depth)
+            for i in range(c.depth)
         )
         branches = 3 if attention == "factorised" else 2
         # adaLN-single: the shared regression, and the output's table in place of ada_out
@@ -316,13 +337,18 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
             self.ada_out_table = nn.Parameter(torch.zeros(2, c.dim))
         self.proj_out = zero_linear(c.dim, patches.patch_dim(self._head_channels))
 
+    def time_features(self, t: Tensor) -> Float[Tensor, "batch freq_dim"]:
+        """The sinusoidal features of the times ``t`` ``(batch,)``, before any embedding MLP."""
+        cfg = self.config
+        steps = network_timestep(t, cfg.time_input, cfg.num_train_timesteps, cfg.time_scale)
+        features = timestep_embedding(steps, cfg.freq_dim, freq_shift=cfg.freq_shift)
+        return features.to(self.embed.weight.dtype)
+
     def condition_vector(self, t: Tensor, cond: Conditioning | None) -> Tensor:
         """``c`` ``(batch, dim)``: time embedding plus label and pooled embeddings."""
         cfg = self.config
-        steps = network_timestep(t, cfg.time_input, cfg.num_train_timesteps, cfg.time_scale)
         dtype = self.embed.weight.dtype
-        features = timestep_embedding(steps, cfg.freq_dim, freq_shift=cfg.freq_shift)
-        c = self.time_embed(features.to(dtype))
+        c = self.time_embed(self.time_features(t))
         if self.resolution_embed is not None and self.aspect_embed is not None:
             micro = cond.micro if cond is not None else None
             if micro is None:  # _check_inputs refused it already
@@ -367,8 +393,13 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         h = self.embed(self.patches.patchify(x_t)) + positions.to(x_t.device, x_t.dtype)
         c = self.condition_vector(t, cond)
         shared = self.ada(F.silu(c)) if self.ada is not None else c
-        for block in self.blocks:
-            h = block(h, shared, grid, context, mask)
+        features = self.time_features(t) if self.config.embeddings_per_block else None
+        for block in cast(list[PatchTransformerBlock], self.blocks):
+            block_c = shared
+            if block.time_embed is not None and features is not None:
+                block_c = block.time_embed(features)
+                block_c = add_condition_embeddings(block_c, cond, block.label_embed, None)
+            h = block(h, block_c, grid, context, mask)
         if self.ada_out is not None:
             shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
         elif self.ada_out_table is not None:
