@@ -86,8 +86,9 @@ class Conditioning:
     - ``pooled``: one vector per item, ``(batch, dim)``.
     - ``mask``: bool, ``True`` where a token is real, ``(batch, tokens)``.
     - ``labels``: integer (int64 or int32) class labels, ``(batch,)``.
-    - ``micro``: micro-conditions, a few numbers per item, ``(batch, n)``: PixArt-α's
-      ``(height, width, aspect ratio)`` of the image it is to generate.
+    - ``micro``: micro-conditions, a few numbers per item, ``(batch, n)``: SDXL's
+      ``(original height, width, crop top, left, target height, width)``, PixArt-α's
+      ``(height, width, aspect ratio)`` of the image to generate.
     """
 
     tokens: Float[Tensor, "batch tokens dim"] | None = None

@@ -105,3 +105,42 @@ def test_sdxl_refiner_micro_conditions_are_an_argument() -> None:
         ).sample  # fmt: skip
         got = unet(x, (steps + 1) / 1000, Conditioning(tokens=tokens, pooled=pooled, micro=ids))
     assert (got - want).abs().max().item() <= 1e-5
+
+
+SDXL_BASE = {
+    "sample_size": 128,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "cross_attention_dim": 2048,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+
+@pytest.mark.parametrize("options", [{}, SDXL_BASE], ids=["sd-1.5", "sdxl-base"])
+def test_full_size_unets_map_every_tensor_on_meta(options: dict[str, Any]) -> None:
+    """Built on the meta device (no memory): diffusers' state dict converts tensor for tensor
+    onto diffkit's (none left over, same shapes) and back; parameter counts are equal."""
+    from diffkit.interop._diffusers import (
+        _state_dict_to_diffkit,
+        _unet_config,
+        to_diffusers_state_dict,
+    )
+
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel(**options)
+        unet = UNet(_unet_config(ref, None, None))
+    assert all(p.is_meta for p in unet.parameters())
+    want, mine = ref.state_dict(), unet.state_dict()
+    converted = _state_dict_to_diffkit(want, unet)
+    assert converted.keys() == mine.keys()
+    assert all(converted[k].shape == mine[k].shape for k in mine)
+    back = to_diffusers_state_dict(unet)
+    assert back.keys() == want.keys()
+    assert all(back[k].shape == want[k].shape for k in want)
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in ref.parameters())
