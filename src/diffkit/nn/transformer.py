@@ -19,8 +19,11 @@ Options for the published families (defaults: diffkit's own network): ``modulati
 regresses all blocks' shifts, scales and gates once from ``c`` and adds a learned table per
 block (adaLN-single, PixArt-α); ``context_projection`` maps the caption tokens through a
 two-layer GELU MLP before the cross-attentions (PixArt); ``learned_sigma`` doubles the output
-head for a predicted variance (DiT, PixArt-α); ``freq_shift``, ``norm_eps`` and
-``mlp_norm_eps`` are the numerical conventions of the diffusers implementations.
+head for a predicted variance (DiT, PixArt-α); ``size_conditions`` adds embeddings of
+``Conditioning.micro`` (PixArt-α's resolution and aspect ratio); ``embeddings_per_block``
+gives each block its own time and label embedding (a DiT trained in diffusers);
+``freq_shift``, ``norm_eps`` and ``mlp_norm_eps`` are the numerical conventions of the
+diffusers implementations.
 """
 
 from typing import Generic, Literal, TypeVar, cast
@@ -172,8 +175,7 @@ class PatchTransformerBlock(nn.Module):
         mask: Bool[Tensor, "batch context"] | None = None,
     ) -> Float[Tensor, "batch tokens dim"]:
         """Frame-major tokens ``(b, f * h * w, dim)`` on the grid ``(f, h, w)``, conditioned
-        on ``c`` (see ``modulations``);
-        context ``(b, m, context_dim)`` with keep-mask ``(b, m)``."""
+        on ``c`` (see ``modulations``); context ``(b, m, context_dim)``, keep-mask ``(b, m)``."""
         frames = grid[0]
         mods = self.modulations(c)
         shift, scale, gate = mods[0:3]
