@@ -86,12 +86,16 @@ class Conditioning:
     - ``pooled``: one vector per item, ``(batch, dim)``.
     - ``mask``: bool, ``True`` where a token is real, ``(batch, tokens)``.
     - ``labels``: integer (int64 or int32) class labels, ``(batch,)``.
+    - ``micro``: micro-conditions, a few numbers per item, ``(batch, n)``: SDXL's
+      ``(original height, width, crop top, left, target height, width)``, PixArt-α's
+      ``(height, width, aspect ratio)`` of the image to generate.
     """
 
     tokens: Float[Tensor, "batch tokens dim"] | None = None
     pooled: Float[Tensor, "batch pooled_dim"] | None = None
     mask: Bool[Tensor, "batch tokens"] | None = None
     labels: Int[Tensor, " batch"] | None = None
+    micro: Float[Tensor, "batch micro"] | None = None
 
     def __post_init__(self) -> None:
         sizes = {name: t.shape[0] for name, t in self._fields() if t is not None}
@@ -106,7 +110,15 @@ class Conditioning:
             raise ShapeError(
                 f"Conditioning: 'pooled' must be (batch, dim), got {tuple(self.pooled.shape)}"
             )
-        for name, value in (("tokens", self.tokens), ("pooled", self.pooled)):
+        if self.micro is not None and self.micro.ndim != 2:
+            raise ShapeError(
+                f"Conditioning: 'micro' must be (batch, n), got {tuple(self.micro.shape)}"
+            )
+        for name, value in (
+            ("tokens", self.tokens),
+            ("pooled", self.pooled),
+            ("micro", self.micro),
+        ):
             if value is not None and not value.is_floating_point():
                 raise ShapeError(
                     f"Conditioning: '{name}' must be floating-point embeddings, got dtype "

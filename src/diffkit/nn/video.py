@@ -86,7 +86,8 @@ class VideoDiT(PatchTransformer[VideoDiTConfig]):
         frames, grid_h, grid_w = self.patches.grid(x_t.shape[1:])
         pos = sincos_pos_embed_3d(frames, grid_h, grid_w, self.config.dim)
         h = self._transform(x_t, t, cond, pos, (frames, grid_h, grid_w))
-        return self.patches.unpatchify(h, (x_t.shape[1], self._out_channels, *x_t.shape[3:]))
+        out = self.patches.unpatchify(h, (x_t.shape[1], self._head_channels, *x_t.shape[3:]))
+        return out[:, :, : self._out_channels]  # learned_sigma: the variance half dropped
 
 
 DENOISERS.register(VideoDiTConfig, VideoDiT.from_config)
