@@ -26,12 +26,13 @@ from diffkit.samplers import DDIMConfig, DDPMConfig, DPMSolverPPConfig
 from diffkit.samplers._configs import EulerAncestralConfig, EulerConfig, HeunConfig, UniPCConfig
 from diffkit.samplers.spacing import KarrasConfig, LogSNRConfig, UniformTimeConfig
 from diffkit.schedules import (
-    CosineConfig,
-    DiscreteConfig,
-    EDMConfig,
-    LinearBetaConfig,
-    RectifiedFlowConfig,
-    SqrtLinearBetaConfig,
+    EDM,
+    Cosine,
+    Discrete,
+    LinearBeta,
+    RectifiedFlow,
+    SqrtLinearBeta,
+    ZeroTerminalSNR,
 )
 from diffkit.training import TrainConfig, TrainRunConfig
 from diffkit.typing import Prediction
@@ -57,12 +58,13 @@ def default_configs() -> list[Config]:
         UniformTimeConfig(),
         LogSNRConfig(),
         KarrasConfig(),
-        LinearBetaConfig(),
-        SqrtLinearBetaConfig(),
-        CosineConfig(),
-        EDMConfig(),
-        RectifiedFlowConfig(),
-        DiscreteConfig(),
+        LinearBeta(),
+        SqrtLinearBeta(),
+        Cosine(),
+        EDM(),
+        RectifiedFlow(),
+        Discrete(),
+        ZeroTerminalSNR(base=Cosine(offset=0.01)),
         DDIMConfig(),
         DDPMConfig(),
         EulerConfig(),
@@ -79,7 +81,7 @@ def a_training_run() -> TrainRunConfig:
     """A small text-free pixel-space run, overriding a few fields by keyword."""
     pipeline = dk.PipelineConfig(
         data_shape=(1, 16, 16),
-        schedule=CosineConfig(),
+        schedule=Cosine(),
         denoiser=UNetConfig(
             in_channels=1,
             base_channels=16,
@@ -118,7 +120,7 @@ class NarrowDenoiser(torch.nn.Module):
 
 def sample_with_own_denoiser() -> Tensor:
     """Sample with a user-written denoiser and a schedule built from a JSON string."""
-    schedule = dk.schedules.SCHEDULES.build(CosineConfig().to_json())
+    schedule = dk.schedules.SCHEDULES.build(Cosine().to_json())
     sampler = dk.samplers.REGISTRY["dpmpp_2m"]()
     noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     first = sampler.sample(ShrinkDenoiser(), schedule, noise, steps=3)
