@@ -59,7 +59,7 @@ from diffkit.checkpoint import (
 from diffkit.config import Config
 from diffkit.data import Batch, collate, save_grid, shard_batches
 from diffkit.ema import EMA
-from diffkit.losses import DiffusionLoss, LossConfig
+from diffkit.losses import DiffusionLoss
 from diffkit.protocols import Conditioning, NoiseSchedule
 from diffkit.typing import Prediction, warn_at_caller
 
@@ -124,7 +124,7 @@ class TrainConfig(Config):
         description="fp32; bf16 autocast (CPU or CUDA); fp16 autocast + scaler (CUDA)",
     )
     seed: int = Field(default=0, ge=0, description="seeds data order, times, noise and dropout")
-    loss: LossConfig = Field(default_factory=LossConfig, description="the diffusion loss")
+    loss: DiffusionLoss = Field(default_factory=DiffusionLoss, description="the diffusion loss")
     output_dir: str | None = Field(
         default=None, description="folder for checkpoints, logs and samples; None: write nothing"
     )
@@ -590,7 +590,7 @@ def train(
     """Train ``denoiser`` on ``dataset`` in place and return the losses and the EMA.
 
     - ``loss(denoiser, schedule, x0, cond=, uncond=, generator=) -> scalar``; default
-      ``DiffusionLoss(config.loss)``.
+      ``config.loss``.
     - ``condition(batch) -> Conditioning | None`` builds each micro-batch's condition
       (e.g. a text conditioner on ``batch.captions``); ``uncond`` is the null condition
       substituted by condition dropout.
@@ -654,7 +654,7 @@ def train(
         _refuse_earlier_run(ckpt_dir)
 
     denoiser.to(device)
-    loss_fn: LossFn = loss if loss is not None else DiffusionLoss(config.loss)
+    loss_fn: LossFn = loss if loss is not None else config.loss
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
