@@ -141,6 +141,41 @@ class CLIPTextConditioner(nn.Module):
             final_norm=config.final_norm,
         )
 
+    @property
+    def config(self) -> "CLIPTextConditionerConfig":
+        """The config that builds this conditioner: its tower's config, tokenizer and options.
+
+        Read from the parts themselves (a conditioner put together by hand, or converted
+        by ``interop``, has one too); a ``ValueError`` for a tokenizer no config describes.
+        """
+        tokenizer, tower = self.tokenizer, self.tower
+        if tokenizer.context_length != tower.context_length:
+            raise ValueError(
+                f"CLIPTextConditioner: its tokenizer's context_length "
+                f"{tokenizer.context_length} is not its tower's {tower.context_length}, "
+                "which a CLIPTextConditionerConfig cannot describe"
+            )
+        if type(tokenizer) is ByteTokenizer:
+            kind, vocab_path = "byte", None
+        elif type(tokenizer) is CLIPTokenizer and tokenizer.pad_token_id == 0:
+            kind, vocab_path = "clip_bpe", tokenizer.vocab_path
+        else:
+            raise ValueError(
+                f"CLIPTextConditioner: its tokenizer {tokenizer!r} is neither a ByteTokenizer "
+                "nor a CLIPTokenizer padding with 0, which a CLIPTextConditionerConfig cannot "
+                "describe"
+            )
+        projection = tower.projection
+        return CLIPTextConditionerConfig(
+            text=tower.config,
+            tokenizer=kind,
+            vocab_path=vocab_path,
+            projection_dim=projection.out_features if projection is not None else None,
+            project_pooled=self.project_pooled,
+            skip_last_layers=self.skip_last_layers,
+            final_norm=self.final_norm,
+        )
+
     def forward(self, texts: Sequence[str]) -> Conditioning:
         """Same as [`condition`][diffkit.text.CLIPTextConditioner.condition]."""
         return self.condition(texts)
@@ -346,6 +381,18 @@ class CLIPTextConditionerConfig(Config):
                 f"skip_last_layers {self.skip_last_layers} exceeds text.layers {self.text.layers}"
             )
         return self
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the tokens: the tower's ``text.width``."""
+        return self.text.width
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled embedding: ``projection_dim`` when projected, else the tower's."""
+        if self.project_pooled and self.projection_dim is not None:
+            return self.projection_dim
+        return self.text.width
 
 
 TEXT_CONDITIONERS: Registry[TextConditioner] = Registry("text_conditioner")

@@ -13,15 +13,15 @@ import torch
 from torch import Tensor
 
 import diffkit as dk
-from diffkit.builder import SpatialPatchesConfig, TubeletPatchesConfig
 from diffkit.config import Config
 from diffkit.data import DigitsConfig, MovingDigitsConfig
-from diffkit.losses import LossConfig
+from diffkit.losses import DiffusionLoss
 from diffkit.nn.clip import CLIPConfig, ResNetTowerConfig, TextTowerConfig, VisionTowerConfig
 from diffkit.nn.dit import DiTConfig
 from diffkit.nn.unet import UNetConfig
 from diffkit.nn.vae import IdentityEncoderConfig, KLAutoencoderConfig
 from diffkit.nn.video import VideoDiTConfig
+from diffkit.patches import SpatialPatches, TubeletPatches
 from diffkit.samplers import DDIMConfig, DDPMConfig, DPMSolverPPConfig
 from diffkit.samplers._configs import EulerAncestralConfig, EulerConfig, HeunConfig, UniPCConfig
 from diffkit.samplers.spacing import KarrasConfig, LogSNRConfig, UniformTimeConfig
@@ -41,8 +41,8 @@ from diffkit.typing import Prediction
 def default_configs() -> list[Config]:
     """Every public config that has no required field, built from its defaults."""
     configs: list[Config] = [
-        SpatialPatchesConfig(),
-        TubeletPatchesConfig(),
+        SpatialPatches(),
+        TubeletPatches(),
         DigitsConfig(),
         MovingDigitsConfig(),
         TextTowerConfig(),
@@ -54,7 +54,7 @@ def default_configs() -> list[Config]:
         KLAutoencoderConfig(),
         IdentityEncoderConfig(),
         VideoDiTConfig(),
-        LossConfig(),
+        DiffusionLoss(),
         UniformTimeConfig(),
         LogSNRConfig(),
         KarrasConfig(),

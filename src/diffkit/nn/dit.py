@@ -69,6 +69,16 @@ class DiTConfig(Config):
             raise ValueError(f"dim {self.dim} must be a multiple of 4 (2-D sin-cos positions)")
         return self
 
+    @property
+    def downsampling_factor(self) -> int:
+        """Height and width must be multiples of the patch size."""
+        return self.patch_size
+
+    @property
+    def is_video(self) -> bool:
+        """A DiT takes images."""
+        return False
+
 
 class DiTBlock(nn.Module):
     """adaLN-Zero block: gated self-attention, optional cross-attention, gated MLP."""
