@@ -119,7 +119,7 @@ def _check_prompts(name: str, prompts: object) -> None:
             raise TypeError(f"Pipeline: {name}[{i}] is {type(prompt).__name__}, expected str")
 
 
-def _part_config(where: str, name: str, part: object) -> Config | None:
+def _registered_config(where: str, name: str, part: object) -> Config | None:
     """The registered config that part ``name`` is (a schedule) or has (``module.config``)."""
     if part is None:
         return None
@@ -360,7 +360,7 @@ class Pipeline(nn.Module):
     def _config(self, where: str) -> PipelineConfig:
         if self.data_shape is None:
             raise ValueError(f"{where}: data_shape is not set; pass data_shape= to Pipeline")
-        parts = {name: _part_config(where, name, getattr(self, name)) for name in PARTS}
+        parts = {name: _registered_config(where, name, getattr(self, name)) for name in PARTS}
         return PipelineConfig.model_validate(
             {**parts, "data_shape": self.data_shape, "steps": self.steps, "guidance": self.guidance}
         )
@@ -459,33 +459,12 @@ class Pipeline(nn.Module):
         unconditional call, both at once, negative prompts without a text conditioner);
         with ``guidance == 1`` they are dropped with a ``UserWarning``.
         """
-        _check_prompts("prompts", prompts)
-        _check_prompts("negative_prompts", negative_prompts)
-        if prompts is not None and cond is not None:
-            raise ValueError(f"{where}: pass prompts or cond, not both")
-        if uncond is not None and negative_prompts is not None:
-            raise ValueError(
-                f"{where}: pass uncond or negative_prompts, not both (negative_prompts only "
-                "make an uncond)"
-            )
-        if negative_prompts is not None and self.text is None:
-            raise ValueError(
-                f"{where}: negative_prompts need a text conditioner; pass uncond= instead"
-            )
+        self._refuse_conflicts(where, prompts, cond, uncond, negative_prompts)
         negative = "uncond" if uncond is not None else "negative_prompts"
         if isinstance(prompts, str):
             prompts = [prompts]
         if prompts is None and cond is None:
-            if uncond is not None or negative_prompts is not None:
-                fix = (
-                    "pass prompts= (prompts='' guides away from the negative prompts alone)"
-                    if self.text is not None
-                    else "pass cond="
-                )
-                raise ValueError(
-                    f"{where}: {negative} has no effect on an unconditional call (no prompts "
-                    f"or cond, so no guidance); {fix}, or leave {negative} out"
-                )
+            self._refuse_unconditional_guidance(where, negative, uncond, negative_prompts)
             if guidance_given and guidance != 1.0:
                 raise ValueError(
                     f"{where}: guidance={guidance:g} has no effect on an unconditional call "
@@ -532,6 +511,49 @@ class Pipeline(nn.Module):
         if uncond is not None:
             uncond = uncond.expand(batch)
         return batch, cond, uncond, guidance
+
+    def _refuse_conflicts(
+        self,
+        where: str,
+        prompts: Sequence[str] | str | None,
+        cond: Conditioning | None,
+        uncond: Conditioning | None,
+        negative_prompts: Sequence[str] | str | None,
+    ) -> None:
+        """Arguments that cannot be given together, or without a text conditioner."""
+        _check_prompts("prompts", prompts)
+        _check_prompts("negative_prompts", negative_prompts)
+        if prompts is not None and cond is not None:
+            raise ValueError(f"{where}: pass prompts or cond, not both")
+        if uncond is not None and negative_prompts is not None:
+            raise ValueError(
+                f"{where}: pass uncond or negative_prompts, not both (negative_prompts only "
+                "make an uncond)"
+            )
+        if negative_prompts is not None and self.text is None:
+            raise ValueError(
+                f"{where}: negative_prompts need a text conditioner; pass uncond= instead"
+            )
+
+    def _refuse_unconditional_guidance(
+        self,
+        where: str,
+        negative: str,
+        uncond: Conditioning | None,
+        negative_prompts: Sequence[str] | str | None,
+    ) -> None:
+        """An unconditional call has nothing to guide: an uncond there would be ignored."""
+        if uncond is None and negative_prompts is None:
+            return
+        fix = (
+            "pass prompts= (prompts='' guides away from the negative prompts alone)"
+            if self.text is not None
+            else "pass cond="
+        )
+        raise ValueError(
+            f"{where}: {negative} has no effect on an unconditional call (no prompts "
+            f"or cond, so no guidance); {fix}, or leave {negative} out"
+        )
 
     def _sampler(self, sampler: Sampler | str | None) -> Sampler:
         if isinstance(sampler, str):
