@@ -388,6 +388,7 @@ class Discrete(ScheduleBase):
         description="ᾱ_i of the N training steps: in [0, 1), strictly decreasing, N >= 2",
     )
     _cache: dict[Any, Any] = PrivateAttr(default_factory=dict)
+    _first: float = PrivateAttr(default=0.0)  # the first step's log-SNR, on the host
 
     @model_validator(mode="before")
     @classmethod
@@ -420,6 +421,7 @@ class Discrete(ScheduleBase):
         # -inf onto a zero-terminal-SNR end), and 1 - ᾱ_0 for the stretch below the first.
         step = torch.cat([table[1:] - table[:-1], table.new_zeros(1)])
         self._cache[torch.device("cpu")] = (table, step, -table)
+        self._first = float(table[0])
 
     def __eq__(self, other: object) -> bool:
         # The tables cached per device are derived: only the field counts.
@@ -555,8 +557,7 @@ class Discrete(ScheduleBase):
         inside = (hi + frac).div_(n)
         # Below the first step: t = (1 - alpha²) / (N (1 - ᾱ_0)), 1 - alpha² = sigmoid(-λ).
         below = torch.sigmoid(neg).div_(n * self._one_minus_ac0)
-        first = float(table[0])  # the first step's log-SNR
-        return torch.where(log_snr > first, below, inside)
+        return torch.where(log_snr > self._first, below, inside)
 
 
 if TYPE_CHECKING:
