@@ -131,7 +131,8 @@ class CLIPTextConditioner(nn.Module):
         if config.tokenizer == "byte":
             tokenizer = ByteTokenizer(context)
         else:
-            tokenizer = CLIPTokenizer(config.vocab_path or find_open_clip_vocab(), context)
+            vocab = config.vocab_path or find_open_clip_vocab()
+            tokenizer = CLIPTokenizer(vocab, context, pad_token_id=config.pad_token_id)
         tower = TextTower(config.text, proj_dim=config.projection_dim)
         return cls(
             tower,
@@ -157,19 +158,19 @@ class CLIPTextConditioner(nn.Module):
             )
         if type(tokenizer) is ByteTokenizer:
             kind, vocab_path = "byte", None
-        elif type(tokenizer) is CLIPTokenizer and tokenizer.pad_token_id == 0:
+        elif type(tokenizer) is CLIPTokenizer:
             kind, vocab_path = "clip_bpe", tokenizer.vocab_path
         else:
             raise ValueError(
                 f"CLIPTextConditioner: its tokenizer {tokenizer!r} is neither a ByteTokenizer "
-                "nor a CLIPTokenizer padding with 0, which a CLIPTextConditionerConfig cannot "
-                "describe"
+                "nor a CLIPTokenizer, which a CLIPTextConditionerConfig cannot describe"
             )
         projection = tower.projection
         return CLIPTextConditionerConfig(
             text=tower.config,
             tokenizer=kind,
             vocab_path=vocab_path,
+            pad_token_id=tokenizer.pad_token_id,
             projection_dim=projection.out_features if projection is not None else None,
             project_pooled=self.project_pooled,
             skip_last_layers=self.skip_last_layers,
@@ -353,6 +354,12 @@ class CLIPTextConditionerConfig(Config):
     vocab_path: str | None = Field(
         default=None, description="CLIP merges file for clip_bpe; None: open_clip's copy"
     )
+    pad_token_id: int = Field(
+        default=0,
+        ge=0,
+        description="padding id of the clip_bpe tokenizer: 0 (open_clip) or 49407 (OpenAI's, "
+        "Stable Diffusion 1.x); the byte tokenizer pads with 0",
+    )
     projection_dim: int | None = Field(
         default=None, gt=0, description="size of the text projection; None: no projection"
     )
@@ -376,6 +383,10 @@ class CLIPTextConditionerConfig(Config):
             )
         if self.project_pooled and self.projection_dim is None:
             raise ValueError("project_pooled=True needs projection_dim")
+        if self.tokenizer == "byte" and self.pad_token_id != ByteTokenizer.pad_token_id:
+            raise ValueError(
+                f"the byte tokenizer pads with 0, not pad_token_id {self.pad_token_id}"
+            )
         if self.skip_last_layers > self.text.layers:
             raise ValueError(
                 f"skip_last_layers {self.skip_last_layers} exceeds text.layers {self.text.layers}"
