@@ -20,12 +20,15 @@ from diffkit.typing import Prediction, Sample, ShapeError, Time
 __all__ = [
     "Conditioning",
     "Denoiser",
+    "DenoiserSpec",
     "Encoder",
+    "EncoderSpec",
     "NoiseSchedule",
     "Patchifier",
     "Sampler",
     "StepCallback",
     "TextConditioner",
+    "TextSpec",
 ]
 
 
@@ -335,7 +338,10 @@ class Patchifier(Protocol, metaclass=_ProtocolMeta):
     ``unpatchify(patchify(x), x.shape[1:]) == x`` bit for bit.
     """
 
-    patch_size: tuple[int, ...]
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """The patch (or tubelet) size, one entry per patched axis."""
+        ...
 
     def patchify(self, x: Sample) -> Float[Tensor, "batch tokens patch_dim"]:
         """Data ``(batch, *shape)`` to tokens ``(batch, tokens, patch_dim)``."""
@@ -349,4 +355,96 @@ class Patchifier(Protocol, metaclass=_ProtocolMeta):
 
     def grid(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The token grid (e.g. ``(frames', height', width')``) for a data shape without batch."""
+        ...
+
+
+# --------------------------------------------------------------------------------------
+# What a part's config declares, for checking that the parts of a pipeline fit together
+# before anything is built (see diffkit.builder.compatibility_problems). A config that
+# does not declare them is accepted, and the checks that need them are skipped.
+# --------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class DenoiserSpec(Protocol, metaclass=_ProtocolMeta):
+    """What a denoiser's config declares about the tensors its network takes."""
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of ``x_t`` (the latent channels in latent diffusion)."""
+        ...
+
+    @property
+    def out_channels(self) -> int | None:
+        """Channels of the prediction; ``None``: ``in_channels``."""
+        ...
+
+    @property
+    def context_dim(self) -> int | None:
+        """Width of ``Conditioning.tokens`` taken by cross-attention; ``None``: none."""
+        ...
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of ``Conditioning.pooled`` taken; ``None``: none."""
+        ...
+
+    @property
+    def downsampling_factor(self) -> int:
+        """The latent height and width must be multiples of this (patch size included)."""
+        ...
+
+    @property
+    def patch_size(self) -> int | tuple[int, ...] | None:
+        """Patch size: ``(h, w)`` (an int: square) for images, ``(frames, h, w)`` for video."""
+        ...
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the network takes videos ``(batch, frames, channels, height, width)``."""
+        ...
+
+    @property
+    def prediction(self) -> Prediction:
+        """What the network predicts: ``"epsilon"``, ``"x0"``, ``"v"`` or ``"flow"``."""
+        ...
+
+
+@runtime_checkable
+class EncoderSpec(Protocol, metaclass=_ProtocolMeta):
+    """What an encoder's config declares about data and latents."""
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the data it encodes."""
+        ...
+
+    @property
+    def out_channels(self) -> int | None:
+        """Channels of the data it decodes to; ``None``: ``in_channels``."""
+        ...
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of its latents."""
+        ...
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Data height and width over latent height and width."""
+        ...
+
+
+@runtime_checkable
+class TextSpec(Protocol, metaclass=_ProtocolMeta):
+    """What a text conditioner's config declares about the conditioning it makes."""
+
+    @property
+    def token_dim(self) -> int:
+        """Width of ``Conditioning.tokens``."""
+        ...
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of ``Conditioning.pooled``."""
         ...

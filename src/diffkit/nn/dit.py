@@ -56,6 +56,16 @@ class DiTConfig(PatchTransformerConfig):
             raise ValueError(f"dim {self.dim} must be a multiple of 4 (2-D sin-cos positions)")
         return self
 
+    @property
+    def downsampling_factor(self) -> int:
+        """Height and width must be multiples of the patch size."""
+        return self.patch_size
+
+    @property
+    def is_video(self) -> bool:
+        """A DiT takes images."""
+        return False
+
 
 def _axis(n: int, config: DiTConfig) -> torch.Tensor:
     """Positions of ``n`` patches along one axis, in float32 as diffusers' ``PatchEmbed``."""

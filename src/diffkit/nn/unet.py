@@ -185,6 +185,16 @@ class UNetConfig(Config):
         """Height and width must be multiples of this (``2 ** (levels - 1)``)."""
         return 2 ** (len(self.channel_mult) - 1)
 
+    @property
+    def patch_size(self) -> None:
+        """A U-Net works on pixels (or latents), not patches."""
+        return None
+
+    @property
+    def is_video(self) -> bool:
+        """A U-Net takes images."""
+        return False
+
 
 class UNetLevel(nn.Module):
     """One resolution of the U-Net: residual blocks, each optionally followed by attention."""

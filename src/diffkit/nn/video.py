@@ -17,6 +17,7 @@ per frame slot): a spatial locality bias that a small transformer otherwise has 
 from data (time is mixed by the attention only). Same interface as the image denoisers.
 """
 
+import math
 from typing import Literal
 
 from jaxtyping import Float
@@ -59,6 +60,16 @@ class VideoDiTConfig(PatchTransformerConfig):
         if any(p < 1 for p in self.patch_size):
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
         return self
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Height and width must be multiples of this (the tubelet's height and width)."""
+        return math.lcm(self.patch_size[1], self.patch_size[2])
+
+    @property
+    def is_video(self) -> bool:
+        """A VideoDiT takes videos."""
+        return True
 
 
 class VideoDiT(PatchTransformer[VideoDiTConfig]):
