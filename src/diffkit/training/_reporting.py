@@ -6,8 +6,8 @@ is made. The log keeps one record per logged step across interruptions: a resume
 first cuts what the interrupted run logged after the checkpoint it resumes from.
 """
 
-import json
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -95,8 +95,9 @@ def progress_bar(
 
     A notebook or a terminal gets a live tqdm bar when tqdm is installed (the ``progress``
     extra); without tqdm, and on any other stream (a log file, a CI log, a pipe), a
-    ``_ProgressLines`` report, so that no carriage-return redraws pile up in it. ``enabled=False``: a display that shows nothing. tqdm is imported only for
-    a live bar (or, under a Jupyter kernel, to ask whether it runs in a notebook).
+    ``_ProgressLines`` report, so that no carriage-return redraws pile up in it.
+    ``enabled=False``: a display that shows nothing. tqdm is imported only for a live bar
+    (or, under a Jupyter kernel, to ask whether it runs in a notebook).
     """
     if not enabled:
         return _ProgressLines(total, desc, initial, None, math.inf)
