@@ -69,7 +69,7 @@ CASES = {
 def test_sampler_matches_kdiffusion(name: str) -> None:
     kd_sampler, kd_sigmas, make, spacing = CASES[name]
     steps = 8
-    ac = SCHEDULE.alphas_cumprod
+    ac = torch.tensor(SCHEDULE.alphas_cumprod, dtype=F64)
     ratios = ((1 - ac) / ac).sqrt()
     sigmas = kd_sigmas(steps, float(ratios[0]), float(ratios[-1])).to(F64)
     noise = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -86,7 +86,7 @@ def test_sampler_matches_kdiffusion(name: str) -> None:
 @pytest.mark.parametrize("batch", [4, 8])  # 8 x 5 values: torch's vectorised normal_
 def test_dpmpp_2s_ancestral_matches_kdiffusion_with_the_same_noise(eta: float, batch: int) -> None:
     steps = 8
-    ac = SCHEDULE.alphas_cumprod
+    ac = torch.tensor(SCHEDULE.alphas_cumprod, dtype=F64)
     ratios = ((1 - ac) / ac).sqrt()
     sigmas = ks.get_sigmas_karras(steps, float(ratios[0]), float(ratios[-1])).to(F64)
     noise = torch.randn(batch, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
