@@ -200,6 +200,26 @@ SCHEDULES = {
 }
 
 
+BUILT_IN_SCHEDULES = {
+    **SCHEDULES,
+    "linear_beta": dk.schedules.LinearBeta(),
+    "sqrt_linear_beta": dk.schedules.SqrtLinearBeta(),
+    "discrete_sd": Discrete.from_betas(discrete_betas("sqrt_linear_beta", 1000, 0.00085, 0.012)),
+    "discrete_cosine": Discrete.from_betas(discrete_betas("cosine", 1000)),
+    "rectified_flow_shift3": RectifiedFlow(shift=3.0),
+    "cosine_zsnr": dk.schedules.ZeroTerminalSNR(Cosine()),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(BUILT_IN_SCHEDULES))
+@pytest.mark.parametrize("name", NAMES)
+def test_no_preset_spends_most_of_ten_steps_at_pure_noise(name: str, schedule: str) -> None:
+    # Karras on Cosine once put 7 of 10 steps at t > 0.98 (the Karras-on-Cosine trap).
+    grid = samplers.PRESETS[name].grid(BUILT_IN_SCHEDULES[schedule], 10)
+    noisy = [t for t in grid.t[:-1] if t > 0.95]
+    assert len(noisy) <= 5, f"{name} on {schedule}: {grid.t}"
+
+
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 @pytest.mark.parametrize("name", NAMES)
 def test_every_sampler_gives_finite_samples_on_every_schedule(name: str, schedule: str) -> None:
