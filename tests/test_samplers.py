@@ -269,6 +269,47 @@ def test_same_generator_seed_gives_identical_samples(name: str) -> None:
         assert not torch.equal(a, c)
 
 
+class ImageGaussian:
+    """Exact epsilon of zero-mean per-channel Gaussian images, answered in ``layout``."""
+
+    prediction = "epsilon"
+
+    def __init__(self, schedule, layout: torch.memory_format) -> None:
+        self.schedule, self.layout = schedule, layout
+        self.var = torch.tensor([0.2, 1.0, 2.0], dtype=F64)[:, None, None]
+
+    def __call__(self, x, t, cond=None):
+        a = self.schedule.alpha(t.to(F64))[:, None, None, None]
+        s = self.schedule.sigma(t.to(F64))[:, None, None, None]
+        eps = s / (a * a * self.var + s * s) * x.to(F64)
+        return eps.to(x.dtype).contiguous(memory_format=self.layout)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_samples_do_not_depend_on_the_memory_layout(name: str) -> None:
+    # Step noise is drawn by logical index, so a channels-last or permuted noise tensor
+    # (and a model answering channels-last) gives the same samples, element for element.
+    noise = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    sampler = samplers.REGISTRY[name]()
+
+    def run(x, layout=torch.contiguous_format):
+        den = ImageGaussian(DISCRETE, layout)
+        g = torch.Generator().manual_seed(3)
+        return sampler.sample(den, DISCRETE, x, steps=4, generator=g)
+
+    reference = run(noise)
+    channels_last = noise.contiguous(memory_format=torch.channels_last)
+    permuted = noise.permute(3, 1, 0, 2).contiguous().permute(2, 1, 3, 0)
+    assert not channels_last.is_contiguous() and not permuted.is_contiguous()
+    for x, layout in [
+        (channels_last, torch.contiguous_format),
+        (permuted, torch.contiguous_format),
+        (noise, torch.channels_last),
+        (channels_last, torch.channels_last),
+    ]:
+        torch.testing.assert_close(run(x, layout), reference, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_one_sampler_shared_by_threads_matches_sequential_calls(name: str) -> None:
     mean, std = _data()

@@ -66,6 +66,7 @@ __all__ = [
     "Step",
     "alpha_sigma",
     "final_step",
+    "gaussian",
     "make_grid",
     "run_plan",
     "run_reference",
@@ -225,6 +226,17 @@ def final_step(grid: Grid, final: str) -> tuple[float, ...]:
         return (1.0,)
     q = math.exp(-2 * grid.h(n - 2))
     return (1 / (1 - q), -q / (1 - q))
+
+
+def gaussian(like: Tensor, generator: torch.Generator | None, std: float = 1.0) -> Tensor:
+    """``std * z``, ``z ~ N(0, I)`` of ``like``'s shape, dtype and device, contiguous.
+
+    The draws fill a fresh contiguous tensor, so element ``[b, c, h, w]`` gets the same
+    draw whatever ``like``'s memory layout (channels-last, permuted): the samples do not
+    depend on it. For a contiguous ``like`` these are ``torch.randn_like``'s draws.
+    """
+    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return out.normal_(0.0, std, generator=generator)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -413,7 +425,7 @@ def run_reference(
     history = [model(x, 0)]  # D_i, D_{i-1}, ...: newest first
     last = len(steps) - 1
     for i, (keep, data, noise, correct, reevaluate) in enumerate(steps):
-        z = torch.empty_like(x).normal_(generator=generator) if noise else None
+        z = gaussian(x, generator) if noise else None
         x_next = _affine(keep, x, data, history, noise, z)
         if i == last:
             return x_next
@@ -467,10 +479,10 @@ def _combination(
     """``sum_k c_k * ops[j_k]`` (+ ``noise * z``, ``z ~ N(0, I)``) in one fresh tensor.
 
     The operands are never written to. Noise is drawn straight into the output (the same
-    draws as ``torch.randn_like(ops[_X])``), one elementwise pass fewer than adding it.
+    draws as ``gaussian(ops[_X])``), one elementwise pass fewer than adding it.
     """
     if noise:
-        out, rest = torch.empty_like(ops[_X]).normal_(0.0, noise, generator=generator), terms
+        out, rest = gaussian(ops[_X], generator, noise), terms
     else:
         (j, c), rest = terms[0], terms[1:]
         out = ops[j] * c
@@ -571,7 +583,8 @@ def run_plan(
     # Noise shared by a predictor and its corrector goes into the loop's own buffer,
     # refilled in place: it is only ever an operand, never handed to the model or caller.
     if any(step.buffered for step in program):
-        ops[_Z] = torch.empty_like(x)
+        # contiguous, so the draws do not depend on x's memory layout (see ``gaussian``)
+        ops[_Z] = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ops[_X], ops[here] = x, evaluate(x, 0)
     last = len(program) - 1
     for i, (predictor, corrector, reevaluate, fresh, buffered) in enumerate(program):

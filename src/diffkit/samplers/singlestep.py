@@ -30,11 +30,10 @@ Both take 2 NFE per step. A step onto the data (``s_{i+1} = 0``) or from pure no
 import math
 from typing import Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
-from diffkit.samplers._base import SAMPLERS, Grid
+from diffkit.samplers._base import SAMPLERS, Grid, gaussian
 from diffkit.samplers.spacing import SPACING, AnySpacing, Karras
 from diffkit.samplers.stepping import History, Rng, StepModel, StepSampler
 
@@ -109,5 +108,5 @@ class DPMSolverPP2SAncestral(StepSampler):
             d_m = model.at(x_m * mid.alpha, i)
             x_t = x_t * math.exp(-h) - d_m * math.expm1(-h)
         if up * s1 > 0:
-            x_t = x_t + torch.empty_like(x_t).normal_(generator=generator) * (up * s1)
+            x_t = x_t + gaussian(x_t, generator, up * s1)
         return x_t * a1
