@@ -26,7 +26,16 @@ from diffkit.schedules import EDM, Cosine, Discrete, RectifiedFlow, discrete_bet
 F64 = torch.float64
 DIM = 4
 NAMES = sorted(samplers.REGISTRY)
-STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral"}
+STOCHASTIC = {
+    "ddpm",
+    "euler_ancestral",
+    "dpmpp_sde",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+    "dpmpp_2s_ancestral",
+    "dpm_2_ancestral",
+    "dpmpp_sde_single",
+}
 FIRST_ORDER = {"ddpm", "ddim", "ddim_logsnr", "euler", "euler_ancestral"}
 DETERMINISTIC = [n for n in NAMES if n not in STOCHASTIC]
 DISCRETE = Discrete.from_betas(discrete_betas("linear_beta", 1000))
@@ -36,6 +45,7 @@ TWO_STAGE = (
     samplers.Heun,
     samplers.DPMSolver2,
     samplers.DPMSolverPP2SAncestral,
+    samplers.DPMSolverPPSDE,
 )  # 2 NFE per step, 1 onto the data
 
 
@@ -111,6 +121,7 @@ ORDER = {
     "euler": 1,
     "heun": 2,
     "dpm_2": 2,
+    "lms": 3,
     "dpmpp_2m": 2,
     "dpmpp_3m": 2,
     "unipc": 3,
@@ -141,6 +152,8 @@ def test_error_falls_with_the_order_of_the_sampler(name: str) -> None:
 EXACT_DEGREE = {
     "dpmpp_3m": (samplers.DPMSolverPP(order=3), 1),
     "dpmpp_3m_sde": (samplers.DPMSolverPP(order=3, eta=1.0), 1),
+    "dpmpp_2m_heun": (samplers.DPMSolverPP(order=2, solver_type="heun"), 1),
+    "dpmpp_2m_sde_heun": (samplers.DPMSolverPP(order=2, eta=1.0, solver_type="heun"), 1),
     "unipc_3_predictor": (samplers.UniPC(order=3, corrector=False), 2),
     "unipc_3_bh1_predictor": (samplers.UniPC(order=3, variant="bh1", corrector=False), 2),
 }
@@ -605,6 +618,15 @@ def test_guidance_one_equals_the_conditional_model(name: str) -> None:
     strong = run(cond=cond, uncond=uncond, guidance=3.0)
     assert set(model.calls) == {5, 10}  # one batched call on cond and uncond together
     assert not torch.allclose(plain, strong)
+    # guidance rescale: none at 0 or at guidance 1 (std(cond) / std(cond) = 1)
+    torch.testing.assert_close(run(cond=cond, guidance_rescale=0.7), plain)
+    torch.testing.assert_close(
+        run(cond=cond, uncond=uncond, guidance=3.0, guidance_rescale=0.0), strong
+    )
+    rescaled = run(cond=cond, uncond=uncond, guidance=3.0, guidance_rescale=0.7)
+    assert torch.isfinite(rescaled).all() and not torch.allclose(rescaled, strong)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        run(cond=cond, guidance_rescale=1.5)
 
 
 def test_guidance_needs_uncond() -> None:

@@ -134,3 +134,20 @@ def test_sampler_matches_diffusers_step_for_step(name: str, steps: int) -> None:
                 ours[i], reference[i].to(ours[i].dtype), atol=1e-5, rtol=1e-5, msg=f"step {i}"
             )
     torch.testing.assert_close(final, reference[-1].to(final.dtype), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_guidance_rescale_matches_diffusers_rescale_noise_cfg(rescale: float) -> None:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+
+    def model(x, t, c=None):
+        return torch.cat([cond, uncond])
+
+    model.prediction = "epsilon"  # type: ignore[attr-defined]
+    ours = dk.guidance.predict(model, cond, torch.zeros(4), None, 7.5, rescale=rescale)
+    cfg = uncond + 7.5 * (cond - uncond)
+    theirs = rescale_noise_cfg(cfg, cond, guidance_rescale=rescale)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)

@@ -65,6 +65,7 @@ __all__ = [
     "SamplerBase",
     "Step",
     "alpha_sigma",
+    "ancestral_split",
     "final_step",
     "gaussian",
     "make_grid",
@@ -213,6 +214,18 @@ class Plan:
     points: tuple[tuple[Point, ...], ...] = ()
 
 
+def ancestral_split(grid: Grid, i: int, eta: float) -> tuple[float, float]:
+    """``(s_up, s_down) / s_{i+1}`` of an ancestral step ``i -> i + 1`` (k-diffusion's rule).
+
+    With ``rho = s_{i+1} / s_i``: ``s_up = min(s_{i+1}, eta s_{i+1} sqrt(1 - rho²))`` of
+    fresh noise and a deterministic step to ``s_down = sqrt(s_{i+1}² - s_up²)``; together
+    they reach ``s_{i+1}`` with the posterior's variance (``eta = 1``).
+    """
+    rho = grid.ratio(i)
+    up = min(1.0, eta * math.sqrt(1 - rho * rho))
+    return up, math.sqrt(1 - up * up)
+
+
 def final_step(grid: Grid, final: str) -> tuple[float, ...]:
     """Coefficients of ``D_{N-1}, D_{N-2}`` for the step onto the data.
 
@@ -260,9 +273,10 @@ class _Model:
         guidance: float,
         uncond: Conditioning | None,
         points: Sequence[Point] = (),
+        rescale: float = 0.0,
     ) -> None:
         batch, device = like.shape[0], like.device
-        self.denoiser, self.guidance = denoiser, float(guidance)
+        self.denoiser, self.guidance, self.rescale = denoiser, float(guidance), float(rescale)
         self.model_dtype, self.dtype = like.dtype, work_dtype(like.dtype)
         self.cast = self.model_dtype != self.dtype
         self.guided = self.guidance != 1.0
@@ -338,7 +352,9 @@ class _Model:
         x_in = x.to(self.model_dtype) if self.cast else x
         t = self.times[i] if times is None else times
         try:
-            return predict(self.denoiser, x_in, t, self.cond, self.guidance, self.dtype)
+            return predict(
+                self.denoiser, x_in, t, self.cond, self.guidance, self.dtype, self.rescale
+            )
         except OutputShapeError as error:
             where = f" at step {i} of {self.grid.steps}"
             raise OutputShapeError(error.out, error.x_in, self.guided, where) from None
@@ -707,6 +723,7 @@ class SamplerBase(Config):
         generator: torch.Generator | None = None,
         callback: StepCallback | None = None,
         plan: Plan | None = None,
+        guidance_rescale: float = 0.0,
     ) -> Sample:
         """Sample ``x0`` ``(batch, *shape)`` from standard normal ``noise`` in ``steps`` steps.
 
@@ -716,12 +733,17 @@ class SamplerBase(Config):
         ``guidance != 1`` needs ``cond`` and ``uncond``; with ``guidance == 1`` an
         ``uncond`` is unused, and a ``UserWarning`` says so. ``plan`` (from ``prepare`` on
         this ``schedule``, for these ``steps``) skips computing the grid and coefficients.
+        ``guidance_rescale`` in ``[0, 1]`` rescales the guided prediction towards the
+        conditional one's standard deviation (Lin et al., 2024; diffusers'
+        ``guidance_rescale``; see [`predict`][diffkit.guidance.predict]).
         Runs under ``torch.no_grad()``.
         """
         _check_steps(steps)
         # A NaN guidance would only surface after the whole loop, as a NonFiniteError.
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be finite, got {guidance}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if not noise.is_floating_point():
             raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
         uncond = unused_uncond(f"{type(self).__name__}.sample", guidance, uncond)
@@ -729,7 +751,9 @@ class SamplerBase(Config):
             plan = self.prepare(schedule, steps, noise.device)
         else:
             self._check_plan(plan, steps)
-        model = _Model(denoiser, plan.grid, noise, cond, guidance, uncond, _off_grid(plan))
+        model = _Model(
+            denoiser, plan.grid, noise, cond, guidance, uncond, _off_grid(plan), guidance_rescale
+        )
         x = noise.to(model.dtype) * plan.grid.sigma[0]
         x = self._run(plan, model, x, generator, callback)
         model.raise_if_nonfinite()
