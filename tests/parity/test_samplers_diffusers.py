@@ -151,3 +151,38 @@ def test_guidance_rescale_matches_diffusers_rescale_noise_cfg(rescale: float) ->
     cfg = uncond + 7.5 * (cond - uncond)
     theirs = rescale_noise_cfg(cfg, cond, guidance_rescale=rescale)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_match_euler_is_euler_on_shifted_rectified_flow(shift: float) -> None:
+    # diffusers' FlowMatchEulerDiscreteScheduler (SD3 / Flux): unshifted sigmas evenly
+    # spaced from 1 to shift(1 / 1000), shifted, then Euler on the flow. In diffkit: the
+    # time shift is RectifiedFlow(shift=...), t the unshifted sigma, and flow-Euler is
+    # Euler (= DDIM) on uniform t down to that t_min.
+    steps = 8
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 6, generator=g, dtype=torch.float64) / 6**0.5
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x.double() @ weight) * (1 + sigma.reshape(-1, 1)) - 0.5 * x.double()
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(steps)
+    noise = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = noise.float()
+    for t in scheduler.timesteps:
+        v = velocity(x, (t / 1000).double().expand(x.shape[0])).float()
+        x = scheduler.step(v, t, x).prev_sample
+
+    schedule = dk.schedules.RectifiedFlow(shift=shift)
+
+    class Flow:
+        prediction = "flow"
+
+        def __call__(self, x, t, cond=None):
+            return velocity(x, schedule.sigma(t.double())).to(x.dtype)
+
+    t_min = shift * 1e-3 / (1 + (shift - 1) * 1e-3)
+    sampler = samplers.Euler(spacing=samplers.UniformTime(t_min=t_min))
+    ours = sampler.sample(Flow(), schedule, noise, steps=steps)
+    torch.testing.assert_close(ours.float(), x, rtol=1e-5, atol=1e-5)
