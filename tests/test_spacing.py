@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffkit.samplers import SPACINGS, Explicit, Karras, LogSNR, UniformTime
+from diffkit.samplers import SPACINGS, Explicit, Karras, Leading, LogSNR, UniformTime
 from diffkit.schedules import EDM, Cosine, Discrete, RectifiedFlow, discrete_betas
 
 F64 = torch.float64
@@ -88,6 +88,17 @@ def test_karras_caps_a_huge_terminal_sigma_and_keeps_the_peers_grids() -> None:
     # Below the ceiling (DDPM linear betas end at 157, EDM at 80) the grid is unchanged.
     for sched in (SCHEDULES["discrete"], EDM()):
         torch.testing.assert_close(Karras()(sched, 10), Karras(sigma_max=None)(sched, 10))
+
+
+def test_leading_matches_diffusers_leading_timesteps_with_their_offset() -> None:
+    t = Leading(steps_offset=1)(SCHEDULES["discrete"], 10)
+    index = (t[:-1] * 1000 - 1).round()
+    assert index.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert t[-1] == 0.0
+    with pytest.raises(ValueError, match="steps_offset"):
+        Leading(steps_offset=1000)
+    with pytest.raises(ValueError, match="num_train"):
+        Leading(num_train=10)(SCHEDULES["discrete"], 20)
 
 
 def test_explicit_times_are_checked() -> None:

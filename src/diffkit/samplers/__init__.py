@@ -45,6 +45,7 @@ from diffkit.samplers.spacing import SPACINGS as SPACINGS
 from diffkit.samplers.spacing import AnySpacing as AnySpacing
 from diffkit.samplers.spacing import Explicit as Explicit
 from diffkit.samplers.spacing import Karras as Karras
+from diffkit.samplers.spacing import Leading as Leading
 from diffkit.samplers.spacing import LogSNR as LogSNR
 from diffkit.samplers.spacing import Spacing as Spacing
 from diffkit.samplers.spacing import SpacingBase as SpacingBase
@@ -76,6 +77,7 @@ __all__ = [
     "Grid",
     "Heun",
     "Karras",
+    "Leading",
     "LogSNR",
     "Noise",
     "NonFiniteError",

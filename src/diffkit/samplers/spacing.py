@@ -30,6 +30,7 @@ __all__ = [
     "AnySpacing",
     "Explicit",
     "Karras",
+    "Leading",
     "LogSNR",
     "Spacing",
     "SpacingBase",
@@ -190,6 +191,44 @@ class UniformTime(_Ends):
         return _finish(t, self.t_max, t_min)
 
 
+class Leading(SpacingBase):
+    """diffusers' ``"leading"`` spacing of a model trained on ``num_train`` steps.
+
+    Training indices ``k * (num_train // steps) + steps_offset`` for ``k = steps - 1 ... 0``
+    (Stable Diffusion 1.x's DDIM / PNDM: ``steps_offset=1``), as times
+    ``t = (index + 1) / num_train`` ([`Discrete`][diffkit.schedules.Discrete]'s
+    ``t_from_index``). Its noisiest evaluation is below ``t = 1`` and its last at
+    ``index = steps_offset``.
+    """
+
+    kind: Literal["leading"] = "leading"
+    num_train: int = Field(default=1000, ge=1, description="training steps of the model")
+    steps_offset: int = Field(default=0, ge=0, description="added to every index (diffusers)")
+
+    @model_validator(mode="after")
+    def _valid_offset(self) -> "Leading":
+        if self.steps_offset >= self.num_train:
+            raise ValueError(
+                f"Leading: steps_offset ({self.steps_offset}) must be below num_train "
+                f"({self.num_train})"
+            )
+        return self
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+        ratio = self.num_train // steps
+        if ratio < 1:
+            raise ValueError(
+                f"Leading: steps ({steps}) must not exceed num_train ({self.num_train})"
+            )
+        index = [min(k * ratio + self.steps_offset, self.num_train - 1) for k in range(steps)]
+        times = [(i + 1) / self.num_train for i in reversed(index)]
+        return torch.tensor([*times, 0.0], dtype=_F64)
+
+
 class LogSNR(_Ramp):
     """Evenly spaced log-SNR from ``t_max`` to ``t_min`` (DPM-Solver's ``"logSNR"``).
 
@@ -303,6 +342,7 @@ SPACINGS.register(UniformTime)
 SPACINGS.register(LogSNR)
 SPACINGS.register(Karras)
 SPACINGS.register(Explicit)
+SPACINGS.register(Leading)
 
 
 def _spacing(value: Any) -> Any:
