@@ -324,6 +324,39 @@ def test_samples_do_not_depend_on_the_memory_layout(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_sampling_starts_from_given_latents_or_from_x_t_at_any_time(name: str) -> None:
+    mean, std = _data()
+    den = Gaussian(DISCRETE, mean, std)
+    noise = torch.randn(8, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sampler = samplers.REGISTRY[name]()
+
+    def run(x, steps=5, **kw):
+        g = torch.Generator().manual_seed(4)
+        return sampler.sample(den, DISCRETE, x, steps=steps, generator=g, **kw)
+
+    # given latents x_T at the grid's first time, used as they are
+    x_T = noise * sampler.grid(DISCRETE, 5).sigma[0]
+    torch.testing.assert_close(run(x_T, start="sample"), run(noise), rtol=1e-12, atol=1e-12)
+    # a given x_t at t = 0.5 (image-to-image): the grid starts there
+    t = torch.full((8,), 0.5, dtype=F64)
+    x0 = mean + std * torch.randn(8, DIM, generator=torch.Generator().manual_seed(2), dtype=F64)
+    x_t = DISCRETE.alpha(t)[:, None] * x0 + DISCRETE.sigma(t)[:, None] * noise
+    calls: list[float] = []
+    out = run(x_t, start="sample", t_start=0.5, callback=lambda i, t, x, d: calls.append(i))
+    started = sampler.model_copy(update={"spacing": sampler.spacing.starting_at(0.5)})
+    assert started.grid(DISCRETE, 5).t[0] == 0.5 and len(calls) == 5
+    assert torch.isfinite(out).all()
+    if name not in STOCHASTIC:  # the flow from x_t converges to the exact flow map
+        out = run(x_t, steps=40, start="sample", t_start=0.5)
+        exact = den.flow_map(x_t / DISCRETE.sigma(t[:1]), started.grid(DISCRETE, 40))
+        assert float((out - exact).abs().max()) < 0.1
+    with pytest.raises(ValueError, match="t_start"):
+        run(x_t, t_start=1e-4)
+    with pytest.raises(ValueError, match="start"):
+        run(x_t, start="latents")
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_one_sampler_shared_by_threads_matches_sequential_calls(name: str) -> None:
     mean, std = _data()
     sampler = samplers.REGISTRY[name]()

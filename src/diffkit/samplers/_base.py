@@ -42,7 +42,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -724,10 +724,20 @@ class SamplerBase(Config):
         callback: StepCallback | None = None,
         plan: Plan | None = None,
         guidance_rescale: float = 0.0,
+        t_start: float | None = None,
+        start: Literal["noise", "sample"] = "noise",
     ) -> Sample:
         """Sample ``x0`` ``(batch, *shape)`` from standard normal ``noise`` in ``steps`` steps.
 
-        ``noise`` is scaled to ``sigma(t_max)``; the model is called in ``noise.dtype`` (so
+        Where sampling starts: by default ``noise`` is standard normal and is scaled to
+        ``sigma`` at the grid's first time. ``start="sample"`` takes ``noise`` as the
+        sample itself at that time, unscaled: given latents ``x_T`` (diffusers' DDPM, DDIM
+        and DPM-Solver latents are ``x_T``; its Euler, Heun and LMS latents, scaled by
+        ``init_noise_sigma = sigma / alpha``, are ``x_T / alpha``). ``t_start=t`` starts the
+        grid at ``t`` (the spacing's ``t_max``, any Karras ceiling lifted; an
+        ``Explicit`` grid must start there): with ``start="sample"``, ``noise`` is a given
+        ``x_t``, e.g. ``alpha(t) x0 + sigma(t) eps`` for image-to-image.
+        The model is called in ``noise.dtype`` (so
         pass noise in the model's dtype), with the floating fields of ``cond`` / ``uncond``
         cast to it, while the sampler integrates in float32 (float64 if ``noise`` is).
         ``guidance != 1`` needs ``cond`` and ``uncond``; with ``guidance == 1`` an
@@ -746,16 +756,23 @@ class SamplerBase(Config):
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if not noise.is_floating_point():
             raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
+        if start not in ("noise", "sample"):
+            raise ValueError(f"start must be 'noise' or 'sample', got {start!r}")
         uncond = unused_uncond(f"{type(self).__name__}.sample", guidance, uncond)
+        sampler = self
+        if t_start is not None:
+            spacing = self.spacing.starting_at(float(t_start))
+            sampler = self.model_copy(update={"spacing": spacing})
         if plan is None:
-            plan = self.prepare(schedule, steps, noise.device)
+            plan = sampler.prepare(schedule, steps, noise.device)
         else:
-            self._check_plan(plan, steps)
+            sampler._check_plan(plan, steps)
         model = _Model(
             denoiser, plan.grid, noise, cond, guidance, uncond, _off_grid(plan), guidance_rescale
         )
-        x = noise.to(model.dtype) * plan.grid.sigma[0]
-        x = self._run(plan, model, x, generator, callback)
+        x = noise.to(model.dtype)
+        x = x * plan.grid.sigma[0] if start == "noise" else x.clone()
+        x = sampler._run(plan, model, x, generator, callback)
         model.raise_if_nonfinite()
         return x.to(noise.dtype)
 

@@ -119,6 +119,16 @@ class SpacingBase(Config):
     ) -> Tensor:
         """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
 
+    def starting_at(self, t: float) -> "SpacingBase":
+        """This spacing with its first evaluation at ``t`` (``sample(..., t_start=t)``).
+
+        A spacing without a free first time refuses with a ``ValueError`` naming ``t_start``.
+        """
+        raise ValueError(
+            f"t_start: {type(self).__name__} has no free first time; use a spacing with t_max "
+            "(UniformTime, LogSNR, Karras) or Explicit times starting at t_start"
+        )
+
 
 _T_MAX = Field(default=1.0, description="first (noisiest) evaluation time, in (0, 1]")
 _T_MIN = Field(default=1e-3, description="last evaluation time before the data, below t_max")
@@ -148,6 +158,14 @@ class _Ends(SpacingBase):
                 f"t_max ({t_max}, the first)"
             )
         return self
+
+    def starting_at(self, t: float) -> SpacingBase:
+        """This spacing with ``t_max = t`` (validated: ``t_min < t <= 1``)."""
+        if not self.t_min < t <= 1:
+            raise ValueError(
+                f"t_start ({t}) must be in (t_min, 1] = ({self.t_min}, 1] for {type(self).__name__}"
+            )
+        return type(self).model_validate({**self.model_dump(), "t_max": t})
 
 
 class _Ramp(_Ends):
@@ -292,6 +310,11 @@ class Karras(_Ramp):
                 t_max = t_cap if self.t_min < t_cap < t_max else t_max
         return _spread(schedule, steps, device, t_max, self.t_min, self.ramp)
 
+    def starting_at(self, t: float) -> SpacingBase:
+        """This spacing from ``t_max = t``, uncapped: a given start is kept."""
+        spacing = super().starting_at(t)
+        return spacing.model_copy(update={"sigma_max": None})
+
     def ramp(self, lo: float, hi: float, n: int) -> Tensor:
         """``sigma / alpha = exp(-log_snr / 2)`` spaced evenly in its ``1/rho``-th power."""
         s_max, s_min = math.exp(-lo / (2 * self.rho)), math.exp(-hi / (2 * self.rho))
@@ -327,6 +350,12 @@ class _Listed(SpacingBase):
                 f"{self._remedy}"
             )
         return torch.tensor([*self.times, 0.0], dtype=_F64)
+
+    def starting_at(self, t: float) -> SpacingBase:
+        """Itself, when its first time is ``t`` (a listed grid is not moved)."""
+        if self.times[0] != t:
+            raise ValueError(f"t_start ({t}) must be the first listed time, {self.times[0]}")
+        return self
 
 
 class Explicit(_Listed):
