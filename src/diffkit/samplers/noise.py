@@ -3,7 +3,7 @@
 A step from noise level ``s_from`` to ``s_to`` (in ``s = sigma / alpha``) asks its
 [`Noise`][diffkit.samplers.Noise] for a standard normal tensor. The default draws
 independent Gaussians from the caller's generator, by logical index (see
-[`gaussian`][diffkit.samplers._base.gaussian]).
+``gaussian`` in ``samplers._base``).
 [`BrownianTreeNoise`][diffkit.samplers.BrownianTreeNoise] returns the increments of one
 Brownian motion in ``s`` (a ``torchsde.BrownianTree``, k-diffusion's
 ``BrownianTreeNoiseSampler``), so the draws of a step depend only on the interval it

@@ -6,7 +6,7 @@ denoiser at a point that is not a grid point; the step is a Runge-Kutta stage ra
 than a combination of past estimates, so each is a
 [`StepSampler`][diffkit.samplers.StepSampler]. The ancestral ones split ``s_{i+1}`` into
 a deterministic target ``s_down`` and fresh noise ``s_up``
-([`ancestral_split`][diffkit.samplers._base.ancestral_split]; ``eta`` scales the noise).
+(``ancestral_split``; ``eta`` scales the noise).
 
 DPM-Solver-2 (Lu et al., 2022, in Karras et al.'s form; k-diffusion's ``sample_dpm_2``
 without churn, and ``sample_dpm_2_ancestral`` with ``eta > 0``) takes an Euler step to
