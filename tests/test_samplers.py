@@ -656,8 +656,11 @@ def test_guidance_one_equals_the_conditional_model(name: str) -> None:
     torch.testing.assert_close(
         run(cond=cond, uncond=uncond, guidance=3.0, guidance_rescale=0.0), strong
     )
+    # this model's cond shifts its prediction by the same amount in every dimension, which
+    # leaves the per-sample std as it is: rescaling is then the identity (the formula is
+    # tested in test_guidance.py and against diffusers in tests/parity).
     rescaled = run(cond=cond, uncond=uncond, guidance=3.0, guidance_rescale=0.7)
-    assert torch.isfinite(rescaled).all() and not torch.allclose(rescaled, strong)
+    torch.testing.assert_close(rescaled, strong, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="guidance_rescale"):
         run(cond=cond, guidance_rescale=1.5)
 
