@@ -153,7 +153,7 @@ def diffkit_runners(calibration: Tensor) -> dict[str, Maker]:
 
 
 def steps_for(sampler: samplers.SamplerBase, nfe: int) -> int:
-    """Steps that use at most ``nfe`` evaluations (Heun, DPM-2, 2S, SDE: 2 per step, 1 on the last)."""
+    """Steps using at most ``nfe`` evaluations (two-stage samplers: 2 per step, 1 on the last)."""
     two_stage = isinstance(
         sampler,
         samplers.Heun
