@@ -220,7 +220,7 @@ BUILT_IN_SCHEDULES = {
     "discrete_sd": Discrete.from_betas(discrete_betas("sqrt_linear_beta", 1000, 0.00085, 0.012)),
     "discrete_cosine": Discrete.from_betas(discrete_betas("cosine", 1000)),
     "rectified_flow_shift3": RectifiedFlow(shift=3.0),
-    "cosine_zsnr": dk.schedules.ZeroTerminalSNR(Cosine()),
+    "cosine_zsnr": dk.schedules.ZeroTerminalSNR(base=Cosine()),
 }
 
 

@@ -771,9 +771,7 @@ def test_denoiser_options_with_a_loss_object_are_refused(digits):
 def test_a_denoiser_loss_object_trains_like_the_schedule_shorthand(digits):
     config = _config(steps=3)
     short = train(_fresh(0), Cosine(), digits, config, condition=_labels, uncond=NULL)
-    loss = training.DenoiserLoss(
-        Cosine(), loss=config.loss, condition=_labels, uncond=NULL
-    )
+    loss = training.DenoiserLoss(Cosine(), loss=config.loss, condition=_labels, uncond=NULL)
     explicit = train(_fresh(0), loss, digits, config)
     assert explicit.losses == short.losses
 
