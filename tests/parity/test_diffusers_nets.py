@@ -443,3 +443,21 @@ def test_export_logs_and_prints_nothing(capfd):
         logger.removeHandler(records)
     assert records.messages == []
     assert capfd.readouterr() == ("", "")
+
+
+def test_a_pipeline_of_converted_diffusers_parts_saves_and_loads(tmp_path):
+    """A U-Net and a scheduler converted from diffusers make a pipeline that saves (issue 18)."""
+    model = _build(diffusers.UNet2DModel, UNET2D_CONFIGS["plain_and_attention"])
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=N_TRAIN)
+    schedule = dk.schedules.Discrete.from_alphas_cumprod(scheduler.alphas_cumprod.double())
+    channels = model.config.in_channels
+    size = model.config.sample_size
+    pipeline = dk.Pipeline(
+        schedule, dk.interop.from_diffusers(model), data_shape=(channels, size, size), steps=3
+    )
+    loaded = dk.Pipeline.load(pipeline.save(tmp_path / "converted"))
+    assert loaded.config == pipeline.config
+    run = {"num_samples": 2, "steps": 3}
+    first = pipeline.generate(generator=torch.Generator().manual_seed(3), **run)
+    again = loaded.generate(generator=torch.Generator().manual_seed(3), **run)
+    assert torch.equal(first, again)
