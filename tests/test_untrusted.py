@@ -132,3 +132,88 @@ def test_gzip_bomb_is_refused_in_bounded_chunks(
     with pytest.raises(UnreadableFileError, match="larger than 1,000 bytes inflated"):
         read_gzip(bomb, limit=1000)
     assert len(read_gzip(_bomb(tmp_path / "small.gz", 2**20), limit=2**20)) == 2**20
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``diffkit argv``: exit status 2 and one ``diffkit: error:`` line, no traceback."""
+    from diffkit.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2, captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("diffkit: error: ") and "Traceback" not in captured.err
+    return lines[0]
+
+
+_TINY_UNET = {
+    "kind": "unet",
+    "in_channels": 1,
+    "base_channels": 8,
+    "channel_mult": [1],
+    "attention_head_dim": 8,
+    "blocks_per_level": 1,
+    "attention_resolutions": [],
+    "norm_groups": 4,
+    "prediction": "v",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh unconditional pixel-space pipeline, saved."""
+    from diffkit.builder import build
+
+    folder = tmp_path_factory.mktemp("tiny") / "pipe"
+    base = {"data_shape": [1, 8, 8], "schedule": {"kind": "cosine"}, "steps": 1}
+    build({**base, "denoiser": _TINY_UNET}).save(folder)
+    return folder
+
+
+def _copy(folder: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, to)
+    return to
+
+
+@pytest.mark.parametrize("which", ["sample.png", "sample.npz"])
+def test_sample_refuses_to_write_through_a_symlink(
+    capsys: pytest.CaptureFixture[str], tiny_pipeline: Path, tmp_path: Path, which: str
+) -> None:
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, run / which)
+    argv = ["sample", str(run), "--num", "1", "--threads", "1", "--quiet"]
+    line = _cli_error(capsys, argv)
+    assert "symbolic link" in line and which in line
+    assert victim.read_bytes() == b"precious"
+    assert (run / which).is_symlink()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".sample")]
+
+
+def test_sample_refuses_a_directory_in_the_way(
+    capsys: pytest.CaptureFixture[str], tiny_pipeline: Path, tmp_path: Path
+) -> None:
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    (run / "sample.npz").mkdir()
+    line = _cli_error(capsys, ["sample", str(run), "--num", "1", "--threads", "1", "--quiet"])
+    assert "not a regular file" in line
+
+
+def test_sample_writes_atomically_in_the_output_folder(tiny_pipeline: Path, tmp_path: Path) -> None:
+    from diffkit.cli import main
+
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    (run / "sample.png").write_bytes(b"old")  # a regular file is replaced, not written into
+    hard = tmp_path / "hardlink.png"
+    os.link(run / "sample.png", hard)
+    assert main(["sample", str(run), "--num", "1", "--threads", "1", "--quiet"]) == 0
+    assert (run / "sample.png").read_bytes()[:4] == b"\x89PNG"
+    assert hard.read_bytes() == b"old"  # a new inode: the old file's other names keep it
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
