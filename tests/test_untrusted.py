@@ -217,3 +217,123 @@ def test_sample_writes_atomically_in_the_output_folder(tiny_pipeline: Path, tmp_
     assert (run / "sample.png").read_bytes()[:4] == b"\x89PNG"
     assert hard.read_bytes() == b"old"  # a new inode: the old file's other names keep it
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+def _edit(folder: Path, edit: object = None, tensors_edit: object = None) -> Path:
+    """Rewrite ``config.json`` (``edit(data)``) and the weights (``tensors_edit(tensors)``),
+    the weights' record of the config kept in step (as a whole save would leave them)."""
+    import json
+
+    from diffkit.checkpoint import load_tensors, save_tensors
+    from diffkit.pipeline import CONFIG_FILE, CONFIG_KEY, WEIGHTS_FILE
+
+    data = json.loads((folder / CONFIG_FILE).read_text())
+    if edit is not None:
+        edit(data)  # type: ignore[operator]
+    text = json.dumps(data)
+    (folder / CONFIG_FILE).write_text(text)
+    tensors, metadata = load_tensors(folder / WEIGHTS_FILE)
+    if tensors_edit is not None:
+        tensors_edit(tensors)  # type: ignore[operator]
+    save_tensors(folder / WEIGHTS_FILE, tensors, {**metadata, CONFIG_KEY: text})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh pipeline with a CLIP-BPE text conditioner over a (made-up) merges file, saved."""
+    from diffkit.builder import build
+
+    root = tmp_path_factory.mktemp("text")
+    vocab = _merges(root / "merges.txt.gz")
+    tower = {"vocab_size": 49408, "context_length": 8, "width": 8, "layers": 1, "heads": 1}
+    text = {"kind": "clip_text", "text": tower, "vocab_path": str(vocab)}
+    config = {
+        "data_shape": [1, 8, 8],
+        "schedule": {"kind": "cosine"},
+        "steps": 1,
+        "denoiser": {**_TINY_UNET, "context_dim": 8},
+        "text": text,
+    }
+    build(config).save(root / "pipe")
+    return root / "pipe"
+
+
+def _vocab(folder: Path) -> Path:
+    return next((folder / "tokenizer").iterdir())
+
+
+def _replace_vocab(data: bytes | None) -> object:
+    def change(folder: Path) -> None:
+        path = _vocab(folder)
+        path.unlink()
+        if data is None:
+            path.mkdir()
+        else:
+            path.write_bytes(data)
+
+    return change
+
+
+def _deep_json(folder: Path) -> None:
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _nan_weights(folder: Path) -> None:
+    def poison(tensors: dict[str, object]) -> None:
+        import torch
+
+        for name, value in tensors.items():
+            if name.startswith("denoiser.") and isinstance(value, torch.Tensor):
+                value.fill_(float("nan"))
+
+    _edit(folder, tensors_edit=poison)
+
+
+def _schedule(**fields: object) -> object:
+    return lambda folder: _edit(folder, lambda d: (d["schedule"].update(fields), d.update(steps=4)))
+
+
+_TRUNCATED = gzip.compress(bytes(range(256)) * 64)[:100]
+_CASES = {
+    # tokenizer files (the pipeline's tokenizer/ folder)
+    "vocab-missing": ("text", lambda f: _vocab(f).unlink(), "merges.txt.gz"),
+    "vocab-not-gzip": ("text", _replace_vocab(b"plain text"), "not a gzip file"),
+    "vocab-truncated": (
+        "text",
+        _replace_vocab(_TRUNCATED),
+        "truncated",
+    ),
+    "vocab-directory": ("text", _replace_vocab(None), "directory"),
+    "vocab-bad-merges": ("text", _replace_vocab(gzip.compress(b"#v\na b")), "not a CLIP merges"),
+    # configs
+    "json-100000-deep": ("tiny", _deep_json, "config.json"),
+    "schedule-min-log-snr": ("tiny", _schedule(min_log_snr=50.0), "log-SNR"),
+    "schedule-offset": ("tiny", _schedule(offset=2.0), "schedule.offset"),
+    "unknown-kind": ("tiny", _schedule(kind="nope"), "nope"),
+    # weights
+    "nan-weights": ("tiny", _nan_weights, "NaN or inf"),
+}
+
+
+@pytest.mark.parametrize("command", ["sample", "info"])
+@pytest.mark.parametrize("case", list(_CASES))
+def test_cli_user_errors_are_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    case: str,
+    command: str,
+) -> None:
+    which, damage, message = _CASES[case]
+    if case in ("nan-weights", "schedule-min-log-snr") and command == "info":
+        pytest.skip("a sampling error: info does not sample")
+    source = request.getfixturevalue("text_pipeline" if which == "text" else "tiny_pipeline")
+    run = _copy(source, tmp_path / "run")
+    damage(run)  # type: ignore[operator]
+    argv = [command, str(run)]
+    if command == "sample":
+        argv += ["--num", "1", "--threads", "1", "--quiet"]
+        argv += ["--prompt", "a"] if which == "text" else []
+    line = _cli_error(capsys, argv)
+    assert message in line, line

@@ -134,6 +134,12 @@ def _load_pipeline(run_dir: str) -> Any:
         raise UserError(f"cannot load the pipeline in {folder}: {_one_line(err)}") from None
     except ValidationError as err:
         raise UserError(f"bad pipeline config in {folder}: {_validation_message(err)}") from None
+    except RecursionError:  # json / pydantic on a config nested thousands of levels deep
+        raise UserError(
+            f"bad pipeline config {folder / 'config.json'}: nested too deeply"
+        ) from None
+    except (ValueError, OSError) as err:  # a tokenizer file (diffkit.files), a refused value
+        raise UserError(f"cannot load the pipeline in {folder}: {_one_line(err)}") from None
 
 
 def _one_line(err: BaseException) -> str:
@@ -419,13 +425,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for target in (out, out.with_suffix(".npz")):  # refused before sampling, and again after
         _check_target(target)
     generator = torch.Generator().manual_seed(args.seed)
-    samples = pipeline.generate(
-        **conditions,
-        steps=args.steps,
-        guidance=args.guidance,
-        sampler=args.sampler,
-        generator=generator,
-    ).float()
+    try:
+        samples = pipeline.generate(
+            **conditions,
+            steps=args.steps,
+            guidance=args.guidance,
+            sampler=args.sampler,
+            generator=generator,
+        ).float()
+    except FloatingPointError as err:  # NonFiniteError: NaN / inf weights, or a bad dtype
+        raise UserError(f"sampling failed: {_one_line(err)}; are the weights damaged?") from None
+    except ValueError as err:  # a config that validates but cannot be sampled
+        raise UserError(f"cannot sample the pipeline in {args.run_dir}: {_one_line(err)}") from None
     console = _console(args.quiet)
     video = samples.ndim == 5
     # a sampler can overshoot [-1, 1] far more than save_grid accepts: show it clamped
