@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from diffkit import files
 from diffkit.files import UnreadableFileError, confined, read_gzip
@@ -337,3 +338,145 @@ def test_cli_user_errors_are_one_line_and_exit_2(
         argv += ["--prompt", "a"] if which == "text" else []
     line = _cli_error(capsys, argv)
     assert message in line, line
+
+
+# ------------------------------------------------------------------ resume (issue case 7)
+
+
+def _ckpt_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.GroupNorm(2, 8))
+
+
+def _save_steps(folder: Path, *steps: int) -> None:
+    from diffkit.checkpoint import checkpoint_name, save_training_checkpoint
+
+    model = _ckpt_model()
+    for step in steps:
+        save_training_checkpoint(folder / checkpoint_name(step), model=model, step=step)
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_which_it_skipped(
+    tmp_path: Path,
+) -> None:
+    from diffkit.checkpoint import checkpoint_name, latest_checkpoint
+
+    _save_steps(tmp_path, 2, 4, 6, 8)
+    newest = tmp_path / checkpoint_name(8)
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated
+    (tmp_path / checkpoint_name(6)).write_bytes(b"\xff" * 64)  # garbage
+    with pytest.warns(UserWarning) as record:
+        assert latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(4)
+    messages = [str(w.message) for w in record]
+    assert any(checkpoint_name(8) in m and "truncated or corrupt" in m for m in messages)
+    assert any(checkpoint_name(6) in m for m in messages)
+
+
+def test_a_header_step_that_disagrees_with_the_file_name_is_refused(tmp_path: Path) -> None:
+    from diffkit.checkpoint import (
+        CheckpointError,
+        checkpoint_name,
+        latest_checkpoint,
+        load_training_checkpoint,
+        save_training_checkpoint,
+    )
+
+    lying = tmp_path / checkpoint_name(12)
+    save_training_checkpoint(lying, model=_ckpt_model(), step=999)
+    with pytest.raises(
+        CheckpointError, match="header says step 999 but the file name says step 12"
+    ):
+        load_training_checkpoint(lying, model=_ckpt_model())
+    with pytest.warns(UserWarning, match="999"), pytest.raises(CheckpointError, match="intact"):
+        latest_checkpoint(tmp_path)  # nothing to fall back to: refused, not a silent restart
+    _save_steps(tmp_path, 5)
+    with pytest.warns(UserWarning, match=checkpoint_name(12)):
+        assert latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(5)
+
+
+def test_a_directory_with_a_checkpoint_name_is_refused_before_training(tmp_path: Path) -> None:
+    from diffkit.checkpoint import (
+        CheckpointError,
+        checkpoint_name,
+        latest_checkpoint,
+        list_checkpoints,
+        save_training_checkpoint,
+    )
+
+    _save_steps(tmp_path, 2)
+    (tmp_path / checkpoint_name(4)).mkdir()
+    for look in (latest_checkpoint, list_checkpoints):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            look(tmp_path)
+    with pytest.raises(IsADirectoryError, match="in the way"):
+        save_training_checkpoint(tmp_path / checkpoint_name(4), model=_ckpt_model(), step=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_name(2), checkpoint_name(4)]
+
+
+def test_stale_temporaries_of_a_dead_writer_are_removed_and_no_others(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from diffkit import checkpoint as ckpt
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = ckpt._HOST
+    names = {
+        "dead": f".checkpoint-00000007.safetensors.{host}-{dead.pid}.a1b2c3.tmp",
+        "alive": f".checkpoint-00000008.safetensors.{host}-{os.getpid()}.d4e5f6.tmp",
+        "other-host": f".checkpoint-00000009.safetensors.elsewhere-{dead.pid}.g7h8.tmp",
+        "foreign": ".notes.txt.tmp",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x" * 1000)
+    _save_steps(tmp_path, 3)
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / ckpt.checkpoint_name(3)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["dead"] not in left
+    assert {names["alive"], names["other-host"], names["foreign"]} <= left
+
+
+FLAT = """
+import torch
+from torch import nn
+
+
+class Flat(nn.Module):
+    prediction = "epsilon"
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.SiLU(), nn.Linear(16, 64))
+
+    def forward(self, x, t, cond=None):
+        return self.net(x).reshape(x.shape)
+"""
+
+
+def test_training_resumes_from_the_newest_intact_checkpoint(tmp_path: Path) -> None:
+    from diffkit.checkpoint import checkpoint_name
+    from diffkit.schedules import Cosine
+    from diffkit.training import TrainConfig, train
+    from diffkit_demo.datasets import DigitsDataset
+
+    namespace: dict[str, object] = {}
+    exec(FLAT, namespace)
+
+    def run(steps: int, resume: bool) -> object:
+        config = TrainConfig(
+            steps=steps,
+            batch_size=4,
+            checkpoint_every=2,
+            keep_checkpoints=5,
+            output_dir=str(tmp_path),
+            progress=False,
+            resume=resume,
+        )
+        return train(namespace["Flat"](), Cosine(), DigitsDataset(8), config)  # type: ignore[operator]
+
+    run(4, resume=False)
+    newest = tmp_path / "checkpoints" / checkpoint_name(4)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=f"skipping the checkpoint .*{checkpoint_name(4)}"):
+        result = run(6, resume=True)
+    assert result.start_step == 2  # type: ignore[attr-defined]

@@ -29,7 +29,9 @@ import json
 import os
 import random
 import re
+import socket
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ __all__ = [
     "TrainingState",
     "atomic_write",
     "check_state_dict",
+    "checkpoint_damage",
     "flatten_state",
     "get_rng_state",
     "latest_checkpoint",
@@ -52,6 +55,7 @@ __all__ = [
     "load_state_dict",
     "load_tensors",
     "load_training_checkpoint",
+    "remove_stale_temporaries",
     "save_tensors",
     "save_training_checkpoint",
     "set_rng_state",
@@ -79,7 +83,12 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir() and not target.is_symlink():
+        raise IsADirectoryError(f"cannot write {target}: a directory of that name is in the way")
+    # The writer's host and process id are in the name: a later run removes the temporaries
+    # of a process that died (kill -9) and never those of one still writing.
+    prefix = f".{target.name}.{_HOST}-{os.getpid()}."
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -91,6 +100,43 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
+_TEMPORARY_RE = re.compile(
+    r"^\.(?P<name>checkpoint-\d+\.safetensors)\.(?P<host>\w+)-(?P<pid>\d+)\.[^.]+\.tmp$"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or unknowable: not ours to clean up
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary checkpoint files in ``folder`` whose writer died; return them.
+
+    A checkpoint is written to ``.checkpoint-<step>.safetensors.<host>-<pid>.<random>.tmp``
+    first; a process killed mid-write leaves that file behind at full size. Only files of
+    that pattern written on this host by a process that no longer runs are removed.
+    """
+    root = Path(folder)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for entry in root.iterdir():
+        match = _TEMPORARY_RE.match(entry.name)
+        if match is None or match["host"] != _HOST or _alive(int(match["pid"])):
+            continue
+        if entry.is_file() or entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -353,6 +399,7 @@ def save_training_checkpoint(
     tensors.update(rng_tensors)
     tensors.update({f"{_RANK_RNG}{k}": v for k, v in (rank_rng or {}).items()})
     metadata = {"format": FORMAT, "version": VERSION, "state": json.dumps(header)}
+    remove_stale_temporaries(Path(path).parent)
     save_tensors(path, tensors, metadata)
     return Path(path)
 
@@ -383,6 +430,12 @@ def load_training_checkpoint(
         raise CheckpointError(f"{path}: the checkpoint header is damaged: {err!r}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the checkpoint header is damaged (not an object)")
+    named = _CHECKPOINT_RE.match(Path(path).name)
+    if named is not None and int(named.group(1)) != step:
+        raise CheckpointError(
+            f"{path}: the header says step {step} but the file name says step "
+            f"{int(named.group(1))} (a renamed or damaged checkpoint)"
+        )
 
     # 1. Check everything; nothing is touched yet.
     model_tensors = _take(tensors, "model.")
@@ -506,19 +559,78 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(folder: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``folder`` as ``(step, path)``, oldest first."""
+    """Complete checkpoints in ``folder`` as ``(step, path)``, oldest first.
+
+    An entry with a checkpoint's name that is not a regular file (a directory) raises
+    ``CheckpointError``: a run would fail to write that step's checkpoint over it.
+    """
     root = Path(folder)
     if not root.is_dir():
         return []
     found = []
     for entry in root.iterdir():
         match = _CHECKPOINT_RE.match(entry.name)
-        if match and entry.is_file():
-            found.append((int(match.group(1)), entry))
+        if match is None:
+            continue
+        if not entry.is_file():
+            raise CheckpointError(
+                f"{entry} has a checkpoint's name but is not a regular file; remove or "
+                "rename it (a checkpoint of that step could not be written over it)"
+            )
+        found.append((int(match.group(1)), entry))
     return sorted(found)
 
 
+def checkpoint_damage(path: str | os.PathLike[str]) -> str | None:
+    """Why the training checkpoint ``path`` cannot be resumed from, or None if it is intact.
+
+    Reads the safetensors header only (its tensor table must fit the file, so a
+    truncated file is caught) and checks the format, the JSON state and that the state's
+    step is the one in the file name. safetensors has no checksum: flipped bits in the
+    tensor data are not detected.
+    """
+    file = Path(path)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+    except Exception as err:  # safetensors raises its own error type and OSError
+        return f"not a readable safetensors file (truncated or corrupt?): {_first_line(err)}"
+    if metadata.get("format") != FORMAT:
+        return f"not a diffkit training checkpoint (format={metadata.get('format')!r})"
+    try:
+        header = json.loads(metadata["state"])
+        step = int(header["step"])
+    except (KeyError, TypeError, ValueError, RecursionError) as err:
+        return f"the checkpoint header is damaged: {err!r}"
+    named = _CHECKPOINT_RE.match(file.name)
+    if named is not None and int(named.group(1)) != step:
+        return f"the header says step {step} but the file name says step {int(named.group(1))}"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
 def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint in ``folder`` (temporary files are never matched)."""
+    """The newest intact checkpoint in ``folder`` (temporary files are never matched).
+
+    A newer checkpoint that is damaged
+    ([`checkpoint_damage`][diffkit.checkpoint.checkpoint_damage]) is skipped with a
+    ``UserWarning`` saying which and why, so a run resumes from the newest one that loads;
+    ``CheckpointError`` if none is intact. Temporary files left by a writer that died are
+    removed ([`remove_stale_temporaries`][diffkit.checkpoint.remove_stale_temporaries]).
+    """
+    remove_stale_temporaries(folder)
     found = list_checkpoints(folder)
-    return found[-1][1] if found else None
+    for _, path in reversed(found):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path
+        warnings.warn(f"skipping the checkpoint {path}: {damage}", UserWarning, stacklevel=2)
+    if found:
+        raise CheckpointError(
+            f"none of the {len(found)} checkpoint(s) in {folder} is intact (see the warnings); "
+            "remove them to start afresh"
+        )
+    return None
