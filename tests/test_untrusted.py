@@ -480,3 +480,87 @@ def test_training_resumes_from_the_newest_intact_checkpoint(tmp_path: Path) -> N
     with pytest.warns(UserWarning, match=f"skipping the checkpoint .*{checkpoint_name(4)}"):
         result = run(6, resume=True)
     assert result.start_step == 2  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------ dtypes (issue case 4)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "message"),
+    [
+        ("int32", "int32 integers for torch.float32 floats"),
+        ("complex64", "complex"),
+        ("float16", "torch.float16, the module's is torch.float32"),
+        ("float64", "torch.float64, the module's is torch.float32"),
+        ("float8_e4m3fn", "not one of float16"),
+    ],
+)
+def test_load_state_dict_refuses_other_dtypes_by_tensor_name(dtype: str, message: str) -> None:
+    import torch
+
+    from diffkit.checkpoint import CheckpointError, load_state_dict
+
+    model = _ckpt_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = dict(model.state_dict())
+    tensors["0.weight"] = torch.zeros(8, 4).to(getattr(torch, dtype))
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_state_dict(model, tensors)
+    assert "0.weight" in str(info.value) and "1.weight" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_state_dict_casts_between_floats_only_when_asked() -> None:
+    import torch
+
+    from diffkit.checkpoint import CheckpointError, load_state_dict
+
+    model = _ckpt_model()
+    tensors = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+    load_state_dict(model, tensors, cast=True)
+    assert model[0].weight.dtype == torch.float32  # type: ignore[index]
+    tensors["0.bias"] = torch.zeros(8, dtype=torch.int64)
+    with pytest.raises(CheckpointError, match=r"0\.bias"):
+        load_state_dict(model, tensors, cast=True)  # integers are never cast
+
+
+def test_check_dtypes_allows_one_floating_dtype_per_module() -> None:
+    import torch
+
+    from diffkit.checkpoint import CheckpointError, check_dtypes
+
+    tensors = {
+        "denoiser.a": torch.zeros(2),
+        "denoiser.b": torch.zeros(2),
+        "denoiser.c": torch.zeros(2, dtype=torch.float16),
+        "denoiser.steps": torch.zeros(2, dtype=torch.long),
+        "text.a": torch.zeros(2, dtype=torch.bfloat16),
+    }
+    with pytest.raises(CheckpointError, match=r"denoiser\.c \(torch\.float16, the rest") as info:
+        check_dtypes(tensors)
+    assert "denoiser.a" not in str(info.value) and "text.a" not in str(info.value)
+    check_dtypes(tensors, mixed={"denoiser"})  # a module saved in mixed precision
+    tensors["text.z"] = torch.zeros(2, dtype=torch.complex64)
+    with pytest.raises(CheckpointError, match=r"text\.z"):
+        check_dtypes(tensors, mixed={"denoiser"})
+
+
+@pytest.mark.parametrize("dtype", ["int32", "complex64"])
+def test_pipeline_load_refuses_integer_and_complex_weights_by_name(
+    tiny_pipeline: Path, tmp_path: Path, dtype: str
+) -> None:
+    import torch
+
+    from diffkit.checkpoint import CheckpointError
+    from diffkit.pipeline import Pipeline
+
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    name = "denoiser.conv_out.weight"
+
+    def relabel(tensors: dict[str, torch.Tensor]) -> None:
+        assert name in tensors, sorted(tensors)[:20]
+        tensors[name] = tensors[name].to(getattr(torch, dtype))
+
+    _edit(run, tensors_edit=relabel)
+    with pytest.raises(CheckpointError, match=name):
+        Pipeline.load(run)

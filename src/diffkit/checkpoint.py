@@ -32,7 +32,7 @@ import re
 import socket
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 __all__ = [
+    "FLOAT_DTYPES",
     "CheckpointError",
     "TrainingState",
     "atomic_write",
+    "check_dtypes",
     "check_state_dict",
     "checkpoint_damage",
     "flatten_state",
@@ -231,13 +233,92 @@ def check_state_dict(
         raise CheckpointError(f"{what} does not match the model; " + "; ".join(problems))
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The floating dtypes weights may be stored in (float8 and others are refused)."""
+
+
+def _dtype_problem(name: str, expected: torch.dtype, found: torch.dtype, cast: bool) -> str | None:
+    """Why a tensor of dtype ``found`` cannot go where the module has ``expected``, or None."""
+    if found == expected:
+        return None
+    if found.is_complex:
+        return f"{name} (complex {found}, the module's is {expected})"
+    if expected.is_floating_point and not found.is_floating_point:
+        return f"{name} ({found} integers for {expected} floats)"
+    if found.is_floating_point and not expected.is_floating_point:
+        return f"{name} ({found} floats for {expected})"
+    if found.is_floating_point and found not in FLOAT_DTYPES:
+        return f"{name} ({found}: not one of float16, bfloat16, float32, float64)"
+    if found.is_floating_point and cast:
+        return None
+    return f"{name} ({found}, the module's is {expected})"
+
+
 def load_state_dict(
-    module: nn.Module, tensors: Mapping[str, Tensor], *, what: str = "checkpoint"
+    module: nn.Module,
+    tensors: Mapping[str, Tensor],
+    *,
+    what: str = "checkpoint",
+    cast: bool = False,
 ) -> None:
-    """Load ``tensors`` into ``module`` after checking keys and shapes (dtype is converted)."""
+    """Load ``tensors`` into ``module`` after checking keys, shapes and dtypes.
+
+    Every tensor must have the dtype of the parameter or buffer it loads into; integers
+    for floats, floats for integers and complex numbers are always refused, and so is a
+    floating dtype outside [`FLOAT_DTYPES`][diffkit.checkpoint.FLOAT_DTYPES]. ``cast=True``
+    converts between those floating dtypes instead. A refusal (``CheckpointError``) names
+    the tensors and leaves ``module`` unchanged.
+    """
     expected = module.state_dict()
     check_state_dict(expected, tensors, what=what)
+    problems = [
+        problem
+        for key in sorted(tensors)
+        if (problem := _dtype_problem(key, expected[key].dtype, tensors[key].dtype, cast))
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{what}: tensors of a dtype the model cannot take: {_describe(problems)}"
+        )
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def check_dtypes(
+    tensors: Mapping[str, Tensor], *, what: str = "checkpoint", mixed: Collection[str] = ()
+) -> None:
+    """Refuse weights whose floating dtypes no module of them can run in, naming the tensors.
+
+    Tensors are grouped by module: the first part of their name (``denoiser.``,
+    ``encoder.``, ``text.``). Within a group the floating tensors must share one dtype of
+    [`FLOAT_DTYPES`][diffkit.checkpoint.FLOAT_DTYPES] (a group named in ``mixed`` may
+    hold several, as a module deliberately saved in mixed precision does); complex tensors
+    are refused everywhere. Raises ``CheckpointError`` listing the odd tensors.
+    """
+    groups: dict[str, dict[torch.dtype, list[str]]] = {}
+    problems: list[str] = []
+    for name in sorted(tensors):
+        dtype = tensors[name].dtype
+        if dtype.is_complex:
+            problems.append(f"{name} (complex {dtype})")
+        elif dtype.is_floating_point and dtype not in FLOAT_DTYPES:
+            problems.append(f"{name} ({dtype}: not one of float16, bfloat16, float32, float64)")
+        elif dtype.is_floating_point:
+            groups.setdefault(name.split(".", 1)[0], {}).setdefault(dtype, []).append(name)
+    for group, by_dtype in groups.items():
+        if len(by_dtype) < 2 or group in mixed:
+            continue
+        # The dtype most tensors have is the module's; the others are named.
+        common = max(by_dtype, key=lambda d: len(by_dtype[d]))
+        problems += [
+            f"{name} ({dtype}, the rest of '{group}' is {common})"
+            for dtype, names in by_dtype.items()
+            if dtype != common
+            for name in names
+        ]
+    if problems:
+        raise CheckpointError(
+            f"{what}: tensors of a dtype the model cannot run in: {_describe(problems)}"
+        )
 
 
 def _take(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
