@@ -48,6 +48,7 @@ __all__ = [
     "TrainingState",
     "atomic_write",
     "check_dtypes",
+    "check_loadable",
     "check_state_dict",
     "checkpoint_damage",
     "flatten_state",
@@ -270,6 +271,25 @@ def load_state_dict(
     the tensors and leaves ``module`` unchanged.
     """
     expected = module.state_dict()
+    check_loadable(module, tensors, what=what, cast=cast, expected=expected)
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def check_loadable(
+    module: nn.Module,
+    tensors: Mapping[str, Tensor],
+    *,
+    what: str = "checkpoint",
+    cast: bool = False,
+    expected: Mapping[str, Tensor] | None = None,
+) -> None:
+    """What [`load_state_dict`][diffkit.checkpoint.load_state_dict] checks, loading nothing.
+
+    Keys, shapes and dtypes only: ``module`` may live on the ``meta`` device (built
+    without memory), so a model from an untrusted config is checked before it is
+    materialised.
+    """
+    expected = module.state_dict() if expected is None else expected
     check_state_dict(expected, tensors, what=what)
     problems = [
         problem
@@ -280,7 +300,6 @@ def load_state_dict(
         raise CheckpointError(
             f"{what}: tensors of a dtype the model cannot take: {_describe(problems)}"
         )
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
 def check_dtypes(
