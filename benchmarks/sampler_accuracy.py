@@ -133,7 +133,9 @@ def diffkit_runners(calibration: Tensor) -> dict[str, Maker]:
     def fitted_solver(nfe: int, den: MixtureDenoiser, sched: dk.NoiseSchedule):
         start = time.process_time()
         solver = samplers.fit_solver(den, sched, calibration, nfe)
-        cost = (solver.teacher_nfe, solver.search_nfe, time.process_time() - start)
+        fit = solver.spacing  # the FittedGrid holds what the fit cost
+        assert isinstance(fit, samplers.FittedGrid)
+        cost = (fit.teacher_nfe, fit.search_nfe, time.process_time() - start)
         FIT_COSTS["diffkit:fit_solver", nfe] = cost
         return solver
 
@@ -151,8 +153,11 @@ def diffkit_runners(calibration: Tensor) -> dict[str, Maker]:
 
 
 def steps_for(sampler: samplers.SamplerBase, nfe: int) -> int:
-    """Steps that use at most ``nfe`` evaluations (Heun: 2 per step, 1 on the last)."""
-    return (nfe + 1) // 2 if isinstance(sampler, samplers.Heun) else nfe
+    """Steps that use at most ``nfe`` evaluations (Heun, DPM-2, 2S: 2 per step, 1 on the last)."""
+    two_stage = isinstance(
+        sampler, samplers.Heun | samplers.DPMSolver2 | samplers.DPMSolverPP2SAncestral
+    )
+    return (nfe + 1) // 2 if two_stage else nfe
 
 
 def run_diffkit(mixture: Mixture, noise: Tensor, nfe: int, make: Maker) -> Tensor:

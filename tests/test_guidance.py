@@ -58,11 +58,16 @@ def test_guided_wrapper_makes_one_batched_call_matching_two_calls() -> None:
     torch.testing.assert_close(out, expected)
 
 
-def test_guided_at_scale_one_warns_that_uncond_is_unused() -> None:
+def test_guided_at_scale_one_warns_that_uncond_is_unused_and_skips_it() -> None:
     uncond = dk.Conditioning(pooled=torch.zeros(1, 3))
-    with pytest.warns(UserWarning, match="Guided: scale 1 is the conditional model alone") as seen:
-        Guided(_Model(), uncond, 1.0)
+    model = _Model()
+    with pytest.warns(UserWarning, match="^Guided: uncond is unused with guidance 1") as seen:
+        guided = Guided(model, uncond, 1.0)
     assert [w.filename for w in seen] == [__file__]
+    cond = dk.Conditioning(pooled=torch.full((1, 3), 2.0))
+    x, t = torch.randn(4, 3), torch.rand(4)
+    torch.testing.assert_close(guided(x, t, cond), model(x, t, cond.expand(4)))
+    assert model.batches == [4, 4]  # the conditional model alone
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Guided(_Model(), uncond, 0.0)  # scale 0 is the unconditional model: uncond is used
@@ -106,3 +111,27 @@ def test_inversion_and_fitting_warn_once_on_an_unused_uncond(where, call) -> Non
     assert [str(w.message).split(":")[0] for w in seen] == [where]
     assert [w.filename for w in seen] == [__file__]
     assert set(model.batches) == {4}  # never the doubled cond + uncond batch
+
+
+def test_sampler_guidance_and_the_guided_wrapper_are_one_implementation() -> None:
+    # The sampler batches the conditioning once and calls guidance.predict at every step;
+    # Guided calls the same function: the same samples, bit for bit.
+    model = _Model()
+    cond = dk.Conditioning(pooled=torch.full((1, 3), 2.0))
+    uncond = dk.Conditioning(pooled=torch.zeros(1, 3))
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    sampler = samplers.DDIM()
+    inside = sampler.sample(model, Cosine(), noise, steps=4, cond=cond, uncond=uncond, guidance=3.0)
+    wrapped = sampler.sample(Guided(model, uncond, 3.0), Cosine(), noise, steps=4, cond=cond)
+    assert torch.equal(inside, wrapped)
+
+
+def test_a_guided_output_of_another_shape_is_named() -> None:
+    def half(x, t, cond=None):
+        return x[: x.shape[0] // 2]
+
+    half.prediction = "x0"  # type: ignore[attr-defined]
+    uncond = dk.Conditioning(pooled=torch.zeros(1, 3))
+    guided = Guided(half, uncond, 2.0)
+    with pytest.raises(dk.ShapeError, match=r"output is \(4, 3\), expected .* \(8, 3\) \(cond and"):
+        guided(torch.randn(4, 3), torch.rand(4), dk.Conditioning(pooled=torch.ones(1, 3)))

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 import diffkit as dk
 from diffkit.nn import DENOISERS, DiT, DiTConfig, VideoDiT, VideoDiTConfig
-from diffkit.nn.video import LocalFeedForward
+from diffkit.nn.attention import LocalFeedForward
+from diffkit.nn.transformer import PatchTransformer, PatchTransformerBlock, PatchTransformerConfig
 from diffkit.protocols import Conditioning
 from diffkit.typing import ShapeError
 
@@ -242,3 +243,74 @@ def test_transformers_train_a_step_under_bf16_autocast():
         assert out.dtype == also.dtype == torch.bfloat16, name
         out.float().pow(2).mean().backward()
         assert model.embed.weight.grad is not None, name
+
+
+def test_dit_and_video_dit_share_one_core_block_and_config():
+    video = VideoDiT(VideoDiTConfig(dim=16, depth=1, num_heads=2, attention="full"))
+    dit = DiT(DiTConfig(dim=16, depth=1, num_heads=2))
+    for model in (dit, video):
+        assert isinstance(model, PatchTransformer)
+        assert isinstance(model.config, PatchTransformerConfig)
+        assert all(type(block) is PatchTransformerBlock for block in model.blocks)
+    # full attention over a one-frame video is DiT's block: the same parameters
+    assert dit.blocks[0].state_dict().keys() == video.blocks[0].state_dict().keys()
+    shared = set(PatchTransformerConfig.model_fields) - {"kind"}
+    assert shared <= set(DiTConfig.model_fields) & set(VideoDiTConfig.model_fields)
+
+
+@pytest.mark.parametrize("attention", ["factorised", "full"])
+def test_on_one_frame_every_attention_is_the_image_block(attention):
+    # Space attention within the only frame is full attention; the time branch (factorised
+    # only) is gated off by its zero adaLN rows, so the block computes DiT's block.
+    image = _randomize(PatchTransformerBlock(16, 2, context_dim=6))
+    video = PatchTransformerBlock(16, 2, attention=attention, context_dim=6)
+    state = video.state_dict()
+    for key, value in image.state_dict().items():
+        state[key] = torch.zeros_like(state[key])
+        state[key][: value.shape[0]] = value
+    video.load_state_dict(state)
+    h, c, context = torch.randn(2, 6, 16), torch.randn(2, 16), torch.randn(2, 3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(video(h, c, (1, 2, 3), context), image(h, c, (1, 2, 3), context))
+
+
+def test_saved_weights_keep_their_names():
+    # Checkpoints and saved pipelines load by these names: the shared core kept them.
+    config = {"dim": 16, "depth": 1, "num_heads": 2, "context_dim": 6, "num_classes": 3}
+    block = [
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.out.weight",
+        "attn.out.bias",
+        "norm_cross.weight",
+        "norm_cross.bias",
+        "cross.q.weight",
+        "cross.q.bias",
+        "cross.kv.weight",
+        "cross.kv.bias",
+        "cross.out.weight",
+        "cross.out.bias",
+        "mlp.proj_in.weight",
+        "mlp.proj_in.bias",
+        "mlp.proj_out.weight",
+        "mlp.proj_out.bias",
+        "ada.weight",
+        "ada.bias",
+    ]
+    time = [f"attn_time.{p}.{w}" for p in ("qkv", "out") for w in ("weight", "bias")]
+    head = [
+        f"{m}.{w}"
+        for m in ("embed", "time_embed.linear_1", "time_embed.linear_2")
+        for w in ("weight", "bias")
+    ] + ["label_embed.weight"]
+    tail = [f"{m}.{w}" for m in ("ada_out", "proj_out") for w in ("weight", "bias")]
+
+    def names(blocks: list[str]) -> list[str]:
+        return head + [f"blocks.0.{k}" for k in blocks] + tail
+
+    assert list(DiT(DiTConfig(**config)).state_dict()) == names(block)
+    full = VideoDiT(VideoDiTConfig(attention="full", **config))
+    assert list(full.state_dict()) == names(block)
+    factorised = VideoDiT(VideoDiTConfig(**config))
+    assert list(factorised.state_dict()) == names(block[:4] + time + block[4:])
+    assert factorised.blocks[0].ada.weight.shape == (9 * 16, 16)

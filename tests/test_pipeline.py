@@ -525,7 +525,12 @@ def test_save_writes_the_live_encoder_factors_and_sampler(tmp_path):
 
 @pytest.mark.parametrize(
     "spacing",
-    [UniformTime(0.5), LogSNR(t_max=0.7), Explicit((0.4, 0.2, 0.1)), UniformTime(1.0)],
+    [
+        UniformTime(t_max=0.5),
+        LogSNR(t_max=0.7),
+        Explicit(times=(0.4, 0.2, 0.1)),
+        UniformTime(t_max=1.0),
+    ],
     ids=["uniform-t_max-0.5", "logsnr-t_max-0.7", "explicit", "t_max-1"],
 )
 def test_img2img_noises_the_input_to_the_samplers_first_grid_time(spacing):
@@ -546,7 +551,7 @@ def test_img2img_noises_the_input_to_the_samplers_first_grid_time(spacing):
     alpha, sigma = float(schedule.alpha(t)[0]), float(schedule.sigma(t)[0])
     coefficient = float(((first_x - sigma * eps) * x).sum() / (x * x).sum())
     assert coefficient == pytest.approx(alpha, abs=1e-5)
-    if spacing == UniformTime(1.0):  # starting at t0 itself: the start state, bit for bit
+    if spacing == UniformTime(t_max=1.0):  # starting at t0 itself: the start state, bit for bit
         t0 = torch.full((2,), strength, dtype=torch.float64)
         start = add_noise(schedule, x, eps, t0.float()) / schedule.sigma(t0).float().view(
             -1, 1, 1, 1

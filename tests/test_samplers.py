@@ -1,9 +1,10 @@
-"""Properties of every sampler in ``diffkit.samplers.REGISTRY``.
+"""Properties of every sampler in ``diffkit.samplers.PRESETS`` (and ``REGISTRY``).
 
-A new sampler is tested by adding it to the registry. The data are Gaussian, so the
+A new sampler is tested by adding it to the presets. The data are Gaussian, so the
 exact denoiser and the exact probability-flow map are closed form.
 """
 
+import dataclasses
 import math
 import threading
 import warnings
@@ -25,14 +26,21 @@ from diffkit.schedules import EDM, Cosine, Discrete, RectifiedFlow, discrete_bet
 F64 = torch.float64
 DIM = 4
 NAMES = sorted(samplers.REGISTRY)
-STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_sde", "dpmpp_3m_sde"}
+STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral"}
 FIRST_ORDER = {"ddpm", "ddim", "ddim_logsnr", "euler", "euler_ancestral"}
 DETERMINISTIC = [n for n in NAMES if n not in STOCHASTIC]
 DISCRETE = Discrete.from_betas(discrete_betas("linear_beta", 1000))
 
 
+TWO_STAGE = (
+    samplers.Heun,
+    samplers.DPMSolver2,
+    samplers.DPMSolverPP2SAncestral,
+)  # 2 NFE per step, 1 onto the data
+
+
 def _nfe_per_step(sampler: samplers.SamplerBase) -> int:
-    return 2 if isinstance(sampler, samplers.Heun) else 1
+    return 2 if isinstance(sampler, TWO_STAGE) else 1
 
 
 class Gaussian:
@@ -98,7 +106,15 @@ def test_deterministic_samplers_converge_to_the_exact_flow_map(name: str) -> Non
 
 # Global order in steps of each deterministic method (UniPC's corrector adds one; 3M has
 # the reference weights of diffusers and k-diffusion, which make it second order).
-ORDER = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_3m": 2, "unipc": 3}
+ORDER = {
+    "ddim": 1,
+    "euler": 1,
+    "heun": 2,
+    "dpm_2": 2,
+    "dpmpp_2m": 2,
+    "dpmpp_3m": 2,
+    "unipc": 3,
+}
 
 
 @pytest.mark.parametrize("name", sorted(ORDER))
@@ -106,8 +122,7 @@ def test_error_falls_with_the_order_of_the_sampler(name: str) -> None:
     mean, std = _data()
     den = Gaussian(DISCRETE, mean, std)
     noise = torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
-    base = samplers.REGISTRY[name]()
-    sampler = type(base)(**{**base.__dict__, "spacing": samplers.LogSNR()})
+    sampler = samplers.PRESETS[name].model_copy(update={"spacing": samplers.LogSNR()})
     errors = []
     steps = (24, 48)
     for n in steps:
@@ -345,7 +360,7 @@ def test_nan_from_the_denoiser_raises_naming_the_step(name: str) -> None:
     sampler = samplers.REGISTRY[name]()
     with pytest.raises(samplers.NonFiniteError, match=r"step \d+ of 6") as info:
         sampler.sample(denoiser, DISCRETE, torch.randn(2, DIM), steps=6)
-    step = 1 if isinstance(sampler, samplers.Heun) else 2  # Heun: 2 evaluations per step
+    step = 1 if isinstance(sampler, TWO_STAGE) else 2  # 2 evaluations per step
     assert f"step {step} of 6" in str(info.value)
 
 
@@ -370,7 +385,7 @@ def test_an_epsilon_model_at_pure_noise_is_refused_before_any_call(name: str) ->
 def test_inversion_in_one_step_from_pure_noise_is_refused() -> None:
     den = Gaussian(RectifiedFlow(), *_data(), "flow")
     with pytest.raises(ValueError, match="needs steps >= 2"):
-        samplers.DDIMInversion(samplers.UniformTime()).invert(
+        samplers.DDIMInversion(spacing=samplers.UniformTime()).invert(
             den, RectifiedFlow(), torch.randn(2, DIM, dtype=F64), steps=1
         )
 
@@ -579,7 +594,7 @@ def test_ddim_inversion_then_sampling_returns_x0(seed: int, steps: int) -> None:
     g = torch.Generator().manual_seed(seed)
     x0 = mean + std * torch.randn(16, DIM, generator=g, dtype=F64)
     spacing = samplers.LogSNR()
-    noise = samplers.DDIMInversion(spacing, refine=8).invert(den, DISCRETE, x0, steps=steps)
+    noise = samplers.DDIMInversion(spacing=spacing, refine=8).invert(den, DISCRETE, x0, steps=steps)
     back = samplers.DDIM(spacing=spacing).sample(den, DISCRETE, noise, steps=steps)
     torch.testing.assert_close(back, x0, atol=1e-3 * (1 + float(x0.abs().max())), rtol=0)
 
@@ -591,7 +606,7 @@ def test_inversion_refinement_reduces_round_trip_error() -> None:
     errors = []
     spacing = samplers.LogSNR()
     for refine in (0, 2, 8):
-        inv = samplers.DDIMInversion(spacing, refine=refine)
+        inv = samplers.DDIMInversion(spacing=spacing, refine=refine)
         noise = inv.invert(den, DISCRETE, x0, steps=50)
         back = samplers.DDIM(spacing=spacing).sample(den, DISCRETE, noise, steps=50)
         errors.append(float((back - x0).abs().max()))
@@ -604,37 +619,66 @@ def test_inversion_from_pure_noise_schedule() -> None:
     sched = RectifiedFlow()
     den = Gaussian(sched, mean, std, "flow")
     x0 = mean + std * torch.randn(8, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
-    noise = samplers.DDIMInversion(samplers.UniformTime(), refine=8).invert(
+    noise = samplers.DDIMInversion(spacing=samplers.UniformTime(), refine=8).invert(
         den, sched, x0, steps=30
     )
     back = samplers.DDIM().sample(den, sched, noise, steps=30)
     torch.testing.assert_close(back, x0, atol=1e-3, rtol=0)
 
 
-# Configs whose fields have no defaults (a fitted solver is data): an example instance.
+# Samplers whose fields have no defaults (a fitted solver is data): an example instance.
 CONFIG_EXAMPLES = {
-    "fitted": {"times": (1.0,), "data": ((1.0,),), "correct": (), "alpha": (0.1,), "sigma": (1.0,)}
+    "fitted": {
+        "spacing": {"kind": "fitted_grid", "times": (1.0,)},
+        "data": ((1.0,),),
+        "correct": (),
+        "alpha": (0.1,),
+        "sigma": (1.0,),
+    }
 }
 
 
 @pytest.mark.parametrize("kind", samplers.SAMPLERS.kinds)
-def test_every_config_builds_a_sampler(kind: str) -> None:
-    config = samplers.SAMPLERS.config_class(kind)(**CONFIG_EXAMPLES.get(kind, {}))
-    sampler = samplers.SAMPLERS.build(config)
-    assert isinstance(sampler, dk.Sampler)
-    again = samplers.SAMPLERS.build(samplers.SAMPLERS.parse(config.to_json()))
-    assert again == sampler
+def test_every_kind_is_its_own_config_and_round_trips(kind: str) -> None:
+    sampler = samplers.SAMPLERS.config_class(kind).model_validate(CONFIG_EXAMPLES.get(kind, {}))
+    assert isinstance(sampler, dk.Sampler) and isinstance(sampler, samplers.SamplerBase)
+    assert samplers.SAMPLERS.build(sampler) is sampler  # the config is the component
+    again = samplers.SAMPLERS.build(sampler.to_json())
+    assert again == sampler and type(again) is type(sampler)
+    assert samplers.SAMPLERS.parse(sampler.to_dict()) == sampler
 
 
-def test_config_rejects_unknown_fields_and_bad_values() -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_round_trips_and_its_factory_gives_it(name: str) -> None:
+    preset = samplers.PRESETS[name]
+    assert samplers.REGISTRY[name]() == preset
+    assert samplers.SAMPLERS.parse(preset.to_dict()) == preset
+    assert samplers.SAMPLERS.parse(preset.to_json()) == preset
+
+
+def test_sampler_rejects_unknown_fields_and_bad_values_once_everywhere() -> None:
+    # Validation lives in the sampler itself: built directly or parsed, the same rules.
+    with pytest.raises(ValueError, match="eta"):
+        samplers.DDIM(eta=-1)
+    with pytest.raises(ValueError, match="eta"):
         samplers.SAMPLERS.parse({"kind": "ddim", "eta": -1})
+    with pytest.raises(ValueError, match="eta"):
+        samplers.EulerAncestral(eta=-0.5)
     with pytest.raises(ValueError):
         samplers.SAMPLERS.parse({"kind": "dpmpp", "order": 4})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="order"):
+        samplers.UniPC(order=4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nope"):
         samplers.SAMPLERS.parse({"kind": "unipc", "spacing": {"kind": "nope"}})
+    with pytest.raises(ValueError, match="spacing must be a spacing config"):
+        samplers.DDIM(spacing=object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="etaa"):
+        samplers.DDIM(etaa=0.5)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="refine"):
+        samplers.DDIMInversion(refine=-1)
     cfg = samplers.SAMPLERS.parse({"kind": "dpmpp", "order": 3, "spacing": {"kind": "karras"}})
-    assert samplers.SAMPLERS.build(cfg) == samplers.DPMSolverPP(order=3, spacing=samplers.Karras())
+    assert cfg == samplers.DPMSolverPP(order=3, spacing=samplers.Karras())
+    assert samplers.DDIM(spacing={"kind": "logsnr"}) == samplers.DDIM(spacing=samplers.LogSNR())  # type: ignore[arg-type]
 
 
 def test_wrong_noise_shape_or_steps_is_an_error() -> None:
@@ -832,7 +876,7 @@ def test_unknown_prediction_type_is_named() -> None:
 
 def test_a_plan_with_a_non_finite_coefficient_is_rejected_naming_the_step() -> None:
     class Broken(samplers.SamplerBase):
-        spacing = samplers.UniformTime()
+        spacing: samplers.AnySpacing = samplers.UniformTime()
 
         def plan(self, grid: samplers.Grid) -> list[samplers.Step]:
             good = samplers.DDIM().plan(grid)
@@ -855,3 +899,139 @@ def test_finite_outputs_whose_witnesses_overflow_together_are_not_an_error() -> 
     noise = torch.randn(1, 2, generator=torch.Generator().manual_seed(0))
     x = samplers.DDIM().sample(Huge(), DISCRETE, noise, steps=4)
     assert torch.isfinite(x).all() and float(x.sum()) > 2e38
+
+
+def _guided_call(guidance: float) -> dict:
+    if guidance == 1.0:
+        return {"cond": dk.Conditioning(pooled=torch.full((1, 3), 2.0))}
+    return {
+        "cond": dk.Conditioning(pooled=torch.full((1, 3), 2.0)),
+        "uncond": dk.Conditioning(pooled=torch.zeros(1, 3)),
+        "guidance": guidance,
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_path_equals_the_reference_executor(name: str, guidance: float, dtype) -> None:
+    # The fused, compiled loop against the thirty-line x = keep x + sum c D + noise z, on
+    # the same plan, model and seeded generator (so the same noise draws).
+    sampler = samplers.PRESETS[name]
+    den = _Conditional()
+    kwargs = _guided_call(guidance)
+    noise = torch.randn(6, DIM, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    fast = sampler.sample(
+        den, DISCRETE, noise, steps=7, generator=torch.Generator().manual_seed(3), **kwargs
+    )
+    plan = sampler.prepare(DISCRETE, 7)
+    args = (kwargs["cond"], guidance, kwargs.get("uncond"))
+    model = _base._Model(den, plan.grid, noise, *args, _base._off_grid(plan))
+    x = noise.to(model.dtype) * plan.grid.sigma[0]
+    g = torch.Generator().manual_seed(3)
+    if isinstance(sampler, samplers.StepSampler):
+        # Its step is the reference: one path, the same arithmetic, bit for bit.
+        assert torch.equal(fast, sampler._run(plan, model, x, g, None).to(dtype))
+        return
+    reference = _base.run_reference(plan.steps, model, x, g).to(dtype)
+    if not _base._fusable(plan.steps) and not any(step.noise for step in plan.steps):
+        # The general loop, noise-free: the same operations in the same order.
+        assert torch.equal(fast, reference)
+    tol = 1e-10 if dtype == F64 else 1e-5
+    torch.testing.assert_close(fast, reference, rtol=tol, atol=tol)
+
+
+def test_reference_and_fast_path_are_bit_identical_where_the_arithmetic_is() -> None:
+    # A plan with no fusion, no noise and a single estimate per step (DDIM forced onto
+    # the general loop) runs the same operations in the same order on both paths.
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(6, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    plan = samplers.DDIM().prepare(DISCRETE, 7)
+    x = noise * plan.grid.sigma[0]
+    model = _base._Model(den, plan.grid, noise, None, 1.0, None)
+    with mock.patch.object(_base, "_fusable", lambda plan: False):
+        fast = _base.run_plan(plan.steps, model, x, None, None)
+    reference = _base.run_reference(plan.steps, model, x, None)
+    assert torch.equal(fast, reference)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_prepared_plan_reused_across_calls_and_threads_gives_the_same_samples(
+    name: str,
+) -> None:
+    sampler = samplers.PRESETS[name]
+    mean, std = _data()
+    plan = sampler.prepare(DISCRETE, 6)
+    assert isinstance(plan, samplers.Plan) and plan.grid.steps == 6 and plan.sampler == sampler
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.steps = ()  # type: ignore[misc]
+    noises = [torch.randn(8, DIM, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def run(i: int, reuse: bool) -> torch.Tensor:
+        den = Gaussian(DISCRETE, mean, std)
+        g = torch.Generator().manual_seed(i)
+        kwargs = {"plan": plan} if reuse else {}
+        return sampler.sample(den, DISCRETE, noises[i], steps=6, generator=g, **kwargs)
+
+    fresh = [run(i, reuse=False) for i in range(4)]
+    assert all(torch.equal(run(i, reuse=True), fresh[i]) for i in range(4))
+    results: list[torch.Tensor | None] = [None] * 4
+
+    def worker(i: int) -> None:
+        for _ in range(3):
+            results[i] = run(i, reuse=True)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for seq, par in zip(fresh, results):
+        assert par is not None and torch.equal(seq, par)
+    assert sampler.prepare(DISCRETE, 6) == plan  # nothing in it changed
+
+
+def test_a_plan_for_other_steps_or_another_sampler_is_refused_by_name() -> None:
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(2, DIM)
+    plan = samplers.DDIM().prepare(DISCRETE, 5)
+    with pytest.raises(ValueError, match=r"prepared for steps=5, but sample was called with"):
+        samplers.DDIM().sample(den, DISCRETE, noise, steps=6, plan=plan)
+    with pytest.raises(ValueError, match="not by this sampler"):
+        samplers.Euler().sample(den, DISCRETE, noise, steps=5, plan=plan)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        samplers.DDIM().prepare(DISCRETE, 0)
+
+
+def test_a_step_sampler_has_no_linear_plan_but_a_grid_and_points() -> None:
+    sampler = samplers.DPMSolver2()
+    plan = sampler.prepare(DISCRETE, 4)
+    assert plan.steps == () and len(plan.points) == 4
+    assert [len(p) for p in plan.points] == [1, 1, 1, 0]  # no midpoint onto the data
+    for i, (mid,) in enumerate(plan.points[:3]):
+        # half way in log-SNR, where the schedule puts it
+        assert mid.lam == pytest.approx((plan.grid.lam[i] + plan.grid.lam[i + 1]) / 2, rel=1e-6)
+        assert plan.grid.t[i] > mid.t > plan.grid.t[i + 1]
+    with pytest.raises(TypeError, match="StepSampler"):
+        sampler.plan(plan.grid)
+
+
+def test_a_user_step_sampler_reads_its_history() -> None:
+    # A two-step Adams-Bashforth-like extrapolation of D: not a preset, written as code.
+    class Extrapolating(samplers.StepSampler):
+        memory = 2
+        spacing: samplers.AnySpacing = samplers.LogSNR()
+
+        def step(self, model, x, i, grid, history, generator):
+            d = history[0] if len(history) == 1 else 1.5 * history[0] - 0.5 * history[1]
+            keep = grid.sigma[i + 1] / grid.sigma[i]
+            seen.append(len(history))
+            return x * keep + d * (grid.alpha[i + 1] - keep * grid.alpha[i])
+
+    seen: list[int] = []
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
+    x = Extrapolating().sample(den, DISCRETE, noise, steps=30)
+    assert seen == [1] + [2] * 29
+    exact = den.flow_map(noise, Extrapolating().grid(DISCRETE, 30))
+    assert float((x - exact).abs().max()) < 0.05

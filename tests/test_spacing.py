@@ -77,11 +77,11 @@ def test_infinite_log_snr_endpoint_keeps_pure_noise_first() -> None:
 
 def test_explicit_times_are_checked() -> None:
     sched = SCHEDULES["discrete"]
-    assert Explicit((0.9, 0.5, 0.1))(sched, 3).tolist() == [0.9, 0.5, 0.1, 0.0]
+    assert Explicit(times=(0.9, 0.5, 0.1))(sched, 3).tolist() == [0.9, 0.5, 0.1, 0.0]
     with pytest.raises(ValueError, match="decreasing"):
-        Explicit((0.5, 0.9))
-    with pytest.raises(ValueError, match="2 times, asked for 3"):
-        Explicit((0.9, 0.5))(sched, 3)
+        Explicit(times=(0.5, 0.9))
+    with pytest.raises(ValueError, match=r"2 times \(steps=2\); asked for steps=3"):
+        Explicit(times=(0.9, 0.5))(sched, 3)
 
 
 def test_spacing_configs_build_and_validate() -> None:
@@ -105,10 +105,10 @@ def test_spacing_configs_build_and_validate() -> None:
         (lambda: UniformTime(t_min=0.5, t_max=0.4), "t_min"),
         (lambda: LogSNR(power=0.0), "power"),
         (lambda: Karras(rho=-1.0), "rho"),
-        (lambda: Explicit(()), "times"),
-        (lambda: Explicit((0.5, 0.9)), "times"),
-        (lambda: Explicit((1.5, 0.5)), "times"),
-        (lambda: Explicit((0.5, 0.0)), "times"),
+        (lambda: Explicit(times=()), "times"),
+        (lambda: Explicit(times=(0.5, 0.9)), "times"),
+        (lambda: Explicit(times=(1.5, 0.5)), "times"),
+        (lambda: Explicit(times=(0.5, 0.0)), "times"),
     ],
 )
 def test_spacings_built_directly_refuse_bad_arguments_by_name(make, arg: str) -> None:

@@ -135,6 +135,11 @@ def kind_of(config: Config) -> str:
 T = TypeVar("T")
 
 
+def _itself(config: Any) -> Any:
+    """The builder of a config that is its own component."""
+    return config
+
+
 class Registry(Generic[T]):
     """Maps ``kind`` to a config class and to a builder ``config -> component``."""
 
@@ -145,9 +150,17 @@ class Registry(Generic[T]):
         REGISTRIES[group] = self
 
     def register(
-        self, config_cls: type[C], builder: Callable[[C], T], *, replace: bool = False
+        self,
+        config_cls: type[C],
+        builder: Callable[[C], T] | None = None,
+        *,
+        replace: bool = False,
     ) -> type[C]:
-        """Register ``config_cls`` (its ``kind`` default names it) with its builder."""
+        """Register ``config_cls`` (its ``kind`` default names it) with its builder.
+
+        Without a builder the config is the component (a spacing, a sampler): ``build``
+        returns the parsed config itself.
+        """
         field = config_cls.model_fields.get("kind")
         kind = None if field is None else field.default
         if not isinstance(kind, str) or not kind:
@@ -160,7 +173,7 @@ class Registry(Generic[T]):
                 f"{self._configs[kind].__name__}; pass replace=True to override"
             )
         self._configs[kind] = config_cls
-        self._builders[kind] = builder
+        self._builders[kind] = builder if builder is not None else _itself
         return config_cls
 
     @property

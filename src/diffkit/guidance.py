@@ -1,13 +1,15 @@
 """Classifier-free guidance (Ho & Salimans, 2022), for every sampler alike.
 
 ``guided = uncond + scale * (cond - uncond)``: scale 1 is the conditional model, 0 the
-unconditional one. Samplers apply it inside their one denoiser helper, with the
-conditional and unconditional inputs concatenated into one batched call;
-[`Guided`][diffkit.guidance.Guided] wraps a denoiser the same way for code that wants a
-guided ``Denoiser`` object.
+unconditional one. [`predict`][diffkit.guidance.predict] is the one implementation: the
+conditional and unconditional inputs concatenated into one batched call, split and
+combined. Samplers call it inside their denoiser helper (with the conditioning batched
+once, before the loop); [`Guided`][diffkit.guidance.Guided] wraps a denoiser with it for
+code that wants a guided ``Denoiser`` object.
 
-An ``uncond`` given with scale 1 has no effect; samplers and ``Guided`` say so with a
-``UserWarning`` (a guidance sweep through 1 is legitimate, so it is not an error).
+An ``uncond`` given with scale 1 has no effect; samplers, ``Guided`` and the pipeline say
+so with one ``UserWarning`` ([`warn_unused`][diffkit.guidance.warn_unused]): a guidance
+sweep through 1 is legitimate, so it is not an error.
 """
 
 import dataclasses
@@ -16,45 +18,103 @@ import torch
 from torch import Tensor
 
 from diffkit.protocols import Conditioning, Denoiser
-from diffkit.typing import Prediction, Sample, Time, checked, warn_at_caller
+from diffkit.typing import Prediction, Sample, ShapeError, Time, checked, warn_at_caller
 
-__all__ = ["Guided", "classifier_free", "unused_uncond"]
+__all__ = [
+    "Guided",
+    "OutputShapeError",
+    "classifier_free",
+    "predict",
+    "unused_uncond",
+    "warn_unused",
+]
+
+
+def _combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """``uncond + scale * (cond - uncond)``: the guidance formula, once."""
+    return torch.lerp(uncond, cond, scale)
 
 
 @checked
 def classifier_free(cond: Sample, uncond: Sample, scale: float) -> Sample:
     """``uncond + scale * (cond - uncond)``, computed in float32 (or wider)."""
     dtype = torch.promote_types(cond.dtype, torch.float32)
-    return torch.lerp(uncond.to(dtype), cond.to(dtype), scale).to(cond.dtype)
+    return _combine(cond.to(dtype), uncond.to(dtype), scale).to(cond.dtype)
+
+
+class OutputShapeError(ShapeError):
+    """The denoiser's output does not have the shape of its input ``x_t``."""
+
+    def __init__(self, out: object, x_in: Tensor, guided: bool, where: str = "") -> None:
+        self.out, self.x_in = out, x_in
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        both = " (cond and uncond in one batch, for guidance)" if guided else ""
+        super().__init__(
+            f"the denoiser output is {got}{where}, expected the shape of its input x_t, "
+            f"{tuple(x_in.shape)}{both}"
+        )
+
+
+def predict(
+    denoiser: Denoiser,
+    x_t: Tensor,
+    t: Tensor,
+    cond: Conditioning | None,
+    scale: float,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The denoiser's prediction at ``x_t``, classifier-free guided when ``scale != 1``.
+
+    Guided, ``cond`` holds the conditional and the unconditional conditioning in one
+    batch (``cond.cat(uncond)``) and ``t`` the times of that doubled batch: one call on
+    ``[x_t; x_t]``, split, and ``uncond + scale * (cond - uncond)``. The output must have
+    the shape of the model's input (a plain tuple comparison, ``OutputShapeError``
+    otherwise); it is cast to ``dtype`` (if given) before the combination.
+    """
+    guided = scale != 1.0
+    x_in = torch.cat([x_t, x_t]) if guided else x_t
+    out = denoiser(x_in, t, cond)
+    if not isinstance(out, Tensor) or out.shape != x_in.shape:
+        raise OutputShapeError(out, x_in, guided)
+    if dtype is not None and out.dtype != dtype:
+        out = out.to(dtype)
+    if not guided:
+        return out
+    with_cond, without = out.chunk(2)
+    return _combine(with_cond, without, scale)
+
+
+def warn_unused(where: str, name: str = "uncond") -> None:
+    """The one warning for an unconditional input that guidance 1 leaves unused."""
+    warn_at_caller(
+        f"{where}: {name} is unused with guidance 1 (classifier-free guidance at scale 1 is "
+        f"the conditional model alone); pass guidance other than 1 for {name} to take "
+        f"effect, or leave {name} out"
+    )
 
 
 def unused_uncond(where: str, guidance: float, uncond: Conditioning | None) -> Conditioning | None:
     """``uncond``, or ``None`` with a ``UserWarning`` when ``guidance == 1`` leaves it unused."""
     if uncond is None or guidance != 1.0:
         return uncond
-    warn_at_caller(
-        f"{where}: uncond is unused with guidance 1 (classifier-free guidance at scale 1 is "
-        "the conditional model alone); pass guidance other than 1 for uncond to take effect, "
-        "or leave uncond out"
-    )
+    warn_unused(where)
     return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Guided:
-    """A denoiser with classifier-free guidance: one batched call on cond and uncond."""
+    """A denoiser with classifier-free guidance: one batched call on cond and uncond.
+
+    At scale 1 the ``uncond`` is unused (a ``UserWarning`` says so) and each call is the
+    conditional model alone.
+    """
 
     denoiser: Denoiser
     uncond: Conditioning
     scale: float
 
     def __post_init__(self) -> None:
-        if self.scale == 1.0:
-            warn_at_caller(
-                "Guided: scale 1 is the conditional model alone: uncond is unused, yet every "
-                "call still evaluates it (twice the compute); call the denoiser itself for "
-                "scale 1, or pass a scale other than 1"
-            )
+        unused_uncond("Guided", self.scale, self.uncond)
 
     @property
     def prediction(self) -> Prediction:
@@ -67,7 +127,9 @@ class Guided:
         if cond is None:
             raise ValueError("Guided: a conditioning is required")
         batch = x_t.shape[0]
+        if self.scale == 1.0:
+            return predict(self.denoiser, x_t, t, cond.expand(batch), 1.0)
         both = cond.expand(batch).cat(self.uncond.expand(batch))
-        out: Tensor = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
-        with_cond, without = out.chunk(2)
-        return classifier_free(with_cond, without, self.scale)
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        out = predict(self.denoiser, x_t, torch.cat([t, t]), both, self.scale, dtype)
+        return out.to(x_t.dtype)

@@ -34,6 +34,7 @@ from diffkit.checkpoint import CheckpointError, atomic_write, load_state_dict, l
 from diffkit.checkpoint import save_tensors as _save_tensors
 from diffkit.config import Config
 from diffkit.forward import add_noise
+from diffkit.guidance import warn_unused
 from diffkit.protocols import (
     Conditioning,
     Denoiser,
@@ -462,11 +463,7 @@ class Pipeline(nn.Module):
             if self.text is not None:
                 prompts = [""]
         elif guidance == 1.0 and (uncond is not None or negative_prompts is not None):
-            warn_at_caller(
-                f"{where}: {negative} is unused with guidance 1 (classifier-free guidance at "
-                f"scale 1 is the conditional model alone); pass guidance other than 1 for "
-                f"{negative} to take effect, or leave {negative} out"
-            )
+            warn_unused(where, negative)
             uncond = negative_prompts = None
         given = f"{len(prompts)} prompts" if prompts is not None else "cond"
         if prompts is not None:

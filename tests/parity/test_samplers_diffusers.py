@@ -104,7 +104,7 @@ def test_sampler_matches_diffusers_step_for_step(name: str, steps: int) -> None:
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps.to(torch.float64)
     times = tuple(((timesteps + 1) / N_TRAIN).tolist())
-    sampler = make_sampler(samplers.Explicit(times))
+    sampler = make_sampler(samplers.Explicit(times=times))
     model = IndexModel(schedule)
 
     g = torch.Generator().manual_seed(1)

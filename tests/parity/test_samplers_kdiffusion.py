@@ -32,8 +32,30 @@ def _kd_model(x, sigma, **_):
 
 
 CASES = {
-    "euler/karras": (ks.sample_euler, ks.get_sigmas_karras, samplers.Euler, samplers.Karras()),
-    "heun/karras": (ks.sample_heun, ks.get_sigmas_karras, samplers.Heun, samplers.Karras()),
+    "euler/karras": (
+        ks.sample_euler,
+        ks.get_sigmas_karras,
+        lambda spacing: samplers.Euler(spacing=spacing),
+        samplers.Karras(),
+    ),
+    "heun/karras": (
+        ks.sample_heun,
+        ks.get_sigmas_karras,
+        lambda spacing: samplers.Heun(spacing=spacing),
+        samplers.Karras(),
+    ),
+    "dpm_2/karras": (
+        ks.sample_dpm_2,
+        ks.get_sigmas_karras,
+        lambda spacing: samplers.DPMSolver2(spacing=spacing),
+        samplers.Karras(),
+    ),
+    "dpm_2/exponential": (
+        ks.sample_dpm_2,
+        ks.get_sigmas_exponential,
+        lambda spacing: samplers.DPMSolver2(spacing=spacing),
+        samplers.LogSNR(),
+    ),
     "dpmpp_2m/exponential": (
         ks.sample_dpmpp_2m,
         ks.get_sigmas_exponential,
@@ -57,4 +79,27 @@ def test_sampler_matches_kdiffusion(name: str) -> None:
     ours_ratios = torch.tensor(grid.sigma, dtype=F64) / torch.tensor(grid.alpha, dtype=F64)
     torch.testing.assert_close(ours_ratios, sigmas, rtol=1e-5, atol=0)
     ours = sampler.sample(Model(), SCHEDULE, noise, steps=steps)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("batch", [4, 8])  # 8 x 5 values: torch's vectorised normal_
+def test_dpmpp_2s_ancestral_matches_kdiffusion_with_the_same_noise(eta: float, batch: int) -> None:
+    steps = 8
+    ac = SCHEDULE.alphas_cumprod
+    ratios = ((1 - ac) / ac).sqrt()
+    sigmas = ks.get_sigmas_karras(steps, float(ratios[0]), float(ratios[-1])).to(F64)
+    noise = torch.randn(batch, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    g = torch.Generator().manual_seed(5)
+
+    def draws(sigma, sigma_next):
+        return torch.empty_like(noise).normal_(generator=g)
+
+    reference = ks.sample_dpmpp_2s_ancestral(
+        _kd_model, noise * sigmas[0], sigmas, eta=eta, noise_sampler=draws, disable=True
+    )
+    sampler = samplers.DPMSolverPP2SAncestral(eta=eta, spacing=samplers.Karras())
+    ours = sampler.sample(
+        Model(), SCHEDULE, noise, steps=steps, generator=torch.Generator().manual_seed(5)
+    )
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)

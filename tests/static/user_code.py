@@ -21,9 +21,21 @@ from diffkit.nn.dit import DiTConfig
 from diffkit.nn.unet import UNetConfig
 from diffkit.nn.vae import IdentityEncoderConfig, KLAutoencoderConfig
 from diffkit.nn.video import VideoDiTConfig
-from diffkit.samplers import DDIMConfig, DDPMConfig, DPMSolverPPConfig
-from diffkit.samplers._configs import EulerAncestralConfig, EulerConfig, HeunConfig, UniPCConfig
-from diffkit.samplers.spacing import KarrasConfig, LogSNRConfig, UniformTimeConfig
+from diffkit.samplers import (
+    DDIM,
+    DDPM,
+    DDIMInversion,
+    DPMSolver2,
+    DPMSolverPP,
+    DPMSolverPP2SAncestral,
+    Euler,
+    EulerAncestral,
+    Heun,
+    Karras,
+    LogSNR,
+    UniformTime,
+    UniPC,
+)
 from diffkit.schedules import (
     CosineConfig,
     DiscreteConfig,
@@ -54,22 +66,25 @@ def default_configs() -> list[Config]:
         IdentityEncoderConfig(),
         VideoDiTConfig(),
         LossConfig(),
-        UniformTimeConfig(),
-        LogSNRConfig(),
-        KarrasConfig(),
+        UniformTime(),
+        LogSNR(),
+        Karras(),
         LinearBetaConfig(),
         SqrtLinearBetaConfig(),
         CosineConfig(),
         EDMConfig(),
         RectifiedFlowConfig(),
         DiscreteConfig(),
-        DDIMConfig(),
-        DDPMConfig(),
-        EulerConfig(),
-        EulerAncestralConfig(),
-        HeunConfig(),
-        DPMSolverPPConfig(),
-        UniPCConfig(),
+        DDIM(),
+        DDPM(),
+        Euler(),
+        EulerAncestral(),
+        Heun(),
+        DPMSolver2(),
+        DPMSolverPP2SAncestral(),
+        DPMSolverPP(),
+        UniPC(),
+        DDIMInversion(),
         TrainConfig(),
     ]
     return configs
@@ -122,4 +137,6 @@ def sample_with_own_denoiser() -> Tensor:
     sampler = dk.samplers.REGISTRY["dpmpp_2m"]()
     noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     first = sampler.sample(ShrinkDenoiser(), schedule, noise, steps=3)
-    return first + sampler.sample(NarrowDenoiser(), schedule, noise, steps=3)
+    plan = DDIM(eta=0.5, spacing=LogSNR(power=2.0)).prepare(schedule, 3)
+    again = plan.sampler.sample(NarrowDenoiser(), schedule, noise, steps=3, plan=plan)
+    return first + sampler.sample(NarrowDenoiser(), schedule, noise, steps=3) + again

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from diffkit.config import Config
 from diffkit.nn._registry import DENOISERS
+from diffkit.nn.embeddings import add_condition_embeddings
+from diffkit.nn.inputs import validate_inputs
 from diffkit.nn.layers import (
     Downsample,
     ResBlock,
@@ -31,7 +33,6 @@ from diffkit.nn.layers import (
     Upsample,
     network_timestep,
     timestep_embedding,
-    validate_conditioning,
 )
 from diffkit.protocols import Conditioning
 from diffkit.typing import Image, Prediction, ShapeError, Time, checked
@@ -265,7 +266,7 @@ class UNet(nn.Module):
         """Build a freshly initialised U-Net."""
         return cls(config)
 
-    def _validate(self, x: Tensor, cond: Conditioning | None) -> None:
+    def _validate(self, x: Tensor, t: Tensor, cond: Conditioning | None) -> None:
         c = self.config
         if x.shape[1] != c.in_channels:
             raise ShapeError(f"UNet: x_t has {x.shape[1]} channels, expected {c.in_channels}")
@@ -277,15 +278,7 @@ class UNet(nn.Module):
                     f"{len(c.channel_mult) - 1} times); pad or resize to "
                     f"{-(-size // factor) * factor}"
                 )
-        validate_conditioning(
-            "UNet",
-            x,
-            cond,
-            context_dim=c.context_dim,
-            pooled_dim=c.pooled_dim,
-            num_classes=c.num_classes,
-            dtype=self.conv_in.weight.dtype,
-        )
+        validate_inputs("UNet", x, t, cond, c, self.conv_in.weight.dtype)
 
     def embed_time(self, t: Tensor, cond: Conditioning | None) -> Tensor:
         """The conditioning embedding ``(batch, emb_dim)``: time, plus labels and pooled."""
@@ -298,17 +291,12 @@ class UNet(nn.Module):
             freq_shift=c.freq_shift,
         )
         emb = self.time_embed(emb.to(self.conv_in.weight.dtype))
-        if cond is not None:
-            if self.label_embed is not None and cond.labels is not None:
-                emb = emb + self.label_embed(cond.labels)
-            if self.pooled_embed is not None and cond.pooled is not None:
-                emb = emb + self.pooled_embed(cond.pooled)
-        return emb
+        return add_condition_embeddings(emb, cond, self.label_embed, self.pooled_embed)
 
     @checked
     def forward(self, x_t: Image, t: Time, cond: Conditioning | None = None) -> ImageOut:
         """Predict ``self.prediction`` for ``x_t`` ``(b, c, h, w)`` at times ``t`` ``(b,)``."""
-        self._validate(x_t, cond)
+        self._validate(x_t, t, cond)
         emb = self.embed_time(t, cond)
         context = cond.tokens if cond is not None else None
         mask = cond.mask if cond is not None else None

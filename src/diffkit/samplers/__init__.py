@@ -3,25 +3,25 @@
 Every sampler satisfies [`Sampler`][diffkit.protocols.Sampler]:
 ``sampler.sample(denoiser, schedule, noise, steps=..., cond=..., guidance=...,
 uncond=..., generator=..., callback=...) -> x0``, works with every schedule and every
-prediction type, and keeps no state between calls. ``REGISTRY`` maps short names
-(``"dpmpp_2m"``, ``"unipc"``, ...) to zero-argument factories of recommended settings.
-``fit_solver`` / ``fit_grid`` fit a sampler's grid (and coefficients) to a given model.
+prediction type, and keeps no state between calls. A sampler and a spacing are each one
+frozen config (``DDIM(eta=0.5, spacing=LogSNR())``), registered by ``kind`` in
+``SAMPLERS`` / ``SPACINGS``; ``PRESETS`` names recommended configurations and
+``REGISTRY`` maps the same names (``"dpmpp_2m"``, ``"unipc"``, ...) to zero-argument
+factories. ``sampler.prepare(schedule, steps)`` gives the immutable
+[`Plan`][diffkit.samplers.Plan] (grid and coefficients) for reuse across calls.
+Samplers that are linear in grid values subclass ``SamplerBase`` and write ``plan``;
+others subclass ``StepSampler`` and write ``step``. ``fit_solver`` / ``fit_grid`` fit a
+sampler's grid (and coefficients) to a given model.
 """
 
+from diffkit.samplers._base import SAMPLERS as SAMPLERS
 from diffkit.samplers._base import Grid as Grid
 from diffkit.samplers._base import NonFiniteError as NonFiniteError
+from diffkit.samplers._base import Plan as Plan
+from diffkit.samplers._base import Point as Point
 from diffkit.samplers._base import SamplerBase as SamplerBase
 from diffkit.samplers._base import Step as Step
 from diffkit.samplers._base import make_grid as make_grid
-from diffkit.samplers._configs import REGISTRY as REGISTRY
-from diffkit.samplers._configs import SAMPLERS as SAMPLERS
-from diffkit.samplers._configs import DDIMConfig as DDIMConfig
-from diffkit.samplers._configs import DDPMConfig as DDPMConfig
-from diffkit.samplers._configs import DPMSolverPPConfig as DPMSolverPPConfig
-from diffkit.samplers._configs import EulerAncestralConfig as EulerAncestralConfig
-from diffkit.samplers._configs import EulerConfig as EulerConfig
-from diffkit.samplers._configs import HeunConfig as HeunConfig
-from diffkit.samplers._configs import UniPCConfig as UniPCConfig
 from diffkit.samplers.ddim import DDIM as DDIM
 from diffkit.samplers.ddim import DDPM as DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP as DPMSolverPP
@@ -30,48 +30,56 @@ from diffkit.samplers.euler import EulerAncestral as EulerAncestral
 from diffkit.samplers.euler import Heun as Heun
 from diffkit.samplers.fitting import FittedGrid as FittedGrid
 from diffkit.samplers.fitting import FittedSolver as FittedSolver
-from diffkit.samplers.fitting import FittedSolverConfig as FittedSolverConfig
 from diffkit.samplers.fitting import fit_grid as fit_grid
 from diffkit.samplers.fitting import fit_solver as fit_solver
 from diffkit.samplers.inversion import DDIMInversion as DDIMInversion
+from diffkit.samplers.presets import PRESETS as PRESETS
+from diffkit.samplers.presets import REGISTRY as REGISTRY
+from diffkit.samplers.singlestep import DPMSolver2 as DPMSolver2
+from diffkit.samplers.singlestep import DPMSolverPP2SAncestral as DPMSolverPP2SAncestral
 from diffkit.samplers.spacing import SPACINGS as SPACINGS
+from diffkit.samplers.spacing import AnySpacing as AnySpacing
 from diffkit.samplers.spacing import Explicit as Explicit
 from diffkit.samplers.spacing import Karras as Karras
 from diffkit.samplers.spacing import LogSNR as LogSNR
 from diffkit.samplers.spacing import Spacing as Spacing
+from diffkit.samplers.spacing import SpacingBase as SpacingBase
 from diffkit.samplers.spacing import UniformTime as UniformTime
+from diffkit.samplers.stepping import StepModel as StepModel
+from diffkit.samplers.stepping import StepSampler as StepSampler
 from diffkit.samplers.unipc import UniPC as UniPC
 
 __all__ = [
     "DDIM",
     "DDPM",
+    "PRESETS",
     "REGISTRY",
     "SAMPLERS",
     "SPACINGS",
-    "DDIMConfig",
+    "AnySpacing",
     "DDIMInversion",
-    "DDPMConfig",
+    "DPMSolver2",
     "DPMSolverPP",
-    "DPMSolverPPConfig",
+    "DPMSolverPP2SAncestral",
     "Euler",
     "EulerAncestral",
-    "EulerAncestralConfig",
-    "EulerConfig",
     "Explicit",
     "FittedGrid",
     "FittedSolver",
-    "FittedSolverConfig",
     "Grid",
     "Heun",
-    "HeunConfig",
     "Karras",
     "LogSNR",
     "NonFiniteError",
+    "Plan",
+    "Point",
     "SamplerBase",
     "Spacing",
+    "SpacingBase",
     "Step",
+    "StepModel",
+    "StepSampler",
     "UniPC",
-    "UniPCConfig",
     "UniformTime",
     "fit_grid",
     "fit_solver",

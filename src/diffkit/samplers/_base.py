@@ -4,18 +4,21 @@ A sampler is a *plan*: for each step ``i -> i + 1`` of its time grid, the coeffi
 a linear combination of the current sample ``x_i``, the denoised estimates
 ``D_i, D_{i-1}, ...`` (``D = E[x0 | x_t]``, the data prediction), optionally a
 corrector that also uses ``D_{i+1}`` (UniPC, Heun), and fresh Gaussian noise
-(ancestral / SDE samplers). Every solver here is such a linear multistep or
-predictor-corrector method once written in data-prediction form, so each sampler only
-writes down its coefficients, in float64 and from the paper's formula, and this module
-runs the plan:
+(ancestral / SDE samplers). The linear multistep and predictor-corrector methods are
+such plans once written in data-prediction form, so each of those samplers only writes
+down its coefficients, in float64 and from the paper's formula, and this module runs the
+plan (methods that are not linear in grid values are
+[`StepSampler`][diffkit.samplers.StepSampler]s, whose step is code). ``run_reference``
+runs a plan the way the paper writes it (about thirty lines: ``x = keep·x + Σ c·D +
+noise·z``, corrector included); ``run_plan`` is the fast path, tested equal to it:
 
 - the grid and every coefficient are computed once, before the loop;
 - the denoiser is called through one helper that batches cond/uncond for
-  classifier-free guidance, checks that its output has its input's shape (a tuple
-  comparison: ``sample`` checks its own arguments once, at the boundary), converts
-  whatever it predicts to ``x0`` with [`diffkit.prediction`][diffkit.prediction] in
-  float32/64 and passes the model ``x`` and the conditioning's embeddings in the dtype
-  of the noise;
+  classifier-free guidance ([`predict`][diffkit.guidance.predict]), checks that its
+  output has its input's shape (a tuple comparison: ``sample`` checks its own arguments
+  once, at the boundary), converts whatever it predicts to ``x0`` with
+  [`diffkit.prediction`][diffkit.prediction] in float32/64 and passes the model ``x`` and
+  the conditioning's embeddings in the dtype of the noise;
 - one loop runs every plan, on linear combinations compiled before it: coefficients as
   Python floats (kernel scalar arguments: nothing to copy to the device, nothing to wait
   for), zero terms dropped, each combination accumulated in place into one fresh tensor,
@@ -26,7 +29,9 @@ runs the plan:
 - the loop has no host-device synchronisation: no ``.item()``, no ``nonzero()``, no
   Python branching on tensor values; non-finite outputs are recorded as tensors and
   reported, naming the first bad step, after the loop;
-- nothing is stored on the sampler object, so one sampler serves many threads;
+- nothing is stored on the sampler object, so one sampler serves many threads; the grid
+  and the coefficients (a [`Plan`][diffkit.samplers.Plan], from ``prepare``) are plain
+  immutable data that a caller may build once and reuse across calls and threads;
 - sampling runs under ``torch.no_grad()`` (as k-diffusion's samplers do), whatever the
   caller's grad mode: the result carries no autograd graph and the steps keep none alive.
 """
@@ -37,26 +42,33 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from diffkit.guidance import unused_uncond
+from diffkit.config import Config, Registry
+from diffkit.guidance import OutputShapeError, predict, unused_uncond
 from diffkit.prediction import _validate, _x0_of
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallback
-from diffkit.samplers.spacing import Spacing
+from diffkit.samplers.spacing import Spacing, SpacingBase
 from diffkit.schedules import ScheduleBase
 from diffkit.typing import Sample, ShapeError, checked, trusted
 
 __all__ = [
+    "SAMPLERS",
     "Grid",
     "NonFiniteError",
+    "Plan",
+    "Point",
     "SamplerBase",
     "Step",
+    "alpha_sigma",
     "final_step",
     "make_grid",
+    "run_plan",
+    "run_reference",
     "work_dtype",
 ]
 
@@ -105,20 +117,9 @@ def make_grid(
     """
     with trusted():
         t = spacing(schedule, steps, device).to(_F64)
-        if t.ndim != 1 or t.numel() != steps + 1:
-            raise ValueError(f"spacing returned shape {tuple(t.shape)}, expected ({steps + 1},)")
-        dtype = torch.float32 if device is not None and device.type == "mps" else _F64
-        inner = t[:-1].to(device=device, dtype=dtype)
-        if isinstance(schedule, ScheduleBase):  # both in one call
-            alpha_t, sigma_t = schedule.alpha_sigma(inner)
-        else:
-            alpha_t, sigma_t = schedule.alpha(inner), schedule.sigma(inner)
-    for name, value in (("alpha", alpha_t), ("sigma", sigma_t)):
-        if not isinstance(value, Tensor) or value.shape != inner.shape:
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ShapeError(f"schedule.{name} returned {got} for times of shape ({steps},)")
-    alpha = alpha_t.to("cpu", _F64).tolist()
-    sigma = sigma_t.to("cpu", _F64).tolist()
+    if t.ndim != 1 or t.numel() != steps + 1:
+        raise ValueError(f"spacing returned shape {tuple(t.shape)}, expected ({steps + 1},)")
+    alpha, sigma = alpha_sigma(schedule, t[:-1], device)
     lam = [_half_log_snr(a, s) for a, s in zip(alpha, sigma)]
     if any(b <= a for a, b in itertools.pairwise(lam)):
         raise ValueError("the time grid must run from noise to data (log-SNR increasing)")
@@ -128,6 +129,28 @@ def make_grid(
         sigma=(*sigma, 0.0),
         lam=(*lam, math.inf),
     )
+
+
+def alpha_sigma(
+    schedule: NoiseSchedule, t: Tensor, device: torch.device | None = None
+) -> tuple[list[float], list[float]]:
+    """``alpha(t)`` and ``sigma(t)`` as Python floats, evaluated in float64 on ``device``.
+
+    The schedule is evaluated on tensors built here, so its shape checks are skipped
+    ([`trusted`][diffkit.typing.trusted]); what it returns is checked here instead.
+    """
+    dtype = torch.float32 if device is not None and device.type == "mps" else _F64
+    inner = t.to(device=device, dtype=dtype)
+    with trusted():
+        if isinstance(schedule, ScheduleBase):  # both in one call
+            alpha_t, sigma_t = schedule.alpha_sigma(inner)
+        else:
+            alpha_t, sigma_t = schedule.alpha(inner), schedule.sigma(inner)
+    for name, value in (("alpha", alpha_t), ("sigma", sigma_t)):
+        if not isinstance(value, Tensor) or value.shape != inner.shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ShapeError(f"schedule.{name} returned {got} for times of shape ({len(t)},)")
+    return alpha_t.to("cpu", _F64).tolist(), sigma_t.to("cpu", _F64).tolist()
 
 
 def _half_log_snr(alpha: float, sigma: float) -> float:
@@ -147,8 +170,8 @@ class Step(NamedTuple):
     noise * z`` (same ``z``); ``reevaluate`` evaluates ``D_{i+1}`` again at the corrected
     point (PECE, e.g. Heun) instead of reusing the predictor's (PEC, e.g. UniPC).
 
-    A named tuple (a plan is rebuilt on every ``sample`` call); the loop checks that
-    every coefficient is finite before it starts, naming the step.
+    A named tuple (cheap to build: ``sample`` plans on every call unless given a plan);
+    the loop checks that every coefficient is finite before it starts, naming the step.
     """
 
     keep: float
@@ -156,6 +179,37 @@ class Step(NamedTuple):
     noise: float = 0.0
     correct: tuple[float, ...] | None = None
     reevaluate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """A point off the grid where a step evaluates the model: time, ``alpha``, ``sigma``, ``lam``.
+
+    Computed from the schedule before the loop (``prepare``), as the grid's points are.
+    """
+
+    t: float
+    alpha: float
+    sigma: float
+    lam: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a sampler runs for one step count on one schedule: immutable and reusable.
+
+    ``grid`` is the time grid; ``steps`` one [`Step`][diffkit.samplers.Step] per step for
+    a sampler whose steps are linear combinations (empty for a
+    [`StepSampler`][diffkit.samplers.StepSampler], whose steps are code); ``points[i]``
+    the points off the grid where step ``i`` evaluates the model (a ``StepSampler``'s
+    midpoints). ``sampler`` is the sampler that made it. Nothing in it changes during
+    sampling, so one plan serves many calls and threads (and CUDA-graph capture).
+    """
+
+    sampler: "SamplerBase"
+    grid: Grid
+    steps: tuple[Step, ...]
+    points: tuple[tuple[Point, ...], ...] = ()
 
 
 def final_step(grid: Grid, final: str) -> tuple[float, ...]:
@@ -193,6 +247,7 @@ class _Model:
         cond: Conditioning | None,
         guidance: float,
         uncond: Conditioning | None,
+        points: Sequence[Point] = (),
     ) -> None:
         batch, device = like.shape[0], like.device
         self.denoiser, self.guidance = denoiser, float(guidance)
@@ -234,6 +289,16 @@ class _Model:
             for i, pair in enumerate(zip(self.cp_float, self.cx_float)):
                 if not all(map(math.isfinite, pair)):
                     self._no_x0(i)
+        # Points off the grid (a StepSampler's midpoints): their times and coefficients.
+        self.off_grid: dict[Point, tuple[Tensor, float, float]] = {}
+        if points:
+            alpha, sigma = np.array([p.alpha for p in points]), np.array([p.sigma for p in points])
+            one, zero = np.ones(len(points)), np.zeros(len(points))
+            px = _x0_of(denoiser.prediction, one, zero, alpha, sigma).tolist()
+            pp = _x0_of(denoiser.prediction, zero, one, alpha, sigma).tolist()
+            for p, cx_p, cp_p in zip(points, px, pp):
+                t = torch.full((calls,), p.t, dtype=self.dtype, device=device)
+                self.off_grid[p] = (t, cx_p, cp_p)
         self.sums: list[Tensor] = []
         self.points: list[int] = []
 
@@ -251,32 +316,20 @@ class _Model:
         """The grid times as ``(batch,)`` tensors, for callbacks."""
         return self._t[:, None].expand(self.grid.steps + 1, self.batch).unbind(0)
 
-    def predict(self, x: Tensor, i: int) -> Tensor:
+    def predict(self, x: Tensor, i: int, times: Tensor | None = None) -> Tensor:
         """The (guided) raw prediction at ``x``, grid point ``i``, in the working dtype.
 
-        The denoiser's output must have the shape of its input, checked on every call as a
+        ``times`` (a point off the grid, within step ``i``) replaces the grid's time. The
+        denoiser's output must have the shape of its input, checked on every call as a
         plain shape comparison (``sample`` checked its own arguments once).
         """
         x_in = x.to(self.model_dtype) if self.cast else x
-        if self.guided:
-            x_in = torch.cat([x_in, x_in])
-        out = self.denoiser(x_in, self.times[i], self.cond)
-        if not isinstance(out, Tensor) or out.shape != x_in.shape:
-            self._wrong_output(out, x_in, i)
-        if out.dtype != self.dtype:
-            out = out.to(self.dtype)
-        if self.guided:
-            with_cond, without = out.chunk(2)
-            return torch.lerp(without, with_cond, self.guidance)
-        return out
-
-    def _wrong_output(self, out: object, x_in: Tensor, i: int) -> NoReturn:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        guided = " (cond and uncond in one batch, for guidance)" if self.guided else ""
-        raise ShapeError(
-            f"the denoiser output is {got} at step {i} of {self.grid.steps}, expected the "
-            f"shape of its input x_t, {tuple(x_in.shape)}{guided}"
-        )
+        t = self.times[i] if times is None else times
+        try:
+            return predict(self.denoiser, x_in, t, self.cond, self.guidance, self.dtype)
+        except OutputShapeError as error:
+            where = f" at step {i} of {self.grid.steps}"
+            raise OutputShapeError(error.out, error.x_in, self.guided, where) from None
 
     def raw(self, x: Tensor, i: int) -> Tensor:
         """The raw prediction at ``x``, grid point ``i``, recorded.
@@ -292,6 +345,15 @@ class _Model:
     def __call__(self, x: Tensor, i: int) -> Tensor:
         """The denoised estimate ``D = cx x + cp pred`` at ``x``, grid point ``i`` (recorded)."""
         d = self.estimate(x, self.predict(x, i), i)
+        self.sums.append(d.sum())
+        self.points.append(i)
+        return d
+
+    def at(self, x: Tensor, point: Point, i: int) -> Tensor:
+        """The estimate ``D`` at ``x`` and ``point``, a point off the grid within step ``i``."""
+        times, cx, cp = self.off_grid[point]
+        d = x * cx
+        d.add_(self.predict(x, i, times), alpha=cp)
         self.sums.append(d.sum())
         self.points.append(i)
         return d
@@ -320,6 +382,56 @@ class _Model:
             f"and its prediction type '{self.denoiser.prediction}'"
         )
 
+
+def _affine(
+    keep: float,
+    x: Tensor,
+    coefs: Sequence[float],
+    estimates: Sequence[Tensor],
+    noise: float,
+    z: Tensor | None,
+) -> Tensor:
+    """``keep·x + Σ_k c_k·D_k + noise·z``, term by term (``a.add(b, alpha=c)`` is ``a + c·b``)."""
+    out = x * keep
+    for c, d in zip(coefs, estimates):
+        out = out.add(d, alpha=c)
+    return out.add(z, alpha=noise) if z is not None else out
+
+
+def run_reference(
+    steps: Sequence[Step], model: _Model, x: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """The plan as the paper writes it: ``x_{i+1} = keep·x_i + Σ_k c_k·D_{i-k} + noise·z``.
+
+    With a corrector, ``D_{i+1}`` is evaluated at that prediction and the step redone with
+    it as one more estimate (same ``z``); ``reevaluate`` then evaluates ``D_{i+1}`` again
+    at the corrected point. The last step, onto the data, has no corrector. No fusion, no
+    buffers, no callback: the reference that the fast path, ``run_plan``, is tested
+    against (it draws the same noise).
+    """
+    depth = max(max(len(s.data), len(s.correct or ()) - 1) for s in steps)
+    history = [model(x, 0)]  # D_i, D_{i-1}, ...: newest first
+    last = len(steps) - 1
+    for i, (keep, data, noise, correct, reevaluate) in enumerate(steps):
+        z = torch.empty_like(x).normal_(generator=generator) if noise else None
+        x_next = _affine(keep, x, data, history, noise, z)
+        if i == last:
+            return x_next
+        d_next = model(x_next, i + 1)
+        if correct is not None:  # redo the step with D_{i+1} as one more estimate
+            new, *old = correct
+            estimates = [*history[: len(old)], d_next]  # the new one last, as run_plan adds it
+            x_next = _affine(keep, x, [*old, new], estimates, noise, z)
+            if reevaluate:
+                d_next = model(x_next, i + 1)
+        history = [d_next, *history][:depth]
+        x = x_next
+    return x
+
+
+# --------------------------------------------------------------------------------------
+# The fast path
+# --------------------------------------------------------------------------------------
 
 # The operands of a step's linear combinations, as slots of the loop's operand list: the
 # current point ``x`` and the raw prediction there, the prediction and the estimate D at
@@ -489,8 +601,26 @@ def _shown(model: _Model, ops: list[Any], x: Tensor, i: int, last: int, fused: b
     return model.estimate(x, ops[_PRED], i + 1) if fused else ops[_HIST]
 
 
-class SamplerBase(abc.ABC):
-    """Shared ``sample``: a subclass provides ``spacing`` and ``plan(grid)``.
+def _check_steps(steps: int) -> None:
+    """Plain Python checks: no tensor op, no device sync (bool passes as an int)."""
+    if isinstance(steps, bool):
+        raise TypeError(f"steps must be an int, got bool {steps}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+
+
+def _off_grid(plan: Plan) -> list[Point]:
+    return [p for points in plan.points for p in points]
+
+
+class SamplerBase(Config):
+    """A sampler that is its own config: ``kind``, fields, ``spacing`` and ``plan(grid)``.
+
+    A subclass declares its ``kind``, its fields, a ``spacing: AnySpacing`` field (the
+    time grid: any [`SpacingBase`][diffkit.samplers.SpacingBase]) and writes ``plan(grid)``: the
+    coefficients of every step (see [`Step`][diffkit.samplers.Step]); the loop is shared.
+    ``prepare(schedule, steps)`` makes the immutable [`Plan`][diffkit.samplers.Plan]
+    (grid and coefficients) that ``sample`` computes on every call unless given one.
 
     ``sample`` always runs under ``torch.no_grad()``, so it needs no wrapper: called bare in
     a training script it records no autograd graph across the steps (whose memory would
@@ -498,11 +628,12 @@ class SamplerBase(abc.ABC):
     ``torch.enable_grad()`` around the call does not change that. A denoiser that needs
     gradients itself (gradient guidance wrapped around the model) can turn them on inside
     its own ``__call__`` with ``torch.enable_grad()`` and ``x_t.detach().requires_grad_()``.
-    To backpropagate through the sampling trajectory, run the steps yourself: ``plan(grid)``
-    gives each step's coefficients (see [`Step`][diffkit.samplers.Step]).
+    To backpropagate through the sampling trajectory, run the steps yourself:
+    ``prepare(schedule, steps).steps`` gives each step's coefficients.
     """
 
-    spacing: Spacing
+    if TYPE_CHECKING:  # each sampler declares the field, with its own default
+        spacing: SpacingBase
 
     @abc.abstractmethod
     def plan(self, grid: Grid) -> list[Step]:
@@ -511,6 +642,42 @@ class SamplerBase(abc.ABC):
     def grid(self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None) -> Grid:
         """The time grid this sampler uses for ``steps`` steps on ``schedule``."""
         return make_grid(schedule, self.spacing, steps, device)
+
+    def prepare(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Plan:
+        """The grid and the coefficients for ``steps`` steps on ``schedule``, to reuse.
+
+        ``sample(..., plan=plan)`` then skips computing them; the plan holds no state,
+        so it may serve many calls and threads at once.
+        """
+        _check_steps(steps)
+        grid = self.grid(schedule, steps, device)
+        return Plan(self, grid, tuple(self.plan(grid)))
+
+    def _run(
+        self,
+        plan: Plan,
+        model: "_Model",
+        x: Tensor,
+        generator: torch.Generator | None,
+        callback: StepCallback | None,
+    ) -> Tensor:
+        """Integrate ``x`` from the first grid point through ``plan`` (the fast path)."""
+        return run_plan(plan.steps, model, x, generator, callback)
+
+    def _check_plan(self, plan: Plan, steps: int) -> None:
+        if plan.grid.steps != steps:
+            raise ValueError(
+                f"the plan was prepared for steps={plan.grid.steps}, but sample was called "
+                f"with steps={steps}; pass steps={plan.grid.steps} or prepare a plan for "
+                f"{steps} steps"
+            )
+        if plan.sampler is not self and plan.sampler != self:
+            raise ValueError(
+                f"the plan was prepared by {plan.sampler!r}, not by this sampler ({self!r}); "
+                "use that sampler's sample, or this sampler's prepare"
+            )
 
     @torch.no_grad()
     @checked
@@ -526,6 +693,7 @@ class SamplerBase(abc.ABC):
         uncond: Conditioning | None = None,
         generator: torch.Generator | None = None,
         callback: StepCallback | None = None,
+        plan: Plan | None = None,
     ) -> Sample:
         """Sample ``x0`` ``(batch, *shape)`` from standard normal ``noise`` in ``steps`` steps.
 
@@ -533,23 +701,27 @@ class SamplerBase(abc.ABC):
         pass noise in the model's dtype), with the floating fields of ``cond`` / ``uncond``
         cast to it, while the sampler integrates in float32 (float64 if ``noise`` is).
         ``guidance != 1`` needs ``cond`` and ``uncond``; with ``guidance == 1`` an
-        ``uncond`` is unused, and a ``UserWarning`` says so. Runs under ``torch.no_grad()``.
+        ``uncond`` is unused, and a ``UserWarning`` says so. ``plan`` (from ``prepare`` on
+        this ``schedule``, for these ``steps``) skips computing the grid and coefficients.
+        Runs under ``torch.no_grad()``.
         """
-        # Plain Python checks (no tensor op, no device sync): bool passes as an int, and a
-        # NaN guidance would only surface after the whole loop, as a NonFiniteError.
-        if isinstance(steps, bool):
-            raise TypeError(f"steps must be an int, got bool {steps}")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
+        _check_steps(steps)
+        # A NaN guidance would only surface after the whole loop, as a NonFiniteError.
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be finite, got {guidance}")
         if not noise.is_floating_point():
             raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
         uncond = unused_uncond(f"{type(self).__name__}.sample", guidance, uncond)
-        grid = self.grid(schedule, steps, noise.device)
-        plan = self.plan(grid)
-        model = _Model(denoiser, grid, noise, cond, guidance, uncond)
-        x = noise.to(model.dtype) * grid.sigma[0]
-        x = run_plan(plan, model, x, generator, callback)
+        if plan is None:
+            plan = self.prepare(schedule, steps, noise.device)
+        else:
+            self._check_plan(plan, steps)
+        model = _Model(denoiser, plan.grid, noise, cond, guidance, uncond, _off_grid(plan))
+        x = noise.to(model.dtype) * plan.grid.sigma[0]
+        x = self._run(plan, model, x, generator, callback)
         model.raise_if_nonfinite()
         return x.to(noise.dtype)
+
+
+SAMPLERS: Registry[SamplerBase] = Registry("sampler")
+"""``kind`` -> sampler (each sampler is its own config)."""

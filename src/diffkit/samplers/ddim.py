@@ -10,11 +10,13 @@ With ``D`` the denoised estimate and ``E = (x_i - alpha_i D) / sigma_i`` the imp
 ancestral sampler on any subsequence of times.
 """
 
-import dataclasses
 import math
+from typing import Literal
 
-from diffkit.samplers._base import Grid, SamplerBase, Step
-from diffkit.samplers.spacing import Spacing, UniformTime
+from pydantic import Field
+
+from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step
+from diffkit.samplers.spacing import SPACING, AnySpacing, UniformTime
 
 __all__ = ["DDIM", "DDPM"]
 
@@ -30,23 +32,25 @@ def _ddim_plan(grid: Grid, eta: float) -> list[Step]:
     return plan
 
 
-@dataclasses.dataclass(frozen=True)
+@SAMPLERS.register
 class DDIM(SamplerBase):
     """DDIM: ``eta = 0`` deterministic (1 NFE/step), ``eta > 0`` adds posterior noise."""
 
-    eta: float = 0.0
-    spacing: Spacing = dataclasses.field(default_factory=UniformTime)
+    kind: Literal["ddim"] = "ddim"
+    eta: float = Field(default=0.0, ge=0, description="noise scale; 0 is the DDIM ODE step")
+    spacing: AnySpacing = Field(default_factory=UniformTime, description=SPACING)
 
     def plan(self, grid: Grid) -> list[Step]:
         """DDIM coefficients on ``grid``."""
         return _ddim_plan(grid, self.eta)
 
 
-@dataclasses.dataclass(frozen=True)
+@SAMPLERS.register
 class DDPM(SamplerBase):
     """DDPM ancestral sampling: each step draws from the posterior given ``x0 = D``."""
 
-    spacing: Spacing = dataclasses.field(default_factory=UniformTime)
+    kind: Literal["ddpm"] = "ddpm"
+    spacing: AnySpacing = Field(default_factory=UniformTime, description=SPACING)
 
     def plan(self, grid: Grid) -> list[Step]:
         """DDPM (DDIM with ``eta = 1``) coefficients on ``grid``."""

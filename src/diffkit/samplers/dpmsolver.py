@@ -23,12 +23,13 @@ step onto the data (``h = inf``) is first order, and with fewer than 15 steps th
 before it is at most second order (diffusers' ``lower_order_final``).
 """
 
-import dataclasses
 import math
 from typing import Literal
 
-from diffkit.samplers._base import Grid, SamplerBase, Step, final_step
-from diffkit.samplers.spacing import LogSNR, Spacing
+from pydantic import Field
+
+from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step, final_step
+from diffkit.samplers.spacing import FINAL, SPACING, AnySpacing, LogSNR
 
 __all__ = ["DPMSolverPP", "multistep_order"]
 
@@ -49,14 +50,15 @@ def multistep_order(grid: Grid, i: int, order: int, lower_second_last: bool) -> 
     return p
 
 
-@dataclasses.dataclass(frozen=True)
+@SAMPLERS.register
 class DPMSolverPP(SamplerBase):
     """DPM-Solver++ multistep of ``order`` 1-3; ``eta > 0`` is the SDE variant."""
 
-    order: Literal[1, 2, 3] = 2
-    eta: float = 0.0
-    spacing: Spacing = dataclasses.field(default_factory=LogSNR)
-    final: Literal["denoised", "extrapolated"] = "denoised"
+    kind: Literal["dpmpp"] = "dpmpp"
+    order: Literal[1, 2, 3] = Field(default=2, description="multistep order")
+    eta: float = Field(default=0.0, ge=0, description="SDE noise scale; 0 is the ODE solver")
+    final: Literal["denoised", "extrapolated"] = Field(default="denoised", description=FINAL)
+    spacing: AnySpacing = Field(default_factory=LogSNR, description=SPACING)
 
     def plan(self, grid: Grid) -> list[Step]:
         """DPM-Solver++ coefficients on ``grid``."""

@@ -15,20 +15,23 @@ Back in ``x = alpha x~`` the coefficient of ``x_i`` is ``alpha_{i+1} rho / alpha
 sigma_{i+1} / sigma_i``, which stays finite when ``alpha_0 = 0`` (pure-noise start).
 """
 
-import dataclasses
 import math
+from typing import Literal
 
-from diffkit.samplers._base import Grid, SamplerBase, Step
-from diffkit.samplers.spacing import Karras, Spacing
+from pydantic import Field
+
+from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step
+from diffkit.samplers.spacing import SPACING, AnySpacing, Karras
 
 __all__ = ["Euler", "EulerAncestral", "Heun"]
 
 
-@dataclasses.dataclass(frozen=True)
+@SAMPLERS.register
 class Euler(SamplerBase):
     """Euler's method on the EDM ODE (1 NFE per step)."""
 
-    spacing: Spacing = dataclasses.field(default_factory=Karras)
+    kind: Literal["euler"] = "euler"
+    spacing: AnySpacing = Field(default_factory=Karras, description=SPACING)
 
     def plan(self, grid: Grid) -> list[Step]:
         """Euler coefficients on ``grid``."""
@@ -40,12 +43,13 @@ class Euler(SamplerBase):
         return plan
 
 
-@dataclasses.dataclass(frozen=True)
+@SAMPLERS.register
 class EulerAncestral(SamplerBase):
     """Euler-ancestral: an Euler step to ``s_down`` plus ``s_up`` fresh noise."""
 
-    eta: float = 1.0
-    spacing: Spacing = dataclasses.field(default_factory=Karras)
+    kind: Literal["euler_ancestral"] = "euler_ancestral"
+    eta: float = Field(default=1.0, ge=0, description="share of each step's noise re-drawn")
+    spacing: AnySpacing = Field(default_factory=Karras, description=SPACING)
 
     def plan(self, grid: Grid) -> list[Step]:
         """Euler-ancestral coefficients on ``grid``."""
@@ -60,14 +64,15 @@ class EulerAncestral(SamplerBase):
         return plan
 
 
-@dataclasses.dataclass(frozen=True)
+@SAMPLERS.register
 class Heun(SamplerBase):
     """Heun's second-order method on the EDM ODE (Karras et al., 2022, Algorithm 1).
 
     ``steps`` counts Heun steps: ``2 * steps - 1`` denoiser evaluations.
     """
 
-    spacing: Spacing = dataclasses.field(default_factory=Karras)
+    kind: Literal["heun"] = "heun"
+    spacing: AnySpacing = Field(default_factory=Karras, description=SPACING)
 
     def plan(self, grid: Grid) -> list[Step]:
         """Heun coefficients on ``grid``."""

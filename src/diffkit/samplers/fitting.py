@@ -26,13 +26,14 @@ from the denoiser alone, with no training data, once per model:
    to 1. (Fitted coefficients in the spirit of DPM-Solver-v3's empirical model
    statistics and of bespoke solvers.)
 
-[`fit_grid`][diffkit.samplers.fit_grid] does step 2 for any sampler with a ``spacing``
-field and returns a [`FittedGrid`][diffkit.samplers.FittedGrid] spacing;
+[`fit_grid`][diffkit.samplers.fit_grid] does step 2 for any sampler and returns a
+[`FittedGrid`][diffkit.samplers.FittedGrid] spacing;
 [`fit_solver`][diffkit.samplers.fit_solver] does steps 2 and 3 together and returns a
-[`FittedSolver`][diffkit.samplers.FittedSolver]. Both are deterministic (no random
-draws: the same noise gives the same fit), and report what the fit cost in NFE per
-calibration sample. The result holds for the model, schedule, step count and
-conditioning it was fitted with; fit again for another. Both run under
+[`FittedSolver`][diffkit.samplers.FittedSolver] (whose ``spacing`` is the fitted grid).
+Both are configs: they save and load like every sampler and spacing. Both are
+deterministic (no random draws: the same noise gives the same fit), and report what the
+fit cost in NFE per calibration sample (in the grid). The result holds for the model,
+schedule, step count and conditioning it was fitted with; fit again for another. Both run under
 ``torch.no_grad()`` (the fit is least squares and a search, no gradients), as sampling does.
 """
 
@@ -40,91 +41,78 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from diffkit.config import Config
 from diffkit.guidance import unused_uncond
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule
-from diffkit.samplers._base import Grid, SamplerBase, Step, _Model, make_grid
-from diffkit.samplers.spacing import Explicit, LogSNR, Spacing, _check
+from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step, _Model, make_grid
+from diffkit.samplers.spacing import SPACINGS, AnySpacing, Explicit, LogSNR, _check, _Listed
 from diffkit.samplers.unipc import UniPC
 from diffkit.typing import Prediction, Sample, Time
 
-__all__ = ["FittedGrid", "FittedSolver", "FittedSolverConfig", "fit_grid", "fit_solver"]
+__all__ = ["FittedGrid", "FittedSolver", "fit_grid", "fit_solver"]
 
 _F64 = torch.float64
 
 
-@dataclasses.dataclass(frozen=True)
-class FittedGrid:
+@SPACINGS.register
+class FittedGrid(_Listed):
     """A time grid fitted to a model by [`fit_grid`][diffkit.samplers.fit_grid]: a spacing.
 
     ``times`` are the ``steps`` evaluation times (``t = 0`` is appended, as for
     [`Explicit`][diffkit.samplers.Explicit]); ``teacher_nfe`` and ``search_nfe`` are the
     denoiser evaluations the fit cost per calibration sample, ``loss`` the mean squared
-    distance of the fitted sampler's endpoint to the teacher's on the calibration noise.
+    distance of the fitted sampler's endpoint to the teacher's on the calibration noise
+    (``None``: not known, or not finite).
     """
 
-    times: tuple[float, ...]
-    teacher_nfe: int = 0
-    search_nfe: int = 0
-    loss: float = math.nan
-
-    def __call__(
-        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
-    ) -> Tensor:
-        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
-        if steps != len(self.times):
-            raise ValueError(
-                f"this grid was fitted for steps={len(self.times)}, asked for steps={steps}; "
-                "fit one for that step count"
-            )
-        return Explicit(self.times)(schedule, steps, device)
+    kind: Literal["fitted_grid"] = "fitted_grid"
+    teacher_nfe: int = Field(default=0, ge=0, description="teacher NFE per calibration sample")
+    search_nfe: int = Field(default=0, ge=0, description="search NFE per calibration sample")
+    loss: float | None = Field(default=None, description="endpoint MSE to the teacher's")
+    _remedy: ClassVar[str] = " (it was fitted for that step count); fit one for this one"
 
 
-@dataclasses.dataclass(frozen=True)
+@SAMPLERS.register
 class FittedSolver(SamplerBase):
     """A one-NFE-per-step predictor-corrector whose grid and coefficients were fitted.
 
-    Made by [`fit_solver`][diffkit.samplers.fit_solver]. Step ``i`` predicts
-    ``(sigma_{i+1}/sigma_i) x_i + sum_k data[i][k] D_{i-k}``, evaluates ``D_{i+1}`` there
-    and keeps ``(sigma_{i+1}/sigma_i) x_i + correct[i][0] D_{i+1} + sum_k
-    correct[i][k+1] D_{i-k}``; the last step is ``sum_k data[-1][k] D_{N-1-k}``.
-    ``alpha`` and ``sigma`` at ``times`` are kept to check that it runs on the schedule it
-    was fitted on. Plain data: it keeps no state between calls and saves as a
-    [`FittedSolverConfig`][diffkit.samplers.FittedSolverConfig].
+    Made by [`fit_solver`][diffkit.samplers.fit_solver]; its ``spacing`` is the fitted
+    [`FittedGrid`][diffkit.samplers.FittedGrid] (with what the fit cost). Step ``i``
+    predicts ``(sigma_{i+1}/sigma_i) x_i + sum_k data[i][k] D_{i-k}``, evaluates
+    ``D_{i+1}`` there and keeps ``(sigma_{i+1}/sigma_i) x_i + correct[i][0] D_{i+1} +
+    sum_k correct[i][k+1] D_{i-k}``; the last step is ``sum_k data[-1][k] D_{N-1-k}``.
+    ``alpha`` and ``sigma`` at the fitted times are kept to check that it runs on the
+    schedule it was fitted on.
     """
 
-    times: tuple[float, ...]
-    data: tuple[tuple[float, ...], ...]
-    correct: tuple[tuple[float, ...], ...]
-    alpha: tuple[float, ...]
-    sigma: tuple[float, ...]
-    teacher_nfe: int = 0
-    search_nfe: int = 0
-    loss: float = math.nan
-    spacing: Spacing = dataclasses.field(init=False, repr=False)
+    kind: Literal["fitted"] = "fitted"
+    spacing: AnySpacing = Field(description="the fitted time grid (a FittedGrid)")
+    data: tuple[tuple[float, ...], ...] = Field(description="predictor coefficients per step")
+    correct: tuple[tuple[float, ...], ...] = Field(description="corrector coefficients per step")
+    alpha: tuple[float, ...] = Field(description="alpha(t) at the times it was fitted with")
+    sigma: tuple[float, ...] = Field(description="sigma(t) at the times it was fitted with")
 
-    def __post_init__(self) -> None:
-        n = len(self.times)
-        lengths = {len(self.data), len(self.correct) + 1, len(self.alpha), len(self.sigma)}
+    @model_validator(mode="after")
+    def _consistent(self) -> "FittedSolver":
+        n = len(self.data)
+        lengths = {len(self.correct) + 1, len(self.alpha), len(self.sigma)}
         if lengths != {n}:
             raise ValueError(
-                f"FittedSolver: {n} times need {n} data, {n - 1} correct, {n} alpha and "
+                f"FittedSolver: {n} steps need {n} data, {n - 1} correct, {n} alpha and "
                 f"{n} sigma entries; got {len(self.data)}, {len(self.correct)}, "
                 f"{len(self.alpha)}, {len(self.sigma)}"
             )
-        spacing = FittedGrid(self.times, self.teacher_nfe, self.search_nfe, self.loss)
-        object.__setattr__(self, "spacing", spacing)
+        return self
 
     @property
     def steps(self) -> int:
         """The step count it was fitted for (the only one it runs)."""
-        return len(self.times)
+        return len(self.data)
 
     def plan(self, grid: Grid) -> list[Step]:
         """The fitted coefficients, after checking ``grid`` is the fitted schedule's."""
@@ -146,28 +134,6 @@ class FittedSolver(SamplerBase):
             correct = self.correct[i] if i < n - 1 else None
             plan.append(Step(keep=keep, data=self.data[i], correct=correct))
         return plan
-
-
-class FittedSolverConfig(Config):
-    """A fitted solver's grid and coefficients (see ``fit_solver``), to save and rebuild."""
-
-    kind: Literal["fitted"] = "fitted"
-    times: tuple[float, ...] = Field(description="the fitted evaluation times, decreasing")
-    data: tuple[tuple[float, ...], ...] = Field(description="predictor coefficients per step")
-    correct: tuple[tuple[float, ...], ...] = Field(description="corrector coefficients per step")
-    alpha: tuple[float, ...] = Field(description="alpha(t) at the times it was fitted with")
-    sigma: tuple[float, ...] = Field(description="sigma(t) at the times it was fitted with")
-
-    @classmethod
-    def of(cls, solver: FittedSolver) -> "FittedSolverConfig":
-        """The config of ``solver`` (its fit costs are not kept)."""
-        return cls(
-            times=solver.times,
-            data=solver.data,
-            correct=solver.correct,
-            alpha=solver.alpha,
-            sigma=solver.sigma,
-        )
 
 
 # --------------------------------------------------------------------------------------
@@ -209,7 +175,7 @@ def _teacher(
     uncond: Conditioning | None,
 ) -> _Teacher:
     times = LogSNR()(schedule, teacher_steps)[:-1]
-    fine = Explicit(tuple(times.tolist()))
+    fine = Explicit(times=tuple(times.tolist()))
     grid = make_grid(schedule, fine, teacher_steps, noise.device)
     model = _Model(denoiser, grid, noise, cond, guidance, uncond)
     states = [noise.to(model.dtype) * grid.sigma[0]]
@@ -283,6 +249,10 @@ def _search(
 def _mse(x: Tensor, y: Tensor) -> float:
     value = float((x.to(_F64) - y.to(_F64)).square().mean())
     return value if math.isfinite(value) else math.inf
+
+
+def _finite(loss: float) -> float | None:
+    return loss if math.isfinite(loss) else None
 
 
 def _consistent_lstsq(features: Sequence[Tensor], target: Tensor, total: float) -> list[float]:
@@ -392,15 +362,18 @@ def fit_solver(
     best = _search(teacher_steps, _starts(teacher.grid.t[:-1], steps), loss)
     teacher.model.raise_if_nonfinite()
     fit, grid = fits[best], teacher.grid
-    return FittedSolver(
+    fitted = FittedGrid(
         times=tuple(grid.t[j] for j in best),
+        teacher_nfe=teacher.nfe,
+        search_nfe=counter.calls,
+        loss=_finite(fit.loss),
+    )
+    return FittedSolver(
+        spacing=fitted,
         data=tuple(fit.data),
         correct=tuple(fit.correct),
         alpha=tuple(grid.alpha[j] for j in best),
         sigma=tuple(grid.sigma[j] for j in best),
-        teacher_nfe=teacher.nfe,
-        search_nfe=counter.calls,
-        loss=fit.loss,
     )
 
 
@@ -419,7 +392,7 @@ def fit_grid(
 ) -> FittedGrid:
     """Fit the ``steps`` evaluation times of ``sampler`` to ``denoiser`` (module docstring).
 
-    ``sampler`` (default: UniPC-3 with the extrapolated last step) must be a dataclass
+    ``sampler`` (default: UniPC-3 with the extrapolated last step) is any sampler config
     with a ``spacing`` field; the grid minimises its endpoint's mean squared distance to
     a ``teacher_steps``-step teacher from the calibration ``noise``. Use the result as
     that sampler's ``spacing`` with the same ``steps``.
@@ -427,10 +400,8 @@ def fit_grid(
     _check_args(steps, teacher_steps, noise)
     uncond = unused_uncond("fit_grid", guidance, uncond)
     sampler = sampler if sampler is not None else UniPC(order=3, final="extrapolated")
-    if not dataclasses.is_dataclass(sampler) or "spacing" not in {
-        f.name for f in dataclasses.fields(sampler)
-    }:
-        raise ValueError(f"sampler must be a dataclass with a 'spacing' field, got {sampler!r}")
+    if not isinstance(sampler, SamplerBase) or "spacing" not in type(sampler).model_fields:
+        raise ValueError(f"sampler must be a sampler with a 'spacing' field, got {sampler!r}")
     counter = _Counter(denoiser)
     teacher = _teacher(counter, schedule, noise, teacher_steps, cond, guidance, uncond)
     generator = torch.Generator(noise.device).manual_seed(0)
@@ -439,8 +410,8 @@ def fit_grid(
     losses: dict[tuple[int, ...], float] = {}
 
     def loss(index: tuple[int, ...]) -> float:
-        spacing = Explicit(tuple(teacher.grid.t[j] for j in index))
-        trial: SamplerBase = dataclasses.replace(sampler, spacing=spacing)
+        spacing = Explicit(times=tuple(teacher.grid.t[j] for j in index))
+        trial = sampler.model_copy(update={"spacing": spacing})
         generator.manual_seed(0)  # a stochastic sampler sees the same draws in every trial
         x = trial.sample(counter, schedule, noise, steps=steps, generator=generator, **kwargs)
         losses[index] = _mse(x, teacher.end)
@@ -451,5 +422,5 @@ def fit_grid(
         times=tuple(teacher.grid.t[j] for j in best),
         teacher_nfe=teacher.nfe,
         search_nfe=counter.calls,
-        loss=losses[best],
+        loss=_finite(losses[best]),
     )

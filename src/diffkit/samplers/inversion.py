@@ -9,25 +9,24 @@ exactly (each refinement costs one more evaluation per step).
 ``DDIM(spacing=s).sample(denoiser, schedule, invert(...), steps=n)`` returns ``x0``.
 """
 
-import dataclasses
-
 import torch
+from pydantic import Field
 
+from diffkit.config import Config
 from diffkit.guidance import unused_uncond
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallback
 from diffkit.samplers._base import _Model, make_grid
-from diffkit.samplers.spacing import Spacing, UniformTime
+from diffkit.samplers.spacing import SPACING, AnySpacing, UniformTime
 from diffkit.typing import Sample, checked
 
 __all__ = ["DDIMInversion"]
 
 
-@dataclasses.dataclass(frozen=True)
-class DDIMInversion:
+class DDIMInversion(Config):
     """Invert DDIM sampling on the grid of ``spacing``; ``refine`` fixed-point iterations."""
 
-    spacing: Spacing = dataclasses.field(default_factory=UniformTime)
-    refine: int = 0
+    spacing: AnySpacing = Field(default_factory=UniformTime, description=SPACING)
+    refine: int = Field(default=0, ge=0, description="fixed-point refinements per step")
 
     @torch.no_grad()
     @checked
@@ -47,8 +46,8 @@ class DDIMInversion:
 
         Runs under ``torch.no_grad()``, as sampling does: the result carries no graph.
         """
-        if steps < 1 or self.refine < 0:
-            raise ValueError("steps must be >= 1 and refine >= 0")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
         grid = make_grid(schedule, self.spacing, steps, x0.device)
         a, s = grid.alpha, grid.sigma
         if steps == 1 and a[0] <= 0:

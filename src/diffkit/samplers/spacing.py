@@ -11,14 +11,14 @@ infinite (``t = 1`` of rectified flow or a zero-terminal-SNR schedule) are kept 
 first time; the other points are then spread from the next uniform-in-t time.
 """
 
-import dataclasses
+import abc
 import itertools
 import math
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 from torch import Tensor
 from typing_extensions import Protocol, runtime_checkable
 
@@ -27,16 +27,13 @@ from diffkit.protocols import NoiseSchedule, _ProtocolMeta
 
 __all__ = [
     "SPACINGS",
+    "AnySpacing",
     "Explicit",
-    "ExplicitConfig",
     "Karras",
-    "KarrasConfig",
     "LogSNR",
-    "LogSNRConfig",
     "Spacing",
-    "SpacingConfig",
+    "SpacingBase",
     "UniformTime",
-    "UniformTimeConfig",
 ]
 
 _F64 = torch.float64
@@ -85,37 +82,6 @@ def _check(steps: int) -> None:
         raise ValueError(f"steps must be at least 1, got {steps}")
 
 
-def _check_ends(owner: str, t_max: float, t_min: float) -> None:
-    """The endpoint rule of every ramp spacing and its config: ``0 < t_min < t_max <= 1``."""
-    if not 0 < t_max <= 1:  # also refuses NaN
-        raise ValueError(f"{owner}: t_max (first evaluation time) must be in (0, 1], got {t_max}")
-    if not 0 < t_min < 1:
-        raise ValueError(
-            f"{owner}: t_min (last evaluation time before the data) must be in (0, 1), got {t_min}"
-        )
-    if t_min >= t_max:
-        raise ValueError(
-            f"{owner}: t_min ({t_min}, the last evaluation time) must be below "
-            f"t_max ({t_max}, the first)"
-        )
-
-
-def _check_positive(owner: str, name: str, value: float) -> None:
-    """The rule for a ramp exponent (``rho``, ``power``) and its config field: ``> 0``."""
-    if not value > 0:  # also refuses NaN
-        raise ValueError(f"{owner}: {name} must be positive, got {value}")
-
-
-def _check_times(owner: str, times: Sequence[float]) -> None:
-    """The rule for explicit times and their config: non-empty, strictly decreasing, in (0, 1]."""
-    if not times:
-        raise ValueError(f"{owner}: times must hold at least one evaluation time")
-    if not all(0 < t <= 1 for t in times):
-        raise ValueError(f"{owner}: times must lie in (0, 1] (t = 0 is appended), got {times}")
-    if not all(a > b for a, b in itertools.pairwise(times)):
-        raise ValueError(f"{owner}: times must be strictly decreasing, got {times}")
-
-
 def _spread(
     schedule: NoiseSchedule,
     steps: int,
@@ -139,8 +105,71 @@ def _spread(
     return _finish(torch.cat([rest.new_full((1,), t_max), rest]), t_max, t_min)
 
 
-@dataclasses.dataclass(frozen=True)
-class UniformTime:
+class SpacingBase(Config):
+    """A spacing that is its own config: frozen fields, validated once, and ``__call__``.
+
+    Subclasses declare ``kind: Literal["name"] = "name"`` and register with
+    ``SPACINGS.register(cls)``; a sampler's ``spacing`` field takes any of them.
+    """
+
+    @abc.abstractmethod
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+
+
+_T_MAX = Field(default=1.0, description="first (noisiest) evaluation time, in (0, 1]")
+_T_MIN = Field(default=1e-3, description="last evaluation time before the data, below t_max")
+
+
+class _Ends(SpacingBase):
+    """A ramp from ``t_max`` down to ``t_min``: ``0 < t_min < t_max <= 1``."""
+
+    t_max: float = _T_MAX
+    t_min: float = _T_MIN
+
+    @model_validator(mode="after")
+    def _valid_ends(self) -> "_Ends":
+        owner, t_max, t_min = type(self).__name__, self.t_max, self.t_min
+        if not 0 < t_max <= 1:
+            raise ValueError(
+                f"{owner}: t_max (first evaluation time) must be in (0, 1], got {t_max}"
+            )
+        if not 0 < t_min < 1:
+            raise ValueError(
+                f"{owner}: t_min (last evaluation time before the data) must be in (0, 1), "
+                f"got {t_min}"
+            )
+        if t_min >= t_max:
+            raise ValueError(
+                f"{owner}: t_min ({t_min}, the last evaluation time) must be below "
+                f"t_max ({t_max}, the first)"
+            )
+        return self
+
+
+class _Ramp(_Ends):
+    """``steps`` log-SNR values from ``ramp``, mapped to times (see ``_spread``)."""
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+        return _spread(schedule, steps, device, self.t_max, self.t_min, self.ramp)
+
+    @abc.abstractmethod
+    def ramp(self, lo: float, hi: float, n: int) -> Tensor:
+        """``n`` increasing log-SNR values from ``lo`` to ``hi`` (float64)."""
+
+
+def _positive(owner: str, name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{owner}: {name} must be positive, got {value}")
+
+
+class UniformTime(_Ends):
     """Evenly spaced times from ``t_max`` to ``t_min`` (diffusers' ``"linspace"``).
 
     ``trailing=True`` ends at ``t_min = t_max / steps`` instead, so the steps are
@@ -148,12 +177,8 @@ class UniformTime:
     NFE no evaluation is spent at the lowest noise levels.
     """
 
-    t_max: float = 1.0
-    t_min: float = 1e-3
-    trailing: bool = False
-
-    def __post_init__(self) -> None:
-        _check_ends("UniformTime", self.t_max, self.t_min)
+    kind: Literal["uniform"] = "uniform"
+    trailing: bool = Field(default=False, description="end at t_max / steps, not t_min")
 
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
@@ -165,8 +190,7 @@ class UniformTime:
         return _finish(t, self.t_max, t_min)
 
 
-@dataclasses.dataclass(frozen=True)
-class LogSNR:
+class LogSNR(_Ramp):
     """Evenly spaced log-SNR from ``t_max`` to ``t_min`` (DPM-Solver's ``"logSNR"``).
 
     ``power != 1`` warps the ramp, ``u -> u ** power`` on ``[0, 1]``: above 1 it puts more
@@ -174,140 +198,102 @@ class LogSNR:
     ``polyexponential``).
     """
 
-    t_max: float = 1.0
-    t_min: float = 1e-3
-    power: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_ends("LogSNR", self.t_max, self.t_min)
-        _check_positive("LogSNR", "power", self.power)
-
-    def __call__(
-        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
-    ) -> Tensor:
-        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
-        _check(steps)
-
-        def ramp(lo: float, hi: float, n: int) -> Tensor:
-            return lo + torch.linspace(0.0, 1.0, n, dtype=_F64) ** self.power * (hi - lo)
-
-        return _spread(schedule, steps, device, self.t_max, self.t_min, ramp)
-
-
-@dataclasses.dataclass(frozen=True)
-class Karras:
-    """Karras et al. (2022): ``(sigma/alpha) ** (1/rho)`` evenly spaced, ``rho = 7``."""
-
-    rho: float = 7.0
-    t_max: float = 1.0
-    t_min: float = 1e-3
-
-    def __post_init__(self) -> None:
-        _check_ends("Karras", self.t_max, self.t_min)
-        _check_positive("Karras", "rho", self.rho)
-
-    def __call__(
-        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
-    ) -> Tensor:
-        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
-        _check(steps)
-
-        def ramp(lo: float, hi: float, n: int) -> Tensor:
-            # sigma / alpha = exp(-log_snr / 2), spaced evenly in its 1/rho-th power
-            s_max, s_min = math.exp(-lo / (2 * self.rho)), math.exp(-hi / (2 * self.rho))
-            u = torch.linspace(0.0, 1.0, n, dtype=_F64)
-            return -2 * self.rho * torch.log(s_max + u * (s_min - s_max))
-
-        return _spread(schedule, steps, device, self.t_max, self.t_min, ramp)
-
-
-@dataclasses.dataclass(frozen=True)
-class Explicit:
-    """A fixed list of decreasing evaluation times (e.g. a model's trained timesteps)."""
-
-    times: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        _check_times("Explicit", self.times)
-
-    def __call__(
-        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
-    ) -> Tensor:
-        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
-        if steps != len(self.times):
-            raise ValueError(f"Explicit spacing has {len(self.times)} times, asked for {steps}")
-        return torch.tensor([*self.times, 0.0], dtype=_F64)
-
-
-# --------------------------------------------------------------------------------------
-# Configs
-# --------------------------------------------------------------------------------------
-
-# The rules live in the _check_* functions, shared with the dataclasses above.
-_T_MAX = Field(default=1.0, description="first (noisiest) evaluation time, in (0, 1]")
-_T_MIN = Field(default=1e-3, description="last evaluation time before the data, below t_max")
-
-
-class _Ends(Config):
-    t_max: float = _T_MAX
-    t_min: float = _T_MIN
-
-    @model_validator(mode="after")
-    def _valid_ends(self) -> "_Ends":
-        _check_ends(type(self).__name__, self.t_max, self.t_min)
-        return self
-
-
-class UniformTimeConfig(_Ends):
-    """Evenly spaced times."""
-
-    kind: Literal["uniform"] = "uniform"
-    trailing: bool = Field(default=False, description="end at t_max / steps, not t_min")
-
-
-class LogSNRConfig(_Ends):
-    """Evenly spaced log-SNR (optionally warped by ``power``)."""
-
     kind: Literal["logsnr"] = "logsnr"
     power: float = Field(default=1.0, description="ramp exponent (> 0); >1 favours high noise")
 
     @model_validator(mode="after")
-    def _valid_power(self) -> "LogSNRConfig":
-        _check_positive(type(self).__name__, "power", self.power)
+    def _valid_power(self) -> "LogSNR":
+        _positive(type(self).__name__, "power", self.power)
         return self
 
+    def ramp(self, lo: float, hi: float, n: int) -> Tensor:
+        """Evenly spaced in ``u``, warped as ``u ** power``."""
+        return lo + torch.linspace(0.0, 1.0, n, dtype=_F64) ** self.power * (hi - lo)
 
-class KarrasConfig(_Ends):
-    """Karras et al.'s ``rho`` ramp in ``sigma / alpha``."""
+
+class Karras(_Ramp):
+    """Karras et al. (2022): ``(sigma/alpha) ** (1/rho)`` evenly spaced, ``rho = 7``."""
 
     kind: Literal["karras"] = "karras"
     rho: float = Field(default=7.0, description="ramp exponent (> 0; 7 in Karras et al.)")
 
     @model_validator(mode="after")
-    def _valid_rho(self) -> "KarrasConfig":
-        _check_positive(type(self).__name__, "rho", self.rho)
+    def _valid_rho(self) -> "Karras":
+        _positive(type(self).__name__, "rho", self.rho)
         return self
 
+    def ramp(self, lo: float, hi: float, n: int) -> Tensor:
+        """``sigma / alpha = exp(-log_snr / 2)`` spaced evenly in its ``1/rho``-th power."""
+        s_max, s_min = math.exp(-lo / (2 * self.rho)), math.exp(-hi / (2 * self.rho))
+        u = torch.linspace(0.0, 1.0, n, dtype=_F64)
+        return -2 * self.rho * torch.log(s_max + u * (s_min - s_max))
 
-class ExplicitConfig(Config):
-    """An explicit list of decreasing evaluation times in (0, 1]."""
 
-    kind: Literal["explicit"] = "explicit"
+class _Listed(SpacingBase):
+    """Evaluation times given as a list: non-empty, strictly decreasing, in ``(0, 1]``."""
+
     times: tuple[float, ...] = Field(description="decreasing evaluation times; t=0 is appended")
+    _remedy: ClassVar[str] = ""
 
     @model_validator(mode="after")
-    def _valid_times(self) -> "ExplicitConfig":
-        _check_times(type(self).__name__, self.times)
+    def _valid_times(self) -> "_Listed":
+        owner, times = type(self).__name__, self.times
+        if not times:
+            raise ValueError(f"{owner}: times must hold at least one evaluation time")
+        if not all(0 < t <= 1 for t in times):
+            raise ValueError(f"{owner}: times must lie in (0, 1] (t = 0 is appended), got {times}")
+        if not all(a > b for a, b in itertools.pairwise(times)):
+            raise ValueError(f"{owner}: times must be strictly decreasing, got {times}")
         return self
 
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        n = len(self.times)
+        if steps != n:
+            raise ValueError(
+                f"{type(self).__name__} has {n} times (steps={n}); asked for steps={steps}"
+                f"{self._remedy}"
+            )
+        return torch.tensor([*self.times, 0.0], dtype=_F64)
 
-SpacingConfig = UniformTimeConfig | LogSNRConfig | KarrasConfig | ExplicitConfig
-"""Any spacing config (a union discriminated by ``kind``)."""
 
-SPACINGS: Registry[Spacing] = Registry("spacing")
-"""``kind`` -> spacing config and builder."""
+class Explicit(_Listed):
+    """A fixed list of decreasing evaluation times (e.g. a model's trained timesteps)."""
 
-SPACINGS.register(UniformTimeConfig, lambda c: UniformTime(c.t_max, c.t_min, c.trailing))
-SPACINGS.register(LogSNRConfig, lambda c: LogSNR(c.t_max, c.t_min, c.power))
-SPACINGS.register(KarrasConfig, lambda c: Karras(c.rho, c.t_max, c.t_min))
-SPACINGS.register(ExplicitConfig, lambda c: Explicit(tuple(c.times)))
+    kind: Literal["explicit"] = "explicit"
+
+
+SPACINGS: Registry[SpacingBase] = Registry("spacing")
+"""``kind`` -> spacing (each spacing is its own config)."""
+
+SPACINGS.register(UniformTime)
+SPACINGS.register(LogSNR)
+SPACINGS.register(Karras)
+SPACINGS.register(Explicit)
+
+
+def _spacing(value: Any) -> Any:
+    """A sampler's ``spacing`` field: a spacing, or its dict / JSON form (by ``kind``)."""
+    if isinstance(value, SpacingBase):
+        return value
+    if isinstance(value, Mapping | str):
+        parsed = SPACINGS.parse(value if isinstance(value, str) else dict(value))
+        return parsed
+    raise ValueError(
+        "spacing must be a spacing config (UniformTime(), LogSNR(), Karras(), Explicit(...) or "
+        f"a registered SpacingBase subclass) or its dict with a 'kind'; got {type(value).__name__}"
+    )
+
+
+SPACING = "time grid: uniform t, uniform log-SNR, Karras rho ramp or explicit times"
+"""The description of every sampler's ``spacing`` field."""
+FINAL = "last step: the last denoised estimate, or two extrapolated to sigma=0"
+"""The description of a multistep sampler's ``final`` field."""
+
+if TYPE_CHECKING:
+    AnySpacing = SpacingBase
+else:
+    AnySpacing = Annotated[SpacingBase, SerializeAsAny(), BeforeValidator(_spacing)]
+    """Any registered spacing, parsed from its dict by ``kind``, saved with all its fields."""

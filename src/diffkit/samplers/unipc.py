@@ -14,13 +14,14 @@ Step ``i`` in ``lambda = log(alpha / sigma)``, ``h = lambda_{i+1} - lambda_i``:
 first-order predictor with no corrector.
 """
 
-import dataclasses
 import math
 from typing import Literal
 
-from diffkit.samplers._base import Grid, SamplerBase, Step, final_step
+from pydantic import Field
+
+from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step, final_step
 from diffkit.samplers.dpmsolver import multistep_order
-from diffkit.samplers.spacing import LogSNR, Spacing
+from diffkit.samplers.spacing import FINAL, SPACING, AnySpacing, LogSNR
 
 __all__ = ["UniPC"]
 
@@ -47,15 +48,16 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     return x
 
 
-@dataclasses.dataclass(frozen=True)
+@SAMPLERS.register
 class UniPC(SamplerBase):
     """UniPC multistep predictor-corrector of ``order`` 1-3 (1 NFE per step)."""
 
-    order: Literal[1, 2, 3] = 2
-    variant: Literal["bh1", "bh2"] = "bh2"
-    corrector: bool = True
-    spacing: Spacing = dataclasses.field(default_factory=LogSNR)
-    final: Literal["denoised", "extrapolated"] = "denoised"
+    kind: Literal["unipc"] = "unipc"
+    order: Literal[1, 2, 3] = Field(default=2, description="predictor order")
+    variant: Literal["bh1", "bh2"] = Field(default="bh2", description="B(h): h or e^h - 1")
+    corrector: bool = Field(default=True, description="apply the UniC corrector")
+    final: Literal["denoised", "extrapolated"] = Field(default="denoised", description=FINAL)
+    spacing: AnySpacing = Field(default_factory=LogSNR, description=SPACING)
 
     def plan(self, grid: Grid) -> list[Step]:
         """UniPC coefficients on ``grid``."""

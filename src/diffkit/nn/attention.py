@@ -1,0 +1,265 @@
+"""Attention layers and the transformer pieces built on them.
+
+Token layers take ``(batch, tokens, dim)``; the pixel layers (the U-Net's
+[`SpatialSelfAttention`][diffkit.nn.attention.SpatialSelfAttention] and
+[`SpatialTransformer`][diffkit.nn.attention.SpatialTransformer]) take feature maps
+``(batch, channels, height, width)`` and attend over their pixels. Attention runs on
+``torch.nn.functional.scaled_dot_product_attention``; layout changes use einops.
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
+from diffkit.nn.resblocks import group_norm
+from diffkit.typing import Image, ShapeError, Tokens, checked_layer
+
+__all__ = [
+    "Attention",
+    "FeedForward",
+    "LocalFeedForward",
+    "SpatialSelfAttention",
+    "SpatialTransformer",
+    "TransformerBlock",
+    "attention_bias",
+]
+
+Context = Float[Tensor, "batch context context_dim"]
+ContextMask = Bool[Tensor, "batch context"]
+
+
+def attention_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Additive attention bias ``(batch, 1, 1, keys)`` from a keep-mask ``(batch, keys)``.
+
+    Masked keys get a large negative finite bias (not ``-inf``), so an item whose keys are all
+    masked attends uniformly instead of producing NaNs.
+    """
+    if mask is None:
+        return None
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    bias = bias.masked_fill(~mask, torch.finfo(dtype).min / 2)
+    return rearrange(bias, "b n -> b 1 1 n")
+
+
+class Attention(nn.Module):
+    """Multi-head attention over tokens: self-attention, or cross-attention to a context.
+
+    Self-attention uses one fused ``qkv`` projection; cross-attention projects ``q`` from the
+    tokens and a fused ``kv`` from the context (``context_dim``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int | None = None,
+        *,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        head_dim = head_dim or dim // heads
+        inner = heads * head_dim
+        self.heads = heads
+        self.is_cross = context_dim is not None
+        if context_dim is None:
+            self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        else:
+            self.q = nn.Linear(dim, inner, bias=qkv_bias)
+            self.kv = nn.Linear(context_dim, 2 * inner, bias=qkv_bias)
+        self.out = nn.Linear(inner, dim, bias=out_bias)
+
+    @checked_layer
+    def forward(
+        self,
+        x: Tokens,
+        context: Context | None = None,
+        mask: ContextMask | None = None,
+    ) -> Tokens:
+        """Tokens ``(b, n, dim)``; context ``(b, m, context_dim)``, keep-mask ``(b, m)``."""
+        if self.is_cross:
+            if context is None:
+                raise ValueError("Attention: cross-attention needs a context (Conditioning.tokens)")
+            q = self.q(x)
+            k, v = self.kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
+        bias = attention_bias(mask, q.dtype) if self.is_cross else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class SpatialSelfAttention(nn.Module):
+    """Self-attention over the pixels of a feature map, with GroupNorm and a residual.
+
+    ``(x + attn(norm(x))) / output_scale``; heads of ``head_dim`` channels (DDPM's attention
+    block, diffusers' ``AttnDownBlock2D`` / mid-block attention).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        head_dim: int,
+        *,
+        groups: int = 32,
+        eps: float = 1e-5,
+        output_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if channels % head_dim != 0:
+            raise ValueError(
+                f"SpatialSelfAttention: {channels} channels not divisible by head_dim {head_dim}"
+            )
+        self.heads = channels // head_dim
+        self.output_scale = output_scale
+        self.norm = group_norm(channels, groups, eps, "SpatialSelfAttention")
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = nn.Linear(channels, channels)
+
+    @checked_layer
+    def forward(
+        self, x: Image, context: Context | None = None, mask: ContextMask | None = None
+    ) -> Image:
+        """``(b, c, h, w) -> (b, c, h, w)``; ``context`` and ``mask`` are ignored."""
+        height = x.shape[2]
+        h = rearrange(self.norm(x), "b c y x -> b (y x) c")
+        q, k, v = (
+            rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in self.qkv(h).chunk(3, dim=-1)
+        )
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = self.out(rearrange(h, "b h n d -> b n (h d)"))
+        out = x + rearrange(h, "b (y x) c -> b c y x", y=height)
+        return out if self.output_scale == 1.0 else out / self.output_scale
+
+
+class FeedForward(nn.Module):
+    """Transformer MLP: GEGLU ``proj_out(a * gelu(g))`` with ``[a, g] = proj_in(x)``, or GELU."""
+
+    def __init__(
+        self, dim: int, mult: float = 4.0, kind: Literal["geglu", "gelu", "gelu_tanh"] = "geglu"
+    ) -> None:
+        super().__init__()
+        inner = int(dim * mult)
+        self.kind = kind
+        self.proj_in = nn.Linear(dim, inner * 2 if kind == "geglu" else inner)
+        self.proj_out = nn.Linear(inner, dim)
+
+    @checked_layer
+    def forward(self, x: Tokens) -> Tokens:
+        """``(b, n, dim) -> (b, n, dim)``."""
+        h = self.proj_in(x)
+        if self.kind == "geglu":
+            a, gate = h.chunk(2, dim=-1)
+            h = a * F.gelu(gate)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.proj_out(h)
+
+
+class LocalFeedForward(nn.Module):
+    """MLP ``proj_out(gelu(h + dwconv(h)))``, ``h = proj_in(x)``, with a depthwise 3x3
+    convolution over each temporal slot's ``(height, width)`` token grid (zero-padded)."""
+
+    def __init__(self, dim: int, mult: float = 4.0) -> None:
+        super().__init__()
+        inner = int(dim * mult)
+        self.proj_in = nn.Linear(dim, inner)
+        self.conv = nn.Conv2d(inner, inner, 3, padding=1, groups=inner)
+        self.proj_out = nn.Linear(inner, dim)
+
+    @checked_layer
+    def forward(
+        self, x: Float[Tensor, "batch tokens dim"], grid: tuple[int, int, int]
+    ) -> Float[Tensor, "batch tokens dim"]:
+        """Frame-major tokens ``(b, f * h * w, dim)`` on the grid ``(f, h, w)``."""
+        f, h, w = grid
+        if x.shape[1] != f * h * w:
+            raise ShapeError(
+                f"LocalFeedForward: {x.shape[1]} tokens do not fill the grid {grid} "
+                f"({f * h * w} tokens)"
+            )
+        hidden = self.proj_in(x)
+        maps = rearrange(hidden, "b (f h w) d -> (b f) d h w", f=f, h=h, w=w)
+        maps = self.conv(maps.contiguous(memory_format=torch.channels_last))
+        hidden = hidden + rearrange(maps, "(b f) d h w -> b (f h w) d", f=f)
+        return self.proj_out(F.gelu(hidden, approximate="tanh"))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the context (optional), GEGLU MLP."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim)
+        if context_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)
+        else:
+            self.norm2 = self.attn2 = None
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    @checked_layer
+    def forward(
+        self, x: Tokens, context: Context | None = None, mask: ContextMask | None = None
+    ) -> Tokens:
+        """``(b, n, dim) -> (b, n, dim)``, attending to ``context`` ``(b, m, context_dim)``."""
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None and self.norm2 is not None:
+            x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer blocks over the pixels of a feature map (latent-diffusion cross-attention).
+
+    ``x + proj_out(blocks(proj_in(norm(x))))``; ``proj_in`` / ``proj_out`` are 1x1
+    convolutions, or linear layers with ``linear_projection``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        *,
+        context_dim: int | None,
+        depth: int = 1,
+        groups: int = 32,
+        linear_projection: bool = False,
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.linear_projection = linear_projection
+        self.norm = group_norm(channels, groups, 1e-6, "SpatialTransformer")
+        if linear_projection:
+            self.proj_in: nn.Linear | nn.Conv2d = nn.Linear(channels, inner)
+            self.proj_out: nn.Linear | nn.Conv2d = nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)
+        )
+
+    @checked_layer
+    def forward(
+        self, x: Image, context: Context | None = None, mask: ContextMask | None = None
+    ) -> Image:
+        """``(b, c, h, w) -> (b, c, h, w)``, attending to ``context`` ``(b, m, context_dim)``."""
+        height = x.shape[2]
+        # A 1x1 convolution is a linear map over channels: with channels-last activations
+        # both projection kinds are one matrix product on a free (b, pixels, c) view.
+        h = rearrange(self.norm(x), "b c y x -> b (y x) c")
+        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)
+        for block in self.blocks:
+            h = block(h, context, mask)
+        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + rearrange(h, "b (y x) c -> b c y x", y=height)

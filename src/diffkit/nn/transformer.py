@@ -1,0 +1,256 @@
+"""The patch-transformer core shared by DiT and VideoDiT (images and videos alike).
+
+Data is cut into patches (spatial patches of an image, tubelets of a video), each linearly
+embedded and given a fixed sin-cos position. Tokens are frame-major on a grid
+``(frames, height, width)`` (an image is one frame). Every block modulates its LayerNorms
+with a shift and a scale, and gates its residual branches, all regressed from the
+conditioning vector ``c`` = time embedding (+ class-label embedding) (+ pooled-text
+embedding); the regressions start at zero so each block starts as the identity (adaLN-Zero,
+Peebles & Xie 2023). A block's self-attention mixes
+
+- ``"full"``: all ``f * s`` tokens at once — cost ``O((f s)^2)`` (DiT: ``f = 1``), or
+- ``"factorised"``: within each frame (space), then across frames at each position (time)
+  — cost ``O(f s^2 + s f^2)`` for ``f`` frames of ``s`` tokens (as in Latte / TimeSformer),
+
+followed, with ``context_dim`` set, by cross-attention to ``Conditioning.tokens``
+(PixArt-style) and an MLP. A final adaLN layer maps tokens back to patches.
+"""
+
+from typing import Generic, Literal, TypeVar
+
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from diffkit.config import Config
+from diffkit.nn.attention import Attention, FeedForward, LocalFeedForward
+from diffkit.nn.embeddings import (
+    TimeEmbedding,
+    add_condition_embeddings,
+    network_timestep,
+    timestep_embedding,
+)
+from diffkit.nn.inputs import validate_inputs
+from diffkit.patches import SpatialPatches, TubeletPatches
+from diffkit.protocols import Conditioning
+from diffkit.typing import Prediction, ShapeError, Tokens, checked_layer
+
+__all__ = [
+    "Mixing",
+    "PatchTransformer",
+    "PatchTransformerBlock",
+    "PatchTransformerConfig",
+    "modulate",
+    "self_attend",
+    "zero_linear",
+]
+
+Mixing = Literal["full", "space", "time"]
+"""Which tokens a self-attention mixes: all of them, those of one frame, or those of one
+position across frames."""
+
+
+def zero_linear(dim_in: int, dim_out: int) -> nn.Linear:
+    """A ``Linear`` whose weight and bias start at zero (adaLN-Zero gates and output heads)."""
+    layer = nn.Linear(dim_in, dim_out)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift``: ``x`` ``(b, n, d)``, shift/scale ``(b, d)``."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def self_attend(attn: Attention, x: Tokens, over: Mixing, frames: int) -> Tokens:
+    """Self-attention of frame-major tokens ``(b, frames * s, dim)`` over ``over`` tokens."""
+    if over == "full":
+        return attn(x)
+    if over == "space":
+        x = rearrange(x, "b (f s) d -> (b f) s d", f=frames)
+        return rearrange(attn(x), "(b f) s d -> b (f s) d", f=frames)
+    spatial = x.shape[1] // frames  # s, not b: an empty batch leaves b undetermined
+    x = rearrange(x, "b (f s) d -> (b s) f d", f=frames)
+    return rearrange(attn(x), "(b s) f d -> b (f s) d", s=spatial)
+
+
+class PatchTransformerBlock(nn.Module):
+    """adaLN-Zero block: gated self-attention, optional cross-attention, gated MLP.
+
+    ``attention="full"`` attends over all tokens (``attn``); ``"factorised"`` attends within
+    each frame (``attn``), then across frames (``attn_time``), each its own gated branch.
+    ``local_mlp`` swaps the MLP for a [`LocalFeedForward`][diffkit.nn.attention.LocalFeedForward].
+    The adaLN regression ``ada`` gives ``(shift, scale, gate)`` for the first self-attention,
+    the MLP, then the time attention (the order of the saved weights).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        attention: Literal["factorised", "full"] = "full",
+        mlp_ratio: float = 4.0,
+        context_dim: int | None = None,
+        local_mlp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.mixing: Mixing = "space" if attention == "factorised" else "full"
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias=True)
+        if attention == "factorised":
+            self.norm_time = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.attn_time = Attention(dim, heads, qkv_bias=True)
+        else:
+            self.norm_time = self.attn_time = None
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+            self.cross = Attention(dim, heads, context_dim=context_dim, qkv_bias=True)
+        else:
+            self.norm_cross = self.cross = None
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp: FeedForward | LocalFeedForward = (
+            LocalFeedForward(dim, mlp_ratio)
+            if local_mlp
+            else FeedForward(dim, mlp_ratio, kind="gelu_tanh")
+        )
+        self.branches = 3 if self.attn_time is not None else 2
+        self.ada = zero_linear(dim, 3 * self.branches * dim)
+
+    @checked_layer
+    def forward(
+        self,
+        x: Float[Tensor, "batch tokens dim"],
+        c: Float[Tensor, "batch dim"],
+        grid: tuple[int, int, int],
+        context: Float[Tensor, "batch context context_dim"] | None = None,
+        mask: Bool[Tensor, "batch context"] | None = None,
+    ) -> Float[Tensor, "batch tokens dim"]:
+        """Frame-major tokens ``(b, f * h * w, dim)`` on the grid ``(f, h, w)``, conditioned
+        on ``c`` ``(b, dim)``; context ``(b, m, context_dim)`` with keep-mask ``(b, m)``."""
+        frames = grid[0]
+        mods = self.ada(F.silu(c)).chunk(3 * self.branches, dim=1)
+        shift, scale, gate = mods[0:3]
+        h = modulate(self.norm1(x), shift, scale)
+        x = x + gate.unsqueeze(1) * self_attend(self.attn, h, self.mixing, frames)
+        if self.attn_time is not None and self.norm_time is not None:
+            shift, scale, gate = mods[6:9]
+            h = modulate(self.norm_time(x), shift, scale)
+            x = x + gate.unsqueeze(1) * self_attend(self.attn_time, h, "time", frames)
+        if self.cross is not None and self.norm_cross is not None:
+            x = x + self.cross(self.norm_cross(x), context, mask)
+        shift, scale, gate = mods[3:6]
+        h = modulate(self.norm2(x), shift, scale)
+        h = self.mlp(h, grid) if isinstance(self.mlp, LocalFeedForward) else self.mlp(h)
+        return x + gate.unsqueeze(1) * h
+
+
+class PatchTransformerConfig(Config):
+    """The fields every patch transformer has ([`DiTConfig`][diffkit.nn.dit.DiTConfig],
+    [`VideoDiTConfig`][diffkit.nn.video.VideoDiTConfig] add their patches and attention)."""
+
+    in_channels: int = Field(default=4, gt=0, description="channels of x_t (of each frame)")
+    out_channels: int | None = Field(default=None, gt=0, description="default: in_channels")
+    dim: int = Field(default=384, gt=0, description="token width")
+    depth: int = Field(default=12, gt=0, le=256, description="number of transformer blocks")
+    num_heads: int = Field(default=6, gt=0, description="attention heads")
+    mlp_ratio: float = Field(default=4.0, gt=0, description="MLP hidden width / dim")
+    context_dim: int | None = Field(
+        default=None, gt=0, description="dim of Conditioning.tokens (adds cross-attention)"
+    )
+    pooled_dim: int | None = Field(default=None, gt=0, description="dim of Conditioning.pooled")
+    num_classes: int | None = Field(default=None, gt=0, description="class-label conditioning")
+    freq_dim: int = Field(
+        default=256, ge=2, description="size of the sinusoidal time features (1 would be all zero)"
+    )
+    prediction: Prediction = Field(default="epsilon", description="what the network predicts")
+    time_input: Literal["t", "index"] = Field(
+        default="t", description="embed time_scale * t, or the discrete index N t - 1"
+    )
+    time_scale: float = Field(default=1000.0, gt=0, description="multiplier of t")
+    num_train_timesteps: int = Field(default=1000, gt=1, description="N for time_input='index'")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "PatchTransformerConfig":
+        if self.dim % self.num_heads != 0:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+ConfigT = TypeVar("ConfigT", bound=PatchTransformerConfig)
+
+
+class PatchTransformer(nn.Module, Generic[ConfigT]):
+    """Patch embedding, conditioning vector, adaLN-Zero blocks and output head of a patch
+    transformer; a subclass cuts its data into ``patches`` and gives their positions."""
+
+    def __init__(
+        self,
+        config: ConfigT,
+        patches: SpatialPatches | TubeletPatches,
+        *,
+        attention: Literal["factorised", "full"] = "full",
+        local_mlp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.prediction: Prediction = config.prediction
+        c = config
+        self.patches = patches
+        self._out_channels = c.out_channels or c.in_channels
+        self.embed = nn.Linear(patches.patch_dim(c.in_channels), c.dim)
+        self.time_embed = TimeEmbedding(c.freq_dim, c.dim)
+        self.label_embed = nn.Embedding(c.num_classes, c.dim) if c.num_classes else None
+        self.pooled_embed = TimeEmbedding(c.pooled_dim, c.dim) if c.pooled_dim else None
+        self.blocks = nn.ModuleList(
+            PatchTransformerBlock(
+                c.dim,
+                c.num_heads,
+                attention=attention,
+                mlp_ratio=c.mlp_ratio,
+                context_dim=c.context_dim,
+                local_mlp=local_mlp,
+            )
+            for _ in range(c.depth)
+        )
+        self.norm_out = nn.LayerNorm(c.dim, elementwise_affine=False, eps=1e-6)
+        self.ada_out = zero_linear(c.dim, 2 * c.dim)
+        self.proj_out = zero_linear(c.dim, patches.patch_dim(self._out_channels))
+
+    def condition_vector(self, t: Tensor, cond: Conditioning | None) -> Tensor:
+        """``c`` ``(batch, dim)``: time embedding plus label and pooled embeddings."""
+        cfg = self.config
+        steps = network_timestep(t, cfg.time_input, cfg.num_train_timesteps, cfg.time_scale)
+        c = self.time_embed(timestep_embedding(steps, cfg.freq_dim).to(self.embed.weight.dtype))
+        return add_condition_embeddings(c, cond, self.label_embed, self.pooled_embed)
+
+    def _check_inputs(
+        self, x_t: Tensor, t: Tensor, cond: Conditioning | None, *, channels: int
+    ) -> None:
+        """Refuse, before any compute, inputs this network was not built for."""
+        cfg = self.config
+        owner = type(self).__name__
+        if channels != cfg.in_channels:
+            raise ShapeError(f"{owner}: x_t has {channels} channels, expected {cfg.in_channels}")
+        validate_inputs(owner, x_t, t, cond, cfg, self.embed.weight.dtype)
+
+    def _transform(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: Conditioning | None,
+        positions: Float[Tensor, "tokens dim"],
+        grid: tuple[int, int, int],
+    ) -> Float[Tensor, "batch tokens patch_dim"]:
+        """Patches of ``x_t`` on the token ``grid`` to output patches (before unpatchify)."""
+        context = cond.tokens if cond is not None and self.config.context_dim is not None else None
+        mask = cond.mask if context is not None and cond is not None else None
+        h = self.embed(self.patches.patchify(x_t)) + positions.to(x_t.device, x_t.dtype)
+        c = self.condition_vector(t, cond)
+        for block in self.blocks:
+            h = block(h, c, grid, context, mask)
+        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
+        return self.proj_out(modulate(self.norm_out(h), shift, scale))
