@@ -200,7 +200,7 @@ def test_distributed_leaves_the_group_it_created_and_keeps_one_it_found(monkeypa
     # joins the job leaves it, but never tears down a group someone else owns.
     import torch.distributed as dist
 
-    from diffkit import training
+    from diffkit.training import _distributed as training
 
     def joins():
         _one_process_group()
@@ -219,3 +219,76 @@ def test_distributed_leaves_the_group_it_created_and_keeps_one_it_found(monkeypa
         assert dist.is_initialized()  # not ours to destroy
     finally:
         dist.destroy_process_group()
+
+
+AUX_WORKER = textwrap.dedent(
+    '''
+    """Trains a tiny KL autoencoder and a tiny CLIP with train(); rank 0 writes the losses."""
+    import json
+    import sys
+
+    import torch
+
+    from diffkit_demo.datasets import DigitsDataset
+    from diffkit.nn.clip import CLIP, CLIPConfig, TextTowerConfig, VisionTowerConfig
+    from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
+    from diffkit.tokenizers import ByteTokenizer
+    from diffkit.training import AutoencoderLoss, CLIPLoss, TrainConfig, distributed, train
+
+
+    def run():
+        torch.set_num_threads(1)
+        config = TrainConfig(
+            steps=4, batch_size=16, micro_batch_size=4, lr=3e-3, ema_decay=None, progress=False
+        )
+        data = DigitsDataset(8)
+        with distributed() as info:
+            torch.manual_seed(0)
+            ae = KLAutoencoder(
+                KLAutoencoderConfig(
+                    in_channels=1, base_channels=8, channel_mult=(1, 2), blocks_per_level=1,
+                    latent_channels=2, norm_groups=4, mid_attention=False,
+                )
+            )
+            torch.manual_seed(0)
+            clip = CLIP(
+                CLIPConfig(
+                    embed_dim=16,
+                    text=TextTowerConfig(
+                        vocab_size=260, context_length=40, width=16, layers=1, heads=2
+                    ),
+                    vision=VisionTowerConfig(
+                        image_size=8, patch_size=4, channels=1, width=16, layers=1, heads=2
+                    ),
+                )
+            )
+            record = {
+                "world_size": info.world_size,
+                "autoencoder": train(ae, AutoencoderLoss(), data, config).losses,
+                "clip": train(clip, CLIPLoss(ByteTokenizer(40)), data, config).losses,
+            }
+        return info, record
+
+
+    if __name__ == "__main__":
+        info, record = run()
+        with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as fh:
+            json.dump(record, fh)
+    '''
+)
+
+
+def test_two_gloo_processes_train_the_autoencoder_and_clip_like_one_process(tmp_path):
+    script = tmp_path / "aux_worker.py"
+    script.write_text(AUX_WORKER)
+    _torchrun(script, tmp_path)
+    before = torch.get_num_threads()
+    try:
+        _, single = runpy.run_path(str(script), run_name="worker")["run"]()
+    finally:
+        torch.set_num_threads(before)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert rank0["world_size"] == 2 and single["world_size"] == 1
+    for kind in ("autoencoder", "clip"):
+        assert len(single[kind]) == 4
+        assert rank0[kind] == pytest.approx(single[kind], rel=1e-5, abs=1e-6)

@@ -28,11 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("DIFFKIT_CHROMIUM", "/usr/bin/chromium")
 REQUIRED = os.environ.get("DIFFKIT_DOCS_SITE_REQUIRED", "0") == "1"
 
-# (path, what must be on it) -- the home page, a concept page with maths, an API page.
+# (path, what must be on it) -- the home page, a concept page with maths, an API page,
+# a tutorial with the figure its code produced at build time.
 PAGES = {
-    "home": ("", None),
+    "home": ("", "img"),
     "concept": ("concepts/forward-reverse/", ".katex"),
     "api": ("api/schedules/", ".doc-heading"),
+    "tutorial": ("tutorials/train-on-digits/", "img"),
 }
 
 
@@ -60,8 +62,8 @@ def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
         text=True,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-        # Without the figure cache the build draws the figures, one of them a full
-        # `diffkit demo` run (~2.5 min on 2 free cores; over 10 min seen on a loaded one).
+        # Without the figure cache the build draws the figures, one of them a shortened
+        # `diffkit demo` run (~50 s of CPU time; a few minutes on a loaded machine).
         timeout=1800,
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr[-4000:]}"
@@ -256,8 +258,9 @@ def _eval(browser: DevTools, session: str, expression: str) -> Any:
 def test_docs_page_loads_in_chromium_without_console_errors(
     page: str, base_url: str, browser: DevTools
 ) -> None:
-    """Home, a concept page and an API page load with no console error and no
-    request leaving 127.0.0.1; maths is typeset by KaTeX with its bundled fonts."""
+    """Home, a concept page, an API page and a tutorial load with no console error and
+    no request leaving 127.0.0.1; maths is typeset by KaTeX with its bundled fonts, and
+    every image of the page (the build's figures) loads and decodes."""
     path, selector = PAGES[page]
     target, session, events = _open(browser, base_url + path)
     try:
@@ -286,6 +289,14 @@ def test_docs_page_loads_in_chromium_without_console_errors(
                 " && f.status === 'loaded').length",
             )
             assert fonts > 0, f"{path}: no bundled KaTeX font was loaded"
+        broken = _eval(
+            browser,
+            session,
+            "Promise.all([...document.images].map(i => i.decode().then("
+            "() => i.naturalWidth > 0 ? null : i.src, () => i.src)))"
+            ".then(r => r.filter(Boolean))",
+        )
+        assert not broken, f"{path}: images that did not load: {broken}"
         problems = _problems(events, base_url.rstrip("/"))
         assert not problems, f"{path}:\n" + "\n".join(problems)
     finally:

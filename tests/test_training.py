@@ -3,6 +3,7 @@
 import io
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -22,7 +23,7 @@ from diffkit.config import ValidationError
 from diffkit.losses import DiffusionLoss, LossConfig
 from diffkit.protocols import Conditioning
 from diffkit.schedules import Cosine
-from diffkit.training import TrainConfig, learning_rate, step_generator, train
+from diffkit.training import TrainConfig, _reporting, learning_rate, step_generator, train
 from diffkit_demo.datasets import DigitsDataset
 
 
@@ -614,7 +615,7 @@ def test_progress_off_a_terminal_writes_plain_lines_not_carriage_returns(
     # capsys' stderr is no terminal, like a CI log or `2> log.txt`
     train(_fresh(0), Cosine(), digits, _config(steps=3, progress=True))
     assert "\r" not in capsys.readouterr().err  # < 30 s: nothing at all
-    monkeypatch.setattr(training, "_PROGRESS_LINE_EVERY_S", 0.0)
+    monkeypatch.setattr(_reporting, "_PROGRESS_LINE_EVERY_S", 0.0)
     train(_fresh(0), Cosine(), digits, _config(steps=3, progress=True))
     err = capsys.readouterr().err
     assert "\r" not in err
@@ -625,16 +626,175 @@ def test_progress_off_a_terminal_writes_plain_lines_not_carriage_returns(
 
 def test_progress_on_a_terminal_is_a_live_bar_and_disabled_writes_nothing() -> None:
     terminal = _Terminal()
-    with training._progress_bar(4, "stage", file=terminal) as bar:
+    with training.progress_bar(4, "stage", file=terminal) as bar:
         for _ in range(4):
             bar.update(1)
     assert "\r" in terminal.getvalue() and "stage" in terminal.getvalue()
     quiet = _Terminal()
-    with training._progress_bar(4, "stage", enabled=False, file=quiet) as bar:
+    with training.progress_bar(4, "stage", enabled=False, file=quiet) as bar:
         bar.update(4)
     assert quiet.getvalue() == ""
     log = io.StringIO()
-    lines = training._ProgressLines(10, "stage", 0, log, interval=3600.0)
+    lines = _reporting._ProgressLines(10, "stage", 0, log, interval=3600.0)
     lines.update(5)
     lines.close()
     assert log.getvalue() == ""  # fast: no line at all, not even on close
+
+
+# --- the autoencoder and CLIP through the same loop --------------------------------------
+
+
+def _tiny_autoencoder(seed: int = 0):
+    from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
+
+    torch.manual_seed(seed)
+    return KLAutoencoder(
+        KLAutoencoderConfig(
+            in_channels=1,
+            base_channels=8,
+            channel_mult=(1, 2),
+            blocks_per_level=1,
+            latent_channels=2,
+            norm_groups=4,
+            mid_attention=False,
+        )
+    )
+
+
+def _tiny_clip(seed: int = 0):
+    from diffkit.nn.clip import CLIP, CLIPConfig, TextTowerConfig, VisionTowerConfig
+
+    torch.manual_seed(seed)
+    return CLIP(
+        CLIPConfig(
+            embed_dim=16,
+            text=TextTowerConfig(vocab_size=260, context_length=40, width=16, layers=1, heads=2),
+            vision=VisionTowerConfig(
+                image_size=8, patch_size=4, channels=1, width=16, layers=1, heads=2
+            ),
+        )
+    )
+
+
+def _aux_config(tmp_path=None, **overrides):
+    base = dict(
+        steps=12,
+        batch_size=16,
+        micro_batch_size=8,
+        lr=3e-3,
+        lr_schedule="cosine",
+        warmup_steps=2,
+        ema_decay=None,
+        progress=False,
+        output_dir=None if tmp_path is None else str(tmp_path),
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _clip_loss():
+    from diffkit.tokenizers import ByteTokenizer
+
+    return training.CLIPLoss(ByteTokenizer(40))
+
+
+def _falls(losses):
+    return statistics.mean(losses[-3:]) < 0.9 * statistics.mean(losses[:3])
+
+
+def test_train_lowers_a_kl_autoencoders_reconstruction_and_kl_loss(digits):
+    ae = _tiny_autoencoder()
+    result = train(ae, training.AutoencoderLoss(kl_weight=1e-3), digits, _aux_config())
+    assert len(result.losses) == 12 and _falls(result.losses)
+
+
+def test_train_lowers_clips_contrastive_loss_below_chance(digits):
+    # 32 pairs with distinct captions (a caption shared by two images is no signal), two
+    # micro-batches of 8 per step: chance is ln 8 per micro-batch
+    first: dict[str, int] = {}
+    for i in range(len(digits)):
+        first.setdefault(digits[i]["caption"], i)
+        if len(first) == 32:
+            break
+    pairs = torch.utils.data.Subset(digits, list(first.values()))
+    config = _aux_config(steps=30, warmup_steps=0, lr_schedule="constant")
+    result = train(_tiny_clip(), _clip_loss(), pairs, config)
+    assert len(result.losses) == 30 and _falls(result.losses)
+    assert statistics.mean(result.losses[-5:]) < 0.75 * math.log(8)
+
+
+def test_the_clip_loss_equals_clips_own_loss_and_the_autoencoder_loss_the_demos_recipe(digits):
+    from diffkit.data import collate
+    from diffkit.tokenizers import ByteTokenizer
+
+    batch = collate([digits[i] for i in range(6)])
+    clip = _tiny_clip()
+    ids = ByteTokenizer(40)(batch.captions or [])
+    generator = torch.Generator()
+    assert torch.allclose(_clip_loss()(clip, batch, generator), clip.loss(batch.x, ids))
+    ae = _tiny_autoencoder()
+    ours = training.AutoencoderLoss(kl_weight=0.1)(ae, batch, torch.Generator().manual_seed(3))
+    recon, posterior = ae(batch.x, generator=torch.Generator().manual_seed(3))
+    recipe = torch.nn.functional.mse_loss(recon, batch.x) + 0.1 * posterior.kl().mean() / (
+        posterior.mean[0].numel()
+    )
+    assert torch.allclose(ours, recipe)
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "clip"])
+def test_autoencoder_and_clip_runs_resume_to_the_uninterrupted_losses(tmp_path, digits, kind):
+    def run(folder, steps, **kw):
+        model = _tiny_autoencoder() if kind == "autoencoder" else _tiny_clip()
+        loss = training.AutoencoderLoss() if kind == "autoencoder" else _clip_loss()
+        return train(model, loss, digits, _aux_config(folder, steps=steps, **kw)), model
+
+    whole, whole_model = run(tmp_path / "whole", 6)
+    run(tmp_path / "parts", 3, checkpoint_every=3)
+    resumed, resumed_model = run(tmp_path / "parts", 6)
+    assert resumed.start_step == 3
+    assert resumed.losses == whole.losses[3:]
+    for a, b in zip(whole_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_denoiser_options_with_a_loss_object_are_refused(digits):
+    with pytest.raises(TypeError, match="condition= belong"):
+        train(
+            _tiny_autoencoder(),
+            training.AutoencoderLoss(),
+            digits,
+            _aux_config(),
+            condition=_labels,
+        )
+
+
+def test_a_denoiser_loss_object_trains_like_the_schedule_shorthand(digits):
+    config = _config(steps=3)
+    short = train(_fresh(0), Cosine(), digits, config, condition=_labels, uncond=NULL)
+    loss = training.DenoiserLoss(
+        Cosine(), loss=DiffusionLoss(config.loss), condition=_labels, uncond=NULL
+    )
+    explicit = train(_fresh(0), loss, digits, config)
+    assert explicit.losses == short.losses
+
+
+def test_the_loop_runs_by_hand_prepare_step_after_step_finish(tmp_path, digits):
+    config = _config(tmp_path, steps=2, log_every=1)
+    loss = training.DenoiserLoss(
+        Cosine(),
+        loss=DiffusionLoss(config.loss),
+        condition=_labels,
+        uncond=NULL,
+        prediction="epsilon",
+    )
+    state = training.prepare(_fresh(0), loss, digits, config)
+    try:
+        first = training.train_step(state, 0)
+        assert first.step == 1 and first.lr == training.learning_rate(config, 0)
+        training.after_step(state, first)
+        assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
+        training.after_step(state, training.train_step(state, 1))  # the last step: a checkpoint
+    finally:
+        training.finish(state)
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+    assert state.result().losses == [first.loss, state.losses[1]]

@@ -2,18 +2,22 @@
 
 The PNGs are added as generated files, so pages link to them like any other file
 (``![...](../figures/schedules.png)``) and ``mkdocs build --strict`` checks those links.
-They are cached in ``.cache/docs-figures/`` (git-ignored) under a hash of
-``figures.py`` and every file of ``src/diffkit`` and ``src/diffkit_demo`` (one figure runs
-the demo), so a rebuild redraws them only when the code they are drawn from has changed.
+
+Each figure is cached on its own in ``.cache/docs-figures/`` (git-ignored), under a hash
+of its inputs only (:meth:`figures.Figure.key`: its function's source, the helpers it
+names, and the source files it declares it depends on). Editing one file of ``src/``
+redraws only the figures that declared it; every other figure comes from the cache.
+Drawing runs torch on one thread, so a build does not fight other work for the cores.
 """
 
-import hashlib
 import importlib.util
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from mkdocs.structure.files import File, Files
 
 log = logging.getLogger("mkdocs.hooks.diffkit")
@@ -27,35 +31,32 @@ def _figures_module() -> Any:
     spec = importlib.util.spec_from_file_location("diffkit_docs_figures", HERE / "figures.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # inspect.getsource finds its classes through it
     spec.loader.exec_module(module)
     return module
 
 
-def _fingerprint() -> str:
-    digest = hashlib.sha256()
-    packages = (ROOT / "src" / "diffkit", ROOT / "src" / "diffkit_demo")
-    sources = [HERE / "figures.py", *sorted(p for pkg in packages for p in pkg.rglob("*.py"))]
-    for path in sources:
-        digest.update(str(path.relative_to(ROOT)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _render() -> dict[str, bytes]:
-    folder = CACHE / _fingerprint()
     module = _figures_module()
-    paths = list(module.FIGURES)
-    if all((folder / p).is_file() for p in paths):
-        log.info("diffkit: documentation figures from the cache %s", folder)
-        return {p: (folder / p).read_bytes() for p in paths}
-    start = time.perf_counter()
-    figures = module.render_all()
-    log.info("diffkit: drew the documentation figures in %.1fs", time.perf_counter() - start)
-    for p, png in figures.items():
-        target = folder / p
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(png)
-    return figures
+    out: dict[str, bytes] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for path, figure in module.FIGURES.items():
+            cached = CACHE / f"{Path(path).stem}-{figure.key(ROOT)}.png"
+            if cached.is_file():
+                out[path] = cached.read_bytes()
+                continue
+            start = time.perf_counter()
+            png = figure.draw()
+            log.info("diffkit: drew %s in %.1fs", path, time.perf_counter() - start)
+            # Older versions stay: switching branches back finds them (delete .cache freely).
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_bytes(png)
+            out[path] = png
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def on_files(files: Files, config: Any) -> Files:

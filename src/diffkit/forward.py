@@ -1,4 +1,4 @@
-"""The forward (noising) process of any schedule, in closed form (seed §6.1).
+"""The forward (noising) process of any schedule, in closed form (DDPM, Ho et al. 2020).
 
 - marginal ``q(x_t | x_0) = N(alpha_t x_0, sigma_t² I)``;
 - transition ``q(x_t | x_s) = N(alpha_{t|s} x_s, sigma_{t|s}² I)`` for ``s < t``, with

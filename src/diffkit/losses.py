@@ -1,4 +1,4 @@
-"""The denoising training objective: ``DiffusionLoss`` (seed §6.1, learning the reverse process).
+"""The denoising training objective: ``DiffusionLoss`` (DDPM, Ho et al. 2020).
 
 For data ``x0``, a time ``t`` drawn by the chosen time sampling, and noise ``eps``, the
 denoiser sees ``x_t = alpha_t x0 + sigma_t eps`` and is scored by

@@ -1,4 +1,4 @@
-"""Noise schedules on one continuous time ``t`` in [0, 1] (seed §6.1, the forward process).
+"""Noise schedules on one continuous time ``t`` in [0, 1] (DDPM's forward process, Ho et al. 2020).
 
 Every schedule gives ``alpha(t)``, ``sigma(t)``, ``log_snr(t) = 2 log(alpha / sigma)`` and
 its inverse ``t_of_log_snr``. ``t = 0`` is data and ``t = 1`` is (nearly) pure noise;

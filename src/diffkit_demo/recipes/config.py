@@ -47,7 +47,10 @@ PIPELINE_DIR = "pipeline"
 
 
 class StageTrainConfig(Config):
-    """Optimisation of one auxiliary stage (CLIP or the autoencoder): AdamW with warm-up."""
+    """Optimisation of one auxiliary stage (CLIP or the autoencoder), run by ``train()``.
+
+    AdamW, linear warm-up then cosine decay to 0, as ``TrainConfig`` (``train_config``).
+    """
 
     kind: Literal["stage"] = "stage"
     steps: int = Field(default=300, ge=1, description="optimizer steps")
@@ -55,6 +58,25 @@ class StageTrainConfig(Config):
     lr: float = Field(default=2e-3, gt=0, description="peak learning rate (cosine decay to 0)")
     warmup_steps: int = Field(default=20, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay")
+
+    def train_config(self, seed: int, items: int, progress: bool) -> TrainConfig:
+        """This stage as a [`train`][diffkit.training.train] config: on the CPU, cosine decay
+        to 0 after the warm-up, gradient norm clipped to 1, no EMA, nothing written; a batch
+        of at most ``items`` (the stage's data)."""
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=min(self.batch_size, items),
+            lr=self.lr,
+            lr_schedule="cosine",
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            grad_clip=1.0,
+            ema_decay=None,
+            seed=seed,
+            progress=progress,
+            tensorboard=False,
+            device="cpu",
+        )
 
 
 def _tower_kind(value: Any) -> str:

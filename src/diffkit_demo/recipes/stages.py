@@ -10,15 +10,13 @@ here, its own sampling and [`finish_run`][diffkit_demo.recipes.stages.finish_run
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffkit.builder import PipelineConfig, build
@@ -27,8 +25,8 @@ from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.pipeline import Pipeline
 from diffkit.protocols import Conditioning
 from diffkit.text import CLIPTextConditioner, CLIPTextConditionerConfig
-from diffkit.training import _progress_bar, train
-from diffkit_demo.recipes.config import PIPELINE_DIR, DemoConfig, StageTrainConfig
+from diffkit.training import AutoencoderLoss, CLIPLoss, train
+from diffkit_demo.recipes.config import PIPELINE_DIR, DemoConfig
 
 __all__ = ["DemoResult", "generate_samples", "training_device"]
 
@@ -64,7 +62,7 @@ class DemoResult:
 
 
 class Reporter:
-    """Stage headers, per-stage timing, progress bars on or off."""
+    """Stage headers, per-stage timing; whether the stages show progress bars."""
 
     def __init__(self, result: DemoResult, progress: bool, console: Any) -> None:
         self.result, self.progress, self.console = result, progress, console
@@ -89,56 +87,6 @@ class Reporter:
         if self.console is not None:
             self.console.print(f"    {text}")
 
-    def bar(self, total: int, desc: str) -> Any:
-        """A stage's bar (``TrainConfig.progress`` says how it shows where)."""
-        return _progress_bar(total, desc, enabled=self.progress, leave=False)
-
-
-def _lr(stage: StageTrainConfig, step: int) -> float:
-    if stage.warmup_steps and step < stage.warmup_steps:
-        return stage.lr * (step + 1) / stage.warmup_steps
-    span = max(1, stage.steps - stage.warmup_steps)
-    progress = min(1.0, (step - stage.warmup_steps) / span)
-    return 0.5 * stage.lr * (1 + math.cos(math.pi * progress))
-
-
-def _fit(
-    module: nn.Module,
-    loss_of: Callable[[Tensor, torch.Generator], Tensor],
-    size: int,
-    stage: StageTrainConfig,
-    seed: int,
-    reporter: Reporter,
-    desc: str,
-    after_step: Callable[[], None] | None = None,
-) -> list[float]:
-    """Minimise ``loss_of(indices, generator)`` over random batches of ``range(size)``."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    module.train()
-    with reporter.bar(stage.steps, desc) as bar:
-        for step in range(stage.steps):
-            for group in opt.param_groups:
-                group["lr"] = _lr(stage, step)
-            index = torch.randint(size, (min(stage.batch_size, size),), generator=gen)
-            loss = loss_of(index, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            if after_step is not None:
-                after_step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{desc}: the loss is {value} at step {step + 1}")
-            losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}")
-            bar.update(1)
-    module.eval()
-    return losses
-
 
 def tail_mean(losses: Sequence[float], k: int = 20) -> float:
     tail = list(losses[-k:])
@@ -152,23 +100,11 @@ def train_clip(
     reporter: Reporter,
 ) -> tuple[CLIP, list[float]]:
     clip = CLIP(config.clip_config())
-    tokenizer = byte_tokenizer(config)
-    ids = tokenizer(list(captions))
-
-    def loss_of(index: Tensor, _: torch.Generator) -> Tensor:
-        return clip.loss(images[index], ids[index])
-
-    losses = _fit(
-        clip,
-        loss_of,
-        len(ids),
-        config.clip_train,
-        config.seed + 11,
-        reporter,
-        "clip",
-        after_step=clip.clamp_logit_scale_,
-    )
-    return clip, losses
+    pairs = _Items(images, captions=captions)
+    stage = config.clip_train.train_config(config.seed + 11, len(pairs), reporter.progress)
+    result = train(clip, CLIPLoss(byte_tokenizer(config)), pairs, stage)
+    clip.clamp_logit_scale_()  # (training forwards clamp before use; this, after the last step)
+    return clip.eval(), result.losses
 
 
 def byte_tokenizer(config: DemoConfig) -> Any:
@@ -205,20 +141,24 @@ class _CaptionCache:
 
 
 class _Items(torch.utils.data.Dataset[dict[str, Any]]):
-    """Training items ``{"x", "label", "caption"}`` from tensors already in memory."""
+    """Training items ``{"x", "label"?, "caption"?}`` from tensors already in memory."""
 
-    def __init__(self, x: Tensor, labels: Tensor, captions: Sequence[str]) -> None:
-        self.x, self.labels, self.captions = x, labels, list(captions)
+    def __init__(
+        self, x: Tensor, labels: Tensor | None = None, captions: Sequence[str] | None = None
+    ) -> None:
+        self.x, self.labels = x, labels
+        self.captions = list(captions) if captions is not None else None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {
-            "x": self.x[index],
-            "label": int(self.labels[index]),
-            "caption": self.captions[index],
-        }
+        item: dict[str, Any] = {"x": self.x[index]}
+        if self.labels is not None:
+            item["label"] = int(self.labels[index])
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
+        return item
 
 
 def train_denoiser(
@@ -308,15 +248,11 @@ def train_autoencoder(
     images: Tensor,
     reporter: Reporter,
 ) -> list[float]:
-    def loss_of(index: Tensor, gen: torch.Generator) -> Tensor:
-        x = images[index]
-        recon, posterior = ae(x, generator=gen)
-        kl = posterior.kl().mean() / posterior.mean[0].numel()
-        return F.mse_loss(recon, x) + config.kl_weight * kl
-
-    return _fit(
-        ae, loss_of, len(images), config.autoencoder_train, config.seed + 21, reporter, "vae"
-    )
+    items = _Items(images)
+    stage = config.autoencoder_train.train_config(config.seed + 21, len(items), reporter.progress)
+    result = train(ae, AutoencoderLoss(kl_weight=config.kl_weight), items, stage)
+    ae.eval()
+    return result.losses
 
 
 def assemble(
