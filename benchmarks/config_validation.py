@@ -18,14 +18,14 @@ def _cases() -> dict[str, tuple[Callable[[], object], int]]:
     import torch
 
     from diffkit.builder import PipelineConfig
-    from diffkit.schedules import CosineConfig
+    from diffkit.schedules import Cosine
     from diffkit.training import TrainConfig
     from diffkit_demo.recipes import default_config
 
     torch.set_num_threads(1)
     pipeline = default_config("image").pipeline.to_dict()
     return {
-        "CosineConfig(offset=0.01)": (lambda: CosineConfig(offset=0.01), 2000),
+        "Cosine(offset=0.01)": (lambda: Cosine(offset=0.01), 2000),
         "TrainConfig(steps=10, lr=1e-3)": (lambda: TrainConfig(steps=10, lr=1e-3), 2000),
         "PipelineConfig.model_validate(demo image pipeline dict)": (
             lambda: PipelineConfig.model_validate(pipeline),

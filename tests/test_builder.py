@@ -164,7 +164,7 @@ BREAKS = {
     ),
     "text width": (
         lambda d: {**d, "text": _text(24)},
-        ["text.width) is 24", "denoiser.context_dim is 16"],
+        ["text.token_dim (the text token width) is 24", "denoiser.context_dim is 16"],
     ),
     "text without cross-attention": (
         lambda d: {**d, "denoiser": _unet(4, levels=2)},
@@ -193,7 +193,7 @@ BREAKS = {
     ),
     "misspelled nested field": (
         lambda d: {**d, "schedule": {"kind": "cosine", "offst": 0.01}},
-        ["schedule.offst", "unknown field 'offst' for CosineConfig; did you mean 'offset'?"],
+        ["schedule.offst", "unknown field 'offst' for Cosine; did you mean 'offset'?"],
     ),
     "bad prediction": (
         lambda d: {**d, "denoiser": {**_unet(4, levels=2, context=16), "prediction": "score"}},
@@ -271,10 +271,25 @@ class SmallMLPConfig(Config):
     width: int = Field(32, gt=0, description="hidden width")
     prediction: Literal["epsilon", "x0", "v", "flow"] = "epsilon"
 
+    # What the builder checks (DenoiserSpec): declared, so this config is checked too.
+    out_channels: None = None
+    context_dim: None = None
+    pooled_dim: None = None
+    patch_size: None = None
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 1
+
+    @property
+    def is_video(self) -> bool:
+        return False
+
 
 class SmallMLP(nn.Module):
     def __init__(self, config: SmallMLPConfig) -> None:
         super().__init__()
+        self.config = config  # what Pipeline.save records
         self.prediction = config.prediction
         n = config.in_channels * config.side**2
         self.net = nn.Sequential(
@@ -394,3 +409,33 @@ def test_any_field_value_gives_a_valid_config_or_a_validation_error_never_a_cras
     except ValidationError:
         return
     assert compatibility_problems(config) == []
+
+
+def test_every_builtin_part_config_declares_what_the_builder_checks():
+    from diffkit.protocols import DenoiserSpec, EncoderSpec, TextSpec
+
+    config = PipelineConfig.model_validate(_good())
+    assert isinstance(config.denoiser, DenoiserSpec)
+    assert isinstance(config.encoder, EncoderSpec) and isinstance(config.text, TextSpec)
+    for kind in ("dit", "video_dit"):
+        denoiser = registry("denoiser").parse({"kind": kind})
+        assert isinstance(denoiser, DenoiserSpec) and denoiser.is_video == (kind == "video_dit")
+    identity = registry("encoder").parse({"kind": "identity", "channels": 2})
+    assert isinstance(identity, EncoderSpec) and identity.latent_channels == 2
+
+
+class OpaqueDenoiserConfig(Config):
+    """A user's denoiser config that declares nothing: accepted, its checks skipped."""
+
+    kind: Literal["test_opaque"] = "test_opaque"
+    prediction: Literal["epsilon", "x0", "v", "flow"] = "x0"
+
+
+registry("denoiser").register(OpaqueDenoiserConfig, SmallMLP, replace=True)
+
+
+def test_a_config_that_declares_nothing_is_accepted_and_its_checks_skipped():
+    config = PipelineConfig.model_validate(
+        {**_good(), "denoiser": {"kind": "test_opaque"}, "data_shape": [1, 16, 16]}
+    )
+    assert compatibility_problems(config) == []  # neither channels nor text width guessed

@@ -77,6 +77,15 @@ def test_user_kinds_register_like_builtins_and_are_listed() -> None:
     assert REGISTRIES["toy_group_for_tests"] is registry
 
 
+def test_a_component_registered_without_a_builder_is_its_config() -> None:
+    registry: Registry[Config] = Registry("toy_components_for_tests")
+    assert registry.register(_ToyConfig) is _ToyConfig
+    component = _ToyConfig(width=5)
+    assert registry.build(component) is component  # building is parsing
+    assert registry.build(component.to_json()) == component
+    assert registry.build({"kind": "toy"}) == _ToyConfig()
+
+
 def test_duplicate_kinds_and_unknown_kinds_are_errors() -> None:
     registry = _registry()
 
@@ -86,8 +95,9 @@ def test_duplicate_kinds_and_unknown_kinds_are_errors() -> None:
     with pytest.raises(ValueError, match="already registered"):
         registry.register(Clash, lambda c: 0)
     registry.register(Clash, lambda c: 0, replace=True)
-    with pytest.raises(ValueError, match="unknown toy_group_for_tests kind 'zzz'"):
+    with pytest.raises(ValueError, match="unknown toy_group_for_tests kind 'zzz'") as info:
         registry.parse({"kind": "zzz"})
+    assert "registry('toy_group_for_tests').register(YourConfig)" in str(info.value)
     with pytest.raises(ValueError, match="needs a 'kind'"):
         registry.parse({"width": 3})
     with pytest.raises(ValueError, match="not a registered"):

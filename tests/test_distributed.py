@@ -24,7 +24,7 @@ WORKER = textwrap.dedent(
     from torch import nn
 
     from diffkit_demo.datasets import DigitsDataset
-    from diffkit.losses import LossConfig
+    from diffkit.losses import DiffusionLoss
     from diffkit.protocols import Conditioning
     from diffkit.schedules import Cosine
     from diffkit.training import TrainConfig, distributed, train
@@ -61,7 +61,7 @@ WORKER = textwrap.dedent(
             lr=3e-3,
             grad_clip=0.5,
             ema_decay=0.9,
-            loss=LossConfig(cond_dropout=0.2),
+            loss=DiffusionLoss(cond_dropout=0.2),
             output_dir=output_dir,
             checkpoint_every=4,
             progress=False,

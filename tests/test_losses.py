@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import diffkit as dk
-from diffkit.losses import LOSSES, DiffusionLoss, LossConfig
+from diffkit.losses import LOSSES, DiffusionLoss
 from diffkit.prediction import from_x0_eps
 from diffkit.schedules import EDM, Cosine, LinearBeta, RectifiedFlow
 
@@ -50,14 +50,14 @@ def test_a_perfect_denoiser_has_zero_loss(prediction: str, target: str, weightin
     model = Oracle(prediction)
     x0 = torch.randn(16, 6, dtype=torch.float64)
     model.x0 = x0
-    loss = DiffusionLoss(LossConfig(target=target, weighting=weighting))  # type: ignore[arg-type]
+    loss = DiffusionLoss(target=target, weighting=weighting)  # type: ignore[arg-type]
     value = loss(model, model.schedule, x0.float(), generator=torch.Generator().manual_seed(0))
     assert value.item() == pytest.approx(0.0, abs=1e-6)
 
 
 @given(t=st.floats(0.05, 0.95))
 def test_min_snr_weight_equals_the_same_x0_weight_in_every_target_space(t: float) -> None:
-    loss = DiffusionLoss(LossConfig(weighting="min_snr", min_snr_gamma=5.0))
+    loss = DiffusionLoss(weighting="min_snr", min_snr_gamma=5.0)
     schedule = Cosine()
     tt = torch.tensor([t], dtype=torch.float64)
     a, s = schedule.alpha(tt), schedule.sigma(tt)
@@ -75,7 +75,7 @@ def test_loss_is_deterministic_given_the_generator_and_differs_across_seeds() ->
     model = Oracle("epsilon", bias=0.3)
     x0 = torch.randn(8, 4, dtype=torch.float64)
     model.x0 = x0
-    loss = DiffusionLoss(LossConfig(weighting="min_snr"))
+    loss = DiffusionLoss(weighting="min_snr")
     runs = [
         loss(model, model.schedule, x0.float(), generator=torch.Generator().manual_seed(s))
         for s in (1, 1, 2)
@@ -86,7 +86,7 @@ def test_loss_is_deterministic_given_the_generator_and_differs_across_seeds() ->
 @pytest.mark.parametrize("sampling", ["uniform", "log_normal", "logit_normal", "discrete"])
 @pytest.mark.parametrize("schedule", [LinearBeta(), EDM(), RectifiedFlow()], ids=str)
 def test_time_sampling_stays_inside_the_unit_interval(sampling: str, schedule) -> None:  # type: ignore[no-untyped-def]
-    loss = DiffusionLoss(LossConfig(time_sampling=sampling, num_steps=10))  # type: ignore[arg-type]
+    loss = DiffusionLoss(time_sampling=sampling, num_steps=10)  # type: ignore[arg-type]
     t = loss.sample_time(schedule, 4096, torch.Generator().manual_seed(0))
     assert t.dtype == torch.float64 and bool(((t > 0) & (t <= 1)).all())
     if sampling == "discrete":
@@ -100,7 +100,7 @@ def test_cond_dropout_replaces_the_condition_by_uncond_at_the_configured_rate() 
     x0 = torch.randn(4000, 2)
     cond = dk.Conditioning(pooled=torch.ones(4000, 3))
     uncond = dk.Conditioning(pooled=torch.full((1, 3), -1.0))
-    loss = DiffusionLoss(LossConfig(cond_dropout=0.25))
+    loss = DiffusionLoss(cond_dropout=0.25)
     loss(
         model,
         LinearBeta(),
@@ -124,7 +124,7 @@ def test_cond_dropout_on_tokens_and_pooled_needs_an_uncond_with_those_fields() -
         mask=torch.ones(500, 2, dtype=torch.bool),
         pooled=torch.ones(500, 4),
     )
-    loss = DiffusionLoss(LossConfig(cond_dropout=0.5))
+    loss = DiffusionLoss(cond_dropout=0.5)
     model = Recorder()
     with pytest.raises(
         ValueError, match=r"cond_dropout=0\.5 on tokens/pooled/mask needs an uncond"
@@ -162,7 +162,7 @@ def test_cond_dropout_on_tokens_and_pooled_needs_an_uncond_with_those_fields() -
 def test_cond_dropout_on_labels_needs_an_uncond_null_label() -> None:
     # Without uncond a dropped label would become class 0, a real class.
     cond = dk.Conditioning(labels=torch.full((8,), 2), pooled=torch.ones(8, 3))
-    loss = DiffusionLoss(LossConfig(cond_dropout=0.5))
+    loss = DiffusionLoss(cond_dropout=0.5)
     for uncond in (None, dk.Conditioning(pooled=torch.zeros(1, 3))):
         model = Recorder()
         with pytest.raises(ValueError, match=r"cond_dropout=0\.5 on labels needs uncond="):
@@ -214,12 +214,13 @@ def test_the_denoiser_gets_the_noising_time_unrounded_as_samplers_pass_it(
 
 
 def test_loss_config_round_trips_and_validates() -> None:
-    config = LossConfig(weighting="edm", time_sampling="log_normal", cond_dropout=0.1)
+    config = DiffusionLoss(weighting="edm", time_sampling="log_normal", cond_dropout=0.1)
     assert LOSSES.parse(config.to_json()) == config
+    assert LOSSES.build(config) is config  # the loss is its config
     with pytest.raises(Exception, match="cond_dropout"):
-        LossConfig(cond_dropout=1.5)
+        DiffusionLoss(cond_dropout=1.5)
     with pytest.raises(Exception, match="weighting"):
-        LossConfig(weighting="snr")  # type: ignore[arg-type]
+        DiffusionLoss(weighting="snr")  # type: ignore[arg-type]
     with pytest.raises(Exception, match=r"t_min \(0\.9\) must not exceed t_max \(0\.1\)"):
-        LossConfig(t_min=0.9, t_max=0.1)
-    assert LossConfig(t_min=0.5, t_max=0.5).t_min == 0.5
+        DiffusionLoss(t_min=0.9, t_max=0.1)
+    assert DiffusionLoss(t_min=0.5, t_max=0.5).t_min == 0.5

@@ -185,3 +185,15 @@ def test_sincos_3d_rejects_dims_that_leave_a_part_empty():
             sincos_pos_embed_3d(2, 3, 3, dim)
     emb = sincos_pos_embed_3d(1, 3, 3, 8)
     assert torch.unique(emb, dim=0).shape[0] == 9
+
+
+def test_a_patchifier_is_its_config_and_round_trips() -> None:
+    from diffkit.patches import PATCHIFIERS
+
+    for patches in (SpatialPatches(3), TubeletPatches((1, 2, 4))):
+        again = PATCHIFIERS.parse(patches.to_json())
+        assert again == patches and PATCHIFIERS.build(patches) is patches
+    assert SpatialPatches(3) == SpatialPatches(patch_size=(3, 3))
+    assert PATCHIFIERS.build({"kind": "spatial_patches", "patch_size": 4}) == SpatialPatches(4)
+    with pytest.raises(ValueError, match=r"TubeletPatches: .*got the int 2"):
+        PATCHIFIERS.parse({"kind": "tubelet_patches", "patch_size": 2})

@@ -3,19 +3,25 @@
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
+from pydantic import Field
 
-from diffkit.builder import PipelineConfig, build
+from diffkit.builder import PipelineConfig, build, registry
 from diffkit.checkpoint import CheckpointError
 from diffkit.forward import add_noise
+from diffkit.nn.unet import UNet, UNetConfig
+from diffkit.patches import SpatialPatches
 from diffkit.pipeline import Pipeline
 from diffkit.protocols import Conditioning
 from diffkit.samplers import DDIM, REGISTRY, Explicit, LogSNR, UniformTime
-from diffkit.schedules import Cosine
+from diffkit.schedules import Cosine, Discrete, ScheduleBase, discrete_betas
 from diffkit.typing import ShapeError
 
 
@@ -318,7 +324,7 @@ def test_plain_python_components_compose_without_registration():
     out = pipeline.generate(num_samples=3, steps=2, sampler=REGISTRY["euler"]())
     assert out.shape == (3, 2, 3, 3)
     assert len(denoiser.calls) >= 2
-    with pytest.raises(ValueError, match="without a config"):
+    with pytest.raises(ValueError, match=r"Pipeline.save: denoiser RecordingDenoiser has no regis"):
         pipeline.save("unused")
     with pytest.raises(TypeError, match="prediction"):
         Pipeline(Cosine(), object())  # type: ignore[arg-type]
@@ -512,7 +518,7 @@ def test_save_writes_the_live_encoder_factors_and_sampler(tmp_path):
             raise NotImplementedError
 
     pipeline.sampler = Unregistered()
-    with pytest.raises(ValueError, match=r"Pipeline.save: sampler Unregistered has no config"):
+    with pytest.raises(ValueError, match=r"Pipeline.save: sampler Unregistered has no registered"):
         pipeline.save(tmp_path / "q")
     assert not (tmp_path / "q" / "config.json").exists()
 
@@ -664,3 +670,115 @@ def test_explicit_guidance_on_an_unconditional_call_is_refused_not_ignored():
         num_samples=2, guidance=1.0, generator=torch.Generator().manual_seed(0)
     )
     assert torch.equal(default, same)
+
+
+def _tiny_unet(**extra) -> UNet:
+    config = UNetConfig(
+        in_channels=1,
+        base_channels=8,
+        channel_mult=(1, 2),
+        blocks_per_level=1,
+        attention_resolutions=(),
+        mid_attention=False,
+        norm_groups=4,
+        attention_head_dim=8,
+        **extra,
+    )
+    return UNet.from_config(config)
+
+
+def _same_samples(a: Pipeline, b: Pipeline, **kwargs) -> bool:
+    run = {"num_samples": 2, "steps": 3, **kwargs}
+    first = a.generate(generator=torch.Generator().manual_seed(7), **run)
+    return torch.equal(first, b.generate(generator=torch.Generator().manual_seed(7), **run))
+
+
+def test_a_pipeline_composed_by_hand_from_registered_parts_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    pipeline = Pipeline(
+        Discrete.from_betas(discrete_betas("sqrt_linear_beta", 100, 0.00085, 0.012)),
+        _tiny_unet(),
+        sampler=REGISTRY["ddim"](),
+        patchifier=SpatialPatches(2),
+        data_shape=(1, 8, 8),
+        steps=4,
+    )
+    loaded = Pipeline.load(pipeline.save(tmp_path / "p"))
+    assert loaded.config == pipeline.config
+    assert loaded.schedule == pipeline.schedule and loaded.patchifier == SpatialPatches(2)
+    assert loaded.steps == 4 and _same_samples(pipeline, loaded)
+
+
+def test_a_pipeline_is_its_parts_configs_with_no_second_copy(text_pipeline):
+    config = text_pipeline.config
+    assert config.schedule is text_pipeline.schedule  # a schedule is its config
+    assert config.denoiser is text_pipeline.denoiser.config  # a network holds its own
+    assert config == _text_latent_config()
+    assert build(config).config == config
+    text_pipeline.encoder.scaling_factor = 0.5  # recorded in the encoder's config
+    try:
+        assert text_pipeline.config.encoder.scaling_factor == 0.5
+        assert text_pipeline.encoder.config.scaling_factor == 0.5
+    finally:
+        text_pipeline.encoder.scaling_factor = _text_latent_config().encoder.scaling_factor
+
+
+def test_replace_gives_a_new_pipeline_sharing_the_parts_not_replaced(tmp_path, text_pipeline):
+    changed = text_pipeline.replace(schedule=Cosine(offset=0.02), sampler=DDIM(eta=0.0), steps=2)
+    assert changed is not text_pipeline and changed.denoiser is text_pipeline.denoiser
+    assert changed.text is text_pipeline.text and changed.encoder is text_pipeline.encoder
+    assert text_pipeline.schedule == Cosine() and text_pipeline.steps == 3  # untouched
+    assert changed.config.schedule == Cosine(offset=0.02) and changed.config.steps == 2
+    loaded = Pipeline.load(changed.save(tmp_path / "p"))
+    assert loaded.config == changed.config
+    prompts = {"prompts": ["a 3", "a 5"], "num_samples": None}
+    assert _same_samples(changed, loaded, **prompts)
+    assert not _same_samples(changed, text_pipeline, **prompts)
+    with pytest.raises(TypeError, match=r"Pipeline.replace: no part named 'sheduler'"):
+        text_pipeline.replace(sheduler=Cosine())
+
+
+def test_a_part_without_a_registered_config_is_refused_naming_it():
+    pipeline = Pipeline(Cosine(), _tiny_unet(), data_shape=(1, 8, 8), encoder=HalfResolution())
+    with pytest.raises(ValueError) as info:
+        pipeline.config  # noqa: B018
+    message = str(info.value)
+    assert "Pipeline.config: encoder HalfResolution has no registered config" in message
+    assert "registry('encoder').register" in message
+    with pytest.raises(ValueError, match="data_shape is not set"):
+        Pipeline(Cosine(), _tiny_unet()).save("unused")
+
+
+class _Stretched(ScheduleBase):
+    """A user's own schedule: the cosine schedule run at ``speed``, registered."""
+
+    kind: Literal["test_stretched"] = "test_stretched"
+    speed: float = Field(default=1.0, gt=0, le=1, description="fraction of the cosine time")
+
+    def _log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        return Cosine()._log_snr(t * self.speed)
+
+    def _t_of_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        return Cosine()._t_of_log_snr(log_snr) / self.speed
+
+
+registry("schedule").register(_Stretched, replace=True)
+
+
+def test_a_custom_registered_kind_round_trips_and_a_fresh_process_names_what_to_register(
+    tmp_path,
+):
+    torch.manual_seed(0)
+    pipeline = Pipeline(
+        _Stretched(speed=0.9), _tiny_unet(prediction="v"), data_shape=(1, 8, 8), steps=3
+    )
+    folder = pipeline.save(tmp_path / "p")
+    loaded = Pipeline.load(folder)
+    assert loaded.schedule == _Stretched(speed=0.9) and _same_samples(pipeline, loaded)
+    script = f"from diffkit.pipeline import Pipeline; Pipeline.load({str(folder)!r})"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    assert "unknown schedule kind 'test_stretched'" in done.stderr, done.stderr
+    assert "registry('schedule').register(YourConfig)" in done.stderr, done.stderr

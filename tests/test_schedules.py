@@ -1,5 +1,6 @@
 """Properties of every noise schedule: end points, monotonicity, inverses, Discrete tables."""
 
+import json
 import math
 
 import pytest
@@ -14,7 +15,6 @@ from diffkit.schedules import (
     SCHEDULES,
     Cosine,
     Discrete,
-    DiscreteConfig,
     LinearBeta,
     RectifiedFlow,
     SqrtLinearBeta,
@@ -37,7 +37,7 @@ ALL = {
     "discrete_zsnr": Discrete.from_betas(
         discrete_betas("sqrt_linear_beta", 1000, 0.00085, 0.012), zero_terminal_snr=True
     ),
-    "zero_terminal_snr": ZeroTerminalSNR(LinearBeta()),
+    "zero_terminal_snr": ZeroTerminalSNR(base=LinearBeta()),
 }
 VP = [k for k in ALL if k not in {"edm", "rectified_flow", "rectified_flow_shift3"}]
 ZERO_TERMINAL = {"rectified_flow", "rectified_flow_shift3", "discrete_zsnr", "zero_terminal_snr"}
@@ -83,9 +83,9 @@ def test_documented_end_points(name: str) -> None:
 
 ENDS_OF_EVERY_KIND = {
     **ALL,
-    "cosine_discrete": Discrete.from_config(DiscreteConfig(beta_schedule="cosine")),
-    "zero_terminal_snr_sqrt": ZeroTerminalSNR(SqrtLinearBeta()),
-    "zero_terminal_snr_cosine": ZeroTerminalSNR(Cosine()),
+    "cosine_discrete": Discrete.from_beta_schedule("cosine"),
+    "zero_terminal_snr_sqrt": ZeroTerminalSNR(base=SqrtLinearBeta()),
+    "zero_terminal_snr_cosine": ZeroTerminalSNR(base=Cosine()),
     **{kind: SCHEDULES.build({"kind": kind}) for kind in SCHEDULES.kinds if kind not in ALL},
 }
 
@@ -148,7 +148,7 @@ def test_discrete_reproduces_alphas_cumprod_at_integer_steps(
 def test_discrete_index_from_t_is_exact_at_every_step_in_the_dtype_of_t(dtype) -> None:
     # float32 t of step i is up to half an ulp off (i+1)/N: N t - 1 formed in float32 gave
     # 249.99998 for i = 250 (and .long() 249); in float64 and snapped it is exactly i.
-    s = Discrete.from_config(DiscreteConfig())
+    s = Discrete()
     i = torch.arange(1000)
     index = s.index_from_t(s.t_from_index(i).to(dtype))
     assert index.dtype == dtype
@@ -157,7 +157,7 @@ def test_discrete_index_from_t_is_exact_at_every_step_in_the_dtype_of_t(dtype) -
 
 
 def test_discrete_index_from_t_is_continuous_between_steps_and_keeps_the_gradient() -> None:
-    s = Discrete.from_config(DiscreteConfig())
+    s = Discrete()
     t = torch.tensor([0.2505, 0.25, 1 / 3], dtype=F64, requires_grad=True)
     index = s.index_from_t(t)
     torch.testing.assert_close(index, torch.tensor([249.5, 249.0, 1000 / 3 - 1], dtype=F64))
@@ -218,7 +218,7 @@ def test_schedule_configs_round_trip_through_json_and_build(kind: str) -> None:
 
 def test_invalid_schedule_config_names_the_field() -> None:
     with pytest.raises(ValidationError, match="num_steps"):
-        DiscreteConfig(num_steps=1)
+        SCHEDULES.parse({"kind": "discrete", "num_steps": 1})
     with pytest.raises(ValidationError, match="beta_schedule"):
         SCHEDULES.parse({"kind": "discrete", "beta_schedule": "linear"})
     with pytest.raises(ValidationError, match="extra_field"):
@@ -232,7 +232,7 @@ def test_zero_terminal_snr_rejects_a_base_that_is_not_variance_preserving(base) 
     with pytest.raises(
         ValueError, match=f"base must be a variance-preserving.*{type(base).__name__}"
     ):
-        ZeroTerminalSNR(base)
+        ZeroTerminalSNR(base=base)
 
 
 FLOAT_FIELDS = [
@@ -261,25 +261,37 @@ def test_wrong_shaped_time_names_the_argument_and_dimension() -> None:
 
 def test_discrete_config_rejects_decreasing_linear_betas() -> None:
     with pytest.raises(ValidationError, match=r"beta_end .* must not be below beta_start"):
-        DiscreteConfig(beta_start=0.02, beta_end=1e-4)
-    DiscreteConfig(beta_schedule="cosine", beta_start=0.02, beta_end=1e-4)  # unused there
-    DiscreteConfig(beta_start=0.01, beta_end=0.01)  # constant betas are a valid schedule
+        Discrete.model_validate({"beta_start": 0.02, "beta_end": 1e-4})
+    with pytest.raises(ValueError, match=r"beta_end .* must not be below beta_start"):
+        Discrete.from_beta_schedule(beta_start=0.02, beta_end=1e-4)
+    Discrete.from_beta_schedule("cosine", beta_start=0.02, beta_end=1e-4)  # unused there
+    Discrete.from_beta_schedule(beta_start=0.01, beta_end=0.01)  # constant betas are valid
 
 
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: EDM(80.0, 0.002), r"EDM: sigma_max must be larger than sigma_min .*sigma_min=80"),
-        (lambda: LinearBeta(0.02, 1e-4), "LinearBeta: beta_end must be larger than beta_start"),
-        (lambda: SqrtLinearBeta(0.012, 0.00085), "SqrtLinearBeta: beta_end must be larger"),
-        (lambda: RectifiedFlow(shift=-1), r"RectifiedFlow: argument 'shift'.*greater than 0"),
-        (lambda: Cosine(offset=1.5), r"Cosine: argument 'offset'.*less than 1 \(got 1\.5\)"),
-        (lambda: LinearBeta(num_steps=1), r"argument 'num_steps'.*greater than or equal to 2"),
-        (lambda: EDM(rho=math.nan), r"EDM: argument 'rho'.*finite"),
+        (
+            lambda: EDM(sigma_min=80.0, sigma_max=0.002),
+            r"for EDM\n.*sigma_max must be larger than sigma_min .*sigma_min=80",
+        ),
+        (
+            lambda: LinearBeta(beta_start=0.02, beta_end=1e-4),
+            r"for LinearBeta\n.*beta_end must be larger than beta_start",
+        ),
+        (
+            lambda: SqrtLinearBeta(beta_start=0.012, beta_end=0.00085),
+            r"for SqrtLinearBeta\n.*beta_end must be larger",
+        ),
+        (lambda: RectifiedFlow(shift=-1), r"for RectifiedFlow\nshift\n.*greater than 0"),
+        (lambda: Cosine(offset=1.5), r"for Cosine\noffset\n.*less than 1 .*input_value=1\.5"),
+        (lambda: LinearBeta(num_steps=1), r"num_steps\n.*greater than or equal to 2"),
+        (lambda: EDM(rho=math.nan), r"for EDM\nrho\n.*finite"),
+        (lambda: Discrete(alphas_cumprod=(0.5,)), r"alphas_cumprod\n.*≥2 steps"),
     ],
 )
-def test_constructors_check_what_their_configs_check(build, message) -> None:
-    with pytest.raises(ValueError, match=message):
+def test_a_schedule_checks_its_fields_when_made_naming_the_field(build, message) -> None:
+    with pytest.raises(ValidationError, match=message):
         build()
 
 
@@ -297,3 +309,43 @@ def test_discrete_t_from_index_rejects_indices_outside_the_table() -> None:
     ):
         with pytest.raises(ValueError, match=r"Discrete.t_from_index: .* outside \[0, 999\]"):
             schedule.t_from_index(index)
+
+
+@pytest.mark.parametrize("name", [*ALL, "zero_terminal_snr_cosine"])
+def test_a_schedule_is_its_config_and_round_trips_through_json_equal(name: str) -> None:
+    schedule = ENDS_OF_EVERY_KIND[name]
+    again = SCHEDULES.parse(json.loads(schedule.to_json()))
+    assert again == schedule and type(again) is type(schedule)
+    assert SCHEDULES.build(schedule) is schedule  # building a schedule is parsing it
+    t = torch.linspace(0, 1, 33, dtype=F64)
+    assert torch.equal(again.log_snr(t), schedule.log_snr(t))  # the table is kept exactly
+
+
+def test_discrete_from_named_betas_in_a_config_is_its_table() -> None:
+    named = SCHEDULES.parse(
+        {"kind": "discrete", "beta_schedule": "sqrt_linear_beta", "beta_start": 0.00085,
+         "beta_end": 0.012, "zero_terminal_snr": True}
+    )  # fmt: skip
+    betas = discrete_betas("sqrt_linear_beta", 1000, 0.00085, 0.012)
+    assert named == Discrete.from_betas(betas, zero_terminal_snr=True)
+    assert Discrete() == Discrete.from_betas(discrete_betas("linear_beta", 1000))
+    assert repr(Discrete()) == "Discrete(num_steps=1000)"
+    with pytest.raises(ValidationError, match="not both"):
+        Discrete.model_validate({"num_steps": 10, "alphas_cumprod": [0.9, 0.5]})
+
+
+def test_discrete_caches_its_tables_per_device_without_changing_equality() -> None:
+    a, b = Discrete.from_beta_schedule(num_steps=10), Discrete.from_beta_schedule(num_steps=10)
+    a.log_snr(torch.tensor([0.5], dtype=F64))
+    assert a == b and hash(a) == hash(b)
+    assert a != Discrete.from_beta_schedule(num_steps=11)
+
+
+def test_zero_terminal_snr_nests_its_base_config() -> None:
+    schedule = ZeroTerminalSNR(base=Cosine(offset=0.01))
+    data = schedule.to_dict()
+    assert data == {"kind": "zero_terminal_snr", "base": {"kind": "cosine", "offset": 0.01,
+                                                          "min_log_snr": -20.0}}  # fmt: skip
+    assert SCHEDULES.parse(data) == schedule
+    with pytest.raises(ValidationError, match=r"variance-preserving.*EDM"):
+        SCHEDULES.parse({"kind": "zero_terminal_snr", "base": {"kind": "edm"}})

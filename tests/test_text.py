@@ -169,3 +169,31 @@ def test_config_mask_padding_and_pad_token_id_reach_the_conditioner() -> None:
         assert conditioner.condition(["seven"]).mask is None
     with pytest.raises(ValueError, match="pad_token_id"):
         CLIPTextConditionerConfig(text=tower_config(), tokenizer="byte", pad_token_id=5)
+
+
+def test_a_conditioner_put_together_by_hand_has_the_config_that_builds_it_again() -> None:
+    torch.manual_seed(0)
+    tower = TextTower(tower_config(), proj_dim=8).eval()
+    by_hand = CLIPTextConditioner(tower, ByteTokenizer(12), project_pooled=True)
+    config = by_hand.config
+    assert config.text == tower.config and config.projection_dim == 8 and config.project_pooled
+    assert (config.token_dim, config.pooled_dim) == (by_hand.token_dim, by_hand.pooled_dim)
+    again = TEXT_CONDITIONERS.build(config)
+    assert isinstance(again, CLIPTextConditioner) and again.config == config
+    again.load_state_dict(by_hand.state_dict())
+    a, b = by_hand.condition(["a seven"]), again.condition(["a seven"])
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.pooled, b.pooled)
+    with pytest.raises(ValueError, match="context_length 8 is not its tower's 12"):
+        CLIPTextConditioner(tower, ByteTokenizer(8)).config  # noqa: B018
+
+
+def test_the_clip_bpe_padding_id_is_part_of_the_config() -> None:
+    pytest.importorskip("open_clip")
+    config = CLIPTextConditionerConfig(
+        text=tower_config(vocab_size=49408), tokenizer="clip_bpe", pad_token_id=49407
+    )
+    built = TEXT_CONDITIONERS.build(config)
+    assert isinstance(built, CLIPTextConditioner) and built.tokenizer.pad_token_id == 49407
+    assert built.config.pad_token_id == 49407
+    with pytest.raises(ValueError, match="not a padding id of the byte"):
+        CLIPTextConditionerConfig(text=tower_config(), tokenizer="byte", pad_token_id=3)

@@ -20,7 +20,7 @@ from torch import nn
 from diffkit import training
 from diffkit.checkpoint import latest_checkpoint, list_checkpoints, load_tensors
 from diffkit.config import ValidationError
-from diffkit.losses import DiffusionLoss, LossConfig
+from diffkit.losses import DiffusionLoss
 from diffkit.protocols import Conditioning
 from diffkit.schedules import Cosine
 from diffkit.training import TrainConfig, _reporting, learning_rate, step_generator, train
@@ -78,7 +78,7 @@ def _config(tmp_path=None, **overrides):
         warmup_steps=2,
         grad_clip=0.5,
         ema_decay=0.9,
-        loss=LossConfig(cond_dropout=0.3, weighting="min_snr"),
+        loss=DiffusionLoss(cond_dropout=0.3, weighting="min_snr"),
         progress=False,
         output_dir=None if tmp_path is None else str(tmp_path),
     )
@@ -365,7 +365,7 @@ def test_dataset_smaller_than_a_batch_is_refused(digits):
 
 
 def test_a_prediction_that_contradicts_the_denoisers_own_is_refused(digits):
-    config = _config(steps=1, loss=LossConfig())
+    config = _config(steps=1, loss=DiffusionLoss())
     with pytest.raises(ValueError, match=r"prediction='v' conflicts .* own prediction 'epsilon'"):
         train(_fresh(0), Cosine(), digits, config, prediction="v")
     # Agreeing is fine, and so is naming the prediction of a module that has none.

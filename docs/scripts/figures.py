@@ -109,7 +109,9 @@ def _schedules() -> dict[str, dk.NoiseSchedule]:
     return {
         "LinearBeta (DDPM)": schedules.LinearBeta(),
         "SqrtLinearBeta (SD)": schedules.SqrtLinearBeta(),
-        "ZeroTerminalSNR(SqrtLinearBeta)": schedules.ZeroTerminalSNR(schedules.SqrtLinearBeta()),
+        "ZeroTerminalSNR(SqrtLinearBeta)": schedules.ZeroTerminalSNR(
+            base=schedules.SqrtLinearBeta()
+        ),
         "Cosine": schedules.Cosine(),
         "EDM": schedules.EDM(),
         "RectifiedFlow": schedules.RectifiedFlow(),

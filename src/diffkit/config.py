@@ -4,14 +4,17 @@ Each component has one config class: a frozen pydantic model that forbids unknow
 fields (a misspelled one is a ``ValidationError`` that suggests the field meant), with a
 short ``kind: Literal[...]`` discriminator. A
 [`Registry`][diffkit.config.Registry] per component group (schedules, denoisers,
-samplers, ...) maps each ``kind`` to its config class and to the function that
-builds the component from it. User code registers its own components the same way.
+samplers, ...) maps each ``kind`` to its config class. A component that is not a network
+(a schedule, a loss, a patchifier) *is* its config: the class holds its fields, its
+validation and its behaviour, and building it is parsing it. A network is built from
+its config by a registered function and keeps that config as ``module.config``. User
+code registers its own components the same way.
 """
 
 import difflib
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import (
     AliasChoices,
@@ -135,18 +138,13 @@ def kind_of(config: Config) -> str:
 T = TypeVar("T")
 
 
-def _itself(config: Any) -> Any:
-    """The builder of a config that is its own component."""
-    return config
-
-
 class Registry(Generic[T]):
-    """Maps ``kind`` to a config class and to a builder ``config -> component``."""
+    """Maps ``kind`` to a config class and, for networks, to a builder ``config -> module``."""
 
     def __init__(self, group: str) -> None:
         self.group = group
         self._configs: dict[str, type[Config]] = {}
-        self._builders: dict[str, Callable[[Any], T]] = {}
+        self._builders: dict[str, Callable[[Any], T] | None] = {}
         REGISTRIES[group] = self
 
     def register(
@@ -156,10 +154,10 @@ class Registry(Generic[T]):
         *,
         replace: bool = False,
     ) -> type[C]:
-        """Register ``config_cls`` (its ``kind`` default names it) with its builder.
+        """Register ``config_cls`` (its ``kind`` default names it), with its builder if any.
 
-        Without a builder the config is the component (a spacing, a sampler): ``build``
-        returns the parsed config itself.
+        Without a builder the config *is* the component: ``build`` returns the parsed
+        config itself (schedules, losses, patchifiers, samplers).
         """
         field = config_cls.model_fields.get("kind")
         kind = None if field is None else field.default
@@ -173,7 +171,7 @@ class Registry(Generic[T]):
                 f"{self._configs[kind].__name__}; pass replace=True to override"
             )
         self._configs[kind] = config_cls
-        self._builders[kind] = builder if builder is not None else _itself
+        self._builders[kind] = builder
         return config_cls
 
     @property
@@ -187,7 +185,9 @@ class Registry(Generic[T]):
             return self._configs[kind]
         except KeyError:
             raise ValueError(
-                f"unknown {self.group} kind '{kind}'; known kinds: {', '.join(self.kinds)}"
+                f"unknown {self.group} kind '{kind}'; known kinds: {', '.join(self.kinds)}. "
+                f"A kind of your own must be registered in this process first: "
+                f"diffkit.builder.registry('{self.group}').register(YourConfig)"
             ) from None
 
     def parse(self, data: "Config | Mapping[str, Any] | str") -> Config:
@@ -216,9 +216,13 @@ class Registry(Generic[T]):
         return self.config_class(kind).model_validate(dict(data))
 
     def build(self, config: "Config | Mapping[str, Any] | str") -> T:
-        """Build the component a config describes (a config, a dict or a JSON string)."""
+        """Build the component a config describes (a config, a dict or a JSON string).
+
+        A component registered without a builder is its config: that config is returned.
+        """
         parsed = self.parse(config)
-        return self._builders[kind_of(parsed)](parsed)
+        builder = self._builders[kind_of(parsed)]
+        return cast("T", parsed) if builder is None else builder(parsed)
 
 
 REGISTRIES: dict[str, Registry[Any]] = {}

@@ -30,14 +30,34 @@ from diffkit.prediction import convert, from_x0_eps
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule
 from diffkit.typing import Prediction, Sample, Time, checked
 
-__all__ = ["LOSSES", "DiffusionLoss", "LossConfig"]
+__all__ = ["LOSSES", "DiffusionLoss"]
 
 Weighting = Literal["simple", "min_snr", "edm", "v"]
 TimeSampling = Literal["uniform", "log_normal", "logit_normal", "discrete"]
 
 
-class LossConfig(Config):
-    """Configuration of [`DiffusionLoss`][diffkit.losses.DiffusionLoss]."""
+LOSSES: Registry["DiffusionLoss"] = Registry("loss")
+"""``kind`` -> loss class (the loss is its own config)."""
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    device = like.device if generator is None else generator.device
+    return torch.randn(shape, generator=generator, device=device).to(like.device, like.dtype)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    device = like.device if generator is None else generator.device
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float64).to(
+        like.device
+    )
+
+
+class DiffusionLoss(Config):
+    """The diffusion training loss: time sampling, noising, target, weighting, CFG dropout.
+
+    A frozen config: its fields say how the loss is formed, ``loss(denoiser, schedule, x0,
+    ...)`` computes it.
+    """
 
     kind: Literal["diffusion"] = "diffusion"
     target: Prediction | None = Field(
@@ -68,37 +88,10 @@ class LossConfig(Config):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "LossConfig":
+    def _check(self) -> "DiffusionLoss":
         if self.t_min > self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
         return self
-
-
-LOSSES: Registry["DiffusionLoss"] = Registry("loss")
-
-
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
-    device = like.device if generator is None else generator.device
-    return torch.randn(shape, generator=generator, device=device).to(like.device, like.dtype)
-
-
-def _rand(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
-    device = like.device if generator is None else generator.device
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float64).to(
-        like.device
-    )
-
-
-class DiffusionLoss:
-    """The diffusion training loss: time sampling, noising, target, weighting, CFG dropout."""
-
-    def __init__(self, config: LossConfig | None = None):
-        self.config = config or LossConfig()
-
-    @classmethod
-    def from_config(cls, config: LossConfig) -> "DiffusionLoss":
-        """Build from its config."""
-        return cls(config)
 
     def sample_time(
         self,
@@ -108,7 +101,7 @@ class DiffusionLoss:
         like: Tensor | None = None,
     ) -> Time:
         """Draw ``batch`` training times in float64 by the configured time sampling."""
-        c = self.config
+        c = self
         ref = like if like is not None else torch.zeros(())
         if c.time_sampling == "uniform":
             u = _rand((batch,), generator, ref)
@@ -125,7 +118,7 @@ class DiffusionLoss:
 
     def weight(self, alpha: Time, sigma: Time, target: Prediction) -> Time:
         """Per-item weight in the ``target`` space for noise levels ``(alpha, sigma)``."""
-        c = self.config
+        c = self
         if c.weighting == "simple":
             return torch.ones_like(alpha)
         snr = (alpha / sigma) ** 2
@@ -155,16 +148,16 @@ class DiffusionLoss:
         times = times.to(device=x0.device, dtype=torch.float64)
         eps = _randn(tuple(x0.shape), generator, x0)
         x_t = add_noise(schedule, x0, eps, times)
-        if cond is not None and self.config.cond_dropout > 0:
-            _check_null(self.config.cond_dropout, cond, uncond)
-            keep = _rand((batch,), generator, x0) >= self.config.cond_dropout
+        if cond is not None and self.cond_dropout > 0:
+            _check_null(self.cond_dropout, cond, uncond)
+            keep = _rand((batch,), generator, x0) >= self.cond_dropout
             null = uncond.expand(batch) if uncond is not None else Conditioning()
             cond = cond.where(keep, null)
         # As the samplers do: float32 times (float64 for float64 data), never rounded to bf16.
         model_t = times.to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
         out = denoiser(x_t, model_t, cond)
         alpha, sigma = schedule.alpha(times), schedule.sigma(times)
-        target_kind: Prediction = self.config.target or denoiser.prediction
+        target_kind: Prediction = self.target or denoiser.prediction
         pred = convert(out.float(), denoiser.prediction, target_kind, x_t.float(), alpha, sigma)
         target = from_x0_eps(x0.float(), eps.float(), target_kind, alpha, sigma)
         err = (pred - target).pow(2).flatten(1).mean(dim=1)
@@ -226,4 +219,4 @@ def _error_factor(alpha: Tensor, sigma: Tensor, target: Prediction) -> Tensor:
     return ((alpha + sigma) / sigma) ** 2
 
 
-LOSSES.register(LossConfig, DiffusionLoss.from_config)
+LOSSES.register(DiffusionLoss)

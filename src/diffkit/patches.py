@@ -11,22 +11,28 @@ A [`TubeletPatches`][diffkit.patches.TubeletPatches] does the same for a video
     (b, f*pt, c, h*p1, w*p2) -> (b, f*h*w, c*pt*p1*p2)
 
 Both satisfy [`Patchifier`][diffkit.protocols.Patchifier]: ``unpatchify`` is the exact
-inverse of ``patchify`` (a pure permutation of elements, so bit for bit).
+inverse of ``patchify`` (a pure permutation of elements, so bit for bit). Each is its own
+frozen config (``kind`` ``spatial_patches`` / ``tubelet_patches``, one field
+``patch_size``), registered in [`PATCHIFIERS`][diffkit.patches.PATCHIFIERS].
 """
 
 import math
 import operator
 from collections.abc import Sequence
-from typing import SupportsIndex
+from typing import Any, Literal, SupportsIndex
 
 import torch
 from einops import rearrange
 from jaxtyping import Float
+from pydantic import Field, field_validator
 from torch import Tensor
 
+from diffkit.config import Config, Registry
+from diffkit.protocols import Patchifier
 from diffkit.typing import Image, ShapeError, Video, checked
 
 __all__ = [
+    "PATCHIFIERS",
     "SpatialPatches",
     "TubeletPatches",
     "sincos_pos_embed_1d",
@@ -80,21 +86,31 @@ def _patch_sizes(
     return tuple(sizes)
 
 
-class SpatialPatches:
-    """Non-overlapping ``(p1, p2)`` patches of images ``(batch, channels, height, width)``."""
+PATCHIFIERS: Registry[Patchifier] = Registry("patchifier")
+"""``kind`` -> patchifier class (each patchifier is its own config)."""
 
-    patch_size: tuple[int, ...]
 
-    def __init__(self, patch_size: int | tuple[int, int]) -> None:
-        size = _as_size(patch_size)
+class SpatialPatches(Config):
+    """Non-overlapping ``(p1, p2)`` patches of images ``(batch, channels, height, width)``.
+
+    ``SpatialPatches(2)`` is ``SpatialPatches(patch_size=(2, 2))``.
+    """
+
+    kind: Literal["spatial_patches"] = "spatial_patches"
+    patch_size: tuple[int, int] = Field(
+        default=(2, 2), description="patch (height, width) in pixels, or one int for both"
+    )
+
+    def __init__(self, patch_size: int | Sequence[int] = (2, 2), **data: Any) -> None:
+        super().__init__(**{**data, "patch_size": patch_size})
+
+    @field_validator("patch_size", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> tuple[int, ...]:
+        size = _as_size(value)
         if size is not None:
-            patch_size = (size, size)
-        self.patch_size = _patch_sizes(
-            "SpatialPatches", patch_size, ("height", "width"), " or one positive int"
-        )
-
-    def __repr__(self) -> str:
-        return f"SpatialPatches(patch_size={self.patch_size})"
+            value = (size, size)
+        return _patch_sizes("SpatialPatches", value, ("height", "width"), " or one positive int")
 
     def grid(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The token grid ``(height', width')`` for an image shape ``(channels, height, width)``."""
@@ -132,24 +148,27 @@ class SpatialPatches:
         return rearrange(tokens, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=h, p1=p1, p2=p2)
 
 
-class TubeletPatches:
+class TubeletPatches(Config):
     """Non-overlapping ``(frames, height, width)`` tubelets of videos ``(b, f, c, h, w)``."""
 
-    patch_size: tuple[int, ...]
+    kind: Literal["tubelet_patches"] = "tubelet_patches"
+    patch_size: tuple[int, int, int] = Field(
+        default=(1, 2, 2), description="tubelet (frames, height, width)"
+    )
 
-    def __init__(self, patch_size: tuple[int, int, int]) -> None:
-        p = _as_size(patch_size)
+    def __init__(self, patch_size: Sequence[int] = (1, 2, 2), **data: Any) -> None:
+        super().__init__(**{**data, "patch_size": patch_size})
+
+    @field_validator("patch_size", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> tuple[int, ...]:
+        p = _as_size(value)
         if p is not None:
             raise ValueError(
                 f"TubeletPatches: patch_size must be (frames, height, width), got the int {p}; "
                 f"pass ({p}, {p}, {p}) for cubic tubelets or (1, {p}, {p}) for per-frame patches"
             )
-        self.patch_size = _patch_sizes(
-            "TubeletPatches", patch_size, ("frames", "height", "width"), ""
-        )
-
-    def __repr__(self) -> str:
-        return f"TubeletPatches(patch_size={self.patch_size})"
+        return _patch_sizes("TubeletPatches", value, ("frames", "height", "width"), "")
 
     def grid(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The token grid ``(frames', height', width')`` for ``(frames, channels, h, w)``."""
@@ -254,3 +273,7 @@ def sincos_pos_embed_3d(
     space = space.unsqueeze(0).expand(frames, -1, -1)
     time = time.unsqueeze(1).expand(-1, grid_h * grid_w, -1)
     return rearrange(torch.cat([time, space], dim=-1), "f s d -> (f s) d")
+
+
+PATCHIFIERS.register(SpatialPatches)
+PATCHIFIERS.register(TubeletPatches)

@@ -5,8 +5,12 @@ A pipeline holds a [`NoiseSchedule`][diffkit.protocols.NoiseSchedule], a
 [`Encoder`][diffkit.protocols.Encoder] (latent diffusion), a
 [`TextConditioner`][diffkit.protocols.TextConditioner] (prompts), a default
 [`Sampler`][diffkit.protocols.Sampler] and a [`Patchifier`][diffkit.protocols.Patchifier].
-Any objects satisfying those protocols work, registered or not; ``diffkit.build(config)``
-assembles one from a [`PipelineConfig`][diffkit.builder.PipelineConfig].
+Any objects satisfying those protocols work, registered or not. A pipeline is its parts:
+``pipeline.config`` is the [`PipelineConfig`][diffkit.pipeline_config.PipelineConfig]
+assembled from their configs (a schedule, sampler or patchifier *is* its config, a
+network holds its own as ``module.config``), so one built by ``diffkit.build(config)``,
+one composed by hand from registered parts, one converted by ``interop`` and one changed
+with ``replace(...)`` all save and load alike.
 
 - ``generate(prompts | cond, steps=, guidance=, sampler=, generator=)`` samples images
   or videos (text-to-image, text-to-video, class-conditional, unconditional);
@@ -14,15 +18,15 @@ assembles one from a [`PipelineConfig`][diffkit.builder.PipelineConfig].
   from there;
 - ``encode`` / ``decode`` go to and from the latent space;
 - ``save(dir)`` writes ``config.json``, ``model.safetensors`` (and tokenizer files);
-  ``Pipeline.load(dir)`` rebuilds it exactly, reading only safetensors.
+  ``Pipeline.load(dir)`` rebuilds it exactly, reading only safetensors. A part without a
+  registered config is refused at save, naming it.
 """
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ from diffkit.checkpoint import save_tensors as _save_tensors
 from diffkit.config import Config
 from diffkit.forward import add_noise
 from diffkit.guidance import warn_unused
+from diffkit.pipeline_config import GROUPS, PipelineConfig, parse_config, registry
 from diffkit.protocols import (
     Conditioning,
     Denoiser,
@@ -47,7 +52,7 @@ from diffkit.protocols import (
 )
 from diffkit.typing import Prediction, Sample, ShapeError, Time, checked, warn_at_caller
 
-__all__ = ["Pipeline"]
+__all__ = ["PARTS", "Pipeline"]
 
 Data = Float[Tensor, "batch *data"]
 """Images ``(batch, c, h, w)`` or videos ``(batch, frames, c, h, w)`` in data space."""
@@ -60,6 +65,8 @@ TOKENIZER_DIR = "tokenizer"
 FORMAT = "diffkit-pipeline"
 CONFIG_KEY = "config"
 """The weights' metadata key that records the config saved with them."""
+PARTS = ("schedule", "denoiser", "encoder", "text", "sampler", "patchifier")
+"""The parts of a pipeline, each described by a registered config when saved."""
 
 
 def _default_sampler() -> Sampler:
@@ -112,95 +119,25 @@ def _check_prompts(name: str, prompts: object) -> None:
             raise TypeError(f"Pipeline: {name}[{i}] is {type(prompt).__name__}, expected str")
 
 
-def _equal(a: object, b: object) -> bool:
-    """``a == b`` for config values and tensors (False where ``==`` is not a bool)."""
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (
-            isinstance(a, Tensor)
-            and isinstance(b, Tensor)
-            and a.shape == b.shape
-            and a.dtype == b.dtype
-            and torch.equal(a.cpu(), b.cpu())
-        )
-    try:
-        return bool(a == b)
-    except Exception:  # e.g. containers of tensors
-        return False
-
-
-def _same(built: object, live: object, names: Sequence[str]) -> bool:
-    """Whether ``built`` is ``live``'s class with equal ``names`` (all its state if none)."""
-    if type(built) is not type(live):
-        return False
-    if names:
-        return all(_equal(getattr(built, n, None), getattr(live, n, None)) for n in names)
-    if dataclasses.is_dataclass(live):
-        return _equal(built, live)
-    if not hasattr(live, "__dict__"):
-        return False
-    mine, theirs = vars(built), vars(live)
-    return mine.keys() == theirs.keys() and all(_equal(mine[k], theirs[k]) for k in mine)
-
-
-def _derive(group: str, live: object) -> Config | None:
-    """A config of ``group`` whose build equals ``live`` (read from its fields), if any."""
-    from diffkit.builder import registry
-
-    reg = registry(group)
-    for kind in reg.kinds:
-        cls = reg.config_class(kind)
-        names = [n for n in cls.model_fields if n != "kind"]
-        data: dict[str, Any] = {"kind": kind}
-        for name in names:
-            if not hasattr(live, name):
-                continue
-            value = getattr(live, name)
-            if name == "spacing" and not isinstance(value, Config):
-                value = _derive("spacing", value)
-                if value is None:
-                    break
-            data[name] = value
-        else:
-            try:
-                config = cls.model_validate(data)
-                built = reg.build(config)
-            except Exception:  # not this kind (missing or invalid fields)
-                continue
-            fields = [n for n in names if hasattr(live, n)] if group != "spacing" else []
-            if _same(built, live, fields if dataclasses.is_dataclass(live) else []):
-                return config
-    return None
-
-
-def _part_config(name: str, stored: Any, live: object, given: object) -> Any:
-    """The config to save for part ``name``: ``stored`` while it describes ``live``.
-
-    A part replaced since (``pipeline.sampler = DDIM()``) is saved as its own config,
-    read from its fields and checked by building it; one that has none is refused.
-    """
-    from diffkit.builder import registry
-
-    if live is None:
+def _registered_config(where: str, name: str, part: object) -> Config | None:
+    """The registered config that part ``name`` is (a schedule) or has (``module.config``)."""
+    if part is None:
         return None
-    if stored is not None:
-        names = [n for n in type(stored).model_fields if n != "kind"]
+    group = GROUPS[name]
+    try:
+        config = part if isinstance(part, Config) else getattr(part, "config", None)
+    except ValueError as err:  # a config property that cannot describe its part
+        raise ValueError(f"{where}: {name} {type(part).__name__}: {err}") from None
+    if isinstance(config, Config):
         try:
-            built = registry(name).build(stored)
-        except Exception:
-            built = None
-        fields = [n for n in names if hasattr(live, n)] if dataclasses.is_dataclass(live) else []
-        if built is not None and _same(built, live, fields):
-            return stored
-    derived = _derive(name, live)
-    if derived is not None:
-        return derived
-    if stored is not None and live is given and not dataclasses.is_dataclass(live):
-        return stored  # a user part with no comparable state, as built from the config
+            return registry(group).parse(config)
+        except ValueError:
+            pass
     raise ValueError(
-        f"Pipeline.save: {name} {type(live).__name__} has no config that the "
-        f"'{name}' registry builds back into it, so the saved pipeline would load with "
-        f"another {name}; set pipeline.{name} to one a registered config builds (e.g. "
-        f"diffkit.builder.registry('{name}').build(config)), or register its config class"
+        f"{where}: {name} {type(part).__name__} has no registered config, so a saved "
+        f"pipeline could not build it back; register its config class (a Config subclass "
+        f"with a 'kind') with diffkit.builder.registry('{group}').register(...) and make the "
+        f"{name} that config (or give it a .config)"
     )
 
 
@@ -316,7 +253,8 @@ class Pipeline(nn.Module):
 
     The parts that are ``nn.Module``s are submodules (``denoiser``, ``encoder``,
     ``text``), so ``pipeline.to(device)`` and ``pipeline.state_dict()`` cover them.
-    ``data_shape`` is one sample without batch: ``(c, h, w)`` or ``(frames, c, h, w)``.
+    ``data_shape`` is one sample without batch: ``(c, h, w)`` or ``(frames, c, h, w)``;
+    ``steps`` and ``guidance`` are the defaults of ``generate`` and ``img2img``.
     """
 
     def __init__(
@@ -329,7 +267,8 @@ class Pipeline(nn.Module):
         sampler: Sampler | None = None,
         patchifier: Patchifier | None = None,
         data_shape: Sequence[int] | None = None,
-        config: Config | None = None,
+        steps: int = 30,
+        guidance: float = 1.0,
     ) -> None:
         super().__init__()
         if getattr(denoiser, "prediction", None) not in ("epsilon", "x0", "v", "flow"):
@@ -337,6 +276,10 @@ class Pipeline(nn.Module):
                 "Pipeline: the denoiser needs a 'prediction' attribute: 'epsilon', 'x0', 'v' "
                 "or 'flow'"
             )
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"Pipeline: steps must be an int of at least 1, got {steps!r}")
+        if not (isinstance(guidance, int | float) and 0 <= guidance < float("inf")):
+            raise ValueError(f"Pipeline: guidance must be a finite number >= 0, got {guidance!r}")
         self.schedule = schedule
         self.denoiser = denoiser
         self.encoder = encoder
@@ -344,10 +287,69 @@ class Pipeline(nn.Module):
         self.sampler = sampler
         self.patchifier = patchifier
         self.data_shape = tuple(int(s) for s in data_shape) if data_shape is not None else None
-        self.config = config
-        # The parts the config was given with: a user part without a config of its own is
-        # saved as the config's while it is still the one given (see ``_part_config``).
-        self._given: dict[str, object] = {"sampler": sampler, "schedule": schedule}
+        self.steps = steps
+        self.guidance = float(guidance)
+
+    @classmethod
+    def from_config(
+        cls, config: PipelineConfig | Mapping[str, Any] | str | os.PathLike[str]
+    ) -> "Pipeline":
+        """Each part built by the registry of its group (fresh weights); see ``diffkit.build``."""
+        parsed = parse_config(config)
+
+        def part(name: str) -> Any:
+            value = getattr(parsed, name)
+            return None if value is None else registry(GROUPS[name]).build(value)
+
+        return cls(
+            part("schedule"),
+            part("denoiser"),
+            encoder=part("encoder"),
+            text=part("text"),
+            sampler=part("sampler"),
+            patchifier=part("patchifier"),
+            data_shape=parsed.data_shape,
+            steps=parsed.steps,
+            guidance=parsed.guidance,
+        )
+
+    @property
+    def config(self) -> PipelineConfig:
+        """The [`PipelineConfig`][diffkit.pipeline_config.PipelineConfig] of the parts, now.
+
+        Each part gives its registered config: a part that is a config (a schedule, a
+        sampler, a patchifier) is itself, a network its ``.config``. A ``ValueError``
+        names a part that has none (register its config class), or a missing
+        ``data_shape``.
+        """
+        return self._config("Pipeline.config")
+
+    def _config(self, where: str) -> PipelineConfig:
+        if self.data_shape is None:
+            raise ValueError(f"{where}: data_shape is not set; pass data_shape= to Pipeline")
+        parts = {name: _registered_config(where, name, getattr(self, name)) for name in PARTS}
+        return PipelineConfig.model_validate(
+            {**parts, "data_shape": self.data_shape, "steps": self.steps, "guidance": self.guidance}
+        )
+
+    def replace(self, **parts: Any) -> "Pipeline":
+        """A new pipeline with some parts replaced; the others (their weights too) are shared.
+
+        Keywords: any of ``schedule``, ``denoiser``, ``encoder``, ``text``, ``sampler``,
+        ``patchifier``, ``data_shape``, ``steps``, ``guidance``; ``None`` removes an
+        optional part. ``pipeline.replace(sampler=DDIM(eta=0.5)).save(dir)``.
+        """
+        names = (*PARTS, "data_shape", "steps", "guidance")
+        unknown = sorted(set(parts) - set(names))
+        if unknown:
+            raise TypeError(
+                f"Pipeline.replace: no part named {', '.join(map(repr, unknown))}; the parts "
+                f"are {', '.join(names)}"
+            )
+        given = {name: getattr(self, name) for name in names} | parts
+        new = type(self)(given.pop("schedule"), given.pop("denoiser"), **given)
+        new.training = self.training  # the shared modules keep their own modes
+        return new
 
     def __repr__(self) -> str:
         parts = [f"schedule={type(self.schedule).__name__}"]
@@ -424,33 +426,12 @@ class Pipeline(nn.Module):
         unconditional call, both at once, negative prompts without a text conditioner);
         with ``guidance == 1`` they are dropped with a ``UserWarning``.
         """
-        _check_prompts("prompts", prompts)
-        _check_prompts("negative_prompts", negative_prompts)
-        if prompts is not None and cond is not None:
-            raise ValueError(f"{where}: pass prompts or cond, not both")
-        if uncond is not None and negative_prompts is not None:
-            raise ValueError(
-                f"{where}: pass uncond or negative_prompts, not both (negative_prompts only "
-                "make an uncond)"
-            )
-        if negative_prompts is not None and self.text is None:
-            raise ValueError(
-                f"{where}: negative_prompts need a text conditioner; pass uncond= instead"
-            )
+        self._refuse_conflicts(where, prompts, cond, uncond, negative_prompts)
         negative = "uncond" if uncond is not None else "negative_prompts"
         if isinstance(prompts, str):
             prompts = [prompts]
         if prompts is None and cond is None:
-            if uncond is not None or negative_prompts is not None:
-                fix = (
-                    "pass prompts= (prompts='' guides away from the negative prompts alone)"
-                    if self.text is not None
-                    else "pass cond="
-                )
-                raise ValueError(
-                    f"{where}: {negative} has no effect on an unconditional call (no prompts "
-                    f"or cond, so no guidance); {fix}, or leave {negative} out"
-                )
+            self._refuse_unconditional_guidance(where, negative, uncond, negative_prompts)
             if guidance_given and guidance != 1.0:
                 raise ValueError(
                     f"{where}: guidance={guidance:g} has no effect on an unconditional call "
@@ -494,6 +475,49 @@ class Pipeline(nn.Module):
             uncond = uncond.expand(batch)
         return batch, cond, uncond, guidance
 
+    def _refuse_conflicts(
+        self,
+        where: str,
+        prompts: Sequence[str] | str | None,
+        cond: Conditioning | None,
+        uncond: Conditioning | None,
+        negative_prompts: Sequence[str] | str | None,
+    ) -> None:
+        """Arguments that cannot be given together, or without a text conditioner."""
+        _check_prompts("prompts", prompts)
+        _check_prompts("negative_prompts", negative_prompts)
+        if prompts is not None and cond is not None:
+            raise ValueError(f"{where}: pass prompts or cond, not both")
+        if uncond is not None and negative_prompts is not None:
+            raise ValueError(
+                f"{where}: pass uncond or negative_prompts, not both (negative_prompts only "
+                "make an uncond)"
+            )
+        if negative_prompts is not None and self.text is None:
+            raise ValueError(
+                f"{where}: negative_prompts need a text conditioner; pass uncond= instead"
+            )
+
+    def _refuse_unconditional_guidance(
+        self,
+        where: str,
+        negative: str,
+        uncond: Conditioning | None,
+        negative_prompts: Sequence[str] | str | None,
+    ) -> None:
+        """An unconditional call has nothing to guide: an uncond there would be ignored."""
+        if uncond is None and negative_prompts is None:
+            return
+        fix = (
+            "pass prompts= (prompts='' guides away from the negative prompts alone)"
+            if self.text is not None
+            else "pass cond="
+        )
+        raise ValueError(
+            f"{where}: {negative} has no effect on an unconditional call (no prompts "
+            f"or cond, so no guidance); {fix}, or leave {negative} out"
+        )
+
     def _sampler(self, sampler: Sampler | str | None) -> Sampler:
         if isinstance(sampler, str):
             return _sampler_by_name(sampler)
@@ -502,12 +526,9 @@ class Pipeline(nn.Module):
         return self.sampler if self.sampler is not None else _default_sampler()
 
     def _defaults(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
-        config: Any = self.config
-        if steps is None:
-            steps = int(getattr(config, "steps", 30))
-        if guidance is None:
-            guidance = float(getattr(config, "guidance", 1.0))
-        return steps, guidance
+        return (self.steps if steps is None else steps), (
+            self.guidance if guidance is None else guidance
+        )
 
     # ------------------------------------------------------------------ sampling
 
@@ -741,13 +762,7 @@ class Pipeline(nn.Module):
         pipeline already there intact. The weights record the config they were saved with,
         so that ``load`` notices a ``config.json`` that is not theirs.
         """
-        if self.config is None:
-            raise ValueError(
-                "Pipeline.save: this pipeline was composed from parts without a config; build "
-                "it with diffkit.build(config) to save it, or save the denoiser's state_dict "
-                "with diffkit.checkpoint.save_tensors"
-            )
-        live = self._live_config()  # refuses before anything is written
+        live = self._config("Pipeline.save")  # refuses before anything is written
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         config, copies = self._config_with_tokenizer_files(folder, live)
@@ -762,41 +777,6 @@ class Pipeline(nn.Module):
             _save_tensors(weights_tmp, self.state_dict(), metadata)
             config_tmp.write_text(text, encoding="utf-8")
         return folder
-
-    def _live_config(self) -> Config:
-        """The stored config updated to what the pipeline is now (encoder factors, sampler).
-
-        The encoder's ``scaling_factor`` / ``shift_factor`` are read from the live encoder
-        (when its config has those fields); the sampler and the schedule are saved as the
-        live objects' configs, or refused when a replaced one has none.
-        """
-        config: Any = self.config
-        update: dict[str, Any] = {}
-        encoder_config = getattr(config, "encoder", None)
-        if encoder_config is not None and self.encoder is not None:
-            fields = type(encoder_config).model_fields
-            factors = {
-                name: float(value)
-                for name in ("scaling_factor", "shift_factor")
-                if name in fields
-                and isinstance(value := getattr(self.encoder, name, None), int | float)
-                and value != getattr(encoder_config, name)
-            }
-            if factors:
-                update["encoder"] = type(encoder_config).model_validate(
-                    {**encoder_config.model_dump(), **factors}
-                )
-        if "sampler" in type(config).model_fields:
-            sampler = _part_config("sampler", config.sampler, self.sampler, self._given["sampler"])
-            if sampler is not config.sampler:
-                update["sampler"] = sampler
-        if "schedule" in type(config).model_fields:
-            schedule = _part_config(
-                "schedule", config.schedule, self.schedule, self._given["schedule"]
-            )
-            if schedule is not config.schedule:
-                update["schedule"] = schedule
-        return config.model_copy(update=update) if update else config
 
     def _config_with_tokenizer_files(
         self, folder: Path, config: Any
@@ -830,8 +810,6 @@ class Pipeline(nn.Module):
         Each module comes back in the floating dtype it was saved in (a bfloat16 pipeline
         loads as bfloat16); ``dtype=`` casts the loaded pipeline to another one.
         """
-        from diffkit.builder import build, parse_config
-
         folder = Path(directory)
         config_path = folder / CONFIG_FILE
         if not config_path.is_file():
@@ -856,7 +834,7 @@ class Pipeline(nn.Module):
             vocab = Path(text["vocab_path"])
             if not vocab.is_absolute():
                 data["text"] = {**text, "vocab_path": str((folder / vocab).resolve())}
-        pipeline = build(parse_config(data))
+        pipeline = cls.from_config(data).eval()
         _to_stored_dtypes(pipeline, tensors)
         load_state_dict(pipeline, tensors, what=str(folder / WEIGHTS_FILE))
         if device is not None or dtype is not None:

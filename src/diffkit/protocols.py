@@ -20,12 +20,15 @@ from diffkit.typing import Prediction, Sample, ShapeError, Time
 __all__ = [
     "Conditioning",
     "Denoiser",
+    "DenoiserSpec",
     "Encoder",
+    "EncoderSpec",
     "NoiseSchedule",
     "Patchifier",
     "Sampler",
     "StepCallback",
     "TextConditioner",
+    "TextSpec",
 ]
 
 
@@ -86,12 +89,16 @@ class Conditioning:
     - ``pooled``: one vector per item, ``(batch, dim)``.
     - ``mask``: bool, ``True`` where a token is real, ``(batch, tokens)``.
     - ``labels``: integer (int64 or int32) class labels, ``(batch,)``.
+    - ``micro``: micro-conditions, a few numbers per item, ``(batch, n)``: SDXL's
+      ``(original height, width, crop top, left, target height, width)``, PixArt-α's
+      ``(height, width, aspect ratio)`` of the image to generate.
     """
 
     tokens: Float[Tensor, "batch tokens dim"] | None = None
     pooled: Float[Tensor, "batch pooled_dim"] | None = None
     mask: Bool[Tensor, "batch tokens"] | None = None
     labels: Int[Tensor, " batch"] | None = None
+    micro: Float[Tensor, "batch micro"] | None = None
 
     def __post_init__(self) -> None:
         sizes = {name: t.shape[0] for name, t in self._fields() if t is not None}
@@ -106,7 +113,15 @@ class Conditioning:
             raise ShapeError(
                 f"Conditioning: 'pooled' must be (batch, dim), got {tuple(self.pooled.shape)}"
             )
-        for name, value in (("tokens", self.tokens), ("pooled", self.pooled)):
+        if self.micro is not None and self.micro.ndim != 2:
+            raise ShapeError(
+                f"Conditioning: 'micro' must be (batch, n), got {tuple(self.micro.shape)}"
+            )
+        for name, value in (
+            ("tokens", self.tokens),
+            ("pooled", self.pooled),
+            ("micro", self.micro),
+        ):
             if value is not None and not value.is_floating_point():
                 raise ShapeError(
                     f"Conditioning: '{name}' must be floating-point embeddings, got dtype "
@@ -323,7 +338,10 @@ class Patchifier(Protocol, metaclass=_ProtocolMeta):
     ``unpatchify(patchify(x), x.shape[1:]) == x`` bit for bit.
     """
 
-    patch_size: tuple[int, ...]
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """The patch (or tubelet) size, one entry per patched axis."""
+        ...
 
     def patchify(self, x: Sample) -> Float[Tensor, "batch tokens patch_dim"]:
         """Data ``(batch, *shape)`` to tokens ``(batch, tokens, patch_dim)``."""
@@ -337,4 +355,96 @@ class Patchifier(Protocol, metaclass=_ProtocolMeta):
 
     def grid(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The token grid (e.g. ``(frames', height', width')``) for a data shape without batch."""
+        ...
+
+
+# --------------------------------------------------------------------------------------
+# What a part's config declares, for checking that the parts of a pipeline fit together
+# before anything is built (see diffkit.builder.compatibility_problems). A config that
+# does not declare them is accepted, and the checks that need them are skipped.
+# --------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class DenoiserSpec(Protocol, metaclass=_ProtocolMeta):
+    """What a denoiser's config declares about the tensors its network takes."""
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of ``x_t`` (the latent channels in latent diffusion)."""
+        ...
+
+    @property
+    def out_channels(self) -> int | None:
+        """Channels of the prediction; ``None``: ``in_channels``."""
+        ...
+
+    @property
+    def context_dim(self) -> int | None:
+        """Width of ``Conditioning.tokens`` taken by cross-attention; ``None``: none."""
+        ...
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of ``Conditioning.pooled`` taken; ``None``: none."""
+        ...
+
+    @property
+    def downsampling_factor(self) -> int:
+        """The latent height and width must be multiples of this (patch size included)."""
+        ...
+
+    @property
+    def patch_size(self) -> int | tuple[int, ...] | None:
+        """Patch size: ``(h, w)`` (an int: square) for images, ``(frames, h, w)`` for video."""
+        ...
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the network takes videos ``(batch, frames, channels, height, width)``."""
+        ...
+
+    @property
+    def prediction(self) -> Prediction:
+        """What the network predicts: ``"epsilon"``, ``"x0"``, ``"v"`` or ``"flow"``."""
+        ...
+
+
+@runtime_checkable
+class EncoderSpec(Protocol, metaclass=_ProtocolMeta):
+    """What an encoder's config declares about data and latents."""
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the data it encodes."""
+        ...
+
+    @property
+    def out_channels(self) -> int | None:
+        """Channels of the data it decodes to; ``None``: ``in_channels``."""
+        ...
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of its latents."""
+        ...
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Data height and width over latent height and width."""
+        ...
+
+
+@runtime_checkable
+class TextSpec(Protocol, metaclass=_ProtocolMeta):
+    """What a text conditioner's config declares about the conditioning it makes."""
+
+    @property
+    def token_dim(self) -> int:
+        """Width of ``Conditioning.tokens``."""
+        ...
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of ``Conditioning.pooled``."""
         ...

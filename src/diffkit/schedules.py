@@ -18,12 +18,13 @@ Both are the continuous-time limits of their ``num_steps``-step discrete schedul
 [`Discrete`][diffkit.schedules.Discrete] serves the exact discrete ones of a trained model.
 """
 
+import itertools
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from jaxtyping import Float
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 from torch import Tensor
 
 from diffkit.config import Config, Registry
@@ -34,54 +35,33 @@ __all__ = [
     "EDM",
     "SCHEDULES",
     "Cosine",
-    "CosineConfig",
     "Discrete",
-    "DiscreteConfig",
-    "EDMConfig",
     "LinearBeta",
-    "LinearBetaConfig",
     "RectifiedFlow",
-    "RectifiedFlowConfig",
     "ScheduleBase",
     "SqrtLinearBeta",
-    "SqrtLinearBetaConfig",
     "ZeroTerminalSNR",
     "discrete_betas",
     "rescale_zero_terminal_snr",
 ]
 
 SCHEDULES: Registry[NoiseSchedule] = Registry("schedule")
-"""``kind`` -> schedule config and builder."""
+"""``kind`` -> schedule class (each schedule is its own config)."""
 
 _F64 = torch.float64
-
-
-def _check_args(owner: str, config_cls: type[Config], **args: Any) -> None:
-    """Constructor arguments must pass the schedule's config: a ValueError naming them."""
-    try:
-        config_cls(**args)
-    except ValidationError as err:
-        problems = []
-        for error in err.errors():
-            message = error["msg"].removeprefix("Value error, ")
-            if error["loc"]:
-                name = ".".join(map(str, error["loc"]))
-                problems.append(f"argument '{name}': {message} (got {error['input']!r})")
-            else:  # a check across arguments (an order), said in its own words
-                given = ", ".join(f"{k}={v!r}" for k, v in args.items())
-                problems.append(f"{message} (got {given})")
-        raise ValueError(f"{owner}: {'; '.join(problems)}") from None
 
 
 def _logit(p: Tensor) -> Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-class ScheduleBase:
+class ScheduleBase(Config):
     """Shared plumbing: subclasses give ``_log_snr`` and ``_t_of_log_snr`` in float64.
 
-    ``alpha`` and ``sigma`` follow from ``log_snr`` for variance-preserving schedules
-    (``alpha² + sigma² = 1``); other families override ``_alpha_sigma``.
+    A schedule is a frozen config (its parameters are its fields, checked when it is made)
+    with its maths as methods. ``alpha`` and ``sigma`` follow from ``log_snr`` for
+    variance-preserving schedules (``alpha² + sigma² = 1``); other families override
+    ``_alpha_sigma``.
     """
 
     def _log_snr(self, t: Tensor) -> Tensor:
@@ -123,9 +103,10 @@ class ScheduleBase:
         t = torch.where(torch.isinf(lam), (lam < 0).to(_F64), self._t_of_log_snr(lam))
         return t.clamp(0.0, 1.0).to(log_snr.dtype)
 
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
+
+def _increasing_betas(start: float, end: float) -> None:
+    if end <= start:
+        raise ValueError("beta_end must be larger than beta_start")
 
 
 # --------------------------------------------------------------------------------------
@@ -134,8 +115,13 @@ class ScheduleBase:
 # --------------------------------------------------------------------------------------
 
 
-class LinearBetaConfig(Config):
-    """DDPM's linear betas ``linspace(beta_start, beta_end, num_steps)`` in continuous time."""
+class LinearBeta(ScheduleBase):
+    """VP schedule with ``beta(t) = N (b0 + t (b1 - b0))`` (DDPM; diffusers ``"linear"``).
+
+    The continuous limit of DDPM's ``linspace(beta_start, beta_end, num_steps)`` betas:
+    ``alpha(t)² = exp(-∫₀ᵗ beta)``; with the defaults ``beta`` runs from 0.1 to 20 (Song
+    et al.).
+    """
 
     kind: Literal["linear_beta"] = "linear_beta"
     beta_start: float = Field(
@@ -147,47 +133,30 @@ class LinearBetaConfig(Config):
     )
 
     @model_validator(mode="after")
-    def _increasing(self) -> "LinearBetaConfig":
-        if self.beta_end <= self.beta_start:
-            raise ValueError("beta_end must be larger than beta_start")
+    def _increasing(self) -> "LinearBeta":
+        _increasing_betas(self.beta_start, self.beta_end)
         return self
 
-
-class LinearBeta(ScheduleBase):
-    """VP schedule with ``beta(t) = N (b0 + t (b1 - b0))`` (DDPM; diffusers ``"linear"``).
-
-    ``alpha(t)² = exp(-∫₀ᵗ beta)``; with the defaults ``beta`` runs from 0.1 to 20 (Song et al.).
-    """
-
-    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000):
-        _check_args(
-            "LinearBeta",
-            LinearBetaConfig,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            num_steps=num_steps,
-        )
-        self.beta_start, self.beta_end, self.num_steps = beta_start, beta_end, num_steps
-        self._b0 = num_steps * beta_start
-        self._db = num_steps * (beta_end - beta_start)
-
-    @classmethod
-    def from_config(cls, config: LinearBetaConfig) -> "LinearBeta":
-        """Build from its config."""
-        return cls(config.beta_start, config.beta_end, config.num_steps)
-
     def _log_snr(self, t: Tensor) -> Tensor:
-        integral = self._b0 * t + 0.5 * self._db * t * t
+        b0 = self.num_steps * self.beta_start
+        db = self.num_steps * (self.beta_end - self.beta_start)
+        integral = b0 * t + 0.5 * db * t * t
         return -torch.log(torch.expm1(integral))
 
     def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        b0 = self.num_steps * self.beta_start
+        db = self.num_steps * (self.beta_end - self.beta_start)
         integral = torch.nn.functional.softplus(-log_snr)
         # 0.5 db t² + b0 t - B = 0, the positive root written to avoid cancellation.
-        return 2 * integral / (self._b0 + torch.sqrt(self._b0**2 + 2 * self._db * integral))
+        return 2 * integral / (b0 + torch.sqrt(b0**2 + 2 * db * integral))
 
 
-class SqrtLinearBetaConfig(Config):
-    """Betas ``linspace(√beta_start, √beta_end, num_steps)²`` (Stable Diffusion), continuous."""
+class SqrtLinearBeta(ScheduleBase):
+    """VP schedule with ``√beta`` linear in ``t`` (diffusers "scaled_linear", LDM "linear").
+
+    The continuous limit of ``linspace(√beta_start, √beta_end, num_steps)²`` (Stable
+    Diffusion).
+    """
 
     kind: Literal["sqrt_linear_beta"] = "sqrt_linear_beta"
     beta_start: float = Field(
@@ -199,46 +168,35 @@ class SqrtLinearBetaConfig(Config):
     )
 
     @model_validator(mode="after")
-    def _increasing(self) -> "SqrtLinearBetaConfig":
-        if self.beta_end <= self.beta_start:
-            raise ValueError("beta_end must be larger than beta_start")
+    def _increasing(self) -> "SqrtLinearBeta":
+        _increasing_betas(self.beta_start, self.beta_end)
         return self
 
-
-class SqrtLinearBeta(ScheduleBase):
-    """VP schedule with ``√beta`` linear in ``t`` (diffusers "scaled_linear", LDM "linear")."""
-
-    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_steps: int = 1000):
-        _check_args(
-            "SqrtLinearBeta",
-            SqrtLinearBetaConfig,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            num_steps=num_steps,
-        )
-        self.beta_start, self.beta_end, self.num_steps = beta_start, beta_end, num_steps
-        self._r0 = math.sqrt(beta_start)
-        self._dr = math.sqrt(beta_end) - self._r0
-
-    @classmethod
-    def from_config(cls, config: SqrtLinearBetaConfig) -> "SqrtLinearBeta":
-        """Build from its config."""
-        return cls(config.beta_start, config.beta_end, config.num_steps)
+    def _roots(self) -> tuple[float, float]:
+        r0 = math.sqrt(self.beta_start)
+        return r0, math.sqrt(self.beta_end) - r0
 
     def _log_snr(self, t: Tensor) -> Tensor:
         # ∫ N (r0 + s dr)² ds = N ((r0 + t dr)³ - r0³) / (3 dr)
-        r = self._r0 + t * self._dr
-        integral = self.num_steps * (r**3 - self._r0**3) / (3 * self._dr)
+        r0, dr = self._roots()
+        r = r0 + t * dr
+        integral = self.num_steps * (r**3 - r0**3) / (3 * dr)
         return -torch.log(torch.expm1(integral))
 
     def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        r0, dr = self._roots()
         integral = torch.nn.functional.softplus(-log_snr)
-        r = torch.pow(self._r0**3 + 3 * self._dr * integral / self.num_steps, 1.0 / 3.0)
-        return (r - self._r0) / self._dr
+        r = torch.pow(r0**3 + 3 * dr * integral / self.num_steps, 1.0 / 3.0)
+        return (r - r0) / dr
 
 
-class CosineConfig(Config):
-    """Nichol & Dhariwal's cosine schedule."""
+class Cosine(ScheduleBase):
+    """``alpha(t)² = cos²(π/2 (t+s)/(1+s)) / cos²(π/2 s/(1+s))`` with the end log-SNR clamped.
+
+    Nichol & Dhariwal's cosine schedule. The clamp keeps ``t = 1`` at a finite log-SNR
+    (``min_log_snr``), so every sampler starts from a proper Gaussian; the betas of the
+    discrete version are likewise clipped at 0.999.
+    """
 
     kind: Literal["cosine"] = "cosine"
     offset: float = Field(default=0.008, ge=0, lt=1, description="the small offset s near t = 0")
@@ -246,40 +204,30 @@ class CosineConfig(Config):
         default=-20.0, description="log-SNR at t = 1 is clamped to at least this"
     )
 
-
-class Cosine(ScheduleBase):
-    """``alpha(t)² = cos²(π/2 (t+s)/(1+s)) / cos²(π/2 s/(1+s))`` with the end log-SNR clamped.
-
-    The clamp keeps ``t = 1`` at a finite log-SNR (``min_log_snr``), so every sampler starts
-    from a proper Gaussian; the betas of the discrete version are likewise clipped at 0.999.
-    """
-
-    def __init__(self, offset: float = 0.008, min_log_snr: float = -20.0):
-        _check_args("Cosine", CosineConfig, offset=offset, min_log_snr=min_log_snr)
-        self.offset, self.min_log_snr = offset, min_log_snr
-        self._u0 = math.pi / 2 * offset / (1 + offset)
-        self._log_c0 = 2 * math.log(math.cos(self._u0))
-
-    @classmethod
-    def from_config(cls, config: CosineConfig) -> "Cosine":
-        """Build from its config."""
-        return cls(config.offset, config.min_log_snr)
+    def _log_c0(self) -> float:
+        u0 = math.pi / 2 * self.offset / (1 + self.offset)
+        return 2 * math.log(math.cos(u0))
 
     def _log_snr(self, t: Tensor) -> Tensor:
         u = math.pi / 2 * (t + self.offset) / (1 + self.offset)
-        log_a2 = (2 * torch.log(torch.cos(u).clamp_min(1e-300)) - self._log_c0).clamp(max=0.0)
+        log_a2 = (2 * torch.log(torch.cos(u).clamp_min(1e-300)) - self._log_c0()).clamp(max=0.0)
         lam = log_a2 - torch.log(-torch.expm1(log_a2))
         return torch.clamp(lam, min=self.min_log_snr)
 
     def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
         log_a2 = torch.nn.functional.logsigmoid(log_snr)
-        u = torch.acos(torch.exp(0.5 * (log_a2 + self._log_c0)).clamp(max=1.0))
+        u = torch.acos(torch.exp(0.5 * (log_a2 + self._log_c0())).clamp(max=1.0))
         t = u * 2 / math.pi * (1 + self.offset) - self.offset
         return torch.where(log_snr <= self.min_log_snr, torch.ones_like(t), t)
 
 
-class EDMConfig(Config):
-    """Karras et al. (EDM) variance-exploding schedule with rho-spaced sigmas."""
+class EDM(ScheduleBase):
+    """``alpha = 1``, ``sigma(t) = (σmin^(1/ρ) + t (σmax^(1/ρ) - σmin^(1/ρ)))^ρ`` (EDM).
+
+    Karras et al.'s variance-exploding schedule: uniform ``t`` gives exactly the Karras
+    sigmas; ``t = 0`` is ``sigma_min``, not 0, so samplers finish with a final denoising
+    step.
+    """
 
     kind: Literal["edm"] = "edm"
     sigma_min: float = Field(default=0.002, gt=0, description="noise level at t = 0")
@@ -289,32 +237,20 @@ class EDMConfig(Config):
     )
 
     @model_validator(mode="after")
-    def _ordered(self) -> "EDMConfig":
+    def _ordered(self) -> "EDM":
         if self.sigma_max <= self.sigma_min:
-            raise ValueError("sigma_max must be larger than sigma_min")
+            raise ValueError(
+                f"sigma_max must be larger than sigma_min (got sigma_min={self.sigma_min}, "
+                f"sigma_max={self.sigma_max})"
+            )
         return self
 
-
-class EDM(ScheduleBase):
-    """``alpha = 1``, ``sigma(t) = (σmin^(1/ρ) + t (σmax^(1/ρ) - σmin^(1/ρ)))^ρ`` (EDM).
-
-    Uniform ``t`` gives exactly the Karras sigmas; ``t = 0`` is ``sigma_min``, not 0, so
-    samplers finish with a final denoising step.
-    """
-
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
-        _check_args("EDM", EDMConfig, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
-        self._lo = sigma_min ** (1 / rho)
-        self._hi = sigma_max ** (1 / rho)
-
-    @classmethod
-    def from_config(cls, config: EDMConfig) -> "EDM":
-        """Build from its config."""
-        return cls(config.sigma_min, config.sigma_max, config.rho)
+    def _ends(self) -> tuple[float, float]:
+        return self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
 
     def _sigma_of_t(self, t: Tensor) -> Tensor:
-        return (self._lo + t * (self._hi - self._lo)) ** self.rho
+        lo, hi = self._ends()
+        return (lo + t * (hi - lo)) ** self.rho
 
     def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return torch.ones_like(t), self._sigma_of_t(t)
@@ -323,12 +259,17 @@ class EDM(ScheduleBase):
         return -2 * torch.log(self._sigma_of_t(t))
 
     def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        lo, hi = self._ends()
         sigma = torch.exp(-0.5 * log_snr)
-        return (sigma ** (1 / self.rho) - self._lo) / (self._hi - self._lo)
+        return (sigma ** (1 / self.rho) - lo) / (hi - lo)
 
 
-class RectifiedFlowConfig(Config):
-    """Rectified flow / flow matching: straight line from data to noise."""
+class RectifiedFlow(ScheduleBase):
+    """``alpha = 1 - t'``, ``sigma = t'`` with ``t' = shift·t / (1 + (shift-1)·t)``.
+
+    Rectified flow / flow matching: a straight line from data to noise. ``log_snr`` is
+    ``+inf`` at ``t = 0`` and ``-inf`` at ``t = 1`` (pure noise).
+    """
 
     kind: Literal["rectified_flow"] = "rectified_flow"
     shift: float = Field(
@@ -336,22 +277,6 @@ class RectifiedFlowConfig(Config):
         gt=0,
         description="SD3 time shift: t' = shift t / (1 + (shift - 1) t); 1 is none",
     )
-
-
-class RectifiedFlow(ScheduleBase):
-    """``alpha = 1 - t'``, ``sigma = t'`` with ``t' = shift·t / (1 + (shift-1)·t)``.
-
-    ``log_snr`` is ``+inf`` at ``t = 0`` and ``-inf`` at ``t = 1`` (pure noise).
-    """
-
-    def __init__(self, shift: float = 1.0):
-        _check_args("RectifiedFlow", RectifiedFlowConfig, shift=shift)
-        self.shift = shift
-
-    @classmethod
-    def from_config(cls, config: RectifiedFlowConfig) -> "RectifiedFlow":
-        """Build from its config."""
-        return cls(config.shift)
 
     def _shifted(self, t: Tensor) -> Tensor:
         return self.shift * t / (1 + (self.shift - 1) * t)
@@ -406,30 +331,37 @@ def rescale_zero_terminal_snr(
     return root**2
 
 
-class DiscreteConfig(Config):
-    """The discrete schedule of a model trained on ``num_steps`` steps."""
+_NAMED_FORM = ("beta_schedule", "num_steps", "beta_start", "beta_end", "zero_terminal_snr")
+"""The keys of a ``Discrete`` given by its named betas instead of its table."""
 
-    kind: Literal["discrete"] = "discrete"
-    beta_schedule: BetaSchedule = Field(
-        default="linear_beta",
-        description="'linear_beta' (diffusers 'linear'), 'sqrt_linear_beta' (diffusers "
-        "'scaled_linear', LDM 'linear') or 'cosine' (diffusers 'squaredcos_cap_v2')",
-    )
-    num_steps: int = Field(default=1000, ge=2, description="number of training steps N")
-    beta_start: float = Field(default=1e-4, gt=0, lt=1, description="first beta (linear kinds)")
-    beta_end: float = Field(default=0.02, gt=0, lt=1, description="last beta (linear kinds)")
-    zero_terminal_snr: bool = Field(
-        default=False, description="apply Lin et al.'s zero-terminal-SNR fix"
-    )
 
-    @model_validator(mode="after")
-    def _ordered(self) -> "DiscreteConfig":
-        if self.beta_schedule != "cosine" and self.beta_end < self.beta_start:
-            raise ValueError(
-                f"beta_end ({self.beta_end}) must not be below beta_start ({self.beta_start}) "
-                f"for beta_schedule '{self.beta_schedule}'"
-            )
-        return self
+def _named_table(
+    beta_schedule: Any = "linear_beta",
+    num_steps: Any = 1000,
+    beta_start: Any = 1e-4,
+    beta_end: Any = 0.02,
+    zero_terminal_snr: Any = False,
+) -> tuple[float, ...]:
+    """``alphas_cumprod`` of a named discrete schedule; a ValueError naming a bad argument."""
+    if beta_schedule not in BetaSchedule.__args__:
+        raise ValueError(
+            f"beta_schedule must be one of {BetaSchedule.__args__}, got {beta_schedule!r}"
+        )
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps must be an int of at least 2, got {num_steps!r}")
+    for name, beta in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta < 1:
+            raise ValueError(f"{name} must be a number in (0, 1), got {beta!r}")
+    if beta_schedule != "cosine" and beta_end < beta_start:
+        raise ValueError(
+            f"beta_end ({beta_end}) must not be below beta_start ({beta_start}) "
+            f"for beta_schedule '{beta_schedule}'"
+        )
+    if not isinstance(zero_terminal_snr, bool):
+        raise ValueError(f"zero_terminal_snr must be a bool, got {zero_terminal_snr!r}")
+    betas = discrete_betas(beta_schedule, num_steps, beta_start, beta_end)
+    ac = torch.cumprod(1 - betas, dim=0)
+    return tuple((rescale_zero_terminal_snr(ac) if zero_terminal_snr else ac).tolist())
 
 
 class Discrete(ScheduleBase):
@@ -439,28 +371,80 @@ class Discrete(ScheduleBase):
     ``t = (i + 1) / N``; ``t = 0`` is clean data. Between steps the log-SNR is
     interpolated linearly in the index; below the first step ``alpha²`` goes linearly
     to 1 at ``t = 0``.
+
+    Its one field is the table itself (float64 values, saved exactly in JSON); make one
+    with [`from_betas`][diffkit.schedules.Discrete.from_betas],
+    [`from_alphas_cumprod`][diffkit.schedules.Discrete.from_alphas_cumprod] or
+    [`from_beta_schedule`][diffkit.schedules.Discrete.from_beta_schedule]. A config may
+    also name the betas instead of listing the table: ``{kind: discrete, beta_schedule:
+    sqrt_linear_beta, beta_start: 0.00085, beta_end: 0.012}`` (``num_steps``,
+    ``zero_terminal_snr`` too); it is parsed into the table. The default is DDPM's
+    1000 linear betas.
     """
 
-    def __init__(self, alphas_cumprod: Float[Tensor, " steps"]):
-        ac = torch.as_tensor(alphas_cumprod, dtype=_F64).detach().cpu()
-        if ac.ndim != 1 or ac.numel() < 2:
-            raise ValueError(
-                f"alphas_cumprod must be 1-D with ≥2 steps, got shape {tuple(ac.shape)}"
-            )
-        if not bool(((ac >= 0) & (ac < 1)).all()):
+    kind: Literal["discrete"] = "discrete"
+    alphas_cumprod: tuple[float, ...] = Field(
+        default_factory=_named_table,
+        description="ᾱ_i of the N training steps: in [0, 1), strictly decreasing, N >= 2",
+    )
+    _cache: dict[Any, Any] = PrivateAttr(default_factory=dict)
+    _first: float = PrivateAttr(default=0.0)  # the first step's log-SNR, on the host
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_named_betas(cls, data: Any) -> Any:
+        """A mapping that names its betas (``beta_schedule``, ...) becomes their table."""
+        if not isinstance(data, dict) or not any(key in data for key in _NAMED_FORM):
+            return data
+        if "alphas_cumprod" in data:
+            named = ", ".join(key for key in _NAMED_FORM if key in data)
+            raise ValueError(f"give alphas_cumprod or the named betas ({named}), not both")
+        named_args = {key: data[key] for key in _NAMED_FORM if key in data}
+        rest = {key: value for key, value in data.items() if key not in _NAMED_FORM}
+        return {**rest, "alphas_cumprod": _named_table(**named_args)}
+
+    @field_validator("alphas_cumprod")
+    @classmethod
+    def _valid_table(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) < 2:
+            raise ValueError(f"alphas_cumprod must be 1-D with ≥2 steps, got {len(value)}")
+        if not all(0 <= a < 1 for a in value):
             raise ValueError("alphas_cumprod must lie in [0, 1)")
-        if not bool((ac[1:] < ac[:-1]).all()):
+        if not all(b < a for a, b in itertools.pairwise(value)):
             raise ValueError("alphas_cumprod must be strictly decreasing")
-        self.alphas_cumprod = ac
-        self.num_steps = int(ac.numel())
-        self._table = _logit(ac)  # log-SNR per index, strictly decreasing (may end at -inf)
+        return value
+
+    def model_post_init(self, context: Any, /) -> None:
+        ac = torch.tensor(self.alphas_cumprod, dtype=_F64)
+        table = _logit(ac)  # log-SNR per index, strictly decreasing (may end at -inf)
         # For the interpolation: the step from each entry to the next (0 after the last,
         # -inf onto a zero-terminal-SNR end), and 1 - ᾱ_0 for the stretch below the first.
-        self._step = torch.cat([self._table[1:] - self._table[:-1], self._table.new_zeros(1)])
-        self._ends_at_zero_snr = bool(torch.isneginf(self._table[-1]))
-        self._one_minus_ac0 = 1.0 - float(ac[0])
-        self._first = float(self._table[0])
-        self._tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+        step = torch.cat([table[1:] - table[:-1], table.new_zeros(1)])
+        self._cache[torch.device("cpu")] = (table, step, -table)
+        self._first = float(table[0])
+
+    def __eq__(self, other: object) -> bool:
+        # The tables cached per device are derived: only the field counts.
+        return type(other) is type(self) and self.alphas_cumprod == other.alphas_cumprod
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.alphas_cumprod))
+
+    def __repr_args__(self) -> Any:
+        yield "num_steps", self.num_steps  # not the N-value table
+
+    @property
+    def num_steps(self) -> int:
+        """The number of training steps ``N``."""
+        return len(self.alphas_cumprod)
+
+    @property
+    def _ends_at_zero_snr(self) -> bool:
+        return self.alphas_cumprod[-1] == 0.0
+
+    @property
+    def _one_minus_ac0(self) -> float:
+        return 1.0 - self.alphas_cumprod[0]
 
     @classmethod
     def from_betas(
@@ -469,30 +453,38 @@ class Discrete(ScheduleBase):
         """From the per-step betas: ``alphas_cumprod = cumprod(1 - betas)``."""
         betas = torch.as_tensor(betas, dtype=_F64)
         ac = torch.cumprod(1 - betas, dim=0)
-        return cls(rescale_zero_terminal_snr(ac) if zero_terminal_snr else ac)
+        return cls.from_alphas_cumprod(ac, zero_terminal_snr=zero_terminal_snr)
 
     @classmethod
     def from_alphas_cumprod(
         cls, alphas_cumprod: Float[Tensor, " steps"], *, zero_terminal_snr: bool = False
     ) -> "Discrete":
         """From the cumulative products ``ᾱ_i`` (``alpha(t_i)² = ᾱ_i``)."""
-        ac = torch.as_tensor(alphas_cumprod, dtype=_F64)
-        return cls(rescale_zero_terminal_snr(ac) if zero_terminal_snr else ac)
+        ac = torch.as_tensor(alphas_cumprod, dtype=_F64).detach().cpu()
+        if ac.ndim != 1:
+            raise ValueError(f"alphas_cumprod must be 1-D, got shape {tuple(ac.shape)}")
+        ac = rescale_zero_terminal_snr(ac) if zero_terminal_snr else ac
+        return cls(alphas_cumprod=tuple(ac.tolist()))
 
     @classmethod
-    def from_config(cls, config: DiscreteConfig) -> "Discrete":
-        """Build from its config."""
-        betas = discrete_betas(
-            config.beta_schedule, config.num_steps, config.beta_start, config.beta_end
-        )
-        return cls.from_betas(betas, zero_terminal_snr=config.zero_terminal_snr)
+    def from_beta_schedule(
+        cls,
+        beta_schedule: BetaSchedule = "linear_beta",
+        *,
+        num_steps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        zero_terminal_snr: bool = False,
+    ) -> "Discrete":
+        """The ``num_steps``-step schedule of named betas (see ``discrete_betas``)."""
+        table = _named_table(beta_schedule, num_steps, beta_start, beta_end, zero_terminal_snr)
+        return cls(alphas_cumprod=table)
 
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         # Cached per device so sampling loops never copy the tables host -> device.
-        if device not in self._tables:
-            table, step, neg = (x.to(device) for x in (self._table, self._step, -self._table))
-            self._tables[device] = (table, step, neg)
-        return self._tables[device]
+        if device not in self._cache:
+            self._cache[device] = tuple(x.to(device) for x in self._cache[torch.device("cpu")])
+        return self._cache[device]
 
     @checked
     def t_from_index(self, index: Float[Tensor, " batch"] | Tensor | int) -> Time:
@@ -568,6 +560,13 @@ class Discrete(ScheduleBase):
         return torch.where(log_snr > self._first, below, inside)
 
 
+if TYPE_CHECKING:
+    AnySchedule = ScheduleBase
+else:
+    AnySchedule = Annotated[ScheduleBase, SerializeAsAny()]
+    """A schedule of any registered kind, serialised with all of its own fields."""
+
+
 class ZeroTerminalSNR(ScheduleBase):
     """Wrap a variance-preserving schedule so that ``alpha(1) = 0`` (Lin et al., 2023).
 
@@ -577,7 +576,22 @@ class ZeroTerminalSNR(ScheduleBase):
     diffusers does.
     """
 
-    def __init__(self, base: ScheduleBase):
+    kind: Literal["zero_terminal_snr"] = "zero_terminal_snr"
+    base: AnySchedule = Field(
+        default_factory=lambda: LinearBeta(),
+        description="the variance-preserving schedule rescaled (any registered kind)",
+    )
+    _ends: tuple[float, float] = PrivateAttr(default=(0.0, 1.0))
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _parse_base(cls, value: Any) -> Any:
+        if isinstance(value, ScheduleBase):
+            base = value
+        elif isinstance(value, dict | str):
+            base = SCHEDULES.parse(value)
+        else:
+            raise ValueError(f"base must be a schedule config, got {type(value).__name__}")
         if not isinstance(base, ScheduleBase) or type(base)._alpha_sigma is not (
             ScheduleBase._alpha_sigma
         ):
@@ -586,27 +600,34 @@ class ZeroTerminalSNR(ScheduleBase):
                 f"sigma² = 1, e.g. LinearBeta, SqrtLinearBeta, Cosine, Discrete), got "
                 f"{type(base).__name__}"
             )
-        self.base = base
+        return base
+
+    def model_post_init(self, context: Any, /) -> None:
         ends = torch.tensor([0.0, 1.0], dtype=_F64)
-        a = base._alpha_sigma(ends)[0]
-        self._a0, self._a1 = float(a[0]), float(a[1])
+        a = self.base._alpha_sigma(ends)[0]
+        self._ends = (float(a[0]), float(a[1]))
 
     def _scale(self) -> float:
-        return self._a0 / (self._a0 - self._a1)
+        a0, a1 = self._ends
+        return a0 / (a0 - a1)
 
     def _log_snr(self, t: Tensor) -> Tensor:
-        a = (self.base._alpha_sigma(t)[0] - self._a1) * self._scale()
+        a = (self.base._alpha_sigma(t)[0] - self._ends[1]) * self._scale()
         return _logit((a * a).clamp(0.0, 1.0))
 
     def _t_of_log_snr(self, log_snr: Tensor) -> Tensor:
         a = torch.sigmoid(log_snr).sqrt()
-        base_alpha = a / self._scale() + self._a1
+        base_alpha = a / self._scale() + self._ends[1]
         return self.base._t_of_log_snr(_logit((base_alpha**2).clamp(0.0, 1.0)))
 
 
-SCHEDULES.register(LinearBetaConfig, LinearBeta.from_config)
-SCHEDULES.register(SqrtLinearBetaConfig, SqrtLinearBeta.from_config)
-SCHEDULES.register(CosineConfig, Cosine.from_config)
-SCHEDULES.register(EDMConfig, EDM.from_config)
-SCHEDULES.register(RectifiedFlowConfig, RectifiedFlow.from_config)
-SCHEDULES.register(DiscreteConfig, Discrete.from_config)
+for _schedule in (
+    LinearBeta,
+    SqrtLinearBeta,
+    Cosine,
+    EDM,
+    RectifiedFlow,
+    Discrete,
+    ZeroTerminalSNR,
+):
+    SCHEDULES.register(_schedule)

@@ -201,6 +201,42 @@ class CLIPTextConditioner(_Conditioner):
             mask_padding=config.mask_padding,
         )
 
+    @property
+    def config(self) -> "CLIPTextConditionerConfig":
+        """The config that builds this conditioner: its tower's config, tokenizer and options.
+
+        Read from the parts themselves (a conditioner put together by hand, or converted
+        by ``interop``, has one too); a ``ValueError`` for a tokenizer no config describes.
+        """
+        tokenizer, tower = self.tokenizer, self.tower
+        if tokenizer.context_length != tower.context_length:
+            raise ValueError(
+                f"CLIPTextConditioner: its tokenizer's context_length "
+                f"{tokenizer.context_length} is not its tower's {tower.context_length}, "
+                "which a CLIPTextConditionerConfig cannot describe"
+            )
+        if type(tokenizer) is ByteTokenizer:
+            kind, vocab_path = "byte", None
+        elif type(tokenizer) is CLIPTokenizer:
+            kind, vocab_path = "clip_bpe", tokenizer.vocab_path
+        else:
+            raise ValueError(
+                f"CLIPTextConditioner: its tokenizer {tokenizer!r} is neither a ByteTokenizer "
+                "nor a CLIPTokenizer, which a CLIPTextConditionerConfig cannot describe"
+            )
+        projection = tower.projection
+        return CLIPTextConditionerConfig(
+            text=tower.config,
+            tokenizer=kind,
+            vocab_path=vocab_path,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=projection.out_features if projection is not None else None,
+            project_pooled=self.project_pooled,
+            skip_last_layers=self.skip_last_layers,
+            final_norm=self.final_norm,
+            mask_padding=self.mask_padding,
+        )
+
     def _encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         tokens, pooled = self.tower(ids, self.skip_last_layers, self.final_norm)
         if self.project_pooled and self.tower.projection is not None:
@@ -355,6 +391,12 @@ class CLIPTextConditionerConfig(Config):
     vocab_path: str | None = Field(
         default=None, description="CLIP merges file for clip_bpe; None: open_clip's copy"
     )
+    pad_token_id: int = Field(
+        default=0,
+        ge=0,
+        description="padding id of the clip_bpe tokenizer: 0 (open_clip) or 49407 (OpenAI's, "
+        "Stable Diffusion 1.x); the byte tokenizer pads with 0",
+    )
     projection_dim: int | None = Field(
         default=None, gt=0, description="size of the text projection; None: no projection"
     )
@@ -366,11 +408,6 @@ class CLIPTextConditionerConfig(Config):
     )
     final_norm: bool = Field(
         default=True, description="pass the tokens through the tower's final LayerNorm"
-    )
-    pad_token_id: int = Field(
-        default=0,
-        ge=0,
-        description="id the clip_bpe tokenizer pads with (Stable Diffusion 1.x: 49407)",
     )
     mask_padding: bool = Field(
         default=True, description="give the padding mask (False: attend to all, as SD does)"
@@ -396,6 +433,18 @@ class CLIPTextConditionerConfig(Config):
                 f"skip_last_layers {self.skip_last_layers} exceeds text.layers {self.text.layers}"
             )
         return self
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the tokens: the tower's ``text.width``."""
+        return self.text.width
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled embedding: ``projection_dim`` when projected, else the tower's."""
+        if self.project_pooled and self.projection_dim is not None:
+            return self.projection_dim
+        return self.text.width
 
 
 TEXT_CONDITIONERS: Registry[TextConditioner] = Registry("text_conditioner")

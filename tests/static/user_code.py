@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 
 import diffkit as dk
-from diffkit.builder import SpatialPatchesConfig, TubeletPatchesConfig
 from diffkit.config import Config
-from diffkit.losses import LossConfig
+from diffkit.losses import DiffusionLoss
 from diffkit.nn.clip import CLIPConfig, ResNetTowerConfig, TextTowerConfig, VisionTowerConfig
 from diffkit.nn.dit import DiTConfig
 from diffkit.nn.unet import UNetConfig
 from diffkit.nn.vae import IdentityEncoderConfig, KLAutoencoderConfig
 from diffkit.nn.video import VideoDiTConfig
+from diffkit.patches import SpatialPatches, TubeletPatches
 from diffkit.samplers import (
     DDIM,
     DDPM,
@@ -37,14 +37,15 @@ from diffkit.samplers import (
     UniPC,
 )
 from diffkit.schedules import (
-    CosineConfig,
-    DiscreteConfig,
-    EDMConfig,
-    LinearBetaConfig,
-    RectifiedFlowConfig,
-    SqrtLinearBetaConfig,
+    EDM,
+    Cosine,
+    Discrete,
+    LinearBeta,
+    RectifiedFlow,
+    SqrtLinearBeta,
+    ZeroTerminalSNR,
 )
-from diffkit.training import TrainConfig, TrainRunConfig
+from diffkit.training import AutoencoderLoss, TrainConfig, TrainRunConfig
 from diffkit.typing import Prediction
 from diffkit_demo.datasets import DigitsConfig, MovingDigitsConfig
 
@@ -52,8 +53,8 @@ from diffkit_demo.datasets import DigitsConfig, MovingDigitsConfig
 def default_configs() -> list[Config]:
     """Every public config that has no required field, built from its defaults."""
     configs: list[Config] = [
-        SpatialPatchesConfig(),
-        TubeletPatchesConfig(),
+        SpatialPatches(),
+        TubeletPatches(),
         DigitsConfig(),
         MovingDigitsConfig(),
         TextTowerConfig(),
@@ -65,16 +66,17 @@ def default_configs() -> list[Config]:
         KLAutoencoderConfig(),
         IdentityEncoderConfig(),
         VideoDiTConfig(),
-        LossConfig(),
+        DiffusionLoss(),
         UniformTime(),
         LogSNR(),
         Karras(),
-        LinearBetaConfig(),
-        SqrtLinearBetaConfig(),
-        CosineConfig(),
-        EDMConfig(),
-        RectifiedFlowConfig(),
-        DiscreteConfig(),
+        LinearBeta(),
+        SqrtLinearBeta(),
+        Cosine(),
+        EDM(),
+        RectifiedFlow(),
+        Discrete(),
+        ZeroTerminalSNR(base=Cosine(offset=0.01)),
         DDIM(),
         DDPM(),
         Euler(),
@@ -85,6 +87,7 @@ def default_configs() -> list[Config]:
         DPMSolverPP(),
         UniPC(),
         DDIMInversion(),
+        AutoencoderLoss(),
         TrainConfig(),
     ]
     return configs
@@ -94,7 +97,7 @@ def a_training_run() -> TrainRunConfig:
     """A small text-free pixel-space run, overriding a few fields by keyword."""
     pipeline = dk.PipelineConfig(
         data_shape=(1, 16, 16),
-        schedule=CosineConfig(),
+        schedule=Cosine(),
         denoiser=UNetConfig(
             in_channels=1,
             base_channels=16,
@@ -133,7 +136,7 @@ class NarrowDenoiser(torch.nn.Module):
 
 def sample_with_own_denoiser() -> Tensor:
     """Sample with a user-written denoiser and a schedule built from a JSON string."""
-    schedule = dk.schedules.SCHEDULES.build(CosineConfig().to_json())
+    schedule = dk.schedules.SCHEDULES.build(Cosine().to_json())
     sampler = dk.samplers.REGISTRY["dpmpp_2m"]()
     noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     first = sampler.sample(ShrinkDenoiser(), schedule, noise, steps=3)

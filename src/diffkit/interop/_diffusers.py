@@ -45,6 +45,13 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from diffkit.interop._diffusers_transformer import (
+    TRANSFORMERS,
+    dit_config,
+    dit_state_dict,
+    to_diffusers_transformer,
+)
+from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.typing import Prediction
@@ -72,6 +79,8 @@ _NAMES: list[tuple[str, str, str]] = [
     ("start", "time_embedding.", "time_embed."),
     ("key", "class_embedding.weight", "label_embed.weight"),
     ("start", "class_embedding.linear_", "pooled_embed.linear_"),
+    # SDXL's text_time embedding (back: _state_dict_to_diffusers's caller renames it)
+    ("start", "add_embedding.linear_", "pooled_embed.linear_"),
 ]
 
 _ANCHORS = {  # where -> (pattern around the escaped name, replacement around the new name)
@@ -195,9 +204,11 @@ def _recorded(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_conditional_options(cfg: Mapping[str, Any]) -> None:
     """Refuse the UNet2DConditionModel options diffkit's U-Net does not have."""
+    _require(cfg, "addition_embed_type", [None, "text_time"])
+    if cfg.get("addition_embed_type") == "text_time":
+        _require(cfg, "class_embed_type", [None])
     for name in (
         "encoder_hid_dim_type",
-        "addition_embed_type",
         "time_cond_proj_dim",
         "time_embedding_act_fn",
         "timestep_post_act",
@@ -310,8 +321,20 @@ def _heads(module: nn.Module) -> tuple[int, int | None]:
     return 32, None
 
 
-def _embeddings(module: nn.Module, cfg: Mapping[str, Any]) -> tuple[int | None, int | None]:
-    """``(num_classes, pooled_dim)``: a class-label table or a pooled-vector projection."""
+def _embeddings(
+    module: nn.Module, cfg: Mapping[str, Any], micro_conditions: int
+) -> tuple[int | None, int | None]:
+    """``(num_classes, pooled_dim)``: a class-label table or a pooled-vector projection
+    (SDXL's text_time: the pooled text beside ``micro_conditions`` sinusoids)."""
+    if cfg.get("addition_embed_type") == "text_time":
+        width = cfg["projection_class_embeddings_input_dim"]
+        pooled = width - micro_conditions * cfg["addition_time_embed_dim"]
+        if pooled <= 0:
+            raise ValueError(
+                f"from_diffusers: projection_class_embeddings_input_dim={width} leaves no pooled "
+                f"text beside {micro_conditions} micro-conditions (micro_conditions=?)"
+            )
+        return None, pooled
     class_embedding = getattr(module, "class_embedding", None)
     if isinstance(class_embedding, nn.Embedding):
         return class_embedding.num_embeddings, None
@@ -320,8 +343,23 @@ def _embeddings(module: nn.Module, cfg: Mapping[str, Any]) -> tuple[int | None, 
     return None, None
 
 
+def _depths(cfg: Mapping[str, Any]) -> int | tuple[int, ...]:
+    """Transformer blocks per attention: one number, or one per level."""
+    depth = cfg.get("transformer_layers_per_block", 1)
+    if isinstance(depth, list | tuple):
+        if any(isinstance(d, list | tuple) for d in depth):
+            raise ValueError(
+                f"from_diffusers: transformer_layers_per_block={depth!r} per block is not supported"
+            )
+        return depth[0] if len(set(depth)) == 1 else tuple(depth)
+    return depth
+
+
 def _unet_config(
-    module: nn.Module, prediction: Prediction | None, num_train_timesteps: int | None
+    module: nn.Module,
+    prediction: Prediction | None,
+    num_train_timesteps: int | None,
+    micro_conditions: int = 6,
 ) -> UNetConfig:
     cfg = _config(module)
     record = _recorded(cfg)
@@ -329,7 +367,8 @@ def _unet_config(
     level_kinds = _level_kinds(cfg)
     attention, mid_attention = _attention_kind(module.mid_block, level_kinds)
     attention_head_dim, num_heads = _heads(module)
-    num_classes, pooled_dim = _embeddings(module, cfg)
+    num_classes, pooled_dim = _embeddings(module, cfg, micro_conditions)
+    text_time = cfg.get("addition_embed_type") == "text_time"
     context_dim = None
     if attention == "cross":
         context_dim = _uniform(cfg["cross_attention_dim"], "cross_attention_dim")
@@ -352,9 +391,9 @@ def _unet_config(
         num_heads=num_heads,
         mid_attention=mid_attention,
         context_dim=context_dim,
-        transformer_depth=_uniform(
-            cfg.get("transformer_layers_per_block", 1), "transformer_layers_per_block"
-        ),
+        transformer_depth=_depths(cfg),
+        micro_conditions=micro_conditions if text_time else 0,
+        micro_freq_dim=cfg.get("addition_time_embed_dim") or 256,
         linear_projection=bool(cfg.get("use_linear_projection", False)),
         num_classes=num_classes,
         pooled_dim=pooled_dim,
@@ -409,25 +448,37 @@ def from_diffusers(
     *,
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
+    micro_conditions: int = 6,
 ) -> nn.Module:
-    """The diffkit equivalent (same weights) of a diffusers U-Net or ``AutoencoderKL``.
+    """The diffkit equivalent (same weights) of a diffusers U-Net, ``AutoencoderKL``,
+    ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` (the last two: a
+    [`DiT`][diffkit.nn.dit.DiT]).
 
     ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
     config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
     for a model ``to_diffusers`` exported, the defaults are the exported model's settings.
+    ``micro_conditions``: how many size conditions an SDXL-style U-Net
+    (``addition_embed_type="text_time"``) embeds beside the pooled text, ``Conditioning.micro``
+    (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner).
     """
     name = type(module).__name__
     converted: nn.Module
     if name in ("UNet2DModel", "UNet2DConditionModel"):
-        converted = UNet(_unet_config(module, prediction, num_train_timesteps))
+        converted = UNet(_unet_config(module, prediction, num_train_timesteps, micro_conditions))
     elif name == "AutoencoderKL":
         converted = KLAutoencoder(_vae_config(module))
+    elif name in TRANSFORMERS:
+        record = _recorded(_config(module))
+        converted = DiT(dit_config(module, prediction, num_train_timesteps, record))
     else:
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
-            "UNet2DConditionModel, AutoencoderKL"
+            f"UNet2DConditionModel, AutoencoderKL, {', '.join(TRANSFORMERS)}"
         )
-    state = _state_dict_to_diffkit(module.state_dict(), converted)
+    if isinstance(converted, DiT):
+        state = dit_state_dict(module.state_dict(), converted.config)
+    else:
+        state = _state_dict_to_diffkit(module.state_dict(), converted)
     converted.load_state_dict(state, strict=True)
     parameter = next(module.parameters(), None)
     if parameter is not None:
@@ -436,16 +487,26 @@ def from_diffusers(
 
 
 def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The weights of a diffkit ``UNet`` / ``KLAutoencoder`` under diffusers' names and layout.
+    """The weights of a diffkit ``UNet`` / ``KLAutoencoder`` / ``DiT`` under diffusers' names
+    and layout.
 
     Loads with ``strict=True`` into the diffusers model of the matching config.
     """
+    if isinstance(module, DiT):
+        return to_diffusers_transformer(module)[1]
     if not isinstance(module, UNet | KLAutoencoder):
         raise TypeError(
             f"to_diffusers_state_dict: cannot export {type(module).__name__}; "
-            "supported: UNet, KLAutoencoder"
+            "supported: UNet, KLAutoencoder, DiT"
         )
-    return _state_dict_to_diffusers(module.state_dict())
+    state = _state_dict_to_diffusers(module.state_dict())
+    if isinstance(module, UNet) and module.config.micro_conditions:
+        prefix = "class_embedding."  # SDXL's text_time embedding is add_embedding
+        state = {
+            ("add_embedding." + k[len(prefix) :] if k.startswith(prefix) else k): v
+            for k, v in state.items()
+        }
+    return state
 
 
 def _block_types(attention: list[bool], kind: str) -> dict[str, tuple[str, ...]]:
@@ -483,7 +544,14 @@ def _unet2d_condition_kwargs(
     if not c.mid_attention:
         raise ValueError("to_diffusers: UNet2DConditionModel's middle block has cross-attention")
     extra: dict[str, Any] = {}
-    if c.pooled_dim is not None:
+    if c.micro_conditions:
+        extra = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": c.micro_freq_dim,
+            "projection_class_embeddings_input_dim": (c.pooled_dim or 0)
+            + c.micro_conditions * c.micro_freq_dim,
+        }
+    elif c.pooled_dim is not None:
         extra = {
             "class_embed_type": "projection",
             "projection_class_embeddings_input_dim": c.pooled_dim,
@@ -550,7 +618,9 @@ def _diffusers_vae_kwargs(config: KLAutoencoderConfig) -> dict[str, Any]:
 
 
 def to_diffusers(module: nn.Module) -> nn.Module:
-    """The diffusers model (config and weights) equivalent to a diffkit UNet / KLAutoencoder.
+    """The diffusers model (config and weights) equivalent to a diffkit UNet / KLAutoencoder /
+    DiT (a ``DiTTransformer2DModel`` for adaLN-Zero, a ``PixArtTransformer2DModel`` for
+    adaLN-single; a DiT built in diffkit's own position layout is refused by name).
 
     A U-Net then takes ``timestep = network_timestep(t)``: the training index ``N t - 1`` for
     ``time_input="index"``, or ``time_scale * t``; its config's ``_diffkit`` entry records
@@ -559,19 +629,23 @@ def to_diffusers(module: nn.Module) -> nn.Module:
     """
     import diffusers
 
-    if isinstance(module, UNet):
-        name, kwargs = _diffusers_unet_kwargs(module.config)
-    elif isinstance(module, KLAutoencoder):
-        name, kwargs = "AutoencoderKL", _diffusers_vae_kwargs(module.config)
+    if isinstance(module, DiT):
+        model, state = to_diffusers_transformer(module)
     else:
-        raise TypeError(
-            f"to_diffusers: cannot export {type(module).__name__}; supported: UNet, KLAutoencoder"
-        )
-    model = getattr(diffusers, name)(**kwargs)
-    if isinstance(module, UNet):
+        if isinstance(module, UNet):
+            name, kwargs = _diffusers_unet_kwargs(module.config)
+        elif isinstance(module, KLAutoencoder):
+            name, kwargs = "AutoencoderKL", _diffusers_vae_kwargs(module.config)
+        else:
+            raise TypeError(
+                f"to_diffusers: cannot export {type(module).__name__}; "
+                "supported: UNet, KLAutoencoder, DiT"
+            )
+        model, state = getattr(diffusers, name)(**kwargs), to_diffusers_state_dict(module)
+    if isinstance(module, UNet | DiT):
         c = module.config
         model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in _RECORDED}})
-    model.load_state_dict(to_diffusers_state_dict(module), strict=True)
+    model.load_state_dict(state, strict=True)
     parameter = next(module.parameters(), None)
     reference = next(model.parameters(), None)
     if (

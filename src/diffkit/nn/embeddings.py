@@ -56,17 +56,28 @@ def timestep_embedding(
 
 
 class TimeEmbedding(nn.Module):
-    """Two-layer MLP ``linear_2(silu(linear_1(x)))`` used on time / pooled embeddings."""
+    """Two-layer MLP ``linear_2(act(linear_1(x)))`` used on time / pooled embeddings (SiLU)
+    and on caption tokens (PixArt's caption projection: tanh-approximated GELU)."""
 
-    def __init__(self, in_dim: int, dim: int, out_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        out_dim: int | None = None,
+        *,
+        activation: Literal["silu", "gelu_tanh"] = "silu",
+    ) -> None:
         super().__init__()
+        self.activation = activation
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, out_dim or dim)
 
     @checked_layer
-    def forward(self, x: Float[Tensor, "batch in_dim"]) -> Float[Tensor, "batch out_dim"]:
-        """``(batch, in_dim) -> (batch, out_dim)``."""
-        return self.linear_2(F.silu(self.linear_1(x)))
+    def forward(self, x: Float[Tensor, "*batch in_dim"]) -> Float[Tensor, "*batch out_dim"]:
+        """``(..., in_dim) -> (..., out_dim)``."""
+        h = self.linear_1(x)
+        h = F.silu(h) if self.activation == "silu" else F.gelu(h, approximate="tanh")
+        return self.linear_2(h)
 
 
 def network_timestep(

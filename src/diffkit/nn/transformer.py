@@ -14,10 +14,21 @@ Peebles & Xie 2023). A block's self-attention mixes
 
 followed, with ``context_dim`` set, by cross-attention to ``Conditioning.tokens``
 (PixArt-style) and an MLP. A final adaLN layer maps tokens back to patches.
+
+Options for the published families (defaults: diffkit's own network): ``modulation="single"``
+regresses all blocks' shifts, scales and gates once from ``c`` and adds a learned table per
+block (adaLN-single, PixArt-α); ``context_projection`` maps the caption tokens through a
+two-layer GELU MLP before the cross-attentions (PixArt); ``learned_sigma`` doubles the output
+head for a predicted variance (DiT, PixArt-α); ``size_conditions`` adds embeddings of
+``Conditioning.micro`` (PixArt-α's resolution and aspect ratio); ``embeddings_per_block``
+gives each block its own time and label embedding (a DiT trained in diffusers);
+``freq_shift``, ``norm_eps`` and ``mlp_norm_eps`` are the numerical conventions of the
+diffusers implementations.
 """
 
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar, cast
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Bool, Float
@@ -39,6 +50,7 @@ from diffkit.typing import Prediction, ShapeError, Tokens, checked_layer
 
 __all__ = [
     "Mixing",
+    "Modulation",
     "PatchTransformer",
     "PatchTransformerBlock",
     "PatchTransformerConfig",
@@ -77,6 +89,11 @@ def self_attend(attn: Attention, x: Tokens, over: Mixing, frames: int) -> Tokens
     return rearrange(attn(x), "(b s) f d -> b (f s) d", s=spatial)
 
 
+Modulation = Literal["zero", "single"]
+"""adaLN-Zero (each block regresses its own shifts, scales and gates from ``c``) or
+adaLN-single (one regression for all blocks, plus a learned table per block; PixArt-α)."""
+
+
 class PatchTransformerBlock(nn.Module):
     """adaLN-Zero block: gated self-attention, optional cross-attention, gated MLP.
 
@@ -84,7 +101,11 @@ class PatchTransformerBlock(nn.Module):
     each frame (``attn``), then across frames (``attn_time``), each its own gated branch.
     ``local_mlp`` swaps the MLP for a [`LocalFeedForward`][diffkit.nn.attention.LocalFeedForward].
     The adaLN regression ``ada`` gives ``(shift, scale, gate)`` for the first self-attention,
-    the MLP, then the time attention (the order of the saved weights).
+    the MLP, then the time attention (the order of the saved weights). With
+    ``modulation="single"`` the block has no regression: it adds its table ``ada_table`` to
+    the shared one it is given. ``cross_norm=False`` drops the LayerNorm before the
+    cross-attention (PixArt). With ``embeddings`` the block has its own ``time_embed`` and
+    ``label_embed`` (diffusers' DiT layout), from which its network computes its ``c``.
     """
 
     def __init__(
@@ -96,43 +117,67 @@ class PatchTransformerBlock(nn.Module):
         mlp_ratio: float = 4.0,
         context_dim: int | None = None,
         local_mlp: bool = False,
+        modulation: Modulation = "zero",
+        cross_norm: bool = True,
+        norm_eps: float = 1e-6,
+        mlp_norm_eps: float = 1e-6,
+        embeddings: tuple[int, int | None] | None = None,
     ) -> None:
         super().__init__()
+        # embeddings=(freq_dim, num_classes): this block's own time (and label) embedding
+        self.time_embed = TimeEmbedding(embeddings[0], dim) if embeddings else None
+        self.label_embed = (
+            nn.Embedding(embeddings[1], dim) if embeddings and embeddings[1] else None
+        )
         self.mixing: Mixing = "space" if attention == "factorised" else "full"
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.attn = Attention(dim, heads, qkv_bias=True)
         if attention == "factorised":
-            self.norm_time = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.norm_time = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
             self.attn_time = Attention(dim, heads, qkv_bias=True)
         else:
             self.norm_time = self.attn_time = None
+        self.norm_cross = self.cross = None
         if context_dim is not None:
-            self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6) if cross_norm else None
             self.cross = Attention(dim, heads, context_dim=context_dim, qkv_bias=True)
-        else:
-            self.norm_cross = self.cross = None
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp: FeedForward | LocalFeedForward = (
             LocalFeedForward(dim, mlp_ratio)
             if local_mlp
             else FeedForward(dim, mlp_ratio, kind="gelu_tanh")
         )
         self.branches = 3 if self.attn_time is not None else 2
-        self.ada = zero_linear(dim, 3 * self.branches * dim)
+        if modulation == "zero":
+            self.ada: nn.Linear | None = zero_linear(dim, 3 * self.branches * dim)
+            self.ada_table = None
+        else:
+            self.ada = None
+            self.ada_table = nn.Parameter(torch.zeros(3 * self.branches, dim))
+
+    def modulations(self, c: Tensor) -> tuple[Tensor, ...]:
+        """The ``3 * branches`` shifts, scales and gates ``(b, dim)``: regressed from ``c``
+        ``(b, dim)``, or (adaLN-single) the shared regression ``c`` ``(b, 3 * branches * dim)``
+        plus this block's table."""
+        if self.ada is not None:
+            return self.ada(F.silu(c)).chunk(3 * self.branches, dim=1)
+        if self.ada_table is None:  # pragma: no cover - one of the two is built
+            raise RuntimeError("PatchTransformerBlock: no modulation")
+        return (self.ada_table + c.unflatten(1, (3 * self.branches, -1))).unbind(1)
 
     @checked_layer
     def forward(
         self,
         x: Float[Tensor, "batch tokens dim"],
-        c: Float[Tensor, "batch dim"],
+        c: Float[Tensor, "batch cond"],
         grid: tuple[int, int, int],
         context: Float[Tensor, "batch context context_dim"] | None = None,
         mask: Bool[Tensor, "batch context"] | None = None,
     ) -> Float[Tensor, "batch tokens dim"]:
         """Frame-major tokens ``(b, f * h * w, dim)`` on the grid ``(f, h, w)``, conditioned
-        on ``c`` ``(b, dim)``; context ``(b, m, context_dim)`` with keep-mask ``(b, m)``."""
+        on ``c`` (see ``modulations``); context ``(b, m, context_dim)``, keep-mask ``(b, m)``."""
         frames = grid[0]
-        mods = self.ada(F.silu(c)).chunk(3 * self.branches, dim=1)
+        mods = self.modulations(c)
         shift, scale, gate = mods[0:3]
         h = modulate(self.norm1(x), shift, scale)
         x = x + gate.unsqueeze(1) * self_attend(self.attn, h, self.mixing, frames)
@@ -140,8 +185,9 @@ class PatchTransformerBlock(nn.Module):
             shift, scale, gate = mods[6:9]
             h = modulate(self.norm_time(x), shift, scale)
             x = x + gate.unsqueeze(1) * self_attend(self.attn_time, h, "time", frames)
-        if self.cross is not None and self.norm_cross is not None:
-            x = x + self.cross(self.norm_cross(x), context, mask)
+        if self.cross is not None:
+            h = self.norm_cross(x) if self.norm_cross is not None else x
+            x = x + self.cross(h, context, mask)
         shift, scale, gate = mods[3:6]
         h = modulate(self.norm2(x), shift, scale)
         h = self.mlp(h, grid) if isinstance(self.mlp, LocalFeedForward) else self.mlp(h)
@@ -172,11 +218,62 @@ class PatchTransformerConfig(Config):
     )
     time_scale: float = Field(default=1000.0, gt=0, description="multiplier of t")
     num_train_timesteps: int = Field(default=1000, gt=1, description="N for time_input='index'")
+    freq_shift: float = Field(
+        default=0.0,
+        ge=0,
+        description="time sinusoid frequencies max_period^(-k / (freq_dim/2 - freq_shift)) "
+        "(diffusers' downscale_freq_shift; its DiT uses 1)",
+    )
+    learned_sigma: bool = Field(
+        default=False,
+        description="the output head also predicts out_channels variance channels (DiT, "
+        "PixArt-α); forward returns the prediction, predict_all both",
+    )
+    modulation: Modulation = Field(
+        default="zero",
+        description="'zero': each block regresses its shifts, scales and gates from the "
+        "conditioning (adaLN-Zero); 'single': one shared regression plus a learned table per "
+        "block and for the output (adaLN-single, PixArt-α)",
+    )
+    context_projection: bool = Field(
+        default=False,
+        description="map Conditioning.tokens (context_dim) to dim by a two-layer GELU MLP "
+        "before the cross-attentions (PixArt's caption projection)",
+    )
+    cross_norm: bool = Field(
+        default=True, description="a LayerNorm before each cross-attention (PixArt: none)"
+    )
+    embeddings_per_block: bool = Field(
+        default=False,
+        description="every block but the first has its own time and label embeddings (a DiT "
+        "trained in diffusers, whose blocks each hold a copy); the first block and the output "
+        "read the network's",
+    )
+    size_conditions: bool = Field(
+        default=False,
+        description="add embeddings of Conditioning.micro = (height, width, aspect ratio) to "
+        "the conditioning (PixArt-α's micro-conditions; dim a multiple of 3)",
+    )
+    norm_eps: float = Field(
+        default=1e-6, gt=0, description="epsilon of the LayerNorms before the self-attentions"
+    )
+    mlp_norm_eps: float = Field(
+        default=1e-6, gt=0, description="epsilon of the LayerNorm before each MLP"
+    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> "PatchTransformerConfig":
         if self.dim % self.num_heads != 0:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.embeddings_per_block and (
+            self.modulation != "zero" or self.pooled_dim or self.size_conditions
+        ):
+            raise ValueError(
+                "embeddings_per_block needs modulation='zero' and conditioning by time and "
+                "labels only (no pooled_dim, no size_conditions)"
+            )
+        if self.size_conditions and self.dim % 3 != 0:
+            raise ValueError(f"size_conditions: dim {self.dim} is not a multiple of 3")
         return self
 
 
@@ -201,30 +298,67 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         c = config
         self.patches = patches
         self._out_channels = c.out_channels or c.in_channels
+        self._head_channels = self._out_channels * (2 if c.learned_sigma else 1)
         self.embed = nn.Linear(patches.patch_dim(c.in_channels), c.dim)
         self.time_embed = TimeEmbedding(c.freq_dim, c.dim)
         self.label_embed = nn.Embedding(c.num_classes, c.dim) if c.num_classes else None
         self.pooled_embed = TimeEmbedding(c.pooled_dim, c.dim) if c.pooled_dim else None
+        # PixArt-α: height and width each get dim/3 features, the aspect ratio the last third
+        self.resolution_embed = TimeEmbedding(c.freq_dim, c.dim // 3) if c.size_conditions else None
+        self.aspect_embed = TimeEmbedding(c.freq_dim, c.dim // 3) if c.size_conditions else None
+        self.context_embed = (
+            TimeEmbedding(c.context_dim, c.dim, activation="gelu_tanh")
+            if c.context_projection and c.context_dim
+            else None
+        )
         self.blocks = nn.ModuleList(
             PatchTransformerBlock(
                 c.dim,
                 c.num_heads,
                 attention=attention,
                 mlp_ratio=c.mlp_ratio,
-                context_dim=c.context_dim,
+                context_dim=c.dim if self.context_embed is not None else c.context_dim,
                 local_mlp=local_mlp,
+                modulation=c.modulation,
+                cross_norm=c.cross_norm,
+                norm_eps=c.norm_eps,
+                mlp_norm_eps=c.mlp_norm_eps,
+                embeddings=(c.freq_dim, c.num_classes) if c.embeddings_per_block and i else None,
             )
-            for _ in range(c.depth)
+            for i in range(c.depth)
         )
+        branches = 3 if attention == "factorised" else 2
+        # adaLN-single: the shared regression, and the output's table in place of ada_out
+        self.ada = zero_linear(c.dim, 3 * branches * c.dim) if c.modulation == "single" else None
         self.norm_out = nn.LayerNorm(c.dim, elementwise_affine=False, eps=1e-6)
-        self.ada_out = zero_linear(c.dim, 2 * c.dim)
-        self.proj_out = zero_linear(c.dim, patches.patch_dim(self._out_channels))
+        if c.modulation == "zero":
+            self.ada_out: nn.Linear | None = zero_linear(c.dim, 2 * c.dim)
+            self.ada_out_table = None
+        else:
+            self.ada_out = None
+            self.ada_out_table = nn.Parameter(torch.zeros(2, c.dim))
+        self.proj_out = zero_linear(c.dim, patches.patch_dim(self._head_channels))
+
+    def time_features(self, t: Tensor) -> Float[Tensor, "batch freq_dim"]:
+        """The sinusoidal features of the times ``t`` ``(batch,)``, before any embedding MLP."""
+        cfg = self.config
+        steps = network_timestep(t, cfg.time_input, cfg.num_train_timesteps, cfg.time_scale)
+        features = timestep_embedding(steps, cfg.freq_dim, freq_shift=cfg.freq_shift)
+        return features.to(self.embed.weight.dtype)
 
     def condition_vector(self, t: Tensor, cond: Conditioning | None) -> Tensor:
         """``c`` ``(batch, dim)``: time embedding plus label and pooled embeddings."""
         cfg = self.config
-        steps = network_timestep(t, cfg.time_input, cfg.num_train_timesteps, cfg.time_scale)
-        c = self.time_embed(timestep_embedding(steps, cfg.freq_dim).to(self.embed.weight.dtype))
+        dtype = self.embed.weight.dtype
+        c = self.time_embed(self.time_features(t))
+        if self.resolution_embed is not None and self.aspect_embed is not None:
+            micro = cond.micro if cond is not None else None
+            if micro is None:  # _check_inputs refused it already
+                raise ValueError(f"{type(self).__name__}: size_conditions needs Conditioning.micro")
+            sizes = timestep_embedding(micro[:, :2].reshape(-1), cfg.freq_dim).to(dtype)
+            ratio = timestep_embedding(micro[:, 2], cfg.freq_dim).to(dtype)
+            sizes = rearrange(self.resolution_embed(sizes), "(b n) d -> b (n d)", n=2)
+            c = c + torch.cat([sizes, self.aspect_embed(ratio)], dim=1)
         return add_condition_embeddings(c, cond, self.label_embed, self.pooled_embed)
 
     def _check_inputs(
@@ -236,6 +370,13 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         if channels != cfg.in_channels:
             raise ShapeError(f"{owner}: x_t has {channels} channels, expected {cfg.in_channels}")
         validate_inputs(owner, x_t, t, cond, cfg, self.embed.weight.dtype)
+        if cfg.size_conditions:
+            micro = cond.micro if cond is not None else None
+            if micro is None or micro.shape[1] != 3:
+                raise ShapeError(
+                    f"{owner}: size_conditions needs Conditioning.micro = (height, width, "
+                    f"aspect ratio) per item, got {None if micro is None else tuple(micro.shape)}"
+                )
 
     def _transform(
         self,
@@ -245,12 +386,26 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         positions: Float[Tensor, "tokens dim"],
         grid: tuple[int, int, int],
     ) -> Float[Tensor, "batch tokens patch_dim"]:
-        """Patches of ``x_t`` on the token ``grid`` to output patches (before unpatchify)."""
+        """Patches of ``x_t`` on the token ``grid`` to output patches (before unpatchify):
+        ``patch_dim(out_channels)`` features, twice that with ``learned_sigma``."""
         context = cond.tokens if cond is not None and self.config.context_dim is not None else None
         mask = cond.mask if context is not None and cond is not None else None
+        if context is not None and self.context_embed is not None:
+            context = self.context_embed(context)
         h = self.embed(self.patches.patchify(x_t)) + positions.to(x_t.device, x_t.dtype)
         c = self.condition_vector(t, cond)
-        for block in self.blocks:
-            h = block(h, c, grid, context, mask)
-        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
+        shared = self.ada(F.silu(c)) if self.ada is not None else c
+        features = self.time_features(t) if self.config.embeddings_per_block else None
+        for block in cast(list[PatchTransformerBlock], self.blocks):
+            block_c = shared
+            if block.time_embed is not None and features is not None:
+                block_c = block.time_embed(features)
+                block_c = add_condition_embeddings(block_c, cond, block.label_embed, None)
+            h = block(h, block_c, grid, context, mask)
+        if self.ada_out is not None:
+            shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
+        elif self.ada_out_table is not None:
+            shift, scale = (self.ada_out_table + c.unsqueeze(1)).unbind(1)
+        else:  # pragma: no cover - one of the two is built
+            raise RuntimeError("PatchTransformer: no output modulation")
         return self.proj_out(modulate(self.norm_out(h), shift, scale))

@@ -12,10 +12,12 @@ Weights of diffusers' ``UNet2DModel`` / ``UNet2DConditionModel`` load with
 ``diffkit.interop.from_diffusers``.
 """
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Literal, cast
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
@@ -73,12 +75,26 @@ class UNetConfig(Config):
     context_dim: int | None = Field(
         default=None, gt=0, description="dim of Conditioning.tokens; set for cross-attention levels"
     )
-    transformer_depth: int = Field(default=1, gt=0, description="transformer blocks per attention")
+    transformer_depth: PositiveInt | tuple[PositiveInt, ...] = Field(
+        default=1,
+        description="transformer blocks per attention: one number, or one per level (the "
+        "middle block takes the last level's; SDXL: (1, 2, 10))",
+    )
     linear_projection: bool = Field(
         default=False, description="linear (not 1x1 conv) projections around transformer blocks"
     )
     num_classes: int | None = Field(default=None, gt=0, description="class-label conditioning")
     pooled_dim: int | None = Field(default=None, gt=0, description="dim of Conditioning.pooled")
+    micro_conditions: int = Field(
+        default=0,
+        ge=0,
+        description="number of Conditioning.micro entries (SDXL: 6, original size, crop "
+        "top-left, target size), each as micro_freq_dim sinusoidal features appended to "
+        "Conditioning.pooled before its embedding (diffusers' addition_embed_type='text_time')",
+    )
+    micro_freq_dim: int = Field(
+        default=256, ge=2, description="sinusoidal features per micro-condition"
+    )
     norm_groups: int = Field(default=32, gt=0, description="GroupNorm groups")
     norm_eps: float = Field(default=1e-5, gt=0, description="GroupNorm epsilon")
     scale_shift: bool = Field(
@@ -128,6 +144,13 @@ class UNetConfig(Config):
             if self._has_attention(i) or (self.mid_attention and i == len(self.channel_mult) - 1):
                 self.heads_at(channels)
         levels = len(self.channel_mult)
+        if isinstance(self.transformer_depth, tuple) and len(self.transformer_depth) != levels:
+            raise ValueError(
+                f"transformer_depth {self.transformer_depth} must give one depth per level "
+                f"({levels} levels)"
+            )
+        if self.micro_conditions and self.pooled_dim is None:
+            raise ValueError("micro_conditions are appended to Conditioning.pooled: set pooled_dim")
         allowed = {2**i for i in range(levels)}
         if not set(self.attention_resolutions) <= allowed:
             raise ValueError(
@@ -138,6 +161,11 @@ class UNetConfig(Config):
 
     def _has_attention(self, level: int) -> bool:
         return 2**level in self.attention_resolutions
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per attention at ``level`` (``-1``: the last, and the middle)."""
+        depth = self.transformer_depth
+        return depth[level] if isinstance(depth, tuple) else depth
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """``(heads, head_dim)`` of an attention layer with ``channels`` channels."""
@@ -156,6 +184,16 @@ class UNetConfig(Config):
     def downsampling_factor(self) -> int:
         """Height and width must be multiples of this (``2 ** (levels - 1)``)."""
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def patch_size(self) -> None:
+        """A U-Net works on pixels (or latents), not patches."""
+        return None
+
+    @property
+    def is_video(self) -> bool:
+        """A U-Net takes images."""
+        return False
 
 
 class UNetLevel(nn.Module):
@@ -204,7 +242,7 @@ class UNet(nn.Module):
                 output_scale=scale,
             )
 
-        def attn(channels: int, scale: float = 1.0) -> nn.Module:
+        def attn(channels: int, level: int, scale: float = 1.0) -> nn.Module:
             heads, head_dim = c.heads_at(channels)
             if c.context_dim is None:
                 return SpatialSelfAttention(
@@ -215,7 +253,7 @@ class UNet(nn.Module):
                 heads,
                 head_dim,
                 context_dim=c.context_dim,
-                depth=c.transformer_depth,
+                depth=c.depth_at(level),
                 groups=c.norm_groups,
                 linear_projection=c.linear_projection,
             )
@@ -223,7 +261,8 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
         self.time_embed = TimeEmbedding(widths[0], emb_dim)  # sinusoid of widths[0] features
         self.label_embed = nn.Embedding(c.num_classes, emb_dim) if c.num_classes else None
-        self.pooled_embed = TimeEmbedding(c.pooled_dim, emb_dim) if c.pooled_dim else None
+        pooled_in = (c.pooled_dim or 0) + c.micro_conditions * c.micro_freq_dim
+        self.pooled_embed = TimeEmbedding(pooled_in, emb_dim) if c.pooled_dim else None
 
         self.down = nn.ModuleList()
         skip_channels = [widths[0]]
@@ -233,7 +272,7 @@ class UNet(nn.Module):
             for _ in range(c.blocks_per_level):
                 blocks.append(res(cin, width))
                 if c._has_attention(i):
-                    attns.append(attn(width))
+                    attns.append(attn(width, i))
                 cin = width
                 skip_channels.append(width)
             down = Downsample(width, c.downsample_padding) if i < levels - 1 else None
@@ -242,7 +281,7 @@ class UNet(nn.Module):
             self.down.append(UNetLevel(blocks, attns, downsample=down))
 
         mid_scale = c.mid_scale
-        mid_attn = [attn(cin, mid_scale)] if c.mid_attention else []
+        mid_attn = [attn(cin, -1, mid_scale)] if c.mid_attention else []
         self.mid: UNetLevel = UNetLevel(
             [res(cin, cin, mid_scale), res(cin, cin, mid_scale)], mid_attn
         )
@@ -253,7 +292,7 @@ class UNet(nn.Module):
             for _ in range(c.blocks_per_level + 1):
                 blocks.append(res(cin + skip_channels.pop(), width))
                 if c._has_attention(i):
-                    attns.append(attn(width))
+                    attns.append(attn(width, i))
                 cin = width
             up = Upsample(width) if i > 0 else None
             self.up.append(UNetLevel(blocks, attns, upsample=up))
@@ -279,6 +318,15 @@ class UNet(nn.Module):
                     f"{-(-size // factor) * factor}"
                 )
         validate_inputs("UNet", x, t, cond, c, self.conv_in.weight.dtype)
+        if c.micro_conditions:
+            micro = cond.micro if cond is not None else None
+            if micro is None or micro.shape[1] != c.micro_conditions:
+                raise ShapeError(
+                    f"UNet: micro_conditions={c.micro_conditions} needs Conditioning.micro of "
+                    f"shape (batch, {c.micro_conditions}) (SDXL: original height, width, crop "
+                    f"top, left, target height, width), got "
+                    f"{None if micro is None else tuple(micro.shape)}"
+                )
 
     def embed_time(self, t: Tensor, cond: Conditioning | None) -> Tensor:
         """The conditioning embedding ``(batch, emb_dim)``: time, plus labels and pooled."""
@@ -291,6 +339,21 @@ class UNet(nn.Module):
             freq_shift=c.freq_shift,
         )
         emb = self.time_embed(emb.to(self.conv_in.weight.dtype))
+        if (
+            c.micro_conditions
+            and cond is not None
+            and cond.micro is not None
+            and cond.pooled is not None
+        ):
+            micro = timestep_embedding(
+                cond.micro.reshape(-1),
+                c.micro_freq_dim,
+                flip_sin_to_cos=c.flip_sin_to_cos,
+                freq_shift=c.freq_shift,
+            )
+            micro = rearrange(micro, "(b n) d -> b (n d)", n=c.micro_conditions)
+            pooled = torch.cat([cond.pooled, micro.to(cond.pooled.dtype)], dim=1)
+            cond = dataclasses.replace(cond, pooled=pooled)  # SDXL's text_time embedding input
         return add_condition_embeddings(emb, cond, self.label_embed, self.pooled_embed)
 
     @checked

@@ -226,8 +226,6 @@ class KLAutoencoder(nn.Module):
         super().__init__()
         self.config = config
         self.latent_channels: int = config.latent_channels
-        self.scaling_factor: float = config.scaling_factor
-        self.shift_factor: float = config.shift_factor
         n = config.latent_channels
         self.encoder = _Encoder(config)
         self.decoder = _Decoder(config)
@@ -238,6 +236,30 @@ class KLAutoencoder(nn.Module):
     def from_config(cls, config: KLAutoencoderConfig) -> "KLAutoencoder":
         """Build a freshly initialised autoencoder."""
         return cls(config)
+
+    # The latent scaling is part of the config (the one truth a saved pipeline records);
+    # setting it on the module records it there.
+    @property
+    def scaling_factor(self) -> float:
+        """Latents are ``(mean - shift_factor) * scaling_factor`` (``config.scaling_factor``)."""
+        return self.config.scaling_factor
+
+    @scaling_factor.setter
+    def scaling_factor(self, value: float) -> None:
+        self.config = self.config.model_validate(
+            {**self.config.model_dump(), "scaling_factor": value}
+        )
+
+    @property
+    def shift_factor(self) -> float:
+        """Subtracted from latents before scaling (``config.shift_factor``)."""
+        return self.config.shift_factor
+
+    @shift_factor.setter
+    def shift_factor(self, value: float) -> None:
+        self.config = self.config.model_validate(
+            {**self.config.model_dump(), "shift_factor": value}
+        )
 
     def latent_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """``(c, h, w) -> (latent_channels, h/f, w/f)``; ``(frames, c, h, w)`` keeps frames."""
@@ -314,6 +336,26 @@ class IdentityEncoderConfig(Config):
     kind: Literal["identity"] = "identity"
     channels: int = Field(default=3, gt=0, description="data channels (= latent channels)")
 
+    @property
+    def in_channels(self) -> int:
+        """Data channels."""
+        return self.channels
+
+    @property
+    def out_channels(self) -> int:
+        """Decoded channels (the data's)."""
+        return self.channels
+
+    @property
+    def latent_channels(self) -> int:
+        """Latent channels (the data's)."""
+        return self.channels
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Pixel space: 1."""
+        return 1
+
 
 class IdentityEncoder(nn.Module):
     """The identity latent space (pixel-space diffusion) behind the Encoder interface."""
@@ -322,6 +364,7 @@ class IdentityEncoder(nn.Module):
 
     def __init__(self, channels: int = 3) -> None:
         super().__init__()
+        self.config = IdentityEncoderConfig(channels=channels)
         self.latent_channels: int = channels
 
     @classmethod

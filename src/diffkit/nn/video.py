@@ -17,6 +17,7 @@ per frame slot): a spatial locality bias that a small transformer otherwise has 
 from data (time is mixed by the attention only). Same interface as the image denoisers.
 """
 
+import math
 from typing import Literal
 
 from jaxtyping import Float
@@ -60,6 +61,16 @@ class VideoDiTConfig(PatchTransformerConfig):
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
         return self
 
+    @property
+    def downsampling_factor(self) -> int:
+        """Height and width must be multiples of this (the tubelet's height and width)."""
+        return math.lcm(self.patch_size[1], self.patch_size[2])
+
+    @property
+    def is_video(self) -> bool:
+        """A VideoDiT takes videos."""
+        return True
+
 
 class VideoDiT(PatchTransformer[VideoDiTConfig]):
     """Video denoiser ``(x_t, t, cond) -> prediction`` on videos ``(b, f, c, h, w)``."""
@@ -86,7 +97,8 @@ class VideoDiT(PatchTransformer[VideoDiTConfig]):
         frames, grid_h, grid_w = self.patches.grid(x_t.shape[1:])
         pos = sincos_pos_embed_3d(frames, grid_h, grid_w, self.config.dim)
         h = self._transform(x_t, t, cond, pos, (frames, grid_h, grid_w))
-        return self.patches.unpatchify(h, (x_t.shape[1], self._out_channels, *x_t.shape[3:]))
+        out = self.patches.unpatchify(h, (x_t.shape[1], self._head_channels, *x_t.shape[3:]))
+        return out[:, :, : self._out_channels]  # learned_sigma: the variance half dropped
 
 
 DENOISERS.register(VideoDiTConfig, VideoDiT.from_config)

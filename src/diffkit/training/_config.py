@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from diffkit.config import Config
-from diffkit.losses import LossConfig
+from diffkit.losses import DiffusionLoss
 
 __all__ = ["Precision", "TrainConfig", "learning_rate"]
 
@@ -54,8 +54,8 @@ class TrainConfig(Config):
         description="fp32; bf16 autocast (CPU or CUDA); fp16 autocast + scaler (CUDA)",
     )
     seed: int = Field(default=0, ge=0, description="seeds data order, times, noise and dropout")
-    loss: LossConfig = Field(
-        default_factory=LossConfig,
+    loss: DiffusionLoss = Field(
+        default_factory=DiffusionLoss,
         description="the diffusion loss of train(denoiser, schedule, ...); other losses ignore it",
     )
     output_dir: str | None = Field(

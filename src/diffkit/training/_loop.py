@@ -37,7 +37,6 @@ from diffkit.checkpoint import (
 )
 from diffkit.data import Batch
 from diffkit.ema import EMA
-from diffkit.losses import DiffusionLoss
 from diffkit.protocols import Conditioning, NoiseSchedule
 from diffkit.training._batching import EpochBatches, ShardPlan, step_generator, to_device
 from diffkit.training._config import Precision, TrainConfig, learning_rate
@@ -177,7 +176,7 @@ def train(
     is ``train(denoiser, DenoiserLoss(schedule, ...), ...)`` with
 
     - ``loss(denoiser, schedule, x0, cond=, uncond=, generator=) -> scalar``; default
-      ``DiffusionLoss(config.loss)``.
+      ``config.loss``.
     - ``condition(batch) -> Conditioning | None`` builds each micro-batch's condition
       (e.g. a text conditioner on ``batch.captions``); ``uncond`` is the null condition
       substituted by condition dropout.
@@ -198,7 +197,7 @@ def train(
     if isinstance(objective, NoiseSchedule):
         objective = DenoiserLoss(
             objective,
-            loss=loss if loss is not None else DiffusionLoss(config.loss),
+            loss=loss if loss is not None else config.loss,
             condition=condition,
             uncond=uncond,
             encode=encode,
