@@ -564,3 +564,177 @@ def test_pipeline_load_refuses_integer_and_complex_weights_by_name(
     _edit(run, tensors_edit=relabel)
     with pytest.raises(CheckpointError, match=name):
         Pipeline.load(run)
+
+
+# ------------------------------------------------------------------ Pipeline.load (case 1, 3, 5)
+
+
+def _set_vocab(value: str) -> object:
+    return lambda folder: _edit(folder, lambda d: d["text"].update(vocab_path=value))
+
+
+def _load_error(folder: Path) -> str:
+    """``Pipeline.load(folder)``'s ``CheckpointError``, one line, raised without hanging."""
+    from diffkit.checkpoint import CheckpointError
+    from diffkit.pipeline import Pipeline
+
+    err = _in_thread(lambda: Pipeline.load(folder))
+    assert isinstance(err, CheckpointError), repr(err)
+    assert "\n" not in str(err)
+    return str(err)
+
+
+def _fifo_vocab(folder: Path) -> None:
+    path = _vocab(folder)
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _symlinked_vocab(target: str) -> object:
+    def change(folder: Path) -> None:
+        path = _vocab(folder)
+        path.unlink()
+        os.symlink(target, path)
+
+    return change
+
+
+_LOAD_CASES = {
+    "absolute": (_set_vocab("/etc/passwd"), "relative"),
+    "dev-stdin": (_set_vocab("/dev/stdin"), "relative"),
+    "dotdot": (_set_vocab("../../etc/passwd"), ".."),
+    "symlink-out": (_symlinked_vocab("/etc/passwd"), "leaves the folder"),
+    "symlink-stdin": (_symlinked_vocab("/dev/stdin"), "leaves the folder"),
+    "fifo": (_fifo_vocab, "FIFO"),
+    "deep-json": (_deep_json, "nested too deeply"),
+}
+
+
+@needs_fifo
+@pytest.mark.parametrize("case", list(_LOAD_CASES))
+def test_pipeline_load_reads_only_regular_files_inside_the_folder(
+    text_pipeline: Path, tmp_path: Path, case: str
+) -> None:
+    damage, message = _LOAD_CASES[case]
+    run = _copy(text_pipeline, tmp_path / "run")
+    damage(run)  # type: ignore[operator]
+    assert message in _load_error(run)
+
+
+@needs_fifo
+@pytest.mark.parametrize("case", ["absolute", "dev-stdin", "symlink-stdin", "fifo"])
+@pytest.mark.parametrize("command", ["info", "sample"])
+def test_cli_refuses_a_vocab_outside_the_folder_in_one_line_without_hanging(
+    capsys: pytest.CaptureFixture[str], text_pipeline: Path, tmp_path: Path, case: str, command: str
+) -> None:
+    damage, message = _LOAD_CASES[case]
+    run = _copy(text_pipeline, tmp_path / "run")
+    damage(run)  # type: ignore[operator]
+    argv = [command, str(run)] + (
+        ["--prompt", "a", "--num", "1", "--quiet"] if command == "sample" else []
+    )
+    line: list[str] = []
+    err = _in_thread(lambda: line.append(_cli_error(capsys, argv)))
+    assert err is None, err
+    assert message in line[0]
+
+
+def test_pipeline_load_refuses_a_gzip_bomb_for_a_vocabulary(
+    text_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _copy(text_pipeline, tmp_path / "run")
+    _bomb(_vocab(run), 200 * 2**20)
+    monkeypatch.setattr(files, "MAX_READ_BYTES", 8 * 2**20)
+    assert "larger than 8,388,608 bytes inflated" in _load_error(run)
+
+
+@needs_fifo
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_pipeline_load_refuses_a_fifo_or_outside_link_for_its_own_files(
+    tiny_pipeline: Path, tmp_path: Path, name: str
+) -> None:
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    outside = tmp_path / "outside"
+    (run / name).rename(outside)
+    os.symlink(outside, run / name)
+    assert "leaves the folder" in _load_error(run)
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    assert "FIFO" in _load_error(run)
+
+
+def test_pipeline_load_refuses_one_module_in_two_floating_dtypes(
+    tiny_pipeline: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    name = "denoiser.conv_out.weight"
+
+    def half(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = tensors[name].half()
+
+    _edit(run, tensors_edit=half)
+    assert name in _load_error(run) and "torch.float16" in _load_error(run)
+
+
+def test_a_module_saved_in_mixed_precision_loads_back(tiny_pipeline: Path, tmp_path: Path) -> None:
+    import torch
+
+    from diffkit.pipeline import Pipeline
+
+    pipeline = Pipeline.load(tiny_pipeline).to(torch.bfloat16)
+    pipeline.denoiser.conv_out.float()
+    loaded = Pipeline.load(pipeline.save(tmp_path / "mixed"))
+    for key, value in pipeline.state_dict().items():
+        assert loaded.state_dict()[key].dtype == value.dtype, key
+
+
+# ------------------------------------------------------------------ sizes (case 3)
+
+
+@pytest.mark.parametrize("size", [1_000_000, 10**400], ids=["1e6", "1e400"])
+def test_sizes_no_machine_can_hold_are_refused_before_allocating(
+    tiny_pipeline: Path, tmp_path: Path, size: int
+) -> None:
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    _edit(run, lambda d: d["denoiser"].update(base_channels=size))
+    message = _load_error(run)
+    assert "base_channels" in message
+
+
+def test_weights_are_checked_against_the_meta_device_build_before_allocating(
+    tiny_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from diffkit.pipeline import Pipeline
+
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    _edit(run, lambda d: d["denoiser"].update(base_channels=16))  # weights are for 8
+    devices: list[str] = []
+    build = Pipeline.from_config.__func__
+
+    def spy(cls: type, config: object) -> object:
+        devices.append(str(torch.get_default_device()))
+        return build(cls, config)
+
+    monkeypatch.setattr(Pipeline, "from_config", classmethod(spy))
+    assert "mis-shaped" in _load_error(run)
+    assert devices == ["meta"]
+
+
+def test_steps_and_data_shape_are_bounded(tiny_pipeline: Path, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from diffkit.builder import build
+    from diffkit.pipeline import Pipeline
+
+    config = {"data_shape": [1, 8, 8], "schedule": {"kind": "cosine"}, "denoiser": _TINY_UNET}
+    with pytest.raises(ValidationError, match="steps"):
+        build({**config, "steps": 10**12})
+    with pytest.raises(ValidationError, match="data_shape"):
+        build({**config, "data_shape": [1, 65536, 65536]})
+    pipeline = Pipeline.load(tiny_pipeline)
+    with pytest.raises(ValueError, match="steps"):
+        pipeline.generate(num_samples=1, steps=10**12)
