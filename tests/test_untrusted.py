@@ -738,3 +738,11 @@ def test_steps_and_data_shape_are_bounded(tiny_pipeline: Path, tmp_path: Path) -
     pipeline = Pipeline.load(tiny_pipeline)
     with pytest.raises(ValueError, match="steps"):
         pipeline.generate(num_samples=1, steps=10**12)
+
+
+def test_cli_refuses_steps_past_the_bound_in_one_line(
+    capsys: pytest.CaptureFixture[str], tiny_pipeline: Path, tmp_path: Path
+) -> None:
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    argv = ["sample", str(run), "--num", "1", "--steps", str(10**12), "--quiet"]
+    assert "MAX_STEPS" in _cli_error(capsys, argv)

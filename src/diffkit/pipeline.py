@@ -889,6 +889,13 @@ class Pipeline(nn.Module):
 
         Each module comes back in the floating dtype it was saved in (a bfloat16 pipeline
         loads as bfloat16); ``dtype=`` casts the loaded pipeline to another one.
+
+        A folder from someone else is safe to load: every file it names is a regular file
+        inside it, read up to a limit ([`diffkit.files`][diffkit.files]); the networks are
+        built on the meta device first, their size checked against ``MAX_PARAMETERS`` and
+        the weights' names, shapes and dtypes against them, before memory is allocated.
+        Every refusal is one ``CheckpointError`` line (a bad config: ``ValidationError``).
+        safetensors has no checksum: a flipped bit that leaves a weight finite is not seen.
         """
         folder = Path(directory)
         config_path = folder / CONFIG_FILE
