@@ -58,6 +58,7 @@ __all__ = [
     "load_state_dict",
     "load_tensors",
     "load_training_checkpoint",
+    "read_header",
     "remove_stale_temporaries",
     "save_tensors",
     "save_training_checkpoint",
@@ -202,6 +203,53 @@ def load_tensors(
             f"{file} is not a readable safetensors file (truncated or corrupt?): {err}"
         ) from None
     return tensors, metadata
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+}
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A safetensors file's tensors as ``meta`` tensors (name, shape, dtype; no data read).
+
+    Lets names, shapes and dtypes be checked before the file's data is read. A dtype
+    torch does not have is refused by tensor name (``CheckpointError``).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint file at {file}")
+    specs: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            for key in handle.keys():  # noqa: SIM118
+                piece = handle.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is None:
+                    unknown.append(f"{key} ({piece.get_dtype()})")
+                    continue
+                specs[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+    except Exception as err:  # safetensors raises its own error type and OSError
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from None
+    if unknown:
+        raise CheckpointError(f"{file}: tensors of an unsupported dtype: {_describe(unknown)}")
+    return specs, metadata
 
 
 # --------------------------------------------------------------------------- key checks

@@ -41,6 +41,7 @@ from diffkit.checkpoint import (
     check_loadable,
     load_state_dict,
     load_tensors,
+    read_header,
 )
 from diffkit.checkpoint import save_tensors as _save_tensors
 from diffkit.config import Config
@@ -920,7 +921,7 @@ class Pipeline(nn.Module):
                 f"{config_path} does not hold a JSON object (the pipeline config), got "
                 f"{type(data).__name__}"
             )
-        tensors, metadata = load_tensors(weights_path)
+        specs, metadata = read_header(weights_path)  # names, shapes, dtypes: no data yet
         if metadata.get("format") not in (FORMAT, None):
             raise CheckpointError(f"{weights_path} is not a diffkit pipeline file")
         _check_saved_together(folder, data, metadata.get(CONFIG_KEY))
@@ -936,7 +937,7 @@ class Pipeline(nn.Module):
         if huge:
             raise CheckpointError(f"{config_path}: sizes no machine can hold: {', '.join(huge)}")
         where = str(weights_path)
-        check_dtypes(tensors, what=where, mixed=_recorded_mixed(metadata))
+        check_dtypes(specs, what=where, mixed=_recorded_mixed(metadata))
         parsed = parse_config(data)
         try:
             # Built on the meta device first: sizes and the weights' names, shapes and
@@ -944,9 +945,10 @@ class Pipeline(nn.Module):
             with torch.device("meta"):
                 probe = cls.from_config(parsed)
             _check_sizes(probe, parsed, str(config_path))
-            _to_stored_dtypes(probe, tensors)
-            check_loadable(probe, tensors, what=where)
+            _to_stored_dtypes(probe, specs)
+            check_loadable(probe, specs, what=where)
             del probe
+            tensors, _ = load_tensors(weights_path)
             pipeline = cls.from_config(parsed).eval()
         except UnreadableFileError as err:  # the tokenizer's file
             raise CheckpointError(f"{config_path}: text.vocab_path: {err}") from None
