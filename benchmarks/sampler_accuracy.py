@@ -153,9 +153,13 @@ def diffkit_runners(calibration: Tensor) -> dict[str, Maker]:
 
 
 def steps_for(sampler: samplers.SamplerBase, nfe: int) -> int:
-    """Steps that use at most ``nfe`` evaluations (Heun, DPM-2, 2S: 2 per step, 1 on the last)."""
+    """Steps using at most ``nfe`` evaluations (two-stage samplers: 2 per step, 1 on the last)."""
     two_stage = isinstance(
-        sampler, samplers.Heun | samplers.DPMSolver2 | samplers.DPMSolverPP2SAncestral
+        sampler,
+        samplers.Heun
+        | samplers.DPMSolver2
+        | samplers.DPMSolverPP2SAncestral
+        | samplers.DPMSolverPPSDE,
     )
     return (nfe + 1) // 2 if two_stage else nfe
 

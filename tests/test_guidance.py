@@ -135,3 +135,23 @@ def test_a_guided_output_of_another_shape_is_named() -> None:
     guided = Guided(half, uncond, 2.0)
     with pytest.raises(dk.ShapeError, match=r"output is \(4, 3\), expected .* \(8, 3\) \(cond and"):
         guided(torch.randn(4, 3), torch.rand(4), dk.Conditioning(pooled=torch.ones(1, 3)))
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.3, 1.0])
+def test_guidance_rescale_is_lin_et_als_formula(rescale: float) -> None:
+    # diffusers' rescale_noise_cfg, written out: std over all but the batch dimension.
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+
+    def model(x, t, c=None):
+        return torch.cat([cond, uncond])
+
+    model.prediction = "epsilon"  # type: ignore[attr-defined]
+    out = dk.guidance.predict(model, cond, torch.zeros(6), None, 7.5, rescale=rescale)
+    cfg = uncond + 7.5 * (cond - uncond)
+    std_text = cond.std(dim=[1, 2, 3], keepdim=True)
+    std_cfg = cfg.std(dim=[1, 2, 3], keepdim=True)
+    expected = rescale * (cfg * (std_text / std_cfg)) + (1 - rescale) * cfg
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    if rescale == 1.0:
+        torch.testing.assert_close(out.std(dim=[1, 2, 3]), cond.std(dim=[1, 2, 3]))

@@ -37,6 +37,19 @@ try:
 except ImportError as err:
     print("yaml:", err)
 print(type(config).__name__)
+
+class Terminal:
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        pass
+
+    def flush(self):
+        pass
+
+bar = dk.training.progress_bar(3, "train", file=Terminal())
+print(type(bar).__name__)
 """
 
 
@@ -56,6 +69,7 @@ def test_import_diffkit_loads_none_of_the_demo_packages_nor_the_cli() -> None:
 
 
 def test_diffkit_imports_and_reads_json_configs_without_the_demo_extra() -> None:
-    yaml_error, name = _run(BLOCKED.format(optional=OPTIONAL))
+    yaml_error, name, bar = _run(BLOCKED.format(optional=OPTIONAL))
     assert name == "PipelineConfig"
+    assert bar == "_ProgressLines"  # no tqdm: a terminal gets plain progress lines
     assert "pip install 'diffkit[demo]'" in yaml_error and "pyyaml" in yaml_error

@@ -26,7 +26,16 @@ from diffkit.schedules import EDM, Cosine, Discrete, RectifiedFlow, discrete_bet
 F64 = torch.float64
 DIM = 4
 NAMES = sorted(samplers.REGISTRY)
-STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral"}
+STOCHASTIC = {
+    "ddpm",
+    "euler_ancestral",
+    "dpmpp_sde",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+    "dpmpp_2s_ancestral",
+    "dpm_2_ancestral",
+    "dpmpp_sde_single",
+}
 FIRST_ORDER = {"ddpm", "ddim", "ddim_logsnr", "euler", "euler_ancestral"}
 DETERMINISTIC = [n for n in NAMES if n not in STOCHASTIC]
 DISCRETE = Discrete.from_betas(discrete_betas("linear_beta", 1000))
@@ -36,6 +45,7 @@ TWO_STAGE = (
     samplers.Heun,
     samplers.DPMSolver2,
     samplers.DPMSolverPP2SAncestral,
+    samplers.DPMSolverPPSDE,
 )  # 2 NFE per step, 1 onto the data
 
 
@@ -111,6 +121,7 @@ ORDER = {
     "euler": 1,
     "heun": 2,
     "dpm_2": 2,
+    "lms": 3,
     "dpmpp_2m": 2,
     "dpmpp_3m": 2,
     "unipc": 3,
@@ -141,6 +152,8 @@ def test_error_falls_with_the_order_of_the_sampler(name: str) -> None:
 EXACT_DEGREE = {
     "dpmpp_3m": (samplers.DPMSolverPP(order=3), 1),
     "dpmpp_3m_sde": (samplers.DPMSolverPP(order=3, eta=1.0), 1),
+    "dpmpp_2m_heun": (samplers.DPMSolverPP(order=2, solver_type="heun"), 1),
+    "dpmpp_2m_sde_heun": (samplers.DPMSolverPP(order=2, eta=1.0, solver_type="heun"), 1),
     "unipc_3_predictor": (samplers.UniPC(order=3, corrector=False), 2),
     "unipc_3_bh1_predictor": (samplers.UniPC(order=3, variant="bh1", corrector=False), 2),
 }
@@ -200,6 +213,26 @@ SCHEDULES = {
 }
 
 
+BUILT_IN_SCHEDULES = {
+    **SCHEDULES,
+    "linear_beta": dk.schedules.LinearBeta(),
+    "sqrt_linear_beta": dk.schedules.SqrtLinearBeta(),
+    "discrete_sd": Discrete.from_betas(discrete_betas("sqrt_linear_beta", 1000, 0.00085, 0.012)),
+    "discrete_cosine": Discrete.from_betas(discrete_betas("cosine", 1000)),
+    "rectified_flow_shift3": RectifiedFlow(shift=3.0),
+    "cosine_zsnr": dk.schedules.ZeroTerminalSNR(Cosine()),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(BUILT_IN_SCHEDULES))
+@pytest.mark.parametrize("name", NAMES)
+def test_no_preset_spends_most_of_ten_steps_at_pure_noise(name: str, schedule: str) -> None:
+    # Karras on Cosine once put 7 of 10 steps at t > 0.98 (the Karras-on-Cosine trap).
+    grid = samplers.PRESETS[name].grid(BUILT_IN_SCHEDULES[schedule], 10)
+    noisy = [t for t in grid.t[:-1] if t > 0.95]
+    assert len(noisy) <= 5, f"{name} on {schedule}: {grid.t}"
+
+
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 @pytest.mark.parametrize("name", NAMES)
 def test_every_sampler_gives_finite_samples_on_every_schedule(name: str, schedule: str) -> None:
@@ -247,6 +280,80 @@ def test_same_generator_seed_gives_identical_samples(name: str) -> None:
             den, DISCRETE, noise, steps=6, generator=torch.Generator().manual_seed(6)
         )
         assert not torch.equal(a, c)
+
+
+class ImageGaussian:
+    """Exact epsilon of zero-mean per-channel Gaussian images, answered in ``layout``."""
+
+    prediction = "epsilon"
+
+    def __init__(self, schedule, layout: torch.memory_format) -> None:
+        self.schedule, self.layout = schedule, layout
+        self.var = torch.tensor([0.2, 1.0, 2.0], dtype=F64)[:, None, None]
+
+    def __call__(self, x, t, cond=None):
+        a = self.schedule.alpha(t.to(F64))[:, None, None, None]
+        s = self.schedule.sigma(t.to(F64))[:, None, None, None]
+        eps = s / (a * a * self.var + s * s) * x.to(F64)
+        return eps.to(x.dtype).contiguous(memory_format=self.layout)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_samples_do_not_depend_on_the_memory_layout(name: str) -> None:
+    # Step noise is drawn by logical index, so a channels-last or permuted noise tensor
+    # (and a model answering channels-last) gives the same samples, element for element.
+    noise = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    sampler = samplers.REGISTRY[name]()
+
+    def run(x, layout=torch.contiguous_format):
+        den = ImageGaussian(DISCRETE, layout)
+        g = torch.Generator().manual_seed(3)
+        return sampler.sample(den, DISCRETE, x, steps=4, generator=g)
+
+    reference = run(noise)
+    channels_last = noise.contiguous(memory_format=torch.channels_last)
+    permuted = noise.permute(3, 1, 0, 2).contiguous().permute(2, 1, 3, 0)
+    assert not channels_last.is_contiguous() and not permuted.is_contiguous()
+    for x, layout in [
+        (channels_last, torch.contiguous_format),
+        (permuted, torch.contiguous_format),
+        (noise, torch.channels_last),
+        (channels_last, torch.channels_last),
+    ]:
+        torch.testing.assert_close(run(x, layout), reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sampling_starts_from_given_latents_or_from_x_t_at_any_time(name: str) -> None:
+    mean, std = _data()
+    den = Gaussian(DISCRETE, mean, std)
+    noise = torch.randn(8, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sampler = samplers.REGISTRY[name]()
+
+    def run(x, steps=5, **kw):
+        g = torch.Generator().manual_seed(4)
+        return sampler.sample(den, DISCRETE, x, steps=steps, generator=g, **kw)
+
+    # given latents x_T at the grid's first time, used as they are
+    x_T = noise * sampler.grid(DISCRETE, 5).sigma[0]
+    torch.testing.assert_close(run(x_T, start="sample"), run(noise), rtol=1e-12, atol=1e-12)
+    # a given x_t at t = 0.5 (image-to-image): the grid starts there
+    t = torch.full((8,), 0.5, dtype=F64)
+    x0 = mean + std * torch.randn(8, DIM, generator=torch.Generator().manual_seed(2), dtype=F64)
+    x_t = DISCRETE.alpha(t)[:, None] * x0 + DISCRETE.sigma(t)[:, None] * noise
+    calls: list[float] = []
+    out = run(x_t, start="sample", t_start=0.5, callback=lambda i, t, x, d: calls.append(i))
+    started = sampler.model_copy(update={"spacing": sampler.spacing.starting_at(0.5)})
+    assert started.grid(DISCRETE, 5).t[0] == 0.5 and len(calls) == 5
+    assert torch.isfinite(out).all()
+    if name not in STOCHASTIC:  # the flow from x_t converges to the exact flow map
+        out = run(x_t, steps=40, start="sample", t_start=0.5)
+        exact = den.flow_map(x_t / DISCRETE.sigma(t[:1]), started.grid(DISCRETE, 40))
+        assert float((out - exact).abs().max()) < 0.1
+    with pytest.raises(ValueError, match="t_start"):
+        run(x_t, t_start=1e-4)
+    with pytest.raises(ValueError, match="start"):
+        run(x_t, start="latents")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -544,6 +651,18 @@ def test_guidance_one_equals_the_conditional_model(name: str) -> None:
     strong = run(cond=cond, uncond=uncond, guidance=3.0)
     assert set(model.calls) == {5, 10}  # one batched call on cond and uncond together
     assert not torch.allclose(plain, strong)
+    # guidance rescale: none at 0 or at guidance 1 (std(cond) / std(cond) = 1)
+    torch.testing.assert_close(run(cond=cond, guidance_rescale=0.7), plain)
+    torch.testing.assert_close(
+        run(cond=cond, uncond=uncond, guidance=3.0, guidance_rescale=0.0), strong
+    )
+    # this model's cond shifts its prediction by the same amount in every dimension, which
+    # leaves the per-sample std as it is: rescaling is then the identity (the formula is
+    # tested in test_guidance.py and against diffusers in tests/parity).
+    rescaled = run(cond=cond, uncond=uncond, guidance=3.0, guidance_rescale=0.7)
+    torch.testing.assert_close(rescaled, strong, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        run(cond=cond, guidance_rescale=1.5)
 
 
 def test_guidance_needs_uncond() -> None:

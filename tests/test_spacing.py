@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffkit.samplers import SPACINGS, Explicit, Karras, LogSNR, UniformTime
+from diffkit.samplers import SPACINGS, Explicit, Karras, Leading, LogSNR, UniformTime
 from diffkit.schedules import EDM, Cosine, Discrete, RectifiedFlow, discrete_betas
 
 F64 = torch.float64
@@ -34,7 +34,8 @@ SPACINGS_UNDER_TEST = {
 def test_grid_is_decreasing_from_t_max_and_ends_on_the_data(steps, spacing, schedule) -> None:
     t = SPACINGS_UNDER_TEST[spacing](SCHEDULES[schedule], steps)
     assert t.shape == (steps + 1,) and t.dtype == F64
-    assert t[0] == 1.0 and t[-1] == 0.0
+    capped = (spacing, schedule) == ("karras", "cosine")  # Karras' sigma_max ceiling
+    assert (t[0] < 1.0 if capped else t[0] == 1.0) and t[-1] == 0.0
     assert bool((t[1:] < t[:-1]).all())
 
 
@@ -75,6 +76,31 @@ def test_infinite_log_snr_endpoint_keeps_pure_noise_first() -> None:
         assert bool(torch.isfinite(sched.log_snr(t[1:-1])).all())
 
 
+def test_karras_caps_a_huge_terminal_sigma_and_keeps_the_peers_grids() -> None:
+    # Cosine ends at sigma/alpha = e^10: uncapped, 7 of 10 steps sit at t > 0.95.
+    cosine = Cosine()
+    uncapped = Karras(sigma_max=None)(cosine, 10)
+    assert int((uncapped[:-1] > 0.95).sum()) == 7
+    capped = Karras()(cosine, 10)
+    ratio = cosine.sigma(capped[:1]) / cosine.alpha(capped[:1])
+    torch.testing.assert_close(ratio, torch.tensor([200.0], dtype=F64), rtol=1e-6, atol=0)
+    assert int((capped[:-1] > 0.95).sum()) <= 5
+    # Below the ceiling (DDPM linear betas end at 157, EDM at 80) the grid is unchanged.
+    for sched in (SCHEDULES["discrete"], EDM()):
+        torch.testing.assert_close(Karras()(sched, 10), Karras(sigma_max=None)(sched, 10))
+
+
+def test_leading_matches_diffusers_leading_timesteps_with_their_offset() -> None:
+    t = Leading(steps_offset=1)(SCHEDULES["discrete"], 10)
+    index = (t[:-1] * 1000 - 1).round()
+    assert index.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert t[-1] == 0.0
+    with pytest.raises(ValueError, match="steps_offset"):
+        Leading(steps_offset=1000)
+    with pytest.raises(ValueError, match="num_train"):
+        Leading(num_train=10)(SCHEDULES["discrete"], 20)
+
+
 def test_explicit_times_are_checked() -> None:
     sched = SCHEDULES["discrete"]
     assert Explicit(times=(0.9, 0.5, 0.1))(sched, 3).tolist() == [0.9, 0.5, 0.1, 0.0]
@@ -105,6 +131,7 @@ def test_spacing_configs_build_and_validate() -> None:
         (lambda: UniformTime(t_min=0.5, t_max=0.4), "t_min"),
         (lambda: LogSNR(power=0.0), "power"),
         (lambda: Karras(rho=-1.0), "rho"),
+        (lambda: Karras(sigma_max=0.0), "sigma_max"),
         (lambda: Explicit(times=()), "times"),
         (lambda: Explicit(times=(0.5, 0.9)), "times"),
         (lambda: Explicit(times=(1.5, 0.5)), "times"),

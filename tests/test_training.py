@@ -772,7 +772,7 @@ def test_a_denoiser_loss_object_trains_like_the_schedule_shorthand(digits):
     config = _config(steps=3)
     short = train(_fresh(0), Cosine(), digits, config, condition=_labels, uncond=NULL)
     loss = training.DenoiserLoss(
-        Cosine(), loss=DiffusionLoss(config.loss), condition=_labels, uncond=NULL
+        Cosine(), loss=config.loss, condition=_labels, uncond=NULL
     )
     explicit = train(_fresh(0), loss, digits, config)
     assert explicit.losses == short.losses
@@ -782,7 +782,7 @@ def test_the_loop_runs_by_hand_prepare_step_after_step_finish(tmp_path, digits):
     config = _config(tmp_path, steps=2, log_every=1)
     loss = training.DenoiserLoss(
         Cosine(),
-        loss=DiffusionLoss(config.loss),
+        loss=config.loss,
         condition=_labels,
         uncond=NULL,
         prediction="epsilon",

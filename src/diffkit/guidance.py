@@ -30,9 +30,21 @@ __all__ = [
 ]
 
 
-def _combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """``uncond + scale * (cond - uncond)``: the guidance formula, once."""
-    return torch.lerp(uncond, cond, scale)
+def _combine(cond: Tensor, uncond: Tensor, scale: float, rescale: float = 0.0) -> Tensor:
+    """``uncond + scale * (cond - uncond)``: the guidance formula, once; optionally rescaled.
+
+    ``rescale = phi > 0`` is Lin et al. (2024, Sec. 3.4; diffusers' ``guidance_rescale``):
+    the guided prediction ``g`` is scaled to the per-sample standard deviation of the
+    conditional one, ``g' = g std(cond) / std(g)`` (over all but the batch dimension,
+    unbiased, as diffusers), and mixed back, ``phi g' + (1 - phi) g``, which undoes the
+    over-exposure of high guidance scales with zero-terminal-SNR schedules.
+    """
+    guided = torch.lerp(uncond, cond, scale)
+    if not rescale:
+        return guided
+    dims = list(range(1, guided.ndim))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return torch.lerp(guided, guided * ratio, rescale)
 
 
 @checked
@@ -62,6 +74,7 @@ def predict(
     cond: Conditioning | None,
     scale: float,
     dtype: torch.dtype | None = None,
+    rescale: float = 0.0,
 ) -> Tensor:
     """The denoiser's prediction at ``x_t``, classifier-free guided when ``scale != 1``.
 
@@ -69,7 +82,9 @@ def predict(
     batch (``cond.cat(uncond)``) and ``t`` the times of that doubled batch: one call on
     ``[x_t; x_t]``, split, and ``uncond + scale * (cond - uncond)``. The output must have
     the shape of the model's input (a plain tuple comparison, ``OutputShapeError``
-    otherwise); it is cast to ``dtype`` (if given) before the combination.
+    otherwise); it is cast to ``dtype`` (if given) before the combination. ``rescale``
+    (0 to 1) is the guidance rescale of Lin et al. (see ``_combine``), on the prediction
+    the model makes (epsilon or v, as diffusers applies it).
     """
     guided = scale != 1.0
     x_in = torch.cat([x_t, x_t]) if guided else x_t
@@ -81,7 +96,7 @@ def predict(
     if not guided:
         return out
     with_cond, without = out.chunk(2)
-    return _combine(with_cond, without, scale)
+    return _combine(with_cond, without, scale, rescale)
 
 
 def warn_unused(where: str, name: str = "uncond") -> None:

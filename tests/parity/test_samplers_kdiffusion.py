@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffkit import samplers
-from diffkit.schedules import Discrete, discrete_betas
+from diffkit.schedules import EDM, Discrete, discrete_betas
 
 pytestmark = pytest.mark.parity
 ks = pytest.importorskip("k_diffusion.sampling")
@@ -69,7 +69,7 @@ CASES = {
 def test_sampler_matches_kdiffusion(name: str) -> None:
     kd_sampler, kd_sigmas, make, spacing = CASES[name]
     steps = 8
-    ac = SCHEDULE.alphas_cumprod
+    ac = torch.tensor(SCHEDULE.alphas_cumprod, dtype=F64)
     ratios = ((1 - ac) / ac).sqrt()
     sigmas = kd_sigmas(steps, float(ratios[0]), float(ratios[-1])).to(F64)
     noise = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -86,7 +86,7 @@ def test_sampler_matches_kdiffusion(name: str) -> None:
 @pytest.mark.parametrize("batch", [4, 8])  # 8 x 5 values: torch's vectorised normal_
 def test_dpmpp_2s_ancestral_matches_kdiffusion_with_the_same_noise(eta: float, batch: int) -> None:
     steps = 8
-    ac = SCHEDULE.alphas_cumprod
+    ac = torch.tensor(SCHEDULE.alphas_cumprod, dtype=F64)
     ratios = ((1 - ac) / ac).sqrt()
     sigmas = ks.get_sigmas_karras(steps, float(ratios[0]), float(ratios[-1])).to(F64)
     noise = torch.randn(batch, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -103,3 +103,83 @@ def test_dpmpp_2s_ancestral_matches_kdiffusion_with_the_same_noise(eta: float, b
         Model(), SCHEDULE, noise, steps=steps, generator=torch.Generator().manual_seed(5)
     )
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# Every k-diffusion sampler, float64, on k-diffusion's own sigmas, with the same draws
+# --------------------------------------------------------------------------------------
+
+EDM_SCHEDULE = EDM(sigma_min=1e-3, sigma_max=100.0)  # alpha = 1: x~ = x, s = sigma
+
+
+class EDMModel:
+    prediction = "x0"
+
+    def __call__(self, x, t, cond=None):
+        return denoised(x, EDM_SCHEDULE.sigma(t.to(F64)))
+
+
+# k-diffusion name -> (its function, its keyword arguments, the diffkit sampler, noise)
+# noise: None (deterministic), "gaussian" (a noise_sampler drawing from a generator) or
+# "tree" (k-diffusion's BrownianTreeNoiseSampler seeded as diffkit seeds its own).
+KDIFFUSION = {
+    "euler": (ks.sample_euler, {}, samplers.Euler(), None),
+    "euler_ancestral": (ks.sample_euler_ancestral, {}, samplers.EulerAncestral(), "gaussian"),
+    "heun": (ks.sample_heun, {}, samplers.Heun(), None),
+    "dpm_2": (ks.sample_dpm_2, {}, samplers.DPMSolver2(), None),
+    "dpm_2_ancestral": (ks.sample_dpm_2_ancestral, {}, samplers.DPMSolver2(eta=1.0), "gaussian"),
+    "lms": (ks.sample_lms, {}, samplers.LMS(), None),
+    "dpmpp_2s_ancestral": (
+        ks.sample_dpmpp_2s_ancestral,
+        {},
+        samplers.DPMSolverPP2SAncestral(),
+        "gaussian",
+    ),
+    "dpmpp_sde": (ks.sample_dpmpp_sde, {}, samplers.DPMSolverPPSDE(), "tree"),
+    "dpmpp_2m": (ks.sample_dpmpp_2m, {}, samplers.DPMSolverPP(order=2), None),
+    "dpmpp_2m_sde": (
+        ks.sample_dpmpp_2m_sde,
+        {},
+        samplers.DPMSolverPP(order=2, eta=1.0),
+        "gaussian",
+    ),
+    "dpmpp_2m_sde_heun": (
+        ks.sample_dpmpp_2m_sde,
+        {"solver_type": "heun"},
+        samplers.DPMSolverPP(order=2, eta=1.0, solver_type="heun"),
+        "gaussian",
+    ),
+    "dpmpp_3m_sde": (
+        ks.sample_dpmpp_3m_sde,
+        {},
+        samplers.DPMSolverPP(order=3, eta=1.0, solver_type="heun", lower_order_final=False),
+        "gaussian",
+    ),
+}
+
+
+@pytest.mark.parametrize("spacing", ["karras", "exponential"])
+@pytest.mark.parametrize("name", sorted(KDIFFUSION))
+def test_every_kdiffusion_sampler_is_matched_in_float64(name: str, spacing: str) -> None:
+    kd_sampler, kwargs, sampler, noise_kind = KDIFFUSION[name]
+    steps, batch = 7, 8  # 8 x 5 values: torch's vectorised normal_
+    make_sigmas = ks.get_sigmas_karras if spacing == "karras" else ks.get_sigmas_exponential
+    sigmas = make_sigmas(steps, 0.01, 80.0).to(F64)
+    times = EDM_SCHEDULE.t_of_log_snr(-2 * sigmas[:-1].log())
+    sampler = sampler.model_copy(update={"spacing": samplers.Explicit(times=times.tolist())})
+    noise = torch.randn(batch, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    x_T = noise * sigmas[0]
+    if noise_kind == "gaussian":
+        draws = torch.Generator().manual_seed(5)
+        kwargs = {
+            **kwargs,
+            "noise_sampler": lambda *_: torch.randn(x_T.shape, generator=draws, dtype=F64),
+        }
+    elif noise_kind == "tree":
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=torch.Generator().manual_seed(5)))
+        tree = ks.BrownianTreeNoiseSampler(x_T, sigmas[-2], sigmas[0], seed)  # its default ends
+        kwargs = {**kwargs, "noise_sampler": tree}
+    reference = kd_sampler(_kd_model, x_T, sigmas, disable=True, **kwargs)
+    g = torch.Generator().manual_seed(5)
+    ours = sampler.sample(EDMModel(), EDM_SCHEDULE, noise, steps=steps, generator=g)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)

@@ -33,14 +33,19 @@ from diffkit.samplers.fitting import FittedSolver as FittedSolver
 from diffkit.samplers.fitting import fit_grid as fit_grid
 from diffkit.samplers.fitting import fit_solver as fit_solver
 from diffkit.samplers.inversion import DDIMInversion as DDIMInversion
+from diffkit.samplers.lms import LMS as LMS
+from diffkit.samplers.noise import BrownianTreeNoise as BrownianTreeNoise
+from diffkit.samplers.noise import Noise as Noise
 from diffkit.samplers.presets import PRESETS as PRESETS
 from diffkit.samplers.presets import REGISTRY as REGISTRY
 from diffkit.samplers.singlestep import DPMSolver2 as DPMSolver2
 from diffkit.samplers.singlestep import DPMSolverPP2SAncestral as DPMSolverPP2SAncestral
+from diffkit.samplers.singlestep import DPMSolverPPSDE as DPMSolverPPSDE
 from diffkit.samplers.spacing import SPACINGS as SPACINGS
 from diffkit.samplers.spacing import AnySpacing as AnySpacing
 from diffkit.samplers.spacing import Explicit as Explicit
 from diffkit.samplers.spacing import Karras as Karras
+from diffkit.samplers.spacing import Leading as Leading
 from diffkit.samplers.spacing import LogSNR as LogSNR
 from diffkit.samplers.spacing import Spacing as Spacing
 from diffkit.samplers.spacing import SpacingBase as SpacingBase
@@ -52,15 +57,18 @@ from diffkit.samplers.unipc import UniPC as UniPC
 __all__ = [
     "DDIM",
     "DDPM",
+    "LMS",
     "PRESETS",
     "REGISTRY",
     "SAMPLERS",
     "SPACINGS",
     "AnySpacing",
+    "BrownianTreeNoise",
     "DDIMInversion",
     "DPMSolver2",
     "DPMSolverPP",
     "DPMSolverPP2SAncestral",
+    "DPMSolverPPSDE",
     "Euler",
     "EulerAncestral",
     "Explicit",
@@ -69,7 +77,9 @@ __all__ = [
     "Grid",
     "Heun",
     "Karras",
+    "Leading",
     "LogSNR",
+    "Noise",
     "NonFiniteError",
     "Plan",
     "Point",

@@ -42,7 +42,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -65,7 +65,9 @@ __all__ = [
     "SamplerBase",
     "Step",
     "alpha_sigma",
+    "ancestral_split",
     "final_step",
+    "gaussian",
     "make_grid",
     "run_plan",
     "run_reference",
@@ -212,6 +214,18 @@ class Plan:
     points: tuple[tuple[Point, ...], ...] = ()
 
 
+def ancestral_split(grid: Grid, i: int, eta: float) -> tuple[float, float]:
+    """``(s_up, s_down) / s_{i+1}`` of an ancestral step ``i -> i + 1`` (k-diffusion's rule).
+
+    With ``rho = s_{i+1} / s_i``: ``s_up = min(s_{i+1}, eta s_{i+1} sqrt(1 - rho²))`` of
+    fresh noise and a deterministic step to ``s_down = sqrt(s_{i+1}² - s_up²)``; together
+    they reach ``s_{i+1}`` with the posterior's variance (``eta = 1``).
+    """
+    rho = grid.ratio(i)
+    up = min(1.0, eta * math.sqrt(1 - rho * rho))
+    return up, math.sqrt(1 - up * up)
+
+
 def final_step(grid: Grid, final: str) -> tuple[float, ...]:
     """Coefficients of ``D_{N-1}, D_{N-2}`` for the step onto the data.
 
@@ -225,6 +239,17 @@ def final_step(grid: Grid, final: str) -> tuple[float, ...]:
         return (1.0,)
     q = math.exp(-2 * grid.h(n - 2))
     return (1 / (1 - q), -q / (1 - q))
+
+
+def gaussian(like: Tensor, generator: torch.Generator | None, std: float = 1.0) -> Tensor:
+    """``std * z``, ``z ~ N(0, I)`` of ``like``'s shape, dtype and device, contiguous.
+
+    The draws fill a fresh contiguous tensor, so element ``[b, c, h, w]`` gets the same
+    draw whatever ``like``'s memory layout (channels-last, permuted): the samples do not
+    depend on it. For a contiguous ``like`` these are ``torch.randn_like``'s draws.
+    """
+    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return out.normal_(0.0, std, generator=generator)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -248,9 +273,10 @@ class _Model:
         guidance: float,
         uncond: Conditioning | None,
         points: Sequence[Point] = (),
+        rescale: float = 0.0,
     ) -> None:
         batch, device = like.shape[0], like.device
-        self.denoiser, self.guidance = denoiser, float(guidance)
+        self.denoiser, self.guidance, self.rescale = denoiser, float(guidance), float(rescale)
         self.model_dtype, self.dtype = like.dtype, work_dtype(like.dtype)
         self.cast = self.model_dtype != self.dtype
         self.guided = self.guidance != 1.0
@@ -326,7 +352,9 @@ class _Model:
         x_in = x.to(self.model_dtype) if self.cast else x
         t = self.times[i] if times is None else times
         try:
-            return predict(self.denoiser, x_in, t, self.cond, self.guidance, self.dtype)
+            return predict(
+                self.denoiser, x_in, t, self.cond, self.guidance, self.dtype, self.rescale
+            )
         except OutputShapeError as error:
             where = f" at step {i} of {self.grid.steps}"
             raise OutputShapeError(error.out, error.x_in, self.guided, where) from None
@@ -413,7 +441,7 @@ def run_reference(
     history = [model(x, 0)]  # D_i, D_{i-1}, ...: newest first
     last = len(steps) - 1
     for i, (keep, data, noise, correct, reevaluate) in enumerate(steps):
-        z = torch.empty_like(x).normal_(generator=generator) if noise else None
+        z = gaussian(x, generator) if noise else None
         x_next = _affine(keep, x, data, history, noise, z)
         if i == last:
             return x_next
@@ -467,10 +495,10 @@ def _combination(
     """``sum_k c_k * ops[j_k]`` (+ ``noise * z``, ``z ~ N(0, I)``) in one fresh tensor.
 
     The operands are never written to. Noise is drawn straight into the output (the same
-    draws as ``torch.randn_like(ops[_X])``), one elementwise pass fewer than adding it.
+    draws as ``gaussian(ops[_X])``), one elementwise pass fewer than adding it.
     """
     if noise:
-        out, rest = torch.empty_like(ops[_X]).normal_(0.0, noise, generator=generator), terms
+        out, rest = gaussian(ops[_X], generator, noise), terms
     else:
         (j, c), rest = terms[0], terms[1:]
         out = ops[j] * c
@@ -571,7 +599,8 @@ def run_plan(
     # Noise shared by a predictor and its corrector goes into the loop's own buffer,
     # refilled in place: it is only ever an operand, never handed to the model or caller.
     if any(step.buffered for step in program):
-        ops[_Z] = torch.empty_like(x)
+        # contiguous, so the draws do not depend on x's memory layout (see ``gaussian``)
+        ops[_Z] = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ops[_X], ops[here] = x, evaluate(x, 0)
     last = len(program) - 1
     for i, (predictor, corrector, reevaluate, fresh, buffered) in enumerate(program):
@@ -694,31 +723,56 @@ class SamplerBase(Config):
         generator: torch.Generator | None = None,
         callback: StepCallback | None = None,
         plan: Plan | None = None,
+        guidance_rescale: float = 0.0,
+        t_start: float | None = None,
+        start: Literal["noise", "sample"] = "noise",
     ) -> Sample:
         """Sample ``x0`` ``(batch, *shape)`` from standard normal ``noise`` in ``steps`` steps.
 
-        ``noise`` is scaled to ``sigma(t_max)``; the model is called in ``noise.dtype`` (so
+        Where sampling starts: by default ``noise`` is standard normal and is scaled to
+        ``sigma`` at the grid's first time. ``start="sample"`` takes ``noise`` as the
+        sample itself at that time, unscaled: given latents ``x_T`` (diffusers' DDPM, DDIM
+        and DPM-Solver latents are ``x_T``; its Euler, Heun and LMS latents, scaled by
+        ``init_noise_sigma = sigma / alpha``, are ``x_T / alpha``). ``t_start=t`` starts the
+        grid at ``t`` (the spacing's ``t_max``, any Karras ceiling lifted; an
+        ``Explicit`` grid must start there): with ``start="sample"``, ``noise`` is a given
+        ``x_t``, e.g. ``alpha(t) x0 + sigma(t) eps`` for image-to-image.
+        The model is called in ``noise.dtype`` (so
         pass noise in the model's dtype), with the floating fields of ``cond`` / ``uncond``
         cast to it, while the sampler integrates in float32 (float64 if ``noise`` is).
         ``guidance != 1`` needs ``cond`` and ``uncond``; with ``guidance == 1`` an
         ``uncond`` is unused, and a ``UserWarning`` says so. ``plan`` (from ``prepare`` on
         this ``schedule``, for these ``steps``) skips computing the grid and coefficients.
+        ``guidance_rescale`` in ``[0, 1]`` rescales the guided prediction towards the
+        conditional one's standard deviation (Lin et al., 2024; diffusers'
+        ``guidance_rescale``; see [`predict`][diffkit.guidance.predict]).
         Runs under ``torch.no_grad()``.
         """
         _check_steps(steps)
         # A NaN guidance would only surface after the whole loop, as a NonFiniteError.
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be finite, got {guidance}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if not noise.is_floating_point():
             raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
+        if start not in ("noise", "sample"):
+            raise ValueError(f"start must be 'noise' or 'sample', got {start!r}")
         uncond = unused_uncond(f"{type(self).__name__}.sample", guidance, uncond)
+        sampler = self
+        if t_start is not None:
+            spacing = self.spacing.starting_at(float(t_start))
+            sampler = self.model_copy(update={"spacing": spacing})
         if plan is None:
-            plan = self.prepare(schedule, steps, noise.device)
+            plan = sampler.prepare(schedule, steps, noise.device)
         else:
-            self._check_plan(plan, steps)
-        model = _Model(denoiser, plan.grid, noise, cond, guidance, uncond, _off_grid(plan))
-        x = noise.to(model.dtype) * plan.grid.sigma[0]
-        x = self._run(plan, model, x, generator, callback)
+            sampler._check_plan(plan, steps)
+        model = _Model(
+            denoiser, plan.grid, noise, cond, guidance, uncond, _off_grid(plan), guidance_rescale
+        )
+        x = noise.to(model.dtype)
+        x = x * plan.grid.sigma[0] if start == "noise" else x.clone()
+        x = sampler._run(plan, model, x, generator, callback)
         model.raise_if_nonfinite()
         return x.to(noise.dtype)
 

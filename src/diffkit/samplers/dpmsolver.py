@@ -7,8 +7,10 @@ In the half log-SNR ``lambda = log(alpha / sigma)`` and data prediction ``D``, w
               + alpha_{i+1} [phi_1 D_i + (higher-order terms)]
               + sigma_{i+1} sqrt(1 - exp(-2 eta h)) z.
 
-Second order (2M, the midpoint form of diffusers and k-diffusion):
-``+ alpha_{i+1} phi_1 / (2 r) (D_i - D_{i-1})`` with ``r = h_{i-1} / h``.
+Second order (2M), with ``r = h_{i-1} / h``: ``solver_type="midpoint"`` (the default of
+diffusers and k-diffusion) adds ``alpha_{i+1} phi_1 / (2 r) (D_i - D_{i-1})``, ``"heun"``
+adds ``alpha_{i+1} phi_2 / r (D_i - D_{i-1})`` (the second-order warm-up step of
+k-diffusion's 3M SDE).
 3M: ``+ alpha_{i+1} (phi_2 D1 - phi_3 D2)`` with the divided differences ``D1 ~ h D'``
 and ``D2 ~ h² D'' / 2`` of the last three estimates (``D'`` in ``lambda``),
 ``phi_2 = (exp(-h_eta) - 1)/h_eta + 1`` and ``phi_3 = phi_2 / h_eta - 1/2``: the weights
@@ -19,8 +21,10 @@ on Gaussian data); with ``-2 phi_3`` it was less accurate on the sampler-accurac
 benchmark at 5-20 NFE (``benchmarks/RESULTS.md``), so the reference weights stay.
 ``eta = 0`` is the ODE solver; ``eta = 1`` the
 DPM-Solver++(2M/3M) SDE. The first steps use lower orders while history builds up, the
-step onto the data (``h = inf``) is first order, and with fewer than 15 steps the one
-before it is at most second order (diffusers' ``lower_order_final``).
+step onto the data (``h = inf``) is first order, and with ``lower_order_final`` (the
+default, as diffusers) and fewer than 15 steps the one before it is at most second
+order. k-diffusion's ``sample_dpmpp_3m_sde`` is
+``DPMSolverPP(order=3, eta=1, solver_type="heun", lower_order_final=False)``.
 """
 
 import math
@@ -58,6 +62,12 @@ class DPMSolverPP(SamplerBase):
     order: Literal[1, 2, 3] = Field(default=2, description="multistep order")
     eta: float = Field(default=0.0, ge=0, description="SDE noise scale; 0 is the ODE solver")
     final: Literal["denoised", "extrapolated"] = Field(default="denoised", description=FINAL)
+    solver_type: Literal["midpoint", "heun"] = Field(
+        default="midpoint", description="second-order formula (diffusers' solver_type)"
+    )
+    lower_order_final: bool = Field(
+        default=True, description="at most second order on the step before the last (< 15 steps)"
+    )
     spacing: AnySpacing = Field(default_factory=LogSNR, description=SPACING)
 
     def plan(self, grid: Grid) -> list[Step]:
@@ -71,19 +81,20 @@ class DPMSolverPP(SamplerBase):
             keep = s1 / grid.sigma[i] * damp
             h_eta = (1 + self.eta) * h
             phi_1 = -math.expm1(-h_eta)
-            p = multistep_order(grid, i, self.order, grid.steps < 15)
+            phi_2 = math.expm1(-h_eta) / h_eta + 1 if math.isfinite(h_eta) else 1.0
+            p = multistep_order(grid, i, self.order, self.lower_order_final and grid.steps < 15)
             if p == 1:
                 data = [phi_1]
             elif p == 2:
                 r = grid.h(i - 1) / h
-                data = [phi_1 * (1 + 0.5 / r), -phi_1 * 0.5 / r]
+                w = 0.5 * phi_1 / r if self.solver_type == "midpoint" else phi_2 / r
+                data = [phi_1 + w, -w]
             else:
                 r0, r1 = grid.h(i - 1) / h, grid.h(i - 2) / h
                 d1_0 = [1 / r0, -1 / r0, 0.0]  # (D_i - D_{i-1}) / r0
                 d1_1 = [0.0, 1 / r1, -1 / r1]  # (D_{i-1} - D_{i-2}) / r1
                 d1 = [u + r0 / (r0 + r1) * (u - v) for u, v in zip(d1_0, d1_1)]
                 d2 = [(u - v) / (r0 + r1) for u, v in zip(d1_0, d1_1)]
-                phi_2 = math.expm1(-h_eta) / h_eta + 1
                 phi_3 = phi_2 / h_eta - 0.5
                 data = [
                     first + phi_2 * u - phi_3 * v for first, u, v in zip([phi_1, 0.0, 0.0], d1, d2)

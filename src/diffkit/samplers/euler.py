@@ -15,12 +15,11 @@ Back in ``x = alpha x~`` the coefficient of ``x_i`` is ``alpha_{i+1} rho / alpha
 sigma_{i+1} / sigma_i``, which stays finite when ``alpha_0 = 0`` (pure-noise start).
 """
 
-import math
 from typing import Literal
 
 from pydantic import Field
 
-from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step
+from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step, ancestral_split
 from diffkit.samplers.spacing import SPACING, AnySpacing, Karras
 
 __all__ = ["Euler", "EulerAncestral", "Heun"]
@@ -56,8 +55,7 @@ class EulerAncestral(SamplerBase):
         plan = []
         for i in range(grid.steps):
             rho = grid.ratio(i)
-            up = min(1.0, self.eta * math.sqrt(1 - rho * rho))  # s_up / s_{i+1}
-            down = math.sqrt(1 - up * up)  # s_down / s_{i+1}
+            up, down = ancestral_split(grid, i, self.eta)  # s_up, s_down over s_{i+1}
             a1, s1 = grid.alpha[i + 1], grid.sigma[i + 1]
             keep = s1 / grid.sigma[i] * down
             plan.append(Step(keep=keep, data=(a1 * (1 - rho * down),), noise=s1 * up))

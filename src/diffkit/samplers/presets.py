@@ -6,7 +6,8 @@ from diffkit.samplers._base import SamplerBase
 from diffkit.samplers.ddim import DDIM, DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP
 from diffkit.samplers.euler import Euler, EulerAncestral, Heun
-from diffkit.samplers.singlestep import DPMSolver2, DPMSolverPP2SAncestral
+from diffkit.samplers.lms import LMS
+from diffkit.samplers.singlestep import DPMSolver2, DPMSolverPP2SAncestral, DPMSolverPPSDE
 from diffkit.samplers.spacing import Karras, LogSNR, UniformTime
 from diffkit.samplers.unipc import UniPC
 
@@ -20,12 +21,17 @@ PRESETS: dict[str, SamplerBase] = {
     "euler_ancestral": EulerAncestral(),
     "heun": Heun(),
     "dpm_2": DPMSolver2(),
+    "dpm_2_ancestral": DPMSolver2(eta=1.0),
+    "lms": LMS(),
     "dpmpp_2s_ancestral": DPMSolverPP2SAncestral(),
     "dpmpp_2m": DPMSolverPP(order=2, spacing=Karras()),
     "dpmpp_2m_logsnr": DPMSolverPP(order=2, spacing=LogSNR()),
     "dpmpp_3m": DPMSolverPP(order=3, spacing=Karras()),
     "dpmpp_3m_logsnr": DPMSolverPP(order=3, spacing=LogSNR()),
     "dpmpp_sde": DPMSolverPP(order=2, eta=1.0, spacing=LogSNR()),
+    "dpmpp_2m_sde": DPMSolverPP(order=2, eta=1.0, spacing=LogSNR()),
+    # k-diffusion's single-step "dpmpp_sde" (Brownian-tree noise); "dpmpp_sde" above is 2M.
+    "dpmpp_sde_single": DPMSolverPPSDE(),
     "dpmpp_3m_sde": DPMSolverPP(order=3, eta=1.0, spacing=LogSNR()),
     "unipc": UniPC(order=2, spacing=LogSNR()),
     "unipc_3": UniPC(order=3, spacing=LogSNR()),

@@ -30,6 +30,7 @@ __all__ = [
     "AnySpacing",
     "Explicit",
     "Karras",
+    "Leading",
     "LogSNR",
     "Spacing",
     "SpacingBase",
@@ -118,6 +119,16 @@ class SpacingBase(Config):
     ) -> Tensor:
         """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
 
+    def starting_at(self, t: float) -> "SpacingBase":
+        """This spacing with its first evaluation at ``t`` (``sample(..., t_start=t)``).
+
+        A spacing without a free first time refuses with a ``ValueError`` naming ``t_start``.
+        """
+        raise ValueError(
+            f"t_start: {type(self).__name__} has no free first time; use a spacing with t_max "
+            "(UniformTime, LogSNR, Karras) or Explicit times starting at t_start"
+        )
+
 
 _T_MAX = Field(default=1.0, description="first (noisiest) evaluation time, in (0, 1]")
 _T_MIN = Field(default=1e-3, description="last evaluation time before the data, below t_max")
@@ -147,6 +158,14 @@ class _Ends(SpacingBase):
                 f"t_max ({t_max}, the first)"
             )
         return self
+
+    def starting_at(self, t: float) -> SpacingBase:
+        """This spacing with ``t_max = t`` (validated: ``t_min < t <= 1``)."""
+        if not self.t_min < t <= 1:
+            raise ValueError(
+                f"t_start ({t}) must be in (t_min, 1] = ({self.t_min}, 1] for {type(self).__name__}"
+            )
+        return type(self).model_validate({**self.model_dump(), "t_max": t})
 
 
 class _Ramp(_Ends):
@@ -190,6 +209,44 @@ class UniformTime(_Ends):
         return _finish(t, self.t_max, t_min)
 
 
+class Leading(SpacingBase):
+    """diffusers' ``"leading"`` spacing of a model trained on ``num_train`` steps.
+
+    Training indices ``k * (num_train // steps) + steps_offset`` for ``k = steps - 1 ... 0``
+    (Stable Diffusion 1.x's DDIM / PNDM: ``steps_offset=1``), as times
+    ``t = (index + 1) / num_train`` ([`Discrete`][diffkit.schedules.Discrete]'s
+    ``t_from_index``). Its noisiest evaluation is below ``t = 1`` and its last at
+    ``index = steps_offset``.
+    """
+
+    kind: Literal["leading"] = "leading"
+    num_train: int = Field(default=1000, ge=1, description="training steps of the model")
+    steps_offset: int = Field(default=0, ge=0, description="added to every index (diffusers)")
+
+    @model_validator(mode="after")
+    def _valid_offset(self) -> "Leading":
+        if self.steps_offset >= self.num_train:
+            raise ValueError(
+                f"Leading: steps_offset ({self.steps_offset}) must be below num_train "
+                f"({self.num_train})"
+            )
+        return self
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+        ratio = self.num_train // steps
+        if ratio < 1:
+            raise ValueError(
+                f"Leading: steps ({steps}) must not exceed num_train ({self.num_train})"
+            )
+        index = [min(k * ratio + self.steps_offset, self.num_train - 1) for k in range(steps)]
+        times = [(i + 1) / self.num_train for i in reversed(index)]
+        return torch.tensor([*times, 0.0], dtype=_F64)
+
+
 class LogSNR(_Ramp):
     """Evenly spaced log-SNR from ``t_max`` to ``t_min`` (DPM-Solver's ``"logSNR"``).
 
@@ -212,15 +269,51 @@ class LogSNR(_Ramp):
 
 
 class Karras(_Ramp):
-    """Karras et al. (2022): ``(sigma/alpha) ** (1/rho)`` evenly spaced, ``rho = 7``."""
+    """Karras et al. (2022): ``(sigma/alpha) ** (1/rho)`` evenly spaced, ``rho = 7``.
+
+    The ramp starts at ``min(sigma/alpha at t_max, sigma_max)``. Some schedules end at a
+    huge ``sigma/alpha`` (``Cosine`` clamps log-SNR at -20: ``e^10 ≈ 22026``; diffusers'
+    ``squaredcos_cap_v2`` betas reach 20291), and a ``rho = 7`` ramp from there spends most
+    of its steps where ``x_t`` is noise for any unit-scale data (7 of 10 at ``t > 0.98``
+    on ``Cosine``). The default ceiling, 200, is above the terminal value of the schedules
+    k-diffusion and diffusers use Karras sigmas with (EDM 80, DDPM linear 157, Stable
+    Diffusion 14.6), so those grids are unchanged; ``sigma_max=None`` removes it. A capped
+    ramp starts at the time where ``sigma/alpha = sigma_max``, below ``t_max``; an
+    infinite ``sigma/alpha`` at ``t_max`` (pure noise) is kept as the first point.
+    """
 
     kind: Literal["karras"] = "karras"
     rho: float = Field(default=7.0, description="ramp exponent (> 0; 7 in Karras et al.)")
+    sigma_max: float | None = Field(
+        default=200.0,
+        description="ceiling on the first finite sigma/alpha (> 0); None: the schedule's",
+    )
 
     @model_validator(mode="after")
     def _valid_rho(self) -> "Karras":
         _positive(type(self).__name__, "rho", self.rho)
+        if self.sigma_max is not None:
+            _positive(type(self).__name__, "sigma_max", self.sigma_max)
         return self
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+        t_max = self.t_max
+        if self.sigma_max is not None:
+            lo = _log_snr_at(schedule, [t_max], device).item()
+            floor = -2 * math.log(self.sigma_max)
+            if math.isfinite(lo) and lo < floor:
+                t_cap = _t_at(schedule, torch.tensor([floor], dtype=_F64), device).item()
+                t_max = t_cap if self.t_min < t_cap < t_max else t_max
+        return _spread(schedule, steps, device, t_max, self.t_min, self.ramp)
+
+    def starting_at(self, t: float) -> SpacingBase:
+        """This spacing from ``t_max = t``, uncapped: a given start is kept."""
+        spacing = super().starting_at(t)
+        return spacing.model_copy(update={"sigma_max": None})
 
     def ramp(self, lo: float, hi: float, n: int) -> Tensor:
         """``sigma / alpha = exp(-log_snr / 2)`` spaced evenly in its ``1/rho``-th power."""
@@ -258,6 +351,12 @@ class _Listed(SpacingBase):
             )
         return torch.tensor([*self.times, 0.0], dtype=_F64)
 
+    def starting_at(self, t: float) -> SpacingBase:
+        """Itself, when its first time is ``t`` (a listed grid is not moved)."""
+        if self.times[0] != t:
+            raise ValueError(f"t_start ({t}) must be the first listed time, {self.times[0]}")
+        return self
+
 
 class Explicit(_Listed):
     """A fixed list of decreasing evaluation times (e.g. a model's trained timesteps)."""
@@ -272,6 +371,7 @@ SPACINGS.register(UniformTime)
 SPACINGS.register(LogSNR)
 SPACINGS.register(Karras)
 SPACINGS.register(Explicit)
+SPACINGS.register(Leading)
 
 
 def _spacing(value: Any) -> Any:

@@ -6,14 +6,19 @@ that form (a Runge-Kutta stage at a point off the grid, as in DPM-Solver-2 and D
 thresholding; churn) subclass [`StepSampler`][diffkit.samplers.StepSampler] and write
 the step itself::
 
-    def step(self, model, x, i, grid, history, generator) -> x_next
+    def step(self, model, x, i, grid, history, noise) -> x_next
 
 ``x`` is the sample at grid point ``i``, ``history`` the tuple ``(D_i, D_{i-1}, ...)``
 of the last ``memory`` denoised estimates (``D_i`` evaluated at ``x`` by the loop),
 ``model`` the denoiser as a [`StepModel`][diffkit.samplers.StepModel]: ``model(x, i)``
 is ``D`` at grid point ``i`` and ``model.at(x, i, k)`` at the ``k``-th point off the grid
 that step ``i`` asked for in ``points(grid, i)`` (by half log-SNR, evaluated on the
-schedule before the loop). Everything else is shared with the linear samplers: the
+schedule before the loop), and ``noise(like, s_from, s_to)`` a standard normal tensor for
+a step between those noise levels (a [`Noise`][diffkit.samplers.Noise], made once per
+call by ``noise_source``: independent draws from the caller's generator unless the
+sampler asks for a Brownian tree). ``record`` chooses what ``history`` keeps of each
+point (``D`` unless a method integrates another quantity, as LMS does its slopes).
+Everything else is shared with the linear samplers: the
 spacing, guidance, prediction types, working precision, the callback, the NaN check
 after the loop and [`prepare`][diffkit.samplers.SamplerBase.prepare]'s reusable plan.
 """
@@ -38,8 +43,9 @@ from diffkit.samplers._base import (
     _Model,
     alpha_sigma,
 )
+from diffkit.samplers.noise import Noise
 
-__all__ = ["History", "Rng", "StepModel", "StepSampler"]
+__all__ = ["History", "Noise", "Rng", "StepModel", "StepSampler"]
 
 _F64 = torch.float64
 
@@ -102,9 +108,17 @@ class StepSampler(SamplerBase):
         """Half log-SNR ``log(alpha / sigma)`` of the points off the grid step ``i`` uses."""
         return ()
 
+    def noise_source(self, x: Tensor, grid: Grid, generator: Rng) -> Noise:
+        """Where this call's step noise comes from (made once per call, before the loop)."""
+        return Noise(generator)
+
+    def record(self, x: Tensor, d: Tensor, i: int, grid: Grid) -> Tensor:
+        """What ``history`` keeps of grid point ``i``, from ``x`` there and ``D`` at it: ``D``."""
+        return d
+
     @abc.abstractmethod
     def step(
-        self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, generator: Rng
+        self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, noise: Noise
     ) -> Tensor:
         """The sample at grid point ``i + 1`` from ``x`` at point ``i``."""
 
@@ -134,11 +148,12 @@ class StepSampler(SamplerBase):
     ) -> Tensor:
         """``x = step(model, x, i, grid, history)`` for every step; ``D`` at each new point."""
         grid, last, stepper = plan.grid, plan.grid.steps - 1, StepModel(model, plan.points)
+        noise = self.noise_source(x, grid, generator)
         d = model(x, 0)
         history: History = ()
         for i in range(grid.steps):
-            history = (d, *history)[: self.memory]
-            x = self.step(stepper, x, i, grid, history, generator)
+            history = (self.record(x, d, i, grid), *history)[: self.memory]
+            x = self.step(stepper, x, i, grid, history, noise)
             if i < last:
                 d = model(x, i + 1)
             if callback is not None:

@@ -6,6 +6,7 @@ is made. The log keeps one record per logged step across interruptions: a resume
 first cuts what the interrupted run logged after the checkpoint it resumes from.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -73,6 +74,14 @@ class _ProgressLines:
         self.close()
 
 
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ImportError:
+        return False
+
+
 def progress_bar(
     total: int,
     desc: str,
@@ -84,15 +93,17 @@ def progress_bar(
 ) -> Any:
     """A progress display as ``TrainConfig.progress`` describes it (``file``: stderr).
 
-    A notebook or a terminal gets a live tqdm bar; any other stream (a log file, a CI
-    log, a pipe) a ``_ProgressLines`` report, so that no carriage-return redraws pile
-    up in it. ``enabled=False``: a display that shows nothing. tqdm is imported only for
-    a live bar (or, under a Jupyter kernel, to ask whether it runs in a notebook).
+    A notebook or a terminal gets a live tqdm bar when tqdm is installed (the ``progress``
+    extra); without tqdm, and on any other stream (a log file, a CI log, a pipe), a
+    ``_ProgressLines`` report, so that no carriage-return redraws pile up in it.
+    ``enabled=False``: a display that shows nothing. tqdm is imported only for a live bar
+    (or, under a Jupyter kernel, to ask whether it runs in a notebook).
     """
     if not enabled:
         return _ProgressLines(total, desc, initial, None, math.inf)
     options: dict[str, Any] = {"total": total, "desc": desc, "initial": initial, "unit": "step"}
-    if file is None and "ipykernel" in sys.modules:
+    has_tqdm = _installed("tqdm")  # an optional dependency (the ``progress`` extra)
+    if has_tqdm and file is None and "ipykernel" in sys.modules:
         from tqdm import tqdm as terminal_tqdm
         from tqdm.auto import tqdm as auto_tqdm  # (imports tqdm.autonotebook, warnings off)
         from tqdm.autonotebook import tqdm as chosen_tqdm
@@ -101,7 +112,7 @@ def progress_bar(
             return auto_tqdm(**options, **tqdm_options)
     stream = sys.stderr if file is None else file
     isatty = getattr(stream, "isatty", None)
-    if callable(isatty) and isatty():
+    if has_tqdm and callable(isatty) and isatty():
         from tqdm import tqdm as terminal_tqdm
 
         return terminal_tqdm(file=stream, **options, **tqdm_options)
