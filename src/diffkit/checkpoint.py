@@ -29,8 +29,10 @@ import json
 import os
 import random
 import re
+import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 __all__ = [
+    "FLOAT_DTYPES",
     "CheckpointError",
     "TrainingState",
     "atomic_write",
+    "check_dtypes",
+    "check_loadable",
     "check_state_dict",
+    "checkpoint_damage",
     "flatten_state",
     "get_rng_state",
     "latest_checkpoint",
@@ -52,6 +58,8 @@ __all__ = [
     "load_state_dict",
     "load_tensors",
     "load_training_checkpoint",
+    "read_header",
+    "remove_stale_temporaries",
     "save_tensors",
     "save_training_checkpoint",
     "set_rng_state",
@@ -79,7 +87,12 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir() and not target.is_symlink():
+        raise IsADirectoryError(f"cannot write {target}: a directory of that name is in the way")
+    # The writer's host and process id are in the name: a later run removes the temporaries
+    # of a process that died (kill -9) and never those of one still writing.
+    prefix = f".{target.name}.{_HOST}-{os.getpid()}."
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -91,6 +104,43 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
+_TEMPORARY_RE = re.compile(
+    r"^\.(?P<name>checkpoint-\d+\.safetensors)\.(?P<host>\w+)-(?P<pid>\d+)\.[^.]+\.tmp$"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or unknowable: not ours to clean up
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary checkpoint files in ``folder`` whose writer died; return them.
+
+    A checkpoint is written to ``.checkpoint-<step>.safetensors.<host>-<pid>.<random>.tmp``
+    first; a process killed mid-write leaves that file behind at full size. Only files of
+    that pattern written on this host by a process that no longer runs are removed.
+    """
+    root = Path(folder)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for entry in root.iterdir():
+        match = _TEMPORARY_RE.match(entry.name)
+        if match is None or match["host"] != _HOST or _alive(int(match["pid"])):
+            continue
+        if entry.is_file() or entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -155,6 +205,53 @@ def load_tensors(
     return tensors, metadata
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+}
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A safetensors file's tensors as ``meta`` tensors (name, shape, dtype; no data read).
+
+    Lets names, shapes and dtypes be checked before the file's data is read. A dtype
+    torch does not have is refused by tensor name (``CheckpointError``).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint file at {file}")
+    specs: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            for key in handle.keys():  # noqa: SIM118
+                piece = handle.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is None:
+                    unknown.append(f"{key} ({piece.get_dtype()})")
+                    continue
+                specs[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+    except Exception as err:  # safetensors raises its own error type and OSError
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from None
+    if unknown:
+        raise CheckpointError(f"{file}: tensors of an unsupported dtype: {_describe(unknown)}")
+    return specs, metadata
+
+
 # --------------------------------------------------------------------------- key checks
 
 
@@ -185,13 +282,110 @@ def check_state_dict(
         raise CheckpointError(f"{what} does not match the model; " + "; ".join(problems))
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The floating dtypes weights may be stored in (float8 and others are refused)."""
+
+
+def _dtype_problem(name: str, expected: torch.dtype, found: torch.dtype, cast: bool) -> str | None:
+    """Why a tensor of dtype ``found`` cannot go where the module has ``expected``, or None."""
+    if found == expected:
+        return None
+    if found.is_complex:
+        return f"{name} (complex {found}, the module's is {expected})"
+    if expected.is_floating_point and not found.is_floating_point:
+        return f"{name} ({found} integers for {expected} floats)"
+    if found.is_floating_point and not expected.is_floating_point:
+        return f"{name} ({found} floats for {expected})"
+    if found.is_floating_point and found not in FLOAT_DTYPES:
+        return f"{name} ({found}: not one of float16, bfloat16, float32, float64)"
+    if found.is_floating_point and cast:
+        return None
+    return f"{name} ({found}, the module's is {expected})"
+
+
 def load_state_dict(
-    module: nn.Module, tensors: Mapping[str, Tensor], *, what: str = "checkpoint"
+    module: nn.Module,
+    tensors: Mapping[str, Tensor],
+    *,
+    what: str = "checkpoint",
+    cast: bool = False,
 ) -> None:
-    """Load ``tensors`` into ``module`` after checking keys and shapes (dtype is converted)."""
+    """Load ``tensors`` into ``module`` after checking keys, shapes and dtypes.
+
+    Every tensor must have the dtype of the parameter or buffer it loads into; integers
+    for floats, floats for integers and complex numbers are always refused, and so is a
+    floating dtype outside [`FLOAT_DTYPES`][diffkit.checkpoint.FLOAT_DTYPES]. ``cast=True``
+    converts between those floating dtypes instead. A refusal (``CheckpointError``) names
+    the tensors and leaves ``module`` unchanged.
+    """
     expected = module.state_dict()
-    check_state_dict(expected, tensors, what=what)
+    check_loadable(module, tensors, what=what, cast=cast, expected=expected)
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def check_loadable(
+    module: nn.Module,
+    tensors: Mapping[str, Tensor],
+    *,
+    what: str = "checkpoint",
+    cast: bool = False,
+    expected: Mapping[str, Tensor] | None = None,
+) -> None:
+    """What [`load_state_dict`][diffkit.checkpoint.load_state_dict] checks, loading nothing.
+
+    Keys, shapes and dtypes only: ``module`` may live on the ``meta`` device (built
+    without memory), so a model from an untrusted config is checked before it is
+    materialised.
+    """
+    expected = module.state_dict() if expected is None else expected
+    check_state_dict(expected, tensors, what=what)
+    problems = [
+        problem
+        for key in sorted(tensors)
+        if (problem := _dtype_problem(key, expected[key].dtype, tensors[key].dtype, cast))
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{what}: tensors of a dtype the model cannot take: {_describe(problems)}"
+        )
+
+
+def check_dtypes(
+    tensors: Mapping[str, Tensor], *, what: str = "checkpoint", mixed: Collection[str] = ()
+) -> None:
+    """Refuse weights whose floating dtypes no module of them can run in, naming the tensors.
+
+    Tensors are grouped by module: the first part of their name (``denoiser.``,
+    ``encoder.``, ``text.``). Within a group the floating tensors must share one dtype of
+    [`FLOAT_DTYPES`][diffkit.checkpoint.FLOAT_DTYPES] (a group named in ``mixed`` may
+    hold several, as a module deliberately saved in mixed precision does); complex tensors
+    are refused everywhere. Raises ``CheckpointError`` listing the odd tensors.
+    """
+    groups: dict[str, dict[torch.dtype, list[str]]] = {}
+    problems: list[str] = []
+    for name in sorted(tensors):
+        dtype = tensors[name].dtype
+        if dtype.is_complex:
+            problems.append(f"{name} (complex {dtype})")
+        elif dtype.is_floating_point and dtype not in FLOAT_DTYPES:
+            problems.append(f"{name} ({dtype}: not one of float16, bfloat16, float32, float64)")
+        elif dtype.is_floating_point:
+            groups.setdefault(name.split(".", 1)[0], {}).setdefault(dtype, []).append(name)
+    for group, by_dtype in groups.items():
+        if len(by_dtype) < 2 or group in mixed:
+            continue
+        # The dtype most tensors have is the module's; the others are named.
+        common = max(by_dtype, key=lambda d: len(by_dtype[d]))
+        problems += [
+            f"{name} ({dtype}, the rest of '{group}' is {common})"
+            for dtype, names in by_dtype.items()
+            if dtype != common
+            for name in names
+        ]
+    if problems:
+        raise CheckpointError(
+            f"{what}: tensors of a dtype the model cannot run in: {_describe(problems)}"
+        )
 
 
 def _take(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -353,6 +547,7 @@ def save_training_checkpoint(
     tensors.update(rng_tensors)
     tensors.update({f"{_RANK_RNG}{k}": v for k, v in (rank_rng or {}).items()})
     metadata = {"format": FORMAT, "version": VERSION, "state": json.dumps(header)}
+    remove_stale_temporaries(Path(path).parent)
     save_tensors(path, tensors, metadata)
     return Path(path)
 
@@ -383,6 +578,12 @@ def load_training_checkpoint(
         raise CheckpointError(f"{path}: the checkpoint header is damaged: {err!r}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the checkpoint header is damaged (not an object)")
+    named = _CHECKPOINT_RE.match(Path(path).name)
+    if named is not None and int(named.group(1)) != step:
+        raise CheckpointError(
+            f"{path}: the header says step {step} but the file name says step "
+            f"{int(named.group(1))} (a renamed or damaged checkpoint)"
+        )
 
     # 1. Check everything; nothing is touched yet.
     model_tensors = _take(tensors, "model.")
@@ -506,19 +707,78 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(folder: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``folder`` as ``(step, path)``, oldest first."""
+    """Complete checkpoints in ``folder`` as ``(step, path)``, oldest first.
+
+    An entry with a checkpoint's name that is not a regular file (a directory) raises
+    ``CheckpointError``: a run would fail to write that step's checkpoint over it.
+    """
     root = Path(folder)
     if not root.is_dir():
         return []
     found = []
     for entry in root.iterdir():
         match = _CHECKPOINT_RE.match(entry.name)
-        if match and entry.is_file():
-            found.append((int(match.group(1)), entry))
+        if match is None:
+            continue
+        if not entry.is_file():
+            raise CheckpointError(
+                f"{entry} has a checkpoint's name but is not a regular file; remove or "
+                "rename it (a checkpoint of that step could not be written over it)"
+            )
+        found.append((int(match.group(1)), entry))
     return sorted(found)
 
 
+def checkpoint_damage(path: str | os.PathLike[str]) -> str | None:
+    """Why the training checkpoint ``path`` cannot be resumed from, or None if it is intact.
+
+    Reads the safetensors header only (its tensor table must fit the file, so a
+    truncated file is caught) and checks the format, the JSON state and that the state's
+    step is the one in the file name. safetensors has no checksum: flipped bits in the
+    tensor data are not detected.
+    """
+    file = Path(path)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+    except Exception as err:  # safetensors raises its own error type and OSError
+        return f"not a readable safetensors file (truncated or corrupt?): {_first_line(err)}"
+    if metadata.get("format") != FORMAT:
+        return f"not a diffkit training checkpoint (format={metadata.get('format')!r})"
+    try:
+        header = json.loads(metadata["state"])
+        step = int(header["step"])
+    except (KeyError, TypeError, ValueError, RecursionError) as err:
+        return f"the checkpoint header is damaged: {err!r}"
+    named = _CHECKPOINT_RE.match(file.name)
+    if named is not None and int(named.group(1)) != step:
+        return f"the header says step {step} but the file name says step {int(named.group(1))}"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
 def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint in ``folder`` (temporary files are never matched)."""
+    """The newest intact checkpoint in ``folder`` (temporary files are never matched).
+
+    A newer checkpoint that is damaged
+    ([`checkpoint_damage`][diffkit.checkpoint.checkpoint_damage]) is skipped with a
+    ``UserWarning`` saying which and why, so a run resumes from the newest one that loads;
+    ``CheckpointError`` if none is intact. Temporary files left by a writer that died are
+    removed ([`remove_stale_temporaries`][diffkit.checkpoint.remove_stale_temporaries]).
+    """
+    remove_stale_temporaries(folder)
     found = list_checkpoints(folder)
-    return found[-1][1] if found else None
+    for _, path in reversed(found):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path
+        warnings.warn(f"skipping the checkpoint {path}: {damage}", UserWarning, stacklevel=2)
+    if found:
+        raise CheckpointError(
+            f"none of the {len(found)} checkpoint(s) in {folder} is intact (see the warnings); "
+            "remove them to start afresh"
+        )
+    return None

@@ -26,7 +26,8 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,12 @@ def _load_pipeline(run_dir: str) -> Any:
         raise UserError(f"cannot load the pipeline in {folder}: {_one_line(err)}") from None
     except ValidationError as err:
         raise UserError(f"bad pipeline config in {folder}: {_validation_message(err)}") from None
+    except RecursionError:  # json / pydantic on a config nested thousands of levels deep
+        raise UserError(
+            f"bad pipeline config {folder / 'config.json'}: nested too deeply"
+        ) from None
+    except (ValueError, OSError) as err:  # a tokenizer file (diffkit.files), a refused value
+        raise UserError(f"cannot load the pipeline in {folder}: {_one_line(err)}") from None
 
 
 def _one_line(err: BaseException) -> str:
@@ -145,6 +152,35 @@ def _make_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create the folder {folder}: {err.strerror or err}") from None
+
+
+def _check_target(target: Path) -> None:
+    """Refuse to write ``target`` through a symbolic link or over a non-file."""
+    if target.is_symlink():
+        raise UserError(f"refusing to write {target}: it is a symbolic link")
+    if target.exists() and not target.is_file():
+        raise UserError(f"cannot write {target}: it exists and is not a regular file")
+
+
+def _write_in_place(target: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file in ``target``'s folder, then move it onto ``target``.
+
+    The temporary file is new (``mkstemp``: never an existing file or a link), and
+    ``os.replace`` swaps the directory entry: a symbolic link at ``target`` would be
+    replaced, not followed; ``_check_target`` refuses one before anything is written.
+    """
+    _check_target(target)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{target.stem}-", suffix=f".tmp{target.suffix}", dir=target.parent
+    )
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        _check_target(target)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _threads(value: int | None) -> None:
@@ -386,14 +422,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     conditions, groups = _conditions(args, pipeline)
     out = Path(args.out) if args.out else Path(args.run_dir) / "sample.png"
     _make_folder(out.parent)
+    for target in (out, out.with_suffix(".npz")):  # refused before sampling, and again after
+        _check_target(target)
     generator = torch.Generator().manual_seed(args.seed)
-    samples = pipeline.generate(
-        **conditions,
-        steps=args.steps,
-        guidance=args.guidance,
-        sampler=args.sampler,
-        generator=generator,
-    ).float()
+    try:
+        samples = pipeline.generate(
+            **conditions,
+            steps=args.steps,
+            guidance=args.guidance,
+            sampler=args.sampler,
+            generator=generator,
+        ).float()
+    except FloatingPointError as err:  # NonFiniteError: NaN / inf weights, or a bad dtype
+        raise UserError(f"sampling failed: {_one_line(err)}; are the weights damaged?") from None
+    except ValueError as err:  # a config that validates but cannot be sampled
+        raise UserError(f"cannot sample the pipeline in {args.run_dir}: {_one_line(err)}") from None
     console = _console(args.quiet)
     video = samples.ndim == 5
     # a sampler can overshoot [-1, 1] far more than save_grid accepts: show it clamped
@@ -407,18 +450,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
         extra["prompts"] = np.asarray(conditions["prompts"])
     if "cond" in conditions:
         extra["labels"] = conditions["cond"].labels.numpy()
+    npz = out.with_suffix(".npz")
+    gifs = [out.with_name(f"{out.stem}-{i}.gif") for i in range(len(groups))] if video else []
+    for target in (out, npz, *gifs):
+        _check_target(target)
     try:
         if video:
             from diffkit_demo.output import save_gif
 
-            save_grid(clamped, out)
-            for i, group in enumerate(groups):
-                gif = out.with_name(f"{out.stem}-{i}.gif")
-                save_gif(samples[i * args.num : (i + 1) * args.num], gif)
+            _write_in_place(out, lambda tmp: save_grid(clamped, tmp))
+            for i, (group, gif) in enumerate(zip(groups, gifs, strict=True)):
+                clips = samples[i * args.num : (i + 1) * args.num]
+                _write_in_place(gif, lambda tmp, clips=clips: save_gif(clips, tmp))
                 console.print(f"{group} → {gif}")
         else:
-            save_grid(clamped, out, nrow=args.num)
-        np.savez(out.with_suffix(".npz"), images=array, **extra)
+            _write_in_place(out, lambda tmp: save_grid(clamped, tmp, nrow=args.num))
+        _write_in_place(npz, lambda tmp: np.savez(tmp, images=array, **extra))
     except OSError as err:
         raise UserError(f"cannot write {err.filename or out}: {err.strerror or err}") from None
     console.print(f"{len(samples)} samples → {out} (and {out.with_suffix('.npz').name})")

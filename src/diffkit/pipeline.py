@@ -34,12 +34,21 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from diffkit.checkpoint import CheckpointError, atomic_write, load_state_dict, load_tensors
+from diffkit.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    check_dtypes,
+    check_loadable,
+    load_state_dict,
+    load_tensors,
+    read_header,
+)
 from diffkit.checkpoint import save_tensors as _save_tensors
 from diffkit.config import Config
+from diffkit.files import UnreadableFileError, confined, read_bytes
 from diffkit.forward import add_noise
 from diffkit.guidance import warn_unused
-from diffkit.pipeline_config import GROUPS, PipelineConfig, parse_config, registry
+from diffkit.pipeline_config import GROUPS, MAX_STEPS, PipelineConfig, parse_config, registry
 from diffkit.protocols import (
     Conditioning,
     Denoiser,
@@ -65,6 +74,11 @@ TOKENIZER_DIR = "tokenizer"
 FORMAT = "diffkit-pipeline"
 CONFIG_KEY = "config"
 """The weights' metadata key that records the config saved with them."""
+MIXED_KEY = "mixed_dtypes"
+"""The weights' metadata key listing the modules saved in more than one floating dtype."""
+MAX_PARAMETERS = 50_000_000_000
+"""The most parameters (and buffer elements) a loaded pipeline may have: 50 billion, 200 GB
+in float32. A config asking for more is refused before anything is allocated."""
 PARTS = ("schedule", "denoiser", "encoder", "text", "sampler", "patchifier")
 """The parts of a pipeline, each described by a registered config when saved."""
 
@@ -187,6 +201,66 @@ def _check_saved_together(folder: Path, data: dict[str, Any], recorded: str | No
             f"config) or an edit of {CONFIG_FILE}; loading it as {CONFIG_FILE} says. If the "
             "edit was deliberate, save the loaded pipeline again to record it"
         )
+
+
+def _mixed_modules(pipeline: nn.Module) -> list[str]:
+    """The pipeline's modules whose floating tensors have more than one dtype."""
+    return [
+        name
+        for name, child in pipeline.named_children()
+        if len({t.dtype for t in child.state_dict().values() if t.is_floating_point()}) > 1
+    ]
+
+
+def _recorded_mixed(metadata: Mapping[str, str]) -> list[str]:
+    try:
+        names = json.loads(metadata.get(MIXED_KEY, "[]"))
+    except (ValueError, RecursionError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _huge_integers(value: object, path: str = "") -> list[str]:
+    """``path=value`` for every integer in a JSON value too large for a tensor size."""
+    if isinstance(value, dict):
+        return [h for k, v in value.items() for h in _huge_integers(v, f"{path}.{k}".strip("."))]
+    if isinstance(value, list):
+        return [h for i, v in enumerate(value) for h in _huge_integers(v, f"{path}[{i}]")]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**62:
+        shown = str(value) if len(str(value)) <= 20 else f"a {len(str(abs(value)))}-digit number"
+        return [f"{path}={shown}"]
+    return []
+
+
+def _largest_sizes(config: object) -> str:
+    """The three largest integer fields of a part's config, as ``name=value``."""
+    found: list[tuple[int, str]] = []
+
+    def walk(value: object, path: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}".strip("."))
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v, path)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            found.append((value, path))
+
+    walk(config.model_dump() if isinstance(config, Config) else {}, "")
+    return ", ".join(f"{path}={value}" for value, path in sorted(found, reverse=True)[:3])
+
+
+def _check_sizes(probe: nn.Module, config: PipelineConfig, where: str) -> None:
+    """Refuse a pipeline (built on the meta device) with more than ``MAX_PARAMETERS``."""
+    for name, child in probe.named_children():
+        count = sum(t.numel() for t in child.state_dict().values())
+        if count > MAX_PARAMETERS:
+            part = getattr(config, name, None)
+            raise CheckpointError(
+                f"{where}: {name} would have {count:,} parameters, more than "
+                f"diffkit.pipeline.MAX_PARAMETERS ({MAX_PARAMETERS:,}); its largest sizes: "
+                f"{_largest_sizes(part)}"
+            )
 
 
 def _to_stored_dtypes(pipeline: nn.Module, tensors: dict[str, Tensor]) -> None:
@@ -526,6 +600,10 @@ class Pipeline(nn.Module):
         return self.sampler if self.sampler is not None else _default_sampler()
 
     def _defaults(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
+        if steps is not None and steps > MAX_STEPS:
+            raise ValueError(
+                f"steps {steps} is more than diffkit.pipeline_config.MAX_STEPS ({MAX_STEPS:,})"
+            )
         return (self.steps if steps is None else steps), (
             self.guidance if guidance is None else guidance
         )
@@ -768,6 +846,9 @@ class Pipeline(nn.Module):
         config, copies = self._config_with_tokenizer_files(folder, live)
         text = config.to_json() + "\n"
         metadata = {"format": FORMAT, CONFIG_KEY: text}
+        mixed = _mixed_modules(self)
+        if mixed:
+            metadata[MIXED_KEY] = json.dumps(mixed)
         # Moved into place in the reverse order of entering: weights, tokenizer, config.
         with contextlib.ExitStack() as stack:
             config_tmp = stack.enter_context(atomic_write(folder / CONFIG_FILE))
@@ -809,34 +890,72 @@ class Pipeline(nn.Module):
 
         Each module comes back in the floating dtype it was saved in (a bfloat16 pipeline
         loads as bfloat16); ``dtype=`` casts the loaded pipeline to another one.
+
+        A folder from someone else is safe to load: every file it names is a regular file
+        inside it, read up to a limit ([`diffkit.files`][diffkit.files]); the networks are
+        built on the meta device first, their size checked against ``MAX_PARAMETERS`` and
+        the weights' names, shapes and dtypes against them, before memory is allocated.
+        Every refusal is one ``CheckpointError`` line (a bad config: ``ValidationError``).
+        safetensors has no checksum: a flipped bit that leaves a weight finite is not seen.
         """
         folder = Path(directory)
         config_path = folder / CONFIG_FILE
-        if not config_path.is_file():
+        if not os.path.lexists(config_path):
             raise CheckpointError(f"{folder} holds no {CONFIG_FILE}; is it a saved pipeline?")
         try:
-            data = json.loads(config_path.read_text(encoding="utf-8"))
+            config_path = confined(folder, CONFIG_FILE)
+            raw = read_bytes(config_path)
+            weights_path = confined(folder, WEIGHTS_FILE)
+        except UnreadableFileError as err:
+            raise CheckpointError(f"{folder} is not a readable saved pipeline: {err}") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise CheckpointError(f"{config_path} is not a text file (UTF-8 JSON)") from None
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
+        except RecursionError:
+            raise CheckpointError(f"{config_path} is nested too deeply") from None
         if not isinstance(data, dict):
             raise CheckpointError(
                 f"{config_path} does not hold a JSON object (the pipeline config), got "
                 f"{type(data).__name__}"
             )
-        tensors, metadata = load_tensors(folder / WEIGHTS_FILE)
+        specs, metadata = read_header(weights_path)  # names, shapes, dtypes: no data yet
         if metadata.get("format") not in (FORMAT, None):
-            raise CheckpointError(f"{folder / WEIGHTS_FILE} is not a diffkit pipeline file")
+            raise CheckpointError(f"{weights_path} is not a diffkit pipeline file")
         _check_saved_together(folder, data, metadata.get(CONFIG_KEY))
         text = data.get("text")
         if isinstance(text, dict) and isinstance(text.get("vocab_path"), str):
-            vocab = Path(text["vocab_path"])
-            if not vocab.is_absolute():
-                data["text"] = {**text, "vocab_path": str((folder / vocab).resolve())}
-        pipeline = cls.from_config(data).eval()
+            # the only other file a folder names: a regular file inside it, read bounded
+            try:
+                vocab = confined(folder, text["vocab_path"])
+            except UnreadableFileError as err:
+                raise CheckpointError(f"{config_path}: text.vocab_path {err}") from None
+            data["text"] = {**text, "vocab_path": str(vocab)}
+        huge = _huge_integers(data)
+        if huge:
+            raise CheckpointError(f"{config_path}: sizes no machine can hold: {', '.join(huge)}")
+        where = str(weights_path)
+        check_dtypes(specs, what=where, mixed=_recorded_mixed(metadata))
+        parsed = parse_config(data)
+        try:
+            # Built on the meta device first: sizes and the weights' names, shapes and
+            # dtypes are checked before any memory is allocated.
+            with torch.device("meta"):
+                probe = cls.from_config(parsed)
+            _check_sizes(probe, parsed, str(config_path))
+            _to_stored_dtypes(probe, specs)
+            check_loadable(probe, specs, what=where)
+            del probe
+            tensors, _ = load_tensors(weights_path)
+            pipeline = cls.from_config(parsed).eval()
+        except UnreadableFileError as err:  # the tokenizer's file
+            raise CheckpointError(f"{config_path}: text.vocab_path: {err}") from None
+        except (OverflowError, MemoryError) as err:
+            raise CheckpointError(f"{config_path}: sizes no machine can hold: {err}") from None
         _to_stored_dtypes(pipeline, tensors)
-        load_state_dict(pipeline, tensors, what=str(folder / WEIGHTS_FILE))
+        load_state_dict(pipeline, tensors, what=where)
         if device is not None or dtype is not None:
             pipeline.to(device=device, dtype=dtype)
         return pipeline.eval()

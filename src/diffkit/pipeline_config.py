@@ -30,6 +30,7 @@ and the checks that need it are skipped.
 """
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,6 +113,13 @@ def _parse(group: str, value: Any) -> Any:
     )
 
 
+MAX_STEPS = 10_000
+"""The most sampling steps a pipeline config (or ``generate(steps=...)``) may ask for."""
+MAX_DATA_ELEMENTS = 2**28
+"""The most numbers in one sample, ``prod(data_shape)`` (2**28: e.g. 64 RGB frames of
+1024 x 1364 pixels); larger samples are refused before anything is allocated."""
+
+
 class PipelineConfig(Config):
     """The parts of a [`Pipeline`][diffkit.pipeline.Pipeline], each a registered config."""
 
@@ -134,7 +142,9 @@ class PipelineConfig(Config):
     patchifier: AnyConfig | None = Field(
         default=None, description="patchifier (group 'patchifier') for token-level use of the data"
     )
-    steps: int = Field(default=30, ge=1, description="default number of sampling steps")
+    steps: int = Field(
+        default=30, ge=1, le=MAX_STEPS, description="default number of sampling steps"
+    )
     guidance: float = Field(default=1.0, ge=0, description="default classifier-free guidance scale")
 
     @field_validator("schedule", "denoiser", mode="before")
@@ -154,6 +164,11 @@ class PipelineConfig(Config):
             raise ValueError(
                 "data_shape must be (channels, height, width) or (frames, channels, height, "
                 f"width) of positive sizes, got {value}"
+            )
+        if math.prod(value) > MAX_DATA_ELEMENTS:
+            raise ValueError(
+                f"data_shape {value} holds {math.prod(value):,} numbers per sample, more than "
+                f"diffkit.pipeline_config.MAX_DATA_ELEMENTS ({MAX_DATA_ELEMENTS:,})"
             )
         return value
 

@@ -15,11 +15,13 @@ token has the largest id of the vocabulary, so a text tower can find it with
   ftfy is installed (it is whenever open_clip is), otherwise Unicode NFC normalisation
   only (the fallback differs from CLIP on mojibake, curly quotes and full-width forms);
   then HTML entities are unescaped twice, whitespace runs collapse to one space, and
-  the text is lower-cased.
+  the text is lower-cased. The merges file must be a regular file of at most
+  [`MAX_READ_BYTES`][diffkit.files.MAX_READ_BYTES] inflated; a missing, damaged or
+  oversized one (or a FIFO, device or directory) raises
+  [`UnreadableFileError`][diffkit.files.UnreadableFileError] naming it, without hanging.
 """
 
 import functools
-import gzip
 import html
 import itertools
 import os
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor
 from typing_extensions import Protocol, runtime_checkable
 
+from diffkit.files import UnreadableFileError, read_gzip
 from diffkit.protocols import _ProtocolMeta
 from diffkit.typing import TokenIds
 
@@ -270,13 +273,15 @@ class CLIPTokenizer(_FixedLength):
         self.context_length = _check_context(context_length)
         self.pad_token_id = int(pad_token_id)
         self.vocab_path = str(vocab_path)
-        with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        try:
+            lines = read_gzip(vocab_path).decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise UnreadableFileError(f"{vocab_path} is not UTF-8 text (CLIP merges)") from None
         # Line 0 is a version header; CLIP keeps the first 49152 - 256 - 2 merges so that
         # 256 bytes + 256 word-final bytes + merges + 2 specials make 49408 ids.
         merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
         if len(merges) != 49152 - 256 - 2 or any(len(m) != 2 for m in merges):
-            raise ValueError(f"{vocab_path} is not a CLIP merges file")
+            raise UnreadableFileError(f"{vocab_path} is not a CLIP merges file")
         alphabet = list(_byte_to_char().values())
         self.specials = ("<start_of_text>", "<end_of_text>")
         vocab = [*alphabet, *(c + "</w>" for c in alphabet), *("".join(m) for m in merges)]

@@ -1,0 +1,750 @@
+"""Untrusted folders, checkpoints and configs (issue 22): confined, bounded, one-line errors."""
+
+import gzip
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from diffkit import files
+from diffkit.files import UnreadableFileError, confined, read_gzip
+from diffkit.tokenizers import CLIPTokenizer
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+
+
+def _merges(path: Path) -> Path:
+    """A valid CLIP merges file (49152 - 256 - 2 merges after a header), gzipped."""
+    merges = [f"a{i} b{i}" for i in range(49152 - 256 - 2)]
+    path.write_bytes(gzip.compress(("#version: 0.2\n" + "\n".join(merges)).encode()))
+    return path
+
+
+def _bomb(path: Path, inflated: int) -> Path:
+    """``inflated`` zero bytes, gzipped (a gzip bomb when ``inflated`` is large)."""
+    with gzip.open(path, "wb", compresslevel=9) as handle:
+        block = bytes(2**20)
+        for _ in range(inflated // len(block)):
+            handle.write(block)
+    return path
+
+
+def _in_thread(fn: object, timeout: float = 20) -> BaseException | None:
+    """Run ``fn`` in a daemon thread; fail if it hangs, else return what it raised."""
+    raised: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            fn()  # type: ignore[operator]
+        except BaseException as err:
+            raised[0] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "hung"
+    return raised[0]
+
+
+# ------------------------------------------------------------------ reads (issue case 1)
+
+
+def test_confined_refuses_absolute_dotdot_and_symlinks_leaving_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "pipe"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "tokenizer" / "v.gz").write_bytes(b"x")
+    (tmp_path / "secret").write_text("s")
+    os.symlink(tmp_path / "secret", folder / "tokenizer" / "out.gz")
+    os.symlink("v.gz", folder / "tokenizer" / "in.gz")
+    assert confined(folder, "tokenizer/v.gz") == (folder / "tokenizer" / "v.gz").resolve()
+    assert confined(folder, "tokenizer/in.gz").name == "v.gz"  # a link inside is fine
+    for name, message in [
+        ("/etc/passwd", "relative"),
+        (str(tmp_path / "secret"), "relative"),
+        ("../secret", r"\.\."),
+        ("tokenizer/../../secret", r"\.\."),
+        ("tokenizer/out.gz", "leaves the folder"),
+        ("tokenizer/missing.gz", "no such file"),
+        ("tokenizer", "a directory"),
+        ("", "relative"),
+    ]:
+        with pytest.raises(UnreadableFileError, match=message):
+            confined(folder, name)
+
+
+@needs_fifo
+def test_confined_refuses_a_fifo(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(UnreadableFileError, match="FIFO"):
+        confined(tmp_path, "fifo")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p, "cannot read .*No such file"),
+        (lambda p: (p.mkdir(), p)[1], "a directory"),
+        (lambda p: (p.write_bytes(b"not gzip at all"), p)[1], "not a gzip file"),
+        (lambda p: (p.write_bytes(gzip.compress(b"x" * 1000)[:20]), p)[1], "truncated"),
+        (lambda p: (p.write_bytes(gzip.compress(b"#v\nhello")), p)[1], "not a CLIP merges"),
+        (lambda p: (p.write_bytes(gzip.compress(b"\xff\xfe\xfa")), p)[1], "not UTF-8"),
+    ],
+    ids=["missing", "directory", "not-gzip", "truncated", "bad-merges", "not-utf8"],
+)
+def test_tokenizer_file_errors_are_one_line_naming_the_file(
+    tmp_path: Path, make: object, message: str
+) -> None:
+    path = make(tmp_path / "vocab.txt.gz")  # type: ignore[operator]
+    with pytest.raises(UnreadableFileError, match=message) as info:
+        CLIPTokenizer(path)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, OSError)
+    assert "vocab.txt.gz" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_tokenizer_reads_a_valid_merges_file(tmp_path: Path) -> None:
+    assert CLIPTokenizer(_merges(tmp_path / "v.gz")).vocab_size == 49408
+
+
+@needs_fifo
+def test_tokenizer_refuses_a_fifo_without_hanging(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.gz")
+    err = _in_thread(lambda: CLIPTokenizer(tmp_path / "fifo.gz"))
+    assert isinstance(err, UnreadableFileError) and "FIFO" in str(err)
+
+
+def test_tokenizer_refuses_dev_stdin_and_dev_zero_without_hanging() -> None:
+    for device in ("/dev/stdin", "/dev/zero"):
+        if not os.path.exists(device):
+            continue
+        err = _in_thread(lambda device=device: CLIPTokenizer(device))
+        assert isinstance(err, UnreadableFileError), err
+
+
+def test_gzip_bomb_is_refused_in_bounded_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bomb = _bomb(tmp_path / "bomb.gz", 200 * 2**20)  # 200 MiB of zeros, ~200 KB on disk
+    assert bomb.stat().st_size < 2**20
+    monkeypatch.setattr(files, "MAX_READ_BYTES", 8 * 2**20)
+    with pytest.raises(UnreadableFileError, match=r"bomb\.gz is larger than 8,388,608 bytes"):
+        CLIPTokenizer(bomb)
+    with pytest.raises(UnreadableFileError, match="larger than 1,000 bytes inflated"):
+        read_gzip(bomb, limit=1000)
+    assert len(read_gzip(_bomb(tmp_path / "small.gz", 2**20), limit=2**20)) == 2**20
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``diffkit argv``: exit status 2 and one ``diffkit: error:`` line, no traceback."""
+    from diffkit.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2, captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("diffkit: error: ") and "Traceback" not in captured.err
+    return lines[0]
+
+
+_TINY_UNET = {
+    "kind": "unet",
+    "in_channels": 1,
+    "base_channels": 8,
+    "channel_mult": [1],
+    "attention_head_dim": 8,
+    "blocks_per_level": 1,
+    "attention_resolutions": [],
+    "norm_groups": 4,
+    "prediction": "v",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh unconditional pixel-space pipeline, saved."""
+    from diffkit.builder import build
+
+    folder = tmp_path_factory.mktemp("tiny") / "pipe"
+    base = {"data_shape": [1, 8, 8], "schedule": {"kind": "cosine"}, "steps": 1}
+    build({**base, "denoiser": _TINY_UNET}).save(folder)
+    return folder
+
+
+def _copy(folder: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, to)
+    return to
+
+
+@pytest.mark.parametrize("which", ["sample.png", "sample.npz"])
+def test_sample_refuses_to_write_through_a_symlink(
+    capsys: pytest.CaptureFixture[str], tiny_pipeline: Path, tmp_path: Path, which: str
+) -> None:
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, run / which)
+    argv = ["sample", str(run), "--num", "1", "--threads", "1", "--quiet"]
+    line = _cli_error(capsys, argv)
+    assert "symbolic link" in line and which in line
+    assert victim.read_bytes() == b"precious"
+    assert (run / which).is_symlink()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".sample")]
+
+
+def test_sample_refuses_a_directory_in_the_way(
+    capsys: pytest.CaptureFixture[str], tiny_pipeline: Path, tmp_path: Path
+) -> None:
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    (run / "sample.npz").mkdir()
+    line = _cli_error(capsys, ["sample", str(run), "--num", "1", "--threads", "1", "--quiet"])
+    assert "not a regular file" in line
+
+
+def test_sample_writes_atomically_in_the_output_folder(tiny_pipeline: Path, tmp_path: Path) -> None:
+    from diffkit.cli import main
+
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    (run / "sample.png").write_bytes(b"old")  # a regular file is replaced, not written into
+    hard = tmp_path / "hardlink.png"
+    os.link(run / "sample.png", hard)
+    assert main(["sample", str(run), "--num", "1", "--threads", "1", "--quiet"]) == 0
+    assert (run / "sample.png").read_bytes()[:4] == b"\x89PNG"
+    assert hard.read_bytes() == b"old"  # a new inode: the old file's other names keep it
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+def _edit(folder: Path, edit: object = None, tensors_edit: object = None) -> Path:
+    """Rewrite ``config.json`` (``edit(data)``) and the weights (``tensors_edit(tensors)``),
+    the weights' record of the config kept in step (as a whole save would leave them)."""
+    import json
+
+    from diffkit.checkpoint import load_tensors, save_tensors
+    from diffkit.pipeline import CONFIG_FILE, CONFIG_KEY, WEIGHTS_FILE
+
+    data = json.loads((folder / CONFIG_FILE).read_text())
+    if edit is not None:
+        edit(data)  # type: ignore[operator]
+    text = json.dumps(data)
+    (folder / CONFIG_FILE).write_text(text)
+    tensors, metadata = load_tensors(folder / WEIGHTS_FILE)
+    if tensors_edit is not None:
+        tensors_edit(tensors)  # type: ignore[operator]
+    save_tensors(folder / WEIGHTS_FILE, tensors, {**metadata, CONFIG_KEY: text})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh pipeline with a CLIP-BPE text conditioner over a (made-up) merges file, saved."""
+    from diffkit.builder import build
+
+    root = tmp_path_factory.mktemp("text")
+    vocab = _merges(root / "merges.txt.gz")
+    tower = {"vocab_size": 49408, "context_length": 8, "width": 8, "layers": 1, "heads": 1}
+    text = {"kind": "clip_text", "text": tower, "vocab_path": str(vocab)}
+    config = {
+        "data_shape": [1, 8, 8],
+        "schedule": {"kind": "cosine"},
+        "steps": 1,
+        "denoiser": {**_TINY_UNET, "context_dim": 8},
+        "text": text,
+    }
+    build(config).save(root / "pipe")
+    return root / "pipe"
+
+
+def _vocab(folder: Path) -> Path:
+    return next((folder / "tokenizer").iterdir())
+
+
+def _replace_vocab(data: bytes | None) -> object:
+    def change(folder: Path) -> None:
+        path = _vocab(folder)
+        path.unlink()
+        if data is None:
+            path.mkdir()
+        else:
+            path.write_bytes(data)
+
+    return change
+
+
+def _deep_json(folder: Path) -> None:
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _nan_weights(folder: Path) -> None:
+    def poison(tensors: dict[str, object]) -> None:
+        import torch
+
+        for name, value in tensors.items():
+            if name.startswith("denoiser.") and isinstance(value, torch.Tensor):
+                value.fill_(float("nan"))
+
+    _edit(folder, tensors_edit=poison)
+
+
+def _schedule(**fields: object) -> object:
+    return lambda folder: _edit(folder, lambda d: (d["schedule"].update(fields), d.update(steps=4)))
+
+
+_TRUNCATED = gzip.compress(bytes(range(256)) * 64)[:100]
+_CASES = {
+    # tokenizer files (the pipeline's tokenizer/ folder)
+    "vocab-missing": ("text", lambda f: _vocab(f).unlink(), "merges.txt.gz"),
+    "vocab-not-gzip": ("text", _replace_vocab(b"plain text"), "not a gzip file"),
+    "vocab-truncated": (
+        "text",
+        _replace_vocab(_TRUNCATED),
+        "truncated",
+    ),
+    "vocab-directory": ("text", _replace_vocab(None), "directory"),
+    "vocab-bad-merges": ("text", _replace_vocab(gzip.compress(b"#v\na b")), "not a CLIP merges"),
+    # configs
+    "json-100000-deep": ("tiny", _deep_json, "config.json"),
+    "schedule-min-log-snr": ("tiny", _schedule(min_log_snr=50.0), "log-SNR"),
+    "schedule-offset": ("tiny", _schedule(offset=2.0), "schedule.offset"),
+    "unknown-kind": ("tiny", _schedule(kind="nope"), "nope"),
+    # weights
+    "nan-weights": ("tiny", _nan_weights, "NaN or inf"),
+}
+
+
+@pytest.mark.parametrize("command", ["sample", "info"])
+@pytest.mark.parametrize("case", list(_CASES))
+def test_cli_user_errors_are_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    case: str,
+    command: str,
+) -> None:
+    which, damage, message = _CASES[case]
+    if case in ("nan-weights", "schedule-min-log-snr") and command == "info":
+        pytest.skip("a sampling error: info does not sample")
+    source = request.getfixturevalue("text_pipeline" if which == "text" else "tiny_pipeline")
+    run = _copy(source, tmp_path / "run")
+    damage(run)  # type: ignore[operator]
+    argv = [command, str(run)]
+    if command == "sample":
+        argv += ["--num", "1", "--threads", "1", "--quiet"]
+        argv += ["--prompt", "a"] if which == "text" else []
+    line = _cli_error(capsys, argv)
+    assert message in line, line
+
+
+# ------------------------------------------------------------------ resume (issue case 7)
+
+
+def _ckpt_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.GroupNorm(2, 8))
+
+
+def _save_steps(folder: Path, *steps: int) -> None:
+    from diffkit.checkpoint import checkpoint_name, save_training_checkpoint
+
+    model = _ckpt_model()
+    for step in steps:
+        save_training_checkpoint(folder / checkpoint_name(step), model=model, step=step)
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_which_it_skipped(
+    tmp_path: Path,
+) -> None:
+    from diffkit.checkpoint import checkpoint_name, latest_checkpoint
+
+    _save_steps(tmp_path, 2, 4, 6, 8)
+    newest = tmp_path / checkpoint_name(8)
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated
+    (tmp_path / checkpoint_name(6)).write_bytes(b"\xff" * 64)  # garbage
+    with pytest.warns(UserWarning) as record:
+        assert latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(4)
+    messages = [str(w.message) for w in record]
+    assert any(checkpoint_name(8) in m and "truncated or corrupt" in m for m in messages)
+    assert any(checkpoint_name(6) in m for m in messages)
+
+
+def test_a_header_step_that_disagrees_with_the_file_name_is_refused(tmp_path: Path) -> None:
+    from diffkit.checkpoint import (
+        CheckpointError,
+        checkpoint_name,
+        latest_checkpoint,
+        load_training_checkpoint,
+        save_training_checkpoint,
+    )
+
+    lying = tmp_path / checkpoint_name(12)
+    save_training_checkpoint(lying, model=_ckpt_model(), step=999)
+    with pytest.raises(
+        CheckpointError, match="header says step 999 but the file name says step 12"
+    ):
+        load_training_checkpoint(lying, model=_ckpt_model())
+    with pytest.warns(UserWarning, match="999"), pytest.raises(CheckpointError, match="intact"):
+        latest_checkpoint(tmp_path)  # nothing to fall back to: refused, not a silent restart
+    _save_steps(tmp_path, 5)
+    with pytest.warns(UserWarning, match=checkpoint_name(12)):
+        assert latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(5)
+
+
+def test_a_directory_with_a_checkpoint_name_is_refused_before_training(tmp_path: Path) -> None:
+    from diffkit.checkpoint import (
+        CheckpointError,
+        checkpoint_name,
+        latest_checkpoint,
+        list_checkpoints,
+        save_training_checkpoint,
+    )
+
+    _save_steps(tmp_path, 2)
+    (tmp_path / checkpoint_name(4)).mkdir()
+    for look in (latest_checkpoint, list_checkpoints):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            look(tmp_path)
+    with pytest.raises(IsADirectoryError, match="in the way"):
+        save_training_checkpoint(tmp_path / checkpoint_name(4), model=_ckpt_model(), step=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_name(2), checkpoint_name(4)]
+
+
+def test_stale_temporaries_of_a_dead_writer_are_removed_and_no_others(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from diffkit import checkpoint as ckpt
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = ckpt._HOST
+    names = {
+        "dead": f".checkpoint-00000007.safetensors.{host}-{dead.pid}.a1b2c3.tmp",
+        "alive": f".checkpoint-00000008.safetensors.{host}-{os.getpid()}.d4e5f6.tmp",
+        "other-host": f".checkpoint-00000009.safetensors.elsewhere-{dead.pid}.g7h8.tmp",
+        "foreign": ".notes.txt.tmp",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x" * 1000)
+    _save_steps(tmp_path, 3)
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / ckpt.checkpoint_name(3)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["dead"] not in left
+    assert {names["alive"], names["other-host"], names["foreign"]} <= left
+
+
+FLAT = """
+import torch
+from torch import nn
+
+
+class Flat(nn.Module):
+    prediction = "epsilon"
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.SiLU(), nn.Linear(16, 64))
+
+    def forward(self, x, t, cond=None):
+        return self.net(x).reshape(x.shape)
+"""
+
+
+def test_training_resumes_from_the_newest_intact_checkpoint(tmp_path: Path) -> None:
+    from diffkit.checkpoint import checkpoint_name
+    from diffkit.schedules import Cosine
+    from diffkit.training import TrainConfig, train
+    from diffkit_demo.datasets import DigitsDataset
+
+    namespace: dict[str, object] = {}
+    exec(FLAT, namespace)
+
+    def run(steps: int, resume: bool) -> object:
+        config = TrainConfig(
+            steps=steps,
+            batch_size=4,
+            checkpoint_every=2,
+            keep_checkpoints=5,
+            output_dir=str(tmp_path),
+            progress=False,
+            resume=resume,
+        )
+        return train(namespace["Flat"](), Cosine(), DigitsDataset(8), config)  # type: ignore[operator]
+
+    run(4, resume=False)
+    newest = tmp_path / "checkpoints" / checkpoint_name(4)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=f"skipping the checkpoint .*{checkpoint_name(4)}"):
+        result = run(6, resume=True)
+    assert result.start_step == 2  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------ dtypes (issue case 4)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "message"),
+    [
+        ("int32", "int32 integers for torch.float32 floats"),
+        ("complex64", "complex"),
+        ("float16", "torch.float16, the module's is torch.float32"),
+        ("float64", "torch.float64, the module's is torch.float32"),
+        ("float8_e4m3fn", "not one of float16"),
+    ],
+)
+def test_load_state_dict_refuses_other_dtypes_by_tensor_name(dtype: str, message: str) -> None:
+    import torch
+
+    from diffkit.checkpoint import CheckpointError, load_state_dict
+
+    model = _ckpt_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = dict(model.state_dict())
+    tensors["0.weight"] = torch.zeros(8, 4).to(getattr(torch, dtype))
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_state_dict(model, tensors)
+    assert "0.weight" in str(info.value) and "1.weight" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_state_dict_casts_between_floats_only_when_asked() -> None:
+    import torch
+
+    from diffkit.checkpoint import CheckpointError, load_state_dict
+
+    model = _ckpt_model()
+    tensors = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+    load_state_dict(model, tensors, cast=True)
+    assert model[0].weight.dtype == torch.float32  # type: ignore[index]
+    tensors["0.bias"] = torch.zeros(8, dtype=torch.int64)
+    with pytest.raises(CheckpointError, match=r"0\.bias"):
+        load_state_dict(model, tensors, cast=True)  # integers are never cast
+
+
+def test_check_dtypes_allows_one_floating_dtype_per_module() -> None:
+    import torch
+
+    from diffkit.checkpoint import CheckpointError, check_dtypes
+
+    tensors = {
+        "denoiser.a": torch.zeros(2),
+        "denoiser.b": torch.zeros(2),
+        "denoiser.c": torch.zeros(2, dtype=torch.float16),
+        "denoiser.steps": torch.zeros(2, dtype=torch.long),
+        "text.a": torch.zeros(2, dtype=torch.bfloat16),
+    }
+    with pytest.raises(CheckpointError, match=r"denoiser\.c \(torch\.float16, the rest") as info:
+        check_dtypes(tensors)
+    assert "denoiser.a" not in str(info.value) and "text.a" not in str(info.value)
+    check_dtypes(tensors, mixed={"denoiser"})  # a module saved in mixed precision
+    tensors["text.z"] = torch.zeros(2, dtype=torch.complex64)
+    with pytest.raises(CheckpointError, match=r"text\.z"):
+        check_dtypes(tensors, mixed={"denoiser"})
+
+
+@pytest.mark.parametrize("dtype", ["int32", "complex64"])
+def test_pipeline_load_refuses_integer_and_complex_weights_by_name(
+    tiny_pipeline: Path, tmp_path: Path, dtype: str
+) -> None:
+    import torch
+
+    from diffkit.checkpoint import CheckpointError
+    from diffkit.pipeline import Pipeline
+
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    name = "denoiser.conv_out.weight"
+
+    def relabel(tensors: dict[str, torch.Tensor]) -> None:
+        assert name in tensors, sorted(tensors)[:20]
+        tensors[name] = tensors[name].to(getattr(torch, dtype))
+
+    _edit(run, tensors_edit=relabel)
+    with pytest.raises(CheckpointError, match=name):
+        Pipeline.load(run)
+
+
+# ------------------------------------------------------------------ Pipeline.load (case 1, 3, 5)
+
+
+def _set_vocab(value: str) -> object:
+    return lambda folder: _edit(folder, lambda d: d["text"].update(vocab_path=value))
+
+
+def _load_error(folder: Path) -> str:
+    """``Pipeline.load(folder)``'s ``CheckpointError``, one line, raised without hanging."""
+    from diffkit.checkpoint import CheckpointError
+    from diffkit.pipeline import Pipeline
+
+    err = _in_thread(lambda: Pipeline.load(folder))
+    assert isinstance(err, CheckpointError), repr(err)
+    assert "\n" not in str(err)
+    return str(err)
+
+
+def _fifo_vocab(folder: Path) -> None:
+    path = _vocab(folder)
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _symlinked_vocab(target: str) -> object:
+    def change(folder: Path) -> None:
+        path = _vocab(folder)
+        path.unlink()
+        os.symlink(target, path)
+
+    return change
+
+
+_LOAD_CASES = {
+    "absolute": (_set_vocab("/etc/passwd"), "relative"),
+    "dev-stdin": (_set_vocab("/dev/stdin"), "relative"),
+    "dotdot": (_set_vocab("../../etc/passwd"), ".."),
+    "symlink-out": (_symlinked_vocab("/etc/passwd"), "leaves the folder"),
+    "symlink-stdin": (_symlinked_vocab("/dev/stdin"), "leaves the folder"),
+    "fifo": (_fifo_vocab, "FIFO"),
+    "deep-json": (_deep_json, "nested too deeply"),
+}
+
+
+@needs_fifo
+@pytest.mark.parametrize("case", list(_LOAD_CASES))
+def test_pipeline_load_reads_only_regular_files_inside_the_folder(
+    text_pipeline: Path, tmp_path: Path, case: str
+) -> None:
+    damage, message = _LOAD_CASES[case]
+    run = _copy(text_pipeline, tmp_path / "run")
+    damage(run)  # type: ignore[operator]
+    assert message in _load_error(run)
+
+
+@needs_fifo
+@pytest.mark.parametrize("case", ["absolute", "dev-stdin", "symlink-stdin", "fifo"])
+@pytest.mark.parametrize("command", ["info", "sample"])
+def test_cli_refuses_a_vocab_outside_the_folder_in_one_line_without_hanging(
+    capsys: pytest.CaptureFixture[str], text_pipeline: Path, tmp_path: Path, case: str, command: str
+) -> None:
+    damage, message = _LOAD_CASES[case]
+    run = _copy(text_pipeline, tmp_path / "run")
+    damage(run)  # type: ignore[operator]
+    argv = [command, str(run)] + (
+        ["--prompt", "a", "--num", "1", "--quiet"] if command == "sample" else []
+    )
+    line: list[str] = []
+    err = _in_thread(lambda: line.append(_cli_error(capsys, argv)))
+    assert err is None, err
+    assert message in line[0]
+
+
+def test_pipeline_load_refuses_a_gzip_bomb_for_a_vocabulary(
+    text_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _copy(text_pipeline, tmp_path / "run")
+    _bomb(_vocab(run), 200 * 2**20)
+    monkeypatch.setattr(files, "MAX_READ_BYTES", 8 * 2**20)
+    assert "larger than 8,388,608 bytes inflated" in _load_error(run)
+
+
+@needs_fifo
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_pipeline_load_refuses_a_fifo_or_outside_link_for_its_own_files(
+    tiny_pipeline: Path, tmp_path: Path, name: str
+) -> None:
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    outside = tmp_path / "outside"
+    (run / name).rename(outside)
+    os.symlink(outside, run / name)
+    assert "leaves the folder" in _load_error(run)
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    assert "FIFO" in _load_error(run)
+
+
+def test_pipeline_load_refuses_one_module_in_two_floating_dtypes(
+    tiny_pipeline: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    name = "denoiser.conv_out.weight"
+
+    def half(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = tensors[name].half()
+
+    _edit(run, tensors_edit=half)
+    assert name in _load_error(run) and "torch.float16" in _load_error(run)
+
+
+def test_a_module_saved_in_mixed_precision_loads_back(tiny_pipeline: Path, tmp_path: Path) -> None:
+    import torch
+
+    from diffkit.pipeline import Pipeline
+
+    pipeline = Pipeline.load(tiny_pipeline).to(torch.bfloat16)
+    pipeline.denoiser.conv_out.float()
+    loaded = Pipeline.load(pipeline.save(tmp_path / "mixed"))
+    for key, value in pipeline.state_dict().items():
+        assert loaded.state_dict()[key].dtype == value.dtype, key
+
+
+# ------------------------------------------------------------------ sizes (case 3)
+
+
+@pytest.mark.parametrize("size", [1_000_000, 10**400], ids=["1e6", "1e400"])
+def test_sizes_no_machine_can_hold_are_refused_before_allocating(
+    tiny_pipeline: Path, tmp_path: Path, size: int
+) -> None:
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    _edit(run, lambda d: d["denoiser"].update(base_channels=size))
+    message = _load_error(run)
+    assert "base_channels" in message
+
+
+def test_weights_are_checked_against_the_meta_device_build_before_allocating(
+    tiny_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from diffkit.pipeline import Pipeline
+
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    _edit(run, lambda d: d["denoiser"].update(base_channels=16))  # weights are for 8
+    devices: list[str] = []
+    build = Pipeline.from_config.__func__
+
+    def spy(cls: type, config: object) -> object:
+        devices.append(str(torch.get_default_device()))
+        return build(cls, config)
+
+    monkeypatch.setattr(Pipeline, "from_config", classmethod(spy))
+    read: list[object] = []
+    monkeypatch.setattr("diffkit.pipeline.load_tensors", lambda *a, **k: read.append(a))
+    assert "mis-shaped" in _load_error(run)
+    assert devices == ["meta"] and read == []  # refused from the header, no data read
+
+
+def test_steps_and_data_shape_are_bounded(tiny_pipeline: Path, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from diffkit.builder import build
+    from diffkit.pipeline import Pipeline
+
+    config = {"data_shape": [1, 8, 8], "schedule": {"kind": "cosine"}, "denoiser": _TINY_UNET}
+    with pytest.raises(ValidationError, match="steps"):
+        build({**config, "steps": 10**12})
+    with pytest.raises(ValidationError, match="data_shape"):
+        build({**config, "data_shape": [1, 65536, 65536]})
+    pipeline = Pipeline.load(tiny_pipeline)
+    with pytest.raises(ValueError, match="steps"):
+        pipeline.generate(num_samples=1, steps=10**12)
+
+
+def test_cli_refuses_steps_past_the_bound_in_one_line(
+    capsys: pytest.CaptureFixture[str], tiny_pipeline: Path, tmp_path: Path
+) -> None:
+    run = _copy(tiny_pipeline, tmp_path / "run")
+    argv = ["sample", str(run), "--num", "1", "--steps", str(10**12), "--quiet"]
+    assert "MAX_STEPS" in _cli_error(capsys, argv)
