@@ -28,7 +28,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from jaxtyping import Float
@@ -82,6 +82,14 @@ def _sampler_by_name(name: str) -> Sampler:
         return REGISTRY[name]()
     except KeyError:
         raise ValueError(f"unknown sampler '{name}'; known: {', '.join(REGISTRY)}") from None
+
+
+class _Conds(TypedDict):
+    """A call's expanded conditions and guidance, as a sampler takes them (``**conds``)."""
+
+    cond: Conditioning | None
+    uncond: Conditioning | None
+    guidance: float
 
 
 def _batch_error(batch_from: str, batch: int, given: str, size: int | None) -> ValueError:
@@ -419,7 +427,7 @@ class Pipeline(nn.Module):
         guidance: float,
         batch_from: str = "num_samples",
         guidance_given: bool = False,
-    ) -> tuple[int, Conditioning | None, Conditioning | None, float]:
+    ) -> tuple[int, _Conds]:
         """The batch and the expanded conditions; ``batch_from`` names what set ``batch``.
 
         ``uncond`` / ``negative_prompts`` that cannot take effect are refused (on an
@@ -473,7 +481,7 @@ class Pipeline(nn.Module):
             raise _batch_error("the batch", batch, given, size)
         if uncond is not None:
             uncond = uncond.expand(batch)
-        return batch, cond, uncond, guidance
+        return batch, _Conds(cond=cond, uncond=uncond, guidance=guidance)
 
     def _refuse_conflicts(
         self,
@@ -581,7 +589,7 @@ class Pipeline(nn.Module):
             self._check_noise(noise, num_samples)
             if num_samples is None:
                 num_samples, batch_from = int(noise.shape[0]), "noise's batch"
-        batch, cond, uncond, guidance = self._conditions(
+        batch, conds = self._conditions(
             "Pipeline.generate",
             prompts,
             cond,
@@ -601,11 +609,9 @@ class Pipeline(nn.Module):
             self.schedule,
             noise,
             steps=steps,
-            cond=cond,
-            guidance=guidance,
-            uncond=uncond,
             generator=generator,
             callback=callback,
+            **conds,
         )
         return self.decode(z) if decode else z
 
@@ -708,7 +714,7 @@ class Pipeline(nn.Module):
         _check_floating("Pipeline.img2img", "x", x)  # uint8 in [0, 255] must not pass as floats
         self._check_data(x)
         x = x.to(self.device, self.dtype)
-        batch, cond, uncond, guidance = self._conditions(
+        batch, conds = self._conditions(
             "Pipeline.img2img",
             prompts,
             cond,
@@ -738,10 +744,8 @@ class Pipeline(nn.Module):
             truncated,
             start,
             steps=steps,
-            cond=cond,
-            guidance=guidance,
-            uncond=uncond,
             generator=generator,
+            **conds,
         )
         return self.decode(z) if decode else z
 
