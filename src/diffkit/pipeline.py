@@ -28,7 +28,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from jaxtyping import Float
@@ -82,6 +82,15 @@ def _sampler_by_name(name: str) -> Sampler:
         return REGISTRY[name]()
     except KeyError:
         raise ValueError(f"unknown sampler '{name}'; known: {', '.join(REGISTRY)}") from None
+
+
+class _Asked(NamedTuple):
+    """The conditions a call was given, before they are checked and expanded."""
+
+    prompts: Sequence[str] | str | None
+    cond: Conditioning | None
+    uncond: Conditioning | None
+    negative_prompts: Sequence[str] | str | None
 
 
 class _Conds(TypedDict):
@@ -419,10 +428,7 @@ class Pipeline(nn.Module):
     def _conditions(
         self,
         where: str,
-        prompts: Sequence[str] | str | None,
-        cond: Conditioning | None,
-        uncond: Conditioning | None,
-        negative_prompts: Sequence[str] | str | None,
+        asked: _Asked,
         batch: int | None,
         guidance: float,
         batch_from: str = "num_samples",
@@ -434,7 +440,8 @@ class Pipeline(nn.Module):
         unconditional call, both at once, negative prompts without a text conditioner);
         with ``guidance == 1`` they are dropped with a ``UserWarning``.
         """
-        self._refuse_conflicts(where, prompts, cond, uncond, negative_prompts)
+        self._refuse_conflicts(where, asked)
+        prompts, cond, uncond, negative_prompts = asked
         negative = "uncond" if uncond is not None else "negative_prompts"
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -483,15 +490,9 @@ class Pipeline(nn.Module):
             uncond = uncond.expand(batch)
         return batch, _Conds(cond=cond, uncond=uncond, guidance=guidance)
 
-    def _refuse_conflicts(
-        self,
-        where: str,
-        prompts: Sequence[str] | str | None,
-        cond: Conditioning | None,
-        uncond: Conditioning | None,
-        negative_prompts: Sequence[str] | str | None,
-    ) -> None:
+    def _refuse_conflicts(self, where: str, asked: _Asked) -> None:
         """Arguments that cannot be given together, or without a text conditioner."""
+        prompts, cond, uncond, negative_prompts = asked
         _check_prompts("prompts", prompts)
         _check_prompts("negative_prompts", negative_prompts)
         if prompts is not None and cond is not None:
@@ -591,10 +592,7 @@ class Pipeline(nn.Module):
                 num_samples, batch_from = int(noise.shape[0]), "noise's batch"
         batch, conds = self._conditions(
             "Pipeline.generate",
-            prompts,
-            cond,
-            uncond,
-            negative_prompts,
+            _Asked(prompts, cond, uncond, negative_prompts),
             num_samples,
             guidance,
             batch_from,
@@ -716,10 +714,7 @@ class Pipeline(nn.Module):
         x = x.to(self.device, self.dtype)
         batch, conds = self._conditions(
             "Pipeline.img2img",
-            prompts,
-            cond,
-            uncond,
-            negative_prompts,
+            _Asked(prompts, cond, uncond, negative_prompts),
             int(x.shape[0]),
             guidance,
             "x's batch",
