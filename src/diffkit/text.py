@@ -91,6 +91,9 @@ def _check_end_token(tower: TextTower, tokenizer: Tokenizer) -> None:
 
 _Model = TypeVar("_Model", bound=nn.Module)
 
+_OPTIONS = ("project_pooled", "skip_last_layers", "final_norm", "mask_padding")
+"""The layer options of a conditioner, its keyword arguments and its config's fields."""
+
 
 class _Dims(NamedTuple):
     """A text model's number of blocks and the widths of its tokens and pooled output."""
@@ -198,14 +201,7 @@ class CLIPTextConditioner(_Conditioner[TextTower]):
                 config.vocab_path or find_open_clip_vocab(), context, config.pad_token_id
             )
         tower = TextTower(config.text, proj_dim=config.projection_dim)
-        return cls(
-            tower,
-            tokenizer,
-            project_pooled=config.project_pooled,
-            skip_last_layers=config.skip_last_layers,
-            final_norm=config.final_norm,
-            mask_padding=config.mask_padding,
-        )
+        return cls(tower, tokenizer, **{name: getattr(config, name) for name in _OPTIONS})
 
     @property
     def config(self) -> "CLIPTextConditionerConfig":
@@ -237,10 +233,7 @@ class CLIPTextConditioner(_Conditioner[TextTower]):
             vocab_path=vocab_path,
             pad_token_id=tokenizer.pad_token_id,
             projection_dim=projection.out_features if projection is not None else None,
-            project_pooled=self.project_pooled,
-            skip_last_layers=self.skip_last_layers,
-            final_norm=self.final_norm,
-            mask_padding=self.mask_padding,
+            **{name: getattr(self, name) for name in _OPTIONS},
         )
 
     def _encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
