@@ -28,7 +28,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from jaxtyping import Float
@@ -96,6 +96,23 @@ def _sampler_by_name(name: str) -> Sampler:
         return REGISTRY[name]()
     except KeyError:
         raise ValueError(f"unknown sampler '{name}'; known: {', '.join(REGISTRY)}") from None
+
+
+class _Asked(NamedTuple):
+    """The conditions a call was given, before they are checked and expanded."""
+
+    prompts: Sequence[str] | str | None
+    cond: Conditioning | None
+    uncond: Conditioning | None
+    negative_prompts: Sequence[str] | str | None
+
+
+class _Conds(TypedDict):
+    """A call's expanded conditions and guidance, as a sampler takes them (``**conds``)."""
+
+    cond: Conditioning | None
+    uncond: Conditioning | None
+    guidance: float
 
 
 def _batch_error(batch_from: str, batch: int, given: str, size: int | None) -> ValueError:
@@ -485,22 +502,20 @@ class Pipeline(nn.Module):
     def _conditions(
         self,
         where: str,
-        prompts: Sequence[str] | str | None,
-        cond: Conditioning | None,
-        uncond: Conditioning | None,
-        negative_prompts: Sequence[str] | str | None,
+        asked: _Asked,
         batch: int | None,
         guidance: float,
         batch_from: str = "num_samples",
         guidance_given: bool = False,
-    ) -> tuple[int, Conditioning | None, Conditioning | None, float]:
+    ) -> tuple[int, _Conds]:
         """The batch and the expanded conditions; ``batch_from`` names what set ``batch``.
 
         ``uncond`` / ``negative_prompts`` that cannot take effect are refused (on an
         unconditional call, both at once, negative prompts without a text conditioner);
         with ``guidance == 1`` they are dropped with a ``UserWarning``.
         """
-        self._refuse_conflicts(where, prompts, cond, uncond, negative_prompts)
+        self._refuse_conflicts(where, asked)
+        prompts, cond, uncond, negative_prompts = asked
         negative = "uncond" if uncond is not None else "negative_prompts"
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -547,17 +562,11 @@ class Pipeline(nn.Module):
             raise _batch_error("the batch", batch, given, size)
         if uncond is not None:
             uncond = uncond.expand(batch)
-        return batch, cond, uncond, guidance
+        return batch, _Conds(cond=cond, uncond=uncond, guidance=guidance)
 
-    def _refuse_conflicts(
-        self,
-        where: str,
-        prompts: Sequence[str] | str | None,
-        cond: Conditioning | None,
-        uncond: Conditioning | None,
-        negative_prompts: Sequence[str] | str | None,
-    ) -> None:
+    def _refuse_conflicts(self, where: str, asked: _Asked) -> None:
         """Arguments that cannot be given together, or without a text conditioner."""
+        prompts, cond, uncond, negative_prompts = asked
         _check_prompts("prompts", prompts)
         _check_prompts("negative_prompts", negative_prompts)
         if prompts is not None and cond is not None:
@@ -659,12 +668,9 @@ class Pipeline(nn.Module):
             self._check_noise(noise, num_samples)
             if num_samples is None:
                 num_samples, batch_from = int(noise.shape[0]), "noise's batch"
-        batch, cond, uncond, guidance = self._conditions(
+        batch, conds = self._conditions(
             "Pipeline.generate",
-            prompts,
-            cond,
-            uncond,
-            negative_prompts,
+            _Asked(prompts, cond, uncond, negative_prompts),
             num_samples,
             guidance,
             batch_from,
@@ -679,11 +685,9 @@ class Pipeline(nn.Module):
             self.schedule,
             noise,
             steps=steps,
-            cond=cond,
-            guidance=guidance,
-            uncond=uncond,
             generator=generator,
             callback=callback,
+            **conds,
         )
         return self.decode(z) if decode else z
 
@@ -786,12 +790,9 @@ class Pipeline(nn.Module):
         _check_floating("Pipeline.img2img", "x", x)  # uint8 in [0, 255] must not pass as floats
         self._check_data(x)
         x = x.to(self.device, self.dtype)
-        batch, cond, uncond, guidance = self._conditions(
+        batch, conds = self._conditions(
             "Pipeline.img2img",
-            prompts,
-            cond,
-            uncond,
-            negative_prompts,
+            _Asked(prompts, cond, uncond, negative_prompts),
             int(x.shape[0]),
             guidance,
             "x's batch",
@@ -816,10 +817,8 @@ class Pipeline(nn.Module):
             truncated,
             start,
             steps=steps,
-            cond=cond,
-            guidance=guidance,
-            uncond=uncond,
             generator=generator,
+            **conds,
         )
         return self.decode(z) if decode else z
 

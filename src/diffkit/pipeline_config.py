@@ -32,7 +32,7 @@ and the checks that need it are skipped.
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
@@ -236,13 +236,18 @@ def _encoder_problems(shape: tuple[int, ...], encoder: Config | None) -> list[st
             "decoder would give samples of another shape)"
         )
     factor = encoder.downsampling_factor
-    for name, size in (("height", height), ("width", width)):
-        if size % factor:
-            problems.append(
-                f"data_shape {name} {size} is not a multiple of encoder.downsampling_factor "
-                f"{factor}"
-            )
-    return problems
+    sizes = [("height", height, factor), ("width", width, factor)]
+    return problems + _not_multiples("data_shape", sizes, "encoder.downsampling_factor")
+
+
+def _not_multiples(what: str, sizes: Iterable[tuple[str, int, int]], divisor: str) -> list[str]:
+    """``{what} {name} {size} is not a multiple of {divisor} {d}`` for each ``(name, size, d)``
+    whose ``size`` is not a multiple of ``d``."""
+    return [
+        f"{what} {name} {size} is not a multiple of {divisor} {d}"
+        for name, size, d in sizes
+        if size % d
+    ]
 
 
 def _denoiser_problems(config: PipelineConfig, latent: _Latent) -> list[str]:
@@ -266,17 +271,12 @@ def _denoiser_problems(config: PipelineConfig, latent: _Latent) -> list[str]:
         return problems
     if latent.height is not None and latent.width is not None:
         factor = den.downsampling_factor
-        for name, size in (("height", latent.height), ("width", latent.width)):
-            if size % factor:
-                problems.append(
-                    f"the latent {name} {size} is not a multiple of "
-                    f"denoiser.downsampling_factor {factor}"
-                )
+        sizes = [("height", latent.height, factor), ("width", latent.width, factor)]
+        problems += _not_multiples("the latent", sizes, "denoiser.downsampling_factor")
     patch = den.patch_size
-    if config.is_video and isinstance(patch, tuple) and shape[0] % patch[0]:
-        problems.append(
-            f"the latent frames {shape[0]} is not a multiple of denoiser.patch_size {patch[0]}"
-        )
+    if config.is_video and isinstance(patch, tuple):
+        frames = [("frames", shape[0], patch[0])]
+        problems += _not_multiples("the latent", frames, "denoiser.patch_size")
     return problems
 
 
@@ -295,11 +295,7 @@ def _patchifier_problems(config: PipelineConfig, latent: _Latent) -> list[str]:
     sizes = [("height", latent.height, patch[-2]), ("width", latent.width, patch[-1])]
     if len(patch) == 3:
         sizes.insert(0, ("frames", shape[0], patch[0]))
-    return [
-        f"the latent {name} {size} is not a multiple of patchifier.patch_size {p}"
-        for name, size, p in sizes
-        if size % p
-    ]
+    return _not_multiples("the latent", sizes, "patchifier.patch_size")
 
 
 def _text_problems(den: Config, text: Config | None) -> list[str]:

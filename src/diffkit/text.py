@@ -27,7 +27,7 @@ models as they are.
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
 
 import torch
 from pydantic import Field, model_validator
@@ -89,6 +89,12 @@ def _check_end_token(tower: TextTower, tokenizer: Tokenizer) -> None:
         )
 
 
+_Model = TypeVar("_Model", bound=nn.Module)
+
+_OPTIONS = ("project_pooled", "skip_last_layers", "final_norm", "mask_padding")
+"""The layer options of a conditioner, its keyword arguments and its config's fields."""
+
+
 class _Dims(NamedTuple):
     """A text model's number of blocks and the widths of its tokens and pooled output."""
 
@@ -97,23 +103,25 @@ class _Dims(NamedTuple):
     pooled_dim: int
 
 
-class _Conditioner(nn.Module, ABC):
+class _Conditioner(nn.Module, ABC, Generic[_Model]):
     """What the conditioners here share: the tokenizer, the layer options and ``condition``.
 
     ``condition`` tokenizes, runs the model (``_encode``, per subclass), marks the padding.
+    A subclass checks its text ``model`` (``_dims``, ``_adopt``).
     """
 
     def __init__(
         self,
+        model: _Model,
         tokenizer: Tokenizer,
-        dims: _Dims,
         *,
-        project_pooled: bool,
-        skip_last_layers: int,
-        final_norm: bool,
-        mask_padding: bool,
+        project_pooled: bool = False,
+        skip_last_layers: int = 0,
+        final_norm: bool = True,
+        mask_padding: bool = True,
     ) -> None:
         super().__init__()
+        dims = self._dims(model, project_pooled)
         _check_skip(skip_last_layers, dims.layers, type(self).__name__)
         self.tokenizer = tokenizer
         self.project_pooled = project_pooled
@@ -123,6 +131,16 @@ class _Conditioner(nn.Module, ABC):
         self.token_dim: int = dims.token_dim
         self.pooled_dim: int = dims.pooled_dim
         self.context_length: int = tokenizer.context_length
+        self._adopt(model)
+
+    @staticmethod
+    @abstractmethod
+    def _dims(model: _Model, project_pooled: bool) -> _Dims:
+        """Refuse a model of the wrong kind; else its dimensions."""
+
+    @abstractmethod
+    def _adopt(self, model: _Model) -> None:
+        """Check ``model`` against the tokenizer and options, and keep it."""
 
     def forward(self, texts: Sequence[str]) -> Conditioning:
         """Same as ``condition``."""
@@ -143,28 +161,19 @@ class _Conditioner(nn.Module, ABC):
         """Token ids ``(b, context)`` to ``(tokens, pooled)`` as the options ask."""
 
 
-class CLIPTextConditioner(_Conditioner):
-    """diffkit's CLIP [`TextTower`][diffkit.nn.clip.TextTower] with its tokenizer."""
+class CLIPTextConditioner(_Conditioner[TextTower]):
+    """diffkit's CLIP [`TextTower`][diffkit.nn.clip.TextTower] (``model``, kept as ``tower``)
+    with its tokenizer."""
 
-    def __init__(
-        self,
-        tower: TextTower,
-        tokenizer: Tokenizer,
-        *,
-        project_pooled: bool = False,
-        skip_last_layers: int = 0,
-        final_norm: bool = True,
-        mask_padding: bool = True,
-    ) -> None:
-        pooled_dim = tower.output_dim if project_pooled else tower.width
-        super().__init__(
-            tokenizer,
-            _Dims(tower.config.layers, tower.width, pooled_dim),
-            project_pooled=project_pooled,
-            skip_last_layers=skip_last_layers,
-            final_norm=final_norm,
-            mask_padding=mask_padding,
-        )
+    tower: TextTower
+
+    @staticmethod
+    def _dims(model: TextTower, project_pooled: bool) -> _Dims:
+        pooled_dim = model.output_dim if project_pooled else model.width
+        return _Dims(model.config.layers, model.width, pooled_dim)
+
+    def _adopt(self, model: TextTower) -> None:
+        tower, tokenizer = model, self.tokenizer
         if tokenizer.context_length > tower.context_length:
             raise ValueError(
                 f"CLIPTextConditioner: the tokenizer's context_length {tokenizer.context_length} "
@@ -176,7 +185,7 @@ class CLIPTextConditioner(_Conditioner):
                 f"tower embeds only {tower.config.vocab_size}"
             )
         _check_end_token(tower, tokenizer)
-        if project_pooled and tower.projection is None:
+        if self.project_pooled and tower.projection is None:
             raise ValueError("CLIPTextConditioner: project_pooled=True needs a tower projection")
         self.tower = tower
 
@@ -192,14 +201,7 @@ class CLIPTextConditioner(_Conditioner):
                 config.vocab_path or find_open_clip_vocab(), context, config.pad_token_id
             )
         tower = TextTower(config.text, proj_dim=config.projection_dim)
-        return cls(
-            tower,
-            tokenizer,
-            project_pooled=config.project_pooled,
-            skip_last_layers=config.skip_last_layers,
-            final_norm=config.final_norm,
-            mask_padding=config.mask_padding,
-        )
+        return cls(tower, tokenizer, **{name: getattr(config, name) for name in _OPTIONS})
 
     @property
     def config(self) -> "CLIPTextConditionerConfig":
@@ -231,10 +233,7 @@ class CLIPTextConditioner(_Conditioner):
             vocab_path=vocab_path,
             pad_token_id=tokenizer.pad_token_id,
             projection_dim=projection.out_features if projection is not None else None,
-            project_pooled=self.project_pooled,
-            skip_last_layers=self.skip_last_layers,
-            final_norm=self.final_norm,
-            mask_padding=self.mask_padding,
+            **{name: getattr(self, name) for name in _OPTIONS},
         )
 
     def _encode(self, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,33 +243,13 @@ class CLIPTextConditioner(_Conditioner):
         return tokens, pooled
 
 
-class _WrappedModel(_Conditioner):
+class _WrappedModel(_Conditioner[nn.Module]):
     """A text model from another library, run as it is (``self.model``)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Tokenizer,
-        *,
-        project_pooled: bool = False,
-        skip_last_layers: int = 0,
-        final_norm: bool = True,
-        mask_padding: bool = True,
-    ) -> None:
-        super().__init__(
-            tokenizer,
-            self._check_model(model, project_pooled),
-            project_pooled=project_pooled,
-            skip_last_layers=skip_last_layers,
-            final_norm=final_norm,
-            mask_padding=mask_padding,
-        )
-        self.model = model
+    model: nn.Module
 
-    @staticmethod
-    @abstractmethod
-    def _check_model(model: nn.Module, project_pooled: bool) -> _Dims:
-        """Refuse a model of the wrong kind; else its dimensions."""
+    def _adopt(self, model: nn.Module) -> None:
+        self.model = model
 
 
 class TransformersTextConditioner(_WrappedModel):
@@ -283,7 +262,7 @@ class TransformersTextConditioner(_WrappedModel):
     """
 
     @staticmethod
-    def _check_model(model: nn.Module, project_pooled: bool) -> _Dims:
+    def _dims(model: nn.Module, project_pooled: bool) -> _Dims:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         if not isinstance(model, CLIPTextModel | CLIPTextModelWithProjection):
@@ -346,7 +325,7 @@ class OpenCLIPTextConditioner(_WrappedModel):
     """
 
     @staticmethod
-    def _check_model(model: nn.Module, project_pooled: bool) -> _Dims:
+    def _dims(model: nn.Module, project_pooled: bool) -> _Dims:
         import open_clip
 
         if not isinstance(model, open_clip.CLIP):

@@ -95,7 +95,29 @@ class Attention(nn.Module):
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
 
 
-class SpatialSelfAttention(nn.Module):
+class _OverPixels(nn.Module):
+    """A residual block over the pixels of a feature map as tokens:
+    ``(x + mix(norm(x))) / output_scale``; subclasses define ``norm`` and ``_mix``."""
+
+    norm: nn.GroupNorm
+    output_scale: float = 1.0
+
+    @checked_layer
+    def forward(
+        self, x: Image, context: Context | None = None, mask: ContextMask | None = None
+    ) -> Image:
+        """``(b, c, h, w) -> (b, c, h, w)``, the pixels mixed as ``_mix`` says."""
+        height = x.shape[2]
+        h = self._mix(rearrange(self.norm(x), "b c y x -> b (y x) c"), context, mask)
+        out = x + rearrange(h, "b (y x) c -> b c y x", y=height)
+        return out if self.output_scale == 1.0 else out / self.output_scale
+
+    def _mix(self, h: Tensor, context: Context | None, mask: ContextMask | None) -> Tensor:
+        """Normalised pixels ``(b, h * w, c)`` to the residual, ``(b, h * w, c)``."""
+        raise NotImplementedError
+
+
+class SpatialSelfAttention(_OverPixels):
     """Self-attention over the pixels of a feature map, with GroupNorm and a residual.
 
     ``(x + attn(norm(x))) / output_scale``; heads of ``head_dim`` channels (DDPM's attention
@@ -122,20 +144,13 @@ class SpatialSelfAttention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.out = nn.Linear(channels, channels)
 
-    @checked_layer
-    def forward(
-        self, x: Image, context: Context | None = None, mask: ContextMask | None = None
-    ) -> Image:
-        """``(b, c, h, w) -> (b, c, h, w)``; ``context`` and ``mask`` are ignored."""
-        height = x.shape[2]
-        h = rearrange(self.norm(x), "b c y x -> b (y x) c")
+    def _mix(self, h: Tensor, context: Context | None, mask: ContextMask | None) -> Tensor:
+        """Self-attention over the pixels; ``context`` and ``mask`` are ignored."""
         q, k, v = (
             rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in self.qkv(h).chunk(3, dim=-1)
         )
         h = F.scaled_dot_product_attention(q, k, v)
-        h = self.out(rearrange(h, "b h n d -> b n (h d)"))
-        out = x + rearrange(h, "b (y x) c -> b c y x", y=height)
-        return out if self.output_scale == 1.0 else out / self.output_scale
+        return self.out(rearrange(h, "b h n d -> b n (h d)"))
 
 
 class FeedForward(nn.Module):
@@ -217,7 +232,7 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-class SpatialTransformer(nn.Module):
+class SpatialTransformer(_OverPixels):
     """Transformer blocks over the pixels of a feature map (latent-diffusion cross-attention).
 
     ``x + proj_out(blocks(proj_in(norm(x))))``; ``proj_in`` / ``proj_out`` are 1x1
@@ -249,17 +264,11 @@ class SpatialTransformer(nn.Module):
             TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)
         )
 
-    @checked_layer
-    def forward(
-        self, x: Image, context: Context | None = None, mask: ContextMask | None = None
-    ) -> Image:
-        """``(b, c, h, w) -> (b, c, h, w)``, attending to ``context`` ``(b, m, context_dim)``."""
-        height = x.shape[2]
+    def _mix(self, h: Tensor, context: Context | None, mask: ContextMask | None) -> Tensor:
+        """The transformer blocks, attending to ``context`` ``(b, m, context_dim)``."""
         # A 1x1 convolution is a linear map over channels: with channels-last activations
         # both projection kinds are one matrix product on a free (b, pixels, c) view.
-        h = rearrange(self.norm(x), "b c y x -> b (y x) c")
         h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.blocks:
             h = block(h, context, mask)
-        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
-        return x + rearrange(h, "b (y x) c -> b c y x", y=height)
+        return F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from diffkit.typing import Image, checked_layer
 
-__all__ = ["Downsample", "ResBlock", "Upsample", "group_norm", "pointwise"]
+__all__ = ["Downsample", "Level", "ResBlock", "Upsample", "group_norm", "pointwise"]
 
 Embedding = Float[Tensor, "batch emb_dim"]
 
@@ -155,3 +155,26 @@ class Upsample(nn.Module):
                 else:
                     out[:, :, :, a, :, b] = phase
         return rearrange(out, f"{layout} -> n c (h a) (w b)")
+
+
+class Level(nn.Module):
+    """One resolution of a U-Net or an autoencoder: residual blocks, each optionally followed
+    by attention, then an optional resampling."""
+
+    res: nn.ModuleList
+    attn: nn.ModuleList
+    downsample: Downsample | None
+    upsample: Upsample | None
+
+    def __init__(
+        self,
+        res: list[ResBlock],
+        attn: list[nn.Module] | None = None,
+        downsample: Downsample | None = None,
+        upsample: Upsample | None = None,
+    ) -> None:
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn or [])
+        self.downsample = downsample
+        self.upsample = upsample

@@ -36,6 +36,7 @@ from diffkit.nn.layers import (
     network_timestep,
     timestep_embedding,
 )
+from diffkit.nn.resblocks import Level
 from diffkit.protocols import Conditioning
 from diffkit.typing import Image, Prediction, ShapeError, Time, checked
 
@@ -196,28 +197,6 @@ class UNetConfig(Config):
         return False
 
 
-class UNetLevel(nn.Module):
-    """One resolution of the U-Net: residual blocks, each optionally followed by attention."""
-
-    res: nn.ModuleList
-    attn: nn.ModuleList
-    downsample: Downsample | None
-    upsample: Upsample | None
-
-    def __init__(
-        self,
-        res: list[ResBlock],
-        attn: list[nn.Module],
-        downsample: Downsample | None = None,
-        upsample: Upsample | None = None,
-    ) -> None:
-        super().__init__()
-        self.res = nn.ModuleList(res)
-        self.attn = nn.ModuleList(attn)
-        self.downsample = downsample
-        self.upsample = upsample
-
-
 class UNet(nn.Module):
     """U-Net denoiser ``(x_t, t, cond) -> prediction`` on images ``(batch, channels, h, w)``."""
 
@@ -278,13 +257,11 @@ class UNet(nn.Module):
             down = Downsample(width, c.downsample_padding) if i < levels - 1 else None
             if down is not None:
                 skip_channels.append(width)
-            self.down.append(UNetLevel(blocks, attns, downsample=down))
+            self.down.append(Level(blocks, attns, downsample=down))
 
         mid_scale = c.mid_scale
         mid_attn = [attn(cin, -1, mid_scale)] if c.mid_attention else []
-        self.mid: UNetLevel = UNetLevel(
-            [res(cin, cin, mid_scale), res(cin, cin, mid_scale)], mid_attn
-        )
+        self.mid: Level = Level([res(cin, cin, mid_scale), res(cin, cin, mid_scale)], mid_attn)
 
         self.up = nn.ModuleList()
         for i, width in reversed(list(enumerate(widths))):
@@ -295,7 +272,7 @@ class UNet(nn.Module):
                     attns.append(attn(width, i))
                 cin = width
             up = Upsample(width) if i > 0 else None
-            self.up.append(UNetLevel(blocks, attns, upsample=up))
+            self.up.append(Level(blocks, attns, upsample=up))
 
         self.norm_out = nn.GroupNorm(c.norm_groups, widths[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], c.out_channels or c.in_channels, 3, padding=1)
@@ -373,7 +350,7 @@ class UNet(nn.Module):
         # (Weights stay contiguous, so state dicts save as they are.)
         h = self.conv_in(x_t.contiguous(memory_format=torch.channels_last))
         skips = [h]
-        for level in cast("Iterable[UNetLevel]", self.down):
+        for level in cast("Iterable[Level]", self.down):
             for j, block in enumerate(level.res):
                 h = block(h, emb)
                 if len(level.attn):
@@ -388,7 +365,7 @@ class UNet(nn.Module):
             h = attn(h, context, mask)
         h = self.mid.res[1](h, emb)
 
-        for level in cast("Iterable[UNetLevel]", self.up):
+        for level in cast("Iterable[Level]", self.up):
             for j, block in enumerate(level.res):
                 h = block(torch.cat([h, skips.pop()], dim=1), emb)
                 if len(level.attn):

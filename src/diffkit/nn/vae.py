@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from diffkit.config import Config
 from diffkit.nn._registry import ENCODERS
 from diffkit.nn.layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm
+from diffkit.nn.resblocks import Level
 from diffkit.typing import Sample, ShapeError, checked
 
 Latents = Float[Tensor, "batch *latent_shape"]
@@ -111,37 +112,15 @@ class KLAutoencoderConfig(Config):
         return 2 ** (len(self.channel_mult) - 1)
 
 
-class _Level(nn.Module):
-    """Residual blocks at one resolution, then an optional resampling."""
-
-    res: nn.ModuleList
-    attn: nn.ModuleList
-    downsample: Downsample | None
-    upsample: Upsample | None
-
-    def __init__(
-        self,
-        res: list[ResBlock],
-        attn: list[nn.Module] | None = None,
-        downsample: Downsample | None = None,
-        upsample: Upsample | None = None,
-    ) -> None:
-        super().__init__()
-        self.res = nn.ModuleList(res)
-        self.attn = nn.ModuleList(attn or [])
-        self.downsample = downsample
-        self.upsample = upsample
-
-
-def _mid(channels: int, groups: int, attention: bool) -> _Level:
+def _mid(channels: int, groups: int, attention: bool) -> Level:
     res = [ResBlock(channels, channels, None, groups=groups, eps=1e-6) for _ in range(2)]
     attn: list[nn.Module] = []
     if attention:
         attn = [SpatialSelfAttention(channels, channels, groups=groups, eps=1e-6)]
-    return _Level(res, attn)
+    return Level(res, attn)
 
 
-def _run_mid(mid: _Level, h: Tensor) -> Tensor:
+def _run_mid(mid: Level, h: Tensor) -> Tensor:
     h = mid.res[0](h)
     for attn in mid.attn:
         h = attn(h)
@@ -161,14 +140,14 @@ class _Encoder(nn.Module):
                 res.append(ResBlock(cin, width, None, groups=c.norm_groups, eps=1e-6))
                 cin = width
             down = Downsample(width, padding=0) if i < len(widths) - 1 else None
-            self.down.append(_Level(res, downsample=down))
-        self.mid: _Level = _mid(cin, c.norm_groups, c.mid_attention)
+            self.down.append(Level(res, downsample=down))
+        self.mid: Level = _mid(cin, c.norm_groups, c.mid_attention)
         self.norm_out = group_norm(cin, c.norm_groups, 1e-6, "encoder")
         self.conv_out = nn.Conv2d(cin, 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
-        for level in cast("Iterable[_Level]", self.down):
+        for level in cast("Iterable[Level]", self.down):
             for block in level.res:
                 h = block(h)
             if level.downsample is not None:
@@ -183,20 +162,20 @@ class _Decoder(nn.Module):
         widths = [c.base_channels * m for m in c.channel_mult]
         cin = widths[-1]
         self.conv_in = nn.Conv2d(c.latent_channels, cin, 3, padding=1)
-        self.mid: _Level = _mid(cin, c.norm_groups, c.mid_attention)
+        self.mid: Level = _mid(cin, c.norm_groups, c.mid_attention)
         self.up = nn.ModuleList()
         for i, width in reversed(list(enumerate(widths))):
             res = []
             for _ in range(c.blocks_per_level + 1):
                 res.append(ResBlock(cin, width, None, groups=c.norm_groups, eps=1e-6))
                 cin = width
-            self.up.append(_Level(res, upsample=Upsample(width) if i > 0 else None))
+            self.up.append(Level(res, upsample=Upsample(width) if i > 0 else None))
         self.norm_out = group_norm(cin, c.norm_groups, 1e-6, "decoder")
         self.conv_out = nn.Conv2d(cin, c.out_channels or c.in_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = _run_mid(self.mid, self.conv_in(z))
-        for level in cast("Iterable[_Level]", self.up):
+        for level in cast("Iterable[Level]", self.up):
             for block in level.res:
                 h = block(h)
             if level.upsample is not None:
