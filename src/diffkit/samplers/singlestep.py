@@ -79,8 +79,19 @@ def _add_noise(x_t: Tensor, noise: Noise, grid: Grid, i: int, std: float) -> Ten
     return x_t + noise(x_t, s0, grid.sigma[i + 1] / grid.alpha[i + 1]) * std
 
 
+class _MidpointToDown(StepSampler):
+    """A step that evaluates the model half way in log-SNR to ``s_down`` (ancestral split)."""
+
+    eta: float
+    spacing: AnySpacing = Field(default_factory=Karras, description=SPACING)
+
+    def points(self, grid: Grid, i: int) -> tuple[float, ...]:
+        """Half way in log-SNR from point ``i`` to ``s_down``, where that is finite."""
+        return _midpoint(grid, i, ancestral_split(grid, i, self.eta)[1])
+
+
 @SAMPLERS.register
-class DPMSolver2(StepSampler):
+class DPMSolver2(_MidpointToDown):
     """DPM-Solver-2: a midpoint step in log-SNR (2 NFE per step, 1 onto the data).
 
     ``eta > 0`` is k-diffusion's ``sample_dpm_2_ancestral``: the step goes to ``s_down``
@@ -89,11 +100,6 @@ class DPMSolver2(StepSampler):
 
     kind: Literal["dpm_2"] = "dpm_2"
     eta: float = Field(default=0.0, ge=0, description=_ETA)
-    spacing: AnySpacing = Field(default_factory=Karras, description=SPACING)
-
-    def points(self, grid: Grid, i: int) -> tuple[float, ...]:
-        """Half way in log-SNR from point ``i`` to ``s_down``, where that is finite."""
-        return _midpoint(grid, i, ancestral_split(grid, i, self.eta)[1])
 
     def step(
         self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, noise: Noise
@@ -116,16 +122,11 @@ class DPMSolver2(StepSampler):
 
 
 @SAMPLERS.register
-class DPMSolverPP2SAncestral(StepSampler):
+class DPMSolverPP2SAncestral(_MidpointToDown):
     """DPM-Solver++(2S) ancestral: a midpoint step to ``s_down``, then ``s_up`` fresh noise."""
 
     kind: Literal["dpmpp_2s_ancestral"] = "dpmpp_2s_ancestral"
     eta: float = Field(default=1.0, ge=0, description=_ETA)
-    spacing: AnySpacing = Field(default_factory=Karras, description=SPACING)
-
-    def points(self, grid: Grid, i: int) -> tuple[float, ...]:
-        """Half way in log-SNR from point ``i`` to ``s_down``, where that is finite."""
-        return _midpoint(grid, i, ancestral_split(grid, i, self.eta)[1])
 
     def step(
         self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, noise: Noise
