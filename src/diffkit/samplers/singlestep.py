@@ -38,6 +38,7 @@ Each takes 2 NFE per step. A step onto the data (``s_{i+1} = 0``) or from pure n
 (``s_i = inf``) is an Euler step (to ``s_down``, plus the noise).
 """
 
+import abc
 import math
 from typing import Literal
 
@@ -80,7 +81,7 @@ def _add_noise(x_t: Tensor, noise: Noise, grid: Grid, i: int, std: float) -> Ten
 
 
 class _MidpointToDown(StepSampler):
-    """A step that evaluates the model half way in log-SNR to ``s_down`` (ancestral split)."""
+    """A step to ``s_down`` through the model half way in log-SNR, then ``s_up`` of noise."""
 
     eta: float
     spacing: AnySpacing = Field(default_factory=Karras, description=SPACING)
@@ -88,6 +89,24 @@ class _MidpointToDown(StepSampler):
     def points(self, grid: Grid, i: int) -> tuple[float, ...]:
         """Half way in log-SNR from point ``i`` to ``s_down``, where that is finite."""
         return _midpoint(grid, i, ancestral_split(grid, i, self.eta)[1])
+
+    def step(
+        self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, noise: Noise
+    ) -> Tensor:
+        """The step from grid point ``i`` to ``s_down``, plus the noise to ``i + 1``."""
+        up, down = ancestral_split(grid, i, self.eta)
+        a1 = grid.alpha[i + 1]
+        if model.points[i]:
+            x_t = self._to_down(model, x, history[0], grid, i, down)
+        else:  # onto the data, or from pure noise: Euler to s_down, in x (alpha_i may be 0)
+            x_t = _euler_down(x, history[0], grid, i, down) / a1
+        return _add_noise(x_t, noise, grid, i, up * grid.sigma[i + 1] / a1) * a1
+
+    @abc.abstractmethod
+    def _to_down(
+        self, model: StepModel, x: Tensor, d: Tensor, grid: Grid, i: int, down: float
+    ) -> Tensor:
+        """``x~ = x / alpha`` at ``s_down = down * s_{i+1}``, through the midpoint."""
 
 
 @SAMPLERS.register
@@ -101,24 +120,17 @@ class DPMSolver2(_MidpointToDown):
     kind: Literal["dpm_2"] = "dpm_2"
     eta: float = Field(default=0.0, ge=0, description=_ETA)
 
-    def step(
-        self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, noise: Noise
+    def _to_down(
+        self, model: StepModel, x: Tensor, d: Tensor, grid: Grid, i: int, down: float
     ) -> Tensor:
-        """The midpoint step from grid point ``i`` to ``s_down``, plus the noise to ``i + 1``."""
-        d = history[0]
-        up, down = ancestral_split(grid, i, self.eta)
-        a0, a1 = grid.alpha[i], grid.alpha[i + 1]
-        if not model.points[i]:  # onto the data, or from pure noise: Euler
-            s1 = grid.sigma[i + 1] / a1
-            return _add_noise(_euler_down(x, d, grid, i, down) / a1, noise, grid, i, up * s1) * a1
-        mid = model.points[i][0]
+        """The midpoint rule in ``s = sigma / alpha``: the slope at the midpoint, to ``s_down``."""
+        mid, a0 = model.points[i][0], grid.alpha[i]
         s0, s_m = grid.sigma[i] / a0, mid.sigma / mid.alpha
-        s_down = down * grid.sigma[i + 1] / a1
+        s_down = down * grid.sigma[i + 1] / grid.alpha[i + 1]
         x_t = x / a0
         x_m = x_t + (x_t - d) * ((s_m - s0) / s0)
         d_m = model.at(x_m * mid.alpha, i)
-        x_t = x_t + (x_m - d_m) * ((s_down - s0) / s_m)
-        return _add_noise(x_t, noise, grid, i, up * grid.sigma[i + 1] / a1) * a1
+        return x_t + (x_m - d_m) * ((s_down - s0) / s_m)
 
 
 @SAMPLERS.register
@@ -128,22 +140,15 @@ class DPMSolverPP2SAncestral(_MidpointToDown):
     kind: Literal["dpmpp_2s_ancestral"] = "dpmpp_2s_ancestral"
     eta: float = Field(default=1.0, ge=0, description=_ETA)
 
-    def step(
-        self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, noise: Noise
+    def _to_down(
+        self, model: StepModel, x: Tensor, d: Tensor, grid: Grid, i: int, down: float
     ) -> Tensor:
-        """The 2S step from grid point ``i`` to ``s_down``, plus the noise to ``s_{i+1}``."""
-        d = history[0]
-        up, down = ancestral_split(grid, i, self.eta)
-        a1, s1 = grid.alpha[i + 1], grid.sigma[i + 1] / grid.alpha[i + 1]
-        if not model.points[i]:  # Euler to s_down, in x (alpha_i may be 0)
-            x_t = _euler_down(x, d, grid, i, down) / a1
-        else:
-            h = grid.h(i) - math.log(down)  # lambda_down - lambda_i
-            mid, x_t = model.points[i][0], x / grid.alpha[i]
-            x_m = x_t * math.exp(-h / 2) - d * math.expm1(-h / 2)
-            d_m = model.at(x_m * mid.alpha, i)
-            x_t = x_t * math.exp(-h) - d_m * math.expm1(-h)
-        return _add_noise(x_t, noise, grid, i, up * s1) * a1
+        """The DPM-Solver++(2S) step in ``lambda``, through the estimate at its midpoint."""
+        h = grid.h(i) - math.log(down)  # lambda_down - lambda_i
+        mid, x_t = model.points[i][0], x / grid.alpha[i]
+        x_m = x_t * math.exp(-h / 2) - d * math.expm1(-h / 2)
+        d_m = model.at(x_m * mid.alpha, i)
+        return x_t * math.exp(-h) - d_m * math.expm1(-h)
 
 
 @SAMPLERS.register
