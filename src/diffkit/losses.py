@@ -18,9 +18,7 @@ denoiser's own prediction is converted when they differ). Weightings are defined
 | ``v`` | ``snr + 1`` (the v-prediction MSE of a VP schedule) |
 """
 
-import functools
-from collections.abc import Callable
-from typing import Literal, ParamSpec
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -52,20 +50,6 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None, like: Tenso
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float64).to(
         like.device
     )
-
-
-_P = ParamSpec("_P")
-
-
-def _batch_mean(per_sample: Callable[_P, Tensor]) -> Callable[_P, Tensor]:
-    """A ``__call__`` with ``per_sample``'s parameters that returns the batch mean."""
-
-    @functools.wraps(per_sample)
-    def mean(*args: _P.args, **kwargs: _P.kwargs) -> Tensor:
-        return per_sample(*args, **kwargs).mean()
-
-    mean.__doc__ = "The mean weighted loss over the batch (a scalar to ``backward()``)."
-    return mean
 
 
 class DiffusionLoss(Config):
@@ -179,7 +163,21 @@ class DiffusionLoss(Config):
         err = (pred - target).pow(2).flatten(1).mean(dim=1)
         return err * self.weight(alpha, sigma, target_kind).to(err.dtype)
 
-    __call__ = _batch_mean(per_sample)
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        schedule: NoiseSchedule,
+        x0: Sample,
+        *,
+        cond: Conditioning | None = None,
+        uncond: Conditioning | None = None,
+        generator: torch.Generator | None = None,
+        t: Time | None = None,
+    ) -> Tensor:
+        """The mean weighted loss over the batch (a scalar to ``backward()``)."""
+        return self.per_sample(
+            denoiser, schedule, x0, cond=cond, uncond=uncond, generator=generator, t=t
+        ).mean()
 
 
 def _check_null(rate: float, cond: Conditioning, uncond: Conditioning | None) -> None:
