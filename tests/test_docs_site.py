@@ -29,12 +29,13 @@ CHROMIUM = os.environ.get("DIFFKIT_CHROMIUM", "/usr/bin/chromium")
 REQUIRED = os.environ.get("DIFFKIT_DOCS_SITE_REQUIRED", "0") == "1"
 
 # (path, what must be on it) -- the home page, a concept page with maths, an API page,
-# a tutorial with the figure its code produced at build time.
+# tutorials with the figures their code produced at build time.
 PAGES = {
     "home": ("", "img"),
     "concept": ("concepts/forward-reverse/", ".katex"),
     "api": ("api/schedules/", ".doc-heading"),
     "tutorial": ("tutorials/train-on-digits/", "img"),
+    "tutorial-output": ("tutorials/write-your-own/", "img"),  # its printed output and digits
 }
 
 

@@ -386,6 +386,150 @@ def tutorial_digits() -> bytes:
     return _png(fig)
 
 
+def _page_output(page: str) -> tuple[dict[str, object], str]:
+    """Run the ``python`` blocks of a docs page as :func:`_run_page` does, but keep what
+    they print; returns the page's namespace and its printed output."""
+    import contextlib
+    import tempfile
+
+    root = Path(__file__).resolve().parents[2]
+    lines = (root / page).read_text(encoding="utf-8").splitlines()
+    namespace: dict[str, object] = {"__name__": "__docs__"}
+    printed = io.StringIO()
+    torch.manual_seed(0)  # as the docs test does
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        contextlib.chdir(folder),
+        contextlib.redirect_stdout(printed),
+    ):
+        for i, line in enumerate(lines):
+            if line != "```python":
+                continue
+            previous = next((x.strip() for x in reversed(lines[:i]) if x.strip()), "")
+            end = lines.index("```", i + 1)
+            if previous != "<!-- docs-test: skip -->":
+                code = "\n" * (i + 1) + "\n".join(lines[i + 1 : end])  # line numbers as in page
+                exec(compile(code, page, "exec"), namespace)
+    return namespace, printed.getvalue()
+
+
+def _output_figure(
+    page: str, printed: str, images: tuple[str, torch.Tensor] | None = None, width: int = 100
+) -> bytes:
+    """The printed output of a page as a terminal-like panel, with a row of its images."""
+    import textwrap
+
+    shown: list[str] = []
+    for line in printed.rstrip().splitlines():
+        shown.extend(textwrap.wrap(line, width, subsequent_indent="    ") or [""])
+    if len(shown) > 60:  # a long repr: its head and tail
+        shown = [*shown[:40], "    ...", *shown[-15:]]
+    text_height = 0.45 + 0.14 * len(shown)
+    rows = 2 if images is not None else 1
+    heights = [text_height, 1.3] if images is not None else [text_height]
+    fig = plt.figure(figsize=(8.6, sum(heights) + 0.2))
+    grid = fig.add_gridspec(rows, 1, height_ratios=heights, hspace=0.45)
+    ax = fig.add_subplot(grid[0])
+    ax.set_axis_off()
+    ax.set_facecolor("#f5f5f5")
+    ax.add_patch(plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, color="#f5f5f5", zorder=0))
+    ax.set_title(f"what the code of {page} prints", fontsize=9, loc="left")
+    ax.text(
+        0.01, 0.98, "\n".join(shown), va="top", ha="left", family="monospace", fontsize=7.5,
+        transform=ax.transAxes,
+    )  # fmt: skip
+    if images is not None:
+        title, batch = images
+        holder = fig.add_subplot(grid[1])
+        holder.set_axis_off()
+        holder.set_title(title, fontsize=8)
+        count = min(len(batch), 16)
+        strip = grid[1].subgridspec(1, max(count, 10), wspace=0.05)  # one image stays small
+        for k in range(count):
+            image_ax = fig.add_subplot(strip[k])
+            image = batch[k].detach().float().clamp(-1, 1)
+            image_ax.imshow(np.asarray(image[0]), cmap="gray", vmin=-1, vmax=1)
+            image_ax.set_xticks([])
+            image_ax.set_yticks([])
+    return _png(fig)
+
+
+# Pages whose output figure is drawn from the whole package: each runs in seconds.
+PACKAGE = ("src/diffkit",)
+
+
+@figure(
+    "figures/out-getting-started.png",
+    deps=(*PACKAGE, "docs/getting-started.md"),
+    uses=(_page_output, _output_figure),
+)
+def output_getting_started() -> bytes:
+    """What the getting-started page's code prints."""
+    _, printed = _page_output("docs/getting-started.md")
+    return _output_figure("getting-started.md", printed)
+
+
+@figure(
+    "figures/out-compose-a-pipeline.png",
+    deps=(*PACKAGE, "docs/tutorials/compose-a-pipeline.md"),
+    uses=(_page_output, _output_figure),
+)
+def output_compose_a_pipeline() -> bytes:
+    """What the compose-a-pipeline tutorial prints, and the images its untrained pipeline draws."""
+    namespace, printed = _page_output("docs/tutorials/compose-a-pipeline.md")
+    images = namespace["images"]
+    assert isinstance(images, torch.Tensor)
+    title = "the last pipeline.generate(...) of the page: untrained networks, so noise"
+    return _output_figure("compose-a-pipeline.md", printed, (title, images))
+
+
+@figure(
+    "figures/out-forward-process.png",
+    deps=(*PACKAGE, "docs/tutorials/forward-process.md"),
+    uses=(_page_output, _output_figure),
+)
+def output_forward_process() -> bytes:
+    """What the forward-process tutorial prints."""
+    _, printed = _page_output("docs/tutorials/forward-process.md")
+    return _output_figure("forward-process.md", printed)
+
+
+@figure(
+    "figures/out-load-weights.png",
+    deps=(*PACKAGE, "docs/tutorials/load-weights.md"),
+    uses=(_page_output, _output_figure),
+)
+def output_load_weights() -> bytes:
+    """What the load-weights tutorial prints."""
+    _, printed = _page_output("docs/tutorials/load-weights.md")
+    return _output_figure("load-weights.md", printed)
+
+
+@figure(
+    "figures/out-torchrun.png",
+    deps=(*PACKAGE, "docs/tutorials/torchrun.md"),
+    uses=(_page_output, _output_figure),
+)
+def output_torchrun() -> bytes:
+    """What the torchrun tutorial's resumable run prints."""
+    _, printed = _page_output("docs/tutorials/torchrun.md")
+    return _output_figure("torchrun.md", printed)
+
+
+@figure(
+    "figures/out-write-your-own.png",
+    deps=(*PACKAGE, "docs/tutorials/write-your-own.md"),
+    uses=(_page_output, _output_figure),
+)
+def output_write_your_own() -> bytes:
+    """What the write-your-own tutorial prints, and the 16 digits its own sampler draws."""
+    namespace, printed = _page_output("docs/tutorials/write-your-own.md")
+    samples = namespace["mine"]  # (the same as MyDDIM's: both are DDIM with eta = 0)
+    assert isinstance(samples, torch.Tensor)
+    title = "the 16 samples of PlannedDDIM (25 steps, the exact denoiser of the 8x8 digits)"
+    return _output_figure("write-your-own.md", printed, (title, samples))
+
+
 @figure("figures/patches.png", deps=("src/diffkit/patches.py",))
 def patch_grids() -> bytes:
     """A digit cut into 2x2 patches by ``SpatialPatches``, and the tokens it becomes."""
