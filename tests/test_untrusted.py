@@ -748,3 +748,31 @@ def test_cli_refuses_steps_past_the_bound_in_one_line(
     run = _copy(tiny_pipeline, tmp_path / "run")
     argv = ["sample", str(run), "--num", "1", "--steps", str(10**12), "--quiet"]
     assert "MAX_STEPS" in _cli_error(capsys, argv)
+
+
+def test_seed_determines_the_run_model_initialisation_included(tmp_path: Path) -> None:
+    import json
+
+    import torch
+    import yaml
+
+    from diffkit.training import main
+
+    run = {
+        "pipeline": {
+            "data_shape": [1, 8, 8],
+            "schedule": {"kind": "cosine"},
+            "denoiser": _TINY_UNET,
+        },
+        "data": {"kind": "digits", "size": 8},
+        "train": {"steps": 1, "batch_size": 4, "log_every": 1, "progress": False, "seed": 0},
+    }
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run))
+    losses = []
+    for attempt in range(2):
+        torch.manual_seed(attempt)  # the global RNG's state before a run must not matter
+        out = tmp_path / f"out{attempt}"
+        assert main([str(config), "--output-dir", str(out)]) == 0
+        losses.append(json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"])
+    assert losses[0] == losses[1]
