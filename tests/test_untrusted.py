@@ -4,12 +4,14 @@ import gzip
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from torch import nn
 
 from diffkit import files
 from diffkit.files import UnreadableFileError, confined, read_gzip
+from diffkit.protocols import Conditioning
 from diffkit.tokenizers import CLIPTokenizer
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
@@ -776,3 +778,67 @@ def test_seed_determines_the_run_model_initialisation_included(tmp_path: Path) -
         assert main([str(config), "--output-dir", str(out)]) == 0
         losses.append(json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"])
     assert losses[0] == losses[1]
+
+
+class _Zero:
+    """A toy denoiser: predicts zero noise."""
+
+    prediction = "epsilon"
+
+    def __call__(self, x: Any, t: Any, cond: Any = None) -> Any:
+        return x * 0
+
+
+def test_negative_guidance_is_refused_by_sample_and_generate(tiny_pipeline: Path) -> None:
+    import torch
+
+    from diffkit.pipeline import Pipeline
+    from diffkit.samplers import DDIM
+    from diffkit.schedules import Cosine
+
+    pipeline = Pipeline.load(tiny_pipeline)
+    with pytest.raises(ValueError, match="guidance must be"):
+        pipeline.generate(num_samples=1, steps=2, guidance=-2.0)
+    noise = torch.randn(1, 1, 8, 8)
+    cond = Conditioning(labels=torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="guidance must be"):
+        DDIM().sample(_Zero(), Cosine(), noise, steps=2, guidance=-2.0, cond=cond, uncond=cond)
+
+
+@pytest.mark.parametrize("method", ["alpha", "sigma", "alpha_sigma", "log_snr"])
+@pytest.mark.parametrize("value", [-0.5, 1.5, float("nan"), 999.0])
+def test_schedules_refuse_times_outside_0_1_naming_t(method: str, value: float) -> None:
+    import torch
+
+    from diffkit.schedules import Cosine, RectifiedFlow
+
+    for schedule in (Cosine(), RectifiedFlow()):
+        with pytest.raises(ValueError, match=r"\bt must be"):
+            getattr(schedule, method)(torch.tensor([0.5, value]))
+        getattr(schedule, method)(torch.tensor([0.0, 0.5, 1.0]))  # the ends are fine
+
+
+def test_a_unet_without_classes_refuses_labels_naming_both() -> None:
+    import torch
+
+    from diffkit.nn._registry import DENOISERS
+
+    net = DENOISERS.build({**_TINY_UNET, "context_dim": 8})
+    x = torch.randn(1, 1, 8, 8)
+    cond = Conditioning(tokens=torch.randn(1, 3, 8), labels=torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels.*num_classes"):
+        net(x, torch.full((1,), 0.5), cond)
+
+
+def test_meta_device_noise_is_one_clear_error_naming_noise(tiny_pipeline: Path) -> None:
+    import torch
+
+    from diffkit.pipeline import Pipeline
+    from diffkit.samplers import DDIM
+    from diffkit.schedules import Cosine
+
+    noise = torch.empty(1, 1, 8, 8, device="meta")
+    with pytest.raises(ValueError, match=r"noise.*meta"):
+        Pipeline.load(tiny_pipeline).generate(noise=noise, steps=2)
+    with pytest.raises(ValueError, match=r"noise.*meta"):
+        DDIM().sample(_Zero(), Cosine(), noise, steps=2)

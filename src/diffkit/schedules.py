@@ -55,6 +55,15 @@ def _logit(p: Tensor) -> Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
+def _check_t(t: Tensor) -> None:
+    """Refuse times outside ``[0, 1]`` (or NaN), looked at only on the CPU (no device sync)."""
+    ends = host_range(t)
+    if ends is not None and not 0.0 <= ends[0] <= ends[1] <= 1.0:
+        raise ValueError(
+            f"t must be times in [0, 1], got values from {ends[0]:g} to {ends[1]:g} (or NaN)"
+        )
+
+
 class ScheduleBase(Config):
     """Shared plumbing: subclasses give ``_log_snr`` and ``_t_of_log_snr`` in float64.
 
@@ -77,22 +86,26 @@ class ScheduleBase(Config):
     @checked
     def alpha(self, t: Time) -> Time:
         """Signal scale ``alpha(t)``."""
+        _check_t(t)
         return self._alpha_sigma(t.to(_F64))[0].to(t.dtype)
 
     @checked
     def sigma(self, t: Time) -> Time:
         """Noise scale ``sigma(t)``."""
+        _check_t(t)
         return self._alpha_sigma(t.to(_F64))[1].to(t.dtype)
 
     @checked
     def alpha_sigma(self, t: Time) -> tuple[Time, Time]:
         """``(alpha(t), sigma(t))`` in one call."""
+        _check_t(t)
         a, s = self._alpha_sigma(t.to(_F64))
         return a.to(t.dtype), s.to(t.dtype)
 
     @checked
     def log_snr(self, t: Time) -> Time:
         """``lambda(t) = log(alpha² / sigma²)``, strictly decreasing in ``t``."""
+        _check_t(t)
         return self._log_snr(t.to(_F64)).to(t.dtype)
 
     @checked
