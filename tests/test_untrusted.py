@@ -13,6 +13,7 @@ from diffkit import files
 from diffkit.files import UnreadableFileError, confined, read_gzip
 from diffkit.protocols import Conditioning
 from diffkit.tokenizers import CLIPTokenizer
+from diffkit.typing import Prediction
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
 
@@ -783,10 +784,10 @@ def test_seed_determines_the_run_model_initialisation_included(tmp_path: Path) -
 class _Zero:
     """A toy denoiser: predicts zero noise."""
 
-    prediction = "epsilon"
+    prediction: Prediction = "epsilon"
 
-    def __call__(self, x: Any, t: Any, cond: Any = None) -> Any:
-        return x * 0
+    def __call__(self, x_t: Any, t: Any, cond: Conditioning | None = None) -> Any:
+        return x_t * 0
 
 
 def test_negative_guidance_is_refused_by_sample_and_generate(tiny_pipeline: Path) -> None:
@@ -842,3 +843,73 @@ def test_meta_device_noise_is_one_clear_error_naming_noise(tiny_pipeline: Path) 
         Pipeline.load(tiny_pipeline).generate(noise=noise, steps=2)
     with pytest.raises(ValueError, match=r"noise.*meta"):
         DDIM().sample(_Zero(), Cosine(), noise, steps=2)
+
+
+def _location(err: pytest.ExceptionInfo[Exception]) -> tuple[Any, ...]:
+    from pydantic import ValidationError
+
+    assert isinstance(err.value, ValidationError) and isinstance(err.value, ValueError)
+    return tuple(err.value.errors()[0]["loc"])
+
+
+@pytest.mark.parametrize("data", [{"kind": "nope"}, {"offset": 0.1}, {"kind": 3}])
+def test_a_bad_kind_is_a_validation_error_located_at_kind(data: dict[str, Any]) -> None:
+    from diffkit.schedules import SCHEDULES
+
+    with pytest.raises(ValueError) as err:
+        SCHEDULES.parse(data)
+    assert _location(err) == ("kind",)
+
+
+@pytest.mark.parametrize(
+    ("group", "data", "field"),
+    [
+        ("schedule", {"kind": "linear_beta", "beta_start": 0.5, "beta_end": 0.1}, "beta_end"),
+        ("schedule", {"kind": "sqrt_linear_beta", "beta_start": 0.5, "beta_end": 0.1}, "beta_end"),
+        ("schedule", {"kind": "edm", "sigma_min": 2.0, "sigma_max": 1.0}, "sigma_max"),
+        ("spacing", {"kind": "uniform", "t_min": 0.9, "t_max": 0.5}, "t_min"),
+        ("spacing", {"kind": "leading", "num_train": 10, "steps_offset": 10}, "steps_offset"),
+        ("spacing", {"kind": "karras", "rho": -1.0}, "rho"),
+    ],
+)
+def test_cross_field_checks_are_located_at_the_field(
+    group: str, data: dict[str, Any], field: str
+) -> None:
+    from diffkit.builder import registry
+
+    with pytest.raises(ValueError) as err:
+        registry(group).parse(data)
+    assert _location(err) == (field,)
+
+
+@pytest.mark.parametrize(
+    ("group", "data", "field"),
+    [
+        ("schedule", {"kind": "linear_beta", "num_steps": 2**63}, "num_steps"),
+        ("spacing", {"kind": "leading", "num_train": 2**64}, "num_train"),
+        ("schedule", {"kind": "edm", "rho": 1e-3}, "rho"),
+        ("schedule", {"kind": "rectified_flow", "shift": 1e-293}, "shift"),
+        ("encoder", {"kind": "kl_autoencoder", "scaling_factor": 1e-300}, "scaling_factor"),
+        ("dataset", {"kind": "moving_digits", "size": 16, "digit_size": 24}, "digit_size"),
+    ],
+)
+def test_configs_that_would_fail_later_are_refused_by_field(
+    group: str, data: dict[str, Any], field: str
+) -> None:
+    import diffkit_demo.datasets as demo_datasets  # registers the demo datasets
+    from diffkit.builder import registry
+
+    assert demo_datasets.MovingDigitsConfig
+    with pytest.raises(ValueError) as err:
+        registry(group).parse(data)
+    assert _location(err) == (field,)
+
+
+def test_karras_spacing_with_a_tiny_rho_gives_a_finite_grid() -> None:
+    import torch
+
+    from diffkit.samplers import Karras
+    from diffkit.schedules import Cosine
+
+    grid = Karras(rho=1e-3, sigma_max=None)(Cosine(), 8)
+    assert torch.isfinite(grid).all() and (grid.diff() < 0).all()

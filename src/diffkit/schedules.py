@@ -27,7 +27,7 @@ from jaxtyping import Float
 from pydantic import Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 from torch import Tensor
 
-from diffkit.config import Config, Registry
+from diffkit.config import Config, Registry, field_error
 from diffkit.protocols import NoiseSchedule
 from diffkit.typing import Time, checked, host_range
 
@@ -117,9 +117,10 @@ class ScheduleBase(Config):
         return t.clamp(0.0, 1.0).to(log_snr.dtype)
 
 
-def _increasing_betas(start: float, end: float) -> None:
+def _increasing_betas(owner: str, start: float, end: float) -> None:
     if end <= start:
-        raise ValueError("beta_end must be larger than beta_start")
+        message = f"beta_end must be larger than beta_start (got {start}, {end})"
+        raise field_error(owner, "beta_end", message, end)
 
 
 # --------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class LinearBeta(ScheduleBase):
 
     @model_validator(mode="after")
     def _increasing(self) -> "LinearBeta":
-        _increasing_betas(self.beta_start, self.beta_end)
+        _increasing_betas(type(self).__name__, self.beta_start, self.beta_end)
         return self
 
     def _log_snr(self, t: Tensor) -> Tensor:
@@ -182,7 +183,7 @@ class SqrtLinearBeta(ScheduleBase):
 
     @model_validator(mode="after")
     def _increasing(self) -> "SqrtLinearBeta":
-        _increasing_betas(self.beta_start, self.beta_end)
+        _increasing_betas(type(self).__name__, self.beta_start, self.beta_end)
         return self
 
     def _roots(self) -> tuple[float, float]:
@@ -252,10 +253,22 @@ class EDM(ScheduleBase):
     @model_validator(mode="after")
     def _ordered(self) -> "EDM":
         if self.sigma_max <= self.sigma_min:
-            raise ValueError(
+            message = (
                 f"sigma_max must be larger than sigma_min (got sigma_min={self.sigma_min}, "
                 f"sigma_max={self.sigma_max})"
             )
+            raise field_error("EDM", "sigma_max", message, self.sigma_max)
+        # the ramp runs in sigma^(1/rho): a float must hold both ends (rho 1e-3 overflows)
+        try:
+            lo, hi = self._ends()
+        except OverflowError:
+            lo = hi = math.inf
+        if not (math.isfinite(hi) and 0 < lo < hi):
+            message = (
+                f"rho={self.rho} is too small for sigma_min={self.sigma_min}, "
+                f"sigma_max={self.sigma_max}: sigma ** (1 / rho) leaves the float range"
+            )
+            raise field_error("EDM", "rho", message, self.rho)
         return self
 
     def _ends(self) -> tuple[float, float]:
@@ -287,7 +300,8 @@ class RectifiedFlow(ScheduleBase):
     kind: Literal["rectified_flow"] = "rectified_flow"
     shift: float = Field(
         default=1.0,
-        gt=0,
+        ge=1e-6,  # a smaller shift rounds 1 + (shift - 1) t to 0 near t = 1: alpha = -inf
+        le=1e6,
         description="SD3 time shift: t' = shift t / (1 + (shift - 1) t); 1 is none",
     )
 
