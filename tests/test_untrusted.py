@@ -7,11 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 from torch import nn
 
 from diffkit import files
+from diffkit.builder import registry
 from diffkit.files import UnreadableFileError, confined, read_gzip
 from diffkit.protocols import Conditioning
+from diffkit.schedules import Cosine
 from diffkit.tokenizers import CLIPTokenizer
 from diffkit.typing import Prediction
 
@@ -913,3 +919,68 @@ def test_karras_spacing_with_a_tiny_rho_gives_a_finite_grid() -> None:
 
     grid = Karras(rho=1e-3, sigma_max=None)(Cosine(), 8)
     assert torch.isfinite(grid).all() and (grid.diff() < 0).all()
+
+
+# ---- every registered config: refused with a location, or builds and runs ----
+
+_NUMBERS = st.one_of(
+    st.sampled_from([0, 1, 2, -1, 0.5, 1e-3, 1e-300, 1e300, 2**63, 2**64, -(2**63) - 1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**70), 2**70),
+)
+
+
+def _numeric_fields(cls: Any) -> list[str]:
+    out = []
+    for name, field in cls.model_fields.items():
+        ann = str(field.annotation)
+        if name != "kind" and ("float" in ann or "int" in ann) and "tuple" not in ann:
+            out.append(name)
+    return out
+
+
+def _drawn_configs(group: str) -> st.SearchStrategy[dict[str, Any]]:
+    reg = registry(group)
+
+    @st.composite
+    def draw(draw: Any) -> dict[str, Any]:
+        kind = draw(st.sampled_from(reg.kinds))
+        fields = _numeric_fields(reg.config_class(kind))
+        chosen = draw(st.lists(st.sampled_from(fields), unique=True, max_size=2)) if fields else []
+        return {"kind": kind, **{name: draw(_NUMBERS) for name in chosen}}
+
+    return draw()
+
+
+def _run_config(group: str, config: Any) -> None:
+    t = torch.linspace(0, 1, 65, dtype=torch.float64)
+    if group == "schedule":
+        a, s = config.alpha_sigma(t)
+        assert torch.isfinite(a).all() and torch.isfinite(s).all(), config
+    elif group == "spacing":
+        grid = config(Cosine(), 1)  # Leading allows at most num_train (>= 1) steps
+        assert torch.isfinite(grid).all(), config
+    elif group == "sampler":
+        out = config.sample(
+            _Zero(),
+            Cosine(),
+            torch.randn(1, 1, 4, 4),
+            steps=2,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert torch.isfinite(out).all(), config
+
+
+@pytest.mark.parametrize("group", ["schedule", "spacing", "sampler", "loss", "patchifier"])
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(data=st.data())
+def test_every_config_is_refused_with_a_location_or_builds_and_runs(group: str, data: Any) -> None:
+    raw = data.draw(_drawn_configs(group))
+    try:
+        config = registry(group).build(raw)
+    except ValidationError as err:
+        assert all(e["loc"] for e in err.errors()), (raw, err)
+        return
+    _run_config(group, config)
