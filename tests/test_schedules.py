@@ -273,17 +273,17 @@ def test_discrete_config_rejects_decreasing_linear_betas() -> None:
     [
         (
             lambda: EDM(sigma_min=80.0, sigma_max=0.002),
-            r"for EDM\n.*sigma_max must be larger than sigma_min .*sigma_min=80",
+            r"for EDM\nsigma_max\n.*sigma_max must be larger than sigma_min .*sigma_min=80",
         ),
         (
             lambda: LinearBeta(beta_start=0.02, beta_end=1e-4),
-            r"for LinearBeta\n.*beta_end must be larger than beta_start",
+            r"for LinearBeta\nbeta_end\n.*beta_end must be larger than beta_start",
         ),
         (
             lambda: SqrtLinearBeta(beta_start=0.012, beta_end=0.00085),
-            r"for SqrtLinearBeta\n.*beta_end must be larger",
+            r"for SqrtLinearBeta\nbeta_end\n.*beta_end must be larger",
         ),
-        (lambda: RectifiedFlow(shift=-1), r"for RectifiedFlow\nshift\n.*greater than 0"),
+        (lambda: RectifiedFlow(shift=-1), r"for RectifiedFlow\nshift\n.*greater than or equal to"),
         (lambda: Cosine(offset=1.5), r"for Cosine\noffset\n.*less than 1 .*input_value=1\.5"),
         (lambda: LinearBeta(num_steps=1), r"num_steps\n.*greater than or equal to 2"),
         (lambda: EDM(rho=math.nan), r"for EDM\nrho\n.*finite"),

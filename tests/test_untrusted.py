@@ -4,13 +4,22 @@ import gzip
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 from torch import nn
 
 from diffkit import files
+from diffkit.builder import registry
 from diffkit.files import UnreadableFileError, confined, read_gzip
+from diffkit.protocols import Conditioning
+from diffkit.schedules import Cosine
 from diffkit.tokenizers import CLIPTokenizer
+from diffkit.typing import Prediction
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
 
@@ -748,3 +757,230 @@ def test_cli_refuses_steps_past_the_bound_in_one_line(
     run = _copy(tiny_pipeline, tmp_path / "run")
     argv = ["sample", str(run), "--num", "1", "--steps", str(10**12), "--quiet"]
     assert "MAX_STEPS" in _cli_error(capsys, argv)
+
+
+def test_seed_determines_the_run_model_initialisation_included(tmp_path: Path) -> None:
+    import json
+
+    import torch
+    import yaml
+
+    from diffkit.training import main
+
+    run = {
+        "pipeline": {
+            "data_shape": [1, 8, 8],
+            "schedule": {"kind": "cosine"},
+            "denoiser": _TINY_UNET,
+        },
+        "data": {"kind": "digits", "size": 8},
+        "train": {"steps": 1, "batch_size": 4, "log_every": 1, "progress": False, "seed": 0},
+    }
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run))
+    losses = []
+    for attempt in range(2):
+        torch.manual_seed(attempt)  # the global RNG's state before a run must not matter
+        out = tmp_path / f"out{attempt}"
+        assert main([str(config), "--output-dir", str(out)]) == 0
+        losses.append(json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"])
+    assert losses[0] == losses[1]
+
+
+class _Zero:
+    """A toy denoiser: predicts zero noise."""
+
+    prediction: Prediction = "epsilon"
+
+    def __call__(self, x_t: Any, t: Any, cond: Conditioning | None = None) -> Any:
+        return x_t * 0
+
+
+def test_negative_guidance_is_refused_by_sample_and_generate(tiny_pipeline: Path) -> None:
+    import torch
+
+    from diffkit.pipeline import Pipeline
+    from diffkit.samplers import DDIM
+    from diffkit.schedules import Cosine
+
+    pipeline = Pipeline.load(tiny_pipeline)
+    with pytest.raises(ValueError, match="guidance must be"):
+        pipeline.generate(num_samples=1, steps=2, guidance=-2.0)
+    noise = torch.randn(1, 1, 8, 8)
+    cond = Conditioning(labels=torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="guidance must be"):
+        DDIM().sample(_Zero(), Cosine(), noise, steps=2, guidance=-2.0, cond=cond, uncond=cond)
+
+
+@pytest.mark.parametrize("method", ["alpha", "sigma", "alpha_sigma", "log_snr"])
+@pytest.mark.parametrize("value", [-0.5, 1.5, float("nan"), 999.0])
+def test_schedules_refuse_times_outside_0_1_naming_t(method: str, value: float) -> None:
+    import torch
+
+    from diffkit.schedules import Cosine, RectifiedFlow
+
+    for schedule in (Cosine(), RectifiedFlow()):
+        with pytest.raises(ValueError, match=r"\bt must be"):
+            getattr(schedule, method)(torch.tensor([0.5, value]))
+        getattr(schedule, method)(torch.tensor([0.0, 0.5, 1.0]))  # the ends are fine
+
+
+def test_a_unet_without_classes_refuses_labels_naming_both() -> None:
+    import torch
+
+    from diffkit.nn._registry import DENOISERS
+
+    net = DENOISERS.build({**_TINY_UNET, "context_dim": 8})
+    x = torch.randn(1, 1, 8, 8)
+    cond = Conditioning(tokens=torch.randn(1, 3, 8), labels=torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels.*num_classes"):
+        net(x, torch.full((1,), 0.5), cond)
+
+
+def test_meta_device_noise_is_one_clear_error_naming_noise(tiny_pipeline: Path) -> None:
+    import torch
+
+    from diffkit.pipeline import Pipeline
+    from diffkit.samplers import DDIM
+    from diffkit.schedules import Cosine
+
+    noise = torch.empty(1, 1, 8, 8, device="meta")
+    with pytest.raises(ValueError, match=r"noise.*meta"):
+        Pipeline.load(tiny_pipeline).generate(noise=noise, steps=2)
+    with pytest.raises(ValueError, match=r"noise.*meta"):
+        DDIM().sample(_Zero(), Cosine(), noise, steps=2)
+
+
+def _location(err: pytest.ExceptionInfo[Exception]) -> tuple[Any, ...]:
+    from pydantic import ValidationError
+
+    assert isinstance(err.value, ValidationError) and isinstance(err.value, ValueError)
+    return tuple(err.value.errors()[0]["loc"])
+
+
+@pytest.mark.parametrize("data", [{"kind": "nope"}, {"offset": 0.1}, {"kind": 3}])
+def test_a_bad_kind_is_a_validation_error_located_at_kind(data: dict[str, Any]) -> None:
+    from diffkit.schedules import SCHEDULES
+
+    with pytest.raises(ValueError) as err:
+        SCHEDULES.parse(data)
+    assert _location(err) == ("kind",)
+
+
+@pytest.mark.parametrize(
+    ("group", "data", "field"),
+    [
+        ("schedule", {"kind": "linear_beta", "beta_start": 0.5, "beta_end": 0.1}, "beta_end"),
+        ("schedule", {"kind": "sqrt_linear_beta", "beta_start": 0.5, "beta_end": 0.1}, "beta_end"),
+        ("schedule", {"kind": "edm", "sigma_min": 2.0, "sigma_max": 1.0}, "sigma_max"),
+        ("spacing", {"kind": "uniform", "t_min": 0.9, "t_max": 0.5}, "t_min"),
+        ("spacing", {"kind": "leading", "num_train": 10, "steps_offset": 10}, "steps_offset"),
+        ("spacing", {"kind": "karras", "rho": -1.0}, "rho"),
+    ],
+)
+def test_cross_field_checks_are_located_at_the_field(
+    group: str, data: dict[str, Any], field: str
+) -> None:
+    from diffkit.builder import registry
+
+    with pytest.raises(ValueError) as err:
+        registry(group).parse(data)
+    assert _location(err) == (field,)
+
+
+@pytest.mark.parametrize(
+    ("group", "data", "field"),
+    [
+        ("schedule", {"kind": "linear_beta", "num_steps": 2**63}, "num_steps"),
+        ("spacing", {"kind": "leading", "num_train": 2**64}, "num_train"),
+        ("schedule", {"kind": "edm", "rho": 1e-3}, "rho"),
+        ("schedule", {"kind": "rectified_flow", "shift": 1e-293}, "shift"),
+        ("encoder", {"kind": "kl_autoencoder", "scaling_factor": 1e-300}, "scaling_factor"),
+        ("dataset", {"kind": "moving_digits", "size": 16, "digit_size": 24}, "digit_size"),
+    ],
+)
+def test_configs_that_would_fail_later_are_refused_by_field(
+    group: str, data: dict[str, Any], field: str
+) -> None:
+    import diffkit_demo.datasets as demo_datasets  # registers the demo datasets
+    from diffkit.builder import registry
+
+    assert demo_datasets.MovingDigitsConfig
+    with pytest.raises(ValueError) as err:
+        registry(group).parse(data)
+    assert _location(err) == (field,)
+
+
+def test_karras_spacing_with_a_tiny_rho_gives_a_finite_grid() -> None:
+    import torch
+
+    from diffkit.samplers import Karras
+    from diffkit.schedules import Cosine
+
+    grid = Karras(rho=1e-3, sigma_max=None)(Cosine(), 8)
+    assert torch.isfinite(grid).all() and (grid.diff() < 0).all()
+
+
+# ---- every registered config: refused with a location, or builds and runs ----
+
+_NUMBERS = st.one_of(
+    st.sampled_from([0, 1, 2, -1, 0.5, 1e-3, 1e-300, 1e300, 2**63, 2**64, -(2**63) - 1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**70), 2**70),
+)
+
+
+def _numeric_fields(cls: Any) -> list[str]:
+    out = []
+    for name, field in cls.model_fields.items():
+        ann = str(field.annotation)
+        if name != "kind" and ("float" in ann or "int" in ann) and "tuple" not in ann:
+            out.append(name)
+    return out
+
+
+def _drawn_configs(group: str) -> st.SearchStrategy[dict[str, Any]]:
+    reg = registry(group)
+
+    @st.composite
+    def draw(draw: Any) -> dict[str, Any]:
+        kind = draw(st.sampled_from(reg.kinds))
+        fields = _numeric_fields(reg.config_class(kind))
+        chosen = draw(st.lists(st.sampled_from(fields), unique=True, max_size=2)) if fields else []
+        return {"kind": kind, **{name: draw(_NUMBERS) for name in chosen}}
+
+    return draw()
+
+
+def _run_config(group: str, config: Any) -> None:
+    t = torch.linspace(0, 1, 65, dtype=torch.float64)
+    if group == "schedule":
+        a, s = config.alpha_sigma(t)
+        assert torch.isfinite(a).all() and torch.isfinite(s).all(), config
+    elif group == "spacing":
+        grid = config(Cosine(), 1)  # Leading allows at most num_train (>= 1) steps
+        assert torch.isfinite(grid).all(), config
+    elif group == "sampler":
+        out = config.sample(
+            _Zero(),
+            Cosine(),
+            torch.randn(1, 1, 4, 4),
+            steps=2,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert torch.isfinite(out).all(), config
+
+
+@pytest.mark.parametrize("group", ["schedule", "spacing", "sampler", "loss", "patchifier"])
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(data=st.data())
+def test_every_config_is_refused_with_a_location_or_builds_and_runs(group: str, data: Any) -> None:
+    raw = data.draw(_drawn_configs(group))
+    try:
+        config = registry(group).build(raw)
+    except ValidationError as err:
+        assert all(e["loc"] for e in err.errors()), (raw, err)
+        return
+    _run_config(group, config)

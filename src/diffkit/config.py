@@ -14,7 +14,7 @@ code registers its own components the same way.
 import difflib
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar, cast
 
 from pydantic import (
     AliasChoices,
@@ -26,7 +26,15 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-__all__ = ["REGISTRIES", "SEED_MAX", "Config", "Registry", "ValidationError", "kind_of"]
+__all__ = [
+    "REGISTRIES",
+    "SEED_MAX",
+    "Config",
+    "Registry",
+    "ValidationError",
+    "field_error",
+    "kind_of",
+]
 
 SEED_MAX = 2**63 - 1
 """The largest seed a config takes: torch's generators take up to ``2**64 - 1`` and recipes
@@ -72,6 +80,9 @@ def _unknown_field_error(model: type[BaseModel], key: str, keys: list[str]) -> P
     return PydanticCustomError("extra_forbidden", template, context)
 
 
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
 class Config(BaseModel):
     """Base of every diffkit config: immutable, unknown fields are errors, floats finite.
 
@@ -115,6 +126,21 @@ class Config(BaseModel):
         ]
         raise ValidationError.from_exception_data(cls.__name__, errors)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_huge_ints(cls, data: Any) -> Any:
+        """Integers a 64-bit tensor cannot hold (``2**63`` and up) are refused by field:
+        valid to pydantic, they would fail later, inside torch or numpy."""
+        if not isinstance(data, dict | Mapping):
+            return data
+        for key, value in data.items():
+            values = value if isinstance(value, list | tuple) else (value,)
+            for item in values:
+                if isinstance(item, int) and not _INT_MIN <= item <= _INT_MAX:
+                    message = f"{key} must fit in 64 bits (|value| < 2**63), got {item}"
+                    raise field_error(cls.__name__, str(key), message, item)
+        return data
+
     def to_json(self) -> str:
         """Serialise to JSON (``kind`` included), the inverse of ``Registry.parse``."""
         return self.model_dump_json(indent=2)
@@ -136,6 +162,15 @@ def kind_of(config: Config) -> str:
 
 
 T = TypeVar("T")
+
+
+def field_error(model: str, field: str, message: str, value: Any) -> ValidationError:
+    """A ``ValidationError`` located at ``field``, for a check across fields (a model
+    validator), which pydantic would otherwise report with an empty location."""
+    error = PydanticCustomError("value_error", "{message}", {"message": message})
+    return ValidationError.from_exception_data(
+        model, [{"type": error, "loc": (field,), "input": value}]
+    )
 
 
 class Registry(Generic[T]):
@@ -212,8 +247,18 @@ class Registry(Generic[T]):
             raise ValueError(f"a {self.group} config must be a mapping with a 'kind' field")
         kind = data.get("kind")
         if not isinstance(kind, str):
-            raise ValueError(f"a {self.group} config needs a 'kind' field (one of {self.kinds})")
-        return self.config_class(kind).model_validate(dict(data))
+            self._kind_error(
+                f"a {self.group} config needs a 'kind' field (one of {self.kinds})", kind
+            )
+        try:
+            cls = self.config_class(kind)
+        except ValueError as err:
+            self._kind_error(str(err), kind)
+        return cls.model_validate(dict(data))
+
+    def _kind_error(self, message: str, kind: Any) -> NoReturn:
+        """A bad ``kind`` is a ``ValidationError`` (a ``ValueError``) located at ``kind``."""
+        raise field_error(f"{self.group} config", "kind", message, kind) from None
 
     def build(self, config: "Config | Mapping[str, Any] | str") -> T:
         """Build the component a config describes (a config, a dict or a JSON string).

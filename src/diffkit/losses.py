@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from diffkit.config import Config, Registry
+from diffkit.config import Config, Registry, field_error
 from diffkit.forward import add_noise
 from diffkit.prediction import convert, from_x0_eps
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule
@@ -90,7 +90,8 @@ class DiffusionLoss(Config):
     @model_validator(mode="after")
     def _check(self) -> "DiffusionLoss":
         if self.t_min > self.t_max:
-            raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+            message = f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})"
+            raise field_error("DiffusionLoss", "t_min", message, self.t_min)
         return self
 
     def sample_time(

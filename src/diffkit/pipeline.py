@@ -24,6 +24,7 @@ with ``replace(...)`` all save and load alike.
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -613,6 +614,8 @@ class Pipeline(nn.Module):
             raise ValueError(
                 f"steps {steps} is more than diffkit.pipeline_config.MAX_STEPS ({MAX_STEPS:,})"
             )
+        if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+            raise ValueError(f"guidance must be finite and at least 0, got {guidance}")
         return (self.steps if steps is None else steps), (
             self.guidance if guidance is None else guidance
         )
@@ -700,6 +703,8 @@ class Pipeline(nn.Module):
         patch-based one names a size its patches do not divide.
         """
         _check_floating("Pipeline.generate", "noise", noise)
+        if noise.device.type == "meta":
+            raise ValueError("Pipeline.generate: noise is on the meta device (it holds no values)")
         if noise.ndim < 2:
             raise ValueError(
                 f"Pipeline.generate: noise must be (batch, *latent), got {noise.shape}"

@@ -27,7 +27,7 @@ from jaxtyping import Float
 from pydantic import Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 from torch import Tensor
 
-from diffkit.config import Config, Registry
+from diffkit.config import Config, Registry, field_error
 from diffkit.protocols import NoiseSchedule
 from diffkit.typing import Time, checked, host_range
 
@@ -55,6 +55,15 @@ def _logit(p: Tensor) -> Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
+def _check_t(t: Tensor) -> None:
+    """Refuse times outside ``[0, 1]`` (or NaN), looked at only on the CPU (no device sync)."""
+    ends = host_range(t)
+    if ends is not None and not 0.0 <= ends[0] <= ends[1] <= 1.0:
+        raise ValueError(
+            f"t must be times in [0, 1], got values from {ends[0]:g} to {ends[1]:g} (or NaN)"
+        )
+
+
 class ScheduleBase(Config):
     """Shared plumbing: subclasses give ``_log_snr`` and ``_t_of_log_snr`` in float64.
 
@@ -77,22 +86,26 @@ class ScheduleBase(Config):
     @checked
     def alpha(self, t: Time) -> Time:
         """Signal scale ``alpha(t)``."""
+        _check_t(t)
         return self._alpha_sigma(t.to(_F64))[0].to(t.dtype)
 
     @checked
     def sigma(self, t: Time) -> Time:
         """Noise scale ``sigma(t)``."""
+        _check_t(t)
         return self._alpha_sigma(t.to(_F64))[1].to(t.dtype)
 
     @checked
     def alpha_sigma(self, t: Time) -> tuple[Time, Time]:
         """``(alpha(t), sigma(t))`` in one call."""
+        _check_t(t)
         a, s = self._alpha_sigma(t.to(_F64))
         return a.to(t.dtype), s.to(t.dtype)
 
     @checked
     def log_snr(self, t: Time) -> Time:
         """``lambda(t) = log(alpha² / sigma²)``, strictly decreasing in ``t``."""
+        _check_t(t)
         return self._log_snr(t.to(_F64)).to(t.dtype)
 
     @checked
@@ -104,9 +117,10 @@ class ScheduleBase(Config):
         return t.clamp(0.0, 1.0).to(log_snr.dtype)
 
 
-def _increasing_betas(start: float, end: float) -> None:
+def _increasing_betas(owner: str, start: float, end: float) -> None:
     if end <= start:
-        raise ValueError("beta_end must be larger than beta_start")
+        message = f"beta_end must be larger than beta_start (got {start}, {end})"
+        raise field_error(owner, "beta_end", message, end)
 
 
 # --------------------------------------------------------------------------------------
@@ -134,7 +148,7 @@ class LinearBeta(ScheduleBase):
 
     @model_validator(mode="after")
     def _increasing(self) -> "LinearBeta":
-        _increasing_betas(self.beta_start, self.beta_end)
+        _increasing_betas(type(self).__name__, self.beta_start, self.beta_end)
         return self
 
     def _log_snr(self, t: Tensor) -> Tensor:
@@ -169,7 +183,7 @@ class SqrtLinearBeta(ScheduleBase):
 
     @model_validator(mode="after")
     def _increasing(self) -> "SqrtLinearBeta":
-        _increasing_betas(self.beta_start, self.beta_end)
+        _increasing_betas(type(self).__name__, self.beta_start, self.beta_end)
         return self
 
     def _roots(self) -> tuple[float, float]:
@@ -239,10 +253,22 @@ class EDM(ScheduleBase):
     @model_validator(mode="after")
     def _ordered(self) -> "EDM":
         if self.sigma_max <= self.sigma_min:
-            raise ValueError(
+            message = (
                 f"sigma_max must be larger than sigma_min (got sigma_min={self.sigma_min}, "
                 f"sigma_max={self.sigma_max})"
             )
+            raise field_error("EDM", "sigma_max", message, self.sigma_max)
+        # the ramp runs in sigma^(1/rho): a float must hold both ends (rho 1e-3 overflows)
+        try:
+            lo, hi = self._ends()
+        except OverflowError:
+            lo = hi = math.inf
+        if not (math.isfinite(hi) and 0 < lo < hi):
+            message = (
+                f"rho={self.rho} is too small for sigma_min={self.sigma_min}, "
+                f"sigma_max={self.sigma_max}: sigma ** (1 / rho) leaves the float range"
+            )
+            raise field_error("EDM", "rho", message, self.rho)
         return self
 
     def _ends(self) -> tuple[float, float]:
@@ -274,7 +300,8 @@ class RectifiedFlow(ScheduleBase):
     kind: Literal["rectified_flow"] = "rectified_flow"
     shift: float = Field(
         default=1.0,
-        gt=0,
+        ge=1e-6,  # a smaller shift rounds 1 + (shift - 1) t to 0 near t = 1: alpha = -inf
+        le=1e6,
         description="SD3 time shift: t' = shift t / (1 + (shift - 1) t); 1 is none",
     )
 

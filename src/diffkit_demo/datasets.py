@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from diffkit.config import SEED_MAX, Config
+from diffkit.config import SEED_MAX, Config, field_error
 from diffkit.data import DATASETS
 
 __all__ = [
@@ -262,6 +262,13 @@ class MovingDigitsConfig(Config):
         default="all", description="which digits: all, or a seeded train / test part"
     )
     test_fraction: float = Field(default=0.1, gt=0, lt=1, description="share of the test split")
+
+    @model_validator(mode="after")
+    def _digit_fits(self) -> "MovingDigitsConfig":
+        if self.digit_size > self.size:
+            message = f"digit_size {self.digit_size} must not exceed the canvas size {self.size}"
+            raise field_error("MovingDigitsConfig", "digit_size", message, self.digit_size)
+        return self
 
 
 DATASETS.register(DigitsConfig, lambda c: DigitsDataset(**c.model_dump(exclude={"kind"})))

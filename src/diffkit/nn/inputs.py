@@ -117,6 +117,13 @@ def validate_conditioning(
                 f"of them (built without {missing}); build it with "
                 f"{options[given[0]][0]}=... or pass cond=None"
             )
+        if "labels" in given and num_classes is None:
+            # unlike tokens and pooled (a text conditioner gives both), labels are only given
+            # for a class-conditioned network: ignoring them would sample unconditionally
+            raise ValueError(
+                f"{owner}: got Conditioning.labels but the network has no classes "
+                f"(num_classes is None); build it with num_classes=... or leave cond.labels out"
+            )
     if dtype is not None:
         check_input_dtypes(
             owner,

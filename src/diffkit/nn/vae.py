@@ -92,7 +92,10 @@ class KLAutoencoderConfig(Config):
         default=True, description="1x1 conv on the latent before decoding"
     )
     scaling_factor: float = Field(
-        default=0.18215, gt=0, description="latents are multiplied by this"
+        default=0.18215,
+        ge=1e-6,  # decode divides by it: 1e-300 turns every latent into inf
+        le=1e6,
+        description="latents are multiplied by this",
     )
     shift_factor: float = Field(default=0.0, description="subtracted from latents before scaling")
 

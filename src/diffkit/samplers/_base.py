@@ -750,8 +750,10 @@ class SamplerBase(Config):
         """
         _check_steps(steps)
         # A NaN guidance would only surface after the whole loop, as a NonFiniteError.
-        if not math.isfinite(guidance):
-            raise ValueError(f"guidance must be finite, got {guidance}")
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise ValueError(f"guidance must be finite and at least 0, got {guidance}")
+        if noise.device.type == "meta":
+            raise ValueError("noise is on the meta device (it holds no values)")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if not noise.is_floating_point():

@@ -162,7 +162,7 @@ class DPMSolverPPSDE(StepSampler):
 
     kind: Literal["dpmpp_sde_single"] = "dpmpp_sde_single"
     eta: float = Field(default=1.0, ge=0, description=_ETA)
-    r: float = Field(default=0.5, gt=0, lt=1, description="stage position, a share of h")
+    r: float = Field(default=0.5, ge=1e-3, lt=1, description="stage position, a share of h")
     noise: Literal["brownian_tree", "gaussian"] = Field(
         default="brownian_tree", description="step noise: one Brownian tree, or independent"
     )

@@ -22,7 +22,7 @@ from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 from torch import Tensor
 from typing_extensions import Protocol, runtime_checkable
 
-from diffkit.config import Config, Registry
+from diffkit.config import Config, Registry, field_error
 from diffkit.protocols import NoiseSchedule, _ProtocolMeta
 
 __all__ = [
@@ -144,19 +144,20 @@ class _Ends(SpacingBase):
     def _valid_ends(self) -> "_Ends":
         owner, t_max, t_min = type(self).__name__, self.t_max, self.t_min
         if not 0 < t_max <= 1:
-            raise ValueError(
-                f"{owner}: t_max (first evaluation time) must be in (0, 1], got {t_max}"
-            )
+            message = f"{owner}: t_max (first evaluation time) must be in (0, 1], got {t_max}"
+            raise field_error(owner, "t_max", message, t_max)
         if not 0 < t_min < 1:
-            raise ValueError(
+            message = (
                 f"{owner}: t_min (last evaluation time before the data) must be in (0, 1), "
                 f"got {t_min}"
             )
+            raise field_error(owner, "t_min", message, t_min)
         if t_min >= t_max:
-            raise ValueError(
+            message = (
                 f"{owner}: t_min ({t_min}, the last evaluation time) must be below "
                 f"t_max ({t_max}, the first)"
             )
+            raise field_error(owner, "t_min", message, t_min)
         return self
 
     def starting_at(self, t: float) -> SpacingBase:
@@ -185,7 +186,7 @@ class _Ramp(_Ends):
 
 def _positive(owner: str, name: str, value: float) -> None:
     if not value > 0:
-        raise ValueError(f"{owner}: {name} must be positive, got {value}")
+        raise field_error(owner, name, f"{owner}: {name} must be positive, got {value}", value)
 
 
 class UniformTime(_Ends):
@@ -226,10 +227,11 @@ class Leading(SpacingBase):
     @model_validator(mode="after")
     def _valid_offset(self) -> "Leading":
         if self.steps_offset >= self.num_train:
-            raise ValueError(
+            message = (
                 f"Leading: steps_offset ({self.steps_offset}) must be below num_train "
                 f"({self.num_train})"
             )
+            raise field_error("Leading", "steps_offset", message, self.steps_offset)
         return self
 
     def __call__(
@@ -317,9 +319,11 @@ class Karras(_Ramp):
 
     def ramp(self, lo: float, hi: float, n: int) -> Tensor:
         """``sigma / alpha = exp(-log_snr / 2)`` spaced evenly in its ``1/rho``-th power."""
-        s_max, s_min = math.exp(-lo / (2 * self.rho)), math.exp(-hi / (2 * self.rho))
+        # in logs: (sigma/alpha)^(1/rho) overflows a float for a small rho (1e-3)
+        a_max, a_min = -lo / (2 * self.rho), -hi / (2 * self.rho)
         u = torch.linspace(0.0, 1.0, n, dtype=_F64)
-        return -2 * self.rho * torch.log(s_max + u * (s_min - s_max))
+        mixed = torch.logaddexp(torch.log1p(-u) + a_max, torch.log(u) + a_min)
+        return -2 * self.rho * mixed
 
 
 class _Listed(SpacingBase):
@@ -332,11 +336,14 @@ class _Listed(SpacingBase):
     def _valid_times(self) -> "_Listed":
         owner, times = type(self).__name__, self.times
         if not times:
-            raise ValueError(f"{owner}: times must hold at least one evaluation time")
+            message = f"{owner}: times must hold at least one evaluation time"
+            raise field_error(owner, "times", message, times)
         if not all(0 < t <= 1 for t in times):
-            raise ValueError(f"{owner}: times must lie in (0, 1] (t = 0 is appended), got {times}")
+            message = f"{owner}: times must lie in (0, 1] (t = 0 is appended), got {times}"
+            raise field_error(owner, "times", message, times)
         if not all(a > b for a, b in itertools.pairwise(times)):
-            raise ValueError(f"{owner}: times must be strictly decreasing, got {times}")
+            message = f"{owner}: times must be strictly decreasing, got {times}"
+            raise field_error(owner, "times", message, times)
         return self
 
     def __call__(

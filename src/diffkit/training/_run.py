@@ -3,6 +3,8 @@
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
+import numpy as np
+import torch
 from pydantic import Field, SerializeAsAny, field_validator
 from torch import nn
 
@@ -13,6 +15,8 @@ from diffkit.training._distributed import distributed
 from diffkit.training._pipeline import ConditionMode, train_pipeline
 
 __all__ = ["TrainRunConfig", "main"]
+
+_INIT_STREAM = 0x1A17  # tells the model-initialisation seed apart from the other seeded streams
 
 
 class TrainRunConfig(Config):
@@ -64,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = {**data, "train": {**data.get("train", {}), **overrides}}
     run = TrainRunConfig.model_validate(data)
     with distributed() as info:
+        # ``seed`` determines the whole run: the model's initialisation too, the same on every
+        # rank, from a generator derived from the seed (not from the seed itself).
+        init_seed = np.random.SeedSequence([run.train.seed, _INIT_STREAM]).generate_state(1)
+        torch.manual_seed(int(init_seed[0]))
         pipeline = build(run.pipeline)
         dataset = DATASETS.build(run.data)
         result = train_pipeline(
