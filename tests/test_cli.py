@@ -191,7 +191,7 @@ def test_recipe_seed_out_of_range(capsys: pytest.CaptureFixture[str], tmp_path: 
     path = tmp_path / "seed.yaml"
     path.write_text(text.replace("seed: 0", f"seed: {2**64}"))
     line = _error(capsys, ["train", str(path), "--threads", "1", "--quiet"])
-    assert "seed" in line and str(2**63 - 1) in line  # the recipe's config says so
+    assert "seed" in line and "2**63" in line  # every config refuses ints beyond 64 bits
 
 
 def test_sample_guidance_must_be_finite(
