@@ -461,77 +461,47 @@ def _output_figure(
 # Pages whose output figure is drawn from the whole package: each runs in seconds.
 PACKAGE = ("src/diffkit",)
 
-
-@figure(
-    "figures/out-getting-started.png",
-    deps=(*PACKAGE, "docs/getting-started.md"),
-    uses=(_page_output, _output_figure),
-)
-def output_getting_started() -> bytes:
-    """What the getting-started page's code prints."""
-    _, printed = _page_output("docs/getting-started.md")
-    return _output_figure("getting-started.md", printed)
-
-
-@figure(
-    "figures/out-compose-a-pipeline.png",
-    deps=(*PACKAGE, "docs/tutorials/compose-a-pipeline.md"),
-    uses=(_page_output, _output_figure),
-)
-def output_compose_a_pipeline() -> bytes:
-    """What the compose-a-pipeline tutorial prints, and the images its untrained pipeline draws."""
-    namespace, printed = _page_output("docs/tutorials/compose-a-pipeline.md")
-    images = namespace["images"]
-    assert isinstance(images, torch.Tensor)
-    title = "the last pipeline.generate(...) of the page: untrained networks, so noise"
-    return _output_figure("compose-a-pipeline.md", printed, (title, images))
+# Each page's printed output, and optionally the images one of its variables holds:
+# page -> (variable, title) or None.
+PAGE_OUTPUTS: dict[str, tuple[str, str] | None] = {
+    "docs/getting-started.md": None,
+    "docs/tutorials/compose-a-pipeline.md": (
+        "images",
+        "the last pipeline.generate(...) of the page: untrained networks, so noise",
+    ),
+    "docs/tutorials/forward-process.md": None,
+    "docs/tutorials/load-weights.md": None,
+    "docs/tutorials/torchrun.md": None,
+    "docs/tutorials/write-your-own.md": (
+        "mine",  # (the same as MyDDIM's: both are DDIM with eta = 0)
+        "the 16 samples of PlannedDDIM (25 steps, the exact denoiser of the 8x8 digits)",
+    ),
+}
 
 
-@figure(
-    "figures/out-forward-process.png",
-    deps=(*PACKAGE, "docs/tutorials/forward-process.md"),
-    uses=(_page_output, _output_figure),
-)
-def output_forward_process() -> bytes:
-    """What the forward-process tutorial prints."""
-    _, printed = _page_output("docs/tutorials/forward-process.md")
-    return _output_figure("forward-process.md", printed)
+def _page_figure(page: str) -> Callable[[], bytes]:
+    """The figure of what ``page``'s code prints (and the images it names, if any)."""
+
+    def draw() -> bytes:
+        namespace, printed = _page_output(page)
+        shown = PAGE_OUTPUTS[page]
+        images = None
+        if shown is not None:
+            variable, title = shown
+            tensor = namespace[variable]
+            assert isinstance(tensor, torch.Tensor)
+            images = (title, tensor)
+        return _output_figure(Path(page).name, printed, images)
+
+    return draw
 
 
-@figure(
-    "figures/out-load-weights.png",
-    deps=(*PACKAGE, "docs/tutorials/load-weights.md"),
-    uses=(_page_output, _output_figure),
-)
-def output_load_weights() -> bytes:
-    """What the load-weights tutorial prints."""
-    _, printed = _page_output("docs/tutorials/load-weights.md")
-    return _output_figure("load-weights.md", printed)
-
-
-@figure(
-    "figures/out-torchrun.png",
-    deps=(*PACKAGE, "docs/tutorials/torchrun.md"),
-    uses=(_page_output, _output_figure),
-)
-def output_torchrun() -> bytes:
-    """What the torchrun tutorial's resumable run prints."""
-    _, printed = _page_output("docs/tutorials/torchrun.md")
-    return _output_figure("torchrun.md", printed)
-
-
-@figure(
-    "figures/out-write-your-own.png",
-    deps=(*PACKAGE, "docs/tutorials/write-your-own.md"),
-    uses=(_page_output, _output_figure),
-)
-def output_write_your_own() -> bytes:
-    """What the write-your-own tutorial prints, and the 16 digits its own sampler draws."""
-    namespace, printed = _page_output("docs/tutorials/write-your-own.md")
-    samples = namespace["mine"]  # (the same as MyDDIM's: both are DDIM with eta = 0)
-    assert isinstance(samples, torch.Tensor)
-    title = "the 16 samples of PlannedDDIM (25 steps, the exact denoiser of the 8x8 digits)"
-    return _output_figure("write-your-own.md", printed, (title, samples))
+for _page in PAGE_OUTPUTS:
+    figure(
+        f"figures/out-{Path(_page).stem}.png",
+        deps=(*PACKAGE, _page),
+        uses=(_page_output, _output_figure, _page_figure),
+    )(_page_figure(_page))
 
 
 @figure("figures/patches.png", deps=("src/diffkit/patches.py",))
