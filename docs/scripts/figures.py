@@ -339,60 +339,9 @@ def sampler_grids() -> bytes:
     return _png(fig)
 
 
-def _run_page(page: str) -> dict[str, object]:
-    """Run the ``python`` blocks of a docs page in a temporary folder, as the docs test
-    does (its printed output discarded); returns the page's namespace."""
-    import contextlib
-    import tempfile
-
-    root = Path(__file__).resolve().parents[2]
-    lines = (root / page).read_text(encoding="utf-8").splitlines()
-    namespace: dict[str, object] = {"__name__": "__docs__"}
-    quiet = contextlib.redirect_stdout(io.StringIO())  # its prints would go to the build log
-    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder), quiet:
-        for i, line in enumerate(lines):
-            if line != "```python":
-                continue
-            previous = next((x.strip() for x in reversed(lines[:i]) if x.strip()), "")
-            end = lines.index("```", i + 1)
-            if previous != "<!-- docs-test: skip -->":
-                code = "\n" * (i + 1) + "\n".join(lines[i + 1 : end])  # line numbers as in page
-                exec(compile(code, page, "exec"), namespace)
-    return namespace
-
-
-@figure(
-    "figures/tutorial-digits.png",
-    deps=(
-        *SAMPLING,
-        "docs/tutorials/train-on-digits.md",
-        *NETWORKS,
-        "src/diffkit/losses.py",
-        "src/diffkit/forward.py",
-        "src/diffkit/ema.py",
-        "src/diffkit/data.py",
-        "src/diffkit/training",
-        "src/diffkit/training.py",
-        "src/diffkit_demo/datasets.py",
-    ),
-    uses=(_run_page,),
-)
-def tutorial_digits() -> bytes:
-    """What the train-on-digits tutorial's code samples: its ``digits``, one per label."""
-    digits = _run_page("docs/tutorials/train-on-digits.md")["digits"]
-    assert isinstance(digits, torch.Tensor)
-    fig, axes = plt.subplots(1, len(digits), figsize=(len(digits) * 0.8, 1.2))
-    for label, (ax, image) in enumerate(zip(axes, digits, strict=True)):
-        ax.imshow(np.asarray(image[0].clamp(-1, 1)), cmap="gray", vmin=-1, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"label {label}", fontsize=8)
-    return _png(fig)
-
-
 def _page_output(page: str) -> tuple[dict[str, object], str]:
-    """Run the ``python`` blocks of a docs page as :func:`_run_page` does, but keep what
-    they print; returns the page's namespace and its printed output."""
+    """Run the ``python`` blocks of a docs page in a temporary folder, as the docs test
+    does; returns the page's namespace and what it printed (kept out of the build log)."""
     import contextlib
     import tempfile
 
@@ -415,6 +364,35 @@ def _page_output(page: str) -> tuple[dict[str, object], str]:
                 code = "\n" * (i + 1) + "\n".join(lines[i + 1 : end])  # line numbers as in page
                 exec(compile(code, page, "exec"), namespace)
     return namespace, printed.getvalue()
+
+
+@figure(
+    "figures/tutorial-digits.png",
+    deps=(
+        *SAMPLING,
+        "docs/tutorials/train-on-digits.md",
+        *NETWORKS,
+        "src/diffkit/losses.py",
+        "src/diffkit/forward.py",
+        "src/diffkit/ema.py",
+        "src/diffkit/data.py",
+        "src/diffkit/training",
+        "src/diffkit/training.py",
+        "src/diffkit_demo/datasets.py",
+    ),
+    uses=(_page_output,),
+)
+def tutorial_digits() -> bytes:
+    """What the train-on-digits tutorial's code samples: its ``digits``, one per label."""
+    digits = _page_output("docs/tutorials/train-on-digits.md")[0]["digits"]
+    assert isinstance(digits, torch.Tensor)
+    fig, axes = plt.subplots(1, len(digits), figsize=(len(digits) * 0.8, 1.2))
+    for label, (ax, image) in enumerate(zip(axes, digits, strict=True)):
+        ax.imshow(np.asarray(image[0].clamp(-1, 1)), cmap="gray", vmin=-1, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"label {label}", fontsize=8)
+    return _png(fig)
 
 
 def _output_figure(
@@ -549,11 +527,11 @@ def patch_grids() -> bytes:
         "src/diffkit/nn/vae.py",
         "src/diffkit_demo/datasets.py",
     ),
-    uses=(_run_page,),
+    uses=(_page_output,),
 )
 def latent_reconstructions() -> bytes:
     """The latent-space page's autoencoder: held-out digits, latents, reconstructions."""
-    page = _run_page("docs/concepts/latent-space.md")
+    page = _page_output("docs/concepts/latent-space.md")[0]
     x, z, y = (page[k] for k in ("held_out", "latents", "decoded"))
     assert isinstance(x, torch.Tensor) and isinstance(z, torch.Tensor)
     assert isinstance(y, torch.Tensor)
@@ -582,12 +560,12 @@ def latent_reconstructions() -> bytes:
         "src/diffkit/tokenizers.py",
         "src/diffkit_demo/datasets.py",
     ),
-    uses=(_run_page,),
+    uses=(_page_output,),
 )
 def clip_similarity() -> bytes:
     """The CLIP page's model: cosine similarity of one held-out image per digit to the
     ten prompts."""
-    page = _run_page("docs/concepts/clip.md")
+    page = _page_output("docs/concepts/clip.md")[0]
     similarity, test = page["similarity"], page["test"]
     assert isinstance(similarity, torch.Tensor)
     labels = torch.as_tensor(test.labels)  # type: ignore[attr-defined]
@@ -616,11 +594,11 @@ def clip_similarity() -> bytes:
 @figure(
     "figures/unet-shapes.png",
     deps=("docs/concepts/unet.md", *NETWORKS),
-    uses=(_run_page,),
+    uses=(_page_output,),
 )
 def unet_shapes() -> bytes:
     """The U-Net page's recorded block outputs: resolution and channels in call order."""
-    page = _run_page("docs/concepts/unet.md")
+    page = _page_output("docs/concepts/unet.md")[0]
     shapes = page["shapes"]
     assert isinstance(shapes, list)
     names = [name for name, _ in shapes]
