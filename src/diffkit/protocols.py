@@ -92,6 +92,11 @@ class Conditioning:
     - ``micro``: micro-conditions, a few numbers per item, ``(batch, n)``: SDXL's
       ``(original height, width, crop top, left, target height, width)``, PixArt-α's
       ``(height, width, aspect ratio)`` of the image to generate.
+    - ``temporal``: bool, ``(batch,)``, for a video batch: ``True`` where an item's frames
+      are one clip, ``False`` where they are independent images (joint image-video
+      training; a space-time U-Net's temporal layers are the identity for those items).
+      Unset: every item is a clip. It describes ``x_t`` rather than what to generate, so
+      [`where`][diffkit.protocols.Conditioning.where] keeps it from this side.
     """
 
     tokens: Float[Tensor, "batch tokens dim"] | None = None
@@ -99,6 +104,7 @@ class Conditioning:
     mask: Bool[Tensor, "batch tokens"] | None = None
     labels: Int[Tensor, " batch"] | None = None
     micro: Float[Tensor, "batch micro"] | None = None
+    temporal: Bool[Tensor, " batch"] | None = None
 
     def __post_init__(self) -> None:
         sizes = {name: t.shape[0] for name, t in self._fields() if t is not None}
@@ -140,6 +146,14 @@ class Conditioning:
                     f"Conditioning: 'mask' must be a bool keep-mask, got dtype {self.mask.dtype} "
                     "(a tokenizer's 0/1 attention_mask?); pass mask.bool()"
                 )
+        if self.temporal is not None and (
+            self.temporal.ndim != 1 or self.temporal.dtype != torch.bool
+        ):
+            raise ShapeError(
+                "Conditioning: 'temporal' must be a bool (batch,) tensor (True: a clip, False: "
+                f"independent images), got shape {tuple(self.temporal.shape)} and dtype "
+                f"{self.temporal.dtype}"
+            )
         if self.labels is not None:
             if self.labels.ndim != 1:
                 raise ShapeError(
@@ -194,12 +208,13 @@ class Conditioning:
         """Per item: this conditioning where ``keep`` is true, else ``other`` (batch 1 or same).
 
         A field unset on ``other`` becomes zeros (an all-False mask); every other dimension
-        of a set field must match, e.g. cond's and uncond's context lengths.
+        of a set field must match, e.g. cond's and uncond's context lengths. ``temporal``
+        (which items are clips) is kept from this side for every item.
         """
         out: dict[str, Tensor | None] = {}
         for (name, a), (_, b) in zip(self._fields(), other._fields(), strict=True):
-            if a is None:
-                out[name] = None
+            if a is None or name == "temporal":  # temporal describes x_t: kept
+                out[name] = a
                 continue
             if b is not None and (b.shape[1:] != a.shape[1:] or b.shape[0] not in (1, a.shape[0])):
                 context = name in ("tokens", "mask") and b.ndim == a.ndim

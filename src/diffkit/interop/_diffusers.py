@@ -51,6 +51,13 @@ from diffkit.interop._diffusers_transformer import (
     dit_state_dict,
     to_diffusers_transformer,
 )
+from diffkit.interop._diffusers_video import (
+    VIDEO_UNETS,
+    unet3d_config,
+    unet3d_kwargs,
+    video_keys_to_diffkit,
+    video_keys_to_diffusers,
+)
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
@@ -463,8 +470,13 @@ def from_diffusers(
     """
     name = type(module).__name__
     converted: nn.Module
+    source = module.state_dict()
     if name in ("UNet2DModel", "UNet2DConditionModel"):
         converted = UNet(_unet_config(module, prediction, num_train_timesteps, micro_conditions))
+    elif name in VIDEO_UNETS:  # space-time U-Net: diffkit.interop._diffusers_video
+        record = _recorded(_config(module))
+        converted = UNet(unet3d_config(module, prediction, num_train_timesteps, record))
+        source = video_keys_to_diffkit(source)
     elif name == "AutoencoderKL":
         converted = KLAutoencoder(_vae_config(module))
     elif name in TRANSFORMERS:
@@ -473,16 +485,17 @@ def from_diffusers(
     else:
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
-            f"UNet2DConditionModel, AutoencoderKL, {', '.join(TRANSFORMERS)}"
+            f"UNet2DConditionModel, {', '.join(VIDEO_UNETS)}, AutoencoderKL, "
+            f"{', '.join(TRANSFORMERS)}"
         )
     if isinstance(converted, DiT):
-        state = dit_state_dict(module.state_dict(), converted.config)
+        state = dit_state_dict(source, converted.config)
     else:
-        state = _state_dict_to_diffkit(module.state_dict(), converted)
-    converted.load_state_dict(state, strict=True)
+        state = _state_dict_to_diffkit(source, converted)
     parameter = next(module.parameters(), None)
-    if parameter is not None:
+    if parameter is not None:  # before loading: float64 weights stay float64
         converted.to(device=parameter.device, dtype=parameter.dtype)
+    converted.load_state_dict(state, strict=True)
     return converted.train(module.training)
 
 
@@ -500,6 +513,8 @@ def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
             "supported: UNet, KLAutoencoder, DiT"
         )
     state = _state_dict_to_diffusers(module.state_dict())
+    if isinstance(module, UNet) and module.config.temporal is not None:
+        return video_keys_to_diffusers(state)
     if isinstance(module, UNet) and module.config.micro_conditions:
         prefix = "class_embedding."  # SDXL's text_time embedding is add_embedding
         state = {
@@ -572,6 +587,8 @@ def _unet2d_condition_kwargs(
 
 def _diffusers_unet_kwargs(config: UNetConfig) -> tuple[str, dict[str, Any]]:
     c = config
+    if c.temporal is not None:  # a space-time U-Net
+        return VIDEO_UNETS[0], unet3d_kwargs(c)
     widths = [c.base_channels * m for m in c.channel_mult]
     attention = [2**i in c.attention_resolutions for i in range(len(widths))]
     common: dict[str, Any] = {
@@ -645,7 +662,6 @@ def to_diffusers(module: nn.Module) -> nn.Module:
     if isinstance(module, UNet | DiT):
         c = module.config
         model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in _RECORDED}})
-    model.load_state_dict(state, strict=True)
     parameter = next(module.parameters(), None)
     reference = next(model.parameters(), None)
     if (
@@ -654,6 +670,8 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         and (parameter.device, parameter.dtype) != (reference.device, reference.dtype)
     ):
         # torch's own cast: diffusers' ModelMixin.to logs a "should be kept in float32"
-        # warning on any dtype argument, moot for a freshly built model with one dtype
+        # warning on any dtype argument, moot for a freshly built model with one dtype.
+        # Before loading, so float64 weights stay float64.
         nn.Module.to(model, device=parameter.device, dtype=parameter.dtype)
+    model.load_state_dict(state, strict=True)
     return model.train(module.training)

@@ -3,7 +3,9 @@
 Token layers take ``(batch, tokens, dim)``; the pixel layers (the U-Net's
 [`SpatialSelfAttention`][diffkit.nn.attention.SpatialSelfAttention] and
 [`SpatialTransformer`][diffkit.nn.attention.SpatialTransformer]) take feature maps
-``(batch, channels, height, width)`` and attend over their pixels. Attention runs on
+``(batch, channels, height, width)`` and attend over their pixels;
+[`TemporalTransformer`][diffkit.nn.attention.TemporalTransformer] takes the frames of
+videos stacked on the batch and attends over each pixel's frames. Attention runs on
 ``torch.nn.functional.scaled_dot_product_attention``; layout changes use einops.
 """
 
@@ -24,6 +26,7 @@ __all__ = [
     "LocalFeedForward",
     "SpatialSelfAttention",
     "SpatialTransformer",
+    "TemporalTransformer",
     "TransformerBlock",
     "attention_bias",
 ]
@@ -207,13 +210,28 @@ class LocalFeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: self-attention, cross-attention to the context (optional), GEGLU MLP."""
+    """Pre-norm block: self-attention, cross-attention to the context (optional), GEGLU MLP.
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None) -> None:
+    With ``double_self_attention`` the second attention is a second self-attention
+    (diffusers' ``double_self_attention``, ModelScope's temporal blocks) instead.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        *,
+        double_self_attention: bool = False,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim)
-        if context_dim is not None:
+        if double_self_attention:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, heads, head_dim)  # ignores the context
+        elif context_dim is not None:
             self.norm2 = nn.LayerNorm(dim)
             self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)
         else:
@@ -272,3 +290,39 @@ class SpatialTransformer(_OverPixels):
         for block in self.blocks:
             h = block(h, context, mask)
         return F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+
+
+class TemporalTransformer(nn.Module):
+    """Transformer blocks over the frames at each pixel of a clip (temporal attention).
+
+    ``x + proj_out(blocks(proj_in(norm(x))))`` with the frames of each pixel as the tokens,
+    no positions (the temporal convolutions give order), the GroupNorm's statistics taken
+    over the whole clip, and each block two self-attentions and a GEGLU MLP
+    (ModelScope's / diffusers' ``TransformerTemporalModel``; VDM's temporal attention).
+    """
+
+    def __init__(
+        self, channels: int, heads: int, head_dim: int, *, depth: int = 1, groups: int = 32
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = group_norm(channels, groups, 1e-6, "TemporalTransformer")
+        self.proj_in = nn.Linear(channels, inner)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, head_dim, double_self_attention=True)
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels)
+
+    @checked_layer
+    def forward(self, x: Image, frames: int) -> Image:
+        """``(b * frames, c, h, w) -> (b * frames, c, h, w)``, frames of a clip consecutive."""
+        height = x.shape[2]
+        h = self.norm(rearrange(x, "(b f) c y x -> b c f (y x)", f=frames))
+        h = self.proj_in(rearrange(h, "b c f n -> (b n) f c"))
+        for block in self.blocks:
+            h = block(h)
+        h = rearrange(
+            self.proj_out(h), "(b y x) f c -> (b f) c y x", f=frames, y=height, x=x.shape[3]
+        )
+        return x + h

@@ -57,10 +57,13 @@ def validate_inputs(
     cond: Conditioning | None,
     config: ConditioningSpec,
     dtype: torch.dtype,
+    *,
+    temporal: bool = False,
 ) -> None:
     """A network's checks before any compute: the conditioning its ``config`` uses and the
     dtypes ([`validate_conditioning`][diffkit.nn.inputs.validate_conditioning]), then the
-    times ([`check_times`][diffkit.nn.inputs.check_times]). ``dtype``: its parameters'."""
+    times ([`check_times`][diffkit.nn.inputs.check_times]). ``dtype``: its parameters';
+    ``temporal``: whether it reads ``Conditioning.temporal`` (a space-time U-Net)."""
     validate_conditioning(
         owner,
         x_t,
@@ -69,6 +72,7 @@ def validate_inputs(
         pooled_dim=config.pooled_dim,
         num_classes=config.num_classes,
         dtype=dtype,
+        temporal=temporal,
     )
     check_times(t)
 
@@ -82,16 +86,24 @@ def validate_conditioning(
     pooled_dim: int | None,
     num_classes: int | None,
     dtype: torch.dtype | None = None,
+    temporal: bool = False,
 ) -> None:
     """Raise before any compute when ``cond`` lacks what a network was configured to use.
 
     ``x_t`` ``(batch, ...)`` is the network's input; with ``dtype`` (the network's
     parameter dtype) it and the embeddings the network reads must be in that dtype
-    ([`check_input_dtypes`][diffkit.nn.inputs.check_input_dtypes]).
+    ([`check_input_dtypes`][diffkit.nn.inputs.check_input_dtypes]). ``Conditioning.temporal``
+    is refused unless ``temporal`` (the network has temporal layers to switch off).
     """
     batch = x_t.shape[0]
     if cond is not None and cond.batch_size not in (None, batch):
         raise ShapeError(f"{owner}: Conditioning has batch {cond.batch_size}, x_t has {batch}")
+    if cond is not None and cond.temporal is not None and not temporal:
+        raise ValueError(
+            f"{owner}: got Conditioning.temporal (which items are clips, which independent "
+            "images) but the network has no temporal layers to switch off; only a space-time "
+            "U-Net (UNetConfig.temporal) reads it"
+        )
     tokens = cond.tokens if cond is not None else None
     pooled = cond.pooled if cond is not None else None
     if context_dim is not None:

@@ -1,7 +1,9 @@
 """Convolutional building blocks: residual blocks with time conditioning, down- and upsampling.
 
 Every layer is a plain ``nn.Module`` on feature maps ``(batch, channels, height, width)``,
-used by the U-Net and the latent autoencoder.
+used by the U-Net and the latent autoencoder; [`TemporalConv`][diffkit.nn.resblocks.TemporalConv]
+takes the frames of videos stacked on the batch, ``(batch * frames, channels, height, width)``
+(the space-time U-Net).
 """
 
 import torch
@@ -12,7 +14,15 @@ from torch import Tensor, nn
 
 from diffkit.typing import Image, checked_layer
 
-__all__ = ["Downsample", "Level", "ResBlock", "Upsample", "group_norm", "pointwise"]
+__all__ = [
+    "Downsample",
+    "Level",
+    "ResBlock",
+    "TemporalConv",
+    "Upsample",
+    "group_norm",
+    "pointwise",
+]
 
 Embedding = Float[Tensor, "batch emb_dim"]
 
@@ -157,12 +167,51 @@ class Upsample(nn.Module):
         return rearrange(out, f"{layout} -> n c (h a) (w b)")
 
 
+class TemporalConv(nn.Module):
+    """Residual stack of four temporal convolutions, mixing each pixel's frames.
+
+    ``x + conv4(...conv1(x))`` where each stage is ``Conv(act(norm(h)))`` over the frames
+    (kernel 3, zero-padded; dropout before the last three), the norms' statistics taken
+    over the whole clip (ModelScope's / diffusers' ``TemporalConvLayer``). The last
+    convolution starts at zero, so a new layer is the identity: an image network extended
+    to video starts as the image network, frame by frame.
+    """
+
+    def __init__(self, channels: int, *, groups: int = 32, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(
+            group_norm(channels, groups, 1e-5, "TemporalConv") for _ in range(4)
+        )
+        self.convs = nn.ModuleList(
+            nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)) for _ in range(4)
+        )
+        self.dropout = nn.Dropout(dropout)
+        nn.init.zeros_(self.convs[-1].weight)
+        nn.init.zeros_(self.convs[-1].bias)
+
+    @checked_layer
+    def forward(self, x: Image, frames: int) -> Float[Tensor, "batch channels h w"]:
+        """``(b * frames, c, h, w) -> (b * frames, c, h, w)``, frames of a clip consecutive."""
+        h = rearrange(x, "(b f) c y x -> b c f y x", f=frames)
+        for i, (norm, conv) in enumerate(zip(self.norms, self.convs, strict=True)):
+            h = F.silu(norm(h))
+            h = conv(self.dropout(h) if i else h)
+        return x + rearrange(h, "b c f y x -> (b f) c y x")
+
+
 class Level(nn.Module):
     """One resolution of a U-Net or an autoencoder: residual blocks, each optionally followed
-    by attention, then an optional resampling."""
+    by attention, then an optional resampling.
+
+    A space-time U-Net adds, after each residual block, a temporal convolution
+    (``temporal_conv[j]``) and, after each attention, a temporal attention
+    (``temporal_attn[j]``).
+    """
 
     res: nn.ModuleList
     attn: nn.ModuleList
+    temporal_conv: nn.ModuleList
+    temporal_attn: nn.ModuleList
     downsample: Downsample | None
     upsample: Upsample | None
 
@@ -172,9 +221,14 @@ class Level(nn.Module):
         attn: list[nn.Module] | None = None,
         downsample: Downsample | None = None,
         upsample: Upsample | None = None,
+        *,
+        temporal_conv: list[nn.Module] | None = None,
+        temporal_attn: list[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.res = nn.ModuleList(res)
         self.attn = nn.ModuleList(attn or [])
+        self.temporal_conv = nn.ModuleList(temporal_conv or [])
+        self.temporal_attn = nn.ModuleList(temporal_attn or [])
         self.downsample = downsample
         self.upsample = upsample

@@ -8,22 +8,33 @@ downsampling factor is in ``attention_resolutions``: pixel self-attention, or â€
 (latent diffusion). A time embedding conditions every residual block; class labels and
 pooled embeddings, when configured, are added to it.
 
-Weights of diffusers' ``UNet2DModel`` / ``UNet2DConditionModel`` load with
-``diffkit.interop.from_diffusers``.
+With ``temporal`` set it is a space-time U-Net (Ho et al. 2022, *Video Diffusion Models*;
+ModelScope text-to-video): it takes videos ``(batch, frames, channels, height, width)``,
+runs every 2-D convolution and spatial (cross-)attention on each frame alone, and adds
+layers that mix each pixel's frames: a [`TemporalConv`][diffkit.nn.resblocks.TemporalConv]
+after every residual block, a [`TemporalTransformer`][diffkit.nn.attention.TemporalTransformer]
+after every spatial attention, and one after the input convolution. For joint image-video
+training, ``Conditioning.temporal`` marks the items whose frames are independent images:
+for them every temporal layer is the identity, so they train the per-frame (image) network
+only and give the temporal layers no gradient.
+
+Weights of diffusers' ``UNet2DModel`` / ``UNet2DConditionModel`` / ``UNet3DConditionModel``
+load with ``diffkit.interop.from_diffusers``.
 """
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal, cast
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from jaxtyping import Float
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from diffkit.config import Config
 from diffkit.nn._registry import DENOISERS
+from diffkit.nn.attention import TemporalTransformer
 from diffkit.nn.embeddings import add_condition_embeddings
 from diffkit.nn.inputs import validate_inputs
 from diffkit.nn.layers import (
@@ -36,13 +47,45 @@ from diffkit.nn.layers import (
     network_timestep,
     timestep_embedding,
 )
-from diffkit.nn.resblocks import Level
+from diffkit.nn.resblocks import Level, TemporalConv
 from diffkit.protocols import Conditioning
-from diffkit.typing import Image, Prediction, ShapeError, Time, checked
+from diffkit.typing import Image, Prediction, ShapeError, Time, Video, checked
 
-__all__ = ["UNet", "UNetConfig"]
+__all__ = ["TemporalConfig", "UNet", "UNetConfig"]
 
 ImageOut = Float[Tensor, "batch out_channels height width"]
+VideoOut = Float[Tensor, "batch frames out_channels height width"]
+Mix = Callable[[nn.Module, Tensor], Tensor]
+
+
+class TemporalConfig(Config):
+    """The temporal layers that make a [`UNet`][diffkit.nn.unet.UNet] a space-time U-Net."""
+
+    kind: Literal["temporal"] = "temporal"
+    conv: bool = Field(
+        default=True, description="a temporal convolution stack after every residual block"
+    )
+    attention: bool = Field(
+        default=True, description="a temporal attention after every spatial attention"
+    )
+    input_heads: int | None = Field(
+        default=8,
+        gt=0,
+        description="heads (of attention_head_dim channels) of a temporal attention after the "
+        "input convolution (ModelScope: 8); None: none",
+    )
+    dropout: float = Field(
+        default=0.1, ge=0, lt=1, description="dropout inside the temporal convolutions"
+    )
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> "TemporalConfig":
+        if not self.conv and not self.attention and self.input_heads is None:
+            raise ValueError(
+                "temporal: conv=False, attention=False and input_heads=None leave no layer "
+                "that mixes frames; use temporal=None for an image U-Net"
+            )
+        return self
 
 
 class UNetConfig(Config):
@@ -120,6 +163,10 @@ class UNetConfig(Config):
         default=1000.0, gt=0, description="multiplier of t when time_input='t'"
     )
     num_train_timesteps: int = Field(default=1000, gt=1, description="N when time_input='index'")
+    temporal: TemporalConfig | None = Field(
+        default=None,
+        description="temporal layers: a space-time U-Net on videos (batch, frames, c, h, w)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "UNetConfig":
@@ -193,8 +240,8 @@ class UNetConfig(Config):
 
     @property
     def is_video(self) -> bool:
-        """A U-Net takes images."""
-        return False
+        """A U-Net takes images; a space-time U-Net (``temporal`` set), videos."""
+        return self.temporal is not None
 
 
 class UNet(nn.Module):
@@ -237,7 +284,30 @@ class UNet(nn.Module):
                 linear_projection=c.linear_projection,
             )
 
+        def time_layers(width: int, count: int, attention: bool) -> dict[str, list[nn.Module]]:
+            """The temporal layers of ``count`` residual blocks (and attentions, if any)."""
+            tc = c.temporal
+            if tc is None:
+                return {}
+            heads, head_dim = c.heads_at(width) if attention and tc.attention else (0, 0)
+            return {
+                "temporal_conv": [
+                    TemporalConv(width, groups=c.norm_groups, dropout=tc.dropout)
+                    for _ in range(count if tc.conv else 0)
+                ],
+                "temporal_attn": [
+                    TemporalTransformer(width, heads, head_dim, groups=c.norm_groups)
+                    for _ in range(count if heads else 0)
+                ],
+            }
+
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
+        heads_in = c.temporal.input_heads if c.temporal is not None else None
+        self.temporal_in = (
+            TemporalTransformer(widths[0], heads_in, c.attention_head_dim, groups=c.norm_groups)
+            if heads_in is not None
+            else None
+        )
         self.time_embed = TimeEmbedding(widths[0], emb_dim)  # sinusoid of widths[0] features
         self.label_embed = nn.Embedding(c.num_classes, emb_dim) if c.num_classes else None
         pooled_in = (c.pooled_dim or 0) + c.micro_conditions * c.micro_freq_dim
@@ -257,11 +327,17 @@ class UNet(nn.Module):
             down = Downsample(width, c.downsample_padding) if i < levels - 1 else None
             if down is not None:
                 skip_channels.append(width)
-            self.down.append(Level(blocks, attns, downsample=down))
+            temporal = time_layers(width, len(blocks), bool(attns))
+            self.down.append(Level(blocks, attns, downsample=down, **temporal))
 
         mid_scale = c.mid_scale
         mid_attn = [attn(cin, -1, mid_scale)] if c.mid_attention else []
-        self.mid: Level = Level([res(cin, cin, mid_scale), res(cin, cin, mid_scale)], mid_attn)
+        mid_temporal = time_layers(cin, 2, c.mid_attention)
+        if mid_temporal:
+            mid_temporal["temporal_attn"] = mid_temporal["temporal_attn"][:1]  # one attention
+        self.mid: Level = Level(
+            [res(cin, cin, mid_scale), res(cin, cin, mid_scale)], mid_attn, **mid_temporal
+        )
 
         self.up = nn.ModuleList()
         for i, width in reversed(list(enumerate(widths))):
@@ -272,7 +348,8 @@ class UNet(nn.Module):
                     attns.append(attn(width, i))
                 cin = width
             up = Upsample(width) if i > 0 else None
-            self.up.append(Level(blocks, attns, upsample=up))
+            temporal = time_layers(width, len(blocks), bool(attns))
+            self.up.append(Level(blocks, attns, upsample=up, **temporal))
 
         self.norm_out = nn.GroupNorm(c.norm_groups, widths[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], c.out_channels or c.in_channels, 3, padding=1)
@@ -284,17 +361,25 @@ class UNet(nn.Module):
 
     def _validate(self, x: Tensor, t: Tensor, cond: Conditioning | None) -> None:
         c = self.config
-        if x.shape[1] != c.in_channels:
-            raise ShapeError(f"UNet: x_t has {x.shape[1]} channels, expected {c.in_channels}")
+        video = c.temporal is not None
+        if x.ndim != (5 if video else 4):
+            takes = "videos (batch, frames, channels, h, w)" if video else "images (b, c, h, w)"
+            raise ShapeError(
+                f"UNet: x_t has shape {tuple(x.shape)}, but this U-Net takes {takes}"
+                + ("" if video else "; set UNetConfig.temporal for a space-time U-Net")
+            )
+        channels = x.shape[-3]
+        if channels != c.in_channels:
+            raise ShapeError(f"UNet: x_t has {channels} channels, expected {c.in_channels}")
         factor = c.downsampling_factor
-        for name, size in (("height", x.shape[2]), ("width", x.shape[3])):
+        for name, size in (("height", x.shape[-2]), ("width", x.shape[-1])):
             if size % factor != 0:
                 raise ShapeError(
                     f"UNet: {name} {size} is not a multiple of {factor} (the U-Net downsamples "
                     f"{len(c.channel_mult) - 1} times); pad or resize to "
                     f"{-(-size // factor) * factor}"
                 )
-        validate_inputs("UNet", x, t, cond, c, self.conv_in.weight.dtype)
+        validate_inputs("UNet", x, t, cond, c, self.conv_in.weight.dtype, temporal=video)
         if c.micro_conditions:
             micro = cond.micro if cond is not None else None
             if micro is None or micro.shape[1] != c.micro_conditions:
@@ -334,8 +419,11 @@ class UNet(nn.Module):
         return add_condition_embeddings(emb, cond, self.label_embed, self.pooled_embed)
 
     @checked
-    def forward(self, x_t: Image, t: Time, cond: Conditioning | None = None) -> ImageOut:
-        """Predict ``self.prediction`` for ``x_t`` ``(b, c, h, w)`` at times ``t`` ``(b,)``."""
+    def forward(
+        self, x_t: Image | Video, t: Time, cond: Conditioning | None = None
+    ) -> ImageOut | VideoOut:
+        """Predict ``self.prediction`` for ``x_t`` ``(b, c, h, w)`` (a space-time U-Net:
+        ``(b, frames, c, h, w)``) at times ``t`` ``(b,)``."""
         self._validate(x_t, t, cond)
         emb = self.embed_time(t, cond)
         context = cond.tokens if cond is not None else None
@@ -344,37 +432,81 @@ class UNet(nn.Module):
             context = mask = None  # an unconditional U-Net ignores tokens
         if self.config.center_input:
             x_t = 2 * x_t - 1.0
+        frames = x_t.shape[1] if x_t.ndim == 5 else 1
+        if x_t.ndim == 5:  # a clip's frames run as a batch of images, consecutive
+            x_t = rearrange(x_t, "b f c h w -> (b f) c h w")
+            emb = repeat(emb, "b d -> (b f) d", f=frames)
+            if context is not None:
+                context = repeat(context, "b n d -> (b f) n d", f=frames)
+                mask = repeat(mask, "b n -> (b f) n", f=frames) if mask is not None else None
+        mix = self._time_mixer(frames, cond)
 
         # Activations run channels-last (NHWC): oneDNN convolutions and GroupNorm take it
         # natively, and pixels-as-tokens for attention become a free view instead of a copy.
         # (Weights stay contiguous, so state dicts save as they are.)
         h = self.conv_in(x_t.contiguous(memory_format=torch.channels_last))
+        if self.temporal_in is not None:
+            h = mix(self.temporal_in, h)
         skips = [h]
         for level in cast("Iterable[Level]", self.down):
-            for j, block in enumerate(level.res):
-                h = block(h, emb)
-                if len(level.attn):
-                    h = level.attn[j](h, context, mask)
+            for j in range(len(level.res)):
+                h = _block(level, j, h, emb, context, mask, mix)
                 skips.append(h)
             if level.downsample is not None:
                 h = level.downsample(h)
                 skips.append(h)
 
-        h = self.mid.res[0](h, emb)
-        for attn in self.mid.attn:
-            h = attn(h, context, mask)
-        h = self.mid.res[1](h, emb)
+        for j in range(2):  # res, (temporal conv), attention, (temporal attention), res, ...
+            h = _block(self.mid, j, h, emb, context, mask, mix)
 
         for level in cast("Iterable[Level]", self.up):
-            for j, block in enumerate(level.res):
-                h = block(torch.cat([h, skips.pop()], dim=1), emb)
-                if len(level.attn):
-                    h = level.attn[j](h, context, mask)
+            for j in range(len(level.res)):
+                h = _block(level, j, torch.cat([h, skips.pop()], dim=1), emb, context, mask, mix)
             if level.upsample is not None:
                 h = level.upsample(h)
 
-        h = torch.nn.functional.silu(self.norm_out(h))
-        return self.conv_out(h).contiguous()
+        h = self.conv_out(torch.nn.functional.silu(self.norm_out(h))).contiguous()
+        if self.config.temporal is None:
+            return h
+        return rearrange(h, "(b f) c h w -> b f c h w", f=frames)
+
+    def _time_mixer(self, frames: int, cond: Conditioning | None) -> Mix:
+        """``mix(layer, h)``: a temporal layer applied to the clips; identity on image items.
+
+        ``Conditioning.temporal`` ``(batch,)`` is false for items whose frames are
+        independent images (joint image-video training): their output is ``h`` itself, so
+        they neither mix frames nor give the temporal layers any gradient.
+        """
+        clips = cond.temporal if cond is not None else None
+        if clips is not None:
+            clips = repeat(clips, "b -> (b f) 1 1 1", f=frames)
+
+        def mix(layer: nn.Module, h: Tensor) -> Tensor:
+            out = layer(h, frames)
+            return out if clips is None else torch.where(clips, out, h)
+
+        return mix
+
+
+def _block(
+    level: Level,
+    j: int,
+    h: Tensor,
+    emb: Tensor,
+    context: Tensor | None,
+    mask: Tensor | None,
+    mix: Mix,
+) -> Tensor:
+    """Residual block ``j`` of ``level`` and what follows it: temporal convolution, attention,
+    temporal attention (each where the level has it)."""
+    h = level.res[j](h, emb)
+    if j < len(level.temporal_conv):
+        h = mix(level.temporal_conv[j], h)
+    if j < len(level.attn):
+        h = level.attn[j](h, context, mask)
+        if j < len(level.temporal_attn):
+            h = mix(level.temporal_attn[j], h)
+    return h
 
 
 DENOISERS.register(UNetConfig, UNet.from_config)
