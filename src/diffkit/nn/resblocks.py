@@ -182,12 +182,13 @@ class TemporalConv(nn.Module):
         self.norms = nn.ModuleList(
             group_norm(channels, groups, 1e-5, "TemporalConv") for _ in range(4)
         )
-        self.convs = nn.ModuleList(
-            nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)) for _ in range(4)
-        )
+        convs = [nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)) for _ in range(4)]
+        last = convs[-1]
+        nn.init.zeros_(last.weight)
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
+        self.convs = nn.ModuleList(convs)
         self.dropout = nn.Dropout(dropout)
-        nn.init.zeros_(self.convs[-1].weight)
-        nn.init.zeros_(self.convs[-1].bias)
 
     @checked_layer
     def forward(self, x: Image, frames: int) -> Float[Tensor, "batch channels h w"]:

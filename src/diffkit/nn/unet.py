@@ -284,22 +284,22 @@ class UNet(nn.Module):
                 linear_projection=c.linear_projection,
             )
 
-        def time_layers(width: int, count: int, attention: bool) -> dict[str, list[nn.Module]]:
-            """The temporal layers of ``count`` residual blocks (and attentions, if any)."""
+        def time_layers(width: int, count: int, attention: bool) -> tuple[list[nn.Module], ...]:
+            """``(temporal convs, temporal attentions)`` of ``count`` residual blocks (and
+            attentions, when ``attention``); empty for an image U-Net."""
             tc = c.temporal
             if tc is None:
-                return {}
+                return [], []
             heads, head_dim = c.heads_at(width) if attention and tc.attention else (0, 0)
-            return {
-                "temporal_conv": [
-                    TemporalConv(width, groups=c.norm_groups, dropout=tc.dropout)
-                    for _ in range(count if tc.conv else 0)
-                ],
-                "temporal_attn": [
-                    TemporalTransformer(width, heads, head_dim, groups=c.norm_groups)
-                    for _ in range(count if heads else 0)
-                ],
-            }
+            convs: list[nn.Module] = [
+                TemporalConv(width, groups=c.norm_groups, dropout=tc.dropout)
+                for _ in range(count if tc.conv else 0)
+            ]
+            attns: list[nn.Module] = [
+                TemporalTransformer(width, heads, head_dim, groups=c.norm_groups)
+                for _ in range(count if heads else 0)
+            ]
+            return convs, attns
 
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
         heads_in = c.temporal.input_heads if c.temporal is not None else None
@@ -327,16 +327,19 @@ class UNet(nn.Module):
             down = Downsample(width, c.downsample_padding) if i < levels - 1 else None
             if down is not None:
                 skip_channels.append(width)
-            temporal = time_layers(width, len(blocks), bool(attns))
-            self.down.append(Level(blocks, attns, downsample=down, **temporal))
+            tconv, tattn = time_layers(width, len(blocks), bool(attns))
+            self.down.append(
+                Level(blocks, attns, downsample=down, temporal_conv=tconv, temporal_attn=tattn)
+            )
 
         mid_scale = c.mid_scale
         mid_attn = [attn(cin, -1, mid_scale)] if c.mid_attention else []
-        mid_temporal = time_layers(cin, 2, c.mid_attention)
-        if mid_temporal:
-            mid_temporal["temporal_attn"] = mid_temporal["temporal_attn"][:1]  # one attention
+        tconv, tattn = time_layers(cin, 2, c.mid_attention)
         self.mid: Level = Level(
-            [res(cin, cin, mid_scale), res(cin, cin, mid_scale)], mid_attn, **mid_temporal
+            [res(cin, cin, mid_scale), res(cin, cin, mid_scale)],
+            mid_attn,
+            temporal_conv=tconv,
+            temporal_attn=tattn[:1],  # the middle block has one attention
         )
 
         self.up = nn.ModuleList()
@@ -348,8 +351,10 @@ class UNet(nn.Module):
                     attns.append(attn(width, i))
                 cin = width
             up = Upsample(width) if i > 0 else None
-            temporal = time_layers(width, len(blocks), bool(attns))
-            self.up.append(Level(blocks, attns, upsample=up, **temporal))
+            tconv, tattn = time_layers(width, len(blocks), bool(attns))
+            self.up.append(
+                Level(blocks, attns, upsample=up, temporal_conv=tconv, temporal_attn=tattn)
+            )
 
         self.norm_out = nn.GroupNorm(c.norm_groups, widths[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], c.out_channels or c.in_channels, 3, padding=1)
