@@ -45,18 +45,23 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """A collated batch: data ``x`` ``(batch, ...)``, optional labels and captions."""
+    """A collated batch: data ``x`` ``(batch, ...)``, optional labels and captions, and for
+    joint image-video training which items are clips (``temporal``, bool ``(batch,)``: see
+    [`Conditioning.temporal`][diffkit.protocols.Conditioning])."""
 
     x: Tensor
     labels: Tensor | None = None
     captions: list[str] | None = None
+    temporal: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
 
 def collate(items: Sequence[Any]) -> Batch:
-    """Stack dataset items (``{"x", "label"?, "caption"?}`` mappings, or bare tensors)."""
+    """Stack dataset items (``{"x", "label"?, "caption"?, "temporal"?}`` mappings, or bare
+    tensors); ``"temporal"``: whether a video item's frames are one clip (``False``: a stack
+    of independent images, for joint image-video training)."""
     if not items:
         raise ValueError("collate: empty batch")
     if isinstance(items[0], Tensor):
@@ -74,7 +79,12 @@ def collate(items: Sequence[Any]) -> Batch:
         if all("caption" in item for item in items)
         else None
     )
-    return Batch(x=x, labels=labels, captions=captions)
+    temporal = (
+        torch.tensor([bool(item["temporal"]) for item in items], dtype=torch.bool)
+        if all("temporal" in item for item in items)
+        else None
+    )
+    return Batch(x=x, labels=labels, captions=captions, temporal=temporal)
 
 
 def shard_batches(

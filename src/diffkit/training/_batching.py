@@ -147,4 +147,7 @@ class _StepBatches:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """``batch`` with its tensors on ``device`` (captions stay as they are)."""
     labels = batch.labels.to(device, non_blocking=True) if batch.labels is not None else None
-    return dataclasses.replace(batch, x=batch.x.to(device, non_blocking=True), labels=labels)
+    temporal = batch.temporal.to(device) if batch.temporal is not None else None
+    return dataclasses.replace(
+        batch, x=batch.x.to(device, non_blocking=True), labels=labels, temporal=temporal
+    )

@@ -98,6 +98,9 @@ class DenoiserLoss:
     - ``encode(x) -> z`` maps data to latents (a frozen encoder) before noising.
     - ``prediction`` names what a module without a ``prediction`` attribute predicts.
 
+    A batch's ``temporal`` (joint image-video training: which items are clips, which
+    stacks of independent images) goes to the denoiser as ``Conditioning.temporal``.
+
     Encoding and conditioning run without gradients' autocast (in the frozen parts' own
     precision); only the denoiser's forward runs under the run's mixed precision.
     """
@@ -117,6 +120,8 @@ class DenoiserLoss:
                 with torch.no_grad():
                     x = self.encode(x)
             cond = self.condition(batch) if self.condition is not None else None
+        if batch.temporal is not None:  # joint image-video training: which items are clips
+            cond = dataclasses.replace(cond or Conditioning(), temporal=batch.temporal)
         to = x.device
         cond = cond.map(lambda t: t.to(to)) if cond is not None else None
         uncond = self.uncond.map(lambda t: t.to(to)) if self.uncond is not None else None
