@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import diffkit as dk
 from diffkit.nn import DENOISERS, UNet, UNetConfig
+from diffkit.nn.unet import TemporalConfig
 from diffkit.protocols import Conditioning
 from diffkit.typing import ShapeError
 
@@ -267,3 +268,103 @@ def test_unet_trains_a_step_under_bf16_autocast():
     assert all(p.grad is not None for p in model.conv_in.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ShapeError, match="float64"):
         model(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.rand(2), cond)
+
+
+def _space_time_unet(**temporal: object) -> UNet:
+    """A tiny text-conditioned space-time U-Net, every weight random (none zero)."""
+    config = UNetConfig(
+        in_channels=2,
+        base_channels=8,
+        channel_mult=(1, 2),
+        blocks_per_level=1,
+        attention_resolutions=(1,),
+        attention_head_dim=4,
+        norm_groups=4,
+        context_dim=6,
+        temporal=TemporalConfig(input_heads=2, dropout=0.0, **temporal),  # type: ignore[arg-type]
+    )
+    return _randomize(UNet(config))
+
+
+def _video_cond(batch: int, temporal: list[bool] | None = None) -> Conditioning:
+    tokens = torch.randn(batch, 3, 6, generator=torch.Generator().manual_seed(5))
+    flags = torch.tensor(temporal) if temporal is not None else None
+    return Conditioning(tokens=tokens, temporal=flags)
+
+
+def _is_temporal(name: str) -> bool:
+    return name.startswith("temporal_in") or ".temporal_" in name
+
+
+def test_space_time_unet_maps_videos_to_videos_and_mixes_frames():
+    unet = _space_time_unet()
+    assert unet.config.is_video
+    x = torch.randn(2, 3, 2, 8, 8)
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        out = unet(x, t, _video_cond(2))
+        moved = x.clone()
+        moved[:, 0] += 1.0  # change the first frame only
+        other = unet(moved, t, _video_cond(2))
+    assert out.shape == x.shape
+    assert (other[:, 1:] - out[:, 1:]).abs().max() > 1e-3  # the later frames see it
+    with pytest.raises(ShapeError, match="videos"):
+        unet(x[:, 0], t, _video_cond(2))
+
+
+def test_image_items_of_a_space_time_unet_are_the_image_unet_frame_by_frame():
+    """temporal=False items: every temporal layer is the identity, so each frame is what the
+    image U-Net with the same spatial weights gives for it, whatever the other frames are."""
+    unet = _space_time_unet()
+    image = UNet(unet.config.model_copy(update={"temporal": None}))
+    missing, unexpected = image.load_state_dict(unet.state_dict(), strict=False)
+    assert not missing and unexpected and all(_is_temporal(k) for k in unexpected)
+    image.eval()
+    x = torch.randn(2, 3, 2, 8, 8)
+    t = torch.tensor([0.3, 0.7])
+    cond = _video_cond(2, [False, True])
+    with torch.no_grad():
+        out = unet(x, t, cond)
+        for f in range(3):
+            frame = image(x[:, f], t, Conditioning(tokens=cond.tokens))
+            assert torch.allclose(out[0, f], frame[0], atol=1e-5)
+            assert not torch.allclose(out[1, f], frame[1], atol=1e-3)  # a clip mixes frames
+
+
+@pytest.mark.parametrize("layers", [{}, {"attention": False}, {"conv": False}])
+def test_temporal_layers_get_no_gradient_from_image_items_and_some_from_clips(layers):
+    unet = _space_time_unet(**layers).train()
+    x = torch.randn(4, 3, 2, 8, 8)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    cond = _video_cond(4, [False, True, False, True])  # images at 0 and 2, clips at 1 and 3
+
+    def grads(items: list[int]) -> dict[str, torch.Tensor]:
+        unet.zero_grad()
+        out = unet(x, t, cond)
+        out[items].pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+    from_images, from_clips = grads([0, 2]), grads([1, 3])
+    temporal = [n for n, _ in unet.named_parameters() if _is_temporal(n)]
+    spatial = [n for n, _ in unet.named_parameters() if not _is_temporal(n)]
+    assert temporal and spatial
+    assert all(n not in from_images or not from_images[n].any() for n in temporal)
+    assert all(from_clips[n].abs().sum() > 0 for n in temporal)
+    assert sum(from_images[n].abs().sum() for n in spatial if n in from_images) > 0
+
+
+def test_conditioning_temporal_is_checked_kept_by_where_and_refused_by_image_networks():
+    with pytest.raises(ShapeError, match="temporal"):
+        Conditioning(temporal=torch.tensor([1, 0]))
+    cond = _video_cond(2, [False, True])
+    null = Conditioning(tokens=torch.zeros(1, 3, 6))
+    dropped = cond.where(torch.tensor([False, False]), null)
+    assert dropped.temporal is not None and dropped.temporal.tolist() == [False, True]
+    image = UNet(_space_time_unet().config.model_copy(update={"temporal": None}))
+    with pytest.raises(ValueError, match=r"Conditioning\.temporal"):
+        image(torch.randn(2, 2, 8, 8), torch.rand(2), cond)
+
+
+def test_temporal_config_refuses_a_u_net_with_no_temporal_layer():
+    with pytest.raises(ValueError, match="input_heads"):
+        TemporalConfig(conv=False, attention=False, input_heads=None)

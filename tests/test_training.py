@@ -796,3 +796,56 @@ def test_the_loop_runs_by_hand_prepare_step_after_step_finish(tmp_path, digits):
         training.finish(state)
     assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
     assert state.result().losses == [first.loss, state.losses[1]]
+
+
+class _MixedVideos(torch.utils.data.Dataset):
+    """Videos (3 frames, 1 channel, 8x8); item i is a clip when i is odd, else independent
+    images stacked as frames (``temporal=False``), as in VDM's joint image-video training."""
+
+    def __init__(self, size: int, images_only: bool = False) -> None:
+        self.x = torch.randn(size, 3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+        self.images_only = images_only
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        return {"x": self.x[i], "temporal": bool(i % 2) and not self.images_only}
+
+
+def _space_time_unet() -> nn.Module:
+    from diffkit.nn import UNet, UNetConfig
+    from diffkit.nn.unet import TemporalConfig
+
+    config = UNetConfig(
+        in_channels=1,
+        base_channels=8,
+        channel_mult=(1, 2),
+        blocks_per_level=1,
+        attention_resolutions=(1,),
+        attention_head_dim=4,
+        norm_groups=4,
+        temporal=TemporalConfig(input_heads=2, dropout=0.0),
+    )
+    unet = UNet(config)
+    with torch.no_grad():  # random everywhere: the zero-initialised temporal convs too
+        g = torch.Generator().manual_seed(0)
+        for p in unet.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return unet
+
+
+@pytest.mark.parametrize("images_only", [False, True], ids=["mixed", "images-only"])
+def test_a_mixed_image_video_batch_trains_one_step_through_the_loop(images_only):
+    """One step of train() on a batch of clips and image stacks: the spatial weights move;
+    the temporal weights move only when the batch has clips (images give them no gradient,
+    and with weight_decay=0 AdamW leaves a zero-gradient weight exactly where it was)."""
+    unet = _space_time_unet()
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    config = TrainConfig(steps=1, batch_size=4, lr=1e-2, progress=False, log_every=1)
+    result = train(unet, Cosine(), _MixedVideos(4, images_only), config)
+    assert len(result.losses) == 1 and math.isfinite(result.losses[0])
+    moved = {n for n, p in unet.named_parameters() if not torch.equal(p.detach(), before[n])}
+    temporal = {n for n in before if n.startswith("temporal_in") or ".temporal_" in n}
+    assert temporal and (set(before) - temporal) <= moved  # every spatial weight trained
+    assert (moved & temporal) == (set() if images_only else temporal)

@@ -49,13 +49,13 @@ from diffkit.nn.layers import (
 )
 from diffkit.nn.resblocks import Level, TemporalConv
 from diffkit.protocols import Conditioning
-from diffkit.typing import Image, Prediction, ShapeError, Time, Video, checked
+from diffkit.typing import Prediction, Sample, ShapeError, Time, checked
 
 __all__ = ["TemporalConfig", "UNet", "UNetConfig"]
 
-ImageOut = Float[Tensor, "batch out_channels height width"]
-VideoOut = Float[Tensor, "batch frames out_channels height width"]
 Mix = Callable[[nn.Module, Tensor], Tensor]
+Output = Float[Tensor, "batch *out_shape"]
+"""``(batch, out_channels, h, w)``; a space-time U-Net's ``(batch, frames, out_channels, h, w)``."""
 
 
 class TemporalConfig(Config):
@@ -370,8 +370,9 @@ class UNet(nn.Module):
         if x.ndim != (5 if video else 4):
             takes = "videos (batch, frames, channels, h, w)" if video else "images (b, c, h, w)"
             raise ShapeError(
-                f"UNet: x_t has shape {tuple(x.shape)}, but this U-Net takes {takes}"
-                + ("" if video else "; set UNetConfig.temporal for a space-time U-Net")
+                f"UNet.forward: argument 'x_t' has {x.ndim} dimensions {tuple(x.shape)}, "
+                f"expected {5 if video else 4}: this U-Net takes {takes}"
+                + ("" if video else " (UNetConfig.temporal makes a space-time U-Net)")
             )
         channels = x.shape[-3]
         if channels != c.in_channels:
@@ -424,9 +425,7 @@ class UNet(nn.Module):
         return add_condition_embeddings(emb, cond, self.label_embed, self.pooled_embed)
 
     @checked
-    def forward(
-        self, x_t: Image | Video, t: Time, cond: Conditioning | None = None
-    ) -> ImageOut | VideoOut:
+    def forward(self, x_t: Sample, t: Time, cond: Conditioning | None = None) -> Output:
         """Predict ``self.prediction`` for ``x_t`` ``(b, c, h, w)`` (a space-time U-Net:
         ``(b, frames, c, h, w)``) at times ``t`` ``(b,)``."""
         self._validate(x_t, t, cond)
