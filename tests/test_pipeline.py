@@ -255,6 +255,35 @@ def test_unconditional_video_pipeline_generates_videos(tmp_path):
     assert torch.equal(videos, again)
 
 
+SPACE_TIME_UNET = {
+    "kind": "unet",
+    "in_channels": 1,
+    "base_channels": 8,
+    "channel_mult": [1, 2],
+    "blocks_per_level": 1,
+    "attention_resolutions": [1],
+    "attention_head_dim": 4,
+    "norm_groups": 4,
+    "temporal": {"kind": "temporal", "input_heads": 2},
+}
+
+
+def test_space_time_unet_pipeline_generates_videos_and_refuses_image_data(tmp_path):
+    config = PipelineConfig(
+        data_shape=(3, 1, 8, 8), schedule={"kind": "cosine"}, denoiser=SPACE_TIME_UNET
+    )
+    pipeline = build(config)
+    videos = pipeline.generate(num_samples=2, steps=2, generator=torch.Generator().manual_seed(0))
+    assert videos.shape == (2, 3, 1, 8, 8)
+    pipeline.save(tmp_path)
+    again = Pipeline.load(tmp_path).generate(
+        num_samples=2, steps=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(videos, again)
+    with pytest.raises(ValueError, match="takes videos"):
+        PipelineConfig(data_shape=(1, 8, 8), schedule={"kind": "cosine"}, denoiser=SPACE_TIME_UNET)
+
+
 def test_class_conditional_generation_with_guidance():
     config = PipelineConfig(
         data_shape=(1, 8, 8),
