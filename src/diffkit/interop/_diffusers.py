@@ -1,8 +1,8 @@
 """Conversions between diffusers models and diffkit networks (weights and configs).
 
-``from_diffusers(module)`` reads a diffusers ``UNet2DModel``, ``UNet2DConditionModel`` or
-``AutoencoderKL`` *instance* (no downloads here: load it with diffusers first) and returns the
-equivalent diffkit module with the same weights:
+``from_diffusers(module)`` reads a diffusers ``UNet2DModel``, ``UNet2DConditionModel``,
+``UNet3DConditionModel`` or ``AutoencoderKL`` *instance* (no downloads here: load it with
+diffusers first) and returns the equivalent diffkit module with the same weights:
 
 - a U-Net becomes a [`UNet`][diffkit.nn.unet.UNet] with ``time_input="index"``: called with
   ``t = Discrete.t_from_index(timestep)`` of the model's ``N = num_train_timesteps`` step
@@ -18,6 +18,10 @@ equivalent diffkit module with the same weights:
   ``save_pretrained`` / ``from_pretrained`` / ``from_config``, ignored by diffusers); those
   come back, so ``from_diffusers(to_diffusers(m))`` computes what ``m`` does. Explicit
   ``prediction=`` / ``num_train_timesteps=`` arguments still win.
+- a ``UNet3DConditionModel`` (ModelScope text-to-video) becomes a space-time
+  [`UNet`][diffkit.nn.unet.UNet] (``temporal`` set) taking ``(batch, frames, channels, h, w)``
+  where diffusers takes ``(batch, channels, frames, h, w)``; see
+  ``diffkit.interop._diffusers_video``.
 - an ``AutoencoderKL`` becomes a [`KLAutoencoder`][diffkit.nn.vae.KLAutoencoder] whose
   ``encode(x)`` is ``(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor`` and
   whose ``decode(z)`` is ``vae.decode(z / scaling_factor + shift_factor).sample``
@@ -457,7 +461,8 @@ def from_diffusers(
     num_train_timesteps: int | None = None,
     micro_conditions: int = 6,
 ) -> nn.Module:
-    """The diffkit equivalent (same weights) of a diffusers U-Net, ``AutoencoderKL``,
+    """The diffkit equivalent (same weights) of a diffusers U-Net (2-D, or the 3-D
+    ``UNet3DConditionModel``: a space-time U-Net), ``AutoencoderKL``,
     ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` (the last two: a
     [`DiT`][diffkit.nn.dit.DiT]).
 
@@ -636,8 +641,9 @@ def _diffusers_vae_kwargs(config: KLAutoencoderConfig) -> dict[str, Any]:
 
 def to_diffusers(module: nn.Module) -> nn.Module:
     """The diffusers model (config and weights) equivalent to a diffkit UNet / KLAutoencoder /
-    DiT (a ``DiTTransformer2DModel`` for adaLN-Zero, a ``PixArtTransformer2DModel`` for
-    adaLN-single; a DiT built in diffkit's own position layout is refused by name).
+    DiT (a ``UNet3DConditionModel`` for a space-time U-Net, a ``DiTTransformer2DModel`` for
+    adaLN-Zero, a ``PixArtTransformer2DModel`` for adaLN-single; a DiT built in diffkit's own
+    position layout is refused by name).
 
     A U-Net then takes ``timestep = network_timestep(t)``: the training index ``N t - 1`` for
     ``time_input="index"``, or ``time_scale * t``; its config's ``_diffkit`` entry records
