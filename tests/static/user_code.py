@@ -17,7 +17,7 @@ from diffkit.config import Config
 from diffkit.losses import DiffusionLoss
 from diffkit.nn.clip import CLIPConfig, ResNetTowerConfig, TextTowerConfig, VisionTowerConfig
 from diffkit.nn.dit import DiTConfig
-from diffkit.nn.unet import UNetConfig
+from diffkit.nn.unet import TemporalConfig, UNetConfig
 from diffkit.nn.vae import IdentityEncoderConfig, KLAutoencoderConfig
 from diffkit.nn.video import VideoDiTConfig
 from diffkit.patches import SpatialPatches, TubeletPatches
@@ -65,6 +65,8 @@ def default_configs() -> list[Config]:
         CLIPConfig(),
         DiTConfig(),
         UNetConfig(),
+        TemporalConfig(),
+        UNetConfig(context_dim=8, temporal=TemporalConfig()),
         KLAutoencoderConfig(),
         IdentityEncoderConfig(),
         VideoDiTConfig(),
