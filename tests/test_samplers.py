@@ -53,6 +53,18 @@ def _nfe_per_step(sampler: samplers.SamplerBase) -> int:
     return 2 if isinstance(sampler, TWO_STAGE) else 1
 
 
+def _evaluations(sampler: samplers.SamplerBase, steps: int) -> int:
+    """Denoiser calls for ``steps`` steps (a first step of 2 NFE for PLMS' warm-up)."""
+    if isinstance(sampler, samplers.PNDM):
+        return steps + (1 if sampler.warmup == "plms" else 9)
+    nfe = _nfe_per_step(sampler)
+    return steps * nfe - (nfe - 1)
+
+
+# The third denoiser call: in step 1 for two-stage samplers and PLMS, else step 2.
+SECOND_EVAL_IN_STEP_0 = (*TWO_STAGE, samplers.PNDM)
+
+
 class Gaussian:
     """Exact denoiser of N(mean, diag(std²)) data, predicting ``prediction``."""
 
@@ -122,6 +134,9 @@ ORDER = {
     "heun": 2,
     "dpm_2": 2,
     "lms": 3,
+    # Adams-Bashforth with equal-step weights on a grid whose steps in sigma/alpha are
+    # not equal: second order on log-SNR grids (slopes 2.1-2.2 at 12-96 steps).
+    "pndm": 2,
     "dpmpp_2m": 2,
     "dpmpp_3m": 2,
     "unipc": 3,
@@ -421,7 +436,7 @@ def test_sampling_loop_makes_no_host_sync(name: str) -> None:
     recorder = _RecordSyncs()
     sampler = samplers.REGISTRY[name]()
     steps = 6
-    expected_calls = steps * _nfe_per_step(sampler) - (_nfe_per_step(sampler) - 1)
+    expected_calls = _evaluations(sampler, steps)
     calls = 0
 
     def denoiser(x, t, cond=None):
@@ -467,7 +482,7 @@ def test_nan_from_the_denoiser_raises_naming_the_step(name: str) -> None:
     sampler = samplers.REGISTRY[name]()
     with pytest.raises(samplers.NonFiniteError, match=r"step \d+ of 6") as info:
         sampler.sample(denoiser, DISCRETE, torch.randn(2, DIM), steps=6)
-    step = 1 if isinstance(sampler, TWO_STAGE) else 2  # 2 evaluations per step
+    step = 1 if isinstance(sampler, SECOND_EVAL_IN_STEP_0) else 2  # 2 evaluations in step 0
     assert f"step {step} of 6" in str(info.value)
 
 
@@ -1154,3 +1169,54 @@ def test_a_user_step_sampler_reads_its_history() -> None:
     assert seen == [1] + [2] * 29
     exact = den.flow_map(noise, Extrapolating().grid(DISCRETE, 30))
     assert float((x - exact).abs().max()) < 0.05
+
+
+# --------------------------------------------------------------------------------------
+# PNDM / PLMS
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+def test_plms_weights_integrate_polynomials_of_degree_below_p_on_equal_steps(p: int) -> None:
+    # Adams-Bashforth: sum_j w_j f(-j) = int_0^1 f(u) du for f a polynomial of degree < p
+    weights = samplers.pndm.plms_weights(p)
+    for k in range(p):
+        planned = sum(w * (-j) ** k for j, w in enumerate(weights))
+        assert planned == pytest.approx(1 / (k + 1), rel=1e-12)
+
+
+@pytest.mark.parametrize("warmup", ["plms", "prk"])
+def test_pndm_warmups_call_the_model_as_diffusers_does(warmup: str) -> None:
+    # plms: a trapezoid first step (one extra call); prk: three Runge-Kutta steps of four
+    # calls through the time midpoint, then one call per step.
+    sampler = samplers.PNDM(warmup=warmup, spacing=samplers.Leading(steps_offset=1))
+    den = Gaussian(DISCRETE, *_data())
+    times: list[float] = []
+
+    def model(x, t, cond=None):
+        times.append(round(float(t[0]) * 1000) - 1)  # the training index
+        return den(x, t)
+
+    model.prediction = "epsilon"  # type: ignore[attr-defined]
+    sampler.sample(model, DISCRETE, torch.randn(2, DIM, dtype=F64), steps=10)
+    if warmup == "plms":
+        assert times == [901, 801, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    else:  # diffusers' prk_timesteps, then its plms_timesteps
+        rk = [901, 851, 851, 801, 801, 751, 751, 701, 701, 651, 651, 601]
+        assert times == [*rk, 601, 501, 401, 301, 201, 101, 1]
+    plan = sampler.prepare(DISCRETE, 10)
+    assert [len(p) for p in plan.points] == ([1, 1, 1] if warmup == "prk" else [0] * 3) + [0] * 7
+
+
+def test_pndm_from_pure_noise_takes_a_first_order_step_and_stays_finite() -> None:
+    schedule = RectifiedFlow()
+    den = Gaussian(schedule, *_data(), "flow")
+    noise = torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
+    for warmup in ("plms", "prk"):
+        sampler = samplers.PNDM(warmup=warmup)
+        errors = []
+        for steps in (10, 40):
+            x = sampler.sample(den, schedule, noise, steps=steps)
+            exact = den.flow_map(noise, sampler.grid(schedule, steps))
+            errors.append(float((x - exact).abs().max()))
+        assert errors[1] < errors[0] / 4 and errors[1] < 0.05, (warmup, errors)

@@ -220,3 +220,49 @@ def test_flow_match_euler_is_euler_on_shifted_rectified_flow(shift: float) -> No
     sampler = samplers.Euler(spacing=samplers.UniformTime(t_min=t_min))
     ours = sampler.sample(Flow(), schedule, noise, steps=steps)
     torch.testing.assert_close(ours.float(), x, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# PNDM / PLMS: diffusers' own loop (scale_model_input is the identity for PNDM)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("float64_alphas", [False, True])
+@pytest.mark.parametrize("steps", [4, 10, 25])
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_pndm_matches_diffusers_pndm_scheduler(
+    skip_prk_steps: bool, steps: int, float64_alphas: bool
+) -> None:
+    # Stable Diffusion 1.x's grid: "leading" spacing with steps_offset=1; the last step
+    # onto the data (set_alpha_to_one=True). diffusers keeps alphas_cumprod in float32;
+    # with float64 ones put in its place both run in float64.
+    scheduler = diffusers.PNDMScheduler(
+        beta_schedule="linear",
+        skip_prk_steps=skip_prk_steps,
+        steps_offset=1,
+        set_alpha_to_one=True,
+    )
+    if float64_alphas:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    schedule = dk.schedules.Discrete.from_alphas_cumprod(scheduler.alphas_cumprod.double())
+    scheduler.set_timesteps(steps)
+    model = IndexModel(schedule)
+    x_T = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = x_T.clone()
+    for ts in scheduler.timesteps:
+        x = scheduler.step(model.eps(x, ts.expand(3)), ts, x).prev_sample
+
+    warmup = "plms" if skip_prk_steps else "prk"
+    sampler = samplers.PNDM(warmup=warmup, spacing=samplers.Leading(steps_offset=1))
+    calls = 0
+
+    def counted(x, t, cond=None):
+        nonlocal calls
+        calls += 1
+        return model(x, t)
+
+    counted.prediction = "epsilon"  # type: ignore[attr-defined]
+    ours = sampler.sample(counted, schedule, x_T, steps=steps, start="sample")
+    assert calls == len(scheduler.timesteps)  # the same number of model evaluations
+    error = float((ours - x).abs().max() / x.abs().max())
+    assert error <= (1e-13 if float64_alphas else 1e-6), error

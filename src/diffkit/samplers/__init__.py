@@ -36,6 +36,7 @@ from diffkit.samplers.inversion import DDIMInversion as DDIMInversion
 from diffkit.samplers.lms import LMS as LMS
 from diffkit.samplers.noise import BrownianTreeNoise as BrownianTreeNoise
 from diffkit.samplers.noise import Noise as Noise
+from diffkit.samplers.pndm import PNDM as PNDM
 from diffkit.samplers.presets import PRESETS as PRESETS
 from diffkit.samplers.presets import REGISTRY as REGISTRY
 from diffkit.samplers.singlestep import DPMSolver2 as DPMSolver2
@@ -58,6 +59,7 @@ __all__ = [
     "DDIM",
     "DDPM",
     "LMS",
+    "PNDM",
     "PRESETS",
     "REGISTRY",
     "SAMPLERS",

@@ -7,6 +7,7 @@ from diffkit.samplers.ddim import DDIM, DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP
 from diffkit.samplers.euler import Euler, EulerAncestral, Heun
 from diffkit.samplers.lms import LMS
+from diffkit.samplers.pndm import PNDM
 from diffkit.samplers.singlestep import DPMSolver2, DPMSolverPP2SAncestral, DPMSolverPPSDE
 from diffkit.samplers.spacing import Karras, LogSNR, UniformTime
 from diffkit.samplers.unipc import UniPC
@@ -23,6 +24,8 @@ PRESETS: dict[str, SamplerBase] = {
     "dpm_2": DPMSolver2(),
     "dpm_2_ancestral": DPMSolver2(eta=1.0),
     "lms": LMS(),
+    # Stable Diffusion 1.x's default scheduler (diffusers' PNDMScheduler, skip_prk_steps=True)
+    "pndm": PNDM(),
     "dpmpp_2s_ancestral": DPMSolverPP2SAncestral(),
     "dpmpp_2m": DPMSolverPP(order=2, spacing=Karras()),
     "dpmpp_2m_logsnr": DPMSolverPP(order=2, spacing=LogSNR()),
