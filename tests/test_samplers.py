@@ -35,6 +35,7 @@ STOCHASTIC = {
     "dpmpp_2s_ancestral",
     "dpm_2_ancestral",
     "dpmpp_sde_single",
+    "edm_stochastic",
 }
 FIRST_ORDER = {"ddpm", "ddim", "ddim_logsnr", "euler", "euler_ancestral"}
 DETERMINISTIC = [n for n in NAMES if n not in STOCHASTIC]
@@ -50,6 +51,8 @@ TWO_STAGE = (
 
 
 def _nfe_per_step(sampler: samplers.SamplerBase) -> int:
+    if isinstance(sampler, samplers.EDMStochastic):
+        return 2 if sampler.solver == "heun" else 1
     return 2 if isinstance(sampler, TWO_STAGE) else 1
 
 
@@ -59,10 +62,6 @@ def _evaluations(sampler: samplers.SamplerBase, steps: int) -> int:
         return steps + (1 if sampler.warmup == "plms" else 9)
     nfe = _nfe_per_step(sampler)
     return steps * nfe - (nfe - 1)
-
-
-# The third denoiser call: in step 1 for two-stage samplers and PLMS, else step 2.
-SECOND_EVAL_IN_STEP_0 = (*TWO_STAGE, samplers.PNDM)
 
 
 class Gaussian:
@@ -482,7 +481,8 @@ def test_nan_from_the_denoiser_raises_naming_the_step(name: str) -> None:
     sampler = samplers.REGISTRY[name]()
     with pytest.raises(samplers.NonFiniteError, match=r"step \d+ of 6") as info:
         sampler.sample(denoiser, DISCRETE, torch.randn(2, DIM), steps=6)
-    step = 1 if isinstance(sampler, SECOND_EVAL_IN_STEP_0) else 2  # 2 evaluations in step 0
+    # the third call is in step 1 where step 0 makes two (two-stage samplers, PLMS)
+    step = 1 if _evaluations(sampler, 2) > 2 else 2
     assert f"step {step} of 6" in str(info.value)
 
 
@@ -1220,3 +1220,72 @@ def test_pndm_from_pure_noise_takes_a_first_order_step_and_stays_finite() -> Non
             exact = den.flow_map(noise, sampler.grid(schedule, steps))
             errors.append(float((x - exact).abs().max()))
         assert errors[1] < errors[0] / 4 and errors[1] < 0.05, (warmup, errors)
+
+
+# --------------------------------------------------------------------------------------
+# EDM's stochastic sampler (churn)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_edm_without_churn_is_the_deterministic_euler_or_heun(solver: str) -> None:
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(16, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
+    churnless = samplers.EDMStochastic(solver=solver, s_churn=0.0)
+    plain = samplers.Euler() if solver == "euler" else samplers.Heun()
+    ours = churnless.sample(den, DISCRETE, noise, steps=9, generator=torch.Generator())
+    torch.testing.assert_close(ours, plain.sample(den, DISCRETE, noise, steps=9))
+    assert all(not p for p in churnless.prepare(DISCRETE, 9).points)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_edm_churn_evaluates_at_the_churned_level_instead_of_the_grid_point(solver: str) -> None:
+    # k-diffusion's NFE: one model call per step (two for Heun, not onto the data), the
+    # churned steps at s^ = (1 + gamma) s, where gamma = min(s_churn / N, sqrt(2) - 1).
+    schedule = EDM(sigma_min=1e-3, sigma_max=100.0)
+    den = Gaussian(schedule, *_data())
+    sampler = samplers.EDMStochastic(solver=solver, s_churn=2.0, s_tmin=0.1, s_tmax=10.0)
+    seen: list[float] = []
+
+    def model(x, t, cond=None):
+        seen.append(float(schedule.sigma(t[:1].double())))
+        return den(x, t)
+
+    model.prediction = "epsilon"  # type: ignore[attr-defined]
+    steps = 8
+    grid = sampler.grid(schedule, steps)
+    noise = torch.randn(4, DIM, dtype=F64)
+    sampler.sample(model, schedule, noise, steps=steps, generator=torch.Generator())
+    s = [sg / a for sg, a in zip(grid.sigma, grid.alpha)]
+    expected: list[float] = []
+    for i in range(steps):
+        churned = 0.1 <= s[i] <= 10.0
+        expected.append(s[i] * (1 + 2.0 / steps) if churned else s[i])
+        if solver == "heun" and i < steps - 1:
+            expected.append(s[i + 1])
+    assert any(0.1 <= v <= 10.0 for v in s) and any(v > 10.0 for v in s)
+    assert seen == pytest.approx(expected, rel=1e-9)
+
+
+def test_edm_churn_beyond_the_schedule_is_refused_naming_s_tmax() -> None:
+    schedule = EDM(sigma_min=1e-3, sigma_max=80.0)  # the grid starts at 80: no room above
+    sampler = samplers.EDMStochastic(s_tmax=None)
+    with pytest.raises(ValueError, match="s_tmax"):
+        sampler.sample(Gaussian(schedule, *_data()), schedule, torch.randn(2, DIM), steps=5)
+    with pytest.raises(ValueError, match="s_tmax"):
+        samplers.EDMStochastic(s_tmin=1.0, s_tmax=0.5)
+    with pytest.raises(ValueError, match="s_churn"):
+        samplers.EDMStochastic(s_churn=-1.0)
+
+
+def test_edm_stochastic_samples_have_the_data_distribution() -> None:
+    # The churned SDE keeps the marginals: the samples' moments match the Gaussian data.
+    mean, std = _data(3)
+    den = Gaussian(DISCRETE, mean, std)
+    noise = torch.randn(4000, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sampler = samplers.EDMStochastic(s_churn=20.0, s_tmin=0.01, s_tmax=None)
+    sampler = sampler.model_copy(update={"spacing": samplers.Karras(sigma_max=100.0)})
+    x = sampler.sample(den, DISCRETE, noise, steps=40, generator=torch.Generator().manual_seed(1))
+    tol = 4 * std / math.sqrt(4000) + 0.02 * std + 1e-3
+    assert ((x.mean(0) - mean).abs() < tol).all(), (x.mean(0), mean)
+    assert ((x.std(0) - std).abs() < 2 * tol).all(), (x.std(0), std)

@@ -25,6 +25,7 @@ from diffkit.samplers._base import make_grid as make_grid
 from diffkit.samplers.ddim import DDIM as DDIM
 from diffkit.samplers.ddim import DDPM as DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP as DPMSolverPP
+from diffkit.samplers.edm import EDMStochastic as EDMStochastic
 from diffkit.samplers.euler import Euler as Euler
 from diffkit.samplers.euler import EulerAncestral as EulerAncestral
 from diffkit.samplers.euler import Heun as Heun
@@ -71,6 +72,7 @@ __all__ = [
     "DPMSolverPP",
     "DPMSolverPP2SAncestral",
     "DPMSolverPPSDE",
+    "EDMStochastic",
     "Euler",
     "EulerAncestral",
     "Explicit",

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from diffkit.samplers._base import SamplerBase
 from diffkit.samplers.ddim import DDIM, DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP
+from diffkit.samplers.edm import EDMStochastic
 from diffkit.samplers.euler import Euler, EulerAncestral, Heun
 from diffkit.samplers.lms import LMS
 from diffkit.samplers.pndm import PNDM
@@ -21,6 +22,8 @@ PRESETS: dict[str, SamplerBase] = {
     "euler": Euler(),
     "euler_ancestral": EulerAncestral(),
     "heun": Heun(),
+    # Karras et al. (2022), Algorithm 2, with their ImageNet-64 churn settings
+    "edm_stochastic": EDMStochastic(),
     "dpm_2": DPMSolver2(),
     "dpm_2_ancestral": DPMSolver2(eta=1.0),
     "lms": LMS(),
