@@ -36,7 +36,9 @@ STOCHASTIC = {
     "dpm_2_ancestral",
     "dpmpp_sde_single",
     "edm_stochastic",
+    "lcm",
 }
+CONSISTENCY = {"lcm"}  # samplers for consistency models, not for the denoiser's ODE/SDE
 FIRST_ORDER = {"ddpm", "ddim", "ddim_logsnr", "euler", "euler_ancestral"}
 DETERMINISTIC = [n for n in NAMES if n not in STOCHASTIC]
 DISCRETE = Discrete.from_betas(discrete_betas("linear_beta", 1000))
@@ -277,6 +279,11 @@ def test_every_sampler_works_on_every_schedule(name: str, schedule: str) -> None
     # a smoke test of every pairing, with loose tolerances
     assert torch.isfinite(x).all()
     assert ((x.mean(0) - mean).abs() < 0.3 * std + 0.05).all()
+    if name in CONSISTENCY:
+        # Consistency sampling expects a model that maps x_t to a sample; fed the
+        # posterior mean E[x0 | x_t], every re-noising loses the posterior's variance.
+        assert ((x.std(0) / std) < 1).all()
+        return
     assert ((x.std(0) / std - 1).abs() < 0.35).all()
 
 
@@ -1289,3 +1296,54 @@ def test_edm_stochastic_samples_have_the_data_distribution() -> None:
     tol = 4 * std / math.sqrt(4000) + 0.02 * std + 1e-3
     assert ((x.mean(0) - mean).abs() < tol).all(), (x.mean(0), mean)
     assert ((x.std(0) - std).abs() < 2 * tol).all(), (x.std(0), std)
+
+
+# --------------------------------------------------------------------------------------
+# LCM (multistep consistency sampling)
+# --------------------------------------------------------------------------------------
+
+
+def test_consistency_scalings_meet_the_boundary_condition() -> None:
+    # f(x, tau = 0) = x: c_skip = 1, c_out = 0; far from it f is the data estimate.
+    from diffkit.samplers.lcm import consistency_scalings
+
+    assert consistency_scalings(0.0, 0.5) == (1.0, 0.0)
+    c_skip, c_out = consistency_scalings(9990.0, 0.5)
+    assert c_skip == pytest.approx(0.25 / 9990.0**2) and c_out == pytest.approx(1.0, abs=1e-8)
+    for u in (0.1, 1.0, 7.0):  # c_skip + c_out² = 1 (unit-variance data at sigma_data)
+        c_skip, c_out = consistency_scalings(u, 1.0)
+        assert c_skip + c_out**2 == pytest.approx(1.0)
+
+
+def test_lcm_step_renoises_the_consistency_estimate_with_the_generators_draws() -> None:
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(8, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sampler = samplers.LCM()
+    grid = sampler.grid(DISCRETE, 3)
+    g = torch.Generator().manual_seed(2)
+    x = noise * grid.sigma[0]
+    for i in range(3):  # written out: f = c_skip x + c_out D, then re-noised
+        tau = grid.t[i] * 1000 - 1
+        u2 = (10 * tau) ** 2
+        t = torch.full((8,), grid.t[i], dtype=F64)
+        d = den.x0(x, t)[0]
+        f = 0.25 / (u2 + 0.25) * x + (10 * tau) / math.sqrt(u2 + 0.25) * d
+        z = torch.randn(x.shape, generator=g, dtype=F64) if i < 2 else 0.0
+        x = grid.alpha[i + 1] * f + grid.sigma[i + 1] * z
+    ours = sampler.sample(den, DISCRETE, noise, steps=3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ours, x, rtol=1e-12, atol=1e-12)
+
+
+def test_lcm_spacing_refuses_more_steps_than_its_original_grid_and_off_grid_starts() -> None:
+    spacing = samplers.LCMSpacing(original_steps=8)
+    assert len(spacing(DISCRETE, 8)) == 9
+    with pytest.raises(ValueError, match="original_steps=8"):
+        spacing(DISCRETE, 9)
+    with pytest.raises(ValueError, match="original_steps"):
+        samplers.LCMSpacing(original_steps=2000)
+    with pytest.raises(ValueError, match="strength"):
+        samplers.LCMSpacing(strength=0.01)
+    started = samplers.LCMSpacing().starting_at(0.62)
+    assert float(started(DISCRETE, 4)[0]) == 0.62
+    with pytest.raises(ValueError, match="t_start"):
+        samplers.LCMSpacing().starting_at(0.61)

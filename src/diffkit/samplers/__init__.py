@@ -34,6 +34,7 @@ from diffkit.samplers.fitting import FittedSolver as FittedSolver
 from diffkit.samplers.fitting import fit_grid as fit_grid
 from diffkit.samplers.fitting import fit_solver as fit_solver
 from diffkit.samplers.inversion import DDIMInversion as DDIMInversion
+from diffkit.samplers.lcm import LCM as LCM
 from diffkit.samplers.lms import LMS as LMS
 from diffkit.samplers.noise import BrownianTreeNoise as BrownianTreeNoise
 from diffkit.samplers.noise import Noise as Noise
@@ -47,6 +48,7 @@ from diffkit.samplers.spacing import SPACINGS as SPACINGS
 from diffkit.samplers.spacing import AnySpacing as AnySpacing
 from diffkit.samplers.spacing import Explicit as Explicit
 from diffkit.samplers.spacing import Karras as Karras
+from diffkit.samplers.spacing import LCMSpacing as LCMSpacing
 from diffkit.samplers.spacing import Leading as Leading
 from diffkit.samplers.spacing import LogSNR as LogSNR
 from diffkit.samplers.spacing import Spacing as Spacing
@@ -59,6 +61,7 @@ from diffkit.samplers.unipc import UniPC as UniPC
 __all__ = [
     "DDIM",
     "DDPM",
+    "LCM",
     "LMS",
     "PNDM",
     "PRESETS",
@@ -81,6 +84,7 @@ __all__ = [
     "Grid",
     "Heun",
     "Karras",
+    "LCMSpacing",
     "Leading",
     "LogSNR",
     "Noise",

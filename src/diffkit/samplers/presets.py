@@ -7,6 +7,7 @@ from diffkit.samplers.ddim import DDIM, DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP
 from diffkit.samplers.edm import EDMStochastic
 from diffkit.samplers.euler import Euler, EulerAncestral, Heun
+from diffkit.samplers.lcm import LCM
 from diffkit.samplers.lms import LMS
 from diffkit.samplers.pndm import PNDM
 from diffkit.samplers.singlestep import DPMSolver2, DPMSolverPP2SAncestral, DPMSolverPPSDE
@@ -27,6 +28,8 @@ PRESETS: dict[str, SamplerBase] = {
     "dpm_2": DPMSolver2(),
     "dpm_2_ancestral": DPMSolver2(eta=1.0),
     "lms": LMS(),
+    # latent consistency models (diffusers' LCMScheduler; 2-8 steps)
+    "lcm": LCM(),
     # Stable Diffusion 1.x's default scheduler (diffusers' PNDMScheduler, skip_prk_steps=True)
     "pndm": PNDM(),
     "dpmpp_2s_ancestral": DPMSolverPP2SAncestral(),
