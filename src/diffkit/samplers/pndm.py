@@ -81,7 +81,9 @@ class PNDM(StepSampler):
     ``warmup`` chooses the first steps: ``"plms"`` (a trapezoid first step, 2 NFE:
     diffusers' ``skip_prk_steps=True``, as Stable Diffusion 1.x runs it) or ``"prk"``
     (three pseudo Runge-Kutta steps of 4 NFE: diffusers' default). Stable Diffusion's
-    grid is ``Leading(steps_offset=1)``.
+    grid is ``Leading(steps_offset=1)``; the default, ``LogSNR()``, is where the
+    equal-step weights keep second order on every schedule (a uniform-in-t grid from
+    ``t = 1`` of ``Cosine`` starts with a step from ``sigma / alpha = e^10``).
     """
 
     kind: Literal["pndm"] = "pndm"
