@@ -230,17 +230,21 @@ def test_flow_match_euler_is_euler_on_shifted_rectified_flow(shift: float) -> No
 @pytest.mark.parametrize("float64_alphas", [False, True])
 @pytest.mark.parametrize("steps", [4, 10, 25])
 @pytest.mark.parametrize("skip_prk_steps", [True, False])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_pndm_matches_diffusers_pndm_scheduler(
-    skip_prk_steps: bool, steps: int, float64_alphas: bool
+    spacing: str, skip_prk_steps: bool, steps: int, float64_alphas: bool
 ) -> None:
     # Stable Diffusion 1.x's grid: "leading" spacing with steps_offset=1; the last step
     # onto the data (set_alpha_to_one=True). diffusers keeps alphas_cumprod in float32;
-    # with float64 ones put in its place both run in float64.
+    # with float64 ones put in its place both run in float64. (diffusers' PNDM steps by
+    # num_train // steps, not to its next timestep: its "linspace" grid is not a grid it
+    # steps on, so only "leading" and "trailing" with steps dividing 1000 are compared.)
     scheduler = diffusers.PNDMScheduler(
         beta_schedule="linear",
         skip_prk_steps=skip_prk_steps,
-        steps_offset=1,
+        steps_offset=1 if spacing == "leading" else 0,
         set_alpha_to_one=True,
+        timestep_spacing=spacing,
     )
     if float64_alphas:
         scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
@@ -253,7 +257,12 @@ def test_pndm_matches_diffusers_pndm_scheduler(
         x = scheduler.step(model.eps(x, ts.expand(3)), ts, x).prev_sample
 
     warmup = "plms" if skip_prk_steps else "prk"
-    sampler = samplers.PNDM(warmup=warmup, spacing=samplers.Leading(steps_offset=1))
+    grid = (
+        samplers.Leading(steps_offset=1)
+        if spacing == "leading"
+        else samplers.UniformTime(trailing=True)
+    )
+    sampler = samplers.PNDM(warmup=warmup, spacing=grid)
     calls = 0
 
     def counted(x, t, cond=None):

@@ -22,7 +22,9 @@ Its first steps, while the history builds up, are one of two warm-ups:
   ``x_1 = T(x_0, (E_0 + E(x', t_1)) / 2)`` (2 NFE); the estimate at ``x'`` is not kept.
 - ``warmup="prk"`` (diffusers' default, ``skip_prk_steps=False``): the first three steps
   are the pseudo Runge-Kutta step, through the time midpoint ``t_m = (t_i + t_{i+1}) / 2``
-  (the half-step timestep of a ``Leading`` grid with an even step ratio):
+  (diffusers' half-step timestep where its step ratio ``r = num_train // steps`` is even;
+  with an odd ``r`` diffusers transfers to ``t - r // 2`` but evaluates the model at
+  ``t - r + r // 2``, one training step apart, which is not reproduced):
   ``e_1 = E_i``, ``e_2 = E(T_m(x_i, e_1), t_m)``, ``e_3 = E(T_m(x_i, e_2), t_m)``,
   ``e_4 = E(T(x_i, e_3), t_{i+1})``, ``x_{i+1} = T(x_i, (e_1 + 2 e_2 + 2 e_3 + e_4) / 6)``
   (4 NFE per step; ``T_m`` transfers to ``t_m``).
