@@ -231,8 +231,9 @@ def test_flow_match_euler_is_euler_on_shifted_rectified_flow(shift: float) -> No
 @pytest.mark.parametrize("steps", [4, 10, 25])
 @pytest.mark.parametrize("skip_prk_steps", [True, False])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_pndm_matches_diffusers_pndm_scheduler(
-    spacing: str, skip_prk_steps: bool, steps: int, float64_alphas: bool
+    prediction: str, spacing: str, skip_prk_steps: bool, steps: int, float64_alphas: bool
 ) -> None:
     # Stable Diffusion 1.x's grid: "leading" spacing with steps_offset=1; the last step
     # onto the data (set_alpha_to_one=True). diffusers keeps alphas_cumprod in float32;
@@ -245,6 +246,7 @@ def test_pndm_matches_diffusers_pndm_scheduler(
         steps_offset=1 if spacing == "leading" else 0,
         set_alpha_to_one=True,
         timestep_spacing=spacing,
+        prediction_type=prediction,
     )
     if float64_alphas:
         scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
@@ -262,7 +264,8 @@ def test_pndm_matches_diffusers_pndm_scheduler(
         if spacing == "leading"
         else samplers.UniformTime(trailing=True)
     )
-    sampler = samplers.PNDM(warmup=warmup, spacing=grid)
+    combine = "epsilon" if prediction == "epsilon" else "v"
+    sampler = samplers.PNDM(warmup=warmup, combine=combine, spacing=grid)
     calls = 0
 
     def counted(x, t, cond=None):
@@ -270,7 +273,7 @@ def test_pndm_matches_diffusers_pndm_scheduler(
         calls += 1
         return model(x, t)
 
-    counted.prediction = "epsilon"  # type: ignore[attr-defined]
+    counted.prediction = "epsilon" if prediction == "epsilon" else "v"  # type: ignore[attr-defined]
     ours = sampler.sample(counted, schedule, x_T, steps=steps, start="sample")
     assert calls == len(scheduler.timesteps)  # the same number of model evaluations
     error = float((ours - x).abs().max() / x.abs().max())
