@@ -285,7 +285,7 @@ def test_pndm_matches_diffusers_pndm_scheduler(
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("float64", [False, True])
 @pytest.mark.parametrize("steps", [1, 2, 4, 8, 50])
 def test_lcm_matches_diffusers_lcm_scheduler(steps: int, float64: bool, prediction: str) -> None:
@@ -299,7 +299,7 @@ def test_lcm_matches_diffusers_lcm_scheduler(steps: int, float64: bool, predicti
     schedule = dk.schedules.Discrete.from_alphas_cumprod(scheduler.alphas_cumprod.double())
     scheduler.set_timesteps(steps)
     model = IndexModel(schedule)
-    model.prediction = "epsilon" if prediction == "epsilon" else "v"
+    model.prediction = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}[prediction]
     x_T = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=dtype)
     x, g = x_T.clone(), torch.Generator().manual_seed(7)
     for ts in scheduler.timesteps:
