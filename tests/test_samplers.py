@@ -1312,6 +1312,8 @@ def test_consistency_scalings_meet_the_boundary_condition() -> None:
     from diffkit.samplers.lcm import consistency_scalings
 
     assert consistency_scalings(0.0, 0.5) == (1.0, 0.0)
+    assert consistency_scalings(0.0, 1e-300) == (1.0, 0.0)  # no 0 / 0 for a tiny sigma_data
+    assert consistency_scalings(1e4, 1e300) == (1.0, 1e-296)  # no overflow in u² + sigma²
     c_skip, c_out = consistency_scalings(9990.0, 0.5)
     assert c_skip == pytest.approx(0.25 / 9990.0**2) and c_out == pytest.approx(1.0, abs=1e-8)
     for u in (0.1, 1.0, 7.0):  # c_skip + c_out² = 1 (unit-variance data at sigma_data)

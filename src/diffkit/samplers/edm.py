@@ -64,7 +64,9 @@ class EDMStochastic(StepSampler):
     s_tmax: float | None = Field(
         default=50.0, description="highest sigma/alpha that is churned; None: no bound"
     )
-    s_noise: float = Field(default=1.003, gt=0, description="scale of the churn noise")
+    s_noise: float = Field(
+        default=1.003, gt=0, le=10, description="scale of the churn noise (EDM: 1 to 1.007)"
+    )
     spacing: AnySpacing = Field(default_factory=Karras, description=SPACING)
 
     @model_validator(mode="after")
