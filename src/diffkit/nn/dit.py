@@ -54,6 +54,7 @@ class DiTConfig(PatchTransformerConfig):
     pos_max_size: int | None = Field(
         default=None,
         gt=0,
+        le=4096,
         description="the positions of a grid of patches are the centre crop of those of a "
         "pos_max_size x pos_max_size grid, scaled by pos_base_size / pos_max_size (SD3's "
         "pos_embed_max_size); larger grids are refused; None: no crop",
