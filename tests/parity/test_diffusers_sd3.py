@@ -24,6 +24,7 @@ VARIANTS = {
     "sd3": {},
     "sd3.5-large": {"qk_norm": "rms_norm"},
     "sd3.5-medium": {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)},
+    "uncropped": {"pos_embed_max_size": None},  # positions scaled to the grid, as DiT's
 }
 
 
