@@ -61,6 +61,12 @@ from diffkit.training._pipeline import train_pipeline as train_pipeline
 from diffkit.training._reporting import progress_bar as progress_bar
 from diffkit.training._run import TrainRunConfig as TrainRunConfig
 from diffkit.training._run import main as main
+from diffkit.training._sharded import ShardedState as ShardedState
+from diffkit.training._sharded import export_pipeline as export_pipeline
+from diffkit.training._sharded import latest_sharded_checkpoint as latest_sharded_checkpoint
+from diffkit.training._sharded import load_consolidated as load_consolidated
+from diffkit.training._sharded import load_sharded_checkpoint as load_sharded_checkpoint
+from diffkit.training._sharded import save_sharded_checkpoint as save_sharded_checkpoint
 
 # Configs name their public home in messages ("see diffkit.training.TrainConfig ...").
 for _config in (AutoencoderLoss, TrainConfig, TrainRunConfig):
@@ -74,6 +80,7 @@ __all__ = [
     "DenoiserLoss",
     "DistributedInfo",
     "LoopState",
+    "ShardedState",
     "StepResult",
     "TrainConfig",
     "TrainResult",
@@ -81,12 +88,17 @@ __all__ = [
     "TrainingLoss",
     "after_step",
     "distributed",
+    "export_pipeline",
     "finish",
     "init_distributed",
+    "latest_sharded_checkpoint",
     "learning_rate",
+    "load_consolidated",
+    "load_sharded_checkpoint",
     "main",
     "prepare",
     "progress_bar",
+    "save_sharded_checkpoint",
     "step_generator",
     "train",
     "train_pipeline",

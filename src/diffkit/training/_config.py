@@ -8,9 +8,10 @@ from pydantic import Field, model_validator
 from diffkit.config import Config
 from diffkit.losses import DiffusionLoss
 
-__all__ = ["Precision", "TrainConfig", "learning_rate"]
+__all__ = ["CheckpointFormat", "Precision", "TrainConfig", "checkpoint_format", "learning_rate"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
+CheckpointFormat = Literal["safetensors", "sharded"]
 
 
 class TrainConfig(Config):
@@ -63,6 +64,14 @@ class TrainConfig(Config):
     )
     checkpoint_every: int | None = Field(
         default=None, ge=1, description="write a checkpoint every this many steps (and at the end)"
+    )
+    checkpoint_format: Literal["auto", "safetensors", "sharded"] = Field(
+        default="auto",
+        description=(
+            "'safetensors': one file, written by rank 0; 'sharded': a folder every process "
+            "writes its part of (torch.distributed.checkpoint), resumable on another number "
+            "of processes; 'auto': sharded under FSDP, else safetensors"
+        ),
     )
     keep_checkpoints: int = Field(
         default=3, ge=1, description="how many recent checkpoints to keep"
@@ -119,6 +128,13 @@ class TrainConfig(Config):
                 "lr_schedule='constant' it would be ignored (set lr_schedule: cosine)"
             )
         return self
+
+
+def checkpoint_format(config: TrainConfig) -> CheckpointFormat:
+    """The checkpoint format ``config`` writes (``checkpoint_format='auto'`` resolved)."""
+    if config.checkpoint_format != "auto":
+        return config.checkpoint_format
+    return "safetensors"
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:

@@ -39,7 +39,7 @@ from diffkit.data import Batch
 from diffkit.ema import EMA
 from diffkit.protocols import Conditioning, NoiseSchedule
 from diffkit.training._batching import EpochBatches, ShardPlan, step_generator, to_device
-from diffkit.training._config import Precision, TrainConfig, learning_rate
+from diffkit.training._config import Precision, TrainConfig, checkpoint_format, learning_rate
 from diffkit.training._distributed import (
     DistributedInfo,
     barrier,
@@ -59,6 +59,14 @@ from diffkit.training._losses import (
     resolve_prediction,
 )
 from diffkit.training._reporting import RunLog, SampleFn, progress_bar, save_samples
+from diffkit.training._sharded import (
+    latest_sharded_checkpoint,
+    list_sharded_checkpoints,
+    load_sharded_checkpoint,
+    prune_sharded_checkpoints,
+    save_sharded_checkpoint,
+    sharded_checkpoint_name,
+)
 from diffkit.typing import Prediction, warn_at_caller
 
 __all__ = [
@@ -258,7 +266,8 @@ def prepare(
     ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
     start = 0
     if out is not None and config.resume:
-        start = _resume(out / "checkpoints", model, optimizer, ema, scaler, config, info, device)
+        resume = _resume_sharded if checkpoint_format(config) == "sharded" else _resume
+        start = resume(out / "checkpoints", model, optimizer, ema, scaler, config, info, device)
     if start == 0:
         seed_rank(config.seed, info)
     if ema is not None:
@@ -431,10 +440,16 @@ def sample_grid(state: LoopState, step: int) -> Path | None:
 
 
 def checkpoint(state: LoopState, step: int) -> Path | None:
-    """Every rank: gather the RNG states; rank 0 writes checkpoint ``step`` and prunes old ones."""
+    """Every rank: gather the RNG states; rank 0 writes checkpoint ``step`` and prunes old ones.
+
+    With ``checkpoint_format='sharded'`` every rank writes its part of the folder instead
+    ([`save_sharded_checkpoint`][diffkit.training.save_sharded_checkpoint]).
+    """
     folder = state.checkpoint_dir
     if folder is None:
         return None
+    if checkpoint_format(state.config) == "sharded":
+        return _sharded_checkpoint(state, folder, step)
     rank_rng = gather_rank_rng(state.info, state.device)
     path = None
     if state.info.is_main:
@@ -445,12 +460,43 @@ def checkpoint(state: LoopState, step: int) -> Path | None:
             optimizer=state.optimizer,
             ema=state.ema,
             scaler=state.scaler,
-            extra={"world_size": state.info.world_size, "config": state.config.to_dict()},
+            extra=_run_extra(state),
             rank_rng=rank_rng,
         )
         state.written.append(path)
         for _, old in list_checkpoints(folder)[: -state.config.keep_checkpoints]:
             old.unlink(missing_ok=True)
+            if old in state.written:
+                state.written.remove(old)
+    barrier(state.info)
+    return path
+
+
+def _run_extra(state: LoopState) -> dict[str, Any]:
+    """What a checkpoint records of the run: world size, config, how batches were cut."""
+    return {
+        "world_size": state.info.world_size,
+        "config": state.config.to_dict(),
+        "shards": [state.plan.micro, state.plan.num_shards],
+    }
+
+
+def _sharded_checkpoint(state: LoopState, folder: Path, step: int) -> Path:
+    """Every rank writes its part of sharded checkpoint ``step``; rank 0 prunes old ones."""
+    path = save_sharded_checkpoint(
+        folder / sharded_checkpoint_name(step),
+        model=state.model,
+        step=step,
+        info=state.info,
+        device=state.device,
+        optimizer=state.optimizer,
+        ema=state.ema,
+        scaler=state.scaler,
+        extra=_run_extra(state),
+    )
+    if state.info.is_main:
+        state.written.append(path)
+        for old in prune_sharded_checkpoints(folder, state.config.keep_checkpoints):
             if old in state.written:
                 state.written.remove(old)
     barrier(state.info)
@@ -477,6 +523,7 @@ def _resume(
     device: torch.device,
 ) -> int:
     """Load the newest checkpoint in ``folder`` (if any) and return its step (else 0)."""
+    _refuse_other_format(folder, config, list_sharded_checkpoints(folder), "sharded")
     found = latest_checkpoint(folder)
     if found is None:
         return 0
@@ -484,13 +531,68 @@ def _resume(
         found, model=model, optimizer=optimizer, ema=ema, scaler=scaler
     )
     restore_rank_rng(loaded.rank_rng, found, info, device, config.seed, loaded.step)
+    _warn_on_other_cut(loaded.extra.get("shards"), ShardPlan.of(config, info), found)
     _reapply_adam_hparams(optimizer, config, found)
     return loaded.step
 
 
+def _resume_sharded(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    scaler: torch.amp.GradScaler | None,
+    config: TrainConfig,
+    info: DistributedInfo,
+    device: torch.device,
+) -> int:
+    """Load the newest sharded checkpoint in ``folder`` (if any) and return its step (else 0)."""
+    _refuse_other_format(folder, config, list_checkpoints(folder), "safetensors")
+    found = latest_sharded_checkpoint(folder)
+    if found is None:
+        return 0
+    loaded = load_sharded_checkpoint(
+        found,
+        model=model,
+        info=info,
+        device=device,
+        seed=config.seed,
+        optimizer=optimizer,
+        ema=ema,
+        scaler=scaler,
+    )
+    _warn_on_other_cut(loaded.extra.get("shards"), ShardPlan.of(config, info), found)
+    _reapply_adam_hparams(optimizer, config, found)
+    return loaded.step
+
+
+def _refuse_other_format(
+    folder: Path, config: TrainConfig, found: list[tuple[int, Path]], kind: str
+) -> None:
+    """A run resumes from checkpoints of its own format only (never mixes them when pruning)."""
+    if found:
+        raise ValueError(
+            f"checkpoint_format={config.checkpoint_format!r} writes "
+            f"{checkpoint_format(config)} checkpoints, but {folder} holds {len(found)} {kind} "
+            f"checkpoint(s) of an earlier run (steps {', '.join(str(s) for s, _ in found)}); "
+            f"continue that run with checkpoint_format={kind!r}, or choose another output_dir"
+        )
+
+
+def _warn_on_other_cut(saved: Any, plan: ShardPlan, found: Path) -> None:
+    """Warn when this run cuts its global batches into other shards than the saved run."""
+    if saved is not None and list(saved) != [plan.micro, plan.num_shards]:
+        warn_at_caller(
+            f"train: {found.name} was written by a run that cut each global batch into "
+            f"{saved[1]} shards of {saved[0]}, this run cuts {plan.num_shards} of "
+            f"{plan.micro}: the batches and draws differ from an uninterrupted run's (fix "
+            "micro_batch_size to resume on another number of processes with the same losses)"
+        )
+
+
 def _refuse_earlier_run(folder: Path) -> None:
     """A fresh run must not mix its checkpoints (and pruning) with an earlier run's."""
-    found = list_checkpoints(folder)
+    found = list_checkpoints(folder) + list_sharded_checkpoints(folder)
     if found:
         steps = ", ".join(str(step) for step, _ in found)
         raise FileExistsError(
