@@ -392,7 +392,8 @@ def load_sharded_checkpoint(
     try:  # (getting a fresh optimizer's state dict fills its state with zeros)
         targets, _ = _state_tensors(model, optimizer, ema)
         saved = _saved_tensors(folder)
-        state = {k: v for k, v in saved.items() if not k.startswith(_RANK)}
+        wanted = ("model.", "optimizer." if optimizer else "model.", "ema." if ema else "model.")
+        state = {k: v for k, v in saved.items() if k.startswith(wanted)}  # the parts asked for
         _check_tensors(targets, state, f"{folder} (state)")
     except CheckpointError:
         if fresh and optimizer is not None:
