@@ -259,7 +259,7 @@ def test_loading_a_sharded_checkpoint_unpickles_nothing(tmp_path, worker, monkey
     from diffkit.training import load_consolidated, load_sharded_checkpoint
     from diffkit.training._distributed import DistributedInfo
 
-    _, result = worker["train"](tmp_path / "run", 4)
+    worker["train"](tmp_path / "run", 4)
     step4 = tmp_path / "run/checkpoints/checkpoint-00000004"
     assert {p.suffix for p in step4.iterdir()} == {".json", ".safetensors"}
 
@@ -306,7 +306,7 @@ def test_damaged_or_mismatched_sharded_checkpoints_are_skipped_or_refused(tmp_pa
     model = torch.nn.Linear(3, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters())
-    with pytest.raises(CheckpointError, match="missing keys: model.bias"):
+    with pytest.raises(CheckpointError, match=r"missing keys: model\.bias"):
         load_sharded_checkpoint(
             other,
             model=model,
@@ -327,7 +327,7 @@ def test_a_run_refuses_to_mix_checkpoint_formats(tmp_path, worker):
     config = worker["config"](tmp_path / "run", 6).model_copy(
         update={"checkpoint_format": "safetensors"}
     )
-    with pytest.raises(ValueError, match="checkpoint_format='safetensors'.*1 sharded"):
+    with pytest.raises(ValueError, match=r"checkpoint_format='safetensors'.*1 sharded"):
         train_pipeline(worker["pipeline"](), DigitsDataset(8), config)
     fresh = worker["config"](tmp_path / "run", 6).model_copy(update={"resume": False})
     with pytest.raises(FileExistsError, match="resume=False"):
