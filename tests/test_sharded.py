@@ -30,6 +30,7 @@ WORKER = textwrap.dedent(
     from diffkit.builder import PipelineConfig, build
     from diffkit.losses import DiffusionLoss
     from diffkit.training import TrainConfig, distributed, init_distributed, train_pipeline
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from diffkit_demo.datasets import DigitsDataset
 
 
@@ -48,8 +49,9 @@ WORKER = textwrap.dedent(
         )
 
 
-    def config(output_dir, steps, every=4):
+    def config(output_dir, steps, every=4, strategy="auto"):
         return TrainConfig(
+            strategy=strategy,
             steps=steps,
             batch_size=8,
             micro_batch_size=2,  # 4 shards: 2 on each of 2 processes, or 4 accumulated in one
@@ -65,15 +67,20 @@ WORKER = textwrap.dedent(
         )
 
 
-    def train(output_dir, steps, samples=None, every=4):
+    def train(output_dir, steps, samples=None, every=4, strategy="auto"):
         torch.set_num_threads(1)
-        pipe = pipeline()
         info = init_distributed()
-        result = train_pipeline(pipe, DigitsDataset(8), config(output_dir, steps, every))
-        if samples is not None and info.is_main:  # what the trained (EMA) model draws
-            result.ema.copy_to(pipe.denoiser)
-            drawn = pipe.generate(num_samples=2, generator=torch.Generator().manual_seed(3))
-            save_file({"samples": drawn.contiguous()}, samples)
+        run = config(output_dir, steps, every, strategy)
+        result = train_pipeline(pipeline(), DigitsDataset(8), run)
+        if samples is not None:  # what the trained (EMA) model draws, gathered whole
+            whole = get_model_state_dict(
+                result.ema.module, options=StateDictOptions(full_state_dict=True)
+            )
+            if info.is_main:
+                drawer = pipeline()
+                drawer.denoiser.load_state_dict(whole)
+                drawn = drawer.generate(num_samples=2, generator=torch.Generator().manual_seed(3))
+                save_file({"samples": drawn.contiguous()}, samples)
         return info, result
 
 
@@ -111,14 +118,22 @@ WORKER = textwrap.dedent(
     step_now = [0]
 
 
+    def two_processes(root, phase, strategy):
+        if phase == "first":  # the uninterrupted run, and the first 2 steps
+            _, whole = train(f"{root}/whole", 6, every=6, strategy=strategy)
+            _, parts = train(f"{root}/parts", 2, every=2, strategy=strategy)
+            return {"whole": whole.losses, "parts": parts.losses}
+        # from the 1-process checkpoint of step 4 to step 6
+        samples = f"{root}/samples.safetensors"
+        _, parts = train(f"{root}/parts", 6, samples=samples, every=2, strategy=strategy)
+        return {"start": parts.start_step, "parts": parts.losses}
+
+
     def main(root, phase):
-        if phase == "first":  # 2 processes: the uninterrupted run, and the first 2 steps
-            info, whole = train(f"{root}/whole", 6, every=6)
-            _, parts = train(f"{root}/parts", 2, every=2)
-            record = {"whole": whole.losses, "parts": parts.losses}
-        elif phase == "last":  # 2 processes: from the 1-process checkpoint of step 4 to 6
-            info, parts = train(f"{root}/parts", 6, samples=f"{root}/samples.safetensors", every=2)
-            record = {"start": parts.start_step, "parts": parts.losses}
+        if phase in ("first", "last"):  # 2 processes, under DDP and under FSDP
+            info, record = init_distributed(), {}
+            for strategy in ("ddp", "fsdp"):
+                record[strategy] = two_processes(f"{root}/{strategy}", phase, strategy)
         else:  # one process, killed -9 while writing checkpoint 4
             hang_at(phase, 4)
             from diffkit.training import _loop
@@ -174,41 +189,45 @@ def _torchrun(script, *args) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def test_a_checkpoint_of_2_processes_resumes_on_1_then_2_with_the_uninterrupted_losses(
+def test_checkpoints_of_2_processes_resume_on_1_then_2_with_the_uninterrupted_losses(
     tmp_path, worker
 ):
+    """Under DDP and under FSDP: steps 1-2 on 2 processes, 3-4 on 1, 5-6 on 2 again."""
     from diffkit.pipeline import Pipeline
     from diffkit.training import export_pipeline
 
     _torchrun(worker["path"], tmp_path, "first")
     first = json.loads((tmp_path / "first-rank0.json").read_text())
-    step2 = tmp_path / "parts/checkpoints/checkpoint-00000002"
-    manifest = json.loads((step2 / "diffkit.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["extra"]["shards"] == [2, 4]
-    assert len(manifest["files"]) == 2  # each process wrote its own file
-    assert sorted(os.listdir(step2)) == ["diffkit.json", *sorted(manifest["files"])]
-
-    with pytest.warns(UserWarning, match="RNG states of 2 process"):
-        _, middle = worker["train"](tmp_path / "parts", 4, every=2)  # steps 3-4 on one process
-    assert middle.start_step == 2
-    _torchrun(worker["path"], tmp_path, "last")  # steps 5-6 on two again
+    middle = {}
+    for strategy in ("ddp", "fsdp"):
+        step2 = tmp_path / strategy / "parts/checkpoints/checkpoint-00000002"
+        manifest = json.loads((step2 / "diffkit.json").read_text())
+        assert manifest["world_size"] == 2 and manifest["extra"]["shards"] == [2, 4]
+        assert len(manifest["files"]) == 2  # each process wrote its own file
+        assert sorted(os.listdir(step2)) == ["diffkit.json", *sorted(manifest["files"])]
+        with pytest.warns(UserWarning, match="RNG states of 2 process"):  # one plain process
+            _, run = worker["train"](tmp_path / strategy / "parts", 4, every=2)
+        assert run.start_step == 2
+        middle[strategy] = run.losses
+    _torchrun(worker["path"], tmp_path, "last")
     last = json.loads((tmp_path / "last-rank0.json").read_text())
-    assert last["start"] == 4
 
-    resumed = first["parts"] + middle.losses + last["parts"]
-    assert len(resumed) == len(first["whole"]) == 6
-    assert resumed[:2] == first["whole"][:2]
-    diffs = [abs(a - b) for a, b in zip(resumed, first["whole"], strict=True)]
-    print(f"2->1->2 resume: max |loss - uninterrupted loss| = {max(diffs):.3g}")
-    assert resumed == pytest.approx(first["whole"], rel=1e-5, abs=1e-6)
+    for strategy in ("ddp", "fsdp"):
+        assert last[strategy]["start"] == 4
+        whole = first[strategy]["whole"]
+        resumed = first[strategy]["parts"] + middle[strategy] + last[strategy]["parts"]
+        assert len(resumed) == len(whole) == 6
+        assert resumed[:2] == whole[:2]
+        diffs = [abs(a - b) for a, b in zip(resumed, whole, strict=True)]
+        print(f"{strategy} 2->1->2: max |loss - uninterrupted loss| = {max(diffs):.3g}")
+        assert resumed == pytest.approx(whole, rel=1e-5, abs=1e-6)
 
-    # The consolidated export draws exactly what the trained EMA model drew on rank 0.
-    exported = export_pipeline(
-        worker["pipeline"](), tmp_path / "parts", tmp_path / "exported", weights="ema"
-    )
-    loaded = Pipeline.load(exported)
-    drawn = loaded.generate(num_samples=2, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(drawn, load_file(tmp_path / "samples.safetensors")["samples"])
+        # The consolidated export draws exactly what the trained EMA model draws.
+        root = tmp_path / strategy
+        exported = export_pipeline(worker["pipeline"](), root / "parts", root / "exported")
+        loaded = Pipeline.load(exported)
+        drawn = loaded.generate(num_samples=2, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(drawn, load_file(root / "samples.safetensors")["samples"])
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,13 @@ from diffkit.training._sharded import (
     save_sharded_checkpoint,
     sharded_checkpoint_name,
 )
+from diffkit.training._strategy import (
+    Resolved,
+    apply_strategy,
+    full_value,
+    grad_scaler,
+    resolve_strategy,
+)
 from diffkit.typing import Prediction, warn_at_caller
 
 __all__ = [
@@ -137,6 +144,8 @@ class LoopState:
     started: float = dataclasses.field(default_factory=time.perf_counter)
     window_start: float = dataclasses.field(default_factory=time.perf_counter)
     window_items: int = 0
+    strategy: Resolved = "single"
+    """What runs the model: one process, ``ddp`` or ``fsdp`` (``config.strategy`` resolved)."""
 
     @property
     def out(self) -> Path | None:
@@ -248,12 +257,15 @@ def prepare(
     """
     info = init_distributed()
     device = resolve_device(config.device, info)
-    _check_run(config, device, sample)
+    strategy = resolve_strategy(config, info)
+    _check_run(config, strategy, sample)
     plan = ShardPlan.of(config, info)
     out = Path(config.output_dir) if config.output_dir is not None else None
     if out is not None and not config.resume:
         _refuse_earlier_run(out / "checkpoints")
     model.to(device)
+    ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
+    wrapped = apply_strategy(model, config, strategy, device, ema)  # FSDP: shards in place
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -262,8 +274,7 @@ def prepare(
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
     )
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-    ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
+    scaler = grad_scaler(config.precision, strategy, device)
     start = 0
     if out is not None and config.resume:
         resume = _resume_sharded if checkpoint_format(config) == "sharded" else _resume
@@ -285,7 +296,7 @@ def prepare(
         info=info,
         device=device,
         model=model,
-        wrapped=_wrap(model, config, info, device),
+        wrapped=wrapped,
         loss=loss,
         params=params,
         optimizer=optimizer,
@@ -298,12 +309,11 @@ def prepare(
         bar=bar,
         sample=sample,
         was_training=model.training,  # given back as it came (a pipeline samples in eval)
+        strategy=strategy,
     )
 
 
-def _check_run(config: TrainConfig, device: torch.device, sample: SampleFn | None) -> None:
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
+def _check_run(config: TrainConfig, strategy: Resolved, sample: SampleFn | None) -> None:
     if config.sample_every is not None and sample is None:
         raise ValueError("sample_every is set but no sample function was given")
     if config.sample_every is not None and config.output_dir is None:
@@ -313,19 +323,22 @@ def _check_run(config: TrainConfig, device: torch.device, sample: SampleFn | Non
             "output_dir/samples, but output_dir is None, so none would be made; set "
             "output_dir or leave sample_every out"
         )
+    if strategy == "fsdp":
+        _check_fsdp(config)
 
 
-def _wrap(
-    model: nn.Module, config: TrainConfig, info: DistributedInfo, device: torch.device
-) -> nn.Module:
-    """``model`` in ``DistributedDataParallel`` when the job has several processes."""
-    if info.world_size == 1:
-        return model
-    return DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=config.find_unused_parameters,
-    )
+def _check_fsdp(config: TrainConfig) -> None:
+    """Refuse, by name, what the FSDP strategy does not do (yet)."""
+    if config.sample_every is not None:
+        raise ValueError(
+            "sample_every with strategy='fsdp': sample grids run the model on rank 0 alone, "
+            "but its weights are sharded over every rank; sample after training instead"
+        )
+    if config.compile:
+        raise ValueError(
+            "compile=True with strategy='fsdp' is not supported (FSDP's hooks would be "
+            "traced); compile under 'single' or 'ddp'"
+        )
 
 
 def train_step(state: LoopState, step: int) -> StepResult:
@@ -353,8 +366,11 @@ def _backward(state: LoopState, step: int, shard: int, batch: Batch, *, sync: bo
     generator = step_generator(state.config.seed, step, shard, state.device)
     wrapped = state.wrapped
     no_sync = isinstance(wrapped, DistributedDataParallel) and not sync
+    # FSDP casts through its MixedPrecisionPolicy (and reduce-scatters every shard's
+    # gradients: the sum of the averages is the average of the sums)
+    precision = "fp32" if state.strategy == "fsdp" else state.config.precision
     with wrapped.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
-        with _autocast(state.config.precision, state.device):
+        with _autocast(precision, state.device):
             value = state.loss(wrapped, batch, generator)
         scaled = value.float() / state.plan.accum
         (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
@@ -372,6 +388,7 @@ def _optimizer_step(state: LoopState) -> Tensor:
         grad_norm = torch.nn.utils.get_total_norm(
             [p.grad for p in state.params if p.grad is not None]
         )
+    grad_norm = full_value(grad_norm)  # FSDP: a DTensor over the shards
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
