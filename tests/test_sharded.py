@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,7 @@ def test_checkpoints_of_2_processes_resume_on_1_then_2_with_the_uninterrupted_lo
     """Under DDP and under FSDP: steps 1-2 on 2 processes, 3-4 on 1, 5-6 on 2 again."""
     from diffkit.pipeline import Pipeline
     from diffkit.training import export_pipeline
+    from diffkit.training._sharded import sharded_checkpoint_damage
 
     _torchrun(worker["path"], tmp_path, "first")
     first = json.loads((tmp_path / "first-rank0.json").read_text())
@@ -228,6 +230,16 @@ def test_checkpoints_of_2_processes_resume_on_1_then_2_with_the_uninterrupted_lo
         loaded = Pipeline.load(exported)
         drawn = loaded.generate(num_samples=2, generator=torch.Generator().manual_seed(3))
         assert torch.equal(drawn, load_file(root / "samples.safetensors")["samples"])
+
+    # A folder that lacks one rank's file (written off a shared file system, say) is damaged.
+    step2 = tmp_path / "broken/checkpoint-00000002"
+    shutil.copytree(tmp_path / "fsdp/parts/checkpoints/checkpoint-00000002", step2)
+    manifest = json.loads((step2 / "diffkit.json").read_text())
+    rank0_file = min(manifest["files"])
+    (step2 / rank0_file).unlink()
+    del manifest["files"][rank0_file]
+    (step2 / "diffkit.json").write_text(json.dumps(manifest))
+    assert "pieces of these tensors are missing" in str(sharded_checkpoint_damage(step2))
 
 
 @pytest.fixture(scope="module")

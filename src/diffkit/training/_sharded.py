@@ -30,6 +30,7 @@ a warning when resuming, like a damaged single-file checkpoint; there is no chec
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -315,6 +316,10 @@ def sharded_checkpoint_damage(path: str | os.PathLike[str]) -> str | None:
     present = {p.name: p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors"}
     if present != files:
         return f"its files {present} are not the ones its manifest lists ({files})"
+    try:
+        _saved_tensors(folder)  # the headers parse, and the pieces cover every tensor
+    except CheckpointError as err:
+        return str(err).removeprefix(f"{folder}: ")
     return None
 
 
@@ -340,15 +345,28 @@ def latest_sharded_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
 
 
 def _saved_tensors(path: Path) -> dict[str, Tensor]:
-    """The checkpoint's whole tensors as ``meta`` tensors (from the safetensors headers)."""
-    metadata = HuggingFaceStorageReader(str(path)).read_metadata()
+    """The checkpoint's whole tensors as ``meta`` tensors (from the safetensors headers).
+
+    ``CheckpointError`` unless the saved pieces of every tensor cover all of it (a file of
+    another host missing from a folder that was not on a shared file system, say).
+    """
+    try:
+        metadata = HuggingFaceStorageReader(str(path)).read_metadata()
+    except Exception as err:  # safetensors raises its own error type, and OSError
+        raise CheckpointError(f"{path}: unreadable shard files: {err}") from None
     specs: dict[str, Tensor] = {}
+    gaps: list[str] = []
     for key, item in metadata.state_dict_metadata.items():
         size = getattr(item, "size", None)
         properties = getattr(item, "properties", None)
-        if size is None or properties is None:
+        chunks = getattr(item, "chunks", None)
+        if size is None or properties is None or chunks is None:
             raise CheckpointError(f"{path}: '{key}' is not a tensor")
+        if sum(math.prod(chunk.sizes) for chunk in chunks) != math.prod(size):
+            gaps.append(key)
         specs[key] = torch.empty(size, dtype=properties.dtype, device="meta")
+    if gaps:
+        raise CheckpointError(f"{path}: pieces of these tensors are missing: {gaps[:20]}")
     return specs
 
 
