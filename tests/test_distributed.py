@@ -377,7 +377,8 @@ FSDP_WORKER = textwrap.dedent(
         torch.set_num_threads(1)
         with distributed() as info:
             record = {kind: fit(kind, strategy=strategy) for kind in ("unet", "dit")}
-            record["unet_bf16"] = fit("unet", strategy=strategy, precision="bf16")
+            if strategy == "fsdp":  # bf16 through FSDP's MixedPrecisionPolicy
+                record["unet_bf16"] = fit("unet", strategy=strategy, precision="bf16")
             record["world_size"] = info.world_size
         return info, record
 
