@@ -53,8 +53,7 @@ def main() -> None:
     eager, eager_times = _run(None, args.steps)
     eager_step = statistics.median(eager_times[1:])
     print(
-        f"torch {torch.__version__}, CPU, 1 thread, DiT dim 64 depth 2, batch 8, "
-        f"{args.steps} steps"
+        f"torch {torch.__version__}, CPU, 1 thread, DiT dim 64 depth 2, batch 8, {args.steps} steps"
     )
     print("backend   | max |loss - eager| | first step s | later steps ms | later / eager")
     print(f"eager     | {0.0:18.2e} | {eager_times[0]:12.2f} | {eager_step * 1e3:14.2f} | 1.000")
