@@ -373,45 +373,49 @@ FSDP_WORKER = textwrap.dedent(
             finish(state)
 
 
-    def run(strategy):
+    def run(strategy, kind):
         torch.set_num_threads(1)
         with distributed() as info:
-            record = {kind: fit(kind, strategy=strategy) for kind in ("unet", "dit")}
-            record["unet_bf16"] = fit("unet", strategy=strategy, precision="bf16")
-            record["world_size"] = info.world_size
+            record = {kind: fit(kind, strategy=strategy), "world_size": info.world_size}
+            if strategy == "fsdp" and kind == "unet":  # bf16 through MixedPrecisionPolicy
+                record["unet_bf16"] = fit("unet", strategy=strategy, precision="bf16")
         return info, record
 
 
     if __name__ == "__main__":
-        info, record = run("fsdp")
+        info, record = run("fsdp", sys.argv[2])
         with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as fh:
             json.dump(record, fh)
     '''
 )
 
 
-def test_fsdp_on_two_gloo_processes_matches_one_process_and_halves_each_ranks_share(tmp_path):
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_fsdp_on_two_gloo_processes_matches_one_process_and_halves_each_ranks_share(tmp_path, kind):
     script = tmp_path / "fsdp_worker.py"
     script.write_text(FSDP_WORKER)
-    _torchrun(script, tmp_path)
+    _torchrun(script, tmp_path, kind)
     before = torch.get_num_threads()
     try:
-        _, single = runpy.run_path(str(script), run_name="worker")["run"]("auto")
+        _, single = runpy.run_path(str(script), run_name="worker")["run"]("auto", kind)
     finally:
         torch.set_num_threads(before)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2 and single["world_size"] == 1
-    for kind in ("unet", "dit"):
-        assert len(single[kind]["losses"]) == 20
-        diff = max(abs(a - b) for a, b in zip(ranks[0][kind]["losses"], single[kind]["losses"]))
-        assert diff <= 1e-5, (kind, diff)
-        assert single[kind]["params"] == single[kind]["adam"] == single[kind]["ema"] == 1.0
-        for what in ("params", "adam", "ema"):
-            shares = [rank[kind][what] for rank in ranks]
-            assert sum(shares) == pytest.approx(1.0, abs=1e-12), (kind, what, shares)
-            assert all(0.4 < share < 0.6 for share in shares), (kind, what, shares)
-        assert ranks[0][kind]["dtypes"] == ["torch.float32"]
-    # bf16 compute (MixedPrecisionPolicy) keeps fp32 master weights and follows fp32
-    assert ranks[0]["unet_bf16"]["dtypes"] == ["torch.float32"]
-    bf16, fp32 = ranks[0]["unet_bf16"]["losses"], single["unet"]["losses"]
-    assert max(abs(a - b) for a, b in zip(bf16, fp32)) <= 1e-2
+    fp32 = single[kind]["losses"]
+    assert len(fp32) == 20
+    assert ranks[0][kind]["losses"] == ranks[1][kind]["losses"]
+    diff = max(abs(a - b) for a, b in zip(ranks[0][kind]["losses"], fp32, strict=True))
+    assert diff <= 1e-5, diff  # measured: 1.2e-7 (U-Net), 6.0e-8 (DiT)
+    assert single[kind]["params"] == single[kind]["adam"] == single[kind]["ema"] == 1.0
+    for what in ("params", "adam", "ema"):
+        shares = [rank[kind][what] for rank in ranks]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-12), (what, shares)
+        assert all(0.4 < share < 0.6 for share in shares), (what, shares)
+    assert ranks[0][kind]["dtypes"] == ["torch.float32"]
+    if kind == "unet":
+        # bf16 compute (MixedPrecisionPolicy) keeps fp32 master weights and follows fp32
+        bf16 = ranks[0]["unet_bf16"]
+        assert bf16["dtypes"] == ["torch.float32"]
+        assert bf16["losses"] != fp32
+        assert max(abs(a - b) for a, b in zip(bf16["losses"], fp32, strict=True)) <= 1e-2

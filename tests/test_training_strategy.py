@@ -164,6 +164,15 @@ def test_fsdp_in_a_one_process_job_trains_like_one_process_and_refuses_what_it_c
     _one_process_group()
     try:
         sharded, state = _fit(_unet(), digits, steps=3, strategy="fsdp")
+        # fp16 under FSDP: MixedPrecisionPolicy, with the scaler that checks every rank
+        half, half_state = _fit(
+            _unet(),
+            digits,
+            steps=3,
+            strategy="fsdp",
+            precision="fp16",
+            activation_checkpointing=True,
+        )
         for field, value in (("compile", True),):
             with pytest.raises(ValueError, match=field):
                 _fit(_unet(), digits, steps=1, strategy="fsdp", **{field: value})
@@ -177,3 +186,6 @@ def test_fsdp_in_a_one_process_job_trains_like_one_process_and_refuses_what_it_c
     assert state.ema is not None
     assert type(next(state.ema.module.parameters())).__name__ == "DTensor"
     assert all(math.isfinite(v) for v in sharded)
+    assert type(half_state.scaler).__name__ == "ShardedGradScaler"
+    assert all(math.isfinite(v) for v in half) and half != sharded
+    assert {p.dtype for p in half_state.model.parameters()} == {torch.float32}

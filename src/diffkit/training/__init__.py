@@ -22,7 +22,10 @@ loss trajectory up to floating-point summation order.
 Each step: the loss, AdamW with the config's learning-rate schedule
 ([`learning_rate`][diffkit.training.learning_rate]: linear warm-up, then constant or
 cosine), gradient clipping, an [`EMA`][diffkit.ema.EMA] of the weights, optional mixed
-precision (bf16 autocast, or fp16 with a gradient scaler on CUDA). Rank 0 shows a
+precision (bf16, or fp16 with a gradient scaler; fp32 master weights), activation
+checkpointing per block and ``torch.compile``. Under ``torchrun`` the model runs in DDP,
+or sharded per block with FSDP2 (``strategy="fsdp"``: each rank holds ``1 / world_size``
+of the weights, gradients, AdamW states and EMA). Rank 0 shows a
 progress bar (loss, samples/s; in a log file or CI, a plain line every 30 s instead),
 appends to ``log.jsonl`` (and TensorBoard when it is installed), saves sample grids,
 and writes checkpoints atomically with optimizer, EMA, step and RNG states (every

@@ -1,8 +1,9 @@
 """The training loop: ``train()`` = ``prepare`` → (``train_step`` → ``after_step``)* → ``finish``.
 
-- [`prepare`][diffkit.training.prepare] joins the job, checks the run, builds the
-  optimizer, scaler and EMA, resumes from the newest checkpoint, wraps the model in DDP
-  and opens the batch stream, the log and the progress display.
+- [`prepare`][diffkit.training.prepare] joins the job, checks the run, builds the EMA,
+  applies the strategy (activation checkpointing, compile, then DDP or FSDP2 sharding:
+  ``TrainConfig.strategy``), builds the optimizer and scaler, resumes from the newest
+  checkpoint and opens the batch stream, the log and the progress display.
 - [`train_step`][diffkit.training.train_step] runs one optimizer step: this rank's
   shards (gradient accumulation), gradient clipping, the optimizer, the EMA, and the
   loss averaged over the ranks.
@@ -125,7 +126,8 @@ class LoopState:
     model: nn.Module
     """The module being trained."""
     wrapped: nn.Module
-    """What the loss calls: ``model``, or its ``DistributedDataParallel`` wrapper."""
+    """What the loss calls: ``model`` (also when FSDP sharded it in place), or its
+    ``DistributedDataParallel`` wrapper."""
     loss: TrainingLoss
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -205,7 +207,8 @@ def train(
     (with the EMA weights when there are any), whatever the objective.
 
     Runs under ``torchrun`` too: ``init_distributed()`` (called here) joins the job,
-    the model is wrapped in ``DistributedDataParallel`` and rank 0 writes files; a
+    the model is wrapped in ``DistributedDataParallel`` (or, with ``strategy="fsdp"``,
+    sharded per block with FSDP2) and rank 0 writes files; a
     process group this call created is destroyed when it returns.
     A fresh run seeds the global torch RNG from ``(seed, rank)`` (for dropout); a
     resumed run restores each rank's own state from the checkpoint (on a different
