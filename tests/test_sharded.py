@@ -408,3 +408,14 @@ def test_the_command_line_exports_a_sharded_run_as_one_pipeline(tmp_path):
     generator = torch.Generator().manual_seed(0)
     images = exported.generate(num_samples=1, generator=generator)
     assert images.shape == (1, 1, 8, 8)
+
+
+def test_fsdp_writes_sharded_checkpoints_and_refuses_single_files_by_name():
+    from diffkit.training import TrainConfig
+    from diffkit.training._config import checkpoint_format
+
+    assert checkpoint_format(TrainConfig(strategy="fsdp")) == "sharded"
+    assert checkpoint_format(TrainConfig(strategy="ddp")) == "safetensors"
+    assert checkpoint_format(TrainConfig(checkpoint_format="sharded")) == "sharded"
+    with pytest.raises(ValueError, match="checkpoint_format='safetensors' with strategy='fsdp'"):
+        TrainConfig(strategy="fsdp", checkpoint_format="safetensors")
