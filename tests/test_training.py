@@ -300,9 +300,18 @@ def test_bf16_autocast_on_cpu_trains_with_finite_losses(digits):
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
-def test_fp16_on_cpu_is_refused(digits):
-    with pytest.raises(ValueError, match="fp16"):
-        train(_fresh(0), Cosine(), digits, _config(precision="fp16", device="cpu"))
+def test_fp16_on_cpu_trains_with_a_grad_scaler_and_fp32_master_weights(digits):
+    # CPU autocast computes in float16, and torch.amp.GradScaler("cpu") unscales there too
+    model = _fresh(0)
+    loss = training.DenoiserLoss(Cosine(), condition=_labels, uncond=NULL)
+    state = training.prepare(model, loss, digits, _config(precision="fp16", device="cpu"))
+    try:
+        losses = [training.train_step(state, step).loss for step in range(3)]
+    finally:
+        training.finish(state)
+    assert isinstance(state.scaler, torch.amp.GradScaler) and state.scaler.get_scale() > 1
+    assert all(math.isfinite(value) for value in losses)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_a_custom_loss_function_is_used(digits):

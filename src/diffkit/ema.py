@@ -12,7 +12,9 @@ a 16-bit one (an older checkpoint) upcast. float32, float64 and integer tensors 
 averaged (or copied) in their own dtype, as before.
 
 ``torch.compile(model)`` and ``(Distributed)DataParallel(model)`` are unwrapped: the
-EMA averages, and ``copy_to`` writes, the module inside.
+EMA averages, and ``copy_to`` writes, the module inside. Under FSDP (``fully_shard``)
+``train`` makes the averaged copy's parameters DTensors sharded like the model's, and
+each rank averages its own shard.
 """
 
 import copy
@@ -72,12 +74,14 @@ class EMA(nn.Module):
         )
         masters = {n: self._master(i) for i, n in enumerate(self._low_names)}
         floats = [
-            (s, p.detach()) for n, s, p in pairs if s.is_floating_point() and n not in masters
+            (_local(s), _local(p.detach()))
+            for n, s, p in pairs
+            if s.is_floating_point() and n not in masters
         ]
         if floats:
             targets = [p.to(s.dtype) for s, p in floats]
             torch._foreach_lerp_([s for s, _ in floats], targets, 1.0 - decay)
-        low = [(masters[n], s, p.detach()) for n, s, p in pairs if n in masters]
+        low = [(masters[n], s, _local(p.detach())) for n, s, p in pairs if n in masters]
         if low:
             shadows = [m for m, _, _ in low]
             targets = [p.to(torch.float32) for _, _, p in low]
@@ -122,6 +126,12 @@ def _load_float32_shadows(
             with torch.no_grad():
                 master.copy_(value)
         # anything else is left to load_state_dict, which names the mismatch
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP: the EMA is sharded like the model), else itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return cast(Tensor, to_local()) if callable(to_local) else tensor
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -22,7 +22,10 @@ loss trajectory up to floating-point summation order.
 Each step: the loss, AdamW with the config's learning-rate schedule
 ([`learning_rate`][diffkit.training.learning_rate]: linear warm-up, then constant or
 cosine), gradient clipping, an [`EMA`][diffkit.ema.EMA] of the weights, optional mixed
-precision (bf16 autocast, or fp16 with a gradient scaler on CUDA). Rank 0 shows a
+precision (bf16, or fp16 with a gradient scaler; fp32 master weights), activation
+checkpointing per block and ``torch.compile``. Under ``torchrun`` the model runs in DDP,
+or sharded per block with FSDP2 (``strategy="fsdp"``: each rank holds ``1 / world_size``
+of the weights, gradients, AdamW states and EMA). Rank 0 shows a
 progress bar (loss, samples/s; in a log file or CI, a plain line every 30 s instead),
 appends to ``log.jsonl`` (and TensorBoard when it is installed), saves sample grids,
 and writes checkpoints atomically with optimizer, EMA, step and RNG states (every
@@ -61,6 +64,12 @@ from diffkit.training._pipeline import train_pipeline as train_pipeline
 from diffkit.training._reporting import progress_bar as progress_bar
 from diffkit.training._run import TrainRunConfig as TrainRunConfig
 from diffkit.training._run import main as main
+from diffkit.training._sharded import ShardedState as ShardedState
+from diffkit.training._sharded import export_pipeline as export_pipeline
+from diffkit.training._sharded import latest_sharded_checkpoint as latest_sharded_checkpoint
+from diffkit.training._sharded import load_consolidated as load_consolidated
+from diffkit.training._sharded import load_sharded_checkpoint as load_sharded_checkpoint
+from diffkit.training._sharded import save_sharded_checkpoint as save_sharded_checkpoint
 
 # Configs name their public home in messages ("see diffkit.training.TrainConfig ...").
 for _config in (AutoencoderLoss, TrainConfig, TrainRunConfig):
@@ -74,6 +83,7 @@ __all__ = [
     "DenoiserLoss",
     "DistributedInfo",
     "LoopState",
+    "ShardedState",
     "StepResult",
     "TrainConfig",
     "TrainResult",
@@ -81,12 +91,17 @@ __all__ = [
     "TrainingLoss",
     "after_step",
     "distributed",
+    "export_pipeline",
     "finish",
     "init_distributed",
+    "latest_sharded_checkpoint",
     "learning_rate",
+    "load_consolidated",
+    "load_sharded_checkpoint",
     "main",
     "prepare",
     "progress_bar",
+    "save_sharded_checkpoint",
     "step_generator",
     "train",
     "train_pipeline",

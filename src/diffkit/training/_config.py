@@ -8,9 +8,18 @@ from pydantic import Field, model_validator
 from diffkit.config import Config
 from diffkit.losses import DiffusionLoss
 
-__all__ = ["Precision", "TrainConfig", "learning_rate"]
+__all__ = [
+    "CheckpointFormat",
+    "Precision",
+    "Strategy",
+    "TrainConfig",
+    "checkpoint_format",
+    "learning_rate",
+]
 
 Precision = Literal["fp32", "bf16", "fp16"]
+Strategy = Literal["auto", "single", "ddp", "fsdp"]
+CheckpointFormat = Literal["safetensors", "sharded"]
 
 
 class TrainConfig(Config):
@@ -51,7 +60,42 @@ class TrainConfig(Config):
     )
     precision: Precision = Field(
         default="fp32",
-        description="fp32; bf16 autocast (CPU or CUDA); fp16 autocast + scaler (CUDA)",
+        description=(
+            "compute dtype: fp32; bf16; fp16 with a gradient scaler. Master weights, the "
+            "loss and the EMA stay fp32. Under strategy 'fsdp' through FSDP's "
+            "MixedPrecisionPolicy (gradients reduced in fp32), else torch.autocast"
+        ),
+    )
+    strategy: Strategy = Field(
+        default="auto",
+        description=(
+            "single: one process; ddp: DistributedDataParallel (each rank holds everything); "
+            "fsdp: FSDP2 fully_shard per block, then the root (each rank holds 1/world_size "
+            "of the parameters, gradients, AdamW states and EMA); auto: ddp under a job of "
+            "several processes, else single. ddp and fsdp need a torchrun job"
+        ),
+    )
+    activation_checkpointing: bool = Field(
+        default=False,
+        description=(
+            "recompute each block's forward (residual, attention, transformer block) in "
+            "backward instead of keeping its activations: less memory, about one more "
+            "forward of compute; the same losses"
+        ),
+    )
+    compile: bool = Field(
+        default=False,
+        description=(
+            "torch.compile the model in place (compile_backend); the first steps pay the "
+            "compilation. Shape checks still run at the model's boundary (graph breaks)"
+        ),
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        default="inductor",
+        description=(
+            "torch.compile backend: inductor (generated kernels; needs a C compiler on CPU), "
+            "aot_eager (traced graphs, eager kernels: quick to compile, for checks)"
+        ),
     )
     seed: int = Field(default=0, ge=0, description="seeds data order, times, noise and dropout")
     loss: DiffusionLoss = Field(
@@ -63,6 +107,14 @@ class TrainConfig(Config):
     )
     checkpoint_every: int | None = Field(
         default=None, ge=1, description="write a checkpoint every this many steps (and at the end)"
+    )
+    checkpoint_format: Literal["auto", "safetensors", "sharded"] = Field(
+        default="auto",
+        description=(
+            "'safetensors': one file, written by rank 0; 'sharded': a folder every process "
+            "writes its part of (torch.distributed.checkpoint), resumable on another number "
+            "of processes; 'auto': sharded under FSDP, else safetensors"
+        ),
     )
     keep_checkpoints: int = Field(
         default=3, ge=1, description="how many recent checkpoints to keep"
@@ -118,7 +170,25 @@ class TrainConfig(Config):
                 f"min_lr ({self.min_lr}) is the end of the cosine schedule; with "
                 "lr_schedule='constant' it would be ignored (set lr_schedule: cosine)"
             )
+        if self.compile_backend != "inductor" and not self.compile:
+            raise ValueError(
+                f"compile_backend ({self.compile_backend!r}) is used only with compile=True; "
+                "it would be ignored"
+            )
+        if self.strategy == "fsdp" and self.checkpoint_format == "safetensors":
+            raise ValueError(
+                "checkpoint_format='safetensors' with strategy='fsdp': the single-file "
+                "checkpoint is written by rank 0 from whole weights, which no rank holds "
+                "under FSDP; use checkpoint_format 'sharded' (or 'auto')"
+            )
         return self
+
+
+def checkpoint_format(config: TrainConfig) -> CheckpointFormat:
+    """The checkpoint format ``config`` writes (``checkpoint_format='auto'`` resolved)."""
+    if config.checkpoint_format != "auto":
+        return config.checkpoint_format
+    return "sharded" if config.strategy == "fsdp" else "safetensors"
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:

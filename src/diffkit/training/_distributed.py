@@ -149,6 +149,16 @@ def gather_rank_rng(info: DistributedInfo, device: torch.device) -> dict[str, Te
     return stacked
 
 
+def reseed_rank(saved: int, path: Path, info: DistributedInfo, seed: int, step: int) -> None:
+    """Warn that ``saved`` processes wrote ``path``; reseed this rank from (seed, rank, step)."""
+    warn_at_caller(
+        f"{path} holds the RNG states of {saved} process(es) but this run has "
+        f"{info.world_size}: each process's global torch RNG is reseeded from "
+        f"(seed, rank, step), so its draws (dropout) differ from an uninterrupted run's"
+    )
+    torch.manual_seed(int(np.random.SeedSequence([seed, info.rank, step]).generate_state(1)[0]))
+
+
 def restore_rank_rng(
     rank_rng: dict[str, Tensor],
     path: Path,
@@ -160,12 +170,7 @@ def restore_rank_rng(
     """Give each rank back its own RNG state; reseed per rank when the world size changed."""
     saved = rank_rng["torch"].shape[0] if "torch" in rank_rng else 1  # older files: rank 0's
     if saved != info.world_size:
-        warn_at_caller(
-            f"{path} holds the RNG states of {saved} process(es) but this run has "
-            f"{info.world_size}: each process's global torch RNG is reseeded from "
-            f"(seed, rank, step), so its draws (dropout) differ from an uninterrupted run's"
-        )
-        torch.manual_seed(int(np.random.SeedSequence([seed, info.rank, step]).generate_state(1)[0]))
+        reseed_rank(saved, path, info, seed, step)
         return
     # clone(): a row of the stacked states is a view, and set_rng_state reads its storage
     if "torch" in rank_rng:

@@ -1,8 +1,9 @@
 """The training loop: ``train()`` = ``prepare`` → (``train_step`` → ``after_step``)* → ``finish``.
 
-- [`prepare`][diffkit.training.prepare] joins the job, checks the run, builds the
-  optimizer, scaler and EMA, resumes from the newest checkpoint, wraps the model in DDP
-  and opens the batch stream, the log and the progress display.
+- [`prepare`][diffkit.training.prepare] joins the job, checks the run, builds the EMA,
+  applies the strategy (activation checkpointing, compile, then DDP or FSDP2 sharding:
+  ``TrainConfig.strategy``), builds the optimizer and scaler, resumes from the newest
+  checkpoint and opens the batch stream, the log and the progress display.
 - [`train_step`][diffkit.training.train_step] runs one optimizer step: this rank's
   shards (gradient accumulation), gradient clipping, the optimizer, the EMA, and the
   loss averaged over the ranks.
@@ -39,7 +40,7 @@ from diffkit.data import Batch
 from diffkit.ema import EMA
 from diffkit.protocols import Conditioning, NoiseSchedule
 from diffkit.training._batching import EpochBatches, ShardPlan, step_generator, to_device
-from diffkit.training._config import Precision, TrainConfig, learning_rate
+from diffkit.training._config import Precision, TrainConfig, checkpoint_format, learning_rate
 from diffkit.training._distributed import (
     DistributedInfo,
     barrier,
@@ -59,6 +60,21 @@ from diffkit.training._losses import (
     resolve_prediction,
 )
 from diffkit.training._reporting import RunLog, SampleFn, progress_bar, save_samples
+from diffkit.training._sharded import (
+    latest_sharded_checkpoint,
+    list_sharded_checkpoints,
+    load_sharded_checkpoint,
+    prune_sharded_checkpoints,
+    save_sharded_checkpoint,
+    sharded_checkpoint_name,
+)
+from diffkit.training._strategy import (
+    Resolved,
+    apply_strategy,
+    full_value,
+    grad_scaler,
+    resolve_strategy,
+)
 from diffkit.typing import Prediction, warn_at_caller
 
 __all__ = [
@@ -110,7 +126,8 @@ class LoopState:
     model: nn.Module
     """The module being trained."""
     wrapped: nn.Module
-    """What the loss calls: ``model``, or its ``DistributedDataParallel`` wrapper."""
+    """What the loss calls: ``model`` (also when FSDP sharded it in place), or its
+    ``DistributedDataParallel`` wrapper."""
     loss: TrainingLoss
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -129,6 +146,8 @@ class LoopState:
     started: float = dataclasses.field(default_factory=time.perf_counter)
     window_start: float = dataclasses.field(default_factory=time.perf_counter)
     window_items: int = 0
+    strategy: Resolved = "single"
+    """What runs the model: one process, ``ddp`` or ``fsdp`` (``config.strategy`` resolved)."""
 
     @property
     def out(self) -> Path | None:
@@ -188,7 +207,8 @@ def train(
     (with the EMA weights when there are any), whatever the objective.
 
     Runs under ``torchrun`` too: ``init_distributed()`` (called here) joins the job,
-    the model is wrapped in ``DistributedDataParallel`` and rank 0 writes files; a
+    the model is wrapped in ``DistributedDataParallel`` (or, with ``strategy="fsdp"``,
+    sharded per block with FSDP2) and rank 0 writes files; a
     process group this call created is destroyed when it returns.
     A fresh run seeds the global torch RNG from ``(seed, rank)`` (for dropout); a
     resumed run restores each rank's own state from the checkpoint (on a different
@@ -240,12 +260,15 @@ def prepare(
     """
     info = init_distributed()
     device = resolve_device(config.device, info)
-    _check_run(config, device, sample)
+    strategy = resolve_strategy(config, info)
+    _check_run(config, strategy, sample)
     plan = ShardPlan.of(config, info)
     out = Path(config.output_dir) if config.output_dir is not None else None
     if out is not None and not config.resume:
         _refuse_earlier_run(out / "checkpoints")
     model.to(device)
+    ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
+    wrapped = apply_strategy(model, config, strategy, device, ema)  # FSDP: shards in place
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -254,11 +277,11 @@ def prepare(
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
     )
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-    ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
+    scaler = grad_scaler(config.precision, strategy, device)
     start = 0
     if out is not None and config.resume:
-        start = _resume(out / "checkpoints", model, optimizer, ema, scaler, config, info, device)
+        resume = _resume_sharded if checkpoint_format(config) == "sharded" else _resume
+        start = resume(out / "checkpoints", model, optimizer, ema, scaler, config, info, device)
     if start == 0:
         seed_rank(config.seed, info)
     if ema is not None:
@@ -276,7 +299,7 @@ def prepare(
         info=info,
         device=device,
         model=model,
-        wrapped=_wrap(model, config, info, device),
+        wrapped=wrapped,
         loss=loss,
         params=params,
         optimizer=optimizer,
@@ -289,12 +312,11 @@ def prepare(
         bar=bar,
         sample=sample,
         was_training=model.training,  # given back as it came (a pipeline samples in eval)
+        strategy=strategy,
     )
 
 
-def _check_run(config: TrainConfig, device: torch.device, sample: SampleFn | None) -> None:
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
+def _check_run(config: TrainConfig, strategy: Resolved, sample: SampleFn | None) -> None:
     if config.sample_every is not None and sample is None:
         raise ValueError("sample_every is set but no sample function was given")
     if config.sample_every is not None and config.output_dir is None:
@@ -304,19 +326,22 @@ def _check_run(config: TrainConfig, device: torch.device, sample: SampleFn | Non
             "output_dir/samples, but output_dir is None, so none would be made; set "
             "output_dir or leave sample_every out"
         )
+    if strategy == "fsdp":
+        _check_fsdp(config)
 
 
-def _wrap(
-    model: nn.Module, config: TrainConfig, info: DistributedInfo, device: torch.device
-) -> nn.Module:
-    """``model`` in ``DistributedDataParallel`` when the job has several processes."""
-    if info.world_size == 1:
-        return model
-    return DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=config.find_unused_parameters,
-    )
+def _check_fsdp(config: TrainConfig) -> None:
+    """Refuse, by name, what the FSDP strategy does not do (yet)."""
+    if config.sample_every is not None:
+        raise ValueError(
+            "sample_every with strategy='fsdp': sample grids run the model on rank 0 alone, "
+            "but its weights are sharded over every rank; sample after training instead"
+        )
+    if config.compile:
+        raise ValueError(
+            "compile=True with strategy='fsdp' is not supported (FSDP's hooks would be "
+            "traced); compile under 'single' or 'ddp'"
+        )
 
 
 def train_step(state: LoopState, step: int) -> StepResult:
@@ -344,8 +369,11 @@ def _backward(state: LoopState, step: int, shard: int, batch: Batch, *, sync: bo
     generator = step_generator(state.config.seed, step, shard, state.device)
     wrapped = state.wrapped
     no_sync = isinstance(wrapped, DistributedDataParallel) and not sync
+    # FSDP casts through its MixedPrecisionPolicy (and reduce-scatters every shard's
+    # gradients: the sum of the averages is the average of the sums)
+    precision = "fp32" if state.strategy == "fsdp" else state.config.precision
     with wrapped.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
-        with _autocast(state.config.precision, state.device):
+        with _autocast(precision, state.device):
             value = state.loss(wrapped, batch, generator)
         scaled = value.float() / state.plan.accum
         (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
@@ -363,6 +391,7 @@ def _optimizer_step(state: LoopState) -> Tensor:
         grad_norm = torch.nn.utils.get_total_norm(
             [p.grad for p in state.params if p.grad is not None]
         )
+    grad_norm = full_value(grad_norm)  # FSDP: a DTensor over the shards
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -431,10 +460,16 @@ def sample_grid(state: LoopState, step: int) -> Path | None:
 
 
 def checkpoint(state: LoopState, step: int) -> Path | None:
-    """Every rank: gather the RNG states; rank 0 writes checkpoint ``step`` and prunes old ones."""
+    """Every rank: gather the RNG states; rank 0 writes checkpoint ``step`` and prunes old ones.
+
+    With ``checkpoint_format='sharded'`` every rank writes its part of the folder instead
+    ([`save_sharded_checkpoint`][diffkit.training.save_sharded_checkpoint]).
+    """
     folder = state.checkpoint_dir
     if folder is None:
         return None
+    if checkpoint_format(state.config) == "sharded":
+        return _sharded_checkpoint(state, folder, step)
     rank_rng = gather_rank_rng(state.info, state.device)
     path = None
     if state.info.is_main:
@@ -445,12 +480,43 @@ def checkpoint(state: LoopState, step: int) -> Path | None:
             optimizer=state.optimizer,
             ema=state.ema,
             scaler=state.scaler,
-            extra={"world_size": state.info.world_size, "config": state.config.to_dict()},
+            extra=_run_extra(state),
             rank_rng=rank_rng,
         )
         state.written.append(path)
         for _, old in list_checkpoints(folder)[: -state.config.keep_checkpoints]:
             old.unlink(missing_ok=True)
+            if old in state.written:
+                state.written.remove(old)
+    barrier(state.info)
+    return path
+
+
+def _run_extra(state: LoopState) -> dict[str, Any]:
+    """What a checkpoint records of the run: world size, config, how batches were cut."""
+    return {
+        "world_size": state.info.world_size,
+        "config": state.config.to_dict(),
+        "shards": [state.plan.micro, state.plan.num_shards],
+    }
+
+
+def _sharded_checkpoint(state: LoopState, folder: Path, step: int) -> Path:
+    """Every rank writes its part of sharded checkpoint ``step``; rank 0 prunes old ones."""
+    path = save_sharded_checkpoint(
+        folder / sharded_checkpoint_name(step),
+        model=state.model,
+        step=step,
+        info=state.info,
+        device=state.device,
+        optimizer=state.optimizer,
+        ema=state.ema,
+        scaler=state.scaler,
+        extra=_run_extra(state),
+    )
+    if state.info.is_main:
+        state.written.append(path)
+        for old in prune_sharded_checkpoints(folder, state.config.keep_checkpoints):
             if old in state.written:
                 state.written.remove(old)
     barrier(state.info)
@@ -477,6 +543,7 @@ def _resume(
     device: torch.device,
 ) -> int:
     """Load the newest checkpoint in ``folder`` (if any) and return its step (else 0)."""
+    _refuse_other_format(folder, config, list_sharded_checkpoints(folder), "sharded")
     found = latest_checkpoint(folder)
     if found is None:
         return 0
@@ -484,13 +551,68 @@ def _resume(
         found, model=model, optimizer=optimizer, ema=ema, scaler=scaler
     )
     restore_rank_rng(loaded.rank_rng, found, info, device, config.seed, loaded.step)
+    _warn_on_other_cut(loaded.extra.get("shards"), ShardPlan.of(config, info), found)
     _reapply_adam_hparams(optimizer, config, found)
     return loaded.step
 
 
+def _resume_sharded(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    scaler: torch.amp.GradScaler | None,
+    config: TrainConfig,
+    info: DistributedInfo,
+    device: torch.device,
+) -> int:
+    """Load the newest sharded checkpoint in ``folder`` (if any) and return its step (else 0)."""
+    _refuse_other_format(folder, config, list_checkpoints(folder), "safetensors")
+    found = latest_sharded_checkpoint(folder)
+    if found is None:
+        return 0
+    loaded = load_sharded_checkpoint(
+        found,
+        model=model,
+        info=info,
+        device=device,
+        seed=config.seed,
+        optimizer=optimizer,
+        ema=ema,
+        scaler=scaler,
+    )
+    _warn_on_other_cut(loaded.extra.get("shards"), ShardPlan.of(config, info), found)
+    _reapply_adam_hparams(optimizer, config, found)
+    return loaded.step
+
+
+def _refuse_other_format(
+    folder: Path, config: TrainConfig, found: list[tuple[int, Path]], kind: str
+) -> None:
+    """A run resumes from checkpoints of its own format only (never mixes them when pruning)."""
+    if found:
+        raise ValueError(
+            f"checkpoint_format={config.checkpoint_format!r} writes "
+            f"{checkpoint_format(config)} checkpoints, but {folder} holds {len(found)} {kind} "
+            f"checkpoint(s) of an earlier run (steps {', '.join(str(s) for s, _ in found)}); "
+            f"continue that run with checkpoint_format={kind!r}, or choose another output_dir"
+        )
+
+
+def _warn_on_other_cut(saved: Any, plan: ShardPlan, found: Path) -> None:
+    """Warn when this run cuts its global batches into other shards than the saved run."""
+    if saved is not None and list(saved) != [plan.micro, plan.num_shards]:
+        warn_at_caller(
+            f"train: {found.name} was written by a run that cut each global batch into "
+            f"{saved[1]} shards of {saved[0]}, this run cuts {plan.num_shards} of "
+            f"{plan.micro}: the batches and draws differ from an uninterrupted run's (fix "
+            "micro_batch_size to resume on another number of processes with the same losses)"
+        )
+
+
 def _refuse_earlier_run(folder: Path) -> None:
     """A fresh run must not mix its checkpoints (and pruning) with an earlier run's."""
-    found = list_checkpoints(folder)
+    found = list_checkpoints(folder) + list_sharded_checkpoints(folder)
     if found:
         steps = ", ".join(str(step) for step, _ in found)
         raise FileExistsError(
