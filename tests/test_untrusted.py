@@ -1,6 +1,7 @@
 """Untrusted folders, checkpoints and configs (issue 22): confined, bounded, one-line errors."""
 
 import gzip
+import math
 import os
 import threading
 from pathlib import Path
@@ -8,13 +9,14 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from torch import nn
 
 from diffkit import files
 from diffkit.builder import registry
+from diffkit.config import MAX_PARAMETERS, REGISTRIES, NetworkConfig
 from diffkit.files import UnreadableFileError, confined, read_gzip
 from diffkit.protocols import Conditioning
 from diffkit.schedules import Cosine
@@ -929,33 +931,185 @@ def test_karras_spacing_with_a_tiny_rho_gives_a_finite_grid() -> None:
 
 # ---- every registered config: refused with a location, or builds and runs ----
 
+
+def _all_groups() -> list[str]:
+    """Every registered component group: the library's, the demo's, any a module adds."""
+    import diffkit_demo.datasets as demo_datasets  # registers the demo datasets
+
+    assert demo_datasets.DigitsConfig
+    registry("schedule")  # imports every built-in group
+    return sorted(REGISTRIES)
+
+
+_GROUPS = _all_groups()
+
 _NUMBERS = st.one_of(
-    st.sampled_from([0, 1, 2, -1, 0.5, 1e-3, 1e-300, 1e300, 2**63, 2**64, -(2**63) - 1]),
+    st.sampled_from([0, 1, 2, -1, 0.5, 1e-3, 1e-300, 1e300, 2**62, 2**63, 2**64, -(2**63) - 1]),
+    st.sampled_from([10**6, 10**9, 10**12, 3 * 10**5, 2**31]),  # sizes no machine can build
     st.floats(allow_nan=True, allow_infinity=True),
     st.integers(-(2**70), 2**70),
 )
+_SMALL = st.one_of(
+    st.sampled_from([1, 2, 4, 8, 16, 32]), st.integers(0, 33), st.sampled_from([0.0, 0.25, 2.5])
+)
+_JUNK = st.sampled_from(["x", None, [], True, {"kind": "nope"}, [1, 2, 3]])
+
+_TEXT = {"vocab_size": 300, "context_length": 8, "width": 16, "layers": 1, "heads": 2}
+_TINY: dict[str, dict[str, Any]] = {
+    # small valid starting points, by kind; a kind not here starts from its defaults
+    "unet": {**_TINY_UNET, "attention_resolutions": [1], "context_dim": 8},
+    "dit": {"kind": "dit", "in_channels": 1, "dim": 16, "depth": 1, "num_heads": 2},
+    "video_dit": {
+        "kind": "video_dit",
+        "in_channels": 1,
+        "patch_size": [1, 2, 2],
+        "dim": 16,
+        "depth": 1,
+        "num_heads": 2,
+    },
+    "kl_autoencoder": {
+        "kind": "kl_autoencoder",
+        "in_channels": 1,
+        "base_channels": 8,
+        "channel_mult": [1, 2],
+        "blocks_per_level": 1,
+        "latent_channels": 2,
+        "norm_groups": 4,
+    },
+    "identity": {"kind": "identity", "channels": 1},
+    "clip": {
+        "kind": "clip",
+        "embed_dim": 8,
+        "text": _TEXT,
+        "vision": {
+            "kind": "clip_vit",
+            "image_size": 8,
+            "patch_size": 4,
+            "channels": 1,
+            "width": 16,
+            "layers": 1,
+            "heads": 2,
+        },
+    },
+    "clip_text": {"kind": "clip_text", "tokenizer": "byte", "text": _TEXT},
+    "spatial_patches": {"kind": "spatial_patches", "patch_size": [2, 2]},
+    "tubelet_patches": {"kind": "tubelet_patches", "patch_size": [1, 2, 2]},
+    "digits": {"kind": "digits", "size": 8},
+    "moving_digits": {"kind": "moving_digits", "num_videos": 2, "frames": 2, "size": 8},
+}
 
 
-def _numeric_fields(cls: Any) -> list[str]:
+def _leaves(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The paths of the numbers in a nested dict / list (``kind`` left alone)."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() if k != "kind" for p in _leaves(v, (*path, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _leaves(v, (*path, i))]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [path]
+    return []
+
+
+def _numeric_fields(cls: Any) -> list[tuple[Any, ...]]:
     out = []
     for name, field in cls.model_fields.items():
         ann = str(field.annotation)
         if name != "kind" and ("float" in ann or "int" in ann) and "tuple" not in ann:
-            out.append(name)
+            out.append((name,))
     return out
 
 
+def _put(data: Any, path: tuple[Any, ...], value: Any) -> None:
+    for key in path[:-1]:
+        data = data[key]
+    data[path[-1]] = value
+
+
 def _drawn_configs(group: str) -> st.SearchStrategy[dict[str, Any]]:
+    """A kind's small valid config, or its defaults, with up to two numbers replaced by
+    small, extreme or ill-typed values."""
     reg = registry(group)
 
     @st.composite
     def draw(draw: Any) -> dict[str, Any]:
+        import copy
+
         kind = draw(st.sampled_from(reg.kinds))
-        fields = _numeric_fields(reg.config_class(kind))
-        chosen = draw(st.lists(st.sampled_from(fields), unique=True, max_size=2)) if fields else []
-        return {"kind": kind, **{name: draw(_NUMBERS) for name in chosen}}
+        raw = copy.deepcopy(_TINY.get(kind, {"kind": kind}))
+        paths = sorted(set(_leaves(raw)) | set(_numeric_fields(reg.config_class(kind))))
+        chosen = draw(st.lists(st.sampled_from(paths), unique=True, max_size=2)) if paths else []
+        for path in chosen:
+            _put(raw, path, draw(st.one_of(_SMALL, _SMALL, _SMALL, _NUMBERS, _JUNK)))
+        return raw
 
     return draw()
+
+
+_AFFORDABLE = 400_000
+"""Networks up to this many parameters are also built for real and run once."""
+
+
+def _inputs_of(spec: Any) -> tuple[torch.Tensor, Conditioning] | None:
+    """A tiny input ``x_t`` for a denoiser config and the conditioning it asks for; ``None``
+    if the smallest input it takes is not tiny."""
+    size = spec.downsampling_factor
+    frames = (spec.patch_size[0],) if spec.is_video else ()
+    shape = (1, *frames, spec.in_channels, size, size)
+    if math.prod(shape) > 2**16:
+        return None
+    x = torch.randn(shape)
+    micro = getattr(spec, "micro_conditions", 0) or (
+        3 if getattr(spec, "size_conditions", 0) else 0
+    )
+    labels = getattr(spec, "num_classes", None)
+    cond = Conditioning(
+        tokens=torch.randn(1, 3, spec.context_dim) if spec.context_dim else None,
+        pooled=torch.randn(1, spec.pooled_dim) if spec.pooled_dim else None,
+        labels=torch.zeros(1, dtype=torch.long) if labels else None,
+        micro=torch.rand(1, micro) * 64 if micro else None,
+    )
+    return x, cond
+
+
+def _run_network(group: str, config: Any) -> None:
+    """Built on the meta device, within MAX_PARAMETERS and its own estimate; then, if small,
+    built for real and run once, giving finite numbers of the declared shape."""
+    with torch.device("meta"):
+        probe = registry(group).build(config)
+    count = sum(t.numel() for t in probe.state_dict().values())
+    assert count <= MAX_PARAMETERS, (config, count)
+    if isinstance(config, NetworkConfig):
+        assert config.parameter_estimate() <= count, (config, count)  # a lower bound
+    event("built on the meta device")
+    if count > _AFFORDABLE:
+        return
+    torch.manual_seed(0)
+    net = registry(group).build(config).eval()
+    with torch.no_grad():
+        if group == "denoiser":
+            inputs = _inputs_of(config)
+            if inputs is None:
+                return
+            x, cond = inputs
+            out = net(x, torch.full((1,), 0.5), cond)
+            channels = config.out_channels or config.in_channels
+            assert out.shape[-3] == channels and out.shape[-2:] == x.shape[-2:], config
+        elif group == "encoder":
+            shape = (1, config.in_channels, *[config.downsampling_factor] * 2)
+            if math.prod(shape) > 2**16:
+                return
+            x = torch.randn(shape)
+            out = net.decode(net.encode(x))
+        elif group == "text_conditioner":
+            out = net(["a digit", ""]).tokens
+        else:  # clip
+            ids = torch.randint(0, config.text.vocab_size, (1, config.text.context_length))
+            images = torch.randn(1, config.vision.channels, *[config.vision.image_size] * 2)
+            if images.numel() > 2**16:
+                return
+            out = net(images, ids)
+    assert torch.isfinite(out).all(), config
+    event("built and run")
 
 
 def _run_config(group: str, config: Any) -> None:
@@ -975,18 +1129,47 @@ def _run_config(group: str, config: Any) -> None:
             generator=torch.Generator().manual_seed(0),
         )
         assert torch.isfinite(out).all(), config
+    elif group == "loss":
+        x0 = torch.randn(2, 1, 4, 4)
+        loss = config(_Zero(), Cosine(), x0, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(loss), config
+    elif group == "patchifier":
+        *frames, height, width = config.patch_size  # one patch (one tubelet) of 2 channels
+        shape = (1, *frames, 2, height, width)
+        if math.prod(shape) > 2**16:
+            return
+        x = torch.randn(shape)
+        assert torch.equal(config.unpatchify(config.patchify(x), x.shape[1:]), x), config
+    elif group == "dataset":
+        sizes = config.model_dump()
+        if sizes["size"] > 32 or sizes.get("num_videos", 1) * sizes.get("frames", 1) > 256:
+            return
+        item = registry(group).build(config)[0]
+        assert torch.isfinite(item["x"]).all(), config
+    else:  # networks, and any group registered later: built on the meta device at least
+        _run_network(group, config)
+        return
+    event("built and run")
 
 
-@pytest.mark.parametrize("group", ["schedule", "spacing", "sampler", "loss", "patchifier"])
-@settings(
-    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+@pytest.mark.parametrize("group", _GROUPS)
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_every_config_is_refused_with_a_location_or_builds_and_runs(group: str, data: Any) -> None:
     raw = data.draw(_drawn_configs(group))
     try:
-        config = registry(group).build(raw)
+        config = registry(group).parse(raw)
     except ValidationError as err:
         assert all(e["loc"] for e in err.errors()), (raw, err)
+        event("refused with a location")
         return
     _run_config(group, config)
+
+
+_NETWORKS = {"denoiser", "encoder", "text_conditioner", "clip"}
+
+
+def test_every_group_is_covered() -> None:
+    """The groups come from the registries: the built-in ones are all there."""
+    expected = {"schedule", "spacing", "sampler", "loss", "patchifier", "dataset"}
+    assert expected | _NETWORKS <= set(_GROUPS)

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config, Registry
+from diffkit.config import NetworkConfig, Registry, field_error
 from diffkit.nn.clip import TextTower, TextTowerConfig
 from diffkit.protocols import Conditioning, TextConditioner
 from diffkit.tokenizers import (
@@ -359,7 +359,7 @@ class OpenCLIPTextConditioner(_WrappedModel):
         return tokens, pooled
 
 
-class CLIPTextConditionerConfig(Config):
+class CLIPTextConditionerConfig(NetworkConfig):
     """A randomly initialised CLIP text tower with a byte or CLIP-BPE tokenizer."""
 
     kind: Literal["clip_text"] = "clip_text"
@@ -394,24 +394,33 @@ class CLIPTextConditionerConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> "CLIPTextConditionerConfig":
+        owner = "CLIPTextConditionerConfig"
         needed = ByteTokenizer.vocab_size if self.tokenizer == "byte" else 49408
         if self.text.vocab_size < needed:
-            raise ValueError(
+            message = (
                 f"text.vocab_size {self.text.vocab_size} is too small for the {self.tokenizer} "
                 f"tokenizer ({needed} ids)"
             )
+            raise field_error(owner, ("text", "vocab_size"), message, self.text.vocab_size)
         if self.project_pooled and self.projection_dim is None:
-            raise ValueError("project_pooled=True needs projection_dim")
+            message = "project_pooled=True needs projection_dim"
+            raise field_error(owner, "project_pooled", message, True)
         if self.pad_token_id >= needed or (self.tokenizer == "byte" and self.pad_token_id):
-            raise ValueError(
+            message = (
                 f"pad_token_id {self.pad_token_id} is not a padding id of the {self.tokenizer} "
                 f"tokenizer (byte: 0; clip_bpe: below {needed})"
             )
+            raise field_error(owner, "pad_token_id", message, self.pad_token_id)
         if self.skip_last_layers > self.text.layers:
-            raise ValueError(
+            message = (
                 f"skip_last_layers {self.skip_last_layers} exceeds text.layers {self.text.layers}"
             )
+            raise field_error(owner, "skip_last_layers", message, self.skip_last_layers)
         return self
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the conditioner's parameters: its tower and projection."""
+        return self.text.parameter_estimate() + (self.projection_dim or 0) * self.text.width
 
     @property
     def token_dim(self) -> int:

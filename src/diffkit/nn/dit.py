@@ -20,6 +20,7 @@ from jaxtyping import Float
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from diffkit.config import field_error
 from diffkit.nn._registry import DENOISERS
 from diffkit.nn.transformer import PatchTransformer, PatchTransformerConfig
 from diffkit.patches import SpatialPatches, sincos_pos_embed_1d, sincos_pos_embed_2d
@@ -53,8 +54,13 @@ class DiTConfig(PatchTransformerConfig):
     @model_validator(mode="after")
     def _check_positions(self) -> "DiTConfig":
         if self.dim % 4 != 0:
-            raise ValueError(f"dim {self.dim} must be a multiple of 4 (2-D sin-cos positions)")
+            message = f"dim {self.dim} must be a multiple of 4 (2-D sin-cos positions)"
+            raise field_error("DiTConfig", "dim", message, self.dim)
         return self
+
+    def patch_elements(self) -> int:
+        """Numbers in one patch of one channel: ``patch_size ** 2``."""
+        return self.patch_size**2
 
     @property
     def downsampling_factor(self) -> int:

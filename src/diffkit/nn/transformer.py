@@ -35,7 +35,7 @@ from jaxtyping import Bool, Float
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config
+from diffkit.config import NetworkConfig, field_error, whole
 from diffkit.nn.attention import Attention, FeedForward, LocalFeedForward
 from diffkit.nn.embeddings import (
     TimeEmbedding,
@@ -194,7 +194,7 @@ class PatchTransformerBlock(nn.Module):
         return x + gate.unsqueeze(1) * h
 
 
-class PatchTransformerConfig(Config):
+class PatchTransformerConfig(NetworkConfig):
     """The fields every patch transformer has ([`DiTConfig`][diffkit.nn.dit.DiTConfig],
     [`VideoDiTConfig`][diffkit.nn.video.VideoDiTConfig] add their patches and attention)."""
 
@@ -263,18 +263,39 @@ class PatchTransformerConfig(Config):
 
     @model_validator(mode="after")
     def _check_heads(self) -> "PatchTransformerConfig":
+        owner = type(self).__name__
         if self.dim % self.num_heads != 0:
-            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+            message = f"dim {self.dim} is not divisible by num_heads {self.num_heads}"
+            raise field_error(owner, "num_heads", message, self.num_heads)
+        if whole(self.dim * self.mlp_ratio) < 1:
+            message = f"mlp_ratio {self.mlp_ratio} gives an MLP of no hidden units (dim {self.dim})"
+            raise field_error(owner, "mlp_ratio", message, self.mlp_ratio)
         if self.embeddings_per_block and (
             self.modulation != "zero" or self.pooled_dim or self.size_conditions
         ):
-            raise ValueError(
+            message = (
                 "embeddings_per_block needs modulation='zero' and conditioning by time and "
                 "labels only (no pooled_dim, no size_conditions)"
             )
+            raise field_error(owner, "embeddings_per_block", message, True)
         if self.size_conditions and self.dim % 3 != 0:
-            raise ValueError(f"size_conditions: dim {self.dim} is not a multiple of 3")
+            message = f"size_conditions: dim {self.dim} is not a multiple of 3"
+            raise field_error(owner, "size_conditions", message, True)
         return self
+
+    def patch_elements(self) -> int:
+        """Numbers in one patch of one channel (``p * p``; a tubelet: ``f * p * p``)."""
+        return 1
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the network's parameters: the patch embedding and output head,
+        the time, label, pooled and context embeddings, and each block's attention and MLP
+        projections (norms, biases and modulations left out)."""
+        dim, patch = self.dim, self.patch_elements()
+        out = (self.out_channels or self.in_channels) * (2 if self.learned_sigma else 1)
+        total = patch * (self.in_channels + out) * dim + self.freq_dim * dim + dim * dim
+        total += ((self.num_classes or 0) + (self.pooled_dim or 0) + (self.context_dim or 0)) * dim
+        return total + self.depth * (4 * dim * dim + 2 * dim * whole(dim * self.mlp_ratio))
 
 
 ConfigT = TypeVar("ConfigT", bound=PatchTransformerConfig)
