@@ -48,7 +48,9 @@ class DiTConfig(PatchTransformerConfig):
         "patch_size); None: integer positions",
     )
     pos_interpolation_scale: float = Field(
-        default=1.0, gt=0, description="positions are divided by this (PixArt: sample_size // 64)"
+        default=1.0,
+        ge=1e-3,  # 1e-300 would make every position infinite
+        description="positions are divided by this (PixArt: sample_size // 64); at least 1e-3",
     )
 
     @model_validator(mode="after")

@@ -98,7 +98,12 @@ class KLAutoencoderConfig(NetworkConfig):
         le=1e6,
         description="latents are multiplied by this",
     )
-    shift_factor: float = Field(default=0.0, description="subtracted from latents before scaling")
+    shift_factor: float = Field(
+        default=0.0,
+        ge=-1e6,  # decode adds it back: 1e300 turns every image into NaN
+        le=1e6,
+        description="subtracted from latents before scaling",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "KLAutoencoderConfig":
@@ -112,15 +117,17 @@ class KLAutoencoderConfig(NetworkConfig):
         return self
 
     def parameter_estimate(self) -> int:
-        """A lower bound on the autoencoder's parameters: its 3x3 convolutions and middle
-        attentions (norms, biases and 1x1 convolutions left out)."""
+        """A lower bound on the autoencoder's parameters: its convolutions and middle
+        attentions (norms, biases and shortcuts left out)."""
         widths = [self.base_channels * m for m in self.channel_mult]
         first, last = widths[0], widths[-1]
         out = self.out_channels or self.in_channels
         total = 9 * first * (self.in_channels + out) + 9 * last * 3 * self.latent_channels
         total += (2 * self.blocks_per_level + 1) * sum(9 * w * w for w in widths)
         mid = 2 * 9 * last * last + (4 * last * last if self.mid_attention else 0)
-        return total + 2 * mid  # the encoder's middle and the decoder's
+        n = self.latent_channels  # the 1x1 convolutions on the posterior and the latent
+        quant = (4 * n * n if self.quant_conv else 0) + (n * n if self.post_quant_conv else 0)
+        return total + 2 * mid + quant  # the encoder's middle and the decoder's
 
     @property
     def downsampling_factor(self) -> int:
