@@ -1022,6 +1022,15 @@ def test_ddim_with_a_huge_eta_adds_at_most_the_marginal_noise() -> None:
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("beta_start", [1e-8, 1e-7, 8.5e-4])
+def test_sqrt_linear_beta_is_data_at_t_0_for_any_beta_start(beta_start: float) -> None:
+    """Found by the every-config property: a last-bit difference gave NaN at t = 0."""
+    from diffkit.schedules import SqrtLinearBeta
+
+    a, s = SqrtLinearBeta(beta_start=beta_start).alpha_sigma(torch.zeros(1, dtype=torch.float64))
+    assert a.item() == 1.0 and s.item() == 0.0
+
+
 def test_karras_spacing_with_a_tiny_rho_gives_a_finite_grid() -> None:
     import torch
 
@@ -1164,7 +1173,9 @@ _AFFORDABLE = 400_000
 def _inputs_of(spec: Any) -> tuple[torch.Tensor, Conditioning] | None:
     """A tiny input ``x_t`` for a denoiser config and the conditioning it asks for; ``None``
     if the smallest input it takes is not tiny."""
-    size = spec.downsampling_factor
+    # twice the factor: at the factor itself the coarsest level can be 1x1, and a GroupNorm
+    # group of one channel would hold a single value, which torch refuses to normalise
+    size = 2 * spec.downsampling_factor
     frames = (spec.patch_size[0],) if spec.is_video else ()
     shape = (1, *frames, spec.in_channels, size, size)
     if math.prod(shape) > 2**16:
