@@ -122,7 +122,10 @@ class UNetConfig(NetworkConfig):
         default="t", description="embed time_scale * t, or the discrete index N t - 1"
     )
     time_scale: float = Field(
-        default=1000.0, gt=0, description="multiplier of t when time_input='t'"
+        default=1000.0,
+        gt=0,
+        le=1e6,  # 1e300 t is inf in float32, and its sinusoid NaN
+        description="multiplier of t when time_input='t' (at most 1e6)",
     )
     num_train_timesteps: int = Field(default=1000, gt=1, description="N when time_input='index'")
 
