@@ -13,6 +13,7 @@ code registers its own components the same way.
 
 import difflib
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar, cast
 
@@ -27,18 +28,28 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
+    "MAX_PARAMETERS",
     "REGISTRIES",
     "SEED_MAX",
     "Config",
+    "NetworkConfig",
     "Registry",
     "ValidationError",
     "field_error",
     "kind_of",
+    "whole",
 ]
 
 SEED_MAX = 2**63 - 1
 """The largest seed a config takes: torch's generators take up to ``2**64 - 1`` and recipes
 add small offsets (``seed + 31``, ``seed + epoch``) to theirs."""
+
+MAX_PARAMETERS = 50_000_000_000
+"""The most parameters (and buffer elements) a network or a loaded pipeline may have: 50
+billion, 200 GB in float32. A [`NetworkConfig`][diffkit.config.NetworkConfig] whose
+parameter count, estimated from its fields, is larger is refused when it is validated;
+[`Pipeline.load`][diffkit.pipeline.Pipeline.load] also counts the network it builds on the
+meta device before allocating anything."""
 
 _LIST_FIELDS_UP_TO = 10
 """An unknown field with no close match lists the valid ones when there are at most this many."""
@@ -150,6 +161,64 @@ class Config(BaseModel):
         return self.model_dump(mode="json")
 
 
+def whole(value: float) -> int:
+    """``int(value)``, and a number above every bound for a float too large to be finite."""
+    return int(value) if math.isfinite(value) else 2**1024
+
+
+def _magnitude(count: int) -> str:
+    """``1.23e+12``; ``about 10^400`` for a count no float can hold."""
+    return f"{count:.3g}" if count < 10**300 else f"about 10^{len(str(count)) - 1}"
+
+
+class NetworkConfig(Config):
+    """Base of a network's config: sizes no machine can build are refused by field.
+
+    A subclass gives ``parameter_estimate``, a lower bound on its network's parameter
+    count computed from the fields alone (nothing is built). A config whose estimate
+    exceeds [`MAX_PARAMETERS`][diffkit.config.MAX_PARAMETERS] is a ``ValidationError``
+    located at the field most responsible: the one whose default would shrink the
+    estimate most. Numbers of blocks and levels have their own ``le=`` bounds, since each
+    block is a Python object even on the meta device.
+    """
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the number of parameters of the network this config builds."""
+        raise NotImplementedError(f"{type(self).__name__} does not estimate its parameters")
+
+    @model_validator(mode="after")
+    def _refuse_unbuildable(self) -> Any:
+        count = self.parameter_estimate()
+        if count <= MAX_PARAMETERS:
+            return self
+        name = self._most_responsible_field()
+        value = getattr(self, name)
+        shown = value if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+        owner = type(self).__name__
+        message = (
+            f"{owner} would have at least {_magnitude(count)} parameters, more than "
+            f"diffkit.config.MAX_PARAMETERS ({MAX_PARAMETERS:,}): {name}={shown} is too large"
+        )
+        raise field_error(owner, name, message, value)
+
+    def _most_responsible_field(self) -> str:
+        """The field whose default value would shrink ``parameter_estimate`` the most."""
+        best, least = "", None
+        for name, info in type(self).model_fields.items():
+            if name == "kind" or info.is_required():
+                continue
+            default = info.get_default(call_default_factory=True)
+            if getattr(self, name) == default:
+                continue
+            try:
+                count = self.model_copy(update={name: default}).parameter_estimate()
+            except (ValueError, TypeError, ArithmeticError, IndexError):
+                continue
+            if least is None or count < least:
+                best, least = name, count
+        return best or next(n for n in type(self).model_fields if n != "kind")
+
+
 C = TypeVar("C", bound=Config)
 
 
@@ -164,13 +233,15 @@ def kind_of(config: Config) -> str:
 T = TypeVar("T")
 
 
-def field_error(model: str, field: str, message: str, value: Any) -> ValidationError:
-    """A ``ValidationError`` located at ``field``, for a check across fields (a model
-    validator), which pydantic would otherwise report with an empty location."""
+def field_error(
+    model: str, field: str | tuple[str, ...], message: str, value: Any
+) -> ValidationError:
+    """A ``ValidationError`` located at ``field`` (a name, or a path into nested configs),
+    for a check across fields (a model validator), which pydantic would otherwise report
+    with an empty location."""
     error = PydanticCustomError("value_error", "{message}", {"message": message})
-    return ValidationError.from_exception_data(
-        model, [{"type": error, "loc": (field,), "input": value}]
-    )
+    loc = (field,) if isinstance(field, str) else field
+    return ValidationError.from_exception_data(model, [{"type": error, "loc": loc, "input": value}])
 
 
 class Registry(Generic[T]):

@@ -45,7 +45,7 @@ from diffkit.checkpoint import (
     read_header,
 )
 from diffkit.checkpoint import save_tensors as _save_tensors
-from diffkit.config import Config
+from diffkit.config import MAX_PARAMETERS, Config
 from diffkit.files import UnreadableFileError, confined, read_bytes
 from diffkit.forward import add_noise
 from diffkit.guidance import warn_unused
@@ -77,9 +77,6 @@ CONFIG_KEY = "config"
 """The weights' metadata key that records the config saved with them."""
 MIXED_KEY = "mixed_dtypes"
 """The weights' metadata key listing the modules saved in more than one floating dtype."""
-MAX_PARAMETERS = 50_000_000_000
-"""The most parameters (and buffer elements) a loaded pipeline may have: 50 billion, 200 GB
-in float32. A config asking for more is refused before anything is allocated."""
 PARTS = ("schedule", "denoiser", "encoder", "text", "sampler", "patchifier")
 """The parts of a pipeline, each described by a registered config when saved."""
 
@@ -276,7 +273,7 @@ def _check_sizes(probe: nn.Module, config: PipelineConfig, where: str) -> None:
             part = getattr(config, name, None)
             raise CheckpointError(
                 f"{where}: {name} would have {count:,} parameters, more than "
-                f"diffkit.pipeline.MAX_PARAMETERS ({MAX_PARAMETERS:,}); its largest sizes: "
+                f"diffkit.config.MAX_PARAMETERS ({MAX_PARAMETERS:,}); its largest sizes: "
                 f"{_largest_sizes(part)}"
             )
 

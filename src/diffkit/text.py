@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config, Registry, kind_of
+from diffkit.config import Config, NetworkConfig, Registry, field_error, kind_of
 from diffkit.nn.clip import TextTower, TextTowerConfig
 from diffkit.nn.t5 import T5Encoder, T5EncoderConfig
 from diffkit.protocols import Conditioning, TextConditioner
@@ -373,7 +373,7 @@ class OpenCLIPTextConditioner(_WrappedModel):
         return tokens, pooled
 
 
-class CLIPTextConditionerConfig(Config):
+class CLIPTextConditionerConfig(NetworkConfig):
     """A randomly initialised CLIP text tower with a byte or CLIP-BPE tokenizer."""
 
     kind: Literal["clip_text"] = "clip_text"
@@ -408,24 +408,33 @@ class CLIPTextConditionerConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> "CLIPTextConditionerConfig":
+        owner = "CLIPTextConditionerConfig"
         needed = ByteTokenizer.vocab_size if self.tokenizer == "byte" else 49408
         if self.text.vocab_size < needed:
-            raise ValueError(
+            message = (
                 f"text.vocab_size {self.text.vocab_size} is too small for the {self.tokenizer} "
                 f"tokenizer ({needed} ids)"
             )
+            raise field_error(owner, ("text", "vocab_size"), message, self.text.vocab_size)
         if self.project_pooled and self.projection_dim is None:
-            raise ValueError("project_pooled=True needs projection_dim")
+            message = "project_pooled=True needs projection_dim"
+            raise field_error(owner, "project_pooled", message, True)
         if self.pad_token_id >= needed or (self.tokenizer == "byte" and self.pad_token_id):
-            raise ValueError(
+            message = (
                 f"pad_token_id {self.pad_token_id} is not a padding id of the {self.tokenizer} "
                 f"tokenizer (byte: 0; clip_bpe: below {needed})"
             )
+            raise field_error(owner, "pad_token_id", message, self.pad_token_id)
         if self.skip_last_layers > self.text.layers:
-            raise ValueError(
+            message = (
                 f"skip_last_layers {self.skip_last_layers} exceeds text.layers {self.text.layers}"
             )
+            raise field_error(owner, "skip_last_layers", message, self.skip_last_layers)
         return self
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the conditioner's parameters: its tower and projection."""
+        return self.text.parameter_estimate() + (self.projection_dim or 0) * self.text.width
 
     @property
     def token_dim(self) -> int:
@@ -440,7 +449,7 @@ class CLIPTextConditionerConfig(Config):
         return self.text.width
 
 
-class T5TextConditionerConfig(Config):
+class T5TextConditionerConfig(NetworkConfig):
     """A T5 encoder with its SentencePiece tokenizer (PixArt: 120 or 300 tokens, masked;
     Stable Diffusion 3: 256 tokens, unmasked)."""
 
@@ -462,11 +471,16 @@ class T5TextConditionerConfig(Config):
     def _check(self) -> "T5TextConditionerConfig":
         for name in ("pad_token_id", "eot_token_id"):
             if getattr(self, name) >= self.text.vocab_size:
-                raise ValueError(
+                message = (
                     f"{name} {getattr(self, name)} is not below text.vocab_size "
                     f"{self.text.vocab_size}"
                 )
+                raise field_error(type(self).__name__, name, message, getattr(self, name))
         return self
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the conditioner's parameters: its encoder's."""
+        return self.text.parameter_estimate()
 
     @property
     def token_dim(self) -> int:
@@ -552,7 +566,7 @@ def _context_length(part: _Part) -> int:
     )
 
 
-class ComposedTextConditionerConfig(Config):
+class ComposedTextConditionerConfig(NetworkConfig):
     """Several text conditioners run on the same texts, their outputs joined (SDXL, SD3).
 
     The tokens of the parts in each of ``groups`` are concatenated on the feature axis
@@ -584,34 +598,45 @@ class ComposedTextConditionerConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> "ComposedTextConditionerConfig":
-        parts = self.parts
+        parts, owner = self.parts, type(self).__name__
         for i, part in enumerate(parts):
             if not isinstance(part, _Part):
-                raise ValueError(
+                message = (
                     f"parts[{i}] is a {kind_of(part)!r} config; a composed conditioner takes "
                     "clip_text and t5_text parts"
                 )
+                raise field_error(owner, ("parts", str(i)), message, kind_of(part))
             if part.mask_padding:
-                raise ValueError(
+                message = (
                     f"parts[{i}].mask_padding is true; a composed conditioner joins unmasked "
                     "tokens (SDXL and SD3 attend to every position): set it false"
                 )
+                raise field_error(owner, ("parts", str(i), "mask_padding"), message, True)
         flat = [i for group in self.groups for i in group]
         if sorted(flat) != list(range(len(parts))) or not all(self.groups):
-            raise ValueError(
+            message = (
                 f"groups {self.groups} must hold every part index 0..{len(parts) - 1} exactly once"
             )
+            raise field_error(owner, "groups", message, self.groups)
         for group in self.groups:
             lengths = {_context_length(cast(_Part, parts[i])) for i in group}
             if len(lengths) > 1:
-                raise ValueError(
+                message = (
                     f"groups: the parts {group} have context lengths {sorted(lengths)}; tokens "
                     "concatenated on the features need one"
                 )
+                raise field_error(owner, "groups", message, self.groups)
         for i in self.pooled:
             if not 0 <= i < len(parts) or cast(_Part, parts[i]).pooled_dim == 0:
-                raise ValueError(f"pooled: part {i} is not a part with a pooled vector")
+                message = f"pooled: part {i} is not a part with a pooled vector"
+                raise field_error(owner, "pooled", message, self.pooled)
         return self
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the conditioner's parameters: the sum of its parts'."""
+        return sum(
+            part.parameter_estimate() for part in self.parts if isinstance(part, NetworkConfig)
+        )
 
     @property
     def token_dim(self) -> int:

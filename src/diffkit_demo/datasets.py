@@ -26,11 +26,14 @@ from torch.utils.data import Dataset
 
 from diffkit.config import SEED_MAX, Config, field_error
 from diffkit.data import DATASETS
+from diffkit.pipeline_config import MAX_DATA_ELEMENTS
 
 __all__ = [
     "DIGIT_NAMES",
     "DIRECTIONS",
     "IMAGE_TEMPLATES",
+    "MAX_SIDE",
+    "MAX_VIDEOS",
     "VIDEO_TEMPLATES",
     "DigitsConfig",
     "DigitsDataset",
@@ -234,11 +237,23 @@ class MovingDigitsDataset(Dataset[dict[str, Any]]):
         }
 
 
+MAX_SIDE = 1024
+"""The largest image (canvas) side of the digit datasets: the 1,797 digits are held in
+memory at this size (7.5 GB of float32 at 1024)."""
+MAX_VIDEOS = 2**20
+"""The most videos a ``MovingDigitsConfig`` may ask for (each has a caption in memory)."""
+
+
 class DigitsConfig(Config):
     """The still [`DigitsDataset`][diffkit_demo.datasets.DigitsDataset]."""
 
     kind: Literal["digits"] = "digits"
-    size: int = Field(default=16, ge=8, description="image side in pixels (8x8 digits upscaled)")
+    size: int = Field(
+        default=16,
+        ge=8,
+        le=MAX_SIDE,
+        description="image side in pixels (8x8 digits upscaled; at most MAX_SIDE)",
+    )
     seed: int = Field(
         default=0, ge=0, le=SEED_MAX, description="seeds the captions and the train/test split"
     )
@@ -250,9 +265,13 @@ class MovingDigitsConfig(Config):
     """The video [`MovingDigitsDataset`][diffkit_demo.datasets.MovingDigitsDataset]."""
 
     kind: Literal["moving_digits"] = "moving_digits"
-    num_videos: int = Field(default=512, ge=1, description="number of videos")
+    num_videos: int = Field(
+        default=512, ge=1, le=MAX_VIDEOS, description="number of videos (at most MAX_VIDEOS)"
+    )
     frames: int = Field(default=8, ge=1, description="frames per video")
-    size: int = Field(default=32, ge=8, description="canvas side in pixels")
+    size: int = Field(
+        default=32, ge=8, le=MAX_SIDE, description="canvas side in pixels (at most MAX_SIDE)"
+    )
     digit_size: int = Field(default=16, ge=8, description="digit side in pixels")
     max_speed: int = Field(default=3, ge=1, description="largest speed in pixels per frame")
     seed: int = Field(
@@ -268,6 +287,12 @@ class MovingDigitsConfig(Config):
         if self.digit_size > self.size:
             message = f"digit_size {self.digit_size} must not exceed the canvas size {self.size}"
             raise field_error("MovingDigitsConfig", "digit_size", message, self.digit_size)
+        if self.frames * self.size**2 > MAX_DATA_ELEMENTS:
+            message = (
+                f"a video of {self.frames} frames of {self.size}x{self.size} pixels holds more "
+                f"than diffkit.pipeline_config.MAX_DATA_ELEMENTS ({MAX_DATA_ELEMENTS:,}) numbers"
+            )
+            raise field_error("MovingDigitsConfig", "frames", message, self.frames)
         return self
 
 

@@ -36,7 +36,7 @@ from jaxtyping import Float, Int
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config, Registry
+from diffkit.config import NetworkConfig, Registry, field_error
 from diffkit.patches import SpatialPatches
 from diffkit.tokenizers import Tokenizer
 from diffkit.typing import Image, ShapeError, TokenIds, checked, checked_layer, host_range
@@ -64,14 +64,19 @@ MAX_LOGIT_SCALE = math.log(100.0)
 """CLIP clamps the log of its logit scale to ``[0, ln 100]`` (temperature >= 0.01)."""
 
 
-class TextTowerConfig(Config):
+def _block_estimate(width: int, mlp_width: int | None) -> int:
+    """Parameters of one transformer block's projections: q, k, v, out and the MLP."""
+    return 4 * width * width + 2 * width * (mlp_width or 4 * width)
+
+
+class TextTowerConfig(NetworkConfig):
     """A CLIP text transformer (defaults: ViT-B/32's text tower)."""
 
     kind: Literal["clip_text_tower"] = "clip_text_tower"
     vocab_size: int = Field(default=49408, gt=0, description="number of token ids")
     context_length: int = Field(default=77, ge=2, description="longest token sequence (positions)")
     width: int = Field(default=512, gt=0, description="hidden size of every token")
-    layers: int = Field(default=12, ge=0, description="number of transformer blocks")
+    layers: int = Field(default=12, ge=0, le=256, description="number of transformer blocks")
     heads: int = Field(default=8, gt=0, description="attention heads; must divide width")
     mlp_width: int | None = Field(
         default=None, gt=0, description="MLP hidden size; None: 4 * width"
@@ -89,16 +94,24 @@ class TextTowerConfig(Config):
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "TextTowerConfig":
         if self.width % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+            message = f"heads ({self.heads}) must divide width ({self.width})"
+            raise field_error("TextTowerConfig", "heads", message, self.heads)
         if self.eos_token_id is not None and self.eos_token_id >= self.vocab_size:
-            raise ValueError(
+            message = (
                 f"eos_token_id ({self.eos_token_id}) must be a token id, below vocab_size "
                 f"({self.vocab_size})"
             )
+            raise field_error("TextTowerConfig", "eos_token_id", message, self.eos_token_id)
         return self
 
+    def parameter_estimate(self) -> int:
+        """A lower bound on the tower's parameters: token and position embeddings, and
+        each block's attention and MLP projections (norms and biases left out)."""
+        embeddings = (self.vocab_size + self.context_length) * self.width
+        return embeddings + self.layers * _block_estimate(self.width, self.mlp_width)
 
-class VisionTowerConfig(Config):
+
+class VisionTowerConfig(NetworkConfig):
     """A CLIP ViT image tower (defaults: ViT-B/16)."""
 
     kind: Literal["clip_vit"] = "clip_vit"
@@ -110,7 +123,7 @@ class VisionTowerConfig(Config):
     )
     channels: int = Field(default=3, gt=0, description="image channels")
     width: int = Field(default=768, gt=0, description="hidden size of every token")
-    layers: int = Field(default=12, ge=0, description="number of transformer blocks")
+    layers: int = Field(default=12, ge=0, le=256, description="number of transformer blocks")
     heads: int = Field(default=12, gt=0, description="attention heads; must divide width")
     mlp_width: int | None = Field(
         default=None, gt=0, description="MLP hidden size; None: 4 * width"
@@ -123,42 +136,65 @@ class VisionTowerConfig(Config):
     @model_validator(mode="after")
     def _check(self) -> "VisionTowerConfig":
         if self.width % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+            message = f"heads ({self.heads}) must divide width ({self.width})"
+            raise field_error("VisionTowerConfig", "heads", message, self.heads)
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"patch_size ({self.patch_size}) must divide image_size ({self.image_size})"
-            )
+            message = f"patch_size ({self.patch_size}) must divide image_size ({self.image_size})"
+            raise field_error("VisionTowerConfig", "patch_size", message, self.patch_size)
         return self
 
+    def parameter_estimate(self) -> int:
+        """A lower bound on the tower's parameters: patch and position embeddings, and
+        each block's attention and MLP projections (norms and biases left out)."""
+        grid = self.image_size // self.patch_size
+        embeddings = (self.channels * self.patch_size**2 + grid * grid + 1) * self.width
+        return embeddings + self.layers * _block_estimate(self.width, self.mlp_width)
 
-class ResNetTowerConfig(Config):
+
+class ResNetTowerConfig(NetworkConfig):
     """A small ResNet image tower (GroupNorm, average pooling) for training from scratch."""
 
     kind: Literal["clip_resnet"] = "clip_resnet"
     image_size: int = Field(default=224, gt=0, description="height and width of the images")
     channels: int = Field(default=3, gt=0, description="image channels")
     widths: tuple[int, ...] = Field(
-        default=(64, 128, 256, 512), min_length=1, description="channels of each stage"
+        default=(64, 128, 256, 512),
+        min_length=1,
+        max_length=16,
+        description="channels of each stage (at most 16 stages)",
     )
     blocks: tuple[int, ...] = Field(
-        default=(2, 2, 2, 2), min_length=1, description="residual blocks per stage"
+        default=(2, 2, 2, 2),
+        min_length=1,
+        max_length=16,
+        description="residual blocks per stage (1 to 64 each)",
     )
     norm_groups: int = Field(default=8, gt=0, description="GroupNorm groups; divides every width")
 
     @model_validator(mode="after")
     def _check(self) -> "ResNetTowerConfig":
+        owner = "ResNetTowerConfig"
         if len(self.widths) != len(self.blocks):
-            raise ValueError(
-                f"widths {self.widths} and blocks {self.blocks} must have one entry per stage"
-            )
+            message = f"widths {self.widths} and blocks {self.blocks} must have one entry per stage"
+            raise field_error(owner, "blocks", message, self.blocks)
+        if any(w < 1 for w in self.widths):
+            raise field_error(owner, "widths", "every stage needs a positive width", self.widths)
+        if any(not 1 <= b <= 64 for b in self.blocks):
+            message = "every stage needs at least one block, and at most 64"
+            raise field_error(owner, "blocks", message, self.blocks)
         if any(w % self.norm_groups for w in self.widths):
-            raise ValueError(f"norm_groups ({self.norm_groups}) must divide every width")
-        if any(b < 1 for b in self.blocks) or any(w < 1 for w in self.widths):
-            raise ValueError("every stage needs a positive width and at least one block")
+            message = f"norm_groups ({self.norm_groups}) must divide every width"
+            raise field_error(owner, "norm_groups", message, self.norm_groups)
         return self
 
+    def parameter_estimate(self) -> int:
+        """A lower bound on the tower's parameters: the stem and the second 3x3 convolution
+        of each block (norms, first convolutions and shortcuts left out)."""
+        stem = 9 * self.channels * self.widths[0]
+        return stem + sum(9 * w * w * b for w, b in zip(self.widths, self.blocks, strict=False))
 
-class CLIPConfig(Config):
+
+class CLIPConfig(NetworkConfig):
     """A CLIP model: both towers, the shared embedding size and the initial temperature."""
 
     kind: Literal["clip"] = "clip"
@@ -177,6 +213,16 @@ class CLIPConfig(Config):
         le=MAX_LOGIT_SCALE,
         description="initial log of the logit scale",
     )
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the model's parameters: both towers and their projections."""
+        vision_width = (
+            self.vision.width
+            if isinstance(self.vision, VisionTowerConfig)
+            else self.vision.widths[-1]
+        )
+        projections = self.embed_dim * (self.text.width + vision_width)
+        return self.text.parameter_estimate() + self.vision.parameter_estimate() + projections
 
 
 class QuickGELU(nn.Module):

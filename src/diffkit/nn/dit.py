@@ -22,6 +22,7 @@ from jaxtyping import Float
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from diffkit.config import field_error
 from diffkit.nn._registry import DENOISERS
 from diffkit.nn.transformer import PatchTransformer, PatchTransformerConfig
 from diffkit.patches import SpatialPatches, sincos_pos_embed_1d, sincos_pos_embed_2d
@@ -49,7 +50,9 @@ class DiTConfig(PatchTransformerConfig):
         "patch_size); None: integer positions",
     )
     pos_interpolation_scale: float = Field(
-        default=1.0, gt=0, description="positions are divided by this (PixArt: sample_size // 64)"
+        default=1.0,
+        ge=1e-3,  # 1e-300 would make every position infinite
+        description="positions are divided by this (PixArt: sample_size // 64); at least 1e-3",
     )
     pos_max_size: int | None = Field(
         default=None,
@@ -63,10 +66,16 @@ class DiTConfig(PatchTransformerConfig):
     @model_validator(mode="after")
     def _check_positions(self) -> "DiTConfig":
         if self.dim % 4 != 0:
-            raise ValueError(f"dim {self.dim} must be a multiple of 4 (2-D sin-cos positions)")
+            message = f"dim {self.dim} must be a multiple of 4 (2-D sin-cos positions)"
+            raise field_error("DiTConfig", "dim", message, self.dim)
         if self.pos_max_size is not None and self.pos_base_size is None:
-            raise ValueError("pos_max_size needs pos_base_size (the scale of the positions)")
+            message = "pos_max_size needs pos_base_size (the scale of the positions)"
+            raise field_error("DiTConfig", "pos_max_size", message, self.pos_max_size)
         return self
+
+    def patch_elements(self) -> int:
+        """Numbers in one patch of one channel: ``patch_size ** 2``."""
+        return self.patch_size**2
 
     @property
     def downsampling_factor(self) -> int:

@@ -22,7 +22,7 @@ from jaxtyping import Bool, Float, Int
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config
+from diffkit.config import NetworkConfig, field_error
 from diffkit.nn.attention import Attention, FeedForward, FeedForwardKind, attention_bias
 from diffkit.typing import ShapeError, checked_layer, host_range
 
@@ -31,7 +31,7 @@ __all__ = ["T5Block", "T5Encoder", "T5EncoderConfig", "relative_position_buckets
 T5Activation = Literal["relu", "gelu", "gelu_tanh"]
 
 
-class T5EncoderConfig(Config):
+class T5EncoderConfig(NetworkConfig):
     """A T5 encoder stack (defaults: T5 v1.1 XXL, the text encoder of PixArt and SD3)."""
 
     kind: Literal["t5_encoder"] = "t5_encoder"
@@ -58,13 +58,26 @@ class T5EncoderConfig(Config):
     @model_validator(mode="after")
     def _check(self) -> "T5EncoderConfig":
         if 2 * (self.num_buckets // 2) != self.num_buckets:
-            raise ValueError(f"num_buckets {self.num_buckets} must be even (one half per side)")
+            message = f"num_buckets {self.num_buckets} must be even (one half per side)"
+            raise field_error("T5EncoderConfig", "num_buckets", message, self.num_buckets)
         if self.max_distance < self.num_buckets // 4 + 1:
-            raise ValueError(
+            message = (
                 f"max_distance {self.max_distance} must exceed num_buckets // 4 "
                 f"({self.num_buckets // 4}), where the logarithmic buckets start"
             )
+            raise field_error("T5EncoderConfig", "max_distance", message, self.max_distance)
         return self
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the encoder's parameters: the token embedding, the position
+        bias table and each block's attention and MLP projections (norms left out)."""
+        attention = 4 * self.width * self.heads * self.head_dim
+        mlp = (3 if self.gated else 2) * self.width * self.mlp_width
+        return (
+            self.vocab_size * self.width
+            + self.num_buckets * self.heads
+            + self.layers * (attention + mlp)
+        )
 
     @property
     def mlp_kind(self) -> FeedForwardKind:

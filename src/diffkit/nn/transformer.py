@@ -44,7 +44,7 @@ from jaxtyping import Bool, Float
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config
+from diffkit.config import NetworkConfig, field_error, whole
 from diffkit.nn.attention import Attention, FeedForward, JointAttention, LocalFeedForward
 from diffkit.nn.embeddings import (
     TimeEmbedding,
@@ -261,7 +261,7 @@ class JointPatchTransformerBlock(nn.Module):
         return x, context + cmods[5].unsqueeze(1) * h
 
 
-class PatchTransformerConfig(Config):
+class PatchTransformerConfig(NetworkConfig):
     """The fields every patch transformer has ([`DiTConfig`][diffkit.nn.dit.DiTConfig],
     [`VideoDiTConfig`][diffkit.nn.video.VideoDiTConfig] add their patches and attention)."""
 
@@ -283,7 +283,12 @@ class PatchTransformerConfig(Config):
     time_input: Literal["t", "index"] = Field(
         default="t", description="embed time_scale * t, or the discrete index N t - 1"
     )
-    time_scale: float = Field(default=1000.0, gt=0, description="multiplier of t")
+    time_scale: float = Field(
+        default=1000.0,
+        gt=0,
+        le=1e6,  # 1e300 t is inf in float32, and its sinusoid NaN
+        description="multiplier of t (at most 1e6)",
+    )
     num_train_timesteps: int = Field(default=1000, gt=1, description="N for time_input='index'")
     freq_shift: float = Field(
         default=0.0,
@@ -350,24 +355,34 @@ class PatchTransformerConfig(Config):
 
     @model_validator(mode="after")
     def _check_heads(self) -> "PatchTransformerConfig":
+        owner = type(self).__name__
         if self.dim % self.num_heads != 0:
-            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+            message = f"dim {self.dim} is not divisible by num_heads {self.num_heads}"
+            raise field_error(owner, "num_heads", message, self.num_heads)
+        if whole(self.dim * self.mlp_ratio) < 1:
+            message = f"mlp_ratio {self.mlp_ratio} gives an MLP of no hidden units (dim {self.dim})"
+            raise field_error(owner, "mlp_ratio", message, self.mlp_ratio)
         if self.embeddings_per_block and (
             self.modulation != "zero" or self.pooled_dim or self.size_conditions
         ):
-            raise ValueError(
+            message = (
                 "embeddings_per_block needs modulation='zero' and conditioning by time and "
                 "labels only (no pooled_dim, no size_conditions)"
             )
+            raise field_error(owner, "embeddings_per_block", message, True)
         if self.size_conditions and self.dim % 3 != 0:
-            raise ValueError(f"size_conditions: dim {self.dim} is not a multiple of 3")
+            message = f"size_conditions: dim {self.dim} is not a multiple of 3"
+            raise field_error(owner, "size_conditions", message, True)
         if self.joint_attention:
             self._check_joint()
         elif self.qk_norm or self.dual_attention_layers:
-            raise ValueError("qk_norm and dual_attention_layers need joint_attention")
+            message = "qk_norm and dual_attention_layers need joint_attention"
+            field = "qk_norm" if self.qk_norm else "dual_attention_layers"
+            raise field_error(owner, field, message, getattr(self, field))
         return self
 
     def _check_joint(self) -> None:
+        owner = type(self).__name__
         problems = [
             name
             for name, bad in (
@@ -382,16 +397,32 @@ class PatchTransformerConfig(Config):
             if bad
         ]
         if problems:
-            raise ValueError(
+            message = (
                 f"joint_attention needs context_dim, modulation='zero', mlp_ratio 4 and none of "
                 f"context_projection, embeddings_per_block, size_conditions, learned_sigma; "
                 f"got {', '.join(problems)}"
             )
+            raise field_error(owner, problems[0], message, getattr(self, problems[0]))
         if any(not 0 <= i < self.depth for i in self.dual_attention_layers):
-            raise ValueError(
+            message = (
                 f"dual_attention_layers {self.dual_attention_layers} must be block indices "
                 f"below depth {self.depth}"
             )
+            raise field_error(owner, "dual_attention_layers", message, self.dual_attention_layers)
+
+    def patch_elements(self) -> int:
+        """Numbers in one patch of one channel (``p * p``; a tubelet: ``f * p * p``)."""
+        return 1
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the network's parameters: the patch embedding and output head,
+        the time, label, pooled and context embeddings, and each block's attention and MLP
+        projections (norms, biases and modulations left out)."""
+        dim, patch = self.dim, self.patch_elements()
+        out = (self.out_channels or self.in_channels) * (2 if self.learned_sigma else 1)
+        total = patch * (self.in_channels + out) * dim + self.freq_dim * dim + dim * dim
+        total += ((self.num_classes or 0) + (self.pooled_dim or 0) + (self.context_dim or 0)) * dim
+        return total + self.depth * (4 * dim * dim + 2 * dim * whole(dim * self.mlp_ratio))
 
 
 ConfigT = TypeVar("ConfigT", bound=PatchTransformerConfig)

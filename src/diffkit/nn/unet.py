@@ -24,7 +24,7 @@ load with ``diffkit.interop.from_diffusers``.
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
 import torch
 from einops import rearrange, repeat
@@ -32,7 +32,7 @@ from jaxtyping import Float
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config
+from diffkit.config import Config, NetworkConfig, field_error
 from diffkit.nn._registry import DENOISERS
 from diffkit.nn.attention import TemporalTransformer
 from diffkit.nn.embeddings import add_condition_embeddings
@@ -71,6 +71,7 @@ class TemporalConfig(Config):
     input_heads: int | None = Field(
         default=8,
         gt=0,
+        le=256,
         description="heads (of attention_head_dim channels) of a temporal attention after the "
         "input convolution (ModelScope: 8); None: none",
     )
@@ -81,14 +82,19 @@ class TemporalConfig(Config):
     @model_validator(mode="after")
     def _check_layers(self) -> "TemporalConfig":
         if not self.conv and not self.attention and self.input_heads is None:
-            raise ValueError(
+            message = (
                 "temporal: conv=False, attention=False and input_heads=None leave no layer "
                 "that mixes frames; use temporal=None for an image U-Net"
             )
+            raise field_error("TemporalConfig", "conv", message, self.conv)
         return self
 
 
-class UNetConfig(Config):
+Depth = Annotated[int, Field(gt=0, le=256)]
+"""Transformer blocks per attention layer: at least 1, at most 256."""
+
+
+class UNetConfig(NetworkConfig):
     """Architecture of a [`UNet`][diffkit.nn.unet.UNet]."""
 
     kind: Literal["unet"] = "unet"
@@ -100,7 +106,10 @@ class UNetConfig(Config):
         default=64, gt=0, description="channel unit: level i has base_channels * channel_mult[i]"
     )
     channel_mult: tuple[PositiveInt, ...] = Field(
-        default=(1, 2, 2, 2), min_length=1, description="channel multiplier of each level"
+        default=(1, 2, 2, 2),
+        min_length=1,
+        max_length=16,
+        description="channel multiplier of each level (at most 16 levels)",
     )
     blocks_per_level: int = Field(
         default=2, gt=0, le=64, description="residual blocks per encoder level"
@@ -119,10 +128,10 @@ class UNetConfig(Config):
     context_dim: int | None = Field(
         default=None, gt=0, description="dim of Conditioning.tokens; set for cross-attention levels"
     )
-    transformer_depth: PositiveInt | tuple[PositiveInt, ...] = Field(
+    transformer_depth: Depth | tuple[Depth, ...] = Field(
         default=1,
-        description="transformer blocks per attention: one number, or one per level (the "
-        "middle block takes the last level's; SDXL: (1, 2, 10))",
+        description="transformer blocks per attention (at most 256): one number, or one per "
+        "level (the middle block takes the last level's; SDXL: (1, 2, 10))",
     )
     linear_projection: bool = Field(
         default=False, description="linear (not 1x1 conv) projections around transformer blocks"
@@ -160,7 +169,10 @@ class UNetConfig(Config):
         default="t", description="embed time_scale * t, or the discrete index N t - 1"
     )
     time_scale: float = Field(
-        default=1000.0, gt=0, description="multiplier of t when time_input='t'"
+        default=1000.0,
+        gt=0,
+        le=1e6,  # 1e300 t is inf in float32, and its sinusoid NaN
+        description="multiplier of t when time_input='t' (at most 1e6)",
     )
     num_train_timesteps: int = Field(default=1000, gt=1, description="N when time_input='index'")
     temporal: TemporalConfig | None = Field(
@@ -172,40 +184,85 @@ class UNetConfig(Config):
     def _check(self) -> "UNetConfig":
         features = self.base_channels * self.channel_mult[0]  # the sinusoidal time features
         if features < 2:
-            raise ValueError(
+            message = (
                 f"base_channels * channel_mult[0] = {features} is also the size of the "
                 "sinusoidal time features and must be at least 2 (with 1 they are all zero: "
                 "the network would ignore time)"
             )
+            raise field_error("UNetConfig", "base_channels", message, self.base_channels)
         if features // 2 == self.freq_shift:
-            raise ValueError(
+            message = (
                 f"freq_shift {self.freq_shift} equals half the {features} sinusoidal time "
                 "features (base_channels * channel_mult[0]): the frequencies would be NaN"
             )
+            raise field_error("UNetConfig", "freq_shift", message, self.freq_shift)
         for i, mult in enumerate(self.channel_mult):
             channels = self.base_channels * mult
             if channels % self.norm_groups != 0:
-                raise ValueError(
+                message = (
                     f"level {i} has {channels} channels, not divisible into "
                     f"norm_groups={self.norm_groups}"
                 )
+                raise field_error("UNetConfig", "norm_groups", message, self.norm_groups)
             if self._has_attention(i) or (self.mid_attention and i == len(self.channel_mult) - 1):
-                self.heads_at(channels)
+                self._check_heads(channels)
+        self._check_levels()
+        return self
+
+    def _check_heads(self, channels: int) -> None:
+        try:
+            self.heads_at(channels)
+        except ValueError as err:
+            field = "attention_head_dim" if self.num_heads is None else "num_heads"
+            raise field_error("UNetConfig", field, str(err), getattr(self, field)) from None
+
+    def _check_levels(self) -> None:
         levels = len(self.channel_mult)
         if isinstance(self.transformer_depth, tuple) and len(self.transformer_depth) != levels:
-            raise ValueError(
+            message = (
                 f"transformer_depth {self.transformer_depth} must give one depth per level "
                 f"({levels} levels)"
             )
+            raise field_error("UNetConfig", "transformer_depth", message, self.transformer_depth)
         if self.micro_conditions and self.pooled_dim is None:
-            raise ValueError("micro_conditions are appended to Conditioning.pooled: set pooled_dim")
+            message = "micro_conditions are appended to Conditioning.pooled: set pooled_dim"
+            raise field_error("UNetConfig", "micro_conditions", message, self.micro_conditions)
         allowed = {2**i for i in range(levels)}
         if not set(self.attention_resolutions) <= allowed:
-            raise ValueError(
+            message = (
                 f"attention_resolutions {self.attention_resolutions} must be among the "
                 f"downsampling factors of the {levels} levels: {sorted(allowed)}"
             )
-        return self
+            raise field_error(
+                "UNetConfig", "attention_resolutions", message, self.attention_resolutions
+            )
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the U-Net's parameters: its 3x3 convolutions, time projections,
+        embeddings and attention projections (norms and biases left out)."""
+        widths = [self.base_channels * m for m in self.channel_mult]
+        emb = self.time_embed_dim or 4 * widths[0]
+        out = self.out_channels or self.in_channels
+        total = 9 * widths[0] * (self.in_channels + out) + widths[0] * emb + emb * emb
+        total += (self.num_classes or 0) * emb
+        if self.pooled_dim:
+            total += (self.pooled_dim + self.micro_conditions * self.micro_freq_dim) * emb
+        blocks = 2 * self.blocks_per_level + 1  # encoder and decoder blocks of a level
+        for i, width in enumerate(widths):
+            total += blocks * (9 * width * width + emb * width)  # conv2 and time projection
+            if self._has_attention(i):
+                total += blocks * self._attention_estimate(width, self.depth_at(i))
+        last = widths[-1]
+        total += 2 * (9 * last * last + emb * last)
+        if self.mid_attention:
+            total += self._attention_estimate(last, self.depth_at(-1))
+        return total
+
+    def _attention_estimate(self, channels: int, depth: int) -> int:
+        """Parameters of one attention layer: projections (and feed-forward) of each block."""
+        if self.context_dim is None:
+            return 4 * channels * channels
+        return depth * (14 * channels * channels + 2 * self.context_dim * channels)
 
     def _has_attention(self, level: int) -> bool:
         return 2**level in self.attention_resolutions

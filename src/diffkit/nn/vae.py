@@ -21,10 +21,11 @@ from jaxtyping import Float
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config
+from diffkit.config import Config, NetworkConfig, field_error
 from diffkit.nn._registry import ENCODERS
 from diffkit.nn.layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm
 from diffkit.nn.resblocks import Level
+from diffkit.pipeline_config import MAX_DATA_ELEMENTS
 from diffkit.typing import Sample, ShapeError, checked
 
 Latents = Float[Tensor, "batch *latent_shape"]
@@ -69,7 +70,7 @@ class DiagonalGaussian:
         return 0.5 * terms.flatten(1).sum(dim=1)
 
 
-class KLAutoencoderConfig(Config):
+class KLAutoencoderConfig(NetworkConfig):
     """Architecture and latent scaling of a [`KLAutoencoder`][diffkit.nn.vae.KLAutoencoder]."""
 
     kind: Literal["kl_autoencoder"] = "kl_autoencoder"
@@ -79,7 +80,7 @@ class KLAutoencoderConfig(Config):
     )
     base_channels: int = Field(default=64, gt=0, description="channels of the first level")
     channel_mult: tuple[PositiveInt, ...] = Field(
-        default=(1, 2, 4, 4), min_length=1, description="per level"
+        default=(1, 2, 4, 4), min_length=1, max_length=16, description="per level (at most 16)"
     )
     blocks_per_level: int = Field(
         default=2, gt=0, le=64, description="residual blocks per encoder level"
@@ -97,17 +98,36 @@ class KLAutoencoderConfig(Config):
         le=1e6,
         description="latents are multiplied by this",
     )
-    shift_factor: float = Field(default=0.0, description="subtracted from latents before scaling")
+    shift_factor: float = Field(
+        default=0.0,
+        ge=-1e6,  # decode adds it back: 1e300 turns every image into NaN
+        le=1e6,
+        description="subtracted from latents before scaling",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "KLAutoencoderConfig":
         for i, mult in enumerate(self.channel_mult):
             if (self.base_channels * mult) % self.norm_groups != 0:
-                raise ValueError(
+                message = (
                     f"level {i} has {self.base_channels * mult} channels, not divisible into "
                     f"norm_groups={self.norm_groups}"
                 )
+                raise field_error("KLAutoencoderConfig", "norm_groups", message, self.norm_groups)
         return self
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the autoencoder's parameters: its convolutions and middle
+        attentions (norms, biases and shortcuts left out)."""
+        widths = [self.base_channels * m for m in self.channel_mult]
+        first, last = widths[0], widths[-1]
+        out = self.out_channels or self.in_channels
+        total = 9 * first * (self.in_channels + out) + 9 * last * 3 * self.latent_channels
+        total += (2 * self.blocks_per_level + 1) * sum(9 * w * w for w in widths)
+        mid = 2 * 9 * last * last + (4 * last * last if self.mid_attention else 0)
+        n = self.latent_channels  # the 1x1 convolutions on the posterior and the latent
+        quant = (4 * n * n if self.quant_conv else 0) + (n * n if self.post_quant_conv else 0)
+        return total + 2 * mid + quant  # the encoder's middle and the decoder's
 
     @property
     def downsampling_factor(self) -> int:
@@ -316,7 +336,12 @@ class IdentityEncoderConfig(Config):
     """Pixel space: the [`IdentityEncoder`][diffkit.nn.vae.IdentityEncoder]."""
 
     kind: Literal["identity"] = "identity"
-    channels: int = Field(default=3, gt=0, description="data channels (= latent channels)")
+    channels: int = Field(
+        default=3,
+        gt=0,
+        le=MAX_DATA_ELEMENTS,
+        description="data channels (= latent channels), at most MAX_DATA_ELEMENTS",
+    )
 
     @property
     def in_channels(self) -> int:

@@ -24,6 +24,7 @@ from jaxtyping import Float
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from diffkit.config import field_error
 from diffkit.nn._registry import DENOISERS
 from diffkit.nn.attention import LocalFeedForward as LocalFeedForward
 from diffkit.nn.transformer import PatchTransformer, PatchTransformerConfig
@@ -53,13 +54,19 @@ class VideoDiTConfig(PatchTransformerConfig):
     @model_validator(mode="after")
     def _check_positions(self) -> "VideoDiTConfig":
         if self.dim % 4 != 0 or self.dim < 8:
-            raise ValueError(
+            message = (
                 f"dim {self.dim} must be a multiple of 4 and at least 8 (3-D sin-cos positions; "
                 "with 4 no feature encodes the position within a frame)"
             )
+            raise field_error("VideoDiTConfig", "dim", message, self.dim)
         if any(p < 1 for p in self.patch_size):
-            raise ValueError(f"patch_size must be positive, got {self.patch_size}")
+            message = f"patch_size must be positive, got {self.patch_size}"
+            raise field_error("VideoDiTConfig", "patch_size", message, self.patch_size)
         return self
+
+    def patch_elements(self) -> int:
+        """Numbers in one tubelet of one channel: ``frames * height * width``."""
+        return math.prod(self.patch_size)
 
     @property
     def downsampling_factor(self) -> int:

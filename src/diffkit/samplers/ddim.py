@@ -26,7 +26,9 @@ def _ddim_plan(grid: Grid, eta: float) -> list[Step]:
     for i in range(grid.steps):
         a0, s0 = grid.alpha[i], grid.sigma[i]
         a1, s1 = grid.alpha[i + 1], grid.sigma[i + 1]
-        c = eta * s1 * math.sqrt(-math.expm1(-2 * grid.h(i)))
+        # at most sigma_{i+1} (k-diffusion's sigma_up <= sigma_to): for eta > 1 the step
+        # then draws x_{i+1} afresh around alpha_{i+1} D, never with more noise than that
+        c = min(eta * s1 * math.sqrt(-math.expm1(-2 * grid.h(i))), s1)
         keep = math.sqrt(max(s1 * s1 - c * c, 0.0)) / s0  # coefficient of E, times 1/sigma_i
         plan.append(Step(keep=keep, data=(a1 - keep * a0,), noise=c))
     return plan
