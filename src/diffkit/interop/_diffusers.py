@@ -62,9 +62,17 @@ from diffkit.interop._diffusers_video import (
     video_keys_to_diffkit,
     video_keys_to_diffusers,
 )
+from diffkit.interop._diffusers_wan import (
+    VIDEO_AUTOENCODERS,
+    from_wan_vae,
+    wan_vae_keys,
+    wan_vae_kwargs,
+    wan_vae_state_dict,
+)
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
+from diffkit.nn.video_vae import CausalVideoAutoencoder
 from diffkit.typing import Prediction
 
 __all__ = ["from_diffusers", "to_diffusers", "to_diffusers_state_dict"]
@@ -484,6 +492,8 @@ def from_diffusers(
         source = video_keys_to_diffkit(source)
     elif name == "AutoencoderKL":
         converted = KLAutoencoder(_vae_config(module))
+    elif name in VIDEO_AUTOENCODERS:  # causal 3-D VAE: diffkit.interop._diffusers_wan
+        converted = from_wan_vae(module)
     elif name in TRANSFORMERS:
         record = _recorded(_config(module))
         converted = DiT(dit_config(module, prediction, num_train_timesteps, record))
@@ -491,10 +501,13 @@ def from_diffusers(
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
             f"UNet2DConditionModel, {', '.join(VIDEO_UNETS)}, AutoencoderKL, "
-            f"{', '.join(TRANSFORMERS)}"
+            f"{', '.join(VIDEO_AUTOENCODERS)}, {', '.join(TRANSFORMERS)}"
         )
     if isinstance(converted, DiT):
         state = dit_state_dict(source, converted.config)
+    elif isinstance(converted, CausalVideoAutoencoder):
+        keys = wan_vae_keys(converted)
+        state = wan_vae_state_dict(source, keys, converted.state_dict(), to_diffkit=True)
     else:
         state = _state_dict_to_diffkit(source, converted)
     parameter = next(module.parameters(), None)
@@ -654,6 +667,10 @@ def to_diffusers(module: nn.Module) -> nn.Module:
 
     if isinstance(module, DiT):
         model, state = to_diffusers_transformer(module)
+    elif isinstance(module, CausalVideoAutoencoder):
+        model = diffusers.AutoencoderKLWan(**wan_vae_kwargs(module.config))
+        keys = wan_vae_keys(module)
+        state = wan_vae_state_dict(module.state_dict(), keys, model.state_dict(), to_diffkit=False)
     else:
         if isinstance(module, UNet):
             name, kwargs = _diffusers_unet_kwargs(module.config)
@@ -662,7 +679,7 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         else:
             raise TypeError(
                 f"to_diffusers: cannot export {type(module).__name__}; "
-                "supported: UNet, KLAutoencoder, DiT"
+                "supported: UNet, KLAutoencoder, CausalVideoAutoencoder, DiT"
             )
         model, state = getattr(diffusers, name)(**kwargs), to_diffusers_state_dict(module)
     if isinstance(module, UNet | DiT):
