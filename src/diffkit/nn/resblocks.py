@@ -270,7 +270,7 @@ class CausalConv3d(nn.Conv3d):
         kt, kh, kw = kernel
         self.causal_padding = (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0)
 
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Conv3d's name)
+    def forward(self, input: Tensor) -> Tensor:
         """``(b, in, f, h, w) -> (b, out, f, h, w)``; output frame ``i`` reads frames ``<= i``."""
         return super().forward(F.pad(input, self.causal_padding))
 
