@@ -29,6 +29,7 @@ __all__ = [
     "StepCallback",
     "TextConditioner",
     "TextSpec",
+    "VideoEncoderSpec",
 ]
 
 
@@ -447,6 +448,16 @@ class EncoderSpec(Protocol, metaclass=_ProtocolMeta):
     @property
     def downsampling_factor(self) -> int:
         """Data height and width over latent height and width."""
+        ...
+
+
+@runtime_checkable
+class VideoEncoderSpec(EncoderSpec, Protocol, metaclass=_ProtocolMeta):
+    """An encoder config that compresses time too: ``1 + r k`` frames to ``1 + k``."""
+
+    @property
+    def temporal_downsampling_factor(self) -> int:
+        """``r``: latent frames are ``1 + (frames - 1) / r``."""
         ...
 
 

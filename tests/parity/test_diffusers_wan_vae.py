@@ -30,7 +30,7 @@ TINY: dict[str, Any] = {
 }
 
 
-def _wan(dtype: torch.dtype, **overrides: Any) -> torch.nn.Module:
+def _wan(dtype: torch.dtype, **overrides: Any) -> Any:
     """A tiny AutoencoderKLWan with its RMS-norm scales randomised too."""
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKLWan(**{**TINY, **overrides})
@@ -56,9 +56,11 @@ def _ours(x: torch.Tensor) -> torch.Tensor:
     ("dtype", "enc_tol", "dec_tol"),
     [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-12, 1e-6)],
 )
-def test_wan_vae_whole_clip_matches_diffusers_chunked_encode_and_decode(dtype, enc_tol, dec_tol):
+def test_wan_vae_whole_clip_matches_diffusers_chunked_encode_and_decode(
+    dtype: torch.dtype, enc_tol: float, dec_tol: float
+) -> None:
     vae = _wan(dtype)
-    ours = dk.interop.from_diffusers(vae)
+    ours: Any = dk.interop.from_diffusers(vae)
     assert isinstance(ours, CausalVideoAutoencoder)
     x = _video(dtype)
     with torch.no_grad():
@@ -80,7 +82,7 @@ def test_wan_vae_whole_clip_matches_diffusers_chunked_encode_and_decode(dtype, e
 
 def test_wan_vae_image_is_a_one_frame_video():
     vae = _wan(torch.float64)
-    ours = dk.interop.from_diffusers(vae)
+    ours: Any = dk.interop.from_diffusers(vae)
     video = _video(torch.float64)
     x = video[:, :, :1]
     with torch.no_grad():
@@ -105,10 +107,10 @@ def test_wan_vae_to_diffusers_loads_strict_and_round_trips():
             latent_channels=4,
         )
     ).double()
-    vae = dk.interop.to_diffusers(ours)  # loads with strict=True
+    vae: Any = dk.interop.to_diffusers(ours)  # loads with strict=True
     assert type(vae).__name__ == "AutoencoderKLWan"
     assert vae.config.decoder_base_dim == 12
-    back = dk.interop.from_diffusers(vae)
+    back: Any = dk.interop.from_diffusers(vae)
     assert back.config == ours.config.model_copy(
         update={"out_channels": 3, "latents_mean": (0.0,) * 4, "latents_std": (1.0,) * 4}
     )
