@@ -19,6 +19,7 @@ from diffkit.nn.clip import CLIPConfig, ResNetTowerConfig, TextTowerConfig, Visi
 from diffkit.nn.dit import DiTConfig
 from diffkit.nn.unet import TemporalConfig, UNetConfig
 from diffkit.nn.vae import IdentityEncoderConfig, KLAutoencoderConfig
+from diffkit.nn.video_vae import CausalVideoAutoencoderConfig
 from diffkit.nn.video import VideoDiTConfig
 from diffkit.patches import SpatialPatches, TubeletPatches
 from diffkit.samplers import (
@@ -69,6 +70,7 @@ def default_configs() -> list[Config]:
         UNetConfig(context_dim=8, temporal=TemporalConfig()),
         KLAutoencoderConfig(),
         IdentityEncoderConfig(),
+        CausalVideoAutoencoderConfig(),
         VideoDiTConfig(),
         DiffusionLoss(),
         UniformTime(),
