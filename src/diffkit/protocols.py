@@ -315,7 +315,9 @@ class Encoder(Protocol, metaclass=_ProtocolMeta):
     """A latent space: ``encode`` maps data to latents, ``decode`` maps them back.
 
     Latents are already multiplied by ``scaling_factor`` so that they have roughly unit
-    variance. Videos ``(batch, frames, channels, height, width)`` are coded frame by frame.
+    variance. Videos ``(batch, frames, channels, height, width)`` are coded frame by frame by
+    an image autoencoder, or as clips by a video one that compresses time too
+    ([`CausalVideoAutoencoder`][diffkit.nn.video_vae.CausalVideoAutoencoder]).
     """
 
     latent_channels: int

@@ -19,8 +19,8 @@ from diffkit.nn.clip import CLIPConfig, ResNetTowerConfig, TextTowerConfig, Visi
 from diffkit.nn.dit import DiTConfig
 from diffkit.nn.unet import TemporalConfig, UNetConfig
 from diffkit.nn.vae import IdentityEncoderConfig, KLAutoencoderConfig
-from diffkit.nn.video_vae import CausalVideoAutoencoderConfig
 from diffkit.nn.video import VideoDiTConfig
+from diffkit.nn.video_vae import CausalVideoAutoencoderConfig
 from diffkit.patches import SpatialPatches, TubeletPatches
 from diffkit.samplers import (
     DDIM,

@@ -26,6 +26,9 @@ diffusers first) and returns the equivalent diffkit module with the same weights
   ``encode(x)`` is ``(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor`` and
   whose ``decode(z)`` is ``vae.decode(z / scaling_factor + shift_factor).sample``
   (``shift_factor`` is 0 unless the diffusers config sets it).
+- an ``AutoencoderKLWan`` (Wan 2.1's video VAE) becomes a
+  [`CausalVideoAutoencoder`][diffkit.nn.video_vae.CausalVideoAutoencoder] taking
+  ``(batch, frames, channels, h, w)``; see ``diffkit.interop._diffusers_wan``.
 
 ``to_diffusers_state_dict(module)`` is the inverse for the weights: it loads with
 ``strict=True`` into a diffusers model built with the matching config, and
