@@ -5,6 +5,7 @@ from typing import Any
 import pytest
 import torch
 
+import diffkit as dk
 from diffkit.builder import build
 from diffkit.nn import ENCODERS, CausalVideoAutoencoder, CausalVideoAutoencoderConfig
 from diffkit.pipeline import Pipeline
@@ -35,6 +36,7 @@ def _video(frames: int, seed: int = 0) -> torch.Tensor:
 
 def test_latent_shape_compresses_time_and_space_and_keeps_the_first_frame_alone():
     model = _tiny()
+    assert isinstance(model, dk.Encoder)
     assert model.latent_shape((9, 3, 16, 16)) == (3, 4, 4, 4)
     assert model.latent_shape((1, 3, 8, 8)) == (1, 4, 2, 2)
     assert model.latent_shape((3, 8, 8)) == (4, 2, 2)  # an image

@@ -109,6 +109,9 @@ def test_wan_vae_to_diffusers_loads_strict_and_round_trips():
     ).double()
     vae: Any = dk.interop.to_diffusers(ours)  # loads with strict=True
     assert type(vae).__name__ == "AutoencoderKLWan"
+    fresh = diffusers.AutoencoderKLWan(**vae.config).double()
+    fresh.load_state_dict(dk.interop.to_diffusers_state_dict(ours), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), vae.parameters(), strict=True))
     assert vae.config.decoder_base_dim == 12
     back: Any = dk.interop.from_diffusers(vae)
     assert back.config == ours.config.model_copy(

@@ -68,7 +68,7 @@ from diffkit.interop._diffusers_video import (
 from diffkit.interop._diffusers_wan import (
     VIDEO_AUTOENCODERS,
     from_wan_vae,
-    wan_vae_keys,
+    wan_vae_diffusers_state_dict,
     wan_vae_kwargs,
     wan_vae_state_dict,
 )
@@ -509,8 +509,7 @@ def from_diffusers(
     if isinstance(converted, DiT):
         state = dit_state_dict(source, converted.config)
     elif isinstance(converted, CausalVideoAutoencoder):
-        keys = wan_vae_keys(converted)
-        state = wan_vae_state_dict(source, keys, converted.state_dict(), to_diffkit=True)
+        state = wan_vae_state_dict(source, converted)
     else:
         state = _state_dict_to_diffkit(source, converted)
     parameter = next(module.parameters(), None)
@@ -521,17 +520,19 @@ def from_diffusers(
 
 
 def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The weights of a diffkit ``UNet`` / ``KLAutoencoder`` / ``DiT`` under diffusers' names
-    and layout.
+    """The weights of a diffkit ``UNet`` / ``KLAutoencoder`` / ``CausalVideoAutoencoder`` /
+    ``DiT`` under diffusers' names and layout.
 
     Loads with ``strict=True`` into the diffusers model of the matching config.
     """
     if isinstance(module, DiT):
         return to_diffusers_transformer(module)[1]
+    if isinstance(module, CausalVideoAutoencoder):
+        return wan_vae_diffusers_state_dict(module)
     if not isinstance(module, UNet | KLAutoencoder):
         raise TypeError(
             f"to_diffusers_state_dict: cannot export {type(module).__name__}; "
-            "supported: UNet, KLAutoencoder, DiT"
+            "supported: UNet, KLAutoencoder, CausalVideoAutoencoder, DiT"
         )
     state = _state_dict_to_diffusers(module.state_dict())
     if isinstance(module, UNet) and module.config.temporal is not None:
@@ -672,8 +673,7 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         model, state = to_diffusers_transformer(module)
     elif isinstance(module, CausalVideoAutoencoder):
         model = diffusers.AutoencoderKLWan(**wan_vae_kwargs(module.config))
-        keys = wan_vae_keys(module)
-        state = wan_vae_state_dict(module.state_dict(), keys, model.state_dict(), to_diffkit=False)
+        state = wan_vae_diffusers_state_dict(module)
     else:
         if isinstance(module, UNet):
             name, kwargs = _diffusers_unet_kwargs(module.config)

@@ -22,6 +22,7 @@ from diffkit.nn.video_vae import CausalVideoAutoencoder, CausalVideoAutoencoderC
 __all__ = [
     "VIDEO_AUTOENCODERS",
     "wan_vae_config",
+    "wan_vae_diffusers_state_dict",
     "wan_vae_keys",
     "wan_vae_kwargs",
     "wan_vae_state_dict",
@@ -197,15 +198,27 @@ def wan_vae_keys(module: CausalVideoAutoencoder) -> dict[str, str]:
 
 
 def wan_vae_state_dict(
-    source: Mapping[str, Tensor],
-    keys: Mapping[str, str],
-    target: Mapping[str, Tensor],
-    to_diffkit: bool,
+    source: Mapping[str, Tensor], module: CausalVideoAutoencoder
 ) -> dict[str, Tensor]:
-    """Rename ``source`` by ``keys`` (diffkit -> diffusers, or back) into ``target``'s shapes
-    (norm scales and 1x1 convolutions differ only in trailing unit dimensions)."""
-    pairs = keys.items() if to_diffkit else ((df, dk) for dk, df in keys.items())
-    return {new: source[old].reshape(target[new].shape) for new, old in pairs}
+    """An ``AutoencoderKLWan`` state dict under ``module``'s names and shapes (norm scales
+    and 1x1 convolutions differ only in trailing unit dimensions)."""
+    target = module.state_dict()
+    return {dk: source[df].reshape(target[dk].shape) for dk, df in wan_vae_keys(module).items()}
+
+
+def wan_vae_diffusers_state_dict(module: CausalVideoAutoencoder) -> dict[str, Tensor]:
+    """The weights under ``AutoencoderKLWan``'s names and shapes (its RMS-norm scales and
+    attention projections keep trailing unit dimensions)."""
+    out: dict[str, Tensor] = {}
+    state = module.state_dict()
+    for dk, df in wan_vae_keys(module).items():
+        value = state[dk]
+        if df.endswith("gamma"):
+            value = value.view(-1, 1, 1) if ".attentions." in df else value.view(-1, 1, 1, 1)
+        elif df.endswith(("to_qkv.weight", "proj.weight")):
+            value = value.view(*value.shape, 1, 1)
+        out[df] = value
+    return out
 
 
 def from_wan_vae(module: nn.Module) -> CausalVideoAutoencoder:
