@@ -1,5 +1,6 @@
 """Tests for diffkit.nn.video_vae: the causal 3-D KL autoencoder and its use in a pipeline."""
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,8 +90,10 @@ def test_config_refuses_mismatched_temporal_downsample_and_statistics():
         )
 
 
-def test_video_pipeline_uses_the_causal_autoencoder_and_refuses_bad_frame_counts(tmp_path):
-    denoiser = {
+def test_video_pipeline_uses_the_causal_autoencoder_and_refuses_bad_frame_counts(
+    tmp_path: Path,
+) -> None:
+    denoiser: dict[str, Any] = {
         "kind": "video_dit",
         "in_channels": 4,
         "patch_size": [1, 2, 2],
@@ -122,13 +125,11 @@ def test_video_pipeline_uses_the_causal_autoencoder_and_refuses_bad_frame_counts
     with pytest.raises(ValueError, match="6 frames"):
         PipelineConfig(data_shape=(6, 3, 16, 16), **parts)
     # the tubelets tile the latent frames (2), not the data frames (5)
-    tubelets = {**parts, "patchifier": {"kind": "tubelet_patches", "patch_size": [2, 2, 2]}}
-    PipelineConfig(
-        data_shape=(5, 3, 16, 16),
-        **{**tubelets, "denoiser": {**denoiser, "patch_size": [2, 2, 2]}},
-    )
+    tubelets: dict[str, Any] = {
+        **parts,
+        "patchifier": {"kind": "tubelet_patches", "patch_size": [2, 2, 2]},
+        "denoiser": {**denoiser, "patch_size": [2, 2, 2]},
+    }
+    PipelineConfig(data_shape=(5, 3, 16, 16), **tubelets)
     with pytest.raises(ValueError, match="frames 3 is not a multiple"):
-        PipelineConfig(
-            data_shape=(9, 3, 16, 16),
-            **{**tubelets, "denoiser": {**denoiser, "patch_size": [2, 2, 2]}},
-        )
+        PipelineConfig(data_shape=(9, 3, 16, 16), **tubelets)
