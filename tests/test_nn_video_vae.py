@@ -8,9 +8,11 @@ import torch
 
 import diffkit as dk
 from diffkit.builder import build
+from diffkit.data import Batch
 from diffkit.nn import ENCODERS, CausalVideoAutoencoder, CausalVideoAutoencoderConfig
 from diffkit.pipeline import Pipeline
 from diffkit.pipeline_config import PipelineConfig
+from diffkit.training import AutoencoderLoss
 from diffkit.typing import ShapeError
 
 TINY: dict[str, Any] = {
@@ -133,3 +135,16 @@ def test_video_pipeline_uses_the_causal_autoencoder_and_refuses_bad_frame_counts
     PipelineConfig(data_shape=(5, 3, 16, 16), **tubelets)
     with pytest.raises(ValueError, match="frames 3 is not a multiple"):
         PipelineConfig(data_shape=(9, 3, 16, 16), **tubelets)
+
+
+def test_autoencoder_loss_trains_the_time_layers_too():
+    model = _tiny().float().train()
+    x = _video(5).float()
+    loss = AutoencoderLoss(kl_weight=1e-3)(model, Batch(x=x), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    loss.backward()
+    temporal = [
+        p for name, p in model.named_parameters() if ".temporal." in name and "weight" in name
+    ]
+    assert len(temporal) == 4  # two time halvings in the encoder, two doublings in the decoder
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in temporal)
