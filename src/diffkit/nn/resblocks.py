@@ -255,7 +255,9 @@ class ChannelRMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(b, c, ...) -> (b, c, ...)``."""
         weight = self.weight.view(-1, *([1] * (x.ndim - 2)))
-        return F.normalize(x, dim=1) * self.scale * weight
+        low = x.dtype in (torch.float16, torch.bfloat16)  # sum of squares in float32 there
+        normalized = F.normalize(x.float() if low else x, dim=1).to(x.dtype)
+        return normalized * self.scale * weight
 
 
 class CausalConv3d(nn.Conv3d):

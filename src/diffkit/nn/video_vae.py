@@ -146,7 +146,8 @@ class _FrameAttention(nn.Module):
 class _Mid(nn.Module):
     def __init__(self, channels: int, dropout: float) -> None:
         super().__init__()
-        self.res = nn.ModuleList(CausalResBlock(channels, channels, dropout=dropout) for _ in "ab")
+        blocks = [CausalResBlock(channels, channels, dropout=dropout) for _ in range(2)]
+        self.res = nn.ModuleList(blocks)
         self.attn = _FrameAttention(channels)
 
     def forward(self, x: Tensor) -> Tensor:
