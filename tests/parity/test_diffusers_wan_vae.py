@@ -159,6 +159,8 @@ def test_full_size_wan_vae_builds_on_meta_with_every_tensor_mapped():
     assert ours.config.base_channels == 96 and ours.config.latent_channels == 16
     assert ours.config.temporal_downsampling_factor == 4
     assert ours.config.downsampling_factor == 8
+    assert ours.config.latents_mean == tuple(vae.config.latents_mean)  # Wan's statistics
+    assert ours.config.latents_std == tuple(vae.config.latents_std)
     theirs = vae.state_dict()
     mine = ours.state_dict()
     keys = wan_vae_keys(ours)
