@@ -40,7 +40,14 @@ import torch
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from diffkit.config import REGISTRIES, Config, Registry, kind_of
-from diffkit.protocols import DenoiserSpec, EncoderSpec, NoiseSchedule, Patchifier, TextSpec
+from diffkit.protocols import (
+    DenoiserSpec,
+    EncoderSpec,
+    NoiseSchedule,
+    Patchifier,
+    TextSpec,
+    VideoEncoderSpec,
+)
 from diffkit.typing import Prediction
 
 __all__ = [
@@ -192,6 +199,7 @@ class _Latent(NamedTuple):
     height: int | None
     width: int | None
     where: str  # how the latent channels are named in a message
+    frames: int | None = None  # videos: latent frames (fewer where the encoder compresses time)
 
 
 def compatibility_problems(config: PipelineConfig) -> list[str]:
@@ -209,13 +217,20 @@ def compatibility_problems(config: PipelineConfig) -> list[str]:
 def _latent(config: PipelineConfig) -> _Latent:
     channels, height, width = config.data_shape[-3:]
     encoder = config.encoder
+    frames = config.data_shape[0] if config.is_video else None
     if encoder is None:
-        return _Latent(channels, height, width, "data_shape channels")
+        return _Latent(channels, height, width, "data_shape channels", frames)
     if not isinstance(encoder, EncoderSpec):
-        return _Latent(None, None, None, "")
+        return _Latent(None, None, None, "", frames)
+    if frames is not None and isinstance(encoder, VideoEncoderSpec):
+        frames = 1 + (frames - 1) // encoder.temporal_downsampling_factor
     factor = encoder.downsampling_factor
     return _Latent(
-        encoder.latent_channels, height // factor, width // factor, "encoder.latent_channels"
+        encoder.latent_channels,
+        height // factor,
+        width // factor,
+        "encoder.latent_channels",
+        frames,
     )
 
 
@@ -235,6 +250,14 @@ def _encoder_problems(shape: tuple[int, ...], encoder: Config | None) -> list[st
             f"data_shape has {channels} channels but encoder.out_channels is {out} (the "
             "decoder would give samples of another shape)"
         )
+    if len(shape) == 4 and isinstance(encoder, VideoEncoderSpec):
+        r = encoder.temporal_downsampling_factor
+        if (shape[0] - 1) % r:
+            problems.append(
+                f"data_shape has {shape[0]} frames but the encoder codes the first frame alone "
+                f"and then groups of encoder.temporal_downsampling_factor {r}: frames must be "
+                f"1 + {r} k"
+            )
     factor = encoder.downsampling_factor
     sizes = [("height", height, factor), ("width", width, factor)]
     return problems + _not_multiples("data_shape", sizes, "encoder.downsampling_factor")
@@ -274,8 +297,8 @@ def _denoiser_problems(config: PipelineConfig, latent: _Latent) -> list[str]:
         sizes = [("height", latent.height, factor), ("width", latent.width, factor)]
         problems += _not_multiples("the latent", sizes, "denoiser.downsampling_factor")
     patch = den.patch_size
-    if config.is_video and isinstance(patch, tuple):
-        frames = [("frames", shape[0], patch[0])]
+    if latent.frames is not None and isinstance(patch, tuple):
+        frames = [("frames", latent.frames, patch[0])]
         problems += _not_multiples("the latent", frames, "denoiser.patch_size")
     return problems
 
@@ -294,7 +317,7 @@ def _patchifier_problems(config: PipelineConfig, latent: _Latent) -> list[str]:
         return []
     sizes = [("height", latent.height, patch[-2]), ("width", latent.width, patch[-1])]
     if len(patch) == 3:
-        sizes.insert(0, ("frames", shape[0], patch[0]))
+        sizes.insert(0, ("frames", latent.frames or shape[0], patch[0]))
     return _not_multiples("the latent", sizes, "patchifier.patch_size")
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "StepCallback",
     "TextConditioner",
     "TextSpec",
+    "VideoEncoderSpec",
 ]
 
 
@@ -314,7 +315,9 @@ class Encoder(Protocol, metaclass=_ProtocolMeta):
     """A latent space: ``encode`` maps data to latents, ``decode`` maps them back.
 
     Latents are already multiplied by ``scaling_factor`` so that they have roughly unit
-    variance. Videos ``(batch, frames, channels, height, width)`` are coded frame by frame.
+    variance. Videos ``(batch, frames, channels, height, width)`` are coded frame by frame by
+    an image autoencoder, or as clips by a video one that compresses time too
+    ([`CausalVideoAutoencoder`][diffkit.nn.video_vae.CausalVideoAutoencoder]).
     """
 
     latent_channels: int
@@ -447,6 +450,16 @@ class EncoderSpec(Protocol, metaclass=_ProtocolMeta):
     @property
     def downsampling_factor(self) -> int:
         """Data height and width over latent height and width."""
+        ...
+
+
+@runtime_checkable
+class VideoEncoderSpec(EncoderSpec, Protocol, metaclass=_ProtocolMeta):
+    """An encoder config that compresses time too: ``1 + r k`` frames to ``1 + k``."""
+
+    @property
+    def temporal_downsampling_factor(self) -> int:
+        """``r``: latent frames are ``1 + (frames - 1) / r``."""
         ...
 
 

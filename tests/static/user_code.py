@@ -21,6 +21,7 @@ from diffkit.nn.t5 import T5EncoderConfig
 from diffkit.nn.unet import TemporalConfig, UNetConfig
 from diffkit.nn.vae import IdentityEncoderConfig, KLAutoencoderConfig
 from diffkit.nn.video import VideoDiTConfig
+from diffkit.nn.video_vae import CausalVideoAutoencoderConfig
 from diffkit.patches import SpatialPatches, TubeletPatches
 from diffkit.samplers import (
     DDIM,
@@ -71,6 +72,7 @@ def default_configs() -> list[Config]:
         UNetConfig(context_dim=8, temporal=TemporalConfig()),
         KLAutoencoderConfig(),
         IdentityEncoderConfig(),
+        CausalVideoAutoencoderConfig(),
         VideoDiTConfig(),
         DiffusionLoss(),
         UniformTime(),

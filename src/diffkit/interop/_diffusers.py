@@ -26,6 +26,9 @@ diffusers first) and returns the equivalent diffkit module with the same weights
   ``encode(x)`` is ``(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor`` and
   whose ``decode(z)`` is ``vae.decode(z / scaling_factor + shift_factor).sample``
   (``shift_factor`` is 0 unless the diffusers config sets it).
+- an ``AutoencoderKLWan`` (Wan 2.1's video VAE) becomes a
+  [`CausalVideoAutoencoder`][diffkit.nn.video_vae.CausalVideoAutoencoder] taking
+  ``(batch, frames, channels, h, w)``; see ``diffkit.interop._diffusers_wan``.
 
 ``to_diffusers_state_dict(module)`` is the inverse for the weights: it loads with
 ``strict=True`` into a diffusers model built with the matching config, and
@@ -62,9 +65,17 @@ from diffkit.interop._diffusers_video import (
     video_keys_to_diffkit,
     video_keys_to_diffusers,
 )
+from diffkit.interop._diffusers_wan import (
+    VIDEO_AUTOENCODERS,
+    from_wan_vae,
+    wan_vae_diffusers_state_dict,
+    wan_vae_kwargs,
+    wan_vae_state_dict,
+)
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
+from diffkit.nn.video_vae import CausalVideoAutoencoder
 from diffkit.typing import Prediction
 
 __all__ = ["from_diffusers", "to_diffusers", "to_diffusers_state_dict"]
@@ -488,6 +499,8 @@ def from_diffusers(
         source = video_keys_to_diffkit(source)
     elif name == "AutoencoderKL":
         converted = KLAutoencoder(_vae_config(module))
+    elif name in VIDEO_AUTOENCODERS:  # causal 3-D VAE: diffkit.interop._diffusers_wan
+        converted = from_wan_vae(module)
     elif name in TRANSFORMERS:
         record = _recorded(_config(module))
         converted = DiT(dit_config(module, prediction, num_train_timesteps, record, time_shift))
@@ -495,10 +508,12 @@ def from_diffusers(
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
             f"UNet2DConditionModel, {', '.join(VIDEO_UNETS)}, AutoencoderKL, "
-            f"{', '.join(TRANSFORMERS)}"
+            f"{', '.join(VIDEO_AUTOENCODERS)}, {', '.join(TRANSFORMERS)}"
         )
     if isinstance(converted, DiT):
         state = dit_state_dict(source, converted.config)
+    elif isinstance(converted, CausalVideoAutoencoder):
+        state = wan_vae_state_dict(source, converted)
     else:
         state = _state_dict_to_diffkit(source, converted)
     parameter = next(module.parameters(), None)
@@ -509,17 +524,19 @@ def from_diffusers(
 
 
 def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The weights of a diffkit ``UNet`` / ``KLAutoencoder`` / ``DiT`` under diffusers' names
-    and layout.
+    """The weights of a diffkit ``UNet`` / ``KLAutoencoder`` / ``CausalVideoAutoencoder`` /
+    ``DiT`` under diffusers' names and layout.
 
     Loads with ``strict=True`` into the diffusers model of the matching config.
     """
     if isinstance(module, DiT):
         return to_diffusers_transformer(module)[1]
+    if isinstance(module, CausalVideoAutoencoder):
+        return wan_vae_diffusers_state_dict(module)
     if not isinstance(module, UNet | KLAutoencoder):
         raise TypeError(
             f"to_diffusers_state_dict: cannot export {type(module).__name__}; "
-            "supported: UNet, KLAutoencoder, DiT"
+            "supported: UNet, KLAutoencoder, CausalVideoAutoencoder, DiT"
         )
     state = _state_dict_to_diffusers(module.state_dict())
     if isinstance(module, UNet) and module.config.temporal is not None:
@@ -658,6 +675,9 @@ def to_diffusers(module: nn.Module) -> nn.Module:
 
     if isinstance(module, DiT):
         model, state = to_diffusers_transformer(module)
+    elif isinstance(module, CausalVideoAutoencoder):
+        model = diffusers.AutoencoderKLWan(**wan_vae_kwargs(module.config))
+        state = wan_vae_diffusers_state_dict(module)
     else:
         if isinstance(module, UNet):
             name, kwargs = _diffusers_unet_kwargs(module.config)
@@ -666,7 +686,7 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         else:
             raise TypeError(
                 f"to_diffusers: cannot export {type(module).__name__}; "
-                "supported: UNet, KLAutoencoder, DiT"
+                "supported: UNet, KLAutoencoder, CausalVideoAutoencoder, DiT"
             )
         model, state = getattr(diffusers, name)(**kwargs), to_diffusers_state_dict(module)
     if isinstance(module, UNet | DiT):

@@ -20,3 +20,5 @@ from diffkit.nn.vae import KLAutoencoder as KLAutoencoder
 from diffkit.nn.vae import KLAutoencoderConfig as KLAutoencoderConfig
 from diffkit.nn.video import VideoDiT as VideoDiT
 from diffkit.nn.video import VideoDiTConfig as VideoDiTConfig
+from diffkit.nn.video_vae import CausalVideoAutoencoder as CausalVideoAutoencoder
+from diffkit.nn.video_vae import CausalVideoAutoencoderConfig as CausalVideoAutoencoderConfig

@@ -3,7 +3,9 @@
 Every layer is a plain ``nn.Module`` on feature maps ``(batch, channels, height, width)``,
 used by the U-Net and the latent autoencoder; [`TemporalConv`][diffkit.nn.resblocks.TemporalConv]
 takes the frames of videos stacked on the batch, ``(batch * frames, channels, height, width)``
-(the space-time U-Net).
+(the space-time U-Net). [`CausalConv3d`][diffkit.nn.resblocks.CausalConv3d] and
+[`CausalResBlock`][diffkit.nn.resblocks.CausalResBlock] take clips ``(batch, channels, frames,
+height, width)`` and never look at later frames (the causal video autoencoder).
 """
 
 import torch
@@ -15,6 +17,9 @@ from torch import Tensor, nn
 from diffkit.typing import Image, checked_layer
 
 __all__ = [
+    "CausalConv3d",
+    "CausalResBlock",
+    "ChannelRMSNorm",
     "Downsample",
     "Level",
     "ResBlock",
@@ -139,14 +144,14 @@ class Upsample(nn.Module):
     The parameters are the 3x3 convolution's (``conv``), as in diffusers' checkpoints.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, out_channels: int | None = None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
         self.register_buffer("taps", torch.tensor(_PHASE_TAPS), persistent=False)
 
     @checked_layer
-    def forward(self, x: Image) -> Float[Tensor, "batch channels h w"]:
-        """``(b, c, h, w) -> (b, c, 2h, 2w)``, in the memory format of ``x``."""
+    def forward(self, x: Image) -> Float[Tensor, "batch out_channels h w"]:
+        """``(b, c, h, w) -> (b, out_channels, 2h, 2w)``, in the memory format of ``x``."""
         taps = self.taps.to(self.conv.weight.dtype)
         kernels = torch.einsum("apr,bqs,oirs->aboipq", taps, taps, self.conv.weight)
         n, _, h, w = x.shape
@@ -233,3 +238,65 @@ class Level(nn.Module):
         self.temporal_attn = nn.ModuleList(temporal_attn or [])
         self.downsample = downsample
         self.upsample = upsample
+
+
+class ChannelRMSNorm(nn.Module):
+    """RMS norm over the channels (dim 1) of a feature map: ``x / rms(x) * weight``.
+
+    Computed as ``normalize(x, dim=1) * sqrt(channels) * weight`` (``normalize`` divides by
+    ``max(||x||, 1e-12)``), Wan's normalisation; each pixel of each frame on its own.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = channels**0.5
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(b, c, ...) -> (b, c, ...)``."""
+        weight = self.weight.view(-1, *([1] * (x.ndim - 2)))
+        low = x.dtype in (torch.float16, torch.bfloat16)  # sum of squares in float32 there
+        normalized = F.normalize(x.float() if low else x, dim=1).to(x.dtype)
+        return normalized * self.scale * weight
+
+
+class CausalConv3d(nn.Conv3d):
+    """3-D convolution over ``(b, c, frames, h, w)`` that sees only the current and earlier
+    frames: the time axis is zero-padded by ``kernel - 1`` frames in front (none behind),
+    height and width symmetrically. Frames in = frames out."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel: tuple[int, int, int] = (3, 3, 3)
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel)
+        kt, kh, kw = kernel
+        self.causal_padding = (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """``(b, in, f, h, w) -> (b, out, f, h, w)``; output frame ``i`` reads frames ``<= i``."""
+        return super().forward(F.pad(input, self.causal_padding))
+
+
+class CausalResBlock(nn.Module):
+    """Residual block of causal 3-D convolutions, ``skip(x) + conv2(act(norm2(conv1(act(
+    norm1(x))))))`` with channel RMS norms: [`ResBlock`][diffkit.nn.resblocks.ResBlock]'s
+    shape for clips ``(b, c, frames, h, w)`` (Wan's video autoencoder)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = ChannelRMSNorm(in_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels)
+        self.norm2 = ChannelRMSNorm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_channels, out_channels)
+        self.skip = (
+            CausalConv3d(in_channels, out_channels, (1, 1, 1))
+            if in_channels != out_channels
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(b, in, f, h, w) -> (b, out, f, h, w)``."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h + (x if self.skip is None else self.skip(x))

@@ -6,7 +6,8 @@
 latent back to an image. Latents handed to a denoiser are scaled:
 ``encode(x) = (mean - shift_factor) * scaling_factor`` (or a posterior sample instead of the
 mean), ``decode(z) = decoder(z / scaling_factor + shift_factor)``. Videos ``(b, f, c, h, w)``
-are coded frame by frame.
+are coded frame by frame ([`CausalVideoAutoencoder`][diffkit.nn.video_vae.CausalVideoAutoencoder]
+compresses time too).
 
 [`IdentityEncoder`][diffkit.nn.vae.IdentityEncoder] is pixel space behind the same interface.
 """
