@@ -33,7 +33,7 @@ from einops import rearrange
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config
+from diffkit.config import NetworkConfig, field_error
 from diffkit.nn._registry import ENCODERS
 from diffkit.nn.attention import Attention
 from diffkit.nn.resblocks import (
@@ -49,7 +49,7 @@ from diffkit.typing import Sample, ShapeError, checked
 __all__ = ["CausalVideoAutoencoder", "CausalVideoAutoencoderConfig"]
 
 
-class CausalVideoAutoencoderConfig(Config):
+class CausalVideoAutoencoderConfig(NetworkConfig):
     """Architecture and latent normalisation of a
     [`CausalVideoAutoencoder`][diffkit.nn.video_vae.CausalVideoAutoencoder] (defaults: the
     Wan 2.1 VAE's architecture, without its latent statistics)."""
@@ -64,7 +64,7 @@ class CausalVideoAutoencoderConfig(Config):
         default=None, gt=0, description="decoder's (default: base_channels)"
     )
     channel_mult: tuple[PositiveInt, ...] = Field(
-        default=(1, 2, 4, 4), min_length=1, description="per level"
+        default=(1, 2, 4, 4), min_length=1, max_length=16, description="per level (at most 16)"
     )
     blocks_per_level: int = Field(
         default=2, gt=0, le=64, description="residual blocks per encoder level"
@@ -88,27 +88,44 @@ class CausalVideoAutoencoderConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> "CausalVideoAutoencoderConfig":
+        owner = type(self).__name__
         if len(self.temporal_downsample) != len(self.channel_mult) - 1:
-            raise ValueError(
+            message = (
                 f"temporal_downsample has {len(self.temporal_downsample)} entries; it needs one "
                 f"per downsampling, len(channel_mult) - 1 = {len(self.channel_mult) - 1}"
             )
+            raise field_error(owner, "temporal_downsample", message, self.temporal_downsample)
         for name in ("latents_mean", "latents_std"):
             stats = getattr(self, name)
             if stats is not None and len(stats) != self.latent_channels:
-                raise ValueError(
+                message = (
                     f"{name} has {len(stats)} entries, expected latent_channels="
                     f"{self.latent_channels}"
                 )
+                raise field_error(owner, name, message, stats)
         decoder = self.decoder_base_channels or self.base_channels
         for i, mult in enumerate(self.channel_mult[1:]):
             if decoder * mult % 2:
-                raise ValueError(
+                message = (
                     f"decoder level {len(self.channel_mult) - 2 - i} has {decoder * mult} "
                     "channels; its upsampling halves them, so it must be even "
                     "(decoder_base_channels * channel_mult)"
                 )
+                raise field_error(owner, "decoder_base_channels", message, decoder)
         return self
+
+    def parameter_estimate(self) -> int:
+        """A lower bound on the autoencoder's parameters: the 3x3x3 convolutions of the
+        encoder's and decoder's residual blocks, and those in and out of the latent."""
+        decoder = self.decoder_base_channels or self.base_channels
+        encoder_widths = [self.base_channels * m for m in self.channel_mult]
+        decoder_widths = [decoder * m for m in self.channel_mult]
+        blocks = 2 * 27 * self.blocks_per_level * sum(w * w for w in encoder_widths)
+        blocks += 2 * 27 * (self.blocks_per_level + 1) * sum(w * w for w in decoder_widths)
+        out = self.out_channels or self.in_channels
+        ends = 27 * (self.in_channels * encoder_widths[0] + out * decoder_widths[0])
+        latent = 27 * self.latent_channels * (2 * encoder_widths[-1] + decoder_widths[-1])
+        return blocks + ends + latent
 
     @property
     def downsampling_factor(self) -> int:
