@@ -1,6 +1,7 @@
 """Strategy, mixed precision, activation checkpointing and compile switches of train()."""
 
 import math
+from copy import deepcopy
 
 import pytest
 import torch
@@ -101,10 +102,20 @@ def test_activation_checkpointing_gives_the_same_losses(digits, build):
     plain, _ = _fit(build(), digits)
     recomputed, state = _fit(build(), digits, activation_checkpointing=True)
     assert max(abs(a - b) for a, b in zip(plain, recomputed, strict=True)) <= 1e-6
-    # the hooks are on the blocks, so parameter names (and checkpoints) are unchanged
+    # only the blocks' forward changed: parameter names (and checkpoints) are the same
     assert [n for n, _ in state.model.named_parameters()] == [
         n for n, _ in build().named_parameters()
     ]
+    # and a copy of the trained model runs its own blocks, not the original's
+    copy = deepcopy(state.model)
+    with torch.no_grad():
+        for block in _strategy.blocks(copy):
+            for p in block.parameters():
+                p.zero_()
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    labels = Conditioning(labels=torch.tensor([1, 2]))
+    copy.eval(), state.model.eval()
+    assert not torch.equal(copy(x, t, labels), state.model(x, t, labels))
 
 
 BF16_TOLERANCE = 1e-2

@@ -27,6 +27,7 @@
 """
 
 import functools
+import types
 from typing import Any, Literal, cast
 
 import torch
@@ -126,13 +127,14 @@ def recompute_in_backward(block: nn.Module) -> None:
     same masks) around the block's own ``forward``: the module's hooks (FSDP's gathers)
     stay outside, and its parameter names do not change.
     """
-    forward = block.forward
+    # a method bound to the block (not a closure over it): a deepcopy of the model rebinds
+    # it to the copy
+    block.forward = types.MethodType(_checkpointed_forward, block)
 
-    @functools.wraps(forward)
-    def checkpointed(*args: Any, **kwargs: Any) -> Any:
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
-    block.forward = checkpointed
+def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    forward = functools.partial(type(block).forward, block)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _fully_shard(model: nn.Module, precision: Precision) -> None:
