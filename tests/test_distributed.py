@@ -378,7 +378,9 @@ FSDP_WORKER = textwrap.dedent(
         with distributed() as info:
             record = {kind: fit(kind, strategy=strategy), "world_size": info.world_size}
             if strategy == "fsdp" and kind == "unet":  # bf16 through MixedPrecisionPolicy
-                record["unet_bf16"] = fit("unet", strategy=strategy, precision="bf16")
+                record["unet_bf16"] = fit(
+                    "unet", strategy=strategy, precision="bf16", activation_checkpointing=True
+                )
         return info, record
 
 
@@ -414,7 +416,8 @@ def test_fsdp_on_two_gloo_processes_matches_one_process_and_halves_each_ranks_sh
         assert all(0.4 < share < 0.6 for share in shares), (what, shares)
     assert ranks[0][kind]["dtypes"] == ["torch.float32"]
     if kind == "unet":
-        # bf16 compute (MixedPrecisionPolicy) keeps fp32 master weights and follows fp32
+        # bf16 compute (MixedPrecisionPolicy, checkpointed blocks) keeps fp32 master
+        # weights and follows fp32
         bf16 = ranks[0]["unet_bf16"]
         assert bf16["dtypes"] == ["torch.float32"]
         assert bf16["losses"] != fp32

@@ -19,19 +19,21 @@
   one process or DDP, ``torch.autocast``. The optimizer's parameters (master weights),
   the loss and the EMA stay fp32.
 - **Activation checkpointing** (``activation_checkpointing``): the same blocks keep no
-  activations for backward and recompute their forward there
-  (``torch.distributed._composable.checkpoint``: non-reentrant, hook-based, so
-  parameter names and state dicts are unchanged).
+  activations for backward and recompute their forward there (``torch.utils.checkpoint``,
+  non-reentrant, around each block's ``forward``: parameter names and state dicts are
+  unchanged, FSDP's hooks stay outside, and it traces under ``torch.compile``).
 - **compile** (``compile``): ``module.compile(backend=compile_backend)`` in place, so
   names, state dicts and the EMA are unchanged.
 """
 
-from typing import Literal, cast
+import functools
+import types
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import Tensor, nn
-from torch.distributed._composable import checkpoint as checkpoint_module
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -101,7 +103,7 @@ def apply_strategy(
     """Checkpoint, compile and shard (or wrap) ``model`` in place; what the loss calls."""
     if config.activation_checkpointing:
         for block in blocks(model):
-            checkpoint_module(block)
+            recompute_in_backward(block)
     if config.compile:
         model.compile(backend=config.compile_backend)
     if strategy == "single":
@@ -116,6 +118,23 @@ def apply_strategy(
     if ema is not None:
         shard_like(ema.module, model)
     return model
+
+
+def recompute_in_backward(block: nn.Module) -> None:
+    """Make ``block`` keep no activations: its forward runs again in backward.
+
+    ``torch.utils.checkpoint`` (non-reentrant, RNG state restored, so dropout redraws the
+    same masks) around the block's own ``forward``: the module's hooks (FSDP's gathers)
+    stay outside, and its parameter names do not change.
+    """
+    # a method bound to the block (not a closure over it): a deepcopy of the model rebinds
+    # it to the copy
+    block.forward = types.MethodType(_checkpointed_forward, block)
+
+
+def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    forward = functools.partial(type(block).forward, block)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _fully_shard(model: nn.Module, precision: Precision) -> None:
