@@ -40,7 +40,7 @@ other option raises ``ValueError`` naming it, rather than converting to a differ
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,7 @@ from diffkit.interop._diffusers_transformer import (
     dit_state_dict,
     to_diffusers_transformer,
 )
+from diffkit.interop._schedulers import SCHEDULERS, SchedulerParts, scheduler_parts
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
@@ -443,16 +444,32 @@ def _vae_config(module: nn.Module) -> KLAutoencoderConfig:
     )
 
 
+@overload
 def from_diffusers(
     module: nn.Module,
     *,
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
     micro_conditions: int = 6,
-) -> nn.Module:
+) -> nn.Module: ...
+
+
+@overload
+def from_diffusers(module: object) -> SchedulerParts: ...
+
+
+def from_diffusers(
+    module: Any,
+    *,
+    prediction: Prediction | None = None,
+    num_train_timesteps: int | None = None,
+    micro_conditions: int = 6,
+) -> nn.Module | SchedulerParts:
     """The diffkit equivalent (same weights) of a diffusers U-Net, ``AutoencoderKL``,
     ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` (the last two: a
-    [`DiT`][diffkit.nn.dit.DiT]).
+    [`DiT`][diffkit.nn.dit.DiT]); of a diffusers scheduler, its
+    [`SchedulerParts`][diffkit.interop.SchedulerParts] ``(schedule, sampler)`` (see
+    [`scheduler_parts`][diffkit.interop.scheduler_parts]).
 
     ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
     config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
@@ -462,6 +479,8 @@ def from_diffusers(
     (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner).
     """
     name = type(module).__name__
+    if name in SCHEDULERS:
+        return scheduler_parts(module)
     converted: nn.Module
     if name in ("UNet2DModel", "UNet2DConditionModel"):
         converted = UNet(_unet_config(module, prediction, num_train_timesteps, micro_conditions))
