@@ -27,6 +27,7 @@ from diffkit.samplers.clipping import Clip as Clip
 from diffkit.samplers.ddim import DDIM as DDIM
 from diffkit.samplers.ddim import DDPM as DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP as DPMSolverPP
+from diffkit.samplers.edm import EDMStochastic as EDMStochastic
 from diffkit.samplers.euler import Euler as Euler
 from diffkit.samplers.euler import EulerAncestral as EulerAncestral
 from diffkit.samplers.euler import Heun as Heun
@@ -35,9 +36,11 @@ from diffkit.samplers.fitting import FittedSolver as FittedSolver
 from diffkit.samplers.fitting import fit_grid as fit_grid
 from diffkit.samplers.fitting import fit_solver as fit_solver
 from diffkit.samplers.inversion import DDIMInversion as DDIMInversion
+from diffkit.samplers.lcm import LCM as LCM
 from diffkit.samplers.lms import LMS as LMS
 from diffkit.samplers.noise import BrownianTreeNoise as BrownianTreeNoise
 from diffkit.samplers.noise import Noise as Noise
+from diffkit.samplers.pndm import PNDM as PNDM
 from diffkit.samplers.presets import PRESETS as PRESETS
 from diffkit.samplers.presets import REGISTRY as REGISTRY
 from diffkit.samplers.singlestep import DPMSolver2 as DPMSolver2
@@ -47,6 +50,7 @@ from diffkit.samplers.spacing import SPACINGS as SPACINGS
 from diffkit.samplers.spacing import AnySpacing as AnySpacing
 from diffkit.samplers.spacing import Explicit as Explicit
 from diffkit.samplers.spacing import Karras as Karras
+from diffkit.samplers.spacing import LCMSpacing as LCMSpacing
 from diffkit.samplers.spacing import Leading as Leading
 from diffkit.samplers.spacing import LogSNR as LogSNR
 from diffkit.samplers.spacing import Spacing as Spacing
@@ -60,7 +64,9 @@ from diffkit.samplers.unipc import UniPC as UniPC
 __all__ = [
     "DDIM",
     "DDPM",
+    "LCM",
     "LMS",
+    "PNDM",
     "PRESETS",
     "REGISTRY",
     "SAMPLERS",
@@ -73,6 +79,7 @@ __all__ = [
     "DPMSolverPP",
     "DPMSolverPP2SAncestral",
     "DPMSolverPPSDE",
+    "EDMStochastic",
     "Euler",
     "EulerAncestral",
     "Explicit",
@@ -81,6 +88,7 @@ __all__ = [
     "Grid",
     "Heun",
     "Karras",
+    "LCMSpacing",
     "Leading",
     "LogSNR",
     "Noise",

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 from torch import Tensor
@@ -30,6 +31,7 @@ __all__ = [
     "AnySpacing",
     "Explicit",
     "Karras",
+    "LCMSpacing",
     "Leading",
     "LogSNR",
     "Spacing",
@@ -331,6 +333,70 @@ class Timesteps(SpacingBase):
         return torch.tensor([(i + 1) / self.num_train for i in index] + [0.0], dtype=_F64)
 
 
+class LCMSpacing(SpacingBase):
+    """The grid of a latent consistency model: ``steps`` of its ``original_steps`` times.
+
+    diffusers' ``LCMScheduler.set_timesteps``: the distillation grid is the training
+    indices ``j * k - 1``, ``k = num_train // original_steps``, for
+    ``j = 1 ... int(original_steps * strength)``, noisiest first; ``steps`` of them are
+    taken at the positions ``floor(linspace(0, n, steps, endpoint=False))``, as times
+    ``t = (index + 1) / num_train``. ``steps`` may not exceed ``original_steps`` or the
+    ``n`` indices that ``strength`` leaves (diffusers' image-to-image ``strength``).
+    """
+
+    kind: Literal["lcm"] = "lcm"
+    num_train: int = Field(default=1000, ge=1, description="training steps of the model")
+    original_steps: int = Field(default=50, ge=1, description="the distillation grid's steps")
+    strength: float = Field(default=1.0, gt=0, le=1, description="share of that grid used")
+
+    @model_validator(mode="after")
+    def _valid_steps(self) -> "LCMSpacing":
+        if self.original_steps > self.num_train:
+            message = (
+                f"LCMSpacing: original_steps ({self.original_steps}) must not exceed "
+                f"num_train ({self.num_train})"
+            )
+            raise field_error("LCMSpacing", "original_steps", message, self.original_steps)
+        if int(self.original_steps * self.strength) < 1:
+            message = f"LCMSpacing: strength ({self.strength}) leaves none of the original steps"
+            raise field_error("LCMSpacing", "strength", message, self.strength)
+        return self
+
+    def _indices(self) -> list[int]:
+        """The distillation grid's training indices, noisiest first."""
+        k = self.num_train // self.original_steps
+        n = int(self.original_steps * self.strength)  # diffusers' int(), not round()
+        return [j * k - 1 for j in range(n, 0, -1)]
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+        origin = self._indices()
+        if steps > min(self.original_steps, len(origin)):
+            raise ValueError(
+                f"LCMSpacing: steps ({steps}) must not exceed the {len(origin)} steps of its "
+                f"original grid (original_steps={self.original_steps}, strength={self.strength})"
+            )
+        positions = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False))
+        times = [(origin[int(p)] + 1) / self.num_train for p in positions]
+        return torch.tensor([*times, 0.0], dtype=_F64)
+
+    def starting_at(self, t: float) -> SpacingBase:
+        """The grid of the ``strength`` whose first time is ``t``, a time of the original grid."""
+        k = self.num_train // self.original_steps
+        n = round(t * self.num_train / k)
+        if not (1 <= n <= self.original_steps and math.isclose(n * k / self.num_train, t)):
+            raise ValueError(
+                f"t_start ({t}) must be a time of the LCM grid, j * {k} / {self.num_train} for "
+                f"j = 1 ... {self.original_steps}"
+            )
+        # half a step above n / original_steps, so that diffusers' int() gives n exactly
+        strength = min((n + 0.5) / self.original_steps, 1.0)
+        return self.model_copy(update={"strength": strength})
+
+
 class LogSNR(_Ramp):
     """Evenly spaced log-SNR from ``t_max`` to ``t_min`` (DPM-Solver's ``"logSNR"``).
 
@@ -462,6 +528,7 @@ SPACINGS.register(Karras)
 SPACINGS.register(Explicit)
 SPACINGS.register(Leading)
 SPACINGS.register(Timesteps)
+SPACINGS.register(LCMSpacing)
 
 
 def _spacing(value: Any) -> Any:
