@@ -93,6 +93,13 @@ BASE: dict[str, dict[str, Any]] = {
     "HeunDiscreteScheduler": {"num_train_timesteps": 1100},
     "LMSDiscreteScheduler": {"num_train_timesteps": 1100},
     "DPMSolverSDEScheduler": {"num_train_timesteps": 1100, "noise_sampler_seed": 0},
+    "PNDMScheduler": {},
+    "LCMScheduler": {
+        "beta_start": 0.00085,
+        "beta_end": 0.0120,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+    },
 }
 """Each test class's ``get_scheduler_config`` (beside the betas 1e-4 .. 0.02, linear)."""
 
@@ -204,6 +211,30 @@ def _scenarios() -> dict[str, tuple[str, dict[str, Any], int | None, int]]:
             0,
         ),
         "unipc_with_noise": ("UniPCMultistepScheduler", {}, 10, 5),
+        "pndm_no_noise": ("PNDMScheduler", {}, 10, 0),
+        "pndm_with_v_prediction": ("PNDMScheduler", {"prediction_type": "v_prediction"}, 10, 0),
+        "pndm_set_alpha_to_one": (
+            "PNDMScheduler",
+            {"set_alpha_to_one": True, "beta_start": 0.01},
+            10,
+            0,
+        ),
+        "pndm_no_set_alpha_to_one": (
+            "PNDMScheduler",
+            {"set_alpha_to_one": False, "beta_start": 0.01},
+            10,
+            0,
+        ),
+        "lcm_onestep": ("LCMScheduler", {}, 1, 0),
+        "lcm_multistep": ("LCMScheduler", {}, 10, 0),
+        "dpm_sde_no_noise": ("DPMSolverSDEScheduler", {}, 10, 0),
+        "dpm_sde_with_v_prediction": (
+            "DPMSolverSDEScheduler",
+            {"prediction_type": "v_prediction"},
+            10,
+            0,
+        ),
+        "dpm_sde_karras_sigmas": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, 10, 0),
     }
     for algorithm in ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++"):
         for solver_type in ("midpoint", "heun"):
@@ -285,13 +316,18 @@ def _make(name: str, overrides: dict[str, Any]) -> Any:
     return getattr(diffusers, name)(**config)
 
 
-def _diffusers_loop(scheduler: Any, steps: int | None, t_start: int) -> torch.Tensor:
+def _diffusers_loop(
+    scheduler: Any, steps: int | None, t_start: int, exact: list[float] | None = None
+) -> torch.Tensor:
     """The scenario's loop in diffusers (the valid one: the scaled input goes to the model).
 
     The scheduler's ``alphas_cumprod`` (float32) is held in float64, so that its step
     coefficients are computed in float64: DDPM's ``1 - alpha_t / alpha_prev`` in float32
     loses up to 1e-3 relative at the small betas, which its 1000 steps accumulate to 3e-5.
-    LMS with noise runs on the tail of its timesteps and sigmas: diffusers' own loop
+    DPM-SDE (``exact``: its sigmas in float64, checked against its float32 ones) queries
+    its Brownian tree at float32-rounded sigmas otherwise, whose increments then differ
+    by ~sqrt(rounding) (4e-5 on the result). LMS with noise runs on the tail of its
+    timesteps and sigmas: diffusers' own loop
     starts its order count at ``step_index + 1`` (4 at ``t_start = 8``) with one
     derivative in hand, which is no LMS step.
     """
@@ -301,6 +337,10 @@ def _diffusers_loop(scheduler: Any, steps: int | None, t_start: int) -> torch.Te
             setattr(scheduler, attr, value.double())
     if steps is not None:
         scheduler.set_timesteps(steps)
+    if exact is not None:
+        sigmas = torch.tensor([*exact[:1], *[s for s in exact[1:-1] for _ in "ab"], 0.0])
+        torch.testing.assert_close(scheduler.sigmas, sigmas.float(), rtol=1e-6, atol=0)
+        scheduler.sigmas = sigmas.double()
     sample = _deter(False) * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps[t_start * scheduler.order :]
     if t_start:
@@ -364,7 +404,11 @@ def test_from_diffusers_reproduces_full_loop_scenario(scenario: str) -> None:
     parts = from_diffusers(_make(name, overrides))
     assert isinstance(parts, SchedulerParts)
     scheduler = _make(name, overrides)
-    reference = _diffusers_loop(scheduler, steps, t_start)
+    exact = None
+    if name == "DPMSolverSDEScheduler":
+        grid = parts.sampler.grid(parts.schedule, steps or 1)
+        exact = [s / a for a, s in zip(grid.alpha, grid.sigma)]
+    reference = _diffusers_loop(scheduler, steps, t_start, exact)
     fresh = _make(name, overrides)
     if steps is not None:
         fresh.set_timesteps(steps)

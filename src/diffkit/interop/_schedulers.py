@@ -28,8 +28,11 @@ import torch
 from diffkit.samplers import (
     DDIM,
     DDPM,
+    LCM,
     LMS,
+    PNDM,
     Clip,
+    LCMSpacing,
     DPMSolverPP,
     DPMSolverPPSDE,
     Euler,
@@ -108,6 +111,8 @@ ALLOWED: dict[str, dict[str, tuple[Any, ...]]] = {
         "shift_terminal": (None,),
     },
     "DPMSolverSDEScheduler": {**_DISCRETE, **_THRESHOLD},
+    "PNDMScheduler": {**_DISCRETE, "prediction_type": ("epsilon", "v_prediction")},
+    "LCMScheduler": {**_THRESHOLD},
     "FlowMatchEulerDiscreteScheduler": {
         "use_dynamic_shifting": (False,),
         "invert_sigmas": (False,),
@@ -149,6 +154,12 @@ _READ: dict[str, set[str]] = {
     "DPMSolverMultistepScheduler": _BETAS | _CLIPS | _KARRAS | _DPM | {"use_lu_lambdas"},
     "UniPCMultistepScheduler": _BETAS | _CLIPS | _KARRAS | _DPM,
     "DPMSolverSDEScheduler": _BETAS | _KARRAS | {"noise_sampler_seed"},
+    "PNDMScheduler": _BETAS | {"skip_prk_steps", "set_alpha_to_one"},
+    # set_alpha_to_one, steps_offset, timestep_spacing: diffusers' LCM never reads them
+    # (its last step returns the estimate; its grid is the distillation grid)
+    "LCMScheduler": _BETAS
+    | _CLIPS
+    | {"original_inference_steps", "timestep_scaling", "set_alpha_to_one", "timestep_spacing"},
     # base_shift ... max_image_seq_len and time_shift_type act only with dynamic shifting
     "FlowMatchEulerDiscreteScheduler": {
         "num_train_timesteps",
@@ -321,7 +332,8 @@ def _lms(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
 
 def _dpm_sde(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
     schedule, spacing = _karras_family(scheduler, config)
-    return SchedulerParts(schedule, DPMSolverPPSDE(spacing=spacing))
+    sampler = DPMSolverPPSDE(spacing=spacing, seed=config.get("noise_sampler_seed"))
+    return SchedulerParts(schedule, sampler)
 
 
 def _dpmsolver(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
@@ -359,6 +371,25 @@ def _unipc(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
     return SchedulerParts(_schedule(scheduler), sampler)
 
 
+def _pndm(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
+    t_end = 1 / config["num_train_timesteps"] if not config["set_alpha_to_one"] else 0.0
+    warmup = "plms" if config["skip_prk_steps"] else "prk"
+    sampler = PNDM(warmup=warmup, spacing=_timesteps(config), t_end=t_end)
+    return SchedulerParts(_schedule(scheduler), sampler)
+
+
+def _lcm(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
+    n = config["num_train_timesteps"]
+    spacing = LCMSpacing(num_train=n, original_steps=config["original_inference_steps"])
+    sampler = LCM(
+        timestep_scaling=config["timestep_scaling"],
+        num_train=n,
+        spacing=spacing,
+        clip=_clip(config),
+    )
+    return SchedulerParts(_schedule(scheduler), sampler)
+
+
 def _flow_match(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
     shift, first = float(config["shift"]), 1 / config["num_train_timesteps"]
     t_min = shift * first / (1 + (shift - 1) * first)  # the shifted first step, unshifted
@@ -376,6 +407,8 @@ SCHEDULERS: dict[str, Callable[[Any, dict[str, Any]], SchedulerParts]] = {
     "DPMSolverMultistepScheduler": _dpmsolver,
     "DPMSolverSDEScheduler": _dpm_sde,
     "UniPCMultistepScheduler": _unipc,
+    "PNDMScheduler": _pndm,
+    "LCMScheduler": _lcm,
     "FlowMatchEulerDiscreteScheduler": _flow_match,
 }
 """diffusers scheduler class name -> its converter ((scheduler, config) -> ``SchedulerParts``)."""
