@@ -7,6 +7,9 @@ starting latents, ``torch.manual_seed(0)`` as the generator, and for ``with_nois
 ``add_noise`` of ``dummy_noise_deter`` at ``timesteps[t_start]``). diffusers runs the loop,
 the converted ``(schedule, sampler)`` runs ``sample(..., start="sample")`` from the same
 latents, and the results agree to 1e-5 relative (max abs difference over max abs value).
+Not reproduced: DPM-Solver single-step's ``with_noise`` loop, which starts mid-schedule
+and keeps the order list of the whole schedule (its groups are anchored at step 0, the
+first one cut short), where diffkit's grid tail starts a group at its first point.
 
 diffusers' own loops for Euler, Euler ancestral, Heun, LMS and DPM-SDE are not valid
 sampling loops: they assign ``scale_model_input``'s output to ``sample`` and pass it to
@@ -313,6 +316,26 @@ def _scenarios() -> dict[str, tuple[str, dict[str, Any], int | None, int]]:
                     "final_sigmas_type": final,
                 }
                 out[f"dpm_single_custom_{prediction}_{lower}_{final}"] = (single, config, 10, 0)
+    # test_fp16_support's configs (its loops run in float16 and check only the dtype;
+    # here in float64): dynamic thresholding at ratio 0
+    zero = {"thresholding": True, "dynamic_thresholding_ratio": 0}
+    out["dpm_multi_fp16_support_config"] = ("DPMSolverMultistepScheduler", zero, 10, 0)
+    out["dpm_single_fp16_support_config"] = (single, zero, 10, 0)
+    for order in (1, 2, 3):
+        for solver_type in ("bh1", "bh2"):
+            for prediction in ("epsilon", "sample", "v_prediction"):
+                config = {
+                    **zero,
+                    "prediction_type": prediction,
+                    "solver_order": order,
+                    "solver_type": solver_type,
+                }
+                out[f"unipc_fp16_support_config_{order}_{solver_type}_{prediction}"] = (
+                    "UniPCMultistepScheduler",
+                    config,
+                    10,
+                    0,
+                )
     for prediction in ("epsilon", "sample", "v_prediction"):
         for interpolation in ("linear", "log_linear"):
             for final in ("sigma_min", "zero"):
@@ -548,3 +571,68 @@ def test_discrete_sigma_interpolation_is_diffusers_np_interp() -> None:
     torch.testing.assert_close(sigma / alpha, torch.from_numpy(expected), rtol=1e-12, atol=0)
     back = schedule.index_from_t(schedule.t_of_log_snr(schedule.log_snr((index + 1) / 1100)))
     torch.testing.assert_close(back, index, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "field"),
+    [
+        (
+            "EulerDiscreteScheduler",
+            {"use_karras_sigmas": True, "timestep_spacing": "leading"},
+            "timestep_spacing",
+        ),
+        (
+            "HeunDiscreteScheduler",
+            {"use_karras_sigmas": True, "timestep_spacing": "trailing"},
+            "timestep_spacing",
+        ),
+        (
+            "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+            "solver_order",
+        ),
+        ("EulerDiscreteScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ],
+)
+def test_a_combination_diffkit_cannot_honour_is_refused_by_name(
+    name: str, config: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        from_diffusers(getattr(diffusers, name)(**config))
+
+
+def test_unipc_solver_type_outside_bh1_bh2_is_refused_by_name() -> None:
+    scheduler = diffusers.UniPCMultistepScheduler()
+    scheduler.register_to_config(solver_type="midpoint")
+    with pytest.raises(ValueError, match="solver_type"):
+        from_diffusers(scheduler)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_match_euler_converts(shift: float) -> None:
+    steps = 8
+    weight = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ weight / 6**0.5) * (1 + sigma.reshape(-1, 1)) - 0.5 * x
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    schedule, sampler = from_diffusers(scheduler)
+    scheduler.set_timesteps(steps)
+    noise = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(velocity(x, (t / 1000).double().expand(4)), t, x).prev_sample
+
+    class Flow:
+        prediction: Prediction = "flow"
+
+        def __call__(
+            self, x_t: torch.Tensor, t: torch.Tensor, cond: dk.Conditioning | None = None
+        ) -> torch.Tensor:
+            return velocity(x_t, schedule.sigma(t.double()))
+
+    assert diffusers_prediction(scheduler) == "flow"
+    ours = sampler.sample(Flow(), schedule, noise, steps=steps, start="sample")
+    error = float((ours - x).abs().max() / x.abs().max())
+    assert error <= 1e-5, error
