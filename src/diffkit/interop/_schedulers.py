@@ -397,7 +397,7 @@ def _unipc(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
 def _pndm(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
     t_end = 1 / config["num_train_timesteps"] if not config["set_alpha_to_one"] else 0.0
     warmup = "plms" if config["skip_prk_steps"] else "prk"
-    combine = "v" if config["prediction_type"] == "v_prediction" else "noise"
+    combine = "v" if config["prediction_type"] == "v_prediction" else "epsilon"
     sampler = PNDM(warmup=warmup, spacing=_timesteps(config), t_end=t_end, combine=combine)
     return SchedulerParts(_schedule(scheduler), sampler)
 
