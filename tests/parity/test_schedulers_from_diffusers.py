@@ -529,10 +529,35 @@ def test_a_field_diffkit_cannot_honour_is_refused_by_name(name: str, field: str)
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_a_field_the_converter_does_not_know_is_refused_by_name(name: str) -> None:
-    scheduler = getattr(diffusers, name)()
-    scheduler.register_to_config(brand_new_option=1)
+    base = getattr(diffusers, name)
+
+    def init(self: Any, brand_new_option: int = 1, **kwargs: Any) -> None:
+        base.__init__(self, **kwargs)
+        self.register_to_config(brand_new_option=brand_new_option)
+
+    # a newer diffusers' scheduler of the same name with one more option
+    newer = type(name, (base,), {"__init__": init})
     with pytest.raises(ValueError, match=rf"{name}\.brand_new_option"):
-        from_diffusers(scheduler)
+        from_diffusers(newer())
+
+
+def test_hidden_config_keys_diffusers_ignores_are_ignored() -> None:
+    # Stable Diffusion 1.x's scheduler config: PNDM's, with DDIM's clip_sample beside
+    config = {
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "clip_sample": False,
+    }
+    pndm = diffusers.PNDMScheduler.from_config(config)
+    assert "clip_sample" in pndm.config
+    _, sampler = from_diffusers(pndm)
+    assert isinstance(sampler, dk.samplers.PNDM) and sampler.t_end == 1e-3
+    euler = diffusers.EulerDiscreteScheduler.from_config(pndm.config)
+    assert isinstance(from_diffusers(euler).sampler, dk.samplers.Euler)
 
 
 def test_prediction_type_is_the_denoisers_in_diffkit_names() -> None:
