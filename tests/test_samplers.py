@@ -1417,3 +1417,16 @@ def test_variants_keep_no_state_make_no_host_sync_and_serve_threads(name: str) -
         model, DISCRETE, noises[0], steps=steps, cond=cond, uncond=uncond, guidance=3.0, generator=g
     )
     assert set(model.calls) == {16}
+
+
+def test_t_end_above_the_spacings_last_time_is_refused_by_field() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="t_end"):
+        samplers.DDIM(t_end=0.5)  # UniformTime's last evaluation is at t_min = 1e-3
+    with pytest.raises(ValidationError, match="t_end"):
+        samplers.Euler(t_end=1e-3, spacing=samplers.UniformTime(trailing=True))
+    sampler = samplers.DPMSolverPP(t_end=1e-3)  # at t_min: a last step of zero length
+    plan = sampler.prepare(dk.schedules.Cosine(), 5)
+    assert plan.grid.t[-1] == plan.grid.t[-2] == 1e-3
+    assert plan.steps[-1] == samplers.Step(keep=1.0, data=(0.0,))  # the identity

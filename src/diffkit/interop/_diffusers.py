@@ -47,7 +47,7 @@ other option raises ``ValueError`` naming it, rather than converting to a differ
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,7 @@ from diffkit.interop._diffusers_wan import (
     wan_vae_kwargs,
     wan_vae_state_dict,
 )
+from diffkit.interop._schedulers import SCHEDULERS, SchedulerParts, scheduler_parts
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
@@ -465,6 +466,7 @@ def _vae_config(module: nn.Module) -> KLAutoencoderConfig:
     )
 
 
+@overload
 def from_diffusers(
     module: nn.Module,
     *,
@@ -472,11 +474,27 @@ def from_diffusers(
     num_train_timesteps: int | None = None,
     micro_conditions: int = 6,
     time_shift: float | None = None,
-) -> nn.Module:
+) -> nn.Module: ...
+
+
+@overload
+def from_diffusers(module: object) -> SchedulerParts: ...
+
+
+def from_diffusers(
+    module: Any,
+    *,
+    prediction: Prediction | None = None,
+    num_train_timesteps: int | None = None,
+    micro_conditions: int = 6,
+    time_shift: float | None = None,
+) -> nn.Module | SchedulerParts:
     """The diffkit equivalent (same weights) of a diffusers U-Net (2-D, or the 3-D
-    ``UNet3DConditionModel``: a space-time U-Net), ``AutoencoderKL``,
+    ``UNet3DConditionModel``: a space-time U-Net), ``AutoencoderKL``, ``AutoencoderKLWan``,
     ``DiTTransformer2DModel``, ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel`` (the
-    last three: a [`DiT`][diffkit.nn.dit.DiT]).
+    last three: a [`DiT`][diffkit.nn.dit.DiT]); of a diffusers scheduler, its
+    [`SchedulerParts`][diffkit.interop.SchedulerParts] ``(schedule, sampler)`` (see
+    [`scheduler_parts`][diffkit.interop.scheduler_parts]).
 
     ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
     config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
@@ -489,6 +507,8 @@ def from_diffusers(
     ``t`` and embeds ``1000 sigma(t)`` as diffusers does (default 1: ``t`` is sigma).
     """
     name = type(module).__name__
+    if name in SCHEDULERS:
+        return scheduler_parts(module)
     converted: nn.Module
     source = module.state_dict()
     if name in ("UNet2DModel", "UNet2DConditionModel"):

@@ -21,10 +21,13 @@ from diffkit.samplers._base import Plan as Plan
 from diffkit.samplers._base import Point as Point
 from diffkit.samplers._base import SamplerBase as SamplerBase
 from diffkit.samplers._base import Step as Step
+from diffkit.samplers._base import StopsAt as StopsAt
 from diffkit.samplers._base import make_grid as make_grid
+from diffkit.samplers.clipping import Clip as Clip
 from diffkit.samplers.ddim import DDIM as DDIM
 from diffkit.samplers.ddim import DDPM as DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP as DPMSolverPP
+from diffkit.samplers.dpmsolver import DPMSolverPPSinglestep as DPMSolverPPSinglestep
 from diffkit.samplers.edm import EDMStochastic as EDMStochastic
 from diffkit.samplers.euler import Euler as Euler
 from diffkit.samplers.euler import EulerAncestral as EulerAncestral
@@ -53,6 +56,7 @@ from diffkit.samplers.spacing import Leading as Leading
 from diffkit.samplers.spacing import LogSNR as LogSNR
 from diffkit.samplers.spacing import Spacing as Spacing
 from diffkit.samplers.spacing import SpacingBase as SpacingBase
+from diffkit.samplers.spacing import Timesteps as Timesteps
 from diffkit.samplers.spacing import UniformTime as UniformTime
 from diffkit.samplers.stepping import StepModel as StepModel
 from diffkit.samplers.stepping import StepSampler as StepSampler
@@ -70,11 +74,13 @@ __all__ = [
     "SPACINGS",
     "AnySpacing",
     "BrownianTreeNoise",
+    "Clip",
     "DDIMInversion",
     "DPMSolver2",
     "DPMSolverPP",
     "DPMSolverPP2SAncestral",
     "DPMSolverPPSDE",
+    "DPMSolverPPSinglestep",
     "EDMStochastic",
     "Euler",
     "EulerAncestral",
@@ -97,6 +103,8 @@ __all__ = [
     "Step",
     "StepModel",
     "StepSampler",
+    "StopsAt",
+    "Timesteps",
     "UniPC",
     "UniformTime",
     "fit_grid",

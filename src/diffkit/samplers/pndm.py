@@ -37,10 +37,14 @@ at the step's start, not where the velocities were taken, makes it first order (
 falls 4x from 10 to 40 steps, against 17-70x with ``"epsilon"``): kept for parity only.
 
 The step onto the data uses the rule as any other step (diffusers' last step lands on
-``final_alpha_cumprod``; here the grid's last point, the data). A step from pure noise
+``final_alpha_cumprod``: the data, or with ``set_alpha_to_one=False`` the first training
+step, ``t_end = 1 / N``). A step from pure noise
 (``alpha_i = 0``, where ``x_i - sigma_i e`` cannot be divided by ``alpha_i``) is DDIM's
 first-order step, and that point's estimate is not reused. ``E`` is formed from ``D`` for
 every prediction type, so PLMS serves x0-, v- and flow-predicting models as well.
+``combine="v"`` combines ``v = alpha E - sigma D`` instead and converts the combination
+to noise at the step's start (``E = (alpha v + sigma x) / (alpha² + sigma²)``), as
+diffusers' ``PNDMScheduler`` does with a v-prediction model's raw outputs.
 """
 
 import math
@@ -51,7 +55,15 @@ from pydantic import Field
 from torch import Tensor
 
 from diffkit.protocols import NoiseSchedule
-from diffkit.samplers._base import SAMPLERS, Grid, Plan, Point, _check_steps, alpha_sigma
+from diffkit.samplers._base import (
+    SAMPLERS,
+    Grid,
+    Plan,
+    Point,
+    StopsAt,
+    _check_steps,
+    alpha_sigma,
+)
 from diffkit.samplers.noise import Noise
 from diffkit.samplers.spacing import SPACING, AnySpacing, LogSNR
 from diffkit.samplers.stepping import History, StepModel, StepSampler
@@ -78,7 +90,7 @@ def _noise_of(x: Tensor, d: Tensor, alpha: float, sigma: float) -> Tensor:
 
 
 @SAMPLERS.register
-class PNDM(StepSampler):
+class PNDM(StepSampler, StopsAt):
     """PNDM / PLMS: fourth-order Adams-Bashforth on the noise estimate (1 NFE per step).
 
     ``warmup`` chooses the first steps: ``"plms"`` (a trapezoid first step, 2 NFE:

@@ -36,7 +36,9 @@ __all__ = [
     "LogSNR",
     "Spacing",
     "SpacingBase",
+    "Timesteps",
     "UniformTime",
+    "diffusers_indices",
 ]
 
 _F64 = torch.float64
@@ -121,6 +123,14 @@ class SpacingBase(Config):
     ) -> Tensor:
         """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
 
+    def model_times(self, t: Tensor) -> Tensor | None:
+        """The times the denoiser is told at the grid's times ``t`` (``None``: ``t`` itself)."""
+        return None
+
+    def t_floor(self) -> float:
+        """A time no evaluation falls below, for any step count (0: not known)."""
+        return 0.0
+
     def starting_at(self, t: float) -> "SpacingBase":
         """This spacing with its first evaluation at ``t`` (``sample(..., t_start=t)``).
 
@@ -162,6 +172,10 @@ class _Ends(SpacingBase):
             raise field_error(owner, "t_min", message, t_min)
         return self
 
+    def t_floor(self) -> float:
+        """The last evaluation time, ``t_min``."""
+        return self.t_min
+
     def starting_at(self, t: float) -> SpacingBase:
         """This spacing with ``t_max = t`` (validated: ``t_min < t <= 1``)."""
         if not self.t_min < t <= 1:
@@ -172,7 +186,24 @@ class _Ends(SpacingBase):
 
 
 class _Ramp(_Ends):
-    """``steps`` log-SNR values from ``ramp``, mapped to times (see ``_spread``)."""
+    """``steps`` log-SNR values from ``ramp``, mapped to times (see ``_spread``).
+
+    ``snap = N`` tells the denoiser the nearest of ``N`` training steps' times
+    ``(i + 1) / N`` (half to even, as numpy) while the noise levels stay the ramp's:
+    diffusers' DPM-Solver and UniPC schedulers call the model at rounded Karras / Lu
+    timesteps.
+    """
+
+    snap: int | None = Field(
+        default=None, ge=1, description="tell the model the nearest of N training steps' times"
+    )
+
+    def model_times(self, t: Tensor) -> Tensor | None:
+        """The grid's times rounded to the nearest training step (with ``snap``)."""
+        if self.snap is None:
+            return None
+        n = self.snap
+        return (torch.round(t * n - 1).clamp(min=0) + 1) / n
 
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
@@ -202,6 +233,10 @@ class UniformTime(_Ends):
     kind: Literal["uniform"] = "uniform"
     trailing: bool = Field(default=False, description="end at t_max / steps, not t_min")
 
+    def t_floor(self) -> float:
+        """``t_min``; trailing, ``t_max / steps`` has no floor (0)."""
+        return 0.0 if self.trailing else self.t_min
+
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
     ) -> Tensor:
@@ -226,6 +261,10 @@ class Leading(SpacingBase):
     num_train: int = Field(default=1000, ge=1, description="training steps of the model")
     steps_offset: int = Field(default=0, ge=0, description="added to every index (diffusers)")
 
+    def t_floor(self) -> float:
+        """The first training step's time, ``1 / num_train``."""
+        return 1 / self.num_train
+
     @model_validator(mode="after")
     def _valid_offset(self) -> "Leading":
         if self.steps_offset >= self.num_train:
@@ -246,9 +285,72 @@ class Leading(SpacingBase):
             raise ValueError(
                 f"Leading: steps ({steps}) must not exceed num_train ({self.num_train})"
             )
-        index = [min(k * ratio + self.steps_offset, self.num_train - 1) for k in range(steps)]
-        times = [(i + 1) / self.num_train for i in reversed(index)]
+        index = diffusers_indices("leading", self.num_train, steps, self.steps_offset)
+        times = [(min(i, self.num_train - 1) + 1) / self.num_train for i in index]
         return torch.tensor([*times, 0.0], dtype=_F64)
+
+
+def diffusers_indices(
+    spacing: Literal["linspace", "leading", "trailing"],
+    num_train: int,
+    steps: int,
+    offset: int = 0,
+    rounded: bool = True,
+    drop_last: bool = False,
+) -> list[float]:
+    """diffusers' training-step indices for ``steps`` steps, noisiest first (float64).
+
+    ``drop_last``: spread ``steps + 1`` points and drop the last (its DPM-Solver, UniPC);
+    ``rounded=False`` keeps ``"linspace"``'s fractional indices (its Euler, Heun, LMS).
+    """
+    n = steps + 1 if drop_last else steps
+    if spacing == "linspace":
+        index = torch.linspace(0, num_train - 1, n, dtype=_F64)
+        index = index.round() if rounded else index.to(torch.float32).to(_F64)
+    elif spacing == "leading":
+        index = torch.arange(n, dtype=_F64) * (num_train // n) + offset
+    else:
+        index = torch.arange(float(num_train), 0, -num_train / steps, dtype=_F64).round() - 1
+        return index.tolist()
+    return index.flip(0)[:steps].tolist()
+
+
+class Timesteps(SpacingBase):
+    """diffusers' ``timestep_spacing`` of a model trained on ``num_train`` steps.
+
+    The training-step indices of ``"linspace"``, ``"leading"`` (plus ``steps_offset``) or
+    ``"trailing"``, as diffusers' scheduler of that family computes them (see
+    ``diffusers_indices``), at times ``t = (index + 1) / num_train``
+    ([`Discrete`][diffkit.schedules.Discrete]'s ``t_from_index``).
+    """
+
+    kind: Literal["timesteps"] = "timesteps"
+    spacing: Literal["linspace", "leading", "trailing"] = Field(
+        default="leading", description="diffusers' timestep_spacing"
+    )
+    num_train: int = Field(default=1000, ge=2, description="training steps of the model")
+    steps_offset: int = Field(default=0, ge=0, description="added to leading indices")
+    rounded: bool = Field(default=True, description="integer indices (False: Euler's linspace)")
+    drop_last: bool = Field(
+        default=False, description="spread steps + 1 points, drop the last (DPM-Solver, UniPC)"
+    )
+
+    def t_floor(self) -> float:
+        """The first training step's time, ``1 / num_train``."""
+        return 1 / self.num_train
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+        if steps > self.num_train:
+            raise ValueError(f"Timesteps: steps ({steps}) exceeds num_train ({self.num_train})")
+        index = diffusers_indices(
+            self.spacing, self.num_train, steps, self.steps_offset, self.rounded, self.drop_last
+        )
+        index = [min(i, self.num_train - 1) for i in index]
+        return torch.tensor([(i + 1) / self.num_train for i in index] + [0.0], dtype=_F64)
 
 
 class LCMSpacing(SpacingBase):
@@ -424,6 +526,10 @@ class _Listed(SpacingBase):
             )
         return torch.tensor([*self.times, 0.0], dtype=_F64)
 
+    def t_floor(self) -> float:
+        """The last listed time."""
+        return self.times[-1]
+
     def starting_at(self, t: float) -> SpacingBase:
         """Itself, when its first time is ``t`` (a listed grid is not moved)."""
         if self.times[0] != t:
@@ -445,6 +551,7 @@ SPACINGS.register(LogSNR)
 SPACINGS.register(Karras)
 SPACINGS.register(Explicit)
 SPACINGS.register(Leading)
+SPACINGS.register(Timesteps)
 SPACINGS.register(LCMSpacing)
 
 
