@@ -382,25 +382,24 @@ class LCMSpacing(SpacingBase):
             raise field_error("LCMSpacing", "strength", message, self.strength)
         return self
 
-    def _indices(self) -> list[int]:
-        """The distillation grid's training indices, noisiest first."""
-        k = self.num_train // self.original_steps
-        n = int(self.original_steps * self.strength)  # diffusers' int(), not round()
-        return [j * k - 1 for j in range(n, 0, -1)]
+    def _grid_size(self) -> int:
+        """How many of the distillation grid's indices ``strength`` leaves (``n``)."""
+        return int(self.original_steps * self.strength)  # diffusers' int(), not round()
 
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
     ) -> Tensor:
         """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
         _check(steps)
-        origin = self._indices()
-        if steps > min(self.original_steps, len(origin)):
+        k, n = self.num_train // self.original_steps, self._grid_size()
+        if steps > n:
             raise ValueError(
-                f"LCMSpacing: steps ({steps}) must not exceed the {len(origin)} steps of its "
+                f"LCMSpacing: steps ({steps}) must not exceed the {n} steps of its "
                 f"original grid (original_steps={self.original_steps}, strength={self.strength})"
             )
-        positions = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False))
-        times = [(origin[int(p)] + 1) / self.num_train for p in positions]
+        positions = np.floor(np.linspace(0, n, num=steps, endpoint=False))
+        # position p of the grid, noisiest first, is the training index (n - p) k - 1
+        times = [(n - int(p)) * k / self.num_train for p in positions]
         return torch.tensor([*times, 0.0], dtype=_F64)
 
     def starting_at(self, t: float) -> SpacingBase:
