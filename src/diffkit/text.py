@@ -20,25 +20,33 @@ and returns
 [`CLIPTextConditioner`][diffkit.text.CLIPTextConditioner] runs diffkit's own
 [`TextTower`][diffkit.nn.clip.TextTower] (trained here, or loaded with
 ``diffkit.interop.from_open_clip`` / ``from_transformers``).
+[`T5TextConditioner`][diffkit.text.T5TextConditioner] runs diffkit's
+[`T5Encoder`][diffkit.nn.t5.T5Encoder] (PixArt, SD3; ``tokens`` only, no ``pooled``).
+[`ComposedTextConditioner`][diffkit.text.ComposedTextConditioner] runs several of them
+on the same texts and joins their outputs (SDXL: two CLIP towers; SD3: two CLIP towers
+and T5).
 [`TransformersTextConditioner`][diffkit.text.TransformersTextConditioner] and
 [`OpenCLIPTextConditioner`][diffkit.text.OpenCLIPTextConditioner] run the external
 models as they are.
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, NamedTuple, TypeVar, cast
 
 import torch
-from pydantic import Field, model_validator
+import torch.nn.functional as F
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config, Registry
+from diffkit.config import Config, Registry, kind_of
 from diffkit.nn.clip import TextTower, TextTowerConfig
+from diffkit.nn.t5 import T5Encoder, T5EncoderConfig
 from diffkit.protocols import Conditioning, TextConditioner
 from diffkit.tokenizers import (
     ByteTokenizer,
     CLIPTokenizer,
+    SentencePieceTokenizer,
     Tokenizer,
     find_open_clip_vocab,
     padding_mask,
@@ -48,7 +56,11 @@ __all__ = [
     "TEXT_CONDITIONERS",
     "CLIPTextConditioner",
     "CLIPTextConditionerConfig",
+    "ComposedTextConditioner",
+    "ComposedTextConditionerConfig",
     "OpenCLIPTextConditioner",
+    "T5TextConditioner",
+    "T5TextConditionerConfig",
     "TransformersTextConditioner",
 ]
 
@@ -65,7 +77,9 @@ def _check_skip(skip_last_layers: int, layers: int, owner: str) -> None:
         )
 
 
-def _tokenize(tokenizer: Tokenizer, texts: Sequence[str], owner: str) -> Tensor:
+def _tokenize(
+    tokenizer: Callable[[Sequence[str]], Tensor], texts: Sequence[str], owner: str
+) -> Tensor:
     if isinstance(texts, str):
         raise TypeError(f"{owner}: expected a list of texts, got a single string; wrap it: [text]")
     if len(texts) == 0:
@@ -426,6 +440,271 @@ class CLIPTextConditionerConfig(Config):
         return self.text.width
 
 
+class T5TextConditionerConfig(Config):
+    """A T5 encoder with its SentencePiece tokenizer (PixArt: 120 or 300 tokens, masked;
+    Stable Diffusion 3: 256 tokens, unmasked)."""
+
+    kind: Literal["t5_text"] = "t5_text"
+    text: T5EncoderConfig = Field(description="the T5 encoder")
+    tokenizer_path: str = Field(description="the tokenizer.json of the SentencePiece tokenizer")
+    context_length: int = Field(
+        default=77, ge=1, le=4096, description="ids per text (max_length): truncated or padded"
+    )
+    pad_token_id: int = Field(default=0, ge=0, description="padding id (T5: 0)")
+    eot_token_id: int = Field(default=1, ge=0, description="end-of-text id (T5: 1)")
+    mask_padding: bool = Field(
+        default=True,
+        description="hide the padding from the encoder's attention and give the mask "
+        "(PixArt); False: attend to all, no mask (Stable Diffusion 3)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "T5TextConditionerConfig":
+        for name in ("pad_token_id", "eot_token_id"):
+            if getattr(self, name) >= self.text.vocab_size:
+                raise ValueError(
+                    f"{name} {getattr(self, name)} is not below text.vocab_size "
+                    f"{self.text.vocab_size}"
+                )
+        return self
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the tokens: the encoder's ``text.width``."""
+        return self.text.width
+
+    @property
+    def pooled_dim(self) -> int:
+        """T5 has no pooled output: 0 (``Conditioning.pooled`` is ``None``)."""
+        return 0
+
+
+class T5TextConditioner(nn.Module):
+    """diffkit's [`T5Encoder`][diffkit.nn.t5.T5Encoder] (``encoder``) with its tokenizer.
+
+    ``tokens`` is the last hidden state ``(batch, context_length, width)``; there is no
+    ``pooled``. With ``mask_padding`` the encoder does not attend to the padding and the
+    mask is returned (``True`` up to and including the end token).
+    """
+
+    def __init__(
+        self, encoder: T5Encoder, tokenizer: SentencePieceTokenizer, *, mask_padding: bool = True
+    ) -> None:
+        super().__init__()
+        if tokenizer.vocab_size > encoder.config.vocab_size:
+            raise ValueError(
+                f"T5TextConditioner: the tokenizer has {tokenizer.vocab_size} ids but the "
+                f"encoder embeds only {encoder.config.vocab_size}"
+            )
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.mask_padding = mask_padding
+        self.token_dim: int = encoder.width
+        self.pooled_dim: int = 0
+        self.context_length: int = tokenizer.context_length
+
+    @classmethod
+    def from_config(cls, config: T5TextConditionerConfig) -> "T5TextConditioner":
+        """A randomly initialised encoder and the configured tokenizer."""
+        tokenizer = SentencePieceTokenizer(
+            config.tokenizer_path, config.context_length, config.pad_token_id, config.eot_token_id
+        )
+        return cls(T5Encoder(config.text), tokenizer, mask_padding=config.mask_padding)
+
+    @property
+    def config(self) -> T5TextConditionerConfig:
+        """The config that builds this conditioner, read from its parts."""
+        tok = self.tokenizer
+        return T5TextConditionerConfig(
+            text=self.encoder.config,
+            tokenizer_path=tok.path,
+            context_length=tok.context_length,
+            pad_token_id=tok.pad_token_id,
+            eot_token_id=tok.eot_token_id,
+            mask_padding=self.mask_padding,
+        )
+
+    def forward(self, texts: Sequence[str]) -> Conditioning:
+        """Same as ``condition``."""
+        return self.condition(texts)
+
+    def condition(self, texts: Sequence[str]) -> Conditioning:
+        """``len(texts)`` strings to tokens ``(b, context, width)`` and (``mask_padding``) mask."""
+        ids = _tokenize(self.tokenizer, texts, type(self).__name__).to(_device(self))
+        mask = padding_mask(ids, self.tokenizer.eot_token_id) if self.mask_padding else None
+        return Conditioning(tokens=self.encoder(ids, mask), mask=mask)
+
+
+if TYPE_CHECKING:
+    _PartConfig = Config
+else:
+    _PartConfig = Annotated[Config, SerializeAsAny()]
+
+_Part = CLIPTextConditionerConfig | T5TextConditionerConfig
+_Conditioners = CLIPTextConditioner | T5TextConditioner
+
+
+def _context_length(part: _Part) -> int:
+    return (
+        part.text.context_length
+        if isinstance(part, CLIPTextConditionerConfig)
+        else (part.context_length)
+    )
+
+
+class ComposedTextConditionerConfig(Config):
+    """Several text conditioners run on the same texts, their outputs joined (SDXL, SD3).
+
+    The tokens of the parts in each of ``groups`` are concatenated on the feature axis
+    (their context lengths must agree); each group is zero-padded on the features to the
+    widest group, and the groups are concatenated on the sequence axis. The pooled
+    vectors of the parts listed in ``pooled`` are concatenated. SDXL: CLIP-L and OpenCLIP-
+    bigG, ``groups=((0, 1),)``, ``pooled=(1,)``; SD3: CLIP-L, CLIP-G and T5,
+    ``groups=((0, 1), (2,))``, ``pooled=(0, 1)`` (``sdxl`` / ``sd3`` build these).
+    """
+
+    kind: Literal["composed_text"] = "composed_text"
+    parts: tuple[_PartConfig, ...] = Field(
+        min_length=1, max_length=8, description="the conditioners (clip_text or t5_text configs)"
+    )
+    groups: tuple[tuple[int, ...], ...] = Field(
+        description="indices of parts whose tokens are concatenated on the features; the "
+        "groups follow one another on the sequence axis; every part in exactly one group"
+    )
+    pooled: tuple[int, ...] = Field(
+        default=(), description="indices of parts whose pooled vectors are concatenated"
+    )
+
+    @field_validator("parts", mode="before")
+    @classmethod
+    def _parse_parts(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            return value
+        return tuple(TEXT_CONDITIONERS.parse(part) for part in value)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ComposedTextConditionerConfig":
+        parts = self.parts
+        for i, part in enumerate(parts):
+            if not isinstance(part, _Part):
+                raise ValueError(
+                    f"parts[{i}] is a {kind_of(part)!r} config; a composed conditioner takes "
+                    "clip_text and t5_text parts"
+                )
+            if part.mask_padding:
+                raise ValueError(
+                    f"parts[{i}].mask_padding is true; a composed conditioner joins unmasked "
+                    "tokens (SDXL and SD3 attend to every position): set it false"
+                )
+        flat = [i for group in self.groups for i in group]
+        if sorted(flat) != list(range(len(parts))) or not all(self.groups):
+            raise ValueError(
+                f"groups {self.groups} must hold every part index 0..{len(parts) - 1} exactly once"
+            )
+        for group in self.groups:
+            lengths = {_context_length(cast(_Part, parts[i])) for i in group}
+            if len(lengths) > 1:
+                raise ValueError(
+                    f"groups: the parts {group} have context lengths {sorted(lengths)}; tokens "
+                    "concatenated on the features need one"
+                )
+        for i in self.pooled:
+            if not 0 <= i < len(parts) or cast(_Part, parts[i]).pooled_dim == 0:
+                raise ValueError(f"pooled: part {i} is not a part with a pooled vector")
+        return self
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the tokens: the widest group's summed token widths."""
+        parts = cast(tuple[_Part, ...], self.parts)
+        return max(sum(parts[i].token_dim for i in group) for group in self.groups)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled vector: the summed widths of the ``pooled`` parts (0: none)."""
+        return sum(cast(_Part, self.parts[i]).pooled_dim for i in self.pooled)
+
+    @classmethod
+    def sdxl(
+        cls, clip_l: CLIPTextConditionerConfig, clip_g: CLIPTextConditionerConfig
+    ) -> "ComposedTextConditionerConfig":
+        """SDXL's text conditioning: both towers' tokens side by side, bigG's pooled vector."""
+        return cls(parts=(clip_l, clip_g), groups=((0, 1),), pooled=(1,))
+
+    @classmethod
+    def sd3(
+        cls,
+        clip_l: CLIPTextConditionerConfig,
+        clip_g: CLIPTextConditionerConfig,
+        t5: T5TextConditionerConfig,
+    ) -> "ComposedTextConditionerConfig":
+        """SD3's: the CLIP tokens side by side then T5's, both CLIP pooled vectors."""
+        return cls(parts=(clip_l, clip_g, t5), groups=((0, 1), (2,)), pooled=(0, 1))
+
+
+class ComposedTextConditioner(nn.Module):
+    """Text conditioners (``parts``) joined as a
+    [`ComposedTextConditionerConfig`][diffkit.text.ComposedTextConditionerConfig] says."""
+
+    def __init__(
+        self,
+        parts: Sequence[nn.Module],
+        groups: Sequence[Sequence[int]],
+        pooled: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        for i, part in enumerate(parts):
+            if not isinstance(part, CLIPTextConditioner | T5TextConditioner):
+                raise TypeError(
+                    f"ComposedTextConditioner: parts[{i}] is a {type(part).__name__}; the parts "
+                    "are CLIPTextConditioner / T5TextConditioner (their configs save the whole)"
+                )
+        self.parts = nn.ModuleList(parts)
+        self.groups = tuple(tuple(group) for group in groups)
+        self.pooled = tuple(pooled)
+        # validated as a config: every rule of ComposedTextConditionerConfig holds here too
+        self._config = ComposedTextConditionerConfig(
+            parts=tuple(cast(_Conditioners, part).config for part in self.parts),
+            groups=self.groups,
+            pooled=self.pooled,
+        )
+        self.token_dim: int = self._config.token_dim
+        self.pooled_dim: int = self._config.pooled_dim
+        self.context_length: int = sum(
+            _context_length(cast(_Part, self._config.parts[group[0]])) for group in self.groups
+        )
+
+    @classmethod
+    def from_config(cls, config: ComposedTextConditionerConfig) -> "ComposedTextConditioner":
+        """Each part built from its config (random weights, the configured tokenizers)."""
+        parts = [cast(nn.Module, TEXT_CONDITIONERS.build(part)) for part in config.parts]
+        return cls(parts, config.groups, config.pooled)
+
+    @property
+    def config(self) -> ComposedTextConditionerConfig:
+        """The config that builds this conditioner: its parts' configs and the joins."""
+        return self._config
+
+    def forward(self, texts: Sequence[str]) -> Conditioning:
+        """Same as ``condition``."""
+        return self.condition(texts)
+
+    def condition(self, texts: Sequence[str]) -> Conditioning:
+        """Every part's conditioning of ``texts``, joined: tokens ``(b, context, token_dim)``,
+        pooled ``(b, pooled_dim)`` (``None`` without pooled parts), no mask."""
+        outputs = [cast(TextConditioner, part).condition(texts) for part in self.parts]
+        sequences = []
+        for group in self.groups:
+            tokens = torch.cat([cast(Tensor, outputs[i].tokens) for i in group], dim=-1)
+            sequences.append(F.pad(tokens, (0, self.token_dim - tokens.shape[-1])))
+        pooled = [cast(Tensor, outputs[i].pooled) for i in self.pooled]
+        return Conditioning(
+            tokens=torch.cat(sequences, dim=1), pooled=torch.cat(pooled, dim=-1) if pooled else None
+        )
+
+
 TEXT_CONDITIONERS: Registry[TextConditioner] = Registry("text_conditioner")
 """Text conditioners by config ``kind``."""
 TEXT_CONDITIONERS.register(CLIPTextConditionerConfig, CLIPTextConditioner.from_config)
+TEXT_CONDITIONERS.register(T5TextConditionerConfig, T5TextConditioner.from_config)
+TEXT_CONDITIONERS.register(ComposedTextConditionerConfig, ComposedTextConditioner.from_config)

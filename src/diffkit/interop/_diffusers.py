@@ -198,7 +198,7 @@ _UP = {"UpBlock2D": "none", "AttnUpBlock2D": "self", "CrossAttnUpBlock2D": "cros
 
 
 _RECORD = "_diffkit"  # diffkit-only U-Net settings to_diffusers stores in the diffusers config
-_RECORDED = ("time_input", "time_scale", "num_train_timesteps", "prediction")
+_RECORDED = ("time_input", "time_scale", "num_train_timesteps", "prediction", "time_shift")
 
 
 def _recorded(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -460,11 +460,12 @@ def from_diffusers(
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
     micro_conditions: int = 6,
+    time_shift: float | None = None,
 ) -> nn.Module:
     """The diffkit equivalent (same weights) of a diffusers U-Net (2-D, or the 3-D
     ``UNet3DConditionModel``: a space-time U-Net), ``AutoencoderKL``,
-    ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` (the last two: a
-    [`DiT`][diffkit.nn.dit.DiT]).
+    ``DiTTransformer2DModel``, ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel`` (the
+    last three: a [`DiT`][diffkit.nn.dit.DiT]).
 
     ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
     config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
@@ -472,6 +473,9 @@ def from_diffusers(
     ``micro_conditions``: how many size conditions an SDXL-style U-Net
     (``addition_embed_type="text_time"``) embeds beside the pooled text, ``Conditioning.micro``
     (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner).
+    ``time_shift``: an ``SD3Transformer2DModel``'s scheduler ``shift`` (SD3: 3.0), so the
+    converted network takes [`RectifiedFlow`][diffkit.schedules.RectifiedFlow]``(shift)``'s
+    ``t`` and embeds ``1000 sigma(t)`` as diffusers does (default 1: ``t`` is sigma).
     """
     name = type(module).__name__
     converted: nn.Module
@@ -486,7 +490,7 @@ def from_diffusers(
         converted = KLAutoencoder(_vae_config(module))
     elif name in TRANSFORMERS:
         record = _recorded(_config(module))
-        converted = DiT(dit_config(module, prediction, num_train_timesteps, record))
+        converted = DiT(dit_config(module, prediction, num_train_timesteps, record, time_shift))
     else:
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
@@ -667,7 +671,8 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         model, state = getattr(diffusers, name)(**kwargs), to_diffusers_state_dict(module)
     if isinstance(module, UNet | DiT):
         c = module.config
-        model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in _RECORDED}})
+        fields = type(c).model_fields
+        model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in _RECORDED if k in fields}})
     parameter = next(module.parameters(), None)
     reference = next(model.parameters(), None)
     if (

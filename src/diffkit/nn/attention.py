@@ -23,6 +23,8 @@ from diffkit.typing import Image, ShapeError, Tokens, checked_layer
 __all__ = [
     "Attention",
     "FeedForward",
+    "FeedForwardKind",
+    "JointAttention",
     "LocalFeedForward",
     "SpatialSelfAttention",
     "SpatialTransformer",
@@ -52,7 +54,10 @@ class Attention(nn.Module):
     """Multi-head attention over tokens: self-attention, or cross-attention to a context.
 
     Self-attention uses one fused ``qkv`` projection; cross-attention projects ``q`` from the
-    tokens and a fused ``kv`` from the context (``context_dim``).
+    tokens and a fused ``kv`` from the context (``context_dim``). ``scale`` multiplies the
+    scores (default ``head_dim ** -0.5``); ``forward``'s ``bias`` is added to them (T5's
+    relative positions and padding). ``qk_norm``: RMS-normalise each head's queries and
+    keys (SD3.5).
     """
 
     def __init__(
@@ -64,11 +69,16 @@ class Attention(nn.Module):
         context_dim: int | None = None,
         qkv_bias: bool = False,
         out_bias: bool = True,
+        scale: float | None = None,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         head_dim = head_dim or dim // heads
         inner = heads * head_dim
         self.heads = heads
+        self.scale = scale  # None: head_dim ** -0.5; T5 uses 1 (its weights absorb it)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
         self.is_cross = context_dim is not None
         if context_dim is None:
             self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
@@ -83,8 +93,10 @@ class Attention(nn.Module):
         x: Tokens,
         context: Context | None = None,
         mask: ContextMask | None = None,
+        bias: Float[Tensor, "#batch #heads #tokens keys"] | None = None,
     ) -> Tokens:
-        """Tokens ``(b, n, dim)``; context ``(b, m, context_dim)``, keep-mask ``(b, m)``."""
+        """Tokens ``(b, n, dim)``; context ``(b, m, context_dim)``, keep-mask ``(b, m)``;
+        ``bias``: added to the scores, broadcast to ``(b, heads, n, keys)``."""
         if self.is_cross:
             if context is None:
                 raise ValueError("Attention: cross-attention needs a context (Conditioning.tokens)")
@@ -93,9 +105,64 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
-        bias = attention_bias(mask, q.dtype) if self.is_cross else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        masked = attention_bias(mask, q.dtype) if self.is_cross else None
+        if masked is not None:
+            bias = masked if bias is None else bias + masked
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class JointAttention(nn.Module):
+    """Joint attention of two token streams (MMDiT, SD3): each has its own ``qkv`` projection
+    (and RMS norms of queries and keys with ``qk_norm``); all tokens attend to all, and each
+    stream's outputs go through its own ``out`` projection. ``context_out=False`` (SD3's last
+    block) drops the context's output: only the first stream is returned updated.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, *, qk_norm: bool = False, context_out: bool = True
+    ) -> None:
+        super().__init__()
+        head_dim = dim // heads
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv_context = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.out_context = nn.Linear(dim, dim) if context_out else None
+        norms = 4 if qk_norm else 0  # q, k of the tokens; q, k of the context
+        self.norms = nn.ModuleList(nn.RMSNorm(head_dim, eps=1e-6) for _ in range(norms))
+
+    def _heads(self, x: Tensor, qkv: nn.Linear, norms: list[nn.Module]) -> list[Tensor]:
+        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in qkv(x).chunk(3, -1))
+        if norms:
+            q, k = norms[0](q), norms[1](k)
+        return [q, k, v]
+
+    @checked_layer
+    def forward(
+        self,
+        x: Tokens,
+        context: Float[Tensor, "batch context dim"],
+        mask: ContextMask | None = None,
+    ) -> tuple[Tokens, Float[Tensor, "batch context dim"] | None]:
+        """Tokens ``(b, n, dim)`` and context ``(b, m, dim)`` (keep-mask ``(b, m)``) to the
+        attention outputs of both (the context's ``None`` without ``out_context``)."""
+        norms = list(self.norms)
+        mine = self._heads(x, self.qkv, norms[:2])
+        theirs = self._heads(context, self.qkv_context, norms[2:])
+        q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(mine, theirs, strict=True))
+        bias = None
+        if mask is not None:
+            keep = torch.ones(x.shape[:2], dtype=torch.bool, device=mask.device)
+            bias = attention_bias(torch.cat([keep, mask], dim=1), q.dtype)
+        out = rearrange(
+            F.scaled_dot_product_attention(q, k, v, attn_mask=bias), "b h n d -> b n (h d)"
+        )
+        n = x.shape[1]
+        context_out = self.out_context(out[:, n:]) if self.out_context is not None else None
+        return self.out(out[:, :n]), context_out
 
 
 class _OverPixels(nn.Module):
@@ -156,27 +223,51 @@ class SpatialSelfAttention(_OverPixels):
         return self.out(rearrange(h, "b h n d -> b n (h d)"))
 
 
+FeedForwardKind = Literal["geglu", "geglu_tanh", "reglu", "gelu", "gelu_tanh", "relu"]
+"""An MLP's activation; the gated kinds (GEGLU with exact or tanh GELU, ReGLU) multiply by a
+linear half."""
+
+_ACTIVATIONS = {
+    "gelu": lambda h: F.gelu(h),
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "relu": F.relu,
+}
+_GATED = {"geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
+
+
 class FeedForward(nn.Module):
-    """Transformer MLP: GEGLU ``proj_out(a * gelu(g))`` with ``[a, g] = proj_in(x)``, or GELU."""
+    """Transformer MLP ``proj_out(act(proj_in(x)))``, or gated: ``proj_out(a * act(g))`` with
+    ``[a, g] = proj_in(x)`` (GEGLU; T5 v1.1's gated-GELU is ``geglu_tanh``).
+
+    ``inner`` (default ``int(dim * mult)``) is the hidden width; ``bias=False`` drops the
+    biases (T5).
+    """
 
     def __init__(
-        self, dim: int, mult: float = 4.0, kind: Literal["geglu", "gelu", "gelu_tanh"] = "geglu"
+        self,
+        dim: int,
+        mult: float = 4.0,
+        kind: FeedForwardKind = "geglu",
+        *,
+        inner: int | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
-        inner = int(dim * mult)
+        inner = inner or int(dim * mult)
         self.kind = kind
-        self.proj_in = nn.Linear(dim, inner * 2 if kind == "geglu" else inner)
-        self.proj_out = nn.Linear(inner, dim)
+        gated = kind in _GATED
+        self.proj_in = nn.Linear(dim, inner * 2 if gated else inner, bias=bias)
+        self.proj_out = nn.Linear(inner, dim, bias=bias)
 
     @checked_layer
     def forward(self, x: Tokens) -> Tokens:
         """``(b, n, dim) -> (b, n, dim)``."""
         h = self.proj_in(x)
-        if self.kind == "geglu":
+        if self.kind in _GATED:
             a, gate = h.chunk(2, dim=-1)
-            h = a * F.gelu(gate)
+            h = a * _ACTIVATIONS[_GATED[self.kind]](gate)
         else:
-            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+            h = _ACTIVATIONS[self.kind](h)
         return self.proj_out(h)
 
 
