@@ -22,6 +22,8 @@ diffusers first) and returns the equivalent diffkit module with the same weights
   [`UNet`][diffkit.nn.unet.UNet] (``temporal`` set) taking ``(batch, frames, channels, h, w)``
   where diffusers takes ``(batch, channels, frames, h, w)``; see
   ``diffkit.interop._diffusers_video``.
+- a ``WanTransformer3DModel`` (Wan 2.1) becomes a rotary-position
+  [`VideoDiT`][diffkit.nn.video.VideoDiT]; see ``diffkit.interop._diffusers_wan``.
 - an ``AutoencoderKL`` becomes a [`KLAutoencoder`][diffkit.nn.vae.KLAutoencoder] whose
   ``encode(x)`` is ``(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor`` and
   whose ``decode(z)`` is ``vae.decode(z / scaling_factor + shift_factor).sample``
@@ -62,9 +64,17 @@ from diffkit.interop._diffusers_video import (
     video_keys_to_diffkit,
     video_keys_to_diffusers,
 )
+from diffkit.interop._diffusers_wan import (
+    WAN_TRANSFORMERS,
+    diffusers_wan_state_dict,
+    to_diffusers_wan,
+    wan_config,
+    wan_state_dict,
+)
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
+from diffkit.nn.video import VideoDiT
 from diffkit.typing import Prediction
 
 __all__ = ["from_diffusers", "to_diffusers", "to_diffusers_state_dict"]
@@ -491,14 +501,19 @@ def from_diffusers(
     elif name in TRANSFORMERS:
         record = _recorded(_config(module))
         converted = DiT(dit_config(module, prediction, num_train_timesteps, record, time_shift))
+    elif name in WAN_TRANSFORMERS:  # a VideoDiT: diffkit.interop._diffusers_wan
+        record = _recorded(_config(module))
+        converted = VideoDiT(wan_config(_config(module), prediction, record, time_shift))
     else:
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
             f"UNet2DConditionModel, {', '.join(VIDEO_UNETS)}, AutoencoderKL, "
-            f"{', '.join(TRANSFORMERS)}"
+            f"{', '.join(TRANSFORMERS + WAN_TRANSFORMERS)}"
         )
     if isinstance(converted, DiT):
         state = dit_state_dict(source, converted.config)
+    elif isinstance(converted, VideoDiT):
+        state = wan_state_dict(source, converted.config)
     else:
         state = _state_dict_to_diffkit(source, converted)
     parameter = next(module.parameters(), None)
@@ -516,10 +531,12 @@ def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """
     if isinstance(module, DiT):
         return to_diffusers_transformer(module)[1]
+    if isinstance(module, VideoDiT):
+        return diffusers_wan_state_dict(module.state_dict(), module.config)
     if not isinstance(module, UNet | KLAutoencoder):
         raise TypeError(
             f"to_diffusers_state_dict: cannot export {type(module).__name__}; "
-            "supported: UNet, KLAutoencoder, DiT"
+            "supported: UNet, KLAutoencoder, DiT, VideoDiT (Wan)"
         )
     state = _state_dict_to_diffusers(module.state_dict())
     if isinstance(module, UNet) and module.config.temporal is not None:
@@ -658,6 +675,8 @@ def to_diffusers(module: nn.Module) -> nn.Module:
 
     if isinstance(module, DiT):
         model, state = to_diffusers_transformer(module)
+    elif isinstance(module, VideoDiT):
+        model, state = to_diffusers_wan(module)
     else:
         if isinstance(module, UNet):
             name, kwargs = _diffusers_unet_kwargs(module.config)
@@ -666,10 +685,10 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         else:
             raise TypeError(
                 f"to_diffusers: cannot export {type(module).__name__}; "
-                "supported: UNet, KLAutoencoder, DiT"
+                "supported: UNet, KLAutoencoder, DiT, VideoDiT (Wan)"
             )
         model, state = getattr(diffusers, name)(**kwargs), to_diffusers_state_dict(module)
-    if isinstance(module, UNet | DiT):
+    if isinstance(module, UNet | DiT | VideoDiT):
         c = module.config
         fields = type(c).model_fields
         model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in _RECORDED if k in fields}})
