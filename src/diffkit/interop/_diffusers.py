@@ -24,6 +24,9 @@ diffusers first) and returns the equivalent diffkit module with the same weights
   ``diffkit.interop._diffusers_video``.
 - a ``WanTransformer3DModel`` (Wan 2.1) becomes a rotary-position
   [`VideoDiT`][diffkit.nn.video.VideoDiT]; see ``diffkit.interop._diffusers_wan``.
+- a ``LatteTransformer3DModel`` becomes a [`VideoDiT`][diffkit.nn.video.VideoDiT] of
+  alternating spatial and temporal PixArt blocks; see
+  ``diffkit.interop._diffusers_transformer``.
 - an ``AutoencoderKL`` becomes a [`KLAutoencoder`][diffkit.nn.vae.KLAutoencoder] whose
   ``encode(x)`` is ``(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor`` and
   whose ``decode(z)`` is ``vae.decode(z / scaling_factor + shift_factor).sample``
@@ -52,9 +55,12 @@ import torch
 from torch import Tensor, nn
 
 from diffkit.interop._diffusers_transformer import (
+    LATTE_TRANSFORMERS,
     TRANSFORMERS,
     dit_config,
     dit_state_dict,
+    latte_config,
+    to_diffusers_latte,
     to_diffusers_transformer,
 )
 from diffkit.interop._diffusers_video import (
@@ -66,7 +72,6 @@ from diffkit.interop._diffusers_video import (
 )
 from diffkit.interop._diffusers_wan import (
     WAN_TRANSFORMERS,
-    diffusers_wan_state_dict,
     to_diffusers_wan,
     wan_config,
     wan_state_dict,
@@ -504,16 +509,20 @@ def from_diffusers(
     elif name in WAN_TRANSFORMERS:  # a VideoDiT: diffkit.interop._diffusers_wan
         record = _recorded(_config(module))
         converted = VideoDiT(wan_config(_config(module), prediction, record, time_shift))
+    elif name in LATTE_TRANSFORMERS:  # a VideoDiT: diffkit.interop._diffusers_transformer
+        record = _recorded(_config(module))
+        cfg = _config(module)
+        converted = VideoDiT(latte_config(cfg, prediction, num_train_timesteps, record))
     else:
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
             f"UNet2DConditionModel, {', '.join(VIDEO_UNETS)}, AutoencoderKL, "
-            f"{', '.join(TRANSFORMERS + WAN_TRANSFORMERS)}"
+            f"{', '.join(TRANSFORMERS + WAN_TRANSFORMERS + LATTE_TRANSFORMERS)}"
         )
-    if isinstance(converted, DiT):
-        state = dit_state_dict(source, converted.config)
-    elif isinstance(converted, VideoDiT):
+    if isinstance(converted, VideoDiT) and converted.config.positions == "rotary":
         state = wan_state_dict(source, converted.config)
+    elif isinstance(converted, DiT | VideoDiT):  # DiT, PixArt, SD3, Latte: link tables
+        state = dit_state_dict(source, converted.config)
     else:
         state = _state_dict_to_diffkit(source, converted)
     parameter = next(module.parameters(), None)
@@ -532,7 +541,7 @@ def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
     if isinstance(module, DiT):
         return to_diffusers_transformer(module)[1]
     if isinstance(module, VideoDiT):
-        return diffusers_wan_state_dict(module.state_dict(), module.config)
+        return _video_transformer(module)[1]
     if not isinstance(module, UNet | KLAutoencoder):
         raise TypeError(
             f"to_diffusers_state_dict: cannot export {type(module).__name__}; "
@@ -548,6 +557,14 @@ def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
             for k, v in state.items()
         }
     return state
+
+
+def _video_transformer(module: VideoDiT) -> tuple[Any, dict[str, Tensor]]:
+    """A VideoDiT's diffusers model: Latte for alternating blocks, else Wan 2.1 (each refuses
+    by name what it cannot express)."""
+    if module.config.attention == "alternating":
+        return to_diffusers_latte(module)
+    return to_diffusers_wan(module)
 
 
 def _block_types(attention: list[bool], kind: str) -> dict[str, tuple[str, ...]]:
@@ -676,7 +693,7 @@ def to_diffusers(module: nn.Module) -> nn.Module:
     if isinstance(module, DiT):
         model, state = to_diffusers_transformer(module)
     elif isinstance(module, VideoDiT):
-        model, state = to_diffusers_wan(module)
+        model, state = _video_transformer(module)
     else:
         if isinstance(module, UNet):
             name, kwargs = _diffusers_unet_kwargs(module.config)

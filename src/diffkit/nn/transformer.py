@@ -63,9 +63,11 @@ from diffkit.protocols import Conditioning
 from diffkit.typing import Prediction, ShapeError, Tokens, checked_layer
 
 __all__ = [
+    "BlockAttention",
     "JointPatchTransformerBlock",
     "Mixing",
     "Modulation",
+    "NetworkAttention",
     "PatchTransformer",
     "PatchTransformerBlock",
     "PatchTransformerConfig",
@@ -109,6 +111,14 @@ def self_attend(
     return rearrange(attn(x), "(b s) f d -> b (f s) d", s=spatial)
 
 
+BlockAttention = Literal["factorised", "full", "space", "time"]
+"""What one block's self-attention mixes: space then time (two branches), all tokens, the
+tokens of each frame, or each position's frames (``"space"`` / ``"time"``: the alternating
+blocks of Latte)."""
+
+NetworkAttention = Literal["factorised", "full", "alternating"]
+"""A network's blocks: factorised, full, or alternating spatial and temporal blocks."""
+
 Modulation = Literal["zero", "single"]
 """adaLN-Zero (each block regresses its own shifts, scales and gates from ``c``) or
 adaLN-single (one regression for all blocks, plus a learned table per block; PixArt-α)."""
@@ -118,7 +128,8 @@ class PatchTransformerBlock(nn.Module):
     """adaLN-Zero block: gated self-attention, optional cross-attention, gated MLP.
 
     ``attention="full"`` attends over all tokens (``attn``); ``"factorised"`` attends within
-    each frame (``attn``), then across frames (``attn_time``), each its own gated branch.
+    each frame (``attn``), then across frames (``attn_time``), each its own gated branch;
+    ``"space"`` / ``"time"``: ``attn`` attends within each frame / across frames only.
     ``local_mlp`` swaps the MLP for a [`LocalFeedForward`][diffkit.nn.attention.LocalFeedForward].
     The adaLN regression ``ada`` gives ``(shift, scale, gate)`` for the first self-attention,
     the MLP, then the time attention (the order of the saved weights). With
@@ -135,7 +146,7 @@ class PatchTransformerBlock(nn.Module):
         dim: int,
         heads: int,
         *,
-        attention: Literal["factorised", "full"] = "full",
+        attention: BlockAttention = "full",
         mlp_ratio: float = 4.0,
         context_dim: int | None = None,
         local_mlp: bool = False,
@@ -155,7 +166,7 @@ class PatchTransformerBlock(nn.Module):
         self.label_embed = (
             nn.Embedding(embeddings[1], dim) if embeddings and embeddings[1] else None
         )
-        self.mixing: Mixing = "space" if attention == "factorised" else "full"
+        self.mixing: Mixing = "space" if attention == "factorised" else attention
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.attn = Attention(dim, heads, qkv_bias=True, **norms)
         if attention == "factorised":
@@ -446,7 +457,7 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         config: ConfigT,
         patches: SpatialPatches | TubeletPatches,
         *,
-        attention: Literal["factorised", "full"] = "full",
+        attention: NetworkAttention = "full",
         local_mlp: bool = False,
     ) -> None:
         super().__init__()
@@ -494,16 +505,21 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
             self.ada_out_table = nn.Parameter(torch.zeros(2, c.dim))
         self.proj_out = zero_linear(c.dim, patches.patch_dim(self._head_channels))
 
-    def _blocks(self, attention: Literal["factorised", "full"], local_mlp: bool) -> nn.ModuleList:
-        """The adaLN blocks (everything but MMDiT)."""
+    def _blocks(self, attention: NetworkAttention, local_mlp: bool) -> nn.ModuleList:
+        """The adaLN blocks (everything but MMDiT); ``"alternating"``: ``2 depth`` blocks,
+        spatial (with the cross-attention) then temporal (without)."""
         c = self.config
+        context_dim = c.dim if self.context_embed is not None else c.context_dim
+        kinds: list[BlockAttention] = (
+            ["space", "time"] * c.depth if attention == "alternating" else [attention] * c.depth
+        )
         return nn.ModuleList(
             PatchTransformerBlock(
                 c.dim,
                 c.num_heads,
-                attention=attention,
+                attention=kind,
                 mlp_ratio=c.mlp_ratio,
-                context_dim=c.dim if self.context_embed is not None else c.context_dim,
+                context_dim=None if kind == "time" else context_dim,
                 local_mlp=local_mlp,
                 modulation=c.modulation,
                 cross_norm=c.cross_norm,
@@ -514,7 +530,7 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
                 qk_norm_across_heads=c.qk_norm_across_heads,
                 mlp_dim=c.mlp_dim,
             )
-            for i in range(c.depth)
+            for i, kind in enumerate(kinds)
         )
 
     def time_features(self, t: Tensor) -> Float[Tensor, "batch freq_dim"]:
@@ -566,11 +582,13 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         positions: Float[Tensor, "tokens dim"] | None,
         grid: tuple[int, int, int],
         rotary: Float[Tensor, "tokens half"] | None = None,
+        time_positions: Float[Tensor, "frames dim"] | None = None,
     ) -> Float[Tensor, "batch tokens patch_dim"]:
         """Patches of ``x_t`` on the token ``grid`` to output patches (before unpatchify):
         ``patch_dim(out_channels)`` features, twice that with ``learned_sigma``. ``positions``
         are added to the embedded patches; ``rotary`` angles rotate the self-attentions'
-        queries and keys."""
+        queries and keys; ``time_positions`` (one row per frame) are added to every token of
+        the frame before the first temporal block (Latte)."""
         context = cond.tokens if cond is not None and self.config.context_dim is not None else None
         mask = cond.mask if context is not None and cond is not None else None
         mask = mask if self.config.context_mask else None
@@ -588,6 +606,10 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
                 context = next_context if next_context is not None else context
             return self._head(h, c)
         for block in cast(list[PatchTransformerBlock], self.blocks):
+            if time_positions is not None and block.mixing == "time":
+                spatial = h.shape[1] // grid[0]
+                rows = time_positions.to(h.device, h.dtype).repeat_interleave(spatial, dim=0)
+                h, time_positions = h + rows, None
             block_c = shared
             if block.time_embed is not None and features is not None:
                 block_c = block.time_embed(features)

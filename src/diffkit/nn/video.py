@@ -26,15 +26,17 @@ and time (Wan 2.1, with ``attention="full"``).
 import math
 from typing import Literal, cast
 
+import torch
 from jaxtyping import Float
 from pydantic import Field, model_validator
 from torch import Tensor
 
 from diffkit.nn._registry import DENOISERS
 from diffkit.nn.attention import LocalFeedForward as LocalFeedForward
+from diffkit.nn.dit import patch_positions
 from diffkit.nn.embeddings import rotary_angles_3d
-from diffkit.nn.transformer import PatchTransformer, PatchTransformerConfig
-from diffkit.patches import TubeletPatches, sincos_pos_embed_3d
+from diffkit.nn.transformer import NetworkAttention, PatchTransformer, PatchTransformerConfig
+from diffkit.patches import TubeletPatches, sincos_pos_embed_1d, sincos_pos_embed_3d
 from diffkit.protocols import Conditioning
 from diffkit.typing import ShapeError, Time, Video, checked
 
@@ -53,13 +55,43 @@ class VideoDiTConfig(PatchTransformerConfig):
         description="a depthwise 3x3 convolution over each temporal slot's token grid "
         "inside each MLP (a per-frame spatial bias)",
     )
-    attention: Literal["factorised", "full"] = Field(
-        default="factorised", description="space-then-time attention, or full 3-D attention"
+    attention: NetworkAttention = Field(
+        default="factorised",
+        description="space-then-time attention in each block, full 3-D attention, or "
+        "'alternating': depth pairs of a spatial block (with the cross-attention) and a "
+        "temporal block (Latte)",
     )
-    positions: Literal["sincos", "rotary"] = Field(
+    positions: Literal["sincos", "rotary", "space_then_time"] = Field(
         default="sincos",
-        description="fixed 3-D sin-cos positions added to the tokens, or 3-D rotary positions "
-        "in every self-attention (Wan 2.1; needs attention='full', an even head size >= 6)",
+        description="fixed 3-D sin-cos positions added to the tokens; 3-D rotary positions "
+        "in every self-attention (Wan 2.1; needs attention='full', an even head size >= 6); "
+        "or 2-D sin-cos positions within each frame at the input and 1-D sin-cos positions "
+        "of the frames before the first temporal block (Latte; needs attention='alternating')",
+    )
+    max_frames: int | None = Field(
+        default=None,
+        gt=0,
+        le=1 << 16,
+        description="videos of more frames (after the tubelet's depth) are refused (Latte's "
+        "video_length); None: no bound",
+    )
+    pos_order: Literal["hw", "wh"] = Field(
+        default="hw",
+        description="positions='space_then_time': which half of the 2-D features encodes the "
+        "row (as DiTConfig.pos_order)",
+    )
+    pos_base_size: int | None = Field(
+        default=None,
+        gt=0,
+        le=1 << 16,
+        description="positions='space_then_time': 2-D positions scaled by pos_base_size / n "
+        "(as DiTConfig.pos_base_size)",
+    )
+    pos_interpolation_scale: float = Field(
+        default=1.0,
+        gt=0,
+        le=1e6,
+        description="positions='space_then_time': 2-D positions divided by this",
     )
     rotary_theta: float = Field(
         default=10000.0, gt=1, le=1e9, description="base of the rotary frequencies"
@@ -74,6 +106,21 @@ class VideoDiTConfig(PatchTransformerConfig):
 
     @model_validator(mode="after")
     def _check_positions(self) -> "VideoDiTConfig":
+        layout = (self.pos_order, self.pos_base_size, self.pos_interpolation_scale)
+        if self.positions != "space_then_time" and layout != ("hw", None, 1.0):
+            raise ValueError(
+                "pos_order, pos_base_size and pos_interpolation_scale need "
+                f"positions='space_then_time', not {self.positions!r}"
+            )
+        if (self.positions == "space_then_time") != (self.attention == "alternating"):
+            raise ValueError(
+                "positions='space_then_time' and attention='alternating' go together, got "
+                f"positions={self.positions!r}, attention={self.attention!r}"
+            )
+        if self.attention == "alternating" and (self.local_mlp or self.embeddings_per_block):
+            raise ValueError(
+                "attention='alternating' supports neither local_mlp nor embeddings_per_block"
+            )
         if self.positions == "rotary":
             head_dim = self.dim // self.num_heads
             if self.attention != "full" or head_dim % 2 or head_dim < 6:
@@ -124,9 +171,34 @@ class VideoDiT(PatchTransformer[VideoDiTConfig]):
         """Predict ``self.prediction`` for ``x_t`` ``(b, f, c, h, w)`` at times ``t`` ``(b,)``."""
         self._check_inputs(x_t, t, cond, channels=x_t.shape[2])
         grid = cast(tuple[int, int, int], tuple(self.patches.grid(x_t.shape[1:])))
-        h = self._transform(x_t, t, cond, *self._positions(grid))
+        if self.config.max_frames is not None and grid[0] > self.config.max_frames:
+            raise ShapeError(
+                f"VideoDiT: {grid[0]} token frames, more than max_frames {self.config.max_frames}"
+            )
+        if self.config.positions == "space_then_time":
+            h = self._transform(x_t, t, cond, *self._space_then_time(grid))
+        else:
+            h = self._transform(x_t, t, cond, *self._positions(grid))
         out = self.patches.unpatchify(h, (x_t.shape[1], self._head_channels, *x_t.shape[3:]))
         return out[:, :, : self._out_channels]  # learned_sigma: the variance half dropped
+
+    def _space_then_time(
+        self, grid: tuple[int, int, int]
+    ) -> tuple[Tensor, tuple[int, int, int], None, Tensor | None]:
+        """Latte's positions: 2-D within each frame, added at the input; 1-D of the frames
+        (none for a single frame, as diffusers), added before the first temporal block."""
+        c = self.config
+        frames, grid_h, grid_w = grid
+        space = patch_positions(
+            grid_h,
+            grid_w,
+            c.dim,
+            order=c.pos_order,
+            base_size=c.pos_base_size,
+            interpolation_scale=c.pos_interpolation_scale,
+        )
+        time = sincos_pos_embed_1d(torch.arange(frames), c.dim) if frames > 1 else None
+        return space.repeat(frames, 1), grid, None, time
 
     def _positions(
         self, grid: tuple[int, int, int]
