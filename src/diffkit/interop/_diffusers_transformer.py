@@ -1,4 +1,6 @@
-"""diffusers' patch transformers (DiT, PixArt-α/Σ, SD3) <-> diffkit's [`DiT`][diffkit.nn.dit.DiT].
+"""diffusers' patch transformers (DiT, PixArt-α/Σ, SD3; Latte) <-> diffkit's DiT (VideoDiT).
+
+[`DiT`][diffkit.nn.dit.DiT]; [`VideoDiT`][diffkit.nn.video.VideoDiT] for Latte.
 
 Both are configurations of diffkit's patch-transformer core:
 
@@ -20,6 +22,15 @@ Both are configurations of diffkit's patch-transformer core:
   honoured. The network embeds ``1000 sigma`` of a shifted rectified flow: pass the
   scheduler's ``shift`` as ``time_shift`` so that ``t`` is that of
   [`RectifiedFlow`][diffkit.schedules.RectifiedFlow] with the same shift.
+
+- ``LatteTransformer3DModel`` (a [`VideoDiT`][diffkit.nn.video.VideoDiT]): PixArt's blocks
+  alternating over space (with the cross-attention) and time (``attention="alternating"``:
+  diffkit's blocks ``2i`` and ``2i + 1`` are diffusers' ``transformer_blocks[i]`` and
+  ``temporal_transformer_blocks[i]``), 2-D positions within each frame at the input and 1-D
+  positions of the frames before the first temporal block (``positions="space_then_time"``),
+  captions attended unmasked as its pipeline does (``context_mask=False``);
+  ``video_length`` becomes ``max_frames`` (diffusers' Latte takes exactly that many frames,
+  or one; diffkit any number up to it).
 
 The weights map one to one through ``_links``: one table read in both directions.
 """

@@ -10,7 +10,9 @@ Peebles & Xie 2023). A block's self-attention mixes
 
 - ``"full"``: all ``f * s`` tokens at once — cost ``O((f s)^2)`` (DiT: ``f = 1``), or
 - ``"factorised"``: within each frame (space), then across frames at each position (time)
-  — cost ``O(f s^2 + s f^2)`` for ``f`` frames of ``s`` tokens (as in Latte / TimeSformer),
+  — cost ``O(f s^2 + s f^2)`` for ``f`` frames of ``s`` tokens (as in TimeSformer); or, with
+  ``"alternating"`` (Latte), each block mixes only space or only time, spatial and temporal
+  blocks alternating (only the spatial ones cross-attend),
 
 followed, with ``context_dim`` set, by cross-attention to ``Conditioning.tokens``
 (PixArt-style) and an MLP. A final adaLN layer maps tokens back to patches.

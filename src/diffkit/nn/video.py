@@ -20,7 +20,10 @@ With ``positions="rotary"`` no position is added to the tokens: each self-attent
 its queries and keys by 3-D rotary angles
 ([`rotary_angles_3d`][diffkit.nn.embeddings.rotary_angles_3d]: frame, row and column, each
 on its own share of every head's features), so attention sees relative positions in space
-and time (Wan 2.1, with ``attention="full"``).
+and time (Wan 2.1, with ``attention="full"``). ``attention="alternating"`` with
+``positions="space_then_time"`` is Latte: ``depth`` pairs of a spatial block and a temporal
+block, 2-D positions within each frame added at the input and 1-D positions of the frames
+added before the first temporal block.
 """
 
 import math
