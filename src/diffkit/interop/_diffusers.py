@@ -480,7 +480,9 @@ def from_diffusers(
     """The diffkit equivalent (same weights) of a diffusers U-Net (2-D, or the 3-D
     ``UNet3DConditionModel``: a space-time U-Net), ``AutoencoderKL``,
     ``DiTTransformer2DModel``, ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel`` (the
-    last three: a [`DiT`][diffkit.nn.dit.DiT]).
+    last three: a [`DiT`][diffkit.nn.dit.DiT]), ``WanTransformer3DModel`` or
+    ``LatteTransformer3DModel`` (a [`VideoDiT`][diffkit.nn.video.VideoDiT], taking videos
+    ``(batch, frames, channels, h, w)``).
 
     ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
     config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
@@ -488,7 +490,8 @@ def from_diffusers(
     ``micro_conditions``: how many size conditions an SDXL-style U-Net
     (``addition_embed_type="text_time"``) embeds beside the pooled text, ``Conditioning.micro``
     (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner).
-    ``time_shift``: an ``SD3Transformer2DModel``'s scheduler ``shift`` (SD3: 3.0), so the
+    ``time_shift``: an ``SD3Transformer2DModel``'s scheduler ``shift`` (SD3: 3.0; for a
+    ``WanTransformer3DModel`` its scheduler's ``flow_shift``), so the
     converted network takes [`RectifiedFlow`][diffkit.schedules.RectifiedFlow]``(shift)``'s
     ``t`` and embeds ``1000 sigma(t)`` as diffusers does (default 1: ``t`` is sigma).
     """
@@ -512,7 +515,7 @@ def from_diffusers(
     elif name in LATTE_TRANSFORMERS:  # a VideoDiT: diffkit.interop._diffusers_transformer
         record = _recorded(_config(module))
         cfg = _config(module)
-        converted = VideoDiT(latte_config(cfg, prediction, num_train_timesteps, record))
+        converted = VideoDiT(latte_config(cfg, prediction, num_train_timesteps, record, time_shift))
     else:
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "

@@ -474,6 +474,9 @@ def _diffusers_kwargs(c: DiTConfig) -> tuple[str, dict[str, Any]]:
             ("mlp_ratio", c.mlp_ratio, 4.0),
             ("pooled_dim", c.pooled_dim, None),
             ("pos_max_size", c.pos_max_size, None),
+            ("mlp_dim", c.mlp_dim, None),
+            ("qk_norm", c.qk_norm, False),
+            ("context_mask", c.context_mask, True),
         )
         if value != wanted
     ]
@@ -541,6 +544,7 @@ def latte_config(
     prediction: Prediction | None,
     num_train_timesteps: int | None,
     record: dict,
+    time_shift: float | None = None,
 ) -> VideoDiTConfig:
     """The [`VideoDiTConfig`][diffkit.nn.video.VideoDiTConfig] of a diffusers
     ``LatteTransformer3DModel``: alternating PixArt blocks over space and time."""
@@ -581,6 +585,7 @@ def latte_config(
         time_input=record.get("time_input", "index"),
         time_scale=record.get("time_scale", 1000.0),
         num_train_timesteps=num_train_timesteps or record.get("num_train_timesteps", 1000),
+        time_shift=time_shift or record.get("time_shift", 1.0),
     )
 
 

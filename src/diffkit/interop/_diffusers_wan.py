@@ -203,6 +203,7 @@ def _wan_kwargs(c: VideoDiTConfig) -> dict[str, Any]:
         ("freq_shift", c.freq_shift, 0.0),
         ("norm_eps", c.norm_eps, 1e-6),
         ("mlp_norm_eps", c.mlp_norm_eps, 1e-6),
+        ("max_frames", c.max_frames, None),
     ]
     _refuse(
         [f"{name}={value!r}" for name, value, want in wanted if value != want],
