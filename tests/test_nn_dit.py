@@ -314,3 +314,109 @@ def test_saved_weights_keep_their_names():
     factorised = VideoDiT(VideoDiTConfig(**config))
     assert list(factorised.state_dict()) == names(block[:4] + time + block[4:])
     assert factorised.blocks[0].ada.weight.shape == (9 * 16, 16)
+
+
+def test_rotary_angles_make_attention_scores_depend_on_relative_positions_only():
+    from diffkit.nn.embeddings import apply_rotary, rotary_angles_3d
+
+    grid, head_dim = (3, 4, 5), 12
+    angles = rotary_angles_3d(grid, head_dim).reshape(*grid, head_dim // 2)
+    q, k = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
+
+    def score(p: tuple[int, int, int], r: tuple[int, int, int]) -> torch.Tensor:
+        return apply_rotary(q, angles[p]) @ apply_rotary(k, angles[r])
+
+    # the same offset (1, 2, -1) from two places gives the same score; another offset does not
+    assert torch.allclose(score((0, 0, 3), (1, 2, 2)), score((1, 1, 4), (2, 3, 3)))
+    assert not torch.allclose(score((0, 0, 3), (1, 2, 2)), score((0, 0, 3), (1, 2, 3)))
+    # pairs 0-1 turn with the frame, 2-3 with the row, 4-5 with the column (head_dim // 6 each
+    # for rows and columns, the rest for frames)
+    assert rotary_angles_3d(grid, head_dim).shape == (60, 6)
+    for pairs, axis in ((slice(0, 2), 0), (slice(2, 4), 1), (slice(4, 6), 2)):
+        part = angles[..., pairs]
+        first = part.narrow(axis, 0, 1)
+        assert torch.all(first == 0) and not torch.all(part == 0)
+        others = [a for a in range(3) if a != axis]
+        corner = part.narrow(others[0], 0, 1).narrow(others[1], 0, 1)
+        assert torch.equal(part, corner.expand_as(part))
+
+
+def _wan_like(**overrides) -> VideoDiTConfig:
+    options = {
+        "in_channels": 2, "dim": 24, "depth": 1, "num_heads": 2, "mlp_dim": 20,
+        "attention": "full", "positions": "rotary", "modulation": "single",
+        "qk_norm": True, "qk_norm_across_heads": True, "context_dim": 6,
+        "context_projection": True, "context_mask": False,
+    }  # fmt: skip
+    return VideoDiTConfig(**(options | overrides))
+
+
+def test_rotary_video_dit_adds_no_positions_and_honours_mlp_dim_and_norms():
+    model = _randomize(VideoDiT(_wan_like()))
+    block = model.blocks[0]
+    assert block.mlp.proj_in.out_features == 20
+    assert block.attn.q_norm is not None and block.attn.q_norm.normalized_shape == (24,)
+    assert block.cross is not None and block.cross.k_norm is not None
+    x, t = torch.randn(1, 2, 2, 4, 4), torch.rand(1)
+    cond = Conditioning(tokens=torch.randn(1, 3, 6))
+    with torch.no_grad():  # a rolled video is not a rolled prediction: positions matter
+        out = model(x, t, cond)
+        rolled = model(x.roll(1, dims=3), t, cond)
+    assert not torch.allclose(rolled, out.roll(1, dims=3), atol=1e-4)
+
+
+def test_context_mask_false_attends_to_every_token_given():
+    x, t = torch.randn(1, 2, 2, 4, 4), torch.rand(1)
+    tokens = torch.randn(1, 3, 6)
+    mask = torch.tensor([[True, True, False]])
+    for context_mask in (False, True):
+        model = _randomize(VideoDiT(_wan_like(context_mask=context_mask)))
+        with torch.no_grad():
+            masked = model(x, t, Conditioning(tokens=tokens, mask=mask))
+            unmasked = model(x, t, Conditioning(tokens=tokens))
+        assert torch.allclose(masked, unmasked) == (not context_mask)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"attention": "factorised"}, "rotary"),
+        ({"num_heads": 6}, "head size"),  # head size 4 < 6
+        ({"qk_norm": False}, "qk_norm_across_heads"),
+        ({"positions": "sincos", "pos_order": "wh"}, "pos_order"),
+        ({"positions": "space_then_time"}, "alternating"),
+    ],
+)
+def test_video_dit_refuses_option_combinations_it_cannot_honour(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        _wan_like(**overrides)
+
+
+def _latte_like(**overrides) -> VideoDiTConfig:
+    options = {
+        "in_channels": 2, "dim": 16, "depth": 2, "num_heads": 2, "attention": "alternating",
+        "positions": "space_then_time", "modulation": "single", "context_dim": 6,
+    }  # fmt: skip
+    return VideoDiTConfig(**(options | overrides))
+
+
+def test_alternating_blocks_are_spatial_with_cross_attention_then_temporal_without():
+    model = VideoDiT(_latte_like())
+    assert [b.mixing for b in model.blocks] == ["space", "time", "space", "time"]
+    assert [b.cross is not None for b in model.blocks] == [True, False, True, False]
+    assert all(b.attn_time is None for b in model.blocks)
+
+
+def test_alternating_video_dit_mixes_frames_only_in_its_temporal_blocks():
+    model = _randomize(VideoDiT(_latte_like(depth=1)))
+    x, t = torch.randn(1, 3, 2, 4, 4), torch.rand(1)
+    cond = Conditioning(tokens=torch.randn(1, 2, 6))
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    with torch.no_grad():
+        changed = (model(x2, t, cond) - model(x, t, cond)).abs().amax(dim=(0, 2, 3, 4))
+        model.blocks[1].ada_table.data[2].zero_()  # temporal block's attention gate ...
+        model.ada.weight.data.zero_()
+        model.ada.bias.data.zero_()  # ... closed: frames no longer meet
+        cut = (model(x2, t, cond) - model(x, t, cond)).abs().amax(dim=(0, 2, 3, 4))
+    assert changed[2] > 1e-4 and cut[2] == 0

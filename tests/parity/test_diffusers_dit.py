@@ -242,3 +242,14 @@ def test_full_size_configs_map_every_tensor_on_meta(name: str) -> None:
         per_block = sum(p.numel() for p in ref.transformer_blocks[0].norm1.emb.parameters())
         count += (config.depth - 1) * per_block
     assert count == ref_count
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("qk_norm", True), ("mlp_dim", 24), ("context_mask", False)]
+)
+def test_dit_options_pixart_cannot_express_are_refused_by_name(field: str, value: Any) -> None:
+    model = dk.interop.from_diffusers(_pixart())
+    assert isinstance(model, DiT)
+    changed = DiT(model.config.model_copy(update={field: value}))
+    with pytest.raises(ValueError, match=field):
+        dk.interop.to_diffusers(changed)

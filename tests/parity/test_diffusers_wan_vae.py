@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import diffkit as dk
-from diffkit.interop._diffusers_wan import wan_vae_config, wan_vae_keys
+from diffkit.interop._diffusers_wan_vae import wan_vae_config, wan_vae_keys
 from diffkit.nn import CausalVideoAutoencoder, CausalVideoAutoencoderConfig
 
 pytestmark = pytest.mark.parity

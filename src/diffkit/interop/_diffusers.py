@@ -22,13 +22,18 @@ diffusers first) and returns the equivalent diffkit module with the same weights
   [`UNet`][diffkit.nn.unet.UNet] (``temporal`` set) taking ``(batch, frames, channels, h, w)``
   where diffusers takes ``(batch, channels, frames, h, w)``; see
   ``diffkit.interop._diffusers_video``.
+- a ``WanTransformer3DModel`` (Wan 2.1) becomes a rotary-position
+  [`VideoDiT`][diffkit.nn.video.VideoDiT]; see ``diffkit.interop._diffusers_wan_transformer``.
+- a ``LatteTransformer3DModel`` becomes a [`VideoDiT`][diffkit.nn.video.VideoDiT] of
+  alternating spatial and temporal PixArt blocks; see
+  ``diffkit.interop._diffusers_transformer``.
 - an ``AutoencoderKL`` becomes a [`KLAutoencoder`][diffkit.nn.vae.KLAutoencoder] whose
   ``encode(x)`` is ``(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor`` and
   whose ``decode(z)`` is ``vae.decode(z / scaling_factor + shift_factor).sample``
   (``shift_factor`` is 0 unless the diffusers config sets it).
 - an ``AutoencoderKLWan`` (Wan 2.1's video VAE) becomes a
   [`CausalVideoAutoencoder`][diffkit.nn.video_vae.CausalVideoAutoencoder] taking
-  ``(batch, frames, channels, h, w)``; see ``diffkit.interop._diffusers_wan``.
+  ``(batch, frames, channels, h, w)``; see ``diffkit.interop._diffusers_wan_vae``.
 
 ``to_diffusers_state_dict(module)`` is the inverse for the weights: it loads with
 ``strict=True`` into a diffusers model built with the matching config, and
@@ -53,9 +58,12 @@ import torch
 from torch import Tensor, nn
 
 from diffkit.interop._diffusers_transformer import (
+    LATTE_TRANSFORMERS,
     TRANSFORMERS,
     dit_config,
     dit_state_dict,
+    latte_config,
+    to_diffusers_latte,
     to_diffusers_transformer,
 )
 from diffkit.interop._diffusers_video import (
@@ -65,7 +73,13 @@ from diffkit.interop._diffusers_video import (
     video_keys_to_diffkit,
     video_keys_to_diffusers,
 )
-from diffkit.interop._diffusers_wan import (
+from diffkit.interop._diffusers_wan_transformer import (
+    WAN_TRANSFORMERS,
+    to_diffusers_wan,
+    wan_config,
+    wan_state_dict,
+)
+from diffkit.interop._diffusers_wan_vae import (
     VIDEO_AUTOENCODERS,
     from_wan_vae,
     wan_vae_diffusers_state_dict,
@@ -76,6 +90,7 @@ from diffkit.interop._schedulers import SCHEDULERS, SchedulerParts, scheduler_pa
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
+from diffkit.nn.video import VideoDiT
 from diffkit.nn.video_vae import CausalVideoAutoencoder
 from diffkit.typing import Prediction
 
@@ -490,9 +505,12 @@ def from_diffusers(
     time_shift: float | None = None,
 ) -> nn.Module | SchedulerParts:
     """The diffkit equivalent (same weights) of a diffusers U-Net (2-D, or the 3-D
-    ``UNet3DConditionModel``: a space-time U-Net), ``AutoencoderKL``, ``AutoencoderKLWan``,
+    ``UNet3DConditionModel``: a space-time U-Net), ``AutoencoderKL``, ``AutoencoderKLWan``
+    (a [`CausalVideoAutoencoder`][diffkit.nn.video_vae.CausalVideoAutoencoder]),
     ``DiTTransformer2DModel``, ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel`` (the
-    last three: a [`DiT`][diffkit.nn.dit.DiT]); of a diffusers scheduler, its
+    last three: a [`DiT`][diffkit.nn.dit.DiT]), ``WanTransformer3DModel`` or
+    ``LatteTransformer3DModel`` (a [`VideoDiT`][diffkit.nn.video.VideoDiT], taking videos
+    ``(batch, frames, channels, h, w)``); of a diffusers scheduler, its
     [`SchedulerParts`][diffkit.interop.SchedulerParts] ``(schedule, sampler)`` (see
     [`scheduler_parts`][diffkit.interop.scheduler_parts]).
 
@@ -502,7 +520,8 @@ def from_diffusers(
     ``micro_conditions``: how many size conditions an SDXL-style U-Net
     (``addition_embed_type="text_time"``) embeds beside the pooled text, ``Conditioning.micro``
     (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner).
-    ``time_shift``: an ``SD3Transformer2DModel``'s scheduler ``shift`` (SD3: 3.0), so the
+    ``time_shift``: an ``SD3Transformer2DModel``'s scheduler ``shift`` (SD3: 3.0; for a
+    ``WanTransformer3DModel`` its scheduler's ``flow_shift``), so the
     converted network takes [`RectifiedFlow`][diffkit.schedules.RectifiedFlow]``(shift)``'s
     ``t`` and embeds ``1000 sigma(t)`` as diffusers does (default 1: ``t`` is sigma).
     """
@@ -519,18 +538,28 @@ def from_diffusers(
         source = video_keys_to_diffkit(source)
     elif name == "AutoencoderKL":
         converted = KLAutoencoder(_vae_config(module))
-    elif name in VIDEO_AUTOENCODERS:  # causal 3-D VAE: diffkit.interop._diffusers_wan
+    elif name in VIDEO_AUTOENCODERS:  # causal 3-D VAE: diffkit.interop._diffusers_wan_vae
         converted = from_wan_vae(module)
     elif name in TRANSFORMERS:
         record = _recorded(_config(module))
         converted = DiT(dit_config(module, prediction, num_train_timesteps, record, time_shift))
+    elif name in WAN_TRANSFORMERS:  # a VideoDiT: diffkit.interop._diffusers_wan_transformer
+        record = _recorded(_config(module))
+        converted = VideoDiT(wan_config(_config(module), prediction, record, time_shift))
+    elif name in LATTE_TRANSFORMERS:  # a VideoDiT: diffkit.interop._diffusers_transformer
+        record = _recorded(_config(module))
+        cfg = _config(module)
+        converted = VideoDiT(latte_config(cfg, prediction, num_train_timesteps, record, time_shift))
     else:
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
             f"UNet2DConditionModel, {', '.join(VIDEO_UNETS)}, AutoencoderKL, "
-            f"{', '.join(VIDEO_AUTOENCODERS)}, {', '.join(TRANSFORMERS)}"
+            f"{', '.join(VIDEO_AUTOENCODERS)}, "
+            f"{', '.join(TRANSFORMERS + WAN_TRANSFORMERS + LATTE_TRANSFORMERS)}"
         )
-    if isinstance(converted, DiT):
+    if isinstance(converted, VideoDiT) and converted.config.positions == "rotary":
+        state = wan_state_dict(source, converted.config)
+    elif isinstance(converted, DiT | VideoDiT):  # DiT, PixArt, SD3, Latte: link tables
         state = dit_state_dict(source, converted.config)
     elif isinstance(converted, CausalVideoAutoencoder):
         state = wan_vae_state_dict(source, converted)
@@ -553,10 +582,12 @@ def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
         return to_diffusers_transformer(module)[1]
     if isinstance(module, CausalVideoAutoencoder):
         return wan_vae_diffusers_state_dict(module)
+    if isinstance(module, VideoDiT):
+        return _video_transformer(module)[1]
     if not isinstance(module, UNet | KLAutoencoder):
         raise TypeError(
             f"to_diffusers_state_dict: cannot export {type(module).__name__}; "
-            "supported: UNet, KLAutoencoder, CausalVideoAutoencoder, DiT"
+            "supported: UNet, KLAutoencoder, CausalVideoAutoencoder, DiT, VideoDiT (Wan, Latte)"
         )
     state = _state_dict_to_diffusers(module.state_dict())
     if isinstance(module, UNet) and module.config.temporal is not None:
@@ -568,6 +599,14 @@ def to_diffusers_state_dict(module: nn.Module) -> dict[str, Tensor]:
             for k, v in state.items()
         }
     return state
+
+
+def _video_transformer(module: VideoDiT) -> tuple[Any, dict[str, Tensor]]:
+    """A VideoDiT's diffusers model: Latte for alternating blocks, else Wan 2.1 (each refuses
+    by name what it cannot express)."""
+    if module.config.attention == "alternating":
+        return to_diffusers_latte(module)
+    return to_diffusers_wan(module)
 
 
 def _block_types(attention: list[bool], kind: str) -> dict[str, tuple[str, ...]]:
@@ -698,6 +737,8 @@ def to_diffusers(module: nn.Module) -> nn.Module:
     elif isinstance(module, CausalVideoAutoencoder):
         model = diffusers.AutoencoderKLWan(**wan_vae_kwargs(module.config))
         state = wan_vae_diffusers_state_dict(module)
+    elif isinstance(module, VideoDiT):
+        model, state = _video_transformer(module)
     else:
         if isinstance(module, UNet):
             name, kwargs = _diffusers_unet_kwargs(module.config)
@@ -706,10 +747,10 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         else:
             raise TypeError(
                 f"to_diffusers: cannot export {type(module).__name__}; "
-                "supported: UNet, KLAutoencoder, CausalVideoAutoencoder, DiT"
+                "supported: UNet, KLAutoencoder, CausalVideoAutoencoder, DiT, VideoDiT (Wan, Latte)"
             )
         model, state = getattr(diffusers, name)(**kwargs), to_diffusers_state_dict(module)
-    if isinstance(module, UNet | DiT):
+    if isinstance(module, UNet | DiT | VideoDiT):
         c = module.config
         fields = type(c).model_fields
         model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in _RECORDED if k in fields}})

@@ -1,4 +1,6 @@
-"""diffusers' patch transformers (DiT, PixArt-α/Σ, SD3) <-> diffkit's [`DiT`][diffkit.nn.dit.DiT].
+"""diffusers' patch transformers (DiT, PixArt-α/Σ, SD3; Latte) <-> diffkit's DiT (VideoDiT).
+
+[`DiT`][diffkit.nn.dit.DiT]; [`VideoDiT`][diffkit.nn.video.VideoDiT] for Latte.
 
 Both are configurations of diffkit's patch-transformer core:
 
@@ -21,6 +23,15 @@ Both are configurations of diffkit's patch-transformer core:
   scheduler's ``shift`` as ``time_shift`` so that ``t`` is that of
   [`RectifiedFlow`][diffkit.schedules.RectifiedFlow] with the same shift.
 
+- ``LatteTransformer3DModel`` (a [`VideoDiT`][diffkit.nn.video.VideoDiT]): PixArt's blocks
+  alternating over space (with the cross-attention) and time (``attention="alternating"``:
+  diffkit's blocks ``2i`` and ``2i + 1`` are diffusers' ``transformer_blocks[i]`` and
+  ``temporal_transformer_blocks[i]``), 2-D positions within each frame at the input and 1-D
+  positions of the frames before the first temporal block (``positions="space_then_time"``),
+  captions attended unmasked as its pipeline does (``context_mask=False``);
+  ``video_length`` becomes ``max_frames`` (diffusers' Latte takes exactly that many frames,
+  or one; diffkit any number up to it).
+
 The weights map one to one through ``_links``: one table read in both directions.
 """
 
@@ -32,13 +43,17 @@ from einops import rearrange
 from torch import Tensor
 
 from diffkit.nn.dit import DiT, DiTConfig, dit_positions
+from diffkit.nn.video import VideoDiT, VideoDiTConfig
 from diffkit.typing import Prediction
 
 __all__ = [
+    "LATTE_TRANSFORMERS",
     "TRANSFORMERS",
     "dit_config",
     "dit_state_dict",
+    "latte_config",
     "sd3_config",
+    "to_diffusers_latte",
     "to_diffusers_transformer",
 ]
 
@@ -194,14 +209,13 @@ def _pair(dk: str, df: str, how: str = "same") -> list[Link]:
     return [(f"{dk}.{p}", (f"{df}.{p}",), how) for p in ("weight", "bias")]
 
 
-def _block(i: int, config: DiTConfig) -> list[Link]:
-    dk, df = f"blocks.{i}", f"transformer_blocks.{i}"
+def _block(dk: str, df: str, config: DiTConfig | VideoDiTConfig, *, cross: bool) -> list[Link]:
     links = [
         *_attention(f"{dk}.attn", f"{df}.attn1", cross=False),
         *_pair(f"{dk}.mlp.proj_in", f"{df}.ff.net.0.proj"),
         *_pair(f"{dk}.mlp.proj_out", f"{df}.ff.net.2"),
     ]
-    if config.context_dim is not None:
+    if cross:
         links += _attention(f"{dk}.cross", f"{df}.attn2", cross=True)
     if config.modulation == "zero":
         return [*links, *_pair(f"{dk}.ada", f"{df}.norm1.linear")]
@@ -288,7 +302,9 @@ def _links(config: DiTConfig) -> list[Link]:
         return _joint_links(config)
     links = [*_pair("embed", "pos_embed.proj", "conv")]
     for i in range(config.depth):
-        links += _block(i, config)
+        links += _block(
+            f"blocks.{i}", f"transformer_blocks.{i}", config, cross=config.context_dim is not None
+        )
     if config.modulation == "zero":
         return [*links, *_embeddings(config), *_pair("ada_out", "proj_out_1"),
                 *_pair("proj_out", "proj_out_2", "head")]  # fmt: skip
@@ -306,8 +322,13 @@ def _links(config: DiTConfig) -> list[Link]:
     return [*links, *_pair("proj_out", "proj_out", "head")]
 
 
-def _head(value: Tensor, config: DiTConfig, *, to_diffkit: bool) -> Tensor:
-    p = config.patch_size
+def _side(config: DiTConfig | VideoDiTConfig) -> int:
+    """The side of the square patches (a Latte tubelet is one frame deep)."""
+    return config.patch_size if isinstance(config, DiTConfig) else config.patch_size[2]
+
+
+def _head(value: Tensor, config: DiTConfig | VideoDiTConfig, *, to_diffkit: bool) -> Tensor:
+    p = _side(config)
     pattern = "(p q c) ... -> (c p q) ..." if to_diffkit else "(c p q) ... -> (p q c) ..."
     return rearrange(value, pattern, p=p, q=p)
 
@@ -339,12 +360,15 @@ def _swap(value: Tensor) -> Tensor:
     return torch.cat([second, first])
 
 
-def dit_state_dict(source: Mapping[str, Tensor], config: DiTConfig) -> dict[str, Tensor]:
-    """A diffusers DiT / PixArt / SD3 state dict under diffkit's names and layout."""
-    if config.pos_max_size is not None:
+def dit_state_dict(
+    source: Mapping[str, Tensor], config: DiTConfig | VideoDiTConfig
+) -> dict[str, Tensor]:
+    """A diffusers DiT / PixArt / SD3 / Latte state dict under diffkit's names and layout."""
+    if isinstance(config, DiTConfig) and config.pos_max_size is not None:
         _check_positions(source, config)
     out: dict[str, Tensor] = {}
-    for dk, df, how in _links(config):
+    links = _links(config) if isinstance(config, DiTConfig) else _latte_links(config)
+    for dk, df, how in links:
         if how == "cat":
             out[dk] = torch.cat([source[k] for k in df])
             continue
@@ -366,17 +390,21 @@ def dit_state_dict(source: Mapping[str, Tensor], config: DiTConfig) -> dict[str,
     return out
 
 
-def diffusers_state_dict(source: Mapping[str, Tensor], config: DiTConfig) -> dict[str, Tensor]:
-    """A diffkit DiT's state dict under diffusers' names and layout (the inverse)."""
+def diffusers_state_dict(
+    source: Mapping[str, Tensor], config: DiTConfig | VideoDiTConfig
+) -> dict[str, Tensor]:
+    """A diffkit DiT's (or Latte VideoDiT's) state dict under diffusers' names and layout
+    (the inverse)."""
     out: dict[str, Tensor] = {}
-    for dk, df, how in _links(config):
+    links = _links(config) if isinstance(config, DiTConfig) else _latte_links(config)
+    for dk, df, how in links:
         value = source[dk]
         if how == "cat":
             for key, chunk in zip(df, value.chunk(len(df)), strict=True):
                 out[key] = chunk.clone()
             continue
         if how == "conv" and value.ndim > 1:
-            p = config.patch_size
+            p = _side(config)
             value = rearrange(value, "d (c p q) -> d c p q", p=p, q=p)
         elif how == "head":
             value = _head(value, config, to_diffkit=False)
@@ -384,7 +412,7 @@ def diffusers_state_dict(source: Mapping[str, Tensor], config: DiTConfig) -> dic
             value = _swap(value)
         for key in df if how == "tied" else df[:1]:
             out[key] = value.clone()
-    if config.pos_max_size is not None:
+    if isinstance(config, DiTConfig) and config.pos_max_size is not None:
         like, size = source["embed.weight"], config.pos_max_size
         out[_POSITIONS] = (
             torch.empty(1, size * size, config.dim, device="meta")
@@ -446,6 +474,9 @@ def _diffusers_kwargs(c: DiTConfig) -> tuple[str, dict[str, Any]]:
             ("mlp_ratio", c.mlp_ratio, 4.0),
             ("pooled_dim", c.pooled_dim, None),
             ("pos_max_size", c.pos_max_size, None),
+            ("mlp_dim", c.mlp_dim, None),
+            ("qk_norm", c.qk_norm, False),
+            ("context_mask", c.context_mask, True),
         )
         if value != wanted
     ]
@@ -502,4 +533,133 @@ def to_diffusers_transformer(module: DiT) -> tuple[Any, dict[str, Tensor]]:
 
     name, kwargs = _diffusers_kwargs(module.config)
     model = getattr(diffusers, name)(**kwargs)
+    return model, diffusers_state_dict(module.state_dict(), module.config)
+
+
+LATTE_TRANSFORMERS = ("LatteTransformer3DModel",)
+
+
+def latte_config(
+    cfg: Mapping[str, Any],
+    prediction: Prediction | None,
+    num_train_timesteps: int | None,
+    record: dict,
+    time_shift: float | None = None,
+) -> VideoDiTConfig:
+    """The [`VideoDiTConfig`][diffkit.nn.video.VideoDiTConfig] of a diffusers
+    ``LatteTransformer3DModel``: alternating PixArt blocks over space and time."""
+    _require(cfg, "norm_type", ["ada_norm_single"])
+    _require(cfg, "activation_fn", ["gelu-approximate"])
+    _require(cfg, "attention_bias", [True])
+    _require(cfg, "norm_elementwise_affine", [False])
+    _require(cfg, "dropout", [0.0])
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    _require(cfg, "cross_attention_dim", [dim])
+    if cfg.get("caption_channels") is None:
+        raise ValueError("from_diffusers: caption_channels=None is not supported")
+    out = cfg.get("out_channels") or cfg["in_channels"]
+    learned_sigma = out == 2 * cfg["in_channels"]
+    return VideoDiTConfig(
+        in_channels=cfg["in_channels"],
+        out_channels=out // 2 if learned_sigma else out,
+        learned_sigma=learned_sigma,
+        dim=dim,
+        depth=cfg["num_layers"],
+        num_heads=cfg["num_attention_heads"],
+        patch_size=(1, cfg["patch_size"], cfg["patch_size"]),
+        attention="alternating",
+        positions="space_then_time",
+        pos_order="wh",
+        pos_base_size=cfg["sample_size"] // cfg["patch_size"],
+        pos_interpolation_scale=float(max(cfg["sample_size"] // 64, 1)),
+        max_frames=cfg["video_length"],
+        freq_dim=256,
+        modulation="single",
+        context_dim=cfg["caption_channels"],
+        context_projection=True,
+        context_mask=False,
+        cross_norm=False,
+        norm_eps=cfg["norm_eps"],
+        mlp_norm_eps=cfg["norm_eps"],
+        prediction=prediction or record.get("prediction", "epsilon"),
+        time_input=record.get("time_input", "index"),
+        time_scale=record.get("time_scale", 1000.0),
+        num_train_timesteps=num_train_timesteps or record.get("num_train_timesteps", 1000),
+        time_shift=time_shift or record.get("time_shift", 1.0),
+    )
+
+
+def _latte_links(config: VideoDiTConfig) -> list[Link]:
+    """Every diffkit parameter of a Latte configuration and its diffusers source: diffkit's
+    blocks alternate spatial (``transformer_blocks``) and temporal
+    (``temporal_transformer_blocks``)."""
+    links = [*_pair("embed", "pos_embed.proj", "conv")]
+    for i in range(config.depth):
+        links += _block(f"blocks.{2 * i}", f"transformer_blocks.{i}", config, cross=True)
+        links += _block(
+            f"blocks.{2 * i + 1}", f"temporal_transformer_blocks.{i}", config, cross=False
+        )
+    links += _pair("time_embed.linear_1", "adaln_single.emb.timestep_embedder.linear_1")
+    links += _pair("time_embed.linear_2", "adaln_single.emb.timestep_embedder.linear_2")
+    links += _pair("ada", "adaln_single.linear")
+    links += _pair("context_embed.linear_1", "caption_projection.linear_1")
+    links += _pair("context_embed.linear_2", "caption_projection.linear_2")
+    links.append(("ada_out_table", ("scale_shift_table",), "same"))
+    return [*links, *_pair("proj_out", "proj_out", "head")]
+
+
+def _latte_kwargs(c: VideoDiTConfig) -> dict[str, Any]:
+    """The ``LatteTransformer3DModel`` options of a VideoDiT, refusing what it cannot express."""
+    base = c.pos_base_size or 1
+    side = c.patch_size[2]
+    wanted: list[tuple[str, Any, Any]] = [
+        ("attention", c.attention, "alternating"),
+        ("positions", c.positions, "space_then_time"),
+        ("pos_order", c.pos_order, "wh"),
+        ("pos_interpolation_scale", c.pos_interpolation_scale, float(max(base * side // 64, 1))),
+        ("patch_size", c.patch_size, (1, side, side)),
+        ("modulation", c.modulation, "single"),
+        ("context_projection", c.context_projection, True),
+        ("context_mask", c.context_mask, False),
+        ("cross_norm", c.cross_norm, False),
+        ("mlp_ratio", c.mlp_ratio, 4.0),
+        ("mlp_dim", c.mlp_dim, None),
+        ("qk_norm", c.qk_norm, False),
+        ("num_classes", c.num_classes, None),
+        ("pooled_dim", c.pooled_dim, None),
+        ("size_conditions", c.size_conditions, False),
+        ("freq_dim", c.freq_dim, 256),
+        ("freq_shift", c.freq_shift, 0.0),
+        ("mlp_norm_eps", c.mlp_norm_eps, c.norm_eps),
+    ]
+    problems = [f"{name}={value!r}" for name, value, want in wanted if value != want]
+    if problems:
+        raise ValueError(
+            f"to_diffusers: LatteTransformer3DModel cannot express {', '.join(problems)}"
+        )
+    return {
+        "num_attention_heads": c.num_heads,
+        "attention_head_dim": c.dim // c.num_heads,
+        "in_channels": c.in_channels,
+        "out_channels": (c.out_channels or c.in_channels) * (2 if c.learned_sigma else 1),
+        "num_layers": c.depth,
+        "cross_attention_dim": c.dim,
+        "attention_bias": True,
+        "sample_size": base * side,
+        "patch_size": side,
+        "activation_fn": "gelu-approximate",
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": c.norm_eps,
+        "caption_channels": c.context_dim,
+        "video_length": c.max_frames or 16,
+    }
+
+
+def to_diffusers_latte(module: VideoDiT) -> tuple[Any, dict[str, Tensor]]:
+    """The diffusers ``LatteTransformer3DModel`` (built, not loaded) and the weights to load."""
+    import diffusers
+
+    kwargs = _latte_kwargs(module.config)
+    model = diffusers.LatteTransformer3DModel(**kwargs)
     return model, diffusers_state_dict(module.state_dict(), module.config)

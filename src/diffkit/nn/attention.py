@@ -17,6 +17,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from diffkit.nn.embeddings import apply_rotary
 from diffkit.nn.resblocks import group_norm
 from diffkit.typing import Image, ShapeError, Tokens, checked_layer
 
@@ -57,7 +58,9 @@ class Attention(nn.Module):
     tokens and a fused ``kv`` from the context (``context_dim``). ``scale`` multiplies the
     scores (default ``head_dim ** -0.5``); ``forward``'s ``bias`` is added to them (T5's
     relative positions and padding). ``qk_norm``: RMS-normalise each head's queries and
-    keys (SD3.5).
+    keys (SD3.5); with ``qk_norm_across_heads`` the norm spans all heads' features at once,
+    before they are split (Wan 2.1). ``forward``'s ``rotary`` angles rotate the queries and
+    keys of a self-attention ([`apply_rotary`][diffkit.nn.embeddings.apply_rotary]).
     """
 
     def __init__(
@@ -71,14 +74,17 @@ class Attention(nn.Module):
         out_bias: bool = True,
         scale: float | None = None,
         qk_norm: bool = False,
+        qk_norm_across_heads: bool = False,
     ) -> None:
         super().__init__()
         head_dim = head_dim or dim // heads
         inner = heads * head_dim
         self.heads = heads
         self.scale = scale  # None: head_dim ** -0.5; T5 uses 1 (its weights absorb it)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
+        self.norm_across = qk_norm_across_heads
+        norm_dim = inner if qk_norm_across_heads else head_dim
+        self.q_norm = nn.RMSNorm(norm_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(norm_dim, eps=1e-6) if qk_norm else None
         self.is_cross = context_dim is not None
         if context_dim is None:
             self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
@@ -94,9 +100,11 @@ class Attention(nn.Module):
         context: Context | None = None,
         mask: ContextMask | None = None,
         bias: Float[Tensor, "#batch #heads #tokens keys"] | None = None,
+        rotary: Float[Tensor, "tokens half"] | None = None,
     ) -> Tokens:
         """Tokens ``(b, n, dim)``; context ``(b, m, context_dim)``, keep-mask ``(b, m)``;
-        ``bias``: added to the scores, broadcast to ``(b, heads, n, keys)``."""
+        ``bias``: added to the scores, broadcast to ``(b, heads, n, keys)``; ``rotary``:
+        angles ``(n, head_dim / 2)`` of the tokens (self-attention only)."""
         if self.is_cross:
             if context is None:
                 raise ValueError("Attention: cross-attention needs a context (Conditioning.tokens)")
@@ -104,9 +112,15 @@ class Attention(nn.Module):
             k, v = self.kv(context).chunk(2, dim=-1)
         else:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
-        if self.q_norm is not None and self.k_norm is not None:
+        if self.norm_across and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
+        if not self.norm_across and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            if self.is_cross:
+                raise ValueError("Attention: rotary positions are for self-attention")
+            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         masked = attention_bias(mask, q.dtype) if self.is_cross else None
         if masked is not None:
             bias = masked if bias is None else bias + masked

@@ -29,7 +29,7 @@ from diffkit.patches import SpatialPatches, sincos_pos_embed_1d, sincos_pos_embe
 from diffkit.protocols import Conditioning
 from diffkit.typing import Image, ShapeError, Time, checked
 
-__all__ = ["DiT", "DiTConfig", "dit_positions"]
+__all__ = ["DiT", "DiTConfig", "dit_positions", "patch_positions"]
 
 
 class DiTConfig(PatchTransformerConfig):
@@ -88,30 +88,52 @@ class DiTConfig(PatchTransformerConfig):
         return False
 
 
-def _axis(n: int, config: DiTConfig) -> torch.Tensor:
+def _axis(n: int, max_size: int | None, base_size: int | None, scale: float) -> torch.Tensor:
     """Positions of ``n`` patches along one axis, in float32 as diffusers' ``PatchEmbed``."""
-    size = config.pos_max_size or n
+    size = max_size or n
     if n > size:
-        raise ShapeError(
-            f"DiT: {n} patches along an axis, more than pos_max_size {config.pos_max_size}"
-        )
+        raise ShapeError(f"{n} patches along an axis, more than pos_max_size {max_size}")
     positions = torch.arange(size, dtype=torch.float32)
-    if config.pos_base_size is not None:
-        positions = positions / (size / config.pos_base_size)
+    if base_size is not None:
+        positions = positions / (size / base_size)
     start = (size - n) // 2  # the centre crop of the larger grid (SD3)
-    return positions[start : start + n] / config.pos_interpolation_scale
+    return positions[start : start + n] / scale
+
+
+def patch_positions(
+    grid_h: int,
+    grid_w: int,
+    dim: int,
+    *,
+    order: Literal["hw", "wh"] = "hw",
+    base_size: int | None = None,
+    interpolation_scale: float = 1.0,
+    max_size: int | None = None,
+) -> Float[Tensor, "tokens dim"]:
+    """Fixed 2-D sin-cos positions ``(grid_h * grid_w, dim)`` of a grid of patches in the
+    layout the ``pos_*`` fields of [`DiTConfig`][diffkit.nn.dit.DiTConfig] describe."""
+    if order == "hw" and base_size is None and interpolation_scale == 1.0 and max_size is None:
+        return sincos_pos_embed_2d(grid_h, grid_w, dim)
+    axes = (_axis(n, max_size, base_size, interpolation_scale) for n in (grid_h, grid_w))
+    rows, cols = torch.meshgrid(*axes, indexing="ij")
+    halves = [sincos_pos_embed_1d(a.reshape(-1), dim // 2) for a in (rows, cols)]
+    if order == "wh":
+        halves.reverse()
+    return torch.cat(halves, dim=1)
 
 
 def dit_positions(grid_h: int, grid_w: int, config: DiTConfig) -> Float[Tensor, "tokens dim"]:
     """The fixed 2-D sin-cos positions ``(grid_h * grid_w, dim)`` of a DiT's patches."""
     c = config
-    if c.pos_order == "hw" and c.pos_base_size is None and c.pos_interpolation_scale == 1.0:
-        return sincos_pos_embed_2d(grid_h, grid_w, c.dim)
-    rows, cols = torch.meshgrid(_axis(grid_h, c), _axis(grid_w, c), indexing="ij")
-    halves = [sincos_pos_embed_1d(a.reshape(-1), c.dim // 2) for a in (rows, cols)]
-    if c.pos_order == "wh":
-        halves.reverse()
-    return torch.cat(halves, dim=1)
+    return patch_positions(
+        grid_h,
+        grid_w,
+        c.dim,
+        order=c.pos_order,
+        base_size=c.pos_base_size,
+        interpolation_scale=c.pos_interpolation_scale,
+        max_size=c.pos_max_size,
+    )
 
 
 class DiT(PatchTransformer[DiTConfig]):

@@ -6,6 +6,12 @@ training index), [`timestep_embedding`][diffkit.nn.embeddings.timestep_embedding
 into sinusoidal features, and a [`TimeEmbedding`][diffkit.nn.embeddings.TimeEmbedding] MLP
 maps those to the network's width. These are maths only; the networks check ``t`` where it
 enters ([`check_times`][diffkit.nn.inputs.check_times]).
+
+Positions can also be rotary (RoPE, Su et al. 2021):
+[`rotary_angles_3d`][diffkit.nn.embeddings.rotary_angles_3d] gives each token of a
+``(frames, height, width)`` grid its rotation angles and
+[`apply_rotary`][diffkit.nn.embeddings.apply_rotary] rotates queries and keys by them, so
+that attention scores depend on relative positions only (Wan 2.1).
 """
 
 import math
@@ -22,7 +28,9 @@ from diffkit.typing import checked_layer
 __all__ = [
     "TimeEmbedding",
     "add_condition_embeddings",
+    "apply_rotary",
     "network_timestep",
+    "rotary_angles_3d",
     "timestep_embedding",
 ]
 
@@ -115,3 +123,39 @@ def add_condition_embeddings(
         if pooled_embed is not None and cond.pooled is not None:
             emb = emb + pooled_embed(cond.pooled)
     return emb
+
+
+def rotary_angles_3d(
+    grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0
+) -> Float[Tensor, "tokens half"]:
+    """Rotary angles ``(f * h * w, head_dim / 2)`` of a frame-major ``(f, h, w)`` token grid.
+
+    Each head's features form ``head_dim / 2`` pairs: the rows and the columns get
+    ``head_dim // 6`` pairs each, the frames the rest (Wan 2.1's split); along an axis of
+    ``2k`` features pair ``j`` turns by ``position * theta^(-2j / 2k)``. Float64.
+    """
+    if head_dim % 2 != 0 or head_dim < 6:
+        raise ValueError(f"rotary_angles_3d: head_dim must be even and >= 6, got {head_dim}")
+    spatial = 2 * (head_dim // 6)
+    sizes = (head_dim - 2 * spatial, spatial, spatial)
+    parts = []
+    for axis, (n, size) in enumerate(zip(grid, sizes, strict=True)):
+        freqs = 1.0 / theta ** (torch.arange(0, size, 2, dtype=torch.float64) / size)
+        angles = torch.arange(n, dtype=torch.float64)[:, None] * freqs[None, :]
+        shape = [1, 1, 1, size // 2]
+        shape[axis] = n
+        parts.append(angles.view(shape).expand(*grid, size // 2))
+    return torch.cat(parts, dim=-1).reshape(-1, head_dim // 2)
+
+
+def apply_rotary(
+    x: Float[Tensor, "*batch tokens head_dim"], angles: Float[Tensor, "tokens half"]
+) -> Float[Tensor, "*batch tokens head_dim"]:
+    """Rotate each consecutive feature pair ``(x_2j, x_2j+1)`` of ``x`` by ``angles[:, j]``
+    (in at least float32, returned in ``x``'s dtype)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    cos = angles.cos().to(x.device, dtype)
+    sin = angles.sin().to(x.device, dtype)
+    x1, x2 = x.to(dtype).unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)

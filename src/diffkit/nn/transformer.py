@@ -10,7 +10,9 @@ Peebles & Xie 2023). A block's self-attention mixes
 
 - ``"full"``: all ``f * s`` tokens at once — cost ``O((f s)^2)`` (DiT: ``f = 1``), or
 - ``"factorised"``: within each frame (space), then across frames at each position (time)
-  — cost ``O(f s^2 + s f^2)`` for ``f`` frames of ``s`` tokens (as in Latte / TimeSformer),
+  — cost ``O(f s^2 + s f^2)`` for ``f`` frames of ``s`` tokens (as in TimeSformer); or, with
+  ``"alternating"`` (Latte), each block mixes only space or only time, spatial and temporal
+  blocks alternating (only the spatial ones cross-attend),
 
 followed, with ``context_dim`` set, by cross-attention to ``Conditioning.tokens``
 (PixArt-style) and an MLP. A final adaLN layer maps tokens back to patches.
@@ -33,6 +35,11 @@ last block only updates the patches. ``qk_norm`` RMS-normalises queries and keys
 ``dual_attention_layers`` adds a second, image-only self-attention to those blocks
 (SD3.5's MMDiT-X). ``time_shift`` embeds the shifted time of a shifted rectified flow
 (SD3 embeds ``1000 sigma``, ``sigma = shift t / (1 + (shift - 1) t)``).
+
+Wan 2.1 is the adaLN-single configuration with rotary positions (the video network's
+``positions="rotary"``), ``qk_norm`` with ``qk_norm_across_heads``, an MLP of width
+``mlp_dim``, the caption projection, and ``context_mask=False`` (it attends to its padded
+caption tokens).
 """
 
 from typing import Generic, Literal, TypeVar, cast
@@ -58,9 +65,11 @@ from diffkit.protocols import Conditioning
 from diffkit.typing import Prediction, ShapeError, Tokens, checked_layer
 
 __all__ = [
+    "BlockAttention",
     "JointPatchTransformerBlock",
     "Mixing",
     "Modulation",
+    "NetworkAttention",
     "PatchTransformer",
     "PatchTransformerBlock",
     "PatchTransformerConfig",
@@ -87,10 +96,15 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def self_attend(attn: Attention, x: Tokens, over: Mixing, frames: int) -> Tokens:
-    """Self-attention of frame-major tokens ``(b, frames * s, dim)`` over ``over`` tokens."""
+def self_attend(
+    attn: Attention, x: Tokens, over: Mixing, frames: int, rotary: Tensor | None = None
+) -> Tokens:
+    """Self-attention of frame-major tokens ``(b, frames * s, dim)`` over ``over`` tokens;
+    ``rotary``: the tokens' rotary angles (``"full"`` only)."""
     if over == "full":
-        return attn(x)
+        return attn(x, rotary=rotary)
+    if rotary is not None:
+        raise ValueError(f"self_attend: rotary positions need full attention, not {over!r}")
     if over == "space":
         x = rearrange(x, "b (f s) d -> (b f) s d", f=frames)
         return rearrange(attn(x), "(b f) s d -> b (f s) d", f=frames)
@@ -98,6 +112,14 @@ def self_attend(attn: Attention, x: Tokens, over: Mixing, frames: int) -> Tokens
     x = rearrange(x, "b (f s) d -> (b s) f d", f=frames)
     return rearrange(attn(x), "(b s) f d -> b (f s) d", s=spatial)
 
+
+BlockAttention = Literal["factorised", "full", "space", "time"]
+"""What one block's self-attention mixes: space then time (two branches), all tokens, the
+tokens of each frame, or each position's frames (``"space"`` / ``"time"``: the alternating
+blocks of Latte)."""
+
+NetworkAttention = Literal["factorised", "full", "alternating"]
+"""A network's blocks: factorised, full, or alternating spatial and temporal blocks."""
 
 Modulation = Literal["zero", "single"]
 """adaLN-Zero (each block regresses its own shifts, scales and gates from ``c``) or
@@ -108,7 +130,8 @@ class PatchTransformerBlock(nn.Module):
     """adaLN-Zero block: gated self-attention, optional cross-attention, gated MLP.
 
     ``attention="full"`` attends over all tokens (``attn``); ``"factorised"`` attends within
-    each frame (``attn``), then across frames (``attn_time``), each its own gated branch.
+    each frame (``attn``), then across frames (``attn_time``), each its own gated branch;
+    ``"space"`` / ``"time"``: ``attn`` attends within each frame / across frames only.
     ``local_mlp`` swaps the MLP for a [`LocalFeedForward`][diffkit.nn.attention.LocalFeedForward].
     The adaLN regression ``ada`` gives ``(shift, scale, gate)`` for the first self-attention,
     the MLP, then the time attention (the order of the saved weights). With
@@ -116,6 +139,8 @@ class PatchTransformerBlock(nn.Module):
     the shared one it is given. ``cross_norm=False`` drops the LayerNorm before the
     cross-attention (PixArt). With ``embeddings`` the block has its own ``time_embed`` and
     ``label_embed`` (diffusers' DiT layout), from which its network computes its ``c``.
+    ``qk_norm`` (``qk_norm_across_heads``) RMS-normalises the queries and keys of both
+    attentions, per head (across heads); ``mlp_dim`` overrides the MLP's hidden width.
     """
 
     def __init__(
@@ -123,7 +148,7 @@ class PatchTransformerBlock(nn.Module):
         dim: int,
         heads: int,
         *,
-        attention: Literal["factorised", "full"] = "full",
+        attention: BlockAttention = "full",
         mlp_ratio: float = 4.0,
         context_dim: int | None = None,
         local_mlp: bool = False,
@@ -132,30 +157,34 @@ class PatchTransformerBlock(nn.Module):
         norm_eps: float = 1e-6,
         mlp_norm_eps: float = 1e-6,
         embeddings: tuple[int, int | None] | None = None,
+        qk_norm: bool = False,
+        qk_norm_across_heads: bool = False,
+        mlp_dim: int | None = None,
     ) -> None:
         super().__init__()
+        norms = {"qk_norm": qk_norm, "qk_norm_across_heads": qk_norm_across_heads}
         # embeddings=(freq_dim, num_classes): this block's own time (and label) embedding
         self.time_embed = TimeEmbedding(embeddings[0], dim) if embeddings else None
         self.label_embed = (
             nn.Embedding(embeddings[1], dim) if embeddings and embeddings[1] else None
         )
-        self.mixing: Mixing = "space" if attention == "factorised" else "full"
+        self.mixing: Mixing = "space" if attention == "factorised" else attention
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.attn = Attention(dim, heads, qkv_bias=True)
+        self.attn = Attention(dim, heads, qkv_bias=True, **norms)
         if attention == "factorised":
             self.norm_time = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-            self.attn_time = Attention(dim, heads, qkv_bias=True)
+            self.attn_time = Attention(dim, heads, qkv_bias=True, **norms)
         else:
             self.norm_time = self.attn_time = None
         self.norm_cross = self.cross = None
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(dim, eps=1e-6) if cross_norm else None
-            self.cross = Attention(dim, heads, context_dim=context_dim, qkv_bias=True)
+            self.cross = Attention(dim, heads, context_dim=context_dim, qkv_bias=True, **norms)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp: FeedForward | LocalFeedForward = (
             LocalFeedForward(dim, mlp_ratio)
             if local_mlp
-            else FeedForward(dim, mlp_ratio, kind="gelu_tanh")
+            else FeedForward(dim, mlp_ratio, kind="gelu_tanh", inner=mlp_dim)
         )
         self.branches = 3 if self.attn_time is not None else 2
         if modulation == "zero":
@@ -183,14 +212,16 @@ class PatchTransformerBlock(nn.Module):
         grid: tuple[int, int, int],
         context: Float[Tensor, "batch context context_dim"] | None = None,
         mask: Bool[Tensor, "batch context"] | None = None,
+        rotary: Float[Tensor, "tokens half"] | None = None,
     ) -> Float[Tensor, "batch tokens dim"]:
         """Frame-major tokens ``(b, f * h * w, dim)`` on the grid ``(f, h, w)``, conditioned
-        on ``c`` (see ``modulations``); context ``(b, m, context_dim)``, keep-mask ``(b, m)``."""
+        on ``c`` (see ``modulations``); context ``(b, m, context_dim)``, keep-mask ``(b, m)``;
+        ``rotary``: the tokens' rotary angles ``(f * h * w, head_dim / 2)``."""
         frames = grid[0]
         mods = self.modulations(c)
         shift, scale, gate = mods[0:3]
         h = modulate(self.norm1(x), shift, scale)
-        x = x + gate.unsqueeze(1) * self_attend(self.attn, h, self.mixing, frames)
+        x = x + gate.unsqueeze(1) * self_attend(self.attn, h, self.mixing, frames, rotary)
         if self.attn_time is not None and self.norm_time is not None:
             shift, scale, gate = mods[6:9]
             h = modulate(self.norm_time(x), shift, scale)
@@ -339,7 +370,23 @@ class PatchTransformerConfig(NetworkConfig):
         "projections and MLP (needs context_dim; replaces cross-attention)",
     )
     qk_norm: bool = Field(
-        default=False, description="RMS-normalise attention queries and keys (SD3.5; joint only)"
+        default=False, description="RMS-normalise attention queries and keys (SD3.5, Wan 2.1)"
+    )
+    qk_norm_across_heads: bool = Field(
+        default=False,
+        description="the qk_norm spans all heads' features at once (Wan 2.1), not each head's "
+        "(needs qk_norm; not with joint_attention)",
+    )
+    mlp_dim: int | None = Field(
+        default=None,
+        gt=0,
+        le=1 << 20,
+        description="the MLPs' hidden width (Wan 2.1's ffn_dim); None: int(dim * mlp_ratio)",
+    )
+    context_mask: bool = Field(
+        default=True,
+        description="cross-attention ignores the caption tokens Conditioning.mask drops; "
+        "False: it attends to every token given, padding included (Wan 2.1)",
     )
     dual_attention_layers: tuple[int, ...] = Field(
         default=(),
@@ -373,12 +420,14 @@ class PatchTransformerConfig(NetworkConfig):
         if self.size_conditions and self.dim % 3 != 0:
             message = f"size_conditions: dim {self.dim} is not a multiple of 3"
             raise field_error(owner, "size_conditions", message, True)
+        if self.qk_norm_across_heads and not self.qk_norm:
+            message = "qk_norm_across_heads needs qk_norm"
+            raise field_error(owner, "qk_norm_across_heads", message, True)
         if self.joint_attention:
             self._check_joint()
-        elif self.qk_norm or self.dual_attention_layers:
-            message = "qk_norm and dual_attention_layers need joint_attention"
-            field = "qk_norm" if self.qk_norm else "dual_attention_layers"
-            raise field_error(owner, field, message, getattr(self, field))
+        elif self.dual_attention_layers:
+            message = "dual_attention_layers need joint_attention"
+            raise field_error(owner, "dual_attention_layers", message, self.dual_attention_layers)
         return self
 
     def _check_joint(self) -> None:
@@ -393,13 +442,17 @@ class PatchTransformerConfig(NetworkConfig):
                 ("size_conditions", self.size_conditions),
                 ("learned_sigma", self.learned_sigma),
                 ("mlp_ratio", self.mlp_ratio != 4.0),
+                ("mlp_dim", self.mlp_dim is not None),
+                ("qk_norm_across_heads", self.qk_norm_across_heads),
+                ("context_mask", not self.context_mask),
             )
             if bad
         ]
         if problems:
             message = (
-                f"joint_attention needs context_dim, modulation='zero', mlp_ratio 4 and none of "
-                f"context_projection, embeddings_per_block, size_conditions, learned_sigma; "
+                f"joint_attention needs context_dim, modulation='zero', mlp_ratio 4, context_mask "
+                f"and none of context_projection, embeddings_per_block, size_conditions, "
+                f"learned_sigma, mlp_dim, qk_norm_across_heads; "
                 f"got {', '.join(problems)}"
             )
             raise field_error(owner, problems[0], message, getattr(self, problems[0]))
@@ -422,7 +475,8 @@ class PatchTransformerConfig(NetworkConfig):
         out = (self.out_channels or self.in_channels) * (2 if self.learned_sigma else 1)
         total = patch * (self.in_channels + out) * dim + self.freq_dim * dim + dim * dim
         total += ((self.num_classes or 0) + (self.pooled_dim or 0) + (self.context_dim or 0)) * dim
-        return total + self.depth * (4 * dim * dim + 2 * dim * whole(dim * self.mlp_ratio))
+        hidden = self.mlp_dim if self.mlp_dim is not None else whole(dim * self.mlp_ratio)
+        return total + self.depth * (4 * dim * dim + 2 * dim * hidden)
 
 
 ConfigT = TypeVar("ConfigT", bound=PatchTransformerConfig)
@@ -437,7 +491,7 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         config: ConfigT,
         patches: SpatialPatches | TubeletPatches,
         *,
-        attention: Literal["factorised", "full"] = "full",
+        attention: NetworkAttention = "full",
         local_mlp: bool = False,
     ) -> None:
         super().__init__()
@@ -485,24 +539,32 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
             self.ada_out_table = nn.Parameter(torch.zeros(2, c.dim))
         self.proj_out = zero_linear(c.dim, patches.patch_dim(self._head_channels))
 
-    def _blocks(self, attention: Literal["factorised", "full"], local_mlp: bool) -> nn.ModuleList:
-        """The adaLN blocks (everything but MMDiT)."""
+    def _blocks(self, attention: NetworkAttention, local_mlp: bool) -> nn.ModuleList:
+        """The adaLN blocks (everything but MMDiT); ``"alternating"``: ``2 depth`` blocks,
+        spatial (with the cross-attention) then temporal (without)."""
         c = self.config
+        context_dim = c.dim if self.context_embed is not None else c.context_dim
+        kinds: list[BlockAttention] = (
+            ["space", "time"] * c.depth if attention == "alternating" else [attention] * c.depth
+        )
         return nn.ModuleList(
             PatchTransformerBlock(
                 c.dim,
                 c.num_heads,
-                attention=attention,
+                attention=kind,
                 mlp_ratio=c.mlp_ratio,
-                context_dim=c.dim if self.context_embed is not None else c.context_dim,
+                context_dim=None if kind == "time" else context_dim,
                 local_mlp=local_mlp,
                 modulation=c.modulation,
                 cross_norm=c.cross_norm,
                 norm_eps=c.norm_eps,
                 mlp_norm_eps=c.mlp_norm_eps,
                 embeddings=(c.freq_dim, c.num_classes) if c.embeddings_per_block and i else None,
+                qk_norm=c.qk_norm,
+                qk_norm_across_heads=c.qk_norm_across_heads,
+                mlp_dim=c.mlp_dim,
             )
-            for i in range(c.depth)
+            for i, kind in enumerate(kinds)
         )
 
     def time_features(self, t: Tensor) -> Float[Tensor, "batch freq_dim"]:
@@ -551,16 +613,24 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         x_t: Tensor,
         t: Tensor,
         cond: Conditioning | None,
-        positions: Float[Tensor, "tokens dim"],
+        positions: Float[Tensor, "tokens dim"] | None,
         grid: tuple[int, int, int],
+        rotary: Float[Tensor, "tokens half"] | None = None,
+        time_positions: Float[Tensor, "frames dim"] | None = None,
     ) -> Float[Tensor, "batch tokens patch_dim"]:
         """Patches of ``x_t`` on the token ``grid`` to output patches (before unpatchify):
-        ``patch_dim(out_channels)`` features, twice that with ``learned_sigma``."""
+        ``patch_dim(out_channels)`` features, twice that with ``learned_sigma``. ``positions``
+        are added to the embedded patches; ``rotary`` angles rotate the self-attentions'
+        queries and keys; ``time_positions`` (one row per frame) are added to every token of
+        the frame before the first temporal block (Latte)."""
         context = cond.tokens if cond is not None and self.config.context_dim is not None else None
         mask = cond.mask if context is not None and cond is not None else None
+        mask = mask if self.config.context_mask else None
         if context is not None and self.context_embed is not None:
             context = self.context_embed(context)
-        h = self.embed(self.patches.patchify(x_t)) + positions.to(x_t.device, x_t.dtype)
+        h = self.embed(self.patches.patchify(x_t))
+        if positions is not None:
+            h = h + positions.to(x_t.device, x_t.dtype)
         c = self.condition_vector(t, cond)
         shared = self.ada(F.silu(c)) if self.ada is not None else c
         features = self.time_features(t) if self.config.embeddings_per_block else None
@@ -570,11 +640,15 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
                 context = next_context if next_context is not None else context
             return self._head(h, c)
         for block in cast(list[PatchTransformerBlock], self.blocks):
+            if time_positions is not None and block.mixing == "time":
+                spatial = h.shape[1] // grid[0]
+                rows = time_positions.to(h.device, h.dtype).repeat_interleave(spatial, dim=0)
+                h, time_positions = h + rows, None
             block_c = shared
             if block.time_embed is not None and features is not None:
                 block_c = block.time_embed(features)
                 block_c = add_condition_embeddings(block_c, cond, block.label_embed, None)
-            h = block(h, block_c, grid, context, mask)
+            h = block(h, block_c, grid, context, mask, rotary)
         return self._head(h, c)
 
     def _head(self, h: Tensor, c: Tensor) -> Tensor:
