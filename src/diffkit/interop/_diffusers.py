@@ -51,7 +51,7 @@ other option raises ``ValueError`` naming it, rather than converting to a differ
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast, overload
 
 import torch
@@ -529,13 +529,13 @@ def from_diffusers(
     if name in SCHEDULERS:
         return scheduler_parts(module)
     converted: nn.Module
-    source = module.state_dict()
+    keys: Callable[[dict[str, Tensor]], dict[str, Tensor]] = dict
     if name in ("UNet2DModel", "UNet2DConditionModel"):
         converted = UNet(_unet_config(module, prediction, num_train_timesteps, micro_conditions))
     elif name in VIDEO_UNETS:  # space-time U-Net: diffkit.interop._diffusers_video
         record = _recorded(_config(module))
         converted = UNet(unet3d_config(module, prediction, num_train_timesteps, record))
-        source = video_keys_to_diffkit(source)
+        keys = video_keys_to_diffkit
     elif name == "AutoencoderKL":
         converted = KLAutoencoder(_vae_config(module))
     elif name in VIDEO_AUTOENCODERS:  # causal 3-D VAE: diffkit.interop._diffusers_wan_vae
@@ -555,8 +555,10 @@ def from_diffusers(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
             f"UNet2DConditionModel, {', '.join(VIDEO_UNETS)}, AutoencoderKL, "
             f"{', '.join(VIDEO_AUTOENCODERS)}, "
-            f"{', '.join(TRANSFORMERS + WAN_TRANSFORMERS + LATTE_TRANSFORMERS)}"
+            f"{', '.join(TRANSFORMERS + WAN_TRANSFORMERS + LATTE_TRANSFORMERS)}, and the "
+            f"schedulers {', '.join(SCHEDULERS)}"
         )
+    source = keys(module.state_dict())
     if isinstance(converted, VideoDiT) and converted.config.positions == "rotary":
         state = wan_state_dict(source, converted.config)
     elif isinstance(converted, DiT | VideoDiT):  # DiT, PixArt, SD3, Latte: link tables
