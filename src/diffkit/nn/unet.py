@@ -301,6 +301,113 @@ class UNetConfig(NetworkConfig):
         return self.temporal is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layers:
+    """Builds a U-Net's layers with the options its config gives them."""
+
+    c: UNetConfig
+    emb_dim: int
+
+    def res(self, cin: int, cout: int, scale: float = 1.0) -> ResBlock:
+        """A residual block ``cin -> cout`` conditioned on the embedding."""
+        c = self.c
+        return ResBlock(
+            cin,
+            cout,
+            self.emb_dim,
+            groups=c.norm_groups,
+            eps=c.norm_eps,
+            scale_shift=c.scale_shift,
+            dropout=c.dropout,
+            output_scale=scale,
+        )
+
+    def attn(self, channels: int, level: int, scale: float = 1.0) -> nn.Module:
+        """Self-attention, or a transformer with cross-attention when there is context."""
+        c = self.c
+        heads, head_dim = c.heads_at(channels)
+        if c.context_dim is None:
+            return SpatialSelfAttention(
+                channels, head_dim, groups=c.norm_groups, eps=c.norm_eps, output_scale=scale
+            )
+        return SpatialTransformer(
+            channels,
+            heads,
+            head_dim,
+            context_dim=c.context_dim,
+            depth=c.depth_at(level),
+            groups=c.norm_groups,
+            linear_projection=c.linear_projection,
+        )
+
+    def time_layers(self, width: int, count: int, attention: bool) -> tuple[list[nn.Module], ...]:
+        """``(temporal convs, temporal attentions)`` of ``count`` residual blocks (and
+        attentions, when ``attention``); empty for an image U-Net."""
+        c, tc = self.c, self.c.temporal
+        if tc is None:
+            return [], []
+        heads, head_dim = c.heads_at(width) if attention and tc.attention else (0, 0)
+        convs: list[nn.Module] = [
+            TemporalConv(width, groups=c.norm_groups, dropout=tc.dropout)
+            for _ in range(count if tc.conv else 0)
+        ]
+        attns: list[nn.Module] = [
+            TemporalTransformer(width, heads, head_dim, groups=c.norm_groups)
+            for _ in range(count if heads else 0)
+        ]
+        return convs, attns
+
+    def down(self, widths: list[int]) -> tuple[nn.ModuleList, list[int]]:
+        """The encoder's levels, and the channels of the skips they leave, in order."""
+        c, levels = self.c, nn.ModuleList()
+        skip_channels, cin = [widths[0]], widths[0]
+        for i, width in enumerate(widths):
+            blocks, attns = [], []
+            for _ in range(c.blocks_per_level):
+                blocks.append(self.res(cin, width))
+                if c._has_attention(i):
+                    attns.append(self.attn(width, i))
+                cin = width
+                skip_channels.append(width)
+            down = Downsample(width, c.downsample_padding) if i < len(widths) - 1 else None
+            if down is not None:
+                skip_channels.append(width)
+            tconv, tattn = self.time_layers(width, len(blocks), bool(attns))
+            levels.append(
+                Level(blocks, attns, downsample=down, temporal_conv=tconv, temporal_attn=tattn)
+            )
+        return levels, skip_channels
+
+    def mid(self, cin: int) -> Level:
+        """The middle block: two residual blocks around one attention."""
+        c, scale = self.c, self.c.mid_scale
+        mid_attn = [self.attn(cin, -1, scale)] if c.mid_attention else []
+        tconv, tattn = self.time_layers(cin, 2, c.mid_attention)
+        return Level(
+            [self.res(cin, cin, scale), self.res(cin, cin, scale)],
+            mid_attn,
+            temporal_conv=tconv,
+            temporal_attn=tattn[:1],  # the middle block has one attention
+        )
+
+    def up(self, widths: list[int], skip_channels: list[int]) -> nn.ModuleList:
+        """The decoder's levels, each block taking one skip (``skip_channels`` is consumed)."""
+        c, levels, cin = self.c, nn.ModuleList(), widths[-1]
+        for i, width in reversed(list(enumerate(widths))):
+            blocks, attns = [], []
+            for _ in range(c.blocks_per_level + 1):
+                blocks.append(self.res(cin + skip_channels.pop(), width))
+                if c._has_attention(i):
+                    attns.append(self.attn(width, i))
+                cin = width
+            up = Upsample(width) if i > 0 else None
+            tconv, tattn = self.time_layers(width, len(blocks), bool(attns))
+            levels.append(
+                Level(blocks, attns, upsample=up, temporal_conv=tconv, temporal_attn=tattn)
+            )
+        return levels
+
+
 class UNet(nn.Module):
     """U-Net denoiser ``(x_t, t, cond) -> prediction`` on images ``(batch, channels, h, w)``."""
 
@@ -311,52 +418,7 @@ class UNet(nn.Module):
         c = config
         widths = [c.base_channels * m for m in c.channel_mult]
         emb_dim = c.time_embed_dim or 4 * widths[0]
-        levels = len(widths)
-
-        def res(cin: int, cout: int, scale: float = 1.0) -> ResBlock:
-            return ResBlock(
-                cin,
-                cout,
-                emb_dim,
-                groups=c.norm_groups,
-                eps=c.norm_eps,
-                scale_shift=c.scale_shift,
-                dropout=c.dropout,
-                output_scale=scale,
-            )
-
-        def attn(channels: int, level: int, scale: float = 1.0) -> nn.Module:
-            heads, head_dim = c.heads_at(channels)
-            if c.context_dim is None:
-                return SpatialSelfAttention(
-                    channels, head_dim, groups=c.norm_groups, eps=c.norm_eps, output_scale=scale
-                )
-            return SpatialTransformer(
-                channels,
-                heads,
-                head_dim,
-                context_dim=c.context_dim,
-                depth=c.depth_at(level),
-                groups=c.norm_groups,
-                linear_projection=c.linear_projection,
-            )
-
-        def time_layers(width: int, count: int, attention: bool) -> tuple[list[nn.Module], ...]:
-            """``(temporal convs, temporal attentions)`` of ``count`` residual blocks (and
-            attentions, when ``attention``); empty for an image U-Net."""
-            tc = c.temporal
-            if tc is None:
-                return [], []
-            heads, head_dim = c.heads_at(width) if attention and tc.attention else (0, 0)
-            convs: list[nn.Module] = [
-                TemporalConv(width, groups=c.norm_groups, dropout=tc.dropout)
-                for _ in range(count if tc.conv else 0)
-            ]
-            attns: list[nn.Module] = [
-                TemporalTransformer(width, heads, head_dim, groups=c.norm_groups)
-                for _ in range(count if heads else 0)
-            ]
-            return convs, attns
+        layers = _Layers(c, emb_dim)
 
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
         heads_in = c.temporal.input_heads if c.temporal is not None else None
@@ -370,49 +432,9 @@ class UNet(nn.Module):
         pooled_in = (c.pooled_dim or 0) + c.micro_conditions * c.micro_freq_dim
         self.pooled_embed = TimeEmbedding(pooled_in, emb_dim) if c.pooled_dim else None
 
-        self.down = nn.ModuleList()
-        skip_channels = [widths[0]]
-        cin = widths[0]
-        for i, width in enumerate(widths):
-            blocks, attns = [], []
-            for _ in range(c.blocks_per_level):
-                blocks.append(res(cin, width))
-                if c._has_attention(i):
-                    attns.append(attn(width, i))
-                cin = width
-                skip_channels.append(width)
-            down = Downsample(width, c.downsample_padding) if i < levels - 1 else None
-            if down is not None:
-                skip_channels.append(width)
-            tconv, tattn = time_layers(width, len(blocks), bool(attns))
-            self.down.append(
-                Level(blocks, attns, downsample=down, temporal_conv=tconv, temporal_attn=tattn)
-            )
-
-        mid_scale = c.mid_scale
-        mid_attn = [attn(cin, -1, mid_scale)] if c.mid_attention else []
-        tconv, tattn = time_layers(cin, 2, c.mid_attention)
-        self.mid: Level = Level(
-            [res(cin, cin, mid_scale), res(cin, cin, mid_scale)],
-            mid_attn,
-            temporal_conv=tconv,
-            temporal_attn=tattn[:1],  # the middle block has one attention
-        )
-
-        self.up = nn.ModuleList()
-        for i, width in reversed(list(enumerate(widths))):
-            blocks, attns = [], []
-            for _ in range(c.blocks_per_level + 1):
-                blocks.append(res(cin + skip_channels.pop(), width))
-                if c._has_attention(i):
-                    attns.append(attn(width, i))
-                cin = width
-            up = Upsample(width) if i > 0 else None
-            tconv, tattn = time_layers(width, len(blocks), bool(attns))
-            self.up.append(
-                Level(blocks, attns, upsample=up, temporal_conv=tconv, temporal_attn=tattn)
-            )
-
+        self.down, skip_channels = layers.down(widths)
+        self.mid: Level = layers.mid(widths[-1])
+        self.up = layers.up(widths, skip_channels)
         self.norm_out = nn.GroupNorm(c.norm_groups, widths[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], c.out_channels or c.in_channels, 3, padding=1)
 
