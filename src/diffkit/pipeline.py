@@ -29,7 +29,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 import torch
 from jaxtyping import Float
@@ -346,7 +346,10 @@ class Pipeline(nn.Module):
     The parts that are ``nn.Module``s are submodules (``denoiser``, ``encoder``,
     ``text``), so ``pipeline.to(device)`` and ``pipeline.state_dict()`` cover them.
     ``data_shape`` is one sample without batch: ``(c, h, w)`` or ``(frames, c, h, w)``;
-    ``steps`` and ``guidance`` are the defaults of ``generate`` and ``img2img``.
+    ``steps`` and ``guidance`` are the defaults of ``generate`` and ``img2img``; ``start``
+    says what ``generate``'s standard normal noise is: ``"noise"`` is scaled to ``sigma`` at
+    the sampler's first time, ``"sample"`` is the first sample itself (as diffusers'
+    pipelines take their ``latents``; ``interop.from_diffusers(pipeline)`` sets it).
     """
 
     def __init__(
@@ -361,6 +364,7 @@ class Pipeline(nn.Module):
         data_shape: Sequence[int] | None = None,
         steps: int = 30,
         guidance: float = 1.0,
+        start: Literal["noise", "sample"] = "noise",
     ) -> None:
         super().__init__()
         if getattr(denoiser, "prediction", None) not in ("epsilon", "x0", "v", "flow"):
@@ -381,6 +385,9 @@ class Pipeline(nn.Module):
         self.data_shape = tuple(int(s) for s in data_shape) if data_shape is not None else None
         self.steps = steps
         self.guidance = float(guidance)
+        if start not in ("noise", "sample"):
+            raise ValueError(f"Pipeline: start must be 'noise' or 'sample', got {start!r}")
+        self.start: Literal["noise", "sample"] = start
 
     @classmethod
     def from_config(
@@ -403,6 +410,7 @@ class Pipeline(nn.Module):
             data_shape=parsed.data_shape,
             steps=parsed.steps,
             guidance=parsed.guidance,
+            start=parsed.start,
         )
 
     @property
@@ -421,17 +429,23 @@ class Pipeline(nn.Module):
             raise ValueError(f"{where}: data_shape is not set; pass data_shape= to Pipeline")
         parts = {name: _registered_config(where, name, getattr(self, name)) for name in PARTS}
         return PipelineConfig.model_validate(
-            {**parts, "data_shape": self.data_shape, "steps": self.steps, "guidance": self.guidance}
+            {
+                **parts,
+                "data_shape": self.data_shape,
+                "steps": self.steps,
+                "guidance": self.guidance,
+                "start": self.start,
+            }
         )
 
     def replace(self, **parts: Any) -> "Pipeline":
         """A new pipeline with some parts replaced; the others (their weights too) are shared.
 
         Keywords: any of ``schedule``, ``denoiser``, ``encoder``, ``text``, ``sampler``,
-        ``patchifier``, ``data_shape``, ``steps``, ``guidance``; ``None`` removes an
+        ``patchifier``, ``data_shape``, ``steps``, ``guidance``, ``start``; ``None`` removes an
         optional part. ``pipeline.replace(sampler=DDIM(eta=0.5)).save(dir)``.
         """
-        names = (*PARTS, "data_shape", "steps", "guidance")
+        names = (*PARTS, "data_shape", "steps", "guidance", "start")
         unknown = sorted(set(parts) - set(names))
         if unknown:
             raise TypeError(
@@ -691,6 +705,7 @@ class Pipeline(nn.Module):
             generator=generator,
             callback=callback,
             **conds,
+            **({"start": "sample"} if self.start == "sample" else {}),
         )
         return self.decode(z) if decode else z
 

@@ -146,6 +146,13 @@ class PipelineConfig(Config):
         default=30, ge=1, le=MAX_STEPS, description="default number of sampling steps"
     )
     guidance: float = Field(default=1.0, ge=0, description="default classifier-free guidance scale")
+    start: Literal["noise", "sample"] = Field(
+        default="noise",
+        description="what generate's standard normal noise is: 'noise' is scaled to sigma at "
+        "the sampler's first time (diffkit's default); 'sample' is the first sample x_T "
+        "itself (diffusers' DDIM / DPM-Solver / UniPC / flow pipelines start from their "
+        "latents so)",
+    )
 
     @field_validator("schedule", "denoiser", mode="before")
     @classmethod

@@ -51,6 +51,7 @@ from diffkit.interop._diffusers_transformer import (
     dit_state_dict,
     to_diffusers_transformer,
 )
+from diffkit.interop._pipelines import PIPELINES, pipeline_from_diffusers
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
@@ -444,7 +445,7 @@ def _vae_config(module: nn.Module) -> KLAutoencoderConfig:
 
 
 def from_diffusers(
-    module: nn.Module,
+    module: Any,
     *,
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
@@ -452,7 +453,9 @@ def from_diffusers(
 ) -> nn.Module:
     """The diffkit equivalent (same weights) of a diffusers U-Net, ``AutoencoderKL``,
     ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` (the last two: a
-    [`DiT`][diffkit.nn.dit.DiT]).
+    [`DiT`][diffkit.nn.dit.DiT]); of a whole diffusers pipeline, a
+    [`Pipeline`][diffkit.pipeline.Pipeline] drawing the same images (see
+    ``diffkit.interop._pipelines`` and the guide "Bring your model").
 
     ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
     config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
@@ -462,6 +465,8 @@ def from_diffusers(
     (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner).
     """
     name = type(module).__name__
+    if name in PIPELINES:
+        return pipeline_from_diffusers(module)
     converted: nn.Module
     if name in ("UNet2DModel", "UNet2DConditionModel"):
         converted = UNet(_unet_config(module, prediction, num_train_timesteps, micro_conditions))
