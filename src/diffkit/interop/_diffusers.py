@@ -465,7 +465,7 @@ def from_diffusers(
     (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner).
     """
     name = type(module).__name__
-    if name in PIPELINES:
+    if name in PIPELINES or name.endswith("Pipeline"):
         return pipeline_from_diffusers(module)
     converted: nn.Module
     if name in ("UNet2DModel", "UNet2DConditionModel"):
