@@ -26,7 +26,7 @@ models as they are.
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
 
 import torch
@@ -35,10 +35,12 @@ from torch import Tensor, nn
 
 from diffkit.config import Config, Registry
 from diffkit.nn.clip import TextTower, TextTowerConfig
+from diffkit.nn.t5 import T5Encoder, T5EncoderConfig
 from diffkit.protocols import Conditioning, TextConditioner
 from diffkit.tokenizers import (
     ByteTokenizer,
     CLIPTokenizer,
+    SentencePieceTokenizer,
     Tokenizer,
     find_open_clip_vocab,
     padding_mask,
@@ -49,6 +51,8 @@ __all__ = [
     "CLIPTextConditioner",
     "CLIPTextConditionerConfig",
     "OpenCLIPTextConditioner",
+    "T5TextConditioner",
+    "T5TextConditionerConfig",
     "TransformersTextConditioner",
 ]
 
@@ -65,7 +69,9 @@ def _check_skip(skip_last_layers: int, layers: int, owner: str) -> None:
         )
 
 
-def _tokenize(tokenizer: Tokenizer, texts: Sequence[str], owner: str) -> Tensor:
+def _tokenize(
+    tokenizer: Callable[[Sequence[str]], Tensor], texts: Sequence[str], owner: str
+) -> Tensor:
     if isinstance(texts, str):
         raise TypeError(f"{owner}: expected a list of texts, got a single string; wrap it: [text]")
     if len(texts) == 0:
@@ -426,6 +432,102 @@ class CLIPTextConditionerConfig(Config):
         return self.text.width
 
 
+class T5TextConditionerConfig(Config):
+    """A T5 encoder with its SentencePiece tokenizer (PixArt: 120 or 300 tokens, masked;
+    Stable Diffusion 3: 256 tokens, unmasked)."""
+
+    kind: Literal["t5_text"] = "t5_text"
+    text: T5EncoderConfig = Field(description="the T5 encoder")
+    tokenizer_path: str = Field(description="the tokenizer.json of the SentencePiece tokenizer")
+    context_length: int = Field(
+        default=77, ge=1, le=4096, description="ids per text (max_length): truncated or padded"
+    )
+    pad_token_id: int = Field(default=0, ge=0, description="padding id (T5: 0)")
+    eot_token_id: int = Field(default=1, ge=0, description="end-of-text id (T5: 1)")
+    mask_padding: bool = Field(
+        default=True,
+        description="hide the padding from the encoder's attention and give the mask "
+        "(PixArt); False: attend to all, no mask (Stable Diffusion 3)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "T5TextConditionerConfig":
+        for name in ("pad_token_id", "eot_token_id"):
+            if getattr(self, name) >= self.text.vocab_size:
+                raise ValueError(
+                    f"{name} {getattr(self, name)} is not below text.vocab_size "
+                    f"{self.text.vocab_size}"
+                )
+        return self
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the tokens: the encoder's ``text.width``."""
+        return self.text.width
+
+    @property
+    def pooled_dim(self) -> int:
+        """T5 has no pooled output: 0 (``Conditioning.pooled`` is ``None``)."""
+        return 0
+
+
+class T5TextConditioner(nn.Module):
+    """diffkit's [`T5Encoder`][diffkit.nn.t5.T5Encoder] (``encoder``) with its tokenizer.
+
+    ``tokens`` is the last hidden state ``(batch, context_length, width)``; there is no
+    ``pooled``. With ``mask_padding`` the encoder does not attend to the padding and the
+    mask is returned (``True`` up to and including the end token).
+    """
+
+    def __init__(
+        self, encoder: T5Encoder, tokenizer: SentencePieceTokenizer, *, mask_padding: bool = True
+    ) -> None:
+        super().__init__()
+        if tokenizer.vocab_size > encoder.config.vocab_size:
+            raise ValueError(
+                f"T5TextConditioner: the tokenizer has {tokenizer.vocab_size} ids but the "
+                f"encoder embeds only {encoder.config.vocab_size}"
+            )
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.mask_padding = mask_padding
+        self.token_dim: int = encoder.width
+        self.pooled_dim: int = 0
+        self.context_length: int = tokenizer.context_length
+
+    @classmethod
+    def from_config(cls, config: T5TextConditionerConfig) -> "T5TextConditioner":
+        """A randomly initialised encoder and the configured tokenizer."""
+        tokenizer = SentencePieceTokenizer(
+            config.tokenizer_path, config.context_length, config.pad_token_id, config.eot_token_id
+        )
+        return cls(T5Encoder(config.text), tokenizer, mask_padding=config.mask_padding)
+
+    @property
+    def config(self) -> T5TextConditionerConfig:
+        """The config that builds this conditioner, read from its parts."""
+        tok = self.tokenizer
+        return T5TextConditionerConfig(
+            text=self.encoder.config,
+            tokenizer_path=tok.path,
+            context_length=tok.context_length,
+            pad_token_id=tok.pad_token_id,
+            eot_token_id=tok.eot_token_id,
+            mask_padding=self.mask_padding,
+        )
+
+    def forward(self, texts: Sequence[str]) -> Conditioning:
+        """Same as ``condition``."""
+        return self.condition(texts)
+
+    def condition(self, texts: Sequence[str]) -> Conditioning:
+        """``len(texts)`` strings to tokens ``(b, context, width)`` and (``mask_padding``) mask."""
+        ids = _tokenize(self.tokenizer, texts, type(self).__name__).to(_device(self))
+        mask = padding_mask(ids, self.tokenizer.eot_token_id) if self.mask_padding else None
+        return Conditioning(tokens=self.encoder(ids, mask), mask=mask)
+
+
 TEXT_CONDITIONERS: Registry[TextConditioner] = Registry("text_conditioner")
 """Text conditioners by config ``kind``."""
 TEXT_CONDITIONERS.register(CLIPTextConditionerConfig, CLIPTextConditioner.from_config)
+TEXT_CONDITIONERS.register(T5TextConditionerConfig, T5TextConditioner.from_config)

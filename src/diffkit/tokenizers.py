@@ -19,6 +19,10 @@ token has the largest id of the vocabulary, so a text tower can find it with
   [`MAX_READ_BYTES`][diffkit.files.MAX_READ_BYTES] inflated; a missing, damaged or
   oversized one (or a FIFO, device or directory) raises
   [`UnreadableFileError`][diffkit.files.UnreadableFileError] naming it, without hanging.
+- [`SentencePieceTokenizer`][diffkit.tokenizers.SentencePieceTokenizer] runs a
+  ``tokenizer.json`` (the format of Hugging Face's ``tokenizers`` library, which it needs:
+  T5's SentencePiece Unigram model) in T5's layout instead: ``[*ids, end, pad, ...]``, no
+  start token.
 """
 
 import functools
@@ -32,13 +36,14 @@ import torch
 from torch import Tensor
 from typing_extensions import Protocol, runtime_checkable
 
-from diffkit.files import UnreadableFileError, read_gzip
+from diffkit.files import UnreadableFileError, read_bytes, read_gzip
 from diffkit.protocols import _ProtocolMeta
 from diffkit.typing import TokenIds
 
 __all__ = [
     "ByteTokenizer",
     "CLIPTokenizer",
+    "SentencePieceTokenizer",
     "Tokenizer",
     "find_open_clip_vocab",
     "padding_mask",
@@ -354,3 +359,78 @@ class CLIPTokenizer(_FixedLength):
             data.extend(self._char_to_byte[c] for c in chunk)
             data.extend(b" ")
         return data[:-1].decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """A ``tokenizer.json`` (T5's SentencePiece Unigram) run by the ``tokenizers`` library.
+
+    T5's layout: ``[*ids, eot, pad, pad, ...]`` with no start token, exactly
+    ``context_length`` ids, a text too long cut to ``context_length - 1`` ids and the end
+    token (what transformers' ``T5TokenizerFast`` gives with ``padding="max_length",
+    truncation=True``). T5 pads with 0 and ends with 1. ``sot_token_id`` is ``None``.
+    """
+
+    sot_token_id: None = None
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        context_length: int = 77,
+        pad_token_id: int = 0,
+        eot_token_id: int = 1,
+    ) -> None:
+        from tokenizers import Tokenizer as _RustTokenizer
+
+        if context_length < 1:
+            raise ValueError(
+                f"context_length must be at least 1 (the end token), got {context_length}"
+            )
+        self.path = str(path)
+        try:
+            text = read_bytes(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnreadableFileError(f"{path} is not UTF-8 text (a tokenizer.json)") from None
+        try:
+            self._tokenizer = _RustTokenizer.from_str(text)
+        except Exception as error:  # the library raises a bare Exception on bad JSON
+            raise UnreadableFileError(f"{path} is not a tokenizer.json file: {error}") from None
+        # the file may carry padding / truncation settings; the layout here is __call__'s
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self.context_length = int(context_length)
+        self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        for name, value in (("pad_token_id", pad_token_id), ("eot_token_id", eot_token_id)):
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"SentencePieceTokenizer: {name} {value} is not an id of {path} "
+                    f"({self.vocab_size} ids)"
+                )
+        self.pad_token_id = int(pad_token_id)
+        self.eot_token_id = int(eot_token_id)
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({self.path!r}, context_length={self.context_length})"
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of one text, without the end token and without truncation."""
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids back to text, up to the first end token."""
+        out = [int(i) for i in ids]
+        if self.eot_token_id in out:
+            out = out[: out.index(self.eot_token_id)]
+        return self._tokenizer.decode(out)
+
+    def __call__(self, texts: Sequence[str]) -> TokenIds:
+        """``len(texts)`` texts to ids ``(batch, context_length)``, truncated and padded."""
+        texts = _check_texts(texts, type(self).__name__)
+        out = torch.full((len(texts), self.context_length), self.pad_token_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [*self.encode(text)[: self.context_length - 1], self.eot_token_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def padding_mask(self, ids: TokenIds) -> Tensor:
+        """``True`` for the text and the end token; ``False`` on padding."""
+        return padding_mask(ids, self.eot_token_id)

@@ -1,14 +1,19 @@
-"""transformers ``CLIPTextModel`` (or ``CLIPTextModelWithProjection``) -> diffkit ``TextTower``."""
+"""transformers text encoders -> diffkit: ``CLIPTextModel`` / ``CLIPTextModelWithProjection``
+-> ``TextTower``, ``T5EncoderModel`` -> ``T5Encoder``."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import Tensor, nn
 
 from diffkit.interop._clip import block_state, load_converted
 from diffkit.nn.clip import Activation, TextTower, TextTowerConfig
+from diffkit.nn.t5 import T5Activation, T5Encoder, T5EncoderConfig
 
-__all__ = ["from_transformers"]
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+__all__ = ["from_transformers", "t5_config"]
 
 _ACTIVATIONS: dict[str, Activation] = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 
@@ -60,8 +65,96 @@ def _state(core: Any) -> dict[str, Tensor]:
     return state
 
 
-def from_transformers(clip_text_model: nn.Module) -> TextTower:
-    """A diffkit [`TextTower`][diffkit.nn.clip.TextTower] holding a transformers CLIP text model.
+_T5_ACTIVATIONS: dict[str, T5Activation] = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
+
+
+def t5_config(cfg: Any) -> T5EncoderConfig:
+    """The [`T5EncoderConfig`][diffkit.nn.t5.T5EncoderConfig] of a transformers ``T5Config``;
+    an option diffkit's encoder would not honour is refused by name."""
+    if cfg.dense_act_fn not in _T5_ACTIVATIONS:
+        raise ValueError(
+            f"from_transformers: feed_forward_proj={cfg.feed_forward_proj!r} (activation "
+            f"{cfg.dense_act_fn!r}) is not supported; supported: relu, gelu, gelu_new, "
+            "gated-gelu, gated-relu"
+        )
+    if getattr(cfg, "is_decoder", False):
+        raise ValueError("from_transformers: is_decoder=True; a T5 encoder is bidirectional")
+    return T5EncoderConfig(
+        vocab_size=cfg.vocab_size,
+        width=cfg.d_model,
+        layers=cfg.num_layers,
+        heads=cfg.num_heads,
+        head_dim=cfg.d_kv,
+        mlp_width=cfg.d_ff,
+        activation=_T5_ACTIVATIONS[cfg.dense_act_fn],
+        gated=bool(cfg.is_gated_act),
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance,
+        layer_norm_eps=cfg.layer_norm_epsilon,
+    )
+
+
+def _t5_state(model: Any, config: T5EncoderConfig) -> dict[str, Tensor]:
+    """diffkit ``T5Encoder`` entries from a ``T5EncoderModel``."""
+    stack = model.encoder
+    first = stack.block[0].layer[0].SelfAttention if len(stack.block) else None
+    if first is None:
+        raise ValueError("from_transformers: a T5 encoder without blocks has no position bias")
+    state: dict[str, Tensor] = {
+        "token_embedding.weight": model.shared.weight,
+        "relative_bias.weight": first.relative_attention_bias.weight,
+        "final_norm.weight": stack.final_layer_norm.weight,
+    }
+    for i, block in enumerate(stack.block):
+        attn, ff = block.layer[0], block.layer[1]
+        mlp = ff.DenseReluDense
+        state |= {
+            f"blocks.{i}.norm1.weight": attn.layer_norm.weight,
+            f"blocks.{i}.attn.qkv.weight": torch.cat(
+                [
+                    attn.SelfAttention.q.weight,
+                    attn.SelfAttention.k.weight,
+                    attn.SelfAttention.v.weight,
+                ]
+            ),
+            f"blocks.{i}.attn.out.weight": attn.SelfAttention.o.weight,
+            f"blocks.{i}.norm2.weight": ff.layer_norm.weight,
+            # diffkit's gated MLP is a * act(g) with [a; g] = proj_in(x): [wi_1; wi_0]
+            f"blocks.{i}.mlp.proj_in.weight": (
+                torch.cat([mlp.wi_1.weight, mlp.wi_0.weight]) if config.gated else mlp.wi.weight
+            ),
+            f"blocks.{i}.mlp.proj_out.weight": mlp.wo.weight,
+        }
+    return state
+
+
+def _from_t5(model: Any) -> T5Encoder:
+    config = t5_config(model.config)
+    encoder = T5Encoder(config)
+    state = _t5_state(model, config)
+    return load_converted(encoder, state, model.shared.weight, model.training)
+
+
+@overload
+def from_transformers(clip_text_model: "T5EncoderModel") -> T5Encoder: ...
+@overload
+def from_transformers(
+    clip_text_model: "CLIPTextModel | CLIPTextModelWithProjection",
+) -> TextTower: ...
+@overload
+def from_transformers(clip_text_model: nn.Module) -> TextTower | T5Encoder: ...
+def from_transformers(clip_text_model: nn.Module) -> TextTower | T5Encoder:
+    """A diffkit [`TextTower`][diffkit.nn.clip.TextTower] holding a transformers CLIP text model,
+    or a [`T5Encoder`][diffkit.nn.t5.T5Encoder] holding a ``T5EncoderModel``.
+
+    A T5 encoder's ``encoder(ids, mask)`` equals ``last_hidden_state`` of
+    ``model(input_ids=ids, attention_mask=mask)``; transformers' float16 clamping of
+    infinities is not reproduced (convert in float32 / bfloat16).
 
     ``tower(ids)`` returns ``(tokens, pooled)`` equal to the model's ``last_hidden_state``
     and ``pooler_output`` for the same ``input_ids`` (no attention mask: CLIP's causal
@@ -70,12 +163,14 @@ def from_transformers(clip_text_model: nn.Module) -> TextTower:
     largest id when ``config.eos_token_id == 2`` (old configs), else at the first
     ``eos_token_id``. Wrap the result in ``diffkit.text.CLIPTextConditioner``.
     """
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
+    if isinstance(clip_text_model, T5EncoderModel):
+        return _from_t5(clip_text_model)
     if not isinstance(clip_text_model, CLIPTextModel | CLIPTextModelWithProjection):
         raise TypeError(
-            "from_transformers: expected a transformers CLIPTextModel or "
-            f"CLIPTextModelWithProjection, got {type(clip_text_model).__name__}"
+            "from_transformers: expected a transformers CLIPTextModel, "
+            f"CLIPTextModelWithProjection or T5EncoderModel, got {type(clip_text_model).__name__}"
         )
     model: Any = clip_text_model
     config = _config(model.config)

@@ -6,6 +6,7 @@ Each network has a pydantic config registered in [`DENOISERS`][diffkit.nn.DENOIS
 
 from diffkit.nn import clip as clip
 from diffkit.nn import layers as layers
+from diffkit.nn import t5 as t5
 from diffkit.nn._registry import DENOISERS as DENOISERS
 from diffkit.nn._registry import ENCODERS as ENCODERS
 from diffkit.nn.dit import DiT as DiT

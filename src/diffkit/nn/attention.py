@@ -21,6 +21,7 @@ from diffkit.typing import Image, ShapeError, Tokens, checked_layer
 __all__ = [
     "Attention",
     "FeedForward",
+    "FeedForwardKind",
     "LocalFeedForward",
     "SpatialSelfAttention",
     "SpatialTransformer",
@@ -49,7 +50,9 @@ class Attention(nn.Module):
     """Multi-head attention over tokens: self-attention, or cross-attention to a context.
 
     Self-attention uses one fused ``qkv`` projection; cross-attention projects ``q`` from the
-    tokens and a fused ``kv`` from the context (``context_dim``).
+    tokens and a fused ``kv`` from the context (``context_dim``). ``scale`` multiplies the
+    scores (default ``head_dim ** -0.5``); ``forward``'s ``bias`` is added to them (T5's
+    relative positions and padding).
     """
 
     def __init__(
@@ -61,11 +64,13 @@ class Attention(nn.Module):
         context_dim: int | None = None,
         qkv_bias: bool = False,
         out_bias: bool = True,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         head_dim = head_dim or dim // heads
         inner = heads * head_dim
         self.heads = heads
+        self.scale = scale  # None: head_dim ** -0.5; T5 uses 1 (its weights absorb it)
         self.is_cross = context_dim is not None
         if context_dim is None:
             self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
@@ -80,8 +85,10 @@ class Attention(nn.Module):
         x: Tokens,
         context: Context | None = None,
         mask: ContextMask | None = None,
+        bias: Float[Tensor, "#batch #heads #tokens keys"] | None = None,
     ) -> Tokens:
-        """Tokens ``(b, n, dim)``; context ``(b, m, context_dim)``, keep-mask ``(b, m)``."""
+        """Tokens ``(b, n, dim)``; context ``(b, m, context_dim)``, keep-mask ``(b, m)``;
+        ``bias``: added to the scores, broadcast to ``(b, heads, n, keys)``."""
         if self.is_cross:
             if context is None:
                 raise ValueError("Attention: cross-attention needs a context (Conditioning.tokens)")
@@ -90,8 +97,10 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
-        bias = attention_bias(mask, q.dtype) if self.is_cross else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        masked = attention_bias(mask, q.dtype) if self.is_cross else None
+        if masked is not None:
+            bias = masked if bias is None else bias + masked
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -153,27 +162,51 @@ class SpatialSelfAttention(_OverPixels):
         return self.out(rearrange(h, "b h n d -> b n (h d)"))
 
 
+FeedForwardKind = Literal["geglu", "geglu_tanh", "reglu", "gelu", "gelu_tanh", "relu"]
+"""An MLP's activation; the gated kinds (GEGLU with exact or tanh GELU, ReGLU) multiply by a
+linear half."""
+
+_ACTIVATIONS = {
+    "gelu": lambda h: F.gelu(h),
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "relu": F.relu,
+}
+_GATED = {"geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
+
+
 class FeedForward(nn.Module):
-    """Transformer MLP: GEGLU ``proj_out(a * gelu(g))`` with ``[a, g] = proj_in(x)``, or GELU."""
+    """Transformer MLP ``proj_out(act(proj_in(x)))``, or gated: ``proj_out(a * act(g))`` with
+    ``[a, g] = proj_in(x)`` (GEGLU; T5 v1.1's gated-GELU is ``geglu_tanh``).
+
+    ``inner`` (default ``int(dim * mult)``) is the hidden width; ``bias=False`` drops the
+    biases (T5).
+    """
 
     def __init__(
-        self, dim: int, mult: float = 4.0, kind: Literal["geglu", "gelu", "gelu_tanh"] = "geglu"
+        self,
+        dim: int,
+        mult: float = 4.0,
+        kind: FeedForwardKind = "geglu",
+        *,
+        inner: int | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
-        inner = int(dim * mult)
+        inner = inner or int(dim * mult)
         self.kind = kind
-        self.proj_in = nn.Linear(dim, inner * 2 if kind == "geglu" else inner)
-        self.proj_out = nn.Linear(inner, dim)
+        gated = kind in _GATED
+        self.proj_in = nn.Linear(dim, inner * 2 if gated else inner, bias=bias)
+        self.proj_out = nn.Linear(inner, dim, bias=bias)
 
     @checked_layer
     def forward(self, x: Tokens) -> Tokens:
         """``(b, n, dim) -> (b, n, dim)``."""
         h = self.proj_in(x)
-        if self.kind == "geglu":
+        if self.kind in _GATED:
             a, gate = h.chunk(2, dim=-1)
-            h = a * F.gelu(gate)
+            h = a * _ACTIVATIONS[_GATED[self.kind]](gate)
         else:
-            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+            h = _ACTIVATIONS[self.kind](h)
         return self.proj_out(h)
 
 
