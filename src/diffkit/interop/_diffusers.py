@@ -189,6 +189,7 @@ _UP = {"UpBlock2D": "none", "AttnUpBlock2D": "self", "CrossAttnUpBlock2D": "cros
 
 _RECORD = "_diffkit"  # diffkit-only U-Net settings to_diffusers stores in the diffusers config
 _RECORDED = ("time_input", "time_scale", "num_train_timesteps", "prediction")
+_RECORDED_UNET = (*_RECORDED, "micro_conditions")  # SDXL base 6, refiner 5: not in its config
 
 
 def _recorded(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -196,9 +197,10 @@ def _recorded(cfg: Mapping[str, Any]) -> dict[str, Any]:
     record = cfg.get(_RECORD)
     if record is None:
         return {}
-    if not isinstance(record, Mapping) or not set(record) <= set(_RECORDED):
+    if not isinstance(record, Mapping) or not set(record) <= set(_RECORDED_UNET):
         raise ValueError(
-            f"from_diffusers: config entry {_RECORD}={record!r} is not a mapping of {_RECORDED}"
+            f"from_diffusers: config entry {_RECORD}={record!r} is not a mapping of "
+            f"{_RECORDED_UNET}"
         )
     return dict(cast(Mapping[str, Any], record))
 
@@ -360,10 +362,12 @@ def _unet_config(
     module: nn.Module,
     prediction: Prediction | None,
     num_train_timesteps: int | None,
-    micro_conditions: int = 6,
+    micro_conditions: int | None = None,
 ) -> UNetConfig:
     cfg = _config(module)
     record = _recorded(cfg)
+    if micro_conditions is None:
+        micro_conditions = int(record.get("micro_conditions") or 6)
     _check_options(cfg, conditional=type(module).__name__ == "UNet2DConditionModel")
     level_kinds = _level_kinds(cfg)
     attention, mid_attention = _attention_kind(module.mid_block, level_kinds)
@@ -449,7 +453,7 @@ def from_diffusers(
     *,
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
-    micro_conditions: int = 6,
+    micro_conditions: int | None = None,
 ) -> nn.Module:
     """The diffkit equivalent (same weights) of a diffusers U-Net, ``AutoencoderKL``,
     ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` (the last two: a
@@ -462,7 +466,8 @@ def from_diffusers(
     for a model ``to_diffusers`` exported, the defaults are the exported model's settings.
     ``micro_conditions``: how many size conditions an SDXL-style U-Net
     (``addition_embed_type="text_time"``) embeds beside the pooled text, ``Conditioning.micro``
-    (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner).
+    (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner); default:
+    what ``to_diffusers`` recorded, else 6.
     """
     name = type(module).__name__
     if name in PIPELINES or name.endswith("Pipeline"):
@@ -649,7 +654,8 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         model, state = getattr(diffusers, name)(**kwargs), to_diffusers_state_dict(module)
     if isinstance(module, UNet | DiT):
         c = module.config
-        model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in _RECORDED}})
+        names = _RECORDED_UNET if isinstance(module, UNet) else _RECORDED
+        model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in names}})
     model.load_state_dict(state, strict=True)
     parameter = next(module.parameters(), None)
     reference = next(model.parameters(), None)
