@@ -310,6 +310,52 @@ def _to_stored_dtypes(pipeline: nn.Module, tensors: dict[str, Tensor]) -> None:
                     value.data = value.data.to(saved.dtype)
 
 
+_FILE_FIELDS = ("vocab_path", "tokenizer_path")
+"""The fields of a text conditioner's config that name a tokenizer file."""
+
+
+def _files_inside(
+    config: Config, folder: Path, relative: str, copies: list[tuple[Path, Path]]
+) -> Config:
+    """``config`` (a text conditioner's, and the ``parts`` of a composed one) with each
+    tokenizer file it names moved to ``folder / relative``; the copies to make are appended."""
+    update: dict[str, Any] = {}
+    fields = type(config).model_fields
+    for name in _FILE_FIELDS:
+        value = getattr(config, name, None) if name in fields else None
+        if isinstance(value, str):
+            source = Path(value)
+            target = folder / relative / source.name
+            if source.resolve() != target.resolve():
+                copies.append((source, target))
+            update[name] = f"{relative}/{source.name}"
+    parts = getattr(config, "parts", None) if "parts" in fields else None
+    if isinstance(parts, tuple) and all(isinstance(part, Config) for part in parts):
+        update["parts"] = tuple(
+            _files_inside(part, folder, f"{relative}/{i}", copies) for i, part in enumerate(parts)
+        )
+    return config.model_copy(update=update)
+
+
+def _confined_files(folder: Path, text: dict[str, Any], where: str) -> dict[str, Any]:
+    """A saved text config with each tokenizer file it names checked to be a regular file
+    inside ``folder`` and made absolute (also in the ``parts`` of a composed one)."""
+    out = dict(text)
+    for name in _FILE_FIELDS:
+        if isinstance(text.get(name), str):
+            try:
+                out[name] = str(confined(folder, text[name]))
+            except UnreadableFileError as err:
+                raise CheckpointError(f"{where}.{name} {err}") from None
+    parts = text.get("parts")
+    if isinstance(parts, list):
+        out["parts"] = [
+            _confined_files(folder, part, f"{where}.parts[{i}]") if isinstance(part, dict) else part
+            for i, part in enumerate(parts)
+        ]
+    return out
+
+
 class _Truncated:
     """The schedule on ``[0, t_end]`` stretched to ``[0, 1]``: ``alpha'(u) = alpha(t_end u)``."""
 
@@ -881,20 +927,12 @@ class Pipeline(nn.Module):
     def _config_with_tokenizer_files(
         self, folder: Path, config: Any
     ) -> tuple[Config, list[tuple[Path, Path]]]:
-        """``config`` with the vocabulary path inside ``folder``, and the files to copy there."""
+        """``config`` with its tokenizer files inside ``folder``, and the files to copy there."""
         text_config = getattr(config, "text", None)
-        vocab = getattr(getattr(self.text, "tokenizer", None), "vocab_path", None)
-        if (
-            text_config is None
-            or vocab is None
-            or "vocab_path" not in type(text_config).model_fields
-        ):
+        if not isinstance(text_config, Config):
             return config, []
-        source = Path(vocab)
-        target = folder / TOKENIZER_DIR / source.name
-        copies = [] if source.resolve() == target.resolve() else [(source, target)]
-        relative = f"{TOKENIZER_DIR}/{source.name}"
-        text = text_config.model_copy(update={"vocab_path": relative})
+        copies: list[tuple[Path, Path]] = []
+        text = _files_inside(text_config, folder, TOKENIZER_DIR, copies)
         return config.model_copy(update={"text": text}), copies
 
     @classmethod
@@ -944,14 +982,9 @@ class Pipeline(nn.Module):
         if metadata.get("format") not in (FORMAT, None):
             raise CheckpointError(f"{weights_path} is not a diffkit pipeline file")
         _check_saved_together(folder, data, metadata.get(CONFIG_KEY))
-        text = data.get("text")
-        if isinstance(text, dict) and isinstance(text.get("vocab_path"), str):
-            # the only other file a folder names: a regular file inside it, read bounded
-            try:
-                vocab = confined(folder, text["vocab_path"])
-            except UnreadableFileError as err:
-                raise CheckpointError(f"{config_path}: text.vocab_path {err}") from None
-            data["text"] = {**text, "vocab_path": str(vocab)}
+        if isinstance(data.get("text"), dict):
+            # the only other files a folder names: regular files inside it, read bounded
+            data["text"] = _confined_files(folder, data["text"], f"{config_path}: text")
         huge = _huge_integers(data)
         if huge:
             raise CheckpointError(f"{config_path}: sizes no machine can hold: {', '.join(huge)}")
@@ -970,7 +1003,7 @@ class Pipeline(nn.Module):
             tensors, _ = load_tensors(weights_path)
             pipeline = cls.from_config(parsed).eval()
         except UnreadableFileError as err:  # the tokenizer's file
-            raise CheckpointError(f"{config_path}: text.vocab_path: {err}") from None
+            raise CheckpointError(f"{config_path}: a tokenizer file: {err}") from None
         except (OverflowError, MemoryError) as err:
             raise CheckpointError(f"{config_path}: sizes no machine can hold: {err}") from None
         _to_stored_dtypes(pipeline, tensors)
