@@ -27,13 +27,14 @@ models as they are.
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, NamedTuple, TypeVar, cast
 
 import torch
-from pydantic import Field, model_validator
+import torch.nn.functional as F
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 from torch import Tensor, nn
 
-from diffkit.config import Config, Registry
+from diffkit.config import Config, Registry, kind_of
 from diffkit.nn.clip import TextTower, TextTowerConfig
 from diffkit.nn.t5 import T5Encoder, T5EncoderConfig
 from diffkit.protocols import Conditioning, TextConditioner
@@ -50,6 +51,8 @@ __all__ = [
     "TEXT_CONDITIONERS",
     "CLIPTextConditioner",
     "CLIPTextConditionerConfig",
+    "ComposedTextConditioner",
+    "ComposedTextConditionerConfig",
     "OpenCLIPTextConditioner",
     "T5TextConditioner",
     "T5TextConditionerConfig",
@@ -527,7 +530,169 @@ class T5TextConditioner(nn.Module):
         return Conditioning(tokens=self.encoder(ids, mask), mask=mask)
 
 
+if TYPE_CHECKING:
+    _PartConfig = Config
+else:
+    _PartConfig = Annotated[Config, SerializeAsAny()]
+
+_Part = CLIPTextConditionerConfig | T5TextConditionerConfig
+
+
+def _context_length(part: _Part) -> int:
+    return (
+        part.text.context_length
+        if isinstance(part, CLIPTextConditionerConfig)
+        else (part.context_length)
+    )
+
+
+class ComposedTextConditionerConfig(Config):
+    """Several text conditioners run on the same texts, their outputs joined (SDXL, SD3).
+
+    The tokens of the parts in each of ``groups`` are concatenated on the feature axis
+    (their context lengths must agree); each group is zero-padded on the features to the
+    widest group, and the groups are concatenated on the sequence axis. The pooled
+    vectors of the parts listed in ``pooled`` are concatenated. SDXL: CLIP-L and OpenCLIP-
+    bigG, ``groups=((0, 1),)``, ``pooled=(1,)``; SD3: CLIP-L, CLIP-G and T5,
+    ``groups=((0, 1), (2,))``, ``pooled=(0, 1)`` (``sdxl`` / ``sd3`` build these).
+    """
+
+    kind: Literal["composed_text"] = "composed_text"
+    parts: tuple[_PartConfig, ...] = Field(
+        min_length=1, description="the conditioners (clip_text or t5_text configs)"
+    )
+    groups: tuple[tuple[int, ...], ...] = Field(
+        description="indices of parts whose tokens are concatenated on the features; the "
+        "groups follow one another on the sequence axis; every part in exactly one group"
+    )
+    pooled: tuple[int, ...] = Field(
+        default=(), description="indices of parts whose pooled vectors are concatenated"
+    )
+
+    @field_validator("parts", mode="before")
+    @classmethod
+    def _parse_parts(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            return value
+        return tuple(TEXT_CONDITIONERS.parse(part) for part in value)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ComposedTextConditionerConfig":
+        parts = self.parts
+        for i, part in enumerate(parts):
+            if not isinstance(part, _Part):
+                raise ValueError(
+                    f"parts[{i}] is a {kind_of(part)!r} config; a composed conditioner takes "
+                    "clip_text and t5_text parts"
+                )
+            if part.mask_padding:
+                raise ValueError(
+                    f"parts[{i}].mask_padding is true; a composed conditioner joins unmasked "
+                    "tokens (SDXL and SD3 attend to every position): set it false"
+                )
+        flat = [i for group in self.groups for i in group]
+        if sorted(flat) != list(range(len(parts))) or not all(self.groups):
+            raise ValueError(
+                f"groups {self.groups} must hold every part index 0..{len(parts) - 1} exactly once"
+            )
+        for group in self.groups:
+            lengths = {_context_length(cast(_Part, parts[i])) for i in group}
+            if len(lengths) > 1:
+                raise ValueError(
+                    f"groups: the parts {group} have context lengths {sorted(lengths)}; tokens "
+                    "concatenated on the features need one"
+                )
+        for i in self.pooled:
+            if not 0 <= i < len(parts) or cast(_Part, parts[i]).pooled_dim == 0:
+                raise ValueError(f"pooled: part {i} is not a part with a pooled vector")
+        return self
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the tokens: the widest group's summed token widths."""
+        parts = cast(tuple[_Part, ...], self.parts)
+        return max(sum(parts[i].token_dim for i in group) for group in self.groups)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled vector: the summed widths of the ``pooled`` parts (0: none)."""
+        return sum(cast(_Part, self.parts[i]).pooled_dim for i in self.pooled)
+
+    @classmethod
+    def sdxl(
+        cls, clip_l: CLIPTextConditionerConfig, clip_g: CLIPTextConditionerConfig
+    ) -> "ComposedTextConditionerConfig":
+        """SDXL's text conditioning: both towers' tokens side by side, bigG's pooled vector."""
+        return cls(parts=(clip_l, clip_g), groups=((0, 1),), pooled=(1,))
+
+    @classmethod
+    def sd3(
+        cls,
+        clip_l: CLIPTextConditionerConfig,
+        clip_g: CLIPTextConditionerConfig,
+        t5: T5TextConditionerConfig,
+    ) -> "ComposedTextConditionerConfig":
+        """SD3's: the CLIP tokens side by side then T5's, both CLIP pooled vectors."""
+        return cls(parts=(clip_l, clip_g, t5), groups=((0, 1), (2,)), pooled=(0, 1))
+
+
+class ComposedTextConditioner(nn.Module):
+    """Text conditioners (``parts``) joined as a
+    [`ComposedTextConditionerConfig`][diffkit.text.ComposedTextConditionerConfig] says."""
+
+    def __init__(
+        self,
+        parts: Sequence[nn.Module],
+        groups: Sequence[Sequence[int]],
+        pooled: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.groups = tuple(tuple(group) for group in groups)
+        self.pooled = tuple(pooled)
+        # validated as a config: every rule of ComposedTextConditionerConfig holds here too
+        self._config = ComposedTextConditionerConfig(
+            parts=tuple(cast(Any, part).config for part in self.parts),
+            groups=self.groups,
+            pooled=self.pooled,
+        )
+        self.token_dim: int = self._config.token_dim
+        self.pooled_dim: int = self._config.pooled_dim
+        self.context_length: int = sum(
+            _context_length(cast(_Part, self._config.parts[group[0]])) for group in self.groups
+        )
+
+    @classmethod
+    def from_config(cls, config: ComposedTextConditionerConfig) -> "ComposedTextConditioner":
+        """Each part built from its config (random weights, the configured tokenizers)."""
+        parts = [cast(nn.Module, TEXT_CONDITIONERS.build(part)) for part in config.parts]
+        return cls(parts, config.groups, config.pooled)
+
+    @property
+    def config(self) -> ComposedTextConditionerConfig:
+        """The config that builds this conditioner: its parts' configs and the joins."""
+        return self._config
+
+    def forward(self, texts: Sequence[str]) -> Conditioning:
+        """Same as ``condition``."""
+        return self.condition(texts)
+
+    def condition(self, texts: Sequence[str]) -> Conditioning:
+        """Every part's conditioning of ``texts``, joined: tokens ``(b, context, token_dim)``,
+        pooled ``(b, pooled_dim)`` (``None`` without pooled parts), no mask."""
+        outputs = [cast(TextConditioner, part).condition(texts) for part in self.parts]
+        sequences = []
+        for group in self.groups:
+            tokens = torch.cat([cast(Tensor, outputs[i].tokens) for i in group], dim=-1)
+            sequences.append(F.pad(tokens, (0, self.token_dim - tokens.shape[-1])))
+        pooled = [cast(Tensor, outputs[i].pooled) for i in self.pooled]
+        return Conditioning(
+            tokens=torch.cat(sequences, dim=1), pooled=torch.cat(pooled, dim=-1) if pooled else None
+        )
+
+
 TEXT_CONDITIONERS: Registry[TextConditioner] = Registry("text_conditioner")
 """Text conditioners by config ``kind``."""
 TEXT_CONDITIONERS.register(CLIPTextConditionerConfig, CLIPTextConditioner.from_config)
 TEXT_CONDITIONERS.register(T5TextConditionerConfig, T5TextConditioner.from_config)
+TEXT_CONDITIONERS.register(ComposedTextConditionerConfig, ComposedTextConditioner.from_config)

@@ -128,3 +128,26 @@ def test_skipping_a_layer_without_final_norm_gives_the_penultimate_hidden_state(
         tokens, pooled = tower(ids, skip_last_layers=1, final_norm=False)
     torch.testing.assert_close(tokens, out.hidden_states[-2], atol=1e-5, rtol=0)
     torch.testing.assert_close(pooled, out.pooler_output, atol=1e-5, rtol=0)
+
+
+def test_sdxl_style_conditioner_from_its_config_gives_penultimate_state_and_text_embeds() -> None:
+    # OpenCLIP-bigG as SDXL / SD3 run it: hidden_states[-2] (no final LN), projected pool
+    from diffkit.text import TEXT_CONDITIONERS, CLIPTextConditionerConfig
+
+    ref = randomize(CLIPTextModelWithProjection(random_config("gelu", ByteTokenizer.eot_token_id)))
+    tower = dk.interop.from_transformers(ref)
+    config = CLIPTextConditionerConfig(
+        text=tower.config, tokenizer="byte", projection_dim=16, project_pooled=True,
+        skip_last_layers=1, final_norm=False, mask_padding=False,
+    )  # fmt: skip
+    conditioner = TEXT_CONDITIONERS.build(TEXT_CONDITIONERS.parse(config.to_dict()))
+    assert isinstance(conditioner, CLIPTextConditioner) and conditioner.config == config
+    conditioner.tower.load_state_dict(tower.state_dict())
+    texts = ["seven", "a handwritten digit seven"]
+    ids = ByteTokenizer(CONTEXT)(texts)
+    with torch.no_grad():
+        out = ref(input_ids=ids, output_hidden_states=True)
+        cond = conditioner.eval().condition(texts)
+    assert cond.tokens is not None and cond.pooled is not None and cond.mask is None
+    torch.testing.assert_close(cond.tokens, out.hidden_states[-2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cond.pooled, out.text_embeds, atol=1e-5, rtol=0)

@@ -1,7 +1,7 @@
 """diffkit's T5 encoder and T5 conditioner vs transformers' T5EncoderModel and T5 tokenizer.
 
 Tiny random configs, no downloads: the tokenizer is a small Unigram vocabulary built offline
-with transformers' ``T5Tokenizer`` and saved as its ``tokenizer.json``.
+with transformers' ``T5Tokenizer`` and saved as its ``tokenizer.json`` (offline_tokenizers.py).
 """
 
 from pathlib import Path
@@ -12,6 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from offline_tokenizers import t5_tokenizer  # noqa: E402
+
 import diffkit as dk  # noqa: E402
 from diffkit.nn.t5 import T5Encoder, relative_position_buckets  # noqa: E402
 from diffkit.text import TEXT_CONDITIONERS, T5TextConditioner, T5TextConditionerConfig  # noqa: E402
@@ -19,26 +21,12 @@ from diffkit.tokenizers import SentencePieceTokenizer  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
-PIECES = [
-    *("▁a", "▁photo", "▁of", "▁cat", "▁c", "at", "▁the", "▁dog", "▁seven", "▁s"),
-    *("e", "v", "n", "o", "p", "h", "t", "g", "d", "r", "l"),
-    *("▁an", "▁astronaut", "▁riding", "▁horse", "▁on", "▁mars"),
-]
 TEXTS = [
     "a photo of a cat",
     "an astronaut riding a horse on mars, a photo of the dog",
     "Zebra!",
     "",
 ]
-
-
-def t5_tokenizer(folder: Path) -> Any:
-    """A T5 tokenizer over a tiny Unigram vocabulary, saved in ``folder``."""
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(piece, -3.0 - 0.1 * i) for i, piece in enumerate(PIECES)]
-    tokenizer = transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
 
 
 def t5_encoder(feed_forward_proj: str = "gated-gelu", seed: int = 0) -> Any:
