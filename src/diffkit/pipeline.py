@@ -23,6 +23,7 @@ with ``replace(...)`` all save and load alike.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -356,6 +357,51 @@ def _confined_files(folder: Path, text: dict[str, Any], where: str) -> dict[str,
     return out
 
 
+def _zeros(cond: Conditioning) -> Conditioning:
+    """``cond`` with its tokens and pooled vector zeroed (the rest kept)."""
+    return dataclasses.replace(
+        cond,
+        tokens=None if cond.tokens is None else torch.zeros_like(cond.tokens),
+        pooled=None if cond.pooled is None else torch.zeros_like(cond.pooled),
+    )
+
+
+def _default_micro(denoiser: object, height: int, width: int) -> list[float] | None:
+    """diffusers' default micro-conditions for images of ``height x width`` pixels.
+
+    SDXL's U-Net (6): original size, crop top-left, target size ``(h, w, 0, 0, h, w)``;
+    PixArt-α's transformer: ``(h, w, h / w)``; ``None`` for a denoiser that takes none.
+    """
+    config = getattr(denoiser, "config", None)
+    if getattr(config, "size_conditions", False):
+        return [float(height), float(width), height / width]
+    count = getattr(config, "micro_conditions", 0)
+    if count == 6:
+        return [float(height), float(width), 0.0, 0.0, float(height), float(width)]
+    if count:
+        raise ValueError(
+            f"Pipeline: the denoiser takes {count} micro-conditions, which have no default "
+            "(6 are SDXL's sizes); pass cond= and uncond= with their micro"
+        )
+    return None
+
+
+def _with_micro(conds: _Conds, micro: list[float] | None, like: Tensor) -> _Conds:
+    """``conds`` with ``micro`` (one row, for every sample) where they have none."""
+    if micro is None:
+        return conds
+    row = torch.tensor(micro, dtype=like.dtype, device=like.device)
+
+    def filled(c: Conditioning | None) -> Conditioning | None:
+        if c is None or c.micro is not None:
+            return c
+        return dataclasses.replace(c, micro=row.expand(c.batch_size or 1, -1))
+
+    return _Conds(
+        cond=filled(conds["cond"]), uncond=filled(conds["uncond"]), guidance=conds["guidance"]
+    )
+
+
 class _Truncated:
     """The schedule on ``[0, t_end]`` stretched to ``[0, 1]``: ``alpha'(u) = alpha(t_end u)``."""
 
@@ -395,7 +441,9 @@ class Pipeline(nn.Module):
     ``steps`` and ``guidance`` are the defaults of ``generate`` and ``img2img``; ``start``
     says what ``generate``'s standard normal noise is: ``"noise"`` is scaled to ``sigma`` at
     the sampler's first time, ``"sample"`` is the first sample itself (as diffusers'
-    pipelines take their ``latents``; ``interop.from_diffusers(pipeline)`` sets it).
+    pipelines take their ``latents``; ``interop.from_diffusers(pipeline)`` sets it);
+    ``empty_uncond="zeros"`` guides without negative prompts against zeros instead of the
+    empty prompt (SDXL's ``force_zeros_for_empty_prompt``).
     """
 
     def __init__(
@@ -411,6 +459,7 @@ class Pipeline(nn.Module):
         steps: int = 30,
         guidance: float = 1.0,
         start: Literal["noise", "sample"] = "noise",
+        empty_uncond: Literal["prompt", "zeros"] = "prompt",
     ) -> None:
         super().__init__()
         if getattr(denoiser, "prediction", None) not in ("epsilon", "x0", "v", "flow"):
@@ -434,6 +483,11 @@ class Pipeline(nn.Module):
         if start not in ("noise", "sample"):
             raise ValueError(f"Pipeline: start must be 'noise' or 'sample', got {start!r}")
         self.start: Literal["noise", "sample"] = start
+        if empty_uncond not in ("prompt", "zeros"):
+            raise ValueError(
+                f"Pipeline: empty_uncond must be 'prompt' or 'zeros', got {empty_uncond!r}"
+            )
+        self.empty_uncond: Literal["prompt", "zeros"] = empty_uncond
 
     @classmethod
     def from_config(
@@ -457,6 +511,7 @@ class Pipeline(nn.Module):
             steps=parsed.steps,
             guidance=parsed.guidance,
             start=parsed.start,
+            empty_uncond=parsed.empty_uncond,
         )
 
     @property
@@ -481,6 +536,7 @@ class Pipeline(nn.Module):
                 "steps": self.steps,
                 "guidance": self.guidance,
                 "start": self.start,
+                "empty_uncond": self.empty_uncond,
             }
         )
 
@@ -488,10 +544,10 @@ class Pipeline(nn.Module):
         """A new pipeline with some parts replaced; the others (their weights too) are shared.
 
         Keywords: any of ``schedule``, ``denoiser``, ``encoder``, ``text``, ``sampler``,
-        ``patchifier``, ``data_shape``, ``steps``, ``guidance``, ``start``; ``None`` removes an
-        optional part. ``pipeline.replace(sampler=DDIM(eta=0.5)).save(dir)``.
+        ``patchifier``, ``data_shape``, ``steps``, ``guidance``, ``start``, ``empty_uncond``;
+        ``None`` removes an optional part. ``pipeline.replace(sampler=DDIM(eta=0.5)).save(dir)``.
         """
-        names = (*PARTS, "data_shape", "steps", "guidance", "start")
+        names = (*PARTS, "data_shape", "steps", "guidance", "start", "empty_uncond")
         unknown = sorted(set(parts) - set(names))
         if unknown:
             raise TypeError(
@@ -612,9 +668,12 @@ class Pipeline(nn.Module):
                     f"{where}: guidance != 1 needs an unconditional condition: pass uncond= "
                     "(or use a text conditioner)"
                 )
+            empty = negative_prompts is None
             if isinstance(negative_prompts, str) or negative_prompts is None:
                 negative_prompts = [negative_prompts or ""]
             uncond = self.condition(negative_prompts)
+            if empty and self.empty_uncond == "zeros":
+                uncond = _zeros(uncond)
             given = f"{len(negative_prompts)} negative_prompts"
         else:
             given = "uncond"
@@ -743,6 +802,7 @@ class Pipeline(nn.Module):
             noise = self._noise(batch, generator)
         else:
             noise = noise.to(self.device, self.dtype)
+        conds = _with_micro(conds, self._micro(noise), noise)
         z = self._sampler(sampler).sample(
             denoiser if denoiser is not None else self.denoiser,
             self.schedule,
@@ -816,6 +876,12 @@ class Pipeline(nn.Module):
                 f"{shape}); pass x with {_channels(shape[-3])} (its height and width may differ)"
             )
 
+    def _micro(self, latents: Tensor) -> list[float] | None:
+        """The denoiser's default micro-conditions for the images ``latents`` decode to."""
+        factor = int(getattr(self.encoder, "downsampling_factor", 1)) if self.encoder else 1
+        height, width = (int(n) * factor for n in latents.shape[-2:])
+        return _default_micro(self.denoiser, height, width)
+
     def _noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
         shape = (batch, *self.latent_shape())
         device = generator.device if generator is not None else self.device
@@ -865,6 +931,7 @@ class Pipeline(nn.Module):
             guidance_given,
         )
         z0 = self.encode(x)
+        conds = _with_micro(conds, self._micro(z0), z0)
         device = generator.device if generator is not None else z0.device
         eps = torch.randn(z0.shape, generator=generator, device=device, dtype=torch.float32)
         eps = eps.to(z0.device, z0.dtype)

@@ -153,6 +153,11 @@ class PipelineConfig(Config):
         "itself (diffusers' DDIM / DPM-Solver / UniPC / flow pipelines start from their "
         "latents so)",
     )
+    empty_uncond: Literal["prompt", "zeros"] = Field(
+        default="prompt",
+        description="the unconditional input of guidance without negative prompts: the empty "
+        "prompt's conditioning, or zeros of its shape (SDXL's force_zeros_for_empty_prompt)",
+    )
 
     @field_validator("schedule", "denoiser", mode="before")
     @classmethod
