@@ -878,7 +878,9 @@ class Pipeline(nn.Module):
 
     def _micro(self, latents: Tensor) -> list[float] | None:
         """The denoiser's default micro-conditions for the images ``latents`` decode to."""
-        factor = int(getattr(self.encoder, "downsampling_factor", 1)) if self.encoder else 1
+        factor = 1
+        if self.encoder is not None and self.data_shape is not None:
+            factor = self.data_shape[-1] // self.latent_shape()[-1]  # the encoder's downsampling
         height, width = (int(n) * factor for n in latents.shape[-2:])
         return _default_micro(self.denoiser, height, width)
 

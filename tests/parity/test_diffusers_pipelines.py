@@ -1,15 +1,13 @@
 """Whole diffusers pipelines converted by ``from_diffusers(pipe)`` draw diffusers' images.
 
-Tiny random pipelines built from configs (float32, CPU, no downloads; the CLIP tokenizer is
-built offline from the merges file open_clip ships): the converted ``dk.Pipeline`` given the
+Tiny random pipelines built from configs (float32, CPU, no downloads; the CLIP and T5
+tokenizers are built offline by ``offline_tokenizers``): the converted ``dk.Pipeline`` given the
 same prompts, negative prompts, latents, steps and guidance returns the same images (and
 latents) to 1e-4 relative, with the scheduler converted from the pipeline's; saved and
 loaded, it returns bit-identical images. What the converted pipeline cannot honour is
 refused by name.
 """
 
-import functools
-import gzip
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -18,14 +16,16 @@ from typing import Any
 import pytest
 import torch
 
-import diffkit as dk
-from diffkit.protocols import Conditioning
-from diffkit.tokenizers import CLIPTokenizer, find_open_clip_vocab
-
-pytestmark = pytest.mark.parity
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("open_clip")
+
+from offline_tokenizers import clip_tokenizer, t5_tokenizer  # noqa: E402
+
+import diffkit as dk  # noqa: E402
+from diffkit.protocols import Conditioning  # noqa: E402
+
+pytestmark = pytest.mark.parity
 
 CONTEXT = 16
 PROMPTS = ["a photo of a cat", "seven"]
@@ -52,19 +52,6 @@ SCHEDULERS: dict[str, Callable[[], Any]] = {
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     """``max |got - want| / max |want|``."""
     return float((got - want).abs().max() / want.abs().max())
-
-
-@functools.cache
-def _hf_tokenizer() -> Any:
-    """transformers' CLIPTokenizer over CLIP's vocabulary, built offline from open_clip's
-    merges file (ids as OpenAI's, padded with the end token as SD 1.x's)."""
-    ours = CLIPTokenizer(find_open_clip_vocab(), CONTEXT)
-    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {names.get(piece, piece): i for i, piece in enumerate(ours.pieces)}
-    with gzip.open(find_open_clip_vocab(), "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT)
 
 
 def _perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> Any:
@@ -123,7 +110,7 @@ def _sd(scheduler: Any, **components: Any) -> Any:
     parts = {
         "vae": _vae(),
         "text_encoder": _text_encoder(),
-        "tokenizer": _hf_tokenizer(),
+        "tokenizer": clip_tokenizer(CONTEXT),
         "unet": _perturbed(unet, seed=1),
         "scheduler": scheduler,
         "safety_checker": None,
@@ -293,6 +280,154 @@ def test_saved_and_loaded_dit_pipeline_draws_bit_identical_images(tmp_path: Path
     assert torch.equal(_diffkit_dit(dk.Pipeline.load(tmp_path), 4.0, seed=8), before)
 
 
+# ------------------------------------------------------------------------------------ PixArt
+
+T5_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length
+
+
+def _t5(width: int) -> Any:
+    config = transformers.T5Config(
+        vocab_size=40, d_model=width, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=10,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0,
+    )  # fmt: skip
+    torch.manual_seed(4)
+    return _perturbed(transformers.T5EncoderModel(config), seed=4, scale=0.1)
+
+
+def _pixart(tmp_path: Path, scheduler: Any | None = None) -> Any:
+    """A tiny PixArt-α pipeline; ``sample_size=128`` as PixArt-α 1024's, so it adds the
+    resolution micro-conditions (drawn at 16x16 pixels, 8x8 latents)."""
+    torch.manual_seed(5)
+    transformer = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=3,  # width 24: a third each for height, width and aspect ratio
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=128,
+        patch_size=2,
+        cross_attention_dim=24,
+        caption_channels=24,
+    )
+    pipe = diffusers.PixArtAlphaPipeline(
+        tokenizer=t5_tokenizer(tmp_path),
+        text_encoder=_t5(24),
+        vae=_vae(),
+        transformer=_perturbed(transformer, seed=5, scale=0.1),
+        scheduler=scheduler or SCHEDULERS["ddim_trailing"](),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_pixart_pipeline_draws_the_diffusers_images(tmp_path: Path, guidance: float) -> None:
+    pipe = _pixart(tmp_path)
+    pipeline = dk.interop.from_diffusers(pipe)
+    assert (pipeline.steps, pipeline.guidance, pipeline.data_shape) == (20, 4.5, (3, 256, 256))
+    negative = {"negative_prompt": NEGATIVE} if guidance > 1 else {}
+    with torch.no_grad():
+        want = pipe(
+            PROMPTS, latents=_latents(), num_inference_steps=STEPS, guidance_scale=guidance,
+            height=16, width=16, use_resolution_binning=False, clean_caption=False,
+            output_type="pt", **negative,
+        ).images  # fmt: skip
+    negatives = {"negative_prompts": NEGATIVE} if guidance != 1 else {}
+    out = pipeline.generate(PROMPTS, noise=_latents(), steps=STEPS, guidance=guidance, **negatives)
+    got = (out / 2 + 0.5).clamp(0, 1)
+    assert want.std() > 0.05
+    assert _relative(got, want) <= RTOL
+    pipeline.save(tmp_path / "saved")
+    loaded = dk.Pipeline.load(tmp_path / "saved")
+    again = loaded.generate(PROMPTS, noise=_latents(), steps=STEPS, guidance=guidance, **negatives)
+    assert torch.equal(again, out)
+
+
+# -------------------------------------------------------------------------------------- SDXL
+
+
+def _clip(cls: Any, width: int, projection: int, seed: int) -> Any:
+    config = transformers.CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CONTEXT,
+        hidden_act="quick_gelu" if seed == 0 else "gelu",  # OpenAI's L; OpenCLIP's bigG
+        projection_dim=projection,
+        bos_token_id=49406,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return _perturbed(cls(config), seed=seed, scale=0.1)
+
+
+def _sdxl(**options: Any) -> Any:
+    """A tiny SDXL pipeline: CLIP-L (16) and bigG (24, projected to 20), text_time U-Net."""
+    torch.manual_seed(6)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=16 + 24,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=20 + 6 * 8,
+        norm_num_groups=8,
+    )
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=_clip(transformers.CLIPTextModel, 16, 12, seed=0),
+        text_encoder_2=_clip(transformers.CLIPTextModelWithProjection, 24, 20, seed=1),
+        tokenizer=clip_tokenizer(CONTEXT),
+        tokenizer_2=clip_tokenizer(CONTEXT, pad_token="!"),
+        unet=_perturbed(unet, seed=6),
+        scheduler=SCHEDULERS["euler_leading"](),
+        add_watermarker=False,
+        **options,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_sdxl_pipeline_draws_the_diffusers_images(tmp_path: Path, guidance: float) -> None:
+    pipe = _sdxl()
+    pipeline = dk.interop.from_diffusers(pipe)
+    assert (pipeline.steps, pipeline.guidance, pipeline.empty_uncond) == (50, 5.0, "zeros")
+    want = _diffusers_sd(pipe, guidance, "pt")
+    got = _diffkit_sd(pipeline, guidance)
+    assert want.std() > 0.05
+    assert _relative(got, want) <= RTOL
+    pipeline.save(tmp_path)
+    assert torch.equal(_diffkit_sd(dk.Pipeline.load(tmp_path), guidance), got)
+
+
+def test_sdxl_without_negative_prompts_guides_against_zeros() -> None:
+    """force_zeros_for_empty_prompt: diffusers' unconditional input is zeros, not ``""``."""
+    pipe = _sdxl()
+    pipeline = dk.interop.from_diffusers(pipe)
+    with torch.no_grad():
+        want = pipe(
+            PROMPTS, latents=_latents(), num_inference_steps=STEPS, guidance_scale=7.5,
+            output_type="latent",
+        ).images  # fmt: skip
+    got = pipeline.generate(PROMPTS, noise=_latents(), steps=STEPS, guidance=7.5, decode=False)
+    assert _relative(got, want) <= RTOL
+    empty = pipeline.replace(empty_uncond="prompt")
+    assert _relative(empty.generate(PROMPTS, noise=_latents(), steps=STEPS, guidance=7.5,
+                                    decode=False), want) > 1e-3  # fmt: skip
+
+
 # ------------------------------------------------------------------------------- refusals
 
 
@@ -316,7 +451,7 @@ def test_an_ip_adapter_image_encoder_is_refused_by_name() -> None:
 
 def test_a_tokenizer_without_clips_vocabulary_is_refused() -> None:
     pipe = _sd(SCHEDULERS["ddim_trailing"]())
-    vocab = dict(_hf_tokenizer().get_vocab())
+    vocab = dict(clip_tokenizer(CONTEXT).get_vocab())
     vocab["cat</w>"], vocab["dog</w>"] = vocab["dog</w>"], vocab["cat</w>"]
     pipe.tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CONTEXT)
     with pytest.raises(ValueError, match="vocabulary is not CLIP's"):
@@ -326,6 +461,13 @@ def test_a_tokenizer_without_clips_vocabulary_is_refused() -> None:
 def test_dit_with_a_scheduler_that_scales_its_latents_is_refused() -> None:
     pipe = _dit_pipeline(diffusers.EulerDiscreteScheduler())
     with pytest.raises(ValueError, match="EulerDiscreteScheduler"):
+        dk.interop.from_diffusers(pipe)
+
+
+def test_an_sdxl_watermark_is_refused_by_name() -> None:
+    pipe = _sdxl()
+    pipe.watermark = object()  # what add_watermarker=True sets (invisible-watermark)
+    with pytest.raises(ValueError, match="watermark"):
         dk.interop.from_diffusers(pipe)
 
 

@@ -29,21 +29,26 @@ Every component is converted or refused by name, never silently left out:
 - any other component the pipeline holds is refused, naming it.
 """
 
+import hashlib
+import os
+import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from torch import nn
 
 from diffkit.nn.dit import DiT
+from diffkit.nn.t5 import T5Encoder
 from diffkit.nn.unet import UNet
 from diffkit.nn.vae import KLAutoencoder
 from diffkit.pipeline import Pipeline
 from diffkit.protocols import Encoder
-from diffkit.text import CLIPTextConditioner
-from diffkit.tokenizers import CLIPTokenizer, find_open_clip_vocab
+from diffkit.text import CLIPTextConditioner, ComposedTextConditioner, T5TextConditioner
+from diffkit.tokenizers import CLIPTokenizer, SentencePieceTokenizer, find_open_clip_vocab
 from diffkit.typing import Prediction
 
-__all__ = ["PIPELINES", "clip_text", "pipeline_from_diffusers"]
+__all__ = ["PIPELINES", "clip_text", "pipeline_from_diffusers", "t5_text"]
 
 _Net = TypeVar("_Net", bound=nn.Module)
 
@@ -134,11 +139,20 @@ def _vocabulary_problem(theirs: Mapping[str, int], ours: CLIPTokenizer) -> str |
     return None
 
 
-def clip_text(text_encoder: Any, tokenizer: Any) -> CLIPTextConditioner:
+def clip_text(
+    text_encoder: Any,
+    tokenizer: Any,
+    *,
+    project_pooled: bool = False,
+    skip_last_layers: int = 0,
+    final_norm: bool = True,
+) -> CLIPTextConditioner:
     """A transformers CLIP text encoder with its tokenizer, conditioning as diffusers' SD does.
 
     No padding mask (the U-Net attends to all positions), the tokenizer's padding id and
-    length; the tokenizer must have CLIP's vocabulary, checked id by id.
+    length; the tokenizer must have CLIP's vocabulary, checked id by id. The options are
+    [`CLIPTextConditioner`][diffkit.text.CLIPTextConditioner]'s (SDXL: the penultimate
+    layer without the final LayerNorm, the second tower's projected pooled vector).
     """
     from diffkit.interop._transformers import from_transformers
 
@@ -157,7 +171,15 @@ def clip_text(text_encoder: Any, tokenizer: Any) -> CLIPTextConditioner:
             f"from_diffusers: tokenizer model_max_length {context} is not the text encoder's "
             f"max_position_embeddings {tower.context_length}"
         )
-    return CLIPTextConditioner(tower, ours, mask_padding=False).train(text_encoder.training)
+    conditioner = CLIPTextConditioner(
+        tower,
+        ours,
+        project_pooled=project_pooled,
+        skip_last_layers=skip_last_layers,
+        final_norm=final_norm,
+        mask_padding=False,
+    )
+    return conditioner.train(text_encoder.training)
 
 
 def _network(module: Any, kind: type[_Net], **options: Any) -> _Net:
@@ -237,9 +259,111 @@ def _dit(pipe: Any) -> Pipeline:
     )
 
 
+def _tokenizer_file(tokenizer: Any) -> str:
+    """A transformers tokenizer's ``tokenizer.json``, written once per content to the temporary
+    folder (diffkit's ``SentencePieceTokenizer`` reads a file; ``Pipeline.save`` copies it)."""
+    text = tokenizer.backend_tokenizer.to_str()
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "diffkit-tokenizers" / digest
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f"tokenizer.json.{os.getpid()}"
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    return str(path)
+
+
+def t5_text(text_encoder: Any, tokenizer: Any, length: int, mask: bool) -> T5TextConditioner:
+    """A transformers T5 encoder with its tokenizer, ``length`` tokens, masked (PixArt) or not."""
+    from diffkit.interop._transformers import from_transformers
+
+    encoder = from_transformers(text_encoder)
+    if not isinstance(encoder, T5Encoder):
+        raise TypeError(f"from_diffusers: expected a T5EncoderModel, got {type(text_encoder)}")
+    ours = SentencePieceTokenizer(
+        _tokenizer_file(tokenizer), length, int(tokenizer.pad_token_id), int(tokenizer.eos_token_id)
+    )
+    return T5TextConditioner(encoder, ours, mask_padding=mask).train(text_encoder.training)
+
+
+def _pixart(pipe: Any) -> Pipeline:
+    """``PixArtAlphaPipeline``: PixArt transformer, VAE, T5 (120 tokens, masked), scheduler."""
+    _check_components(pipe, {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"})
+    schedule, sampler = _scheduler_parts(pipe.scheduler)
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    prediction = _prediction(pipe.scheduler)
+    transformer = _network(
+        pipe.transformer, DiT, prediction=prediction, num_train_timesteps=n_train
+    )
+    return Pipeline(
+        schedule,
+        transformer,
+        encoder=_vae(pipe.vae),
+        text=t5_text(pipe.text_encoder, pipe.tokenizer, 120, mask=True),
+        sampler=sampler,
+        data_shape=_image_shape(pipe.vae, pipe.transformer.config.sample_size),
+        steps=20,
+        guidance=4.5,
+        start=_start(pipe.scheduler),
+    )
+
+
+def _sdxl_text(pipe: Any) -> ComposedTextConditioner:
+    """SDXL's two CLIP towers at their penultimate layer, side by side; bigG's pooled."""
+    if pipe.text_encoder is None or pipe.text_encoder_2 is None:
+        raise ValueError(
+            "from_diffusers: StableDiffusionXLPipeline without text_encoder and text_encoder_2 "
+            "(the refiner's layout) is not converted"
+        )
+    # each tower's hidden_states[-2]: the penultimate layer, without the final LayerNorm
+    first = clip_text(pipe.text_encoder, pipe.tokenizer, skip_last_layers=1, final_norm=False)
+    second = clip_text(
+        pipe.text_encoder_2,
+        pipe.tokenizer_2,
+        project_pooled=True,
+        skip_last_layers=1,
+        final_norm=False,
+    )
+    return ComposedTextConditioner([first, second], groups=((0, 1),), pooled=(1,))
+
+
+def _sdxl(pipe: Any) -> Pipeline:
+    """``StableDiffusionXLPipeline``: U-Net with text_time, VAE, CLIP-L + bigG, scheduler."""
+    used = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"}
+    _check_components(pipe, used | {"scheduler"})
+    if getattr(pipe, "watermark", None) is not None:
+        raise ValueError(
+            "from_diffusers: StableDiffusionXLPipeline's watermark (invisible-watermark) is "
+            "not converted: it changes the images' pixels; build the pipeline with "
+            "add_watermarker=False"
+        )
+    schedule, sampler = _scheduler_parts(pipe.scheduler)
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    prediction = _prediction(pipe.scheduler)
+    unet = _network(
+        pipe.unet, UNet, prediction=prediction, num_train_timesteps=n_train, micro_conditions=6
+    )
+    zeros = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+    return Pipeline(
+        schedule,
+        unet,
+        encoder=_vae(pipe.vae),
+        text=_sdxl_text(pipe),
+        sampler=sampler,
+        data_shape=_image_shape(pipe.vae, pipe.unet.config.sample_size),
+        steps=50,
+        guidance=5.0,
+        start=_start(pipe.scheduler),
+        empty_uncond="zeros" if zeros else "prompt",
+    )
+
+
 PIPELINES: dict[str, Callable[[Any], Pipeline]] = {
     "StableDiffusionPipeline": _stable_diffusion,
     "DiTPipeline": _dit,
+    "PixArtAlphaPipeline": _pixart,
+    "StableDiffusionXLPipeline": _sdxl,
 }
 """diffusers pipeline class name -> its converter."""
 
