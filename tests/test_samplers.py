@@ -35,7 +35,10 @@ STOCHASTIC = {
     "dpmpp_2s_ancestral",
     "dpm_2_ancestral",
     "dpmpp_sde_single",
+    "edm_stochastic",
+    "lcm",
 }
+CONSISTENCY = {"lcm"}  # samplers for consistency models, not for the denoiser's ODE/SDE
 FIRST_ORDER = {"ddpm", "ddim", "ddim_logsnr", "euler", "euler_ancestral"}
 DETERMINISTIC = [n for n in NAMES if n not in STOCHASTIC]
 DISCRETE = Discrete.from_betas(discrete_betas("linear_beta", 1000))
@@ -50,7 +53,17 @@ TWO_STAGE = (
 
 
 def _nfe_per_step(sampler: samplers.SamplerBase) -> int:
+    if isinstance(sampler, samplers.EDMStochastic):
+        return 2 if sampler.solver == "heun" else 1
     return 2 if isinstance(sampler, TWO_STAGE) else 1
+
+
+def _evaluations(sampler: samplers.SamplerBase, steps: int) -> int:
+    """Denoiser calls for ``steps`` steps (a first step of 2 NFE for PLMS' warm-up)."""
+    if isinstance(sampler, samplers.PNDM):
+        return steps + (1 if sampler.warmup == "plms" else 9)
+    nfe = _nfe_per_step(sampler)
+    return steps * nfe - (nfe - 1)
 
 
 class Gaussian:
@@ -122,6 +135,9 @@ ORDER = {
     "heun": 2,
     "dpm_2": 2,
     "lms": 3,
+    # Adams-Bashforth with equal-step weights on a grid whose steps in sigma/alpha are
+    # not equal: second order on log-SNR grids (slopes 2.1-2.2 at 12-96 steps).
+    "pndm": 2,
     "dpmpp_2m": 2,
     "dpmpp_3m": 2,
     "unipc": 3,
@@ -263,6 +279,11 @@ def test_every_sampler_works_on_every_schedule(name: str, schedule: str) -> None
     # a smoke test of every pairing, with loose tolerances
     assert torch.isfinite(x).all()
     assert ((x.mean(0) - mean).abs() < 0.3 * std + 0.05).all()
+    if name in CONSISTENCY:
+        # Consistency sampling expects a model that maps x_t to a sample; fed the
+        # posterior mean E[x0 | x_t], every re-noising loses the posterior's variance.
+        assert ((x.std(0) / std) < 1).all()
+        return
     assert ((x.std(0) / std - 1).abs() < 0.35).all()
 
 
@@ -421,7 +442,7 @@ def test_sampling_loop_makes_no_host_sync(name: str) -> None:
     recorder = _RecordSyncs()
     sampler = samplers.REGISTRY[name]()
     steps = 6
-    expected_calls = steps * _nfe_per_step(sampler) - (_nfe_per_step(sampler) - 1)
+    expected_calls = _evaluations(sampler, steps)
     calls = 0
 
     def denoiser(x, t, cond=None):
@@ -467,7 +488,8 @@ def test_nan_from_the_denoiser_raises_naming_the_step(name: str) -> None:
     sampler = samplers.REGISTRY[name]()
     with pytest.raises(samplers.NonFiniteError, match=r"step \d+ of 6") as info:
         sampler.sample(denoiser, DISCRETE, torch.randn(2, DIM), steps=6)
-    step = 1 if isinstance(sampler, TWO_STAGE) else 2  # 2 evaluations per step
+    # the third call is in step 1 where step 0 makes two (two-stage samplers, PLMS)
+    step = 1 if _evaluations(sampler, 2) > 2 else 2
     assert f"step {step} of 6" in str(info.value)
 
 
@@ -1154,3 +1176,174 @@ def test_a_user_step_sampler_reads_its_history() -> None:
     assert seen == [1] + [2] * 29
     exact = den.flow_map(noise, Extrapolating().grid(DISCRETE, 30))
     assert float((x - exact).abs().max()) < 0.05
+
+
+# --------------------------------------------------------------------------------------
+# PNDM / PLMS
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+def test_plms_weights_integrate_polynomials_of_degree_below_p_on_equal_steps(p: int) -> None:
+    # Adams-Bashforth: sum_j w_j f(-j) = int_0^1 f(u) du for f a polynomial of degree < p
+    weights = samplers.pndm.plms_weights(p)
+    for k in range(p):
+        planned = sum(w * (-j) ** k for j, w in enumerate(weights))
+        assert planned == pytest.approx(1 / (k + 1), rel=1e-12)
+
+
+@pytest.mark.parametrize("warmup", ["plms", "prk"])
+def test_pndm_warmups_call_the_model_as_diffusers_does(warmup: str) -> None:
+    # plms: a trapezoid first step (one extra call); prk: three Runge-Kutta steps of four
+    # calls through the time midpoint, then one call per step.
+    sampler = samplers.PNDM(warmup=warmup, spacing=samplers.Leading(steps_offset=1))
+    den = Gaussian(DISCRETE, *_data())
+    times: list[float] = []
+
+    def model(x, t, cond=None):
+        times.append(round(float(t[0]) * 1000) - 1)  # the training index
+        return den(x, t)
+
+    model.prediction = "epsilon"  # type: ignore[attr-defined]
+    sampler.sample(model, DISCRETE, torch.randn(2, DIM, dtype=F64), steps=10)
+    if warmup == "plms":
+        assert times == [901, 801, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    else:  # diffusers' prk_timesteps, then its plms_timesteps
+        rk = [901, 851, 851, 801, 801, 751, 751, 701, 701, 651, 651, 601]
+        assert times == [*rk, 601, 501, 401, 301, 201, 101, 1]
+    plan = sampler.prepare(DISCRETE, 10)
+    assert [len(p) for p in plan.points] == ([1, 1, 1] if warmup == "prk" else [0] * 3) + [0] * 7
+
+
+def test_pndm_from_pure_noise_takes_a_first_order_step_and_stays_finite() -> None:
+    schedule = RectifiedFlow()
+    den = Gaussian(schedule, *_data(), "flow")
+    noise = torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
+    for warmup in ("plms", "prk"):
+        sampler = samplers.PNDM(warmup=warmup)
+        errors = []
+        for steps in (10, 40):
+            x = sampler.sample(den, schedule, noise, steps=steps)
+            exact = den.flow_map(noise, sampler.grid(schedule, steps))
+            errors.append(float((x - exact).abs().max()))
+        assert errors[1] < errors[0] / 4 and errors[1] < 0.05, (warmup, errors)
+
+
+# --------------------------------------------------------------------------------------
+# EDM's stochastic sampler (churn)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_edm_without_churn_is_the_deterministic_euler_or_heun(solver: str) -> None:
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(16, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
+    churnless = samplers.EDMStochastic(solver=solver, s_churn=0.0)
+    plain = samplers.Euler() if solver == "euler" else samplers.Heun()
+    ours = churnless.sample(den, DISCRETE, noise, steps=9, generator=torch.Generator())
+    torch.testing.assert_close(ours, plain.sample(den, DISCRETE, noise, steps=9))
+    assert all(not p for p in churnless.prepare(DISCRETE, 9).points)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_edm_churn_evaluates_at_the_churned_level_instead_of_the_grid_point(solver: str) -> None:
+    # k-diffusion's NFE: one model call per step (two for Heun, not onto the data), the
+    # churned steps at s^ = (1 + gamma) s, where gamma = min(s_churn / N, sqrt(2) - 1).
+    schedule = EDM(sigma_min=1e-3, sigma_max=100.0)
+    den = Gaussian(schedule, *_data())
+    sampler = samplers.EDMStochastic(solver=solver, s_churn=2.0, s_tmin=0.1, s_tmax=10.0)
+    seen: list[float] = []
+
+    def model(x, t, cond=None):
+        seen.append(float(schedule.sigma(t[:1].double())))
+        return den(x, t)
+
+    model.prediction = "epsilon"  # type: ignore[attr-defined]
+    steps = 8
+    grid = sampler.grid(schedule, steps)
+    noise = torch.randn(4, DIM, dtype=F64)
+    sampler.sample(model, schedule, noise, steps=steps, generator=torch.Generator())
+    s = [sg / a for sg, a in zip(grid.sigma, grid.alpha)]
+    expected: list[float] = []
+    for i in range(steps):
+        churned = 0.1 <= s[i] <= 10.0
+        expected.append(s[i] * (1 + 2.0 / steps) if churned else s[i])
+        if solver == "heun" and i < steps - 1:
+            expected.append(s[i + 1])
+    assert any(0.1 <= v <= 10.0 for v in s) and any(v > 10.0 for v in s)
+    assert seen == pytest.approx(expected, rel=1e-9)
+
+
+def test_edm_churn_beyond_the_schedule_is_refused_naming_s_tmax() -> None:
+    schedule = EDM(sigma_min=1e-3, sigma_max=80.0)  # the grid starts at 80: no room above
+    sampler = samplers.EDMStochastic(s_tmax=None)
+    with pytest.raises(ValueError, match="s_tmax"):
+        sampler.sample(Gaussian(schedule, *_data()), schedule, torch.randn(2, DIM), steps=5)
+    with pytest.raises(ValueError, match="s_tmax"):
+        samplers.EDMStochastic(s_tmin=1.0, s_tmax=0.5)
+    with pytest.raises(ValueError, match="s_churn"):
+        samplers.EDMStochastic(s_churn=-1.0)
+
+
+def test_edm_stochastic_samples_have_the_data_distribution() -> None:
+    # The churned SDE keeps the marginals: the samples' moments match the Gaussian data.
+    mean, std = _data(3)
+    den = Gaussian(DISCRETE, mean, std)
+    noise = torch.randn(4000, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sampler = samplers.EDMStochastic(s_churn=20.0, s_tmin=0.01, s_tmax=None)
+    sampler = sampler.model_copy(update={"spacing": samplers.Karras(sigma_max=100.0)})
+    x = sampler.sample(den, DISCRETE, noise, steps=40, generator=torch.Generator().manual_seed(1))
+    tol = 4 * std / math.sqrt(4000) + 0.02 * std + 1e-3
+    assert ((x.mean(0) - mean).abs() < tol).all(), (x.mean(0), mean)
+    assert ((x.std(0) - std).abs() < 2 * tol).all(), (x.std(0), std)
+
+
+# --------------------------------------------------------------------------------------
+# LCM (multistep consistency sampling)
+# --------------------------------------------------------------------------------------
+
+
+def test_consistency_scalings_meet_the_boundary_condition() -> None:
+    # f(x, tau = 0) = x: c_skip = 1, c_out = 0; far from it f is the data estimate.
+    from diffkit.samplers.lcm import consistency_scalings
+
+    assert consistency_scalings(0.0, 0.5) == (1.0, 0.0)
+    c_skip, c_out = consistency_scalings(9990.0, 0.5)
+    assert c_skip == pytest.approx(0.25 / 9990.0**2) and c_out == pytest.approx(1.0, abs=1e-8)
+    for u in (0.1, 1.0, 7.0):  # c_skip + c_out² = 1 (unit-variance data at sigma_data)
+        c_skip, c_out = consistency_scalings(u, 1.0)
+        assert c_skip + c_out**2 == pytest.approx(1.0)
+
+
+def test_lcm_step_renoises_the_consistency_estimate_with_the_generators_draws() -> None:
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(8, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sampler = samplers.LCM()
+    grid = sampler.grid(DISCRETE, 3)
+    g = torch.Generator().manual_seed(2)
+    x = noise * grid.sigma[0]
+    for i in range(3):  # written out: f = c_skip x + c_out D, then re-noised
+        tau = grid.t[i] * 1000 - 1
+        u2 = (10 * tau) ** 2
+        t = torch.full((8,), grid.t[i], dtype=F64)
+        d = den.x0(x, t)[0]
+        f = 0.25 / (u2 + 0.25) * x + (10 * tau) / math.sqrt(u2 + 0.25) * d
+        z = torch.randn(x.shape, generator=g, dtype=F64) if i < 2 else 0.0
+        x = grid.alpha[i + 1] * f + grid.sigma[i + 1] * z
+    ours = sampler.sample(den, DISCRETE, noise, steps=3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ours, x, rtol=1e-12, atol=1e-12)
+
+
+def test_lcm_spacing_refuses_more_steps_than_its_original_grid_and_off_grid_starts() -> None:
+    spacing = samplers.LCMSpacing(original_steps=8)
+    assert len(spacing(DISCRETE, 8)) == 9
+    with pytest.raises(ValueError, match="original_steps=8"):
+        spacing(DISCRETE, 9)
+    with pytest.raises(ValueError, match="original_steps"):
+        samplers.LCMSpacing(original_steps=2000)
+    with pytest.raises(ValueError, match="strength"):
+        samplers.LCMSpacing(strength=0.01)
+    started = samplers.LCMSpacing().starting_at(0.62)
+    assert float(started(DISCRETE, 4)[0]) == 0.62
+    with pytest.raises(ValueError, match="t_start"):
+        samplers.LCMSpacing().starting_at(0.61)

@@ -407,12 +407,21 @@ class Discrete(ScheduleBase):
     sqrt_linear_beta, beta_start: 0.00085, beta_end: 0.012}`` (``num_steps``,
     ``zero_terminal_snr`` too); it is parsed into the table. The default is DDPM's
     1000 linear betas.
+
+    ``interpolation`` says what is linear in the index between training steps: the
+    log-SNR (``"log_snr"``, the default; k-diffusion's and diffusers' ``_sigma_to_t``), or
+    ``sigma / alpha`` (``"sigma"``: diffusers' Euler, Heun, LMS and DPM-SDE schedulers,
+    which ``np.interp`` their sigmas at fractional timesteps). Both agree at the steps.
     """
 
     kind: Literal["discrete"] = "discrete"
     alphas_cumprod: tuple[float, ...] = Field(
         default_factory=_named_table,
         description="ᾱ_i of the N training steps: in [0, 1), strictly decreasing, N >= 2",
+    )
+    interpolation: Literal["log_snr", "sigma"] = Field(
+        default="log_snr",
+        description="what is linear in the index between steps: log-SNR or sigma/alpha",
     )
     _cache: dict[Any, Any] = PrivateAttr(default_factory=dict)
     _first: float = PrivateAttr(default=0.0)  # the first step's log-SNR, on the host
@@ -444,21 +453,30 @@ class Discrete(ScheduleBase):
     def model_post_init(self, context: Any, /) -> None:
         ac = torch.tensor(self.alphas_cumprod, dtype=_F64)
         table = _logit(ac)  # log-SNR per index, strictly decreasing (may end at -inf)
+        self._first = float(table[0])
         # For the interpolation: the step from each entry to the next (0 after the last,
         # -inf onto a zero-terminal-SNR end), and 1 - ᾱ_0 for the stretch below the first.
         step = torch.cat([table[1:] - table[:-1], table.new_zeros(1)])
+        if self.interpolation == "sigma":  # the same, in sigma / alpha = exp(-log_snr / 2)
+            table = torch.exp(-0.5 * table)
+            step = torch.cat([table[1:] - table[:-1], table.new_zeros(1)])
         self._cache[torch.device("cpu")] = (table, step, -table)
-        self._first = float(table[0])
 
     def __eq__(self, other: object) -> bool:
         # The tables cached per device are derived: only the field counts.
-        return type(other) is type(self) and self.alphas_cumprod == other.alphas_cumprod
+        return (
+            type(other) is type(self)
+            and self.alphas_cumprod == other.alphas_cumprod
+            and self.interpolation == other.interpolation
+        )
 
     def __hash__(self) -> int:
-        return hash((type(self), self.alphas_cumprod))
+        return hash((type(self), self.alphas_cumprod, self.interpolation))
 
     def __repr_args__(self) -> Any:
         yield "num_steps", self.num_steps  # not the N-value table
+        if self.interpolation != "log_snr":
+            yield "interpolation", self.interpolation
 
     @property
     def num_steps(self) -> int:
@@ -475,23 +493,33 @@ class Discrete(ScheduleBase):
 
     @classmethod
     def from_betas(
-        cls, betas: Float[Tensor, " steps"], *, zero_terminal_snr: bool = False
+        cls,
+        betas: Float[Tensor, " steps"],
+        *,
+        zero_terminal_snr: bool = False,
+        interpolation: Literal["log_snr", "sigma"] = "log_snr",
     ) -> "Discrete":
         """From the per-step betas: ``alphas_cumprod = cumprod(1 - betas)``."""
         betas = torch.as_tensor(betas, dtype=_F64)
         ac = torch.cumprod(1 - betas, dim=0)
-        return cls.from_alphas_cumprod(ac, zero_terminal_snr=zero_terminal_snr)
+        return cls.from_alphas_cumprod(
+            ac, zero_terminal_snr=zero_terminal_snr, interpolation=interpolation
+        )
 
     @classmethod
     def from_alphas_cumprod(
-        cls, alphas_cumprod: Float[Tensor, " steps"], *, zero_terminal_snr: bool = False
+        cls,
+        alphas_cumprod: Float[Tensor, " steps"],
+        *,
+        zero_terminal_snr: bool = False,
+        interpolation: Literal["log_snr", "sigma"] = "log_snr",
     ) -> "Discrete":
         """From the cumulative products ``ᾱ_i`` (``alpha(t_i)² = ᾱ_i``)."""
         ac = torch.as_tensor(alphas_cumprod, dtype=_F64).detach().cpu()
         if ac.ndim != 1:
             raise ValueError(f"alphas_cumprod must be 1-D, got shape {tuple(ac.shape)}")
         ac = rescale_zero_terminal_snr(ac) if zero_terminal_snr else ac
-        return cls(alphas_cumprod=tuple(ac.tolist()))
+        return cls(alphas_cumprod=tuple(ac.tolist()), interpolation=interpolation)
 
     @classmethod
     def from_beta_schedule(
@@ -563,6 +591,8 @@ class Discrete(ScheduleBase):
         inside = torch.addcmul(at_lo, frac, step[lo_index])
         if self._ends_at_zero_snr:  # 0 * -inf at the step before the end
             inside = torch.where(frac == 0, at_lo, inside)
+        if self.interpolation == "sigma":  # the table held sigma / alpha
+            inside = -2 * torch.log(inside)
         # Below the first step: alpha² linear from 1 (t = 0) to ᾱ_0 (t = 1/N), i.e.
         # 1 - alpha² = scaled (1 - ᾱ_0), and the log-SNR is log(alpha² / (1 - alpha²)),
         # i.e. -logit(1 - alpha²), computed from the small 1 - alpha² (no cancellation).
@@ -574,11 +604,15 @@ class Discrete(ScheduleBase):
         n = self.num_steps
         neg = -log_snr
         # The entry at or below log_snr: index ``hi`` = lo + 1, interpolated from lo.
-        hi = torch.searchsorted(neg_table, neg).clamp_(1, n - 1)
+        # (In sigma / alpha, increasing with the index: the entry at or above it.)
+        sigma = self.interpolation == "sigma"
+        value = torch.exp(-0.5 * log_snr) if sigma else log_snr
+        hi = torch.searchsorted(table if sigma else neg_table, value if sigma else neg)
+        hi = hi.clamp_(1, n - 1)
         lo = hi - 1
         at_lo = table[lo]
         # An infinite step (onto a zero-SNR end) gives 0 here, as the step's start does.
-        frac = (log_snr - at_lo).div_(step[lo]).clamp_(0.0, 1.0)
+        frac = (value - at_lo).div_(step[lo]).clamp_(0.0, 1.0)
         if self._ends_at_zero_snr:  # -inf / -inf: the end itself
             frac = torch.where(torch.isneginf(log_snr), 1.0, frac)
         inside = (hi + frac).div_(n)

@@ -220,3 +220,99 @@ def test_flow_match_euler_is_euler_on_shifted_rectified_flow(shift: float) -> No
     sampler = samplers.Euler(spacing=samplers.UniformTime(t_min=t_min))
     ours = sampler.sample(Flow(), schedule, noise, steps=steps)
     torch.testing.assert_close(ours.float(), x, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# PNDM / PLMS: diffusers' own loop (scale_model_input is the identity for PNDM)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("float64_alphas", [False, True])
+@pytest.mark.parametrize("steps", [4, 10, 25])
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_pndm_matches_diffusers_pndm_scheduler(
+    skip_prk_steps: bool, steps: int, float64_alphas: bool
+) -> None:
+    # Stable Diffusion 1.x's grid: "leading" spacing with steps_offset=1; the last step
+    # onto the data (set_alpha_to_one=True). diffusers keeps alphas_cumprod in float32;
+    # with float64 ones put in its place both run in float64.
+    scheduler = diffusers.PNDMScheduler(
+        beta_schedule="linear",
+        skip_prk_steps=skip_prk_steps,
+        steps_offset=1,
+        set_alpha_to_one=True,
+    )
+    if float64_alphas:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    schedule = dk.schedules.Discrete.from_alphas_cumprod(scheduler.alphas_cumprod.double())
+    scheduler.set_timesteps(steps)
+    model = IndexModel(schedule)
+    x_T = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = x_T.clone()
+    for ts in scheduler.timesteps:
+        x = scheduler.step(model.eps(x, ts.expand(3)), ts, x).prev_sample
+
+    warmup = "plms" if skip_prk_steps else "prk"
+    sampler = samplers.PNDM(warmup=warmup, spacing=samplers.Leading(steps_offset=1))
+    calls = 0
+
+    def counted(x, t, cond=None):
+        nonlocal calls
+        calls += 1
+        return model(x, t)
+
+    counted.prediction = "epsilon"  # type: ignore[attr-defined]
+    ours = sampler.sample(counted, schedule, x_T, steps=steps, start="sample")
+    assert calls == len(scheduler.timesteps)  # the same number of model evaluations
+    error = float((ours - x).abs().max() / x.abs().max())
+    assert error <= (1e-13 if float64_alphas else 1e-6), error
+
+
+# --------------------------------------------------------------------------------------
+# LCM: diffusers' LCMScheduler loop (scale_model_input is the identity), same generator
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("float64", [False, True])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 50])
+def test_lcm_matches_diffusers_lcm_scheduler(steps: int, float64: bool, prediction: str) -> None:
+    # Its own defaults: scaled-linear betas, original_inference_steps=50, timestep_scaling=10.
+    # diffusers computes c_skip, c_out from the timestep it is given: a tensor timestep
+    # makes them float32 (c_out = 1 - 1e-9 rounds to 1), a Python int keeps them float64.
+    scheduler = diffusers.LCMScheduler(prediction_type=prediction)
+    dtype = torch.float64 if float64 else torch.float32
+    if float64:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    schedule = dk.schedules.Discrete.from_alphas_cumprod(scheduler.alphas_cumprod.double())
+    scheduler.set_timesteps(steps)
+    model = IndexModel(schedule)
+    model.prediction = "epsilon" if prediction == "epsilon" else "v"
+    x_T = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    x, g = x_T.clone(), torch.Generator().manual_seed(7)
+    for ts in scheduler.timesteps:
+        out = model.eps(x, ts.expand(3)).to(dtype)
+        x = scheduler.step(out, int(ts) if float64 else ts, x, generator=g).prev_sample
+
+    sampler = samplers.LCM()
+    grid = sampler.grid(schedule, steps)
+    assert [round(t * N_TRAIN) - 1 for t in grid.t[:-1]] == scheduler.timesteps.tolist()
+    g = torch.Generator().manual_seed(7)
+    ours = sampler.sample(model, schedule, x_T, steps=steps, start="sample", generator=g)
+    error = float((ours - x).abs().max() / x.abs().max())
+    assert error <= (1e-13 if float64 else 1e-6), error
+
+
+@pytest.mark.parametrize(
+    ("steps", "original_steps", "strength"),
+    [(4, 50, 1.0), (7, 50, 1.0), (3, 50, 0.5), (6, 50, 0.58), (5, 25, 0.8), (10, 100, 0.37)],
+)
+def test_lcm_spacing_is_diffusers_lcm_timesteps(
+    steps: int, original_steps: int, strength: float
+) -> None:
+    scheduler = diffusers.LCMScheduler(original_inference_steps=original_steps)
+    scheduler.set_timesteps(steps, strength=strength)
+    spacing = samplers.LCMSpacing(original_steps=original_steps, strength=strength)
+    times = spacing(dk.schedules.Discrete.from_betas(BETAS), steps)
+    assert [round(float(t) * N_TRAIN) - 1 for t in times[:-1]] == scheduler.timesteps.tolist()
+    assert float(times[-1]) == 0.0

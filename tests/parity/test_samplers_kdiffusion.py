@@ -183,3 +183,60 @@ def test_every_kdiffusion_sampler_is_matched_in_float64(name: str, spacing: str)
     g = torch.Generator().manual_seed(5)
     ours = sampler.sample(EDMModel(), EDM_SCHEDULE, noise, steps=steps, generator=g)
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+# EDM's churn: a schedule reaching above k-diffusion's sigma_max = 80, so that the churned
+# first level (up to 80 sqrt(2)) exists on it; k-diffusion draws from torch's global
+# generator, diffkit from the one it is given, seeded alike.
+WIDE_EDM = EDM(sigma_min=1e-3, sigma_max=200.0)
+
+
+class WideEDMModel:
+    prediction = "x0"
+
+    def __call__(self, x, t, cond=None):
+        return denoised(x, WIDE_EDM.sigma(t.to(F64)))
+
+
+CHURN = {  # (s_churn, s_tmin, s_tmax, s_noise): EDM's ImageNet-64, everywhere, a band
+    "edm": (40.0, 0.05, 50.0, 1.003),
+    "all": (3.0, 0.0, None, 1.0),
+    "band": (80.0, 0.5, 5.0, 1.007),
+}
+
+
+@pytest.mark.parametrize("churn", sorted(CHURN))
+@pytest.mark.parametrize("spacing", ["karras", "exponential"])
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_edm_churn_matches_kdiffusion_in_float64(solver: str, spacing: str, churn: str) -> None:
+    s_churn, s_tmin, s_tmax, s_noise = CHURN[churn]
+    steps = 7
+    make_sigmas = ks.get_sigmas_karras if spacing == "karras" else ks.get_sigmas_exponential
+    sigmas = make_sigmas(steps, 0.01, 80.0).to(F64)
+    times = WIDE_EDM.t_of_log_snr(-2 * sigmas[:-1].log())
+    sampler = samplers.EDMStochastic(
+        solver=solver,
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+        spacing=samplers.Explicit(times=times.tolist()),
+    )
+    assert any(sampler.prepare(WIDE_EDM, steps).points)  # some steps churn
+    noise = torch.randn(8, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    kd_sampler = ks.sample_euler if solver == "euler" else ks.sample_heun
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        reference = kd_sampler(
+            _kd_model,
+            noise * sigmas[0],
+            sigmas,
+            disable=True,
+            s_churn=s_churn,
+            s_tmin=s_tmin,
+            s_tmax=float("inf") if s_tmax is None else s_tmax,
+            s_noise=s_noise,
+        )
+    g = torch.Generator().manual_seed(5)
+    ours = sampler.sample(WideEDMModel(), WIDE_EDM, noise, steps=steps, generator=g)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)

@@ -40,7 +40,7 @@ other option raises ``ValueError`` naming it, rather than converting to a differ
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -52,10 +52,16 @@ from diffkit.interop._diffusers_transformer import (
     to_diffusers_transformer,
 )
 from diffkit.interop._pipelines import PIPELINES, pipeline_from_diffusers
+from diffkit.interop._schedulers import SCHEDULERS, SchedulerParts, scheduler_parts
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.typing import Prediction
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from diffkit.pipeline import Pipeline
 
 __all__ = ["from_diffusers", "to_diffusers", "to_diffusers_state_dict"]
 
@@ -448,18 +454,38 @@ def _vae_config(module: nn.Module) -> KLAutoencoderConfig:
     )
 
 
+@overload
+def from_diffusers(
+    module: nn.Module,
+    *,
+    prediction: Prediction | None = None,
+    num_train_timesteps: int | None = None,
+    micro_conditions: int | None = None,
+) -> nn.Module: ...
+
+
+@overload
+def from_diffusers(module: "DiffusionPipeline") -> "Pipeline": ...  # pyright: ignore[reportOverlappingOverload]
+
+
+@overload
+def from_diffusers(module: object) -> SchedulerParts: ...
+
+
 def from_diffusers(
     module: Any,
     *,
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
     micro_conditions: int | None = None,
-) -> nn.Module:
+) -> nn.Module | SchedulerParts | Pipeline:
     """The diffkit equivalent (same weights) of a diffusers U-Net, ``AutoencoderKL``,
     ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` (the last two: a
-    [`DiT`][diffkit.nn.dit.DiT]); of a whole diffusers pipeline, a
-    [`Pipeline`][diffkit.pipeline.Pipeline] drawing the same images (see
-    ``diffkit.interop._pipelines`` and the guide "Bring your model").
+    [`DiT`][diffkit.nn.dit.DiT]); of a diffusers scheduler, its
+    [`SchedulerParts`][diffkit.interop.SchedulerParts] ``(schedule, sampler)`` (see
+    [`scheduler_parts`][diffkit.interop.scheduler_parts]); of a whole diffusers pipeline, a
+    [`Pipeline`][diffkit.pipeline.Pipeline] drawing the same images (a ``Pipeline`` is an
+    ``nn.Module``; see the guide "Bring your model").
 
     ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
     config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
@@ -470,6 +496,8 @@ def from_diffusers(
     what ``to_diffusers`` recorded, else 6.
     """
     name = type(module).__name__
+    if name in SCHEDULERS:
+        return scheduler_parts(module)
     if name in PIPELINES or name.endswith("Pipeline"):
         return pipeline_from_diffusers(module)
     converted: nn.Module

@@ -44,6 +44,8 @@ from diffkit.nn.unet import UNet
 from diffkit.nn.vae import KLAutoencoder
 from diffkit.pipeline import Pipeline
 from diffkit.protocols import Encoder
+from diffkit.samplers import SamplerBase
+from diffkit.schedules import ScheduleBase
 from diffkit.text import CLIPTextConditioner, ComposedTextConditioner, T5TextConditioner
 from diffkit.tokenizers import CLIPTokenizer, SentencePieceTokenizer, find_open_clip_vocab
 from diffkit.typing import Prediction
@@ -51,8 +53,6 @@ from diffkit.typing import Prediction
 __all__ = ["PIPELINES", "clip_text", "pipeline_from_diffusers", "t5_text"]
 
 _Net = TypeVar("_Net", bound=nn.Module)
-
-_PREDICTIONS: dict[str, Prediction] = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
 
 # Schedulers whose sample lives in k-diffusion's space x / alpha: their pipelines start from
 # latents * init_noise_sigma, which is sigma_max (diffkit's noise) for the linspace and
@@ -80,15 +80,12 @@ _REFUSED = {
 
 def _prediction(scheduler: Any) -> Prediction:
     """What the denoiser predicts, as the scheduler says (flow matching: ``flow``)."""
-    if type(scheduler).__name__.startswith("FlowMatch"):
-        return "flow"
-    kind = scheduler.config.get("prediction_type", "epsilon")
-    if kind not in _PREDICTIONS:
-        raise ValueError(
-            f"from_diffusers: scheduler prediction_type={kind!r} is not supported "
-            f"(supported: {list(_PREDICTIONS)})"
-        )
-    return _PREDICTIONS[kind]
+    from diffkit.interop._schedulers import diffusers_prediction
+
+    try:
+        return diffusers_prediction(scheduler)
+    except ValueError as err:
+        raise ValueError(f"from_diffusers: the pipeline's scheduler {err}") from None
 
 
 def _start(scheduler: Any) -> Literal["noise", "sample"]:
@@ -118,12 +115,11 @@ def _check_components(pipe: Any, used: set[str]) -> None:
             )
 
 
-def _scheduler_parts(scheduler: Any) -> tuple[Any, Any]:
+def _scheduler_parts(scheduler: Any) -> tuple[ScheduleBase, SamplerBase]:
     """The schedule and the sampler of a diffusers scheduler (``from_diffusers``)."""
-    from diffkit.interop._diffusers import from_diffusers
+    from diffkit.interop._schedulers import scheduler_parts
 
-    parts: Any = from_diffusers(scheduler)  # SchedulerParts(schedule, sampler)
-    schedule, sampler = parts
+    schedule, sampler = scheduler_parts(scheduler)
     return schedule, sampler
 
 

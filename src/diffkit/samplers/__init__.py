@@ -21,10 +21,13 @@ from diffkit.samplers._base import Plan as Plan
 from diffkit.samplers._base import Point as Point
 from diffkit.samplers._base import SamplerBase as SamplerBase
 from diffkit.samplers._base import Step as Step
+from diffkit.samplers._base import StopsAt as StopsAt
 from diffkit.samplers._base import make_grid as make_grid
+from diffkit.samplers.clipping import Clip as Clip
 from diffkit.samplers.ddim import DDIM as DDIM
 from diffkit.samplers.ddim import DDPM as DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP as DPMSolverPP
+from diffkit.samplers.edm import EDMStochastic as EDMStochastic
 from diffkit.samplers.euler import Euler as Euler
 from diffkit.samplers.euler import EulerAncestral as EulerAncestral
 from diffkit.samplers.euler import Heun as Heun
@@ -33,9 +36,11 @@ from diffkit.samplers.fitting import FittedSolver as FittedSolver
 from diffkit.samplers.fitting import fit_grid as fit_grid
 from diffkit.samplers.fitting import fit_solver as fit_solver
 from diffkit.samplers.inversion import DDIMInversion as DDIMInversion
+from diffkit.samplers.lcm import LCM as LCM
 from diffkit.samplers.lms import LMS as LMS
 from diffkit.samplers.noise import BrownianTreeNoise as BrownianTreeNoise
 from diffkit.samplers.noise import Noise as Noise
+from diffkit.samplers.pndm import PNDM as PNDM
 from diffkit.samplers.presets import PRESETS as PRESETS
 from diffkit.samplers.presets import REGISTRY as REGISTRY
 from diffkit.samplers.singlestep import DPMSolver2 as DPMSolver2
@@ -45,10 +50,12 @@ from diffkit.samplers.spacing import SPACINGS as SPACINGS
 from diffkit.samplers.spacing import AnySpacing as AnySpacing
 from diffkit.samplers.spacing import Explicit as Explicit
 from diffkit.samplers.spacing import Karras as Karras
+from diffkit.samplers.spacing import LCMSpacing as LCMSpacing
 from diffkit.samplers.spacing import Leading as Leading
 from diffkit.samplers.spacing import LogSNR as LogSNR
 from diffkit.samplers.spacing import Spacing as Spacing
 from diffkit.samplers.spacing import SpacingBase as SpacingBase
+from diffkit.samplers.spacing import Timesteps as Timesteps
 from diffkit.samplers.spacing import UniformTime as UniformTime
 from diffkit.samplers.stepping import StepModel as StepModel
 from diffkit.samplers.stepping import StepSampler as StepSampler
@@ -57,18 +64,22 @@ from diffkit.samplers.unipc import UniPC as UniPC
 __all__ = [
     "DDIM",
     "DDPM",
+    "LCM",
     "LMS",
+    "PNDM",
     "PRESETS",
     "REGISTRY",
     "SAMPLERS",
     "SPACINGS",
     "AnySpacing",
     "BrownianTreeNoise",
+    "Clip",
     "DDIMInversion",
     "DPMSolver2",
     "DPMSolverPP",
     "DPMSolverPP2SAncestral",
     "DPMSolverPPSDE",
+    "EDMStochastic",
     "Euler",
     "EulerAncestral",
     "Explicit",
@@ -77,6 +88,7 @@ __all__ = [
     "Grid",
     "Heun",
     "Karras",
+    "LCMSpacing",
     "Leading",
     "LogSNR",
     "Noise",
@@ -89,6 +101,8 @@ __all__ = [
     "Step",
     "StepModel",
     "StepSampler",
+    "StopsAt",
+    "Timesteps",
     "UniPC",
     "UniformTime",
     "fit_grid",

@@ -46,12 +46,14 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from diffkit.config import Config, Registry
 from diffkit.guidance import OutputShapeError, predict, unused_uncond
 from diffkit.prediction import _validate, _x0_of
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallback
+from diffkit.samplers.clipping import Clip
 from diffkit.samplers.spacing import Spacing, SpacingBase
 from diffkit.schedules import ScheduleBase
 from diffkit.typing import Sample, ShapeError, checked, trusted
@@ -64,6 +66,7 @@ __all__ = [
     "Point",
     "SamplerBase",
     "Step",
+    "StopsAt",
     "alpha_sigma",
     "ancestral_split",
     "final_step",
@@ -86,14 +89,18 @@ class Grid:
     """A time grid and its noise levels as Python floats (computed once, in float64).
 
     Point ``i`` has time ``t[i]``, ``alpha[i]``, ``sigma[i]`` and half log-SNR
-    ``lam[i] = log(alpha / sigma)``. The last point is the data: ``alpha = 1``,
-    ``sigma = 0``, ``lam = +inf``. ``lam[0]`` is ``-inf`` when ``t_max`` is pure noise.
+    ``lam[i] = log(alpha / sigma)``. The last point is the data (``alpha = 1``,
+    ``sigma = 0``, ``lam = +inf``) unless the sampler stops at ``t_end > 0``, where it is
+    that time's noise level. ``lam[0]`` is ``-inf`` when ``t_max`` is pure noise.
+    ``model_t`` (when set) is the time the denoiser is told at each point, where the
+    spacing rounds it to a training step (``snap``) while the noise levels stay exact.
     """
 
     t: tuple[float, ...]
     alpha: tuple[float, ...]
     sigma: tuple[float, ...]
     lam: tuple[float, ...]
+    model_t: tuple[float, ...] | None = None
 
     @property
     def steps(self) -> int:
@@ -110,10 +117,17 @@ class Grid:
 
 
 def make_grid(
-    schedule: NoiseSchedule, spacing: Spacing, steps: int, device: torch.device | None = None
+    schedule: NoiseSchedule,
+    spacing: Spacing,
+    steps: int,
+    device: torch.device | None = None,
+    t_end: float = 0.0,
 ) -> Grid:
     """Evaluate ``spacing`` on ``schedule`` and tabulate ``alpha``, ``sigma``, ``lam``.
 
+    ``t_end > 0`` replaces the final ``t = 0`` (the data) by that time, at or below the
+    last evaluation time (equal to it: the last step has zero length and changes nothing,
+    as diffusers' DDIM with ``set_alpha_to_one=False`` ending at its first training step).
     The schedule is evaluated on tensors built here, so its shape checks are skipped
     ([`trusted`][diffkit.typing.trusted]); what it returns is checked here instead.
     """
@@ -121,15 +135,30 @@ def make_grid(
         t = spacing(schedule, steps, device).to(_F64)
     if t.ndim != 1 or t.numel() != steps + 1:
         raise ValueError(f"spacing returned shape {tuple(t.shape)}, expected ({steps + 1},)")
-    alpha, sigma = alpha_sigma(schedule, t[:-1], device)
+    if t_end > 0:
+        if not t_end <= float(t[-2]):
+            raise ValueError(
+                f"t_end ({t_end:g}) must not be above the last evaluation time ({float(t[-2]):g})"
+            )
+        t = torch.cat([t[:-1], t.new_full((1,), t_end)])
+    kept = t if t_end > 0 else t[:-1]
+    alpha, sigma = alpha_sigma(schedule, kept, device)
     lam = [_half_log_snr(a, s) for a, s in zip(alpha, sigma)]
-    if any(b <= a for a, b in itertools.pairwise(lam)):
+    zero_last = t_end > 0 and len(lam) > 1 and lam[-1] == lam[-2]  # allowed: see above
+    if any(b <= a for a, b in itertools.pairwise(lam[:-1] if zero_last else lam)):
         raise ValueError("the time grid must run from noise to data (log-SNR increasing)")
+    model_t = None
+    if isinstance(spacing, SpacingBase):
+        told = spacing.model_times(t)
+        model_t = None if told is None else tuple(told.tolist())
+    if t_end > 0:
+        return Grid(tuple(t.tolist()), tuple(alpha), tuple(sigma), tuple(lam), model_t)
     return Grid(
         t=tuple(t.tolist()),
         alpha=(*alpha, 1.0),
         sigma=(*sigma, 0.0),
         lam=(*lam, math.inf),
+        model_t=model_t,
     )
 
 
@@ -274,8 +303,10 @@ class _Model:
         uncond: Conditioning | None,
         points: Sequence[Point] = (),
         rescale: float = 0.0,
+        clip: Clip | None = None,
     ) -> None:
         batch, device = like.shape[0], like.device
+        self.clip = clip
         self.denoiser, self.guidance, self.rescale = denoiser, float(guidance), float(rescale)
         self.model_dtype, self.dtype = like.dtype, work_dtype(like.dtype)
         self.cast = self.model_dtype != self.dtype
@@ -298,8 +329,9 @@ class _Model:
         n = grid.steps
         self.batch, self.device, self.grid = batch, device, grid
         self._t = torch.tensor(grid.t, dtype=self.dtype, device=device)
+        told = self._t if grid.model_t is None else torch.tensor(grid.model_t, dtype=self.dtype)
         calls = 2 * batch if self.guided else batch
-        self.times = self._t[:, None].expand(n + 1, calls).unbind(0)
+        self.times = told.to(device)[:, None].expand(n + 1, calls).unbind(0)
         # Every prediction kind is affine in (x_t, prediction): x0 = cx * x_t + cp * pred.
         # The coefficients come from diffkit.prediction's own formula, evaluated once on
         # the grid's float64 values: unit predictions at x_t = 0, unit x_t with zero
@@ -371,7 +403,13 @@ class _Model:
         return pred
 
     def __call__(self, x: Tensor, i: int) -> Tensor:
-        """The denoised estimate ``D = cx x + cp pred`` at ``x``, grid point ``i`` (recorded)."""
+        """The denoised estimate ``D = cx x + cp pred`` at ``x``, grid point ``i`` (recorded),
+        clipped when the sampler clips."""
+        d = self.unclipped(x, i)
+        return d if self.clip is None else self.clip(d)
+
+    def unclipped(self, x: Tensor, i: int) -> Tensor:
+        """``D = cx x + cp pred`` at ``x``, grid point ``i`` (recorded), never clipped."""
         d = self.estimate(x, self.predict(x, i), i)
         self.sums.append(d.sum())
         self.points.append(i)
@@ -384,7 +422,7 @@ class _Model:
         d.add_(self.predict(x, i, times), alpha=cp)
         self.sums.append(d.sum())
         self.points.append(i)
-        return d
+        return d if self.clip is None else self.clip(d)
 
     def estimate(self, x: Tensor, pred: Tensor, i: int) -> Tensor:
         """``D = cx x + cp pred`` from the raw prediction ``pred`` at ``x``, grid point ``i``."""
@@ -587,7 +625,7 @@ def run_plan(
     combine. A callback does not change the path (so nor the result): on a fused path the
     ``D`` it is shown is formed for it alone.
     """
-    fused = _fusable(plan)
+    fused = _fusable(plan) and model.clip is None  # a clipped D is not affine in pred
     program = _compile(plan, model, fused) if fused else None
     if program is None:
         fused, program = False, _compile(plan, model, False)
@@ -663,6 +701,10 @@ class SamplerBase(Config):
 
     if TYPE_CHECKING:  # each sampler declares the field, with its own default
         spacing: SpacingBase
+
+    clip: Clip | None = Field(
+        default=None, description="clip or threshold each data estimate (None: as it is)"
+    )
 
     @abc.abstractmethod
     def plan(self, grid: Grid) -> list[Step]:
@@ -770,13 +812,63 @@ class SamplerBase(Config):
         else:
             sampler._check_plan(plan, steps)
         model = _Model(
-            denoiser, plan.grid, noise, cond, guidance, uncond, _off_grid(plan), guidance_rescale
+            denoiser,
+            plan.grid,
+            noise,
+            cond,
+            guidance,
+            uncond,
+            _off_grid(plan),
+            guidance_rescale,
+            sampler.clip,
         )
         x = noise.to(model.dtype)
         x = x * plan.grid.sigma[0] if start == "noise" else x.clone()
         x = sampler._run(plan, model, x, generator, callback)
         model.raise_if_nonfinite()
         return x.to(noise.dtype)
+
+
+T_END = (
+    "time the last step lands on: 0 is the data; diffusers' final_sigmas_type='sigma_min' "
+    "and DDIM's set_alpha_to_one=False are the first training step's, 1 / N"
+)
+"""The description of a sampler's ``t_end`` field."""
+
+
+class StopsAt(SamplerBase):
+    """A linear sampler that may stop at ``t_end > 0`` instead of on the data.
+
+    Its last step is then an ordinary step to that noise level (with ``lower_order_final``
+    a first-order one, as diffusers'), and ``sample`` returns ``x`` there. A last step of
+    zero length (``t_end`` equal to the last evaluation time) is the identity.
+    """
+
+    t_end: float = Field(default=0.0, ge=0, lt=1, description=T_END)
+
+    def grid(self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None) -> Grid:
+        """The time grid, ending at ``t_end``."""
+        return make_grid(schedule, self.spacing, steps, device, self.t_end)
+
+    def prepare(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Plan:
+        """As ``SamplerBase.prepare``; a last step of zero length is the identity."""
+        _check_steps(steps)
+        grid = self.grid(schedule, steps, device)
+        if grid.steps < 2 or grid.lam[-1] != grid.lam[-2]:
+            return Plan(self, grid, tuple(self.plan(grid)))
+        # The last step has zero length: the others are planned as if it went on to the
+        # data (their coefficients see only the points before it), then the identity.
+        onto_data = dataclasses.replace(
+            grid,
+            t=(*grid.t[:-1], 0.0),
+            alpha=(*grid.alpha[:-1], 1.0),
+            sigma=(*grid.sigma[:-1], 0.0),
+            lam=(*grid.lam[:-1], math.inf),
+        )
+        planned = self.plan(onto_data)[:-1]
+        return Plan(self, grid, (*planned, Step(keep=1.0, data=(0.0,))))
 
 
 SAMPLERS: Registry[SamplerBase] = Registry("sampler")

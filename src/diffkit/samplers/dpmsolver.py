@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step, final_step
+from diffkit.samplers._base import SAMPLERS, Grid, Step, StopsAt, final_step
 from diffkit.samplers.spacing import FINAL, SPACING, AnySpacing, LogSNR
 
 __all__ = ["DPMSolverPP", "multistep_order"]
@@ -42,9 +42,10 @@ def multistep_order(grid: Grid, i: int, order: int, lower_second_last: bool) -> 
     """The order a multistep method can use at step ``i``.
 
     Limited by the history available (points with finite ``lambda``), first order onto
-    the data, and (``lower_second_last``) at most second order on the step before it.
+    the data, and (``lower_second_last``) at most second order on the step before it and
+    first order on the last (which matters where the last step stops short of the data).
     """
-    if not math.isfinite(grid.h(i)):
+    if not math.isfinite(grid.h(i)) or (lower_second_last and i == grid.steps - 1):
         return 1
     p = 1
     while p < order and i - p >= 0 and math.isfinite(grid.lam[i - p]):
@@ -55,7 +56,7 @@ def multistep_order(grid: Grid, i: int, order: int, lower_second_last: bool) -> 
 
 
 @SAMPLERS.register
-class DPMSolverPP(SamplerBase):
+class DPMSolverPP(StopsAt):
     """DPM-Solver++ multistep of ``order`` 1-3; ``eta > 0`` is the SDE variant."""
 
     kind: Literal["dpmpp"] = "dpmpp"
@@ -99,7 +100,7 @@ class DPMSolverPP(SamplerBase):
                 data = [
                     first + phi_2 * u - phi_3 * v for first, u, v in zip([phi_1, 0.0, 0.0], d1, d2)
                 ]
-            if i == grid.steps - 1:
+            if not math.isfinite(h):  # onto the data
                 data = list(final_step(grid, self.final))
             plan.append(Step(keep=keep, data=tuple(a1 * c for c in data), noise=noise))
         return plan

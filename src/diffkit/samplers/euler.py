@@ -19,14 +19,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step, ancestral_split
+from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step, StopsAt, ancestral_split
 from diffkit.samplers.spacing import SPACING, AnySpacing, Karras
 
 __all__ = ["Euler", "EulerAncestral", "Heun"]
 
 
 @SAMPLERS.register
-class Euler(SamplerBase):
+class Euler(StopsAt):
     """Euler's method on the EDM ODE (1 NFE per step)."""
 
     kind: Literal["euler"] = "euler"

@@ -35,15 +35,20 @@ class Noise:
 class BrownianTreeNoise(Noise):
     """Normalised increments ``(W(s_to) - W(s_from)) / sqrt|s_to - s_from|`` of one Brownian tree.
 
-    The tree spans ``[s_min, s_max]``; its seed is one draw from ``generator`` (torch's
-    global generator when ``None``: k-diffusion's ``torch.randint(0, 2**63 - 1, [])``), so
-    a seeded generator gives the same tree, and k-diffusion's
-    ``BrownianTreeNoiseSampler(x, s_min, s_max, seed=seed)`` is the same tree. Needs
-    ``torchsde`` (installed with k-diffusion).
+    The tree spans ``[s_min, s_max]``; its seed is ``seed`` if given, else one draw from
+    ``generator`` (torch's global generator when ``None``: k-diffusion's
+    ``torch.randint(0, 2**63 - 1, [])``), so a seeded generator gives the same tree, and
+    k-diffusion's ``BrownianTreeNoiseSampler(x, s_min, s_max, seed=seed)`` is the same
+    tree. Needs ``torchsde`` (installed with k-diffusion).
     """
 
     def __init__(
-        self, like: Tensor, s_min: float, s_max: float, generator: torch.Generator | None
+        self,
+        like: Tensor,
+        s_min: float,
+        s_max: float,
+        generator: torch.Generator | None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(generator)
         try:
@@ -53,7 +58,9 @@ class BrownianTreeNoise(Noise):
                 "Brownian-tree noise needs torchsde (pip install torchsde); or use noise='gaussian'"
             ) from error
         device = generator.device if generator is not None else torch.device("cpu")
-        self.seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
+        if seed is None:
+            seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
+        self.seed = seed
         w0 = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
         self.tree = torchsde.BrownianTree(s_min, w0, s_max, entropy=self.seed)
         self.s_min, self.s_max = s_min, s_max

@@ -5,8 +5,11 @@ from collections.abc import Callable
 from diffkit.samplers._base import SamplerBase
 from diffkit.samplers.ddim import DDIM, DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP
+from diffkit.samplers.edm import EDMStochastic
 from diffkit.samplers.euler import Euler, EulerAncestral, Heun
+from diffkit.samplers.lcm import LCM
 from diffkit.samplers.lms import LMS
+from diffkit.samplers.pndm import PNDM
 from diffkit.samplers.singlestep import DPMSolver2, DPMSolverPP2SAncestral, DPMSolverPPSDE
 from diffkit.samplers.spacing import Karras, LogSNR, UniformTime
 from diffkit.samplers.unipc import UniPC
@@ -20,9 +23,15 @@ PRESETS: dict[str, SamplerBase] = {
     "euler": Euler(),
     "euler_ancestral": EulerAncestral(),
     "heun": Heun(),
+    # Karras et al. (2022), Algorithm 2, with their ImageNet-64 churn settings
+    "edm_stochastic": EDMStochastic(),
     "dpm_2": DPMSolver2(),
     "dpm_2_ancestral": DPMSolver2(eta=1.0),
     "lms": LMS(),
+    # latent consistency models (diffusers' LCMScheduler; 2-8 steps)
+    "lcm": LCM(),
+    # Stable Diffusion 1.x's default scheduler (diffusers' PNDMScheduler, skip_prk_steps=True)
+    "pndm": PNDM(),
     "dpmpp_2s_ancestral": DPMSolverPP2SAncestral(),
     "dpmpp_2m": DPMSolverPP(order=2, spacing=Karras()),
     "dpmpp_2m_logsnr": DPMSolverPP(order=2, spacing=LogSNR()),

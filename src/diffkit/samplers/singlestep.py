@@ -166,6 +166,13 @@ class DPMSolverPPSDE(StepSampler):
     noise: Literal["brownian_tree", "gaussian"] = Field(
         default="brownian_tree", description="step noise: one Brownian tree, or independent"
     )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        lt=2**63,
+        description="the Brownian tree's seed (None: drawn from the generator); diffusers' "
+        "noise_sampler_seed",
+    )
     spacing: AnySpacing = Field(default_factory=Karras, description=SPACING)
 
     def points(self, grid: Grid, i: int) -> tuple[float, ...]:
@@ -177,7 +184,7 @@ class DPMSolverPPSDE(StepSampler):
         s = [sg / a for a, sg in zip(grid.alpha[:-1], grid.sigma[:-1]) if a > 0]
         if self.noise == "gaussian" or len(s) < 2:  # a tree needs an interval
             return Noise(generator)
-        return BrownianTreeNoise(x, min(s), max(s), generator)
+        return BrownianTreeNoise(x, min(s), max(s), generator, self.seed)
 
     def step(
         self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, noise: Noise

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 from torch import Tensor
@@ -30,11 +31,14 @@ __all__ = [
     "AnySpacing",
     "Explicit",
     "Karras",
+    "LCMSpacing",
     "Leading",
     "LogSNR",
     "Spacing",
     "SpacingBase",
+    "Timesteps",
     "UniformTime",
+    "diffusers_indices",
 ]
 
 _F64 = torch.float64
@@ -119,6 +123,10 @@ class SpacingBase(Config):
     ) -> Tensor:
         """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
 
+    def model_times(self, t: Tensor) -> Tensor | None:
+        """The times the denoiser is told at the grid's times ``t`` (``None``: ``t`` itself)."""
+        return None
+
     def starting_at(self, t: float) -> "SpacingBase":
         """This spacing with its first evaluation at ``t`` (``sample(..., t_start=t)``).
 
@@ -170,7 +178,24 @@ class _Ends(SpacingBase):
 
 
 class _Ramp(_Ends):
-    """``steps`` log-SNR values from ``ramp``, mapped to times (see ``_spread``)."""
+    """``steps`` log-SNR values from ``ramp``, mapped to times (see ``_spread``).
+
+    ``snap = N`` tells the denoiser the nearest of ``N`` training steps' times
+    ``(i + 1) / N`` (half to even, as numpy) while the noise levels stay the ramp's:
+    diffusers' DPM-Solver and UniPC schedulers call the model at rounded Karras / Lu
+    timesteps.
+    """
+
+    snap: int | None = Field(
+        default=None, ge=1, description="tell the model the nearest of N training steps' times"
+    )
+
+    def model_times(self, t: Tensor) -> Tensor | None:
+        """The grid's times rounded to the nearest training step (with ``snap``)."""
+        if self.snap is None:
+            return None
+        n = self.snap
+        return (torch.round(t * n - 1).clamp(min=0) + 1) / n
 
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
@@ -244,9 +269,132 @@ class Leading(SpacingBase):
             raise ValueError(
                 f"Leading: steps ({steps}) must not exceed num_train ({self.num_train})"
             )
-        index = [min(k * ratio + self.steps_offset, self.num_train - 1) for k in range(steps)]
-        times = [(i + 1) / self.num_train for i in reversed(index)]
+        index = diffusers_indices("leading", self.num_train, steps, self.steps_offset)
+        times = [(min(i, self.num_train - 1) + 1) / self.num_train for i in index]
         return torch.tensor([*times, 0.0], dtype=_F64)
+
+
+def diffusers_indices(
+    spacing: Literal["linspace", "leading", "trailing"],
+    num_train: int,
+    steps: int,
+    offset: int = 0,
+    rounded: bool = True,
+    drop_last: bool = False,
+) -> list[float]:
+    """diffusers' training-step indices for ``steps`` steps, noisiest first (float64).
+
+    ``drop_last``: spread ``steps + 1`` points and drop the last (its DPM-Solver, UniPC);
+    ``rounded=False`` keeps ``"linspace"``'s fractional indices (its Euler, Heun, LMS).
+    """
+    n = steps + 1 if drop_last else steps
+    if spacing == "linspace":
+        index = torch.linspace(0, num_train - 1, n, dtype=_F64)
+        index = index.round() if rounded else index.to(torch.float32).to(_F64)
+    elif spacing == "leading":
+        index = torch.arange(n, dtype=_F64) * (num_train // n) + offset
+    else:
+        index = torch.arange(float(num_train), 0, -num_train / steps, dtype=_F64).round() - 1
+        return index.tolist()
+    return index.flip(0)[:steps].tolist()
+
+
+class Timesteps(SpacingBase):
+    """diffusers' ``timestep_spacing`` of a model trained on ``num_train`` steps.
+
+    The training-step indices of ``"linspace"``, ``"leading"`` (plus ``steps_offset``) or
+    ``"trailing"``, as diffusers' scheduler of that family computes them (see
+    ``diffusers_indices``), at times ``t = (index + 1) / num_train``
+    ([`Discrete`][diffkit.schedules.Discrete]'s ``t_from_index``).
+    """
+
+    kind: Literal["timesteps"] = "timesteps"
+    spacing: Literal["linspace", "leading", "trailing"] = Field(
+        default="leading", description="diffusers' timestep_spacing"
+    )
+    num_train: int = Field(default=1000, ge=2, description="training steps of the model")
+    steps_offset: int = Field(default=0, ge=0, description="added to leading indices")
+    rounded: bool = Field(default=True, description="integer indices (False: Euler's linspace)")
+    drop_last: bool = Field(
+        default=False, description="spread steps + 1 points, drop the last (DPM-Solver, UniPC)"
+    )
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+        if steps > self.num_train:
+            raise ValueError(f"Timesteps: steps ({steps}) exceeds num_train ({self.num_train})")
+        index = diffusers_indices(
+            self.spacing, self.num_train, steps, self.steps_offset, self.rounded, self.drop_last
+        )
+        index = [min(i, self.num_train - 1) for i in index]
+        return torch.tensor([(i + 1) / self.num_train for i in index] + [0.0], dtype=_F64)
+
+
+class LCMSpacing(SpacingBase):
+    """The grid of a latent consistency model: ``steps`` of its ``original_steps`` times.
+
+    diffusers' ``LCMScheduler.set_timesteps``: the distillation grid is the training
+    indices ``j * k - 1``, ``k = num_train // original_steps``, for
+    ``j = 1 ... int(original_steps * strength)``, noisiest first; ``steps`` of them are
+    taken at the positions ``floor(linspace(0, n, steps, endpoint=False))``, as times
+    ``t = (index + 1) / num_train``. ``steps`` may not exceed ``original_steps`` or the
+    ``n`` indices that ``strength`` leaves (diffusers' image-to-image ``strength``).
+    """
+
+    kind: Literal["lcm"] = "lcm"
+    num_train: int = Field(default=1000, ge=1, description="training steps of the model")
+    original_steps: int = Field(default=50, ge=1, description="the distillation grid's steps")
+    strength: float = Field(default=1.0, gt=0, le=1, description="share of that grid used")
+
+    @model_validator(mode="after")
+    def _valid_steps(self) -> "LCMSpacing":
+        if self.original_steps > self.num_train:
+            message = (
+                f"LCMSpacing: original_steps ({self.original_steps}) must not exceed "
+                f"num_train ({self.num_train})"
+            )
+            raise field_error("LCMSpacing", "original_steps", message, self.original_steps)
+        if int(self.original_steps * self.strength) < 1:
+            message = f"LCMSpacing: strength ({self.strength}) leaves none of the original steps"
+            raise field_error("LCMSpacing", "strength", message, self.strength)
+        return self
+
+    def _indices(self) -> list[int]:
+        """The distillation grid's training indices, noisiest first."""
+        k = self.num_train // self.original_steps
+        n = int(self.original_steps * self.strength)  # diffusers' int(), not round()
+        return [j * k - 1 for j in range(n, 0, -1)]
+
+    def __call__(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Tensor:
+        """The time grid, float64 on the CPU, shape ``(steps + 1,)``."""
+        _check(steps)
+        origin = self._indices()
+        if steps > min(self.original_steps, len(origin)):
+            raise ValueError(
+                f"LCMSpacing: steps ({steps}) must not exceed the {len(origin)} steps of its "
+                f"original grid (original_steps={self.original_steps}, strength={self.strength})"
+            )
+        positions = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False))
+        times = [(origin[int(p)] + 1) / self.num_train for p in positions]
+        return torch.tensor([*times, 0.0], dtype=_F64)
+
+    def starting_at(self, t: float) -> SpacingBase:
+        """The grid of the ``strength`` whose first time is ``t``, a time of the original grid."""
+        k = self.num_train // self.original_steps
+        n = round(t * self.num_train / k)
+        if not (1 <= n <= self.original_steps and math.isclose(n * k / self.num_train, t)):
+            raise ValueError(
+                f"t_start ({t}) must be a time of the LCM grid, j * {k} / {self.num_train} for "
+                f"j = 1 ... {self.original_steps}"
+            )
+        # half a step above n / original_steps, so that diffusers' int() gives n exactly
+        strength = min((n + 0.5) / self.original_steps, 1.0)
+        return self.model_copy(update={"strength": strength})
 
 
 class LogSNR(_Ramp):
@@ -379,6 +527,8 @@ SPACINGS.register(LogSNR)
 SPACINGS.register(Karras)
 SPACINGS.register(Explicit)
 SPACINGS.register(Leading)
+SPACINGS.register(Timesteps)
+SPACINGS.register(LCMSpacing)
 
 
 def _spacing(value: Any) -> Any:

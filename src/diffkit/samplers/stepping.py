@@ -112,6 +112,15 @@ class StepSampler(SamplerBase):
         """Where this call's step noise comes from (made once per call, before the loop)."""
         return Noise(generator)
 
+    def reads_estimate(self, grid: Grid, i: int) -> bool:
+        """Whether step ``i`` reads ``D_i`` at its grid point (the loop evaluates it): yes.
+
+        A step that evaluates the model elsewhere instead (EDM's churn moves ``x_i`` off
+        the grid first) says no: the loop then skips that evaluation, and ``history``
+        holds only the older estimates ``(D_{i-1}, ...)``, at most ``memory - 1``.
+        """
+        return True
+
     def record(self, x: Tensor, d: Tensor, i: int, grid: Grid) -> Tensor:
         """What ``history`` keeps of grid point ``i``, from ``x`` there and ``D`` at it: ``D``."""
         return d
@@ -146,16 +155,23 @@ class StepSampler(SamplerBase):
         generator: torch.Generator | None,
         callback: StepCallback | None,
     ) -> Tensor:
-        """``x = step(model, x, i, grid, history)`` for every step; ``D`` at each new point."""
+        """``x = step(model, x, i, grid, history)`` for every step; ``D`` at each new point.
+
+        ``D`` at a point whose step does not read it (``reads_estimate``) is evaluated only
+        for a callback, which then costs one evaluation more.
+        """
         grid, last, stepper = plan.grid, plan.grid.steps - 1, StepModel(model, plan.points)
         noise = self.noise_source(x, grid, generator)
-        d = model(x, 0)
+        d = model(x, 0) if self.reads_estimate(grid, 0) else None
         history: History = ()
         for i in range(grid.steps):
-            history = (self.record(x, d, i, grid), *history)[: self.memory]
+            if d is None:
+                history = history[: self.memory - 1]
+            else:
+                history = (self.record(x, d, i, grid), *history)[: self.memory]
             x = self.step(stepper, x, i, grid, history, noise)
-            if i < last:
-                d = model(x, i + 1)
+            d = model(x, i + 1) if i < last and self.reads_estimate(grid, i + 1) else None
             if callback is not None:
-                callback(i, model.callback_times[i + 1], x, d if i < last else x)
+                shown = x if i == last else d if d is not None else model(x, i + 1)
+                callback(i, model.callback_times[i + 1], x, shown)
         return x

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from diffkit.samplers._base import SAMPLERS, Grid, SamplerBase, Step, final_step
+from diffkit.samplers._base import SAMPLERS, Grid, Step, StopsAt, final_step
 from diffkit.samplers.dpmsolver import multistep_order
 from diffkit.samplers.spacing import FINAL, SPACING, AnySpacing, LogSNR
 
@@ -49,7 +49,7 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
 
 
 @SAMPLERS.register
-class UniPC(SamplerBase):
+class UniPC(StopsAt):
     """UniPC multistep predictor-corrector of ``order`` 1-3 (1 NFE per step)."""
 
     kind: Literal["unipc"] = "unipc"
