@@ -36,6 +36,13 @@ SCALED_LINEAR = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "sca
 
 # name -> a diffusers scheduler as Stable Diffusion pipelines ship them (or commonly swap in)
 SCHEDULERS: dict[str, Callable[[], Any]] = {
+    # Stable Diffusion 1.5's own scheduler config, and its DDIM
+    "pndm_sd15": lambda: diffusers.PNDMScheduler(
+        **SCALED_LINEAR, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1
+    ),
+    "ddim_sd15": lambda: diffusers.DDIMScheduler(
+        **SCALED_LINEAR, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    ),
     "ddim_trailing": lambda: diffusers.DDIMScheduler(
         **SCALED_LINEAR, clip_sample=False, timestep_spacing="trailing", steps_offset=1
     ),
@@ -315,7 +322,7 @@ def _pixart(tmp_path: Path, scheduler: Any | None = None) -> Any:
         text_encoder=_t5(24),
         vae=_vae(),
         transformer=_perturbed(transformer, seed=5, scale=0.1),
-        scheduler=scheduler or SCHEDULERS["ddim_trailing"](),
+        scheduler=scheduler or diffusers.DPMSolverMultistepScheduler(),  # as PixArt-α ships
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -478,7 +478,7 @@ def from_diffusers(
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
     micro_conditions: int | None = None,
-) -> nn.Module | SchedulerParts | Pipeline:
+) -> "nn.Module | SchedulerParts | Pipeline":
     """The diffkit equivalent (same weights) of a diffusers U-Net, ``AutoencoderKL``,
     ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` (the last two: a
     [`DiT`][diffkit.nn.dit.DiT]); of a diffusers scheduler, its
