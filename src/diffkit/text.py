@@ -20,6 +20,11 @@ and returns
 [`CLIPTextConditioner`][diffkit.text.CLIPTextConditioner] runs diffkit's own
 [`TextTower`][diffkit.nn.clip.TextTower] (trained here, or loaded with
 ``diffkit.interop.from_open_clip`` / ``from_transformers``).
+[`T5TextConditioner`][diffkit.text.T5TextConditioner] runs diffkit's
+[`T5Encoder`][diffkit.nn.t5.T5Encoder] (PixArt, SD3; ``tokens`` only, no ``pooled``).
+[`ComposedTextConditioner`][diffkit.text.ComposedTextConditioner] runs several of them
+on the same texts and joins their outputs (SDXL: two CLIP towers; SD3: two CLIP towers
+and T5).
 [`TransformersTextConditioner`][diffkit.text.TransformersTextConditioner] and
 [`OpenCLIPTextConditioner`][diffkit.text.OpenCLIPTextConditioner] run the external
 models as they are.
@@ -536,6 +541,7 @@ else:
     _PartConfig = Annotated[Config, SerializeAsAny()]
 
 _Part = CLIPTextConditionerConfig | T5TextConditionerConfig
+_Conditioners = CLIPTextConditioner | T5TextConditioner
 
 
 def _context_length(part: _Part) -> int:
@@ -559,7 +565,7 @@ class ComposedTextConditionerConfig(Config):
 
     kind: Literal["composed_text"] = "composed_text"
     parts: tuple[_PartConfig, ...] = Field(
-        min_length=1, description="the conditioners (clip_text or t5_text configs)"
+        min_length=1, max_length=8, description="the conditioners (clip_text or t5_text configs)"
     )
     groups: tuple[tuple[int, ...], ...] = Field(
         description="indices of parts whose tokens are concatenated on the features; the "
@@ -647,12 +653,18 @@ class ComposedTextConditioner(nn.Module):
         pooled: Sequence[int] = (),
     ) -> None:
         super().__init__()
+        for i, part in enumerate(parts):
+            if not isinstance(part, CLIPTextConditioner | T5TextConditioner):
+                raise TypeError(
+                    f"ComposedTextConditioner: parts[{i}] is a {type(part).__name__}; the parts "
+                    "are CLIPTextConditioner / T5TextConditioner (their configs save the whole)"
+                )
         self.parts = nn.ModuleList(parts)
         self.groups = tuple(tuple(group) for group in groups)
         self.pooled = tuple(pooled)
         # validated as a config: every rule of ComposedTextConditionerConfig holds here too
         self._config = ComposedTextConditionerConfig(
-            parts=tuple(cast(Any, part).config for part in self.parts),
+            parts=tuple(cast(_Conditioners, part).config for part in self.parts),
             groups=self.groups,
             pooled=self.pooled,
         )

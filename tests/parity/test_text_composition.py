@@ -224,3 +224,5 @@ def test_composition_refuses_what_it_cannot_join(tmp_path: Path) -> None:
         ComposedTextConditionerConfig(parts=(unprojected,), groups=((0,),), pooled=(0,)).pooled_dim
         == 16
     )
+    with pytest.raises(TypeError, match=r"parts\[0\]"):
+        ComposedTextConditioner([torch.nn.Linear(2, 2)], ((0,),))

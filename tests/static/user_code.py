@@ -17,6 +17,7 @@ from diffkit.config import Config
 from diffkit.losses import DiffusionLoss
 from diffkit.nn.clip import CLIPConfig, ResNetTowerConfig, TextTowerConfig, VisionTowerConfig
 from diffkit.nn.dit import DiTConfig
+from diffkit.nn.t5 import T5EncoderConfig
 from diffkit.nn.unet import UNetConfig
 from diffkit.nn.vae import IdentityEncoderConfig, KLAutoencoderConfig
 from diffkit.nn.video import VideoDiTConfig
@@ -60,6 +61,7 @@ def default_configs() -> list[Config]:
         DigitsConfig(),
         MovingDigitsConfig(),
         TextTowerConfig(),
+        T5EncoderConfig(),
         VisionTowerConfig(),
         ResNetTowerConfig(),
         CLIPConfig(),

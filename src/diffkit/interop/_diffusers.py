@@ -194,8 +194,14 @@ _UP = {"UpBlock2D": "none", "AttnUpBlock2D": "self", "CrossAttnUpBlock2D": "cros
 
 
 _RECORD = "_diffkit"  # diffkit-only U-Net settings to_diffusers stores in the diffusers config
-_RECORDED = ("time_input", "time_scale", "num_train_timesteps", "prediction")
-_RECORDED_UNET = (*_RECORDED, "micro_conditions")  # SDXL base 6, refiner 5: not in its config
+_RECORDED = (
+    "time_input",
+    "time_scale",
+    "num_train_timesteps",
+    "prediction",
+    "time_shift",  # SD3's transformer
+    "micro_conditions",  # an SDXL U-Net's (base 6, refiner 5): not in diffusers' config
+)
 
 
 def _recorded(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -203,10 +209,9 @@ def _recorded(cfg: Mapping[str, Any]) -> dict[str, Any]:
     record = cfg.get(_RECORD)
     if record is None:
         return {}
-    if not isinstance(record, Mapping) or not set(record) <= set(_RECORDED_UNET):
+    if not isinstance(record, Mapping) or not set(record) <= set(_RECORDED):
         raise ValueError(
-            f"from_diffusers: config entry {_RECORD}={record!r} is not a mapping of "
-            f"{_RECORDED_UNET}"
+            f"from_diffusers: config entry {_RECORD}={record!r} is not a mapping of {_RECORDED}"
         )
     return dict(cast(Mapping[str, Any], record))
 
@@ -461,6 +466,7 @@ def from_diffusers(
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
     micro_conditions: int | None = None,
+    time_shift: float | None = None,
 ) -> nn.Module: ...
 
 
@@ -478,10 +484,11 @@ def from_diffusers(
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
     micro_conditions: int | None = None,
+    time_shift: float | None = None,
 ) -> "nn.Module | SchedulerParts | Pipeline":
     """The diffkit equivalent (same weights) of a diffusers U-Net, ``AutoencoderKL``,
-    ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel`` (the last two: a
-    [`DiT`][diffkit.nn.dit.DiT]); of a diffusers scheduler, its
+    ``DiTTransformer2DModel``, ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel`` (the
+    last three: a [`DiT`][diffkit.nn.dit.DiT]); of a diffusers scheduler, its
     [`SchedulerParts`][diffkit.interop.SchedulerParts] ``(schedule, sampler)`` (see
     [`scheduler_parts`][diffkit.interop.scheduler_parts]); of a whole diffusers pipeline, a
     [`Pipeline`][diffkit.pipeline.Pipeline] drawing the same images (a ``Pipeline`` is an
@@ -494,6 +501,9 @@ def from_diffusers(
     (``addition_embed_type="text_time"``) embeds beside the pooled text, ``Conditioning.micro``
     (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner); default:
     what ``to_diffusers`` recorded, else 6.
+    ``time_shift``: an ``SD3Transformer2DModel``'s scheduler ``shift`` (SD3: 3.0), so the
+    converted network takes [`RectifiedFlow`][diffkit.schedules.RectifiedFlow]``(shift)``'s
+    ``t`` and embeds ``1000 sigma(t)`` as diffusers does (default 1: ``t`` is sigma).
     """
     name = type(module).__name__
     if name in SCHEDULERS:
@@ -507,7 +517,7 @@ def from_diffusers(
         converted = KLAutoencoder(_vae_config(module))
     elif name in TRANSFORMERS:
         record = _recorded(_config(module))
-        converted = DiT(dit_config(module, prediction, num_train_timesteps, record))
+        converted = DiT(dit_config(module, prediction, num_train_timesteps, record, time_shift))
     else:
         raise TypeError(
             f"from_diffusers: cannot convert {name}; supported: UNet2DModel, "
@@ -682,8 +692,8 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         model, state = getattr(diffusers, name)(**kwargs), to_diffusers_state_dict(module)
     if isinstance(module, UNet | DiT):
         c = module.config
-        names = _RECORDED_UNET if isinstance(module, UNet) else _RECORDED
-        model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in names}})
+        fields = type(c).model_fields
+        model.register_to_config(**{_RECORD: {k: getattr(c, k) for k in _RECORDED if k in fields}})
     model.load_state_dict(state, strict=True)
     parameter = next(module.parameters(), None)
     reference = next(model.parameters(), None)

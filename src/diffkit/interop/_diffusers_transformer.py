@@ -1,4 +1,4 @@
-"""diffusers' patch transformers (DiT, PixArt-α/Σ) <-> diffkit's [`DiT`][diffkit.nn.dit.DiT].
+"""diffusers' patch transformers (DiT, PixArt-α/Σ, SD3) <-> diffkit's [`DiT`][diffkit.nn.dit.DiT].
 
 Both are configurations of diffkit's patch-transformer core:
 
@@ -12,6 +12,14 @@ Both are configurations of diffkit's patch-transformer core:
   caption tokens without a LayerNorm, the caption projection (``context_projection``), and
   PixArt-α's micro-conditions (``size_conditions``: ``Conditioning.micro`` is diffusers'
   ``added_cond_kwargs`` ``(resolution height, width, aspect_ratio)``).
+- ``SD3Transformer2DModel``: MMDiT blocks (``joint_attention``): the caption tokens are a
+  second stream, embedded by ``context_embedder``, with their own adaLN-Zero, projections and
+  MLP; the last block only reads them. The pooled text (``pooled_projections``) is embedded
+  beside the time; positions are the centre crop of a ``pos_embed_max_size`` grid
+  (``pos_max_size``); ``qk_norm="rms_norm"`` and ``dual_attention_layers`` (SD3.5) are
+  honoured. The network embeds ``1000 sigma`` of a shifted rectified flow: pass the
+  scheduler's ``shift`` as ``time_shift`` so that ``t`` is that of
+  [`RectifiedFlow`][diffkit.schedules.RectifiedFlow] with the same shift.
 
 The weights map one to one through ``_links``: one table read in both directions.
 """
@@ -23,17 +31,24 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from diffkit.nn.dit import DiT, DiTConfig
+from diffkit.nn.dit import DiT, DiTConfig, dit_positions
 from diffkit.typing import Prediction
 
-__all__ = ["TRANSFORMERS", "dit_config", "dit_state_dict", "to_diffusers_transformer"]
+__all__ = [
+    "TRANSFORMERS",
+    "dit_config",
+    "dit_state_dict",
+    "sd3_config",
+    "to_diffusers_transformer",
+]
 
-TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
 
 # A link: (diffkit key, diffusers keys, how). "same": one tensor; "cat": the diffusers tensors
 # concatenated (fused q/k/v); "conv": a patch convolution as a linear map; "head": output
 # rows in diffusers' (p q c) patch order, diffkit's (c p q); "tied": one diffkit tensor that
-# diffusers copies into every block.
+# diffusers copies into every block; "swap": the two halves of the rows exchanged (diffusers'
+# AdaLayerNormContinuous regresses (scale, shift), diffkit (shift, scale)).
 Link = tuple[str, tuple[str, ...], str]
 
 
@@ -73,12 +88,52 @@ def _tied(module: Any) -> bool:
     )
 
 
-def dit_config(
-    module: Any, prediction: Prediction | None, num_train_timesteps: int | None, record: dict
+_SD3_QK_NORMS = {None: False, "rms_norm": True}
+
+
+def sd3_config(
+    cfg: Mapping[str, Any], prediction: Prediction | None, record: dict, time_shift: float | None
 ) -> DiTConfig:
-    """The [`DiTConfig`][diffkit.nn.dit.DiTConfig] of a diffusers DiT / PixArt transformer."""
+    """The [`DiTConfig`][diffkit.nn.dit.DiTConfig] of a diffusers ``SD3Transformer2DModel``."""
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    _require(cfg, "caption_projection_dim", [dim])
+    _require(cfg, "qk_norm", list(_SD3_QK_NORMS))
+    return DiTConfig(
+        in_channels=cfg["in_channels"],
+        out_channels=cfg.get("out_channels") or cfg["in_channels"],
+        dim=dim,
+        depth=cfg["num_layers"],
+        num_heads=cfg["num_attention_heads"],
+        patch_size=cfg["patch_size"],
+        freq_dim=256,
+        pos_order="wh",
+        pos_base_size=cfg["sample_size"] // cfg["patch_size"],
+        pos_max_size=cfg.get("pos_embed_max_size"),
+        context_dim=cfg["joint_attention_dim"],
+        pooled_dim=cfg["pooled_projection_dim"],
+        joint_attention=True,
+        qk_norm=_SD3_QK_NORMS[cfg.get("qk_norm")],
+        dual_attention_layers=tuple(cfg.get("dual_attention_layers") or ()),
+        prediction=prediction or record.get("prediction", "flow"),
+        time_input=record.get("time_input", "t"),
+        time_scale=record.get("time_scale", 1000.0),
+        num_train_timesteps=record.get("num_train_timesteps", 1000),
+        time_shift=time_shift or record.get("time_shift", 1.0),
+    )
+
+
+def dit_config(
+    module: Any,
+    prediction: Prediction | None,
+    num_train_timesteps: int | None,
+    record: dict,
+    time_shift: float | None = None,
+) -> DiTConfig:
+    """The [`DiTConfig`][diffkit.nn.dit.DiTConfig] of a diffusers DiT / PixArt / SD3 transformer."""
     name = type(module).__name__
     cfg = module.config
+    if name == "SD3Transformer2DModel":
+        return sd3_config(cfg, prediction, record, time_shift)
     _check_options(name, cfg)
     dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     out = cfg.get("out_channels") or cfg["in_channels"]
@@ -173,8 +228,64 @@ def _embeddings(config: DiTConfig) -> list[Link]:
     return [*links, ("label_embed.weight", table, "tied")]
 
 
+def _qkv(dk: str, df: str, names: tuple[str, str, str]) -> list[Link]:
+    return [(f"{dk}.{p}", tuple(f"{df}.{n}.{p}" for n in names), "cat") for p in ("weight", "bias")]
+
+
+def _joint_block(i: int, config: DiTConfig) -> list[Link]:
+    """One MMDiT block's links (SD3's ``JointTransformerBlock``)."""
+    dk, df = f"blocks.{i}", f"transformer_blocks.{i}"
+    last = i == config.depth - 1
+    links = [
+        *_pair(f"{dk}.ada", f"{df}.norm1.linear"),
+        *_pair(f"{dk}.ada_context", f"{df}.norm1_context.linear", "swap" if last else "same"),
+        *_qkv(f"{dk}.attn.qkv", f"{df}.attn", ("to_q", "to_k", "to_v")),
+        *_qkv(f"{dk}.attn.qkv_context", f"{df}.attn", ("add_q_proj", "add_k_proj", "add_v_proj")),
+        *_pair(f"{dk}.attn.out", f"{df}.attn.to_out.0"),
+        *_pair(f"{dk}.mlp.proj_in", f"{df}.ff.net.0.proj"),
+        *_pair(f"{dk}.mlp.proj_out", f"{df}.ff.net.2"),
+    ]
+    if not last:
+        links += _pair(f"{dk}.attn.out_context", f"{df}.attn.to_add_out")
+        links += _pair(f"{dk}.mlp_context.proj_in", f"{df}.ff_context.net.0.proj")
+        links += _pair(f"{dk}.mlp_context.proj_out", f"{df}.ff_context.net.2")
+    if config.qk_norm:
+        names = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+        links += [
+            (f"{dk}.attn.norms.{j}.weight", (f"{df}.attn.{n}.weight",), "same")
+            for j, n in enumerate(names)
+        ]
+    if i in config.dual_attention_layers:
+        links += _qkv(f"{dk}.attn2.qkv", f"{df}.attn2", ("to_q", "to_k", "to_v"))
+        links += _pair(f"{dk}.attn2.out", f"{df}.attn2.to_out.0")
+        if config.qk_norm:
+            links += [
+                (f"{dk}.attn2.{n}_norm.weight", (f"{df}.attn2.norm_{n}.weight",), "same")
+                for n in "qk"
+            ]
+    return links
+
+
+def _joint_links(config: DiTConfig) -> list[Link]:
+    """Every diffkit parameter of an SD3 configuration and its diffusers source."""
+    links = [
+        *_pair("embed", "pos_embed.proj", "conv"),
+        *_pair("time_embed.linear_1", "time_text_embed.timestep_embedder.linear_1"),
+        *_pair("time_embed.linear_2", "time_text_embed.timestep_embedder.linear_2"),
+        *_pair("pooled_embed.linear_1", "time_text_embed.text_embedder.linear_1"),
+        *_pair("pooled_embed.linear_2", "time_text_embed.text_embedder.linear_2"),
+        *_pair("context_embed", "context_embedder"),
+    ]
+    for i in range(config.depth):
+        links += _joint_block(i, config)
+    return [*links, *_pair("ada_out", "norm_out.linear", "swap"),
+            *_pair("proj_out", "proj_out", "head")]  # fmt: skip
+
+
 def _links(config: DiTConfig) -> list[Link]:
-    """Every diffkit parameter of a DiT / PixArt configuration and its diffusers source."""
+    """Every diffkit parameter of a DiT / PixArt / SD3 configuration and its diffusers source."""
+    if config.joint_attention:
+        return _joint_links(config)
     links = [*_pair("embed", "pos_embed.proj", "conv")]
     for i in range(config.depth):
         links += _block(i, config)
@@ -201,8 +312,37 @@ def _head(value: Tensor, config: DiTConfig, *, to_diffkit: bool) -> Tensor:
     return rearrange(value, pattern, p=p, q=p)
 
 
+_POSITIONS = "pos_embed.pos_embed"  # SD3's stored positions: derived from the config
+
+
+def _positions(config: DiTConfig) -> Tensor:
+    """SD3's stored position table: the positions of the whole ``pos_max_size`` grid."""
+    size = config.pos_max_size or 1
+    return dit_positions(size, size, config).unsqueeze(0)
+
+
+def _check_positions(source: Mapping[str, Tensor], config: DiTConfig) -> None:
+    """SD3 stores its sin-cos positions; they must be the ones the config computes."""
+    stored = source.get(_POSITIONS)
+    if stored is None or stored.is_meta:
+        return
+    want = _positions(config).to(stored.device)
+    if stored.shape != want.shape or not torch.allclose(stored.float(), want, atol=1e-6):
+        raise ValueError(
+            f"from_diffusers: {_POSITIONS} is not the sin-cos table of pos_embed_max_size "
+            f"{config.pos_max_size}; diffkit computes the positions"
+        )
+
+
+def _swap(value: Tensor) -> Tensor:
+    first, second = value.chunk(2)
+    return torch.cat([second, first])
+
+
 def dit_state_dict(source: Mapping[str, Tensor], config: DiTConfig) -> dict[str, Tensor]:
-    """A diffusers DiT / PixArt state dict under diffkit's names and layout."""
+    """A diffusers DiT / PixArt / SD3 state dict under diffkit's names and layout."""
+    if config.pos_max_size is not None:
+        _check_positions(source, config)
     out: dict[str, Tensor] = {}
     for dk, df, how in _links(config):
         if how == "cat":
@@ -220,6 +360,8 @@ def dit_state_dict(source: Mapping[str, Tensor], config: DiTConfig) -> dict[str,
             value = value.flatten(1) if value.ndim > 1 else value
         elif how == "head":
             value = _head(value, config, to_diffkit=True)
+        elif how == "swap":
+            value = _swap(value)
         out[dk] = value
     return out
 
@@ -238,13 +380,62 @@ def diffusers_state_dict(source: Mapping[str, Tensor], config: DiTConfig) -> dic
             value = rearrange(value, "d (c p q) -> d c p q", p=p, q=p)
         elif how == "head":
             value = _head(value, config, to_diffkit=False)
+        elif how == "swap":
+            value = _swap(value)
         for key in df if how == "tied" else df[:1]:
             out[key] = value.clone()
+    if config.pos_max_size is not None:
+        like, size = source["embed.weight"], config.pos_max_size
+        out[_POSITIONS] = (
+            torch.empty(1, size * size, config.dim, device="meta")
+            if like.is_meta
+            else _positions(config).to(like.device)
+        )
     return out
+
+
+def _sd3_kwargs(c: DiTConfig) -> dict[str, Any]:
+    """The ``SD3Transformer2DModel`` options of a joint-attention DiT, refusing the rest."""
+    problems = [
+        f"{name}={value!r}"
+        for name, value, wanted in (
+            ("pos_order", c.pos_order, "wh"),
+            ("pos_base_size", c.pos_base_size is None, False),
+            ("pos_interpolation_scale", c.pos_interpolation_scale, 1.0),
+            ("freq_dim", c.freq_dim, 256),
+            ("freq_shift", c.freq_shift, 0.0),
+            ("num_classes", c.num_classes, None),
+            ("pooled_dim", c.pooled_dim is None, False),
+            ("norm_eps", c.norm_eps, 1e-6),
+            ("mlp_norm_eps", c.mlp_norm_eps, 1e-6),
+        )
+        if value != wanted
+    ]
+    if problems:
+        raise ValueError(
+            f"to_diffusers: SD3Transformer2DModel cannot express {', '.join(problems)}"
+        )
+    return {
+        "sample_size": (c.pos_base_size or 1) * c.patch_size,
+        "patch_size": c.patch_size,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels or c.in_channels,
+        "num_layers": c.depth,
+        "num_attention_heads": c.num_heads,
+        "attention_head_dim": c.dim // c.num_heads,
+        "joint_attention_dim": c.context_dim,
+        "caption_projection_dim": c.dim,
+        "pooled_projection_dim": c.pooled_dim,
+        "pos_embed_max_size": c.pos_max_size,
+        "dual_attention_layers": c.dual_attention_layers,
+        "qk_norm": "rms_norm" if c.qk_norm else None,
+    }
 
 
 def _diffusers_kwargs(c: DiTConfig) -> tuple[str, dict[str, Any]]:
     """The diffusers class and options of a diffkit DiT, refusing what it cannot express."""
+    if c.joint_attention:
+        return "SD3Transformer2DModel", _sd3_kwargs(c)
     base = c.pos_base_size
     problems = [
         f"{name}={value!r}"
@@ -254,6 +445,7 @@ def _diffusers_kwargs(c: DiTConfig) -> tuple[str, dict[str, Any]]:
             ("freq_dim", c.freq_dim, 256),
             ("mlp_ratio", c.mlp_ratio, 4.0),
             ("pooled_dim", c.pooled_dim, None),
+            ("pos_max_size", c.pos_max_size, None),
         )
         if value != wanted
     ]

@@ -22,6 +22,7 @@ __all__ = [
     "Attention",
     "FeedForward",
     "FeedForwardKind",
+    "JointAttention",
     "LocalFeedForward",
     "SpatialSelfAttention",
     "SpatialTransformer",
@@ -52,7 +53,8 @@ class Attention(nn.Module):
     Self-attention uses one fused ``qkv`` projection; cross-attention projects ``q`` from the
     tokens and a fused ``kv`` from the context (``context_dim``). ``scale`` multiplies the
     scores (default ``head_dim ** -0.5``); ``forward``'s ``bias`` is added to them (T5's
-    relative positions and padding).
+    relative positions and padding). ``qk_norm``: RMS-normalise each head's queries and
+    keys (SD3.5).
     """
 
     def __init__(
@@ -65,12 +67,15 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         out_bias: bool = True,
         scale: float | None = None,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         head_dim = head_dim or dim // heads
         inner = heads * head_dim
         self.heads = heads
         self.scale = scale  # None: head_dim ** -0.5; T5 uses 1 (its weights absorb it)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
         self.is_cross = context_dim is not None
         if context_dim is None:
             self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
@@ -97,11 +102,64 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in (q, k, v))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         masked = attention_bias(mask, q.dtype) if self.is_cross else None
         if masked is not None:
             bias = masked if bias is None else bias + masked
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class JointAttention(nn.Module):
+    """Joint attention of two token streams (MMDiT, SD3): each has its own ``qkv`` projection
+    (and RMS norms of queries and keys with ``qk_norm``); all tokens attend to all, and each
+    stream's outputs go through its own ``out`` projection. ``context_out=False`` (SD3's last
+    block) drops the context's output: only the first stream is returned updated.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, *, qk_norm: bool = False, context_out: bool = True
+    ) -> None:
+        super().__init__()
+        head_dim = dim // heads
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv_context = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.out_context = nn.Linear(dim, dim) if context_out else None
+        norms = 4 if qk_norm else 0  # q, k of the tokens; q, k of the context
+        self.norms = nn.ModuleList(nn.RMSNorm(head_dim, eps=1e-6) for _ in range(norms))
+
+    def _heads(self, x: Tensor, qkv: nn.Linear, norms: list[nn.Module]) -> list[Tensor]:
+        q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.heads) for a in qkv(x).chunk(3, -1))
+        if norms:
+            q, k = norms[0](q), norms[1](k)
+        return [q, k, v]
+
+    @checked_layer
+    def forward(
+        self,
+        x: Tokens,
+        context: Float[Tensor, "batch context dim"],
+        mask: ContextMask | None = None,
+    ) -> tuple[Tokens, Float[Tensor, "batch context dim"] | None]:
+        """Tokens ``(b, n, dim)`` and context ``(b, m, dim)`` (keep-mask ``(b, m)``) to the
+        attention outputs of both (the context's ``None`` without ``out_context``)."""
+        norms = list(self.norms)
+        mine = self._heads(x, self.qkv, norms[:2])
+        theirs = self._heads(context, self.qkv_context, norms[2:])
+        q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(mine, theirs, strict=True))
+        bias = None
+        if mask is not None:
+            keep = torch.ones(x.shape[:2], dtype=torch.bool, device=mask.device)
+            bias = attention_bias(torch.cat([keep, mask], dim=1), q.dtype)
+        out = rearrange(
+            F.scaled_dot_product_attention(q, k, v, attn_mask=bias), "b h n d -> b n (h d)"
+        )
+        n = x.shape[1]
+        context_out = self.out_context(out[:, n:]) if self.out_context is not None else None
+        return self.out(out[:, :n]), context_out
 
 
 class _OverPixels(nn.Module):

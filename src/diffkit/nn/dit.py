@@ -8,9 +8,11 @@ blocks conditioned on time (+ class label) (+ pooled text), cross-attending to
 ``Conditioning.tokens`` when ``context_dim`` is set (PixArt-style).
 
 The positions follow diffkit's layout by default (the first half of the features encodes
-the row); ``pos_order="wh"``, ``pos_base_size`` and ``pos_interpolation_scale`` give the
-layout and resolution scaling of the published DiT / PixArt models (diffusers'
-``PatchEmbed``), which ``diffkit.interop.from_diffusers`` sets.
+the row); ``pos_order="wh"``, ``pos_base_size``, ``pos_interpolation_scale`` and
+``pos_max_size`` give the layout, resolution scaling and cropping of the published DiT /
+PixArt / SD3 models (diffusers' ``PatchEmbed``), which ``diffkit.interop.from_diffusers``
+sets. With ``joint_attention`` the blocks are SD3's MMDiT blocks (see the
+[patch-transformer core][diffkit.nn.transformer]).
 """
 
 from typing import Literal
@@ -24,7 +26,7 @@ from diffkit.nn._registry import DENOISERS
 from diffkit.nn.transformer import PatchTransformer, PatchTransformerConfig
 from diffkit.patches import SpatialPatches, sincos_pos_embed_1d, sincos_pos_embed_2d
 from diffkit.protocols import Conditioning
-from diffkit.typing import Image, Time, checked
+from diffkit.typing import Image, ShapeError, Time, checked
 
 __all__ = ["DiT", "DiTConfig", "dit_positions"]
 
@@ -49,11 +51,21 @@ class DiTConfig(PatchTransformerConfig):
     pos_interpolation_scale: float = Field(
         default=1.0, gt=0, description="positions are divided by this (PixArt: sample_size // 64)"
     )
+    pos_max_size: int | None = Field(
+        default=None,
+        gt=0,
+        le=4096,
+        description="the positions of a grid of patches are the centre crop of those of a "
+        "pos_max_size x pos_max_size grid, scaled by pos_base_size / pos_max_size (SD3's "
+        "pos_embed_max_size); larger grids are refused; None: no crop",
+    )
 
     @model_validator(mode="after")
     def _check_positions(self) -> "DiTConfig":
         if self.dim % 4 != 0:
             raise ValueError(f"dim {self.dim} must be a multiple of 4 (2-D sin-cos positions)")
+        if self.pos_max_size is not None and self.pos_base_size is None:
+            raise ValueError("pos_max_size needs pos_base_size (the scale of the positions)")
         return self
 
     @property
@@ -69,10 +81,16 @@ class DiTConfig(PatchTransformerConfig):
 
 def _axis(n: int, config: DiTConfig) -> torch.Tensor:
     """Positions of ``n`` patches along one axis, in float32 as diffusers' ``PatchEmbed``."""
-    positions = torch.arange(n, dtype=torch.float32)
+    size = config.pos_max_size or n
+    if n > size:
+        raise ShapeError(
+            f"DiT: {n} patches along an axis, more than pos_max_size {config.pos_max_size}"
+        )
+    positions = torch.arange(size, dtype=torch.float32)
     if config.pos_base_size is not None:
-        positions = positions / (n / config.pos_base_size)
-    return positions / config.pos_interpolation_scale
+        positions = positions / (size / config.pos_base_size)
+    start = (size - n) // 2  # the centre crop of the larger grid (SD3)
+    return positions[start : start + n] / config.pos_interpolation_scale
 
 
 def dit_positions(grid_h: int, grid_w: int, config: DiTConfig) -> Float[Tensor, "tokens dim"]:

@@ -35,21 +35,23 @@ class T5EncoderConfig(Config):
     """A T5 encoder stack (defaults: T5 v1.1 XXL, the text encoder of PixArt and SD3)."""
 
     kind: Literal["t5_encoder"] = "t5_encoder"
-    vocab_size: int = Field(default=32128, gt=0, description="number of token ids")
-    width: int = Field(default=4096, gt=0, description="hidden size of every token (d_model)")
-    layers: int = Field(default=24, ge=0, description="number of blocks")
-    heads: int = Field(default=64, gt=0, description="attention heads")
-    head_dim: int = Field(default=64, gt=0, description="width of each head (d_kv)")
-    mlp_width: int = Field(default=10240, gt=0, description="MLP hidden size (d_ff)")
+    vocab_size: int = Field(default=32128, gt=0, le=2**20, description="number of token ids")
+    width: int = Field(
+        default=4096, gt=0, le=65536, description="hidden size of every token (d_model)"
+    )
+    layers: int = Field(default=24, ge=0, le=256, description="number of blocks")
+    heads: int = Field(default=64, gt=0, le=1024, description="attention heads")
+    head_dim: int = Field(default=64, gt=0, le=4096, description="width of each head (d_kv)")
+    mlp_width: int = Field(default=10240, gt=0, le=2**18, description="MLP hidden size (d_ff)")
     activation: T5Activation = Field(
         default="gelu_tanh", description="MLP activation (T5 1.0: relu; 1.1 / Flan: gelu_tanh)"
     )
     gated: bool = Field(
         default=True, description="gated MLP: act(x W0) * (x W1) (T5 1.1 / Flan: yes; 1.0: no)"
     )
-    num_buckets: int = Field(default=32, ge=4, description="relative position buckets")
+    num_buckets: int = Field(default=32, ge=4, le=4096, description="relative position buckets")
     max_distance: int = Field(
-        default=128, ge=1, description="distances from this on share the last bucket"
+        default=128, ge=1, le=2**20, description="distances from this on share the last bucket"
     )
     layer_norm_eps: float = Field(default=1e-6, gt=0, description="RMS norm epsilon")
 

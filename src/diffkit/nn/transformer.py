@@ -24,6 +24,15 @@ head for a predicted variance (DiT, PixArt-α); ``size_conditions`` adds embeddi
 gives each block its own time and label embedding (a DiT trained in diffusers);
 ``freq_shift``, ``norm_eps`` and ``mlp_norm_eps`` are the numerical conventions of the
 diffusers implementations.
+
+``joint_attention`` makes the blocks MMDiT blocks (Stable Diffusion 3,
+[`JointPatchTransformerBlock`][diffkit.nn.transformer.JointPatchTransformerBlock]): the caption
+tokens, linearly embedded to ``dim``, are a second stream with its own adaLN-Zero
+modulation, attention projections and MLP, attending jointly with the patch tokens; the
+last block only updates the patches. ``qk_norm`` RMS-normalises queries and keys (SD3.5),
+``dual_attention_layers`` adds a second, image-only self-attention to those blocks
+(SD3.5's MMDiT-X). ``time_shift`` embeds the shifted time of a shifted rectified flow
+(SD3 embeds ``1000 sigma``, ``sigma = shift t / (1 + (shift - 1) t)``).
 """
 
 from typing import Generic, Literal, TypeVar, cast
@@ -36,7 +45,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from diffkit.config import Config
-from diffkit.nn.attention import Attention, FeedForward, LocalFeedForward
+from diffkit.nn.attention import Attention, FeedForward, JointAttention, LocalFeedForward
 from diffkit.nn.embeddings import (
     TimeEmbedding,
     add_condition_embeddings,
@@ -49,6 +58,7 @@ from diffkit.protocols import Conditioning
 from diffkit.typing import Prediction, ShapeError, Tokens, checked_layer
 
 __all__ = [
+    "JointPatchTransformerBlock",
     "Mixing",
     "Modulation",
     "PatchTransformer",
@@ -194,6 +204,63 @@ class PatchTransformerBlock(nn.Module):
         return x + gate.unsqueeze(1) * h
 
 
+class JointPatchTransformerBlock(nn.Module):
+    """MMDiT block (SD3): patch tokens ``x`` and context tokens attend jointly, each stream
+    with its own adaLN-Zero modulation (``ada``, ``ada_context``), projections and MLP.
+
+    ``ada`` gives ``(shift, scale, gate)`` for the attention and the MLP (and, with
+    ``dual``, for a second image-only self-attention ``attn2`` on the same normalised
+    input). With ``context_last`` (the last block) the context is only read: ``ada_context``
+    gives ``(shift, scale)`` of its norm and the block returns no context.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, *, context_last: bool, qk_norm: bool, dual: bool
+    ) -> None:
+        super().__init__()
+        self.context_last = context_last
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = JointAttention(dim, heads, qk_norm=qk_norm, context_out=not context_last)
+        self.attn2 = Attention(dim, heads, qkv_bias=True, qk_norm=qk_norm) if dual else None
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(dim, 4.0, kind="gelu_tanh")
+        self.ada = zero_linear(dim, (9 if dual else 6) * dim)
+        self.ada_context = zero_linear(dim, (2 if context_last else 6) * dim)
+        if context_last:
+            self.norm2_context = self.mlp_context = None
+        else:
+            self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.mlp_context = FeedForward(dim, 4.0, kind="gelu_tanh")
+
+    @checked_layer
+    def forward(
+        self,
+        x: Float[Tensor, "batch tokens dim"],
+        context: Float[Tensor, "batch context dim"],
+        c: Float[Tensor, "batch dim"],
+        mask: Bool[Tensor, "batch context"] | None = None,
+    ) -> tuple[Float[Tensor, "batch tokens dim"], Float[Tensor, "batch context dim"] | None]:
+        """Patch tokens ``(b, n, dim)`` and context ``(b, m, dim)`` conditioned on ``c``."""
+        mods = self.ada(F.silu(c)).chunk(9 if self.attn2 is not None else 6, dim=1)
+        cmods = self.ada_context(F.silu(c)).chunk(2 if self.context_last else 6, dim=1)
+        normed = self.norm1(x)
+        attended, context_attended = self.attn(
+            modulate(normed, mods[0], mods[1]),
+            modulate(self.norm1_context(context), cmods[0], cmods[1]),
+            mask,
+        )
+        x = x + mods[2].unsqueeze(1) * attended
+        if self.attn2 is not None:
+            x = x + mods[8].unsqueeze(1) * self.attn2(modulate(normed, mods[6], mods[7]))
+        x = x + mods[5].unsqueeze(1) * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
+        if context_attended is None or self.norm2_context is None or self.mlp_context is None:
+            return x, None
+        context = context + cmods[2].unsqueeze(1) * context_attended
+        h = self.mlp_context(modulate(self.norm2_context(context), cmods[3], cmods[4]))
+        return x, context + cmods[5].unsqueeze(1) * h
+
+
 class PatchTransformerConfig(Config):
     """The fields every patch transformer has ([`DiTConfig`][diffkit.nn.dit.DiTConfig],
     [`VideoDiTConfig`][diffkit.nn.video.VideoDiTConfig] add their patches and attention)."""
@@ -260,6 +327,26 @@ class PatchTransformerConfig(Config):
     mlp_norm_eps: float = Field(
         default=1e-6, gt=0, description="epsilon of the LayerNorm before each MLP"
     )
+    joint_attention: bool = Field(
+        default=False,
+        description="MMDiT blocks (SD3): Conditioning.tokens, embedded linearly to dim, are a "
+        "second stream attending jointly with the patches, with its own modulation, "
+        "projections and MLP (needs context_dim; replaces cross-attention)",
+    )
+    qk_norm: bool = Field(
+        default=False, description="RMS-normalise attention queries and keys (SD3.5; joint only)"
+    )
+    dual_attention_layers: tuple[int, ...] = Field(
+        default=(),
+        description="blocks with a second, image-only self-attention (SD3.5's MMDiT-X; joint only)",
+    )
+    time_shift: float = Field(
+        default=1.0,
+        gt=0,
+        le=1e6,
+        description="embed time_scale * shift t / (1 + (shift - 1) t): the sigma of "
+        "RectifiedFlow(shift), what SD3 embeds; 1: no shift",
+    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> "PatchTransformerConfig":
@@ -274,7 +361,37 @@ class PatchTransformerConfig(Config):
             )
         if self.size_conditions and self.dim % 3 != 0:
             raise ValueError(f"size_conditions: dim {self.dim} is not a multiple of 3")
+        if self.joint_attention:
+            self._check_joint()
+        elif self.qk_norm or self.dual_attention_layers:
+            raise ValueError("qk_norm and dual_attention_layers need joint_attention")
         return self
+
+    def _check_joint(self) -> None:
+        problems = [
+            name
+            for name, bad in (
+                ("context_dim", self.context_dim is None),
+                ("modulation", self.modulation != "zero"),
+                ("context_projection", self.context_projection),
+                ("embeddings_per_block", self.embeddings_per_block),
+                ("size_conditions", self.size_conditions),
+                ("learned_sigma", self.learned_sigma),
+                ("mlp_ratio", self.mlp_ratio != 4.0),
+            )
+            if bad
+        ]
+        if problems:
+            raise ValueError(
+                f"joint_attention needs context_dim, modulation='zero', mlp_ratio 4 and none of "
+                f"context_projection, embeddings_per_block, size_conditions, learned_sigma; "
+                f"got {', '.join(problems)}"
+            )
+        if any(not 0 <= i < self.depth for i in self.dual_attention_layers):
+            raise ValueError(
+                f"dual_attention_layers {self.dual_attention_layers} must be block indices "
+                f"below depth {self.depth}"
+            )
 
 
 ConfigT = TypeVar("ConfigT", bound=PatchTransformerConfig)
@@ -306,12 +423,41 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         # PixArt-α: height and width each get dim/3 features, the aspect ratio the last third
         self.resolution_embed = TimeEmbedding(c.freq_dim, c.dim // 3) if c.size_conditions else None
         self.aspect_embed = TimeEmbedding(c.freq_dim, c.dim // 3) if c.size_conditions else None
-        self.context_embed = (
+        self.context_embed: TimeEmbedding | nn.Linear | None = (
             TimeEmbedding(c.context_dim, c.dim, activation="gelu_tanh")
             if c.context_projection and c.context_dim
             else None
         )
-        self.blocks = nn.ModuleList(
+        if c.joint_attention and c.context_dim:
+            self.context_embed = nn.Linear(c.context_dim, c.dim)
+            self.blocks = nn.ModuleList(
+                JointPatchTransformerBlock(
+                    c.dim,
+                    c.num_heads,
+                    context_last=i == c.depth - 1,
+                    qk_norm=c.qk_norm,
+                    dual=i in c.dual_attention_layers,
+                )
+                for i in range(c.depth)
+            )
+        else:
+            self.blocks = self._blocks(attention, local_mlp)
+        branches = 3 if attention == "factorised" else 2
+        # adaLN-single: the shared regression, and the output's table in place of ada_out
+        self.ada = zero_linear(c.dim, 3 * branches * c.dim) if c.modulation == "single" else None
+        self.norm_out = nn.LayerNorm(c.dim, elementwise_affine=False, eps=1e-6)
+        if c.modulation == "zero":
+            self.ada_out: nn.Linear | None = zero_linear(c.dim, 2 * c.dim)
+            self.ada_out_table = None
+        else:
+            self.ada_out = None
+            self.ada_out_table = nn.Parameter(torch.zeros(2, c.dim))
+        self.proj_out = zero_linear(c.dim, patches.patch_dim(self._head_channels))
+
+    def _blocks(self, attention: Literal["factorised", "full"], local_mlp: bool) -> nn.ModuleList:
+        """The adaLN blocks (everything but MMDiT)."""
+        c = self.config
+        return nn.ModuleList(
             PatchTransformerBlock(
                 c.dim,
                 c.num_heads,
@@ -327,21 +473,12 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
             )
             for i in range(c.depth)
         )
-        branches = 3 if attention == "factorised" else 2
-        # adaLN-single: the shared regression, and the output's table in place of ada_out
-        self.ada = zero_linear(c.dim, 3 * branches * c.dim) if c.modulation == "single" else None
-        self.norm_out = nn.LayerNorm(c.dim, elementwise_affine=False, eps=1e-6)
-        if c.modulation == "zero":
-            self.ada_out: nn.Linear | None = zero_linear(c.dim, 2 * c.dim)
-            self.ada_out_table = None
-        else:
-            self.ada_out = None
-            self.ada_out_table = nn.Parameter(torch.zeros(2, c.dim))
-        self.proj_out = zero_linear(c.dim, patches.patch_dim(self._head_channels))
 
     def time_features(self, t: Tensor) -> Float[Tensor, "batch freq_dim"]:
         """The sinusoidal features of the times ``t`` ``(batch,)``, before any embedding MLP."""
         cfg = self.config
+        if cfg.time_shift != 1.0:  # in float64: SD3's timesteps are 1000 sigma rounded once
+            t = cfg.time_shift * t.double() / (1 + (cfg.time_shift - 1) * t.double())
         steps = network_timestep(t, cfg.time_input, cfg.num_train_timesteps, cfg.time_scale)
         features = timestep_embedding(steps, cfg.freq_dim, freq_shift=cfg.freq_shift)
         return features.to(self.embed.weight.dtype)
@@ -396,12 +533,21 @@ class PatchTransformer(nn.Module, Generic[ConfigT]):
         c = self.condition_vector(t, cond)
         shared = self.ada(F.silu(c)) if self.ada is not None else c
         features = self.time_features(t) if self.config.embeddings_per_block else None
+        if self.config.joint_attention and context is not None:
+            for block in cast(list[JointPatchTransformerBlock], self.blocks):
+                h, next_context = block(h, context, c, mask)
+                context = next_context if next_context is not None else context
+            return self._head(h, c)
         for block in cast(list[PatchTransformerBlock], self.blocks):
             block_c = shared
             if block.time_embed is not None and features is not None:
                 block_c = block.time_embed(features)
                 block_c = add_condition_embeddings(block_c, cond, block.label_embed, None)
             h = block(h, block_c, grid, context, mask)
+        return self._head(h, c)
+
+    def _head(self, h: Tensor, c: Tensor) -> Tensor:
+        """The final modulated norm and the output projection of the tokens ``h``."""
         if self.ada_out is not None:
             shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
         elif self.ada_out_table is not None:
