@@ -435,6 +435,67 @@ def test_sdxl_without_negative_prompts_guides_against_zeros() -> None:
                                     decode=False), want) > 1e-3  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------- SD3
+
+
+def _sd3_pipeline(tmp_path: Path) -> Any:
+    """A tiny SD3: MMDiT (joint width 48, T5's; the CLIP tokens, 16 + 24 wide, zero-padded to
+    it), CLIP-L + bigG (pooled 12 + 20), T5, flow matching with shift 3."""
+    torch.manual_seed(7)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        caption_projection_dim=16,
+        pooled_projection_dim=12 + 20,
+        pos_embed_max_size=12,
+    )
+    torch.manual_seed(8)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,  # SD3's latent shift
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=_perturbed(transformer, seed=7, scale=0.1),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_perturbed(vae, seed=8),
+        text_encoder=_clip(transformers.CLIPTextModelWithProjection, 16, 12, seed=0),
+        tokenizer=clip_tokenizer(CONTEXT),
+        text_encoder_2=_clip(transformers.CLIPTextModelWithProjection, 24, 20, seed=1),
+        tokenizer_2=clip_tokenizer(CONTEXT, pad_token="!"),
+        text_encoder_3=_t5(48),
+        tokenizer_3=t5_tokenizer(tmp_path),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.0])
+def test_sd3_pipeline_draws_the_diffusers_images(tmp_path: Path, guidance: float) -> None:
+    pipe = _sd3_pipeline(tmp_path)
+    pipeline = dk.interop.from_diffusers(pipe)
+    assert (pipeline.steps, pipeline.guidance, pipeline.denoiser.prediction) == (28, 7.0, "flow")
+    want = _diffusers_sd(pipe, guidance, "pt")
+    got = _diffkit_sd(pipeline, guidance)
+    assert want.std() > 0.05
+    assert _relative(got, want) <= RTOL
+    pipeline.save(tmp_path / "saved")
+    assert torch.equal(_diffkit_sd(dk.Pipeline.load(tmp_path / "saved"), guidance), got)
+
+
 # ------------------------------------------------------------------------------- refusals
 
 

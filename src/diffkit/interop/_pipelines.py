@@ -355,11 +355,52 @@ def _sdxl(pipe: Any) -> Pipeline:
     )
 
 
+def _sd3_text(pipe: Any) -> ComposedTextConditioner:
+    """SD3's CLIP-L and bigG (penultimate, side by side, both pooled) then T5's 256 tokens."""
+    if pipe.text_encoder_3 is None:
+        raise ValueError(
+            "from_diffusers: StableDiffusion3Pipeline without text_encoder_3 (T5): diffusers "
+            "then conditions on zeros in its place, which is not converted"
+        )
+    clips = [
+        clip_text(encoder, tokenizer, project_pooled=True, skip_last_layers=1, final_norm=False)
+        for encoder, tokenizer in (
+            (pipe.text_encoder, pipe.tokenizer),
+            (pipe.text_encoder_2, pipe.tokenizer_2),
+        )
+    ]
+    t5 = t5_text(pipe.text_encoder_3, pipe.tokenizer_3, 256, mask=False)
+    return ComposedTextConditioner([*clips, t5], groups=((0, 1), (2,)), pooled=(0, 1))
+
+
+def _sd3(pipe: Any) -> Pipeline:
+    """``StableDiffusion3Pipeline``: MMDiT, VAE (with shift), CLIP-L + bigG + T5, flow."""
+    used = {"transformer", "vae", "scheduler"}
+    used |= {f"{kind}{n}" for kind in ("text_encoder", "tokenizer") for n in ("", "_2", "_3")}
+    _check_components(pipe, used)
+    schedule, sampler = _scheduler_parts(pipe.scheduler)
+    shift = float(pipe.scheduler.config.get("shift", 1.0))
+    prediction = _prediction(pipe.scheduler)
+    transformer = _network(pipe.transformer, DiT, prediction=prediction, time_shift=shift)
+    return Pipeline(
+        schedule,
+        transformer,
+        encoder=_vae(pipe.vae),
+        text=_sd3_text(pipe),
+        sampler=sampler,
+        data_shape=_image_shape(pipe.vae, pipe.transformer.config.sample_size),
+        steps=28,
+        guidance=7.0,
+        start=_start(pipe.scheduler),
+    )
+
+
 PIPELINES: dict[str, Callable[[Any], Pipeline]] = {
     "StableDiffusionPipeline": _stable_diffusion,
     "DiTPipeline": _dit,
     "PixArtAlphaPipeline": _pixart,
     "StableDiffusionXLPipeline": _sdxl,
+    "StableDiffusion3Pipeline": _sd3,
 }
 """diffusers pipeline class name -> its converter."""
 
