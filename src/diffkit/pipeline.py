@@ -28,7 +28,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypedDict
 
@@ -386,8 +386,12 @@ def _default_micro(denoiser: object, height: int, width: int) -> list[float] | N
     return None
 
 
-def _with_micro(conds: _Conds, micro: list[float] | None, like: Tensor) -> _Conds:
-    """``conds`` with ``micro`` (one row, for every sample) where they have none."""
+def _with_micro(conds: _Conds, default: Callable[[], list[float] | None], like: Tensor) -> _Conds:
+    """``conds`` with the ``default()`` micro-conditions (one row, for every sample) where
+    they have none (``default`` is asked only then)."""
+    if all(c is None or c.micro is not None for c in (conds["cond"], conds["uncond"])):
+        return conds
+    micro = default()
     if micro is None:
         return conds
     row = torch.tensor(micro, dtype=like.dtype, device=like.device)
@@ -802,7 +806,7 @@ class Pipeline(nn.Module):
             noise = self._noise(batch, generator)
         else:
             noise = noise.to(self.device, self.dtype)
-        conds = _with_micro(conds, self._micro(noise), noise)
+        conds = _with_micro(conds, lambda: self._micro(noise), noise)
         z = self._sampler(sampler).sample(
             denoiser if denoiser is not None else self.denoiser,
             self.schedule,
@@ -933,7 +937,7 @@ class Pipeline(nn.Module):
             guidance_given,
         )
         z0 = self.encode(x)
-        conds = _with_micro(conds, self._micro(z0), z0)
+        conds = _with_micro(conds, lambda: self._micro(z0), z0)
         device = generator.device if generator is not None else z0.device
         eps = torch.randn(z0.shape, generator=generator, device=device, dtype=torch.float32)
         eps = eps.to(z0.device, z0.dtype)

@@ -517,6 +517,17 @@ def test_an_ip_adapter_image_encoder_is_refused_by_name() -> None:
         dk.interop.from_diffusers(pipe)
 
 
+def test_an_unknown_component_and_unfused_lora_are_refused_by_name() -> None:
+    pipe = _sd(SCHEDULERS["ddim_trailing"]())
+    pipe.register_modules(controlnet=_Stand())
+    with pytest.raises(ValueError, match="controlnet"):
+        dk.interop.from_diffusers(pipe)
+    pipe = _sd(SCHEDULERS["ddim_trailing"]())
+    pipe.unet.peft_config = {"default": object()}  # what load_lora_weights leaves
+    with pytest.raises(ValueError, match=r"unet has LoRA adapters.*fuse_lora"):
+        dk.interop.from_diffusers(pipe)
+
+
 def test_a_tokenizer_without_clips_vocabulary_is_refused() -> None:
     pipe = _sd(SCHEDULERS["ddim_trailing"]())
     vocab = dict(clip_tokenizer(CONTEXT).get_vocab())

@@ -24,6 +24,8 @@ Every component is converted or refused by name, never silently left out:
   image prompts; a U-Net with an IP-Adapter loaded is refused by its conversion;
 - LoRA adapters that are loaded but not fused are refused (fuse them into the weights:
   ``pipe.fuse_lora()``, then ``pipe.unload_lora_weights()``);
+- SDXL's invisible ``watermark`` is refused (``add_watermarker=False``), an SDXL pipeline
+  without its first text encoder (the refiner) and SD3 without T5 too;
 - ``DiTPipeline``'s ``id2label`` (class names to ids, ``pipe.get_label_ids``) does not
   touch the images and is dropped: pass the ids as ``Conditioning(labels=...)``;
 - any other component the pipeline holds is refused, naming it.
@@ -50,7 +52,7 @@ from diffkit.text import CLIPTextConditioner, ComposedTextConditioner, T5TextCon
 from diffkit.tokenizers import CLIPTokenizer, SentencePieceTokenizer, find_open_clip_vocab
 from diffkit.typing import Prediction
 
-__all__ = ["PIPELINES", "clip_text", "pipeline_from_diffusers", "t5_text"]
+__all__ = ["PIPELINES", "pipeline_from_diffusers"]
 
 _Net = TypeVar("_Net", bound=nn.Module)
 
