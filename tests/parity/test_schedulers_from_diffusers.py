@@ -7,6 +7,9 @@ starting latents, ``torch.manual_seed(0)`` as the generator, and for ``with_nois
 ``add_noise`` of ``dummy_noise_deter`` at ``timesteps[t_start]``). diffusers runs the loop,
 the converted ``(schedule, sampler)`` runs ``sample(..., start="sample")`` from the same
 latents, and the results agree to 1e-5 relative (max abs difference over max abs value).
+Not reproduced: DPM-Solver single-step's ``with_noise`` loop, which starts mid-schedule
+and keeps the order list of the whole schedule (its groups are anchored at step 0, the
+first one cut short), where diffkit's grid tail starts a group at its first point.
 
 diffusers' own loops for Euler, Euler ancestral, Heun, LMS and DPM-SDE are not valid
 sampling loops: they assign ``scale_model_input``'s output to ``sample`` and pass it to
@@ -17,13 +20,14 @@ be refused, naming the field.
 
 import inspect
 import math
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
 
 import diffkit as dk
-from diffkit.interop import SchedulerParts, diffusers_prediction, from_diffusers
+from diffkit.interop import ALLOWED, SchedulerParts, diffusers_prediction, from_diffusers
+from diffkit.interop._schedulers import SCHEDULERS
 from diffkit.typing import Prediction
 
 pytestmark = pytest.mark.parity
@@ -86,6 +90,17 @@ BASE: dict[str, dict[str, Any]] = {
     "UniPCMultistepScheduler": {
         "solver_order": 2,
         "solver_type": "bh2",
+        "final_sigmas_type": "sigma_min",
+    },
+    "DPMSolverSinglestepScheduler": {
+        "solver_order": 2,
+        "prediction_type": "epsilon",
+        "thresholding": False,
+        "sample_max_value": 1.0,
+        "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint",
+        "lambda_min_clipped": -math.inf,
+        "variance_type": None,
         "final_sigmas_type": "sigma_min",
     },
     "EulerDiscreteScheduler": {"num_train_timesteps": 1100},
@@ -264,6 +279,63 @@ def _scenarios() -> dict[str, tuple[str, dict[str, Any], int | None, int]]:
                     10,
                     0,
                 )
+    single = "DPMSolverSinglestepScheduler"
+    out["dpm_single_no_noise"] = (single, {}, 10, 0)
+    out["dpm_single_with_karras"] = (single, {"use_karras_sigmas": True}, 10, 0)
+    out["dpm_single_with_v_prediction"] = (single, {"prediction_type": "v_prediction"}, 10, 0)
+    out["dpm_single_with_karras_and_v_prediction"] = (
+        single,
+        {"prediction_type": "v_prediction", "use_karras_sigmas": True},
+        10,
+        0,
+    )
+    for algorithm in ("dpmsolver", "dpmsolver++", "sde-dpmsolver++"):
+        for solver_type in ("midpoint", "heun"):
+            for order in (1, 2, 3):
+                for prediction in ("epsilon", "sample"):
+                    if algorithm == "sde-dpmsolver++" and order == 3:
+                        continue  # diffusers' test skips these
+                    config = {
+                        "solver_order": order,
+                        "solver_type": solver_type,
+                        "prediction_type": prediction,
+                        "algorithm_type": algorithm,
+                    }
+                    out[f"dpm_single_{algorithm}_{solver_type}_{order}_{prediction}"] = (
+                        single,
+                        config,
+                        10,
+                        0,
+                    )
+    for prediction in ("epsilon", "sample", "v_prediction"):
+        for lower in (True, False):
+            for final in ("sigma_min", "zero"):
+                config = {
+                    "prediction_type": prediction,
+                    "lower_order_final": lower,
+                    "final_sigmas_type": final,
+                }
+                out[f"dpm_single_custom_{prediction}_{lower}_{final}"] = (single, config, 10, 0)
+    # test_fp16_support's configs (its loops run in float16 and check only the dtype;
+    # here in float64): dynamic thresholding at ratio 0
+    zero = {"thresholding": True, "dynamic_thresholding_ratio": 0}
+    out["dpm_multi_fp16_support_config"] = ("DPMSolverMultistepScheduler", zero, 10, 0)
+    out["dpm_single_fp16_support_config"] = (single, zero, 10, 0)
+    for order in (1, 2, 3):
+        for solver_type in ("bh1", "bh2"):
+            for prediction in ("epsilon", "sample", "v_prediction"):
+                config = {
+                    **zero,
+                    "prediction_type": prediction,
+                    "solver_order": order,
+                    "solver_type": solver_type,
+                }
+                out[f"unipc_fp16_support_config_{order}_{solver_type}_{prediction}"] = (
+                    "UniPCMultistepScheduler",
+                    config,
+                    10,
+                    0,
+                )
     for prediction in ("epsilon", "sample", "v_prediction"):
         for interpolation in ("linear", "log_linear"):
             for final in ("sigma_min", "zero"):
@@ -301,6 +373,7 @@ REFUSED = {
     **{name: "algorithm_type" for name in SCENARIOS if "_dpmsolver_" in name},
     **{name: "algorithm_type" for name in SCENARIOS if "_sde-dpmsolver_" in name},
     **{name: "interpolation_type" for name in SCENARIOS if "_log_linear_" in name},
+    **{name: "algorithm_type" for name in SCENARIOS if name.startswith("dpm_single_sde")},
 }
 
 
@@ -421,3 +494,145 @@ def test_from_diffusers_reproduces_full_loop_scenario(scenario: str) -> None:
     error = float((ours.double() - reference.double()).abs().max()) / scale
     WORST[scenario] = error
     assert error <= 1e-5, f"{scenario}: relative error {error:.3g}"
+
+
+REFUSALS = [(name, field) for name, fields in ALLOWED.items() for field in fields]
+
+
+@pytest.mark.parametrize(("name", "field"), REFUSALS)
+def test_a_field_diffkit_cannot_honour_is_refused_by_name(name: str, field: str) -> None:
+    scheduler = getattr(diffusers, name)()
+    from_diffusers(scheduler)  # the defaults convert
+    scheduler.register_to_config(**{field: "not-a-value-diffkit-honours"})
+    with pytest.raises(ValueError, match=rf"{name}\.{field}="):
+        from_diffusers(scheduler)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_a_field_the_converter_does_not_know_is_refused_by_name(name: str) -> None:
+    scheduler = getattr(diffusers, name)()
+    scheduler.register_to_config(brand_new_option=1)
+    with pytest.raises(ValueError, match=rf"{name}\.brand_new_option"):
+        from_diffusers(scheduler)
+
+
+def test_prediction_type_is_the_denoisers_in_diffkit_names() -> None:
+    names = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
+    for theirs, ours in names.items():
+        assert diffusers_prediction(diffusers.DDIMScheduler(prediction_type=theirs)) == ours
+    assert diffusers_prediction(diffusers.FlowMatchEulerDiscreteScheduler()) == "flow"
+    with pytest.raises(TypeError, match="cannot convert"):
+        from_diffusers(diffusers.ScoreSdeVeScheduler())
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("limit", [0.5, 1.0, 2.0])
+def test_clip_is_diffusers_clip_sample_and_threshold_sample(dynamic: bool, limit: float) -> None:
+    scheduler = diffusers.DDPMScheduler(
+        thresholding=dynamic, sample_max_value=limit, dynamic_thresholding_ratio=0.9
+    )
+    d = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = d * 2
+    clip = dk.samplers.Clip(dynamic=dynamic, limit=limit, ratio=0.9)
+    theirs = scheduler._threshold_sample(d) if dynamic else d.clamp(-limit, limit)
+    torch.testing.assert_close(clip(d), theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 7, 10, 50])
+def test_timesteps_spacing_is_each_family_of_diffusers(
+    spacing: Literal["linspace", "leading", "trailing"], steps: int
+) -> None:
+    families = {  # scheduler -> (rounded, drop_last)
+        "DDIMScheduler": (True, False),
+        "EulerDiscreteScheduler": (False, False),
+        "DPMSolverMultistepScheduler": (True, True),
+    }
+    for name, (rounded, drop_last) in families.items():
+        scheduler = getattr(diffusers, name)(timestep_spacing=spacing, steps_offset=1)
+        scheduler.set_timesteps(steps)
+        grid = dk.samplers.Timesteps(
+            spacing=spacing, steps_offset=1, rounded=rounded, drop_last=drop_last
+        )(dk.schedules.Discrete(), steps)
+        ours = [t * 1000 - 1 for t in grid[:-1].tolist()]
+        assert ours == pytest.approx(scheduler.timesteps.double().tolist(), abs=1e-9), name
+
+
+def test_discrete_sigma_interpolation_is_diffusers_np_interp() -> None:
+    import numpy as np
+
+    scheduler = diffusers.EulerDiscreteScheduler(num_train_timesteps=1100)
+    ac = scheduler.alphas_cumprod.double()
+    schedule = dk.schedules.Discrete.from_alphas_cumprod(ac, interpolation="sigma")
+    index = torch.tensor([1099.0, 987.111, 122.5, 5.5, 0.3, 0.0], dtype=torch.float64)
+    alpha, sigma = schedule.alpha_sigma((index + 1) / 1100)
+    table = ((1 - ac) / ac).sqrt().numpy()
+    expected = np.interp(index.numpy(), np.arange(1100), table)
+    torch.testing.assert_close(sigma / alpha, torch.from_numpy(expected), rtol=1e-12, atol=0)
+    back = schedule.index_from_t(schedule.t_of_log_snr(schedule.log_snr((index + 1) / 1100)))
+    torch.testing.assert_close(back, index, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "field"),
+    [
+        (
+            "EulerDiscreteScheduler",
+            {"use_karras_sigmas": True, "timestep_spacing": "leading"},
+            "timestep_spacing",
+        ),
+        (
+            "HeunDiscreteScheduler",
+            {"use_karras_sigmas": True, "timestep_spacing": "trailing"},
+            "timestep_spacing",
+        ),
+        (
+            "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+            "solver_order",
+        ),
+        ("EulerDiscreteScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ],
+)
+def test_a_combination_diffkit_cannot_honour_is_refused_by_name(
+    name: str, config: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        from_diffusers(getattr(diffusers, name)(**config))
+
+
+def test_unipc_solver_type_outside_bh1_bh2_is_refused_by_name() -> None:
+    scheduler = diffusers.UniPCMultistepScheduler()
+    scheduler.register_to_config(solver_type="midpoint")
+    with pytest.raises(ValueError, match="solver_type"):
+        from_diffusers(scheduler)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_match_euler_converts(shift: float) -> None:
+    steps = 8
+    weight = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ weight / 6**0.5) * (1 + sigma.reshape(-1, 1)) - 0.5 * x
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    schedule, sampler = from_diffusers(scheduler)
+    scheduler.set_timesteps(steps)
+    noise = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(velocity(x, (t / 1000).double().expand(4)), t, x).prev_sample
+
+    class Flow:
+        prediction: Prediction = "flow"
+
+        def __call__(
+            self, x_t: torch.Tensor, t: torch.Tensor, cond: dk.Conditioning | None = None
+        ) -> torch.Tensor:
+            return velocity(x_t, schedule.sigma(t.double()))
+
+    assert diffusers_prediction(scheduler) == "flow"
+    ours = sampler.sample(Flow(), schedule, noise, steps=steps, start="sample")
+    error = float((ours - x).abs().max() / x.abs().max())
+    assert error <= 1e-5, error

@@ -34,6 +34,7 @@ from diffkit.samplers import (
     Clip,
     DPMSolverPP,
     DPMSolverPPSDE,
+    DPMSolverPPSinglestep,
     Euler,
     EulerAncestral,
     Heun,
@@ -99,6 +100,11 @@ ALLOWED: dict[str, dict[str, tuple[Any, ...]]] = {
         "solver_order": (1, 2, 3),
         "euler_at_final": (False,),
     },
+    "DPMSolverSinglestepScheduler": {
+        **_SOLVER,
+        "algorithm_type": ("dpmsolver++",),
+        "solver_order": (1, 2, 3),
+    },
     "UniPCMultistepScheduler": {
         **_SOLVER,
         "solver_order": (1, 2, 3),
@@ -153,6 +159,7 @@ _READ: dict[str, set[str]] = {
     "LMSDiscreteScheduler": _BETAS | _KARRAS,
     "DPMSolverMultistepScheduler": _BETAS | _CLIPS | _KARRAS | _DPM | {"use_lu_lambdas"},
     "UniPCMultistepScheduler": _BETAS | _CLIPS | _KARRAS | _DPM,
+    "DPMSolverSinglestepScheduler": _BETAS | _CLIPS | _KARRAS | _DPM,
     "DPMSolverSDEScheduler": _BETAS | _KARRAS | {"noise_sampler_seed"},
     "PNDMScheduler": _BETAS | {"skip_prk_steps", "set_alpha_to_one"},
     # set_alpha_to_one, steps_offset, timestep_spacing: diffusers' LCM never reads them
@@ -355,6 +362,22 @@ def _dpmsolver(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
     return SchedulerParts(_schedule(scheduler), sampler)
 
 
+def _singlestep(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
+    n = config["num_train_timesteps"]
+    spacing: SpacingBase = _timesteps({**config, "timestep_spacing": "linspace"}, drop_last=True)
+    if config.get("use_karras_sigmas", False):  # rounded for every beta schedule here
+        spacing = Karras(t_max=1.0, t_min=1 / n, sigma_max=None, snap=n)
+    sampler = DPMSolverPPSinglestep(
+        order=config["solver_order"],
+        solver_type=config["solver_type"],
+        lower_order_final=config["lower_order_final"],
+        spacing=spacing,
+        clip=_clip(config),
+        t_end=_end(config),
+    )
+    return SchedulerParts(_schedule(scheduler), sampler)
+
+
 def _unipc(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
     if config["solver_type"] not in ("bh1", "bh2"):
         raise ValueError(
@@ -374,7 +397,8 @@ def _unipc(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
 def _pndm(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
     t_end = 1 / config["num_train_timesteps"] if not config["set_alpha_to_one"] else 0.0
     warmup = "plms" if config["skip_prk_steps"] else "prk"
-    sampler = PNDM(warmup=warmup, spacing=_timesteps(config), t_end=t_end)
+    combine = "v" if config["prediction_type"] == "v_prediction" else "noise"
+    sampler = PNDM(warmup=warmup, spacing=_timesteps(config), t_end=t_end, combine=combine)
     return SchedulerParts(_schedule(scheduler), sampler)
 
 
@@ -406,6 +430,7 @@ SCHEDULERS: dict[str, Callable[[Any, dict[str, Any]], SchedulerParts]] = {
     "LMSDiscreteScheduler": _lms,
     "DPMSolverMultistepScheduler": _dpmsolver,
     "DPMSolverSDEScheduler": _dpm_sde,
+    "DPMSolverSinglestepScheduler": _singlestep,
     "UniPCMultistepScheduler": _unipc,
     "PNDMScheduler": _pndm,
     "LCMScheduler": _lcm,

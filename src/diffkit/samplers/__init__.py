@@ -27,6 +27,7 @@ from diffkit.samplers.clipping import Clip as Clip
 from diffkit.samplers.ddim import DDIM as DDIM
 from diffkit.samplers.ddim import DDPM as DDPM
 from diffkit.samplers.dpmsolver import DPMSolverPP as DPMSolverPP
+from diffkit.samplers.dpmsolver import DPMSolverPPSinglestep as DPMSolverPPSinglestep
 from diffkit.samplers.edm import EDMStochastic as EDMStochastic
 from diffkit.samplers.euler import Euler as Euler
 from diffkit.samplers.euler import EulerAncestral as EulerAncestral
@@ -79,6 +80,7 @@ __all__ = [
     "DPMSolverPP",
     "DPMSolverPP2SAncestral",
     "DPMSolverPPSDE",
+    "DPMSolverPPSinglestep",
     "EDMStochastic",
     "Euler",
     "EulerAncestral",

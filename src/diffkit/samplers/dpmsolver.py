@@ -30,12 +30,14 @@ order. k-diffusion's ``sample_dpmpp_3m_sde`` is
 import math
 from typing import Literal
 
+import torch
 from pydantic import Field
 
-from diffkit.samplers._base import SAMPLERS, Grid, Step, StopsAt, final_step
+from diffkit.protocols import NoiseSchedule
+from diffkit.samplers._base import SAMPLERS, Grid, Plan, Step, StopsAt, _check_steps, final_step
 from diffkit.samplers.spacing import FINAL, SPACING, AnySpacing, LogSNR
 
-__all__ = ["DPMSolverPP", "multistep_order"]
+__all__ = ["DPMSolverPP", "DPMSolverPPSinglestep", "multistep_order", "singlestep_orders"]
 
 
 def multistep_order(grid: Grid, i: int, order: int, lower_second_last: bool) -> int:
@@ -104,3 +106,106 @@ class DPMSolverPP(StopsAt):
                 data = list(final_step(grid, self.final))
             plan.append(Step(keep=keep, data=tuple(a1 * c for c in data), noise=noise))
         return plan
+
+
+def singlestep_orders(
+    steps: int, order: int, lower_order_final: bool, onto_data: bool
+) -> list[int]:
+    """The order of each step of diffusers' ``DPMSolverSinglestepScheduler``.
+
+    Groups ``1, 2, ..., order`` repeat; its ``set_timesteps`` turns ``lower_order_final``
+    on when the last step lands on the data or ``steps`` is not a multiple of ``order``,
+    which shortens the last group; a last step onto the data is first order.
+    """
+    group = list(range(1, order + 1))
+    full, rest = divmod(steps, order)
+    if order == 1 or not (lower_order_final or onto_data or rest):
+        orders = group * full + group[:rest]
+    elif rest == 0:  # the last group shortened by one, then a first-order step
+        orders = group * (full - 1) + group[: order - 1] + [1]
+    else:
+        orders = group * full + group[:rest]
+    if onto_data:
+        orders[-1] = 1
+    return orders
+
+
+@SAMPLERS.register
+class DPMSolverPPSinglestep(StopsAt):
+    """DPM-Solver++ single-step (diffusers' ``DPMSolverSinglestepScheduler``), 1 NFE per step.
+
+    The steps come in groups of ``1, 2, ..., order`` (``singlestep_orders``): a group's
+    ``k``-th step goes from the group's first point ``g`` to the next grid point with the
+    ``k``-th-order DPM-Solver++ update on the estimates ``D_g ... D_i`` of the group, from
+    ``x_g``. As ``x_i`` is itself that group's update from ``x_g``, ``x_g`` is a linear
+    combination of ``x_i`` and the group's estimates, so each step is a linear plan.
+    ``solver_type`` is the second/third-order formula (diffusers' ``"midpoint"`` /
+    ``"heun"``).
+    """
+
+    kind: Literal["dpmpp_singlestep"] = "dpmpp_singlestep"
+    order: Literal[1, 2, 3] = Field(default=2, description="largest order of a group")
+    solver_type: Literal["midpoint", "heun"] = Field(
+        default="midpoint", description="second/third-order formula (diffusers' solver_type)"
+    )
+    lower_order_final: bool = Field(
+        default=False, description="shorten the last group (diffusers' lower_order_final)"
+    )
+    spacing: AnySpacing = Field(default_factory=LogSNR, description=SPACING)
+
+    def prepare(
+        self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
+    ) -> Plan:
+        """The grid and coefficients; a last step of zero length is a group step as any."""
+        _check_steps(steps)
+        grid = self.grid(schedule, steps, device)
+        return Plan(self, grid, tuple(self.plan(grid)))
+
+    def plan(self, grid: Grid) -> list[Step]:
+        """Single-step DPM-Solver++ coefficients on ``grid``."""
+        n = grid.steps
+        orders = singlestep_orders(n, self.order, self.lower_order_final, grid.sigma[-1] == 0)
+        plan: list[Step] = []
+        previous: dict[int, float] = {}  # the last step's coefficients from its group start
+        for i, k in enumerate(orders):
+            k = min(k, i + 1)
+            own = self._from_start(grid, i, k)
+            keep = grid.sigma[i + 1] / grid.sigma[i]
+            data = dict(own)
+            if k > 1:  # x_g = (sigma_g / sigma_i) (x_i - sum_m b_m D_m), b from step i - 1
+                for m, b in previous.items():
+                    data[m] = data.get(m, 0.0) - keep * b
+            plan.append(Step(keep=keep, data=tuple(data.get(i - j, 0.0) for j in range(k))))
+            previous = own
+        return plan
+
+    def _from_start(self, grid: Grid, i: int, k: int) -> dict[int, float]:
+        """``x_{i+1} = (sigma_{i+1} / sigma_g) x_g + sum_m c_m D_m``: the ``c`` (``g = i-k+1``)."""
+        g, a_t = i - k + 1, grid.alpha[i + 1]
+        h = grid.lam[i + 1] - grid.lam[g]
+        phi = -math.expm1(-h) if math.isfinite(h) else 1.0  # 1 - e^{-h}
+        c = {g: a_t * phi}
+        if k == 1:
+            return c
+        psi = phi / h - 1 if math.isfinite(h) else -1.0  # (e^{-h} - 1) / h + 1, negated
+        if k == 2:
+            r0 = (grid.lam[i] - grid.lam[g]) / h
+            w = 0.5 * a_t * phi / r0 if self.solver_type == "midpoint" else -a_t * psi / r0
+            return {g: c[g] - w, i: w}
+        r0, r1 = (grid.lam[i] - grid.lam[g]) / h, (grid.lam[i - 1] - grid.lam[g]) / h
+        # D1_1 = (D_i - D_g) / r0, D1_0 = (D_{i-1} - D_g) / r1
+        d1_1 = {i: 1 / r0, g: -1 / r0}
+        d1_0 = {i - 1: 1 / r1, g: -1 / r1}
+        out = dict(c)
+        out.setdefault(i, 0.0)
+        out.setdefault(i - 1, 0.0)
+        if self.solver_type == "midpoint":
+            for m, v in d1_1.items():
+                out[m] += -a_t * psi * v
+            return out
+        phi_3 = (math.expm1(-h) + h) / (h * h) - 0.5
+        for m in (i, i - 1, g):
+            d1 = (r0 * d1_0.get(m, 0.0) - r1 * d1_1.get(m, 0.0)) / (r0 - r1)
+            d2 = 2 * (d1_1.get(m, 0.0) - d1_0.get(m, 0.0)) / (r0 - r1)
+            out[m] += -a_t * psi * d1 - a_t * phi_3 * d2
+        return out

@@ -33,6 +33,9 @@ step, ``t_end = 1 / N``). A step from pure noise
 (``alpha_i = 0``, where ``x_i - sigma_i e`` cannot be divided by ``alpha_i``) is DDIM's
 first-order step, and that point's estimate is not reused. ``E`` is formed from ``D`` for
 every prediction type, so PLMS serves x0-, v- and flow-predicting models as well.
+``combine="v"`` combines ``v = alpha E - sigma D`` instead and converts the combination
+to noise at the step's start (``E = (alpha v + sigma x) / (alpha² + sigma²)``), as
+diffusers' ``PNDMScheduler`` does with a v-prediction model's raw outputs.
 """
 
 import math
@@ -97,8 +100,28 @@ class PNDM(StepSampler, StopsAt):
     warmup: Literal["plms", "prk"] = Field(
         default="plms", description="first steps: a trapezoid step (plms) or 3 Runge-Kutta (prk)"
     )
+    combine: Literal["noise", "v"] = Field(
+        default="noise",
+        description="what the steps combine: the implied noise, or v (diffusers on v models)",
+    )
     spacing: AnySpacing = Field(default_factory=LogSNR, description=SPACING)
     memory: ClassVar[int] = 4
+
+    def _implied(self, x: Tensor, d: Tensor, alpha: float, sigma: float) -> Tensor:
+        """What a step combines at ``x``: ``E``, or ``v = alpha E - sigma D``."""
+        e = _noise_of(x, d, alpha, sigma)
+        return e if self.combine == "noise" else e * alpha - d * sigma
+
+    def _noise(self, c: Tensor, x: Tensor, grid: Grid, i: int) -> Tensor:
+        """The noise a combination ``c`` stands for, at grid point ``i`` (``x`` there).
+
+        With ``combine="v"``, ``E = (alpha v + sigma x) / (alpha² + sigma²)`` at the step's
+        start, as diffusers' ``PNDMScheduler`` converts the combined raw v outputs.
+        """
+        if self.combine == "noise":
+            return c
+        a, s = grid.alpha[i], grid.sigma[i]
+        return (c * a + x * s) / (a * a + s * s)
 
     def _runge_kutta(self, grid: Grid, i: int) -> bool:
         return self.warmup == "prk" and i < min(_RK_STEPS, grid.steps - 1)
@@ -124,7 +147,7 @@ class PNDM(StepSampler, StopsAt):
         """The implied noise ``E_i`` (``D`` itself at pure noise, which no later step reads)."""
         if not math.isfinite(grid.lam[i]):
             return d
-        return _noise_of(x, d, grid.alpha[i], grid.sigma[i])
+        return self._implied(x, d, grid.alpha[i], grid.sigma[i])
 
     def step(
         self, model: StepModel, x: Tensor, i: int, grid: Grid, history: History, noise: Noise
@@ -137,25 +160,29 @@ class PNDM(StepSampler, StopsAt):
             return self._prk_step(model, x, i, grid, history[0])
         if i == 0 and self.warmup == "plms" and i < grid.steps - 1:
             e0 = history[0]
-            trial = _transfer(x, e0, grid, i, a1, s1)
-            e1 = _noise_of(trial, model(trial, i + 1), a1, s1)
-            return _transfer(x, (e0 + e1) * 0.5, grid, i, a1, s1)
+            trial = _transfer(x, self._noise(e0, x, grid, i), grid, i, a1, s1)
+            e1 = self._implied(trial, model(trial, i + 1), a1, s1)
+            return _transfer(x, self._noise((e0 + e1) * 0.5, x, grid, i), grid, i, a1, s1)
         p = 1
         while p < min(4, len(history)) and math.isfinite(grid.lam[i - p]):
             p += 1
         e = history[0] * _AB[p][0]
         for w, older in zip(_AB[p][1:], history[1:p]):
             e = e + older * w
-        return _transfer(x, e, grid, i, a1, s1)
+        return _transfer(x, self._noise(e, x, grid, i), grid, i, a1, s1)
 
     def _prk_step(self, model: StepModel, x: Tensor, i: int, grid: Grid, e1: Tensor) -> Tensor:
         """The pseudo Runge-Kutta step through the time midpoint (4 NFE)."""
         mid = model.points[i][0]
         a1, s1 = grid.alpha[i + 1], grid.sigma[i + 1]
-        x_a = _transfer(x, e1, grid, i, mid.alpha, mid.sigma)
-        e2 = _noise_of(x_a, model.at(x_a, i), mid.alpha, mid.sigma)
-        x_b = _transfer(x, e2, grid, i, mid.alpha, mid.sigma)
-        e3 = _noise_of(x_b, model.at(x_b, i), mid.alpha, mid.sigma)
-        x_c = _transfer(x, e3, grid, i, a1, s1)
-        e4 = _noise_of(x_c, model(x_c, i + 1), a1, s1)
-        return _transfer(x, (e1 + (e2 + e3) * 2 + e4) / 6, grid, i, a1, s1)
+
+        def noise(c: Tensor) -> Tensor:
+            return self._noise(c, x, grid, i)
+
+        x_a = _transfer(x, noise(e1), grid, i, mid.alpha, mid.sigma)
+        e2 = self._implied(x_a, model.at(x_a, i), mid.alpha, mid.sigma)
+        x_b = _transfer(x, noise(e2), grid, i, mid.alpha, mid.sigma)
+        e3 = self._implied(x_b, model.at(x_b, i), mid.alpha, mid.sigma)
+        x_c = _transfer(x, noise(e3), grid, i, a1, s1)
+        e4 = self._implied(x_c, model(x_c, i + 1), a1, s1)
+        return _transfer(x, noise((e1 + (e2 + e3) * 2 + e4) / 6), grid, i, a1, s1)
