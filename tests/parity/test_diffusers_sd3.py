@@ -24,6 +24,7 @@ VARIANTS = {
     "sd3": {},
     "sd3.5-large": {"qk_norm": "rms_norm"},
     "sd3.5-medium": {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)},
+    "uncropped": {"pos_embed_max_size": None},  # positions scaled to the grid, as DiT's
 }
 
 
@@ -183,3 +184,19 @@ def test_full_size_sd3_configs_map_every_tensor_on_meta(name: str) -> None:
     assert all(back[k].shape == want[k].shape for k in want)
     count = sum(p.numel() for p in model.parameters())
     assert count == sum(p.numel() for p in ref.parameters())
+
+
+def test_a_masked_caption_token_is_as_if_absent() -> None:
+    """Joint attention with a keep-mask: no token, image or caption, reads a masked caption
+    token, so the output equals that of the caption without it."""
+    model = dk.interop.from_diffusers(_sd3(**VARIANTS["sd3.5-medium"]))
+    x, tokens, pooled = _inputs((8, 8), torch.float32)
+    t = torch.full((3,), 0.4)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[:, 3:] = False
+    with torch.no_grad():
+        masked = model(x, t, Conditioning(tokens=tokens, pooled=pooled, mask=mask))
+        shorter = model(x, t, Conditioning(tokens=tokens[:, :3], pooled=pooled))
+        unmasked = model(x, t, Conditioning(tokens=tokens, pooled=pooled))
+    assert (masked - shorter).abs().max().item() <= 1e-5
+    assert (masked - unmasked).abs().max().item() > 1e-3
