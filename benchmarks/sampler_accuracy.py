@@ -153,14 +153,19 @@ def diffkit_runners(calibration: Tensor) -> dict[str, Maker]:
 
 
 def steps_for(sampler: samplers.SamplerBase, nfe: int) -> int:
-    """Steps using at most ``nfe`` evaluations (two-stage samplers: 2 per step, 1 on the last)."""
+    """Steps using at most ``nfe`` evaluations (two-stage samplers: 2 per step, 1 on the last).
+
+    PLMS spends one evaluation more on its first step, its Runge-Kutta warm-up nine.
+    """
+    if isinstance(sampler, samplers.PNDM):
+        return max(nfe - (1 if sampler.warmup == "plms" else 9), 1)
     two_stage = isinstance(
         sampler,
         samplers.Heun
         | samplers.DPMSolver2
         | samplers.DPMSolverPP2SAncestral
         | samplers.DPMSolverPPSDE,
-    )
+    ) or (isinstance(sampler, samplers.EDMStochastic) and sampler.solver == "heun")
     return (nfe + 1) // 2 if two_stage else nfe
 
 

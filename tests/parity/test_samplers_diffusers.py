@@ -230,17 +230,23 @@ def test_flow_match_euler_is_euler_on_shifted_rectified_flow(shift: float) -> No
 @pytest.mark.parametrize("float64_alphas", [False, True])
 @pytest.mark.parametrize("steps", [4, 10, 25])
 @pytest.mark.parametrize("skip_prk_steps", [True, False])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_pndm_matches_diffusers_pndm_scheduler(
-    skip_prk_steps: bool, steps: int, float64_alphas: bool
+    prediction: str, spacing: str, skip_prk_steps: bool, steps: int, float64_alphas: bool
 ) -> None:
     # Stable Diffusion 1.x's grid: "leading" spacing with steps_offset=1; the last step
     # onto the data (set_alpha_to_one=True). diffusers keeps alphas_cumprod in float32;
-    # with float64 ones put in its place both run in float64.
+    # with float64 ones put in its place both run in float64. (diffusers' PNDM steps by
+    # num_train // steps, not to its next timestep: its "linspace" grid is not a grid it
+    # steps on, so only "leading" and "trailing" with steps dividing 1000 are compared.)
     scheduler = diffusers.PNDMScheduler(
         beta_schedule="linear",
         skip_prk_steps=skip_prk_steps,
-        steps_offset=1,
+        steps_offset=1 if spacing == "leading" else 0,
         set_alpha_to_one=True,
+        timestep_spacing=spacing,
+        prediction_type=prediction,
     )
     if float64_alphas:
         scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
@@ -253,7 +259,13 @@ def test_pndm_matches_diffusers_pndm_scheduler(
         x = scheduler.step(model.eps(x, ts.expand(3)), ts, x).prev_sample
 
     warmup = "plms" if skip_prk_steps else "prk"
-    sampler = samplers.PNDM(warmup=warmup, spacing=samplers.Leading(steps_offset=1))
+    grid = (
+        samplers.Leading(steps_offset=1)
+        if spacing == "leading"
+        else samplers.UniformTime(trailing=True)
+    )
+    combine = "epsilon" if prediction == "epsilon" else "v"
+    sampler = samplers.PNDM(warmup=warmup, combine=combine, spacing=grid)
     calls = 0
 
     def counted(x, t, cond=None):
@@ -261,7 +273,7 @@ def test_pndm_matches_diffusers_pndm_scheduler(
         calls += 1
         return model(x, t)
 
-    counted.prediction = "epsilon"  # type: ignore[attr-defined]
+    counted.prediction = "epsilon" if prediction == "epsilon" else "v"  # type: ignore[attr-defined]
     ours = sampler.sample(counted, schedule, x_T, steps=steps, start="sample")
     assert calls == len(scheduler.timesteps)  # the same number of model evaluations
     error = float((ours - x).abs().max() / x.abs().max())
@@ -273,7 +285,7 @@ def test_pndm_matches_diffusers_pndm_scheduler(
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("float64", [False, True])
 @pytest.mark.parametrize("steps", [1, 2, 4, 8, 50])
 def test_lcm_matches_diffusers_lcm_scheduler(steps: int, float64: bool, prediction: str) -> None:
@@ -287,7 +299,7 @@ def test_lcm_matches_diffusers_lcm_scheduler(steps: int, float64: bool, predicti
     schedule = dk.schedules.Discrete.from_alphas_cumprod(scheduler.alphas_cumprod.double())
     scheduler.set_timesteps(steps)
     model = IndexModel(schedule)
-    model.prediction = "epsilon" if prediction == "epsilon" else "v"
+    model.prediction = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}[prediction]
     x_T = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=dtype)
     x, g = x_T.clone(), torch.Generator().manual_seed(7)
     for ts in scheduler.timesteps:

@@ -37,16 +37,16 @@ SHAPE = (4, 3, 8, 8)
 WORST: dict[str, float] = {}
 
 
-def _deter(flip: bool) -> torch.Tensor:
+def _deter(flip: bool, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
     """diffusers' ``dummy_sample_deter`` (``flip``: ``dummy_noise_deter``), (4, 3, 8, 8).
 
     In float64 (both libraries then draw their noise in float64 from the same generator,
     and neither adds float32 rounding of its own to the comparison).
     """
-    b, c, h, w = SHAPE
-    n = b * c * h * w
+    n = math.prod(shape)
     values = torch.arange(n).flip(-1) if flip else torch.arange(n)
-    return (values.reshape(c, h, w, b) / n).permute(3, 0, 1, 2).double()
+    order = (len(shape) - 1, *range(len(shape) - 1))  # batch last, moved first
+    return (values.reshape(*shape[1:], shape[0]) / n).permute(order).double()
 
 
 def _dummy(sample: torch.Tensor, t: Any) -> torch.Tensor:
@@ -250,6 +250,8 @@ def _scenarios() -> dict[str, tuple[str, dict[str, Any], int | None, int]]:
             0,
         ),
         "dpm_sde_karras_sigmas": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, 10, 0),
+        # beyond the suite: DDPM's other variance_type diffkit honours (the same variance)
+        "ddpm_fixed_small_log": ("DDPMScheduler", {"variance_type": "fixed_small_log"}, None, 0),
     }
     for algorithm in ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++"):
         for solver_type in ("midpoint", "heun"):
@@ -279,6 +281,18 @@ def _scenarios() -> dict[str, tuple[str, dict[str, Any], int | None, int]]:
                     10,
                     0,
                 )
+    # UniPCMultistepScheduler1DTest: the same loops on (4, 3, 8) samples
+    unipc = "UniPCMultistepScheduler"
+    out["unipc_1d_no_noise"] = (unipc, {}, 10, 0)
+    out["unipc_1d_with_karras"] = (unipc, {"use_karras_sigmas": True}, 10, 0)
+    out["unipc_1d_with_v_prediction"] = (unipc, {"prediction_type": "v_prediction"}, 10, 0)
+    out["unipc_1d_with_karras_and_v_prediction"] = (
+        unipc,
+        {"prediction_type": "v_prediction", "use_karras_sigmas": True},
+        10,
+        0,
+    )
+    out["unipc_1d_with_noise"] = (unipc, {}, 10, 5)
     single = "DPMSolverSinglestepScheduler"
     out["dpm_single_no_noise"] = (single, {}, 10, 0)
     out["dpm_single_with_karras"] = (single, {"use_karras_sigmas": True}, 10, 0)
@@ -390,7 +404,11 @@ def _make(name: str, overrides: dict[str, Any]) -> Any:
 
 
 def _diffusers_loop(
-    scheduler: Any, steps: int | None, t_start: int, exact: list[float] | None = None
+    scheduler: Any,
+    steps: int | None,
+    t_start: int,
+    exact: list[float] | None = None,
+    shape: tuple[int, ...] = SHAPE,
 ) -> torch.Tensor:
     """The scenario's loop in diffusers (the valid one: the scaled input goes to the model).
 
@@ -414,10 +432,10 @@ def _diffusers_loop(
         sigmas = torch.tensor([*exact[:1], *[s for s in exact[1:-1] for _ in "ab"], 0.0])
         torch.testing.assert_close(scheduler.sigmas, sigmas.float(), rtol=1e-6, atol=0)
         scheduler.sigmas = sigmas.double()
-    sample = _deter(False) * scheduler.init_noise_sigma
+    sample = _deter(False, shape) * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps[t_start * scheduler.order :]
     if t_start:
-        sample = scheduler.add_noise(sample, _deter(True), timesteps[:1])
+        sample = scheduler.add_noise(sample, _deter(True, shape), timesteps[:1])
     if t_start and isinstance(scheduler, diffusers.LMSDiscreteScheduler):
         scheduler.timesteps, scheduler.sigmas = timesteps, scheduler.sigmas[t_start:]
     takes = inspect.signature(scheduler.step).parameters
@@ -428,12 +446,12 @@ def _diffusers_loop(
     return sample
 
 
-def _start(scheduler: Any, steps: int | None, t_start: int) -> torch.Tensor:
+def _start(scheduler: Any, t_start: int, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
     """The scenario's starting latents in diffusers' units, at ``timesteps[t_start]``."""
-    sample = _deter(False) * scheduler.init_noise_sigma
+    sample = _deter(False, shape) * scheduler.init_noise_sigma
     if t_start:
         timesteps = scheduler.timesteps[t_start * scheduler.order :]
-        sample = scheduler.add_noise(sample, _deter(True), timesteps[:1])
+        sample = scheduler.add_noise(sample, _deter(True, shape), timesteps[:1])
     return sample
 
 
@@ -481,11 +499,12 @@ def test_from_diffusers_reproduces_full_loop_scenario(scenario: str) -> None:
     if name == "DPMSolverSDEScheduler":
         grid = parts.sampler.grid(parts.schedule, steps or 1)
         exact = [s / a for a, s in zip(grid.alpha, grid.sigma)]
-    reference = _diffusers_loop(scheduler, steps, t_start, exact)
+    shape = (4, 3, 8) if "_1d_" in scenario else SHAPE
+    reference = _diffusers_loop(scheduler, steps, t_start, exact, shape)
     fresh = _make(name, overrides)
     if steps is not None:
         fresh.set_timesteps(steps)
-    start = _start(fresh, steps, t_start)
+    start = _start(fresh, t_start, shape)
     n = steps if steps is not None else fresh.config.num_train_timesteps
     ours = _diffkit_loop(name, parts, diffusers_prediction(fresh), start, n, t_start)
     # relative to the result's largest value, floored at 1e-3: with an x0-predicting dummy
@@ -510,10 +529,35 @@ def test_a_field_diffkit_cannot_honour_is_refused_by_name(name: str, field: str)
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_a_field_the_converter_does_not_know_is_refused_by_name(name: str) -> None:
-    scheduler = getattr(diffusers, name)()
-    scheduler.register_to_config(brand_new_option=1)
+    base = getattr(diffusers, name)
+
+    def init(self: Any, brand_new_option: int = 1, **kwargs: Any) -> None:
+        base.__init__(self, **kwargs)
+        self.register_to_config(brand_new_option=brand_new_option)
+
+    # a newer diffusers' scheduler of the same name with one more option
+    newer = type(name, (base,), {"__init__": init})
     with pytest.raises(ValueError, match=rf"{name}\.brand_new_option"):
-        from_diffusers(scheduler)
+        from_diffusers(newer())
+
+
+def test_hidden_config_keys_diffusers_ignores_are_ignored() -> None:
+    # Stable Diffusion 1.x's scheduler config: PNDM's, with DDIM's clip_sample beside
+    config = {
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "clip_sample": False,
+    }
+    pndm = diffusers.PNDMScheduler.from_config(config)
+    assert "clip_sample" in pndm.config
+    _, sampler = from_diffusers(pndm)
+    assert isinstance(sampler, dk.samplers.PNDM) and sampler.t_end == 1e-3
+    euler = diffusers.EulerDiscreteScheduler.from_config(pndm.config)
+    assert isinstance(from_diffusers(euler).sampler, dk.samplers.Euler)
 
 
 def test_prediction_type_is_the_denoisers_in_diffkit_names() -> None:

@@ -19,6 +19,7 @@ refused by name: ``ALLOWED`` lists, per scheduler, the fields diffkit honours on
 values, and a field the converter does not know is refused too.
 """
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -63,50 +64,47 @@ class SchedulerParts(NamedTuple):
 _INF = -math.inf
 _NONE_OR_FALSE = (None, False)
 _SIGMAS = {"use_exponential_sigmas": _NONE_OR_FALSE, "use_beta_sigmas": _NONE_OR_FALSE}
-_DISCRETE = {"timestep_spacing": ("linspace", "leading", "trailing"), **_SIGMAS}
+_SPACED = {"timestep_spacing": ("linspace", "leading", "trailing")}
 _THRESHOLD = {"prediction_type": ("epsilon", "v_prediction", "sample")}
+_DISCRETE = {**_SPACED, **_SIGMAS, **_THRESHOLD}
 _SOLVER = {
-    **_DISCRETE,
+    **_SIGMAS,
     **_THRESHOLD,
     "use_flow_sigmas": (False,),
     "use_dynamic_shifting": (False,),
     "final_sigmas_type": ("zero", "sigma_min"),
-    "variance_type": (None,),
-    "lambda_min_clipped": (_INF,),
 }
+_DPM = {**_SOLVER, "variance_type": (None,), "lambda_min_clipped": (_INF,)}
 
 ALLOWED: dict[str, dict[str, tuple[Any, ...]]] = {
-    "DDPMScheduler": {
-        **_DISCRETE,
-        **_THRESHOLD,
-        "variance_type": ("fixed_small", "fixed_small_log"),
-    },
-    "DDIMScheduler": {**_DISCRETE, **_THRESHOLD},
+    "DDPMScheduler": {**_SPACED, **_THRESHOLD, "variance_type": ("fixed_small", "fixed_small_log")},
+    "DDIMScheduler": {**_SPACED, **_THRESHOLD},
     "EulerDiscreteScheduler": {
         **_DISCRETE,
-        **_THRESHOLD,
         "interpolation_type": ("linear",),
         "timestep_type": ("discrete",),
         "sigma_min": (None,),
         "sigma_max": (None,),
         "final_sigmas_type": ("zero", "sigma_min"),
     },
-    "EulerAncestralDiscreteScheduler": {**_DISCRETE, **_THRESHOLD},
-    "HeunDiscreteScheduler": {**_DISCRETE, **_THRESHOLD},
-    "LMSDiscreteScheduler": {**_DISCRETE, **_THRESHOLD},
+    "EulerAncestralDiscreteScheduler": {**_SPACED, **_THRESHOLD},
+    "HeunDiscreteScheduler": _DISCRETE,
+    "LMSDiscreteScheduler": _DISCRETE,
     "DPMSolverMultistepScheduler": {
-        **_SOLVER,
+        **_DPM,
+        **_SPACED,
         "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
         "solver_order": (1, 2, 3),
         "euler_at_final": (False,),
     },
     "DPMSolverSinglestepScheduler": {
-        **_SOLVER,
+        **_DPM,
         "algorithm_type": ("dpmsolver++",),
         "solver_order": (1, 2, 3),
     },
     "UniPCMultistepScheduler": {
         **_SOLVER,
+        **_SPACED,
         "solver_order": (1, 2, 3),
         "predict_x0": (True,),
         "lower_order_final": (True,),
@@ -116,9 +114,9 @@ ALLOWED: dict[str, dict[str, tuple[Any, ...]]] = {
         "sigma_max": (None,),
         "shift_terminal": (None,),
     },
-    "DPMSolverSDEScheduler": {**_DISCRETE, **_THRESHOLD},
-    "PNDMScheduler": {**_DISCRETE, "prediction_type": ("epsilon", "v_prediction")},
-    "LCMScheduler": {**_THRESHOLD},
+    "DPMSolverSDEScheduler": _DISCRETE,
+    "PNDMScheduler": {**_SPACED, "prediction_type": ("epsilon", "v_prediction")},
+    "LCMScheduler": _THRESHOLD,
     "FlowMatchEulerDiscreteScheduler": {
         "use_dynamic_shifting": (False,),
         "invert_sigmas": (False,),
@@ -149,7 +147,7 @@ _CLIPS = {
     "sample_max_value",
 }
 _KARRAS = {"use_karras_sigmas"}
-_DPM = {"solver_type", "lower_order_final", "flow_shift", "time_shift_type"}
+_SOLVES = {"solver_type", "lower_order_final", "flow_shift", "time_shift_type"}
 _READ: dict[str, set[str]] = {
     "DDPMScheduler": _BETAS | _CLIPS,
     "DDIMScheduler": _BETAS | _CLIPS | {"set_alpha_to_one"},
@@ -157,9 +155,9 @@ _READ: dict[str, set[str]] = {
     "EulerAncestralDiscreteScheduler": _BETAS,
     "HeunDiscreteScheduler": _BETAS | _KARRAS | {"clip_sample", "clip_sample_range"},
     "LMSDiscreteScheduler": _BETAS | _KARRAS,
-    "DPMSolverMultistepScheduler": _BETAS | _CLIPS | _KARRAS | _DPM | {"use_lu_lambdas"},
-    "UniPCMultistepScheduler": _BETAS | _CLIPS | _KARRAS | _DPM,
-    "DPMSolverSinglestepScheduler": _BETAS | _CLIPS | _KARRAS | _DPM,
+    "DPMSolverMultistepScheduler": _BETAS | _CLIPS | _KARRAS | _SOLVES | {"use_lu_lambdas"},
+    "UniPCMultistepScheduler": _BETAS | _CLIPS | _KARRAS | _SOLVES,
+    "DPMSolverSinglestepScheduler": _BETAS | _CLIPS | _KARRAS | _SOLVES,
     "DPMSolverSDEScheduler": _BETAS | _KARRAS | {"noise_sampler_seed"},
     "PNDMScheduler": _BETAS | {"skip_prk_steps", "set_alpha_to_one"},
     # set_alpha_to_one, steps_offset, timestep_spacing: diffusers' LCM never reads them
@@ -188,10 +186,17 @@ _PREDICTIONS: dict[str, Prediction] = {
 
 
 def _config(scheduler: Any) -> dict[str, Any]:
+    """The config fields the scheduler's ``__init__`` takes: those its behaviour depends on.
+
+    A config loaded with ``from_config`` keeps the other schedulers' keys as hidden
+    entries (Stable Diffusion's PNDM config carries ``clip_sample``), which diffusers
+    ignores; so does the converter.
+    """
     config = getattr(scheduler, "config", None)
     if not isinstance(config, Mapping):
         raise TypeError(f"{type(scheduler).__name__} has no diffusers config")
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+    taken = inspect.signature(type(scheduler).__init__).parameters
+    return {k: v for k, v in config.items() if k in taken and not k.startswith("_")}
 
 
 def diffusers_prediction(scheduler: Any) -> Prediction:
@@ -397,7 +402,7 @@ def _unipc(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
 def _pndm(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
     t_end = 1 / config["num_train_timesteps"] if not config["set_alpha_to_one"] else 0.0
     warmup = "plms" if config["skip_prk_steps"] else "prk"
-    combine = "v" if config["prediction_type"] == "v_prediction" else "noise"
+    combine = "v" if config["prediction_type"] == "v_prediction" else "epsilon"
     sampler = PNDM(warmup=warmup, spacing=_timesteps(config), t_end=t_end, combine=combine)
     return SchedulerParts(_schedule(scheduler), sampler)
 

@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from diffkit.config import Config, Registry
+from diffkit.config import Config, Registry, field_error
 from diffkit.guidance import OutputShapeError, predict, unused_uncond
 from diffkit.prediction import _validate, _x0_of
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, StepCallback
@@ -845,6 +845,18 @@ class StopsAt(SamplerBase):
     """
 
     t_end: float = Field(default=0.0, ge=0, lt=1, description=T_END)
+
+    @model_validator(mode="after")
+    def _end_below_the_grid(self) -> "StopsAt":
+        floor = self.spacing.t_floor()
+        if self.t_end > floor:
+            owner = type(self).__name__
+            message = (
+                f"{owner}: t_end ({self.t_end}) must not be above the spacing's last "
+                f"evaluation time ({floor}; 0: not known for {type(self.spacing).__name__})"
+            )
+            raise field_error(owner, "t_end", message, self.t_end)
+        return self
 
     def grid(self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None) -> Grid:
         """The time grid, ending at ``t_end``."""

@@ -64,7 +64,9 @@ class EDMStochastic(StepSampler):
     s_tmax: float | None = Field(
         default=50.0, description="highest sigma/alpha that is churned; None: no bound"
     )
-    s_noise: float = Field(default=1.003, gt=0, description="scale of the churn noise")
+    s_noise: float = Field(
+        default=1.003, gt=0, le=10, description="scale of the churn noise (EDM: 1 to 1.007)"
+    )
     spacing: AnySpacing = Field(default_factory=Karras, description=SPACING)
 
     @model_validator(mode="after")
@@ -120,10 +122,9 @@ class EDMStochastic(StepSampler):
         z = noise(x, math.exp(-grid.lam[i]), s1) if self.s_churn > 0 else None
         if not math.isfinite(grid.lam[i]):  # from pure noise: Euler in x (alpha_i = 0)
             return x * (grid.sigma[i + 1] / grid.sigma[i]) + history[0] * a1
-        if model.points[i]:
+        if model.points[i] and z is not None:  # churned (which needs s_churn > 0)
             hat = model.points[i][0]
             s0, s_hat = grid.sigma[i] / a0, hat.sigma / hat.alpha
-            assert z is not None  # a churned step has s_churn > 0
             x_t = x / a0 + z * (self.s_noise * math.sqrt(s_hat * s_hat - s0 * s0))
             d = model.at(x_t * hat.alpha, i)
         else:

@@ -30,8 +30,8 @@ __all__ = ["LCM", "consistency_scalings"]
 
 def consistency_scalings(u: float, sigma_data: float) -> tuple[float, float]:
     """``(c_skip, c_out)`` at the scaled timestep ``u`` (the LCM boundary condition)."""
-    d2 = sigma_data * sigma_data
-    return d2 / (u * u + d2), u / math.sqrt(u * u + d2)
+    r = math.hypot(u, sigma_data)  # sqrt(u² + sigma_data²) without overflow or underflow
+    return (sigma_data / r) ** 2, u / r
 
 
 @SAMPLERS.register

@@ -127,6 +127,10 @@ class SpacingBase(Config):
         """The times the denoiser is told at the grid's times ``t`` (``None``: ``t`` itself)."""
         return None
 
+    def t_floor(self) -> float:
+        """A time no evaluation falls below, for any step count (0: not known)."""
+        return 0.0
+
     def starting_at(self, t: float) -> "SpacingBase":
         """This spacing with its first evaluation at ``t`` (``sample(..., t_start=t)``).
 
@@ -167,6 +171,10 @@ class _Ends(SpacingBase):
             )
             raise field_error(owner, "t_min", message, t_min)
         return self
+
+    def t_floor(self) -> float:
+        """The last evaluation time, ``t_min``."""
+        return self.t_min
 
     def starting_at(self, t: float) -> SpacingBase:
         """This spacing with ``t_max = t`` (validated: ``t_min < t <= 1``)."""
@@ -225,6 +233,10 @@ class UniformTime(_Ends):
     kind: Literal["uniform"] = "uniform"
     trailing: bool = Field(default=False, description="end at t_max / steps, not t_min")
 
+    def t_floor(self) -> float:
+        """``t_min``; trailing, ``t_max / steps`` has no floor (0)."""
+        return 0.0 if self.trailing else self.t_min
+
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
     ) -> Tensor:
@@ -248,6 +260,10 @@ class Leading(SpacingBase):
     kind: Literal["leading"] = "leading"
     num_train: int = Field(default=1000, ge=1, description="training steps of the model")
     steps_offset: int = Field(default=0, ge=0, description="added to every index (diffusers)")
+
+    def t_floor(self) -> float:
+        """The first training step's time, ``1 / num_train``."""
+        return 1 / self.num_train
 
     @model_validator(mode="after")
     def _valid_offset(self) -> "Leading":
@@ -318,6 +334,10 @@ class Timesteps(SpacingBase):
     drop_last: bool = Field(
         default=False, description="spread steps + 1 points, drop the last (DPM-Solver, UniPC)"
     )
+
+    def t_floor(self) -> float:
+        """The first training step's time, ``1 / num_train``."""
+        return 1 / self.num_train
 
     def __call__(
         self, schedule: NoiseSchedule, steps: int, device: torch.device | None = None
@@ -505,6 +525,10 @@ class _Listed(SpacingBase):
                 f"{self._remedy}"
             )
         return torch.tensor([*self.times, 0.0], dtype=_F64)
+
+    def t_floor(self) -> float:
+        """The last listed time."""
+        return self.times[-1]
 
     def starting_at(self, t: float) -> SpacingBase:
         """Itself, when its first time is ``t`` (a listed grid is not moved)."""

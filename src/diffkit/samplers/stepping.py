@@ -98,7 +98,9 @@ class StepSampler(SamplerBase):
 
     A subclass declares its ``kind``, its fields and a ``spacing`` field, as every sampler
     does, and writes ``step``; ``points`` (none by default) names the points off the grid
-    a step evaluates the model at, ``memory`` how many past estimates ``history`` holds.
+    a step evaluates the model at, ``memory`` how many past estimates ``history`` holds,
+    ``reads_estimate`` whether a step uses ``D`` at its own grid point (EDM's churn moves
+    off it first, so the loop does not evaluate it there).
     """
 
     memory: ClassVar[int] = 1
