@@ -811,3 +811,22 @@ def test_a_custom_registered_kind_round_trips_and_a_fresh_process_names_what_to_
     assert done.returncode != 0
     assert "unknown schedule kind 'test_stretched'" in done.stderr, done.stderr
     assert "registry('schedule').register(YourConfig)" in done.stderr, done.stderr
+
+
+def test_start_sample_takes_the_noise_as_the_first_sample(one_thread) -> None:
+    """``start="sample"`` (a converted diffusers pipeline's): noise is x_T itself, unscaled;
+    the default scales it to sigma at the first time. Both are saved in the config."""
+    schedule, sampler = Discrete.from_betas(discrete_betas("linear_beta", 1000)), DDIM()
+    pipeline = Pipeline(schedule, _tiny_unet(), sampler=sampler, data_shape=(1, 8, 8))
+    as_sample = pipeline.replace(start="sample")
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = as_sample.generate(noise=noise, steps=3)
+    want = sampler.sample(pipeline.denoiser, schedule, noise, steps=3, start="sample")
+    assert torch.equal(got, want)
+    assert not torch.equal(pipeline.generate(noise=noise, steps=3), got)
+    assert as_sample.config.start == "sample" and pipeline.config.start == "noise"
+    assert Pipeline.from_config(as_sample.config).start == "sample"
+    with pytest.raises(ValueError, match="start"):
+        pipeline.replace(start="latents")
+    with pytest.raises(ValueError, match="empty_uncond"):
+        pipeline.replace(empty_uncond="none")

@@ -23,13 +23,14 @@ with ``replace(...)`` all save and load alike.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 import torch
 from jaxtyping import Float
@@ -307,6 +308,101 @@ def _to_stored_dtypes(pipeline: nn.Module, tensors: dict[str, Tensor]) -> None:
                     value.data = value.data.to(saved.dtype)
 
 
+_FILE_FIELDS = ("vocab_path", "tokenizer_path")
+"""The fields of a text conditioner's config that name a tokenizer file."""
+
+
+def _files_inside(
+    config: Config, folder: Path, relative: str, copies: list[tuple[Path, Path]]
+) -> Config:
+    """``config`` (a text conditioner's, and the ``parts`` of a composed one) with each
+    tokenizer file it names moved to ``folder / relative``; the copies to make are appended."""
+    update: dict[str, Any] = {}
+    fields = type(config).model_fields
+    for name in _FILE_FIELDS:
+        value = getattr(config, name, None) if name in fields else None
+        if isinstance(value, str):
+            source = Path(value)
+            target = folder / relative / source.name
+            if source.resolve() != target.resolve():
+                copies.append((source, target))
+            update[name] = f"{relative}/{source.name}"
+    parts = getattr(config, "parts", None) if "parts" in fields else None
+    if isinstance(parts, tuple) and all(isinstance(part, Config) for part in parts):
+        update["parts"] = tuple(
+            _files_inside(part, folder, f"{relative}/{i}", copies) for i, part in enumerate(parts)
+        )
+    return config.model_copy(update=update)
+
+
+def _confined_files(folder: Path, text: dict[str, Any], where: str) -> dict[str, Any]:
+    """A saved text config with each tokenizer file it names checked to be a regular file
+    inside ``folder`` and made absolute (also in the ``parts`` of a composed one)."""
+    out = dict(text)
+    for name in _FILE_FIELDS:
+        if isinstance(text.get(name), str):
+            try:
+                out[name] = str(confined(folder, text[name]))
+            except UnreadableFileError as err:
+                raise CheckpointError(f"{where}.{name} {err}") from None
+    parts = text.get("parts")
+    if isinstance(parts, list):
+        out["parts"] = [
+            _confined_files(folder, part, f"{where}.parts[{i}]") if isinstance(part, dict) else part
+            for i, part in enumerate(parts)
+        ]
+    return out
+
+
+def _zeros(cond: Conditioning) -> Conditioning:
+    """``cond`` with its tokens and pooled vector zeroed (the rest kept)."""
+    return dataclasses.replace(
+        cond,
+        tokens=None if cond.tokens is None else torch.zeros_like(cond.tokens),
+        pooled=None if cond.pooled is None else torch.zeros_like(cond.pooled),
+    )
+
+
+def _default_micro(denoiser: object, height: int, width: int) -> list[float] | None:
+    """diffusers' default micro-conditions for images of ``height x width`` pixels.
+
+    SDXL's U-Net (6): original size, crop top-left, target size ``(h, w, 0, 0, h, w)``;
+    PixArt-α's transformer: ``(h, w, h / w)``; ``None`` for a denoiser that takes none.
+    """
+    config = getattr(denoiser, "config", None)
+    if getattr(config, "size_conditions", False):
+        return [float(height), float(width), height / width]
+    count = getattr(config, "micro_conditions", 0)
+    if count == 6:
+        return [float(height), float(width), 0.0, 0.0, float(height), float(width)]
+    if count:
+        raise ValueError(
+            f"Pipeline: the denoiser takes {count} micro-conditions, which have no default "
+            "(6 are SDXL's sizes); pass cond= and uncond= with their micro"
+        )
+    return None
+
+
+def _with_micro(conds: _Conds, default: Callable[[], list[float] | None], like: Tensor) -> _Conds:
+    """``conds`` with the ``default()`` micro-conditions (one row, for every sample) where
+    they have none (``default`` is asked only then)."""
+    if all(c is None or c.micro is not None for c in (conds["cond"], conds["uncond"])):
+        return conds
+    micro = default()
+    if micro is None:
+        return conds
+    row = torch.tensor(micro, dtype=like.dtype, device=like.device)
+
+    def filled(c: Conditioning | None) -> Conditioning | None:
+        if c is None or c.micro is not None:
+            return c
+        return dataclasses.replace(c, micro=row.expand(c.batch_size or 1, -1))
+
+    return _Conds(
+        cond=filled(conds["cond"]), uncond=filled(conds["uncond"]), guidance=conds["guidance"]
+    )
+
+
 class _Truncated:
     """The schedule on ``[0, t_end]`` stretched to ``[0, 1]``: ``alpha'(u) = alpha(t_end u)``."""
 
@@ -343,7 +439,12 @@ class Pipeline(nn.Module):
     The parts that are ``nn.Module``s are submodules (``denoiser``, ``encoder``,
     ``text``), so ``pipeline.to(device)`` and ``pipeline.state_dict()`` cover them.
     ``data_shape`` is one sample without batch: ``(c, h, w)`` or ``(frames, c, h, w)``;
-    ``steps`` and ``guidance`` are the defaults of ``generate`` and ``img2img``.
+    ``steps`` and ``guidance`` are the defaults of ``generate`` and ``img2img``; ``start``
+    says what ``generate``'s standard normal noise is: ``"noise"`` is scaled to ``sigma`` at
+    the sampler's first time, ``"sample"`` is the first sample itself (as diffusers'
+    pipelines take their ``latents``; ``interop.from_diffusers(pipeline)`` sets it);
+    ``empty_uncond="zeros"`` guides without negative prompts against zeros instead of the
+    empty prompt (SDXL's ``force_zeros_for_empty_prompt``).
     """
 
     def __init__(
@@ -358,6 +459,8 @@ class Pipeline(nn.Module):
         data_shape: Sequence[int] | None = None,
         steps: int = 30,
         guidance: float = 1.0,
+        start: Literal["noise", "sample"] = "noise",
+        empty_uncond: Literal["prompt", "zeros"] = "prompt",
     ) -> None:
         super().__init__()
         if getattr(denoiser, "prediction", None) not in ("epsilon", "x0", "v", "flow"):
@@ -378,6 +481,14 @@ class Pipeline(nn.Module):
         self.data_shape = tuple(int(s) for s in data_shape) if data_shape is not None else None
         self.steps = steps
         self.guidance = float(guidance)
+        if start not in ("noise", "sample"):
+            raise ValueError(f"Pipeline: start must be 'noise' or 'sample', got {start!r}")
+        self.start: Literal["noise", "sample"] = start
+        if empty_uncond not in ("prompt", "zeros"):
+            raise ValueError(
+                f"Pipeline: empty_uncond must be 'prompt' or 'zeros', got {empty_uncond!r}"
+            )
+        self.empty_uncond: Literal["prompt", "zeros"] = empty_uncond
 
     @classmethod
     def from_config(
@@ -400,6 +511,8 @@ class Pipeline(nn.Module):
             data_shape=parsed.data_shape,
             steps=parsed.steps,
             guidance=parsed.guidance,
+            start=parsed.start,
+            empty_uncond=parsed.empty_uncond,
         )
 
     @property
@@ -418,17 +531,24 @@ class Pipeline(nn.Module):
             raise ValueError(f"{where}: data_shape is not set; pass data_shape= to Pipeline")
         parts = {name: _registered_config(where, name, getattr(self, name)) for name in PARTS}
         return PipelineConfig.model_validate(
-            {**parts, "data_shape": self.data_shape, "steps": self.steps, "guidance": self.guidance}
+            {
+                **parts,
+                "data_shape": self.data_shape,
+                "steps": self.steps,
+                "guidance": self.guidance,
+                "start": self.start,
+                "empty_uncond": self.empty_uncond,
+            }
         )
 
     def replace(self, **parts: Any) -> "Pipeline":
         """A new pipeline with some parts replaced; the others (their weights too) are shared.
 
         Keywords: any of ``schedule``, ``denoiser``, ``encoder``, ``text``, ``sampler``,
-        ``patchifier``, ``data_shape``, ``steps``, ``guidance``; ``None`` removes an
-        optional part. ``pipeline.replace(sampler=DDIM(eta=0.5)).save(dir)``.
+        ``patchifier``, ``data_shape``, ``steps``, ``guidance``, ``start``, ``empty_uncond``;
+        ``None`` removes an optional part. ``pipeline.replace(sampler=DDIM(eta=0.5)).save(dir)``.
         """
-        names = (*PARTS, "data_shape", "steps", "guidance")
+        names = (*PARTS, "data_shape", "steps", "guidance", "start", "empty_uncond")
         unknown = sorted(set(parts) - set(names))
         if unknown:
             raise TypeError(
@@ -549,9 +669,12 @@ class Pipeline(nn.Module):
                     f"{where}: guidance != 1 needs an unconditional condition: pass uncond= "
                     "(or use a text conditioner)"
                 )
+            empty = negative_prompts is None
             if isinstance(negative_prompts, str) or negative_prompts is None:
                 negative_prompts = [negative_prompts or ""]
             uncond = self.condition(negative_prompts)
+            if empty and self.empty_uncond == "zeros":
+                uncond = _zeros(uncond)
             given = f"{len(negative_prompts)} negative_prompts"
         else:
             given = "uncond"
@@ -680,6 +803,7 @@ class Pipeline(nn.Module):
             noise = self._noise(batch, generator)
         else:
             noise = noise.to(self.device, self.dtype)
+        conds = _with_micro(conds, lambda: self._micro(noise), noise)
         z = self._sampler(sampler).sample(
             denoiser if denoiser is not None else self.denoiser,
             self.schedule,
@@ -688,6 +812,7 @@ class Pipeline(nn.Module):
             generator=generator,
             callback=callback,
             **conds,
+            **({"start": "sample"} if self.start == "sample" else {}),
         )
         return self.decode(z) if decode else z
 
@@ -752,6 +877,14 @@ class Pipeline(nn.Module):
                 f"{shape}); pass x with {_channels(shape[-3])} (its height and width may differ)"
             )
 
+    def _micro(self, latents: Tensor) -> list[float] | None:
+        """The denoiser's default micro-conditions for the images ``latents`` decode to."""
+        factor = 1
+        if self.encoder is not None and self.data_shape is not None:
+            factor = self.data_shape[-1] // self.latent_shape()[-1]  # the encoder's downsampling
+        height, width = (int(n) * factor for n in latents.shape[-2:])
+        return _default_micro(self.denoiser, height, width)
+
     def _noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
         shape = (batch, *self.latent_shape())
         device = generator.device if generator is not None else self.device
@@ -801,6 +934,7 @@ class Pipeline(nn.Module):
             guidance_given,
         )
         z0 = self.encode(x)
+        conds = _with_micro(conds, lambda: self._micro(z0), z0)
         device = generator.device if generator is not None else z0.device
         eps = torch.randn(z0.shape, generator=generator, device=device, dtype=torch.float32)
         eps = eps.to(z0.device, z0.dtype)
@@ -863,20 +997,12 @@ class Pipeline(nn.Module):
     def _config_with_tokenizer_files(
         self, folder: Path, config: Any
     ) -> tuple[Config, list[tuple[Path, Path]]]:
-        """``config`` with the vocabulary path inside ``folder``, and the files to copy there."""
+        """``config`` with its tokenizer files inside ``folder``, and the files to copy there."""
         text_config = getattr(config, "text", None)
-        vocab = getattr(getattr(self.text, "tokenizer", None), "vocab_path", None)
-        if (
-            text_config is None
-            or vocab is None
-            or "vocab_path" not in type(text_config).model_fields
-        ):
+        if not isinstance(text_config, Config):
             return config, []
-        source = Path(vocab)
-        target = folder / TOKENIZER_DIR / source.name
-        copies = [] if source.resolve() == target.resolve() else [(source, target)]
-        relative = f"{TOKENIZER_DIR}/{source.name}"
-        text = text_config.model_copy(update={"vocab_path": relative})
+        copies: list[tuple[Path, Path]] = []
+        text = _files_inside(text_config, folder, TOKENIZER_DIR, copies)
         return config.model_copy(update={"text": text}), copies
 
     @classmethod
@@ -926,14 +1052,9 @@ class Pipeline(nn.Module):
         if metadata.get("format") not in (FORMAT, None):
             raise CheckpointError(f"{weights_path} is not a diffkit pipeline file")
         _check_saved_together(folder, data, metadata.get(CONFIG_KEY))
-        text = data.get("text")
-        if isinstance(text, dict) and isinstance(text.get("vocab_path"), str):
-            # the only other file a folder names: a regular file inside it, read bounded
-            try:
-                vocab = confined(folder, text["vocab_path"])
-            except UnreadableFileError as err:
-                raise CheckpointError(f"{config_path}: text.vocab_path {err}") from None
-            data["text"] = {**text, "vocab_path": str(vocab)}
+        if isinstance(data.get("text"), dict):
+            # the only other files a folder names: regular files inside it, read bounded
+            data["text"] = _confined_files(folder, data["text"], f"{config_path}: text")
         huge = _huge_integers(data)
         if huge:
             raise CheckpointError(f"{config_path}: sizes no machine can hold: {', '.join(huge)}")
@@ -952,7 +1073,7 @@ class Pipeline(nn.Module):
             tensors, _ = load_tensors(weights_path)
             pipeline = cls.from_config(parsed).eval()
         except UnreadableFileError as err:  # the tokenizer's file
-            raise CheckpointError(f"{config_path}: text.vocab_path: {err}") from None
+            raise CheckpointError(f"{config_path}: a tokenizer file: {err}") from None
         except (OverflowError, MemoryError) as err:
             raise CheckpointError(f"{config_path}: sizes no machine can hold: {err}") from None
         _to_stored_dtypes(pipeline, tensors)

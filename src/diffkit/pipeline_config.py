@@ -153,6 +153,18 @@ class PipelineConfig(Config):
         default=30, ge=1, le=MAX_STEPS, description="default number of sampling steps"
     )
     guidance: float = Field(default=1.0, ge=0, description="default classifier-free guidance scale")
+    start: Literal["noise", "sample"] = Field(
+        default="noise",
+        description="what generate's standard normal noise is: 'noise' is scaled to sigma at "
+        "the sampler's first time (diffkit's default); 'sample' is the first sample x_T "
+        "itself (diffusers' DDIM / DPM-Solver / UniPC / flow pipelines start from their "
+        "latents so)",
+    )
+    empty_uncond: Literal["prompt", "zeros"] = Field(
+        default="prompt",
+        description="the unconditional input of guidance without negative prompts: the empty "
+        "prompt's conditioning, or zeros of its shape (SDXL's force_zeros_for_empty_prompt)",
+    )
 
     @field_validator("schedule", "denoiser", mode="before")
     @classmethod

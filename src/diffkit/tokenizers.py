@@ -303,6 +303,11 @@ class CLIPTokenizer(_FixedLength):
     def __repr__(self) -> str:
         return f"CLIPTokenizer({self.vocab_path!r}, context_length={self.context_length})"
 
+    @property
+    def pieces(self) -> list[str]:
+        """The vocabulary: each id's byte-level BPE piece (``</w>`` ends a word), specials last."""
+        return list(self._pieces)
+
     @classmethod
     def from_open_clip(cls, context_length: int = 77, pad_token_id: int = 0) -> "CLIPTokenizer":
         """The tokenizer over the merges file that the installed open_clip ships."""

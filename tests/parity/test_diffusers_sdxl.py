@@ -107,6 +107,17 @@ def test_sdxl_refiner_micro_conditions_are_an_argument() -> None:
     assert (got - want).abs().max().item() <= 1e-5
 
 
+def test_exported_micro_conditions_come_back_without_the_argument(tmp_path: Any) -> None:
+    """The refiner's 5 micro-conditions are recorded in the exported diffusers config."""
+    ref = _sdxl_like(projection_class_embeddings_input_dim=12 + 5 * 8)
+    unet = dk.interop.from_diffusers(ref, micro_conditions=5)
+    dk.interop.to_diffusers(unet).save_pretrained(tmp_path)
+    back = diffusers.UNet2DConditionModel.from_pretrained(tmp_path)
+    assert back.config["_diffkit"]["micro_conditions"] == 5
+    again = dk.interop.from_diffusers(back)
+    assert isinstance(again, UNet) and again.config == unet.config
+
+
 SDXL_BASE = {
     "sample_size": 128,
     "block_out_channels": (320, 640, 1280),

@@ -52,7 +52,7 @@ other option raises ``ValueError`` naming it, rather than converting to a differ
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast, overload
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +86,7 @@ from diffkit.interop._diffusers_wan_vae import (
     wan_vae_kwargs,
     wan_vae_state_dict,
 )
+from diffkit.interop._pipelines import PIPELINES, pipeline_from_diffusers
 from diffkit.interop._schedulers import SCHEDULERS, SchedulerParts, scheduler_parts
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
@@ -93,6 +94,11 @@ from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.nn.video import VideoDiT
 from diffkit.nn.video_vae import CausalVideoAutoencoder
 from diffkit.typing import Prediction
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from diffkit.pipeline import Pipeline
 
 __all__ = ["from_diffusers", "to_diffusers", "to_diffusers_state_dict"]
 
@@ -225,7 +231,14 @@ _UP = {"UpBlock2D": "none", "AttnUpBlock2D": "self", "CrossAttnUpBlock2D": "cros
 
 
 _RECORD = "_diffkit"  # diffkit-only U-Net settings to_diffusers stores in the diffusers config
-_RECORDED = ("time_input", "time_scale", "num_train_timesteps", "prediction", "time_shift")
+_RECORDED = (
+    "time_input",
+    "time_scale",
+    "num_train_timesteps",
+    "prediction",
+    "time_shift",  # SD3's transformer
+    "micro_conditions",  # an SDXL U-Net's (base 6, refiner 5): not in diffusers' config
+)
 
 
 def _recorded(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -397,10 +410,12 @@ def _unet_config(
     module: nn.Module,
     prediction: Prediction | None,
     num_train_timesteps: int | None,
-    micro_conditions: int = 6,
+    micro_conditions: int | None = None,
 ) -> UNetConfig:
     cfg = _config(module)
     record = _recorded(cfg)
+    if micro_conditions is None:
+        micro_conditions = int(record.get("micro_conditions") or 6)
     _check_options(cfg, conditional=type(module).__name__ == "UNet2DConditionModel")
     level_kinds = _level_kinds(cfg)
     attention, mid_attention = _attention_kind(module.mid_block, level_kinds)
@@ -487,9 +502,13 @@ def from_diffusers(
     *,
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
-    micro_conditions: int = 6,
+    micro_conditions: int | None = None,
     time_shift: float | None = None,
 ) -> nn.Module: ...
+
+
+@overload
+def from_diffusers(module: "DiffusionPipeline") -> "Pipeline": ...  # pyright: ignore[reportOverlappingOverload]
 
 
 @overload
@@ -501,9 +520,9 @@ def from_diffusers(
     *,
     prediction: Prediction | None = None,
     num_train_timesteps: int | None = None,
-    micro_conditions: int = 6,
+    micro_conditions: int | None = None,
     time_shift: float | None = None,
-) -> nn.Module | SchedulerParts:
+) -> "nn.Module | SchedulerParts | Pipeline":
     """The diffkit equivalent (same weights) of a diffusers U-Net (2-D, or the 3-D
     ``UNet3DConditionModel``: a space-time U-Net), ``AutoencoderKL``, ``AutoencoderKLWan``
     (a [`CausalVideoAutoencoder`][diffkit.nn.video_vae.CausalVideoAutoencoder]),
@@ -512,14 +531,17 @@ def from_diffusers(
     ``LatteTransformer3DModel`` (a [`VideoDiT`][diffkit.nn.video.VideoDiT], taking videos
     ``(batch, frames, channels, h, w)``); of a diffusers scheduler, its
     [`SchedulerParts`][diffkit.interop.SchedulerParts] ``(schedule, sampler)`` (see
-    [`scheduler_parts`][diffkit.interop.scheduler_parts]).
+    [`scheduler_parts`][diffkit.interop.scheduler_parts]); of a whole diffusers pipeline, a
+    [`Pipeline`][diffkit.pipeline.Pipeline] drawing the same images (a ``Pipeline`` is an
+    ``nn.Module``; see the guide "Bring your model").
 
     ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
     config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
     for a model ``to_diffusers`` exported, the defaults are the exported model's settings.
     ``micro_conditions``: how many size conditions an SDXL-style U-Net
     (``addition_embed_type="text_time"``) embeds beside the pooled text, ``Conditioning.micro``
-    (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner).
+    (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner); default:
+    what ``to_diffusers`` recorded, else 6.
     ``time_shift``: an ``SD3Transformer2DModel``'s scheduler ``shift`` (SD3: 3.0; for a
     ``WanTransformer3DModel`` its scheduler's ``flow_shift``), so the
     converted network takes [`RectifiedFlow`][diffkit.schedules.RectifiedFlow]``(shift)``'s
@@ -528,6 +550,8 @@ def from_diffusers(
     name = type(module).__name__
     if name in SCHEDULERS:
         return scheduler_parts(module)
+    if name in PIPELINES or name.endswith("Pipeline"):
+        return pipeline_from_diffusers(module)
     converted: nn.Module
     keys: Callable[[dict[str, Tensor]], dict[str, Tensor]] = dict
     if name in ("UNet2DModel", "UNet2DConditionModel"):
