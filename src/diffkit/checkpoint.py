@@ -32,7 +32,7 @@ import re
 import socket
 import tempfile
 import warnings
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ __all__ = [
     "load_state_dict",
     "load_tensors",
     "load_training_checkpoint",
+    "newest_intact",
     "read_header",
     "remove_stale_temporaries",
     "save_tensors",
@@ -770,15 +771,26 @@ def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
     removed ([`remove_stale_temporaries`][diffkit.checkpoint.remove_stale_temporaries]).
     """
     remove_stale_temporaries(folder)
-    found = list_checkpoints(folder)
+    return newest_intact(folder, list_checkpoints(folder), checkpoint_damage, "checkpoint(s)")
+
+
+def newest_intact(
+    folder: str | os.PathLike[str],
+    found: list[tuple[int, Path]],
+    damage: Callable[[Path], str | None],
+    what: str,
+) -> Path | None:
+    """The newest of ``found`` (``(step, path)``, oldest first) whose ``damage`` is None,
+    each newer damaged one skipped with a ``UserWarning``; ``CheckpointError`` if none is
+    intact, None if there are none."""
     for _, path in reversed(found):
-        damage = checkpoint_damage(path)
-        if damage is None:
+        problem = damage(path)
+        if problem is None:
             return path
-        warnings.warn(f"skipping the checkpoint {path}: {damage}", UserWarning, stacklevel=2)
+        warnings.warn(f"skipping the checkpoint {path}: {problem}", UserWarning, stacklevel=3)
     if found:
         raise CheckpointError(
-            f"none of the {len(found)} checkpoint(s) in {folder} is intact (see the warnings); "
+            f"none of the {len(found)} {what} in {folder} is intact (see the warnings); "
             "remove them to start afresh"
         )
     return None

@@ -193,6 +193,16 @@ def _network(module: Any, kind: type[_Net], **options: Any) -> _Net:
     return converted
 
 
+def _denoiser(pipe: Any, module: Any, kind: type[_Net], **options: Any) -> _Net:
+    """The pipeline's denoiser ``module`` converted to ``kind``, trained as its scheduler says
+    (``prediction_type``, ``num_train_timesteps``)."""
+    scheduler = pipe.scheduler
+    n_train = int(scheduler.config.num_train_timesteps)
+    return _network(
+        module, kind, prediction=_prediction(scheduler), num_train_timesteps=n_train, **options
+    )
+
+
 def _vae(vae: Any) -> Encoder:
     """The VAE as a diffkit [`KLAutoencoder`][diffkit.nn.vae.KLAutoencoder] (an ``Encoder``)."""
     # KLAutoencoder's scaling_factor is a read-only property, the protocol's a plain attribute
@@ -213,9 +223,7 @@ def _stable_diffusion(pipe: Any) -> Pipeline:
     """``StableDiffusionPipeline``: U-Net, VAE, CLIP text encoder, scheduler."""
     _check_components(pipe, {"unet", "vae", "text_encoder", "tokenizer", "scheduler"})
     schedule, sampler = _scheduler_parts(pipe.scheduler)
-    n_train = int(pipe.scheduler.config.num_train_timesteps)
-    prediction = _prediction(pipe.scheduler)
-    unet = _network(pipe.unet, UNet, prediction=prediction, num_train_timesteps=n_train)
+    unet = _denoiser(pipe, pipe.unet, UNet)
     return Pipeline(
         schedule,
         unet,
@@ -240,11 +248,7 @@ def _dit(pipe: Any) -> Pipeline:
             "DDIM, DDPM, DPM-Solver or UniPC scheduler"
         )
     schedule, sampler = _scheduler_parts(pipe.scheduler)
-    n_train = int(pipe.scheduler.config.num_train_timesteps)
-    prediction = _prediction(pipe.scheduler)
-    transformer = _network(
-        pipe.transformer, DiT, prediction=prediction, num_train_timesteps=n_train
-    )
+    transformer = _denoiser(pipe, pipe.transformer, DiT)
     return Pipeline(
         schedule,
         transformer,
@@ -289,11 +293,7 @@ def _pixart(pipe: Any) -> Pipeline:
     """``PixArtAlphaPipeline``: PixArt transformer, VAE, T5 (120 tokens, masked), scheduler."""
     _check_components(pipe, {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"})
     schedule, sampler = _scheduler_parts(pipe.scheduler)
-    n_train = int(pipe.scheduler.config.num_train_timesteps)
-    prediction = _prediction(pipe.scheduler)
-    transformer = _network(
-        pipe.transformer, DiT, prediction=prediction, num_train_timesteps=n_train
-    )
+    transformer = _denoiser(pipe, pipe.transformer, DiT)
     return Pipeline(
         schedule,
         transformer,
@@ -337,11 +337,7 @@ def _sdxl(pipe: Any) -> Pipeline:
             "add_watermarker=False"
         )
     schedule, sampler = _scheduler_parts(pipe.scheduler)
-    n_train = int(pipe.scheduler.config.num_train_timesteps)
-    prediction = _prediction(pipe.scheduler)
-    unet = _network(
-        pipe.unet, UNet, prediction=prediction, num_train_timesteps=n_train, micro_conditions=6
-    )
+    unet = _denoiser(pipe, pipe.unet, UNet, micro_conditions=6)
     zeros = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
     return Pipeline(
         schedule,

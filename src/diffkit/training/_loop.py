@@ -280,8 +280,7 @@ def prepare(
     scaler = grad_scaler(config.precision, strategy, device)
     start = 0
     if out is not None and config.resume:
-        resume = _resume_sharded if checkpoint_format(config) == "sharded" else _resume
-        start = resume(out / "checkpoints", model, optimizer, ema, scaler, config, info, device)
+        start = _resume(out / "checkpoints", model, optimizer, ema, scaler, config, info, device)
     if start == 0:
         seed_rank(config.seed, info)
     if ema is not None:
@@ -542,45 +541,32 @@ def _resume(
     info: DistributedInfo,
     device: torch.device,
 ) -> int:
-    """Load the newest checkpoint in ``folder`` (if any) and return its step (else 0)."""
-    _refuse_other_format(folder, config, list_sharded_checkpoints(folder), "sharded")
-    found = latest_checkpoint(folder)
-    if found is None:
-        return 0
-    loaded = load_training_checkpoint(
-        found, model=model, optimizer=optimizer, ema=ema, scaler=scaler
-    )
-    restore_rank_rng(loaded.rank_rng, found, info, device, config.seed, loaded.step)
-    _warn_on_other_cut(loaded.extra.get("shards"), ShardPlan.of(config, info), found)
-    _reapply_adam_hparams(optimizer, config, found)
-    return loaded.step
-
-
-def _resume_sharded(
-    folder: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema: EMA | None,
-    scaler: torch.amp.GradScaler | None,
-    config: TrainConfig,
-    info: DistributedInfo,
-    device: torch.device,
-) -> int:
-    """Load the newest sharded checkpoint in ``folder`` (if any) and return its step (else 0)."""
-    _refuse_other_format(folder, config, list_checkpoints(folder), "safetensors")
-    found = latest_sharded_checkpoint(folder)
-    if found is None:
-        return 0
-    loaded = load_sharded_checkpoint(
-        found,
-        model=model,
-        info=info,
-        device=device,
-        seed=config.seed,
-        optimizer=optimizer,
-        ema=ema,
-        scaler=scaler,
-    )
+    """Load the newest checkpoint of the run's format in ``folder`` (if any) and return its
+    step (else 0)."""
+    if checkpoint_format(config) == "sharded":
+        _refuse_other_format(folder, config, list_checkpoints(folder), "safetensors")
+        found = latest_sharded_checkpoint(folder)
+        if found is None:
+            return 0
+        loaded = load_sharded_checkpoint(
+            found,
+            model=model,
+            info=info,
+            device=device,
+            seed=config.seed,
+            optimizer=optimizer,
+            ema=ema,
+            scaler=scaler,
+        )
+    else:
+        _refuse_other_format(folder, config, list_sharded_checkpoints(folder), "sharded")
+        found = latest_checkpoint(folder)
+        if found is None:
+            return 0
+        loaded = load_training_checkpoint(
+            found, model=model, optimizer=optimizer, ema=ema, scaler=scaler
+        )
+        restore_rank_rng(loaded.rank_rng, found, info, device, config.seed, loaded.step)
     _warn_on_other_cut(loaded.extra.get("shards"), ShardPlan.of(config, info), found)
     _reapply_adam_hparams(optimizer, config, found)
     return loaded.step

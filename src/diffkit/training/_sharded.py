@@ -61,6 +61,7 @@ from diffkit.checkpoint import (
     flatten_state,
     get_rng_state,
     load_state_dict,
+    newest_intact,
     set_rng_state,
     unflatten_state,
 )
@@ -331,17 +332,7 @@ def latest_sharded_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
     """
     remove_stale_sharded_temporaries(folder)
     found = list_sharded_checkpoints(folder)
-    for _, path in reversed(found):
-        damage = sharded_checkpoint_damage(path)
-        if damage is None:
-            return path
-        warnings.warn(f"skipping the checkpoint {path}: {damage}", UserWarning, stacklevel=2)
-    if found:
-        raise CheckpointError(
-            f"none of the {len(found)} sharded checkpoint(s) in {folder} is intact (see the "
-            "warnings); remove them to start afresh"
-        )
-    return None
+    return newest_intact(folder, found, sharded_checkpoint_damage, "sharded checkpoint(s)")
 
 
 def _saved_tensors(path: Path) -> dict[str, Tensor]:
