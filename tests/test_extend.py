@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 import diffkit as dk
+from diffkit.builder import build
+from diffkit.pipeline_config import PipelineConfig
 from diffkit.protocols import Conditioning
 from diffkit.samplers import DDIM, DPMSolverPP, Replacement, UniPC, extend_video
 
@@ -141,3 +143,50 @@ def test_replacement_keeps_the_known_frames() -> None:
     assert torch.equal(clip[:, :3], known) and clip.shape == (2, 11, 1, 4, 4)
     with pytest.raises(ValueError, match="overlap"):
         extend_video(DDIM(), wrapped, schedule, known, window=4, overlap=4, total_frames=8, steps=2)
+
+
+def test_video_pipeline_extends_in_latent_space() -> None:
+    """``Pipeline.extend``: a 4-frame video pipeline makes 10 frames, the first 4 its own."""
+    config = PipelineConfig(
+        data_shape=(4, 1, 8, 8),
+        schedule={"kind": "rectified_flow"},
+        denoiser={
+            "kind": "video_dit",
+            "in_channels": 1,
+            "patch_size": [2, 2, 2],
+            "dim": 16,
+            "depth": 1,
+            "num_heads": 2,
+            "freq_dim": 16,
+            "prediction": "flow",
+        },
+        patchifier={"kind": "tubelet_patches", "patch_size": [2, 2, 2]},
+        sampler={"kind": "euler"},
+        steps=3,
+    )
+    pipeline = build(config)
+    video = pipeline.extend(
+        frames=10, overlap=2, num_samples=2, generator=torch.Generator().manual_seed(0)
+    )
+    first = pipeline.generate(num_samples=2, generator=torch.Generator().manual_seed(0))
+    assert video.shape == (2, 10, 1, 8, 8) and torch.isfinite(video).all()
+    assert torch.equal(video[:, :4], first)
+    more = pipeline.extend(frames=7, overlap=2, first=video[:, :5], generator=torch.Generator())
+    assert more.shape == (2, 7, 1, 8, 8) and torch.equal(more[:, :5], video[:, :5])
+    image = PipelineConfig(
+        data_shape=(1, 8, 8),
+        schedule={"kind": "rectified_flow"},
+        denoiser={
+            "kind": "unet",
+            "in_channels": 1,
+            "base_channels": 8,
+            "channel_mult": [1],
+            "blocks_per_level": 1,
+            "attention_resolutions": [],
+            "norm_groups": 4,
+            "attention_head_dim": 8,
+            "prediction": "flow",
+        },
+    )
+    with pytest.raises(ValueError, match="needs a video pipeline"):
+        build(image).extend(frames=8, overlap=2)
