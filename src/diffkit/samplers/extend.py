@@ -25,6 +25,7 @@ therefore uses both, with ``w_r = 4`` by default (seam 0.19 against 0.20 inside)
 from collections.abc import Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from diffkit.forward import add_noise
@@ -33,6 +34,8 @@ from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, Prediction,
 from diffkit.typing import Sample, Time, broadcast_to_sample
 
 __all__ = ["Replacement", "extend_video"]
+
+Video = Float[Tensor, "batch frames *frame"]
 
 
 class Replacement:
@@ -55,7 +58,7 @@ class Replacement:
         self,
         denoiser: Denoiser,
         schedule: NoiseSchedule,
-        known: Tensor,
+        known: Video,
         generator: torch.Generator | None = None,
         reconstruction: float = 0.0,
     ) -> None:
@@ -100,7 +103,7 @@ def extend_video(
     sampler: Sampler,
     denoiser: Denoiser,
     schedule: NoiseSchedule,
-    first: Tensor | None,
+    first: Video | None,
     *,
     window: int,
     overlap: int,
@@ -114,7 +117,7 @@ def extend_video(
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     reconstruction: float = 4.0,
-) -> Tensor:
+) -> Video:
     """A ``(batch, total_frames, *frame)`` clip made window by window (VDM replacement).
 
     ``first`` ``(batch, f, *frame)`` starts the clip (``f >= overlap``); ``None`` samples a
