@@ -190,3 +190,22 @@ def test_video_pipeline_extends_in_latent_space() -> None:
     )
     with pytest.raises(ValueError, match="needs a video pipeline"):
         build(image).extend(frames=8, overlap=2)
+
+
+def test_replacement_serves_a_guided_batch() -> None:
+    """Under classifier-free guidance the sampler doubles the batch; both halves see one draw."""
+    schedule = dk.schedules.LinearBeta()
+    seen: list[Tensor] = []
+
+    class Recording(GaussianVideo):
+        def __call__(self, x_t: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+            seen.append(x_t.clone())
+            return super().__call__(x_t, t, cond)
+
+    known = torch.randn(2, 3, 1, 4, 4, dtype=torch.float64)
+    wrapped = Replacement(Recording(schedule), schedule, known, torch.Generator(), 4.0)
+    x = torch.randn(4, WINDOW, 1, 4, 4, dtype=torch.float64)
+    out = wrapped(x, torch.full((4,), 0.5, dtype=torch.float64))
+    assert out.shape == x.shape and torch.equal(out[:2, :3], known)
+    assert torch.equal(seen[0][:2, :3], seen[0][2:, :3])  # one draw for both halves
+    assert not torch.equal(seen[0][:, :3], x[:, :3])  # the known frames were replaced
