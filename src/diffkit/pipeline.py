@@ -816,6 +816,72 @@ class Pipeline(nn.Module):
         )
         return self.decode(z) if decode else z
 
+    @torch.no_grad()
+    def extend(
+        self,
+        prompts: Sequence[str] | str | None = None,
+        *,
+        frames: int,
+        overlap: int,
+        first: Tensor | None = None,
+        cond: Conditioning | None = None,
+        uncond: Conditioning | None = None,
+        negative_prompts: Sequence[str] | str | None = None,
+        num_samples: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        sampler: Sampler | str | None = None,
+        generator: torch.Generator | None = None,
+        decode: bool = True,
+        reconstruction: float = 4.0,
+    ) -> Sample:
+        """A video of ``frames`` latent frames, longer than the window ``data_shape`` trains.
+
+        The window is the latent shape's frame count; each new window overlaps the clip's
+        last ``overlap`` latent frames and is conditioned on them by
+        [`extend_video`][diffkit.samplers.extend_video] (VDM replacement with
+        reconstruction guidance of weight ``reconstruction``), in latent space.
+        ``first`` (latents ``(batch, f, *frame)``) continues a clip; otherwise the first
+        window is ``generate``'s. Prompts, conditions, guidance and sampler as ``generate``.
+        """
+        from diffkit.samplers.extend import extend_video  # lazily, as the samplers are
+
+        latent = self.latent_shape()
+        if len(latent) != 4:
+            raise ValueError(f"Pipeline.extend: needs a video pipeline, latent shape {latent}")
+        steps, scale = self._defaults(steps, guidance)
+        asked = _Asked(prompts, cond, uncond, negative_prompts)
+        if first is None:
+            first = self.generate(
+                prompts,
+                cond=cond,
+                uncond=uncond,
+                negative_prompts=negative_prompts,
+                num_samples=num_samples,
+                steps=steps,
+                guidance=guidance,
+                sampler=sampler,
+                generator=generator,
+                decode=False,
+            )
+        first = first.to(self.device, self.dtype)
+        where, batch = "Pipeline.extend", int(first.shape[0])
+        _, conds = self._conditions(where, asked, batch, scale, "first", guidance is not None)
+        z = extend_video(
+            self._sampler(sampler),
+            self.denoiser,
+            self.schedule,
+            first,
+            window=latent[0],
+            overlap=overlap,
+            total_frames=frames,
+            steps=steps,
+            generator=generator,
+            reconstruction=reconstruction,
+            **conds,
+        )
+        return self.decode(z) if decode else z
+
     def _check_noise(self, noise: Tensor, num_samples: int | None) -> None:
         """``noise`` must be a floating-point batch of latents, of ``num_samples`` when given.
 

@@ -11,7 +11,8 @@ factories. ``sampler.prepare(schedule, steps)`` gives the immutable
 [`Plan`][diffkit.samplers.Plan] (grid and coefficients) for reuse across calls.
 Samplers that are linear in grid values subclass ``SamplerBase`` and write ``plan``;
 others subclass ``StepSampler`` and write ``step``. ``fit_solver`` / ``fit_grid`` fit a
-sampler's grid (and coefficients) to a given model.
+sampler's grid (and coefficients) to a given model. ``extend_video`` makes a clip longer
+than the model's window by VDM's replacement method (any sampler, unchanged).
 """
 
 from diffkit.samplers._base import SAMPLERS as SAMPLERS
@@ -32,6 +33,8 @@ from diffkit.samplers.edm import EDMStochastic as EDMStochastic
 from diffkit.samplers.euler import Euler as Euler
 from diffkit.samplers.euler import EulerAncestral as EulerAncestral
 from diffkit.samplers.euler import Heun as Heun
+from diffkit.samplers.extend import Replacement as Replacement
+from diffkit.samplers.extend import extend_video as extend_video
 from diffkit.samplers.fitting import FittedGrid as FittedGrid
 from diffkit.samplers.fitting import FittedSolver as FittedSolver
 from diffkit.samplers.fitting import fit_grid as fit_grid
@@ -97,6 +100,7 @@ __all__ = [
     "NonFiniteError",
     "Plan",
     "Point",
+    "Replacement",
     "SamplerBase",
     "Spacing",
     "SpacingBase",
@@ -107,6 +111,7 @@ __all__ = [
     "Timesteps",
     "UniPC",
     "UniformTime",
+    "extend_video",
     "fit_grid",
     "fit_solver",
     "make_grid",
