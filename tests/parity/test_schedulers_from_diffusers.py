@@ -384,8 +384,7 @@ SCENARIOS = _scenarios()
 
 # name -> the field diffkit refuses by name in that scenario
 REFUSED = {
-    **{name: "algorithm_type" for name in SCENARIOS if "_dpmsolver_" in name},
-    **{name: "algorithm_type" for name in SCENARIOS if "_sde-dpmsolver_" in name},
+    **{name: "algorithm_type" for name in SCENARIOS if name.startswith("dpm_single_dpmsolver_")},
     **{name: "interpolation_type" for name in SCENARIOS if "_log_linear_" in name},
     **{name: "algorithm_type" for name in SCENARIOS if name.startswith("dpm_single_sde")},
 }

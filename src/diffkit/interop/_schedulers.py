@@ -93,7 +93,7 @@ ALLOWED: dict[str, dict[str, tuple[Any, ...]]] = {
     "DPMSolverMultistepScheduler": {
         **_DPM,
         **_SPACED,
-        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
+        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"),
         "solver_order": (1, 2, 3),
         "euler_at_final": (False,),
     },
@@ -349,14 +349,16 @@ def _dpm_sde(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
 
 
 def _dpmsolver(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
-    sde = config["algorithm_type"] == "sde-dpmsolver++"
+    algorithm = config["algorithm_type"]
+    sde = algorithm.startswith("sde-")
     if sde and config["solver_order"] == 3:
         raise ValueError(
-            "DPMSolverMultistepScheduler.solver_order=3 with algorithm_type='sde-dpmsolver++' "
+            f"DPMSolverMultistepScheduler.solver_order=3 with algorithm_type={algorithm!r} "
             "cannot be honoured (diffusers has no third-order SDE step); allowed: (1, 2)"
         )
     sampler = DPMSolverPP(
         order=config["solver_order"],
+        algorithm="dpmsolver" if algorithm.endswith("dpmsolver") else "dpmsolver++",
         eta=1.0 if sde else 0.0,
         solver_type=config["solver_type"],
         lower_order_final=config["lower_order_final"],

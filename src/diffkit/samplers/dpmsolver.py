@@ -25,14 +25,31 @@ step onto the data (``h = inf``) is first order, and with ``lower_order_final`` 
 default, as diffusers) and fewer than 15 steps the one before it is at most second
 order. k-diffusion's ``sample_dpmpp_3m_sde`` is
 ``DPMSolverPP(order=3, eta=1, solver_type="heun", lower_order_final=False)``.
+
+``algorithm="dpmsolver"`` is the noise-prediction DPM-Solver (Lu et al., 2022a; diffusers'
+``algorithm_type="dpmsolver"``, ``"sde-dpmsolver"`` with ``eta = 1``), on
+``eps_j = (x_j - alpha_j D_j) / sigma_j`` and ``c = 1 + eta``:
+
+    x_{i+1} = (alpha_{i+1} / alpha_i) x_i - c sigma_{i+1} (e^h - 1) eps_i
+              + (higher-order terms) + sigma_{i+1} sqrt(e^{2h} - 1) z  (eta = 1).
+
+Second order, with ``E1 = (eps_i - eps_{i-1}) / r``: ``"midpoint"`` adds
+``-c sigma_{i+1} (e^h - 1) E1 / 2``, ``"heun"`` adds ``-c sigma_{i+1} psi_2 E1`` with
+``psi_2 = (e^h - 1) / h - 1``; third order (ODE only) adds ``-sigma_{i+1} (psi_2 E1 +
+psi_3 E2)`` with ``psi_3 = (e^h - 1 - h) / h² - 1/2`` and ``E1, E2`` the divided
+differences of 3M above, on ``eps``. Its first-order step is DDIM, as DPM-Solver++'s;
+``eps_{i-1}, eps_{i-2}`` bring the earlier samples into the step (``Step.past``). A step
+from pure noise (``alpha_i = 0``) or onto the data, where ``eps`` form is undefined, is
+that first-order step in data form.
 """
 
 import math
-from typing import Literal
+from typing import Literal, Self
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from diffkit.config import field_error
 from diffkit.protocols import NoiseSchedule
 from diffkit.samplers._base import SAMPLERS, Grid, Plan, Step, StopsAt, _check_steps, final_step
 from diffkit.samplers.spacing import FINAL, SPACING, AnySpacing, LogSNR
@@ -63,6 +80,10 @@ class DPMSolverPP(StopsAt):
 
     kind: Literal["dpmpp"] = "dpmpp"
     order: Literal[1, 2, 3] = Field(default=2, description="multistep order")
+    algorithm: Literal["dpmsolver++", "dpmsolver"] = Field(
+        default="dpmsolver++",
+        description="data prediction (DPM-Solver++) or noise prediction (DPM-Solver)",
+    )
     eta: float = Field(default=0.0, ge=0, description="SDE noise scale; 0 is the ODE solver")
     final: Literal["denoised", "extrapolated"] = Field(default="denoised", description=FINAL)
     solver_type: Literal["midpoint", "heun"] = Field(
@@ -73,11 +94,25 @@ class DPMSolverPP(StopsAt):
     )
     spacing: AnySpacing = Field(default_factory=LogSNR, description=SPACING)
 
+    @model_validator(mode="after")
+    def _noise_prediction_variants(self) -> Self:
+        if self.algorithm == "dpmsolver" and self.eta not in (0.0, 1.0):
+            message = f"eta with algorithm='dpmsolver' must be 0 or 1 (SDE), got {self.eta}"
+            raise field_error("DPMSolverPP", "eta", message, self.eta)
+        if self.algorithm == "dpmsolver" and self.eta > 0 and self.order == 3:
+            message = "order with algorithm='dpmsolver' and eta=1 must be 1 or 2 (no 3rd-order SDE)"
+            raise field_error("DPMSolverPP", "order", message, self.order)
+        return self
+
     def plan(self, grid: Grid) -> list[Step]:
-        """DPM-Solver++ coefficients on ``grid``."""
+        """DPM-Solver++ (or DPM-Solver) coefficients on ``grid``."""
         plan = []
         for i in range(grid.steps):
             h = grid.h(i)
+            p = multistep_order(grid, i, self.order, self.lower_order_final and grid.steps < 15)
+            if self.algorithm == "dpmsolver" and math.isfinite(h) and grid.alpha[i] > 0:
+                plan.append(self._noise_step(grid, i, p))
+                continue
             a1, s1 = grid.alpha[i + 1], grid.sigma[i + 1]
             damp = math.exp(-self.eta * h) if self.eta > 0 else 1.0
             noise = s1 * math.sqrt(-math.expm1(-2 * self.eta * h)) if self.eta > 0 else 0.0
@@ -85,7 +120,6 @@ class DPMSolverPP(StopsAt):
             h_eta = (1 + self.eta) * h
             phi_1 = -math.expm1(-h_eta)
             phi_2 = math.expm1(-h_eta) / h_eta + 1 if math.isfinite(h_eta) else 1.0
-            p = multistep_order(grid, i, self.order, self.lower_order_final and grid.steps < 15)
             if p == 1:
                 data = [phi_1]
             elif p == 2:
@@ -106,6 +140,32 @@ class DPMSolverPP(StopsAt):
                 data = list(final_step(grid, self.final))
             plan.append(Step(keep=keep, data=tuple(a1 * c for c in data), noise=noise))
         return plan
+
+    def _noise_step(self, grid: Grid, i: int, p: int) -> Step:
+        """Step ``i`` of the noise-prediction DPM-Solver of order ``p``, in ``x`` and ``D``."""
+        h, s1, c = grid.h(i), grid.sigma[i + 1], 1.0 + self.eta
+        e_h = math.expm1(h)  # e^h - 1
+        psi_2 = e_h / h - 1
+        eps = [-c * s1 * e_h]  # weights of eps_i, eps_{i-1}, ...
+        if p == 2:
+            r = grid.h(i - 1) / h
+            w = 0.5 * c * s1 * e_h / r if self.solver_type == "midpoint" else c * s1 * psi_2 / r
+            eps = [eps[0] - w, w]
+        elif p == 3:
+            r0, r1 = grid.h(i - 1) / h, grid.h(i - 2) / h
+            d1_0 = [1 / r0, -1 / r0, 0.0]
+            d1_1 = [0.0, 1 / r1, -1 / r1]
+            d1 = [u + r0 / (r0 + r1) * (u - v) for u, v in zip(d1_0, d1_1)]
+            d2 = [(u - v) / (r0 + r1) for u, v in zip(d1_0, d1_1)]
+            psi_3 = (e_h - h) / (h * h) - 0.5
+            eps = [f - s1 * (psi_2 * u + psi_3 * v) for f, u, v in zip([eps[0], 0, 0], d1, d2)]
+        # eps_j = (x_j - alpha_j D_j) / sigma_j
+        a, s = grid.alpha, grid.sigma
+        keep = a[i + 1] / a[i] + eps[0] / s[i]
+        data = tuple(-w * a[i - k] / s[i - k] for k, w in enumerate(eps))
+        past = tuple(w / s[i - k] for k, w in enumerate(eps) if k > 0)
+        noise = s1 * math.sqrt(math.expm1(2 * h)) if self.eta > 0 else 0.0
+        return Step(keep=keep, data=data, noise=noise, past=past)
 
 
 def singlestep_orders(
