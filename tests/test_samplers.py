@@ -220,9 +220,51 @@ def test_noise_prediction_dpm_solver_fast_path_equals_the_reference(eta: float, 
     torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    ("algorithm", "eta", "order", "solver_type"),
+    [
+        ("dpmsolver", 0.0, 2, "midpoint"),
+        ("dpmsolver", 0.0, 3, "heun"),
+        ("dpmsolver", 0.0, 3, "midpoint"),
+        ("dpmsolver++", 1.0, 2, "heun"),
+    ],
+)
+def test_singlestep_from_earlier_samples_converges_and_matches_the_reference(
+    algorithm: Literal["dpmsolver++", "dpmsolver"],
+    eta: float,
+    order: Literal[1, 2, 3],
+    solver_type: Literal["midpoint", "heun"],
+) -> None:
+    # noise prediction and the SDE step from the group's start x_g (Step.past); the ODE
+    # variants are second order at least (groups 1, 2(, 3)), as DPM-Solver++'s
+    sampler = samplers.DPMSolverPPSinglestep(
+        algorithm=algorithm, eta=eta, order=order, solver_type=solver_type
+    )
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
+    plan = sampler.prepare(DISCRETE, 12)
+    assert any(step.past for step in plan.steps)
+    fast = sampler.sample(den, DISCRETE, noise, steps=12, generator=torch.manual_seed(3))
+    model = _base._Model(den, plan.grid, noise, None, 1.0, None)
+    x = noise * plan.grid.sigma[0]
+    reference = _base.run_reference(plan.steps, model, x, torch.manual_seed(3))
+    torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
+    if eta:
+        return
+    errors = []
+    for n in (24, 48):
+        x = sampler.sample(den, DISCRETE, noise, steps=n)
+        errors.append(float((x - den.flow_map(noise, sampler.grid(DISCRETE, n))).abs().max()))
+    assert math.log(errors[0] / errors[1]) / math.log(2) > 1.75, errors
+
+
 def test_noise_prediction_dpm_solver_refuses_an_eta_it_has_no_formula_for() -> None:
     with pytest.raises(ValueError, match="eta"):
         samplers.DPMSolverPP(algorithm="dpmsolver", eta=0.5)
+    with pytest.raises(ValueError, match="eta"):
+        samplers.DPMSolverPPSinglestep(algorithm="dpmsolver", eta=1.0)
+    with pytest.raises(ValueError, match="order"):
+        samplers.DPMSolverPPSinglestep(eta=1.0, order=3)
 
 
 # Multistep plans in data prediction are exponential integrators: a step of order p
