@@ -8,6 +8,7 @@ import dataclasses
 import math
 import threading
 import warnings
+from typing import Literal
 from unittest import mock
 
 import numpy as np
@@ -157,6 +158,113 @@ def test_error_falls_with_the_order_of_the_sampler(name: str) -> None:
         errors.append(float((x - den.flow_map(noise, sampler.grid(DISCRETE, n))).abs().max()))
     slope = math.log(errors[0] / errors[1]) / math.log(steps[1] / steps[0])
     assert slope > ORDER[name] - 0.75, (errors, slope)
+
+
+# The noise-prediction DPM-Solver (algorithm="dpmsolver", diffusers' deprecated default
+# before DPM-Solver++): order 1 is DDIM, 2 is second order with either formula, 3 has the
+# reference weights (as 3M above: second order, slope 2.2 at 24-48 steps).
+NOISE_PREDICTION_ORDER = {(1, "midpoint"): 1, (2, "midpoint"): 2, (2, "heun"): 2, (3, "heun"): 2}
+
+
+@pytest.mark.parametrize(("order", "solver_type"), sorted(NOISE_PREDICTION_ORDER))
+def test_noise_prediction_dpm_solver_error_falls_with_its_order(
+    order: Literal[1, 2, 3], solver_type: Literal["midpoint", "heun"]
+) -> None:
+    mean, std = _data()
+    den = Gaussian(DISCRETE, mean, std)
+    noise = torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
+    sampler = samplers.DPMSolverPP(
+        algorithm="dpmsolver", order=order, solver_type=solver_type, spacing=samplers.LogSNR()
+    )
+    errors = []
+    steps = (24, 48)
+    for n in steps:
+        x = sampler.sample(den, DISCRETE, noise, steps=n)
+        errors.append(float((x - den.flow_map(noise, sampler.grid(DISCRETE, n))).abs().max()))
+    slope = math.log(errors[0] / errors[1]) / math.log(steps[1] / steps[0])
+    assert slope > NOISE_PREDICTION_ORDER[order, solver_type] - 0.25, (errors, slope)
+    assert errors[1] < 0.3, errors
+
+
+def test_noise_prediction_dpm_solver_first_order_is_ddim() -> None:
+    # (alpha_{i+1} / alpha_i) x - sigma_{i+1} (e^h - 1) eps is DDIM's step, in other words
+    grid = samplers.DDIM().grid(DISCRETE, 9)
+    ours = samplers.DPMSolverPP(algorithm="dpmsolver", order=1).plan(grid)
+    ddim = samplers.DPMSolverPP(order=1).plan(grid)
+    for a, b in zip(ours, ddim):
+        assert a.keep == pytest.approx(b.keep, rel=1e-12)
+        assert a.data == pytest.approx(b.data, rel=1e-12)
+        assert a.past == ()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("order", [2, 3])
+def test_noise_prediction_dpm_solver_fast_path_equals_the_reference(eta: float, order: int) -> None:
+    # its steps combine earlier samples (Step.past): the compiled loop keeps them as the
+    # thirty-line reference does, noise included
+    if eta and order == 3:
+        with pytest.raises(ValueError, match="order"):
+            samplers.DPMSolverPP(algorithm="dpmsolver", order=3, eta=eta)
+        return
+    sampler = samplers.DPMSolverPP(algorithm="dpmsolver", order=order, eta=eta)
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(6, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
+    fast = sampler.sample(den, DISCRETE, noise, steps=7, generator=torch.manual_seed(3))
+    plan = sampler.prepare(DISCRETE, 7)
+    assert any(step.past for step in plan.steps)
+    model = _base._Model(den, plan.grid, noise, None, 1.0, None)
+    x = noise * plan.grid.sigma[0]
+    reference = _base.run_reference(plan.steps, model, x, torch.manual_seed(3))
+    if not eta:
+        assert torch.equal(fast, reference)
+    torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "eta", "order", "solver_type"),
+    [
+        ("dpmsolver", 0.0, 2, "midpoint"),
+        ("dpmsolver", 0.0, 3, "heun"),
+        ("dpmsolver", 0.0, 3, "midpoint"),
+        ("dpmsolver++", 1.0, 2, "heun"),
+    ],
+)
+def test_singlestep_from_earlier_samples_converges_and_matches_the_reference(
+    algorithm: Literal["dpmsolver++", "dpmsolver"],
+    eta: float,
+    order: Literal[1, 2, 3],
+    solver_type: Literal["midpoint", "heun"],
+) -> None:
+    # noise prediction and the SDE step from the group's start x_g (Step.past); the ODE
+    # variants are second order at least (groups 1, 2(, 3)), as DPM-Solver++'s
+    sampler = samplers.DPMSolverPPSinglestep(
+        algorithm=algorithm, eta=eta, order=order, solver_type=solver_type
+    )
+    den = Gaussian(DISCRETE, *_data())
+    noise = torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=F64)
+    plan = sampler.prepare(DISCRETE, 12)
+    assert any(step.past for step in plan.steps)
+    fast = sampler.sample(den, DISCRETE, noise, steps=12, generator=torch.manual_seed(3))
+    model = _base._Model(den, plan.grid, noise, None, 1.0, None)
+    x = noise * plan.grid.sigma[0]
+    reference = _base.run_reference(plan.steps, model, x, torch.manual_seed(3))
+    torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
+    if eta:
+        return
+    errors = []
+    for n in (24, 48):
+        x = sampler.sample(den, DISCRETE, noise, steps=n)
+        errors.append(float((x - den.flow_map(noise, sampler.grid(DISCRETE, n))).abs().max()))
+    assert math.log(errors[0] / errors[1]) / math.log(2) > 1.75, errors
+
+
+def test_noise_prediction_dpm_solver_refuses_an_eta_it_has_no_formula_for() -> None:
+    with pytest.raises(ValueError, match="eta"):
+        samplers.DPMSolverPP(algorithm="dpmsolver", eta=0.5)
+    with pytest.raises(ValueError, match="eta"):
+        samplers.DPMSolverPPSinglestep(algorithm="dpmsolver", eta=1.0)
+    with pytest.raises(ValueError, match="order"):
+        samplers.DPMSolverPPSinglestep(eta=1.0, order=3)
 
 
 # Multistep plans in data prediction are exponential integrators: a step of order p

@@ -384,10 +384,7 @@ SCENARIOS = _scenarios()
 
 # name -> the field diffkit refuses by name in that scenario
 REFUSED = {
-    **{name: "algorithm_type" for name in SCENARIOS if "_dpmsolver_" in name},
-    **{name: "algorithm_type" for name in SCENARIOS if "_sde-dpmsolver_" in name},
     **{name: "interpolation_type" for name in SCENARIOS if "_log_linear_" in name},
-    **{name: "algorithm_type" for name in SCENARIOS if name.startswith("dpm_single_sde")},
 }
 
 
@@ -632,6 +629,20 @@ def test_discrete_sigma_interpolation_is_diffusers_np_interp() -> None:
         ),
         (
             "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+            "solver_order",
+        ),
+        (
+            "DPMSolverMultistepScheduler",
+            {
+                "algorithm_type": "sde-dpmsolver",
+                "solver_order": 3,
+                "final_sigmas_type": "sigma_min",
+            },
+            "solver_order",
+        ),
+        (
+            "DPMSolverSinglestepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
             "solver_order",
         ),

@@ -93,13 +93,13 @@ ALLOWED: dict[str, dict[str, tuple[Any, ...]]] = {
     "DPMSolverMultistepScheduler": {
         **_DPM,
         **_SPACED,
-        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
+        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"),
         "solver_order": (1, 2, 3),
         "euler_at_final": (False,),
     },
     "DPMSolverSinglestepScheduler": {
         **_DPM,
-        "algorithm_type": ("dpmsolver++",),
+        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "dpmsolver"),
         "solver_order": (1, 2, 3),
     },
     "UniPCMultistepScheduler": {
@@ -349,14 +349,16 @@ def _dpm_sde(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
 
 
 def _dpmsolver(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
-    sde = config["algorithm_type"] == "sde-dpmsolver++"
+    algorithm = config["algorithm_type"]
+    sde = algorithm.startswith("sde-")
     if sde and config["solver_order"] == 3:
         raise ValueError(
-            "DPMSolverMultistepScheduler.solver_order=3 with algorithm_type='sde-dpmsolver++' "
+            f"DPMSolverMultistepScheduler.solver_order=3 with algorithm_type={algorithm!r} "
             "cannot be honoured (diffusers has no third-order SDE step); allowed: (1, 2)"
         )
     sampler = DPMSolverPP(
         order=config["solver_order"],
+        algorithm="dpmsolver" if algorithm.endswith("dpmsolver") else "dpmsolver++",
         eta=1.0 if sde else 0.0,
         solver_type=config["solver_type"],
         lower_order_final=config["lower_order_final"],
@@ -372,8 +374,16 @@ def _singlestep(scheduler: Any, config: dict[str, Any]) -> SchedulerParts:
     spacing: SpacingBase = _timesteps({**config, "timestep_spacing": "linspace"}, drop_last=True)
     if config.get("use_karras_sigmas", False):  # rounded for every beta schedule here
         spacing = Karras(t_max=1.0, t_min=1 / n, sigma_max=None, snap=n)
+    algorithm = config["algorithm_type"]
+    if algorithm == "sde-dpmsolver++" and config["solver_order"] == 3:
+        raise ValueError(
+            "DPMSolverSinglestepScheduler.solver_order=3 with algorithm_type='sde-dpmsolver++' "
+            "cannot be honoured (its third-order SDE step is untested upstream); allowed: (1, 2)"
+        )
     sampler = DPMSolverPPSinglestep(
         order=config["solver_order"],
+        algorithm="dpmsolver" if algorithm == "dpmsolver" else "dpmsolver++",
+        eta=1.0 if algorithm == "sde-dpmsolver++" else 0.0,
         solver_type=config["solver_type"],
         lower_order_final=config["lower_order_final"],
         spacing=spacing,

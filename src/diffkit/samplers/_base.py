@@ -200,6 +200,9 @@ class Step(NamedTuple):
     redone as ``keep * x_i + correct[0] * D_{i+1} + sum_k correct[k+1] * D_{i-k} +
     noise * z`` (same ``z``); ``reevaluate`` evaluates ``D_{i+1}`` again at the corrected
     point (PECE, e.g. Heun) instead of reusing the predictor's (PEC, e.g. UniPC).
+    ``past`` adds ``sum_k past[k] * x_{i-1-k}`` (earlier samples) to both: the
+    noise-prediction DPM-Solver's ``eps_j = (x_j - alpha_j D_j) / sigma_j`` of earlier
+    points are linear in them.
 
     A named tuple (cheap to build: ``sample`` plans on every call unless given a plan);
     the loop checks that every coefficient is finite before it starts, naming the step.
@@ -210,6 +213,7 @@ class Step(NamedTuple):
     noise: float = 0.0
     correct: tuple[float, ...] | None = None
     reevaluate: bool = False
+    past: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,11 +480,15 @@ def run_reference(
     against (it draws the same noise).
     """
     depth = max(max(len(s.data), len(s.correct or ()) - 1) for s in steps)
+    past_depth = max(len(s.past) for s in steps)
     history = [model(x, 0)]  # D_i, D_{i-1}, ...: newest first
+    earlier: list[Tensor] = []  # x_{i-1}, x_{i-2}, ...: newest first
     last = len(steps) - 1
-    for i, (keep, data, noise, correct, reevaluate) in enumerate(steps):
+    for i, (keep, data, noise, correct, reevaluate, past) in enumerate(steps):
         z = gaussian(x, generator) if noise else None
         x_next = _affine(keep, x, data, history, noise, z)
+        for c, x_k in zip(past, earlier):
+            x_next = x_next.add(x_k, alpha=c)
         if i == last:
             return x_next
         d_next = model(x_next, i + 1)
@@ -488,9 +496,12 @@ def run_reference(
             new, *old = correct
             estimates = [*history[: len(old)], d_next]  # the new one last, as run_plan adds it
             x_next = _affine(keep, x, [*old, new], estimates, noise, z)
+            for c, x_k in zip(past, earlier):
+                x_next = x_next.add(x_k, alpha=c)
             if reevaluate:
                 d_next = model(x_next, i + 1)
         history = [d_next, *history][:depth]
+        earlier = [x, *earlier][:past_depth]
         x = x_next
     return x
 
@@ -502,7 +513,7 @@ def run_reference(
 # The operands of a step's linear combinations, as slots of the loop's operand list: the
 # current point ``x`` and the raw prediction there, the prediction and the estimate D at
 # the predictor's point (for correctors), the step's noise, and from ``_HIST`` on the
-# estimates ``D_i, D_{i-1}, ...``.
+# estimates ``D_i, D_{i-1}, ...``, then the earlier samples ``x_{i-1}, ...`` (``Step.past``).
 _X, _PRED, _PREDP, _DP, _Z, _HIST = range(6)
 
 # A linear combination: its (operand, coefficient) terms. The coefficients are Python
@@ -548,12 +559,16 @@ def _combination(
 def _fusable(plan: Sequence[Step]) -> bool:
     """Whether every step uses ``D_i`` alone, plus at most a re-evaluated ``D_{i+1}``."""
     return all(
-        len(s.data) == 1 and (s.correct is None or (s.reevaluate and len(s.correct) == 2))
+        len(s.data) == 1
+        and not s.past
+        and (s.correct is None or (s.reevaluate and len(s.correct) == 2))
         for s in plan
     )
 
 
-def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled] | None:
+def _compile(
+    plan: Sequence[Step], model: _Model, fused: bool, depth: int = 1
+) -> list[_Compiled] | None:
     """Each step's combinations as Python-float terms, zero terms dropped.
 
     ``fused`` (plans that pass ``_fusable``: DDIM, Euler, Heun, ...) writes
@@ -562,14 +577,14 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
     ``pred'`` at ``x' = A x_i + B pred_i``, becomes three terms in them. ``None`` when such
     a coefficient is not finite (a product of finite ones that overflows), where the
     general form reports the bad step. Otherwise the terms combine ``x_i`` and the
-    estimates ``D``.
+    estimates ``D`` (``depth`` slots from ``_HIST``), then the earlier samples.
     """
     cx, cp = model.cx_float, model.cp_float
     last = len(plan) - 1
     steps: list[_Compiled] = []
     for i, s in enumerate(plan):
-        keep, data, noise, correct, reevaluate = s
-        if not all(map(math.isfinite, (keep, noise, *data, *(correct or ())))):
+        keep, data, noise, correct, reevaluate, past = s
+        if not all(map(math.isfinite, (keep, noise, *data, *past, *(correct or ())))):
             raise ValueError(f"step {i} of the sampler's plan has a non-finite coefficient: {s}")
         if i == last:
             correct = None
@@ -590,10 +605,11 @@ def _compile(plan: Sequence[Step], model: _Model, fused: bool) -> list[_Compiled
             if not all(map(math.isfinite, (a, b, *[v for _, v in second]))):
                 return None
         else:
-            first = [(_X, keep), *zip(itertools.count(_HIST), data)]
+            earlier = list(zip(itertools.count(_HIST + depth), past))
+            first = [(_X, keep), *zip(itertools.count(_HIST), data), *earlier]
             if correct is not None:
                 older = zip(itertools.count(_HIST), correct[1:])
-                second = [(_X, keep), *older, (_DP, correct[0])]
+                second = [(_X, keep), *older, (_DP, correct[0]), *earlier]
         buffered = correct is not None and noise != 0.0
         if buffered:  # predictor and corrector add the same z: the loop's buffer
             first.append((_Z, noise))
@@ -626,14 +642,15 @@ def run_plan(
     ``D`` it is shown is formed for it alone.
     """
     fused = _fusable(plan) and model.clip is None  # a clipped D is not affine in pred
+    depth = max(max(len(s.data), len(s.correct or ()) - 1) for s in plan)
     program = _compile(plan, model, fused) if fused else None
     if program is None:
-        fused, program = False, _compile(plan, model, False)
+        fused, program = False, _compile(plan, model, False, depth)
         assert program is not None
     # Fused steps see the raw prediction (slots _PRED, _PREDP), the others D (_HIST, _DP).
     evaluate, here, there = (model.raw, _PRED, _PREDP) if fused else (model, _HIST, _DP)
-    depth = max(max(len(s.data), len(s.correct or ()) - 1) for s in plan)
-    ops: list[Any] = [None] * (_HIST + depth)
+    past = max(len(s.past) for s in plan)  # earlier samples, from slot _HIST + depth
+    ops: list[Any] = [None] * (_HIST + depth + past)
     # Noise shared by a predictor and its corrector goes into the loop's own buffer,
     # refilled in place: it is only ever an operand, never handed to the model or caller.
     if any(step.buffered for step in program):
@@ -655,6 +672,10 @@ def run_plan(
             if depth > 1:
                 ops[_HIST + 1 : _HIST + depth] = ops[_HIST : _HIST + depth - 1]
             ops[here] = value
+            if past:
+                xs = _HIST + depth
+                ops[xs + 1 : xs + past] = ops[xs : xs + past - 1]
+                ops[xs] = ops[_X]
         ops[_X] = x
         if callback is not None:
             callback(i, model.callback_times[i + 1], x, _shown(model, ops, x, i, last, fused))

@@ -77,7 +77,7 @@ class DDIM(StopsAt):
             return super()._run(plan, model, x, generator, callback)
         grid, last = plan.grid, plan.grid.steps - 1
         raw = model.unclipped(x, 0)
-        for i, (keep, data, noise, _, _) in enumerate(plan.steps):
+        for i, (keep, data, noise, *_) in enumerate(plan.steps):
             d, from_raw = clip(raw), keep * grid.alpha[i]  # data[0] = alpha_{i+1} - keep alpha_i
             x_next = x * keep + d * (data[0] + from_raw) - raw * from_raw
             x = x_next + gaussian(x, generator, noise) if noise else x_next
