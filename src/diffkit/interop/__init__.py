@@ -3,7 +3,7 @@
 Reference libraries are imported lazily by the caller: these functions take model instances.
 """
 
-from diffkit.interop._diffusers import from_diffusers as from_diffusers
+from diffkit.interop._convert import from_diffusers as from_diffusers
 from diffkit.interop._diffusers import to_diffusers as to_diffusers
 from diffkit.interop._diffusers import to_diffusers_state_dict as to_diffusers_state_dict
 from diffkit.interop._open_clip import from_open_clip as from_open_clip

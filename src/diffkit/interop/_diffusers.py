@@ -52,7 +52,7 @@ other option raises ``ValueError`` naming it, rather than converting to a differ
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, cast, overload
+from typing import Any, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -86,7 +86,6 @@ from diffkit.interop._diffusers_wan_vae import (
     wan_vae_kwargs,
     wan_vae_state_dict,
 )
-from diffkit.interop._pipelines import PIPELINES, pipeline_from_diffusers
 from diffkit.interop._schedulers import SCHEDULERS, SchedulerParts, scheduler_parts
 from diffkit.nn.dit import DiT
 from diffkit.nn.unet import UNet, UNetConfig
@@ -94,11 +93,6 @@ from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.nn.video import VideoDiT
 from diffkit.nn.video_vae import CausalVideoAutoencoder
 from diffkit.typing import Prediction
-
-if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
-
-    from diffkit.pipeline import Pipeline
 
 __all__ = ["from_diffusers", "to_diffusers", "to_diffusers_state_dict"]
 
@@ -508,10 +502,6 @@ def from_diffusers(
 
 
 @overload
-def from_diffusers(module: "DiffusionPipeline") -> "Pipeline": ...  # pyright: ignore[reportOverlappingOverload]
-
-
-@overload
 def from_diffusers(module: object) -> SchedulerParts: ...
 
 
@@ -522,36 +512,12 @@ def from_diffusers(
     num_train_timesteps: int | None = None,
     micro_conditions: int | None = None,
     time_shift: float | None = None,
-) -> "nn.Module | SchedulerParts | Pipeline":
-    """The diffkit equivalent (same weights) of a diffusers U-Net (2-D, or the 3-D
-    ``UNet3DConditionModel``: a space-time U-Net), ``AutoencoderKL``, ``AutoencoderKLWan``
-    (a [`CausalVideoAutoencoder`][diffkit.nn.video_vae.CausalVideoAutoencoder]),
-    ``DiTTransformer2DModel``, ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel`` (the
-    last three: a [`DiT`][diffkit.nn.dit.DiT]), ``WanTransformer3DModel`` or
-    ``LatteTransformer3DModel`` (a [`VideoDiT`][diffkit.nn.video.VideoDiT], taking videos
-    ``(batch, frames, channels, h, w)``); of a diffusers scheduler, its
-    [`SchedulerParts`][diffkit.interop.SchedulerParts] ``(schedule, sampler)`` (see
-    [`scheduler_parts`][diffkit.interop.scheduler_parts]); of a whole diffusers pipeline, a
-    [`Pipeline`][diffkit.pipeline.Pipeline] drawing the same images (a ``Pipeline`` is an
-    ``nn.Module``; see the guide "Bring your model").
-
-    ``prediction`` (default ``"epsilon"``) and ``num_train_timesteps`` (default: the model's
-    config, else 1000) describe the U-Net's training, which diffusers keeps in the scheduler;
-    for a model ``to_diffusers`` exported, the defaults are the exported model's settings.
-    ``micro_conditions``: how many size conditions an SDXL-style U-Net
-    (``addition_embed_type="text_time"``) embeds beside the pooled text, ``Conditioning.micro``
-    (6 for SDXL base: original size, crop top-left, target size; 5 for the refiner); default:
-    what ``to_diffusers`` recorded, else 6.
-    ``time_shift``: an ``SD3Transformer2DModel``'s scheduler ``shift`` (SD3: 3.0; for a
-    ``WanTransformer3DModel`` its scheduler's ``flow_shift``), so the
-    converted network takes [`RectifiedFlow`][diffkit.schedules.RectifiedFlow]``(shift)``'s
-    ``t`` and embeds ``1000 sigma(t)`` as diffusers does (default 1: ``t`` is sigma).
-    """
+) -> nn.Module | SchedulerParts:
+    """A diffusers network or scheduler converted (the public
+    [`from_diffusers`][diffkit.interop.from_diffusers], pipelines aside)."""
     name = type(module).__name__
     if name in SCHEDULERS:
         return scheduler_parts(module)
-    if name in PIPELINES or name.endswith("Pipeline"):
-        return pipeline_from_diffusers(module)
     converted: nn.Module
     keys: Callable[[dict[str, Tensor]], dict[str, Tensor]] = dict
     if name in ("UNet2DModel", "UNet2DConditionModel"):
@@ -582,6 +548,16 @@ def from_diffusers(
             f"{', '.join(TRANSFORMERS + WAN_TRANSFORMERS + LATTE_TRANSFORMERS)}, and the "
             f"schedulers {', '.join(SCHEDULERS)}"
         )
+    return _load_converted(module, converted, keys)
+
+
+def _load_converted(
+    module: nn.Module,
+    converted: nn.Module,
+    keys: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+) -> nn.Module:
+    """``converted`` with ``module``'s weights (renamed by ``keys``, then by the converted
+    network's table), in ``module``'s dtype, device and training mode."""
     source = keys(module.state_dict())
     if isinstance(converted, VideoDiT) and converted.config.positions == "rotary":
         state = wan_state_dict(source, converted.config)

@@ -70,6 +70,8 @@ def distributed(backend: str | None = None) -> Iterator[DistributedInfo]:
     created = not (dist.is_available() and dist.is_initialized())
     try:
         yield init_distributed(backend)
+        if created and dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears the group down under another's last collective
     finally:
         if created and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
