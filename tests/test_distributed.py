@@ -298,6 +298,7 @@ FSDP_WORKER = textwrap.dedent(
     '''
     """Trains a tiny U-Net and a tiny DiT on 8x8 digits; rank 0 writes losses and shard sizes."""
     import json
+    import os
     import sys
 
     import torch
@@ -388,6 +389,10 @@ FSDP_WORKER = textwrap.dedent(
         info, record = run("fsdp", sys.argv[2])
         with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as fh:
             json.dump(record, fh)
+        # Under a loaded machine, torch 2.14's gloo sometimes aborts in interpreter teardown
+        # ("terminate called without an active exception") after the group is destroyed and
+        # the results are written; what this test checks is in the files.
+        os._exit(0)
     '''
 )
 

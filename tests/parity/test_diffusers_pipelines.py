@@ -260,7 +260,7 @@ def _diffkit_dit(pipeline: dk.Pipeline, guidance: float, seed: int) -> torch.Ten
     return (out / 2 + 0.5).clamp(0, 1)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 4.0])
+@pytest.mark.parametrize("guidance", [1.0, 4.0, 7.5])
 def test_dit_pipeline_draws_the_diffusers_images(guidance: float) -> None:
     pipe = _dit_pipeline()
     pipeline = dk.interop.from_diffusers(pipe)
@@ -328,7 +328,7 @@ def _pixart(tmp_path: Path, scheduler: Any | None = None) -> Any:
     return pipe
 
 
-@pytest.mark.parametrize("guidance", [1.0, 4.5])
+@pytest.mark.parametrize("guidance", [1.0, 4.5, 7.5])
 def test_pixart_pipeline_draws_the_diffusers_images(tmp_path: Path, guidance: float) -> None:
     pipe = _pixart(tmp_path)
     pipeline = dk.interop.from_diffusers(pipe)
@@ -483,7 +483,7 @@ def _sd3_pipeline(tmp_path: Path) -> Any:
     return pipe
 
 
-@pytest.mark.parametrize("guidance", [1.0, 7.0])
+@pytest.mark.parametrize("guidance", [1.0, 7.0, 7.5])
 def test_sd3_pipeline_draws_the_diffusers_images(tmp_path: Path, guidance: float) -> None:
     pipe = _sd3_pipeline(tmp_path)
     pipeline = dk.interop.from_diffusers(pipe)

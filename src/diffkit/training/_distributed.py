@@ -9,6 +9,7 @@ every rank's draws where the interrupted one left them.
 import contextlib
 import dataclasses
 import functools
+import gc
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,6 +72,7 @@ def distributed(backend: str | None = None) -> Iterator[DistributedInfo]:
     try:
         yield init_distributed(backend)
         if created and dist.is_available() and dist.is_initialized():
+            gc.collect()  # sharded tensors' device meshes hold the group: free them first
             dist.barrier()  # no rank tears the group down under another's last collective
     finally:
         if created and dist.is_available() and dist.is_initialized():
