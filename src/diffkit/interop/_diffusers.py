@@ -52,7 +52,7 @@ other option raises ``ValueError`` naming it, rather than converting to a differ
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast, overload
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -488,21 +488,6 @@ def _vae_config(module: nn.Module) -> KLAutoencoderConfig:
         scaling_factor=cfg["scaling_factor"],
         shift_factor=cfg.get("shift_factor") or 0.0,
     )
-
-
-@overload
-def from_diffusers(
-    module: nn.Module,
-    *,
-    prediction: Prediction | None = None,
-    num_train_timesteps: int | None = None,
-    micro_conditions: int | None = None,
-    time_shift: float | None = None,
-) -> nn.Module: ...
-
-
-@overload
-def from_diffusers(module: object) -> SchedulerParts: ...
 
 
 def from_diffusers(
