@@ -1,17 +1,15 @@
 """DDP under torchrun: 2 CPU processes on gloo reproduce the 1-process loss trajectory."""
 
 import json
-import os
 import runpy
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from diffkit.checkpoint import load_tensors
+from torchrun import torchrun
 
 WORKER = textwrap.dedent(
     '''
@@ -100,29 +98,12 @@ WORKER = textwrap.dedent(
 )
 
 
-def _torchrun(script, *args) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        str(script),
-        *map(str, args),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     ddp_dir.mkdir()
-    _torchrun(script, ddp_dir)
+    torchrun(script, ddp_dir)
 
     before = torch.get_num_threads()
     try:
@@ -168,7 +149,7 @@ def test_two_gloo_processes_with_dropout_resume_to_the_uninterrupted_losses(tmp_
     # rank 0's alone, both ranks would draw the same dropout masks after a resume.
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    _torchrun(script, tmp_path, "dropout")
+    torchrun(script, tmp_path, "dropout")
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     assert rank0["start"] == 4 and len(rank0["resumed"]) == 4
     assert rank0["resumed"] == rank0["whole"][4:]
@@ -281,7 +262,7 @@ AUX_WORKER = textwrap.dedent(
 def test_two_gloo_processes_train_the_autoencoder_and_clip_like_one_process(tmp_path):
     script = tmp_path / "aux_worker.py"
     script.write_text(AUX_WORKER)
-    _torchrun(script, tmp_path)
+    torchrun(script, tmp_path)
     before = torch.get_num_threads()
     try:
         _, single = runpy.run_path(str(script), run_name="worker")["run"]()
@@ -401,7 +382,7 @@ FSDP_WORKER = textwrap.dedent(
 def test_fsdp_on_two_gloo_processes_matches_one_process_and_halves_each_ranks_share(tmp_path, kind):
     script = tmp_path / "fsdp_worker.py"
     script.write_text(FSDP_WORKER)
-    _torchrun(script, tmp_path, kind)
+    torchrun(script, tmp_path, kind)
     before = torch.get_num_threads()
     try:
         _, single = runpy.run_path(str(script), run_name="worker")["run"]("auto", kind)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffkit.checkpoint import CheckpointError
+from torchrun import torchrun
 
 WORKER = textwrap.dedent(
     '''
@@ -173,23 +174,6 @@ def worker(tmp_path_factory):
     return runpy.run_path(str(path), run_name="worker") | {"path": path}
 
 
-def _torchrun(script, *args) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        str(script),
-        *map(str, args),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 def test_checkpoints_of_2_processes_resume_on_1_then_2_with_the_uninterrupted_losses(
     tmp_path, worker
 ):
@@ -198,7 +182,7 @@ def test_checkpoints_of_2_processes_resume_on_1_then_2_with_the_uninterrupted_lo
     from diffkit.training import export_pipeline
     from diffkit.training._sharded import sharded_checkpoint_damage
 
-    _torchrun(worker["path"], tmp_path, "first")
+    torchrun(worker["path"], tmp_path, "first")
     first = json.loads((tmp_path / "first-rank0.json").read_text())
     middle = {}
     for strategy in ("ddp", "fsdp"):
@@ -211,7 +195,7 @@ def test_checkpoints_of_2_processes_resume_on_1_then_2_with_the_uninterrupted_lo
             _, run = worker["train"](tmp_path / strategy / "parts", 4, every=2)
         assert run.start_step == 2
         middle[strategy] = run.losses
-    _torchrun(worker["path"], tmp_path, "last")
+    torchrun(worker["path"], tmp_path, "last")
     last = json.loads((tmp_path / "last-rank0.json").read_text())
 
     for strategy in ("ddp", "fsdp"):
