@@ -368,3 +368,31 @@ def test_conditioning_temporal_is_checked_kept_by_where_and_refused_by_image_net
 def test_temporal_config_refuses_a_u_net_with_no_temporal_layer():
     with pytest.raises(ValueError, match="input_heads"):
         TemporalConfig(conv=False, attention=False, input_heads=None)
+
+
+@pytest.mark.parametrize("positions", ["none", "rotary"])
+def test_temporal_attention_sees_frame_order_only_with_rotary_positions(positions):
+    """Without temporal convolutions and positions the frames are a set: reversing a clip
+    reverses the output. Rotary positions (relative, VDM's) let the attention tell the
+    order, which a model needs to say which way a clip moves."""
+    unet = _space_time_unet(conv=False, positions=positions).double().eval()
+    x = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1)).double()
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    cond = _video_cond(2).map(lambda v: v.double() if v.is_floating_point() else v)
+    with torch.no_grad():
+        out = unet(x, t, cond)
+        flipped = unet(x.flip(1), t, cond).flip(1)
+    gap = float((out - flipped).abs().max())
+    if positions == "none":
+        assert gap < 1e-12
+    else:
+        assert gap > 1e-6
+
+
+def test_rotary_temporal_positions_need_even_heads():
+    base = _space_time_unet().config.to_dict()
+    temporal = {**base["temporal"], "positions": "rotary"}
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        UNetConfig.model_validate({**base, "attention_head_dim": 3, "temporal": temporal})
+    with pytest.raises(ValueError, match="num_heads"):
+        UNetConfig.model_validate({**base, "num_heads": 8, "temporal": temporal})

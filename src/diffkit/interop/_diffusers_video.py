@@ -147,6 +147,7 @@ def unet3d_kwargs(c: UNetConfig) -> dict[str, Any]:
         ("temporal.attention", tc.attention, True),
         ("temporal.input_heads", tc.input_heads, _INPUT_HEADS),
         ("temporal.dropout", tc.dropout, _CONV_DROPOUT),
+        ("temporal.positions", tc.positions, "none"),
         ("num_heads", c.num_heads, None),
         ("mid_attention", c.mid_attention, True),
         ("transformer_depth", c.transformer_depth, 1),

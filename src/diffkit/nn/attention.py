@@ -17,7 +17,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from diffkit.nn.embeddings import apply_rotary
+from diffkit.nn.embeddings import apply_rotary, rotary_angles
 from diffkit.nn.resblocks import group_norm
 from diffkit.typing import Image, ShapeError, Tokens, checked_layer
 
@@ -331,6 +331,7 @@ class TransformerBlock(nn.Module):
         double_self_attention: bool = False,
     ) -> None:
         super().__init__()
+        self.double_self_attention = double_self_attention
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim)
         if double_self_attention:
@@ -346,12 +347,20 @@ class TransformerBlock(nn.Module):
 
     @checked_layer
     def forward(
-        self, x: Tokens, context: Context | None = None, mask: ContextMask | None = None
+        self,
+        x: Tokens,
+        context: Context | None = None,
+        mask: ContextMask | None = None,
+        rotary: Float[Tensor, "tokens half"] | None = None,
     ) -> Tokens:
-        """``(b, n, dim) -> (b, n, dim)``, attending to ``context`` ``(b, m, context_dim)``."""
-        x = x + self.attn1(self.norm1(x))
+        """``(b, n, dim) -> (b, n, dim)``, attending to ``context`` ``(b, m, context_dim)``;
+        ``rotary`` angles rotate the queries and keys of the self-attention(s)."""
+        x = x + self.attn1(self.norm1(x), rotary=rotary)
         if self.attn2 is not None and self.norm2 is not None:
-            x = x + self.attn2(self.norm2(x), context, mask)
+            if self.double_self_attention:
+                x = x + self.attn2(self.norm2(x), rotary=rotary)
+            else:
+                x = x + self.attn2(self.norm2(x), context, mask)
         return x + self.ff(self.norm3(x))
 
 
@@ -401,16 +410,28 @@ class TemporalTransformer(nn.Module):
     """Transformer blocks over the frames at each pixel of a clip (temporal attention).
 
     ``x + proj_out(blocks(proj_in(norm(x))))`` with the frames of each pixel as the tokens,
-    no positions (the temporal convolutions give order), the GroupNorm's statistics taken
-    over the whole clip, and each block two self-attentions and a GEGLU MLP
-    (ModelScope's / diffusers' ``TransformerTemporalModel``; VDM's temporal attention).
+    the GroupNorm's statistics taken over the whole clip, and each block two
+    self-attentions and a GEGLU MLP (ModelScope's / diffusers' ``TransformerTemporalModel``;
+    VDM's temporal attention). Without ``rotary`` the frames have no positions (the
+    temporal convolutions give order, as in ModelScope); with it each self-attention
+    rotates queries and keys by the frame index (relative positions, as VDM's temporal
+    attention has), which also holds for clips longer than trained.
     """
 
     def __init__(
-        self, channels: int, heads: int, head_dim: int, *, depth: int = 1, groups: int = 32
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        *,
+        depth: int = 1,
+        groups: int = 32,
+        rotary: bool = False,
     ) -> None:
         super().__init__()
         inner = heads * head_dim
+        self.rotary = rotary
+        self.head_dim = head_dim
         self.norm = group_norm(channels, groups, 1e-6, "TemporalTransformer")
         self.proj_in = nn.Linear(channels, inner)
         self.blocks = nn.ModuleList(
@@ -425,8 +446,9 @@ class TemporalTransformer(nn.Module):
         height = x.shape[2]
         h = self.norm(rearrange(x, "(b f) c y x -> b c f (y x)", f=frames))
         h = self.proj_in(rearrange(h, "b c f n -> (b n) f c"))
+        angles = rotary_angles(frames, self.head_dim) if self.rotary else None
         for block in self.blocks:
-            h = block(h)
+            h = block(h, rotary=angles)
         h = rearrange(
             self.proj_out(h), "(b y x) f c -> (b f) c y x", f=frames, y=height, x=x.shape[3]
         )

@@ -30,6 +30,7 @@ __all__ = [
     "add_condition_embeddings",
     "apply_rotary",
     "network_timestep",
+    "rotary_angles",
     "rotary_angles_3d",
     "timestep_embedding",
 ]
@@ -125,14 +126,25 @@ def add_condition_embeddings(
     return emb
 
 
+def rotary_angles(
+    positions: int, features: int, theta: float = 10000.0
+) -> Float[Tensor, "positions half"]:
+    """Rotary angles ``(positions, features / 2)`` along one axis: pair ``j`` of position
+    ``p`` turns by ``p * theta^(-2j / features)`` (RoFormer). Float64."""
+    if features % 2 != 0:
+        raise ValueError(f"rotary_angles: features must be even, got {features}")
+    freqs = 1.0 / theta ** (torch.arange(0, features, 2, dtype=torch.float64) / features)
+    return torch.arange(positions, dtype=torch.float64)[:, None] * freqs[None, :]
+
+
 def rotary_angles_3d(
     grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0
 ) -> Float[Tensor, "tokens half"]:
     """Rotary angles ``(f * h * w, head_dim / 2)`` of a frame-major ``(f, h, w)`` token grid.
 
     Each head's features form ``head_dim / 2`` pairs: the rows and the columns get
-    ``head_dim // 6`` pairs each, the frames the rest (Wan 2.1's split); along an axis of
-    ``2k`` features pair ``j`` turns by ``position * theta^(-2j / 2k)``. Float64.
+    ``head_dim // 6`` pairs each, the frames the rest (Wan 2.1's split); each axis as
+    [`rotary_angles`][diffkit.nn.embeddings.rotary_angles]. Float64.
     """
     if head_dim % 2 != 0 or head_dim < 6:
         raise ValueError(f"rotary_angles_3d: head_dim must be even and >= 6, got {head_dim}")
@@ -140,11 +152,9 @@ def rotary_angles_3d(
     sizes = (head_dim - 2 * spatial, spatial, spatial)
     parts = []
     for axis, (n, size) in enumerate(zip(grid, sizes, strict=True)):
-        freqs = 1.0 / theta ** (torch.arange(0, size, 2, dtype=torch.float64) / size)
-        angles = torch.arange(n, dtype=torch.float64)[:, None] * freqs[None, :]
         shape = [1, 1, 1, size // 2]
         shape[axis] = n
-        parts.append(angles.view(shape).expand(*grid, size // 2))
+        parts.append(rotary_angles(n, size, theta).view(shape).expand(*grid, size // 2))
     return torch.cat(parts, dim=-1).reshape(-1, head_dim // 2)
 
 

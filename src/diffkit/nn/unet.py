@@ -78,6 +78,11 @@ class TemporalConfig(Config):
     dropout: float = Field(
         default=0.1, ge=0, lt=1, description="dropout inside the temporal convolutions"
     )
+    positions: Literal["none", "rotary"] = Field(
+        default="none",
+        description="frame positions in the temporal attentions: 'none' (ModelScope: only "
+        "the temporal convolutions give order) or 'rotary' (relative, as VDM's)",
+    )
 
     @model_validator(mode="after")
     def _check_layers(self) -> "TemporalConfig":
@@ -206,15 +211,33 @@ class UNetConfig(NetworkConfig):
                 raise field_error("UNetConfig", "norm_groups", message, self.norm_groups)
             if self._has_attention(i) or (self.mid_attention and i == len(self.channel_mult) - 1):
                 self._check_heads(channels)
+        input_heads = self.temporal.input_heads if self.temporal is not None else None
+        if self._rotary and input_heads is not None and self.attention_head_dim % 2:
+            message = (
+                f"temporal.positions 'rotary' turns feature pairs, but the input temporal "
+                f"attention's heads have attention_head_dim={self.attention_head_dim} (odd) "
+                "channels"
+            )
+            raise field_error("UNetConfig", "attention_head_dim", message, self.attention_head_dim)
         self._check_levels()
         return self
 
     def _check_heads(self, channels: int) -> None:
+        field = "attention_head_dim" if self.num_heads is None else "num_heads"
         try:
-            self.heads_at(channels)
+            _, head_dim = self.heads_at(channels)
         except ValueError as err:
-            field = "attention_head_dim" if self.num_heads is None else "num_heads"
             raise field_error("UNetConfig", field, str(err), getattr(self, field)) from None
+        if self._rotary and head_dim % 2:
+            message = (
+                f"temporal.positions 'rotary' turns feature pairs, but {channels} channels "
+                f"give heads of {head_dim} (odd) channels"
+            )
+            raise field_error("UNetConfig", field, message, getattr(self, field))
+
+    @property
+    def _rotary(self) -> bool:
+        return self.temporal is not None and self.temporal.positions == "rotary"
 
     def _check_levels(self) -> None:
         levels = len(self.channel_mult)
@@ -352,7 +375,9 @@ class _Layers:
             for _ in range(count if tc.conv else 0)
         ]
         attns: list[nn.Module] = [
-            TemporalTransformer(width, heads, head_dim, groups=c.norm_groups)
+            TemporalTransformer(
+                width, heads, head_dim, groups=c.norm_groups, rotary=tc.positions == "rotary"
+            )
             for _ in range(count if heads else 0)
         ]
         return convs, attns
@@ -421,10 +446,16 @@ class UNet(nn.Module):
         layers = _Layers(c, emb_dim)
 
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
-        heads_in = c.temporal.input_heads if c.temporal is not None else None
+        tc = c.temporal
         self.temporal_in = (
-            TemporalTransformer(widths[0], heads_in, c.attention_head_dim, groups=c.norm_groups)
-            if heads_in is not None
+            TemporalTransformer(
+                widths[0],
+                tc.input_heads,
+                c.attention_head_dim,
+                groups=c.norm_groups,
+                rotary=tc.positions == "rotary",
+            )
+            if tc is not None and tc.input_heads is not None
             else None
         )
         self.time_embed = TimeEmbedding(widths[0], emb_dim)  # sinusoid of widths[0] features
