@@ -25,7 +25,7 @@ from diffkit_demo.recipes import (
     load_demo_config,
     parse_demo_config,
 )
-from diffkit_demo.recipes.video import _video_data
+from diffkit_demo.recipes.video import _video_data, _with_image_stacks
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -358,3 +358,45 @@ def test_training_device_is_checked_before_any_stage(
     assert training_device(
         parse_demo_config({**data, "train": {**data["train"], "device": None}})
     ) == torch.device("cpu")
+
+
+def _space_time_recipe(**top: Any) -> VideoDemoConfig:
+    """The video recipe with a small space-time U-Net as its denoiser."""
+    data = default_config("video").to_dict()
+    data["pipeline"]["denoiser"] = {
+        "kind": "unet",
+        "in_channels": 2,
+        "base_channels": 16,
+        "channel_mult": (1, 2),
+        "blocks_per_level": 1,
+        "attention_resolutions": (2,),
+        "attention_head_dim": 16,
+        "context_dim": 64,
+        "pooled_dim": 64,
+        "norm_groups": 8,
+        "temporal": {"conv": False, "input_heads": None, "positions": "rotary"},
+    }
+    return VideoDemoConfig.model_validate({**data, **top})
+
+
+def test_joint_images_add_stacks_of_frames_from_clips_with_the_same_caption() -> None:
+    config = _space_time_recipe(joint_images=0.25)
+    x = torch.arange(12 * 8, dtype=torch.float32).view(12, 8, 1, 1, 1)  # frame ids
+    labels = torch.arange(12) % 3
+    captions = [f"the digit {int(d)} moving left" for d in labels]
+    data, all_labels, all_captions, temporal = _with_image_stacks(config, x, labels, captions)
+    assert temporal is not None and temporal.tolist() == [True] * 12 + [False] * 4
+    assert torch.equal(data[:12], x) and all_captions[:12] == captions
+    for stack, label, caption in zip(data[12:], all_labels[12:], all_captions[12:], strict=True):
+        clips = (stack.flatten() // 8).long()  # the clip each frame came from
+        assert all(captions[int(c)] == caption for c in clips)
+        assert (labels[clips] == label).all()
+    assert len({tuple(s.flatten().tolist()) for s in data[12:]}) == 4
+    unchanged = _with_image_stacks(_space_time_recipe(), x, labels, captions)
+    assert unchanged[0] is x and unchanged[3] is None
+
+
+def test_joint_images_need_a_space_time_unet() -> None:
+    data = default_config("video").to_dict()  # the video transformer
+    with pytest.raises(ValueError, match="joint_images"):
+        VideoDemoConfig.model_validate({**data, "joint_images": 0.2})

@@ -370,7 +370,7 @@ def test_temporal_config_refuses_a_u_net_with_no_temporal_layer():
         TemporalConfig(conv=False, attention=False, input_heads=None)
 
 
-@pytest.mark.parametrize("positions", ["none", "rotary"])
+@pytest.mark.parametrize("positions", ["none", "rotary", "sinusoidal"])
 def test_temporal_attention_sees_frame_order_only_with_rotary_positions(positions):
     """Without temporal convolutions and positions the frames are a set: reversing a clip
     reverses the output. Rotary positions (relative, VDM's) let the attention tell the

@@ -17,7 +17,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from diffkit.nn.embeddings import apply_rotary, rotary_angles
+from diffkit.nn.embeddings import apply_rotary, rotary_angles, timestep_embedding
 from diffkit.nn.resblocks import group_norm
 from diffkit.typing import Image, ShapeError, Tokens, checked_layer
 
@@ -412,10 +412,13 @@ class TemporalTransformer(nn.Module):
     ``x + proj_out(blocks(proj_in(norm(x))))`` with the frames of each pixel as the tokens,
     the GroupNorm's statistics taken over the whole clip, and each block two
     self-attentions and a GEGLU MLP (ModelScope's / diffusers' ``TransformerTemporalModel``;
-    VDM's temporal attention). Without ``rotary`` the frames have no positions (the
-    temporal convolutions give order, as in ModelScope); with it each self-attention
-    rotates queries and keys by the frame index (relative positions, as VDM's temporal
-    attention has), which also holds for clips longer than trained.
+    VDM's temporal attention). ``positions`` says what the frames know of their order:
+    ``"none"``: nothing (the temporal convolutions give order, as in ModelScope);
+    ``"rotary"``: each self-attention rotates queries and keys by the frame index
+    (relative positions, as VDM's temporal attention has), which holds for clips longer
+    than trained; ``"sinusoidal"``: the frame index's sinusoidal embedding is added to the
+    tokens (absolute positions, as AnimateDiff's motion modules), so each frame knows
+    where in the clip it is.
     """
 
     def __init__(
@@ -426,11 +429,11 @@ class TemporalTransformer(nn.Module):
         *,
         depth: int = 1,
         groups: int = 32,
-        rotary: bool = False,
+        positions: Literal["none", "rotary", "sinusoidal"] = "none",
     ) -> None:
         super().__init__()
         inner = heads * head_dim
-        self.rotary = rotary
+        self.positions = positions
         self.head_dim = head_dim
         self.norm = group_norm(channels, groups, 1e-6, "TemporalTransformer")
         self.proj_in = nn.Linear(channels, inner)
@@ -446,7 +449,10 @@ class TemporalTransformer(nn.Module):
         height = x.shape[2]
         h = self.norm(rearrange(x, "(b f) c y x -> b c f (y x)", f=frames))
         h = self.proj_in(rearrange(h, "b c f n -> (b n) f c"))
-        angles = rotary_angles(frames, self.head_dim) if self.rotary else None
+        if self.positions == "sinusoidal":
+            index = torch.arange(frames, device=h.device)
+            h = h + timestep_embedding(index, h.shape[-1]).to(h.dtype)
+        angles = rotary_angles(frames, self.head_dim) if self.positions == "rotary" else None
         for block in self.blocks:
             h = block(h, rotary=angles)
         h = rearrange(

@@ -78,10 +78,11 @@ class TemporalConfig(Config):
     dropout: float = Field(
         default=0.1, ge=0, lt=1, description="dropout inside the temporal convolutions"
     )
-    positions: Literal["none", "rotary"] = Field(
+    positions: Literal["none", "rotary", "sinusoidal"] = Field(
         default="none",
         description="frame positions in the temporal attentions: 'none' (ModelScope: only "
-        "the temporal convolutions give order) or 'rotary' (relative, as VDM's)",
+        "the temporal convolutions give order), 'rotary' (relative, as VDM's) or "
+        "'sinusoidal' (absolute, added to the tokens, as AnimateDiff's)",
     )
 
     @model_validator(mode="after")
@@ -376,7 +377,7 @@ class _Layers:
         ]
         attns: list[nn.Module] = [
             TemporalTransformer(
-                width, heads, head_dim, groups=c.norm_groups, rotary=tc.positions == "rotary"
+                width, heads, head_dim, groups=c.norm_groups, positions=tc.positions
             )
             for _ in range(count if heads else 0)
         ]
@@ -453,7 +454,7 @@ class UNet(nn.Module):
                 tc.input_heads,
                 c.attention_head_dim,
                 groups=c.norm_groups,
-                rotary=tc.positions == "rotary",
+                positions=tc.positions,
             )
             if tc is not None and tc.input_heads is not None
             else None

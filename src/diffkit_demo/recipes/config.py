@@ -19,6 +19,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 from diffkit.builder import PipelineConfig
 from diffkit.config import SEED_MAX, Config
 from diffkit.nn.clip import CLIPConfig, ResNetTowerConfig, VisionTowerConfig
+from diffkit.nn.unet import UNetConfig
 from diffkit.nn.vae import KLAutoencoderConfig
 from diffkit.text import CLIPTextConditionerConfig
 from diffkit.training import TrainConfig
@@ -285,6 +286,15 @@ class VideoDemoConfig(_DemoBase):
     prompt_digits: tuple[int, ...] = Field(
         default=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9), min_length=1, description="digits prompted"
     )
+    joint_images: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="share of the denoiser's training items that are stacks of independent "
+        "frames, each from another clip with the same caption (VDM's joint image-video "
+        "training: Conditioning.temporal false, so they train only the per-frame layers); "
+        "needs a space-time U-Net",
+    )
 
     @model_validator(mode="after")
     def _video(self) -> "VideoDemoConfig":
@@ -303,6 +313,13 @@ class VideoDemoConfig(_DemoBase):
             raise ValueError(
                 "pipeline.encoder must be a 'kl_autoencoder' (trained by the demo) or null "
                 "(pixel space)"
+            )
+        denoiser = self.pipeline.denoiser
+        if self.joint_images and not (isinstance(denoiser, UNetConfig) and denoiser.temporal):
+            raise ValueError(
+                f"joint_images {self.joint_images} needs pipeline.denoiser to be a space-time "
+                "U-Net (kind 'unet' with temporal set): only its temporal layers can skip the "
+                "frames of an image stack"
             )
         frames = shape[0]
         if self.clip_vision.channels != frames or self.clip_vision.image_size != shape[2]:

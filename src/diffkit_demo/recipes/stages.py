@@ -141,12 +141,17 @@ class _CaptionCache:
 
 
 class _Items(torch.utils.data.Dataset[dict[str, Any]]):
-    """Training items ``{"x", "label"?, "caption"?}`` from tensors already in memory."""
+    """Training items ``{"x", "label"?, "caption"?, "temporal"?}`` from tensors already in
+    memory (``temporal``: false for a stack of independent images in a video batch)."""
 
     def __init__(
-        self, x: Tensor, labels: Tensor | None = None, captions: Sequence[str] | None = None
+        self,
+        x: Tensor,
+        labels: Tensor | None = None,
+        captions: Sequence[str] | None = None,
+        temporal: Tensor | None = None,
     ) -> None:
-        self.x, self.labels = x, labels
+        self.x, self.labels, self.temporal = x, labels, temporal
         self.captions = list(captions) if captions is not None else None
 
     def __len__(self) -> int:
@@ -158,6 +163,8 @@ class _Items(torch.utils.data.Dataset[dict[str, Any]]):
             item["label"] = int(self.labels[index])
         if self.captions is not None:
             item["caption"] = self.captions[index]
+        if self.temporal is not None:
+            item["temporal"] = bool(self.temporal[index])
         return item
 
 
@@ -169,7 +176,10 @@ def train_denoiser(
     captions: Sequence[str],
     text: CLIPTextConditioner,
     reporter: Reporter,
+    temporal: Tensor | None = None,
 ) -> tuple[nn.Module, list[float]]:
+    """Train the recipe's denoiser on ``x`` with the frozen text conditioning of each
+    caption; ``temporal`` (per item) marks the clips of a joint image-video batch."""
     from diffkit.builder import registry
 
     torch.manual_seed(config.seed + 31)
@@ -184,7 +194,7 @@ def train_denoiser(
     result = train(
         denoiser,
         schedule,
-        _Items(x, labels, captions),
+        _Items(x, labels, captions, temporal),
         train_config,
         condition=lambda batch: cache(batch.captions or []),
         uncond=cache.null,
@@ -332,13 +342,15 @@ def denoiser_stage(
     captions: Sequence[str],
     text: CLIPTextConditioner,
     description: str,
+    temporal: Tensor | None = None,
 ) -> nn.Module:
-    """The "denoiser" stage: train it on ``data`` (pixels or latents), conditioned on text."""
+    """The "denoiser" stage: train it on ``data`` (pixels or latents), conditioned on text;
+    ``temporal`` as in ``train_denoiser``."""
     with run.report.stage("denoiser", description):
         if run.device.type != "cpu":
             run.report.note(f"training on {run.device}")
         denoiser, losses = train_denoiser(
-            run.config, pipeline_config, data, labels, captions, text, run.report
+            run.config, pipeline_config, data, labels, captions, text, run.report, temporal
         )
         run.result.losses["denoiser"] = tail_mean(losses)
     return denoiser

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffkit.builder import PipelineConfig
+from diffkit.nn.unet import UNetConfig
 from diffkit.nn.vae import KLAutoencoder, KLAutoencoderConfig
 from diffkit.pipeline import Pipeline
 from diffkit_demo.datasets import DIGIT_NAMES, DIRECTIONS, MovingDigitsDataset
@@ -59,7 +60,7 @@ def run_video_demo(
             ae, pipeline_config, data = _video_autoencoder(run, x, test, judge)
 
     text = stages.text_conditioner(config, clip)
-    space = "pixel" if ae is None else "latent"
+    data, labels, captions, temporal = _with_image_stacks(config, data, labels, captions)
     denoiser = stages.denoiser_stage(
         run,
         pipeline_config,
@@ -67,7 +68,8 @@ def run_video_demo(
         labels,
         captions,
         text,
-        f"text-conditioned video transformer over {space} tubelets",
+        _describe(config, ae is None),
+        temporal,
     )
     with run.report.stage("sample", "one GIF per prompt and a frame grid, checked"):
         pipeline = stages.save_pipeline(
@@ -131,6 +133,46 @@ def _video_data(config: VideoDemoConfig, split: Literal["train", "test"], num: i
     x = torch.stack([item["x"] for item in items])
     labels = torch.tensor([item["label"] for item in items], dtype=torch.long)
     return x, labels, [item["caption"] for item in items], [item["direction"] for item in items]
+
+
+def _describe(config: VideoDemoConfig, pixels: bool) -> str:
+    """The denoiser stage's line: which network, over what, trained how."""
+    space = "pixel" if pixels else "latent"
+    if not isinstance(config.pipeline.denoiser, UNetConfig):
+        return f"text-conditioned video transformer over {space} tubelets"
+    joint = f", {100 * config.joint_images:.0f} % image stacks" if config.joint_images else ""
+    return f"text-conditioned space-time U-Net over {space} clips{joint}"
+
+
+def _with_image_stacks(
+    config: VideoDemoConfig, x: Tensor, labels: Tensor, captions: list[str]
+) -> tuple[Tensor, Tensor, list[str], Tensor | None]:
+    """The clips, plus ``joint_images`` of stacks of independent frames (VDM's joint
+    training): each stack's frames come from random clips with one caption, which the
+    stack takes; ``temporal`` (per item) is false for the stacks. Unchanged without."""
+    if not config.joint_images:
+        return x, labels, captions, None
+    count = round(config.joint_images * len(x) / (1 - config.joint_images))
+    gen = torch.Generator().manual_seed(config.seed + 41)
+    groups: dict[str, list[int]] = {}
+    for i, caption in enumerate(captions):
+        groups.setdefault(caption, []).append(i)
+    frames = x.shape[1]
+    picks = torch.randint(len(x), (count,), generator=gen).tolist()
+    stacks = []
+    for pick in picks:
+        group = torch.tensor(groups[captions[pick]])
+        clips = group[torch.randint(len(group), (frames,), generator=gen)]
+        stacks.append(x[clips, torch.randint(frames, (frames,), generator=gen)])
+    temporal = torch.cat(
+        [torch.ones(len(x), dtype=torch.bool), torch.zeros(count, dtype=torch.bool)]
+    )
+    return (
+        torch.cat([x, torch.stack(stacks)]),
+        torch.cat([labels, labels[picks]]),
+        captions + [captions[p] for p in picks],
+        temporal,
+    )
 
 
 def _video_prompts(config: VideoDemoConfig) -> tuple[list[str], list[int], list[str]]:
