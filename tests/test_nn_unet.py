@@ -396,3 +396,23 @@ def test_rotary_temporal_positions_need_even_heads():
         UNetConfig.model_validate({**base, "attention_head_dim": 3, "temporal": temporal})
     with pytest.raises(ValueError, match="num_heads"):
         UNetConfig.model_validate({**base, "num_heads": 8, "temporal": temporal})
+
+
+def test_frame_embedding_tells_frames_apart_and_leaves_image_items_alone():
+    """temporal.frame_embedding adds the frame index to each clip frame's time embedding
+    (so a network without temporal convolutions or positions sees the order), never to the
+    frames of an image item, which stay the image U-Net's."""
+    unet = _space_time_unet(conv=False, frame_embedding=True).double().eval()
+    x = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1)).double()
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    cond = _video_cond(2, [False, True]).map(lambda v: v.double() if v.is_floating_point() else v)
+    with torch.no_grad():
+        out = unet(x, t, cond)
+        flipped = unet(x.flip(1), t, cond).flip(1)
+    assert float((out[1] - flipped[1]).abs().max()) > 1e-6  # a clip: order matters
+    assert float((out[0] - flipped[0]).abs().max()) < 1e-12  # images: each frame alone
+    image = UNet(unet.config.model_copy(update={"temporal": None})).double().eval()
+    image.load_state_dict(unet.state_dict(), strict=False)
+    with torch.no_grad():
+        frame = image(x[:, 2], t, Conditioning(tokens=cond.tokens))
+    assert torch.allclose(out[0, 2], frame[0], atol=1e-10)

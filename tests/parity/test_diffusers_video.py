@@ -142,6 +142,7 @@ def test_unet3d_options_it_cannot_honour_are_refused_by_name(
         ({"temporal": TemporalConfig(conv=False)}, "temporal.conv"),
         ({"temporal": TemporalConfig(dropout=0.0)}, "temporal.dropout"),
         ({"temporal": TemporalConfig(positions="rotary")}, "temporal.positions"),
+        ({"temporal": TemporalConfig(frame_embedding=True)}, "temporal.frame_embedding"),
         ({"scale_shift": True}, "scale_shift"),
         ({"linear_projection": False}, "linear_projection"),
         ({"transformer_depth": 2}, "transformer_depth"),

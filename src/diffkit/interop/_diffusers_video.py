@@ -148,6 +148,7 @@ def unet3d_kwargs(c: UNetConfig) -> dict[str, Any]:
         ("temporal.input_heads", tc.input_heads, _INPUT_HEADS),
         ("temporal.dropout", tc.dropout, _CONV_DROPOUT),
         ("temporal.positions", tc.positions, "none"),
+        ("temporal.frame_embedding", tc.frame_embedding, False),
         ("num_heads", c.num_heads, None),
         ("mid_attention", c.mid_attention, True),
         ("transformer_depth", c.transformer_depth, 1),

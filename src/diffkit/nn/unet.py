@@ -84,6 +84,12 @@ class TemporalConfig(Config):
         "the temporal convolutions give order), 'rotary' (relative, as VDM's) or "
         "'sinusoidal' (absolute, added to the tokens, as AnimateDiff's)",
     )
+    frame_embedding: bool = Field(
+        default=False,
+        description="add the frame index's sinusoidal embedding (through a zero-initialised "
+        "linear layer) to each frame's time embedding, so every residual block knows where "
+        "in the clip its frame is (not for image items)",
+    )
 
     @model_validator(mode="after")
     def _check_layers(self) -> "TemporalConfig":
@@ -460,6 +466,11 @@ class UNet(nn.Module):
             else None
         )
         self.time_embed = TimeEmbedding(widths[0], emb_dim)  # sinusoid of widths[0] features
+        self.frame_embed = None
+        if tc is not None and tc.frame_embedding:
+            self.frame_embed = nn.Linear(widths[0], emb_dim)
+            nn.init.zeros_(self.frame_embed.weight)  # a new layer leaves the network as it was
+            nn.init.zeros_(self.frame_embed.bias)
         self.label_embed = nn.Embedding(c.num_classes, emb_dim) if c.num_classes else None
         pooled_in = (c.pooled_dim or 0) + c.micro_conditions * c.micro_freq_dim
         self.pooled_embed = TimeEmbedding(pooled_in, emb_dim) if c.pooled_dim else None
@@ -550,7 +561,7 @@ class UNet(nn.Module):
         frames = x_t.shape[1] if x_t.ndim == 5 else 1
         if x_t.ndim == 5:  # a clip's frames run as a batch of images, consecutive
             x_t = rearrange(x_t, "b f c h w -> (b f) c h w")
-            emb = repeat(emb, "b d -> (b f) d", f=frames)
+            emb = repeat(emb, "b d -> (b f) d", f=frames) + self._frame_emb(x_t, frames, cond)
             if context is not None:
                 context = repeat(context, "b n d -> (b f) n d", f=frames)
                 mask = repeat(mask, "b n -> (b f) n", f=frames) if mask is not None else None
@@ -584,6 +595,18 @@ class UNet(nn.Module):
         if self.config.temporal is None:
             return h
         return rearrange(h, "(b f) c h w -> b f c h w", f=frames)
+
+    def _frame_emb(self, x: Tensor, frames: int, cond: Conditioning | None) -> Tensor:
+        """``(batch * frames, emb_dim)`` embeddings of the frame indices (zero for image
+        items and without ``temporal.frame_embedding``); ``x`` is ``(batch * frames, ...)``."""
+        if self.frame_embed is None:
+            return x.new_zeros(())
+        index = torch.arange(frames, device=x.device)
+        sinusoid = timestep_embedding(index, self.frame_embed.in_features).to(x.dtype)
+        emb = repeat(self.frame_embed(sinusoid), "f d -> (b f) d", b=x.shape[0] // frames)
+        if cond is not None and cond.temporal is not None:
+            emb = emb * repeat(cond.temporal, "b -> (b f) 1", f=frames).to(emb.dtype)
+        return emb
 
     def _time_mixer(self, frames: int, cond: Conditioning | None) -> Mix:
         """``mix(layer, h)``: a temporal layer applied to the clips; identity on image items.
