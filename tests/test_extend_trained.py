@@ -131,6 +131,9 @@ def test_real_clips_have_no_seam_and_independent_windows_do() -> None:
     inside, seams = seam_differences(apart, window=WINDOW, overlap=0)
     print(f"real clips, independent windows: inside {inside:.4f}, seam {seams[7]:.4f}")
     assert seams[7] > 2 * inside and continuing(apart, 7) < 0.3
+    for window, overlap in ((8, 8), (1, 0), (16, 4)):  # overlap too large; one frame; no seam
+        with pytest.raises(ValueError, match="window"):
+            seam_differences(clips, window=window, overlap=overlap)
 
 
 def test_trained_model_extends_8_frames_to_16_without_a_seam(pipeline: Pipeline) -> None:

@@ -198,8 +198,8 @@ def seam_differences(
     pair index ``s - 1`` to its difference. A clip without a visible seam has ``seams``
     close to ``inside``.
     """
-    if not 0 <= overlap < window:
-        raise ValueError(f"overlap must be in [0, window - 1], got {overlap} (window {window})")
+    if window < 2 or not 0 <= overlap < window:
+        raise ValueError(f"need window >= 2 and 0 <= overlap < window, got {window}, {overlap}")
     if clip.ndim < 3 or clip.shape[1] <= window:
         raise ValueError(
             f"clip must be (batch, frames > window={window}, *frame), got {tuple(clip.shape)}"
