@@ -133,6 +133,13 @@ def test_video_recipe_fast_via_train_writes_gifs_and_frame_grid(video_run: Path)
     for name in ("digit_accuracy", "direction_accuracy", "accuracy"):
         assert 0.0 <= summary["metrics"][name] <= 1.0
     assert (video_run / PIPELINE_DIR / "model.safetensors").is_file()
+    # the longer clips: one per direction, twice the trained frames, their seam measured
+    long = sorted((video_run / "long").glob("*.gif"))
+    assert len(long) == len(config.directions) and summary["files"]["long_gifs"]
+    with PILImage.open(long[0]) as gif:
+        assert getattr(gif, "n_frames", 1) == 2 * frames
+    assert summary["metrics"]["long_seam_ratio"] > 0
+    assert 0.0 <= summary["metrics"]["long_new_frames_digit_accuracy"] <= 1.0
 
 
 def test_video_demo_pipeline_is_latent_reloads_and_regenerates_identical_samples(

@@ -19,7 +19,15 @@ import diffkit as dk
 from diffkit.builder import build
 from diffkit.pipeline_config import PipelineConfig
 from diffkit.protocols import Conditioning
-from diffkit.samplers import DDIM, DPMSolverPP, Replacement, UniPC, extend_video
+from diffkit.samplers import (
+    DDIM,
+    DPMSolverPP,
+    Replacement,
+    UniPC,
+    extend_video,
+    frame_differences,
+    seam_differences,
+)
 
 RHO, WINDOW = 0.9, 8
 BATCH, SIDE = 32, 8  # 32 clips x 64 pixels = 2048 pixel sequences per frame pair
@@ -41,11 +49,6 @@ class GaussianVideo:
         s = self.schedule.sigma(t.double())[:, None, None]
         m = a * cov @ torch.linalg.inv(a * a * cov + s * s * torch.eye(f, dtype=torch.float64))
         return torch.einsum("bij,bj...->bi...", m, x_t.double()).to(x_t.dtype)
-
-
-def msd(clip: Tensor, i: int) -> float:
-    """Mean squared difference between frames ``i`` and ``i + 1`` over batch and pixels."""
-    return float(((clip[:, i + 1] - clip[:, i]) ** 2).mean())
 
 
 def corr(clip: Tensor, i: int) -> float:
@@ -85,35 +88,33 @@ TOL = 0.15
 def test_extended_clip_has_no_seam(sampler, total: int, overlap: int) -> None:
     clip = make(sampler, total, overlap)
     assert clip.shape == (BATCH, total, 1, SIDE, SIDE)
-    inside = [msd(clip, i) for i in range(WINDOW - 1)]
-    seams = list(range(WINDOW - 1, total - 1, WINDOW - overlap))
-    inside_mean = sum(inside) / len(inside)
-    print(f"inside {inside_mean:.4f}, seams", [round(msd(clip, i), 4) for i in seams])
-    assert abs(inside_mean - EXPECTED) < TOL * EXPECTED
-    for i in seams:
-        assert abs(msd(clip, i) - inside_mean) < TOL * EXPECTED, (i, msd(clip, i), inside_mean)
+    inside, seams = seam_differences(clip, window=WINDOW, overlap=overlap, p=2)
+    print(f"inside {inside:.4f}, seams", {i: round(d, 4) for i, d in seams.items()})
+    assert len(seams) == math.ceil((total - WINDOW) / (WINDOW - overlap)) and WINDOW - 1 in seams
+    assert abs(inside - EXPECTED) < TOL * EXPECTED
+    for i, seam in seams.items():
+        assert abs(seam - inside) < TOL * EXPECTED, (i, seam, inside)
         assert abs(corr(clip, i) - RHO) < 0.02, (i, corr(clip, i))
     # every pair of the clip keeps the process's statistics; the pair just after a seam is
     # the least exact (0.23 with UniPC and overlap 2; 0.20 is ideal), hence 25 % here
-    for i in range(total - 1):
-        assert abs(msd(clip, i) - EXPECTED) < 0.25 * EXPECTED, (i, msd(clip, i))
+    for i, msd in enumerate(frame_differences(clip, p=2).tolist()):
+        assert abs(msd - EXPECTED) < 0.25 * EXPECTED, (i, msd)
 
 
 def test_replacement_alone_leaves_a_seam() -> None:
     """VDM's known weakness of replacement, measured: the seam is ~3.5x the inside."""
     clip = make(DPMSolverPP(), 16, 4, reconstruction=0.0)
-    inside = sum(msd(clip, i) for i in range(WINDOW - 1)) / (WINDOW - 1)
-    seams = [msd(clip, i) for i in (7, 11)]
+    inside, seams = seam_differences(clip, window=WINDOW, overlap=4, p=2)
     print(f"replacement alone: inside {inside:.4f}, seams {seams}")
-    assert all(seam > 2.5 * inside for seam in seams)
+    assert list(seams) == [7, 11] and all(seam > 2.5 * inside for seam in seams.values())
 
 
 def test_without_conditioning_the_seam_shows() -> None:
     """Independent windows side by side: the seam difference is ~2, ten times the inside."""
     a, b = make(DPMSolverPP(), WINDOW, 4, seed=0), make(DPMSolverPP(), WINDOW, 4, seed=1)
     clip = torch.cat([a, b], dim=1)
-    inside = sum(msd(clip, i) for i in range(WINDOW - 1)) / (WINDOW - 1)
-    seam = msd(clip, WINDOW - 1)
+    inside, seams = seam_differences(clip, window=WINDOW, overlap=0, p=2)
+    (seam,) = seams.values()
     print(f"unconditioned: inside {inside:.4f}, seam {seam:.4f}")
     assert abs(seam - 2.0) < 0.15 * 2.0
     assert seam > 5 * inside

@@ -12,7 +12,8 @@ factories. ``sampler.prepare(schedule, steps)`` gives the immutable
 Samplers that are linear in grid values subclass ``SamplerBase`` and write ``plan``;
 others subclass ``StepSampler`` and write ``step``. ``fit_solver`` / ``fit_grid`` fit a
 sampler's grid (and coefficients) to a given model. ``extend_video`` makes a clip longer
-than the model's window by VDM's replacement method (any sampler, unchanged).
+than the model's window by VDM's replacement method (any sampler, unchanged);
+``seam_differences`` measures its seams.
 """
 
 from diffkit.samplers._base import SAMPLERS as SAMPLERS
@@ -35,6 +36,8 @@ from diffkit.samplers.euler import EulerAncestral as EulerAncestral
 from diffkit.samplers.euler import Heun as Heun
 from diffkit.samplers.extend import Replacement as Replacement
 from diffkit.samplers.extend import extend_video as extend_video
+from diffkit.samplers.extend import frame_differences as frame_differences
+from diffkit.samplers.extend import seam_differences as seam_differences
 from diffkit.samplers.fitting import FittedGrid as FittedGrid
 from diffkit.samplers.fitting import FittedSolver as FittedSolver
 from diffkit.samplers.fitting import fit_grid as fit_grid
@@ -114,5 +117,7 @@ __all__ = [
     "extend_video",
     "fit_grid",
     "fit_solver",
+    "frame_differences",
     "make_grid",
+    "seam_differences",
 ]

@@ -20,6 +20,13 @@ VDM's reconstruction guidance fixes it: the new frames' estimate is corrected by
 backward pass per evaluation, taken under ``torch.enable_grad()``). ``extend_video``
 therefore uses both, with ``w_r = 4`` by default (seam 0.19 against 0.20 inside);
 ``reconstruction=0`` is replacement alone, gradient-free.
+
+[`seam_differences`][diffkit.samplers.seam_differences] measures a made clip's continuity:
+the frame-to-frame difference where a new window starts against the differences inside
+the windows. With a small model trained on 8-frame clips (``tests/test_extend_trained.py``)
+16-frame clips show seams of 0.27 against 0.245 inside (mean absolute difference; 0.48 for
+independent windows), given enough steps: 20 DPM-Solver++ steps left a seam (0.36) that 50
+did not.
 """
 
 from collections.abc import Sequence
@@ -33,7 +40,7 @@ from diffkit.prediction import to_x0_eps
 from diffkit.protocols import Conditioning, Denoiser, NoiseSchedule, Prediction, Sampler
 from diffkit.typing import Sample, Time, broadcast_to_sample
 
-__all__ = ["Replacement", "extend_video"]
+__all__ = ["Replacement", "extend_video", "frame_differences", "seam_differences"]
 
 Video = Float[Tensor, "batch frames *frame"]
 
@@ -166,3 +173,38 @@ def extend_video(
         )
         clip = torch.cat([clip, new[:, overlap:]], dim=1)
     return clip[:, :total_frames]
+
+
+def frame_differences(clip: Video, p: float = 1.0) -> Float[Tensor, " pairs"]:
+    """Mean ``|clip[:, i + 1] - clip[:, i]|^p`` over batch and pixels, per frame pair ``i``."""
+    if clip.ndim < 3 or clip.shape[1] < 2:
+        raise ValueError(f"clip must be (batch, frames >= 2, *frame), got {tuple(clip.shape)}")
+    step = (clip[:, 1:] - clip[:, :-1]).abs().double() ** p
+    return step.transpose(0, 1).flatten(1).mean(dim=1)
+
+
+def seam_differences(
+    clip: Video, *, window: int, overlap: int, p: float = 1.0
+) -> tuple[float, dict[int, float]]:
+    """``(inside, seams)``: frame differences inside the windows and at each seam.
+
+    ``clip`` ``(batch, frames, *frame)`` is laid out as
+    [`extend_video`][diffkit.samplers.extend_video] makes it: a first window of ``window``
+    frames, then ``window - overlap`` new frames per further window, so the seams are the
+    pairs ``(s - 1, s)`` with ``s = window + j (window - overlap) < frames``
+    (``overlap=0``: windows side by side, e.g. independent ones). Differences are
+    [`frame_differences`][diffkit.samplers.frame_differences] with exponent ``p``;
+    ``inside`` is their mean over every pair that is not a seam, ``seams`` maps each seam's
+    pair index ``s - 1`` to its difference. A clip without a visible seam has ``seams``
+    close to ``inside``.
+    """
+    if window < 2 or not 0 <= overlap < window:
+        raise ValueError(f"need window >= 2 and 0 <= overlap < window, got {window}, {overlap}")
+    if clip.ndim < 3 or clip.shape[1] <= window:
+        raise ValueError(
+            f"clip must be (batch, frames > window={window}, *frame), got {tuple(clip.shape)}"
+        )
+    diffs = frame_differences(clip, p)
+    at = list(range(window - 1, clip.shape[1] - 1, window - overlap))
+    inside = [float(d) for i, d in enumerate(diffs) if i not in at]
+    return sum(inside) / len(inside), {i: float(diffs[i]) for i in at}
