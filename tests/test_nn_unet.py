@@ -416,3 +416,31 @@ def test_frame_embedding_tells_frames_apart_and_leaves_image_items_alone():
     with torch.no_grad():
         frame = image(x[:, 2], t, Conditioning(tokens=cond.tokens))
     assert torch.allclose(out[0, 2], frame[0], atol=1e-10)
+
+
+def test_temporal_cross_attention_lets_the_text_steer_the_frames_and_needs_a_context():
+    """With temporal.cross_attention the temporal attentions read the text: a clip's frames
+    then change with the tokens even where only temporal layers could carry it; image
+    items stay the image U-Net's."""
+    unet = _space_time_unet(cross_attention=True).double().eval()
+    plain = _space_time_unet().double().eval()
+    assert sum(p.numel() for p in unet.parameters()) != sum(p.numel() for p in plain.parameters())
+    x = torch.randn(2, 3, 2, 8, 8, generator=torch.Generator().manual_seed(2)).double()
+    t = torch.tensor([0.4, 0.6], dtype=torch.float64)
+    cond = _video_cond(2, [False, True]).map(lambda v: v.double() if v.is_floating_point() else v)
+    image = UNet(unet.config.model_copy(update={"temporal": None})).double().eval()
+    image.load_state_dict(unet.state_dict(), strict=False)
+    with torch.no_grad():
+        out = unet(x, t, cond)
+        frame = image(x[:, 1], t, Conditioning(tokens=cond.tokens))
+        layer = unet.temporal_in
+        assert layer is not None
+        h = torch.randn(6, 8, 8, 8, dtype=torch.float64)
+        tokens = torch.randn(6, 3, 6, dtype=torch.float64)
+        moved = (layer(h, 3, tokens) - layer(h, 3, tokens + 1.0)).abs().max()
+    assert torch.allclose(out[0, 1], frame[0], atol=1e-10)
+    assert moved > 1e-6  # the temporal attention's output follows the text
+    with pytest.raises(ValueError, match="context_dim"):
+        UNetConfig.model_validate(
+            {**unet.config.to_dict(), "context_dim": None, "temporal": unet.config.temporal}
+        )

@@ -143,6 +143,7 @@ def test_unet3d_options_it_cannot_honour_are_refused_by_name(
         ({"temporal": TemporalConfig(dropout=0.0)}, "temporal.dropout"),
         ({"temporal": TemporalConfig(positions="rotary")}, "temporal.positions"),
         ({"temporal": TemporalConfig(frame_embedding=True)}, "temporal.frame_embedding"),
+        ({"temporal": TemporalConfig(cross_attention=True)}, "temporal.cross_attention"),
         ({"scale_shift": True}, "scale_shift"),
         ({"linear_projection": False}, "linear_projection"),
         ({"transformer_depth": 2}, "transformer_depth"),

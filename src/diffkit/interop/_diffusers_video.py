@@ -149,6 +149,7 @@ def unet3d_kwargs(c: UNetConfig) -> dict[str, Any]:
         ("temporal.dropout", tc.dropout, _CONV_DROPOUT),
         ("temporal.positions", tc.positions, "none"),
         ("temporal.frame_embedding", tc.frame_embedding, False),
+        ("temporal.cross_attention", tc.cross_attention, False),
         ("num_heads", c.num_heads, None),
         ("mid_attention", c.mid_attention, True),
         ("transformer_depth", c.transformer_depth, 1),

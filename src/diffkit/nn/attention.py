@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
@@ -430,6 +430,7 @@ class TemporalTransformer(nn.Module):
         depth: int = 1,
         groups: int = 32,
         positions: Literal["none", "rotary", "sinusoidal"] = "none",
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         inner = heads * head_dim
@@ -437,24 +438,36 @@ class TemporalTransformer(nn.Module):
         self.head_dim = head_dim
         self.norm = group_norm(channels, groups, 1e-6, "TemporalTransformer")
         self.proj_in = nn.Linear(channels, inner)
+        cross = context_dim is not None  # self-attention, then cross-attention to the text
         self.blocks = nn.ModuleList(
-            TransformerBlock(inner, heads, head_dim, double_self_attention=True)
+            TransformerBlock(inner, heads, head_dim, context_dim, double_self_attention=not cross)
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels)
 
     @checked_layer
-    def forward(self, x: Image, frames: int) -> Image:
-        """``(b * frames, c, h, w) -> (b * frames, c, h, w)``, frames of a clip consecutive."""
-        height = x.shape[2]
+    def forward(
+        self,
+        x: Image,
+        frames: int,
+        context: Context | None = None,
+        mask: ContextMask | None = None,
+    ) -> Image:
+        """``(b * frames, c, h, w) -> (b * frames, c, h, w)``, frames of a clip consecutive;
+        ``context`` ``(b * frames, m, context_dim)`` (one per frame, as the spatial layers
+        get it) is what blocks with cross-attention attend to."""
+        height, pixels = x.shape[2], x.shape[2] * x.shape[3]
         h = self.norm(rearrange(x, "(b f) c y x -> b c f (y x)", f=frames))
         h = self.proj_in(rearrange(h, "b c f n -> (b n) f c"))
+        if context is not None:  # each clip's text, for every pixel's frames
+            context = repeat(context[::frames], "b m d -> (b n) m d", n=pixels)
+            mask = repeat(mask[::frames], "b m -> (b n) m", n=pixels) if mask is not None else None
         if self.positions == "sinusoidal":
             index = torch.arange(frames, device=h.device)
             h = h + timestep_embedding(index, h.shape[-1]).to(h.dtype)
         angles = rotary_angles(frames, self.head_dim) if self.positions == "rotary" else None
         for block in self.blocks:
-            h = block(h, rotary=angles)
+            h = block(h, context, mask, rotary=angles)
         h = rearrange(
             self.proj_out(h), "(b y x) f c -> (b f) c y x", f=frames, y=height, x=x.shape[3]
         )

@@ -53,7 +53,8 @@ from diffkit.typing import Prediction, Sample, ShapeError, Time, checked
 
 __all__ = ["TemporalConfig", "UNet", "UNetConfig"]
 
-Mix = Callable[[nn.Module, Tensor], Tensor]
+Mix = Callable[..., Tensor]
+"""``mix(layer, h, attention=False)``: a temporal layer on the clips of ``h``."""
 Output = Float[Tensor, "batch *out_shape"]
 """``(batch, out_channels, h, w)``; a space-time U-Net's ``(batch, frames, out_channels, h, w)``."""
 
@@ -83,6 +84,12 @@ class TemporalConfig(Config):
         description="frame positions in the temporal attentions: 'none' (ModelScope: only "
         "the temporal convolutions give order), 'rotary' (relative, as VDM's) or "
         "'sinusoidal' (absolute, added to the tokens, as AnimateDiff's)",
+    )
+    cross_attention: bool = Field(
+        default=False,
+        description="temporal attentions attend to the text (self-attention over the frames, "
+        "then cross-attention to Conditioning.tokens) instead of a second self-attention, "
+        "as LVDM's temporal transformers can; needs context_dim",
     )
     frame_embedding: bool = Field(
         default=False,
@@ -248,6 +255,9 @@ class UNetConfig(NetworkConfig):
 
     def _check_levels(self) -> None:
         levels = len(self.channel_mult)
+        if self.temporal is not None and self.temporal.cross_attention and not self.context_dim:
+            message = "temporal.cross_attention attends to the text tokens: set context_dim"
+            raise field_error("UNetConfig", "temporal", message, self.temporal)
         if isinstance(self.transformer_depth, tuple) and len(self.transformer_depth) != levels:
             message = (
                 f"transformer_depth {self.transformer_depth} must give one depth per level "
@@ -383,7 +393,12 @@ class _Layers:
         ]
         attns: list[nn.Module] = [
             TemporalTransformer(
-                width, heads, head_dim, groups=c.norm_groups, positions=tc.positions
+                width,
+                heads,
+                head_dim,
+                groups=c.norm_groups,
+                positions=tc.positions,
+                context_dim=c.context_dim if tc.cross_attention else None,
             )
             for _ in range(count if heads else 0)
         ]
@@ -461,6 +476,7 @@ class UNet(nn.Module):
                 c.attention_head_dim,
                 groups=c.norm_groups,
                 positions=tc.positions,
+                context_dim=c.context_dim if tc.cross_attention else None,
             )
             if tc is not None and tc.input_heads is not None
             else None
@@ -565,14 +581,14 @@ class UNet(nn.Module):
             if context is not None:
                 context = repeat(context, "b n d -> (b f) n d", f=frames)
                 mask = repeat(mask, "b n -> (b f) n", f=frames) if mask is not None else None
-        mix = self._time_mixer(frames, cond)
+        mix = self._time_mixer(frames, cond, context, mask)
 
         # Activations run channels-last (NHWC): oneDNN convolutions and GroupNorm take it
         # natively, and pixels-as-tokens for attention become a free view instead of a copy.
         # (Weights stay contiguous, so state dicts save as they are.)
         h = self.conv_in(x_t.contiguous(memory_format=torch.channels_last))
         if self.temporal_in is not None:
-            h = mix(self.temporal_in, h)
+            h = mix(self.temporal_in, h, attention=True)
         skips = [h]
         for level in cast("Iterable[Level]", self.down):
             for j in range(len(level.res)):
@@ -608,7 +624,13 @@ class UNet(nn.Module):
             emb = emb * repeat(cond.temporal, "b -> (b f) 1", f=frames).to(emb.dtype)
         return emb
 
-    def _time_mixer(self, frames: int, cond: Conditioning | None) -> Mix:
+    def _time_mixer(
+        self,
+        frames: int,
+        cond: Conditioning | None,
+        context: Tensor | None,
+        mask: Tensor | None,
+    ) -> Mix:
         """``mix(layer, h)``: a temporal layer applied to the clips; identity on image items.
 
         ``Conditioning.temporal`` ``(batch,)`` is false for items whose frames are
@@ -618,9 +640,11 @@ class UNet(nn.Module):
         clips = cond.temporal if cond is not None else None
         if clips is not None:
             clips = repeat(clips, "b -> (b f) 1 1 1", f=frames)
+        tc = self.config.temporal
+        text = (context, mask) if tc is not None and tc.cross_attention else ()
 
-        def mix(layer: nn.Module, h: Tensor) -> Tensor:
-            out = layer(h, frames)
+        def mix(layer: nn.Module, h: Tensor, attention: bool = False) -> Tensor:
+            out = layer(h, frames, *text) if attention else layer(h, frames)
             return out if clips is None else torch.where(clips, out, h)
 
         return mix
@@ -643,7 +667,7 @@ def _block(
     if j < len(level.attn):
         h = level.attn[j](h, context, mask)
         if j < len(level.temporal_attn):
-            h = mix(level.temporal_attn[j], h)
+            h = mix(level.temporal_attn[j], h, attention=True)
     return h
 
 
