@@ -398,26 +398,6 @@ def test_rotary_temporal_positions_need_even_heads():
         UNetConfig.model_validate({**base, "num_heads": 8, "temporal": temporal})
 
 
-def test_frame_embedding_tells_frames_apart_and_leaves_image_items_alone():
-    """temporal.frame_embedding adds the frame index to each clip frame's time embedding
-    (so a network without temporal convolutions or positions sees the order), never to the
-    frames of an image item, which stay the image U-Net's."""
-    unet = _space_time_unet(conv=False, frame_embedding=True).double().eval()
-    x = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1)).double()
-    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    cond = _video_cond(2, [False, True]).map(lambda v: v.double() if v.is_floating_point() else v)
-    with torch.no_grad():
-        out = unet(x, t, cond)
-        flipped = unet(x.flip(1), t, cond).flip(1)
-    assert float((out[1] - flipped[1]).abs().max()) > 1e-6  # a clip: order matters
-    assert float((out[0] - flipped[0]).abs().max()) < 1e-12  # images: each frame alone
-    image = UNet(unet.config.model_copy(update={"temporal": None})).double().eval()
-    image.load_state_dict(unet.state_dict(), strict=False)
-    with torch.no_grad():
-        frame = image(x[:, 2], t, Conditioning(tokens=cond.tokens))
-    assert torch.allclose(out[0, 2], frame[0], atol=1e-10)
-
-
 def test_temporal_cross_attention_lets_the_text_steer_the_frames_and_needs_a_context():
     """With temporal.cross_attention the temporal attentions read the text: a clip's frames
     then change with the tokens even where only temporal layers could carry it; image
@@ -444,3 +424,25 @@ def test_temporal_cross_attention_lets_the_text_steer_the_frames_and_needs_a_con
         UNetConfig.model_validate(
             {**unet.config.to_dict(), "context_dim": None, "temporal": unet.config.temporal}
         )
+
+
+def test_frame_patches_stack_frames_as_channels_and_check_the_frame_count():
+    """temporal.frame_patch=2: frames (0, 1), (2, 3), ... enter the first convolution together
+    (so frame 0's output sees frame 1 before any temporal layer), and the output has every
+    frame back in its place."""
+    unet = _space_time_unet(frame_patch=2).double().eval()
+    x = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(3)).double()
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    cond = _video_cond(2).map(lambda v: v.double() if v.is_floating_point() else v)
+    with torch.no_grad():
+        out = unet(x, t, cond)
+        moved = x.clone()
+        moved[:, 1] += 1.0
+        other = unet(moved, t, cond)
+    assert out.shape == x.shape
+    assert float((other[:, 0] - out[:, 0]).abs().max()) > 1e-6
+    assert unet.conv_in.in_channels == 4 and unet.conv_out.out_channels == 4
+    with pytest.raises(ShapeError, match="frame_patch"):
+        unet(x[:, :3], t, cond)
+    with pytest.raises(ValueError, match="frame_patch"):
+        unet(x, t, _video_cond(2, [True, False]))

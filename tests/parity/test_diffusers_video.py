@@ -142,7 +142,7 @@ def test_unet3d_options_it_cannot_honour_are_refused_by_name(
         ({"temporal": TemporalConfig(conv=False)}, "temporal.conv"),
         ({"temporal": TemporalConfig(dropout=0.0)}, "temporal.dropout"),
         ({"temporal": TemporalConfig(positions="rotary")}, "temporal.positions"),
-        ({"temporal": TemporalConfig(frame_embedding=True)}, "temporal.frame_embedding"),
+        ({"temporal": TemporalConfig(frame_patch=2)}, "temporal.frame_patch"),
         ({"temporal": TemporalConfig(cross_attention=True)}, "temporal.cross_attention"),
         ({"scale_shift": True}, "scale_shift"),
         ({"linear_projection": False}, "linear_projection"),

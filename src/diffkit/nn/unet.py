@@ -91,11 +91,14 @@ class TemporalConfig(Config):
         "then cross-attention to Conditioning.tokens) instead of a second self-attention, "
         "as LVDM's temporal transformers can; needs context_dim",
     )
-    frame_embedding: bool = Field(
-        default=False,
-        description="add the frame index's sinusoidal embedding (through a zero-initialised "
-        "linear layer) to each frame's time embedding, so every residual block knows where "
-        "in the clip its frame is (not for image items)",
+    frame_patch: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="consecutive frames stacked as channels before the first convolution "
+        "and split after the last (a tubelet of this many frames and one pixel, as ViViT's "
+        "in time): every layer sees each frame pair's motion, over frames / frame_patch "
+        "frames; clips must have a multiple of it, and no image items",
     )
 
     @model_validator(mode="after")
@@ -467,8 +470,9 @@ class UNet(nn.Module):
         emb_dim = c.time_embed_dim or 4 * widths[0]
         layers = _Layers(c, emb_dim)
 
-        self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
         tc = c.temporal
+        k = tc.frame_patch if tc is not None else 1
+        self.conv_in = nn.Conv2d(c.in_channels * k, widths[0], 3, padding=1)
         self.temporal_in = (
             TemporalTransformer(
                 widths[0],
@@ -482,11 +486,6 @@ class UNet(nn.Module):
             else None
         )
         self.time_embed = TimeEmbedding(widths[0], emb_dim)  # sinusoid of widths[0] features
-        self.frame_embed = None
-        if tc is not None and tc.frame_embedding:
-            self.frame_embed = nn.Linear(widths[0], emb_dim)
-            nn.init.zeros_(self.frame_embed.weight)  # a new layer leaves the network as it was
-            nn.init.zeros_(self.frame_embed.bias)
         self.label_embed = nn.Embedding(c.num_classes, emb_dim) if c.num_classes else None
         pooled_in = (c.pooled_dim or 0) + c.micro_conditions * c.micro_freq_dim
         self.pooled_embed = TimeEmbedding(pooled_in, emb_dim) if c.pooled_dim else None
@@ -495,7 +494,7 @@ class UNet(nn.Module):
         self.mid: Level = layers.mid(widths[-1])
         self.up = layers.up(widths, skip_channels)
         self.norm_out = nn.GroupNorm(c.norm_groups, widths[0], eps=c.norm_eps)
-        self.conv_out = nn.Conv2d(widths[0], c.out_channels or c.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(widths[0], k * (c.out_channels or c.in_channels), 3, padding=1)
 
     @classmethod
     def from_config(cls, config: UNetConfig) -> "UNet":
@@ -511,6 +510,17 @@ class UNet(nn.Module):
                 f"UNet.forward: argument 'x_t' has {x.ndim} dimensions {tuple(x.shape)}, "
                 f"expected {5 if video else 4}: this U-Net takes {takes}"
                 + ("" if video else " (UNetConfig.temporal makes a space-time U-Net)")
+            )
+        k = c.temporal.frame_patch if c.temporal is not None else 1
+        if video and x.shape[1] % k:
+            raise ShapeError(
+                f"UNet: {x.shape[1]} frames do not split into temporal.frame_patch={k} "
+                "frame patches"
+            )
+        if k > 1 and cond is not None and cond.temporal is not None and not cond.temporal.all():
+            raise ValueError(
+                f"UNet: temporal.frame_patch={k} stacks frames into channels, so it takes "
+                "no image items (Conditioning.temporal false)"
             )
         channels = x.shape[-3]
         if channels != c.in_channels:
@@ -574,10 +584,13 @@ class UNet(nn.Module):
             context = mask = None  # an unconditional U-Net ignores tokens
         if self.config.center_input:
             x_t = 2 * x_t - 1.0
+        k = self.config.temporal.frame_patch if self.config.temporal is not None else 1
+        if k > 1:  # k frames stacked as the channels of one
+            x_t = rearrange(x_t, "b (f k) c h w -> b f (k c) h w", k=k)
         frames = x_t.shape[1] if x_t.ndim == 5 else 1
         if x_t.ndim == 5:  # a clip's frames run as a batch of images, consecutive
             x_t = rearrange(x_t, "b f c h w -> (b f) c h w")
-            emb = repeat(emb, "b d -> (b f) d", f=frames) + self._frame_emb(x_t, frames, cond)
+            emb = repeat(emb, "b d -> (b f) d", f=frames)
             if context is not None:
                 context = repeat(context, "b n d -> (b f) n d", f=frames)
                 mask = repeat(mask, "b n -> (b f) n", f=frames) if mask is not None else None
@@ -610,19 +623,7 @@ class UNet(nn.Module):
         h = self.conv_out(torch.nn.functional.silu(self.norm_out(h))).contiguous()
         if self.config.temporal is None:
             return h
-        return rearrange(h, "(b f) c h w -> b f c h w", f=frames)
-
-    def _frame_emb(self, x: Tensor, frames: int, cond: Conditioning | None) -> Tensor:
-        """``(batch * frames, emb_dim)`` embeddings of the frame indices (zero for image
-        items and without ``temporal.frame_embedding``); ``x`` is ``(batch * frames, ...)``."""
-        if self.frame_embed is None:
-            return x.new_zeros(())
-        index = torch.arange(frames, device=x.device)
-        sinusoid = timestep_embedding(index, self.frame_embed.in_features).to(x.dtype)
-        emb = repeat(self.frame_embed(sinusoid), "f d -> (b f) d", b=x.shape[0] // frames)
-        if cond is not None and cond.temporal is not None:
-            emb = emb * repeat(cond.temporal, "b -> (b f) 1", f=frames).to(emb.dtype)
-        return emb
+        return rearrange(h, "(b f) (k c) h w -> b (f k) c h w", f=frames, k=k)
 
     def _time_mixer(
         self,
