@@ -6,8 +6,11 @@
    convolutions find the digit wherever it has moved),
 3. the same KL autoencoder as the image recipe, trained on single frames; it codes every
    clip frame by frame into a latent video ``(8, 2, 8, 8)``,
-4. a video transformer over latent spatio-temporal patches (tubelets), full attention,
-   a per-frame depthwise convolution in each MLP, cross-attending to the CLIP text tokens,
+4. a space-time U-Net over the latent clips (the image demo's U-Net with temporal
+   attention; frames in pairs, ``temporal.frame_patch=2``), cross-attending to the CLIP
+   text tokens; ``joint_images`` adds VDM's image stacks, and a ``video_dit`` denoiser
+   (a transformer over latent tubelets) is the other choice
+   (benchmarks/RESULTS.md compares them),
 5. one GIF per prompt and a frame grid, scored by an independent check (per-frame digit
    classifier + centre-of-mass motion, [`VideoJudge`][diffkit_demo.judges.VideoJudge]) for
    digit and direction.
