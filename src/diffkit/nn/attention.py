@@ -412,7 +412,9 @@ class TemporalTransformer(nn.Module):
     ``x + proj_out(blocks(proj_in(norm(x))))`` with the frames of each pixel as the tokens,
     the GroupNorm's statistics taken over the whole clip, and each block two
     self-attentions and a GEGLU MLP (ModelScope's / diffusers' ``TransformerTemporalModel``;
-    VDM's temporal attention). ``positions`` says what the frames know of their order:
+    VDM's temporal attention); with ``context_dim`` the second attention is a
+    cross-attention to the text instead (LVDM's option). ``positions`` says what the
+    frames know of their order:
     ``"none"``: nothing (the temporal convolutions give order, as in ModelScope);
     ``"rotary"``: each self-attention rotates queries and keys by the frame index
     (relative positions, as VDM's temporal attention has), which holds for clips longer
