@@ -14,6 +14,7 @@ from diffkit.cli import main
 from diffkit.nn.vae import KLAutoencoder
 from diffkit.pipeline import Pipeline
 from diffkit.training import TrainConfig
+from diffkit_demo.datasets import DIRECTIONS
 from diffkit_demo.judges import DigitJudge, VideoJudge
 from diffkit_demo.recipes import (
     PIPELINE_DIR,
@@ -212,13 +213,42 @@ def test_digit_judge_classifies_held_out_real_digits() -> None:
 def test_video_judge_accepts_real_clips_and_rejects_wrong_captions() -> None:
     config = default_config("video")
     assert isinstance(config, VideoDemoConfig)
-    videos, labels, _, directions = _video_data(config, "test", 60)
+    videos, labels, _, directions = _video_data(config, "test", 240)
     judge = VideoJudge(config.digit_size, config.pipeline.data_shape[2])
     right = judge.score(videos, labels.tolist(), directions)
     assert right["accuracy"] > 0.9
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
     wrong = judge.score(videos, ((labels + 1) % 10).tolist(), [opposite[d] for d in directions])
     assert wrong["digit_accuracy"] < 0.2 and wrong["direction_accuracy"] < 0.1
+
+
+def test_video_clips_move_their_captioned_way_in_every_frame() -> None:
+    config = default_config("video")
+    assert isinstance(config, VideoDemoConfig)
+    videos, _, captions, directions = _video_data(config, "train", 400)
+    assert 40 < len(videos) < 200  # about 2 in 9 start far enough from the border
+    steps = (VideoJudge.centres(videos)[:, 1:] - VideoJudge.centres(videos)[:, :-1]).round()
+    for step, caption, direction in zip(steps, captions, directions, strict=True):
+        assert caption.endswith(direction)
+        want = torch.tensor(DIRECTIONS[direction], dtype=step.dtype)
+        assert torch.equal(step, want.expand_as(step)), (caption, step)
+    bouncing = config.model_copy(update={"bounces": True})
+    videos, _, _, directions = _video_data(bouncing, "train", 400)
+    assert len(videos) > 300  # all but the clips that start against the border
+    steps = (VideoJudge.centres(videos)[:, 1:] - VideoJudge.centres(videos)[:, :-1]).round()
+    wants = torch.tensor([DIRECTIONS[d] for d in directions], dtype=steps.dtype)
+    assert torch.equal(steps[:, 0], wants)  # the first step still goes the captioned way
+    assert (steps[:, 1:] == -wants[:, None]).all(-1).any(), "some clips bounce"
+
+
+def test_a_canvas_too_small_to_move_without_bouncing_is_refused() -> None:
+    data = default_config("video").to_dict()
+    shape = data["pipeline"]["data_shape"]  # (8, 1, 16, 16) with an 8-pixel digit: 7 to move
+    VideoDemoConfig.model_validate({**data, "digit_size": 9})
+    with pytest.raises(ValueError, match=r"digit_size 10 digit .* cannot move 7 pixels"):
+        VideoDemoConfig.model_validate({**data, "digit_size": 10})
+    VideoDemoConfig.model_validate({**data, "digit_size": 10, "bounces": True})
+    assert shape[0] == 8
 
 
 @pytest.mark.parametrize("task", ["image", "video"])
