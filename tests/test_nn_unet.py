@@ -426,6 +426,29 @@ def test_temporal_cross_attention_lets_the_text_steer_the_frames_and_needs_a_con
         )
 
 
+def test_grouped_cross_attention_equals_repeating_the_context() -> None:
+    """A temporal attention's pixels read their clip's text together (``groups``): the same
+    numbers as the plain way, each pixel's frames with their own copy of the text."""
+    from einops import repeat
+
+    from diffkit.nn.attention import TransformerBlock
+
+    gen = torch.Generator().manual_seed(4)
+    block = TransformerBlock(16, 2, 8, context_dim=6).double().eval()
+    x = torch.randn(2 * 5, 3, 16, generator=gen, dtype=torch.float64)  # 2 clips x 5 pixels
+    context = torch.randn(2, 7, 6, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    with torch.no_grad():
+        grouped = block(x, context, mask, groups=5)
+        plain = block(
+            x, repeat(context, "b m d -> (b g) m d", g=5), repeat(mask, "b m -> (b g) m", g=5)
+        )
+        assert not torch.allclose(grouped, block(x, context.flip(0), mask.flip(0), groups=5))
+    torch.testing.assert_close(grouped, plain, rtol=0, atol=1e-12)
+    with pytest.raises(ShapeError, match="not 3 per context item"):
+        block(x, context, mask, groups=3)
+
+
 def test_frame_patches_stack_frames_as_channels_and_check_the_frame_count():
     """temporal.frame_patch=2: frames (0, 1), (2, 3), ... enter the first convolution together
     (so frame 0's output sees frame 1 before any temporal layer), and the output has every

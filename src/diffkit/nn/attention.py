@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
@@ -36,6 +36,9 @@ __all__ = [
 
 Context = Float[Tensor, "batch context context_dim"]
 ContextMask = Bool[Tensor, "batch context"]
+GroupContext = Float[Tensor, "groups context context_dim"]
+"""A context whose items each serve a group of consecutive token sequences."""
+GroupContextMask = Bool[Tensor, "groups context"]
 
 
 def attention_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -349,19 +352,37 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: Tokens,
-        context: Context | None = None,
-        mask: ContextMask | None = None,
+        context: GroupContext | None = None,
+        mask: GroupContextMask | None = None,
         rotary: Float[Tensor, "tokens half"] | None = None,
+        groups: int = 1,
     ) -> Tokens:
-        """``(b, n, dim) -> (b, n, dim)``, attending to ``context`` ``(b, m, context_dim)``;
-        ``rotary`` angles rotate the queries and keys of the self-attention(s)."""
+        """``(b, n, dim) -> (b, n, dim)``, attending to ``context`` ``(b / groups, m,
+        context_dim)``: each context item serves ``groups`` consecutive sequences of ``x``
+        (a temporal attention's pixels of one clip), which read it as one sequence of
+        ``groups * n`` queries. ``rotary`` angles rotate the self-attention(s)' queries and keys.
+        """
         x = x + self.attn1(self.norm1(x), rotary=rotary)
         if self.attn2 is not None and self.norm2 is not None:
             if self.double_self_attention:
                 x = x + self.attn2(self.norm2(x), rotary=rotary)
             else:
-                x = x + self.attn2(self.norm2(x), context, mask)
+                x = x + self._cross(self.norm2(x), context, mask, groups)
         return x + self.ff(self.norm3(x))
+
+    def _cross(self, h: Tensor, context: Tensor | None, mask: Tensor | None, groups: int) -> Tensor:
+        """The cross-attention of ``groups`` sequences at a time to their shared context:
+        each query attends alone, so this equals repeating the context ``groups`` times
+        (tested), without projecting each copy to keys and values."""
+        if groups == 1 or context is None:  # (no context: the attention says what is wrong)
+            return self.attn2(h, context, mask)
+        if h.shape[0] != groups * context.shape[0]:
+            raise ShapeError(
+                f"TransformerBlock: {h.shape[0]} token sequences are not {groups} per context "
+                f"item for {context.shape[0]} context items"
+            )
+        folded = rearrange(h, "(b g) n d -> b (g n) d", g=groups)
+        return rearrange(self.attn2(folded, context, mask), "b (g n) d -> (b g) n d", g=groups)
 
 
 class SpatialTransformer(_OverPixels):
@@ -461,15 +482,15 @@ class TemporalTransformer(nn.Module):
         height, pixels = x.shape[2], x.shape[2] * x.shape[3]
         h = self.norm(rearrange(x, "(b f) c y x -> b c f (y x)", f=frames))
         h = self.proj_in(rearrange(h, "b c f n -> (b n) f c"))
-        if context is not None:  # each clip's text, for every pixel's frames
-            context = repeat(context[::frames], "b m d -> (b n) m d", n=pixels)
-            mask = repeat(mask[::frames], "b m -> (b n) m", n=pixels) if mask is not None else None
+        if context is not None:  # each clip's text, read by all its pixels' frames at once
+            context = context[::frames]
+            mask = mask[::frames] if mask is not None else None
         if self.positions == "sinusoidal":
             index = torch.arange(frames, device=h.device)
             h = h + timestep_embedding(index, h.shape[-1]).to(h.dtype)
         angles = rotary_angles(frames, self.head_dim) if self.positions == "rotary" else None
         for block in self.blocks:
-            h = block(h, context, mask, rotary=angles)
+            h = block(h, context, mask, rotary=angles, groups=pixels)
         h = rearrange(
             self.proj_out(h), "(b y x) f c -> (b f) c y x", f=frames, y=height, x=x.shape[3]
         )

@@ -276,6 +276,9 @@ def prepare(
         betas=config.betas,
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
+        # one multi-tensor update instead of a loop over the parameters (torch's default on
+        # CUDA, not on CPU); FSDP's sharded parameters keep torch's choice
+        foreach=True if strategy != "fsdp" else None,
     )
     scaler = grad_scaler(config.precision, strategy, device)
     start = 0

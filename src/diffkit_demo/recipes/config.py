@@ -516,7 +516,7 @@ def _video_recipe() -> VideoDemoConfig:
                 "guidance": 3.0,
             },
             "train": {
-                "steps": 2000,
+                "steps": 2400,
                 "batch_size": 32,
                 "lr": 3e-3,
                 "warmup_steps": 50,
