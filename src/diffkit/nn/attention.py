@@ -367,22 +367,25 @@ class TransformerBlock(nn.Module):
             if self.double_self_attention:
                 x = x + self.attn2(self.norm2(x), rotary=rotary)
             else:
-                x = x + self._cross(self.norm2(x), context, mask, groups)
+                x = x + _grouped_cross(self.attn2, self.norm2(x), context, mask, groups)
         return x + self.ff(self.norm3(x))
 
-    def _cross(self, h: Tensor, context: Tensor | None, mask: Tensor | None, groups: int) -> Tensor:
-        """The cross-attention of ``groups`` sequences at a time to their shared context:
-        each query attends alone, so this equals repeating the context ``groups`` times
-        (tested), without projecting each copy to keys and values."""
-        if groups == 1 or context is None:  # (no context: the attention says what is wrong)
-            return self.attn2(h, context, mask)
-        if h.shape[0] != groups * context.shape[0]:
-            raise ShapeError(
-                f"TransformerBlock: {h.shape[0]} token sequences are not {groups} per context "
-                f"item for {context.shape[0]} context items"
-            )
-        folded = rearrange(h, "(b g) n d -> b (g n) d", g=groups)
-        return rearrange(self.attn2(folded, context, mask), "b (g n) d -> (b g) n d", g=groups)
+
+def _grouped_cross(
+    attention: nn.Module, h: Tensor, context: Tensor | None, mask: Tensor | None, groups: int
+) -> Tensor:
+    """A cross-attention of ``groups`` consecutive sequences at a time to their shared
+    context item: each query attends alone, so this equals repeating the context ``groups``
+    times (tested), without projecting each copy to keys and values."""
+    if groups == 1 or context is None:  # (no context: the attention says what is wrong)
+        return attention(h, context, mask)
+    if h.shape[0] != groups * context.shape[0]:
+        raise ShapeError(
+            f"TransformerBlock: {h.shape[0]} token sequences are not {groups} per context "
+            f"item for {context.shape[0]} context items"
+        )
+    folded = rearrange(h, "(b g) n d -> b (g n) d", g=groups)
+    return rearrange(attention(folded, context, mask), "b (g n) d -> (b g) n d", g=groups)
 
 
 class SpatialTransformer(_OverPixels):
