@@ -426,6 +426,20 @@ def test_temporal_cross_attention_lets_the_text_steer_the_frames_and_needs_a_con
         )
 
 
+def test_a_space_time_unet_with_frame_patches_compiles_to_the_eager_numbers() -> None:
+    """torch.compile (aot_eager) of a space-time U-Net whose frames come in pairs: the output
+    leaves conv_out channels-last under compile, and the frames must still come back out."""
+    unet = _space_time_unet(frame_patch=2, cross_attention=True).eval()
+    x = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([0.3, 0.7])
+    cond = _video_cond(2)
+    with torch.no_grad():
+        eager = unet(x, t, cond)
+        torch._dynamo.reset()
+        compiled = torch.compile(unet, backend="aot_eager")(x, t, cond)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
 def test_grouped_cross_attention_equals_repeating_the_context() -> None:
     """A temporal attention's pixels read their clip's text together (``groups``): the same
     numbers as the plain way, each pixel's frames with their own copy of the text."""

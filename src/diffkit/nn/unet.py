@@ -620,7 +620,10 @@ class UNet(nn.Module):
             if level.upsample is not None:
                 h = level.upsample(h)
 
-        h = self.conv_out(torch.nn.functional.silu(self.norm_out(h))).contiguous()
+        h = self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+        # back to (b, c, h, w) order; a clone, not .contiguous(), which torch.compile's
+        # stride propagation may take for a no-op on a convolution that returns channels-last
+        h = h.clone(memory_format=torch.contiguous_format)
         if self.config.temporal is None:
             return h
         return rearrange(h, "(b f) (k c) h w -> b (f k) c h w", f=frames, k=k)
