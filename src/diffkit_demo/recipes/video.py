@@ -30,7 +30,7 @@
    ``long_new_frames_digit_accuracy`` (the judge's digit on the new frames). On the
    default data these clips go where no training clip went: an 8-frame clip already
    crosses the canvas, so the digit reaches the border in the first window and, never
-   having seen a bounce, the model loses its shape there (seam ratio about 1.4, the digit
+   having seen a bounce, the model loses its shape there (seam ratio 1.3-1.4, the digit
    read in about half the new frames); with ``bounces=True`` the model has seen clips
    continue off the border and the 16-frame clips have no seam (ratio about 1.0, the
    digit in all new frames; benchmarks/RESULTS.md).
@@ -67,7 +67,7 @@ def run_video_demo(
     progress: bool = True,
     console: Any = None,
 ) -> DemoResult:
-    """Train CLIP, the frame autoencoder and a latent video transformer; sample GIFs, judge."""
+    """Train CLIP, the frame autoencoder and the latent video denoiser; sample GIFs, judge."""
     run = stages.start_run(config, "video", out, progress, console)
     with run.report.stage("data", "moving-digit clips with captions and the independent check"):
         x, labels, captions, _ = _video_data(config, "train", config.num_videos)
