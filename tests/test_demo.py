@@ -227,7 +227,7 @@ def test_video_clips_move_their_captioned_way_in_every_frame() -> None:
     assert isinstance(config, VideoDemoConfig)
     videos, _, captions, directions = _video_data(config, "train", 400)
     assert 40 < len(videos) < 200  # about 2 in 9 start far enough from the border
-    steps = (VideoJudge.centres(videos)[:, 1:] - VideoJudge.centres(videos)[:, :-1]).round()
+    steps = VideoJudge.centres(videos).diff(dim=1).round()
     for step, caption, direction in zip(steps, captions, directions, strict=True):
         assert caption.endswith(direction)
         want = torch.tensor(DIRECTIONS[direction], dtype=step.dtype)
@@ -235,7 +235,7 @@ def test_video_clips_move_their_captioned_way_in_every_frame() -> None:
     bouncing = config.model_copy(update={"bounces": True})
     videos, _, _, directions = _video_data(bouncing, "train", 400)
     assert len(videos) > 300  # all but the clips that start against the border
-    steps = (VideoJudge.centres(videos)[:, 1:] - VideoJudge.centres(videos)[:, :-1]).round()
+    steps = VideoJudge.centres(videos).diff(dim=1).round()
     wants = torch.tensor([DIRECTIONS[d] for d in directions], dtype=steps.dtype)
     assert torch.equal(steps[:, 0], wants)  # the first step still goes the captioned way
     assert (steps[:, 1:] == -wants[:, None]).all(-1).any(), "some clips bounce"

@@ -329,6 +329,11 @@ class UNetConfig(NetworkConfig):
         return channels // self.attention_head_dim, self.attention_head_dim
 
     @property
+    def frame_patch(self) -> int:
+        """Consecutive frames stacked as channels (``temporal.frame_patch``; 1 for images)."""
+        return self.temporal.frame_patch if self.temporal is not None else 1
+
+    @property
     def downsampling_factor(self) -> int:
         """Height and width must be multiples of this (``2 ** (levels - 1)``)."""
         return 2 ** (len(self.channel_mult) - 1)
@@ -471,7 +476,7 @@ class UNet(nn.Module):
         layers = _Layers(c, emb_dim)
 
         tc = c.temporal
-        k = tc.frame_patch if tc is not None else 1
+        k = c.frame_patch
         self.conv_in = nn.Conv2d(c.in_channels * k, widths[0], 3, padding=1)
         self.temporal_in = (
             TemporalTransformer(
@@ -511,7 +516,7 @@ class UNet(nn.Module):
                 f"expected {5 if video else 4}: this U-Net takes {takes}"
                 + ("" if video else " (UNetConfig.temporal makes a space-time U-Net)")
             )
-        k = c.temporal.frame_patch if c.temporal is not None else 1
+        k = c.frame_patch
         if video and x.shape[1] % k:
             raise ShapeError(
                 f"UNet: {x.shape[1]} frames do not split into temporal.frame_patch={k} "
@@ -584,7 +589,7 @@ class UNet(nn.Module):
             context = mask = None  # an unconditional U-Net ignores tokens
         if self.config.center_input:
             x_t = 2 * x_t - 1.0
-        k = self.config.temporal.frame_patch if self.config.temporal is not None else 1
+        k = self.config.frame_patch
         if k > 1:  # k frames stacked as the channels of one
             x_t = rearrange(x_t, "b (f k) c h w -> b f (k c) h w", k=k)
         frames = x_t.shape[1] if x_t.ndim == 5 else 1
